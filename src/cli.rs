@@ -1,0 +1,242 @@
+//! The command line (SPEC §1), parsed with lexopt into one [`Cli`] value.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::credentials::Secret;
+use crate::register::RegisterArgs;
+
+/// What the process was asked to do.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Run the agent in the foreground until SIGTERM/SIGINT.
+    Run,
+    Register(RegisterArgs),
+    Send,
+    Status,
+    CheckConfig,
+    Version,
+    Help,
+}
+
+/// The parsed command line.
+#[derive(Debug, Clone)]
+pub struct Cli {
+    pub mode: Mode,
+    /// `--config FILE`; `None` means the environment variable or the default path.
+    pub config: Option<PathBuf>,
+}
+
+/// A command line the agent cannot act on. The message names the flag.
+#[derive(Debug)]
+pub struct CliError(pub String);
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (see `wazuh-agent --help`)", self.0)
+    }
+}
+
+impl std::error::Error for CliError {}
+
+pub const HELP: &str = "\
+wazuh-agent - Wazuh endpoint agent for small Linux hosts
+
+USAGE
+    wazuh-agent [--config FILE]
+        Run the agent in the foreground until SIGTERM or SIGINT.
+    wazuh-agent --register --url URL --user USER [--password-file FILE] [--name NAME]
+                [--key KEY] [--force] [--config FILE]
+        Register with the server management API once, store the credentials in
+        <data_dir>/credentials.json and print the new agent UUID.
+    wazuh-agent --send [--config FILE]
+        Read NDJSON events from standard input and hand them to the running agent.
+    wazuh-agent --status [--config FILE]
+        Print the running agent's status as one JSON object.
+    wazuh-agent --check-config [--config FILE]
+        Validate the configuration and print the effective values.
+    wazuh-agent --version | --help
+
+OPTIONS
+    --config FILE        Configuration file. Default: $WAZUH_AGENT_CONFIG, else
+                         /etc/wazuh-agent/wazuh-agent.toml (all defaults if it is missing).
+    --url URL            Management API URL (default: server.registration_url).
+    --user USER          Management API user.
+    --password-file FILE Read the password from the first line of FILE. Alternatively set
+                         WAZUH_REGISTRATION_PASSWORD. (--password PASS also exists, but a
+                         password on the command line is visible to every user in `ps`.)
+    --name NAME          Agent name (default: agent.name, else the host name).
+    --key KEY            Use this 32-character key instead of a random one.
+    --force              Register again even if credentials exist (new identity).
+
+EXIT STATUS
+    0 success; 1 failure or refusal (the message says why); 3 --status: not running.
+";
+
+fn value(parser: &mut lexopt::Parser, flag: &str) -> Result<String, CliError> {
+    let v = parser.value().map_err(|_| CliError(format!("{flag} needs a value")))?;
+    v.into_string()
+        .map_err(|_| CliError(format!("{flag}: the value is not valid UTF-8")))
+}
+
+/// Parses the arguments (without the program name).
+pub fn parse<I>(args: I) -> Result<Cli, CliError>
+where
+    I: IntoIterator,
+    I::Item: Into<std::ffi::OsString>,
+{
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_args(args);
+    let mut modes: Vec<&'static str> = Vec::new();
+    let mut config = None;
+    let mut reg = RegisterArgs::default();
+    let mut register_only: Vec<&'static str> = Vec::new();
+    let mut user = None;
+
+    while let Some(arg) = parser.next().map_err(|e| CliError(e.to_string()))? {
+        match arg {
+            Long("config") | Short('c') => config = Some(PathBuf::from(value(&mut parser, "--config")?)),
+            Long("register") => modes.push("--register"),
+            Long("send") => modes.push("--send"),
+            Long("status") => modes.push("--status"),
+            Long("check-config") => modes.push("--check-config"),
+            Long("version") | Short('V') => modes.push("--version"),
+            Long("help") | Short('h') => modes.push("--help"),
+            Long("url") => {
+                reg.url = Some(value(&mut parser, "--url")?);
+                register_only.push("--url");
+            }
+            Long("user") => {
+                user = Some(value(&mut parser, "--user")?);
+                register_only.push("--user");
+            }
+            Long("password-file") => {
+                reg.password_file = Some(PathBuf::from(value(&mut parser, "--password-file")?));
+                register_only.push("--password-file");
+            }
+            Long("password") => {
+                reg.password = Some(Secret::new(value(&mut parser, "--password")?));
+                register_only.push("--password");
+            }
+            Long("name") => {
+                reg.name = Some(value(&mut parser, "--name")?);
+                register_only.push("--name");
+            }
+            Long("key") => {
+                reg.key = Some(Secret::new(value(&mut parser, "--key")?));
+                register_only.push("--key");
+            }
+            Long("force") => {
+                reg.force = true;
+                register_only.push("--force");
+            }
+            Long(other) => return Err(CliError(format!("unknown option --{other}"))),
+            Short(c) => return Err(CliError(format!("unknown option -{c}"))),
+            Value(v) => return Err(CliError(format!("unexpected argument {:?}", v.to_string_lossy()))),
+        }
+    }
+
+    if modes.contains(&"--help") {
+        return Ok(Cli {
+            mode: Mode::Help,
+            config,
+        });
+    }
+    if modes.contains(&"--version") {
+        return Ok(Cli {
+            mode: Mode::Version,
+            config,
+        });
+    }
+    modes.dedup();
+    if modes.len() > 1 {
+        return Err(CliError(format!("{} cannot be combined", modes.join(" and "))));
+    }
+    let mode = match modes.first().copied() {
+        Some("--register") => {
+            reg.user = user.ok_or_else(|| CliError("--register needs --user USER".into()))?;
+            Mode::Register(reg)
+        }
+        other => {
+            if let Some(flag) = register_only.first() {
+                return Err(CliError(format!("{flag} only goes with --register")));
+            }
+            match other {
+                Some("--send") => Mode::Send,
+                Some("--status") => Mode::Status,
+                Some("--check-config") => Mode::CheckConfig,
+                _ => Mode::Run,
+            }
+        }
+    };
+    Ok(Cli { mode, config })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(args: &[&str]) -> Result<Cli, CliError> {
+        parse(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn modes() {
+        assert!(matches!(p(&[]).unwrap().mode, Mode::Run));
+        assert!(matches!(p(&["--send"]).unwrap().mode, Mode::Send));
+        assert!(matches!(p(&["--status", "--config", "/x"]).unwrap().mode, Mode::Status));
+        assert!(matches!(p(&["--check-config"]).unwrap().mode, Mode::CheckConfig));
+        assert!(matches!(p(&["--version"]).unwrap().mode, Mode::Version));
+        assert!(matches!(p(&["--send", "--help"]).unwrap().mode, Mode::Help));
+        assert_eq!(
+            p(&["--config=/etc/a.toml"]).unwrap().config,
+            Some(PathBuf::from("/etc/a.toml"))
+        );
+    }
+
+    #[test]
+    fn register_flags() {
+        let cli = p(&[
+            "--register",
+            "--url",
+            "https://m:55000",
+            "--user",
+            "wazuh",
+            "--password-file",
+            "/pw",
+            "--name",
+            "n1",
+            "--force",
+        ])
+        .unwrap();
+        let Mode::Register(r) = cli.mode else { panic!() };
+        assert_eq!(r.user, "wazuh");
+        assert_eq!(r.url.as_deref(), Some("https://m:55000"));
+        assert_eq!(r.password_file, Some(PathBuf::from("/pw")));
+        assert_eq!(r.name.as_deref(), Some("n1"));
+        assert!(r.force);
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        let table: &[(&[&str], &str)] = &[
+            (&["--register"], "--user"),
+            (&["--user", "x"], "--user"),
+            (&["--force"], "--force"),
+            (&["--send", "--status"], "--send and --status"),
+            (&["--bogus"], "--bogus"),
+            (&["--config"], "--config"),
+            (&["stray"], "stray"),
+        ];
+        for (args, flag) in table {
+            let e = p(args).unwrap_err().to_string();
+            assert!(e.contains(flag), "{args:?} gave {e}");
+        }
+    }
+
+    #[test]
+    fn password_flag_is_not_printed() {
+        let cli = p(&["--register", "--user", "u", "--password", "hunter2"]).unwrap();
+        assert!(!format!("{cli:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,162 @@
+//! `<data_dir>/credentials.json`: the agent's identity, written once by `--register`.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil;
+
+/// A string that must never reach a log line or an error message. `Debug` and `Display`
+/// print a placeholder; the value is only reachable through [`Secret::expose`].
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
+    /// The secret itself, for the one place that must send or store it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The stored identity.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Credentials {
+    pub uuid: String,
+    pub key: Secret,
+    pub name: String,
+}
+
+/// Why credentials could not be read or written.
+#[derive(Debug)]
+pub enum CredentialsError {
+    /// There is no credentials file: the agent has not been registered.
+    NotRegistered { path: PathBuf },
+    /// The file exists but could not be read.
+    Read { path: PathBuf, source: io::Error },
+    /// The file is not the JSON object `{"uuid", "key", "name"}`.
+    Corrupt { path: PathBuf, message: String },
+    /// The file or its directory could not be written.
+    Write { path: PathBuf, source: io::Error },
+}
+
+impl fmt::Display for CredentialsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CredentialsError::NotRegistered { path } => write!(
+                f,
+                "the agent is not registered ({} does not exist): run `wazuh-agent --register --url URL --user USER` first",
+                path.display()
+            ),
+            CredentialsError::Read { path, source } => write!(f, "cannot read {}: {source}", path.display()),
+            CredentialsError::Corrupt { path, message } => write!(
+                f,
+                "{} is damaged ({message}); register again with `wazuh-agent --register --force`",
+                path.display()
+            ),
+            CredentialsError::Write { path, source } => write!(f, "cannot write {}: {source}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for CredentialsError {}
+
+impl Credentials {
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join("credentials.json")
+    }
+
+    pub fn exists(data_dir: &Path) -> bool {
+        Credentials::path(data_dir).exists()
+    }
+
+    pub fn load(data_dir: &Path) -> Result<Credentials, CredentialsError> {
+        let path = Credentials::path(data_dir);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(CredentialsError::NotRegistered { path }),
+            Err(source) => return Err(CredentialsError::Read { path, source }),
+        };
+        // serde_json's message may quote the offending value: keep only its position.
+        let creds: Credentials = serde_json::from_str(&text).map_err(|e| CredentialsError::Corrupt {
+            path: path.clone(),
+            message: format!("invalid JSON at line {} column {}", e.line(), e.column()),
+        })?;
+        if creds.uuid.is_empty() || creds.key.expose().is_empty() {
+            return Err(CredentialsError::Corrupt {
+                path,
+                message: "uuid or key is empty".into(),
+            });
+        }
+        Ok(creds)
+    }
+
+    /// Writes the file atomically, mode 0600, in a data_dir set to 0700.
+    pub fn store(&self, data_dir: &Path) -> Result<(), CredentialsError> {
+        let path = Credentials::path(data_dir);
+        fsutil::ensure_private_dir(data_dir).map_err(|source| CredentialsError::Write {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let mut json = serde_json::to_vec_pretty(self).map_err(|e| CredentialsError::Write {
+            path: path.clone(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        json.push(b'\n');
+        fsutil::write_atomic(&path, &json, 0o600).map_err(|source| CredentialsError::Write { path, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_never_prints() {
+        let c = Credentials {
+            uuid: "u".into(),
+            key: Secret::new("k3y-value".into()),
+            name: "n".into(),
+        };
+        assert!(!format!("{c:?}").contains("k3y-value"));
+        assert!(!format!("{}", c.key).contains("k3y-value"));
+    }
+
+    #[test]
+    fn round_trip_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        assert!(matches!(
+            Credentials::load(&data),
+            Err(CredentialsError::NotRegistered { .. })
+        ));
+        let c = Credentials {
+            uuid: "u1".into(),
+            key: Secret::new("k".repeat(32)),
+            name: "n".into(),
+        };
+        c.store(&data).unwrap();
+        assert_eq!(Credentials::load(&data).unwrap(), c);
+        std::fs::write(Credentials::path(&data), "{\"uuid\": \"u\", \"key\": \"SECRETKEY\"").unwrap();
+        let e = Credentials::load(&data).unwrap_err().to_string();
+        assert!(e.contains("damaged") && !e.contains("SECRETKEY"), "{e}");
+    }
+}

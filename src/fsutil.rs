@@ -1,0 +1,111 @@
+//! Small filesystem helpers with the durability rules every file of the agent follows.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Creates `dir` (and parents) if needed and sets it to mode 0700: it holds secrets.
+pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+/// Replaces `path` with `bytes` atomically: a reader (or a crash) sees either the old
+/// content or the new one, never a mix. The new file has `mode` from its first byte on.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write_atomic_inner(path, bytes, mode, || Ok(()))
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // The pid keeps two processes (a --register racing a running agent) off each other's file.
+    path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
+}
+
+/// `before_rename` lets the tests stop the sequence where a crash would.
+fn write_atomic_inner(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    before_rename: impl FnOnce() -> io::Result<()>,
+) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // An existing stale temp file keeps its old mode: force ours.
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(bytes)?;
+        // fsync before rename: otherwise a power loss can leave the new name on empty data.
+        f.sync_all()?;
+        before_rename()?;
+        fs::rename(&tmp, path)?;
+        // fsync the directory: the rename itself is only durable once the directory is.
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_content_with_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.json");
+        write_atomic(&p, b"one", 0o600).unwrap();
+        write_atomic(&p, b"two", 0o600).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file left behind");
+    }
+
+    #[test]
+    fn crash_before_rename_keeps_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("credentials.json");
+        write_atomic(&p, b"old", 0o600).unwrap();
+        let err = write_atomic_inner(&p, b"new", 0o600, || Err(io::Error::other("simulated crash")));
+        assert!(err.is_err());
+        assert_eq!(fs::read(&p).unwrap(), b"old");
+    }
+
+    #[test]
+    fn stale_temp_file_from_a_real_crash_is_harmless() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.json");
+        write_atomic(&p, b"old", 0o600).unwrap();
+        fs::write(temp_path(&p), b"half-writ").unwrap();
+        fs::set_permissions(temp_path(&p), fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"old");
+        write_atomic(&p, b"new", 0o600).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"new");
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn private_dir_is_tightened() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("data");
+        fs::create_dir(&d).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+        ensure_private_dir(&d).unwrap();
+        assert_eq!(fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+}

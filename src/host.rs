@@ -1,0 +1,213 @@
+//! Host metadata sent at registration and in every events body (SPEC §6.1, §6.3).
+//! Read from uname(2), getifaddrs(3) and os-release, never from external commands.
+
+use std::ffi::CStr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+
+use serde::Serialize;
+
+/// `host.os` of the wire format.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct OsInfo {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub version: String,
+}
+
+/// `host` of the wire format.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct HostInfo {
+    pub architecture: String,
+    pub hostname: String,
+    pub ip: Vec<String>,
+    pub os: OsInfo,
+}
+
+struct Uname {
+    sysname: String,
+    nodename: String,
+    release: String,
+    machine: String,
+}
+
+fn uname() -> Uname {
+    // SAFETY: utsname is plain old data; uname fills it with NUL-terminated strings.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::uname(&mut u) } == 0;
+    let field = |f: &[libc::c_char]| -> String {
+        if !ok {
+            return String::new();
+        }
+        // SAFETY: on success each field is NUL-terminated within its array.
+        unsafe { CStr::from_ptr(f.as_ptr()) }.to_string_lossy().into_owned()
+    };
+    Uname {
+        sysname: field(&u.sysname),
+        nodename: field(&u.nodename),
+        release: field(&u.release),
+        machine: field(&u.machine),
+    }
+}
+
+/// The host name (uname's nodename), or "localhost" if the kernel has none.
+pub fn hostname() -> String {
+    let n = uname().nodename;
+    if n.is_empty() || n == "(none)" {
+        "localhost".into()
+    } else {
+        n
+    }
+}
+
+/// Collects the host metadata. `root` is the host root for os-release (tests use fixtures).
+pub fn gather(root: &Path) -> HostInfo {
+    let u = uname();
+    let os_release = ["etc/os-release", "usr/lib/os-release"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(root.join(p)).ok());
+    let os = os_info(os_release.as_deref(), &u.sysname, &u.release);
+    HostInfo {
+        architecture: if u.machine.is_empty() {
+            std::env::consts::ARCH.into()
+        } else {
+            u.machine
+        },
+        hostname: hostname(),
+        ip: interface_addresses(),
+        os,
+    }
+}
+
+/// Builds `host.os` from an os-release text (pure). Without os-release (BusyBox) the
+/// kernel's name and release stand in, so the fields are never empty.
+pub fn os_info(os_release: Option<&str>, sysname: &str, kernel_release: &str) -> OsInfo {
+    let fields = os_release.map(parse_os_release).unwrap_or_default();
+    let get = |k: &str| {
+        fields
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .filter(|v| !v.is_empty())
+    };
+    let kind = if sysname.is_empty() {
+        "Linux".to_string()
+    } else {
+        sysname.to_string()
+    };
+    OsInfo {
+        name: get("NAME").unwrap_or_else(|| kind.clone()),
+        version: get("VERSION")
+            .or_else(|| get("VERSION_ID"))
+            .unwrap_or_else(|| kernel_release.to_string()),
+        kind,
+    }
+}
+
+/// Parses os-release `KEY=value` lines, unquoting values (pure).
+pub fn parse_os_release(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            if line.starts_with('#') {
+                return None;
+            }
+            let (k, v) = line.split_once('=')?;
+            let v = v.trim();
+            let v = if v.len() >= 2
+                && ((v.starts_with('"') && v.ends_with('"')) || (v.starts_with('\'') && v.ends_with('\'')))
+            {
+                &v[1..v.len() - 1]
+            } else {
+                v
+            };
+            Some((k.trim().to_string(), v.replace("\\\"", "\"").replace("\\\\", "\\")))
+        })
+        .collect()
+}
+
+/// Addresses of interfaces that are up, loopback and IPv6 link-local excluded.
+/// Falls back to the loopback addresses when nothing else is up, so the list is never empty.
+fn interface_addresses() -> Vec<String> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    let mut loopback: Vec<IpAddr> = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we walk read-only and free exactly once below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return vec!["127.0.0.1".into()];
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: cur is a node of the list returned by getifaddrs, not yet freed.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_flags & libc::IFF_UP as libc::c_uint == 0 {
+            continue;
+        }
+        // SAFETY: ifa_addr is non-null; the family tells which sockaddr type it points to.
+        let addr = unsafe {
+            match (*ifa.ifa_addr).sa_family as i32 {
+                libc::AF_INET => {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))
+                }
+                _ => continue,
+            }
+        };
+        let link_local_v6 = matches!(addr, IpAddr::V6(a) if (a.segments()[0] & 0xffc0) == 0xfe80);
+        if addr.is_loopback() {
+            loopback.push(addr);
+        } else if !link_local_v6 && !out.contains(&addr) {
+            out.push(addr);
+        }
+    }
+    // SAFETY: head came from a successful getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    if out.is_empty() {
+        out = loopback;
+    }
+    if out.is_empty() {
+        return vec!["127.0.0.1".into()];
+    }
+    out.iter().map(|a| a.to_string()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_release_variants() {
+        let debian = "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nNAME=\"Debian GNU/Linux\"\nVERSION_ID=\"12\"\nVERSION=\"12 (bookworm)\"\nID=debian\n";
+        let alpine = "NAME=\"Alpine Linux\"\nID=alpine\nVERSION_ID=3.19.1\n";
+        let openwrt = "NAME='OpenWrt'\nVERSION='23.05.2'\nID='openwrt'\n";
+        let table: &[(Option<&str>, &str, &str)] = &[
+            (Some(debian), "Debian GNU/Linux", "12 (bookworm)"),
+            (Some(alpine), "Alpine Linux", "3.19.1"),
+            (Some(openwrt), "OpenWrt", "23.05.2"),
+            (None, "Linux", "6.1.0-18-amd64"),
+            (Some("# only a comment\n"), "Linux", "6.1.0-18-amd64"),
+        ];
+        for (text, name, version) in table {
+            let os = os_info(*text, "Linux", "6.1.0-18-amd64");
+            assert_eq!(
+                (os.name.as_str(), os.version.as_str(), os.kind.as_str()),
+                (*name, *version, "Linux")
+            );
+        }
+    }
+
+    #[test]
+    fn gather_has_every_field() {
+        let h = gather(Path::new("/"));
+        assert!(!h.architecture.is_empty() && !h.hostname.is_empty() && !h.ip.is_empty());
+        for ip in &h.ip {
+            ip.parse::<IpAddr>().unwrap();
+        }
+    }
+}

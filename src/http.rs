@@ -1,0 +1,621 @@
+//! The HTTPS layer: builds ureq agents from [`ServerConfig`], sends requests, and holds
+//! the one function that classifies every outcome ([`classify`]).
+//!
+//! Every agent is built here so that TLS, proxy, timeouts and the User-Agent are the same
+//! everywhere. Each thread that talks to a server gets its own agent (its own connection
+//! pool), so a large upload never sits in front of a command long-poll.
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ClientConnection, WebPkiServerVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme, StreamOwned};
+use rustls_pki_types::pem::PemObject;
+use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::transport::{
+    Buffers, ConnectProxyConnector, ConnectionDetails, Connector, Either, LazyBuffers, NextTimeout, TcpConnector,
+    Transport, TransportAdapter,
+};
+
+use crate::config::{ServerConfig, Verify};
+
+/// Largest response body the agent reads. Real answers are small (a token, a results
+/// list, a group file); this bounds memory against a broken or hostile server.
+pub const MAX_RESPONSE_BYTES: u64 = 8 << 20;
+
+/// Why an HTTP agent could not be built.
+#[derive(Debug)]
+pub enum HttpError {
+    /// `server.ca_file` could not be read.
+    CaFile { path: PathBuf, source: std::io::Error },
+    /// `server.ca_file` holds no usable PEM certificate.
+    CaFileEmpty { path: PathBuf },
+    /// The TLS configuration could not be assembled (no usable roots, provider failure).
+    Tls(String),
+    /// `server.proxy` was refused by the HTTP client.
+    Proxy(String),
+}
+
+impl fmt::Display for HttpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HttpError::CaFile { path, source } => {
+                write!(f, "cannot read server.ca_file {}: {source}", path.display())
+            }
+            HttpError::CaFileEmpty { path } => {
+                write!(f, "server.ca_file {} holds no PEM certificate", path.display())
+            }
+            HttpError::Tls(m) => write!(f, "cannot set up TLS: {m}"),
+            HttpError::Proxy(m) => write!(f, "server.proxy is not usable: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for HttpError {}
+
+/// `wazuh-agent-rs/<version> (<arch>; <os>)`, as SPEC §6 asks.
+pub fn user_agent() -> String {
+    format!(
+        "wazuh-agent-rs/{} ({}; {})",
+        crate::VERSION,
+        std::env::consts::ARCH,
+        std::env::consts::OS
+    )
+}
+
+/// Builds the rustls client configuration for `verify`/`ca_file`.
+pub fn tls_config(server: &ServerConfig) -> Result<Arc<ClientConfig>, HttpError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| HttpError::Tls(e.to_string()))?;
+
+    let mut roots = RootCertStore::empty();
+    match &server.ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|source| HttpError::CaFile {
+                path: path.clone(),
+                source,
+            })?;
+            let certs: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok).collect();
+            let (added, _ignored) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(HttpError::CaFileEmpty { path: path.clone() });
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+
+    let config = match server.verify {
+        Verify::Full => builder.with_root_certificates(roots).with_no_client_auth(),
+        Verify::Certificate => {
+            let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| HttpError::Tls(e.to_string()))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
+                .with_no_client_auth()
+        }
+        Verify::None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+            .with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// Builds a ureq agent. `timeout` bounds one whole call (connect, send, receive); the
+/// long-poll passes `commands_timeout`, everything else `request_timeout`.
+pub fn build_agent(server: &ServerConfig, timeout: Duration) -> Result<ureq::Agent, HttpError> {
+    let tls = tls_config(server)?;
+    let proxy = match &server.proxy {
+        Some(p) => Some(ureq::Proxy::new(p).map_err(|e| HttpError::Proxy(e.to_string()))?),
+        None => None,
+    };
+    let config = ureq::Agent::config_builder()
+        // Statuses are data for classify(), not errors.
+        .http_status_as_error(false)
+        // Redirects are never part of the Wazuh APIs; following one could leak the token.
+        .max_redirects(0)
+        // Explicit: ureq would otherwise read *_PROXY from the environment.
+        .proxy(proxy)
+        .user_agent(user_agent())
+        .timeout_global(Some(timeout))
+        // A dead address must fail fast so failover can move on to the next server.
+        .timeout_connect(Some(timeout.min(Duration::from_secs(10))))
+        // Keep-alive: one idle connection per server is all a thread needs.
+        .max_idle_connections(2)
+        .max_idle_connections_per_host(1)
+        // Servers (and load balancers) drop idle connections after ~60 s; reconnect sooner.
+        .max_idle_age(Duration::from_secs(50))
+        // Small buffers: the agent runs on small hosts; bodies are streamed from memory.
+        .input_buffer_size(16 * 1024)
+        .output_buffer_size(16 * 1024)
+        .build();
+    let connector =
+        ().chain(ConnectProxyConnector::default())
+            .chain(TcpConnector::default())
+            .chain(TlsConnector { config: tls });
+    Ok(ureq::Agent::with_parts(config, connector, DefaultResolver::default()))
+}
+
+/// A response read to the end (bounded by [`MAX_RESPONSE_BYTES`]).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub retry_after: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The server's explanation, for error messages.
+    pub fn message(&self) -> String {
+        server_message(&self.body)
+    }
+}
+
+/// One request with a JSON body (or none). `bearer` is the Authorization token, if any.
+pub fn send(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    authorization: Option<&str>,
+    body: Option<&[u8]>,
+) -> Result<Reply, ureq::Error> {
+    let mut response = match (method, body) {
+        ("GET", _) => with_auth(agent.get(url), authorization).call()?,
+        (_, Some(b)) => with_auth(agent.post(url), authorization)
+            .header("Content-Type", "application/json")
+            .send(b)?,
+        (_, None) => with_auth(agent.post(url), authorization).send_empty()?,
+    };
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.to_string());
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(MAX_RESPONSE_BYTES)
+        .read_to_vec()?;
+    Ok(Reply {
+        status,
+        retry_after,
+        body,
+    })
+}
+
+fn with_auth<B>(req: ureq::RequestBuilder<B>, authorization: Option<&str>) -> ureq::RequestBuilder<B> {
+    match authorization {
+        Some(a) => req.header("Authorization", a),
+        None => req,
+    }
+}
+
+/// What a caller does next with the request it just made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx: the server took it.
+    Done,
+    /// Send the same request again later: after `after` if the server said so (already
+    /// capped), otherwise after the caller's backoff. `failover` suggests trying the next
+    /// server of `server.url` first (the current one looks down).
+    Retry { after: Option<Duration>, failover: bool },
+    /// 401/403: the token was refused; re-authenticate, then resend.
+    Reauth,
+    /// The server will never take this request as it is.
+    Reject(Rejection),
+}
+
+/// Kinds of final refusal, so callers can split (413) or bisect (400) a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// 400: malformed; resending the same body fails again.
+    Invalid,
+    /// 413: the body is too large.
+    TooLarge,
+    /// Any other status the agent cannot act on (404, 405, 3xx …).
+    Other(u16),
+}
+
+/// What happened to one attempt, reduced to what [`classify`] needs.
+#[derive(Debug, Clone, Copy)]
+pub enum Attempt<'a> {
+    /// The server answered with `code` (and maybe a `Retry-After` header).
+    Status { code: u16, retry_after: Option<&'a str> },
+    /// No answer: connect, TLS, timeout, reset, protocol error.
+    Transport,
+}
+
+impl<'a> Attempt<'a> {
+    pub fn of(result: &'a Result<Reply, ureq::Error>) -> Attempt<'a> {
+        match result {
+            Ok(r) => Attempt::Status {
+                code: r.status,
+                retry_after: r.retry_after.as_deref(),
+            },
+            Err(_) => Attempt::Transport,
+        }
+    }
+}
+
+/// The one place that maps an attempt to what to do next. `now` and `cap` (`retry.max`)
+/// are inputs so this stays pure: a `Retry-After` given as an HTTP-date is measured
+/// against `now`, and no server can make the agent wait longer than `cap`.
+pub fn classify(attempt: Attempt<'_>, now: SystemTime, cap: Duration) -> Outcome {
+    let (code, retry_after) = match attempt {
+        Attempt::Transport => {
+            return Outcome::Retry {
+                after: None,
+                failover: true,
+            };
+        }
+        Attempt::Status { code, retry_after } => (code, retry_after),
+    };
+    let after = retry_after.and_then(|v| parse_retry_after(v, now)).map(|d| d.min(cap));
+    match code {
+        200..=299 => Outcome::Done,
+        401 | 403 => Outcome::Reauth,
+        // The server gave up waiting (or a long-poll's hold ended): repeating is expected.
+        408 => Outcome::Retry {
+            after: Some(after.unwrap_or(Duration::ZERO)),
+            failover: false,
+        },
+        429 => Outcome::Retry { after, failover: false },
+        400 => Outcome::Reject(Rejection::Invalid),
+        413 => Outcome::Reject(Rejection::TooLarge),
+        // A server that names a time to come back is alive: wait for it, do not fail over.
+        500..=599 => Outcome::Retry {
+            after,
+            failover: after.is_none(),
+        },
+        other => Outcome::Reject(Rejection::Other(other)),
+    }
+}
+
+/// `Retry-After` is either delta-seconds or an HTTP-date (RFC 9110 §10.2.3).
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Extracts a short human message from an error body: the `message`/`title`/`detail`
+/// field of a JSON object, or the start of the text. Never longer than 200 characters.
+pub fn server_message(body: &[u8]) -> String {
+    let from_json = serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|v| {
+        let field = |k: &str| v.get(k).and_then(|m| m.as_str()).filter(|m| !m.is_empty());
+        match (field("message"), field("title"), field("detail")) {
+            (Some(m), _, _) => Some(m.to_string()),
+            // The management API answers {"title": "Bad Request", "detail": "<the reason>"}.
+            (None, Some(t), Some(d)) => Some(format!("{t}: {d}")),
+            (None, t, d) => t.or(d).or_else(|| field("error")).map(str::to_string),
+        }
+    });
+    let text = from_json.unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut out: String = one_line.chars().take(200).collect();
+    if out.is_empty() {
+        out.push_str("(empty body)");
+    }
+    out
+}
+
+/// One-line description of a transport error for logs, with the root cause and, for the
+/// TLS failures operators meet most, what to do about them.
+pub fn describe_transport(e: &ureq::Error) -> String {
+    let text = match e {
+        ureq::Error::Timeout(t) => format!("timed out ({t})"),
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset => {
+            "connection reset by the server".into()
+        }
+        ureq::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
+    };
+    if text.contains("UnknownIssuer") {
+        format!("{text} (the server's CA is not trusted: set server.ca_file)")
+    } else if text.contains("not valid for name") {
+        format!("{text} (use a host name the certificate has, or server.verify = \"certificate\")")
+    } else {
+        text
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS connector: ureq's own rustls connector cannot check "chain but not name", so the
+// agent wraps connections itself with the ClientConfig built above.
+
+#[derive(Debug)]
+struct TlsConnector {
+    config: Arc<ClientConfig>,
+}
+
+impl<In: Transport> Connector<In> for TlsConnector {
+    type Out = Either<In, TlsTransport>;
+
+    fn connect(&self, details: &ConnectionDetails, chained: Option<In>) -> Result<Option<Self::Out>, ureq::Error> {
+        let Some(transport) = chained else {
+            return Err(ureq::Error::ConnectionFailed);
+        };
+        if !details.needs_tls() || transport.is_tls() {
+            return Ok(Some(Either::A(transport)));
+        }
+        let host = details.uri.host().ok_or(ureq::Error::Tls("URL has no host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = ServerName::try_from(host.to_string()).map_err(|_| ureq::Error::Tls("invalid server name"))?;
+        let mut conn = ClientConnection::new(self.config.clone(), name)?;
+        let mut sock = TransportAdapter::new(transport.boxed(), details.current_time.clone());
+        sock.set_timeout(details.timeout);
+        conn.complete_io(&mut sock)?;
+        let buffers = LazyBuffers::new(details.config.input_buffer_size(), details.config.output_buffer_size());
+        Ok(Some(Either::B(TlsTransport {
+            buffers,
+            stream: StreamOwned { conn, sock },
+        })))
+    }
+}
+
+struct TlsTransport {
+    buffers: LazyBuffers,
+    stream: StreamOwned<ClientConnection, TransportAdapter>,
+}
+
+impl fmt::Debug for TlsTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TlsTransport")
+    }
+}
+
+impl Transport for TlsTransport {
+    fn buffers(&mut self) -> &mut dyn Buffers {
+        &mut self.buffers
+    }
+
+    fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
+        self.stream.get_mut().set_timeout(timeout);
+        let output = &self.buffers.output()[..amount];
+        self.stream.write_all(output)?;
+        self.stream.flush()?;
+        Ok(())
+    }
+
+    fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
+        self.stream.get_mut().set_timeout(timeout);
+        let input = self.buffers.input_append_buf();
+        let n = self.stream.read(input)?;
+        self.buffers.input_appended(n);
+        Ok(n > 0)
+    }
+
+    fn is_open(&mut self) -> bool {
+        self.stream.get_mut().get_mut().is_open()
+    }
+
+    fn is_tls(&self) -> bool {
+        true
+    }
+}
+
+/// `verify = "certificate"`: the full WebPKI check, except that a name mismatch is accepted.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// `verify = "none"`: accepts any certificate, but still checks the handshake signatures
+/// (so the session at least belongs to whoever holds the presented key).
+#[derive(Debug)]
+struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Failover over `server.url`: the index of the server in use, moved on by the caller
+/// when [`classify`] suggests it. Owned by one thread; not shared.
+#[derive(Debug, Clone)]
+pub struct Servers {
+    urls: Vec<String>,
+    current: usize,
+}
+
+impl Servers {
+    pub fn new(urls: &[String]) -> Servers {
+        Servers {
+            urls: urls.to_vec(),
+            current: 0,
+        }
+    }
+
+    pub fn current(&self) -> &str {
+        &self.urls[self.current]
+    }
+
+    /// Moves to the next server; returns true when it wrapped around to the first one
+    /// (every server was tried once: time to back off).
+    pub fn advance(&mut self) -> bool {
+        self.current = (self.current + 1) % self.urls.len();
+        self.current == 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.urls.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.urls.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_table() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_784_000_000);
+        let in_90s = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        let cap = Duration::from_secs(60);
+        let s = |code, ra| Attempt::Status { code, retry_after: ra };
+        let retry = |secs: Option<u64>, failover| Outcome::Retry {
+            after: secs.map(Duration::from_secs),
+            failover,
+        };
+        let table: Vec<(Attempt, Outcome)> = vec![
+            (Attempt::Transport, retry(None, true)),
+            (s(200, None), Outcome::Done),
+            (s(201, None), Outcome::Done),
+            (s(204, None), Outcome::Done),
+            (s(401, None), Outcome::Reauth),
+            (s(403, None), Outcome::Reauth),
+            (s(408, None), retry(Some(0), false)),
+            (s(429, None), retry(None, false)),
+            (s(429, Some("7")), retry(Some(7), false)),
+            (s(429, Some("3600")), retry(Some(60), false)),
+            (s(429, Some(&in_90s)), retry(Some(60), false)),
+            (s(429, Some(&past)), retry(Some(0), false)),
+            (s(429, Some("soon")), retry(None, false)),
+            (s(503, Some("2")), retry(Some(2), false)),
+            (s(503, None), retry(None, true)),
+            (s(500, None), retry(None, true)),
+            (s(502, None), retry(None, true)),
+            (s(400, None), Outcome::Reject(Rejection::Invalid)),
+            (s(413, None), Outcome::Reject(Rejection::TooLarge)),
+            (s(404, None), Outcome::Reject(Rejection::Other(404))),
+            (s(302, None), Outcome::Reject(Rejection::Other(302))),
+            (s(100, None), Outcome::Reject(Rejection::Other(100))),
+        ];
+        for (attempt, want) in table {
+            assert_eq!(classify(attempt, now, cap), want, "{attempt:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_date_is_measured_from_now() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_784_000_000);
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(30)));
+        assert_eq!(parse_retry_after(" 5 ", now), Some(Duration::from_secs(5)));
+        assert_eq!(parse_retry_after("-5", now), None);
+    }
+
+    #[test]
+    fn server_messages() {
+        let table: &[(&[u8], &str)] = &[
+            (br#"{"message": "Invalid key", "code": 401}"#, "Invalid key"),
+            (br#"{"title": "Bad Request", "detail": "x"}"#, "Bad Request: x"),
+            (br#"{"detail": "only detail"}"#, "only detail"),
+            (b"plain\ntext  here", "plain text here"),
+            (b"", "(empty body)"),
+        ];
+        for (body, want) in table {
+            assert_eq!(server_message(body), *want);
+        }
+        assert_eq!(server_message(&[b'x'; 1000]).len(), 200);
+    }
+
+    #[test]
+    fn failover_wraps() {
+        let mut s = Servers::new(&["https://a".to_string(), "https://b".to_string()]);
+        assert_eq!(s.current(), "https://a");
+        assert!(!s.advance());
+        assert_eq!(s.current(), "https://b");
+        assert!(s.advance());
+        assert_eq!(s.current(), "https://a");
+    }
+
+    #[test]
+    fn user_agent_shape() {
+        let ua = user_agent();
+        assert!(
+            ua.starts_with("wazuh-agent-rs/") && ua.contains(" (") && ua.ends_with(')'),
+            "{ua}"
+        );
+    }
+}

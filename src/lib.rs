@@ -1,0 +1,18 @@
+//! wazuh-agent: a small, synchronous, thread-based Wazuh endpoint agent.
+//!
+//! The binary (`src/main.rs`) is a thin shell over this library so the integration
+//! tests can drive the same modules the agent runs. See ARCHITECTURE.md for the map.
+
+pub mod backoff;
+pub mod cli;
+pub mod config;
+pub mod credentials;
+pub mod fsutil;
+pub mod host;
+pub mod http;
+pub mod register;
+pub mod supervisor;
+pub mod token;
+
+/// The agent's version, as sent to the server and printed by `--version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,145 @@
+//! `wazuh-agent`: parses the command line, sets up logging, dispatches, and maps every
+//! error to an exit code in one place ([`exit_code`]).
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use wazuh_agent::cli::{self, Mode};
+use wazuh_agent::config::{Config, ConfigError};
+use wazuh_agent::register::{self, RegisterError};
+use wazuh_agent::supervisor::{self, RunError};
+
+/// Everything that can end the process with a failure.
+#[derive(Debug)]
+enum Error {
+    /// The command line is unusable.
+    Cli(cli::CliError),
+    /// The configuration is unusable.
+    Config(ConfigError),
+    /// Registration was refused or failed.
+    Register(RegisterError),
+    /// Run mode stopped with an error.
+    Run(RunError),
+    /// The log file could not be opened.
+    Log(String),
+    /// A mode that this version does not provide yet.
+    NotAvailable(&'static str),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Cli(e) => e.fmt(f),
+            Error::Config(e) => e.fmt(f),
+            Error::Register(e) => e.fmt(f),
+            Error::Run(e) => e.fmt(f),
+            Error::Log(m) => f.write_str(m),
+            Error::NotAvailable(flag) => write!(f, "{flag} is not available in this version yet"),
+        }
+    }
+}
+
+/// Set once logging goes to `log.file`, so fatal errors are recorded there as well.
+static LOG_TO_FILE: AtomicBool = AtomicBool::new(false);
+
+/// The single mapping from errors to exit codes (SPEC §1): every failure or refusal is 1.
+fn exit_code(_e: &Error) -> u8 {
+    1
+}
+
+fn main() -> ExitCode {
+    match try_main() {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            // Printed for the person at the terminal, and logged too when the log goes to a file.
+            if LOG_TO_FILE.load(Ordering::Relaxed) {
+                log::error!("{e}");
+            }
+            let _ = writeln!(std::io::stderr(), "wazuh-agent: {e}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn try_main() -> Result<u8, Error> {
+    let cli = cli::parse(std::env::args_os().skip(1)).map_err(Error::Cli)?;
+    match cli.mode {
+        Mode::Help => {
+            print!("{}", cli::HELP);
+            return Ok(0);
+        }
+        Mode::Version => {
+            println!("wazuh-agent {}", wazuh_agent::VERSION);
+            return Ok(0);
+        }
+        _ => {}
+    }
+    let config = Config::load(cli.config.as_deref()).map_err(Error::Config)?;
+    match cli.mode {
+        Mode::CheckConfig => {
+            match &config.source {
+                Some(p) => println!("# configuration {} is valid", p.display()),
+                None => println!("# no configuration file; built-in defaults"),
+            }
+            print!("{}", config.render());
+            Ok(0)
+        }
+        Mode::Register(args) => {
+            init_logging(&config, true)?;
+            let creds = register::register(&config, &args).map_err(Error::Register)?;
+            log::info!("registered as {} ({})", creds.name, creds.uuid);
+            println!("{}", creds.uuid);
+            Ok(0)
+        }
+        Mode::Run => {
+            init_logging(&config, false)?;
+            supervisor::run(&config).map_err(Error::Run)?;
+            Ok(0)
+        }
+        Mode::Send => Err(Error::NotAvailable("--send")),
+        Mode::Status => Err(Error::NotAvailable("--status")),
+        Mode::Help | Mode::Version => Ok(0),
+    }
+}
+
+/// Logs to `log.file` or stderr. One-shot commands log warnings and errors only to
+/// stderr (their result is printed), unless the level asks for more detail.
+fn init_logging(config: &Config, one_shot: bool) -> Result<(), Error> {
+    use simplelog::{ConfigBuilder, LevelFilter, WriteLogger};
+    let level = if one_shot && config.log.level > LevelFilter::Warn && config.log.level < LevelFilter::Debug {
+        LevelFilter::Warn
+    } else {
+        config.log.level
+    };
+    let mut b = ConfigBuilder::new();
+    // RFC 3339 in UTC (simplelog's default offset) and the thread's name on every line.
+    b.set_time_format_rfc3339()
+        .set_thread_level(LevelFilter::Error)
+        .set_thread_mode(simplelog::ThreadLogMode::Names)
+        .set_thread_padding(simplelog::ThreadPadding::Off)
+        .set_target_level(LevelFilter::Off);
+    // Never let the HTTP/TLS crates log: at trace level ureq-proto dumps raw request and
+    // response bytes, which carry the agent key and tokens. Their failures reach our own
+    // log lines as errors anyway.
+    for noisy in ["ureq", "ureq_proto", "rustls"] {
+        b.add_filter_ignore_str(noisy);
+    }
+    let log_config = b.build();
+    let sink: Box<dyn Write + Send> = match &config.log.file {
+        Some(path) => {
+            LOG_TO_FILE.store(true, Ordering::Relaxed);
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| Error::Log(format!("cannot open log.file {}: {e}", path.display())))?,
+            )
+        }
+        None => Box::new(std::io::stderr()),
+    };
+    // Only fails if a logger is already set, which cannot happen: this runs once.
+    let _ = WriteLogger::init(level, log_config, sink);
+    Ok(())
+}

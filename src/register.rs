@@ -1,0 +1,359 @@
+//! One-shot registration with the server management API (SPEC §6.1).
+//!
+//! Order matters: every local check (existing credentials, arguments, password) happens
+//! before the first request, so a refusal never leaves a half-registered agent behind,
+//! and credentials are written only after the server answered 201.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{self, Config, UuidVersion};
+use crate::credentials::{Credentials, CredentialsError, Secret};
+use crate::host::{self, HostInfo};
+use crate::http::{self, HttpError};
+
+/// Environment variable holding the registration password.
+pub const ENV_PASSWORD: &str = "WAZUH_REGISTRATION_PASSWORD";
+
+/// The `--register` arguments, already parsed from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct RegisterArgs {
+    pub url: Option<String>,
+    pub user: String,
+    pub password_file: Option<PathBuf>,
+    /// `--password`: accepted for convenience, but visible in `ps`.
+    pub password: Option<Secret>,
+    pub name: Option<String>,
+    pub key: Option<Secret>,
+    pub force: bool,
+}
+
+/// Why registration did not happen.
+#[derive(Debug)]
+pub enum RegisterError {
+    /// Credentials exist and `--force` was not given; nothing was sent.
+    AlreadyRegistered { path: PathBuf },
+    /// A flag's value is unusable (the flag is named).
+    InvalidArgument { flag: &'static str, message: String },
+    /// No password from `--password-file`, `--password` or the environment.
+    NoPassword,
+    /// The password file could not be read or is empty.
+    PasswordFile { path: PathBuf, message: String },
+    /// The HTTPS client could not be set up (CA file, proxy).
+    Http(HttpError),
+    /// The management API could not be reached (connect, TLS, timeout).
+    Unreachable { url: String, message: String },
+    /// The management API refused the login (bad user or password).
+    LoginRefused { url: String, status: u16, message: String },
+    /// The management API refused to create the agent.
+    Refused { url: String, status: u16, message: String },
+    /// The management API answered something unusable.
+    BadAnswer { url: String, message: String },
+    /// The agent was created on the server but its credentials could not be stored.
+    Store(CredentialsError),
+}
+
+impl fmt::Display for RegisterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RegisterError::AlreadyRegistered { path } => write!(
+                f,
+                "the agent is already registered ({} exists); use --force to register again with a new identity",
+                path.display()
+            ),
+            RegisterError::InvalidArgument { flag, message } => write!(f, "{flag}: {message}"),
+            RegisterError::NoPassword => write!(
+                f,
+                "no registration password: give --password-file FILE or set {ENV_PASSWORD}"
+            ),
+            RegisterError::PasswordFile { path, message } => {
+                write!(f, "--password-file {}: {message}", path.display())
+            }
+            RegisterError::Http(e) => e.fmt(f),
+            RegisterError::Unreachable { url, message } => {
+                write!(f, "cannot connect to the management API at {url}: {message}")
+            }
+            RegisterError::LoginRefused { url, status, message } => {
+                write!(
+                    f,
+                    "login to {url} refused: {status} {message} (check --user and the password)"
+                )
+            }
+            RegisterError::Refused { url, status, message } => {
+                write!(f, "{url} refused to register the agent: {status} {message}")
+            }
+            RegisterError::BadAnswer { url, message } => write!(f, "unexpected answer from {url}: {message}"),
+            RegisterError::Store(e) => write!(f, "the server registered the agent, but {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RegisterError {}
+
+#[derive(Serialize)]
+struct NewAgent<'a> {
+    id: &'a str,
+    key: &'a str,
+    name: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    version: &'static str,
+    host: &'a HostInfo,
+}
+
+#[derive(Deserialize)]
+struct LoginData {
+    token: String,
+}
+
+#[derive(Deserialize)]
+struct LoginResponse {
+    data: LoginData,
+}
+
+/// A new agent key: 32 characters from `[A-Za-z0-9]`, drawn from the OS random source.
+pub fn generate_key() -> Result<Secret, getrandom::Error> {
+    const ALPHABET: &[u8; 62] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut key = String::with_capacity(32);
+    let mut buf = [0u8; 64];
+    while key.len() < 32 {
+        getrandom::fill(&mut buf)?;
+        // Rejection sampling: 248 = 4 * 62, so every accepted byte maps without bias.
+        for b in buf.iter().filter(|b| **b < 248) {
+            if key.len() == 32 {
+                break;
+            }
+            key.push(ALPHABET[(*b % 62) as usize] as char);
+        }
+    }
+    Ok(Secret::new(key))
+}
+
+/// Checks a user-supplied key: exactly 32 ASCII letters or digits.
+pub fn validate_key(key: &str) -> Result<(), String> {
+    // The message never includes the key itself.
+    if key.len() != 32 || !key.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(format!(
+            "the key must be exactly 32 letters or digits (got {} characters)",
+            key.chars().count()
+        ));
+    }
+    Ok(())
+}
+
+fn read_password(args: &RegisterArgs) -> Result<Secret, RegisterError> {
+    if let Some(path) = &args.password_file {
+        let text = std::fs::read_to_string(path).map_err(|e| RegisterError::PasswordFile {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let first = text.lines().next().unwrap_or("").trim_end_matches('\r');
+        if first.is_empty() {
+            return Err(RegisterError::PasswordFile {
+                path: path.clone(),
+                message: "the first line is empty".into(),
+            });
+        }
+        return Ok(Secret::new(first.to_string()));
+    }
+    if let Some(p) = &args.password {
+        return Ok(p.clone());
+    }
+    match std::env::var(ENV_PASSWORD) {
+        Ok(p) if !p.is_empty() => Ok(Secret::new(p)),
+        _ => Err(RegisterError::NoPassword),
+    }
+}
+
+fn new_uuid(version: UuidVersion) -> String {
+    match version {
+        UuidVersion::V7 => uuid::Uuid::now_v7(),
+        UuidVersion::V4 => uuid::Uuid::new_v4(),
+    }
+    .hyphenated()
+    .to_string()
+}
+
+fn unreachable_or_bad(url: &str, result: &Result<http::Reply, ureq::Error>) -> RegisterError {
+    match result {
+        Err(e) => RegisterError::Unreachable {
+            url: url.to_string(),
+            message: http::describe_transport(e),
+        },
+        Ok(r) => RegisterError::BadAnswer {
+            url: url.to_string(),
+            message: format!("{} {}", r.status, r.message()),
+        },
+    }
+}
+
+/// Registers the agent and stores its credentials. Returns them (the UUID is printed by
+/// the caller).
+pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, RegisterError> {
+    let data_dir = &config.agent.data_dir;
+    if Credentials::exists(data_dir) && !args.force {
+        return Err(RegisterError::AlreadyRegistered {
+            path: Credentials::path(data_dir),
+        });
+    }
+    let url = match &args.url {
+        Some(u) => config::validate_https_url(u)
+            .map_err(|message| RegisterError::InvalidArgument { flag: "--url", message })?,
+        None => config.server.registration_url.clone(),
+    };
+    if args.user.is_empty() {
+        return Err(RegisterError::InvalidArgument {
+            flag: "--user",
+            message: "is required".into(),
+        });
+    }
+    if args.user.contains(':') {
+        return Err(RegisterError::InvalidArgument {
+            flag: "--user",
+            message: "must not contain ':'".into(),
+        });
+    }
+    let name = match args.name.as_deref().filter(|n| !n.is_empty()) {
+        Some(n) => {
+            config::validate_agent_name(n).map_err(|message| RegisterError::InvalidArgument {
+                flag: "--name",
+                message,
+            })?;
+            n.to_string()
+        }
+        None if !config.agent.name.is_empty() => config.agent.name.clone(),
+        None => {
+            let h = host::hostname();
+            config::validate_agent_name(&h).map_err(|m| RegisterError::InvalidArgument {
+                flag: "--name",
+                message: format!("the host name cannot be used as the agent name ({m}); give --name"),
+            })?;
+            h
+        }
+    };
+    let key = match &args.key {
+        Some(k) => {
+            validate_key(k.expose()).map_err(|message| RegisterError::InvalidArgument { flag: "--key", message })?;
+            k.clone()
+        }
+        None => generate_key().map_err(|e| RegisterError::InvalidArgument {
+            flag: "--key",
+            message: format!("the OS random source failed ({e}); give --key"),
+        })?,
+    };
+    let password = read_password(args)?;
+
+    // Registration is interactive and one-shot: a short bound on each request.
+    let mut server = config.server.clone();
+    server.request_timeout = server.request_timeout.min(Duration::from_secs(30));
+    let agent = http::build_agent(&server, server.request_timeout).map_err(RegisterError::Http)?;
+
+    // 1. Log in to the management API.
+    let login_url = format!("{url}/security/user/authenticate");
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", args.user, password.expose()));
+    let result = http::send(&agent, "POST", &login_url, Some(&format!("Basic {basic}")), None);
+    let api_token = match &result {
+        Ok(r) if r.status == 200 => {
+            let parsed: LoginResponse = serde_json::from_slice(&r.body).map_err(|_| RegisterError::BadAnswer {
+                url: login_url.clone(),
+                message: "200 without data.token in the body".into(),
+            })?;
+            Secret::new(parsed.data.token)
+        }
+        Ok(r) if r.status == 401 || r.status == 403 => {
+            return Err(RegisterError::LoginRefused {
+                url: login_url,
+                status: r.status,
+                message: r.message(),
+            });
+        }
+        _ => return Err(unreachable_or_bad(&login_url, &result)),
+    };
+
+    // 2. Create the agent.
+    let uuid = new_uuid(config.agent.uuid_version);
+    let host = host::gather(&config.inventory.root);
+    let body = serde_json::to_vec(&NewAgent {
+        id: &uuid,
+        key: key.expose(),
+        name: &name,
+        kind: "Endpoint",
+        version: crate::VERSION,
+        host: &host,
+    })
+    .map_err(|e| RegisterError::BadAnswer {
+        url: url.clone(),
+        message: e.to_string(),
+    })?;
+    let agents_url = format!("{url}/agents");
+    let result = http::send(
+        &agent,
+        "POST",
+        &agents_url,
+        Some(&format!("Bearer {}", api_token.expose())),
+        Some(&body),
+    );
+    match &result {
+        // Only 201 means created (SPEC §6.1); a 200 could be a proxy or another API.
+        Ok(r) if r.status == 201 => {}
+        Ok(r) if (400..500).contains(&r.status) => {
+            return Err(RegisterError::Refused {
+                url: agents_url,
+                status: r.status,
+                message: r.message(),
+            });
+        }
+        _ => return Err(unreachable_or_bad(&agents_url, &result)),
+    }
+
+    // 3. Store the credentials.
+    let creds = Credentials { uuid, key, name };
+    creds.store(data_dir).map_err(RegisterError::Store)?;
+    Ok(creds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_32_alphanumerics_and_differ() {
+        let a = generate_key().unwrap();
+        let b = generate_key().unwrap();
+        assert!(validate_key(a.expose()).is_ok());
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn key_validation_never_echoes_the_key() {
+        for bad in [
+            "short",
+            &"x".repeat(33),
+            &format!("{}!", "a".repeat(31)),
+            &"é".repeat(16),
+        ] {
+            let e = validate_key(bad).unwrap_err();
+            assert!(!e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn uuid_versions() {
+        assert_eq!(
+            uuid::Uuid::parse_str(&new_uuid(UuidVersion::V7))
+                .unwrap()
+                .get_version_num(),
+            7
+        );
+        assert_eq!(
+            uuid::Uuid::parse_str(&new_uuid(UuidVersion::V4))
+                .unwrap()
+                .get_version_num(),
+            4
+        );
+    }
+}

@@ -1,0 +1,572 @@
+//! Token lifecycle (SPEC §6.2): authenticate with uuid+key, keep the JWT in memory,
+//! renew it before it expires and at once when another thread reports a 401/403.
+//!
+//! * [`decode_claims`] and [`renewal_delay`] are pure.
+//! * [`TokenCell`] is the one piece of shared state: readers take the current token;
+//!   a reader whose request was refused calls [`TokenCell::refused`] and waits for a newer
+//!   token. However many threads report the same refused token, one refresh is requested.
+//! * [`run`] is the token thread's loop: the only code that calls the authentication
+//!   endpoint, so at most one authentication is ever in flight.
+
+use std::fmt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use crossbeam_channel::{Receiver, Sender, TrySendError, select};
+use serde::{Deserialize, Serialize};
+
+use crate::backoff::Backoff;
+use crate::config::RetryConfig;
+use crate::credentials::{Credentials, Secret};
+use crate::http::{self, Attempt, Outcome, Servers};
+
+/// Renewals are never closer together than this, whatever the token or the clock say:
+/// the guard against a refresh loop.
+pub const MIN_RENEWAL: Duration = Duration::from_secs(1);
+/// Upper bound of one renewal delay, so a token claiming years of life is still renewed daily.
+pub const MAX_RENEWAL: Duration = Duration::from_secs(24 * 3600);
+/// Used when the token's claims give no usable lifetime.
+pub const FALLBACK_RENEWAL: Duration = Duration::from_secs(60);
+
+/// The claims the agent reads from a JWT (without verifying it: it has no key for that).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct Claims {
+    pub exp: i64,
+    #[serde(default)]
+    pub iat: Option<i64>,
+}
+
+/// Why a token could not be obtained or read.
+#[derive(Debug)]
+pub enum TokenError {
+    /// The JWT is not three base64url parts with a JSON payload carrying `exp`.
+    Malformed(&'static str),
+    /// The server refused the credentials (401 "Invalid key" / 403 "Agent does not exist").
+    CredentialsRejected {
+        server: String,
+        status: u16,
+        message: String,
+    },
+    /// No server could be reached, or one answered with a retryable error.
+    Unavailable {
+        server: String,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// A server answered something the agent cannot use (unexpected status or body).
+    BadAnswer { server: String, message: String },
+}
+
+impl fmt::Display for TokenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenError::Malformed(why) => write!(f, "the server's token is not a readable JWT: {why}"),
+            TokenError::CredentialsRejected {
+                server,
+                status,
+                message,
+            } => write!(
+                f,
+                "{server} refused the agent's credentials ({status} {message}); all data is kept; \
+                 if the agent was removed from the server, register again with `wazuh-agent --register --force`"
+            ),
+            TokenError::Unavailable { server, message, .. } => {
+                write!(f, "cannot authenticate with {server}: {message}")
+            }
+            TokenError::BadAnswer { server, message } => {
+                write!(f, "unexpected authentication answer from {server}: {message}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for TokenError {}
+
+/// Reads `exp`/`iat` from the JWT payload. The signature is not checked.
+pub fn decode_claims(jwt: &str) -> Result<Claims, TokenError> {
+    let mut parts = jwt.split('.');
+    let (Some(_header), Some(payload), Some(_sig), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed("not three dot-separated parts"));
+    };
+    // Tokens are base64url without padding; tolerate padding some servers add.
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|_| TokenError::Malformed("payload is not base64url"))?;
+    serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed("payload is not JSON with a numeric exp"))
+}
+
+/// The token's lifetime as the agent counts it: `exp - iat` when both are sane (so a
+/// skewed local clock does not matter), else `exp - now` by the local clock.
+pub fn lifetime(claims: &Claims, now_unix: i64) -> Option<Duration> {
+    let secs = match claims.iat {
+        Some(iat) if claims.exp > iat => claims.exp - iat,
+        _ => claims.exp.saturating_sub(now_unix),
+    };
+    (secs > 0).then(|| Duration::from_secs(secs as u64))
+}
+
+/// How long after receiving a token to renew it (SPEC §6.2): a margin of
+/// `max(60 s, 10 % of the lifetime)` before expiry, but never earlier than half the
+/// lifetime; clamped to `MIN_RENEWAL..=MAX_RENEWAL`.
+pub fn renewal_delay(claims: &Claims, now_unix: i64) -> Duration {
+    let Some(life) = lifetime(claims, now_unix) else {
+        return FALLBACK_RENEWAL;
+    };
+    let margin = Duration::from_secs(60).max(life / 10);
+    let delay = life.saturating_sub(margin).max(life / 2);
+    delay.clamp(MIN_RENEWAL, MAX_RENEWAL)
+}
+
+/// A token in use.
+#[derive(Debug)]
+pub struct Token {
+    pub jwt: Secret,
+    /// The comms API base URL that issued it (and that requests should go to).
+    pub server: String,
+    /// Increases with every token published; reported back by [`TokenCell::refused`].
+    pub generation: u64,
+    /// When the token expires, by the local clock (receipt time + lifetime).
+    pub expires_at: SystemTime,
+}
+
+impl Token {
+    /// The `Authorization` header value.
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", self.jwt.expose())
+    }
+}
+
+#[derive(Default)]
+struct CellState {
+    token: Option<Arc<Token>>,
+    generation: u64,
+    /// Generation a refresh was requested for; cleared when a newer token is published.
+    refresh_for: Option<u64>,
+    closed: bool,
+    last_error: Option<String>,
+}
+
+/// The shared token: one writer (the token thread), many readers.
+pub struct TokenCell {
+    state: Mutex<CellState>,
+    changed: Condvar,
+    wake: Sender<()>,
+}
+
+impl TokenCell {
+    /// The cell, and the receiver the token thread selects on for refresh requests.
+    pub fn new() -> (Arc<TokenCell>, Receiver<()>) {
+        // Capacity 1: one pending wake-up is all that is needed; more would be duplicates.
+        let (wake, wake_rx) = crossbeam_channel::bounded(1);
+        let cell = TokenCell {
+            state: Mutex::new(CellState::default()),
+            changed: Condvar::new(),
+            wake,
+        };
+        (Arc::new(cell), wake_rx)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CellState> {
+        // A panic while holding this lock aborts the process (panic = "abort" in release),
+        // and tests treat it as fatal; a poisoned state is still consistent (plain fields).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current token, if one was obtained.
+    pub fn current(&self) -> Option<Arc<Token>> {
+        self.lock().token.clone()
+    }
+
+    /// The last authentication error (for status), cleared by a success.
+    pub fn last_error(&self) -> Option<String> {
+        self.lock().last_error.clone()
+    }
+
+    /// Waits until a token with a generation above `after` exists (0: any token), the
+    /// cell is closed (shutdown), or `timeout` passes.
+    pub fn wait_newer(&self, after: u64, timeout: Duration) -> Option<Arc<Token>> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        loop {
+            if let Some(t) = &st.token {
+                if t.generation > after {
+                    return Some(t.clone());
+                }
+            }
+            let now = Instant::now();
+            if st.closed || now >= deadline {
+                return None;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Reports that a request made with token `generation` was refused (401/403).
+    /// Requests one refresh unless one is already pending for that token or a newer
+    /// token already exists. Returns at once; use [`wait_newer`](Self::wait_newer).
+    pub fn refused(&self, generation: u64) {
+        let mut st = self.lock();
+        if st.closed || generation < st.generation || st.refresh_for == Some(st.generation) {
+            return;
+        }
+        st.refresh_for = Some(st.generation);
+        drop(st);
+        match self.wake.try_send(()) {
+            Ok(()) | Err(TrySendError::Full(())) => {}
+            // The token thread is gone: shutdown is under way; waiters time out or see close().
+            Err(TrySendError::Disconnected(())) => {}
+        }
+    }
+
+    /// True while a refresh has been requested and not yet satisfied.
+    pub fn refresh_pending(&self) -> bool {
+        let st = self.lock();
+        st.refresh_for.is_some_and(|g| g == st.generation)
+    }
+
+    fn publish(&self, jwt: Secret, server: String, expires_at: SystemTime) -> Arc<Token> {
+        let mut st = self.lock();
+        st.generation += 1;
+        let token = Arc::new(Token {
+            jwt,
+            server,
+            generation: st.generation,
+            expires_at,
+        });
+        st.token = Some(token.clone());
+        st.refresh_for = None;
+        st.last_error = None;
+        drop(st);
+        self.changed.notify_all();
+        token
+    }
+
+    fn set_error(&self, message: String) {
+        self.lock().last_error = Some(message);
+    }
+
+    /// Wakes every waiter for shutdown; no token is handed out afterwards by `wait_newer`.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
+}
+
+#[derive(Serialize)]
+struct AuthRequest<'a> {
+    uuid: &'a str,
+    key: &'a str,
+}
+
+#[derive(Deserialize)]
+struct AuthResponse {
+    token: String,
+}
+
+/// Talks to `POST /api/v1/authentication`, with failover over `server.url`.
+pub struct Authenticator {
+    agent: ureq::Agent,
+    servers: Servers,
+    credentials: Credentials,
+    retry_cap: Duration,
+}
+
+/// A freshly obtained token, before it is published.
+pub struct Fresh {
+    pub jwt: Secret,
+    pub server: String,
+    pub claims: Claims,
+}
+
+impl Authenticator {
+    pub fn new(agent: ureq::Agent, urls: &[String], credentials: Credentials, retry_cap: Duration) -> Authenticator {
+        Authenticator {
+            agent,
+            servers: Servers::new(urls),
+            credentials,
+            retry_cap,
+        }
+    }
+
+    /// One authentication round: the current server, then the next ones while they look
+    /// down, at most once each.
+    pub fn authenticate(&mut self) -> Result<Fresh, TokenError> {
+        let body = serde_json::to_vec(&AuthRequest {
+            uuid: &self.credentials.uuid,
+            key: self.credentials.key.expose(),
+        })
+        .map_err(|e| TokenError::BadAnswer {
+            server: String::new(),
+            message: e.to_string(),
+        })?;
+        let mut tried = 0;
+        loop {
+            let server = self.servers.current().to_string();
+            let url = format!("{server}/api/v1/authentication");
+            let result = http::send(&self.agent, "POST", &url, None, Some(&body));
+            let outcome = http::classify(Attempt::of(&result), SystemTime::now(), self.retry_cap);
+            tried += 1;
+            let err = match (outcome, result) {
+                (Outcome::Done, Ok(reply)) => {
+                    let parsed: AuthResponse =
+                        serde_json::from_slice(&reply.body).map_err(|_| TokenError::BadAnswer {
+                            server: server.clone(),
+                            message: format!("{} with a body that has no \"token\"", reply.status),
+                        })?;
+                    let claims = decode_claims(&parsed.token)?;
+                    return Ok(Fresh {
+                        jwt: Secret::new(parsed.token),
+                        server,
+                        claims,
+                    });
+                }
+                (Outcome::Reauth, Ok(reply)) => {
+                    return Err(TokenError::CredentialsRejected {
+                        server,
+                        status: reply.status,
+                        message: reply.message(),
+                    });
+                }
+                (Outcome::Retry { after, failover }, result) => {
+                    let message = match &result {
+                        Ok(reply) => format!("{} {}", reply.status, reply.message()),
+                        Err(e) => http::describe_transport(e),
+                    };
+                    let err = TokenError::Unavailable {
+                        server,
+                        message,
+                        retry_after: after,
+                    };
+                    if !failover {
+                        return Err(err);
+                    }
+                    err
+                }
+                (_, Ok(reply)) => {
+                    return Err(TokenError::BadAnswer {
+                        server,
+                        message: format!("{} {}", reply.status, reply.message()),
+                    });
+                }
+                (_, Err(e)) => TokenError::Unavailable {
+                    server,
+                    message: http::describe_transport(&e),
+                    retry_after: None,
+                },
+            };
+            self.servers.advance();
+            if tried >= self.servers.len() {
+                return Err(err);
+            }
+            log::warn!("{err}; trying the next server");
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The token thread. Authenticates at once, then renews on schedule or on request,
+/// until `shutdown` is closed (its sender dropped). Backs off with full jitter after
+/// failures; a refresh request during a backoff waits for the backoff to end.
+pub fn run(
+    cell: Arc<TokenCell>,
+    wake: Receiver<()>,
+    shutdown: Receiver<()>,
+    mut auth: Authenticator,
+    retry: &RetryConfig,
+) {
+    let mut backoff = Backoff::new(retry.initial, retry.max);
+    let mut next_due = Instant::now();
+    let mut last_success: Option<Instant> = None;
+    let mut backing_off = false;
+    loop {
+        let wait = next_due.saturating_duration_since(Instant::now());
+        select! {
+            recv(shutdown) -> _ => break,
+            recv(wake) -> msg => {
+                if msg.is_err() {
+                    break;
+                }
+                if !backing_off {
+                    let earliest = last_success.map(|t| t + MIN_RENEWAL).unwrap_or_else(Instant::now);
+                    next_due = next_due.min(earliest.max(Instant::now()));
+                    log::debug!("token refresh requested after a refused request");
+                }
+                continue;
+            }
+            default(wait) => {}
+        }
+        let now = Instant::now();
+        match auth.authenticate() {
+            Ok(fresh) => {
+                let delay = renewal_delay(&fresh.claims, unix_now());
+                let life = lifetime(&fresh.claims, unix_now()).unwrap_or(delay);
+                if fresh.claims.iat.is_none() {
+                    log::warn!("the server's token has no iat claim; its lifetime is measured with the local clock");
+                }
+                let token = cell.publish(fresh.jwt, fresh.server, SystemTime::now() + life);
+                log::info!(
+                    "{} with {} (token lifetime {}s, renewal in {}ms)",
+                    if token.generation == 1 {
+                        "authenticated"
+                    } else {
+                        "token renewed"
+                    },
+                    token.server,
+                    life.as_secs(),
+                    delay.as_millis()
+                );
+                backoff.reset();
+                backing_off = false;
+                last_success = Some(now);
+                next_due = now + delay;
+            }
+            Err(e) => {
+                let delay = match &e {
+                    // Dead credentials do not heal quickly: retry slowly, at the top of the range.
+                    TokenError::CredentialsRejected { .. } => {
+                        retry.max / 2 + Backoff::new(retry.max / 2, retry.max / 2).next_delay()
+                    }
+                    TokenError::Unavailable {
+                        retry_after: Some(after),
+                        ..
+                    } => {
+                        backoff.next_delay();
+                        *after.max(&MIN_RENEWAL)
+                    }
+                    _ => backoff.next_delay(),
+                };
+                log::error!("{e}; retrying in {}ms", delay.as_millis());
+                cell.set_error(e.to_string());
+                backing_off = true;
+                next_due = now + delay;
+            }
+        }
+    }
+    cell.close();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(payload: &str) -> String {
+        let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.{}", b(r#"{"alg":"HS256","typ":"JWT"}"#), b(payload), b("sig"))
+    }
+
+    #[test]
+    fn decodes_claims_without_verifying() {
+        let c = decode_claims(&jwt(
+            r#"{"iss":"wazuh","aud":"Wazuh Agent comms API","iat":100,"exp":1000,"uuid":"u"}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            c,
+            Claims {
+                exp: 1000,
+                iat: Some(100)
+            }
+        );
+        let c = decode_claims(&jwt(r#"{"exp":1000}"#)).unwrap();
+        assert_eq!(c.iat, None);
+        for bad in [
+            "",
+            "a.b",
+            "a.b.c.d",
+            "a.!!!.c",
+            &jwt("not json"),
+            &jwt(r#"{"iat":1}"#),
+            &jwt(r#"{"exp":"x"}"#),
+        ] {
+            assert!(decode_claims(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn renewal_table() {
+        let now = 1_784_000_000;
+        let c = |iat: Option<i64>, exp: i64| Claims { exp, iat };
+        let table: &[(Claims, u64)] = &[
+            // 15 min token: margin 90 s → renew after 810 s.
+            (c(Some(now), now + 900), 810_000),
+            // 2 h token: margin 720 s (10 %) → 6480 s.
+            (c(Some(now), now + 7200), 6_480_000),
+            // 6 s token: margin 60 s would be before half → half, 3 s.
+            (c(Some(now), now + 6), 3_000),
+            // 3 s token → 1.5 s.
+            (c(Some(now), now + 3), 1_500),
+            // 1 s token → clamped to MIN_RENEWAL.
+            (c(Some(now), now + 1), 1_000),
+            // Local clock years off: exp - iat still decides.
+            (c(Some(100), 1000), 810_000),
+            (c(Some(now + 400_000_000), now + 400_000_900), 810_000),
+            // Years-long token: clamped to MAX_RENEWAL.
+            (c(Some(0), 4_000_000_000), 86_400_000),
+            // exp <= iat: fall back to the local clock (here: exp == now, nothing left).
+            (c(Some(now), now), FALLBACK_RENEWAL.as_millis() as u64),
+            // iat later than the local now is fine: exp - iat.
+            (c(Some(now + 10), now + 900), 801_000),
+            // …and without iat, exp - now.
+            (c(None, now + 900), 810_000),
+            (c(None, now - 5_000_000), FALLBACK_RENEWAL.as_millis() as u64),
+        ];
+        for (claims, want_ms) in table {
+            assert_eq!(renewal_delay(claims, now).as_millis() as u64, *want_ms, "{claims:?}");
+        }
+    }
+
+    #[test]
+    fn refused_requests_one_refresh_per_token() {
+        let (cell, wake) = TokenCell::new();
+        let t = cell.publish(Secret::new("a".into()), "https://s".into(), SystemTime::now());
+        for _ in 0..10 {
+            cell.refused(t.generation);
+        }
+        assert_eq!(wake.try_iter().count(), 1);
+        assert!(cell.refresh_pending());
+        // A stale report (older token) after a new token is published asks for nothing.
+        let t2 = cell.publish(Secret::new("b".into()), "https://s".into(), SystemTime::now());
+        assert!(!cell.refresh_pending());
+        cell.refused(t.generation);
+        assert_eq!(wake.try_iter().count(), 0);
+        cell.refused(t2.generation);
+        assert_eq!(wake.try_iter().count(), 1);
+    }
+
+    #[test]
+    fn waiters_wake_on_publish_and_close() {
+        let (cell, _wake) = TokenCell::new();
+        let c2 = cell.clone();
+        let waiter = std::thread::spawn(move || c2.wait_newer(0, Duration::from_secs(30)).map(|t| t.generation));
+        cell.publish(Secret::new("a".into()), "https://s".into(), SystemTime::now());
+        assert_eq!(waiter.join().unwrap(), Some(1));
+        let c3 = cell.clone();
+        let waiter = std::thread::spawn(move || c3.wait_newer(1, Duration::from_secs(30)).is_none());
+        cell.close();
+        assert!(waiter.join().unwrap());
+    }
+
+    #[test]
+    fn bearer_is_not_in_debug_output() {
+        let t = Token {
+            jwt: Secret::new("eyJsecret".into()),
+            server: "s".into(),
+            generation: 1,
+            expires_at: UNIX_EPOCH,
+        };
+        assert!(!format!("{t:?}").contains("eyJsecret"));
+        assert_eq!(t.bearer(), "Bearer eyJsecret");
+    }
+}

@@ -1,0 +1,101 @@
+//! Command line and configuration handling of the binary.
+
+use std::process::Command;
+
+use crate::support::*;
+
+#[test]
+fn version_and_help() {
+    let out = Command::new(bin()).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("wazuh-agent "));
+    let out = Command::new(bin()).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--register",
+        "--send",
+        "--status",
+        "--check-config",
+        "--password-file",
+        "WAZUH_REGISTRATION_PASSWORD",
+    ] {
+        assert!(help.contains(flag), "help lacks {flag}");
+    }
+}
+
+#[test]
+fn check_config_prints_effective_values() {
+    let env = Env::new();
+    env.write_config("events.batch_interval = \"250ms\"");
+    let out = env.cmd().arg("--check-config").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("events.batch_interval = \"250ms\""), "{stdout}");
+    assert!(
+        stdout.contains(&format!("agent.data_dir = {:?}", env.data_dir().display().to_string())),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bad_config_names_file_and_key() {
+    let env = Env::new();
+    env.write_config("server.verify = \"sometimes\"");
+    let out = env.cmd().arg("--check-config").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let t = text(&out);
+    assert!(t.contains("server.verify") && t.contains("sometimes"), "{t}");
+
+    std::fs::write(&env.config, "[events]\nbogus_key = 1\n").unwrap();
+    let out = env.cmd().arg("--check-config").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let t = text(&out);
+    assert!(
+        t.contains("events.bogus_key") && t.contains(&env.config.display().to_string()),
+        "{t}"
+    );
+}
+
+#[test]
+fn missing_explicit_config_is_an_error_and_env_variable_is_honoured() {
+    let out = Command::new(bin())
+        .args(["--check-config", "--config", "/nonexistent/agent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("/nonexistent/agent.toml"));
+
+    let env = Env::new();
+    env.write_config("agent.name = \"from-env\"");
+    let out = Command::new(bin())
+        .arg("--check-config")
+        .env("WAZUH_AGENT_CONFIG", &env.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("agent.name = \"from-env\""));
+}
+
+#[test]
+fn usage_errors_name_the_flag() {
+    let out = Command::new(bin())
+        .args(["--register", "--url", "https://x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("--user"), "{}", text(&out));
+    let out = Command::new(bin()).arg("--frobnicate").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("--frobnicate"));
+}
+
+#[test]
+fn shipped_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/etc/wazuh-agent.toml");
+    let out = Command::new(bin())
+        .args(["--check-config", "--config", path])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}

@@ -1,0 +1,8 @@
+//! Integration tests: the real binary and the real modules against the real mock over TLS.
+//! One binary, one module per area; `support` holds the shared fixtures.
+
+mod cli;
+mod register;
+mod run;
+mod support;
+mod token;

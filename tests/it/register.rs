@@ -1,0 +1,207 @@
+//! `wazuh-agent --register` against the mock management API.
+
+use serde_json::Value;
+use wazuh_mock_server::{Fault, FaultAction};
+
+use crate::support::*;
+
+fn credentials(env: &Env) -> Value {
+    let text = std::fs::read_to_string(env.data_dir().join("credentials.json")).expect("credentials.json");
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn registers_and_stores_credentials_privately() {
+    let env = Env::new();
+    std::fs::create_dir_all(env.data_dir()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(env.data_dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = env.register(&["--name", "web-01"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let uuid = String::from_utf8(out.stdout.clone()).unwrap().trim().to_string();
+    assert_eq!(uuid::Uuid::parse_str(&uuid).unwrap().get_version_num(), 7);
+
+    let creds = credentials(&env);
+    assert_eq!(creds["uuid"], uuid);
+    assert_eq!(creds["name"], "web-01");
+    let key = creds["key"].as_str().unwrap().to_string();
+    assert_eq!(key.len(), 32);
+    assert_eq!(mode(&env.data_dir().join("credentials.json")), 0o600);
+    assert_eq!(mode(&env.data_dir()), 0o700, "an existing data_dir is tightened");
+
+    let agents = env.mock.agents();
+    assert_eq!(agents.len(), 1);
+    assert_eq!(agents[0].id, uuid);
+    assert_eq!(agents[0].key, key);
+    let host = &agents[0].registration["host"];
+    assert!(
+        host["os"]["name"].is_string() && host["architecture"].is_string() && host["ip"].is_array(),
+        "{host}"
+    );
+    assert_eq!(agents[0].registration["type"], "Endpoint");
+
+    // No secret in anything the command printed.
+    let printed = text(&out);
+    assert!(!printed.contains(&key) && !printed.contains(PASSWORD), "{printed}");
+    // Every request carried the agent's User-Agent.
+    assert!(
+        env.mock
+            .requests()
+            .iter()
+            .all(|r| r.user_agent.starts_with("wazuh-agent-rs/"))
+    );
+}
+
+#[test]
+fn refuses_when_already_registered_without_force_and_sends_nothing() {
+    let env = Env::new();
+    let first = env.registered();
+    let before = std::fs::read(env.data_dir().join("credentials.json")).unwrap();
+    let requests = env.mock.requests().len();
+
+    let out = env.register(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("already registered") && text(&out).contains("--force"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(std::fs::read(env.data_dir().join("credentials.json")).unwrap(), before);
+    assert_eq!(env.mock.requests().len(), requests, "no request sent");
+
+    let out = env.register(&["--force"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let second = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_ne!(first, second);
+    assert_eq!(credentials(&env)["uuid"], second);
+}
+
+#[test]
+fn wrong_password_is_refused_and_stores_nothing() {
+    let env = Env::new();
+    let pw = env.dir.path().join("wrong");
+    std::fs::write(&pw, "not-the-password\n").unwrap();
+    let out = env
+        .cmd()
+        .args(["--register", "--user", "wazuh", "--password-file"])
+        .arg(&pw)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let t = text(&out);
+    assert!(t.contains("401") && t.contains("refused"), "{t}");
+    assert!(!t.contains("not-the-password"));
+    assert!(!env.data_dir().join("credentials.json").exists());
+}
+
+#[test]
+fn server_400_is_reported_with_its_message() {
+    let env = Env::new();
+    env.mock.inject(Fault {
+        path: "/agents".into(),
+        times: 1,
+        action: FaultAction::Status {
+            code: 400,
+            retry_after: None,
+            body: Some(r#"{"title":"Bad Request","detail":"Agent name already in use"}"#.into()),
+        },
+    });
+    let out = env.register(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let t = text(&out);
+    assert!(t.contains("400") && t.contains("Bad Request"), "{t}");
+    assert!(!env.data_dir().join("credentials.json").exists());
+}
+
+#[test]
+fn v7_is_refused_by_a_v4_only_server_and_v4_config_works() {
+    let env = Env::with(|o| o.uuid_v4_only = true);
+    let out = env.register(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("UUIDv4"), "{}", text(&out));
+    env.write_config("agent.uuid_version = 4");
+    let uuid = env.registered();
+    assert_eq!(uuid::Uuid::parse_str(&uuid).unwrap().get_version_num(), 4);
+}
+
+#[test]
+fn invalid_name_and_key_are_refused_before_any_request() {
+    let env = Env::new();
+    let out = env.register(&["--name", "bad name/x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("--name"), "{}", text(&out));
+    let out = env.register(&["--key", "tooShortKeyValue"]);
+    assert_eq!(out.status.code(), Some(1));
+    let t = text(&out);
+    assert!(t.contains("--key") && !t.contains("tooShortKeyValue"), "{t}");
+    assert!(env.mock.requests().is_empty());
+}
+
+#[test]
+fn given_key_and_env_password_are_used() {
+    let env = Env::new();
+    let key = "abcdefghijklmnopqrstuvwxyz012345";
+    let out = env
+        .cmd()
+        .args(["--register", "--user", "wazuh", "--key", key])
+        .env("WAZUH_REGISTRATION_PASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(credentials(&env)["key"], key);
+    assert_eq!(env.mock.agents()[0].key, key);
+}
+
+#[test]
+fn missing_password_names_both_sources() {
+    let env = Env::new();
+    let out = env.cmd().args(["--register", "--user", "wazuh"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let t = text(&out);
+    assert!(
+        t.contains("--password-file") && t.contains("WAZUH_REGISTRATION_PASSWORD"),
+        "{t}"
+    );
+}
+
+#[test]
+fn unreachable_server_fails_clearly() {
+    let env = Env::new();
+    let url = format!("https://127.0.0.1:{}", dead_port());
+    let out = env.register(&["--url", &url]);
+    assert_eq!(out.status.code(), Some(1));
+    let t = text(&out);
+    assert!(
+        t.contains("cannot connect") && t.contains("connection refused") && t.contains(&url),
+        "{t}"
+    );
+}
+
+#[test]
+fn tls_is_verified_by_default() {
+    // Without the mock's CA, the webpki roots do not trust it.
+    let env = Env::new();
+    env.write_config("server.ca_file = \"\"");
+    let out = env.register(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let t = text(&out);
+    assert!(t.contains("certificate") || t.contains("UnknownIssuer"), "{t}");
+    assert!(env.mock.agents().is_empty());
+}
+
+#[test]
+fn verify_certificate_accepts_a_name_mismatch_that_full_refuses() {
+    let env = Env::with(|o| o.cert_names = vec!["wazuh-server.example".into()]);
+    let out = env.register(&[]);
+    assert_eq!(out.status.code(), Some(1), "full verification checks the name");
+    assert!(text(&out).to_lowercase().contains("name"), "{}", text(&out));
+    env.write_config("server.verify = \"certificate\"");
+    env.registered();
+}
+
+#[test]
+fn verify_none_accepts_an_unknown_ca() {
+    let env = Env::new();
+    env.write_config("server.ca_file = \"\"\nserver.verify = \"none\"");
+    env.registered();
+}

@@ -1,0 +1,206 @@
+//! Shared fixtures: a mock server and a temp dir per test, a config file pointing the
+//! agent at them, and helpers to run the binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use wazuh_mock_server::{MockServer, Options};
+
+pub const PASSWORD: &str = "Sup3r-S3cret-Pw";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_wazuh-agent")
+}
+
+/// One test's world: temp dir, mock server, config file.
+pub struct Env {
+    pub dir: TempDir,
+    pub mock: MockServer,
+    pub config: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        Env::with(|_| {})
+    }
+
+    /// Starts the mock with options adjusted by `tweak`, and writes a default config.
+    pub fn with(tweak: impl FnOnce(&mut Options)) -> Env {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut opts = Options::new(&dir.path().join("mock"));
+        opts.password = PASSWORD.into();
+        tweak(&mut opts);
+        let mock = MockServer::start(opts).expect("mock server starts");
+        let config = dir.path().join("agent.toml");
+        let env = Env { dir, mock, config };
+        env.write_config("");
+        env
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Writes the config file: the test's sections first (`extra`), then defaults for
+    /// whatever it did not set. `extra` uses dotted keys at the top (`server.verify = …`).
+    pub fn write_config(&self, extra: &str) {
+        let mut keys: Vec<(String, String)> = vec![
+            (
+                "agent.data_dir".into(),
+                format!("{:?}", self.data_dir().display().to_string()),
+            ),
+            (
+                "agent.run_dir".into(),
+                format!("{:?}", self.dir.path().join("run").display().to_string()),
+            ),
+            ("server.url".into(), format!("{:?}", self.mock.comms_url())),
+            ("server.registration_url".into(), format!("{:?}", self.mock.mgmt_url())),
+            (
+                "server.ca_file".into(),
+                format!("{:?}", self.mock.ca_file().display().to_string()),
+            ),
+            ("server.request_timeout".into(), "\"5s\"".into()),
+            ("retry.initial".into(), "\"100ms\"".into()),
+            ("retry.max".into(), "\"1s\"".into()),
+            ("log.level".into(), "\"debug\"".into()),
+        ];
+        for line in extra.lines().filter(|l| !l.trim().is_empty()) {
+            let (k, v) = line.split_once('=').expect("extra config lines are key = value");
+            let k = k.trim().to_string();
+            keys.retain(|(existing, _)| *existing != k);
+            keys.push((k, v.trim().to_string()));
+        }
+        let mut text = String::new();
+        let mut sections: Vec<&str> = keys.iter().map(|(k, _)| k.split_once('.').unwrap().0).collect();
+        sections.dedup();
+        sections.sort();
+        sections.dedup();
+        for s in sections {
+            text.push_str(&format!("[{s}]\n"));
+            for (k, v) in &keys {
+                let (sec, name) = k.split_once('.').unwrap();
+                if sec == s {
+                    text.push_str(&format!("{name} = {v}\n"));
+                }
+            }
+        }
+        std::fs::write(&self.config, text).expect("write config");
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(bin());
+        c.arg("--config")
+            .arg(&self.config)
+            .env_remove("WAZUH_REGISTRATION_PASSWORD")
+            .env_remove("WAZUH_AGENT_CONFIG");
+        c
+    }
+
+    pub fn password_file(&self) -> PathBuf {
+        let p = self.dir.path().join("password");
+        std::fs::write(&p, format!("{PASSWORD}\n")).unwrap();
+        p
+    }
+
+    /// `--register --user wazuh --password-file …` plus `args`.
+    pub fn register(&self, args: &[&str]) -> Output {
+        let pw = self.password_file();
+        self.cmd()
+            .args(["--register", "--user", "wazuh", "--password-file"])
+            .arg(pw)
+            .args(args)
+            .output()
+            .expect("run wazuh-agent")
+    }
+
+    /// Registers successfully and returns the UUID.
+    pub fn registered(&self) -> String {
+        let out = self.register(&[]);
+        assert!(out.status.success(), "registration failed: {}", text(&out));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// Starts the agent in run mode, stderr captured to a file in the temp dir.
+    pub fn spawn_agent(&self) -> Agent {
+        let log = self.dir.path().join("agent.log");
+        let child = self
+            .cmd()
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn agent");
+        Agent { child, log }
+    }
+}
+
+/// A running agent process; killed on drop if still running.
+pub struct Agent {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits for exit up to `timeout`; returns the exit code (None: still running or killed by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// stdout and stderr of a finished command, for assertion messages.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Polls `check` until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// A TCP port on 127.0.0.1 with nothing listening (bound, then released).
+pub fn dead_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
