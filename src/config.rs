@@ -356,19 +356,23 @@ impl Default for RawLog {
 // ---------------------------------------------------------------------------------------
 // Value parsers (pure).
 
-/// Parses `"250ms"`, `"10s"`, `"11m"`, `"1h"`, `"2d"`. A bare number is refused: a unit
-/// is required so `timeout = 30` cannot be misread as milliseconds or minutes.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+/// Splits `" 10 KiB "` into `(10, "KiB")`; `what` completes "… is not <what>".
+fn split_number<'a>(text: &'a str, what: &str) -> Result<(u64, &'a str), String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
     if digits.is_empty() {
-        return Err(format!(
-            "{text:?} is not a duration (examples: \"250ms\", \"10s\", \"11m\", \"1h\")"
-        ));
+        return Err(format!("{text:?} is not {what}"));
     }
     let n: u64 = digits.parse().map_err(|_| format!("{text:?} is too large"))?;
-    let ms_per_unit: u64 = match unit.trim() {
+    Ok((n, unit.trim()))
+}
+
+/// Parses `"250ms"`, `"10s"`, `"11m"`, `"1h"`, `"2d"`. A bare number is refused: a unit
+/// is required so `timeout = 30` cannot be misread as milliseconds or minutes.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (n, unit) = split_number(text, "a duration (examples: \"250ms\", \"10s\", \"11m\", \"1h\")")?;
+    let ms_per_unit: u64 = match unit {
         "ms" => 1,
         "s" => 1_000,
         "m" => 60_000,
@@ -385,16 +389,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Parses a size: an integer number of bytes, or a string such as `"64KiB"`, `"1MB"`.
 /// KB/MB/GB are powers of 1000, KiB/MiB/GiB powers of 1024 (as written on the tin).
 pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    if digits.is_empty() {
-        return Err(format!(
-            "{text:?} is not a size (examples: 1048576, \"64KiB\", \"1MB\")"
-        ));
-    }
-    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is too large"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+    let (n, unit) = split_number(text, "a size (examples: 1048576, \"64KiB\", \"1MB\")")?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "kb" | "k" => 1_000,
         "mb" | "m" => 1_000_000,

@@ -229,3 +229,36 @@ pub fn run(config: &Config) -> Result<(), RunError> {
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_worker_exit_is_reported_including_panics() {
+        let mut w = Workers::new();
+        w.spawn("returns", || {}).unwrap();
+        w.spawn("panics", || panic!("boom")).unwrap();
+        let mut exits: Vec<(&str, bool)> = (0..2)
+            .map(|_| {
+                let e = w.exit_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+                (e.thread, e.panicked)
+            })
+            .collect();
+        exits.sort();
+        assert_eq!(exits, vec![("panics", true), ("returns", false)]);
+        assert!(w.join_all(Duration::from_secs(1), &["panics", "returns"]).is_empty());
+    }
+
+    #[test]
+    fn join_all_names_threads_still_running_after_the_grace() {
+        let mut w = Workers::new();
+        let (tx, rx) = crossbeam_channel::bounded::<()>(0);
+        w.spawn("stuck", move || {
+            let _ = rx.recv();
+        })
+        .unwrap();
+        assert_eq!(w.join_all(Duration::from_millis(100), &[]), vec!["stuck"]);
+        drop(tx);
+    }
+}

@@ -205,3 +205,23 @@ fn verify_none_accepts_an_unknown_ca() {
     env.write_config("server.ca_file = \"\"\nserver.verify = \"none\"");
     env.registered();
 }
+
+#[test]
+fn registers_through_an_explicit_connect_proxy_with_credentials() {
+    use base64::Engine as _;
+    let env = Env::new();
+    let proxy = ConnectProxy::start(Some(&base64::engine::general_purpose::STANDARD.encode("pu:pp")));
+    env.write_config(&format!("server.proxy = \"http://pu:pp@127.0.0.1:{}\"", proxy.port));
+    env.registered();
+    assert!(
+        proxy.tunnels.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the request went through the proxy"
+    );
+
+    // Proxy variables in the environment are ignored: a dead proxy there changes nothing.
+    std::fs::remove_file(env.data_dir().join("credentials.json")).unwrap();
+    env.write_config("");
+    let dead = format!("http://127.0.0.1:{}", dead_port());
+    let out = env.register_with_env(&[("HTTPS_PROXY", &dead), ("https_proxy", &dead), ("ALL_PROXY", &dead)]);
+    assert!(out.status.success(), "{}", text(&out));
+}

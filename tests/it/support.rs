@@ -106,13 +106,25 @@ impl Env {
 
     /// `--register --user wazuh --password-file …` plus `args`.
     pub fn register(&self, args: &[&str]) -> Output {
+        self.register_cmd(args).output().expect("run wazuh-agent")
+    }
+
+    /// As [`register`](Self::register), with extra environment variables.
+    pub fn register_with_env(&self, vars: &[(&str, &str)]) -> Output {
+        let mut c = self.register_cmd(&[]);
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        c.output().expect("run wazuh-agent")
+    }
+
+    fn register_cmd(&self, args: &[&str]) -> Command {
         let pw = self.password_file();
-        self.cmd()
-            .args(["--register", "--user", "wazuh", "--password-file"])
+        let mut c = self.cmd();
+        c.args(["--register", "--user", "wazuh", "--password-file"])
             .arg(pw)
-            .args(args)
-            .output()
-            .expect("run wazuh-agent")
+            .args(args);
+        c
     }
 
     /// Registers successfully and returns the UUID.
@@ -203,4 +215,70 @@ pub fn mode(path: &Path) -> u32 {
 pub fn dead_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
+}
+
+/// A minimal HTTP CONNECT proxy on 127.0.0.1 that tunnels to any 127.0.0.1 port and counts
+/// the tunnels it opened. It requires `Proxy-Authorization` when `basic` is given.
+pub struct ConnectProxy {
+    pub port: u16,
+    pub tunnels: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ConnectProxy {
+    pub fn start(basic: Option<&str>) -> ConnectProxy {
+        use std::io::{BufRead, BufReader, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tunnels = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = tunnels.clone();
+        let expected = basic.map(|b| format!("Basic {b}"));
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let count = count.clone();
+                let expected = expected.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(client.try_clone().unwrap());
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                    let mut auth = None;
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                        if let Some((k, v)) = h.split_once(':') {
+                            if k.eq_ignore_ascii_case("proxy-authorization") {
+                                auth = Some(v.trim().to_string());
+                            }
+                        }
+                    }
+                    let mut client = client;
+                    if expected.is_some() && auth != expected {
+                        let _ = client
+                            .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n");
+                        return;
+                    }
+                    let Ok(upstream) = std::net::TcpStream::connect(&target) else {
+                        let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n");
+                        return;
+                    };
+                    count.fetch_add(1, Ordering::SeqCst);
+                    client
+                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .unwrap();
+                    let (mut c2, mut u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                    let (mut c1, mut u1) = (client, upstream);
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut c2, &mut u2);
+                        let _ = u2.shutdown(std::net::Shutdown::Write);
+                    });
+                    let _ = std::io::copy(&mut u1, &mut c1);
+                    let _ = c1.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        ConnectProxy { port, tunnels }
+    }
 }
