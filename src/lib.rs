@@ -7,10 +7,13 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod credentials;
+pub mod event;
 pub mod fsutil;
 pub mod host;
 pub mod http;
+pub mod queue;
 pub mod register;
+pub mod status;
 pub mod supervisor;
 pub mod token;
 

@@ -1,0 +1,417 @@
+//! Events and the local ingestion line format (SPEC §4), sans-IO.
+//!
+//! A line is `{"header": {...}, "data": {...}}`. The header and data are kept as the
+//! producer's own JSON text (validated, never re-serialized), because the request body
+//! carries them verbatim: parsing once and copying bytes is the cheap path.
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Longest accepted line (without its newline).
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// Modules allowed to send stateful events; the server rejects a whole batch otherwise.
+pub const STATEFUL_MODULES: &[&str] = &["fim", "inventory", "sca", "vulnerability", "command"];
+/// Collectors allowed for stateful `inventory` events.
+pub const INVENTORY_COLLECTORS: &[&str] = &[
+    "system",
+    "hardware",
+    "hotfixes",
+    "packages",
+    "processes",
+    "ports",
+    "networks",
+];
+
+/// Stateful operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Create,
+    Update,
+    Delete,
+}
+
+/// Which endpoint an event goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Stateless,
+    Stateful,
+}
+
+/// One validated event: header and data as compact-enough JSON text (no newline inside).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub kind: Kind,
+    pub header: String,
+    /// Absent only for a stateful delete.
+    pub data: Option<String>,
+}
+
+impl Event {
+    /// Bytes this event adds to a request body: header, newline, data, newline.
+    pub fn wire_len(&self) -> usize {
+        self.header.len() + 1 + self.data.as_ref().map_or(0, |d| d.len() + 1)
+    }
+
+    /// The header's `module` (for routing decisions such as command results).
+    pub fn module(&self) -> Option<String> {
+        #[derive(Deserialize)]
+        struct M {
+            module: String,
+        }
+        serde_json::from_str::<M>(&self.header).ok().map(|m| m.module)
+    }
+}
+
+/// Why a line was rejected (the text goes to the producer after `line N: `).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineError(pub String);
+
+impl fmt::Display for LineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn err<T>(m: impl Into<String>) -> Result<T, LineError> {
+    Err(LineError(m.into()))
+}
+
+#[derive(Deserialize)]
+struct RawLine<'a> {
+    #[serde(borrow)]
+    header: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+/// The header fields the agent checks; any other field passes through untouched.
+#[derive(Deserialize)]
+struct Header {
+    module: Option<serde_json::Value>,
+    collector: Option<serde_json::Value>,
+    operation: Option<serde_json::Value>,
+    id: Option<serde_json::Value>,
+}
+
+fn short(v: &serde_json::Value) -> String {
+    let s = v.to_string();
+    if s.len() > 40 {
+        format!("{}…", &s[..s.char_indices().nth(40).map_or(s.len(), |(i, _)| i)])
+    } else {
+        s
+    }
+}
+
+/// Parses one line. `Ok(None)` for a blank line (skipped, not counted).
+pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
+    let line = match line.last() {
+        Some(b'\r') => &line[..line.len() - 1],
+        _ => line,
+    };
+    if line.len() > MAX_LINE_BYTES {
+        return err(format!(
+            "line is {} bytes; at most {MAX_LINE_BYTES} are accepted",
+            line.len()
+        ));
+    }
+    let Ok(text) = std::str::from_utf8(line) else {
+        return err("line is not valid UTF-8");
+    };
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    if !text.trim_start().starts_with('{') {
+        return err("line must be a JSON object with \"header\" and \"data\"");
+    }
+    let raw: RawLine = match serde_json::from_str(text) {
+        Ok(r) => r,
+        Err(e) if e.is_data() => return err(format!("line must be a JSON object with \"header\" and \"data\": {e}")),
+        Err(e) => return err(format!("invalid JSON: {e}")),
+    };
+    let Some(header_raw) = raw.header else {
+        return err("\"header\" is missing");
+    };
+    let header: Header = match serde_json::from_str(header_raw.get()) {
+        Ok(h) => h,
+        Err(_) => return err("\"header\" must be an object"),
+    };
+    let module = match &header.module {
+        Some(serde_json::Value::String(m)) if !m.is_empty() => m.as_str(),
+        Some(serde_json::Value::String(_)) => return err("header.module is empty"),
+        Some(other) => return err(format!("header.module must be a string, not {}", short(other))),
+        None => return err("header.module is missing"),
+    };
+    let data = match raw.data {
+        Some(d) if d.get().trim_start().starts_with('{') => Some(d),
+        Some(d) if d.get().trim() == "null" => None,
+        Some(d) => {
+            return err(format!(
+                "\"data\" must be an object, not {}",
+                d.get().chars().take(40).collect::<String>()
+            ));
+        }
+        None => None,
+    };
+    let Some(op_value) = &header.operation else {
+        if header.id.is_some() {
+            return err("header.id is only allowed with header.operation");
+        }
+        let Some(data) = data else {
+            return err("\"data\" is missing");
+        };
+        return Ok(Some(Event {
+            kind: Kind::Stateless,
+            header: compact(header_raw.get()),
+            data: Some(compact(data.get())),
+        }));
+    };
+    let op = match op_value {
+        serde_json::Value::String(s) if s == "create" => Operation::Create,
+        serde_json::Value::String(s) if s == "update" => Operation::Update,
+        serde_json::Value::String(s) if s == "delete" => Operation::Delete,
+        other => {
+            let shown = other.as_str().map(str::to_string).unwrap_or_else(|| short(other));
+            return err(format!("operation '{shown}' is not create|update|delete"));
+        }
+    };
+    match &header.id {
+        Some(serde_json::Value::String(id)) if !id.is_empty() && id.len() <= 512 => {}
+        Some(serde_json::Value::String(id)) if id.is_empty() => return err("header.id is empty"),
+        Some(serde_json::Value::String(_)) => return err("header.id is longer than 512 characters"),
+        Some(other) => return err(format!("header.id must be a string, not {}", short(other))),
+        None => return err("header.id is required with header.operation"),
+    }
+    if !STATEFUL_MODULES.contains(&module) {
+        return err(format!(
+            "module '{module}' cannot send stateful events (allowed: {})",
+            STATEFUL_MODULES.join(", ")
+        ));
+    }
+    if module == "inventory" {
+        match &header.collector {
+            Some(serde_json::Value::String(c)) if INVENTORY_COLLECTORS.contains(&c.as_str()) => {}
+            Some(c) => {
+                return err(format!(
+                    "inventory collector {} is not one of {}",
+                    short(c),
+                    INVENTORY_COLLECTORS.join(", ")
+                ));
+            }
+            None => return err("header.collector is required for stateful inventory events"),
+        }
+    }
+    let data = match (op, data) {
+        (Operation::Delete, Some(_)) => return err("a delete must not carry \"data\""),
+        (Operation::Delete, None) => None,
+        (_, None) => {
+            return err(format!(
+                "a{} needs \"data\"",
+                if op == Operation::Create { " create" } else { "n update" }
+            ));
+        }
+        (_, Some(d)) => Some(compact(d.get())),
+    };
+    Ok(Some(Event {
+        kind: Kind::Stateful,
+        header: compact(header_raw.get()),
+        data,
+    }))
+}
+
+/// The raw text is one JSON value from a single line, so it has no newline; only a
+/// carriage return could hide in insignificant whitespace, and that is dropped here.
+fn compact(raw: &str) -> String {
+    if raw.contains('\r') {
+        raw.replace('\r', "")
+    } else {
+        raw.to_string()
+    }
+}
+
+/// The first line of every request body: the agent's metadata (SPEC §6.3).
+pub fn agent_line(uuid: &str, name: &str, groups: &[String], host: &crate::host::HostInfo) -> String {
+    #[derive(serde::Serialize)]
+    struct Agent<'a> {
+        groups: &'a [String],
+        host: &'a crate::host::HostInfo,
+        id: &'a str,
+        name: &'a str,
+        #[serde(rename = "type")]
+        kind: &'static str,
+        version: &'static str,
+    }
+    #[derive(serde::Serialize)]
+    struct Line<'a> {
+        agent: Agent<'a>,
+    }
+    // Serializing plain strings and vectors cannot fail.
+    serde_json::to_string(&Line {
+        agent: Agent {
+            groups,
+            host,
+            id: uuid,
+            name,
+            kind: "Endpoint",
+            version: crate::VERSION,
+        },
+    })
+    .unwrap_or_default()
+}
+
+/// Builds a request body: the agent line, then each event's header and data lines,
+/// newline-separated, no trailing newline.
+pub fn body<'a>(agent_line: &str, events: impl IntoIterator<Item = &'a Event>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(agent_line.len() + 4096);
+    out.extend_from_slice(agent_line.as_bytes());
+    for e in events {
+        out.push(b'\n');
+        out.extend_from_slice(e.header.as_bytes());
+        if let Some(d) = &e.data {
+            out.push(b'\n');
+            out.extend_from_slice(d.as_bytes());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(line: &str) -> Event {
+        parse_line(line.as_bytes()).unwrap().unwrap()
+    }
+
+    fn bad(line: &[u8]) -> String {
+        parse_line(line).unwrap_err().0
+    }
+
+    #[test]
+    fn accepts_the_spec_examples() {
+        let e =
+            ok(r#"{"header": {"module": "logcollector", "collector": "file"}, "data": {"event": {"original": "x"}}}"#);
+        assert_eq!(e.kind, Kind::Stateless);
+        assert_eq!(e.header, r#"{"module": "logcollector", "collector": "file"}"#);
+        let e = ok(
+            r#"{"header": {"module": "inventory", "collector": "packages", "operation": "create", "id": "6641e6"}, "data": {"package": {"name": "openssl"}}}"#,
+        );
+        assert_eq!(e.kind, Kind::Stateful);
+        let e = ok(
+            r#"{"header": {"module": "inventory", "collector": "packages", "operation": "delete", "id": "6641e6"}}"#,
+        );
+        assert_eq!(e.data, None);
+        assert_eq!(e.module().as_deref(), Some("inventory"));
+        let e = ok("{\"header\":{\"module\":\"command\",\"operation\":\"update\",\"id\":\"A8\"},\"data\":{}}\r");
+        assert_eq!(e.kind, Kind::Stateful);
+    }
+
+    #[test]
+    fn blank_lines_are_skipped() {
+        for l in ["", "   ", "\r", "\t"] {
+            assert_eq!(parse_line(l.as_bytes()).unwrap(), None, "{l:?}");
+        }
+    }
+
+    #[test]
+    fn rejections_say_why() {
+        let big = format!(
+            r#"{{"header":{{"module":"m"}},"data":{{"x":"{}"}}}}"#,
+            "a".repeat(MAX_LINE_BYTES)
+        );
+        let table: Vec<(Vec<u8>, &str)> = vec![
+            (b"not json".to_vec(), "JSON object"),
+            (
+                b"{\"header\": {\"module\": \"m\"}, \"data\": {}".to_vec(),
+                "invalid JSON",
+            ),
+            (b"[1,2]".to_vec(), "JSON object"),
+            (br#"{"data":{}}"#.to_vec(), "\"header\" is missing"),
+            (br#"{"header":[],"data":{}}"#.to_vec(), "must be an object"),
+            (br#"{"header":{},"data":{}}"#.to_vec(), "module is missing"),
+            (br#"{"header":{"module":""},"data":{}}"#.to_vec(), "module is empty"),
+            (
+                br#"{"header":{"module":7},"data":{}}"#.to_vec(),
+                "module must be a string",
+            ),
+            (br#"{"header":{"module":"m"}}"#.to_vec(), "\"data\" is missing"),
+            (br#"{"header":{"module":"m"},"data":"x"}"#.to_vec(), "must be an object"),
+            (
+                br#"{"header":{"module":"m","id":"x"},"data":{}}"#.to_vec(),
+                "only allowed with",
+            ),
+            (
+                br#"{"header":{"module":"inventory","collector":"packages","operation":"upsert","id":"x"},"data":{}}"#
+                    .to_vec(),
+                "operation 'upsert' is not create|update|delete",
+            ),
+            (
+                br#"{"header":{"module":"inventory","collector":"packages","operation":"create"},"data":{}}"#.to_vec(),
+                "id is required",
+            ),
+            (
+                br#"{"header":{"module":"inventory","collector":"packages","operation":"create","id":""},"data":{}}"#
+                    .to_vec(),
+                "id is empty",
+            ),
+            (
+                br#"{"header":{"module":"inventory","collector":"packages","operation":"create","id":5},"data":{}}"#
+                    .to_vec(),
+                "id must be a string",
+            ),
+            (
+                br#"{"header":{"module":"logcollector","operation":"create","id":"x"},"data":{}}"#.to_vec(),
+                "cannot send stateful",
+            ),
+            (
+                br#"{"header":{"module":"inventory","collector":"disks","operation":"create","id":"x"},"data":{}}"#
+                    .to_vec(),
+                "collector",
+            ),
+            (
+                br#"{"header":{"module":"inventory","operation":"create","id":"x"},"data":{}}"#.to_vec(),
+                "collector is required",
+            ),
+            (
+                br#"{"header":{"module":"inventory","collector":"ports","operation":"delete","id":"x"},"data":{}}"#
+                    .to_vec(),
+                "delete must not carry",
+            ),
+            (
+                br#"{"header":{"module":"inventory","collector":"ports","operation":"create","id":"x"}}"#.to_vec(),
+                "create needs",
+            ),
+            (
+                br#"{"header":{"module":"fim","operation":"update","id":"x"}}"#.to_vec(),
+                "update needs",
+            ),
+            (
+                b"{\"header\":{\"module\":\"m\"},\"data\":{\"x\":\"\xff\"}}".to_vec(),
+                "UTF-8",
+            ),
+            (big.into_bytes(), "at most"),
+        ];
+        for (line, want) in table {
+            let got = bad(&line);
+            assert!(
+                got.contains(want),
+                "{:?}: got {got:?}, want {want:?}",
+                String::from_utf8_lossy(&line[..line.len().min(80)])
+            );
+        }
+    }
+
+    #[test]
+    fn body_has_no_trailing_newline_and_skips_delete_data() {
+        let a = ok(r#"{"header":{"module":"m"},"data":{"a":1}}"#);
+        let d = ok(r#"{"header":{"module":"fim","operation":"delete","id":"x"}}"#);
+        let b = body("{\"agent\":{}}", [&a, &d]);
+        assert_eq!(
+            String::from_utf8(b).unwrap(),
+            "{\"agent\":{}}\n{\"module\":\"m\"}\n{\"a\":1}\n{\"module\":\"fim\",\"operation\":\"delete\",\"id\":\"x\"}"
+        );
+        assert_eq!(a.wire_len(), "{\"module\":\"m\"}\n{\"a\":1}\n".len());
+    }
+}

@@ -1,0 +1,925 @@
+//! The durable queue under `<data_dir>/queue/`: stateful events (and, at shutdown, the
+//! stateless events that could not be sent) survive `kill -9` and power loss once acked.
+//!
+//! Layout: append-only segment files `NNNNNNNNNNNNNNNNNNNN.seg` (at most [`SEGMENT_MAX`]
+//! bytes each, records never split across segments) and a `cursor` file naming the first
+//! record not yet delivered. The queue thread ([`run`]) is the only owner of these files:
+//!
+//! * appends from many producers are written, then covered by **one** fsync (group
+//!   commit), then acknowledged;
+//! * batches are read back one at a time for the uploader, reading at most one segment
+//!   into memory (bounded memory whatever the backlog);
+//! * the cursor moves only when the uploader reports a batch delivered; segments wholly
+//!   behind a durable cursor are deleted.
+
+pub mod format;
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender, select};
+
+use crate::event::{Event, Kind};
+use crate::fsutil;
+use crate::status::Stats;
+
+/// Segment size bound: also the most a reader holds in memory at once.
+pub const SEGMENT_MAX: u64 = 4 << 20;
+/// At most this many waiting append requests are covered by one fsync, so one round
+/// stays short even under a flood of producers.
+const GROUP_COMMIT_MAX: usize = 256;
+
+/// A position in the queue: segment id and byte offset inside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Pos {
+    pub seg: u64,
+    pub off: u64,
+}
+
+/// Why the queue refused or failed an operation.
+#[derive(Debug, Clone)]
+pub enum QueueError {
+    /// `events.queue_max_bytes` would be exceeded; nothing of the request was written.
+    Full { max: u64 },
+    /// A read, write or fsync failed (disk full, I/O error); nothing of the request is durable.
+    Io(String),
+    /// The queue thread is gone (shutdown).
+    Closed,
+}
+
+impl fmt::Display for QueueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QueueError::Full { max } => write!(f, "queue full (events.queue_max_bytes = {max} reached); retry later"),
+            QueueError::Io(m) => write!(f, "durable queue write failed: {m}"),
+            QueueError::Closed => write!(f, "the agent is shutting down"),
+        }
+    }
+}
+
+impl std::error::Error for QueueError {}
+
+fn io_err(what: &str, path: &Path, e: io::Error) -> QueueError {
+    QueueError::Io(format!("{what} {}: {e}", path.display()))
+}
+
+/// A request to make events durable. The reply comes after the fsync that covers them.
+pub struct Append {
+    pub events: Vec<Event>,
+    pub reply: Sender<Result<(), QueueError>>,
+}
+
+/// Events read back for delivery. All of one kind (one endpoint).
+#[derive(Debug)]
+pub struct QueueBatch {
+    pub kind: Kind,
+    pub events: Vec<Event>,
+    /// Position after the last event: the cursor once the batch is delivered.
+    pub end: Pos,
+    /// Bytes of the frames in the batch (for the backlog counter).
+    pub frame_bytes: u64,
+}
+
+/// Sent back by the uploader when a batch needs no more delivery attempts.
+#[derive(Debug, Clone, Copy)]
+pub struct Ack {
+    pub end: Pos,
+    pub records: u64,
+    pub frame_bytes: u64,
+}
+
+/// Limits for batches read from the queue.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    pub max_events: usize,
+    /// Bound on the request body, including `overhead` (the agent line).
+    pub max_bytes: usize,
+    pub overhead: usize,
+}
+
+struct Loaded {
+    seg: u64,
+    base: u64,
+    bytes: Vec<u8>,
+    frames: Vec<Range<usize>>,
+    next: usize,
+}
+
+/// The queue's files and positions. Owned by the queue thread.
+pub struct QueueStore {
+    dir: PathBuf,
+    /// Segment ids on disk, oldest first. The last one is the active (appended) segment.
+    segments: VecDeque<u64>,
+    active: File,
+    active_len: u64,
+    /// Everything before this is on disk and fsynced.
+    durable: Pos,
+    /// First record not yet delivered (persisted in `cursor`).
+    cursor: Pos,
+    /// Next record to hand out.
+    read: Pos,
+    loaded: Option<Loaded>,
+    max_bytes: u64,
+    /// Bytes of undelivered frames and their count (what the cap and status use).
+    backlog_bytes: u64,
+    backlog_records: u64,
+    stats: Arc<Stats>,
+}
+
+fn seg_name(id: u64) -> String {
+    format!("{id:020}.seg")
+}
+
+fn encode_cursor(p: Pos) -> Vec<u8> {
+    let mut b = Vec::with_capacity(20);
+    b.extend_from_slice(&p.seg.to_le_bytes());
+    b.extend_from_slice(&p.off.to_le_bytes());
+    let c = crc32fast::hash(&b);
+    b.extend_from_slice(&c.to_le_bytes());
+    b
+}
+
+fn decode_cursor(b: &[u8]) -> Option<Pos> {
+    if b.len() != 20 || crc32fast::hash(&b[..16]).to_le_bytes() != b[16..20] {
+        return None;
+    }
+    let seg = u64::from_le_bytes(b[..8].try_into().ok()?);
+    let off = u64::from_le_bytes(b[8..16].try_into().ok()?);
+    Some(Pos { seg, off })
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl QueueStore {
+    /// Opens (and recovers) the queue. Never refuses to start because of damaged data:
+    /// damage is skipped, counted and logged.
+    pub fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<QueueStore, QueueError> {
+        fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
+        let mut ids: Vec<u64> = fs::read_dir(dir)
+            .map_err(|e| io_err("cannot list", dir, e))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
+            .collect();
+        ids.sort_unstable();
+
+        let cursor_path = dir.join("cursor");
+        let mut cursor = match fs::read(&cursor_path) {
+            Ok(b) => decode_cursor(&b).unwrap_or_else(|| {
+                log::error!(
+                    "queue cursor {} is damaged; delivering the whole queue again (duplicates possible, nothing lost)",
+                    cursor_path.display()
+                );
+                Pos {
+                    seg: ids.first().copied().unwrap_or(0),
+                    off: 0,
+                }
+            }),
+            Err(_) => Pos {
+                seg: ids.first().copied().unwrap_or(0),
+                off: 0,
+            },
+        };
+        // Segments wholly behind the cursor were delivered; a crash before their deletion leaves them.
+        for id in ids.iter().filter(|id| **id < cursor.seg) {
+            let _ = fs::remove_file(dir.join(seg_name(*id)));
+        }
+        ids.retain(|id| *id >= cursor.seg);
+        if ids.first() != Some(&cursor.seg) {
+            // The cursor's segment is gone (fully delivered, or lost): start at the next one.
+            cursor = Pos {
+                seg: ids.first().copied().unwrap_or(cursor.seg),
+                off: 0,
+            };
+        }
+
+        let mut backlog_bytes = 0;
+        let mut backlog_records = 0;
+        let last = ids.last().copied();
+        for &id in &ids {
+            let path = dir.join(seg_name(id));
+            let bytes = fs::read(&path).map_err(|e| io_err("cannot read", &path, e))?;
+            let from = if id == cursor.seg {
+                (cursor.off as usize).min(bytes.len())
+            } else {
+                0
+            };
+            let scan = format::scan(&bytes, from);
+            backlog_records += scan.frames.len() as u64;
+            backlog_bytes += scan.frames.iter().map(|r| r.len() as u64).sum::<u64>();
+            if scan.skipped > 0 {
+                log::error!(
+                    "queue segment {}: skipped {} damaged bytes between intact records",
+                    path.display(),
+                    scan.skipped
+                );
+            }
+            if scan.torn > 0 {
+                log::warn!(
+                    "queue segment {}: dropped a torn tail of {} bytes (an interrupted write)",
+                    path.display(),
+                    scan.torn
+                );
+                if Some(id) == last {
+                    // Appends continue after the last intact record.
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(|e| io_err("cannot open", &path, e))?;
+                    f.set_len(scan.valid_end as u64)
+                        .map_err(|e| io_err("cannot truncate", &path, e))?;
+                    f.sync_all().map_err(|e| io_err("cannot fsync", &path, e))?;
+                }
+            }
+        }
+        if backlog_records > 0 {
+            log::info!(
+                "queue: {backlog_records} undelivered events ({backlog_bytes} bytes) recovered from {}",
+                dir.display()
+            );
+        }
+
+        let mut segments: VecDeque<u64> = ids.into();
+        let active_id = match segments.back() {
+            Some(&id) => id,
+            None => {
+                segments.push_back(cursor.seg);
+                cursor.seg
+            }
+        };
+        let active_path = dir.join(seg_name(active_id));
+        let active = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&active_path)
+            .map_err(|e| io_err("cannot open", &active_path, e))?;
+        let active_len = active
+            .metadata()
+            .map_err(|e| io_err("cannot stat", &active_path, e))?
+            .len();
+        sync_dir(dir).map_err(|e| io_err("cannot fsync", dir, e))?;
+        let durable = Pos {
+            seg: active_id,
+            off: active_len,
+        };
+        stats
+            .queued
+            .store(backlog_records, std::sync::atomic::Ordering::Relaxed);
+        stats
+            .queued_bytes
+            .store(backlog_bytes, std::sync::atomic::Ordering::Relaxed);
+        Ok(QueueStore {
+            dir: dir.to_path_buf(),
+            segments,
+            active,
+            active_len,
+            durable,
+            cursor,
+            read: cursor,
+            loaded: None,
+            max_bytes,
+            backlog_bytes,
+            backlog_records,
+            stats,
+        })
+    }
+
+    fn publish_stats(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.queued.store(self.backlog_records, Relaxed);
+        self.stats.queued_bytes.store(self.backlog_bytes, Relaxed);
+    }
+
+    pub fn backlog(&self) -> (u64, u64) {
+        (self.backlog_records, self.backlog_bytes)
+    }
+
+    fn active_id(&self) -> u64 {
+        self.durable.seg
+    }
+
+    /// Writes `events` (not yet durable: call [`sync`](Self::sync)). All or nothing
+    /// against the cap; on an I/O error the caller must [`rollback`](Self::rollback).
+    pub fn append(&mut self, events: &[Event]) -> Result<(), QueueError> {
+        let total: u64 = events.iter().map(|e| format::frame_len(e) as u64).sum();
+        if self.backlog_bytes + total > self.max_bytes {
+            return Err(QueueError::Full { max: self.max_bytes });
+        }
+        let mut buf = Vec::with_capacity(total.min(SEGMENT_MAX) as usize);
+        for e in events {
+            let n = format::frame_len(e) as u64;
+            if self.active_len + buf.len() as u64 + n > SEGMENT_MAX && self.active_len + buf.len() as u64 > 0 {
+                self.write_active(&buf)?;
+                buf.clear();
+                self.roll()?;
+            }
+            format::encode(e, &mut buf);
+        }
+        self.write_active(&buf)?;
+        self.backlog_bytes += total;
+        self.backlog_records += events.len() as u64;
+        Ok(())
+    }
+
+    fn write_active(&mut self, buf: &[u8]) -> Result<(), QueueError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let path = self.dir.join(seg_name(self.active_id()));
+        self.active
+            .write_all(buf)
+            .map_err(|e| io_err("cannot write", &path, e))?;
+        self.active_len += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Seals the active segment (fsynced) and starts the next one.
+    fn roll(&mut self) -> Result<(), QueueError> {
+        self.sync()?;
+        let id = self.active_id() + 1;
+        let path = self.dir.join(seg_name(id));
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_err("cannot create", &path, e))?;
+        // The new name must be durable before records in it are acknowledged.
+        sync_dir(&self.dir).map_err(|e| io_err("cannot fsync", &self.dir, e))?;
+        self.active = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| io_err("cannot open", &path, e))?;
+        drop(f);
+        self.segments.push_back(id);
+        self.active_len = 0;
+        self.durable = Pos { seg: id, off: 0 };
+        Ok(())
+    }
+
+    /// One fsync covering everything appended since the last one (group commit).
+    pub fn sync(&mut self) -> Result<(), QueueError> {
+        let end = Pos {
+            seg: self.active_id(),
+            off: self.active_len,
+        };
+        if end == self.durable {
+            return Ok(());
+        }
+        // fdatasync: the data and the file size are what recovery needs; timestamps are not.
+        self.active
+            .sync_data()
+            .map_err(|e| io_err("cannot fsync", &self.dir.join(seg_name(self.active_id())), e))?;
+        self.durable = end;
+        self.publish_stats();
+        Ok(())
+    }
+
+    /// After a failed write or fsync: cut the active segment back to its durable end,
+    /// so no half-written or unacknowledged frame stays behind.
+    pub fn rollback(&mut self, appended_records: u64, appended_bytes: u64) {
+        let path = self.dir.join(seg_name(self.active_id()));
+        if let Err(e) = self.active.set_len(self.durable.off) {
+            log::error!("cannot truncate {} after a failed write: {e}", path.display());
+        }
+        self.active_len = self.durable.off;
+        self.backlog_records = self.backlog_records.saturating_sub(appended_records);
+        self.backlog_bytes = self.backlog_bytes.saturating_sub(appended_bytes);
+    }
+
+    /// True if durable records wait to be handed out.
+    pub fn has_unread(&self) -> bool {
+        self.read < self.durable
+    }
+
+    fn load(&mut self) -> Result<(), QueueError> {
+        let seg = self.read.seg;
+        let path = self.dir.join(seg_name(seg));
+        let mut f = File::open(&path).map_err(|e| io_err("cannot open", &path, e))?;
+        let end = if seg == self.durable.seg {
+            self.durable.off
+        } else {
+            f.metadata().map_err(|e| io_err("cannot stat", &path, e))?.len()
+        };
+        let len = end.saturating_sub(self.read.off);
+        let mut bytes = Vec::with_capacity(len as usize);
+        f.seek(SeekFrom::Start(self.read.off))
+            .map_err(|e| io_err("cannot seek", &path, e))?;
+        f.take(len)
+            .read_to_end(&mut bytes)
+            .map_err(|e| io_err("cannot read", &path, e))?;
+        let scan = format::scan(&bytes, 0);
+        if scan.skipped + scan.torn > 0 {
+            log::error!(
+                "queue segment {}: {} damaged bytes skipped while reading",
+                path.display(),
+                scan.skipped + scan.torn
+            );
+        }
+        self.loaded = Some(Loaded {
+            seg,
+            base: self.read.off,
+            bytes,
+            frames: scan.frames,
+            next: 0,
+        });
+        Ok(())
+    }
+
+    /// The next batch of undelivered records, all of one kind, within `limits`.
+    pub fn next_batch(&mut self, limits: BatchLimits) -> Result<Option<QueueBatch>, QueueError> {
+        let mut events = Vec::new();
+        let mut kind = None;
+        let mut body = limits.overhead;
+        let mut frame_bytes = 0u64;
+        while self.read < self.durable {
+            let stale = match &self.loaded {
+                None => true,
+                Some(l) => l.seg != self.read.seg || l.next >= l.frames.len(),
+            };
+            if stale {
+                self.loaded = None;
+                self.load()?;
+            }
+            let Some(l) = self.loaded.as_mut() else { break };
+            if l.frames.is_empty() || l.next >= l.frames.len() {
+                // Nothing (more) intact in this segment up to its end.
+                let end = l.base + l.bytes.len() as u64;
+                self.loaded = None;
+                if self.read.seg < self.durable.seg {
+                    let next = self
+                        .segments
+                        .iter()
+                        .copied()
+                        .find(|s| *s > self.read.seg)
+                        .unwrap_or(self.durable.seg);
+                    self.read = Pos { seg: next, off: 0 };
+                    continue;
+                }
+                self.read.off = end;
+                break;
+            }
+            let r = l.frames[l.next].clone();
+            let Some(event) = format::decode(&l.bytes[r.clone()]) else {
+                log::error!(
+                    "queue: skipped an intact frame with an undecodable payload in segment {}",
+                    l.seg
+                );
+                l.next += 1;
+                self.read.off = l.base + r.end as u64;
+                continue;
+            };
+            if kind.is_some_and(|k| k != event.kind)
+                || (!events.is_empty()
+                    && (events.len() >= limits.max_events || body + event.wire_len() > limits.max_bytes))
+            {
+                break;
+            }
+            kind = Some(event.kind);
+            body += event.wire_len();
+            frame_bytes += r.len() as u64;
+            events.push(event);
+            l.next += 1;
+            self.read.off = l.base + r.end as u64;
+            // A finished, sealed segment: move on at once so `end` names the next one.
+            if l.next >= l.frames.len() && self.read.seg < self.durable.seg {
+                let consumed_to = l.base + l.bytes.len() as u64;
+                if self.read.off >= consumed_to {
+                    self.loaded = None;
+                    let next = self
+                        .segments
+                        .iter()
+                        .copied()
+                        .find(|s| *s > self.read.seg)
+                        .unwrap_or(self.durable.seg);
+                    self.read = Pos { seg: next, off: 0 };
+                }
+            }
+        }
+        Ok(kind.map(|kind| QueueBatch {
+            kind,
+            events,
+            end: self.read,
+            frame_bytes,
+        }))
+    }
+
+    /// Records a delivered batch: persists the cursor, deletes passed segments.
+    pub fn ack(&mut self, ack: Ack) -> Result<(), QueueError> {
+        if ack.end <= self.cursor {
+            return Ok(());
+        }
+        let path = self.dir.join("cursor");
+        fsutil::write_atomic(&path, &encode_cursor(ack.end), 0o600).map_err(|e| io_err("cannot write", &path, e))?;
+        self.cursor = ack.end;
+        self.backlog_records = self.backlog_records.saturating_sub(ack.records);
+        self.backlog_bytes = self.backlog_bytes.saturating_sub(ack.frame_bytes);
+        // Only now that the cursor is durable may the segments behind it go.
+        while let Some(&old) = self.segments.front() {
+            if old >= self.cursor.seg || old == self.active_id() {
+                break;
+            }
+            let p = self.dir.join(seg_name(old));
+            if let Err(e) = fs::remove_file(&p) {
+                log::warn!("cannot delete delivered queue segment {}: {e}", p.display());
+            }
+            self.segments.pop_front();
+        }
+        if self.backlog_records == 0 {
+            self.backlog_bytes = 0;
+        }
+        self.publish_stats();
+        Ok(())
+    }
+}
+
+/// The queue thread. Serves appends (group commit), hands one batch at a time to the
+/// uploader and applies its acks, until `stop` is closed.
+pub fn run(
+    mut store: QueueStore,
+    appends: Receiver<Append>,
+    acks: Receiver<Ack>,
+    batches: Sender<QueueBatch>,
+    stop: Receiver<()>,
+    limits: BatchLimits,
+) {
+    let mut in_flight = false;
+    let mut pending: Option<QueueBatch> = None;
+    loop {
+        if !in_flight && pending.is_none() && store.has_unread() {
+            match store.next_batch(limits) {
+                Ok(b) => pending = b,
+                Err(e) => {
+                    log::error!("{e}");
+                    store.stats.set_error(e.to_string());
+                }
+            }
+        }
+        if let Some(batch) = pending.take() {
+            // `batch` moves into the send only if the uploader takes it (select! evaluates
+            // a send's message lazily); otherwise it is put back below.
+            let mut slot = Some(batch);
+            select! {
+                send(batches, take(&mut slot)) -> res => {
+                    if res.is_err() { break; }
+                    in_flight = true;
+                }
+                recv(appends) -> msg => match msg {
+                    Ok(a) => serve_appends(&mut store, a, &appends),
+                    Err(_) => break,
+                },
+                recv(acks) -> msg => match msg {
+                    Ok(a) => { apply_ack(&mut store, a); in_flight = false; }
+                    Err(_) => break,
+                },
+                recv(stop) -> _ => break,
+            }
+            pending = slot;
+        } else {
+            select! {
+                recv(appends) -> msg => match msg {
+                    Ok(a) => serve_appends(&mut store, a, &appends),
+                    Err(_) => break,
+                },
+                recv(acks) -> msg => match msg {
+                    Ok(a) => { apply_ack(&mut store, a); in_flight = false; }
+                    Err(_) => break,
+                },
+                recv(stop) -> _ => break,
+            }
+        }
+    }
+    // Appends that raced the stop are still served, so no producer waits on a dead queue.
+    while let Ok(a) = appends.try_recv() {
+        serve_appends(&mut store, a, &appends);
+    }
+    if let Err(e) = store.sync() {
+        log::error!("{e}");
+    }
+}
+
+fn take(slot: &mut Option<QueueBatch>) -> QueueBatch {
+    // Only reached when `slot` holds the batch: the send arm exists only then.
+    slot.take().unwrap_or(QueueBatch {
+        kind: Kind::Stateful,
+        events: Vec::new(),
+        end: Pos::default(),
+        frame_bytes: 0,
+    })
+}
+
+fn apply_ack(store: &mut QueueStore, ack: Ack) {
+    if let Err(e) = store.ack(ack) {
+        // The cursor stays where it was: the batch will be delivered again after a restart.
+        log::error!("{e}");
+        store.stats.set_error(e.to_string());
+    }
+}
+
+/// Group commit: this request plus every one already waiting, one fsync, then replies.
+fn serve_appends(store: &mut QueueStore, first: Append, more: &Receiver<Append>) {
+    let mut round = vec![first];
+    while round.len() < GROUP_COMMIT_MAX {
+        match more.try_recv() {
+            Ok(a) => round.push(a),
+            Err(_) => break,
+        }
+    }
+    let (rec0, bytes0) = store.backlog();
+    let mut results: Vec<Result<(), QueueError>> = Vec::with_capacity(round.len());
+    let mut io_failed = None;
+    for a in &round {
+        let r = match &io_failed {
+            Some(e) => Err(QueueError::clone(e)),
+            None => store.append(&a.events),
+        };
+        if let Err(QueueError::Io(_)) = &r {
+            io_failed = r.clone().err();
+        }
+        results.push(r);
+    }
+    if io_failed.is_none() {
+        if let Err(e) = store.sync() {
+            io_failed = Some(e);
+        }
+    }
+    if let Some(e) = io_failed {
+        let (rec1, bytes1) = store.backlog();
+        store.rollback(rec1 - rec0, bytes1 - bytes0);
+        log::error!("{e}");
+        store.stats.set_error(e.to_string());
+        for r in results.iter_mut() {
+            if r.is_ok() {
+                *r = Err(e.clone());
+            }
+        }
+    }
+    for (a, r) in round.into_iter().zip(results) {
+        // A producer that gave up waiting is not an error of the queue.
+        let _ = a.reply.send(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(i: usize, kind: Kind) -> Event {
+        Event {
+            kind,
+            header: format!(r#"{{"module":"inventory","collector":"packages","operation":"create","id":"{i:03}"}}"#),
+            data: Some(format!(r#"{{"n":{i:03},"pad":"{}"}}"#, "p".repeat(100))),
+        }
+    }
+
+    const LIMITS: BatchLimits = BatchLimits {
+        max_events: 1000,
+        max_bytes: 1 << 20,
+        overhead: 100,
+    };
+
+    fn open(dir: &Path) -> QueueStore {
+        QueueStore::open(dir, 1 << 30, Arc::new(Stats::default())).unwrap()
+    }
+
+    fn drain(q: &mut QueueStore, limits: BatchLimits) -> Vec<Event> {
+        let mut out = Vec::new();
+        while let Some(b) = q.next_batch(limits).unwrap() {
+            let n = b.events.len() as u64;
+            q.ack(Ack {
+                end: b.end,
+                records: n,
+                frame_bytes: b.frame_bytes,
+            })
+            .unwrap();
+            out.extend(b.events);
+        }
+        out
+    }
+
+    #[test]
+    fn append_read_ack_and_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let events: Vec<Event> = (0..50).map(|i| ev(i, Kind::Stateful)).collect();
+        {
+            let mut q = open(dir.path());
+            q.append(&events).unwrap();
+            q.sync().unwrap();
+            let b = q
+                .next_batch(BatchLimits {
+                    max_events: 20,
+                    ..LIMITS
+                })
+                .unwrap()
+                .unwrap();
+            assert_eq!(b.events, events[..20]);
+            q.ack(Ack {
+                end: b.end,
+                records: 20,
+                frame_bytes: b.frame_bytes,
+            })
+            .unwrap();
+            // The next batch is read but never acked: it comes back after a restart.
+            let b = q
+                .next_batch(BatchLimits {
+                    max_events: 20,
+                    ..LIMITS
+                })
+                .unwrap()
+                .unwrap();
+            assert_eq!(b.events, events[20..40]);
+        }
+        let mut q = open(dir.path());
+        assert_eq!(q.backlog().0, 30);
+        assert_eq!(drain(&mut q, LIMITS), events[20..]);
+        assert_eq!(q.backlog(), (0, 0));
+    }
+
+    #[test]
+    fn batches_are_of_one_kind_and_within_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = open(dir.path());
+        let mut events = Vec::new();
+        for i in 0..30 {
+            events.push(ev(
+                i,
+                if (i / 10) % 2 == 0 {
+                    Kind::Stateful
+                } else {
+                    Kind::Stateless
+                },
+            ));
+        }
+        q.append(&events).unwrap();
+        q.sync().unwrap();
+        let one = ev(0, Kind::Stateful).wire_len();
+        let limits = BatchLimits {
+            max_events: 1000,
+            max_bytes: 100 + one * 4,
+            overhead: 100,
+        };
+        let mut sizes = Vec::new();
+        while let Some(b) = q.next_batch(limits).unwrap() {
+            assert!(b.events.iter().all(|e| e.kind == b.kind));
+            sizes.push(b.events.len());
+            q.ack(Ack {
+                end: b.end,
+                records: b.events.len() as u64,
+                frame_bytes: b.frame_bytes,
+            })
+            .unwrap();
+        }
+        assert_eq!(sizes, vec![4, 4, 2, 4, 4, 2, 4, 4, 2]);
+    }
+
+    #[test]
+    fn segments_roll_and_are_deleted_only_after_the_cursor_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = open(dir.path());
+        let big = |i| Event {
+            kind: Kind::Stateful,
+            header: format!(r#"{{"module":"fim","operation":"update","id":"{i}"}}"#),
+            data: Some(format!("{{\"x\":\"{}\"}}", "y".repeat(500_000))),
+        };
+        let events: Vec<Event> = (0..20).map(big).collect();
+        q.append(&events).unwrap();
+        q.sync().unwrap();
+        let segs = || {
+            fs::read_dir(dir.path())
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "seg"))
+                .count()
+        };
+        assert!(segs() >= 3, "{} segments", segs());
+        let got = drain(
+            &mut q,
+            BatchLimits {
+                max_events: 3,
+                max_bytes: 16 << 20,
+                overhead: 0,
+            },
+        );
+        assert_eq!(got, events);
+        assert_eq!(segs(), 1, "delivered segments deleted, the active one kept");
+        drop(q);
+        let mut q = open(dir.path());
+        assert_eq!(q.backlog(), (0, 0));
+        assert!(q.next_batch(LIMITS).unwrap().is_none());
+    }
+
+    #[test]
+    fn cap_refuses_whole_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = format::frame_len(&ev(0, Kind::Stateful)) as u64;
+        let mut q = QueueStore::open(dir.path(), one * 3, Arc::new(Stats::default())).unwrap();
+        q.append(&[ev(0, Kind::Stateful), ev(1, Kind::Stateful)]).unwrap();
+        assert!(matches!(
+            q.append(&[ev(2, Kind::Stateful), ev(3, Kind::Stateful)]),
+            Err(QueueError::Full { .. })
+        ));
+        q.append(&[ev(2, Kind::Stateful)]).unwrap();
+        q.sync().unwrap();
+        assert_eq!(drain(&mut q, LIMITS).len(), 3);
+        q.append(&[ev(4, Kind::Stateful)]).unwrap();
+    }
+
+    #[test]
+    fn torn_tail_is_dropped_and_appends_continue() {
+        let dir = tempfile::tempdir().unwrap();
+        let events: Vec<Event> = (0..5).map(|i| ev(i, Kind::Stateful)).collect();
+        {
+            let mut q = open(dir.path());
+            q.append(&events).unwrap();
+            q.sync().unwrap();
+        }
+        let seg = dir.path().join(seg_name(0));
+        let len = fs::metadata(&seg).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(len - 7)
+            .unwrap();
+        let mut q = open(dir.path());
+        assert_eq!(q.backlog().0, 4);
+        q.append(&[ev(9, Kind::Stateful)]).unwrap();
+        q.sync().unwrap();
+        let got = drain(&mut q, LIMITS);
+        let mut want = events[..4].to_vec();
+        want.push(ev(9, Kind::Stateful));
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn damaged_cursor_redelivers_instead_of_losing() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut q = open(dir.path());
+            q.append(&[ev(0, Kind::Stateful), ev(1, Kind::Stateful)]).unwrap();
+            q.sync().unwrap();
+            let b = q
+                .next_batch(BatchLimits {
+                    max_events: 1,
+                    ..LIMITS
+                })
+                .unwrap()
+                .unwrap();
+            q.ack(Ack {
+                end: b.end,
+                records: 1,
+                frame_bytes: b.frame_bytes,
+            })
+            .unwrap();
+        }
+        fs::write(dir.path().join("cursor"), b"garbage").unwrap();
+        let mut q = open(dir.path());
+        assert_eq!(drain(&mut q, LIMITS).len(), 2);
+    }
+
+    #[test]
+    fn group_commit_through_the_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path());
+        let (append_tx, append_rx) = crossbeam_channel::bounded(64);
+        let (ack_tx, ack_rx) = crossbeam_channel::bounded(1);
+        let (batch_tx, batch_rx) = crossbeam_channel::bounded(0);
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let t = std::thread::spawn(move || run(q, append_rx, ack_rx, batch_tx, stop_rx, LIMITS));
+        let replies: Vec<_> = (0..10)
+            .map(|i| {
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                append_tx
+                    .send(Append {
+                        events: vec![ev(i, Kind::Stateful)],
+                        reply: tx,
+                    })
+                    .unwrap();
+                rx
+            })
+            .collect();
+        for r in replies {
+            r.recv().unwrap().unwrap();
+        }
+        let mut got = 0;
+        while got < 10 {
+            let b = batch_rx.recv().unwrap();
+            got += b.events.len();
+            ack_tx
+                .send(Ack {
+                    end: b.end,
+                    records: b.events.len() as u64,
+                    frame_bytes: b.frame_bytes,
+                })
+                .unwrap();
+        }
+        drop(stop_tx);
+        t.join().unwrap();
+        assert_eq!(open(dir.path()).backlog(), (0, 0));
+    }
+}

@@ -1,0 +1,251 @@
+//! Counters shared by the threads (atomics only) and `<run_dir>/state.json` (SPEC §5).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// How often state.json is rewritten; `--status` calls an agent dead after 3 intervals.
+pub const STATE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Process-wide counters. Every field is written by one owner and read by the supervisor.
+#[derive(Default)]
+pub struct Stats {
+    pub received: AtomicU64,
+    pub sent: AtomicU64,
+    pub dropped: AtomicU64,
+    pub rejected: AtomicU64,
+    pub buffered: AtomicU64,
+    pub queued: AtomicU64,
+    pub queued_bytes: AtomicU64,
+    pub batches_sent: AtomicU64,
+    pub batches_failed: AtomicU64,
+    pub retries: AtomicU64,
+    pub commands_received: AtomicU64,
+    pub commands_succeeded: AtomicU64,
+    pub commands_failed: AtomicU64,
+    pub connected: AtomicBool,
+    /// Unix seconds; 0 = no token.
+    pub token_expires_at: AtomicI64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn set_error(&self, message: impl Into<String>) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(message.into());
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, Eq)]
+pub struct EventCounts {
+    pub received: u64,
+    pub sent: u64,
+    pub dropped: u64,
+    pub rejected: u64,
+    pub buffered: u64,
+    pub queued: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, Eq)]
+pub struct BatchCounts {
+    pub sent: u64,
+    pub failed: u64,
+    pub retries: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, Eq)]
+pub struct CommandCounts {
+    pub received: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+}
+
+/// The state.json document.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct State {
+    pub pid: u32,
+    pub uuid: String,
+    pub server: String,
+    pub connected: bool,
+    pub token_expires_at: Option<String>,
+    pub updated_at: String,
+    /// Unix seconds of `updated_at`, so `--status` needs no date parser.
+    pub updated_at_unix: i64,
+    pub events: EventCounts,
+    pub batches: BatchCounts,
+    pub commands: CommandCounts,
+    pub queued_bytes: u64,
+    pub last_error: Option<String>,
+    pub version: String,
+}
+
+impl State {
+    pub fn capture(stats: &Stats, uuid: &str, server: &str, now: SystemTime) -> State {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let exp = stats.token_expires_at.load(Ordering::Relaxed);
+        State {
+            pid: std::process::id(),
+            uuid: uuid.to_string(),
+            server: server.to_string(),
+            connected: stats.connected.load(Ordering::Relaxed),
+            token_expires_at: (exp > 0).then(|| rfc3339(UNIX_EPOCH + Duration::from_secs(exp as u64))),
+            updated_at: rfc3339(now),
+            updated_at_unix: unix(now),
+            events: EventCounts {
+                received: g(&stats.received),
+                sent: g(&stats.sent),
+                dropped: g(&stats.dropped),
+                rejected: g(&stats.rejected),
+                buffered: g(&stats.buffered),
+                queued: g(&stats.queued),
+            },
+            batches: BatchCounts {
+                sent: g(&stats.batches_sent),
+                failed: g(&stats.batches_failed),
+                retries: g(&stats.retries),
+            },
+            commands: CommandCounts {
+                received: g(&stats.commands_received),
+                succeeded: g(&stats.commands_succeeded),
+                failed: g(&stats.commands_failed),
+            },
+            queued_bytes: g(&stats.queued_bytes),
+            last_error: stats.last_error(),
+            version: crate::VERSION.to_string(),
+        }
+    }
+}
+
+pub fn state_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("state.json")
+}
+
+/// Writes state.json atomically (a reader never sees half a file).
+pub fn write_state(run_dir: &Path, state: &State) -> std::io::Result<()> {
+    let mut json = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
+    json.push(b'\n');
+    crate::fsutil::write_atomic(&state_path(run_dir), &json, 0o644)
+}
+
+/// Why `--status` says "not running".
+#[derive(Debug, PartialEq, Eq)]
+pub enum NotRunning {
+    /// There is no state.json (never started, or stopped cleanly and removed it).
+    NoState,
+    /// state.json exists but cannot be read as a state document.
+    Unreadable(String),
+    /// The pid in state.json is not alive.
+    Dead(u32),
+    /// state.json was not updated for more than 3 intervals.
+    Stale { age_secs: i64 },
+}
+
+/// Reads state.json and decides whether the agent is running (SPEC §1 `--status`).
+/// Returns the state document if there is a readable one, and the verdict.
+pub fn read_status(run_dir: &Path, now: SystemTime) -> (Option<State>, Result<(), NotRunning>) {
+    let text = match std::fs::read_to_string(state_path(run_dir)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (None, Err(NotRunning::NoState)),
+        Err(e) => return (None, Err(NotRunning::Unreadable(e.to_string()))),
+    };
+    let state: State = match serde_json::from_str(&text) {
+        Ok(s) => s,
+        Err(e) => return (None, Err(NotRunning::Unreadable(e.to_string()))),
+    };
+    let alive = state.pid > 0 && state.pid <= i32::MAX as u32 && {
+        // SAFETY: kill with signal 0 only checks that the pid exists.
+        let r = unsafe { libc::kill(state.pid as i32, 0) };
+        // EPERM: it exists but belongs to another user (e.g. --status run as non-root).
+        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    };
+    if !alive {
+        let pid = state.pid;
+        return (Some(state), Err(NotRunning::Dead(pid)));
+    }
+    let age = unix(now) - state.updated_at_unix;
+    if age > 3 * STATE_INTERVAL.as_secs() as i64 {
+        return (Some(state), Err(NotRunning::Stale { age_secs: age }));
+    }
+    (Some(state), Ok(()))
+}
+
+pub fn unix(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
+}
+
+/// RFC 3339 UTC with milliseconds: `2026-11-26T15:00:00.123Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, day) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_table() {
+        let table: &[(u64, u32, &str)] = &[
+            (0, 0, "1970-01-01T00:00:00.000Z"),
+            (951_782_400, 5, "2000-02-29T00:00:00.005Z"),
+            (1_795_705_200, 123, "2026-11-26T15:00:00.123Z"),
+            (4_102_444_799, 999, "2099-12-31T23:59:59.999Z"),
+        ];
+        for (secs, ms, want) in table {
+            let t = UNIX_EPOCH + Duration::from_secs(*secs) + Duration::from_millis(*ms as u64);
+            assert_eq!(rfc3339(t), *want);
+        }
+    }
+
+    #[test]
+    fn status_of_missing_dead_stale_and_live_agents() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        assert_eq!(read_status(dir.path(), now).1, Err(NotRunning::NoState));
+        let stats = Stats::default();
+        let mut s = State::capture(&stats, "u", "https://s", now);
+        write_state(dir.path(), &s).unwrap();
+        assert_eq!(read_status(dir.path(), now), (Some(s.clone()), Ok(())));
+        let later = now + Duration::from_secs(16);
+        assert!(matches!(read_status(dir.path(), later).1, Err(NotRunning::Stale { .. })));
+        s.pid = i32::MAX as u32;
+        write_state(dir.path(), &s).unwrap();
+        assert_eq!(read_status(dir.path(), now).1, Err(NotRunning::Dead(i32::MAX as u32)));
+    }
+}
