@@ -16,11 +16,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Backoff {
-        Backoff {
-            initial,
-            max: max.max(initial),
-            attempt: 0,
-        }
+        Backoff { initial, max: max.max(initial), attempt: 0 }
     }
 
     /// Failures since the last success.

@@ -75,8 +75,7 @@ EXIT STATUS
 
 fn value(parser: &mut lexopt::Parser, flag: &str) -> Result<String, CliError> {
     let v = parser.value().map_err(|_| CliError(format!("{flag} needs a value")))?;
-    v.into_string()
-        .map_err(|_| CliError(format!("{flag}: the value is not valid UTF-8")))
+    v.into_string().map_err(|_| CliError(format!("{flag}: the value is not valid UTF-8")))
 }
 
 /// Parses the arguments (without the program name).
@@ -137,16 +136,10 @@ where
     }
 
     if modes.contains(&"--help") {
-        return Ok(Cli {
-            mode: Mode::Help,
-            config,
-        });
+        return Ok(Cli { mode: Mode::Help, config });
     }
     if modes.contains(&"--version") {
-        return Ok(Cli {
-            mode: Mode::Version,
-            config,
-        });
+        return Ok(Cli { mode: Mode::Version, config });
     }
     modes.dedup();
     if modes.len() > 1 {
@@ -188,10 +181,7 @@ mod tests {
         assert!(matches!(p(&["--check-config"]).unwrap().mode, Mode::CheckConfig));
         assert!(matches!(p(&["--version"]).unwrap().mode, Mode::Version));
         assert!(matches!(p(&["--send", "--help"]).unwrap().mode, Mode::Help));
-        assert_eq!(
-            p(&["--config=/etc/a.toml"]).unwrap().config,
-            Some(PathBuf::from("/etc/a.toml"))
-        );
+        assert_eq!(p(&["--config=/etc/a.toml"]).unwrap().config, Some(PathBuf::from("/etc/a.toml")));
     }
 
     #[test]

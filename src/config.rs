@@ -22,11 +22,7 @@ pub enum ConfigError {
     /// The file named explicitly (flag or environment) could not be read.
     Read { path: PathBuf, source: std::io::Error },
     /// The file is not valid TOML, has an unknown key or a value of the wrong type.
-    Syntax {
-        path: PathBuf,
-        key: Option<String>,
-        message: String,
-    },
+    Syntax { path: PathBuf, key: Option<String>, message: String },
     /// A key has a value of the right type that the agent does not accept.
     Invalid { key: String, message: String },
 }
@@ -37,18 +33,10 @@ impl fmt::Display for ConfigError {
             ConfigError::Read { path, source } => {
                 write!(f, "cannot read config file {}: {source}", path.display())
             }
-            ConfigError::Syntax {
-                path,
-                key: Some(key),
-                message,
-            } => {
+            ConfigError::Syntax { path, key: Some(key), message } => {
                 write!(f, "config file {}: key `{key}`: {message}", path.display())
             }
-            ConfigError::Syntax {
-                path,
-                key: None,
-                message,
-            } => {
+            ConfigError::Syntax { path, key: None, message } => {
                 write!(f, "config file {}: {message}", path.display())
             }
             ConfigError::Invalid { key, message } => write!(f, "config key `{key}`: {message}"),
@@ -59,10 +47,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.to_string(),
-        message: message.into(),
-    }
+    ConfigError::Invalid { key: key.to_string(), message: message.into() }
 }
 
 /// UUID version the agent generates at registration.
@@ -291,10 +276,7 @@ struct RawRetry {
 
 impl Default for RawRetry {
     fn default() -> Self {
-        RawRetry {
-            initial: "1s".into(),
-            max: "60s".into(),
-        }
+        RawRetry { initial: "1s".into(), max: "60s".into() }
     }
 }
 
@@ -307,10 +289,7 @@ struct RawLogcollector {
 
 impl Default for RawLogcollector {
     fn default() -> Self {
-        RawLogcollector {
-            files: Vec::new(),
-            start: "end".into(),
-        }
+        RawLogcollector { files: Vec::new(), start: "end".into() }
     }
 }
 
@@ -329,10 +308,7 @@ impl Default for RawInventory {
             enabled: true,
             interval: "1h".into(),
             root: "/".into(),
-            collectors: ["system", "hardware", "packages", "networks", "ports"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            collectors: ["system", "hardware", "packages", "networks", "ports"].iter().map(|s| s.to_string()).collect(),
         }
     }
 }
@@ -346,10 +322,7 @@ struct RawLog {
 
 impl Default for RawLog {
     fn default() -> Self {
-        RawLog {
-            level: "info".into(),
-            file: String::new(),
-        }
+        RawLog { level: "info".into(), file: String::new() }
     }
 }
 
@@ -381,9 +354,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "" => return Err(format!("{text:?} needs a unit (ms, s, m, h or d)")),
         other => return Err(format!("{text:?} has an unknown unit {other:?} (ms, s, m, h or d)")),
     };
-    n.checked_mul(ms_per_unit)
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("{text:?} is too large"))
+    n.checked_mul(ms_per_unit).map(Duration::from_millis).ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// Parses a size: an integer number of bytes, or a string such as `"64KiB"`, `"1MB"`.
@@ -399,9 +370,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "mib" => 1 << 20,
         "gib" => 1 << 30,
         other => {
-            return Err(format!(
-                "{text:?} has an unknown unit {other:?} (B, KB, MB, GB, KiB, MiB, GiB)"
-            ));
+            return Err(format!("{text:?} has an unknown unit {other:?} (B, KB, MB, GB, KiB, MiB, GiB)"));
         }
     };
     n.checked_mul(mult).ok_or_else(|| format!("{text:?} is too large"))
@@ -418,23 +387,16 @@ fn size(key: &str, raw: &RawSize) -> Result<u64, ConfigError> {
 fn duration(key: &str, text: &str, min: Duration) -> Result<Duration, ConfigError> {
     let d = parse_duration(text).map_err(|m| invalid(key, m))?;
     if d < min {
-        return Err(invalid(
-            key,
-            format!("{text:?} is below the minimum of {}", fmt_duration(min)),
-        ));
+        return Err(invalid(key, format!("{text:?} is below the minimum of {}", fmt_duration(min))));
     }
     Ok(d)
 }
 
 fn choice<T: Copy>(key: &str, text: &str, options: &[(&str, T)]) -> Result<T, ConfigError> {
-    options
-        .iter()
-        .find(|(name, _)| *name == text)
-        .map(|(_, v)| *v)
-        .ok_or_else(|| {
-            let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
-            invalid(key, format!("{text:?} is not one of {}", names.join(" | ")))
-        })
+    options.iter().find(|(name, _)| *name == text).map(|(_, v)| *v).ok_or_else(|| {
+        let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+        invalid(key, format!("{text:?} is not one of {}", names.join(" | ")))
+    })
 }
 
 fn count(key: &str, n: i64, min: i64, max: i64) -> Result<usize, ConfigError> {
@@ -450,15 +412,9 @@ pub fn validate_agent_name(name: &str) -> Result<(), String> {
         return Err("the name is empty".into());
     }
     if name.chars().count() > 128 {
-        return Err(format!(
-            "the name is {} characters long; at most 128 are allowed",
-            name.chars().count()
-        ));
+        return Err(format!("the name is {} characters long; at most 128 are allowed", name.chars().count()));
     }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '%')))
-    {
+    if let Some(bad) = name.chars().find(|c| !(c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '%'))) {
         return Err(format!(
             "the name {name:?} contains {bad:?}; only letters, digits, '_', '-', '.' and '%' are allowed"
         ));
@@ -509,11 +465,7 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let key = e.span().and_then(|span| key_at(text, span.start));
-            ConfigError::Syntax {
-                path: path.to_path_buf(),
-                key,
-                message: e.message().trim().to_string(),
-            }
+            ConfigError::Syntax { path: path.to_path_buf(), key, message: e.message().trim().to_string() }
         })?;
         Config::from_raw(raw, Some(path.to_path_buf()))
     }
@@ -522,9 +474,7 @@ impl Config {
     /// `WAZUH_AGENT_CONFIG` variable, otherwise [`DEFAULT_PATH`]. A file named explicitly
     /// (flag or variable) must exist; a missing default file means all defaults.
     pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
-        let from_env = std::env::var_os(ENV_CONFIG)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from);
+        let from_env = std::env::var_os(ENV_CONFIG).filter(|v| !v.is_empty()).map(PathBuf::from);
         let (path, required) = match (explicit, from_env) {
             (Some(p), _) => (p.to_path_buf(), true),
             (None, Some(p)) => (p, true),
@@ -538,15 +488,7 @@ impl Config {
     }
 
     fn from_raw(raw: RawConfig, source: Option<PathBuf>) -> Result<Config, ConfigError> {
-        let RawConfig {
-            agent,
-            server,
-            events,
-            retry,
-            logcollector,
-            inventory,
-            log,
-        } = raw;
+        let RawConfig { agent, server, events, retry, logcollector, inventory, log } = raw;
 
         if !agent.name.is_empty() {
             validate_agent_name(&agent.name).map_err(|m| invalid("agent.name", m))?;
@@ -578,25 +520,14 @@ impl Config {
             OneOrMany::Many(v) => v,
         };
         if urls.is_empty() {
-            return Err(invalid(
-                "server.url",
-                "the list is empty; give at least one https:// URL",
-            ));
+            return Err(invalid("server.url", "the list is empty; give at least one https:// URL"));
         }
         let urls = urls
             .iter()
             .map(|u| validate_https_url(u).map_err(|m| invalid("server.url", m)))
             .collect::<Result<Vec<_>, _>>()?;
-        let request_timeout = duration(
-            "server.request_timeout",
-            &server.request_timeout,
-            Duration::from_secs(1),
-        )?;
-        let commands_timeout = duration(
-            "server.commands_timeout",
-            &server.commands_timeout,
-            Duration::from_secs(1),
-        )?;
+        let request_timeout = duration("server.request_timeout", &server.request_timeout, Duration::from_secs(1))?;
+        let commands_timeout = duration("server.commands_timeout", &server.commands_timeout, Duration::from_secs(1))?;
         let server = ServerConfig {
             urls,
             registration_url: validate_https_url(&server.registration_url)
@@ -604,11 +535,7 @@ impl Config {
             verify: choice(
                 "server.verify",
                 &server.verify,
-                &[
-                    ("full", Verify::Full),
-                    ("certificate", Verify::Certificate),
-                    ("none", Verify::None),
-                ],
+                &[("full", Verify::Full), ("certificate", Verify::Certificate), ("none", Verify::None)],
             )?,
             ca_file: (!server.ca_file.is_empty()).then(|| PathBuf::from(&server.ca_file)),
             proxy: if server.proxy.is_empty() {
@@ -628,10 +555,7 @@ impl Config {
         let batch_max_bytes = size("events.batch_max_bytes", &events.batch_max_bytes)?;
         // Below 1 KiB not even the agent metadata line fits; above 64 MiB no server accepts it.
         if !(1024..=64 << 20).contains(&batch_max_bytes) {
-            return Err(invalid(
-                "events.batch_max_bytes",
-                format!("{batch_max_bytes} is outside 1KiB..=64MiB"),
-            ));
+            return Err(invalid("events.batch_max_bytes", format!("{batch_max_bytes} is outside 1KiB..=64MiB")));
         }
         let queue_max_bytes = size("events.queue_max_bytes", &events.queue_max_bytes)?;
         if queue_max_bytes < batch_max_bytes {
@@ -643,11 +567,7 @@ impl Config {
         let events = EventsConfig {
             batch_max_bytes,
             batch_max_events: count("events.batch_max_events", events.batch_max_events, 1, 1_000_000)?,
-            batch_interval: duration(
-                "events.batch_interval",
-                &events.batch_interval,
-                Duration::from_millis(1),
-            )?,
+            batch_interval: duration("events.batch_interval", &events.batch_interval, Duration::from_millis(1))?,
             buffer_events: count("events.buffer_events", events.buffer_events, 1, 10_000_000)?,
             overflow: choice(
                 "events.overflow",
@@ -682,10 +602,7 @@ impl Config {
         let mut collectors: Vec<String> = Vec::new();
         for c in inventory.collectors {
             if !COLLECTORS.contains(&c.as_str()) {
-                return Err(invalid(
-                    "inventory.collectors",
-                    format!("{c:?} is not one of {}", COLLECTORS.join(", ")),
-                ));
+                return Err(invalid("inventory.collectors", format!("{c:?} is not one of {}", COLLECTORS.join(", "))));
             }
             if collectors.contains(&c) {
                 return Err(invalid("inventory.collectors", format!("{c:?} is listed twice")));
@@ -704,27 +621,12 @@ impl Config {
             level: choice(
                 "log.level",
                 &log.level,
-                &[
-                    ("error", L::Error),
-                    ("warn", L::Warn),
-                    ("info", L::Info),
-                    ("debug", L::Debug),
-                    ("trace", L::Trace),
-                ],
+                &[("error", L::Error), ("warn", L::Warn), ("info", L::Info), ("debug", L::Debug), ("trace", L::Trace)],
             )?,
             file: (!log.file.is_empty()).then(|| PathBuf::from(log.file)),
         };
 
-        Ok(Config {
-            source,
-            agent,
-            server,
-            events,
-            retry,
-            logcollector,
-            inventory,
-            log,
-        })
+        Ok(Config { source, agent, server, events, retry, logcollector, inventory, log })
     }
 
     /// The effective values, one `section.key = value` line each, in TOML syntax.
@@ -741,15 +643,7 @@ impl Config {
             ("agent.name", q(&c.agent.name)),
             ("agent.data_dir", p(&c.agent.data_dir)),
             ("agent.run_dir", p(&c.agent.run_dir)),
-            (
-                "agent.uuid_version",
-                if c.agent.uuid_version == UuidVersion::V4 {
-                    "4"
-                } else {
-                    "7"
-                }
-                .into(),
-            ),
+            ("agent.uuid_version", if c.agent.uuid_version == UuidVersion::V4 { "4" } else { "7" }.into()),
             ("server.url", list(&c.server.urls)),
             ("server.registration_url", q(&c.server.registration_url)),
             (
@@ -760,48 +654,21 @@ impl Config {
                     Verify::None => "none",
                 }),
             ),
-            (
-                "server.ca_file",
-                c.server.ca_file.as_deref().map(p).unwrap_or_else(|| q("")),
-            ),
-            (
-                "server.proxy",
-                q(&c.server.proxy.as_deref().map(mask_userinfo).unwrap_or_default()),
-            ),
-            (
-                "server.compression",
-                q(if c.server.compression == Compression::Gzip {
-                    "gzip"
-                } else {
-                    "none"
-                }),
-            ),
+            ("server.ca_file", c.server.ca_file.as_deref().map(p).unwrap_or_else(|| q(""))),
+            ("server.proxy", q(&c.server.proxy.as_deref().map(mask_userinfo).unwrap_or_default())),
+            ("server.compression", q(if c.server.compression == Compression::Gzip { "gzip" } else { "none" })),
             ("server.request_timeout", d(c.server.request_timeout)),
             ("server.commands_timeout", d(c.server.commands_timeout)),
             ("events.batch_max_bytes", c.events.batch_max_bytes.to_string()),
             ("events.batch_max_events", c.events.batch_max_events.to_string()),
             ("events.batch_interval", d(c.events.batch_interval)),
             ("events.buffer_events", c.events.buffer_events.to_string()),
-            (
-                "events.overflow",
-                q(if c.events.overflow == Overflow::Block {
-                    "block"
-                } else {
-                    "drop_oldest"
-                }),
-            ),
+            ("events.overflow", q(if c.events.overflow == Overflow::Block { "block" } else { "drop_oldest" })),
             ("events.queue_max_bytes", c.events.queue_max_bytes.to_string()),
             ("retry.initial", d(c.retry.initial)),
             ("retry.max", d(c.retry.max)),
             ("logcollector.files", list(&c.logcollector.files)),
-            (
-                "logcollector.start",
-                q(if c.logcollector.start == Start::End {
-                    "end"
-                } else {
-                    "beginning"
-                }),
-            ),
+            ("logcollector.start", q(if c.logcollector.start == Start::End { "end" } else { "beginning" })),
             ("inventory.enabled", c.inventory.enabled.to_string()),
             ("inventory.interval", d(c.inventory.interval)),
             ("inventory.root", p(&c.inventory.root)),
@@ -876,10 +743,7 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     let key = if line.starts_with('[') {
         None
     } else {
-        line.split('=')
-            .next()
-            .map(|k| k.trim().trim_matches('"').to_string())
-            .filter(|k| !k.is_empty())
+        line.split('=').next().map(|k| k.trim().trim_matches('"').to_string()).filter(|k| !k.is_empty())
     };
     match (table, key) {
         (Some(t), Some(k)) => Some(format!("{t}.{k}")),
@@ -898,10 +762,7 @@ mod tests {
     }
 
     fn err(text: &str) -> String {
-        parse(text)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_else(|| panic!("accepted: {text}"))
+        parse(text).err().map(|e| e.to_string()).unwrap_or_else(|| panic!("accepted: {text}"))
     }
 
     #[test]
@@ -987,10 +848,7 @@ mod tests {
         ];
         for (text, key) in cases {
             let e = err(text);
-            assert!(
-                e.contains(&format!("`{key}`")),
-                "{text:?} gave {e:?}, expected key {key}"
-            );
+            assert!(e.contains(&format!("`{key}`")), "{text:?} gave {e:?}, expected key {key}");
         }
     }
 

@@ -101,10 +101,7 @@ impl Credentials {
             message: format!("invalid JSON at line {} column {}", e.line(), e.column()),
         })?;
         if creds.uuid.is_empty() || creds.key.expose().is_empty() {
-            return Err(CredentialsError::Corrupt {
-                path,
-                message: "uuid or key is empty".into(),
-            });
+            return Err(CredentialsError::Corrupt { path, message: "uuid or key is empty".into() });
         }
         Ok(creds)
     }
@@ -112,14 +109,10 @@ impl Credentials {
     /// Writes the file atomically, mode 0600, in a data_dir set to 0700.
     pub fn store(&self, data_dir: &Path) -> Result<(), CredentialsError> {
         let path = Credentials::path(data_dir);
-        fsutil::ensure_private_dir(data_dir).map_err(|source| CredentialsError::Write {
-            path: data_dir.to_path_buf(),
-            source,
-        })?;
-        let mut json = serde_json::to_vec_pretty(self).map_err(|e| CredentialsError::Write {
-            path: path.clone(),
-            source: io::Error::other(e.to_string()),
-        })?;
+        fsutil::ensure_private_dir(data_dir)
+            .map_err(|source| CredentialsError::Write { path: data_dir.to_path_buf(), source })?;
+        let mut json = serde_json::to_vec_pretty(self)
+            .map_err(|e| CredentialsError::Write { path: path.clone(), source: io::Error::other(e.to_string()) })?;
         json.push(b'\n');
         fsutil::write_atomic(&path, &json, 0o600).map_err(|source| CredentialsError::Write { path, source })
     }
@@ -131,11 +124,7 @@ mod tests {
 
     #[test]
     fn secret_never_prints() {
-        let c = Credentials {
-            uuid: "u".into(),
-            key: Secret::new("k3y-value".into()),
-            name: "n".into(),
-        };
+        let c = Credentials { uuid: "u".into(), key: Secret::new("k3y-value".into()), name: "n".into() };
         assert!(!format!("{c:?}").contains("k3y-value"));
         assert!(!format!("{}", c.key).contains("k3y-value"));
     }
@@ -144,15 +133,8 @@ mod tests {
     fn round_trip_and_errors() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        assert!(matches!(
-            Credentials::load(&data),
-            Err(CredentialsError::NotRegistered { .. })
-        ));
-        let c = Credentials {
-            uuid: "u1".into(),
-            key: Secret::new("k".repeat(32)),
-            name: "n".into(),
-        };
+        assert!(matches!(Credentials::load(&data), Err(CredentialsError::NotRegistered { .. })));
+        let c = Credentials { uuid: "u1".into(), key: Secret::new("k".repeat(32)), name: "n".into() };
         c.store(&data).unwrap();
         assert_eq!(Credentials::load(&data).unwrap(), c);
         std::fs::write(Credentials::path(&data), "{\"uuid\": \"u\", \"key\": \"SECRETKEY\"").unwrap();

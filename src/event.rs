@@ -15,15 +15,8 @@ pub const MAX_LINE_BYTES: usize = 1 << 20;
 /// Modules allowed to send stateful events; the server rejects a whole batch otherwise.
 pub const STATEFUL_MODULES: &[&str] = &["fim", "inventory", "sca", "vulnerability", "command"];
 /// Collectors allowed for stateful `inventory` events.
-pub const INVENTORY_COLLECTORS: &[&str] = &[
-    "system",
-    "hardware",
-    "hotfixes",
-    "packages",
-    "processes",
-    "ports",
-    "networks",
-];
+pub const INVENTORY_COLLECTORS: &[&str] =
+    &["system", "hardware", "hotfixes", "packages", "processes", "ports", "networks"];
 
 /// Stateful operations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,11 +91,7 @@ struct Header {
 
 fn short(v: &serde_json::Value) -> String {
     let s = v.to_string();
-    if s.len() > 40 {
-        format!("{}…", &s[..s.char_indices().nth(40).map_or(s.len(), |(i, _)| i)])
-    } else {
-        s
-    }
+    if s.len() > 40 { format!("{}…", &s[..s.char_indices().nth(40).map_or(s.len(), |(i, _)| i)]) } else { s }
 }
 
 /// Parses one line. `Ok(None)` for a blank line (skipped, not counted).
@@ -112,10 +101,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         _ => line,
     };
     if line.len() > MAX_LINE_BYTES {
-        return err(format!(
-            "line is {} bytes; at most {MAX_LINE_BYTES} are accepted",
-            line.len()
-        ));
+        return err(format!("line is {} bytes; at most {MAX_LINE_BYTES} are accepted", line.len()));
     }
     let Ok(text) = std::str::from_utf8(line) else {
         return err("line is not valid UTF-8");
@@ -148,10 +134,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         Some(d) if d.get().trim_start().starts_with('{') => Some(d),
         Some(d) if d.get().trim() == "null" => None,
         Some(d) => {
-            return err(format!(
-                "\"data\" must be an object, not {}",
-                d.get().chars().take(40).collect::<String>()
-            ));
+            return err(format!("\"data\" must be an object, not {}", d.get().chars().take(40).collect::<String>()));
         }
         None => None,
     };
@@ -207,28 +190,17 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         (Operation::Delete, Some(_)) => return err("a delete must not carry \"data\""),
         (Operation::Delete, None) => None,
         (_, None) => {
-            return err(format!(
-                "a{} needs \"data\"",
-                if op == Operation::Create { " create" } else { "n update" }
-            ));
+            return err(format!("a{} needs \"data\"", if op == Operation::Create { " create" } else { "n update" }));
         }
         (_, Some(d)) => Some(compact(d.get())),
     };
-    Ok(Some(Event {
-        kind: Kind::Stateful,
-        header: compact(header_raw.get()),
-        data,
-    }))
+    Ok(Some(Event { kind: Kind::Stateful, header: compact(header_raw.get()), data }))
 }
 
 /// The raw text is one JSON value from a single line, so it has no newline; only a
 /// carriage return could hide in insignificant whitespace, and that is dropped here.
 fn compact(raw: &str) -> String {
-    if raw.contains('\r') {
-        raw.replace('\r', "")
-    } else {
-        raw.to_string()
-    }
+    if raw.contains('\r') { raw.replace('\r', "") } else { raw.to_string() }
 }
 
 /// The first line of every request body: the agent's metadata (SPEC §6.3).
@@ -249,14 +221,7 @@ pub fn agent_line(uuid: &str, name: &str, groups: &[String], host: &crate::host:
     }
     // Serializing plain strings and vectors cannot fail.
     serde_json::to_string(&Line {
-        agent: Agent {
-            groups,
-            host,
-            id: uuid,
-            name,
-            kind: "Endpoint",
-            version: crate::VERSION,
-        },
+        agent: Agent { groups, host, id: uuid, name, kind: "Endpoint", version: crate::VERSION },
     })
     .unwrap_or_default()
 }
@@ -317,31 +282,19 @@ mod tests {
 
     #[test]
     fn rejections_say_why() {
-        let big = format!(
-            r#"{{"header":{{"module":"m"}},"data":{{"x":"{}"}}}}"#,
-            "a".repeat(MAX_LINE_BYTES)
-        );
+        let big = format!(r#"{{"header":{{"module":"m"}},"data":{{"x":"{}"}}}}"#, "a".repeat(MAX_LINE_BYTES));
         let table: Vec<(Vec<u8>, &str)> = vec![
             (b"not json".to_vec(), "JSON object"),
-            (
-                b"{\"header\": {\"module\": \"m\"}, \"data\": {}".to_vec(),
-                "invalid JSON",
-            ),
+            (b"{\"header\": {\"module\": \"m\"}, \"data\": {}".to_vec(), "invalid JSON"),
             (b"[1,2]".to_vec(), "JSON object"),
             (br#"{"data":{}}"#.to_vec(), "\"header\" is missing"),
             (br#"{"header":[],"data":{}}"#.to_vec(), "must be an object"),
             (br#"{"header":{},"data":{}}"#.to_vec(), "module is missing"),
             (br#"{"header":{"module":""},"data":{}}"#.to_vec(), "module is empty"),
-            (
-                br#"{"header":{"module":7},"data":{}}"#.to_vec(),
-                "module must be a string",
-            ),
+            (br#"{"header":{"module":7},"data":{}}"#.to_vec(), "module must be a string"),
             (br#"{"header":{"module":"m"}}"#.to_vec(), "\"data\" is missing"),
             (br#"{"header":{"module":"m"},"data":"x"}"#.to_vec(), "must be an object"),
-            (
-                br#"{"header":{"module":"m","id":"x"},"data":{}}"#.to_vec(),
-                "only allowed with",
-            ),
+            (br#"{"header":{"module":"m","id":"x"},"data":{}}"#.to_vec(), "only allowed with"),
             (
                 br#"{"header":{"module":"inventory","collector":"packages","operation":"upsert","id":"x"},"data":{}}"#
                     .to_vec(),
@@ -383,14 +336,8 @@ mod tests {
                 br#"{"header":{"module":"inventory","collector":"ports","operation":"create","id":"x"}}"#.to_vec(),
                 "create needs",
             ),
-            (
-                br#"{"header":{"module":"fim","operation":"update","id":"x"}}"#.to_vec(),
-                "update needs",
-            ),
-            (
-                b"{\"header\":{\"module\":\"m\"},\"data\":{\"x\":\"\xff\"}}".to_vec(),
-                "UTF-8",
-            ),
+            (br#"{"header":{"module":"fim","operation":"update","id":"x"}}"#.to_vec(), "update needs"),
+            (b"{\"header\":{\"module\":\"m\"},\"data\":{\"x\":\"\xff\"}}".to_vec(), "UTF-8"),
             (big.into_bytes(), "at most"),
         ];
         for (line, want) in table {

@@ -54,26 +54,17 @@ fn uname() -> Uname {
 /// The host name (uname's nodename), or "localhost" if the kernel has none.
 pub fn hostname() -> String {
     let n = uname().nodename;
-    if n.is_empty() || n == "(none)" {
-        "localhost".into()
-    } else {
-        n
-    }
+    if n.is_empty() || n == "(none)" { "localhost".into() } else { n }
 }
 
 /// Collects the host metadata. `root` is the host root for os-release (tests use fixtures).
 pub fn gather(root: &Path) -> HostInfo {
     let u = uname();
-    let os_release = ["etc/os-release", "usr/lib/os-release"]
-        .iter()
-        .find_map(|p| std::fs::read_to_string(root.join(p)).ok());
+    let os_release =
+        ["etc/os-release", "usr/lib/os-release"].iter().find_map(|p| std::fs::read_to_string(root.join(p)).ok());
     let os = os_info(os_release.as_deref(), &u.sysname, &u.release);
     HostInfo {
-        architecture: if u.machine.is_empty() {
-            std::env::consts::ARCH.into()
-        } else {
-            u.machine
-        },
+        architecture: if u.machine.is_empty() { std::env::consts::ARCH.into() } else { u.machine },
         hostname: hostname(),
         ip: interface_addresses(),
         os,
@@ -84,23 +75,11 @@ pub fn gather(root: &Path) -> HostInfo {
 /// kernel's name and release stand in, so the fields are never empty.
 pub fn os_info(os_release: Option<&str>, sysname: &str, kernel_release: &str) -> OsInfo {
     let fields = os_release.map(parse_os_release).unwrap_or_default();
-    let get = |k: &str| {
-        fields
-            .iter()
-            .find(|(key, _)| key == k)
-            .map(|(_, v)| v.clone())
-            .filter(|v| !v.is_empty())
-    };
-    let kind = if sysname.is_empty() {
-        "Linux".to_string()
-    } else {
-        sysname.to_string()
-    };
+    let get = |k: &str| fields.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).filter(|v| !v.is_empty());
+    let kind = if sysname.is_empty() { "Linux".to_string() } else { sysname.to_string() };
     OsInfo {
         name: get("NAME").unwrap_or_else(|| kind.clone()),
-        version: get("VERSION")
-            .or_else(|| get("VERSION_ID"))
-            .unwrap_or_else(|| kernel_release.to_string()),
+        version: get("VERSION").or_else(|| get("VERSION_ID")).unwrap_or_else(|| kernel_release.to_string()),
         kind,
     }
 }
@@ -195,10 +174,7 @@ mod tests {
         ];
         for (text, name, version) in table {
             let os = os_info(*text, "Linux", "6.1.0-18-amd64");
-            assert_eq!(
-                (os.name.as_str(), os.version.as_str(), os.kind.as_str()),
-                (*name, *version, "Linux")
-            );
+            assert_eq!((os.name.as_str(), os.version.as_str(), os.kind.as_str()), (*name, *version, "Linux"));
         }
     }
 

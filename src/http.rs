@@ -60,12 +60,7 @@ impl std::error::Error for HttpError {}
 
 /// `wazuh-agent-rs/<version> (<arch>; <os>)`, as SPEC §6 asks.
 pub fn user_agent() -> String {
-    format!(
-        "wazuh-agent-rs/{} ({}; {})",
-        crate::VERSION,
-        std::env::consts::ARCH,
-        std::env::consts::OS
-    )
+    format!("wazuh-agent-rs/{} ({}; {})", crate::VERSION, std::env::consts::ARCH, std::env::consts::OS)
 }
 
 /// Builds the rustls client configuration for `verify`/`ca_file`.
@@ -78,10 +73,7 @@ pub fn tls_config(server: &ServerConfig) -> Result<Arc<ClientConfig>, HttpError>
     let mut roots = RootCertStore::empty();
     match &server.ca_file {
         Some(path) => {
-            let pem = std::fs::read(path).map_err(|source| HttpError::CaFile {
-                path: path.clone(),
-                source,
-            })?;
+            let pem = std::fs::read(path).map_err(|source| HttpError::CaFile { path: path.clone(), source })?;
             let certs: Vec<CertificateDer<'static>> =
                 CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok).collect();
             let (added, _ignored) = roots.add_parsable_certificates(certs);
@@ -98,10 +90,7 @@ pub fn tls_config(server: &ServerConfig) -> Result<Arc<ClientConfig>, HttpError>
             let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|e| HttpError::Tls(e.to_string()))?;
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
-                .with_no_client_auth()
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(ChainOnly(inner))).with_no_client_auth()
         }
         Verify::None => builder
             .dangerous()
@@ -140,9 +129,7 @@ pub fn build_agent(server: &ServerConfig, timeout: Duration) -> Result<ureq::Age
         .output_buffer_size(16 * 1024)
         .build();
     let connector =
-        ().chain(ConnectProxyConnector::default())
-            .chain(TcpConnector::default())
-            .chain(TlsConnector { config: tls });
+        ().chain(ConnectProxyConnector::default()).chain(TcpConnector::default()).chain(TlsConnector { config: tls });
     Ok(ureq::Agent::with_parts(config, connector, DefaultResolver::default()))
 }
 
@@ -171,27 +158,19 @@ pub fn send(
 ) -> Result<Reply, ureq::Error> {
     let mut response = match (method, body) {
         ("GET", _) => with_auth(agent.get(url), authorization).call()?,
-        (_, Some(b)) => with_auth(agent.post(url), authorization)
-            .header("Content-Type", "application/json")
-            .send(b)?,
+        (_, Some(b)) => with_auth(agent.post(url), authorization).header("Content-Type", "application/json").send(b)?,
         (_, None) => with_auth(agent.post(url), authorization).send_empty()?,
     };
+    read_reply(&mut response)
+}
+
+/// Reads a response to the end (bounded by [`MAX_RESPONSE_BYTES`]), so the connection
+/// goes back to the pool.
+pub fn read_reply(response: &mut ureq::http::Response<ureq::Body>) -> Result<Reply, ureq::Error> {
     let status = response.status().as_u16();
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.to_string());
-    let body = response
-        .body_mut()
-        .with_config()
-        .limit(MAX_RESPONSE_BYTES)
-        .read_to_vec()?;
-    Ok(Reply {
-        status,
-        retry_after,
-        body,
-    })
+    let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(|s| s.to_string());
+    let body = response.body_mut().with_config().limit(MAX_RESPONSE_BYTES).read_to_vec()?;
+    Ok(Reply { status, retry_after, body })
 }
 
 fn with_auth<B>(req: ureq::RequestBuilder<B>, authorization: Option<&str>) -> ureq::RequestBuilder<B> {
@@ -239,10 +218,7 @@ pub enum Attempt<'a> {
 impl<'a> Attempt<'a> {
     pub fn of(result: &'a Result<Reply, ureq::Error>) -> Attempt<'a> {
         match result {
-            Ok(r) => Attempt::Status {
-                code: r.status,
-                retry_after: r.retry_after.as_deref(),
-            },
+            Ok(r) => Attempt::Status { code: r.status, retry_after: r.retry_after.as_deref() },
             Err(_) => Attempt::Transport,
         }
     }
@@ -254,10 +230,7 @@ impl<'a> Attempt<'a> {
 pub fn classify(attempt: Attempt<'_>, now: SystemTime, cap: Duration) -> Outcome {
     let (code, retry_after) = match attempt {
         Attempt::Transport => {
-            return Outcome::Retry {
-                after: None,
-                failover: true,
-            };
+            return Outcome::Retry { after: None, failover: true };
         }
         Attempt::Status { code, retry_after } => (code, retry_after),
     };
@@ -266,18 +239,12 @@ pub fn classify(attempt: Attempt<'_>, now: SystemTime, cap: Duration) -> Outcome
         200..=299 => Outcome::Done,
         401 | 403 => Outcome::Reauth,
         // The server gave up waiting (or a long-poll's hold ended): repeating is expected.
-        408 => Outcome::Retry {
-            after: Some(after.unwrap_or(Duration::ZERO)),
-            failover: false,
-        },
+        408 => Outcome::Retry { after: Some(after.unwrap_or(Duration::ZERO)), failover: false },
         429 => Outcome::Retry { after, failover: false },
         400 => Outcome::Reject(Rejection::Invalid),
         413 => Outcome::Reject(Rejection::TooLarge),
         // A server that names a time to come back is alive: wait for it, do not fail over.
-        500..=599 => Outcome::Retry {
-            after,
-            failover: after.is_none(),
-        },
+        500..=599 => Outcome::Retry { after, failover: after.is_none() },
         other => Outcome::Reject(Rejection::Other(other)),
     }
 }
@@ -361,10 +328,7 @@ impl<In: Transport> Connector<In> for TlsConnector {
         sock.set_timeout(details.timeout);
         conn.complete_io(&mut sock)?;
         let buffers = LazyBuffers::new(details.config.input_buffer_size(), details.config.output_buffer_size());
-        Ok(Some(Either::B(TlsTransport {
-            buffers,
-            stream: StreamOwned { conn, sock },
-        })))
+        Ok(Some(Either::B(TlsTransport { buffers, stream: StreamOwned { conn, sock } })))
     }
 }
 
@@ -422,10 +386,7 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -506,10 +467,7 @@ pub struct Servers {
 
 impl Servers {
     pub fn new(urls: &[String]) -> Servers {
-        Servers {
-            urls: urls.to_vec(),
-            current: 0,
-        }
+        Servers { urls: urls.to_vec(), current: 0 }
     }
 
     pub fn current(&self) -> &str {
@@ -543,10 +501,7 @@ mod tests {
         let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
         let cap = Duration::from_secs(60);
         let s = |code, ra| Attempt::Status { code, retry_after: ra };
-        let retry = |secs: Option<u64>, failover| Outcome::Retry {
-            after: secs.map(Duration::from_secs),
-            failover,
-        };
+        let retry = |secs: Option<u64>, failover| Outcome::Retry { after: secs.map(Duration::from_secs), failover };
         let table: Vec<(Attempt, Outcome)> = vec![
             (Attempt::Transport, retry(None, true)),
             (s(200, None), Outcome::Done),
@@ -613,9 +568,6 @@ mod tests {
     #[test]
     fn user_agent_shape() {
         let ua = user_agent();
-        assert!(
-            ua.starts_with("wazuh-agent-rs/") && ua.contains(" (") && ua.ends_with(')'),
-            "{ua}"
-        );
+        assert!(ua.starts_with("wazuh-agent-rs/") && ua.contains(" (") && ua.ends_with(')'), "{ua}");
     }
 }

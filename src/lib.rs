@@ -4,6 +4,7 @@
 //! tests can drive the same modules the agent runs. See ARCHITECTURE.md for the map.
 
 pub mod backoff;
+pub mod batcher;
 pub mod cli;
 pub mod config;
 pub mod credentials;
@@ -11,11 +12,13 @@ pub mod event;
 pub mod fsutil;
 pub mod host;
 pub mod http;
+pub mod ingest;
 pub mod queue;
 pub mod register;
 pub mod status;
 pub mod supervisor;
 pub mod token;
+pub mod uploader;
 
 /// The agent's version, as sent to the server and printed by `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

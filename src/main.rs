@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use wazuh_agent::cli::{self, Mode};
 use wazuh_agent::config::{Config, ConfigError};
+use wazuh_agent::ingest::{self, IngestError};
 use wazuh_agent::register::{self, RegisterError};
+use wazuh_agent::status::{self, NotRunning};
 use wazuh_agent::supervisor::{self, RunError};
 
 /// Everything that can end the process with a failure.
@@ -21,10 +23,10 @@ enum Error {
     Register(RegisterError),
     /// Run mode stopped with an error.
     Run(RunError),
+    /// `--send` could not hand the events to the agent.
+    Send(IngestError),
     /// The log file could not be opened.
     Log(String),
-    /// A mode that this version does not provide yet.
-    NotAvailable(&'static str),
 }
 
 impl std::fmt::Display for Error {
@@ -34,8 +36,8 @@ impl std::fmt::Display for Error {
             Error::Config(e) => e.fmt(f),
             Error::Register(e) => e.fmt(f),
             Error::Run(e) => e.fmt(f),
+            Error::Send(e) => e.fmt(f),
             Error::Log(m) => f.write_str(m),
-            Error::NotAvailable(flag) => write!(f, "{flag} is not available in this version yet"),
         }
     }
 }
@@ -97,10 +99,35 @@ fn try_main() -> Result<u8, Error> {
             supervisor::run(&config).map_err(Error::Run)?;
             Ok(0)
         }
-        Mode::Send => Err(Error::NotAvailable("--send")),
-        Mode::Status => Err(Error::NotAvailable("--status")),
+        Mode::Send => {
+            let reply = ingest::send(&config.agent.run_dir, &mut std::io::stdin().lock()).map_err(Error::Send)?;
+            println!("{}", serde_json::to_string(&reply).unwrap_or_default());
+            Ok(if reply.rejected == 0 && reply.errors.is_empty() { 0 } else { 1 })
+        }
+        Mode::Status => Ok(print_status(&config)),
         Mode::Help | Mode::Version => Ok(0),
     }
+}
+
+/// `--status`: prints the state as one JSON object with `running`; 0 running, 3 not.
+fn print_status(config: &Config) -> u8 {
+    let (state, verdict) = status::read_status(&config.agent.run_dir, std::time::SystemTime::now());
+    let mut doc = state.and_then(|s| serde_json::to_value(s).ok()).unwrap_or_else(|| serde_json::json!({}));
+    let reason = match &verdict {
+        Ok(()) => None,
+        Err(NotRunning::NoState) => Some(format!("no {}", status::state_path(&config.agent.run_dir).display())),
+        Err(NotRunning::Unreadable(e)) => Some(format!("unreadable state file: {e}")),
+        Err(NotRunning::Dead(pid)) => Some(format!("process {pid} is not running")),
+        Err(NotRunning::Stale { age_secs }) => Some(format!("state not updated for {age_secs}s")),
+    };
+    if let serde_json::Value::Object(map) = &mut doc {
+        map.insert("running".into(), serde_json::Value::Bool(verdict.is_ok()));
+        if let Some(r) = reason {
+            map.insert("reason".into(), serde_json::Value::String(r));
+        }
+    }
+    println!("{doc}");
+    if verdict.is_ok() { 0 } else { 3 }
 }
 
 /// Logs to `log.file` or stderr. One-shot commands log warnings and errors only to

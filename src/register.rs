@@ -66,10 +66,9 @@ impl fmt::Display for RegisterError {
                 path.display()
             ),
             RegisterError::InvalidArgument { flag, message } => write!(f, "{flag}: {message}"),
-            RegisterError::NoPassword => write!(
-                f,
-                "no registration password: give --password-file FILE or set {ENV_PASSWORD}"
-            ),
+            RegisterError::NoPassword => {
+                write!(f, "no registration password: give --password-file FILE or set {ENV_PASSWORD}")
+            }
             RegisterError::PasswordFile { path, message } => {
                 write!(f, "--password-file {}: {message}", path.display())
             }
@@ -78,10 +77,7 @@ impl fmt::Display for RegisterError {
                 write!(f, "cannot connect to the management API at {url}: {message}")
             }
             RegisterError::LoginRefused { url, status, message } => {
-                write!(
-                    f,
-                    "login to {url} refused: {status} {message} (check --user and the password)"
-                )
+                write!(f, "login to {url} refused: {status} {message} (check --user and the password)")
             }
             RegisterError::Refused { url, status, message } => {
                 write!(f, "{url} refused to register the agent: {status} {message}")
@@ -137,26 +133,18 @@ pub fn generate_key() -> Result<Secret, getrandom::Error> {
 pub fn validate_key(key: &str) -> Result<(), String> {
     // The message never includes the key itself.
     if key.len() != 32 || !key.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        return Err(format!(
-            "the key must be exactly 32 letters or digits (got {} characters)",
-            key.chars().count()
-        ));
+        return Err(format!("the key must be exactly 32 letters or digits (got {} characters)", key.chars().count()));
     }
     Ok(())
 }
 
 fn read_password(args: &RegisterArgs) -> Result<Secret, RegisterError> {
     if let Some(path) = &args.password_file {
-        let text = std::fs::read_to_string(path).map_err(|e| RegisterError::PasswordFile {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| RegisterError::PasswordFile { path: path.clone(), message: e.to_string() })?;
         let first = text.lines().next().unwrap_or("").trim_end_matches('\r');
         if first.is_empty() {
-            return Err(RegisterError::PasswordFile {
-                path: path.clone(),
-                message: "the first line is empty".into(),
-            });
+            return Err(RegisterError::PasswordFile { path: path.clone(), message: "the first line is empty".into() });
         }
         return Ok(Secret::new(first.to_string()));
     }
@@ -180,14 +168,8 @@ fn new_uuid(version: UuidVersion) -> String {
 
 fn unreachable_or_bad(url: &str, result: &Result<http::Reply, ureq::Error>) -> RegisterError {
     match result {
-        Err(e) => RegisterError::Unreachable {
-            url: url.to_string(),
-            message: http::describe_transport(e),
-        },
-        Ok(r) => RegisterError::BadAnswer {
-            url: url.to_string(),
-            message: format!("{} {}", r.status, r.message()),
-        },
+        Err(e) => RegisterError::Unreachable { url: url.to_string(), message: http::describe_transport(e) },
+        Ok(r) => RegisterError::BadAnswer { url: url.to_string(), message: format!("{} {}", r.status, r.message()) },
     }
 }
 
@@ -196,9 +178,7 @@ fn unreachable_or_bad(url: &str, result: &Result<http::Reply, ureq::Error>) -> R
 pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, RegisterError> {
     let data_dir = &config.agent.data_dir;
     if Credentials::exists(data_dir) && !args.force {
-        return Err(RegisterError::AlreadyRegistered {
-            path: Credentials::path(data_dir),
-        });
+        return Err(RegisterError::AlreadyRegistered { path: Credentials::path(data_dir) });
     }
     let url = match &args.url {
         Some(u) => config::validate_https_url(u)
@@ -206,23 +186,15 @@ pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, Reg
         None => config.server.registration_url.clone(),
     };
     if args.user.is_empty() {
-        return Err(RegisterError::InvalidArgument {
-            flag: "--user",
-            message: "is required".into(),
-        });
+        return Err(RegisterError::InvalidArgument { flag: "--user", message: "is required".into() });
     }
     if args.user.contains(':') {
-        return Err(RegisterError::InvalidArgument {
-            flag: "--user",
-            message: "must not contain ':'".into(),
-        });
+        return Err(RegisterError::InvalidArgument { flag: "--user", message: "must not contain ':'".into() });
     }
     let name = match args.name.as_deref().filter(|n| !n.is_empty()) {
         Some(n) => {
-            config::validate_agent_name(n).map_err(|message| RegisterError::InvalidArgument {
-                flag: "--name",
-                message,
-            })?;
+            config::validate_agent_name(n)
+                .map_err(|message| RegisterError::InvalidArgument { flag: "--name", message })?;
             n.to_string()
         }
         None if !config.agent.name.is_empty() => config.agent.name.clone(),
@@ -265,11 +237,7 @@ pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, Reg
             Secret::new(parsed.data.token)
         }
         Ok(r) if r.status == 401 || r.status == 403 => {
-            return Err(RegisterError::LoginRefused {
-                url: login_url,
-                status: r.status,
-                message: r.message(),
-            });
+            return Err(RegisterError::LoginRefused { url: login_url, status: r.status, message: r.message() });
         }
         _ => return Err(unreachable_or_bad(&login_url, &result)),
     };
@@ -285,27 +253,14 @@ pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, Reg
         version: crate::VERSION,
         host: &host,
     })
-    .map_err(|e| RegisterError::BadAnswer {
-        url: url.clone(),
-        message: e.to_string(),
-    })?;
+    .map_err(|e| RegisterError::BadAnswer { url: url.clone(), message: e.to_string() })?;
     let agents_url = format!("{url}/agents");
-    let result = http::send(
-        &agent,
-        "POST",
-        &agents_url,
-        Some(&format!("Bearer {}", api_token.expose())),
-        Some(&body),
-    );
+    let result = http::send(&agent, "POST", &agents_url, Some(&format!("Bearer {}", api_token.expose())), Some(&body));
     match &result {
         // Only 201 means created (SPEC §6.1); a 200 could be a proxy or another API.
         Ok(r) if r.status == 201 => {}
         Ok(r) if (400..500).contains(&r.status) => {
-            return Err(RegisterError::Refused {
-                url: agents_url,
-                status: r.status,
-                message: r.message(),
-            });
+            return Err(RegisterError::Refused { url: agents_url, status: r.status, message: r.message() });
         }
         _ => return Err(unreachable_or_bad(&agents_url, &result)),
     }
@@ -330,12 +285,7 @@ mod tests {
 
     #[test]
     fn key_validation_never_echoes_the_key() {
-        for bad in [
-            "short",
-            &"x".repeat(33),
-            &format!("{}!", "a".repeat(31)),
-            &"é".repeat(16),
-        ] {
+        for bad in ["short", &"x".repeat(33), &format!("{}!", "a".repeat(31)), &"é".repeat(16)] {
             let e = validate_key(bad).unwrap_err();
             assert!(!e.contains(bad), "{e}");
         }
@@ -343,17 +293,7 @@ mod tests {
 
     #[test]
     fn uuid_versions() {
-        assert_eq!(
-            uuid::Uuid::parse_str(&new_uuid(UuidVersion::V7))
-                .unwrap()
-                .get_version_num(),
-            7
-        );
-        assert_eq!(
-            uuid::Uuid::parse_str(&new_uuid(UuidVersion::V4))
-                .unwrap()
-                .get_version_num(),
-            4
-        );
+        assert_eq!(uuid::Uuid::parse_str(&new_uuid(UuidVersion::V7)).unwrap().get_version_num(), 7);
+        assert_eq!(uuid::Uuid::parse_str(&new_uuid(UuidVersion::V4)).unwrap().get_version_num(), 4);
     }
 }

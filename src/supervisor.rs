@@ -1,36 +1,49 @@
 //! Run mode: the one place where every thread of the agent is started and joined, so a
 //! reader sees the whole process here.
 //!
-//! Threads today:
+//! | thread     | owns                                        | fed by / feeds                              |
+//! |------------|---------------------------------------------|---------------------------------------------|
+//! | `main`     | this supervisor, `state.json`               | signals, worker exits; writes state every 5 s |
+//! | `signals`  | the signal-hook iterator                    | → main                                      |
+//! | `token`    | the auth HTTP agent, renewal schedule       | refresh requests → `TokenCell`              |
+//! | `ingest`   | `ingest.sock` (acceptor; one short thread per connection) | → batcher (stateless), → queue (stateful) |
+//! | `batcher`  | the stateless ring buffer                   | → uploader (one batch at a time)            |
+//! | `queue`    | `<data_dir>/queue/` segment files, cursor   | appends in, batches → uploader, acks in     |
+//! | `uploader` | the events HTTP agent, `rejected.ndjson`    | → comms API; acks → queue                   |
 //!
-//! | thread    | owns                                   | loop                                     |
-//! |-----------|----------------------------------------|------------------------------------------|
-//! | `main`    | this supervisor                        | select! over signals and worker exits    |
-//! | `signals` | the signal-hook iterator               | forwards SIGTERM/SIGINT/SIGHUP           |
-//! | `token`   | the auth HTTP agent, renewal schedule  | [`token::run`]: renew on time / on demand |
-//!
-//! Shutdown is a broadcast: dropping `shutdown_tx` disconnects every `shutdown` receiver,
-//! which each worker's `select!` sees at once. A worker that returns (or panics, in a
-//! build that unwinds) before shutdown is a fatal error: the supervisor stops the others
-//! and returns an error so the process exits non-zero and the init system restarts it.
-//! (Release builds abort on panic, which also ends the process non-zero.)
+//! Shutdown runs in stages so nothing acknowledged is lost and nothing waits on a dead
+//! peer: (1) ingest stops reading and answers its producers; (2) the batcher and uploader
+//! get a deadline (`SHUTDOWN_GRACE`) to deliver what they hold, and spill the rest of the
+//! stateless events into the durable queue; (3) the queue fsyncs and stops; (4) the token
+//! and signal threads stop. A worker that ends before shutdown is fatal: the supervisor
+//! stops the rest and returns an error so the init system restarts the agent. (Release
+//! builds abort on panic, which also ends the process non-zero.)
 
+use std::collections::HashSet;
 use std::fmt;
 use std::io;
+use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, select};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
+use crate::batcher::{self, Policy};
 use crate::config::{Config, Verify};
 use crate::credentials::{Credentials, CredentialsError};
+use crate::event::{self, Event};
 use crate::http::{self, HttpError};
+use crate::ingest::{self, Ingest, IngestError};
+use crate::queue::{self, Ack, Append, BatchLimits, QueueBatch, QueueError, QueueStore};
+use crate::status::{self, Stats};
 use crate::token::{self, Authenticator, TokenCell};
+use crate::uploader::{self, RejectedLog, Uploader};
 
-/// How long threads get to finish after a shutdown request before in-flight HTTP
-/// requests are cut off.
+/// How long the pipeline gets to deliver what it holds after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long ingest connections get to answer their producers at shutdown.
+const INGEST_STOP: Duration = Duration::from_secs(2);
 /// Worker stacks: the agent's threads do no deep recursion (serde_json caps nesting at 128).
 const STACK_SIZE: usize = 512 * 1024;
 
@@ -41,6 +54,10 @@ pub enum RunError {
     Credentials(CredentialsError),
     /// The HTTPS client could not be set up.
     Http(HttpError),
+    /// The durable queue could not be opened.
+    Queue(QueueError),
+    /// The ingest socket could not be set up (or another agent serves it).
+    Ingest(IngestError),
     /// Signal handlers could not be installed.
     Signals(io::Error),
     /// A thread could not be started.
@@ -54,13 +71,12 @@ impl fmt::Display for RunError {
         match self {
             RunError::Credentials(e) => e.fmt(f),
             RunError::Http(e) => e.fmt(f),
+            RunError::Queue(e) => write!(f, "cannot open the durable queue: {e}"),
+            RunError::Ingest(e) => e.fmt(f),
             RunError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
             RunError::Spawn { thread, source } => write!(f, "cannot start the {thread} thread: {source}"),
             RunError::WorkerDied { thread, panicked: true } => write!(f, "the {thread} thread panicked"),
-            RunError::WorkerDied {
-                thread,
-                panicked: false,
-            } => write!(f, "the {thread} thread stopped unexpectedly"),
+            RunError::WorkerDied { thread, panicked: false } => write!(f, "the {thread} thread stopped unexpectedly"),
         }
     }
 }
@@ -82,10 +98,7 @@ impl Drop for ExitGuard {
     fn drop(&mut self) {
         // The supervisor outlives its workers (it joins them), so this only fails if the
         // supervisor itself is gone, and then nobody needs the message.
-        let _ = self.tx.send(Exit {
-            thread: self.thread,
-            panicked: thread::panicking(),
-        });
+        let _ = self.tx.send(Exit { thread: self.thread, panicked: thread::panicking() });
     }
 }
 
@@ -93,24 +106,18 @@ struct Workers {
     exit_tx: Sender<Exit>,
     exit_rx: Receiver<Exit>,
     running: Vec<(&'static str, JoinHandle<()>)>,
+    exited: HashSet<&'static str>,
 }
 
 impl Workers {
     fn new() -> Workers {
         // Unbounded is safe here: at most one message per thread, ever.
         let (exit_tx, exit_rx) = crossbeam_channel::unbounded();
-        Workers {
-            exit_tx,
-            exit_rx,
-            running: Vec::new(),
-        }
+        Workers { exit_tx, exit_rx, running: Vec::new(), exited: HashSet::new() }
     }
 
     fn spawn(&mut self, thread: &'static str, f: impl FnOnce() + Send + 'static) -> Result<(), RunError> {
-        let guard = ExitGuard {
-            thread,
-            tx: self.exit_tx.clone(),
-        };
+        let guard = ExitGuard { thread, tx: self.exit_tx.clone() };
         let handle = thread::Builder::new()
             .name(thread.to_string())
             .stack_size(STACK_SIZE)
@@ -123,25 +130,30 @@ impl Workers {
         Ok(())
     }
 
-    /// Waits up to `grace` for every worker to report its exit, then joins those that
-    /// did. Returns the names of the ones still running.
-    fn join_all(mut self, grace: Duration, already_exited: &[&'static str]) -> Vec<&'static str> {
+    /// Waits until every thread in `names` has exited (or `grace` passes), joins those
+    /// that did, and returns the ones still running.
+    fn join(&mut self, names: &[&'static str], grace: Duration) -> Vec<&'static str> {
         let deadline = Instant::now() + grace;
-        let mut done: Vec<&'static str> = already_exited.to_vec();
-        while done.len() < self.running.len() {
+        while !names.iter().all(|n| self.exited.contains(n)) {
             match self.exit_rx.recv_deadline(deadline) {
-                Ok(exit) => done.push(exit.thread),
+                Ok(exit) => {
+                    self.exited.insert(exit.thread);
+                }
                 Err(_) => break,
             }
         }
         let mut stuck = Vec::new();
+        let mut keep = Vec::new();
         for (name, handle) in self.running.drain(..) {
-            if done.contains(&name) {
+            if !names.contains(&name) {
+                keep.push((name, handle));
+            } else if self.exited.contains(name) {
                 let _ = handle.join();
             } else {
                 stuck.push(name);
             }
         }
+        self.running = keep;
         stuck
     }
 }
@@ -156,6 +168,13 @@ pub fn run(config: &Config) -> Result<(), RunError> {
         );
     }
     let auth_agent = http::build_agent(&config.server, config.server.request_timeout).map_err(RunError::Http)?;
+    let upload_agent = http::build_agent(&config.server, config.server.request_timeout).map_err(RunError::Http)?;
+    let stats = Arc::new(Stats::default());
+    let store = QueueStore::open(&config.agent.data_dir.join("queue"), config.events.queue_max_bytes, stats.clone())
+        .map_err(RunError::Queue)?;
+    let listener = ingest::bind(&config.agent.run_dir).map_err(RunError::Ingest)?;
+    let host = crate::host::gather(&config.inventory.root);
+    let agent_line = event::agent_line(&credentials.uuid, &credentials.name, &[], &host);
     log::info!(
         "wazuh-agent {} starting as {} ({}), server {}",
         crate::VERSION,
@@ -168,7 +187,19 @@ pub fn run(config: &Config) -> Result<(), RunError> {
     let signals_handle = signals.handle();
     // Capacity 4: signals are rare; if the supervisor lags, a repeat of the same signal adds nothing.
     let (sig_tx, sig_rx) = crossbeam_channel::bounded::<i32>(4);
-    let (shutdown_tx, shutdown_rx) = crossbeam_channel::bounded::<()>(0);
+    // Chunks of up to 512 events; 64 chunks in flight is plenty to keep the batcher busy.
+    let (events_tx, events_rx) = crossbeam_channel::bounded::<Vec<Event>>(64);
+    // Rendezvous: the uploader takes one batch at a time; the rest waits in the ring buffer.
+    let (batch_tx, batch_rx) = crossbeam_channel::bounded::<Vec<Event>>(0);
+    // Append requests wait here while the queue fsyncs; they are then committed as one group.
+    let (append_tx, append_rx) = crossbeam_channel::bounded::<Append>(256);
+    let (qbatch_tx, qbatch_rx) = crossbeam_channel::bounded::<QueueBatch>(0);
+    // At most one queue batch is in flight, so at most one ack is ever pending.
+    let (ack_tx, ack_rx) = crossbeam_channel::bounded::<Ack>(1);
+    let (pipeline_stop_tx, pipeline_stop_rx) = crossbeam_channel::bounded::<()>(0);
+    let (queue_stop_tx, queue_stop_rx) = crossbeam_channel::bounded::<()>(0);
+    let (token_stop_tx, token_stop_rx) = crossbeam_channel::bounded::<()>(0);
+    let deadline: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
     let mut workers = Workers::new();
 
     workers.spawn("signals", move || {
@@ -180,13 +211,73 @@ pub fn run(config: &Config) -> Result<(), RunError> {
     })?;
 
     let (cell, wake_rx) = TokenCell::new();
-    let token_cell = cell.clone();
-    let token_shutdown = shutdown_rx.clone();
-    let retry = config.retry.clone();
-    let authenticator = Authenticator::new(auth_agent.clone(), &config.server.urls, credentials, config.retry.max);
-    workers.spawn("token", move || {
-        token::run(token_cell, wake_rx, token_shutdown, authenticator, &retry)
-    })?;
+    {
+        let cell = cell.clone();
+        let retry = config.retry.clone();
+        let auth = Authenticator::new(auth_agent.clone(), &config.server.urls, credentials.clone(), config.retry.max);
+        workers.spawn("token", move || token::run(cell, wake_rx, token_stop_rx, auth, &retry))?;
+    }
+
+    let limits = BatchLimits {
+        max_events: config.events.batch_max_events,
+        max_bytes: config.events.batch_max_bytes as usize,
+        overhead: agent_line.len(),
+    };
+    workers.spawn("queue", move || queue::run(store, append_rx, ack_rx, qbatch_tx, queue_stop_rx, limits))?;
+
+    let ingest = Arc::new(Ingest::new(events_tx, append_tx.clone(), stats.clone()));
+    {
+        let ingest = ingest.clone();
+        workers.spawn("ingest", move || ingest::run(listener, ingest))?;
+    }
+
+    {
+        let policy = Policy {
+            max_events: config.events.batch_max_events,
+            max_bytes: config.events.batch_max_bytes as usize,
+            interval: config.events.batch_interval,
+            overhead: agent_line.len(),
+            capacity: config.events.buffer_events,
+            overflow: config.events.overflow,
+        };
+        let (spill, stop, deadline, stats) =
+            (append_tx.clone(), pipeline_stop_rx.clone(), deadline.clone(), stats.clone());
+        workers.spawn("batcher", move || batcher::run(events_rx, batch_tx, spill, stop, deadline, policy, stats))?;
+    }
+
+    {
+        let up = Uploader {
+            agent: upload_agent.clone(),
+            cell: cell.clone(),
+            agent_line: agent_line.clone(),
+            compression: config.server.compression,
+            retry: config.retry.clone(),
+            request_timeout: config.server.request_timeout,
+            stats: stats.clone(),
+            rejected: RejectedLog::new(&config.agent.data_dir),
+            shutdown: pipeline_stop_rx,
+            deadline: deadline.clone(),
+        };
+        let spill = append_tx;
+        workers.spawn("uploader", move || uploader::run(up, batch_rx, qbatch_rx, ack_tx, spill))?;
+    }
+
+    let write_state = |cell: &TokenCell| {
+        let token = cell.current();
+        let exp = token.as_ref().map_or(0, |t| status::unix(t.expires_at));
+        stats.token_expires_at.store(exp, std::sync::atomic::Ordering::Relaxed);
+        let server = token.as_ref().map_or_else(|| config.server.urls[0].clone(), |t| t.server.clone());
+        if stats.last_error().is_none() {
+            if let Some(e) = cell.last_error() {
+                stats.set_error(e);
+            }
+        }
+        let state = status::State::capture(&stats, &credentials.uuid, &server, SystemTime::now());
+        if let Err(e) = status::write_state(&config.agent.run_dir, &state) {
+            log::warn!("cannot write {}: {e}", status::state_path(&config.agent.run_dir).display());
+        }
+    };
+    write_state(&cell);
 
     let result = loop {
         select! {
@@ -200,30 +291,44 @@ pub fn run(config: &Config) -> Result<(), RunError> {
             },
             recv(workers.exit_rx) -> exit => {
                 let (thread, panicked) = exit.map(|e| (e.thread, e.panicked)).unwrap_or(("unknown", false));
+                workers.exited.insert(thread);
                 log::error!("the {thread} thread ended while the agent was running; stopping so the init system can restart it");
                 break Err(RunError::WorkerDied { thread, panicked });
             }
+            default(status::STATE_INTERVAL) => write_state(&cell),
         }
     };
 
-    // Broadcast shutdown: every `recv(shutdown)` now returns Disconnected.
-    drop(shutdown_tx);
+    // (1) No more input; producers get their answers.
+    let _ = deadline.set(Instant::now() + SHUTDOWN_GRACE);
+    ingest.stop(&config.agent.run_dir, INGEST_STOP);
+    let mut stuck = workers.join(&["ingest"], INGEST_STOP);
+    // (2) Deliver within the grace, spill the rest.
+    drop(pipeline_stop_tx);
+    let until_deadline = deadline.get().map_or(SHUTDOWN_GRACE, |d| d.saturating_duration_since(Instant::now()));
+    stuck.extend(workers.join(&["batcher", "uploader"], until_deadline + Duration::from_secs(2)));
+    if !stuck.is_empty() {
+        upload_agent.shutdown();
+        stuck = workers.join(&["batcher", "uploader"], Duration::from_secs(2));
+    }
+    // (3) The queue after everyone who writes to it.
+    drop(queue_stop_tx);
+    stuck.extend(workers.join(&["queue"], Duration::from_secs(5)));
+    // (4) Token and signals.
+    drop(token_stop_tx);
     cell.close();
     signals_handle.close();
-    let exited: Vec<&'static str> = match &result {
-        Err(RunError::WorkerDied { thread, .. }) => vec![*thread],
-        _ => Vec::new(),
-    };
-    let stuck = workers.join_all(SHUTDOWN_GRACE, &exited);
-    if !stuck.is_empty() {
-        // Interrupt blocked requests (they hold sockets, not data) and give them a moment.
+    if !workers.join(&["token"], Duration::from_secs(1)).is_empty() {
+        // Cut off an authentication request in flight (it holds a socket, no data).
         auth_agent.shutdown();
-        log::warn!(
-            "threads still busy after {}s: {}; their requests were cut off",
-            SHUTDOWN_GRACE.as_secs(),
-            stuck.join(", ")
-        );
+        stuck.extend(workers.join(&["token"], Duration::from_secs(2)));
     }
+    stuck.extend(workers.join(&["signals"], Duration::from_secs(1)));
+    if !stuck.is_empty() {
+        log::warn!("threads still busy at exit: {}", stuck.join(", "));
+    }
+    write_state(&cell);
+    let _ = std::fs::remove_file(ingest::socket_path(&config.agent.run_dir));
     if result.is_ok() {
         log::info!("stopped");
     }
@@ -247,18 +352,21 @@ mod tests {
             .collect();
         exits.sort();
         assert_eq!(exits, vec![("panics", true), ("returns", false)]);
-        assert!(w.join_all(Duration::from_secs(1), &["panics", "returns"]).is_empty());
+        w.exited.extend(["panics", "returns"]);
+        assert!(w.join(&["panics", "returns"], Duration::from_secs(1)).is_empty());
     }
 
     #[test]
-    fn join_all_names_threads_still_running_after_the_grace() {
+    fn join_names_threads_still_running_after_the_grace() {
         let mut w = Workers::new();
         let (tx, rx) = crossbeam_channel::bounded::<()>(0);
         w.spawn("stuck", move || {
             let _ = rx.recv();
         })
         .unwrap();
-        assert_eq!(w.join_all(Duration::from_millis(100), &[]), vec!["stuck"]);
+        w.spawn("quick", || {}).unwrap();
+        assert!(w.join(&["quick"], Duration::from_secs(5)).is_empty());
+        assert_eq!(w.join(&["stuck"], Duration::from_millis(100)), vec!["stuck"]);
         drop(tx);
     }
 }

@@ -43,17 +43,9 @@ pub enum TokenError {
     /// The JWT is not three base64url parts with a JSON payload carrying `exp`.
     Malformed(&'static str),
     /// The server refused the credentials (401 "Invalid key" / 403 "Agent does not exist").
-    CredentialsRejected {
-        server: String,
-        status: u16,
-        message: String,
-    },
+    CredentialsRejected { server: String, status: u16, message: String },
     /// No server could be reached, or one answered with a retryable error.
-    Unavailable {
-        server: String,
-        message: String,
-        retry_after: Option<Duration>,
-    },
+    Unavailable { server: String, message: String, retry_after: Option<Duration> },
     /// A server answered something the agent cannot use (unexpected status or body).
     BadAnswer { server: String, message: String },
 }
@@ -62,11 +54,7 @@ impl fmt::Display for TokenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             TokenError::Malformed(why) => write!(f, "the server's token is not a readable JWT: {why}"),
-            TokenError::CredentialsRejected {
-                server,
-                status,
-                message,
-            } => write!(
+            TokenError::CredentialsRejected { server, status, message } => write!(
                 f,
                 "{server} refused the agent's credentials ({status} {message}); all data is kept; \
                  if the agent was removed from the server, register again with `wazuh-agent --register --force`"
@@ -160,11 +148,7 @@ impl TokenCell {
     pub fn new() -> (Arc<TokenCell>, Receiver<()>) {
         // Capacity 1: one pending wake-up is all that is needed; more would be duplicates.
         let (wake, wake_rx) = crossbeam_channel::bounded(1);
-        let cell = TokenCell {
-            state: Mutex::new(CellState::default()),
-            changed: Condvar::new(),
-            wake,
-        };
+        let cell = TokenCell { state: Mutex::new(CellState::default()), changed: Condvar::new(), wake };
         (Arc::new(cell), wake_rx)
     }
 
@@ -199,11 +183,7 @@ impl TokenCell {
             if st.closed || now >= deadline {
                 return None;
             }
-            st = self
-                .changed
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = self.changed.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -233,12 +213,7 @@ impl TokenCell {
     fn publish(&self, jwt: Secret, server: String, expires_at: SystemTime) -> Arc<Token> {
         let mut st = self.lock();
         st.generation += 1;
-        let token = Arc::new(Token {
-            jwt,
-            server,
-            generation: st.generation,
-            expires_at,
-        });
+        let token = Arc::new(Token { jwt, server, generation: st.generation, expires_at });
         st.token = Some(token.clone());
         st.refresh_for = None;
         st.last_error = None;
@@ -286,25 +261,15 @@ pub struct Fresh {
 
 impl Authenticator {
     pub fn new(agent: ureq::Agent, urls: &[String], credentials: Credentials, retry_cap: Duration) -> Authenticator {
-        Authenticator {
-            agent,
-            servers: Servers::new(urls),
-            credentials,
-            retry_cap,
-        }
+        Authenticator { agent, servers: Servers::new(urls), credentials, retry_cap }
     }
 
     /// One authentication round: the current server, then the next ones while they look
     /// down, at most once each.
     pub fn authenticate(&mut self) -> Result<Fresh, TokenError> {
-        let body = serde_json::to_vec(&AuthRequest {
-            uuid: &self.credentials.uuid,
-            key: self.credentials.key.expose(),
-        })
-        .map_err(|e| TokenError::BadAnswer {
-            server: String::new(),
-            message: e.to_string(),
-        })?;
+        let body =
+            serde_json::to_vec(&AuthRequest { uuid: &self.credentials.uuid, key: self.credentials.key.expose() })
+                .map_err(|e| TokenError::BadAnswer { server: String::new(), message: e.to_string() })?;
         let mut tried = 0;
         loop {
             let server = self.servers.current().to_string();
@@ -320,11 +285,7 @@ impl Authenticator {
                             message: format!("{} with a body that has no \"token\"", reply.status),
                         })?;
                     let claims = decode_claims(&parsed.token)?;
-                    return Ok(Fresh {
-                        jwt: Secret::new(parsed.token),
-                        server,
-                        claims,
-                    });
+                    return Ok(Fresh { jwt: Secret::new(parsed.token), server, claims });
                 }
                 (Outcome::Reauth, Ok(reply)) => {
                     return Err(TokenError::CredentialsRejected {
@@ -338,11 +299,7 @@ impl Authenticator {
                         Ok(reply) => format!("{} {}", reply.status, reply.message()),
                         Err(e) => http::describe_transport(e),
                     };
-                    let err = TokenError::Unavailable {
-                        server,
-                        message,
-                        retry_after: after,
-                    };
+                    let err = TokenError::Unavailable { server, message, retry_after: after };
                     if !failover {
                         return Err(err);
                     }
@@ -354,11 +311,9 @@ impl Authenticator {
                         message: format!("{} {}", reply.status, reply.message()),
                     });
                 }
-                (_, Err(e)) => TokenError::Unavailable {
-                    server,
-                    message: http::describe_transport(&e),
-                    retry_after: None,
-                },
+                (_, Err(e)) => {
+                    TokenError::Unavailable { server, message: http::describe_transport(&e), retry_after: None }
+                }
             };
             self.servers.advance();
             if tried >= self.servers.len() {
@@ -370,10 +325,7 @@ impl Authenticator {
 }
 
 fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 /// The token thread. Authenticates at once, then renews on schedule or on request,
@@ -418,11 +370,7 @@ pub fn run(
                 let token = cell.publish(fresh.jwt, fresh.server, SystemTime::now() + life);
                 log::info!(
                     "{} with {} (token lifetime {}s, renewal in {}ms)",
-                    if token.generation == 1 {
-                        "authenticated"
-                    } else {
-                        "token renewed"
-                    },
+                    if token.generation == 1 { "authenticated" } else { "token renewed" },
                     token.server,
                     life.as_secs(),
                     delay.as_millis()
@@ -438,10 +386,7 @@ pub fn run(
                     TokenError::CredentialsRejected { .. } => {
                         retry.max / 2 + Backoff::new(retry.max / 2, retry.max / 2).next_delay()
                     }
-                    TokenError::Unavailable {
-                        retry_after: Some(after),
-                        ..
-                    } => {
+                    TokenError::Unavailable { retry_after: Some(after), .. } => {
                         backoff.next_delay();
                         *after.max(&MIN_RENEWAL)
                     }
@@ -468,28 +413,12 @@ mod tests {
 
     #[test]
     fn decodes_claims_without_verifying() {
-        let c = decode_claims(&jwt(
-            r#"{"iss":"wazuh","aud":"Wazuh Agent comms API","iat":100,"exp":1000,"uuid":"u"}"#,
-        ))
-        .unwrap();
-        assert_eq!(
-            c,
-            Claims {
-                exp: 1000,
-                iat: Some(100)
-            }
-        );
+        let c = decode_claims(&jwt(r#"{"iss":"wazuh","aud":"Wazuh Agent comms API","iat":100,"exp":1000,"uuid":"u"}"#))
+            .unwrap();
+        assert_eq!(c, Claims { exp: 1000, iat: Some(100) });
         let c = decode_claims(&jwt(r#"{"exp":1000}"#)).unwrap();
         assert_eq!(c.iat, None);
-        for bad in [
-            "",
-            "a.b",
-            "a.b.c.d",
-            "a.!!!.c",
-            &jwt("not json"),
-            &jwt(r#"{"iat":1}"#),
-            &jwt(r#"{"exp":"x"}"#),
-        ] {
+        for bad in ["", "a.b", "a.b.c.d", "a.!!!.c", &jwt("not json"), &jwt(r#"{"iat":1}"#), &jwt(r#"{"exp":"x"}"#)] {
             assert!(decode_claims(bad).is_err(), "{bad:?}");
         }
     }
@@ -560,12 +489,8 @@ mod tests {
 
     #[test]
     fn bearer_is_not_in_debug_output() {
-        let t = Token {
-            jwt: Secret::new("eyJsecret".into()),
-            server: "s".into(),
-            generation: 1,
-            expires_at: UNIX_EPOCH,
-        };
+        let t =
+            Token { jwt: Secret::new("eyJsecret".into()), server: "s".into(), generation: 1, expires_at: UNIX_EPOCH };
         assert!(!format!("{t:?}").contains("eyJsecret"));
         assert_eq!(t.bearer(), "Bearer eyJsecret");
     }

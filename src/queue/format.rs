@@ -78,16 +78,8 @@ pub fn decode(frame: &[u8]) -> Option<Event> {
     let hlen = u32::from_le_bytes(payload.get(1..5)?.try_into().ok()?) as usize;
     let header = std::str::from_utf8(payload.get(5..5 + hlen)?).ok()?.to_string();
     let rest = std::str::from_utf8(payload.get(5 + hlen..)?).ok()?;
-    let data = if flags & HAS_DATA != 0 {
-        Some(rest.to_string())
-    } else {
-        None
-    };
-    let kind = if flags & STATEFUL != 0 {
-        Kind::Stateful
-    } else {
-        Kind::Stateless
-    };
+    let data = if flags & HAS_DATA != 0 { Some(rest.to_string()) } else { None };
+    let kind = if flags & STATEFUL != 0 { Kind::Stateful } else { Kind::Stateless };
     Some(Event { kind, header, data })
 }
 
@@ -106,10 +98,7 @@ pub struct Scan {
 
 /// Finds every intact frame in `buf[from..]`.
 pub fn scan(buf: &[u8], from: usize) -> Scan {
-    let mut s = Scan {
-        valid_end: from,
-        ..Scan::default()
-    };
+    let mut s = Scan { valid_end: from, ..Scan::default() };
     let mut pos = from;
     while pos < buf.len() {
         if let Some(len) = frame_at(buf, pos) {
@@ -163,10 +152,7 @@ mod tests {
     }
 
     fn decoded(buf: &[u8], s: &Scan) -> Vec<Event> {
-        s.frames
-            .iter()
-            .map(|r| decode(&buf[r.clone()]).expect("intact frame decodes"))
-            .collect()
+        s.frames.iter().map(|r| decode(&buf[r.clone()]).expect("intact frame decodes")).collect()
     }
 
     #[test]
@@ -205,20 +191,12 @@ mod tests {
                 let s = scan(&b, 0);
                 let hit = ranges.iter().position(|r| r.contains(&pos)).unwrap();
                 let got = decoded(&b, &s);
-                let want: Vec<Event> = all
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| *i != hit)
-                    .map(|(_, e)| e.clone())
-                    .collect();
+                let want: Vec<Event> =
+                    all.iter().enumerate().filter(|(i, _)| *i != hit).map(|(_, e)| e.clone()).collect();
                 assert_eq!(got, want, "flip {mask:#x} at {pos} (frame {hit})");
                 // Every intact frame keeps its place; nothing is invented.
-                let kept: Vec<_> = ranges
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| *i != hit)
-                    .map(|(_, r)| r.clone())
-                    .collect();
+                let kept: Vec<_> =
+                    ranges.iter().enumerate().filter(|(i, _)| *i != hit).map(|(_, r)| r.clone()).collect();
                 assert_eq!(s.frames, kept, "flip {mask:#x} at {pos}");
             }
         }
@@ -226,12 +204,7 @@ mod tests {
 
     #[test]
     fn garbage_and_zeroes_never_panic_and_yield_nothing() {
-        for buf in [
-            vec![0u8; 100],
-            vec![0xff; 100],
-            b"WZQ1\xff\xff\xff\xff".to_vec(),
-            b"WZQ1".repeat(10),
-        ] {
+        for buf in [vec![0u8; 100], vec![0xff; 100], b"WZQ1\xff\xff\xff\xff".to_vec(), b"WZQ1".repeat(10)] {
             let s = scan(&buf, 0);
             assert!(s.frames.is_empty());
             assert_eq!(s.valid_end, 0);

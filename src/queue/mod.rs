@@ -176,15 +176,9 @@ impl QueueStore {
                     "queue cursor {} is damaged; delivering the whole queue again (duplicates possible, nothing lost)",
                     cursor_path.display()
                 );
-                Pos {
-                    seg: ids.first().copied().unwrap_or(0),
-                    off: 0,
-                }
+                Pos { seg: ids.first().copied().unwrap_or(0), off: 0 }
             }),
-            Err(_) => Pos {
-                seg: ids.first().copied().unwrap_or(0),
-                off: 0,
-            },
+            Err(_) => Pos { seg: ids.first().copied().unwrap_or(0), off: 0 },
         };
         // Segments wholly behind the cursor were delivered; a crash before their deletion leaves them.
         for id in ids.iter().filter(|id| **id < cursor.seg) {
@@ -193,10 +187,7 @@ impl QueueStore {
         ids.retain(|id| *id >= cursor.seg);
         if ids.first() != Some(&cursor.seg) {
             // The cursor's segment is gone (fully delivered, or lost): start at the next one.
-            cursor = Pos {
-                seg: ids.first().copied().unwrap_or(cursor.seg),
-                off: 0,
-            };
+            cursor = Pos { seg: ids.first().copied().unwrap_or(cursor.seg), off: 0 };
         }
 
         let mut backlog_bytes = 0;
@@ -205,11 +196,7 @@ impl QueueStore {
         for &id in &ids {
             let path = dir.join(seg_name(id));
             let bytes = fs::read(&path).map_err(|e| io_err("cannot read", &path, e))?;
-            let from = if id == cursor.seg {
-                (cursor.off as usize).min(bytes.len())
-            } else {
-                0
-            };
+            let from = if id == cursor.seg { (cursor.off as usize).min(bytes.len()) } else { 0 };
             let scan = format::scan(&bytes, from);
             backlog_records += scan.frames.len() as u64;
             backlog_bytes += scan.frames.iter().map(|r| r.len() as u64).sum::<u64>();
@@ -228,12 +215,8 @@ impl QueueStore {
                 );
                 if Some(id) == last {
                     // Appends continue after the last intact record.
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .map_err(|e| io_err("cannot open", &path, e))?;
-                    f.set_len(scan.valid_end as u64)
-                        .map_err(|e| io_err("cannot truncate", &path, e))?;
+                    let f = OpenOptions::new().write(true).open(&path).map_err(|e| io_err("cannot open", &path, e))?;
+                    f.set_len(scan.valid_end as u64).map_err(|e| io_err("cannot truncate", &path, e))?;
                     f.sync_all().map_err(|e| io_err("cannot fsync", &path, e))?;
                 }
             }
@@ -259,21 +242,11 @@ impl QueueStore {
             .append(true)
             .open(&active_path)
             .map_err(|e| io_err("cannot open", &active_path, e))?;
-        let active_len = active
-            .metadata()
-            .map_err(|e| io_err("cannot stat", &active_path, e))?
-            .len();
+        let active_len = active.metadata().map_err(|e| io_err("cannot stat", &active_path, e))?.len();
         sync_dir(dir).map_err(|e| io_err("cannot fsync", dir, e))?;
-        let durable = Pos {
-            seg: active_id,
-            off: active_len,
-        };
-        stats
-            .queued
-            .store(backlog_records, std::sync::atomic::Ordering::Relaxed);
-        stats
-            .queued_bytes
-            .store(backlog_bytes, std::sync::atomic::Ordering::Relaxed);
+        let durable = Pos { seg: active_id, off: active_len };
+        stats.queued.store(backlog_records, std::sync::atomic::Ordering::Relaxed);
+        stats.queued_bytes.store(backlog_bytes, std::sync::atomic::Ordering::Relaxed);
         Ok(QueueStore {
             dir: dir.to_path_buf(),
             segments,
@@ -332,9 +305,7 @@ impl QueueStore {
             return Ok(());
         }
         let path = self.dir.join(seg_name(self.active_id()));
-        self.active
-            .write_all(buf)
-            .map_err(|e| io_err("cannot write", &path, e))?;
+        self.active.write_all(buf).map_err(|e| io_err("cannot write", &path, e))?;
         self.active_len += buf.len() as u64;
         Ok(())
     }
@@ -352,10 +323,7 @@ impl QueueStore {
             .map_err(|e| io_err("cannot create", &path, e))?;
         // The new name must be durable before records in it are acknowledged.
         sync_dir(&self.dir).map_err(|e| io_err("cannot fsync", &self.dir, e))?;
-        self.active = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(|e| io_err("cannot open", &path, e))?;
+        self.active = OpenOptions::new().append(true).open(&path).map_err(|e| io_err("cannot open", &path, e))?;
         drop(f);
         self.segments.push_back(id);
         self.active_len = 0;
@@ -365,17 +333,12 @@ impl QueueStore {
 
     /// One fsync covering everything appended since the last one (group commit).
     pub fn sync(&mut self) -> Result<(), QueueError> {
-        let end = Pos {
-            seg: self.active_id(),
-            off: self.active_len,
-        };
+        let end = Pos { seg: self.active_id(), off: self.active_len };
         if end == self.durable {
             return Ok(());
         }
         // fdatasync: the data and the file size are what recovery needs; timestamps are not.
-        self.active
-            .sync_data()
-            .map_err(|e| io_err("cannot fsync", &self.dir.join(seg_name(self.active_id())), e))?;
+        self.active.sync_data().map_err(|e| io_err("cannot fsync", &self.dir.join(seg_name(self.active_id())), e))?;
         self.durable = end;
         self.publish_stats();
         Ok(())
@@ -409,11 +372,8 @@ impl QueueStore {
         };
         let len = end.saturating_sub(self.read.off);
         let mut bytes = Vec::with_capacity(len as usize);
-        f.seek(SeekFrom::Start(self.read.off))
-            .map_err(|e| io_err("cannot seek", &path, e))?;
-        f.take(len)
-            .read_to_end(&mut bytes)
-            .map_err(|e| io_err("cannot read", &path, e))?;
+        f.seek(SeekFrom::Start(self.read.off)).map_err(|e| io_err("cannot seek", &path, e))?;
+        f.take(len).read_to_end(&mut bytes).map_err(|e| io_err("cannot read", &path, e))?;
         let scan = format::scan(&bytes, 0);
         if scan.skipped + scan.torn > 0 {
             log::error!(
@@ -422,13 +382,7 @@ impl QueueStore {
                 scan.skipped + scan.torn
             );
         }
-        self.loaded = Some(Loaded {
-            seg,
-            base: self.read.off,
-            bytes,
-            frames: scan.frames,
-            next: 0,
-        });
+        self.loaded = Some(Loaded { seg, base: self.read.off, bytes, frames: scan.frames, next: 0 });
         Ok(())
     }
 
@@ -453,12 +407,7 @@ impl QueueStore {
                 let end = l.base + l.bytes.len() as u64;
                 self.loaded = None;
                 if self.read.seg < self.durable.seg {
-                    let next = self
-                        .segments
-                        .iter()
-                        .copied()
-                        .find(|s| *s > self.read.seg)
-                        .unwrap_or(self.durable.seg);
+                    let next = self.segments.iter().copied().find(|s| *s > self.read.seg).unwrap_or(self.durable.seg);
                     self.read = Pos { seg: next, off: 0 };
                     continue;
                 }
@@ -467,10 +416,7 @@ impl QueueStore {
             }
             let r = l.frames[l.next].clone();
             let Some(event) = format::decode(&l.bytes[r.clone()]) else {
-                log::error!(
-                    "queue: skipped an intact frame with an undecodable payload in segment {}",
-                    l.seg
-                );
+                log::error!("queue: skipped an intact frame with an undecodable payload in segment {}", l.seg);
                 l.next += 1;
                 self.read.off = l.base + r.end as u64;
                 continue;
@@ -492,22 +438,12 @@ impl QueueStore {
                 let consumed_to = l.base + l.bytes.len() as u64;
                 if self.read.off >= consumed_to {
                     self.loaded = None;
-                    let next = self
-                        .segments
-                        .iter()
-                        .copied()
-                        .find(|s| *s > self.read.seg)
-                        .unwrap_or(self.durable.seg);
+                    let next = self.segments.iter().copied().find(|s| *s > self.read.seg).unwrap_or(self.durable.seg);
                     self.read = Pos { seg: next, off: 0 };
                 }
             }
         }
-        Ok(kind.map(|kind| QueueBatch {
-            kind,
-            events,
-            end: self.read,
-            frame_bytes,
-        }))
+        Ok(kind.map(|kind| QueueBatch { kind, events, end: self.read, frame_bytes }))
     }
 
     /// Records a delivered batch: persists the cursor, deletes passed segments.
@@ -540,7 +476,8 @@ impl QueueStore {
 }
 
 /// The queue thread. Serves appends (group commit), hands one batch at a time to the
-/// uploader and applies its acks, until `stop` is closed.
+/// uploader and applies its acks, until `stop` is closed. If the uploader goes away
+/// (shutdown), appends are still served: the batcher spills into the queue last.
 pub fn run(
     mut store: QueueStore,
     appends: Receiver<Append>,
@@ -549,10 +486,12 @@ pub fn run(
     stop: Receiver<()>,
     limits: BatchLimits,
 ) {
+    let never_acks = crossbeam_channel::never::<Ack>();
+    let mut uploader_gone = false;
     let mut in_flight = false;
     let mut pending: Option<QueueBatch> = None;
     loop {
-        if !in_flight && pending.is_none() && store.has_unread() {
+        if !uploader_gone && !in_flight && pending.is_none() && store.has_unread() {
             match store.next_batch(limits) {
                 Ok(b) => pending = b,
                 Err(e) => {
@@ -561,22 +500,23 @@ pub fn run(
                 }
             }
         }
+        let ack_in = if uploader_gone { &never_acks } else { &acks };
         if let Some(batch) = pending.take() {
             // `batch` moves into the send only if the uploader takes it (select! evaluates
-            // a send's message lazily); otherwise it is put back below.
+            // a send's message lazily); otherwise it stays in `slot` for the next round.
             let mut slot = Some(batch);
             select! {
                 send(batches, take(&mut slot)) -> res => {
-                    if res.is_err() { break; }
-                    in_flight = true;
+                    // A failed send means the uploader is gone; the records stay on disk.
+                    if res.is_err() { uploader_gone = true; } else { in_flight = true; }
                 }
                 recv(appends) -> msg => match msg {
                     Ok(a) => serve_appends(&mut store, a, &appends),
                     Err(_) => break,
                 },
-                recv(acks) -> msg => match msg {
+                recv(ack_in) -> msg => match msg {
                     Ok(a) => { apply_ack(&mut store, a); in_flight = false; }
-                    Err(_) => break,
+                    Err(_) => uploader_gone = true,
                 },
                 recv(stop) -> _ => break,
             }
@@ -587,9 +527,9 @@ pub fn run(
                     Ok(a) => serve_appends(&mut store, a, &appends),
                     Err(_) => break,
                 },
-                recv(acks) -> msg => match msg {
+                recv(ack_in) -> msg => match msg {
                     Ok(a) => { apply_ack(&mut store, a); in_flight = false; }
-                    Err(_) => break,
+                    Err(_) => uploader_gone = true,
                 },
                 recv(stop) -> _ => break,
             }
@@ -606,12 +546,7 @@ pub fn run(
 
 fn take(slot: &mut Option<QueueBatch>) -> QueueBatch {
     // Only reached when `slot` holds the batch: the send arm exists only then.
-    slot.take().unwrap_or(QueueBatch {
-        kind: Kind::Stateful,
-        events: Vec::new(),
-        end: Pos::default(),
-        frame_bytes: 0,
-    })
+    slot.take().unwrap_or(QueueBatch { kind: Kind::Stateful, events: Vec::new(), end: Pos::default(), frame_bytes: 0 })
 }
 
 fn apply_ack(store: &mut QueueStore, ack: Ack) {
@@ -678,11 +613,7 @@ mod tests {
         }
     }
 
-    const LIMITS: BatchLimits = BatchLimits {
-        max_events: 1000,
-        max_bytes: 1 << 20,
-        overhead: 100,
-    };
+    const LIMITS: BatchLimits = BatchLimits { max_events: 1000, max_bytes: 1 << 20, overhead: 100 };
 
     fn open(dir: &Path) -> QueueStore {
         QueueStore::open(dir, 1 << 30, Arc::new(Stats::default())).unwrap()
@@ -692,12 +623,7 @@ mod tests {
         let mut out = Vec::new();
         while let Some(b) = q.next_batch(limits).unwrap() {
             let n = b.events.len() as u64;
-            q.ack(Ack {
-                end: b.end,
-                records: n,
-                frame_bytes: b.frame_bytes,
-            })
-            .unwrap();
+            q.ack(Ack { end: b.end, records: n, frame_bytes: b.frame_bytes }).unwrap();
             out.extend(b.events);
         }
         out
@@ -711,28 +637,11 @@ mod tests {
             let mut q = open(dir.path());
             q.append(&events).unwrap();
             q.sync().unwrap();
-            let b = q
-                .next_batch(BatchLimits {
-                    max_events: 20,
-                    ..LIMITS
-                })
-                .unwrap()
-                .unwrap();
+            let b = q.next_batch(BatchLimits { max_events: 20, ..LIMITS }).unwrap().unwrap();
             assert_eq!(b.events, events[..20]);
-            q.ack(Ack {
-                end: b.end,
-                records: 20,
-                frame_bytes: b.frame_bytes,
-            })
-            .unwrap();
+            q.ack(Ack { end: b.end, records: 20, frame_bytes: b.frame_bytes }).unwrap();
             // The next batch is read but never acked: it comes back after a restart.
-            let b = q
-                .next_batch(BatchLimits {
-                    max_events: 20,
-                    ..LIMITS
-                })
-                .unwrap()
-                .unwrap();
+            let b = q.next_batch(BatchLimits { max_events: 20, ..LIMITS }).unwrap().unwrap();
             assert_eq!(b.events, events[20..40]);
         }
         let mut q = open(dir.path());
@@ -747,33 +656,17 @@ mod tests {
         let mut q = open(dir.path());
         let mut events = Vec::new();
         for i in 0..30 {
-            events.push(ev(
-                i,
-                if (i / 10) % 2 == 0 {
-                    Kind::Stateful
-                } else {
-                    Kind::Stateless
-                },
-            ));
+            events.push(ev(i, if (i / 10) % 2 == 0 { Kind::Stateful } else { Kind::Stateless }));
         }
         q.append(&events).unwrap();
         q.sync().unwrap();
         let one = ev(0, Kind::Stateful).wire_len();
-        let limits = BatchLimits {
-            max_events: 1000,
-            max_bytes: 100 + one * 4,
-            overhead: 100,
-        };
+        let limits = BatchLimits { max_events: 1000, max_bytes: 100 + one * 4, overhead: 100 };
         let mut sizes = Vec::new();
         while let Some(b) = q.next_batch(limits).unwrap() {
             assert!(b.events.iter().all(|e| e.kind == b.kind));
             sizes.push(b.events.len());
-            q.ack(Ack {
-                end: b.end,
-                records: b.events.len() as u64,
-                frame_bytes: b.frame_bytes,
-            })
-            .unwrap();
+            q.ack(Ack { end: b.end, records: b.events.len() as u64, frame_bytes: b.frame_bytes }).unwrap();
         }
         assert_eq!(sizes, vec![4, 4, 2, 4, 4, 2, 4, 4, 2]);
     }
@@ -797,14 +690,7 @@ mod tests {
                 .count()
         };
         assert!(segs() >= 3, "{} segments", segs());
-        let got = drain(
-            &mut q,
-            BatchLimits {
-                max_events: 3,
-                max_bytes: 16 << 20,
-                overhead: 0,
-            },
-        );
+        let got = drain(&mut q, BatchLimits { max_events: 3, max_bytes: 16 << 20, overhead: 0 });
         assert_eq!(got, events);
         assert_eq!(segs(), 1, "delivered segments deleted, the active one kept");
         drop(q);
@@ -819,10 +705,7 @@ mod tests {
         let one = format::frame_len(&ev(0, Kind::Stateful)) as u64;
         let mut q = QueueStore::open(dir.path(), one * 3, Arc::new(Stats::default())).unwrap();
         q.append(&[ev(0, Kind::Stateful), ev(1, Kind::Stateful)]).unwrap();
-        assert!(matches!(
-            q.append(&[ev(2, Kind::Stateful), ev(3, Kind::Stateful)]),
-            Err(QueueError::Full { .. })
-        ));
+        assert!(matches!(q.append(&[ev(2, Kind::Stateful), ev(3, Kind::Stateful)]), Err(QueueError::Full { .. })));
         q.append(&[ev(2, Kind::Stateful)]).unwrap();
         q.sync().unwrap();
         assert_eq!(drain(&mut q, LIMITS).len(), 3);
@@ -840,12 +723,7 @@ mod tests {
         }
         let seg = dir.path().join(seg_name(0));
         let len = fs::metadata(&seg).unwrap().len();
-        OpenOptions::new()
-            .write(true)
-            .open(&seg)
-            .unwrap()
-            .set_len(len - 7)
-            .unwrap();
+        OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 7).unwrap();
         let mut q = open(dir.path());
         assert_eq!(q.backlog().0, 4);
         q.append(&[ev(9, Kind::Stateful)]).unwrap();
@@ -863,19 +741,8 @@ mod tests {
             let mut q = open(dir.path());
             q.append(&[ev(0, Kind::Stateful), ev(1, Kind::Stateful)]).unwrap();
             q.sync().unwrap();
-            let b = q
-                .next_batch(BatchLimits {
-                    max_events: 1,
-                    ..LIMITS
-                })
-                .unwrap()
-                .unwrap();
-            q.ack(Ack {
-                end: b.end,
-                records: 1,
-                frame_bytes: b.frame_bytes,
-            })
-            .unwrap();
+            let b = q.next_batch(BatchLimits { max_events: 1, ..LIMITS }).unwrap().unwrap();
+            q.ack(Ack { end: b.end, records: 1, frame_bytes: b.frame_bytes }).unwrap();
         }
         fs::write(dir.path().join("cursor"), b"garbage").unwrap();
         let mut q = open(dir.path());
@@ -894,12 +761,7 @@ mod tests {
         let replies: Vec<_> = (0..10)
             .map(|i| {
                 let (tx, rx) = crossbeam_channel::bounded(1);
-                append_tx
-                    .send(Append {
-                        events: vec![ev(i, Kind::Stateful)],
-                        reply: tx,
-                    })
-                    .unwrap();
+                append_tx.send(Append { events: vec![ev(i, Kind::Stateful)], reply: tx }).unwrap();
                 rx
             })
             .collect();
@@ -910,13 +772,7 @@ mod tests {
         while got < 10 {
             let b = batch_rx.recv().unwrap();
             got += b.events.len();
-            ack_tx
-                .send(Ack {
-                    end: b.end,
-                    records: b.events.len() as u64,
-                    frame_bytes: b.frame_bytes,
-                })
-                .unwrap();
+            ack_tx.send(Ack { end: b.end, records: b.events.len() as u64, frame_bytes: b.frame_bytes }).unwrap();
         }
         drop(stop_tx);
         t.join().unwrap();

@@ -12,14 +12,8 @@ fn version_and_help() {
     let out = Command::new(bin()).arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in [
-        "--register",
-        "--send",
-        "--status",
-        "--check-config",
-        "--password-file",
-        "WAZUH_REGISTRATION_PASSWORD",
-    ] {
+    for flag in ["--register", "--send", "--status", "--check-config", "--password-file", "WAZUH_REGISTRATION_PASSWORD"]
+    {
         assert!(help.contains(flag), "help lacks {flag}");
     }
 }
@@ -32,10 +26,7 @@ fn check_config_prints_effective_values() {
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("events.batch_interval = \"250ms\""), "{stdout}");
-    assert!(
-        stdout.contains(&format!("agent.data_dir = {:?}", env.data_dir().display().to_string())),
-        "{stdout}"
-    );
+    assert!(stdout.contains(&format!("agent.data_dir = {:?}", env.data_dir().display().to_string())), "{stdout}");
 }
 
 #[test]
@@ -51,38 +42,25 @@ fn bad_config_names_file_and_key() {
     let out = env.cmd().arg("--check-config").output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let t = text(&out);
-    assert!(
-        t.contains("events.bogus_key") && t.contains(&env.config.display().to_string()),
-        "{t}"
-    );
+    assert!(t.contains("events.bogus_key") && t.contains(&env.config.display().to_string()), "{t}");
 }
 
 #[test]
 fn missing_explicit_config_is_an_error_and_env_variable_is_honoured() {
-    let out = Command::new(bin())
-        .args(["--check-config", "--config", "/nonexistent/agent.toml"])
-        .output()
-        .unwrap();
+    let out = Command::new(bin()).args(["--check-config", "--config", "/nonexistent/agent.toml"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains("/nonexistent/agent.toml"));
 
     let env = Env::new();
     env.write_config("agent.name = \"from-env\"");
-    let out = Command::new(bin())
-        .arg("--check-config")
-        .env("WAZUH_AGENT_CONFIG", &env.config)
-        .output()
-        .unwrap();
+    let out = Command::new(bin()).arg("--check-config").env("WAZUH_AGENT_CONFIG", &env.config).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("agent.name = \"from-env\""));
 }
 
 #[test]
 fn usage_errors_name_the_flag() {
-    let out = Command::new(bin())
-        .args(["--register", "--url", "https://x"])
-        .output()
-        .unwrap();
+    let out = Command::new(bin()).args(["--register", "--url", "https://x"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains("--user"), "{}", text(&out));
     let out = Command::new(bin()).arg("--frobnicate").output().unwrap();
@@ -93,9 +71,6 @@ fn usage_errors_name_the_flag() {
 #[test]
 fn shipped_config_is_valid() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/etc/wazuh-agent.toml");
-    let out = Command::new(bin())
-        .args(["--check-config", "--config", path])
-        .output()
-        .unwrap();
+    let out = Command::new(bin()).args(["--check-config", "--config", path]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
 }

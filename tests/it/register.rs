@@ -34,22 +34,14 @@ fn registers_and_stores_credentials_privately() {
     assert_eq!(agents[0].id, uuid);
     assert_eq!(agents[0].key, key);
     let host = &agents[0].registration["host"];
-    assert!(
-        host["os"]["name"].is_string() && host["architecture"].is_string() && host["ip"].is_array(),
-        "{host}"
-    );
+    assert!(host["os"]["name"].is_string() && host["architecture"].is_string() && host["ip"].is_array(), "{host}");
     assert_eq!(agents[0].registration["type"], "Endpoint");
 
     // No secret in anything the command printed.
     let printed = text(&out);
     assert!(!printed.contains(&key) && !printed.contains(PASSWORD), "{printed}");
     // Every request carried the agent's User-Agent.
-    assert!(
-        env.mock
-            .requests()
-            .iter()
-            .all(|r| r.user_agent.starts_with("wazuh-agent-rs/"))
-    );
+    assert!(env.mock.requests().iter().all(|r| r.user_agent.starts_with("wazuh-agent-rs/")));
 }
 
 #[test]
@@ -61,11 +53,7 @@ fn refuses_when_already_registered_without_force_and_sends_nothing() {
 
     let out = env.register(&[]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out).contains("already registered") && text(&out).contains("--force"),
-        "{}",
-        text(&out)
-    );
+    assert!(text(&out).contains("already registered") && text(&out).contains("--force"), "{}", text(&out));
     assert_eq!(std::fs::read(env.data_dir().join("credentials.json")).unwrap(), before);
     assert_eq!(env.mock.requests().len(), requests, "no request sent");
 
@@ -81,12 +69,7 @@ fn wrong_password_is_refused_and_stores_nothing() {
     let env = Env::new();
     let pw = env.dir.path().join("wrong");
     std::fs::write(&pw, "not-the-password\n").unwrap();
-    let out = env
-        .cmd()
-        .args(["--register", "--user", "wazuh", "--password-file"])
-        .arg(&pw)
-        .output()
-        .unwrap();
+    let out = env.cmd().args(["--register", "--user", "wazuh", "--password-file"]).arg(&pw).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let t = text(&out);
     assert!(t.contains("401") && t.contains("refused"), "{t}");
@@ -158,10 +141,7 @@ fn missing_password_names_both_sources() {
     let out = env.cmd().args(["--register", "--user", "wazuh"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let t = text(&out);
-    assert!(
-        t.contains("--password-file") && t.contains("WAZUH_REGISTRATION_PASSWORD"),
-        "{t}"
-    );
+    assert!(t.contains("--password-file") && t.contains("WAZUH_REGISTRATION_PASSWORD"), "{t}");
 }
 
 #[test]
@@ -171,10 +151,7 @@ fn unreachable_server_fails_clearly() {
     let out = env.register(&["--url", &url]);
     assert_eq!(out.status.code(), Some(1));
     let t = text(&out);
-    assert!(
-        t.contains("cannot connect") && t.contains("connection refused") && t.contains(&url),
-        "{t}"
-    );
+    assert!(t.contains("cannot connect") && t.contains("connection refused") && t.contains(&url), "{t}");
 }
 
 #[test]
@@ -213,10 +190,7 @@ fn registers_through_an_explicit_connect_proxy_with_credentials() {
     let proxy = ConnectProxy::start(Some(&base64::engine::general_purpose::STANDARD.encode("pu:pp")));
     env.write_config(&format!("server.proxy = \"http://pu:pp@127.0.0.1:{}\"", proxy.port));
     env.registered();
-    assert!(
-        proxy.tunnels.load(std::sync::atomic::Ordering::SeqCst) >= 1,
-        "the request went through the proxy"
-    );
+    assert!(proxy.tunnels.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the request went through the proxy");
 
     // Proxy variables in the environment are ignored: a dead proxy there changes nothing.
     std::fs::remove_file(env.data_dir().join("credentials.json")).unwrap();

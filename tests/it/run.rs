@@ -11,23 +11,14 @@ fn runs_authenticates_and_stops_cleanly_on_sigterm() {
     env.registered();
     let mut agent = env.spawn_agent();
     assert!(
-        wait_for(Duration::from_secs(15), || env
-            .mock
-            .auth_calls()
-            .iter()
-            .filter(|c| c.status == 200)
-            .count()
-            >= 3),
+        wait_for(Duration::from_secs(15), || env.mock.auth_calls().iter().filter(|c| c.status == 200).count() >= 3),
         "the agent authenticated and renewed its token: {}",
         agent.log()
     );
     agent.signal(libc::SIGTERM);
     assert_eq!(agent.wait_exit(Duration::from_secs(10)), Some(0), "{}", agent.log());
     let log = agent.log();
-    assert!(
-        log.contains("authenticated with") && log.contains("token renewed") && log.contains("stopped"),
-        "{log}"
-    );
+    assert!(log.contains("authenticated with") && log.contains("token renewed") && log.contains("stopped"), "{log}");
 }
 
 #[test]
@@ -45,11 +36,7 @@ fn refuses_to_run_unregistered() {
     let env = Env::new();
     let out = env.cmd().output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out).contains("not registered") && text(&out).contains("--register"),
-        "{}",
-        text(&out)
-    );
+    assert!(text(&out).contains("not registered") && text(&out).contains("--register"), "{}", text(&out));
 }
 
 #[test]
@@ -73,14 +60,4 @@ fn no_secret_reaches_the_logs() {
     // A JWT always starts with the base64 of '{"' ("eyJ").
     let leaked: Vec<&str> = log.lines().filter(|l| l.contains("eyJ")).collect();
     assert!(leaked.is_empty(), "a token leaked into the log: {leaked:?}");
-}
-
-#[test]
-fn send_and_status_are_not_available_yet() {
-    let env = Env::new();
-    for flag in ["--send", "--status"] {
-        let out = env.cmd().arg(flag).output().unwrap();
-        assert_ne!(out.status.code(), Some(0));
-        assert!(text(&out).contains("not available"), "{}", text(&out));
-    }
 }

@@ -47,20 +47,11 @@ impl Env {
     /// whatever it did not set. `extra` uses dotted keys at the top (`server.verify = …`).
     pub fn write_config(&self, extra: &str) {
         let mut keys: Vec<(String, String)> = vec![
-            (
-                "agent.data_dir".into(),
-                format!("{:?}", self.data_dir().display().to_string()),
-            ),
-            (
-                "agent.run_dir".into(),
-                format!("{:?}", self.dir.path().join("run").display().to_string()),
-            ),
+            ("agent.data_dir".into(), format!("{:?}", self.data_dir().display().to_string())),
+            ("agent.run_dir".into(), format!("{:?}", self.dir.path().join("run").display().to_string())),
             ("server.url".into(), format!("{:?}", self.mock.comms_url())),
             ("server.registration_url".into(), format!("{:?}", self.mock.mgmt_url())),
-            (
-                "server.ca_file".into(),
-                format!("{:?}", self.mock.ca_file().display().to_string()),
-            ),
+            ("server.ca_file".into(), format!("{:?}", self.mock.ca_file().display().to_string())),
             ("server.request_timeout".into(), "\"5s\"".into()),
             ("retry.initial".into(), "\"100ms\"".into()),
             ("retry.max".into(), "\"1s\"".into()),
@@ -91,10 +82,7 @@ impl Env {
 
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(bin());
-        c.arg("--config")
-            .arg(&self.config)
-            .env_remove("WAZUH_REGISTRATION_PASSWORD")
-            .env_remove("WAZUH_AGENT_CONFIG");
+        c.arg("--config").arg(&self.config).env_remove("WAZUH_REGISTRATION_PASSWORD").env_remove("WAZUH_AGENT_CONFIG");
         c
     }
 
@@ -121,9 +109,7 @@ impl Env {
     fn register_cmd(&self, args: &[&str]) -> Command {
         let pw = self.password_file();
         let mut c = self.cmd();
-        c.args(["--register", "--user", "wazuh", "--password-file"])
-            .arg(pw)
-            .args(args);
+        c.args(["--register", "--user", "wazuh", "--password-file"]).arg(pw).args(args);
         c
     }
 
@@ -137,12 +123,8 @@ impl Env {
     /// Starts the agent in run mode, stderr captured to a file in the temp dir.
     pub fn spawn_agent(&self) -> Agent {
         let log = self.dir.path().join("agent.log");
-        let child = self
-            .cmd()
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn agent");
+        let child =
+            self.cmd().stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().expect("spawn agent");
         Agent { child, log }
     }
 }
@@ -185,11 +167,7 @@ impl Drop for Agent {
 
 /// stdout and stderr of a finished command, for assertion messages.
 pub fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 /// Polls `check` until it holds or `timeout` passes.
@@ -265,9 +243,7 @@ impl ConnectProxy {
                         return;
                     };
                     count.fetch_add(1, Ordering::SeqCst);
-                    client
-                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                        .unwrap();
+                    client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").unwrap();
                     let (mut c2, mut u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
                     let (mut c1, mut u1) = (client, upstream);
                     std::thread::spawn(move || {
@@ -280,5 +256,96 @@ impl ConnectProxy {
             }
         });
         ConnectProxy { port, tunnels }
+    }
+}
+
+/// A stateless event line whose `event.original` is `msg-<i>`.
+pub fn stateless(i: usize) -> String {
+    format!(
+        r#"{{"header":{{"module":"logcollector","collector":"file"}},"data":{{"event":{{"original":"msg-{i}"}},"log":{{"file":{{"path":"/var/log/test.log"}}}}}}}}"#
+    )
+}
+
+/// A stateful inventory create whose id is `pkg-<i>`.
+pub fn stateful(i: usize) -> String {
+    format!(
+        r#"{{"header":{{"module":"inventory","collector":"packages","operation":"create","id":"pkg-{i}"}},"data":{{"package":{{"name":"p{i}","version":"1.0"}}}}}}"#
+    )
+}
+
+pub fn lines(items: impl IntoIterator<Item = String>) -> String {
+    let mut s = items.into_iter().collect::<Vec<_>>().join("\n");
+    s.push('\n');
+    s
+}
+
+/// `event.original` of every stateless event the mock received.
+pub fn originals(mock: &MockServer) -> Vec<String> {
+    mock.stateless_events()
+        .iter()
+        .filter_map(|e| e.data.as_ref()?.pointer("/event/original")?.as_str().map(str::to_string))
+        .collect()
+}
+
+/// `id` of every stateful event the mock received.
+pub fn stateful_ids(mock: &MockServer) -> Vec<String> {
+    mock.stateful_events().iter().filter_map(|e| e.header.get("id")?.as_str().map(str::to_string)).collect()
+}
+
+/// Sorted and checked for duplicates.
+pub fn unique(mut v: Vec<String>) -> (usize, usize) {
+    let total = v.len();
+    v.sort();
+    v.dedup();
+    (v.len(), total - v.len())
+}
+
+impl Env {
+    /// Runs `--send` with `input` on stdin; returns its output.
+    pub fn send(&self, input: &str) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .cmd()
+            .arg("--send")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn --send");
+        let mut stdin = child.stdin.take().unwrap();
+        let data = input.as_bytes().to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&data);
+        });
+        let out = child.wait_with_output().expect("--send output");
+        writer.join().unwrap();
+        out
+    }
+
+    /// Parsed reply of `--send`.
+    pub fn send_ok(&self, input: &str) -> serde_json::Value {
+        let out = self.send(input);
+        assert!(out.status.success(), "--send failed: {}", text(&out));
+        serde_json::from_slice(&out.stdout).expect("reply is JSON")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("run").join("ingest.sock")
+    }
+
+    /// Registers, starts the agent and waits until it listens and has a token.
+    pub fn running_agent(&self) -> Agent {
+        if !self.data_dir().join("credentials.json").exists() {
+            self.registered();
+        }
+        let before = self.mock.auth_calls().iter().filter(|c| c.status == 200).count();
+        let agent = self.spawn_agent();
+        assert!(
+            wait_for(Duration::from_secs(15), || self.socket().exists()
+                && self.mock.auth_calls().iter().filter(|c| c.status == 200).count() > before),
+            "agent did not come up: {}",
+            agent.log()
+        );
+        agent
     }
 }

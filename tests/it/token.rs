@@ -34,25 +34,14 @@ fn start(env: &Env, urls: Vec<String>, uuid: &str) -> TokenThread {
     let mut config = Config::load(Some(&env.config)).unwrap();
     config.server.urls = urls;
     let agent = http::build_agent(&config.server, Duration::from_secs(5)).unwrap();
-    let creds = Credentials {
-        uuid: uuid.into(),
-        key: Secret::new(KEY.into()),
-        name: "t".into(),
-    };
-    let retry = RetryConfig {
-        initial: Duration::from_millis(200),
-        max: Duration::from_secs(2),
-    };
+    let creds = Credentials { uuid: uuid.into(), key: Secret::new(KEY.into()), name: "t".into() };
+    let retry = RetryConfig { initial: Duration::from_millis(200), max: Duration::from_secs(2) };
     let auth = Authenticator::new(agent, &config.server.urls, creds, retry.max);
     let (cell, wake) = TokenCell::new();
     let (shutdown_tx, shutdown_rx) = crossbeam_channel::bounded(0);
     let c = cell.clone();
     let handle = std::thread::spawn(move || token::run(c, wake, shutdown_rx, auth, &retry));
-    TokenThread {
-        cell,
-        shutdown: Some(shutdown_tx),
-        handle: Some(handle),
-    }
+    TokenThread { cell, shutdown: Some(shutdown_tx), handle: Some(handle) }
 }
 
 fn registered_env() -> (Env, String) {
@@ -63,12 +52,7 @@ fn registered_env() -> (Env, String) {
 }
 
 fn ok_auth_calls(env: &Env) -> Vec<Instant> {
-    env.mock
-        .auth_calls()
-        .iter()
-        .filter(|c| c.status == 200)
-        .map(|c| c.at)
-        .collect()
+    env.mock.auth_calls().iter().filter(|c| c.status == 200).map(|c| c.at).collect()
 }
 
 #[test]
@@ -76,21 +60,12 @@ fn renews_before_expiry_with_a_three_second_token() {
     let (env, uuid) = registered_env();
     env.mock.set_token_lifetime(3);
     let t = start(&env, vec![env.mock.comms_url()], &uuid);
-    assert!(wait_for(Duration::from_secs(15), || t
-        .cell
-        .current()
-        .is_some_and(|tok| tok.generation >= 4)));
+    assert!(wait_for(Duration::from_secs(15), || t.cell.current().is_some_and(|tok| tok.generation >= 4)));
     let calls = ok_auth_calls(&env);
     for pair in calls.windows(2) {
         let gap = pair[1] - pair[0];
-        assert!(
-            gap < Duration::from_secs(3),
-            "renewed {gap:?} after the previous token: it had expired"
-        );
-        assert!(
-            gap >= token::MIN_RENEWAL / 2,
-            "renewed only {gap:?} later: a refresh loop"
-        );
+        assert!(gap < Duration::from_secs(3), "renewed {gap:?} after the previous token: it had expired");
+        assert!(gap >= token::MIN_RENEWAL / 2, "renewed only {gap:?} later: a refresh loop");
     }
     // The token in use is accepted by the server.
     let tok = t.cell.current().unwrap();
@@ -98,12 +73,7 @@ fn renews_before_expiry_with_a_three_second_token() {
     let agent = http::build_agent(&config.server, Duration::from_secs(5)).unwrap();
     let url = format!("{}/api/v1/files?file_name=none.yml", tok.server);
     let reply = http::send(&agent, "GET", &url, Some(&tok.bearer()), None).unwrap();
-    assert_eq!(
-        reply.status,
-        404,
-        "authorized (file simply absent): {}",
-        reply.message()
-    );
+    assert_eq!(reply.status, 404, "authorized (file simply absent): {}", reply.message());
 }
 
 #[test]
@@ -125,18 +95,13 @@ fn many_threads_refused_at_once_cause_exactly_one_reauthentication() {
                     let url = format!("{}/api/v1/files?file_name=none.yml", tok.server);
                     let reply = http::send(&agent, "GET", &url, Some(&tok.bearer()), None).unwrap();
                     match http::classify(
-                        http::Attempt::Status {
-                            code: reply.status,
-                            retry_after: None,
-                        },
+                        http::Attempt::Status { code: reply.status, retry_after: None },
                         std::time::SystemTime::now(),
                         Duration::from_secs(1),
                     ) {
                         http::Outcome::Reauth => {
                             cell.refused(tok.generation);
-                            tok = cell
-                                .wait_newer(tok.generation, Duration::from_secs(10))
-                                .expect("new token");
+                            tok = cell.wait_newer(tok.generation, Duration::from_secs(10)).expect("new token");
                         }
                         _ => return reply.status,
                     }
@@ -148,11 +113,7 @@ fn many_threads_refused_at_once_cause_exactly_one_reauthentication() {
     for w in workers {
         assert_eq!(w.join().unwrap(), 404, "request succeeded with the renewed token");
     }
-    assert_eq!(
-        ok_auth_calls(&env).len(),
-        2,
-        "initial authentication + exactly one refresh"
-    );
+    assert_eq!(ok_auth_calls(&env).len(), 2, "initial authentication + exactly one refresh");
     assert_eq!(t.cell.current().unwrap().generation, first.generation + 1);
 }
 
@@ -163,19 +124,13 @@ fn clock_skew_does_not_cause_a_refresh_loop() {
         env.mock.set_clock_offset(offset);
         env.mock.set_token_lifetime(4);
         let t = start(&env, vec![env.mock.comms_url()], &uuid);
-        assert!(wait_for(Duration::from_secs(10), || t
-            .cell
-            .current()
-            .is_some_and(|tok| tok.generation >= 2)));
+        assert!(wait_for(Duration::from_secs(10), || t.cell.current().is_some_and(|tok| tok.generation >= 2)));
         let started = Instant::now();
         let before = ok_auth_calls(&env).len();
         std::thread::sleep(Duration::from_secs(3));
         let renewals = ok_auth_calls(&env).len() - before;
         // A 4 s token is renewed every 2 s by exp - iat; a loop would make hundreds of calls.
-        assert!(
-            renewals <= (started.elapsed().as_secs() as usize) + 1,
-            "offset {offset}: {renewals} renewals in 3 s"
-        );
+        assert!(renewals <= (started.elapsed().as_secs() as usize) + 1, "offset {offset}: {renewals} renewals in 3 s");
     }
 }
 
@@ -186,10 +141,7 @@ fn dead_credentials_are_retried_slowly_and_nothing_is_deleted() {
     let creds = Credentials::load(&env.data_dir()).unwrap();
     env.mock.remove_agent(&creds.uuid);
     let mut config = Config::load(Some(&env.config)).unwrap();
-    config.retry = RetryConfig {
-        initial: Duration::from_millis(100),
-        max: Duration::from_millis(800),
-    };
+    config.retry = RetryConfig { initial: Duration::from_millis(100), max: Duration::from_millis(800) };
     let agent = http::build_agent(&config.server, Duration::from_secs(5)).unwrap();
     let auth = Authenticator::new(agent, &config.server.urls, creds.clone(), config.retry.max);
     let (cell, wake) = TokenCell::new();
@@ -199,21 +151,14 @@ fn dead_credentials_are_retried_slowly_and_nothing_is_deleted() {
     let h = std::thread::spawn(move || token::run(c, wake, shutdown_rx, auth, &retry));
     assert!(wait_for(Duration::from_secs(5), || cell.last_error().is_some()));
     let msg = cell.last_error().unwrap();
-    assert!(
-        msg.contains("Agent does not exist") && msg.contains("--register --force"),
-        "{msg}"
-    );
+    assert!(msg.contains("Agent does not exist") && msg.contains("--register --force"), "{msg}");
     std::thread::sleep(Duration::from_secs(2));
     drop(shutdown_tx);
     h.join().unwrap();
     // Retries happen at least retry.max / 2 apart.
     let calls = env.mock.auth_calls();
     for pair in calls.windows(2) {
-        assert!(
-            pair[1].at - pair[0].at >= Duration::from_millis(390),
-            "{:?}",
-            pair[1].at - pair[0].at
-        );
+        assert!(pair[1].at - pair[0].at >= Duration::from_millis(390), "{:?}", pair[1].at - pair[0].at);
     }
     assert!(calls.len() >= 2, "it keeps trying");
     assert_eq!(Credentials::load(&env.data_dir()).unwrap(), creds, "credentials kept");
@@ -225,10 +170,7 @@ fn fails_over_to_the_next_server() {
     let (env, uuid) = registered_env();
     let dead = format!("https://127.0.0.1:{}", dead_port());
     let t = start(&env, vec![dead, env.mock.comms_url()], &uuid);
-    let tok = t
-        .cell
-        .wait_newer(0, Duration::from_secs(10))
-        .expect("token from the second server");
+    let tok = t.cell.wait_newer(0, Duration::from_secs(10)).expect("token from the second server");
     assert_eq!(tok.server, env.mock.comms_url());
 }
 
@@ -238,11 +180,7 @@ fn retries_after_server_errors_with_backoff() {
     env.mock.inject(wazuh_mock_server::Fault {
         path: "/api/v1/authentication".into(),
         times: 3,
-        action: wazuh_mock_server::FaultAction::Status {
-            code: 503,
-            retry_after: Some("1".into()),
-            body: None,
-        },
+        action: wazuh_mock_server::FaultAction::Status { code: 503, retry_after: Some("1".into()), body: None },
     });
     let started = Instant::now();
     let t = start(&env, vec![env.mock.comms_url()], &uuid);

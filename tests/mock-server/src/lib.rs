@@ -159,6 +159,8 @@ struct Inner {
     command_hold: Duration,
     /// Seconds added to the server's clock for token iat/exp (clock-skew tests).
     clock_offset: i64,
+    /// An events body containing this text is refused with 400 (a "poison" event).
+    poison: Option<String>,
 }
 
 /// Shared state of the mock.
@@ -201,17 +203,13 @@ fn tls_server_config(opts: &Options) -> io::Result<(Arc<rustls::ServerConfig>, S
     let ca_key = rcgen::KeyPair::generate().map_err(err)?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(err)?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "wazuh-mock-server test CA");
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "wazuh-mock-server test CA");
     ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
     let ca_cert = ca_params.self_signed(&ca_key).map_err(err)?;
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let leaf_key = rcgen::KeyPair::generate().map_err(err)?;
     let mut leaf_params = rcgen::CertificateParams::new(opts.cert_names.clone()).map_err(err)?;
-    leaf_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "wazuh-mock-server");
+    leaf_params.distinguished_name.push(rcgen::DnType::CommonName, "wazuh-mock-server");
     let leaf = leaf_params.signed_by(&leaf_key, &issuer).map_err(err)?;
     let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -283,9 +281,7 @@ impl MockServer {
             let state = server.state.clone();
             let stop = server.stop.clone();
             let tls = (api != Api::Admin).then(|| tls.clone());
-            server
-                .threads
-                .push(std::thread::spawn(move || accept_loop(listener, tls, state, stop, api)));
+            server.threads.push(std::thread::spawn(move || accept_loop(listener, tls, state, stop, api)));
         }
         Ok(server)
     }
@@ -326,12 +322,7 @@ impl MockServer {
     pub fn add_agent(&self, id: &str, key: &str, name: &str) {
         self.state.lock().agents.insert(
             id.to_string(),
-            AgentRecord {
-                id: id.into(),
-                key: key.into(),
-                name: name.into(),
-                registration: Value::Null,
-            },
+            AgentRecord { id: id.into(), key: key.into(), name: name.into(), registration: Value::Null },
         );
     }
 
@@ -370,6 +361,12 @@ impl MockServer {
         self.state.lock().down = down;
     }
 
+    /// Refuses (400) every events body that contains `marker`, like a server refusing
+    /// one malformed event spoils its whole batch.
+    pub fn set_poison(&self, marker: Option<&str>) {
+        self.state.lock().poison = marker.map(str::to_string);
+    }
+
     /// Shifts the server's clock (token `iat`/`exp` and their check) by `secs`.
     pub fn set_clock_offset(&self, secs: i64) {
         self.state.lock().clock_offset = secs;
@@ -381,12 +378,7 @@ impl MockServer {
 
     /// Queues a command for an agent; it is delivered on that agent's next poll.
     pub fn enqueue_command(&self, agent: &str, command: Value) {
-        self.state
-            .lock()
-            .commands
-            .entry(agent.to_string())
-            .or_default()
-            .push_back(command);
+        self.state.lock().commands.entry(agent.to_string()).or_default().push_back(command);
         self.state.changed.notify_all();
     }
 
@@ -429,10 +421,7 @@ impl MockServer {
         self.state.stopping.store(true, Ordering::SeqCst);
         self.state.changed.notify_all();
         // Wake the blocking accept() calls.
-        for addr in [Some(self.comms_addr), Some(self.mgmt_addr), self.admin_addr]
-            .into_iter()
-            .flatten()
-        {
+        for addr in [Some(self.comms_addr), Some(self.mgmt_addr), self.admin_addr].into_iter().flatten() {
             let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
         }
         for t in self.threads.drain(..) {
@@ -514,10 +503,7 @@ struct Request {
 
 impl Request {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -531,20 +517,10 @@ struct Response {
 
 impl Response {
     fn json(status: u16, v: Value) -> Response {
-        Response {
-            status,
-            body: v.to_string().into_bytes(),
-            content_type: "application/json",
-            extra: Vec::new(),
-        }
+        Response { status, body: v.to_string().into_bytes(), content_type: "application/json", extra: Vec::new() }
     }
     fn empty(status: u16) -> Response {
-        Response {
-            status,
-            body: Vec::new(),
-            content_type: "application/json",
-            extra: Vec::new(),
-        }
+        Response { status, body: Vec::new(), content_type: "application/json", extra: Vec::new() }
     }
     fn error(status: u16, message: &str) -> Response {
         Response::json(status, json!({"message": message, "code": status}))
@@ -573,12 +549,7 @@ fn read_request(stream: &mut impl Read, buf: &mut Vec<u8>, max_body: usize) -> R
                     .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
                     .collect();
                 buf.drain(..head_len);
-                let find = |n: &str| {
-                    headers
-                        .iter()
-                        .find(|(k, _)| k.eq_ignore_ascii_case(n))
-                        .map(|(_, v)| v.clone())
-                };
+                let find = |n: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
                 let chunked = find("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
                 let body = if chunked {
                     match read_chunked(stream, buf, max_body) {
@@ -593,6 +564,16 @@ fn read_request(stream: &mut impl Read, buf: &mut Vec<u8>, max_body: usize) -> R
                         Some(Err(_)) => return ReadOutcome::Bad("bad Content-Length".into()),
                     };
                     if len > max_body {
+                        // Read the body anyway (as servers do up to a limit), so the client
+                        // sees the 413 instead of a reset while it is still sending.
+                        let mut left = len.saturating_sub(buf.len());
+                        buf.clear();
+                        while left > 0 {
+                            match stream.read(&mut chunk) {
+                                Ok(0) | Err(_) => return ReadOutcome::Closed,
+                                Ok(n) => left = left.saturating_sub(n),
+                            }
+                        }
                         return ReadOutcome::TooLarge;
                     }
                     while buf.len() < len {
@@ -607,13 +588,7 @@ fn read_request(stream: &mut impl Read, buf: &mut Vec<u8>, max_body: usize) -> R
                     Some((p, q)) => (p.to_string(), q.to_string()),
                     None => (target, String::new()),
                 };
-                return ReadOutcome::Request(Request {
-                    method,
-                    path,
-                    query,
-                    headers,
-                    body,
-                });
+                return ReadOutcome::Request(Request { method, path, query, headers, body });
             }
             Ok(httparse::Status::Partial) => {
                 if buf.len() > 64 * 1024 {
@@ -648,12 +623,7 @@ fn read_chunked(stream: &mut impl Read, buf: &mut Vec<u8>, max_body: usize) -> R
             }
             fill(buf)?;
         };
-        let size_text = String::from_utf8_lossy(&buf[..line_end])
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_string();
+        let size_text = String::from_utf8_lossy(&buf[..line_end]).split(';').next().unwrap_or("").trim().to_string();
         let size = usize::from_str_radix(&size_text, 16).map_err(|_| ReadOutcome::Closed)?;
         buf.drain(..line_end + 2);
         if body.len() + size > max_body {
@@ -693,11 +663,7 @@ fn reason(status: u16) -> &'static str {
 fn write_response(stream: &mut impl Write, resp: &Response, close: bool) -> io::Result<()> {
     let mut head = format!("HTTP/1.1 {} {}\r\n", resp.status, reason(resp.status));
     if resp.status != 204 {
-        head.push_str(&format!(
-            "Content-Type: {}\r\nContent-Length: {}\r\n",
-            resp.content_type,
-            resp.body.len()
-        ));
+        head.push_str(&format!("Content-Type: {}\r\nContent-Length: {}\r\n", resp.content_type, resp.body.len()));
     }
     for (k, v) in &resp.extra {
         head.push_str(&format!("{k}: {v}\r\n"));
@@ -721,22 +687,30 @@ fn serve(stream: &mut (impl Read + Write), state: &Arc<State>, stop: &AtomicBool
             ReadOutcome::Request(r) => r,
             ReadOutcome::Closed => return,
             ReadOutcome::TooLarge => {
-                let _ = write_response(stream, &Response::error(413, "Request body too large"), true);
-                return;
+                let resp = Response::error(413, "Request body too large");
+                let mut st = state.lock();
+                st.requests.push(RequestRecord {
+                    api: api.name(),
+                    method: "POST".into(),
+                    path: "(body too large)".into(),
+                    status: 413,
+                    user_agent: String::new(),
+                    content_type: String::new(),
+                    at: Instant::now(),
+                });
+                drop(st);
+                if write_response(stream, &resp, false).is_err() {
+                    return;
+                }
+                continue;
             }
             ReadOutcome::Bad(m) => {
                 let _ = write_response(stream, &Response::error(400, &m), true);
                 return;
             }
         };
-        let close = req
-            .header("connection")
-            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
-        let resp = if api == Api::Admin {
-            Some(admin(state, &req))
-        } else {
-            handle_with_faults(state, api, &req)
-        };
+        let close = req.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let resp = if api == Api::Admin { Some(admin(state, &req)) } else { handle_with_faults(state, api, &req) };
         let Some(resp) = resp else {
             // Injected reset: drop the connection without a response.
             record(state, api, &req, 0);
@@ -780,18 +754,11 @@ fn handle_with_faults(state: &Arc<State>, api: Api, req: &Request) -> Option<Res
         })
     };
     match fault {
-        Some(FaultAction::Status {
-            code,
-            retry_after,
-            body,
-        }) => {
+        Some(FaultAction::Status { code, retry_after, body }) => {
             let mut r = match body {
-                Some(b) => Response {
-                    status: code,
-                    body: b.into_bytes(),
-                    content_type: "application/json",
-                    extra: Vec::new(),
-                },
+                Some(b) => {
+                    Response { status: code, body: b.into_bytes(), content_type: "application/json", extra: Vec::new() }
+                }
                 None => Response::error(code, "injected fault"),
             };
             if let Some(ra) = retry_after {
@@ -852,11 +819,7 @@ fn mgmt(state: &State, req: &Request) -> Response {
                     json!({"title": "Unauthorized", "detail": "No authorization token provided"}),
                 );
             };
-            if state
-                .mgmt_key
-                .verify_token::<NoCustomClaims>(token.trim(), None)
-                .is_err()
-            {
+            if state.mgmt_key.verify_token::<NoCustomClaims>(token.trim(), None).is_err() {
                 return Response::json(401, json!({"title": "Unauthorized", "detail": "Invalid token"}));
             }
             match validate_registration(state, &req.body) {
@@ -883,18 +846,12 @@ fn mgmt(state: &State, req: &Request) -> Response {
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.chars().count() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '%'))
+        && name.chars().all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '%'))
 }
 
 fn validate_registration(state: &State, body: &[u8]) -> Result<AgentRecord, String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
-    let s = |k: &str| {
-        v.get(k)
-            .and_then(Value::as_str)
-            .ok_or(format!("'{k}' is required and must be a string"))
-    };
+    let s = |k: &str| v.get(k).and_then(Value::as_str).ok_or(format!("'{k}' is required and must be a string"));
     let id = s("id")?;
     let parsed = uuid::Uuid::parse_str(id).map_err(|_| format!("'{id}' is not a valid UUID"))?;
     if state.opts.uuid_v4_only && parsed.get_version_num() != 4 {
@@ -920,50 +877,30 @@ fn validate_registration(state: &State, body: &[u8]) -> Result<AgentRecord, Stri
             return Err(format!("'host.{k}' must be a string"));
         }
     }
-    let ips = host
-        .get("ip")
-        .and_then(Value::as_array)
-        .ok_or("'host.ip' must be a list")?;
-    if ips
-        .iter()
-        .any(|ip| ip.as_str().and_then(|s| s.parse::<std::net::IpAddr>().ok()).is_none())
-    {
+    let ips = host.get("ip").and_then(Value::as_array).ok_or("'host.ip' must be a list")?;
+    if ips.iter().any(|ip| ip.as_str().and_then(|s| s.parse::<std::net::IpAddr>().ok()).is_none()) {
         return Err("'host.ip' must hold IP addresses".into());
     }
-    let os = host
-        .get("os")
-        .and_then(Value::as_object)
-        .ok_or("'host.os' is required")?;
+    let os = host.get("os").and_then(Value::as_object).ok_or("'host.os' is required")?;
     for k in ["name", "type", "version"] {
         if !os.get(k).is_some_and(Value::is_string) {
             return Err(format!("'host.os.{k}' must be a string"));
         }
     }
-    Ok(AgentRecord {
-        id: id.into(),
-        key: key.into(),
-        name: name.into(),
-        registration: v.clone(),
-    })
+    Ok(AgentRecord { id: id.into(), key: key.into(), name: name.into(), registration: v.clone() })
 }
 
 // ------------------------------------------------------------------------------------
 // Comms API
 
 fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Checks the bearer token; `Ok(uuid)` or the 401/403 response.
 fn authorize(state: &State, req: &Request) -> Result<String, Response> {
     let Some(token) = req.header("authorization").and_then(|v| v.strip_prefix("Bearer ")) else {
-        return Err(Response::json(
-            401,
-            json!({"message": "Missing authorization token", "code": 401}),
-        ));
+        return Err(Response::json(401, json!({"message": "Missing authorization token", "code": 401})));
     };
     let opts = VerificationOptions {
         // Expiry is checked below, to tell "expired" from "invalid" like the server does.
@@ -984,10 +921,7 @@ fn authorize(state: &State, req: &Request) -> Result<String, Response> {
         return Err(Response::json(403, json!({"message": "Token expired", "code": 2707})));
     }
     if !st.agents.contains_key(&claims.custom.uuid) {
-        return Err(Response::json(
-            403,
-            json!({"message": "Agent does not exist", "code": 403}),
-        ));
+        return Err(Response::json(403, json!({"message": "Agent does not exist", "code": 403})));
     }
     Ok(claims.custom.uuid)
 }
@@ -1028,11 +962,7 @@ fn authenticate(state: &State, req: &Request) -> Response {
         Some(a) if a.key != body.key => 401,
         Some(_) => 200,
     };
-    st.auth_calls.push(AuthCall {
-        uuid: body.uuid.clone(),
-        status,
-        at: Instant::now(),
-    });
+    st.auth_calls.push(AuthCall { uuid: body.uuid.clone(), status, at: Instant::now() });
     let resp = match status {
         403 => Response::json(403, json!({"message": "Agent does not exist", "code": 403})),
         401 => Response::json(401, json!({"message": "Invalid key", "code": 401})),
@@ -1064,10 +994,30 @@ fn events(state: &State, req: &Request, stateful: bool) -> Response {
     if let Err(r) = authorize(state, req) {
         return r;
     }
-    let text = match std::str::from_utf8(&req.body) {
+    let inflated;
+    let body: &[u8] = match req.header("content-encoding") {
+        Some(enc) if enc.eq_ignore_ascii_case("gzip") => {
+            let mut out = Vec::new();
+            if flate2::read::GzDecoder::new(&req.body[..]).read_to_end(&mut out).is_err() {
+                return Response::error(400, "Body is not valid gzip");
+            }
+            inflated = out;
+            &inflated
+        }
+        Some(enc) if !enc.eq_ignore_ascii_case("identity") => {
+            return Response::error(415, "Unsupported Content-Encoding");
+        }
+        _ => &req.body,
+    };
+    let text = match std::str::from_utf8(body) {
         Ok(t) => t,
         Err(_) => return Response::error(400, "Body is not UTF-8"),
     };
+    if let Some(p) = state.lock().poison.clone() {
+        if text.contains(&p) {
+            return Response::error(400, &format!("Invalid event: contains {p}"));
+        }
+    }
     let parsed = match parse_events(text, stateful) {
         Ok(p) => p,
         Err(m) => return Response::error(400, &m),
@@ -1093,11 +1043,7 @@ fn events(state: &State, req: &Request, stateful: bool) -> Response {
     }
     drop(st);
     state.changed.notify_all();
-    if stateful {
-        Response::json(200, json!({"results": results}))
-    } else {
-        Response::empty(204)
-    }
+    if stateful { Response::json(200, json!({"results": results})) } else { Response::empty(204) }
 }
 
 /// Parses an events body strictly (SPEC §6.3): the agent line, then header/data lines.
@@ -1114,10 +1060,7 @@ pub fn parse_events(text: &str, stateful: bool) -> Result<Vec<ReceivedEvent>, St
             return Err(format!("line 1: 'agent.{k}' must be a string"));
         }
     }
-    let groups = agent
-        .get("groups")
-        .and_then(Value::as_array)
-        .ok_or("line 1: 'agent.groups' must be a list")?;
+    let groups = agent.get("groups").and_then(Value::as_array).ok_or("line 1: 'agent.groups' must be a list")?;
     if groups.iter().any(|g| g.as_str().is_none_or(str::is_empty)) {
         return Err("line 1: 'agent.groups' entries must be non-empty strings".into());
     }
@@ -1137,11 +1080,7 @@ pub fn parse_events(text: &str, stateful: bool) -> Result<Vec<ReceivedEvent>, St
             if !matches!(op, "create" | "update" | "delete") {
                 return Err(format!("line {n}: invalid operation '{op}'"));
             }
-            if !header
-                .get("id")
-                .and_then(Value::as_str)
-                .is_some_and(|id| !id.is_empty() && id.len() <= 512)
-            {
+            if !header.get("id").and_then(Value::as_str).is_some_and(|id| !id.is_empty() && id.len() <= 512) {
                 return Err(format!("line {n}: stateful header needs a non-empty 'id'"));
             }
             op != "delete"
@@ -1161,11 +1100,7 @@ pub fn parse_events(text: &str, stateful: bool) -> Result<Vec<ReceivedEvent>, St
         } else {
             None
         };
-        out.push(ReceivedEvent {
-            agent: agent.clone(),
-            header,
-            data,
-        });
+        out.push(ReceivedEvent { agent: agent.clone(), header, data });
     }
     if out.is_empty() {
         return Err("No events in body".into());
@@ -1192,16 +1127,9 @@ fn commands(state: &State, req: &Request) -> Response {
             return Response::error(503, "Server shutting down");
         }
         if now >= deadline {
-            return Response::json(
-                408,
-                json!({"message": "Request exceeded the processing time limit", "code": 408}),
-            );
+            return Response::json(408, json!({"message": "Request exceeded the processing time limit", "code": 408}));
         }
-        st = state
-            .changed
-            .wait_timeout(st, deadline - now)
-            .unwrap_or_else(|p| p.into_inner())
-            .0;
+        st = state.changed.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
     }
 }
 
@@ -1209,21 +1137,14 @@ fn files(state: &State, req: &Request) -> Response {
     if let Err(r) = authorize(state, req) {
         return r;
     }
-    let name = req
-        .query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("file_name="))
-        .unwrap_or("");
+    let name = req.query.split('&').find_map(|kv| kv.strip_prefix("file_name=")).unwrap_or("");
     if name.is_empty() || name.contains('/') || name.contains("..") {
         return Response::error(400, "Invalid file_name");
     }
     match state.lock().files.get(name) {
-        Some(content) => Response {
-            status: 200,
-            body: content.clone(),
-            content_type: "application/octet-stream",
-            extra: Vec::new(),
-        },
+        Some(content) => {
+            Response { status: 200, body: content.clone(), content_type: "application/octet-stream", extra: Vec::new() }
+        }
         None => Response::error(404, "File not found"),
     }
 }
@@ -1241,12 +1162,7 @@ fn admin(state: &State, req: &Request) -> Response {
                 return Response::error(400, "need {\"agent\": uuid, \"command\": {...}}");
             };
             let command = body.get("command").cloned().unwrap_or(Value::Null);
-            state
-                .lock()
-                .commands
-                .entry(agent.to_string())
-                .or_default()
-                .push_back(command);
+            state.lock().commands.entry(agent.to_string()).or_default().push_back(command);
             state.changed.notify_all();
             ok()
         }
@@ -1273,16 +1189,15 @@ fn admin(state: &State, req: &Request) -> Response {
             state.lock().down = body.get("down").and_then(Value::as_bool).unwrap_or(true);
             ok()
         }
-        ("POST", "/admin/files") => match (
-            body.get("name").and_then(Value::as_str),
-            body.get("content").and_then(Value::as_str),
-        ) {
-            (Some(n), Some(c)) => {
-                state.lock().files.insert(n.to_string(), c.as_bytes().to_vec());
-                ok()
+        ("POST", "/admin/files") => {
+            match (body.get("name").and_then(Value::as_str), body.get("content").and_then(Value::as_str)) {
+                (Some(n), Some(c)) => {
+                    state.lock().files.insert(n.to_string(), c.as_bytes().to_vec());
+                    ok()
+                }
+                _ => Response::error(400, "need {\"name\": ..., \"content\": ...}"),
             }
-            _ => Response::error(400, "need {\"name\": ..., \"content\": ...}"),
-        },
+        }
         _ => Response::error(404, "Not Found"),
     }
 }

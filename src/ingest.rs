@@ -1,0 +1,385 @@
+//! The local ingestion socket `<run_dir>/ingest.sock` (SPEC §4) and its client, `--send`.
+//!
+//! The acceptor thread hands each connection to a short-lived thread of its own, so a
+//! slow or stuck producer (bounded by a read timeout) never holds up the others. A
+//! connection's stateless events go to the batcher in chunks; its stateful events go to
+//! the durable queue, and the one-line reply is written only after the queue has fsynced
+//! them. Malformed lines are answered with their line number and reason.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+use serde::{Deserialize, Serialize};
+
+use crate::event::{self, Event, Kind};
+use crate::queue::{Append, QueueError};
+use crate::status::Stats;
+
+/// A producer that sends nothing for this long is answered and dropped.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Concurrent producer connections; more are told to retry (bounds threads and memory).
+pub const MAX_CONNECTIONS: usize = 64;
+/// Stateless events are handed to the batcher in chunks of this many.
+const CHUNK: usize = 512;
+/// Stateful events are made durable at least every this many bytes of a long stream.
+const DURABLE_CHUNK_BYTES: usize = 4 << 20;
+/// The reply lists at most this many errors (then a count), to stay one reasonable line.
+const MAX_REPLY_ERRORS: usize = 1000;
+/// `sun_path` is 108 bytes including the terminating NUL on Linux.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The reply line.
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reply {
+    pub accepted: u64,
+    pub rejected: u64,
+    pub errors: Vec<String>,
+}
+
+/// Why the socket could not be set up or used.
+#[derive(Debug)]
+pub enum IngestError {
+    /// The socket path is longer than a Unix socket address can hold.
+    PathTooLong { path: PathBuf },
+    /// Another process already serves the socket (a second agent).
+    InUse { path: PathBuf },
+    /// Creating, binding or connecting failed.
+    Io { path: PathBuf, source: io::Error },
+    /// `--send`: the agent is not running (no socket, or nobody listening).
+    NotRunning { path: PathBuf, source: io::Error },
+    /// `--send`: the agent answered something that is not a reply line.
+    BadReply(String),
+}
+
+impl fmt::Display for IngestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IngestError::PathTooLong { path } => write!(
+                f,
+                "ingest socket path {} is longer than {MAX_SOCKET_PATH} bytes; choose a shorter agent.run_dir",
+                path.display()
+            ),
+            IngestError::InUse { path } => {
+                write!(f, "{} is served by another running agent; stop it first", path.display())
+            }
+            IngestError::Io { path, source } => write!(f, "ingest socket {}: {source}", path.display()),
+            IngestError::NotRunning { path, source } => {
+                write!(f, "the agent is not running (cannot connect to {}: {source})", path.display())
+            }
+            IngestError::BadReply(m) => write!(f, "unexpected reply from the agent: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for IngestError {}
+
+pub fn socket_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("ingest.sock")
+}
+
+/// Binds the socket (mode 0660), replacing a stale socket file left by a crash, but never
+/// one that another agent still serves.
+pub fn bind(run_dir: &Path) -> Result<UnixListener, IngestError> {
+    let path = socket_path(run_dir);
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(IngestError::PathTooLong { path });
+    }
+    std::fs::create_dir_all(run_dir).map_err(|source| IngestError::Io { path: run_dir.to_path_buf(), source })?;
+    if path.exists() {
+        if UnixStream::connect(&path).is_ok() {
+            return Err(IngestError::InUse { path });
+        }
+        std::fs::remove_file(&path).map_err(|source| IngestError::Io { path: path.clone(), source })?;
+    }
+    let listener = UnixListener::bind(&path).map_err(|source| IngestError::Io { path: path.clone(), source })?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|source| IngestError::Io { path: path.clone(), source })?;
+    Ok(listener)
+}
+
+/// What each connection needs; shared by the acceptor and its connection threads.
+pub struct Ingest {
+    pub stateless: Sender<Vec<Event>>,
+    pub queue: Sender<Append>,
+    pub stats: Arc<Stats>,
+    stopping: AtomicBool,
+    active: AtomicUsize,
+    next_id: AtomicUsize,
+    /// A handle on each open connection, so shutdown can end blocked reads.
+    open: Mutex<HashMap<usize, UnixStream>>,
+}
+
+impl Ingest {
+    pub fn new(stateless: Sender<Vec<Event>>, queue: Sender<Append>, stats: Arc<Stats>) -> Ingest {
+        Ingest {
+            stateless,
+            queue,
+            stats,
+            stopping: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            next_id: AtomicUsize::new(0),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Shutdown, step 1: no new lines are read; connections answer for what they have
+    /// read and close. Returns once none is left, or after `limit`.
+    pub fn stop(&self, run_dir: &Path, limit: Duration) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // Wake the acceptor's blocking accept().
+        let _ = UnixStream::connect(socket_path(run_dir));
+        for s in self.open.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            let _ = s.shutdown(std::net::Shutdown::Read);
+        }
+        let until = std::time::Instant::now() + limit;
+        // Polling only during shutdown, for at most `limit`.
+        while self.active.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// The acceptor thread. Ends after [`Ingest::stop`] (which wakes the blocking accept).
+pub fn run(listener: UnixListener, ingest: Arc<Ingest>) {
+    for conn in listener.incoming() {
+        if ingest.stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("ingest socket: accept failed: {e}");
+                // EMFILE and friends: do not spin while the condition lasts.
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if ingest.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            ingest.active.fetch_sub(1, Ordering::SeqCst);
+            let busy = Reply {
+                errors: vec![format!("too many producers at once (limit {MAX_CONNECTIONS}); retry")],
+                ..Reply::default()
+            };
+            let mut s = stream;
+            let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = write_reply(&mut s, &busy);
+            continue;
+        }
+        let id = ingest.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Ok(clone) = stream.try_clone() {
+            ingest.open.lock().unwrap_or_else(|p| p.into_inner()).insert(id, clone);
+        }
+        let ingest2 = ingest.clone();
+        let spawned = std::thread::Builder::new().name("ingest-conn".into()).stack_size(256 * 1024).spawn(move || {
+            handle(stream, &ingest2);
+            ingest2.open.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            ingest2.active.fetch_sub(1, Ordering::SeqCst);
+        });
+        if let Err(e) = spawned {
+            ingest.open.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            ingest.active.fetch_sub(1, Ordering::SeqCst);
+            log::error!("cannot start a thread for an ingest connection: {e}");
+        }
+    }
+}
+
+fn write_reply(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
+    let mut line = serde_json::to_vec(reply).map_err(io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    stream.flush()
+}
+
+struct Conn<'a> {
+    ingest: &'a Ingest,
+    reply: Reply,
+    stateless: Vec<Event>,
+    stateful: Vec<Event>,
+    stateful_lines: Vec<u64>,
+    stateful_bytes: usize,
+    hidden_errors: u64,
+}
+
+impl Conn<'_> {
+    fn reject(&mut self, line: u64, why: impl fmt::Display) {
+        self.reply.rejected += 1;
+        Stats::add(&self.ingest.stats.rejected, 1);
+        if self.reply.errors.len() < MAX_REPLY_ERRORS {
+            self.reply.errors.push(format!("line {line}: {why}"));
+        } else {
+            self.hidden_errors += 1;
+        }
+    }
+
+    fn flush_stateless(&mut self) {
+        if self.stateless.is_empty() {
+            return;
+        }
+        let chunk = std::mem::take(&mut self.stateless);
+        let n = chunk.len() as u64;
+        // Blocks only under overflow = "block" with a full buffer: backpressure by design.
+        if self.ingest.stateless.send(chunk).is_ok() {
+            self.reply.accepted += n;
+            Stats::add(&self.ingest.stats.received, n);
+        } else {
+            self.reply.rejected += n;
+            self.reply.errors.push(format!("{n} events not accepted: the agent is shutting down"));
+        }
+    }
+
+    fn flush_stateful(&mut self) {
+        if self.stateful.is_empty() {
+            return;
+        }
+        let events = std::mem::take(&mut self.stateful);
+        let lines = std::mem::take(&mut self.stateful_lines);
+        self.stateful_bytes = 0;
+        let n = events.len() as u64;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let result = match self.ingest.queue.send(Append { events, reply: tx }) {
+            Ok(()) => rx.recv().unwrap_or(Err(QueueError::Closed)),
+            Err(_) => Err(QueueError::Closed),
+        };
+        match result {
+            Ok(()) => {
+                self.reply.accepted += n;
+                Stats::add(&self.ingest.stats.received, n);
+            }
+            Err(e) => {
+                for l in lines {
+                    self.reject(l, &e);
+                }
+            }
+        }
+    }
+
+    fn line(&mut self, number: u64, bytes: &[u8]) {
+        match event::parse_line(bytes) {
+            Ok(None) => {}
+            Ok(Some(e)) if e.kind == Kind::Stateless => {
+                self.stateless.push(e);
+                if self.stateless.len() >= CHUNK {
+                    self.flush_stateless();
+                }
+            }
+            Ok(Some(e)) => {
+                self.stateful_bytes += e.wire_len();
+                self.stateful.push(e);
+                self.stateful_lines.push(number);
+                if self.stateful_bytes >= DURABLE_CHUNK_BYTES {
+                    self.flush_stateful();
+                }
+            }
+            Err(e) => self.reject(number, e),
+        }
+    }
+}
+
+/// Serves one producer: lines until EOF, then the reply.
+fn handle(mut stream: UnixStream, ingest: &Ingest) {
+    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
+    let Ok(read_half) = stream.try_clone() else { return };
+    let mut reader = BufReader::with_capacity(64 * 1024, read_half);
+    let mut conn = Conn {
+        ingest,
+        reply: Reply::default(),
+        stateless: Vec::new(),
+        stateful: Vec::new(),
+        stateful_lines: Vec::new(),
+        stateful_bytes: 0,
+        hidden_errors: 0,
+    };
+    let mut line = Vec::new();
+    let mut number = 0u64;
+    let mut oversized = false;
+    loop {
+        if ingest.stopping.load(Ordering::Relaxed) {
+            conn.reply.errors.push(format!("the agent is shutting down; lines after {number} were not read"));
+            break;
+        }
+        let buf = match reader.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let why = if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+                    format!("nothing received for {}s", READ_TIMEOUT.as_secs())
+                } else {
+                    e.to_string()
+                };
+                conn.reply.errors.push(format!("read stopped after line {number}: {why}"));
+                break;
+            }
+        };
+        if buf.is_empty() {
+            if ingest.stopping.load(Ordering::Relaxed) {
+                // The read side was shut by the agent's shutdown, not by the producer.
+                conn.reply.errors.push(format!("the agent is shutting down; lines after {number} were not read"));
+                break;
+            }
+            // EOF: a last line without a newline still counts.
+            if !line.is_empty() || oversized {
+                number += 1;
+                finish_line(&mut conn, number, &line, oversized);
+            }
+            break;
+        }
+        let (used, complete) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        let piece = if complete { &buf[..used - 1] } else { &buf[..used] };
+        if !oversized {
+            if line.len() + piece.len() > event::MAX_LINE_BYTES + 1 {
+                // Stop buffering; the rest of the line is read and thrown away.
+                oversized = true;
+                line.clear();
+            } else {
+                line.extend_from_slice(piece);
+            }
+        }
+        reader.consume(used);
+        if complete {
+            number += 1;
+            finish_line(&mut conn, number, &line, oversized);
+            line.clear();
+            oversized = false;
+        }
+    }
+    conn.flush_stateless();
+    conn.flush_stateful();
+    if conn.hidden_errors > 0 {
+        let n = conn.hidden_errors;
+        conn.reply.errors.push(format!("… and {n} more rejected lines"));
+    }
+    let _ = write_reply(&mut stream, &conn.reply);
+}
+
+fn finish_line(conn: &mut Conn, number: u64, line: &[u8], oversized: bool) {
+    if oversized {
+        conn.reject(number, format!("line is longer than {} bytes", event::MAX_LINE_BYTES));
+    } else {
+        conn.line(number, line);
+    }
+}
+
+/// `--send`: stdin → the socket → the reply. Returns the reply.
+pub fn send(run_dir: &Path, input: &mut dyn Read) -> Result<Reply, IngestError> {
+    let path = socket_path(run_dir);
+    let mut stream =
+        UnixStream::connect(&path).map_err(|source| IngestError::NotRunning { path: path.clone(), source })?;
+    io::copy(input, &mut stream).map_err(|source| IngestError::Io { path: path.clone(), source })?;
+    stream.shutdown(std::net::Shutdown::Write).map_err(|source| IngestError::Io { path: path.clone(), source })?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).map_err(|source| IngestError::Io { path: path.clone(), source })?;
+    serde_json::from_str(reply.trim_end())
+        .map_err(|_| IngestError::BadReply(reply.trim_end().chars().take(200).collect()))
+}

@@ -1,0 +1,384 @@
+//! The uploader thread: the only code that talks to the events endpoints.
+//!
+//! It takes stateless batches from the batcher and batches from the durable queue (one
+//! of each at most, chosen fairly by `select!`, so neither kind starves the other), and
+//! delivers each with the rules of SPEC §6.3 through [`http::classify`]:
+//!
+//! * 2xx: delivered (the queue's cursor moves on);
+//! * 401/403: ask the token thread for a new token, resend;
+//! * 408/429/5xx/transport: resend after full-jitter backoff (or `Retry-After`);
+//! * 413: split in halves; 400: bisect down to the offending events, which go to
+//!   `<data_dir>/rejected.ndjson` with the server's reason, and deliver the rest.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, Sender, select};
+use serde::Deserialize;
+
+use crate::backoff::Backoff;
+use crate::config::{Compression, RetryConfig};
+use crate::event::{self, Event, Kind};
+use crate::http::{self, Attempt, Outcome, Rejection};
+use crate::queue::{Ack, Append, QueueBatch};
+use crate::status::{self, Stats};
+use crate::token::TokenCell;
+
+/// `rejected.ndjson` is rotated to `rejected.ndjson.1` past this size (bounded disk use).
+pub const REJECTED_MAX_BYTES: u64 = 10 << 20;
+
+/// How a delivery ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Nothing more to do for these events (sent, or isolated as rejected).
+    Done,
+    /// Shutdown's deadline passed before the server took them.
+    Aborted,
+}
+
+/// `<data_dir>/rejected.ndjson`: events the server refused for good, with the reason.
+pub struct RejectedLog {
+    path: PathBuf,
+}
+
+impl RejectedLog {
+    pub fn new(data_dir: &std::path::Path) -> RejectedLog {
+        RejectedLog { path: data_dir.join("rejected.ndjson") }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn record(&self, kind: Kind, status: u16, reason: &str, e: &Event) {
+        if fs::metadata(&self.path).is_ok_and(|m| m.len() > REJECTED_MAX_BYTES) {
+            let _ = fs::rename(&self.path, self.path.with_extension("ndjson.1"));
+        }
+        let endpoint = if kind == Kind::Stateful { "stateful" } else { "stateless" };
+        // header and data are valid JSON already; the rest is escaped by serde_json.
+        let line = format!(
+            "{{\"time\":{},\"endpoint\":\"{endpoint}\",\"status\":{status},\"reason\":{},\"header\":{},\"data\":{}}}\n",
+            serde_json::Value::String(status::rfc3339(SystemTime::now())),
+            serde_json::Value::String(reason.to_string()),
+            e.header,
+            e.data.as_deref().unwrap_or("null"),
+        );
+        let written = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(err) = written {
+            log::error!("cannot record a rejected event in {}: {err}", self.path.display());
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct StatefulResults {
+    #[serde(default)]
+    results: Vec<ItemResult>,
+}
+
+#[derive(Deserialize)]
+struct ItemResult {
+    #[serde(default)]
+    status: u16,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    result: Option<String>,
+}
+
+/// Everything the uploader needs, owned by its thread.
+pub struct Uploader {
+    pub agent: ureq::Agent,
+    pub cell: Arc<TokenCell>,
+    pub agent_line: String,
+    pub compression: Compression,
+    pub retry: RetryConfig,
+    pub request_timeout: Duration,
+    pub stats: Arc<Stats>,
+    pub rejected: RejectedLog,
+    pub shutdown: Receiver<()>,
+    pub deadline: Arc<OnceLock<Instant>>,
+}
+
+impl Uploader {
+    fn draining(&self) -> bool {
+        self.deadline.get().is_some()
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.deadline.get().is_some_and(|d| Instant::now() >= *d)
+    }
+
+    /// Waits `d`, cut short by the shutdown deadline. Returns false if the deadline passed.
+    fn pause(&self, d: Duration) -> bool {
+        let until = Instant::now() + d;
+        if self.deadline.get().is_none() {
+            // Returns early when shutdown begins (the channel closes).
+            let _ = self.shutdown.recv_deadline(until);
+        }
+        if let Some(end) = self.deadline.get() {
+            let stop = until.min(*end);
+            let now = Instant::now();
+            if stop > now {
+                std::thread::sleep(stop - now);
+            }
+        }
+        !self.past_deadline()
+    }
+
+    fn body(&self, events: &[Event]) -> Vec<u8> {
+        let raw = event::body(&self.agent_line, events.iter());
+        match self.compression {
+            Compression::None => raw,
+            Compression::Gzip => {
+                // Level 1: most of the size win for a fraction of the CPU on a small host.
+                let mut enc =
+                    flate2::write::GzEncoder::new(Vec::with_capacity(raw.len() / 4), flate2::Compression::fast());
+                match enc.write_all(&raw).and_then(|_| enc.finish()) {
+                    Ok(z) => z,
+                    Err(_) => raw,
+                }
+            }
+        }
+    }
+
+    /// Delivers `events` to the endpoint of `kind`, isolating what the server refuses.
+    pub fn deliver(&mut self, kind: Kind, events: &[Event]) -> Delivery {
+        if events.is_empty() {
+            return Delivery::Done;
+        }
+        let endpoint = if kind == Kind::Stateful { "stateful" } else { "stateless" };
+        let body = self.body(events);
+        let gzip = self.compression == Compression::Gzip;
+        let mut backoff = Backoff::new(self.retry.initial, self.retry.max);
+        loop {
+            if self.past_deadline() {
+                return Delivery::Aborted;
+            }
+            let token = match self.cell.current() {
+                Some(t) => t,
+                None => {
+                    if self.cell.wait_newer(0, Duration::from_millis(500)).is_none() && self.past_deadline() {
+                        return Delivery::Aborted;
+                    }
+                    continue;
+                }
+            };
+            let url = format!("{}/api/v1/events/{endpoint}", token.server);
+            let timeout = match self.deadline.get() {
+                Some(d) => {
+                    self.request_timeout.min(d.saturating_duration_since(Instant::now())).max(Duration::from_millis(1))
+                }
+                None => self.request_timeout,
+            };
+            let result = send_events(&self.agent, &url, &token.bearer(), &body, gzip, timeout);
+            let outcome = http::classify(Attempt::of(&result), SystemTime::now(), self.retry.max);
+            match outcome {
+                Outcome::Done => {
+                    self.stats.connected.store(true, Ordering::Relaxed);
+                    if let (Kind::Stateful, Ok(reply)) = (kind, &result) {
+                        self.count_item_failures(reply, events.len());
+                    }
+                    Stats::add(&self.stats.sent, events.len() as u64);
+                    Stats::add(&self.stats.batches_sent, 1);
+                    return Delivery::Done;
+                }
+                Outcome::Reauth => {
+                    Stats::add(&self.stats.retries, 1);
+                    self.cell.refused(token.generation);
+                    let wait = self
+                        .deadline
+                        .get()
+                        .map_or(Duration::from_secs(30), |d| d.saturating_duration_since(Instant::now()));
+                    self.cell.wait_newer(token.generation, wait);
+                }
+                Outcome::Retry { after, .. } => {
+                    Stats::add(&self.stats.retries, 1);
+                    Stats::add(&self.stats.batches_failed, 1);
+                    let why = match &result {
+                        Ok(r) => format!("{} {}", r.status, r.message()),
+                        Err(e) => {
+                            self.stats.connected.store(false, Ordering::Relaxed);
+                            http::describe_transport(e)
+                        }
+                    };
+                    let delay = after.unwrap_or_else(|| backoff.next_delay());
+                    log::warn!(
+                        "{endpoint} batch of {} events not delivered ({why}); retrying in {}ms",
+                        events.len(),
+                        delay.as_millis()
+                    );
+                    self.stats.set_error(format!("{url}: {why}"));
+                    if !self.pause(delay) {
+                        return Delivery::Aborted;
+                    }
+                }
+                Outcome::Reject(Rejection::Invalid | Rejection::TooLarge) => {
+                    let Ok(reply) = &result else { continue };
+                    let status = reply.status;
+                    let reason = reply.message();
+                    if events.len() == 1 {
+                        log::warn!(
+                            "the server refused an event ({status} {reason}); recorded in {}",
+                            self.rejected.path().display()
+                        );
+                        self.rejected.record(kind, status, &reason, &events[0]);
+                        Stats::add(&self.stats.rejected, 1);
+                        Stats::add(&self.stats.batches_failed, 1);
+                        return Delivery::Done;
+                    }
+                    // Halve: the good half goes through, the bad one is halved again.
+                    log::info!("{endpoint} batch of {} events refused ({status} {reason}); splitting it", events.len());
+                    let (a, b) = events.split_at(events.len() / 2);
+                    if self.deliver(kind, a) == Delivery::Aborted {
+                        return Delivery::Aborted;
+                    }
+                    return self.deliver(kind, b);
+                }
+                Outcome::Reject(Rejection::Other(code)) => {
+                    // Not an answer about the events (404 on a wrong URL, 405 …): never drop
+                    // them for it; keep retrying slowly and say what is wrong.
+                    Stats::add(&self.stats.retries, 1);
+                    let msg = result.as_ref().map(|r| r.message()).unwrap_or_default();
+                    let delay = backoff.next_delay().max(self.retry.max / 2);
+                    log::error!("{url} answered {code} {msg}; check server.url; retrying in {}ms", delay.as_millis());
+                    self.stats.set_error(format!("{url}: {code} {msg}"));
+                    if !self.pause(delay) {
+                        return Delivery::Aborted;
+                    }
+                }
+            }
+        }
+    }
+
+    fn count_item_failures(&self, reply: &http::Reply, n: usize) {
+        let Ok(parsed) = serde_json::from_slice::<StatefulResults>(&reply.body) else {
+            log::debug!("stateful answer without a results list ({} events)", n);
+            return;
+        };
+        let failed: Vec<&ItemResult> = parsed.results.iter().filter(|r| r.status >= 300).collect();
+        if failed.is_empty() {
+            return;
+        }
+        Stats::add(&self.stats.rejected, failed.len() as u64);
+        for f in failed.iter().take(3) {
+            log::warn!(
+                "the server did not apply a stateful event (id {}, status {}, {})",
+                f.id.as_deref().unwrap_or("?"),
+                f.status,
+                f.result.as_deref().unwrap_or("no result")
+            );
+        }
+        if failed.len() > 3 {
+            log::warn!("… and {} more stateful events not applied", failed.len() - 3);
+        }
+    }
+}
+
+fn send_events(
+    agent: &ureq::Agent,
+    url: &str,
+    bearer: &str,
+    body: &[u8],
+    gzip: bool,
+    timeout: Duration,
+) -> Result<http::Reply, ureq::Error> {
+    let mut req = agent.post(url).header("Authorization", bearer).header("Content-Type", "application/json");
+    if gzip {
+        req = req.header("Content-Encoding", "gzip");
+    }
+    let mut response = req.config().timeout_global(Some(timeout)).build().send(body)?;
+    http::read_reply(&mut response)
+}
+
+/// The uploader thread's loop. Stops when `shutdown` has closed and either the
+/// deadline passed or both inputs are done.
+pub fn run(
+    mut up: Uploader,
+    stateless: Receiver<Vec<Event>>,
+    queued: Receiver<QueueBatch>,
+    acks: Sender<Ack>,
+    spill: Sender<Append>,
+) {
+    let never_events = crossbeam_channel::never::<Vec<Event>>();
+    let never_batches = crossbeam_channel::never::<QueueBatch>();
+    let never_stop = crossbeam_channel::never::<()>();
+    let mut stateless_open = true;
+    let mut queued_open = true;
+    loop {
+        let s_in = if stateless_open { &stateless } else { &never_events };
+        let q_in = if queued_open { &queued } else { &never_batches };
+        let stop = if up.draining() { &never_stop } else { &up.shutdown };
+        // While draining, give up after a short idle period once the batcher is done.
+        let idle = if up.draining() {
+            if !stateless_open || up.past_deadline() { Duration::from_millis(50) } else { Duration::from_millis(200) }
+        } else {
+            Duration::from_secs(3600)
+        };
+        select! {
+            recv(q_in) -> msg => match msg {
+                Ok(batch) => {
+                    let n = batch.events.len() as u64;
+                    match up.deliver(batch.kind, &batch.events) {
+                        Delivery::Done => {
+                            if acks.send(Ack { end: batch.end, records: n, frame_bytes: batch.frame_bytes }).is_err() {
+                                break;
+                            }
+                        }
+                        // Still in the queue (cursor not moved): delivered after the next start.
+                        Delivery::Aborted => break,
+                    }
+                }
+                Err(_) => queued_open = false,
+            },
+            recv(s_in) -> msg => match msg {
+                Ok(events) => {
+                    if up.deliver(Kind::Stateless, &events) == Delivery::Aborted {
+                        save(&spill, events, &up.stats);
+                        break;
+                    }
+                }
+                Err(_) => stateless_open = false,
+            },
+            recv(stop) -> _ => {
+                // The supervisor set the deadline before closing the channel.
+                if up.deadline.get().is_none() {
+                    let _ = up.deadline.set(Instant::now());
+                }
+            },
+            default(idle) => {
+                if up.draining() {
+                    break;
+                }
+            }
+        }
+        if up.draining() && up.past_deadline() {
+            // Whatever the batcher still holds it spills itself.
+            break;
+        }
+        if !stateless_open && !queued_open {
+            break;
+        }
+    }
+}
+
+fn save(spill: &Sender<Append>, events: Vec<Event>, stats: &Stats) {
+    let n = events.len();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let ok = spill.send(Append { events, reply: tx }).is_ok()
+        && matches!(rx.recv_timeout(Duration::from_secs(10)), Ok(Ok(())));
+    if ok {
+        log::info!("saved an undelivered batch of {n} stateless events to the durable queue");
+    } else {
+        log::error!("could not save an undelivered batch of {n} stateless events at shutdown; they are lost");
+        Stats::add(&stats.dropped, n as u64);
+    }
+}

@@ -1,0 +1,290 @@
+//! The event pipeline end to end: `--send` → ingest socket → batcher / durable queue →
+//! uploader → mock, through the real binary over TLS.
+
+use std::time::Duration;
+
+use wazuh_mock_server::{Fault, FaultAction};
+
+use crate::support::*;
+
+const FAST: &str = "events.batch_interval = \"100ms\"";
+
+#[test]
+fn ten_thousand_stateless_and_a_thousand_stateful_arrive_exactly_once_in_few_requests() {
+    let env = Env::new();
+    env.write_config(FAST);
+    let _agent = env.running_agent();
+    for chunk in 0..10 {
+        let reply = env.send_ok(&lines((chunk * 1000..(chunk + 1) * 1000).map(stateless)));
+        assert_eq!(reply["accepted"], 1000);
+    }
+    let reply = env.send_ok(&lines((0..1000).map(stateful)));
+    assert_eq!(reply["accepted"], 1000);
+    assert!(
+        env.mock.wait_until(Duration::from_secs(30), |m| m.stateless_events().len() >= 10_000
+            && m.stateful_events().len() >= 1_000),
+        "delivered {} stateless, {} stateful",
+        env.mock.stateless_events().len(),
+        env.mock.stateful_events().len()
+    );
+    assert_eq!(unique(originals(&env.mock)), (10_000, 0), "every stateless event exactly once");
+    assert_eq!(unique(stateful_ids(&env.mock)), (1_000, 0), "every stateful event exactly once");
+    let posts = env.mock.requests().iter().filter(|r| r.path.starts_with("/api/v1/events/")).count();
+    assert!(posts < 200, "{posts} requests for 11 000 events");
+    // Every events request carried the JSON content type and the agent's User-Agent.
+    for r in env.mock.requests().iter().filter(|r| r.path.starts_with("/api/v1/events/")) {
+        assert_eq!(r.content_type, "application/json");
+        assert!(r.user_agent.starts_with("wazuh-agent-rs/"));
+    }
+    // The agent metadata line names this agent.
+    let uuid = std::fs::read_to_string(env.data_dir().join("credentials.json")).unwrap();
+    let e = &env.mock.stateless_events()[0];
+    assert!(uuid.contains(e.agent["id"].as_str().unwrap()));
+    assert_eq!(e.agent["type"], "Endpoint");
+}
+
+#[test]
+fn malformed_lines_are_rejected_with_their_line_numbers_and_the_rest_delivered() {
+    let env = Env::new();
+    env.write_config(FAST);
+    let _agent = env.running_agent();
+    let input = [
+        stateless(1),
+        String::new(),
+        "{not json".into(),
+        r#"{"header":{"module":"inventory","collector":"packages","operation":"upsert","id":"x"},"data":{}}"#.into(),
+        r#"{"header":{"module":"inventory","collector":"packages","operation":"delete","id":"x"},"data":{}}"#.into(),
+        r#"{"header":{"module":"fim","operation":"create","id":""},"data":{}}"#.into(),
+        stateful(2),
+    ]
+    .join("\n");
+    let out = env.send(&input);
+    assert_eq!(out.status.code(), Some(1), "not everything was accepted");
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["accepted"], 2);
+    assert_eq!(reply["rejected"], 4);
+    let errors: Vec<&str> = reply["errors"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect();
+    assert!(errors[0].starts_with("line 3: "), "{errors:?}");
+    assert_eq!(errors[1], "line 4: operation 'upsert' is not create|update|delete");
+    assert!(errors[2].starts_with("line 5: ") && errors[2].contains("delete"), "{errors:?}");
+    assert!(errors[3].starts_with("line 6: ") && errors[3].contains("id is empty"), "{errors:?}");
+    assert!(
+        env.mock.wait_until(Duration::from_secs(10), |m| originals(m) == ["msg-1"] && stateful_ids(m) == ["pkg-2"])
+    );
+
+    // An empty connection gets the empty reply.
+    assert_eq!(env.send_ok(""), serde_json::json!({"accepted": 0, "rejected": 0, "errors": []}));
+}
+
+#[test]
+fn send_says_clearly_when_the_agent_is_not_running() {
+    let env = Env::new();
+    let out = env.send(&stateless(1));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("not running"), "{}", text(&out));
+}
+
+#[test]
+fn server_outage_keeps_stateful_and_drops_exactly_the_stateless_overflow() {
+    let env = Env::new();
+    env.write_config(&format!("{FAST}\nevents.buffer_events = 100\nretry.max = \"300ms\""));
+    let _agent = env.running_agent();
+    env.mock.set_down(true);
+    // 100 fit the buffer; one batch may already be in the uploader's hands.
+    env.send_ok(&lines((0..300).map(stateless)));
+    env.send_ok(&lines((0..50).map(stateful)));
+    std::thread::sleep(Duration::from_millis(300));
+    env.mock.set_down(false);
+    assert!(env.mock.wait_until(Duration::from_secs(20), |m| m.stateful_events().len() >= 50));
+    assert_eq!(unique(stateful_ids(&env.mock)), (50, 0));
+    let status = status_json(&env);
+    let dropped = status["events"]["dropped"].as_u64().unwrap();
+    assert!(env.mock.wait_until(Duration::from_secs(10), |m| originals(m).len() as u64 + dropped >= 300));
+    let (got, dups) = unique(originals(&env.mock));
+    assert_eq!(dups, 0);
+    assert_eq!(got as u64 + dropped, 300, "every stateless event was either delivered or counted as dropped");
+    assert!((100..=200).contains(&got), "the buffer of 100 (plus at most one batch in flight) survived: {got}");
+    // The newest events are the ones kept (drop_oldest).
+    assert!(originals(&env.mock).contains(&"msg-299".to_string()));
+}
+
+fn status_json(env: &Env) -> serde_json::Value {
+    // state.json is rewritten every 5 s; wait for a fresh one.
+    let path = env.dir.path().join("run").join("state.json");
+    let before = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    wait_for(Duration::from_secs(8), || std::fs::metadata(&path).and_then(|m| m.modified()).ok() != before);
+    let out = env.cmd().arg("--status").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn retry_after_is_honoured() {
+    let env = Env::new();
+    env.write_config(&format!("{FAST}\nretry.max = \"5s\""));
+    let _agent = env.running_agent();
+    for (code, path) in [(503, "/api/v1/events/stateless"), (429, "/api/v1/events/stateful")] {
+        env.mock.inject(Fault {
+            path: path.into(),
+            times: 1,
+            action: FaultAction::Status { code, retry_after: Some("2".into()), body: None },
+        });
+    }
+    env.send_ok(&lines([stateless(1), stateful(1)]));
+    assert!(
+        env.mock
+            .wait_until(Duration::from_secs(15), |m| m.stateless_events().len() == 1 && m.stateful_events().len() == 1)
+    );
+    let reqs = env.mock.requests();
+    for path in ["/api/v1/events/stateless", "/api/v1/events/stateful"] {
+        let times: Vec<_> = reqs.iter().filter(|r| r.path == path).map(|r| (r.status, r.at)).collect();
+        assert_eq!(times.len(), 2, "{path}: one refused, one accepted: {times:?}");
+        let gap = times[1].1 - times[0].1;
+        assert!(gap >= Duration::from_millis(1900), "{path}: resent after {gap:?}, before Retry-After");
+    }
+}
+
+#[test]
+fn a_413_splits_the_batch() {
+    let env = Env::with(|o| o.max_body = 40_000);
+    env.write_config(&format!("{FAST}\nevents.batch_max_bytes = \"1MB\""));
+    let _agent = env.running_agent();
+    env.send_ok(&lines((0..1000).map(stateless)));
+    assert!(env.mock.wait_until(Duration::from_secs(20), |m| m.stateless_events().len() >= 1000));
+    assert_eq!(unique(originals(&env.mock)), (1000, 0));
+    assert!(env.mock.requests().iter().any(|r| r.status == 413));
+}
+
+#[test]
+fn a_poison_event_is_isolated_recorded_and_the_rest_delivered() {
+    let env = Env::new();
+    env.write_config(FAST);
+    env.mock.set_poison(Some("msg-37\""));
+    let _agent = env.running_agent();
+    env.send_ok(&lines((0..100).map(stateless)));
+    assert!(env.mock.wait_until(Duration::from_secs(20), |m| m.stateless_events().len() >= 99));
+    let (got, dups) = unique(originals(&env.mock));
+    assert_eq!((got, dups), (99, 0));
+    assert!(!originals(&env.mock).contains(&"msg-37".to_string()));
+    let rejected = std::fs::read_to_string(env.data_dir().join("rejected.ndjson")).unwrap();
+    let rows: Vec<serde_json::Value> = rejected.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["status"], 400);
+    assert_eq!(rows[0]["data"]["event"]["original"], "msg-37");
+    assert!(rows[0]["reason"].as_str().unwrap().contains("Invalid event"));
+}
+
+#[test]
+fn expired_tokens_mid_stream_lose_nothing() {
+    let env = Env::new();
+    env.write_config(FAST);
+    let _agent = env.running_agent();
+    for round in 0..5 {
+        env.mock.expire_tokens();
+        env.send_ok(&lines((round * 200..(round + 1) * 200).map(stateless)));
+        env.send_ok(&lines((round * 20..(round + 1) * 20).map(stateful)));
+    }
+    assert!(env.mock.wait_until(Duration::from_secs(20), |m| m.stateless_events().len() >= 1000
+        && m.stateful_events().len() >= 100));
+    assert_eq!(unique(originals(&env.mock)), (1000, 0));
+    assert_eq!(unique(stateful_ids(&env.mock)), (100, 0));
+    assert!(env.mock.requests().iter().any(|r| r.status == 403), "tokens really expired");
+}
+
+#[test]
+fn kill_9_loses_no_acknowledged_stateful_event() {
+    let env = Env::new();
+    env.write_config(FAST);
+    let mut agent = env.running_agent();
+    env.mock.set_down(true);
+    let mut acknowledged = Vec::new();
+    for round in 0..5 {
+        let out = env.send(&lines((round * 100..(round + 1) * 100).map(stateful)));
+        if out.status.success() {
+            acknowledged.extend((round * 100..(round + 1) * 100).map(|i| format!("pkg-{i}")));
+        }
+    }
+    assert_eq!(acknowledged.len(), 500);
+    agent.signal(libc::SIGKILL);
+    agent.wait_exit(Duration::from_secs(5));
+    env.mock.set_down(false);
+    let _agent = env.running_agent();
+    assert!(env.mock.wait_until(Duration::from_secs(20), |m| m.stateful_events().len() >= 500));
+    let mut got = stateful_ids(&env.mock);
+    got.sort();
+    got.dedup();
+    acknowledged.sort();
+    assert_eq!(got, acknowledged);
+}
+
+#[test]
+fn sigterm_spills_unsent_stateless_events_and_the_next_start_delivers_them() {
+    let env = Env::new();
+    env.write_config(&format!("{FAST}\nretry.max = \"200ms\""));
+    let mut agent = env.running_agent();
+    env.mock.set_down(true);
+    env.send_ok(&lines((0..500).map(stateless)));
+    env.send_ok(&lines((0..50).map(stateful)));
+    let started = std::time::Instant::now();
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(15)), Some(0), "{}", agent.log());
+    assert!(started.elapsed() < Duration::from_secs(10), "stopped within the grace: {:?}", started.elapsed());
+    assert!(agent.log().contains("saved"), "{}", agent.log());
+    env.mock.set_down(false);
+    let _agent = env.running_agent();
+    assert!(
+        env.mock.wait_until(Duration::from_secs(20), |m| m.stateless_events().len() >= 500
+            && m.stateful_events().len() >= 50)
+    );
+    assert_eq!(unique(originals(&env.mock)), (500, 0));
+    assert_eq!(unique(stateful_ids(&env.mock)), (50, 0));
+}
+
+#[test]
+fn gzip_bodies_are_accepted() {
+    let env = Env::new();
+    env.write_config(&format!("{FAST}\nserver.compression = \"gzip\""));
+    let _agent = env.running_agent();
+    env.send_ok(&lines((0..100).map(stateless)));
+    assert!(env.mock.wait_until(Duration::from_secs(10), |m| m.stateless_events().len() >= 100));
+    assert_eq!(unique(originals(&env.mock)), (100, 0));
+}
+
+#[test]
+fn status_reports_a_running_agent_and_exit_3_after_it_stops() {
+    let env = Env::new();
+    let mut agent = env.running_agent();
+    env.send_ok(&lines([stateless(1)]));
+    let s = status_json(&env);
+    assert_eq!(s["running"], true);
+    for key in [
+        "pid",
+        "uuid",
+        "server",
+        "connected",
+        "token_expires_at",
+        "updated_at",
+        "events",
+        "batches",
+        "commands",
+        "last_error",
+    ] {
+        assert!(s.get(key).is_some(), "status lacks {key}: {s}");
+    }
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(10)), Some(0));
+    let out = env.cmd().arg("--status").output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["running"], false);
+    assert_eq!(s["events"]["sent"], 1);
+}
+
+#[test]
+fn a_second_agent_refuses_the_same_socket() {
+    let env = Env::new();
+    let _agent = env.running_agent();
+    let out = env.cmd().output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("another running agent"), "{}", text(&out));
+}
