@@ -7,7 +7,7 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 BIN     := target/release/wazuh-agent
 
-.PHONY: all build release test lint demo size install uninstall clean
+.PHONY: all build release test lint demo bench size install uninstall clean
 
 all: build
 
@@ -28,6 +28,11 @@ lint:
 demo:
 	$(CARGO) build --workspace
 	bash scripts/demo.sh target/debug
+
+# Numbers, not pass/fail: throughput, RSS, idle cost (release builds). BENCH_ARGS=--quick for a short run.
+bench:
+	$(CARGO) build --release --workspace
+	target/release/wazuh-bench --agent $(BIN) $(BENCH_ARGS)
 
 # Size of the stripped release binary (the release profile strips).
 size: release

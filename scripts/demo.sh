@@ -65,7 +65,25 @@ echo "credentials: $(stat -c '%A %n' "$work/data/credentials.json")"
 say "running the agent for $run_for seconds"
 "$agent" --config "$work/agent.toml" &
 agent_pid=$!
+for _ in $(seq 1 100); do [ -S "$work/run/ingest.sock" ] && break; sleep 0.05; done
+
+say "sending events with wazuh-agent --send (3 stateless, 2 stateful, 1 malformed)"
+set +e
+reply=$("$agent" --config "$work/agent.toml" --send <<'EVENTS'
+{"header":{"module":"logcollector","collector":"file"},"data":{"event":{"original":"Nov 26 15:00:00 web-01 sshd[811]: Accepted publickey for root"},"log":{"file":{"path":"/var/log/auth.log"}}}}
+{"header":{"module":"logcollector","collector":"file"},"data":{"event":{"original":"Nov 26 15:00:01 web-01 CRON[900]: session opened"},"log":{"file":{"path":"/var/log/auth.log"}}}}
+{"header":{"module":"logcollector","collector":"file"},"data":{"event":{"original":"Nov 26 15:00:02 web-01 sudo: demo : TTY=pts/0 ; COMMAND=/bin/true"},"log":{"file":{"path":"/var/log/auth.log"}}}}
+{"header":{"module":"inventory","collector":"packages","operation":"create","id":"6641e6"},"data":{"package":{"name":"openssl","version":"3.0.13-1","architecture":"amd64","type":"deb"}}}
+{"header":{"module":"inventory","collector":"packages","operation":"delete","id":"0a1b2c"}}
+{"header":{"module":"inventory","collector":"packages","operation":"upsert","id":"x"},"data":{}}
+EVENTS
+)
+send_status=$?
+set -e
+echo "agent replied: $reply (exit status $send_status: 1 because one line was rejected)"
 sleep "$run_for"
+"$agent" --config "$work/agent.toml" --status >"$work/status.json" || true
+echo "status while running: $(cat "$work/status.json")"
 kill -TERM "$agent_pid"
 status=0
 wait "$agent_pid" || status=$?
@@ -80,6 +98,13 @@ admin_get /admin/state >"$work/state.json"
 auths=$(field auth_ok "$work/state.json")
 echo "agents registered: $(grep -o '"id":"[^"]*"' "$work/state.json" | head -n 1 | cut -d'"' -f4)"
 echo "successful authentications: $auths (1 at start + $((auths - 1)) token renewals before expiry)"
-[ "$status" -eq 0 ] && [ "$auths" -ge 2 ] || { echo "demo: FAILED" >&2; exit 1; }
+stateless=$(grep -o '"original":"[^"]*"' "$work/state.json" | wc -l)
+stateful=$(grep -o '"operation":"[a-z]*"' "$work/state.json" | wc -l)
+echo "stateless events received: $stateless"
+grep -o '"original":"[^"]*"' "$work/state.json" | sed 's/^/  /'
+echo "stateful events received: $stateful"
+grep -o '"id":"[0-9a-f]*","module":"inventory","operation":"[a-z]*"' "$work/state.json" | sed 's/^/  /'
+echo "requests: $(grep -o '"path":"/api/v1/events/[a-z]*","status":[0-9]*' "$work/state.json" | sort | uniq -c | tr -s ' ' | paste -sd ';' -)"
+[ "$status" -eq 0 ] && [ "$auths" -ge 2 ] && [ "$stateless" -eq 3 ] && [ "$stateful" -eq 2 ] || { echo "demo: FAILED" >&2; exit 1; }
 echo
 echo "demo OK"

@@ -226,7 +226,7 @@ pub fn run(
         let n = rest.len();
         let (tx, rx) = crossbeam_channel::bounded(1);
         let saved = spill.send(Append { events: rest, reply: tx }).is_ok()
-            && matches!(rx.recv_timeout(Duration::from_secs(10)), Ok(Ok(())));
+            && rx.recv_timeout(Duration::from_secs(10)).is_ok_and(|r| r.all_stored(n));
         if saved {
             log::info!("saved {n} unsent stateless events to the durable queue for the next start");
         } else {
@@ -243,7 +243,7 @@ mod tests {
 
     fn ev(i: usize) -> Event {
         // Every event is 20 wire bytes: 9-byte header + newline + 9-byte data + newline.
-        Event { kind: Kind::Stateless, header: format!("{{\"m\":{i:03}}}"), data: Some(format!("{{\"d\":{i:03}}}")) }
+        Event::new(Kind::Stateless, &format!("{{\"m\":{i:03}}}"), Some(&format!("{{\"d\":{i:03}}}")))
     }
 
     fn policy(max_events: usize, max_bytes: usize, capacity: usize, overflow: Overflow) -> Policy {
@@ -358,7 +358,7 @@ mod tests {
         drop(stop);
         let a = spill.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!(a.events, (0..7).map(ev).collect::<Vec<_>>());
-        a.reply.send(Ok(())).unwrap();
+        a.reply.send(crate::queue::Appended { stored: 7, error: None }).unwrap();
         h.join().unwrap();
     }
 }

@@ -33,19 +33,45 @@ pub enum Kind {
     Stateful,
 }
 
-/// One validated event: header and data as compact-enough JSON text (no newline inside).
+/// One validated event. Header and data are kept as one string, `header\ndata` (or just
+/// the header for a stateful delete): exactly the lines the request body carries, in one
+/// allocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub kind: Kind,
-    pub header: String,
-    /// Absent only for a stateful delete.
-    pub data: Option<String>,
+    text: String,
+    header_len: usize,
 }
 
 impl Event {
-    /// Bytes this event adds to a request body: header, newline, data, newline.
+    /// `header` and `data` must be single-line JSON texts (the parser guarantees it).
+    pub fn new(kind: Kind, header: &str, data: Option<&str>) -> Event {
+        let mut text = String::with_capacity(header.len() + data.map_or(0, |d| d.len() + 1));
+        text.push_str(header);
+        if let Some(d) = data {
+            text.push('\n');
+            text.push_str(d);
+        }
+        Event { kind, text, header_len: header.len() }
+    }
+
+    pub fn header(&self) -> &str {
+        &self.text[..self.header_len]
+    }
+
+    /// Absent only for a stateful delete.
+    pub fn data(&self) -> Option<&str> {
+        self.text.get(self.header_len + 1..).filter(|_| self.text.len() > self.header_len)
+    }
+
+    /// The body lines of this event, without a trailing newline.
+    pub fn lines(&self) -> &str {
+        &self.text
+    }
+
+    /// Bytes this event adds to a request body (its lines plus the newline before them).
     pub fn wire_len(&self) -> usize {
-        self.header.len() + 1 + self.data.as_ref().map_or(0, |d| d.len() + 1)
+        self.text.len() + 1
     }
 
     /// The header's `module` (for routing decisions such as command results).
@@ -54,7 +80,7 @@ impl Event {
         struct M {
             module: String,
         }
-        serde_json::from_str::<M>(&self.header).ok().map(|m| m.module)
+        serde_json::from_str::<M>(self.header()).ok().map(|m| m.module)
     }
 }
 
@@ -145,11 +171,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         let Some(data) = data else {
             return err("\"data\" is missing");
         };
-        return Ok(Some(Event {
-            kind: Kind::Stateless,
-            header: compact(header_raw.get()),
-            data: Some(compact(data.get())),
-        }));
+        return Ok(Some(Event::new(Kind::Stateless, &compact(header_raw.get()), Some(&compact(data.get())))));
     };
     let op = match op_value {
         serde_json::Value::String(s) if s == "create" => Operation::Create,
@@ -194,13 +216,13 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         }
         (_, Some(d)) => Some(compact(d.get())),
     };
-    Ok(Some(Event { kind: Kind::Stateful, header: compact(header_raw.get()), data }))
+    Ok(Some(Event::new(Kind::Stateful, &compact(header_raw.get()), data.as_deref())))
 }
 
 /// The raw text is one JSON value from a single line, so it has no newline; only a
 /// carriage return could hide in insignificant whitespace, and that is dropped here.
-fn compact(raw: &str) -> String {
-    if raw.contains('\r') { raw.replace('\r', "") } else { raw.to_string() }
+fn compact(raw: &str) -> std::borrow::Cow<'_, str> {
+    if raw.contains('\r') { raw.replace('\r', "").into() } else { raw.into() }
 }
 
 /// The first line of every request body: the agent's metadata (SPEC §6.3).
@@ -233,11 +255,7 @@ pub fn body<'a>(agent_line: &str, events: impl IntoIterator<Item = &'a Event>) -
     out.extend_from_slice(agent_line.as_bytes());
     for e in events {
         out.push(b'\n');
-        out.extend_from_slice(e.header.as_bytes());
-        if let Some(d) = &e.data {
-            out.push(b'\n');
-            out.extend_from_slice(d.as_bytes());
-        }
+        out.extend_from_slice(e.lines().as_bytes());
     }
     out
 }
@@ -259,7 +277,8 @@ mod tests {
         let e =
             ok(r#"{"header": {"module": "logcollector", "collector": "file"}, "data": {"event": {"original": "x"}}}"#);
         assert_eq!(e.kind, Kind::Stateless);
-        assert_eq!(e.header, r#"{"module": "logcollector", "collector": "file"}"#);
+        assert_eq!(e.header(), r#"{"module": "logcollector", "collector": "file"}"#);
+        assert_eq!(e.data(), Some(r#"{"event": {"original": "x"}}"#));
         let e = ok(
             r#"{"header": {"module": "inventory", "collector": "packages", "operation": "create", "id": "6641e6"}, "data": {"package": {"name": "openssl"}}}"#,
         );
@@ -267,7 +286,7 @@ mod tests {
         let e = ok(
             r#"{"header": {"module": "inventory", "collector": "packages", "operation": "delete", "id": "6641e6"}}"#,
         );
-        assert_eq!(e.data, None);
+        assert_eq!(e.data(), None);
         assert_eq!(e.module().as_deref(), Some("inventory"));
         let e = ok("{\"header\":{\"module\":\"command\",\"operation\":\"update\",\"id\":\"A8\"},\"data\":{}}\r");
         assert_eq!(e.kind, Kind::Stateful);

@@ -20,7 +20,7 @@ use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{self, Event, Kind};
-use crate::queue::{Append, QueueError};
+use crate::queue::{Append, Appended, QueueError};
 use crate::status::Stats;
 
 /// A producer that sends nothing for this long is answered and dropped.
@@ -29,8 +29,9 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_CONNECTIONS: usize = 64;
 /// Stateless events are handed to the batcher in chunks of this many.
 const CHUNK: usize = 512;
-/// Stateful events are made durable at least every this many bytes of a long stream.
-const DURABLE_CHUNK_BYTES: usize = 4 << 20;
+/// Stateful events are made durable at least every this many bytes of a long stream
+/// (bounds a connection's memory; group commit keeps the fsync count low anyway).
+const DURABLE_CHUNK_BYTES: usize = 256 << 10;
 /// The reply lists at most this many errors (then a count), to stay one reasonable line.
 const MAX_REPLY_ERRORS: usize = 1000;
 /// `sun_path` is 108 bytes including the terminating NUL on Linux.
@@ -242,21 +243,18 @@ impl Conn<'_> {
         let events = std::mem::take(&mut self.stateful);
         let lines = std::mem::take(&mut self.stateful_lines);
         self.stateful_bytes = 0;
-        let n = events.len() as u64;
         let (tx, rx) = crossbeam_channel::bounded(1);
+        let closed = Appended { stored: 0, error: Some(QueueError::Closed) };
         let result = match self.ingest.queue.send(Append { events, reply: tx }) {
-            Ok(()) => rx.recv().unwrap_or(Err(QueueError::Closed)),
-            Err(_) => Err(QueueError::Closed),
+            Ok(()) => rx.recv().unwrap_or(closed),
+            Err(_) => closed,
         };
-        match result {
-            Ok(()) => {
-                self.reply.accepted += n;
-                Stats::add(&self.ingest.stats.received, n);
-            }
-            Err(e) => {
-                for l in lines {
-                    self.reject(l, &e);
-                }
+        let stored = result.stored.min(lines.len());
+        self.reply.accepted += stored as u64;
+        Stats::add(&self.ingest.stats.received, stored as u64);
+        if let Some(e) = result.error {
+            for l in &lines[stored..] {
+                self.reject(*l, &e);
             }
         }
     }
@@ -382,4 +380,29 @@ pub fn send(run_dir: &Path, input: &mut dyn Read) -> Result<Reply, IngestError> 
     BufReader::new(stream).read_line(&mut reply).map_err(|source| IngestError::Io { path: path.clone(), source })?;
     serde_json::from_str(reply.trim_end())
         .map_err(|_| IngestError::BadReply(reply.trim_end().chars().take(200).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_path_too_long_is_named() {
+        let long = PathBuf::from(format!("/tmp/{}", "r".repeat(120)));
+        let e = bind(&long).unwrap_err().to_string();
+        assert!(e.contains("longer than 107 bytes") && e.contains("agent.run_dir"), "{e}");
+    }
+
+    #[test]
+    fn stale_socket_file_is_replaced_but_a_live_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = bind(dir.path()).unwrap();
+        assert!(matches!(bind(dir.path()), Err(IngestError::InUse { .. })));
+        drop(first);
+        // The file is still there (a crash leaves it); nobody listens: it is replaced.
+        assert!(socket_path(dir.path()).exists());
+        let _second = bind(dir.path()).unwrap();
+        let mode = std::fs::metadata(socket_path(dir.path())).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+    }
 }

@@ -187,8 +187,9 @@ pub fn run(config: &Config) -> Result<(), RunError> {
     let signals_handle = signals.handle();
     // Capacity 4: signals are rare; if the supervisor lags, a repeat of the same signal adds nothing.
     let (sig_tx, sig_rx) = crossbeam_channel::bounded::<i32>(4);
-    // Chunks of up to 512 events; 64 chunks in flight is plenty to keep the batcher busy.
-    let (events_tx, events_rx) = crossbeam_channel::bounded::<Vec<Event>>(64);
+    // Chunks of up to 512 events; 2 in flight keep the batcher busy, and under
+    // overflow = "block" producers wait as soon as the ring buffer and these are full.
+    let (events_tx, events_rx) = crossbeam_channel::bounded::<Vec<Event>>(2);
     // Rendezvous: the uploader takes one batch at a time; the rest waits in the ring buffer.
     let (batch_tx, batch_rx) = crossbeam_channel::bounded::<Vec<Event>>(0);
     // Append requests wait here while the queue fsyncs; they are then committed as one group.

@@ -64,8 +64,8 @@ impl RejectedLog {
             "{{\"time\":{},\"endpoint\":\"{endpoint}\",\"status\":{status},\"reason\":{},\"header\":{},\"data\":{}}}\n",
             serde_json::Value::String(status::rfc3339(SystemTime::now())),
             serde_json::Value::String(reason.to_string()),
-            e.header,
-            e.data.as_deref().unwrap_or("null"),
+            e.header(),
+            e.data().unwrap_or("null"),
         );
         let written = OpenOptions::new()
             .create(true)
@@ -374,7 +374,7 @@ fn save(spill: &Sender<Append>, events: Vec<Event>, stats: &Stats) {
     let n = events.len();
     let (tx, rx) = crossbeam_channel::bounded(1);
     let ok = spill.send(Append { events, reply: tx }).is_ok()
-        && matches!(rx.recv_timeout(Duration::from_secs(10)), Ok(Ok(())));
+        && rx.recv_timeout(Duration::from_secs(10)).is_ok_and(|r| r.all_stored(n));
     if ok {
         log::info!("saved an undelivered batch of {n} stateless events to the durable queue");
     } else {

@@ -3,8 +3,8 @@
 //! ```text
 //! frame   = MAGIC (4) | len: u32 LE (4) | crc: u32 LE (4) | payload (len bytes)
 //! crc     = CRC32(len bytes ++ payload)            -- a corrupt length fails the CRC too
-//! payload = flags: u8 | header_len: u32 LE | header | data
-//!           flags bit 0: stateful, bit 1: has data
+//! payload = flags: u8 | header_len: u32 LE | lines
+//!           lines = header, or header "\n" data; flags bit 0: stateful, bit 1: has data
 //! ```
 //!
 //! [`scan`] walks a segment's bytes and returns every intact frame. A frame that fails
@@ -33,19 +33,18 @@ fn crc(len: &[u8], payload: &[u8]) -> u32 {
 
 /// Appends one event's frame to `out`; returns the frame's length.
 pub fn encode(event: &Event, out: &mut Vec<u8>) -> usize {
-    let data = event.data.as_deref().unwrap_or("");
-    let payload_len = 1 + 4 + event.header.len() + data.len();
+    let lines = event.lines();
+    let payload_len = 1 + 4 + lines.len();
     let start = out.len();
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&(payload_len as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     let payload_start = out.len();
     let flags =
-        if event.kind == Kind::Stateful { STATEFUL } else { 0 } | if event.data.is_some() { HAS_DATA } else { 0 };
+        if event.kind == Kind::Stateful { STATEFUL } else { 0 } | if event.data().is_some() { HAS_DATA } else { 0 };
     out.push(flags);
-    out.extend_from_slice(&(event.header.len() as u32).to_le_bytes());
-    out.extend_from_slice(event.header.as_bytes());
-    out.extend_from_slice(data.as_bytes());
+    out.extend_from_slice(&(event.header().len() as u32).to_le_bytes());
+    out.extend_from_slice(lines.as_bytes());
     let c = crc(&out[start + 4..start + 8], &out[payload_start..]);
     out[start + 8..start + 12].copy_from_slice(&c.to_le_bytes());
     out.len() - start
@@ -53,7 +52,7 @@ pub fn encode(event: &Event, out: &mut Vec<u8>) -> usize {
 
 /// Size of the frame [`encode`] would write.
 pub fn frame_len(event: &Event) -> usize {
-    FRAME_HEADER + 1 + 4 + event.header.len() + event.data.as_ref().map_or(0, |d| d.len())
+    FRAME_HEADER + 1 + 4 + event.lines().len()
 }
 
 /// Checks the frame at `pos`; returns its total length if intact.
@@ -76,11 +75,11 @@ pub fn decode(frame: &[u8]) -> Option<Event> {
     let payload = frame.get(FRAME_HEADER..)?;
     let flags = *payload.first()?;
     let hlen = u32::from_le_bytes(payload.get(1..5)?.try_into().ok()?) as usize;
-    let header = std::str::from_utf8(payload.get(5..5 + hlen)?).ok()?.to_string();
-    let rest = std::str::from_utf8(payload.get(5 + hlen..)?).ok()?;
-    let data = if flags & HAS_DATA != 0 { Some(rest.to_string()) } else { None };
+    let lines = std::str::from_utf8(payload.get(5..)?).ok()?;
+    let header = lines.get(..hlen)?;
+    let data = if flags & HAS_DATA != 0 { Some(lines.get(hlen + 1..)?) } else { None };
     let kind = if flags & STATEFUL != 0 { Kind::Stateful } else { Kind::Stateless };
-    Some(Event { kind, header, data })
+    Some(Event::new(kind, header, data))
 }
 
 /// What [`scan`] found.
@@ -131,10 +130,12 @@ mod tests {
 
     fn events() -> Vec<Event> {
         (0..5)
-            .map(|i| Event {
-                kind: if i % 2 == 0 { Kind::Stateful } else { Kind::Stateless },
-                header: format!(r#"{{"module":"inventory","id":"{i}"}}"#),
-                data: (i != 2).then(|| format!(r#"{{"n":{}}}"#, "x".repeat(i * 3))),
+            .map(|i| {
+                Event::new(
+                    if i % 2 == 0 { Kind::Stateful } else { Kind::Stateless },
+                    &format!(r#"{{"module":"inventory","id":"{i}"}}"#),
+                    (i != 2).then(|| format!(r#"{{"n":{}}}"#, "x".repeat(i * 3))).as_deref(),
+                )
             })
             .collect()
     }

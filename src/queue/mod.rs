@@ -28,8 +28,8 @@ use crate::event::{Event, Kind};
 use crate::fsutil;
 use crate::status::Stats;
 
-/// Segment size bound: also the most a reader holds in memory at once.
-pub const SEGMENT_MAX: u64 = 4 << 20;
+/// Segment size bound: also (with one record past it) the most a reader holds in memory.
+pub const SEGMENT_MAX: u64 = 1 << 20;
 /// At most this many waiting append requests are covered by one fsync, so one round
 /// stays short even under a flood of producers.
 const GROUP_COMMIT_MAX: usize = 256;
@@ -71,7 +71,21 @@ fn io_err(what: &str, path: &Path, e: io::Error) -> QueueError {
 /// A request to make events durable. The reply comes after the fsync that covers them.
 pub struct Append {
     pub events: Vec<Event>,
-    pub reply: Sender<Result<(), QueueError>>,
+    pub reply: Sender<Appended>,
+}
+
+/// The answer to an [`Append`]: the first `stored` events are durable; the rest were
+/// refused for `error` (queue full, or an I/O error that refused them all).
+#[derive(Debug, Clone)]
+pub struct Appended {
+    pub stored: usize,
+    pub error: Option<QueueError>,
+}
+
+impl Appended {
+    pub fn all_stored(&self, n: usize) -> bool {
+        self.stored == n && self.error.is_none()
+    }
 }
 
 /// Events read back for delivery. All of one kind (one endpoint).
@@ -277,13 +291,21 @@ impl QueueStore {
         self.durable.seg
     }
 
-    /// Writes `events` (not yet durable: call [`sync`](Self::sync)). All or nothing
-    /// against the cap; on an I/O error the caller must [`rollback`](Self::rollback).
-    pub fn append(&mut self, events: &[Event]) -> Result<(), QueueError> {
-        let total: u64 = events.iter().map(|e| format::frame_len(e) as u64).sum();
-        if self.backlog_bytes + total > self.max_bytes {
-            return Err(QueueError::Full { max: self.max_bytes });
+    /// Writes the longest prefix of `events` that fits under `queue_max_bytes` (not yet
+    /// durable: call [`sync`](Self::sync)) and returns its length. `Err` only for I/O;
+    /// then the caller must [`rollback`](Self::rollback).
+    pub fn append(&mut self, events: &[Event]) -> Result<usize, QueueError> {
+        let mut fit = 0;
+        let mut total = 0u64;
+        for e in events {
+            let n = format::frame_len(e) as u64;
+            if self.backlog_bytes + total + n > self.max_bytes {
+                break;
+            }
+            total += n;
+            fit += 1;
         }
+        let events = &events[..fit];
         let mut buf = Vec::with_capacity(total.min(SEGMENT_MAX) as usize);
         for e in events {
             let n = format::frame_len(e) as u64;
@@ -296,8 +318,8 @@ impl QueueStore {
         }
         self.write_active(&buf)?;
         self.backlog_bytes += total;
-        self.backlog_records += events.len() as u64;
-        Ok(())
+        self.backlog_records += fit as u64;
+        Ok(fit)
     }
 
     fn write_active(&mut self, buf: &[u8]) -> Result<(), QueueError> {
@@ -567,16 +589,20 @@ fn serve_appends(store: &mut QueueStore, first: Append, more: &Receiver<Append>)
         }
     }
     let (rec0, bytes0) = store.backlog();
-    let mut results: Vec<Result<(), QueueError>> = Vec::with_capacity(round.len());
-    let mut io_failed = None;
+    let mut results: Vec<Appended> = Vec::with_capacity(round.len());
+    let mut io_failed: Option<QueueError> = None;
     for a in &round {
         let r = match &io_failed {
-            Some(e) => Err(QueueError::clone(e)),
-            None => store.append(&a.events),
+            Some(e) => Appended { stored: 0, error: Some(e.clone()) },
+            None => match store.append(&a.events) {
+                Ok(n) if n == a.events.len() => Appended { stored: n, error: None },
+                Ok(n) => Appended { stored: n, error: Some(QueueError::Full { max: store.max_bytes }) },
+                Err(e) => {
+                    io_failed = Some(e.clone());
+                    Appended { stored: 0, error: Some(e) }
+                }
+            },
         };
-        if let Err(QueueError::Io(_)) = &r {
-            io_failed = r.clone().err();
-        }
         results.push(r);
     }
     if io_failed.is_none() {
@@ -585,14 +611,13 @@ fn serve_appends(store: &mut QueueStore, first: Append, more: &Receiver<Append>)
         }
     }
     if let Some(e) = io_failed {
+        // Nothing of this round is durable: undo it and refuse it all.
         let (rec1, bytes1) = store.backlog();
         store.rollback(rec1 - rec0, bytes1 - bytes0);
         log::error!("{e}");
         store.stats.set_error(e.to_string());
         for r in results.iter_mut() {
-            if r.is_ok() {
-                *r = Err(e.clone());
-            }
+            *r = Appended { stored: 0, error: Some(e.clone()) };
         }
     }
     for (a, r) in round.into_iter().zip(results) {
@@ -606,11 +631,11 @@ mod tests {
     use super::*;
 
     fn ev(i: usize, kind: Kind) -> Event {
-        Event {
+        Event::new(
             kind,
-            header: format!(r#"{{"module":"inventory","collector":"packages","operation":"create","id":"{i:03}"}}"#),
-            data: Some(format!(r#"{{"n":{i:03},"pad":"{}"}}"#, "p".repeat(100))),
-        }
+            &format!(r#"{{"module":"inventory","collector":"packages","operation":"create","id":"{i:03}"}}"#),
+            Some(&format!(r#"{{"n":{i:03},"pad":"{}"}}"#, "p".repeat(100))),
+        )
     }
 
     const LIMITS: BatchLimits = BatchLimits { max_events: 1000, max_bytes: 1 << 20, overhead: 100 };
@@ -675,10 +700,12 @@ mod tests {
     fn segments_roll_and_are_deleted_only_after_the_cursor_passes() {
         let dir = tempfile::tempdir().unwrap();
         let mut q = open(dir.path());
-        let big = |i| Event {
-            kind: Kind::Stateful,
-            header: format!(r#"{{"module":"fim","operation":"update","id":"{i}"}}"#),
-            data: Some(format!("{{\"x\":\"{}\"}}", "y".repeat(500_000))),
+        let big = |i| {
+            Event::new(
+                Kind::Stateful,
+                &format!(r#"{{"module":"fim","operation":"update","id":"{i}"}}"#),
+                Some(&format!("{{\"x\":\"{}\"}}", "y".repeat(500_000))),
+            )
         };
         let events: Vec<Event> = (0..20).map(big).collect();
         q.append(&events).unwrap();
@@ -700,16 +727,16 @@ mod tests {
     }
 
     #[test]
-    fn cap_refuses_whole_requests() {
+    fn cap_stores_the_prefix_that_fits() {
         let dir = tempfile::tempdir().unwrap();
         let one = format::frame_len(&ev(0, Kind::Stateful)) as u64;
         let mut q = QueueStore::open(dir.path(), one * 3, Arc::new(Stats::default())).unwrap();
-        q.append(&[ev(0, Kind::Stateful), ev(1, Kind::Stateful)]).unwrap();
-        assert!(matches!(q.append(&[ev(2, Kind::Stateful), ev(3, Kind::Stateful)]), Err(QueueError::Full { .. })));
-        q.append(&[ev(2, Kind::Stateful)]).unwrap();
+        assert_eq!(q.append(&[ev(0, Kind::Stateful), ev(1, Kind::Stateful)]).unwrap(), 2);
+        assert_eq!(q.append(&[ev(2, Kind::Stateful), ev(3, Kind::Stateful)]).unwrap(), 1);
+        assert_eq!(q.append(&[ev(4, Kind::Stateful)]).unwrap(), 0);
         q.sync().unwrap();
-        assert_eq!(drain(&mut q, LIMITS).len(), 3);
-        q.append(&[ev(4, Kind::Stateful)]).unwrap();
+        assert_eq!(drain(&mut q, LIMITS), vec![ev(0, Kind::Stateful), ev(1, Kind::Stateful), ev(2, Kind::Stateful)]);
+        assert_eq!(q.append(&[ev(4, Kind::Stateful)]).unwrap(), 1, "room again once delivered");
     }
 
     #[test]
@@ -766,7 +793,7 @@ mod tests {
             })
             .collect();
         for r in replies {
-            r.recv().unwrap().unwrap();
+            assert!(r.recv().unwrap().all_stored(1));
         }
         let mut got = 0;
         while got < 10 {

@@ -288,3 +288,59 @@ fn a_second_agent_refuses_the_same_socket() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains("another running agent"), "{}", text(&out));
 }
+
+#[test]
+fn block_overflow_holds_producers_back_and_loses_nothing() {
+    let env = Env::new();
+    env.write_config(&format!("{FAST}\nevents.buffer_events = 50\nevents.overflow = \"block\"\nretry.max = \"200ms\""));
+    let _agent = env.running_agent();
+    env.mock.set_down(true);
+    let input = lines((0..10_000).map(stateless));
+    let sender = {
+        let cmd = env.cmd();
+        let input = input.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut cmd = cmd;
+            let mut child = cmd
+                .arg("--send")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            let _ = stdin.write_all(input.as_bytes());
+            drop(stdin);
+            child.wait_with_output().unwrap()
+        })
+    };
+    // The agent cannot take 10 000 events into a buffer of 50 while the server is away:
+    // the producer is held back (its reply comes only after the server is back).
+    assert!(wait_for(Duration::from_secs(5), || status_json(&env)["events"]["buffered"].as_u64().unwrap_or(0) >= 50));
+    assert!(!sender.is_finished(), "--send returned while the buffer was full");
+    env.mock.set_down(false);
+    let out = sender.join().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    // …and once it is back, every event arrives: nothing was dropped.
+    assert!(env.mock.wait_until(Duration::from_secs(30), |m| m.stateless_events().len() >= 10_000));
+    assert_eq!(unique(originals(&env.mock)), (10_000, 0));
+    assert_eq!(status_json(&env)["events"]["dropped"], 0);
+}
+
+#[test]
+fn a_full_queue_refuses_stateful_events_clearly() {
+    let env = Env::new();
+    env.write_config(&format!("{FAST}\nevents.queue_max_bytes = \"64KiB\"\nevents.batch_max_bytes = \"16KiB\""));
+    let _agent = env.running_agent();
+    env.mock.set_down(true);
+    let out = env.send(&lines((0..1000).map(stateful)));
+    assert_eq!(out.status.code(), Some(1));
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let accepted = reply["accepted"].as_u64().unwrap();
+    assert!(accepted > 0 && accepted < 1000, "{reply}");
+    assert_eq!(reply["rejected"].as_u64().unwrap() + accepted, 1000);
+    assert!(reply["errors"][0].as_str().unwrap().contains("queue full"), "{reply}");
+    env.mock.set_down(false);
+    assert!(env.mock.wait_until(Duration::from_secs(20), |m| m.stateful_events().len() as u64 >= accepted));
+    assert_eq!(unique(stateful_ids(&env.mock)).0 as u64, accepted, "exactly the accepted ones are delivered");
+}

@@ -49,6 +49,8 @@ pub struct Options {
     pub uuid_v4_only: bool,
     /// Largest request body accepted before a 413.
     pub max_body: usize,
+    /// Keep every received event (tests); `false` only counts them (benchmarks).
+    pub keep_events: bool,
 }
 
 impl Options {
@@ -65,6 +67,7 @@ impl Options {
             cert_names: vec!["localhost".into(), "127.0.0.1".into()],
             uuid_v4_only: false,
             max_body: 10 << 20,
+            keep_events: true,
         }
     }
 }
@@ -161,6 +164,9 @@ struct Inner {
     clock_offset: i64,
     /// An events body containing this text is refused with 400 (a "poison" event).
     poison: Option<String>,
+    /// Events accepted so far, kept or not.
+    stateless_count: u64,
+    stateful_count: u64,
 }
 
 /// Shared state of the mock.
@@ -384,6 +390,12 @@ impl MockServer {
 
     pub fn set_file(&self, name: &str, content: &[u8]) {
         self.state.lock().files.insert(name.to_string(), content.to_vec());
+    }
+
+    /// Events accepted so far (also when `keep_events` is off): (stateless, stateful).
+    pub fn event_counts(&self) -> (u64, u64) {
+        let st = self.state.lock();
+        (st.stateless_count, st.stateful_count)
     }
 
     pub fn stateless_events(&self) -> Vec<ReceivedEvent> {
@@ -1037,9 +1049,15 @@ fn events(state: &State, req: &Request, stateful: bool) -> Response {
         })
         .collect();
     if stateful {
-        st.stateful.extend(parsed);
+        st.stateful_count += parsed.len() as u64;
+        if state.opts.keep_events {
+            st.stateful.extend(parsed);
+        }
     } else {
-        st.stateless.extend(parsed);
+        st.stateless_count += parsed.len() as u64;
+        if state.opts.keep_events {
+            st.stateless.extend(parsed);
+        }
     }
     drop(st);
     state.changed.notify_all();

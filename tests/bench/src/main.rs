@@ -1,0 +1,324 @@
+//! `make bench`: starts the mock server in-process and a real `wazuh-agent` process, drives
+//! load through the agent's ingest socket and prints one table plus
+//! `target/bench/latest.json`. Numbers, not pass/fail: read them, compare them.
+//!
+//! Usage: wazuh-bench [--agent PATH] [--events N] [--quick]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use wazuh_mock_server::{MockServer, Options};
+
+struct Args {
+    agent: PathBuf,
+    events: usize,
+    quick: bool,
+}
+
+fn args() -> Args {
+    let mut a = Args { agent: PathBuf::from("target/release/wazuh-agent"), events: 200_000, quick: false };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--agent" => a.agent = PathBuf::from(it.next().expect("--agent PATH")),
+            "--events" => a.events = it.next().and_then(|v| v.parse().ok()).expect("--events N"),
+            "--quick" => a.quick = true,
+            other => panic!("unknown argument {other}; usage: wazuh-bench [--agent PATH] [--events N] [--quick]"),
+        }
+    }
+    a
+}
+
+fn proc_status(pid: u32, key: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resets VmHWM to the current RSS, so the next peak is measured from here.
+fn reset_peak(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+fn cpu_secs(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = text.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn wakeups(pid: u32) -> u64 {
+    // Voluntary + involuntary context switches of every thread: each is a wakeup.
+    let mut total = 0;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let text = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            for l in text.lines() {
+                if l.starts_with("voluntary_ctxt_switches") || l.starts_with("nonvoluntary_ctxt_switches") {
+                    total += l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                }
+            }
+        }
+    }
+    total
+}
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    f()
+}
+
+fn stateless_line(i: usize) -> String {
+    // About 200 bytes, like a syslog line with its header.
+    format!(
+        r#"{{"header":{{"module":"logcollector","collector":"file"}},"data":{{"event":{{"original":"Nov 26 15:00:00 web-01 sshd[811]: Accepted publickey for root from 10.0.0.1 port 52211 ssh2 #{i:08}"}}}}}}"#
+    )
+}
+
+fn stateful_line(i: usize) -> String {
+    format!(
+        r#"{{"header":{{"module":"inventory","collector":"packages","operation":"create","id":"{i:040}"}},"data":{{"package":{{"architecture":"amd64","name":"pkg{i}","size":1234,"type":"deb","version":"1.0.{i}","description":"benchmark package {i:08}"}}}}}}"#
+    )
+}
+
+/// Sends `lines` through `producers` parallel connections of at most `per_conn` lines each;
+/// returns when every reply arrived, with the total accepted.
+fn produce(socket: &Path, n: usize, producers: usize, per_conn: usize, line: fn(usize) -> String, base: usize) -> u64 {
+    let threads: Vec<_> = (0..producers)
+        .map(|p| {
+            let socket = socket.to_path_buf();
+            std::thread::spawn(move || {
+                let mut accepted = 0u64;
+                let mine: Vec<usize> = (p..n).step_by(producers).collect();
+                for chunk in mine.chunks(per_conn) {
+                    let mut s = UnixStream::connect(&socket).expect("connect to the ingest socket");
+                    let mut buf = Vec::with_capacity(chunk.len() * 260);
+                    for i in chunk {
+                        buf.extend_from_slice(line(base + i).as_bytes());
+                        buf.push(b'\n');
+                    }
+                    s.write_all(&buf).expect("write events");
+                    s.shutdown(std::net::Shutdown::Write).unwrap();
+                    let mut reply = String::new();
+                    BufReader::new(s).read_line(&mut reply).unwrap();
+                    let v: Value = serde_json::from_str(&reply).expect("reply");
+                    accepted += v["accepted"].as_u64().unwrap_or(0);
+                }
+                accepted
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).sum()
+}
+
+fn events_requests(mock: &MockServer) -> usize {
+    mock.requests().iter().filter(|r| r.path.starts_with("/api/v1/events/")).count()
+}
+
+/// The mock's own ceiling: one keep-alive TLS client posting pre-built 1 000-event bodies.
+fn mock_ceiling(mock: &MockServer, creds: &Value, seconds: f64) -> f64 {
+    let ca = std::fs::read(mock.ca_file()).unwrap();
+    let cert = ureq::tls::Certificate::from_pem(&ca).unwrap();
+    let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&[cert])).build();
+    let agent: ureq::Agent = ureq::Agent::config_builder().tls_config(tls).proxy(None).build().into();
+    let auth = json!({"uuid": creds["uuid"], "key": creds["key"]}).to_string();
+    let mut r = agent.post(format!("{}/api/v1/authentication", mock.comms_url())).send(auth.as_bytes()).unwrap();
+    let token: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    let bearer = format!("Bearer {}", token["token"].as_str().unwrap());
+    let mut body = format!(
+        r#"{{"agent":{{"groups":[],"host":{{"architecture":"x86_64","hostname":"b","ip":["127.0.0.1"],"os":{{"name":"Linux","type":"Linux","version":"1"}}}},"id":{},"name":"b","type":"Endpoint","version":"0"}}}}"#,
+        creds["uuid"]
+    );
+    for i in 0..1000 {
+        let v: Value = serde_json::from_str(&stateless_line(i)).unwrap();
+        body.push('\n');
+        body.push_str(&v["header"].to_string());
+        body.push('\n');
+        body.push_str(&v["data"].to_string());
+    }
+    let url = format!("{}/api/v1/events/stateless", mock.comms_url());
+    let start = Instant::now();
+    let mut sent = 0usize;
+    while start.elapsed().as_secs_f64() < seconds {
+        let mut resp = agent
+            .post(&url)
+            .header("Authorization", &bearer)
+            .header("Content-Type", "application/json")
+            .send(body.as_bytes())
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 204);
+        let _ = resp.body_mut().read_to_vec();
+        sent += 1000;
+    }
+    sent as f64 / start.elapsed().as_secs_f64()
+}
+
+struct Agent {
+    child: Child,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn main() {
+    let a = args();
+    let agent_bin =
+        std::fs::canonicalize(&a.agent).unwrap_or_else(|_| panic!("{} not found: run `make bench`", a.agent.display()));
+    let dir = std::env::temp_dir().join(format!("wazuh-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut opts = Options::new(&dir.join("mock"));
+    opts.keep_events = false;
+    opts.max_body = 64 << 20;
+    let mock = MockServer::start(opts).expect("mock starts");
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\ndata_dir = {:?}\nrun_dir = {:?}\n[server]\nurl = {:?}\nregistration_url = {:?}\nca_file = {:?}\n[events]\noverflow = \"block\"\nbatch_interval = \"100ms\"\n[log]\nlevel = \"warn\"\nfile = {:?}\n",
+            dir.join("data").display().to_string(),
+            dir.join("run").display().to_string(),
+            mock.comms_url(),
+            mock.mgmt_url(),
+            mock.ca_file().display().to_string(),
+            dir.join("agent.log").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let reg = Command::new(&agent_bin)
+        .args(["--config"])
+        .arg(&config)
+        .args(["--register", "--user", "wazuh"])
+        .env("WAZUH_REGISTRATION_PASSWORD", "wazuh")
+        .output()
+        .unwrap();
+    assert!(reg.status.success(), "registration: {}", String::from_utf8_lossy(&reg.stderr));
+    let creds: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("data/credentials.json")).unwrap()).unwrap();
+    let child = Command::new(&agent_bin)
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let _agent = Agent { child };
+    let socket = dir.join("run/ingest.sock");
+    assert!(wait_for(Duration::from_secs(10), || socket.exists() && !mock.auth_calls().is_empty()), "agent up");
+    let mut out = serde_json::Map::new();
+
+    // Idle: RSS after registration and start, threads, fds, CPU and wakeups.
+    let idle_secs = if a.quick { 3.0 } else { 30.0 };
+    std::thread::sleep(Duration::from_secs(if a.quick { 1 } else { 10 }));
+    out.insert("idle_rss_kib".into(), json!(proc_status(pid, "VmRSS:")));
+    out.insert("threads_idle".into(), json!(proc_status(pid, "Threads:")));
+    out.insert("fds_idle".into(), json!(fds(pid)));
+    let (c0, w0) = (cpu_secs(pid), wakeups(pid));
+    std::thread::sleep(Duration::from_secs_f64(idle_secs));
+    out.insert("idle_cpu_percent".into(), json!((cpu_secs(pid) - c0) / idle_secs * 100.0));
+    out.insert("idle_wakeups_per_s".into(), json!((wakeups(pid) - w0) as f64 / idle_secs));
+
+    // Stateless burst.
+    let n = a.events;
+    reset_peak(pid);
+    let req0 = events_requests(&mock);
+    let cpu0 = cpu_secs(pid);
+    let start = Instant::now();
+    let accepted = produce(&socket, n, 4, 20_000, stateless_line, 0);
+    assert_eq!(accepted as usize, n);
+    assert!(wait_for(Duration::from_secs(600), || mock.event_counts().0 >= n as u64), "stateless delivered");
+    let secs = start.elapsed().as_secs_f64();
+    let reqs = events_requests(&mock) - req0;
+    out.insert("stateless_events".into(), json!(n));
+    out.insert("stateless_events_per_s".into(), json!(n as f64 / secs));
+    out.insert("agent_cpu_s_per_100k".into(), json!((cpu_secs(pid) - cpu0) / n as f64 * 100_000.0));
+    out.insert("requests_per_10k_events".into(), json!(reqs as f64 / n as f64 * 10_000.0));
+    out.insert("burst_peak_rss_kib".into(), json!(proc_status(pid, "VmHWM:")));
+    out.insert("threads_busy".into(), json!(proc_status(pid, "Threads:")));
+
+    // The mock's own ceiling, same machine, same run.
+    let ceiling = mock_ceiling(&mock, &creds, if a.quick { 2.0 } else { 5.0 });
+    out.insert("mock_ceiling_events_per_s".into(), json!(ceiling));
+    out.insert("agent_to_mock_ratio".into(), json!(n as f64 / secs / ceiling));
+
+    // Stateful, durable (each connection's reply waits for the group-commit fsync).
+    let ns = n / 4;
+    let s0 = mock.event_counts().1;
+    let start = Instant::now();
+    let accepted = produce(&socket, ns, 8, 1_000, stateful_line, 0);
+    let acked = start.elapsed().as_secs_f64();
+    assert_eq!(accepted as usize, ns);
+    assert!(wait_for(Duration::from_secs(600), || mock.event_counts().1 >= s0 + ns as u64), "stateful delivered");
+    out.insert("stateful_events".into(), json!(ns));
+    out.insert("stateful_durable_acks_per_s".into(), json!(ns as f64 / acked));
+    out.insert("stateful_delivered_per_s".into(), json!(ns as f64 / start.elapsed().as_secs_f64()));
+
+    // A 100 MB stateful backlog: fill it with the server down, then drain it.
+    let backlog = if a.quick { 40_000 } else { 400_000 };
+    mock.set_down(true);
+    let s1 = mock.event_counts().1;
+    reset_peak(pid);
+    let accepted = produce(&socket, backlog, 4, 5_000, stateful_line, 10_000_000);
+    assert_eq!(accepted as usize, backlog);
+    let queue_bytes: u64 = std::fs::read_dir(dir.join("data/queue"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    out.insert("backlog_events".into(), json!(backlog));
+    out.insert("backlog_queue_bytes".into(), json!(queue_bytes));
+    out.insert("backlog_fill_peak_rss_kib".into(), json!(proc_status(pid, "VmHWM:")));
+    reset_peak(pid);
+    mock.set_down(false);
+    let start = Instant::now();
+    assert!(wait_for(Duration::from_secs(900), || mock.event_counts().1 >= s1 + backlog as u64), "backlog drained");
+    out.insert("backlog_drain_events_per_s".into(), json!(backlog as f64 / start.elapsed().as_secs_f64()));
+    out.insert("backlog_drain_peak_rss_kib".into(), json!(proc_status(pid, "VmHWM:")));
+
+    let size = std::fs::metadata(&agent_bin).map(|m| m.len()).unwrap_or(0);
+    out.insert("binary_bytes".into(), json!(size));
+    out.insert("fds_end".into(), json!(fds(pid)));
+
+    let report = Value::Object(out);
+    println!("{:<34} {:>14}", "metric", "value");
+    if let Value::Object(m) = &report {
+        for (k, v) in m {
+            let shown = match v.as_f64() {
+                Some(f) if f.fract() != 0.0 => format!("{f:.2}"),
+                _ => v.to_string(),
+            };
+            println!("{k:<34} {shown:>14}");
+        }
+    }
+    let _ = std::fs::create_dir_all("target/bench");
+    std::fs::write("target/bench/latest.json", serde_json::to_string_pretty(&report).unwrap() + "\n").unwrap();
+    println!("\nwritten to target/bench/latest.json");
+    drop(mock);
+    let _ = std::fs::remove_dir_all(&dir);
+}
