@@ -16,6 +16,7 @@ use crossbeam_channel::{Receiver, Sender, select};
 
 use crate::config::Overflow;
 use crate::event::Event;
+use crate::live::Live;
 use crate::queue::Append;
 use crate::status::Stats;
 
@@ -29,6 +30,19 @@ pub struct Policy {
     pub overhead: usize,
     pub capacity: usize,
     pub overflow: Overflow,
+}
+
+impl Policy {
+    pub fn from_config(c: &crate::config::Config, overhead: usize) -> Policy {
+        Policy {
+            max_events: c.events.batch_max_events,
+            max_bytes: c.events.batch_max_bytes as usize,
+            interval: c.events.batch_interval,
+            overhead,
+            capacity: c.events.buffer_events,
+            overflow: c.events.overflow,
+        }
+    }
 }
 
 /// What [`Ring::push`] did.
@@ -51,6 +65,12 @@ pub struct Ring {
 }
 
 impl Ring {
+    /// New limits take effect for the next push and cut (a smaller capacity than the
+    /// current backlog drains by delivery, not by dropping).
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
     pub fn new(policy: Policy) -> Ring {
         // Do not preallocate the whole capacity: a mostly idle agent should stay small.
         Ring { events: VecDeque::new(), bytes: 0, policy }
@@ -125,20 +145,29 @@ impl Ring {
     }
 }
 
+/// The batcher thread's channels.
+pub struct Wiring {
+    /// Chunks of stateless events from the ingest connections (and collectors).
+    pub input: Receiver<Vec<Event>>,
+    /// One batch at a time to the uploader.
+    pub out: Sender<Vec<Event>>,
+    /// The durable queue, for what is left at shutdown.
+    pub spill: Sender<Append>,
+    /// Closed by the supervisor to start the shutdown flush.
+    pub shutdown: Receiver<()>,
+    /// Set by the supervisor before it closes `shutdown`.
+    pub deadline: Arc<OnceLock<Instant>>,
+}
+
 /// The batcher thread. `input` carries chunks of events from the ingest connections and
 /// the collectors; `out` hands one batch at a time to the uploader. After `shutdown`
 /// closes, everything buffered is offered to the uploader until `deadline`, and what is
 /// left then goes to the durable queue (`spill`), so a clean stop loses nothing.
-pub fn run(
-    input: Receiver<Vec<Event>>,
-    out: Sender<Vec<Event>>,
-    spill: Sender<Append>,
-    shutdown: Receiver<()>,
-    deadline: Arc<OnceLock<Instant>>,
-    policy: Policy,
-    stats: Arc<Stats>,
-) {
+pub fn run(wiring: Wiring, policy: Policy, live: Option<Arc<Live>>, stats: Arc<Stats>) {
+    let Wiring { input, out, spill, shutdown, deadline } = wiring;
+    let mut policy = policy;
     let mut ring = Ring::new(policy);
+    let mut view = live.as_ref().map(|l| l.view());
     // Events received but not yet in the ring (only when `block` stopped intake).
     let mut carry: VecDeque<Event> = VecDeque::new();
     let never = crossbeam_channel::never::<Vec<Event>>();
@@ -150,7 +179,7 @@ pub fn run(
     let pushback = |ring: &mut Ring, carry: &mut VecDeque<Event>, chunk: Vec<Event>, now: Instant| {
         carry.extend(chunk);
         while let Some(e) = carry.pop_front() {
-            if ring.is_full() && policy.overflow == Overflow::Block {
+            if ring.is_full() && ring.policy.overflow == Overflow::Block {
                 carry.push_front(e);
                 break;
             }
@@ -161,6 +190,12 @@ pub fn run(
     };
 
     loop {
+        if let (Some(live), Some(v)) = (&live, &mut view) {
+            if live.refresh(v) {
+                policy = Policy::from_config(&v.config, v.agent_line.len());
+                ring.set_policy(policy);
+            }
+        }
         let now = Instant::now();
         if !carry.is_empty() {
             pushback(&mut ring, &mut carry, Vec::new(), now);
@@ -328,7 +363,8 @@ mod tests {
         let stats = Arc::new(Stats::default());
         let deadline = Arc::new(OnceLock::new());
         let (s, d) = (stats.clone(), deadline.clone());
-        let h = std::thread::spawn(move || run(in_rx, out_tx, spill_tx, stop_rx, d, p, s));
+        let w = Wiring { input: in_rx, out: out_tx, spill: spill_tx, shutdown: stop_rx, deadline: d };
+        let h = std::thread::spawn(move || run(w, p, None, s));
         (in_tx, out_rx, spill_rx, stop_tx, stats, h, deadline)
     }
 

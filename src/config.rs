@@ -25,6 +25,8 @@ pub enum ConfigError {
     Syntax { path: PathBuf, key: Option<String>, message: String },
     /// A key has a value of the right type that the agent does not accept.
     Invalid { key: String, message: String },
+    /// A server group file makes the configuration invalid.
+    Group { file: String, message: String },
 }
 
 impl fmt::Display for ConfigError {
@@ -40,6 +42,7 @@ impl fmt::Display for ConfigError {
                 write!(f, "config file {}: {message}", path.display())
             }
             ConfigError::Invalid { key, message } => write!(f, "config key `{key}`: {message}"),
+            ConfigError::Group { file, message } => write!(f, "group file {file}: {message}"),
         }
     }
 }
@@ -88,6 +91,33 @@ pub enum Start {
     End,
     Beginning,
 }
+
+/// Every key of the configuration, by section. Server group files may set exactly these
+/// (under the same names); anything else in them is ignored.
+pub const KNOWN_KEYS: &[(&str, &[&str])] = &[
+    ("agent", &["name", "data_dir", "run_dir", "uuid_version"]),
+    (
+        "server",
+        &[
+            "url",
+            "registration_url",
+            "verify",
+            "ca_file",
+            "proxy",
+            "compression",
+            "request_timeout",
+            "commands_timeout",
+        ],
+    ),
+    (
+        "events",
+        &["batch_max_bytes", "batch_max_events", "batch_interval", "buffer_events", "overflow", "queue_max_bytes"],
+    ),
+    ("retry", &["initial", "max"]),
+    ("logcollector", &["files", "start"]),
+    ("inventory", &["enabled", "interval", "root", "collectors"]),
+    ("log", &["level", "file"]),
+];
 
 /// Inventory collectors that can be switched on.
 pub const COLLECTORS: &[&str] = &["system", "hardware", "packages", "networks", "ports", "processes"];
@@ -485,6 +515,51 @@ impl Config {
             Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(Config::defaults()),
             Err(source) => Err(ConfigError::Read { path, source }),
         }
+    }
+
+    /// The local file (`text`, already known to be valid) with `overlays` applied in
+    /// order: `(file name, section → key → value)`, keys as in [`KNOWN_KEYS`]. The result
+    /// is validated after each overlay, so an error names the group file at fault.
+    pub fn with_overlays(
+        text: &str,
+        source: Option<&Path>,
+        overlays: &[(String, toml::Table)],
+    ) -> Result<Config, ConfigError> {
+        let path = source.map(Path::to_path_buf).unwrap_or_default();
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.clone(),
+            key: e.span().and_then(|span| key_at(text, span.start)),
+            message: e.message().trim().to_string(),
+        })?;
+        let mut config = Config::parse(text, &path)?;
+        for (file, overlay) in overlays {
+            for (section, values) in overlay {
+                let toml::Value::Table(values) = values else { continue };
+                let entry = table.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                if let toml::Value::Table(t) = entry {
+                    for (k, v) in values {
+                        t.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+            let raw: RawConfig = toml::Value::Table(table.clone()).try_into().map_err(|e: toml::de::Error| {
+                ConfigError::Group { file: file.clone(), message: e.message().trim().to_string() }
+            })?;
+            config = Config::from_raw(raw, source.map(Path::to_path_buf))
+                .map_err(|e| ConfigError::Group { file: file.clone(), message: e.to_string() })?;
+        }
+        Ok(config)
+    }
+
+    /// The keys (`section.key`) whose effective values differ between two configurations.
+    pub fn changed_keys(&self, other: &Config) -> Vec<String> {
+        let a = self.render();
+        let b = other.render();
+        a.lines()
+            .zip(b.lines())
+            .filter(|(x, y)| x != y)
+            .filter_map(|(x, _)| x.split(" = ").next().map(str::to_string))
+            .collect()
     }
 
     fn from_raw(raw: RawConfig, source: Option<PathBuf>) -> Result<Config, ConfigError> {
@@ -889,6 +964,31 @@ mod tests {
             out.push_str(&format!("{k} = {value}\n"));
         }
         out
+    }
+
+    #[test]
+    fn overlays_apply_in_order_and_name_the_bad_file() {
+        let local = "[events]\nbatch_interval = \"1s\"\n[log]\nlevel = \"warn\"\n";
+        let overlay = |text: &str| -> toml::Table { toml::from_str(text).unwrap() };
+        let c = Config::with_overlays(
+            local,
+            Some(Path::new("/etc/a.toml")),
+            &[
+                ("g1.yml".into(), overlay("[events]\nbatch_interval = \"5s\"\nbuffer_events = 500\n")),
+                ("g2.yml".into(), overlay("[events]\nbatch_interval = \"250ms\"\n")),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.events.batch_interval, Duration::from_millis(250));
+        assert_eq!(c.events.buffer_events, 500);
+        assert_eq!(c.log.level, log::LevelFilter::Warn, "local keys not in a group stay");
+        let base = parse(local).unwrap();
+        assert_eq!(base.changed_keys(&c), vec!["events.batch_interval", "events.buffer_events"]);
+        let e =
+            Config::with_overlays(local, None, &[("bad.yml".into(), overlay("[events]\noverflow = \"explode\"\n"))])
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("bad.yml") && e.contains("events.overflow"), "{e}");
     }
 
     #[test]

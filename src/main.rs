@@ -27,6 +27,8 @@ enum Error {
     Send(IngestError),
     /// The log file could not be opened.
     Log(String),
+    /// A `restart` command could not start the new process image.
+    Restart(std::io::Error),
 }
 
 impl std::fmt::Display for Error {
@@ -38,6 +40,7 @@ impl std::fmt::Display for Error {
             Error::Run(e) => e.fmt(f),
             Error::Send(e) => e.fmt(f),
             Error::Log(m) => f.write_str(m),
+            Error::Restart(e) => write!(f, "restart failed: cannot execute the agent again: {e}"),
         }
     }
 }
@@ -97,8 +100,10 @@ fn try_main() -> Result<u8, Error> {
         }
         Mode::Run => {
             init_logging(&config, false)?;
-            supervisor::run(&config).map_err(Error::Run)?;
-            Ok(0)
+            match supervisor::run(&config).map_err(Error::Run)? {
+                supervisor::Stopped::Signal => Ok(0),
+                supervisor::Stopped::Restart => Err(Error::Restart(restart())),
+            }
         }
         Mode::Send => {
             let reply = ingest::send(&config.agent.run_dir, &mut std::io::stdin().lock()).map_err(Error::Send)?;
@@ -108,6 +113,22 @@ fn try_main() -> Result<u8, Error> {
         Mode::Status => Ok(print_status(&config)),
         Mode::Help | Mode::Version => Ok(0),
     }
+}
+
+/// Replaces this process with a fresh start of the same binary and arguments (same pid,
+/// so pid files and init scripts stay valid). Only returns on failure; then the process
+/// exits 1 and an init system restarts it.
+fn restart() -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_default();
+    // /proc/self/exe is the binary that runs, even if its path was replaced meanwhile.
+    let exe = std::fs::read_link("/proc/self/exe")
+        .ok()
+        .filter(|p| p.exists())
+        .or_else(|| std::env::current_exe().ok())
+        .unwrap_or_else(|| arg0.clone().into());
+    std::process::Command::new(exe).arg0(arg0).args(args).exec()
 }
 
 /// glibc gives every thread that allocates its own arena and keeps freed memory in each;
@@ -178,7 +199,10 @@ fn init_logging(config: &Config, one_shot: bool) -> Result<(), Error> {
         }
         None => Box::new(std::io::stderr()),
     };
-    // Only fails if a logger is already set, which cannot happen: this runs once.
-    let _ = WriteLogger::init(level, log_config, sink);
+    // The logger passes everything; the global max level filters, so a reload can raise
+    // or lower it (log.level is applied live). Only fails if a logger is already set,
+    // which cannot happen: this runs once.
+    let _ = WriteLogger::init(LevelFilter::Trace, log_config, sink);
+    log::set_max_level(level);
     Ok(())
 }

@@ -10,6 +10,8 @@
 //! | `batcher`  | the stateless ring buffer                   | → uploader (one batch at a time)            |
 //! | `queue`    | `<data_dir>/queue/` segment files, cursor   | appends in, batches → uploader, acks in     |
 //! | `uploader` | the events HTTP agent, `rejected.ndjson`    | → comms API; acks → queue                   |
+//! | `poll`     | the commands HTTP agent (long-poll)         | → executor                                  |
+//! | `executor` | `commands.json`, `shared/` group files      | results → queue; restart → main             |
 //!
 //! Shutdown runs in stages so nothing acknowledged is lost and nothing waits on a dead
 //! peer: (1) ingest stops reading and answers its producers; (2) the batcher and uploader
@@ -30,11 +32,16 @@ use crossbeam_channel::{Receiver, Sender, select};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::batcher::{self, Policy};
+use crate::commands::Command;
 use crate::config::{Config, Verify};
 use crate::credentials::{Credentials, CredentialsError};
 use crate::event::{self, Event};
+use crate::executor::{self, Control, Ctx, Executor};
+use crate::groups;
 use crate::http::{self, HttpError};
 use crate::ingest::{self, Ingest, IngestError};
+use crate::live::Live;
+use crate::poll::{self, Poller};
 use crate::queue::{self, Ack, Append, BatchLimits, QueueBatch, QueueError, QueueStore};
 use crate::status::{self, Stats};
 use crate::token::{self, Authenticator, TokenCell};
@@ -158,9 +165,27 @@ impl Workers {
     }
 }
 
-/// Runs the agent until SIGTERM/SIGINT. Returns `Ok` after a clean shutdown.
-pub fn run(config: &Config) -> Result<(), RunError> {
-    let credentials = Credentials::load(&config.agent.data_dir).map_err(RunError::Credentials)?;
+/// How run mode ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// SIGTERM/SIGINT: exit 0.
+    Signal,
+    /// A `restart` command: start again in this process (see `main`).
+    Restart,
+}
+
+/// Runs the agent until SIGTERM/SIGINT or a restart command. `local` is the configuration
+/// from the local file; the server's group files are applied over it here.
+pub fn run(local: &Config) -> Result<Stopped, RunError> {
+    let credentials = Credentials::load(&local.agent.data_dir).map_err(RunError::Credentials)?;
+    let effective = match groups::effective_config(local, &local.agent.data_dir) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("the server's group configuration cannot be applied ({e}); running with the local file only");
+            local.clone()
+        }
+    };
+    let config = &effective;
     if config.server.verify == Verify::None {
         log::warn!(
             "server.verify = \"none\": the server's certificate is NOT checked; anyone on the network path can \
@@ -169,12 +194,16 @@ pub fn run(config: &Config) -> Result<(), RunError> {
     }
     let auth_agent = http::build_agent(&config.server, config.server.request_timeout).map_err(RunError::Http)?;
     let upload_agent = http::build_agent(&config.server, config.server.request_timeout).map_err(RunError::Http)?;
+    let poll_agent = http::build_agent(&config.server, config.server.commands_timeout).map_err(RunError::Http)?;
+    let files_agent = http::build_agent(&config.server, config.server.request_timeout).map_err(RunError::Http)?;
     let stats = Arc::new(Stats::default());
     let store = QueueStore::open(&config.agent.data_dir.join("queue"), config.events.queue_max_bytes, stats.clone())
         .map_err(RunError::Queue)?;
     let listener = ingest::bind(&config.agent.run_dir).map_err(RunError::Ingest)?;
     let host = crate::host::gather(&config.inventory.root);
-    let agent_line = event::agent_line(&credentials.uuid, &credentials.name, &[], &host);
+    let agent_line =
+        event::agent_line(&credentials.uuid, &credentials.name, &groups::current(&config.agent.data_dir), &host);
+    let live = Live::new(config.clone(), agent_line);
     log::info!(
         "wazuh-agent {} starting as {} ({}), server {}",
         crate::VERSION,
@@ -200,6 +229,10 @@ pub fn run(config: &Config) -> Result<(), RunError> {
     let (pipeline_stop_tx, pipeline_stop_rx) = crossbeam_channel::bounded::<()>(0);
     let (queue_stop_tx, queue_stop_rx) = crossbeam_channel::bounded::<()>(0);
     let (token_stop_tx, token_stop_rx) = crossbeam_channel::bounded::<()>(0);
+    let (commands_stop_tx, commands_stop_rx) = crossbeam_channel::bounded::<()>(0);
+    // Commands are few; 64 waiting for the executor is far more than a server sends at once.
+    let (command_tx, command_rx) = crossbeam_channel::bounded::<Command>(64);
+    let (control_tx, control_rx) = crossbeam_channel::bounded::<Control>(1);
     let deadline: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
     let mut workers = Workers::new();
 
@@ -219,12 +252,18 @@ pub fn run(config: &Config) -> Result<(), RunError> {
         workers.spawn("token", move || token::run(cell, wake_rx, token_stop_rx, auth, &retry))?;
     }
 
-    let limits = BatchLimits {
-        max_events: config.events.batch_max_events,
-        max_bytes: config.events.batch_max_bytes as usize,
-        overhead: agent_line.len(),
-    };
-    workers.spawn("queue", move || queue::run(store, append_rx, ack_rx, qbatch_tx, queue_stop_rx, limits))?;
+    {
+        let live = live.clone();
+        let limits = move || {
+            let v = live.view();
+            BatchLimits {
+                max_events: v.config.events.batch_max_events,
+                max_bytes: v.config.events.batch_max_bytes as usize,
+                overhead: v.agent_line.len(),
+            }
+        };
+        workers.spawn("queue", move || queue::run(store, append_rx, ack_rx, qbatch_tx, queue_stop_rx, limits))?;
+    }
 
     let ingest = Arc::new(Ingest::new(events_tx, append_tx.clone(), stats.clone()));
     {
@@ -233,34 +272,66 @@ pub fn run(config: &Config) -> Result<(), RunError> {
     }
 
     {
-        let policy = Policy {
-            max_events: config.events.batch_max_events,
-            max_bytes: config.events.batch_max_bytes as usize,
-            interval: config.events.batch_interval,
-            overhead: agent_line.len(),
-            capacity: config.events.buffer_events,
-            overflow: config.events.overflow,
+        let view = live.view();
+        let policy = Policy::from_config(&view.config, view.agent_line.len());
+        let wiring = batcher::Wiring {
+            input: events_rx,
+            out: batch_tx,
+            spill: append_tx.clone(),
+            shutdown: pipeline_stop_rx.clone(),
+            deadline: deadline.clone(),
         };
-        let (spill, stop, deadline, stats) =
-            (append_tx.clone(), pipeline_stop_rx.clone(), deadline.clone(), stats.clone());
-        workers.spawn("batcher", move || batcher::run(events_rx, batch_tx, spill, stop, deadline, policy, stats))?;
+        let (live, stats) = (Some(live.clone()), stats.clone());
+        workers.spawn("batcher", move || batcher::run(wiring, policy, live, stats))?;
     }
 
     {
         let up = Uploader {
             agent: upload_agent.clone(),
             cell: cell.clone(),
-            agent_line: agent_line.clone(),
+            live: live.clone(),
             compression: config.server.compression,
-            retry: config.retry.clone(),
             request_timeout: config.server.request_timeout,
             stats: stats.clone(),
             rejected: RejectedLog::new(&config.agent.data_dir),
             shutdown: pipeline_stop_rx,
             deadline: deadline.clone(),
         };
-        let spill = append_tx;
+        let spill = append_tx.clone();
         workers.spawn("uploader", move || uploader::run(up, batch_rx, qbatch_rx, ack_tx, spill))?;
+    }
+
+    {
+        let p = Poller {
+            agent: poll_agent.clone(),
+            cell: cell.clone(),
+            live: live.clone(),
+            stats: stats.clone(),
+            uuid: credentials.uuid.clone(),
+        };
+        let stop = commands_stop_rx.clone();
+        workers.spawn("poll", move || poll::run(p, command_tx, stop))?;
+    }
+
+    {
+        let exec = Executor {
+            ctx: Arc::new(Ctx {
+                agent: files_agent.clone(),
+                cell: cell.clone(),
+                live: live.clone(),
+                local: local.clone(),
+                data_dir: config.agent.data_dir.clone(),
+                uuid: credentials.uuid.clone(),
+                name: credentials.name.clone(),
+                host: host.clone(),
+                request_timeout: config.server.request_timeout,
+            }),
+            queue: append_tx,
+            control: control_tx,
+            stats: stats.clone(),
+        };
+        let stop = commands_stop_rx;
+        workers.spawn("executor", move || executor::run(exec, command_rx, stop))?;
     }
 
     let write_state = |cell: &TokenCell| {
@@ -283,12 +354,19 @@ pub fn run(config: &Config) -> Result<(), RunError> {
     let result = loop {
         select! {
             recv(sig_rx) -> sig => match sig {
-                Ok(SIGHUP) => log::info!("SIGHUP received; configuration reload is not available in this version, restart the agent to apply changes"),
+                Ok(SIGHUP) => reload(local, &live),
                 Ok(sig) => {
                     log::info!("{} received, shutting down", if sig == SIGINT { "SIGINT" } else { "SIGTERM" });
-                    break Ok(());
+                    break Ok(Stopped::Signal);
                 }
                 Err(_) => break Err(RunError::WorkerDied { thread: "signals", panicked: false }),
+            },
+            recv(control_rx) -> msg => match msg {
+                Ok(Control::Restart) => {
+                    log::info!("restart command received, restarting");
+                    break Ok(Stopped::Restart);
+                }
+                Err(_) => break Err(RunError::WorkerDied { thread: "executor", panicked: false }),
             },
             recv(workers.exit_rx) -> exit => {
                 let (thread, panicked) = exit.map(|e| (e.thread, e.panicked)).unwrap_or(("unknown", false));
@@ -300,10 +378,19 @@ pub fn run(config: &Config) -> Result<(), RunError> {
         }
     };
 
+    // (0) Commands first: a running command finishes or is cut, no new one starts.
+    drop(commands_stop_tx);
+    poll_agent.shutdown();
+    let mut early_stuck = workers.join(&["poll", "executor"], Duration::from_secs(2));
+    if !early_stuck.is_empty() {
+        files_agent.shutdown();
+        early_stuck = workers.join(&["poll", "executor"], Duration::from_secs(2));
+    }
     // (1) No more input; producers get their answers.
     let _ = deadline.set(Instant::now() + SHUTDOWN_GRACE);
     ingest.stop(&config.agent.run_dir, INGEST_STOP);
-    let mut stuck = workers.join(&["ingest"], INGEST_STOP);
+    let mut stuck = early_stuck;
+    stuck.extend(workers.join(&["ingest"], INGEST_STOP));
     // (2) Deliver within the grace, spill the rest.
     drop(pipeline_stop_tx);
     let until_deadline = deadline.get().map_or(SHUTDOWN_GRACE, |d| d.saturating_duration_since(Instant::now()));
@@ -334,6 +421,25 @@ pub fn run(config: &Config) -> Result<(), RunError> {
         log::info!("stopped");
     }
     result
+}
+
+/// SIGHUP: re-read the local file and the group files, apply what can change live.
+fn reload(local: &Config, live: &Live) {
+    let _guard = live.reload_guard();
+    let fresh_local = match &local.source {
+        Some(p) => match Config::load(Some(p)) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("SIGHUP: {e}; keeping the running configuration");
+                return;
+            }
+        },
+        None => Config::defaults(),
+    };
+    match groups::effective_config(&fresh_local, &fresh_local.agent.data_dir) {
+        Ok(c) => log::info!("SIGHUP: configuration reloaded; {}", live.apply(c).describe()),
+        Err(e) => log::error!("SIGHUP: {e}; keeping the running configuration"),
+    }
 }
 
 #[cfg(test)]

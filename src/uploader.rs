@@ -24,6 +24,7 @@ use crate::backoff::Backoff;
 use crate::config::{Compression, RetryConfig};
 use crate::event::{self, Event, Kind};
 use crate::http::{self, Attempt, Outcome, Rejection};
+use crate::live::Live;
 use crate::queue::{Ack, Append, QueueBatch};
 use crate::status::{self, Stats};
 use crate::token::TokenCell;
@@ -98,9 +99,9 @@ struct ItemResult {
 pub struct Uploader {
     pub agent: ureq::Agent,
     pub cell: Arc<TokenCell>,
-    pub agent_line: String,
+    /// The agent line (groups) and the retry settings can change while running.
+    pub live: Arc<Live>,
     pub compression: Compression,
-    pub retry: RetryConfig,
     pub request_timeout: Duration,
     pub stats: Arc<Stats>,
     pub rejected: RejectedLog,
@@ -134,8 +135,8 @@ impl Uploader {
         !self.past_deadline()
     }
 
-    fn body(&self, events: &[Event]) -> Vec<u8> {
-        let raw = event::body(&self.agent_line, events.iter());
+    fn body(&self, agent_line: &str, events: &[Event]) -> Vec<u8> {
+        let raw = event::body(agent_line, events.iter());
         match self.compression {
             Compression::None => raw,
             Compression::Gzip => {
@@ -156,9 +157,11 @@ impl Uploader {
             return Delivery::Done;
         }
         let endpoint = if kind == Kind::Stateful { "stateful" } else { "stateless" };
-        let body = self.body(events);
+        let view = self.live.view();
+        let retry: RetryConfig = view.config.retry.clone();
+        let body = self.body(&view.agent_line, events);
         let gzip = self.compression == Compression::Gzip;
-        let mut backoff = Backoff::new(self.retry.initial, self.retry.max);
+        let mut backoff = Backoff::new(retry.initial, retry.max);
         loop {
             if self.past_deadline() {
                 return Delivery::Aborted;
@@ -180,7 +183,7 @@ impl Uploader {
                 None => self.request_timeout,
             };
             let result = send_events(&self.agent, &url, &token.bearer(), &body, gzip, timeout);
-            let outcome = http::classify(Attempt::of(&result), SystemTime::now(), self.retry.max);
+            let outcome = http::classify(Attempt::of(&result), SystemTime::now(), retry.max);
             match outcome {
                 Outcome::Done => {
                     self.stats.connected.store(true, Ordering::Relaxed);
@@ -248,7 +251,7 @@ impl Uploader {
                     // them for it; keep retrying slowly and say what is wrong.
                     Stats::add(&self.stats.retries, 1);
                     let msg = result.as_ref().map(|r| r.message()).unwrap_or_default();
-                    let delay = backoff.next_delay().max(self.retry.max / 2);
+                    let delay = backoff.next_delay().max(retry.max / 2);
                     log::error!("{url} answered {code} {msg}; check server.url; retrying in {}ms", delay.as_millis());
                     self.stats.set_error(format!("{url}: {code} {msg}"));
                     if !self.pause(delay) {

@@ -506,7 +506,7 @@ pub fn run(
     acks: Receiver<Ack>,
     batches: Sender<QueueBatch>,
     stop: Receiver<()>,
-    limits: BatchLimits,
+    limits: impl Fn() -> BatchLimits,
 ) {
     let never_acks = crossbeam_channel::never::<Ack>();
     let mut uploader_gone = false;
@@ -514,7 +514,7 @@ pub fn run(
     let mut pending: Option<QueueBatch> = None;
     loop {
         if !uploader_gone && !in_flight && pending.is_none() && store.has_unread() {
-            match store.next_batch(limits) {
+            match store.next_batch(limits()) {
                 Ok(b) => pending = b,
                 Err(e) => {
                     log::error!("{e}");
@@ -784,7 +784,7 @@ mod tests {
         let (ack_tx, ack_rx) = crossbeam_channel::bounded(1);
         let (batch_tx, batch_rx) = crossbeam_channel::bounded(0);
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
-        let t = std::thread::spawn(move || run(q, append_rx, ack_rx, batch_tx, stop_rx, LIMITS));
+        let t = std::thread::spawn(move || run(q, append_rx, ack_rx, batch_tx, stop_rx, || LIMITS));
         let replies: Vec<_> = (0..10)
             .map(|i| {
                 let (tx, rx) = crossbeam_channel::bounded(1);

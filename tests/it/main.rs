@@ -2,6 +2,7 @@
 //! One binary, one module per area; `support` holds the shared fixtures.
 
 mod cli;
+mod commands;
 mod pipeline;
 mod register;
 mod run;

@@ -167,6 +167,11 @@ struct Inner {
     /// Events accepted so far, kept or not.
     stateless_count: u64,
     stateful_count: u64,
+    /// When each command was enqueued and when a poll took it (by document_id).
+    command_enqueued: HashMap<String, Instant>,
+    command_delivered: Vec<(String, Instant)>,
+    /// Command results, whether or not events are kept: (document_id, code, message).
+    command_results: Vec<(String, i64, String)>,
 }
 
 /// Shared state of the mock.
@@ -384,8 +389,21 @@ impl MockServer {
 
     /// Queues a command for an agent; it is delivered on that agent's next poll.
     pub fn enqueue_command(&self, agent: &str, command: Value) {
-        self.state.lock().commands.entry(agent.to_string()).or_default().push_back(command);
-        self.state.changed.notify_all();
+        enqueue(&self.state, agent, command);
+    }
+
+    /// `(document_id, enqueued, delivered)` for every command a poll took.
+    pub fn command_deliveries(&self) -> Vec<(String, Instant, Instant)> {
+        let st = self.state.lock();
+        st.command_delivered
+            .iter()
+            .filter_map(|(id, at)| st.command_enqueued.get(id).map(|e| (id.clone(), *e, *at)))
+            .collect()
+    }
+
+    /// `(document_id, code, message)` of every command result received, in order.
+    pub fn command_results(&self) -> Vec<(String, i64, String)> {
+        self.state.lock().command_results.clone()
     }
 
     pub fn set_file(&self, name: &str, content: &[u8]) {
@@ -448,6 +466,16 @@ impl Drop for MockServer {
     }
 }
 
+fn enqueue(state: &State, agent: &str, command: Value) {
+    let mut st = state.lock();
+    if let Some(id) = command.get("document_id").and_then(Value::as_str) {
+        st.command_enqueued.insert(id.to_string(), Instant::now());
+    }
+    st.commands.entry(agent.to_string()).or_default().push_back(command);
+    drop(st);
+    state.changed.notify_all();
+}
+
 fn summary(state: &State) -> Value {
     let st = state.lock();
     let ev = |e: &ReceivedEvent| json!({"header": e.header, "data": e.data});
@@ -456,6 +484,7 @@ fn summary(state: &State) -> Value {
         "logins": st.logins,
         "auth_calls": st.auth_calls.len(),
         "auth_ok": st.auth_calls.iter().filter(|c| c.status == 200).count(),
+        "command_results": st.command_results.iter().map(|(id, code, msg)| json!({"id": id, "code": code, "message": msg})).collect::<Vec<_>>(),
         "stateless": st.stateless.iter().map(ev).collect::<Vec<_>>(),
         "stateful": st.stateful.iter().map(ev).collect::<Vec<_>>(),
         "requests": st.requests.iter().map(|r| json!({"api": r.api, "method": r.method, "path": r.path, "status": r.status})).collect::<Vec<_>>(),
@@ -1048,6 +1077,13 @@ fn events(state: &State, req: &Request, stateful: bool) -> Response {
             json!({"index": "wazuh-states", "id": id, "result": result, "status": status})
         })
         .collect();
+    for e in parsed.iter().filter(|e| e.header.get("module").and_then(Value::as_str) == Some("command")) {
+        let id = e.header.get("id").and_then(Value::as_str).unwrap_or("").to_string();
+        let result = e.data.as_ref().and_then(|d| d.pointer("/command/result"));
+        let code = result.and_then(|r| r.get("code")).and_then(Value::as_i64).unwrap_or(-1);
+        let message = result.and_then(|r| r.get("message")).and_then(Value::as_str).unwrap_or("").to_string();
+        st.command_results.push((id, code, message));
+    }
     if stateful {
         st.stateful_count += parsed.len() as u64;
         if state.opts.keep_events {
@@ -1137,6 +1173,12 @@ fn commands(state: &State, req: &Request) -> Response {
         if let Some(q) = st.commands.get_mut(&uuid) {
             if !q.is_empty() {
                 let cmds: Vec<Value> = q.drain(..).collect();
+                let now = Instant::now();
+                for c in &cmds {
+                    if let Some(id) = c.get("document_id").and_then(Value::as_str) {
+                        st.command_delivered.push((id.to_string(), now));
+                    }
+                }
                 return Response::json(200, json!({"commands": cmds}));
             }
         }
@@ -1180,8 +1222,7 @@ fn admin(state: &State, req: &Request) -> Response {
                 return Response::error(400, "need {\"agent\": uuid, \"command\": {...}}");
             };
             let command = body.get("command").cloned().unwrap_or(Value::Null);
-            state.lock().commands.entry(agent.to_string()).or_default().push_back(command);
-            state.changed.notify_all();
+            enqueue(state, agent, command);
             ok()
         }
         ("POST", "/admin/faults") => match serde_json::from_value::<Fault>(body) {

@@ -1,0 +1,322 @@
+//! The commands wire format (SPEC §6.4), sans-IO: a `GET /api/v1/commands` 200 body in,
+//! validated [`Command`]s and per-entry problems out; and the result event out.
+//!
+//! Liberal in what it accepts: unknown fields are ignored, `status` may be any case,
+//! `args` may be an object or (older servers) a list, a missing `timeout` is the default.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::event::{Event, Kind};
+
+/// Used when a command carries no usable `timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+/// No command may hold the executor longer than this, whatever it asks.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// What a command asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    SetGroup {
+        groups: Vec<String>,
+    },
+    FetchConfig,
+    Restart,
+    /// Any other name: answered with "Command is not valid".
+    Unknown {
+        name: String,
+    },
+    /// A known name with unusable arguments: answered with the reason.
+    Invalid {
+        name: String,
+        reason: String,
+    },
+}
+
+impl Action {
+    pub fn name(&self) -> &str {
+        match self {
+            Action::SetGroup { .. } => "set-group",
+            Action::FetchConfig => "fetch-config",
+            Action::Restart => "restart",
+            Action::Unknown { name } | Action::Invalid { name, .. } => name,
+        }
+    }
+}
+
+/// One validated command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    pub document_id: String,
+    pub action: Action,
+    pub timeout: Duration,
+}
+
+/// A 200 body: the usable commands and one line per entry that had to be skipped.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Parsed {
+    pub commands: Vec<Command>,
+    pub skipped: Vec<String>,
+}
+
+/// Checks a group name: it becomes a file name under `<data_dir>/shared/`, so nothing
+/// that could leave that directory or hide there is allowed.
+pub fn validate_group(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("a group name is empty".into());
+    }
+    if name.len() > 255 {
+        return Err(format!("group name of {} bytes is too long", name.len()));
+    }
+    if name.starts_with('.') {
+        return Err(format!("group name {name:?} starts with '.'"));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        return Err(format!("group name {name:?} contains {c:?}; allowed: letters, digits, '-', '_', '.'"));
+    }
+    Ok(())
+}
+
+fn groups_from(args: Option<&Value>) -> Result<Vec<String>, String> {
+    let list = match args {
+        Some(Value::Object(o)) => o.get("groups").ok_or("args.groups is missing")?,
+        // Older servers send the arguments as a plain list.
+        Some(v @ Value::Array(_)) => v,
+        Some(_) => return Err("args must be an object or a list".into()),
+        None => return Err("args.groups is missing".into()),
+    };
+    let Value::Array(items) = list else {
+        return Err("args.groups must be a list".into());
+    };
+    let mut out: Vec<String> = Vec::with_capacity(items.len());
+    for item in items {
+        let Some(g) = item.as_str() else {
+            return Err(format!("args.groups holds {item}, not a string"));
+        };
+        validate_group(g)?;
+        if !out.iter().any(|x| x == g) {
+            out.push(g.to_string());
+        }
+    }
+    Ok(out)
+}
+
+fn parse_entry(entry: &Value, my_uuid: &str) -> Result<Option<Command>, String> {
+    let Value::Object(obj) = entry else {
+        return Err(format!("entry is {}, not an object", kind_of(entry)));
+    };
+    let document_id = match obj.get("document_id") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        _ => return Err("document_id is missing or empty".into()),
+    };
+    if let Some(status) = obj.get("status").and_then(Value::as_str) {
+        // Final states are history, not work.
+        if matches!(status.to_ascii_lowercase().as_str(), "success" | "failure" | "failed" | "timeout" | "cancelled") {
+            return Ok(None);
+        }
+    }
+    if let Some(target) = obj.get("target").and_then(|t| t.get("id")).and_then(Value::as_str) {
+        if !target.is_empty() && target != my_uuid {
+            return Err(format!("command {document_id} targets {target}, not this agent"));
+        }
+    }
+    let action_obj = obj.get("action").ok_or(format!("command {document_id} has no action"))?;
+    let name = match action_obj.get("name") {
+        Some(Value::String(n)) if !n.is_empty() => n.clone(),
+        _ => return Err(format!("command {document_id} has no action.name")),
+    };
+    let args = action_obj.get("args");
+    let action = match name.as_str() {
+        "set-group" => match groups_from(args) {
+            Ok(groups) => Action::SetGroup { groups },
+            Err(reason) => Action::Invalid { name, reason },
+        },
+        "fetch-config" => Action::FetchConfig,
+        "restart" => Action::Restart,
+        _ => Action::Unknown { name },
+    };
+    let timeout = match obj.get("timeout") {
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(|s| Duration::from_secs_f64(s.min(MAX_TIMEOUT.as_secs_f64())))
+            .unwrap_or(DEFAULT_TIMEOUT),
+        Some(Value::String(s)) => s
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|s| *s > 0)
+            .map_or(DEFAULT_TIMEOUT, |s| Duration::from_secs(s).min(MAX_TIMEOUT)),
+        _ => DEFAULT_TIMEOUT,
+    };
+    Ok(Some(Command { document_id, action, timeout }))
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Parses a 200 body. `Err` when the body as a whole is unusable (not JSON, no list).
+pub fn parse_body(body: &[u8], my_uuid: &str) -> Result<Parsed, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err("the body is empty".into());
+    }
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("the body is not JSON ({e})"))?;
+    let list = match &v {
+        Value::Object(o) => match o.get("commands") {
+            Some(Value::Array(a)) => a,
+            Some(other) => return Err(format!("\"commands\" is {}, not a list", kind_of(other))),
+            None => return Err("the body has no \"commands\" list".into()),
+        },
+        Value::Array(a) => a,
+        other => return Err(format!("the body is {}, not an object", kind_of(other))),
+    };
+    let mut parsed = Parsed::default();
+    for (i, entry) in list.iter().enumerate() {
+        match parse_entry(entry, my_uuid) {
+            Ok(Some(c)) => {
+                if !parsed.commands.iter().any(|x| x.document_id == c.document_id) {
+                    parsed.commands.push(c);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => parsed.skipped.push(format!("entry {i}: {e}")),
+        }
+    }
+    Ok(parsed)
+}
+
+/// Result codes of SPEC §6.4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    Success = 0,
+    Failure = 1,
+    InProgress = 2,
+    Timeout = 3,
+}
+
+/// The stateful event that reports a command's result.
+pub fn result_event(document_id: &str, code: Code, message: &str) -> Event {
+    let header = serde_json::json!({"id": document_id, "module": "command", "operation": "update"}).to_string();
+    let data = serde_json::json!({"command": {"result": {"code": code as u8, "message": message}}}).to_string();
+    Event::new(Kind::Stateful, &header, Some(&data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ME: &str = "0191a2b3-0000-7000-8000-000000000001";
+
+    fn one(entry: &str) -> Result<Parsed, String> {
+        parse_body(format!(r#"{{"commands": [{entry}]}}"#).as_bytes(), ME)
+    }
+
+    #[test]
+    fn spec_example() {
+        let body = format!(
+            r#"{{"commands": [{{"document_id": "A8-62pMBBmC6Jrvqj9kW", "source": "Users/Services", "user": "Management API",
+              "target": {{"id": "{ME}", "type": "agent"}},
+              "action": {{"name": "set-group", "version": "5.0.0", "args": {{"groups": ["g1", "g2"]}}}},
+              "timeout": 100, "status": "pending"}}]}}"#
+        );
+        let p = parse_body(body.as_bytes(), ME).unwrap();
+        assert_eq!(
+            p.commands,
+            vec![Command {
+                document_id: "A8-62pMBBmC6Jrvqj9kW".into(),
+                action: Action::SetGroup { groups: vec!["g1".into(), "g2".into()] },
+                timeout: Duration::from_secs(100),
+            }]
+        );
+        assert!(p.skipped.is_empty());
+    }
+
+    #[test]
+    fn liberal_in_what_it_accepts() {
+        let table: &[(&str, Action, u64)] = &[
+            (r#"{"document_id":"a","action":{"name":"restart"},"status":"PENDING","extra":1}"#, Action::Restart, 120),
+            (r#"{"document_id":"a","action":{"name":"fetch-config"},"timeout":"30"}"#, Action::FetchConfig, 30),
+            (
+                r#"{"document_id":"a","action":{"name":"set-group","args":["x"]},"timeout":99999}"#,
+                Action::SetGroup { groups: vec!["x".into()] },
+                3600,
+            ),
+            (
+                r#"{"document_id":"a","action":{"name":"set-group","args":{"groups":[]}}}"#,
+                Action::SetGroup { groups: vec![] },
+                120,
+            ),
+            (
+                r#"{"document_id":"a","action":{"name":"reboot"},"timeout":-5}"#,
+                Action::Unknown { name: "reboot".into() },
+                120,
+            ),
+        ];
+        for (entry, action, secs) in table {
+            let p = one(entry).unwrap();
+            assert_eq!(p.commands.len(), 1, "{entry}");
+            assert_eq!(p.commands[0].action, *action, "{entry}");
+            assert_eq!(p.commands[0].timeout, Duration::from_secs(*secs), "{entry}");
+        }
+    }
+
+    #[test]
+    fn bad_arguments_become_invalid_commands_with_a_reason() {
+        let table: &[(&str, &str)] = &[
+            (r#"{"document_id":"a","action":{"name":"set-group","args":{"groups":["../etc"]}}}"#, "'.'"),
+            (r#"{"document_id":"a","action":{"name":"set-group","args":{"groups":["a/b"]}}}"#, "'/'"),
+            (r#"{"document_id":"a","action":{"name":"set-group","args":{"groups":[""]}}}"#, "empty"),
+            (r#"{"document_id":"a","action":{"name":"set-group","args":{"groups":[3]}}}"#, "not a string"),
+            (r#"{"document_id":"a","action":{"name":"set-group","args":{"groups":"g1"}}}"#, "must be a list"),
+            (r#"{"document_id":"a","action":{"name":"set-group"}}"#, "missing"),
+        ];
+        for (entry, why) in table {
+            let p = one(entry).unwrap();
+            match &p.commands[0].action {
+                Action::Invalid { reason, .. } => assert!(reason.contains(why), "{entry}: {reason}"),
+                other => panic!("{entry}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn broken_entries_are_skipped_and_the_rest_kept() {
+        let body = r#"{"commands": [7, {"action":{"name":"restart"}}, {"document_id":"x"},
+               {"document_id":"y","action":{}}, {"document_id":"z","target":{"id":"someone-else"},"action":{"name":"restart"}},
+               {"document_id":"done","status":"Success","action":{"name":"restart"}},
+               {"document_id":"ok","action":{"name":"restart"}}, {"document_id":"ok","action":{"name":"restart"}}]}"#;
+        let p = parse_body(body.as_bytes(), ME).unwrap();
+        assert_eq!(p.commands.iter().map(|c| c.document_id.as_str()).collect::<Vec<_>>(), vec!["ok"]);
+        assert_eq!(p.skipped.len(), 5, "{:?}", p.skipped);
+    }
+
+    #[test]
+    fn unusable_bodies() {
+        for body in ["", "  ", "garbage", "{}", r#"{"commands": 5}"#, "42", "\u{0}"] {
+            assert!(parse_body(body.as_bytes(), ME).is_err(), "{body:?}");
+        }
+        assert_eq!(parse_body(b"[]", ME).unwrap(), Parsed::default());
+    }
+
+    #[test]
+    fn result_event_shape() {
+        let e = result_event("A8", Code::Timeout, "timed out after 5s");
+        assert_eq!(e.header(), r#"{"id":"A8","module":"command","operation":"update"}"#);
+        assert_eq!(e.data(), Some(r#"{"command":{"result":{"code":3,"message":"timed out after 5s"}}}"#));
+        assert_eq!(
+            crate::event::parse_line(format!(r#"{{"header":{},"data":{}}}"#, e.header(), e.data().unwrap()).as_bytes())
+                .unwrap()
+                .unwrap(),
+            e
+        );
+    }
+}

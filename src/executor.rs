@@ -1,0 +1,402 @@
+//! The command executor thread: runs what the long-poll thread received, one command at a
+//! time, and reports each result exactly once through the durable queue.
+//!
+//! Every `document_id` is written to the command store (`<data_dir>/commands.json`)
+//! before the command runs, so a redelivered or duplicated command is recognised and
+//! skipped, even across restarts. A command that was running when the agent stopped is
+//! finished at the next start: `restart` as a success (that stop was the command), any
+//! other as interrupted.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, Sender, select};
+use serde::{Deserialize, Serialize};
+
+use crate::backoff::Backoff;
+use crate::commands::{self, Action, Code, Command};
+use crate::config::Config;
+use crate::groups;
+use crate::host::HostInfo;
+use crate::http::{self, Attempt, Outcome, Rejection};
+use crate::live::Live;
+use crate::queue::Append;
+use crate::status::Stats;
+use crate::token::TokenCell;
+
+/// Entries kept in the store; the oldest reported ones are pruned first.
+pub const STORE_MAX: usize = 1000;
+/// How often results that could not be queued (queue full, disk error) are retried.
+const REPORT_RETRY: Duration = Duration::from_secs(30);
+
+/// What the executor asks of the supervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Stop gracefully and start again in the same process (exec).
+    Restart,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum State {
+    Running,
+    Finished,
+    Reported,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Entry {
+    id: String,
+    action: String,
+    state: State,
+    #[serde(default)]
+    code: Option<u8>,
+    #[serde(default)]
+    message: Option<String>,
+    at: String,
+}
+
+/// The durable record of every command seen (bounded).
+pub struct Store {
+    path: PathBuf,
+    entries: VecDeque<Entry>,
+    cap: usize,
+}
+
+impl Store {
+    pub fn open(data_dir: &Path) -> Store {
+        Store::open_with_cap(data_dir, STORE_MAX)
+    }
+
+    fn open_with_cap(data_dir: &Path, cap: usize) -> Store {
+        let path = data_dir.join("commands.json");
+        let entries = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                log::error!("command store {} is damaged ({e}); starting a new one", path.display());
+                VecDeque::new()
+            }),
+            Err(_) => VecDeque::new(),
+        };
+        Store { path, entries, cap }
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.entries.iter().any(|e| e.id == id)
+    }
+
+    fn save(&self) -> std::io::Result<()> {
+        let json = serde_json::to_vec(&self.entries).map_err(std::io::Error::other)?;
+        crate::fsutil::write_atomic(&self.path, &json, 0o600)
+    }
+
+    fn insert(&mut self, id: &str, action: &str) -> std::io::Result<()> {
+        while self.entries.len() >= self.cap {
+            match self.entries.iter().position(|e| e.state == State::Reported) {
+                Some(i) => {
+                    self.entries.remove(i);
+                }
+                None => {
+                    self.entries.pop_front();
+                }
+            }
+        }
+        self.entries.push_back(Entry {
+            id: id.to_string(),
+            action: action.to_string(),
+            state: State::Running,
+            code: None,
+            message: None,
+            at: crate::status::rfc3339(SystemTime::now()),
+        });
+        self.save()
+    }
+
+    fn update(&mut self, id: &str, f: impl FnOnce(&mut Entry)) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.id == id) {
+            f(e);
+        }
+        if let Err(e) = self.save() {
+            log::error!("cannot write the command store {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// Everything a handler needs, shared with the helper thread that runs it.
+pub struct Ctx {
+    pub agent: ureq::Agent,
+    pub cell: Arc<TokenCell>,
+    pub live: Arc<Live>,
+    /// The configuration as loaded from the local file at start (its `source` is re-read).
+    pub local: Config,
+    pub data_dir: PathBuf,
+    pub uuid: String,
+    pub name: String,
+    pub host: HostInfo,
+    pub request_timeout: Duration,
+}
+
+/// The executor's channels and state.
+pub struct Executor {
+    pub ctx: Arc<Ctx>,
+    pub queue: Sender<Append>,
+    pub control: Sender<Control>,
+    pub stats: Arc<Stats>,
+}
+
+fn download(ctx: &Ctx, group: &str, deadline: Instant, cancel: &AtomicBool) -> Result<Vec<u8>, String> {
+    let retry = ctx.live.config().retry.clone();
+    let mut backoff = Backoff::new(retry.initial, retry.max);
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if cancel.load(Ordering::Relaxed) || remaining.is_zero() {
+            return Err("cancelled".into());
+        }
+        let Some(token) = ctx.cell.current().or_else(|| ctx.cell.wait_newer(0, remaining.min(Duration::from_secs(5))))
+        else {
+            continue;
+        };
+        let url = format!("{}/api/v1/files?file_name={group}.yml", token.server);
+        let result = ctx
+            .agent
+            .get(&url)
+            .header("Authorization", &token.bearer())
+            .config()
+            .timeout_global(Some(ctx.request_timeout.min(remaining).max(Duration::from_millis(1))))
+            .build()
+            .call()
+            .and_then(|mut r| http::read_reply(&mut r));
+        match http::classify(Attempt::of(&result), SystemTime::now(), retry.max) {
+            Outcome::Done => return result.map(|r| r.body).map_err(|e| e.to_string()),
+            Outcome::Reauth => {
+                ctx.cell.refused(token.generation);
+                ctx.cell.wait_newer(token.generation, remaining);
+            }
+            Outcome::Retry { after, .. } => {
+                let why = match &result {
+                    Ok(r) => format!("{} {}", r.status, r.message()),
+                    Err(e) => http::describe_transport(e),
+                };
+                let d = after.unwrap_or_else(|| backoff.next_delay()).min(remaining);
+                log::warn!("downloading {group}.yml failed ({why}); retrying in {}ms", d.as_millis());
+                std::thread::sleep(d);
+            }
+            Outcome::Reject(Rejection::Other(404)) => {
+                return Err(format!("file {group}.yml not found on the server (404)"));
+            }
+            Outcome::Reject(_) => {
+                let r = result.map_err(|e| e.to_string())?;
+                return Err(format!("downloading {group}.yml failed: {} {}", r.status, r.message()));
+            }
+        }
+    }
+}
+
+/// `set-group` and `fetch-config`: download every file, validate, swap the set, apply.
+fn set_groups(ctx: &Ctx, groups: &[String], deadline: Instant, cancel: &AtomicBool) -> Result<String, String> {
+    let mut files = Vec::with_capacity(groups.len());
+    for g in groups {
+        files.push((g.clone(), download(ctx, g, deadline, cancel)?));
+    }
+    let mut overlays = Vec::with_capacity(files.len());
+    for (g, content) in &files {
+        let file = format!("{g}.yml");
+        let text = std::str::from_utf8(content).map_err(|_| format!("group file {file} is not UTF-8"))?;
+        let (overlay, ignored) = groups::parse_group_file(&file, text).map_err(|e| e.to_string())?;
+        if !ignored.is_empty() {
+            log::info!("group file {file}: ignored settings this agent does not have: {}", ignored.join(", "));
+        }
+        overlays.push((file, overlay));
+    }
+    // One reload at a time (SIGHUP or another command).
+    let _guard = ctx.live.reload_guard();
+    let local_text = match &ctx.local.source {
+        Some(p) => std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?,
+        None => String::new(),
+    };
+    let config =
+        Config::with_overlays(&local_text, ctx.local.source.as_deref(), &overlays).map_err(|e| e.to_string())?;
+    if cancel.load(Ordering::Relaxed) {
+        return Err("cancelled".into());
+    }
+    groups::install(&ctx.data_dir, &files).map_err(|e| format!("cannot store the group files: {e}"))?;
+    ctx.live.set_agent_line(crate::event::agent_line(&ctx.uuid, &ctx.name, groups, &ctx.host));
+    let applied = ctx.live.apply(config);
+    let names = if groups.is_empty() { "no group".to_string() } else { groups.join(", ") };
+    Ok(format!("groups set to {names}; {}", applied.describe()))
+}
+
+impl Executor {
+    /// Queues the result event; returns whether it is durable.
+    fn enqueue(&self, id: &str, code: u8, message: &str) -> bool {
+        let code = match code {
+            0 => Code::Success,
+            2 => Code::InProgress,
+            3 => Code::Timeout,
+            _ => Code::Failure,
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let event = commands::result_event(id, code, message);
+        if self.queue.send(Append { events: vec![event], reply: tx }).is_err() {
+            return false;
+        }
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(r) if r.all_stored(1) => true,
+            Ok(r) => {
+                log::warn!(
+                    "the result of command {id} could not be queued ({}); retrying later",
+                    r.error.map(|e| e.to_string()).unwrap_or_default()
+                );
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn finish(&self, store: &mut Store, id: &str, code: u8, message: String) {
+        if code == 0 {
+            Stats::add(&self.stats.commands_succeeded, 1);
+            log::info!("command {id} succeeded: {message}");
+        } else {
+            Stats::add(&self.stats.commands_failed, 1);
+            log::warn!("command {id} failed (code {code}): {message}");
+        }
+        store.update(id, |e| {
+            e.state = State::Finished;
+            e.code = Some(code);
+            e.message = Some(message.clone());
+        });
+        if self.enqueue(id, code, &message) {
+            store.update(id, |e| e.state = State::Reported);
+        }
+    }
+
+    /// Results that are finished but not yet in the queue (queue full, disk trouble).
+    fn report_pending(&self, store: &mut Store) {
+        let pending: Vec<(String, u8, String)> = store
+            .entries
+            .iter()
+            .filter(|e| e.state == State::Finished)
+            .map(|e| (e.id.clone(), e.code.unwrap_or(1), e.message.clone().unwrap_or_default()))
+            .collect();
+        for (id, code, message) in pending {
+            if self.enqueue(&id, code, &message) {
+                store.update(&id, |e| e.state = State::Reported);
+            }
+        }
+    }
+
+    /// Commands that were running when the agent stopped.
+    fn recover(&self, store: &mut Store) {
+        let running: Vec<(String, String)> = store
+            .entries
+            .iter()
+            .filter(|e| e.state == State::Running)
+            .map(|e| (e.id.clone(), e.action.clone()))
+            .collect();
+        for (id, action) in running {
+            if action == "restart" {
+                self.finish(store, &id, 0, format!("agent restarted (pid {})", std::process::id()));
+            } else {
+                self.finish(store, &id, 1, "interrupted: the agent stopped while the command ran".into());
+            }
+        }
+        self.report_pending(store);
+    }
+
+    fn handle(&self, store: &mut Store, cmd: Command) {
+        let id = cmd.document_id.clone();
+        if store.contains(&id) {
+            log::info!("command {id} ({}) was already received; skipped", cmd.action.name());
+            return;
+        }
+        if let Err(e) = store.insert(&id, cmd.action.name()) {
+            // Without a durable record a redelivery could run it twice: do not run it.
+            log::error!("cannot record command {id} in the command store: {e}");
+            return;
+        }
+        log::info!("running command {id}: {} (timeout {}s)", cmd.action.name(), cmd.timeout.as_secs());
+        let groups = match &cmd.action {
+            Action::Unknown { .. } => return self.finish(store, &id, 1, "Command is not valid".into()),
+            Action::Invalid { reason, .. } => {
+                return self.finish(store, &id, 1, format!("Command is not valid: {reason}"));
+            }
+            Action::Restart => {
+                // Finished by the next process (see `recover`).
+                if self.control.send(Control::Restart).is_err() {
+                    self.finish(store, &id, 1, "the agent is shutting down".into());
+                }
+                return;
+            }
+            Action::SetGroup { groups } => groups.clone(),
+            Action::FetchConfig => groups::current(&self.ctx.data_dir),
+        };
+        let deadline = Instant::now() + cmd.timeout;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (ctx, c2) = (self.ctx.clone(), cancel.clone());
+        let spawned = std::thread::Builder::new().name("command".into()).stack_size(512 * 1024).spawn(move || {
+            let _ = tx.send(set_groups(&ctx, &groups, deadline, &c2));
+        });
+        if let Err(e) = spawned {
+            return self.finish(store, &id, 1, format!("cannot start the command: {e}"));
+        }
+        match rx.recv_deadline(deadline) {
+            Ok(Ok(message)) => self.finish(store, &id, 0, message),
+            Ok(Err(message)) => self.finish(store, &id, 1, message),
+            Err(_) => {
+                // The helper sees the flag before it changes anything.
+                cancel.store(true, Ordering::Relaxed);
+                self.finish(store, &id, 3, format!("timed out after {}s", cmd.timeout.as_secs()));
+            }
+        }
+    }
+}
+
+/// The executor thread's loop.
+pub fn run(exec: Executor, commands: Receiver<Command>, shutdown: Receiver<()>) {
+    let mut store = Store::open(&exec.ctx.data_dir);
+    exec.recover(&mut store);
+    loop {
+        let pending = store.entries.iter().any(|e| e.state == State::Finished);
+        let wait = if pending { REPORT_RETRY } else { Duration::from_secs(3600) };
+        select! {
+            recv(commands) -> msg => match msg {
+                Ok(cmd) => exec.handle(&mut store, cmd),
+                Err(_) => break,
+            },
+            recv(shutdown) -> _ => break,
+            default(wait) => exec.report_pending(&mut store),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_survives_reopen_and_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open_with_cap(dir.path(), 20);
+        s.insert("running", "restart").unwrap();
+        for i in 0..30 {
+            s.insert(&format!("id{i}"), "set-group").unwrap();
+            s.update(&format!("id{i}"), |e| e.state = State::Reported);
+        }
+        let s = Store::open_with_cap(dir.path(), 20);
+        assert_eq!(s.entries.len(), 20);
+        assert!(s.contains("id29"));
+        assert!(!s.contains("id0"), "oldest reported pruned");
+        assert!(s.contains("running"), "unfinished entries are kept while reported ones remain");
+    }
+
+    #[test]
+    fn damaged_store_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("commands.json"), "{{{").unwrap();
+        assert!(Store::open(dir.path()).entries.is_empty());
+    }
+}

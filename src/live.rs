@@ -1,0 +1,159 @@
+//! The settings that can change while the agent runs: the effective configuration (local
+//! file plus server group files) and the agent metadata line (it carries the groups).
+//!
+//! One writer at a time (the executor after `set-group`/`fetch-config`, the supervisor on
+//! SIGHUP) replaces the whole value and bumps a generation; readers keep a [`View`] and
+//! refresh it when the generation moved — one atomic load per loop, no lock held.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::config::Config;
+
+/// Keys applied without a restart; the threads that use them re-read them on change.
+pub const LIVE_KEYS: &[&str] = &[
+    "log.level",
+    "events.batch_max_bytes",
+    "events.batch_max_events",
+    "events.batch_interval",
+    "events.buffer_events",
+    "events.overflow",
+    "retry.initial",
+    "retry.max",
+];
+
+struct Inner {
+    config: Arc<Config>,
+    agent_line: Arc<str>,
+}
+
+pub struct Live {
+    generation: AtomicU64,
+    inner: Mutex<Inner>,
+    /// Serialises whole reload operations (read files, diff, swap): SIGHUP vs a command.
+    reload: Mutex<()>,
+}
+
+/// What applying a new configuration did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Changed keys now in effect.
+    pub live: Vec<String>,
+    /// Changed keys that take effect at the next start.
+    pub need_restart: Vec<String>,
+}
+
+impl Applied {
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.live.is_empty() && self.need_restart.is_empty() {
+            parts.push("no setting changed".to_string());
+        }
+        if !self.live.is_empty() {
+            parts.push(format!("applied {}", self.live.join(", ")));
+        }
+        if !self.need_restart.is_empty() {
+            parts.push(format!("restart the agent to apply {}", self.need_restart.join(", ")));
+        }
+        parts.join("; ")
+    }
+}
+
+/// A thread's cached copy.
+pub struct View {
+    generation: u64,
+    pub config: Arc<Config>,
+    pub agent_line: Arc<str>,
+}
+
+impl Live {
+    pub fn new(config: Config, agent_line: String) -> Arc<Live> {
+        Arc::new(Live {
+            generation: AtomicU64::new(1),
+            inner: Mutex::new(Inner { config: Arc::new(config), agent_line: agent_line.into() }),
+            reload: Mutex::new(()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn view(&self) -> View {
+        let g = self.generation.load(Ordering::Acquire);
+        let inner = self.lock();
+        View { generation: g, config: inner.config.clone(), agent_line: inner.agent_line.clone() }
+    }
+
+    /// Refreshes `view` if something changed; returns whether it did.
+    pub fn refresh(&self, view: &mut View) -> bool {
+        if self.generation.load(Ordering::Acquire) == view.generation {
+            return false;
+        }
+        *view = self.view();
+        true
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.lock().config.clone()
+    }
+
+    /// Holds other reloads off while one reads files and applies them.
+    pub fn reload_guard(&self) -> MutexGuard<'_, ()> {
+        self.reload.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the configuration; keys outside [`LIVE_KEYS`] keep their running values
+    /// until a restart (they are reported, not applied).
+    pub fn apply(&self, new: Config) -> Applied {
+        let mut inner = self.lock();
+        let changed = inner.config.changed_keys(&new);
+        let (live, need_restart): (Vec<String>, Vec<String>) =
+            changed.into_iter().partition(|k| LIVE_KEYS.contains(&k.as_str()));
+        if !live.is_empty() {
+            let mut merged = (*inner.config).clone();
+            merged.log.level = new.log.level;
+            merged.events.batch_max_bytes = new.events.batch_max_bytes;
+            merged.events.batch_max_events = new.events.batch_max_events;
+            merged.events.batch_interval = new.events.batch_interval;
+            merged.events.buffer_events = new.events.buffer_events;
+            merged.events.overflow = new.events.overflow;
+            merged.retry = new.retry.clone();
+            inner.config = Arc::new(merged);
+            log::set_max_level(new.log.level);
+        }
+        drop(inner);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Applied { live, need_restart }
+    }
+
+    pub fn set_agent_line(&self, line: String) {
+        self.lock().agent_line = line.into();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn live_keys_apply_and_the_rest_waits_for_a_restart() {
+        let live = Live::new(Config::defaults(), "{}".into());
+        let mut view = live.view();
+        assert!(!live.refresh(&mut view));
+        let new = Config::parse(
+            "[events]\nbatch_interval = \"5s\"\n[server]\nurl = \"https://other:27000\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        let applied = live.apply(new);
+        assert_eq!(applied.live, vec!["events.batch_interval"]);
+        assert_eq!(applied.need_restart, vec!["server.url"]);
+        assert!(live.refresh(&mut view));
+        assert_eq!(view.config.events.batch_interval, std::time::Duration::from_secs(5));
+        assert_eq!(view.config.server.urls, vec!["https://localhost:27000"], "not applied live");
+        assert!(applied.describe().contains("restart the agent to apply server.url"));
+    }
+}

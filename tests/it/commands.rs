@@ -1,0 +1,225 @@
+//! The command channel end to end: mock enqueue → long-poll → executor → result event.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use wazuh_mock_server::{Fault, FaultAction, MockServer};
+
+use crate::support::*;
+
+fn uuid(env: &Env) -> String {
+    let c: Value =
+        serde_json::from_str(&std::fs::read_to_string(env.data_dir().join("credentials.json")).unwrap()).unwrap();
+    c["uuid"].as_str().unwrap().to_string()
+}
+
+fn command(id: &str, name: &str, args: Value, timeout: Option<u64>) -> Value {
+    let mut c = json!({"document_id": id, "source": "Users/Services", "user": "Management API",
+        "action": {"name": name, "version": "5.0.0", "args": args}, "status": "pending"});
+    if let Some(t) = timeout {
+        c["timeout"] = json!(t);
+    }
+    c
+}
+
+fn result_of(mock: &MockServer, id: &str, within: Duration) -> (i64, String) {
+    mock.wait_until(within, |m| m.command_results().iter().any(|(i, _, _)| i == id));
+    let found = mock.command_results().into_iter().find(|(i, _, _)| i == id);
+    let (_, code, message) = found.unwrap_or_else(|| panic!("no result for command {id}"));
+    (code, message)
+}
+
+/// A running agent whose mock holds polls for `hold`.
+fn setup(hold: Duration) -> (Env, Agent, String) {
+    let env = Env::with(|o| o.command_hold = hold);
+    env.write_config("events.batch_interval = \"100ms\"");
+    let agent = env.running_agent();
+    let id = uuid(&env);
+    (env, agent, id)
+}
+
+#[test]
+fn a_command_enqueued_while_idle_is_run_and_reported() {
+    let (env, _agent, me) = setup(Duration::from_secs(30));
+    env.mock.set_file("g1.yml", b"events:\n  batch_interval: 250ms\nwodle:\n  other: agent\n");
+    env.mock.enqueue_command(&me, command("c-1", "set-group", json!({"groups": ["g1"]}), Some(30)));
+    let (code, message) = result_of(&env.mock, "c-1", Duration::from_secs(15));
+    assert_eq!(code, 0, "{message}");
+    assert!(message.contains("groups set to g1") && message.contains("applied events.batch_interval"), "{message}");
+    let shared = env.data_dir().join("shared");
+    assert_eq!(
+        std::fs::read(shared.join("g1.yml")).unwrap(),
+        b"events:\n  batch_interval: 250ms\nwodle:\n  other: agent\n"
+    );
+    // Events now carry the group.
+    env.send_ok(&lines([stateless(1)]));
+    assert!(env.mock.wait_until(Duration::from_secs(10), |m| !m.stateless_events().is_empty()));
+    assert_eq!(env.mock.stateless_events()[0].agent["groups"], json!(["g1"]));
+    // The result went out as a stateful command update.
+    let ev = env.mock.stateful_events().into_iter().find(|e| e.header["module"] == "command").unwrap();
+    assert_eq!(ev.header, json!({"id": "c-1", "module": "command", "operation": "update"}));
+}
+
+#[test]
+fn the_408_cycle_keeps_the_channel_open() {
+    let (env, _agent, me) = setup(Duration::from_millis(100));
+    assert!(env.mock.wait_until(Duration::from_secs(20), |m| {
+        m.requests().iter().filter(|r| r.path == "/api/v1/commands" && r.status == 408).count() >= 20
+    }));
+    env.mock.enqueue_command(&me, command("c-2", "no-such-action", json!({}), None));
+    assert_eq!(result_of(&env.mock, "c-2", Duration::from_secs(10)), (1, "Command is not valid".to_string()));
+}
+
+#[test]
+fn garbage_answers_do_not_stop_polling() {
+    let (env, _agent, me) = setup(Duration::from_millis(200));
+    env.mock.inject(Fault { path: "/api/v1/commands".into(), times: 3, action: FaultAction::Garbage });
+    env.mock.inject(Fault {
+        path: "/api/v1/commands".into(),
+        times: 2,
+        action: FaultAction::Status {
+            code: 200,
+            retry_after: None,
+            body: Some(r#"{"commands": [5, {"x": 1}]}"#.into()),
+        },
+    });
+    env.mock.enqueue_command(&me, command("c-3", "fetch-config", json!({}), None));
+    let (code, message) = result_of(&env.mock, "c-3", Duration::from_secs(20));
+    assert_eq!(code, 0, "{message}");
+    assert!(message.contains("groups set to no group"), "{message}");
+}
+
+#[test]
+fn a_duplicate_document_id_runs_once() {
+    let (env, _agent, me) = setup(Duration::from_millis(300));
+    env.mock.enqueue_command(&me, command("c-4", "no-such-action", json!({}), None));
+    result_of(&env.mock, "c-4", Duration::from_secs(10));
+    env.mock.enqueue_command(&me, command("c-4", "no-such-action", json!({}), None));
+    assert!(
+        env.mock.wait_until(Duration::from_secs(10), |m| m
+            .command_deliveries()
+            .iter()
+            .filter(|d| d.0 == "c-4")
+            .count()
+            == 2)
+    );
+    // A later command's result proves the duplicate was processed (and skipped) before it.
+    env.mock.enqueue_command(&me, command("c-4b", "no-such-action", json!({}), None));
+    result_of(&env.mock, "c-4b", Duration::from_secs(10));
+    assert_eq!(env.mock.command_results().iter().filter(|r| r.0 == "c-4").count(), 1);
+}
+
+#[test]
+fn set_group_is_all_or_nothing() {
+    let (env, _agent, me) = setup(Duration::from_millis(300));
+    env.mock.set_file("g1.yml", b"log:\n  level: info\n");
+    env.mock.enqueue_command(&me, command("c-5", "set-group", json!({"groups": ["g1"]}), None));
+    assert_eq!(result_of(&env.mock, "c-5", Duration::from_secs(10)).0, 0);
+    env.mock.set_file("g2.yml", b"log:\n  level: debug\n");
+    env.mock.enqueue_command(&me, command("c-6", "set-group", json!({"groups": ["g2", "missing"]}), None));
+    let (code, message) = result_of(&env.mock, "c-6", Duration::from_secs(10));
+    assert_eq!(code, 1);
+    assert!(message.contains("missing.yml not found"), "{message}");
+    let shared = env.data_dir().join("shared");
+    assert!(shared.join("g1.yml").exists() && !shared.join("g2.yml").exists(), "the previous set stays");
+
+    // An invalid file also changes nothing, and says which file and key.
+    env.mock.set_file("bad.yml", b"events:\n  overflow: explode\n");
+    env.mock.enqueue_command(&me, command("c-7", "set-group", json!({"groups": ["bad"]}), None));
+    let (code, message) = result_of(&env.mock, "c-7", Duration::from_secs(10));
+    assert_eq!(code, 1);
+    assert!(message.contains("bad.yml") && message.contains("events.overflow"), "{message}");
+    assert!(shared.join("g1.yml").exists());
+}
+
+#[test]
+fn group_names_that_escape_the_directory_are_refused() {
+    let (env, _agent, me) = setup(Duration::from_millis(300));
+    for (i, bad) in ["../../etc/passwd", ".hidden", "a/b", ""].iter().enumerate() {
+        let id = format!("c-8-{i}");
+        env.mock.enqueue_command(&me, command(&id, "set-group", json!({"groups": [bad]}), None));
+        let (code, message) = result_of(&env.mock, &id, Duration::from_secs(10));
+        assert_eq!(code, 1);
+        assert!(message.starts_with("Command is not valid"), "{message}");
+    }
+    assert!(!env.mock.requests().iter().any(|r| r.path == "/api/v1/files"), "nothing was downloaded");
+}
+
+#[test]
+fn a_slow_command_times_out_with_code_3_and_does_not_hold_up_polling() {
+    let (env, _agent, me) = setup(Duration::from_millis(300));
+    env.mock.set_file("g1.yml", b"{}\n");
+    env.mock.inject(Fault { path: "/api/v1/files".into(), times: 1, action: FaultAction::Delay { ms: 4000 } });
+    env.mock.enqueue_command(&me, command("slow", "set-group", json!({"groups": ["g1"]}), Some(2)));
+    assert!(env.mock.wait_until(Duration::from_secs(10), |m| m.requests().iter().any(|r| r.path == "/api/v1/files")
+        || m.command_deliveries().iter().any(|d| d.0 == "slow")));
+    env.mock.enqueue_command(&me, command("next", "no-such-action", json!({}), None));
+    // The next command is taken by a poll while the slow one still runs.
+    assert!(env.mock.wait_until(Duration::from_secs(10), |m| m.command_deliveries().iter().any(|d| d.0 == "next")));
+    assert!(env.mock.command_results().iter().all(|r| r.0 != "slow"), "delivered before the slow one finished");
+    let (code, message) = result_of(&env.mock, "slow", Duration::from_secs(15));
+    assert_eq!((code, message.as_str()), (3, "timed out after 2s"));
+    assert_eq!(result_of(&env.mock, "next", Duration::from_secs(10)).0, 1);
+    assert!(!env.data_dir().join("shared").join("g1.yml").exists(), "a timed-out set-group changes nothing");
+}
+
+#[test]
+fn restart_keeps_the_pid_and_reports_success_from_the_new_process() {
+    let (env, mut agent, me) = setup(Duration::from_millis(300));
+    let pid = agent.child.id();
+    let auths = env.mock.auth_calls().len();
+    env.mock.enqueue_command(&me, command("c-9", "restart", json!({}), None));
+    let (code, message) = result_of(&env.mock, "c-9", Duration::from_secs(30));
+    assert_eq!(code, 0, "{message}");
+    assert_eq!(message, format!("agent restarted (pid {pid})"));
+    assert!(env.mock.auth_calls().len() > auths, "the new process authenticated");
+    assert!(agent.child.try_wait().unwrap().is_none(), "same process still running");
+    // And it still works: events flow.
+    env.send_ok(&lines([stateless(7)]));
+    assert!(env.mock.wait_until(Duration::from_secs(10), |m| originals(m).contains(&"msg-7".to_string())));
+    assert_eq!(env.mock.command_results().iter().filter(|r| r.0 == "c-9").count(), 1, "reported once");
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn a_command_arrives_while_a_large_upload_is_in_progress() {
+    let (env, _agent, me) = setup(Duration::from_secs(30));
+    let big = lines((0..100_000).map(stateless));
+    let sender = {
+        let mut cmd = env.cmd();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut child = cmd
+                .arg("--send")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            child.stdin.take().unwrap().write_all(big.as_bytes()).unwrap();
+            child.wait().unwrap()
+        })
+    };
+    assert!(env.mock.wait_until(Duration::from_secs(20), |m| m.stateless_events().len() > 1000));
+    env.mock.enqueue_command(&me, command("c-10", "no-such-action", json!({}), None));
+    assert!(env.mock.wait_until(Duration::from_secs(20), |m| m.command_deliveries().iter().any(|d| d.0 == "c-10")));
+    let delivered_at = env.mock.stateless_events().len();
+    assert!(delivered_at < 100_000, "delivered while the upload was still going ({delivered_at} of 100000 in)");
+    assert!(sender.join().unwrap().success());
+    result_of(&env.mock, "c-10", Duration::from_secs(20));
+}
+
+#[test]
+fn sighup_reloads_the_local_file() {
+    let (env, agent, _me) = setup(Duration::from_millis(300));
+    env.write_config("events.batch_interval = \"2s\"\nserver.request_timeout = \"9s\"");
+    agent.signal(libc::SIGHUP);
+    assert!(
+        wait_for(Duration::from_secs(10), || agent.log().contains("SIGHUP: configuration reloaded")),
+        "{}",
+        agent.log()
+    );
+    let log = agent.log();
+    assert!(log.contains("applied events.batch_interval"), "{log}");
+    assert!(log.contains("restart the agent to apply server.request_timeout"), "{log}");
+}
