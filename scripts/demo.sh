@@ -33,8 +33,28 @@ admin_get() {
   exec 3<&-
 }
 
+# POST a JSON body to the mock's admin port.
+admin_post() {
+  exec 3<>"/dev/tcp/127.0.0.1/$admin_port"
+  printf 'POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %s\r\nConnection: close\r\n\r\n%s' \
+    "$1" "${#2}" "$2" >&3
+  cat <&3 >/dev/null
+  exec 3<&-
+}
+
+# Waits (up to 20 s) until the mock has a result for command $1; prints it.
+wait_result() {
+  for _ in $(seq 1 200); do
+    r=$(admin_get /admin/state | grep -o "{\"code\":[0-9-]*,\"id\":\"$1\",\"message\":\"[^\"]*\"}" || true)
+    [ -n "$r" ] && { echo "$r"; return 0; }
+    sleep 0.1
+  done
+  echo "no result for command $1" >&2
+  return 1
+}
+
 say "starting the mock Wazuh server (comms + management API over TLS, tokens live 6 s)"
-"$mock" --dir "$work/mock" --token-lifetime 6 --password demo-password >"$work/mock.json" 2>"$work/mock.err" &
+"$mock" --dir "$work/mock" --token-lifetime 6 --command-hold 5 --password demo-password >"$work/mock.json" 2>"$work/mock.err" &
 mock_pid=$!
 for _ in $(seq 1 100); do [ -s "$work/mock.json" ] && break; sleep 0.05; done
 [ -s "$work/mock.json" ] || { echo "demo: the mock server did not start:" >&2; cat "$work/mock.err" >&2; exit 1; }
@@ -81,6 +101,16 @@ EVENTS
 send_status=$?
 set -e
 echo "agent replied: $reply (exit status $send_status: 1 because one line was rejected)"
+
+say "commands from the server: set-group, then restart (long-poll GET /api/v1/commands)"
+admin_post /admin/files '{"name": "demo.yml", "content": "events:\n  batch_interval: 500ms\n"}'
+admin_post /admin/commands "{\"agent\": \"$uuid\", \"command\": {\"document_id\": \"demo-set-group\", \"action\": {\"name\": \"set-group\", \"args\": {\"groups\": [\"demo\"]}}, \"timeout\": 30, \"status\": \"pending\"}}"
+echo "set-group result: $(wait_result demo-set-group)"
+echo "shared group files: $(ls "$work/data/shared/")"
+admin_post /admin/commands "{\"agent\": \"$uuid\", \"command\": {\"document_id\": \"demo-restart\", \"action\": {\"name\": \"restart\"}, \"status\": \"pending\"}}"
+echo "restart result: $(wait_result demo-restart) (the agent's pid is $agent_pid)"
+kill -0 "$agent_pid" && echo "the agent process $agent_pid is still the running agent"
+
 sleep "$run_for"
 "$agent" --config "$work/agent.toml" --status >"$work/status.json" || true
 echo "status while running: $(cat "$work/status.json")"
@@ -99,12 +129,14 @@ auths=$(field auth_ok "$work/state.json")
 echo "agents registered: $(grep -o '"id":"[^"]*"' "$work/state.json" | head -n 1 | cut -d'"' -f4)"
 echo "successful authentications: $auths (1 at start + $((auths - 1)) token renewals before expiry)"
 stateless=$(grep -o '"original":"[^"]*"' "$work/state.json" | wc -l)
-stateful=$(grep -o '"operation":"[a-z]*"' "$work/state.json" | wc -l)
+stateful=$(grep -o '"module":"inventory","operation":"[a-z]*"' "$work/state.json" | wc -l)
 echo "stateless events received: $stateless"
 grep -o '"original":"[^"]*"' "$work/state.json" | sed 's/^/  /'
 echo "stateful events received: $stateful"
 grep -o '"id":"[0-9a-f]*","module":"inventory","operation":"[a-z]*"' "$work/state.json" | sed 's/^/  /'
 echo "requests: $(grep -o '"path":"/api/v1/events/[a-z]*","status":[0-9]*' "$work/state.json" | sort | uniq -c | tr -s ' ' | paste -sd ';' -)"
-[ "$status" -eq 0 ] && [ "$auths" -ge 2 ] && [ "$stateless" -eq 3 ] && [ "$stateful" -eq 2 ] || { echo "demo: FAILED" >&2; exit 1; }
+results=$(grep -o '"code":0,"id":"demo-[a-z-]*"' "$work/state.json" | wc -l)
+[ "$status" -eq 0 ] && [ "$auths" -ge 2 ] && [ "$stateless" -eq 3 ] && [ "$stateful" -eq 2 ] && [ "$results" -eq 2 ] \
+  || { echo "demo: FAILED" >&2; exit 1; }
 echo
 echo "demo OK"

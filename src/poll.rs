@@ -51,6 +51,10 @@ pub fn run(p: Poller, out: Sender<Command>, shutdown: Receiver<()>) {
         };
         let url = format!("{}/api/v1/commands", token.server);
         let result = http::send(&p.agent, "GET", &url, Some(&token.bearer()), None);
+        if result.is_err() && !matches!(shutdown.try_recv(), Err(crossbeam_channel::TryRecvError::Empty)) {
+            // The supervisor cut the held poll to stop: not a failure.
+            break;
+        }
         if let Err(ureq::Error::Timeout(_)) = &result {
             // Our own bound (commands_timeout) ended the hold: the normal idle cycle.
             backoff.reset();

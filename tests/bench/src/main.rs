@@ -173,6 +173,33 @@ fn mock_ceiling(mock: &MockServer, creds: &Value, seconds: f64) -> f64 {
     sent as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Enqueues `n` commands one after another (each after the previous result arrived) and
+/// returns, sorted, enqueue → delivery (poll answered) and enqueue → result received, in ms.
+fn command_latencies(mock: &MockServer, uuid: &str, tag: &str, n: usize) -> (Vec<f64>, Vec<f64>) {
+    for i in 0..n {
+        let id = format!("{tag}-{i}");
+        mock.enqueue_command(uuid, json!({"document_id": id, "action": {"name": "bench-noop"}, "status": "pending"}));
+        wait_for(Duration::from_secs(10), || mock.command_results().iter().any(|r| r.0 == id));
+    }
+    let ms = |v: Vec<(String, Instant, Instant)>| {
+        let mut out: Vec<f64> = v
+            .iter()
+            .filter(|d| d.0.starts_with(&format!("{tag}-")))
+            .map(|(_, e, d)| d.duration_since(*e).as_secs_f64() * 1000.0)
+            .collect();
+        out.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        out
+    };
+    (ms(mock.command_deliveries()), ms(mock.command_roundtrips()))
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
 struct Agent {
     child: Child,
 }
@@ -193,6 +220,7 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let mut opts = Options::new(&dir.join("mock"));
     opts.keep_events = false;
+    opts.command_hold = Duration::from_secs(30);
     opts.max_body = 64 << 20;
     let mock = MockServer::start(opts).expect("mock starts");
     let config = dir.join("agent.toml");
@@ -243,15 +271,45 @@ fn main() {
     out.insert("idle_cpu_percent".into(), json!((cpu_secs(pid) - c0) / idle_secs * 100.0));
     out.insert("idle_wakeups_per_s".into(), json!((wakeups(pid) - w0) as f64 / idle_secs));
 
+    // Command delivery latency: idle, then with 10 000 events/s flowing.
+    let uuid = creds["uuid"].as_str().unwrap().to_string();
+    let idle_lat = command_latencies(&mock, &uuid, "idle", if a.quick { 20 } else { 100 });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (socket, stop) = (socket.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 1_000_000_000;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                produce(&socket, 1000, 1, 1000, stateless_line, i);
+                i += 1000;
+                std::thread::sleep(Duration::from_millis(100).saturating_sub(t.elapsed()));
+            }
+        })
+    };
+    let load_lat = command_latencies(&mock, &uuid, "load", if a.quick { 20 } else { 100 });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.join().unwrap();
+    for (name, (delivery, roundtrip)) in [("idle", &idle_lat), ("load", &load_lat)] {
+        out.insert(format!("command_{name}_delivery_p50_ms"), json!(pct(delivery, 0.5)));
+        out.insert(format!("command_{name}_delivery_p99_ms"), json!(pct(delivery, 0.99)));
+        out.insert(format!("command_{name}_result_p50_ms"), json!(pct(roundtrip, 0.5)));
+        out.insert(format!("command_{name}_result_p99_ms"), json!(pct(roundtrip, 0.99)));
+        out.insert(format!("command_{name}_result_max_ms"), json!(pct(roundtrip, 1.0)));
+    }
+    let settle = mock.event_counts().0;
+    wait_for(Duration::from_secs(5), || mock.event_counts().0 == settle);
+
     // Stateless burst.
     let n = a.events;
     reset_peak(pid);
     let req0 = events_requests(&mock);
     let cpu0 = cpu_secs(pid);
+    let base0 = mock.event_counts().0;
     let start = Instant::now();
     let accepted = produce(&socket, n, 4, 20_000, stateless_line, 0);
     assert_eq!(accepted as usize, n);
-    assert!(wait_for(Duration::from_secs(600), || mock.event_counts().0 >= n as u64), "stateless delivered");
+    assert!(wait_for(Duration::from_secs(600), || mock.event_counts().0 >= base0 + n as u64), "stateless delivered");
     let secs = start.elapsed().as_secs_f64();
     let reqs = events_requests(&mock) - req0;
     out.insert("stateless_events".into(), json!(n));

@@ -172,6 +172,7 @@ struct Inner {
     command_delivered: Vec<(String, Instant)>,
     /// Command results, whether or not events are kept: (document_id, code, message).
     command_results: Vec<(String, i64, String)>,
+    command_result_at: HashMap<String, Instant>,
 }
 
 /// Shared state of the mock.
@@ -396,6 +397,15 @@ impl MockServer {
     pub fn command_deliveries(&self) -> Vec<(String, Instant, Instant)> {
         let st = self.state.lock();
         st.command_delivered
+            .iter()
+            .filter_map(|(id, at)| st.command_enqueued.get(id).map(|e| (id.clone(), *e, *at)))
+            .collect()
+    }
+
+    /// `(document_id, enqueued, result received)` for every command with a result.
+    pub fn command_roundtrips(&self) -> Vec<(String, Instant, Instant)> {
+        let st = self.state.lock();
+        st.command_result_at
             .iter()
             .filter_map(|(id, at)| st.command_enqueued.get(id).map(|e| (id.clone(), *e, *at)))
             .collect()
@@ -1082,6 +1092,7 @@ fn events(state: &State, req: &Request, stateful: bool) -> Response {
         let result = e.data.as_ref().and_then(|d| d.pointer("/command/result"));
         let code = result.and_then(|r| r.get("code")).and_then(Value::as_i64).unwrap_or(-1);
         let message = result.and_then(|r| r.get("message")).and_then(Value::as_str).unwrap_or("").to_string();
+        st.command_result_at.entry(id.clone()).or_insert_with(Instant::now);
         st.command_results.push((id, code, message));
     }
     if stateful {
