@@ -323,7 +323,8 @@ impl<In: Transport> Connector<In> for TlsConnector {
         let host = details.uri.host().ok_or(ureq::Error::Tls("URL has no host"))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let name = ServerName::try_from(host.to_string()).map_err(|_| ureq::Error::Tls("invalid server name"))?;
-        let mut conn = ClientConnection::new(self.config.clone(), name)?;
+        let mut conn =
+            ClientConnection::new(self.config.clone(), name).map_err(|e| ureq::Error::Io(std::io::Error::other(e)))?;
         let mut sock = TransportAdapter::new(transport.boxed(), details.current_time.clone());
         sock.set_timeout(details.timeout);
         conn.complete_io(&mut sock)?;
