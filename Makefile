@@ -7,7 +7,7 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 BIN     := target/release/wazuh-agent
 
-.PHONY: all build release test lint demo bench size install uninstall clean
+.PHONY: all build release test lint demo bench size install install-files uninstall cross clean
 
 all: build
 
@@ -20,10 +20,12 @@ release:
 test:
 	$(CARGO) test --workspace
 
-# Formatting and lints, as CI checks them.
+# Formatting, lints and shell scripts, as CI checks them.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	shellcheck -s sh scripts/wazuh-agent-respawn scripts/init.d/wazuh-agent scripts/openrc/wazuh-agent scripts/procd/wazuh-agent
+	shellcheck scripts/demo.sh
 
 demo:
 	$(CARGO) build --workspace
@@ -31,7 +33,9 @@ demo:
 
 # Numbers, not pass/fail: throughput, RSS, idle cost (release builds). BENCH_ARGS=--quick for a short run.
 bench:
-	$(CARGO) build --release --workspace
+	$(CARGO) build --release -p wazuh-agent
+	# Built on its own so its ureq features do not unify into the agent binary measured.
+	$(CARGO) build --release -p wazuh-bench
 	target/release/wazuh-bench --agent $(BIN) $(BENCH_ARGS)
 
 # Size of the stripped release binary (the release profile strips).
@@ -39,7 +43,18 @@ size: release
 	@bytes=$$(stat -c %s $(BIN)); \
 	echo "$(BIN): $$bytes bytes ($$(awk "BEGIN {printf \"%.2f\", $$bytes/1048576}") MiB, stripped)"
 
-install: release
+# install: PREFIX (default /usr/local) for the binary; /etc and /var/lib whatever the
+# PREFIX; DESTDIR for staging; INIT=sysv|openrc|systemd|procd picks the service file.
+INIT ?=
+LIBEXEC := $(PREFIX)/libexec/wazuh-agent
+# Paths written into the installed scripts.
+SUBST := sed -e 's|/usr/local/bin/wazuh-agent|$(PREFIX)/bin/wazuh-agent|g' \
+             -e 's|/usr/local/libexec/wazuh-agent|$(LIBEXEC)|g' \
+             -e 's|/usr/bin/wazuh-agent|$(PREFIX)/bin/wazuh-agent|g'
+
+install: release install-files
+
+install-files:
 	install -d -m 0755 $(DESTDIR)$(PREFIX)/bin
 	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/wazuh-agent
 	install -d -m 0755 $(DESTDIR)/etc/wazuh-agent
@@ -49,10 +64,47 @@ install: release
 		install -m 0644 etc/wazuh-agent.toml $(DESTDIR)/etc/wazuh-agent/wazuh-agent.toml; \
 	fi
 	install -d -m 0700 $(DESTDIR)/var/lib/wazuh-agent
+	@case "$(INIT)" in \
+	sysv) \
+		install -d -m 0755 $(DESTDIR)/etc/init.d $(DESTDIR)$(LIBEXEC); \
+		$(SUBST) scripts/init.d/wazuh-agent > $(DESTDIR)/etc/init.d/wazuh-agent; \
+		chmod 0755 $(DESTDIR)/etc/init.d/wazuh-agent; \
+		install -m 0755 scripts/wazuh-agent-respawn $(DESTDIR)$(LIBEXEC)/wazuh-agent-respawn ;; \
+	openrc) \
+		install -d -m 0755 $(DESTDIR)/etc/init.d; \
+		$(SUBST) scripts/openrc/wazuh-agent > $(DESTDIR)/etc/init.d/wazuh-agent; \
+		chmod 0755 $(DESTDIR)/etc/init.d/wazuh-agent ;; \
+	systemd) \
+		install -d -m 0755 $(DESTDIR)/lib/systemd/system; \
+		$(SUBST) scripts/systemd/wazuh-agent.service > $(DESTDIR)/lib/systemd/system/wazuh-agent.service; \
+		chmod 0644 $(DESTDIR)/lib/systemd/system/wazuh-agent.service ;; \
+	procd) \
+		install -d -m 0755 $(DESTDIR)/etc/init.d; \
+		$(SUBST) scripts/procd/wazuh-agent > $(DESTDIR)/etc/init.d/wazuh-agent; \
+		chmod 0755 $(DESTDIR)/etc/init.d/wazuh-agent ;; \
+	"") ;; \
+	*) echo "INIT must be sysv, openrc, systemd or procd" >&2; exit 1 ;; \
+	esac
+	@case "$(INIT)" in sysv|systemd|procd) \
+		install -d -m 0755 $(DESTDIR)/etc/default; \
+		[ -e $(DESTDIR)/etc/default/wazuh-agent ] || install -m 0644 scripts/default.wazuh-agent $(DESTDIR)/etc/default/wazuh-agent ;; \
+	esac
 
 uninstall:
-	rm -f $(DESTDIR)$(PREFIX)/bin/wazuh-agent
-	@echo "kept /etc/wazuh-agent and /var/lib/wazuh-agent (configuration and credentials); remove them by hand if wanted"
+	rm -f $(DESTDIR)$(PREFIX)/bin/wazuh-agent $(DESTDIR)$(LIBEXEC)/wazuh-agent-respawn
+	-rmdir $(DESTDIR)$(LIBEXEC) 2>/dev/null
+	@case "$(INIT)" in \
+	sysv|openrc|procd) rm -f $(DESTDIR)/etc/init.d/wazuh-agent ;; \
+	systemd) rm -f $(DESTDIR)/lib/systemd/system/wazuh-agent.service ;; \
+	esac
+	@echo "kept /etc/wazuh-agent, /etc/default/wazuh-agent and /var/lib/wazuh-agent (configuration and credentials)"
+
+# Cross build, e.g. make cross TARGET=aarch64-unknown-linux-musl (needs the target installed
+# with rustup and its C compiler for ring: CC_<target> and a linker; see README).
+TARGET ?= aarch64-unknown-linux-musl
+cross:
+	$(CARGO) build --release -p wazuh-agent --target $(TARGET)
+	@ls -l target/$(TARGET)/release/wazuh-agent
 
 clean:
 	$(CARGO) clean

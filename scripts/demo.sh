@@ -15,8 +15,8 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/wazuh-agent-demo.XXXXXX")
 mock_pid=""
 agent_pid=""
 cleanup() {
-  [ -n "$agent_pid" ] && kill "$agent_pid" 2>/dev/null || true
-  [ -n "$mock_pid" ] && kill "$mock_pid" 2>/dev/null || true
+  if [ -n "$agent_pid" ]; then kill "$agent_pid" 2>/dev/null || true; fi
+  if [ -n "$mock_pid" ]; then kill "$mock_pid" 2>/dev/null || true; fi
   wait 2>/dev/null || true
   rm -rf "$work"
 }
@@ -136,7 +136,9 @@ echo "stateful events received: $stateful"
 grep -o '"id":"[0-9a-f]*","module":"inventory","operation":"[a-z]*"' "$work/state.json" | sed 's/^/  /'
 echo "requests: $(grep -o '"path":"/api/v1/events/[a-z]*","status":[0-9]*' "$work/state.json" | sort | uniq -c | tr -s ' ' | paste -sd ';' -)"
 results=$(grep -o '"code":0,"id":"demo-[a-z-]*"' "$work/state.json" | wc -l)
-[ "$status" -eq 0 ] && [ "$auths" -ge 2 ] && [ "$stateless" -eq 3 ] && [ "$stateful" -eq 2 ] && [ "$results" -eq 2 ] \
-  || { echo "demo: FAILED" >&2; exit 1; }
+if ! { [ "$status" -eq 0 ] && [ "$auths" -ge 2 ] && [ "$stateless" -eq 3 ] && [ "$stateful" -eq 2 ] && [ "$results" -eq 2 ]; }; then
+  echo "demo: FAILED" >&2
+  exit 1
+fi
 echo
 echo "demo OK"

@@ -95,7 +95,7 @@ pub enum Start {
 /// Every key of the configuration, by section. Server group files may set exactly these
 /// (under the same names); anything else in them is ignored.
 pub const KNOWN_KEYS: &[(&str, &[&str])] = &[
-    ("agent", &["name", "data_dir", "run_dir", "uuid_version"]),
+    ("agent", &["name", "data_dir", "run_dir", "uuid_version", "user", "group"]),
     (
         "server",
         &[
@@ -116,7 +116,7 @@ pub const KNOWN_KEYS: &[(&str, &[&str])] = &[
     ("retry", &["initial", "max"]),
     ("logcollector", &["files", "start"]),
     ("inventory", &["enabled", "interval", "root", "collectors"]),
-    ("log", &["level", "file"]),
+    ("log", &["level", "file", "syslog"]),
 ];
 
 /// Inventory collectors that can be switched on.
@@ -129,6 +129,9 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub run_dir: PathBuf,
     pub uuid_version: UuidVersion,
+    /// Run as this user (and `group`) after start-up; `None`: stay as started.
+    pub user: Option<String>,
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -180,6 +183,8 @@ pub struct InventoryConfig {
 pub struct LogConfig {
     pub level: log::LevelFilter,
     pub file: Option<PathBuf>,
+    /// Also log to the system log (libc syslog, facility daemon).
+    pub syslog: bool,
 }
 
 /// The whole, validated configuration. Built once, then passed by reference.
@@ -218,6 +223,8 @@ struct RawAgent {
     data_dir: String,
     run_dir: String,
     uuid_version: i64,
+    user: String,
+    group: String,
 }
 
 impl Default for RawAgent {
@@ -227,6 +234,8 @@ impl Default for RawAgent {
             data_dir: "/var/lib/wazuh-agent".into(),
             run_dir: "/run/wazuh-agent".into(),
             uuid_version: 7,
+            user: String::new(),
+            group: String::new(),
         }
     }
 }
@@ -348,11 +357,12 @@ impl Default for RawInventory {
 struct RawLog {
     level: String,
     file: String,
+    syslog: bool,
 }
 
 impl Default for RawLog {
     fn default() -> Self {
-        RawLog { level: "info".into(), file: String::new() }
+        RawLog { level: "info".into(), file: String::new(), syslog: false }
     }
 }
 
@@ -583,12 +593,26 @@ impl Config {
             }
             Ok(p)
         };
+        let account = |key: &str, v: String| -> Result<Option<String>, ConfigError> {
+            if v.is_empty() {
+                return Ok(None);
+            }
+            if v.starts_with('-') || v.chars().any(|c| c.is_whitespace() || c == ':' || c == '/') {
+                return Err(invalid(key, format!("{v:?} is not a valid account name")));
+            }
+            Ok(Some(v))
+        };
         let agent = AgentConfig {
             name: agent.name,
             data_dir: dir("agent.data_dir", agent.data_dir)?,
             run_dir: dir("agent.run_dir", agent.run_dir)?,
             uuid_version,
+            user: account("agent.user", agent.user)?,
+            group: account("agent.group", agent.group)?,
         };
+        if agent.group.is_some() && agent.user.is_none() {
+            return Err(invalid("agent.group", "needs agent.user"));
+        }
 
         let urls = match server.url {
             OneOrMany::One(u) => vec![u],
@@ -699,6 +723,7 @@ impl Config {
                 &[("error", L::Error), ("warn", L::Warn), ("info", L::Info), ("debug", L::Debug), ("trace", L::Trace)],
             )?,
             file: (!log.file.is_empty()).then(|| PathBuf::from(log.file)),
+            syslog: log.syslog,
         };
 
         Ok(Config { source, agent, server, events, retry, logcollector, inventory, log })
@@ -719,6 +744,8 @@ impl Config {
             ("agent.data_dir", p(&c.agent.data_dir)),
             ("agent.run_dir", p(&c.agent.run_dir)),
             ("agent.uuid_version", if c.agent.uuid_version == UuidVersion::V4 { "4" } else { "7" }.into()),
+            ("agent.user", q(c.agent.user.as_deref().unwrap_or(""))),
+            ("agent.group", q(c.agent.group.as_deref().unwrap_or(""))),
             ("server.url", list(&c.server.urls)),
             ("server.registration_url", q(&c.server.registration_url)),
             (
@@ -750,6 +777,7 @@ impl Config {
             ("inventory.collectors", list(&c.inventory.collectors)),
             ("log.level", q(&c.log.level.to_string().to_lowercase())),
             ("log.file", c.log.file.as_deref().map(p).unwrap_or_else(|| q(""))),
+            ("log.syslog", c.log.syslog.to_string()),
         ];
         for (k, v) in lines {
             let _ = writeln!(out, "{k} = {v}");

@@ -3,11 +3,11 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use wazuh_agent::cli::{self, Mode};
 use wazuh_agent::config::{Config, ConfigError};
 use wazuh_agent::ingest::{self, IngestError};
+use wazuh_agent::logging;
 use wazuh_agent::register::{self, RegisterError};
 use wazuh_agent::status::{self, NotRunning};
 use wazuh_agent::supervisor::{self, RunError};
@@ -45,9 +45,6 @@ impl std::fmt::Display for Error {
     }
 }
 
-/// Set once logging goes to `log.file`, so fatal errors are recorded there as well.
-static LOG_TO_FILE: AtomicBool = AtomicBool::new(false);
-
 /// The single mapping from errors to exit codes (SPEC §1): every failure or refusal is 1.
 fn exit_code(_e: &Error) -> u8 {
     1
@@ -59,7 +56,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // Printed for the person at the terminal, and logged too when the log goes to a file.
-            if LOG_TO_FILE.load(Ordering::Relaxed) {
+            if logging::to_file() {
                 log::error!("{e}");
             }
             let _ = writeln!(std::io::stderr(), "wazuh-agent: {e}");
@@ -92,14 +89,14 @@ fn try_main() -> Result<u8, Error> {
             Ok(0)
         }
         Mode::Register(args) => {
-            init_logging(&config, true)?;
+            logging::init(&config, true).map_err(Error::Log)?;
             let creds = register::register(&config, &args).map_err(Error::Register)?;
             log::info!("registered as {} ({})", creds.name, creds.uuid);
             println!("{}", creds.uuid);
             Ok(0)
         }
         Mode::Run => {
-            init_logging(&config, false)?;
+            logging::init(&config, false).map_err(Error::Log)?;
             match supervisor::run(&config).map_err(Error::Run)? {
                 supervisor::Stopped::Signal => Ok(0),
                 supervisor::Stopped::Restart => Err(Error::Restart(restart())),
@@ -161,48 +158,4 @@ fn print_status(config: &Config) -> u8 {
     }
     println!("{doc}");
     if verdict.is_ok() { 0 } else { 3 }
-}
-
-/// Logs to `log.file` or stderr. One-shot commands log warnings and errors only to
-/// stderr (their result is printed), unless the level asks for more detail.
-fn init_logging(config: &Config, one_shot: bool) -> Result<(), Error> {
-    use simplelog::{ConfigBuilder, LevelFilter, WriteLogger};
-    let level = if one_shot && config.log.level > LevelFilter::Warn && config.log.level < LevelFilter::Debug {
-        LevelFilter::Warn
-    } else {
-        config.log.level
-    };
-    let mut b = ConfigBuilder::new();
-    // RFC 3339 in UTC (simplelog's default offset) and the thread's name on every line.
-    b.set_time_format_rfc3339()
-        .set_thread_level(LevelFilter::Error)
-        .set_thread_mode(simplelog::ThreadLogMode::Names)
-        .set_thread_padding(simplelog::ThreadPadding::Off)
-        .set_target_level(LevelFilter::Off);
-    // Never let the HTTP/TLS crates log: at trace level ureq-proto dumps raw request and
-    // response bytes, which carry the agent key and tokens. Their failures reach our own
-    // log lines as errors anyway.
-    for noisy in ["ureq", "ureq_proto", "rustls"] {
-        b.add_filter_ignore_str(noisy);
-    }
-    let log_config = b.build();
-    let sink: Box<dyn Write + Send> = match &config.log.file {
-        Some(path) => {
-            LOG_TO_FILE.store(true, Ordering::Relaxed);
-            Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| Error::Log(format!("cannot open log.file {}: {e}", path.display())))?,
-            )
-        }
-        None => Box::new(std::io::stderr()),
-    };
-    // The logger passes everything; the global max level filters, so a reload can raise
-    // or lower it (log.level is applied live). Only fails if a logger is already set,
-    // which cannot happen: this runs once.
-    let _ = WriteLogger::init(LevelFilter::Trace, log_config, sink);
-    log::set_max_level(level);
-    Ok(())
 }

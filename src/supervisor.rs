@@ -41,6 +41,7 @@ use crate::groups;
 use crate::http::{self, HttpError};
 use crate::ingest::{self, Ingest, IngestError};
 use crate::live::Live;
+use crate::pidfile::{PidError, PidFile};
 use crate::poll::{self, Poller};
 use crate::queue::{self, Ack, Append, BatchLimits, QueueBatch, QueueError, QueueStore};
 use crate::status::{self, Stats};
@@ -65,6 +66,10 @@ pub enum RunError {
     Queue(QueueError),
     /// The ingest socket could not be set up (or another agent serves it).
     Ingest(IngestError),
+    /// The pid file is held by another agent, or cannot be written.
+    Pid(PidError),
+    /// `agent.user`/`agent.group` could not be applied.
+    Privileges(String),
     /// Signal handlers could not be installed.
     Signals(io::Error),
     /// A thread could not be started.
@@ -80,6 +85,8 @@ impl fmt::Display for RunError {
             RunError::Http(e) => e.fmt(f),
             RunError::Queue(e) => write!(f, "cannot open the durable queue: {e}"),
             RunError::Ingest(e) => e.fmt(f),
+            RunError::Pid(e) => e.fmt(f),
+            RunError::Privileges(m) => f.write_str(m),
             RunError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
             RunError::Spawn { thread, source } => write!(f, "cannot start the {thread} thread: {source}"),
             RunError::WorkerDied { thread, panicked: true } => write!(f, "the {thread} thread panicked"),
@@ -196,10 +203,15 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     let upload_agent = http::build_agent(&config.server, config.server.request_timeout).map_err(RunError::Http)?;
     let poll_agent = http::build_agent(&config.server, config.server.commands_timeout).map_err(RunError::Http)?;
     let files_agent = http::build_agent(&config.server, config.server.request_timeout).map_err(RunError::Http)?;
+    // Before anything else that a second agent would fight over.
+    let pid_file = PidFile::acquire(&config.agent.run_dir).map_err(RunError::Pid)?;
     let stats = Arc::new(Stats::default());
     let store = QueueStore::open(&config.agent.data_dir.join("queue"), config.events.queue_max_bytes, stats.clone())
         .map_err(RunError::Queue)?;
     let listener = ingest::bind(&config.agent.run_dir).map_err(RunError::Ingest)?;
+    if let Some(user) = &config.agent.user {
+        drop_privileges(config, user)?;
+    }
     let host = crate::host::gather(&config.inventory.root);
     let agent_line =
         event::agent_line(&credentials.uuid, &credentials.name, &groups::current(&config.agent.data_dir), &host);
@@ -417,14 +429,34 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     }
     write_state(&cell);
     let _ = std::fs::remove_file(ingest::socket_path(&config.agent.run_dir));
+    drop(pid_file);
     if result.is_ok() {
         log::info!("stopped");
     }
     result
 }
 
-/// SIGHUP: re-read the local file and the group files, apply what can change live.
+/// Hands the agent's directories and log file to `agent.user`, then becomes that user.
+/// Runs before any worker thread exists.
+fn drop_privileges(config: &Config, user: &str) -> Result<(), RunError> {
+    let account = crate::privileges::resolve(user, config.agent.group.as_deref()).map_err(RunError::Privileges)?;
+    let mut paths = vec![config.agent.data_dir.as_path(), config.agent.run_dir.as_path()];
+    paths.extend(crate::logging::file_path());
+    for p in paths {
+        crate::privileges::hand_over(p, account)
+            .map_err(|e| RunError::Privileges(format!("cannot hand {} to agent.user {user}: {e}", p.display())))?;
+    }
+    crate::privileges::drop_to(account).map_err(RunError::Privileges)?;
+    log::info!("running as {} (uid {}, gid {})", crate::privileges::current_user(), account.uid, account.gid);
+    Ok(())
+}
+
+/// SIGHUP: reopen the log file, re-read the local file and the group files, apply what
+/// can change live.
 fn reload(local: &Config, live: &Live) {
+    if let Err(e) = crate::logging::reopen() {
+        log::error!("SIGHUP: cannot reopen the log file: {e}");
+    }
     let _guard = live.reload_guard();
     let fresh_local = match &local.source {
         Some(p) => match Config::load(Some(p)) {

@@ -3,6 +3,7 @@
 
 mod cli;
 mod commands;
+mod ops;
 mod pipeline;
 mod register;
 mod run;

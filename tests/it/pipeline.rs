@@ -281,15 +281,6 @@ fn status_reports_a_running_agent_and_exit_3_after_it_stops() {
 }
 
 #[test]
-fn a_second_agent_refuses_the_same_socket() {
-    let env = Env::new();
-    let _agent = env.running_agent();
-    let out = env.cmd().output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out).contains("another running agent"), "{}", text(&out));
-}
-
-#[test]
 fn block_overflow_holds_producers_back_and_loses_nothing() {
     let env = Env::new();
     env.write_config(&format!("{FAST}\nevents.buffer_events = 50\nevents.overflow = \"block\"\nretry.max = \"200ms\""));

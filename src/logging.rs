@@ -1,0 +1,150 @@
+//! Logging: simplelog to standard error or `log.file` (RFC 3339 UTC timestamps, thread
+//! names), optionally also to the system log. The file is reopened on SIGHUP so logrotate
+//! can move it away.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use log::{LevelFilter, Log, Metadata, Record};
+use simplelog::{CombinedLogger, ConfigBuilder, SharedLogger, WriteLogger};
+
+use crate::config::Config;
+
+/// Set once logging goes to `log.file`, so fatal errors are recorded there too.
+static TO_FILE: AtomicBool = AtomicBool::new(false);
+static FILE: OnceLock<(PathBuf, Arc<Mutex<File>>)> = OnceLock::new();
+
+/// Whether log lines go to a file (then `main` also logs its fatal error there).
+pub fn to_file() -> bool {
+    TO_FILE.load(Ordering::Relaxed)
+}
+
+fn open(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// A file that can be swapped for a newly opened one under the same path.
+struct Reopenable(Arc<Mutex<File>>);
+
+impl Write for Reopenable {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // The logger serialises writes anyway; this lock only excludes a concurrent reopen.
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}
+
+/// SIGHUP: reopen `log.file` (after logrotate renamed it). No-op when logging to stderr.
+pub fn reopen() -> io::Result<()> {
+    if let Some((path, file)) = FILE.get() {
+        let fresh = open(path)?;
+        *file.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+    }
+    Ok(())
+}
+
+/// The log file, for handing it to `agent.user` before privileges are dropped.
+pub fn file_path() -> Option<&'static Path> {
+    FILE.get().map(|(p, _)| p.as_path())
+}
+
+/// The system log through libc (the `syslog` crate does not reconnect after a syslogd
+/// restart; libc's syslog does).
+struct Syslog;
+
+impl Log for Syslog {
+    fn enabled(&self, _: &Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &Record) {
+        if is_noisy(record.target()) {
+            return;
+        }
+        let priority = match record.level() {
+            log::Level::Error => libc::LOG_ERR,
+            log::Level::Warn => libc::LOG_WARNING,
+            log::Level::Info => libc::LOG_INFO,
+            log::Level::Debug | log::Level::Trace => libc::LOG_DEBUG,
+        };
+        let thread = std::thread::current();
+        let text = format!("({}) {}", thread.name().unwrap_or("?"), record.args()).replace('\0', " ");
+        if let Ok(msg) = CString::new(text) {
+            // SAFETY: a constant "%s" format with one NUL-terminated argument.
+            unsafe { libc::syslog(priority, c"%s".as_ptr(), msg.as_ptr()) };
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+impl SharedLogger for Syslog {
+    fn level(&self) -> LevelFilter {
+        LevelFilter::Trace
+    }
+
+    fn config(&self) -> Option<&simplelog::Config> {
+        None
+    }
+
+    fn as_log(self: Box<Self>) -> Box<dyn Log> {
+        self
+    }
+}
+
+/// The HTTP and TLS crates never log: at trace level ureq-proto dumps raw request and
+/// response bytes, which carry the agent key and tokens. Their failures reach our own log
+/// lines as errors anyway.
+fn is_noisy(target: &str) -> bool {
+    ["ureq", "ureq_proto", "rustls"].iter().any(|n| target == *n || target.starts_with(&format!("{n}::")))
+}
+
+/// Sets up logging once. One-shot commands log warnings and errors only (their result is
+/// printed), unless the level asks for debug detail.
+pub fn init(config: &Config, one_shot: bool) -> Result<(), String> {
+    let level = if one_shot && config.log.level > LevelFilter::Warn && config.log.level < LevelFilter::Debug {
+        LevelFilter::Warn
+    } else {
+        config.log.level
+    };
+    let mut b = ConfigBuilder::new();
+    // RFC 3339 in UTC (simplelog's default offset) and the thread's name on every line.
+    b.set_time_format_rfc3339()
+        .set_thread_level(LevelFilter::Error)
+        .set_thread_mode(simplelog::ThreadLogMode::Names)
+        .set_thread_padding(simplelog::ThreadPadding::Off)
+        .set_target_level(LevelFilter::Off);
+    for noisy in ["ureq", "ureq_proto", "rustls"] {
+        b.add_filter_ignore_str(noisy);
+    }
+    let log_config = b.build();
+    let mut loggers: Vec<Box<dyn SharedLogger>> = Vec::new();
+    match &config.log.file {
+        Some(path) => {
+            let file = open(path).map_err(|e| format!("cannot open log.file {}: {e}", path.display()))?;
+            let shared = Arc::new(Mutex::new(file));
+            let _ = FILE.set((path.clone(), shared.clone()));
+            TO_FILE.store(true, Ordering::Relaxed);
+            loggers.push(WriteLogger::new(LevelFilter::Trace, log_config, Reopenable(shared)));
+        }
+        None => loggers.push(WriteLogger::new(LevelFilter::Trace, log_config, io::stderr())),
+    }
+    if config.log.syslog && !one_shot {
+        // SAFETY: the identity is a static C string, as openlog requires (it keeps the pointer).
+        unsafe { libc::openlog(c"wazuh-agent".as_ptr(), libc::LOG_PID | libc::LOG_NDELAY, libc::LOG_DAEMON) };
+        loggers.push(Box::new(Syslog));
+    }
+    // Every logger passes everything; the global max level filters, so a reload can raise
+    // or lower it (log.level is applied live). Only fails if a logger is already set,
+    // which cannot happen: this runs once.
+    let _ = CombinedLogger::init(loggers);
+    log::set_max_level(level);
+    Ok(())
+}

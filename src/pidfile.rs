@@ -1,0 +1,105 @@
+//! `<run_dir>/wazuh-agent.pid`: the running agent's pid, held with an advisory lock for
+//! the life of the process, so a second agent refuses to start and a stale file left by a
+//! crash (nobody holds its lock) is simply taken over.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// Why the pid file could not be taken.
+#[derive(Debug)]
+pub enum PidError {
+    /// Another agent holds the lock.
+    Running { path: PathBuf, pid: Option<u32> },
+    /// The file could not be opened, locked or written.
+    Io { path: PathBuf, source: io::Error },
+}
+
+impl std::fmt::Display for PidError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PidError::Running { path, pid: Some(pid) } => {
+                write!(f, "another agent is already running (pid {pid}, {})", path.display())
+            }
+            PidError::Running { path, pid: None } => write!(f, "another agent is already running ({})", path.display()),
+            PidError::Io { path, source } => write!(f, "pid file {}: {source}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for PidError {}
+
+/// The held pid file; removed when dropped (clean stop).
+pub struct PidFile {
+    path: PathBuf,
+    // Keeps the lock: closing the descriptor releases it.
+    _file: File,
+}
+
+pub fn path(run_dir: &Path) -> PathBuf {
+    run_dir.join("wazuh-agent.pid")
+}
+
+impl PidFile {
+    pub fn acquire(run_dir: &Path) -> Result<PidFile, PidError> {
+        let path = path(run_dir);
+        let io = |source| PidError::Io { path: path.clone(), source };
+        std::fs::create_dir_all(run_dir).map_err(io)?;
+        // Not truncated on open: a running agent's pid must stay readable if we lose the race.
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&path)
+            .map_err(io)?;
+        // SAFETY: flock on a descriptor we own; LOCK_NB never blocks.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                return Err(PidError::Running { path, pid: text.trim().parse().ok() });
+            }
+            return Err(io(err));
+        }
+        file.set_len(0).map_err(io)?;
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        writeln!(file, "{}", std::process::id()).map_err(io)?;
+        Ok(PidFile { path, _file: file })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_holder_is_refused_and_stale_files_are_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(path(dir.path()), "999999\n").unwrap();
+        let first = PidFile::acquire(dir.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(first.path()).unwrap(), format!("{}\n", std::process::id()));
+        match PidFile::acquire(dir.path()) {
+            Err(PidError::Running { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("acquired twice"),
+        }
+        drop(first);
+        assert!(!path(dir.path()).exists(), "removed on a clean stop");
+        PidFile::acquire(dir.path()).unwrap();
+    }
+}
