@@ -69,6 +69,21 @@ OPTIONS
     --key KEY            Use this 32-character key instead of a random one.
     --force              Register again even if credentials exist (new identity).
 
+SIGNALS
+    SIGTERM, SIGINT  stop: answer producers, deliver for up to 5 s, keep the rest on disk.
+    SIGHUP           reopen log.file, reload the configuration and the group files.
+
+FILES
+    /etc/wazuh-agent/wazuh-agent.toml   configuration (see --check-config)
+    <data_dir>/credentials.json         identity written by --register (mode 0600)
+    <data_dir>/queue/                   durable event queue
+    <data_dir>/commands.json            commands already run
+    <data_dir>/shared/                  group configuration from the server
+    <data_dir>/rejected.ndjson          events the server refused, with the reason
+    <run_dir>/ingest.sock               local event socket (NDJSON in, one reply line out)
+    <run_dir>/state.json                status, rewritten every 5 s
+    <run_dir>/wazuh-agent.pid           pid of the running agent (locked)
+
 EXIT STATUS
     0 success; 1 failure or refusal (the message says why); 3 --status: not running.
 ";
