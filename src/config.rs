@@ -114,7 +114,7 @@ pub const KNOWN_KEYS: &[(&str, &[&str])] = &[
         &["batch_max_bytes", "batch_max_events", "batch_interval", "buffer_events", "overflow", "queue_max_bytes"],
     ),
     ("retry", &["initial", "max"]),
-    ("logcollector", &["files", "start"]),
+    ("logcollector", &["files", "start", "max_line_bytes", "poll_interval"]),
     ("inventory", &["enabled", "interval", "root", "collectors"]),
     ("log", &["level", "file", "syslog"]),
 ];
@@ -169,6 +169,10 @@ pub struct RetryConfig {
 pub struct LogcollectorConfig {
     pub files: Vec<String>,
     pub start: Start,
+    /// Longer lines are cut here and tagged `truncated`.
+    pub max_line_bytes: usize,
+    /// How often followed files are checked for new lines, rotation and truncation.
+    pub poll_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -324,11 +328,18 @@ impl Default for RawRetry {
 struct RawLogcollector {
     files: Vec<String>,
     start: String,
+    max_line_bytes: RawSize,
+    poll_interval: String,
 }
 
 impl Default for RawLogcollector {
     fn default() -> Self {
-        RawLogcollector { files: Vec::new(), start: "end".into() }
+        RawLogcollector {
+            files: Vec::new(),
+            start: "end".into(),
+            max_line_bytes: RawSize::Text("64KiB".into()),
+            poll_interval: "1s".into(),
+        }
     }
 }
 
@@ -689,7 +700,24 @@ impl Config {
         if let Some(bad) = logcollector.files.iter().find(|f| f.trim().is_empty()) {
             return Err(invalid("logcollector.files", format!("{bad:?} is an empty path")));
         }
+        let max_line_bytes = size("logcollector.max_line_bytes", &logcollector.max_line_bytes)?;
+        // A line must fit an event line of the ingest format (1 MiB) with its JSON around it.
+        if !(256..=512 << 10).contains(&max_line_bytes) {
+            return Err(invalid("logcollector.max_line_bytes", format!("{max_line_bytes} is outside 256..=512KiB")));
+        }
+        if let Some(bad) = logcollector.files.iter().find(|f| !f.starts_with('/')) {
+            return Err(invalid("logcollector.files", format!("{bad:?} is not an absolute path")));
+        }
+        if let Some(bad) = logcollector.files.iter().find(|f| glob::Pattern::new(f).is_err()) {
+            return Err(invalid("logcollector.files", format!("{bad:?} is not a valid glob pattern")));
+        }
         let logcollector = LogcollectorConfig {
+            max_line_bytes: max_line_bytes as usize,
+            poll_interval: duration(
+                "logcollector.poll_interval",
+                &logcollector.poll_interval,
+                Duration::from_millis(10),
+            )?,
             start: choice(
                 "logcollector.start",
                 &logcollector.start,
@@ -771,6 +799,8 @@ impl Config {
             ("retry.max", d(c.retry.max)),
             ("logcollector.files", list(&c.logcollector.files)),
             ("logcollector.start", q(if c.logcollector.start == Start::End { "end" } else { "beginning" })),
+            ("logcollector.max_line_bytes", c.logcollector.max_line_bytes.to_string()),
+            ("logcollector.poll_interval", d(c.logcollector.poll_interval)),
             ("inventory.enabled", c.inventory.enabled.to_string()),
             ("inventory.interval", d(c.inventory.interval)),
             ("inventory.root", p(&c.inventory.root)),

@@ -17,6 +17,7 @@ pub mod host;
 pub mod http;
 pub mod ingest;
 pub mod live;
+pub mod logcollector;
 pub mod logging;
 pub mod pidfile;
 pub mod poll;

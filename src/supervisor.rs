@@ -11,6 +11,7 @@
 //! | `queue`    | `<data_dir>/queue/` segment files, cursor   | appends in, batches → uploader, acks in     |
 //! | `uploader` | the events HTTP agent, `rejected.ndjson`    | → comms API; acks → queue                   |
 //! | `poll`     | the commands HTTP agent (long-poll)         | → executor                                  |
+//! | `logcollector` | followed files, `logcollector.json`     | → batcher (stateless)                       |
 //! | `executor` | `commands.json`, `shared/` group files      | results → queue; restart → main             |
 //!
 //! Shutdown runs in stages so nothing acknowledged is lost and nothing waits on a dead
@@ -242,6 +243,7 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     let (queue_stop_tx, queue_stop_rx) = crossbeam_channel::bounded::<()>(0);
     let (token_stop_tx, token_stop_rx) = crossbeam_channel::bounded::<()>(0);
     let (commands_stop_tx, commands_stop_rx) = crossbeam_channel::bounded::<()>(0);
+    let (collectors_stop_tx, collectors_stop_rx) = crossbeam_channel::bounded::<()>(0);
     // Commands are few; 64 waiting for the executor is far more than a server sends at once.
     let (command_tx, command_rx) = crossbeam_channel::bounded::<Command>(64);
     let (control_tx, control_rx) = crossbeam_channel::bounded::<Control>(1);
@@ -275,6 +277,14 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
             }
         };
         workers.spawn("queue", move || queue::run(store, append_rx, ack_rx, qbatch_tx, queue_stop_rx, limits))?;
+    }
+
+    let mut collectors: Vec<&'static str> = Vec::new();
+    if !config.logcollector.files.is_empty() {
+        let c = crate::logcollector::Collector::new(config.logcollector.clone(), &config.agent.data_dir, stats.clone());
+        let (tx, stop) = (events_tx.clone(), collectors_stop_rx.clone());
+        workers.spawn("logcollector", move || crate::logcollector::run(c, tx, stop))?;
+        collectors.push("logcollector");
     }
 
     let ingest = Arc::new(Ingest::new(events_tx, append_tx.clone(), stats.clone()));
@@ -403,6 +413,9 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     ingest.stop(&config.agent.run_dir, INGEST_STOP);
     let mut stuck = early_stuck;
     stuck.extend(workers.join(&["ingest"], INGEST_STOP));
+    // Collectors stop with ingest: what they handed over is in the pipeline, their offsets saved.
+    drop(collectors_stop_tx);
+    stuck.extend(workers.join(&collectors, INGEST_STOP));
     // (2) Deliver within the grace, spill the rest.
     drop(pipeline_stop_tx);
     let until_deadline = deadline.get().map_or(SHUTDOWN_GRACE, |d| d.saturating_duration_since(Instant::now()));

@@ -3,6 +3,7 @@
 
 mod cli;
 mod commands;
+mod logcollector;
 mod ops;
 mod pipeline;
 mod register;

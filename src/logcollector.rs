@@ -1,0 +1,398 @@
+//! The logcollector thread: follows `logcollector.files` like `tail -F` and sends each line
+//! as a stateless event (INVENTORY.md, "Logcollector").
+//!
+//! Files are polled every `poll_interval` (one wakeup per interval, no busy loop). Each
+//! followed file keeps its open handle, so after a rename the rest of the old file is
+//! still read under the name it was opened with, before the new file is followed from its
+//! start. A file that shrank was truncated (copytruncate): it is read again from 0.
+//! Offsets are saved to `<data_dir>/logcollector.json` (with the inode and a fingerprint of
+//! the first bytes, so a replaced file is recognised) only after the lines before them
+//! were handed to the pipeline; a restart continues there.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crossbeam_channel::{Receiver, Sender, select};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{LogcollectorConfig, Start};
+use crate::event::{Event, Kind};
+use crate::status::{self, Stats};
+
+/// Bytes read from one file per poll, so one busy file cannot starve the others.
+const READ_PER_POLL: u64 = 4 << 20;
+/// Bytes at the start of a file that identify it across restarts.
+const FINGERPRINT_BYTES: usize = 256;
+/// Events per chunk handed to the batcher.
+const CHUNK: usize = 512;
+
+/// What is saved per followed path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Saved {
+    pub dev: u64,
+    pub ino: u64,
+    pub offset: u64,
+    pub fp_len: usize,
+    pub fp_crc: u32,
+}
+
+/// Splits complete lines off `buf` (pure). Returns the lines, each without its `\n` and a
+/// `\r` before it, and leaves an unfinished last line in `buf`. Empty lines are dropped.
+pub fn split_lines(buf: &mut Vec<u8>) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while let Some(i) = buf[start..].iter().position(|b| *b == b'\n') {
+        let mut line = &buf[start..start + i];
+        if line.last() == Some(&b'\r') {
+            line = &line[..line.len() - 1];
+        }
+        if !line.is_empty() {
+            out.push(line.to_vec());
+        }
+        start += i + 1;
+    }
+    buf.drain(..start);
+    out
+}
+
+/// Builds the event for one line (pure apart from the clock passed in).
+pub fn line_event(path: &str, line: &[u8], max: usize, now: SystemTime) -> Event {
+    let text = String::from_utf8_lossy(line);
+    let (original, truncated) = if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        (&text[..cut], true)
+    } else {
+        (&text[..], false)
+    };
+    let mut data = serde_json::json!({
+        "event": {"created": status::rfc3339(now), "original": original},
+        "log": {"file": {"path": path}},
+    });
+    if truncated {
+        data["tags"] = serde_json::json!(["truncated"]);
+    }
+    Event::new(Kind::Stateless, r#"{"module":"logcollector","collector":"file"}"#, Some(&data.to_string()))
+}
+
+fn fingerprint(file: &mut File) -> std::io::Result<(usize, u32)> {
+    let mut buf = [0u8; FINGERPRINT_BYTES];
+    file.seek(SeekFrom::Start(0))?;
+    let mut n = 0;
+    while n < buf.len() {
+        let r = file.read(&mut buf[n..])?;
+        if r == 0 {
+            break;
+        }
+        n += r;
+    }
+    Ok((n, crc32fast::hash(&buf[..n])))
+}
+
+/// One followed file.
+struct Followed {
+    file: File,
+    dev: u64,
+    ino: u64,
+    offset: u64,
+    partial: Vec<u8>,
+    /// Set when the path now names another file (rotation) or nothing (deletion): read
+    /// this handle to its end, then drop it.
+    draining: bool,
+}
+
+pub struct Collector {
+    config: LogcollectorConfig,
+    state_path: PathBuf,
+    saved: BTreeMap<String, Saved>,
+    followed: HashMap<String, Followed>,
+    /// Paths warned about (unreadable), so a warning is not repeated every poll.
+    warned: HashMap<String, String>,
+    first_scan: bool,
+    stats: Arc<Stats>,
+}
+
+impl Collector {
+    pub fn new(config: LogcollectorConfig, data_dir: &Path, stats: Arc<Stats>) -> Collector {
+        let state_path = data_dir.join("logcollector.json");
+        let saved = std::fs::read(&state_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        Collector {
+            config,
+            state_path,
+            saved,
+            followed: HashMap::new(),
+            warned: HashMap::new(),
+            first_scan: true,
+            stats,
+        }
+    }
+
+    fn expand(&self) -> Vec<String> {
+        let mut paths = Vec::new();
+        for pattern in &self.config.files {
+            if !pattern.contains(['*', '?', '[']) {
+                paths.push(pattern.clone());
+                continue;
+            }
+            if let Ok(found) = glob::glob(pattern) {
+                for p in found.flatten() {
+                    if p.is_file() {
+                        paths.push(p.to_string_lossy().into_owned());
+                    }
+                }
+            }
+        }
+        paths.sort();
+        paths.dedup();
+        paths
+    }
+
+    fn warn_once(&mut self, path: &str, why: String) {
+        if self.warned.get(path) != Some(&why) {
+            log::warn!("logcollector: {path}: {why}; retrying");
+            self.warned.insert(path.to_string(), why);
+        }
+    }
+
+    /// Opens `path` if it is not followed (or rotated): decides where to start.
+    fn open(&mut self, path: &str) -> Option<Followed> {
+        let mut file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                self.warn_once(path, format!("cannot open ({e})"));
+                return None;
+            }
+        };
+        let meta = file.metadata().ok()?;
+        if !meta.is_file() {
+            self.warn_once(path, "not a regular file".into());
+            return None;
+        }
+        self.warned.remove(path);
+        // Saved offsets always win, if the file is still the same one.
+        let resume = self
+            .saved
+            .get(path)
+            .filter(|s| {
+                s.dev == meta.dev() && s.ino == meta.ino() && s.offset <= meta.len() && same_prefix(&mut file, s)
+            })
+            .map(|s| s.offset);
+        let offset = match resume {
+            Some(o) => o,
+            None if self.first_scan && self.config.start == Start::End => meta.len(),
+            None => 0,
+        };
+        Some(Followed { file, dev: meta.dev(), ino: meta.ino(), offset, partial: Vec::new(), draining: false })
+    }
+
+    /// One poll of every file. Sends events through `send`; returns false if the
+    /// pipeline is gone (shutdown).
+    pub fn poll(&mut self, send: &mut dyn FnMut(Vec<Event>) -> bool) -> bool {
+        let paths = self.expand();
+        for path in &paths {
+            let current = std::fs::metadata(path).ok();
+            let rotated = match (self.followed.get(path), &current) {
+                (Some(f), Some(m)) => f.dev != m.dev() || f.ino != m.ino(),
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if rotated {
+                if let Some(f) = self.followed.get_mut(path) {
+                    f.draining = true;
+                }
+            }
+            if !self.followed.contains_key(path) {
+                if let Some(f) = self.open(path) {
+                    self.followed.insert(path.clone(), f);
+                }
+            }
+        }
+        // Paths no pattern matches any more (deleted by a glob's view) drain too.
+        for (path, f) in self.followed.iter_mut() {
+            if !paths.contains(path) {
+                f.draining = true;
+            }
+        }
+        let keys: Vec<String> = self.followed.keys().cloned().collect();
+        for path in keys {
+            if !self.read_file(&path, send) {
+                return false;
+            }
+            let draining = self.followed.get(&path).is_some_and(|f| f.draining);
+            if draining {
+                // The old file is done: follow the new one (if any) from its start.
+                self.followed.remove(&path);
+                self.saved.remove(&path);
+                let first = std::mem::replace(&mut self.first_scan, false);
+                if let Some(f) = self.open(&path) {
+                    self.followed.insert(path.clone(), f);
+                    if !self.read_file(&path, send) {
+                        return false;
+                    }
+                }
+                self.first_scan = first;
+            }
+        }
+        self.first_scan = false;
+        self.save();
+        true
+    }
+
+    /// Reads what is new in one file; returns false if the pipeline is gone.
+    fn read_file(&mut self, path: &str, send: &mut dyn FnMut(Vec<Event>) -> bool) -> bool {
+        let max = self.config.max_line_bytes;
+        let Some(f) = self.followed.get_mut(path) else { return true };
+        let len = match f.file.metadata() {
+            Ok(m) => m.len(),
+            Err(_) => return true,
+        };
+        let mut events = Vec::new();
+        let now = SystemTime::now();
+        if len < f.offset {
+            // Truncated in place (copytruncate): the unfinished line goes out as it is.
+            log::info!("logcollector: {path} was truncated; reading it again from the start");
+            if !f.partial.is_empty() {
+                events.push(line_event(path, &std::mem::take(&mut f.partial), max, now));
+            }
+            f.offset = 0;
+        }
+        if len > f.offset {
+            let want = (len - f.offset).min(READ_PER_POLL);
+            let mut buf = Vec::with_capacity(want as usize + f.partial.len());
+            buf.append(&mut f.partial);
+            if f.file.seek(SeekFrom::Start(f.offset)).is_ok() {
+                let before = buf.len();
+                if (&mut f.file).take(want).read_to_end(&mut buf).is_ok() {
+                    f.offset += (buf.len() - before) as u64;
+                }
+            }
+            for line in split_lines(&mut buf) {
+                events.push(line_event(path, &line, max, now));
+            }
+            // An unfinished line longer than the limit cannot wait for ever.
+            if buf.len() > max {
+                events.push(line_event(path, &buf, max, now));
+                buf.clear();
+            }
+            f.partial = buf;
+        }
+        if f.draining && !f.partial.is_empty() {
+            // Rotated away: the last line will not be finished any more.
+            events.push(line_event(path, &std::mem::take(&mut f.partial), max, now));
+        }
+        let offset = f.offset - f.partial.len() as u64;
+        let (dev, ino) = (f.dev, f.ino);
+        for chunk in events.chunks(CHUNK) {
+            let n = chunk.len() as u64;
+            if !send(chunk.to_vec()) {
+                return false;
+            }
+            Stats::add(&self.stats.received, n);
+        }
+        // Saved only now that the pipeline took the lines before this offset.
+        let unchanged = self
+            .saved
+            .get(path)
+            .is_some_and(|s| s.dev == dev && s.ino == ino && s.offset == offset && s.fp_len == FINGERPRINT_BYTES);
+        if !unchanged && !self.followed.get(path).is_some_and(|f| f.draining) {
+            let fp = self.followed.get_mut(path).and_then(|f| fingerprint(&mut f.file).ok()).unwrap_or((0, 0));
+            self.saved.insert(path.to_string(), Saved { dev, ino, offset, fp_len: fp.0, fp_crc: fp.1 });
+        }
+        true
+    }
+
+    /// Writes the offsets if they changed (atomically).
+    pub fn save(&mut self) {
+        let json = match serde_json::to_vec(&self.saved) {
+            Ok(j) => j,
+            Err(_) => return,
+        };
+        if std::fs::read(&self.state_path).ok().as_deref() == Some(&json[..]) {
+            return;
+        }
+        if let Err(e) = crate::fsutil::write_atomic(&self.state_path, &json, 0o600) {
+            log::error!("logcollector: cannot save offsets to {}: {e}", self.state_path.display());
+        }
+    }
+}
+
+/// Does the file still start with the bytes fingerprinted when the offset was saved?
+fn same_prefix(file: &mut File, s: &Saved) -> bool {
+    let mut buf = vec![0u8; s.fp_len];
+    if file.seek(SeekFrom::Start(0)).is_err() || file.read_exact(&mut buf).is_err() {
+        return false;
+    }
+    crc32fast::hash(&buf) == s.fp_crc
+}
+
+/// The logcollector thread: polls until `shutdown` closes, then saves its offsets.
+pub fn run(mut c: Collector, out: Sender<Vec<Event>>, shutdown: Receiver<()>) {
+    let interval = c.config.poll_interval;
+    log::info!("logcollector: following {}", c.config.files.join(", "));
+    loop {
+        let mut send = |chunk: Vec<Event>| {
+            // Blocks while the pipeline is full (overflow = "block"): the file is the buffer.
+            select! {
+                send(out, chunk) -> r => r.is_ok(),
+                recv(shutdown) -> _ => false,
+            }
+        };
+        if !c.poll(&mut send) {
+            break;
+        }
+        select! {
+            recv(shutdown) -> _ => break,
+            default(interval) => {}
+        }
+    }
+    c.save();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn line_splitting() {
+        // (input, complete lines, what stays buffered)
+        type Case<'a> = (&'a [u8], &'a [&'a [u8]], &'a [u8]);
+        let table: &[Case] = &[
+            (b"a\nb\n", &[b"a", b"b"], b""),
+            (b"a\r\nb", &[b"a"], b"b"),
+            (b"\n\n\r\nx\n", &[b"x"], b""),
+            (b"no newline", &[], b"no newline"),
+            (b"a\rb\n", &[b"a\rb"], b""),
+        ];
+        for (input, lines, rest) in table {
+            let mut buf = input.to_vec();
+            let got = split_lines(&mut buf);
+            assert_eq!(got, lines.iter().map(|l| l.to_vec()).collect::<Vec<_>>(), "{input:?}");
+            assert_eq!(buf, *rest, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn events_follow_the_inventory_shape() {
+        let t = std::time::UNIX_EPOCH + Duration::from_millis(1_795_705_200_123);
+        let e = line_event("/var/log/auth.log", b"Accepted publickey \xff", 100, t);
+        assert_eq!(e.header(), r#"{"module":"logcollector","collector":"file"}"#);
+        let d: serde_json::Value = serde_json::from_str(e.data().unwrap()).unwrap();
+        assert_eq!(d["event"]["original"], "Accepted publickey \u{fffd}");
+        assert_eq!(d["event"]["created"], "2026-11-26T15:00:00.123Z");
+        assert_eq!(d["log"]["file"]["path"], "/var/log/auth.log");
+        assert!(d.get("tags").is_none());
+        let long = line_event("/x", "é".repeat(100).as_bytes(), 11, t);
+        let d: serde_json::Value = serde_json::from_str(long.data().unwrap()).unwrap();
+        assert_eq!(d["event"]["original"], "ééééé");
+        assert_eq!(d["tags"], serde_json::json!(["truncated"]));
+    }
+}
