@@ -63,6 +63,12 @@ mgmt_url=$(field management_url "$work/mock.json")
 admin_port=$(field admin "$work/mock.json")
 echo "comms API $comms_url, management API $mgmt_url"
 
+# A small host tree for the inventory scan (the demo should not depend on this machine).
+mkdir -p "$work/host/etc" "$work/host/var/lib/dpkg" "$work/logs"
+printf 'NAME="Debian GNU/Linux"\nVERSION="12 (bookworm)"\nID=debian\n' >"$work/host/etc/os-release"
+printf 'Package: openssl\nStatus: install ok installed\nArchitecture: amd64\nVersion: 3.0.13-1\nInstalled-Size: 2296\nDescription: Secure Sockets Layer toolkit\n\nPackage: curl\nStatus: install ok installed\nArchitecture: amd64\nVersion: 7.88.1-10\n' \
+  >"$work/host/var/lib/dpkg/status"
+
 cat >"$work/agent.toml" <<TOML
 [agent]
 name = "demo-agent"
@@ -72,10 +78,18 @@ run_dir = "$work/run"
 url = "$comms_url"
 registration_url = "$mgmt_url"
 ca_file = "$work/mock/ca.pem"
+[logcollector]
+files = ["$work/logs/*.log"]
+start = "beginning"
+poll_interval = "200ms"
+[inventory]
+root = "$work/host"
+collectors = ["system", "packages"]
 [log]
 level = "info"
 file = "$work/agent.log"
 TOML
+echo "Nov 26 15:00:05 web-01 kernel: demo line followed by the logcollector" >"$work/logs/app.log"
 
 say "registering (wazuh-agent --register), password from WAZUH_REGISTRATION_PASSWORD"
 uuid=$(WAZUH_REGISTRATION_PASSWORD=demo-password "$agent" --config "$work/agent.toml" --register --user wazuh)
@@ -128,15 +142,20 @@ admin_get /admin/state >"$work/state.json"
 auths=$(field auth_ok "$work/state.json")
 echo "agents registered: $(grep -o '"id":"[^"]*"' "$work/state.json" | head -n 1 | cut -d'"' -f4)"
 echo "successful authentications: $auths (1 at start + $((auths - 1)) token renewals before expiry)"
-stateless=$(grep -o '"original":"[^"]*"' "$work/state.json" | wc -l)
-stateful=$(grep -o '"module":"inventory","operation":"[a-z]*"' "$work/state.json" | wc -l)
-echo "stateless events received: $stateless"
+stateless=$(grep -o '"original":"Nov 26 15:00:0[0-2][^"]*"' "$work/state.json" | wc -l)
+followed=$(grep -o '"original":"[^"]*logcollector"' "$work/state.json" | wc -l)
+stateful=$(grep -o '"id":"\(6641e6\|0a1b2c\)","module":"inventory","operation":"[a-z]*"' "$work/state.json" | wc -l)
+inventory=$(grep -o '"collector":"[a-z]*","id":"[0-9a-f]\{40\}","module":"inventory","operation":"create"' "$work/state.json" | wc -l)
+echo "stateless events received: $stateless from --send, $followed from the followed file:"
 grep -o '"original":"[^"]*"' "$work/state.json" | sed 's/^/  /'
-echo "stateful events received: $stateful"
-grep -o '"id":"[0-9a-f]*","module":"inventory","operation":"[a-z]*"' "$work/state.json" | sed 's/^/  /'
+echo "stateful events received from --send: $stateful"
+grep -o '"id":"\(6641e6\|0a1b2c\)","module":"inventory","operation":"[a-z]*"' "$work/state.json" | sed 's/^/  /'
+echo "inventory documents created by the scan of the demo host tree: $inventory"
+grep -o '"collector":"[a-z]*","id":"[0-9a-f]\{40\}","module":"inventory","operation":"create"' "$work/state.json" | sed 's/^/  /'
 echo "requests: $(grep -o '"path":"/api/v1/events/[a-z]*","status":[0-9]*' "$work/state.json" | sort | uniq -c | tr -s ' ' | paste -sd ';' -)"
 results=$(grep -o '"code":0,"id":"demo-[a-z-]*"' "$work/state.json" | wc -l)
-if ! { [ "$status" -eq 0 ] && [ "$auths" -ge 2 ] && [ "$stateless" -eq 3 ] && [ "$stateful" -eq 2 ] && [ "$results" -eq 2 ]; }; then
+if ! { [ "$status" -eq 0 ] && [ "$auths" -ge 2 ] && [ "$stateless" -eq 3 ] && [ "$followed" -eq 1 ] \
+  && [ "$stateful" -eq 2 ] && [ "$results" -eq 2 ] && [ "$inventory" -eq 3 ]; }; then
   echo "demo: FAILED" >&2
   exit 1
 fi

@@ -16,6 +16,7 @@ pub mod groups;
 pub mod host;
 pub mod http;
 pub mod ingest;
+pub mod inventory;
 pub mod live;
 pub mod logcollector;
 pub mod logging;

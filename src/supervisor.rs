@@ -12,6 +12,7 @@
 //! | `uploader` | the events HTTP agent, `rejected.ndjson`    | → comms API; acks → queue                   |
 //! | `poll`     | the commands HTTP agent (long-poll)         | → executor                                  |
 //! | `logcollector` | followed files, `logcollector.json`     | → batcher (stateless)                       |
+//! | `inventory` | `inventory.json` snapshot, host scans      | → queue (stateful), → batcher (notifications) |
 //! | `executor` | `commands.json`, `shared/` group files      | results → queue; restart → main             |
 //!
 //! Shutdown runs in stages so nothing acknowledged is lost and nothing waits on a dead
@@ -285,6 +286,20 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
         let (tx, stop) = (events_tx.clone(), collectors_stop_rx.clone());
         workers.spawn("logcollector", move || crate::logcollector::run(c, tx, stop))?;
         collectors.push("logcollector");
+    }
+
+    if config.inventory.enabled && !config.inventory.collectors.is_empty() {
+        let inv = crate::inventory::Inventory {
+            config: config.inventory.clone(),
+            uuid: credentials.uuid.clone(),
+            snapshot_path: config.agent.data_dir.join("inventory.json"),
+            queue: append_tx.clone(),
+            events: events_tx.clone(),
+            stats: stats.clone(),
+        };
+        let stop = collectors_stop_rx.clone();
+        workers.spawn("inventory", move || crate::inventory::run(inv, stop))?;
+        collectors.push("inventory");
     }
 
     let ingest = Arc::new(Ingest::new(events_tx, append_tx.clone(), stats.clone()));

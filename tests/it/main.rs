@@ -3,6 +3,7 @@
 
 mod cli;
 mod commands;
+mod inventory;
 mod logcollector;
 mod ops;
 mod pipeline;

@@ -227,7 +227,7 @@ fn main() {
     std::fs::write(
         &config,
         format!(
-            "[agent]\ndata_dir = {:?}\nrun_dir = {:?}\n[server]\nurl = {:?}\nregistration_url = {:?}\nca_file = {:?}\n[events]\noverflow = \"block\"\nbatch_interval = \"100ms\"\n[log]\nlevel = \"warn\"\nfile = {:?}\n",
+            "[agent]\ndata_dir = {:?}\nrun_dir = {:?}\n[server]\nurl = {:?}\nregistration_url = {:?}\nca_file = {:?}\n[events]\noverflow = \"block\"\nbatch_interval = \"100ms\"\n[inventory]\nenabled = false\n[log]\nlevel = \"warn\"\nfile = {:?}\n",
             dir.join("data").display().to_string(),
             dir.join("run").display().to_string(),
             mock.comms_url(),

@@ -1,0 +1,494 @@
+//! Inventory collectors: read the host (under `inventory.root`) into documents shaped as
+//! in INVENTORY.md. Parsers are pure functions of file contents; the `collect_*`
+//! functions only read files under the root (and, for network addresses on the live
+//! host, getifaddrs). Fields a host cannot provide are `null`, never invented.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+/// One inventory document and the parts of its primary key (INVENTORY.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Doc {
+    pub collector: &'static str,
+    pub key: String,
+    pub doc: Value,
+}
+
+fn read(root: &Path, rel: &str) -> Option<String> {
+    std::fs::read_to_string(root.join(rel.trim_start_matches('/'))).ok()
+}
+
+// ---------------------------------------------------------------------------- system
+
+pub fn collect_system(root: &Path) -> Vec<Doc> {
+    let osr = ["etc/os-release", "usr/lib/os-release"].iter().find_map(|p| read(root, p));
+    let fields = osr.as_deref().map(crate::host::parse_os_release).unwrap_or_default();
+    let get = |k: &str| fields.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).filter(|v| !v.is_empty());
+    let kernel = read(root, "proc/sys/kernel/osrelease").map(|s| s.trim().to_string());
+    let hostname = read(root, "proc/sys/kernel/hostname")
+        .or_else(|| read(root, "etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
+    let name = get("NAME").unwrap_or_else(|| "Linux".into());
+    let doc = json!({"host": {
+        "architecture": std::env::consts::ARCH,
+        "hostname": hostname,
+        "os": {"full": get("PRETTY_NAME"), "kernel": kernel, "name": name, "platform": get("ID"), "type": "Linux",
+               "version": get("VERSION").or_else(|| get("VERSION_ID"))}
+    }});
+    vec![Doc { collector: "system", key: name, doc }]
+}
+
+// -------------------------------------------------------------------------- hardware
+
+pub fn parse_cpuinfo(text: &str) -> (Option<String>, usize, Option<u64>) {
+    let mut name = None;
+    let mut cores = 0;
+    let mut mhz = None;
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once(':') else { continue };
+        match k.trim() {
+            "processor" => cores += 1,
+            "model name" | "Hardware" | "cpu model" if name.is_none() => name = Some(v.trim().to_string()),
+            "cpu MHz" if mhz.is_none() => mhz = v.trim().parse::<f64>().ok().map(|f| f.round() as u64),
+            _ => {}
+        }
+    }
+    (name, cores, mhz)
+}
+
+pub fn parse_meminfo(text: &str) -> HashMap<String, u64> {
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            Some((k.trim().to_string(), v.split_whitespace().next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+pub fn collect_hardware(root: &Path) -> Vec<Doc> {
+    let (name, cores, mhz) = read(root, "proc/cpuinfo").map(|t| parse_cpuinfo(&t)).unwrap_or((None, 0, None));
+    let mem = read(root, "proc/meminfo").map(|t| parse_meminfo(&t)).unwrap_or_default();
+    let total = mem.get("MemTotal").copied();
+    let free = mem.get("MemAvailable").or_else(|| mem.get("MemFree")).copied();
+    let used = match (total, free) {
+        (Some(t), Some(f)) if t > 0 => Some(t.saturating_sub(f) * 100 / t),
+        _ => None,
+    };
+    let serial = read(root, "sys/class/dmi/id/board_serial").map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+    let doc = json!({
+        "host": {"cpu": {"cores": (cores > 0).then_some(cores), "name": name, "speed": mhz},
+                 "memory": {"free": free, "total": total, "used": {"percentage": used}}},
+        "observer": {"serial_number": serial},
+    });
+    vec![Doc { collector: "hardware", key: serial.unwrap_or_default(), doc }]
+}
+
+// -------------------------------------------------------------------------- packages
+
+/// A package as the diff needs it.
+fn package(
+    name: &str,
+    version: &str,
+    arch: &str,
+    format: &str,
+    size: Option<u64>,
+    desc: Option<&str>,
+    installed: Option<String>,
+) -> Doc {
+    let doc = json!({"package": {
+        "architecture": arch, "description": desc, "installed": installed, "name": name,
+        "path": null, "size": size, "type": format, "version": version,
+    }});
+    Doc { collector: "packages", key: format!("{name}:{version}:{arch}:{format}:"), doc }
+}
+
+/// dpkg's status file (and opkg's, which has the same stanza format).
+pub fn parse_control_stanzas(text: &str, format: &str) -> Vec<Doc> {
+    let mut out = Vec::new();
+    for stanza in text.split("\n\n") {
+        let mut f: HashMap<&str, String> = HashMap::new();
+        let mut last: Option<&str> = None;
+        for line in stanza.lines() {
+            if line.starts_with(' ') || line.starts_with('\t') {
+                // Continuation lines (long descriptions) are not needed: first line only.
+                continue;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                f.insert(k.trim(), v.trim().to_string());
+                last = Some(k);
+            }
+        }
+        let _ = last;
+        let (Some(name), Some(version)) = (f.get("Package"), f.get("Version")) else { continue };
+        let status = f.get("Status").map(String::as_str).unwrap_or("");
+        if !(status.ends_with(" installed") && status.starts_with("install")) {
+            continue;
+        }
+        let arch = f.get("Architecture").map(String::as_str).unwrap_or("");
+        // dpkg counts Installed-Size in KiB; opkg in bytes.
+        let size = f
+            .get("Installed-Size")
+            .and_then(|s| s.parse::<u64>().ok())
+            .map(|s| if format == "deb" { s * 1024 } else { s });
+        let installed = f
+            .get("Installed-Time")
+            .and_then(|t| t.parse::<u64>().ok())
+            .map(|t| crate::status::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)));
+        out.push(package(name, version, arch, format, size, f.get("Description").map(String::as_str), installed));
+    }
+    out
+}
+
+/// Alpine's `lib/apk/db/installed`.
+pub fn parse_apk(text: &str) -> Vec<Doc> {
+    let mut out = Vec::new();
+    for stanza in text.split("\n\n") {
+        let mut f: HashMap<char, String> = HashMap::new();
+        for line in stanza.lines() {
+            let mut c = line.chars();
+            if let (Some(k), Some(':')) = (c.next(), c.next()) {
+                f.entry(k).or_insert_with(|| c.as_str().to_string());
+            }
+        }
+        let (Some(name), Some(version)) = (f.get(&'P'), f.get(&'V')) else { continue };
+        let arch = f.get(&'A').map(String::as_str).unwrap_or("");
+        let size = f.get(&'I').and_then(|s| s.parse().ok());
+        out.push(package(name, version, arch, "apk", size, f.get(&'T').map(String::as_str), None));
+    }
+    out
+}
+
+/// Every supported package database found under the root (dpkg, apk, opkg/ipkg).
+pub fn collect_packages(root: &Path) -> Vec<Doc> {
+    let mut out = Vec::new();
+    if let Some(t) = read(root, "var/lib/dpkg/status") {
+        out.extend(parse_control_stanzas(&t, "deb"));
+    }
+    if let Some(t) = read(root, "lib/apk/db/installed") {
+        out.extend(parse_apk(&t));
+    }
+    for p in ["usr/lib/opkg/status", "var/lib/opkg/status"] {
+        if let Some(t) = read(root, p) {
+            out.extend(parse_control_stanzas(&t, "ipk"));
+            break;
+        }
+    }
+    out
+}
+
+// ----------------------------------------------------------------------------- ports
+
+/// `0100007F:0016` → (127.0.0.1, 22); IPv6 as four little-endian 32-bit words.
+pub fn parse_hex_addr(s: &str) -> Option<(IpAddr, u16)> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.swap_bytes())),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for i in 0..4 {
+                let word = u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok()?.swap_bytes();
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&word.to_be_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        }
+        _ => return None,
+    };
+    Some((ip, port))
+}
+
+/// One /proc/net/{tcp,udp}{,6} table: listening TCP sockets and bound UDP sockets.
+pub fn parse_net_table(text: &str, protocol: &str) -> Vec<(IpAddr, u16, IpAddr, u16, u64, u64, u64)> {
+    let tcp = protocol.starts_with("tcp");
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (lip, lport) = parse_hex_addr(f.get(1)?)?;
+            let (rip, rport) = parse_hex_addr(f.get(2)?)?;
+            let state = f.get(3)?;
+            // TCP: LISTEN (0A) only; UDP: unconnected sockets (07, CLOSE) bound to a port.
+            if (tcp && *state != "0A") || (!tcp && (*state != "07" || lport == 0)) {
+                return None;
+            }
+            let (tx, rx) = f.get(4)?.split_once(':')?;
+            let inode = f.get(9)?.parse().ok()?;
+            Some((lip, lport, rip, rport, u64::from_str_radix(tx, 16).ok()?, u64::from_str_radix(rx, 16).ok()?, inode))
+        })
+        .collect()
+}
+
+/// socket inode → (pid, process name), from /proc/<pid>/fd links readable to us.
+fn socket_owners(root: &Path) -> HashMap<u64, (u32, String)> {
+    let mut out = HashMap::new();
+    let Ok(procs) = std::fs::read_dir(root.join("proc")) else { return out };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else { continue };
+        let name = std::fs::read_to_string(p.path().join("comm")).map(|s| s.trim().to_string()).unwrap_or_default();
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy();
+                if let Some(inode) =
+                    t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')).and_then(|n| n.parse().ok())
+                {
+                    out.entry(inode).or_insert((pid, name.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+pub fn collect_ports(root: &Path) -> Vec<Doc> {
+    let owners = socket_owners(root);
+    let mut out = Vec::new();
+    for proto in ["tcp", "tcp6", "udp", "udp6"] {
+        let Some(text) = read(root, &format!("proc/net/{proto}")) else { continue };
+        let protocol = proto.trim_end_matches('6');
+        for (lip, lport, rip, rport, tx, rx, inode) in parse_net_table(&text, proto) {
+            let owner = owners.get(&inode);
+            let doc = json!({
+                "destination": {"ip": [rip.to_string()], "port": rport},
+                "file": {"inode": inode},
+                "host": {"network": {"egress": {"queue": tx}, "ingress": {"queue": rx}}},
+                "interface": {"state": if protocol == "tcp" { "listening" } else { "bound" }},
+                "network": {"protocol": protocol},
+                "process": {"name": owner.map(|o| o.1.clone()), "pid": owner.map(|o| o.0)},
+                "source": {"ip": [lip.to_string()], "port": lport},
+            });
+            out.push(Doc { collector: "ports", key: format!("{inode}:{protocol}:{lip}:{lport}"), doc });
+        }
+    }
+    out
+}
+
+// -------------------------------------------------------------------------- networks
+
+/// `/proc/net/dev` → interface → (rx bytes, rx packets, rx errs, rx drop, tx bytes, tx packets, tx errs, tx drop).
+pub fn parse_net_dev(text: &str) -> HashMap<String, [u64; 8]> {
+    text.lines()
+        .skip(2)
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(':')?;
+            let v: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            (v.len() >= 12).then(|| (name.trim().to_string(), [v[0], v[1], v[2], v[3], v[8], v[9], v[10], v[11]]))
+        })
+        .collect()
+}
+
+/// `/proc/net/route` → interface → IPv4 default gateway.
+pub fn parse_route(text: &str) -> HashMap<String, Ipv4Addr> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.get(1)? != &"00000000" {
+                return None;
+            }
+            let gw = u32::from_str_radix(f.get(2)?, 16).ok()?.swap_bytes();
+            Some((f[0].to_string(), Ipv4Addr::from(gw)))
+        })
+        .collect()
+}
+
+/// (interface, address, netmask, broadcast) of the live host.
+fn live_addresses() -> Vec<(String, IpAddr, Option<IpAddr>, Option<IpAddr>)> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we walk read-only and free once below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return out;
+    }
+    // SAFETY: reading a sockaddr of the family it claims.
+    let to_ip = |sa: *const libc::sockaddr| -> Option<IpAddr> {
+        if sa.is_null() {
+            return None;
+        }
+        unsafe {
+            match (*sa).sa_family as i32 {
+                libc::AF_INET => {
+                    Some(IpAddr::V4(Ipv4Addr::from(u32::from_be((*(sa as *const libc::sockaddr_in)).sin_addr.s_addr))))
+                }
+                libc::AF_INET6 => {
+                    Some(IpAddr::V6(Ipv6Addr::from((*(sa as *const libc::sockaddr_in6)).sin6_addr.s6_addr)))
+                }
+                _ => None,
+            }
+        }
+    };
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: a node of the list, not yet freed.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        let Some(addr) = to_ip(ifa.ifa_addr) else { continue };
+        // SAFETY: ifa_name is a NUL-terminated string while the list lives.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
+        let broadcast =
+            if addr.is_ipv4() && ifa.ifa_flags & libc::IFF_BROADCAST as u32 != 0 { to_ip(ifa.ifa_ifu) } else { None };
+        out.push((name, addr, to_ip(ifa.ifa_netmask), broadcast));
+    }
+    // SAFETY: freed exactly once.
+    unsafe { libc::freeifaddrs(head) };
+    out
+}
+
+fn iface_type(code: Option<&str>) -> &'static str {
+    match code.map(str::trim) {
+        Some("1") => "ethernet",
+        Some("772") => "loopback",
+        Some("801") => "wireless",
+        Some("65534") => "tunnel",
+        Some("512") => "ppp",
+        _ => "unknown",
+    }
+}
+
+pub fn collect_networks(root: &Path) -> Vec<Doc> {
+    let counters = read(root, "proc/net/dev").map(|t| parse_net_dev(&t)).unwrap_or_default();
+    let gateways = read(root, "proc/net/route").map(|t| parse_route(&t)).unwrap_or_default();
+    // Addresses come from getifaddrs, i.e. from the live host only.
+    let addresses = if root == Path::new("/") { live_addresses() } else { Vec::new() };
+    let mut out = Vec::new();
+    for (iface, addr, mask, brd) in addresses {
+        let sys = |f: &str| read(root, &format!("sys/class/net/{iface}/{f}")).map(|s| s.trim().to_string());
+        let c = counters.get(&iface).copied().unwrap_or([0; 8]);
+        let proto = if addr.is_ipv4() { "ipv4" } else { "ipv6" };
+        let itype = iface_type(sys("type").as_deref());
+        let gateway: Vec<String> =
+            if addr.is_ipv4() { gateways.get(&iface).map(|g| vec![g.to_string()]).unwrap_or_default() } else { vec![] };
+        let doc = json!({
+            "host": {"ip": [addr.to_string()], "mac": sys("address"),
+                     "network": {"egress": {"bytes": c[4], "drops": c[7], "errors": c[6], "packets": c[5]},
+                                 "ingress": {"bytes": c[0], "drops": c[3], "errors": c[2], "packets": c[1]}}},
+            "interface": {"mtu": sys("mtu").and_then(|m| m.parse::<u64>().ok()), "state": sys("operstate"), "type": itype},
+            "network": {"broadcast": brd.map(|b| vec![b.to_string()]).unwrap_or_default(), "dhcp": null,
+                        "gateway": gateway, "metric": null,
+                        "netmask": mask.map(|m| vec![m.to_string()]).unwrap_or_default(), "type": proto},
+            "observer": {"ingress": {"interface": {"alias": null, "name": iface}}},
+        });
+        out.push(Doc { collector: "networks", key: format!("{iface}::{itype}:{proto}:{addr}"), doc });
+    }
+    out
+}
+
+// ------------------------------------------------------------------------- processes
+
+pub fn collect_processes(root: &Path) -> Vec<Doc> {
+    let mut out = Vec::new();
+    let boot = read(root, "proc/stat")
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<u64>().ok())));
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let Ok(procs) = std::fs::read_dir(root.join("proc")) else { return out };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(p.path().join("stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let name = &stat[open + 1..close];
+        let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ppid: Option<u64> = rest.get(1).and_then(|v| v.parse().ok());
+        let start = rest.get(19).and_then(|v| v.parse::<u64>().ok()).and_then(|t| boot.map(|b| b + t / hz));
+        let args: Vec<String> = std::fs::read(p.path().join("cmdline"))
+            .map(|b| {
+                b.split(|c| *c == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let uid = std::fs::read_to_string(p.path().join("status")).ok().and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Uid:").and_then(|v| v.split_whitespace().next().map(str::to_string)))
+        });
+        let doc = json!({"process": {
+            "args": args, "command_line": (!args.is_empty()).then(|| args.join(" ")), "name": name,
+            "parent": {"pid": ppid}, "pid": pid.to_string(), "start": start, "user": {"id": uid},
+        }});
+        out.push(Doc { collector: "processes", key: pid.to_string(), doc });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_addresses() {
+        let table: &[(&str, &str, u16)] = &[
+            ("0100007F:0016", "127.0.0.1", 22),
+            ("00000000:0050", "0.0.0.0", 80),
+            ("F600A8C0:01BB", "192.168.0.246", 443),
+            ("00000000000000000000000000000000:0016", "::", 22),
+            ("00000000000000000000000001000000:0035", "::1", 53),
+            ("0000000000000000FFFF00000100007F:1F90", "::ffff:127.0.0.1", 8080),
+        ];
+        for (hex, ip, port) in table {
+            let (a, p) = parse_hex_addr(hex).unwrap();
+            assert_eq!((a.to_string().as_str(), p), (*ip, *port), "{hex}");
+        }
+        assert!(parse_hex_addr("zz:1").is_none());
+    }
+
+    #[test]
+    fn net_tables_keep_listening_tcp_and_bound_udp() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0 100 0 0 10 0\n   1: 0100007F:9C40 0100007F:0016 01 00000000:00000000 00:00000000 00000000     0        0 999 1 0 100 0 0 10 0\n";
+        let t = parse_net_table(tcp, "tcp");
+        assert_eq!(t.len(), 1);
+        assert_eq!((t[0].0.to_string(), t[0].1, t[0].6), ("0.0.0.0".into(), 22, 12345));
+        let udp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n  1: 00000000:0044 00000000:0000 07 00000000:00000001 00:00000000 00000000     0        0 777 2 0 0\n  2: 00000000:0000 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 778 2 0 0\n";
+        let u = parse_net_table(udp, "udp");
+        assert_eq!(u.len(), 1);
+        assert_eq!((u[0].1, u[0].5, u[0].6), (68, 1, 777));
+    }
+
+    #[test]
+    fn dpkg_status_installed_only_with_sizes_in_bytes() {
+        let text = "Package: openssl\nStatus: install ok installed\nArchitecture: amd64\nVersion: 3.0.13-1~deb12u1\nInstalled-Size: 2296\nDescription: Secure Sockets Layer toolkit\n more text\n\nPackage: removed\nStatus: deinstall ok config-files\nVersion: 1\nArchitecture: all\n\nPackage: epoch\nStatus: install ok installed\nVersion: 1:2.3\nArchitecture: all\n";
+        let docs = parse_control_stanzas(text, "deb");
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[0].key, "openssl:3.0.13-1~deb12u1:amd64:deb:");
+        assert_eq!(docs[0].doc["package"]["size"], 2296 * 1024);
+        assert_eq!(docs[0].doc["package"]["description"], "Secure Sockets Layer toolkit");
+        assert_eq!(docs[0].doc["package"]["installed"], Value::Null);
+        assert_eq!(docs[1].doc["package"]["version"], "1:2.3", "versions verbatim, epochs included");
+    }
+
+    #[test]
+    fn apk_and_opkg_databases() {
+        let apk = "C:Q1abc=\nP:musl\nV:1.2.4-r2\nA:x86_64\nS:383152\nI:622592\nT:the musl c library\n\nP:busybox\nV:1.36.1-r5\nA:x86_64\nI:946176\nT:Size optimized toolbox\n";
+        let docs = parse_apk(apk);
+        assert_eq!(
+            docs.iter().map(|d| d.key.as_str()).collect::<Vec<_>>(),
+            vec!["musl:1.2.4-r2:x86_64:apk:", "busybox:1.36.1-r5:x86_64:apk:"]
+        );
+        assert_eq!(docs[0].doc["package"]["size"], 622592);
+        let opkg = "Package: dnsmasq\nVersion: 2.89-4\nStatus: install user installed\nArchitecture: mipsel_24kc\nInstalled-Size: 1024\nInstalled-Time: 1700000000\n";
+        let docs = parse_control_stanzas(opkg, "ipk");
+        assert_eq!(docs[0].key, "dnsmasq:2.89-4:mipsel_24kc:ipk:");
+        assert_eq!(docs[0].doc["package"]["size"], 1024);
+        assert_eq!(docs[0].doc["package"]["installed"], "2023-11-14T22:13:20.000Z");
+    }
+
+    #[test]
+    fn proc_files() {
+        let (name, cores, mhz) = parse_cpuinfo(
+            "processor\t: 0\nmodel name\t: Intel(R) Xeon(R)\ncpu MHz\t\t: 2399.998\n\nprocessor\t: 1\nmodel name\t: Intel(R) Xeon(R)\n",
+        );
+        assert_eq!((name.as_deref(), cores, mhz), (Some("Intel(R) Xeon(R)"), 2, Some(2400)));
+        let m =
+            parse_meminfo("MemTotal:        2000000 kB\nMemFree:          500000 kB\nMemAvailable:    1000000 kB\n");
+        assert_eq!(m["MemAvailable"], 1_000_000);
+        let dev = parse_net_dev("Inter-|   Receive\n face |bytes\n  eth0: 100 2 3 4 0 0 0 0 200 5 6 7 0 0 0 0\n");
+        assert_eq!(dev["eth0"], [100, 2, 3, 4, 200, 5, 6, 7]);
+        let r = parse_route(
+            "Iface\tDestination\tGateway\n eth0\t00000000\t010200C0\t0003\n eth0\t000200C0\t00000000\t0001\n",
+        );
+        assert_eq!(r["eth0"].to_string(), "192.0.2.1");
+    }
+}
