@@ -123,7 +123,7 @@ fn scans_send_exactly_what_changed() {
         "var/lib/dpkg/status",
         &format!("{DPKG}\nPackage: curl\nStatus: install ok installed\nArchitecture: amd64\nVersion: 7.88.1-10\n"),
     );
-    assert!(env.mock.wait_until(Duration::from_secs(15), |_| notifications(&env).len() >= 1));
+    assert!(env.mock.wait_until(Duration::from_secs(15), |_| !notifications(&env).is_empty()));
     let second = &inventory_events(&env)[first.len()..];
     assert_eq!(second, &[("packages".to_string(), "create".to_string(), sha1_id(&uuid, "curl:7.88.1-10:amd64:deb:"))]);
     assert_eq!(notifications(&env), vec!["package-installed"]);
