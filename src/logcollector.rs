@@ -41,27 +41,37 @@ pub struct Saved {
     pub fp_crc: u32,
 }
 
-/// Splits complete lines off `buf` (pure). Returns the lines, each without its `\n` and a
-/// `\r` before it, and leaves an unfinished last line in `buf`. Empty lines are dropped.
-pub fn split_lines(buf: &mut Vec<u8>) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
+/// Calls `f` with each complete line of `buf`, without its `\n` and a `\r` before it,
+/// skipping empty lines (pure). Returns the bytes consumed (the rest is an unfinished
+/// line), or `None` as soon as `f` returns false.
+pub fn for_each_line(buf: &[u8], mut f: impl FnMut(&[u8]) -> bool) -> Option<usize> {
     let mut start = 0;
     while let Some(i) = buf[start..].iter().position(|b| *b == b'\n') {
         let mut line = &buf[start..start + i];
         if line.last() == Some(&b'\r') {
             line = &line[..line.len() - 1];
         }
-        if !line.is_empty() {
-            out.push(line.to_vec());
+        if !line.is_empty() && !f(line) {
+            return None;
         }
         start += i + 1;
     }
-    buf.drain(..start);
-    out
+    Some(start)
 }
 
 /// Builds the event for one line (pure apart from the clock passed in).
 pub fn line_event(path: &str, line: &[u8], max: usize, now: SystemTime) -> Event {
+    line_event_with(&json_string(path), &status::rfc3339(now), line, max)
+}
+
+fn json_string(s: &str) -> String {
+    // Serialising a str cannot fail.
+    serde_json::to_string(s).unwrap_or_default()
+}
+
+/// As [`line_event`], with the path and the time already rendered as JSON strings parts
+/// (once per poll, not once per line).
+fn line_event_with(path_json: &str, created: &str, line: &[u8], max: usize) -> Event {
     let text = String::from_utf8_lossy(line);
     let (original, truncated) = if text.len() > max {
         let mut cut = max;
@@ -72,14 +82,19 @@ pub fn line_event(path: &str, line: &[u8], max: usize, now: SystemTime) -> Event
     } else {
         (&text[..], false)
     };
-    let mut data = serde_json::json!({
-        "event": {"created": status::rfc3339(now), "original": original},
-        "log": {"file": {"path": path}},
-    });
+    let mut data = String::with_capacity(original.len() + path_json.len() + 96);
+    data.push_str(r#"{"event":{"created":""#);
+    data.push_str(created);
+    data.push_str(r#"","original":"#);
+    data.push_str(&json_string(original));
+    data.push_str(r#"},"log":{"file":{"path":"#);
+    data.push_str(path_json);
+    data.push_str("}}");
     if truncated {
-        data["tags"] = serde_json::json!(["truncated"]);
+        data.push_str(r#","tags":["truncated"]"#);
     }
-    Event::new(Kind::Stateless, r#"{"module":"logcollector","collector":"file"}"#, Some(&data.to_string()))
+    data.push('}');
+    Event::new(Kind::Stateless, r#"{"module":"logcollector","collector":"file"}"#, Some(&data))
 }
 
 fn fingerprint(file: &mut File) -> std::io::Result<(usize, u32)> {
@@ -115,6 +130,8 @@ pub struct Collector {
     followed: HashMap<String, Followed>,
     /// Paths warned about (unreadable), so a warning is not repeated every poll.
     warned: HashMap<String, String>,
+    /// A file had more to read than one poll takes: poll again without waiting.
+    more: bool,
     first_scan: bool,
     stats: Arc<Stats>,
 }
@@ -129,6 +146,7 @@ impl Collector {
             saved,
             followed: HashMap::new(),
             warned: HashMap::new(),
+            more: false,
             first_scan: true,
             stats,
         }
@@ -196,6 +214,7 @@ impl Collector {
     /// One poll of every file. Sends events through `send`; returns false if the
     /// pipeline is gone (shutdown).
     pub fn poll(&mut self, send: &mut dyn FnMut(Vec<Event>) -> bool) -> bool {
+        self.more = false;
         let paths = self.expand();
         for path in &paths {
             let current = std::fs::metadata(path).ok();
@@ -249,23 +268,41 @@ impl Collector {
     /// Reads what is new in one file; returns false if the pipeline is gone.
     fn read_file(&mut self, path: &str, send: &mut dyn FnMut(Vec<Event>) -> bool) -> bool {
         let max = self.config.max_line_bytes;
+        let stats = &self.stats;
         let Some(f) = self.followed.get_mut(path) else { return true };
         let len = match f.file.metadata() {
             Ok(m) => m.len(),
             Err(_) => return true,
         };
-        let mut events = Vec::new();
-        let now = SystemTime::now();
+        let path_json = json_string(path);
+        let created = status::rfc3339(SystemTime::now());
+        // Events go out in chunks as they are made: bounded memory, early backpressure.
+        let mut chunk: Vec<Event> = Vec::with_capacity(CHUNK);
+        let mut emit = |line: &[u8], chunk: &mut Vec<Event>| -> bool {
+            chunk.push(line_event_with(&path_json, &created, line, max));
+            if chunk.len() < CHUNK {
+                return true;
+            }
+            let n = chunk.len() as u64;
+            if !send(std::mem::replace(chunk, Vec::with_capacity(CHUNK))) {
+                return false;
+            }
+            Stats::add(&stats.received, n);
+            true
+        };
         if len < f.offset {
             // Truncated in place (copytruncate): the unfinished line goes out as it is.
             log::info!("logcollector: {path} was truncated; reading it again from the start");
-            if !f.partial.is_empty() {
-                events.push(line_event(path, &std::mem::take(&mut f.partial), max, now));
+            if !f.partial.is_empty() && !emit(&std::mem::take(&mut f.partial), &mut chunk) {
+                return false;
             }
             f.offset = 0;
         }
         if len > f.offset {
             let want = (len - f.offset).min(READ_PER_POLL);
+            if len - f.offset > READ_PER_POLL {
+                self.more = true;
+            }
             let mut buf = Vec::with_capacity(want as usize + f.partial.len());
             buf.append(&mut f.partial);
             if f.file.seek(SeekFrom::Start(f.offset)).is_ok() {
@@ -274,29 +311,32 @@ impl Collector {
                     f.offset += (buf.len() - before) as u64;
                 }
             }
-            for line in split_lines(&mut buf) {
-                events.push(line_event(path, &line, max, now));
-            }
+            let Some(used) = for_each_line(&buf, |line| emit(line, &mut chunk)) else { return false };
+            buf.drain(..used);
             // An unfinished line longer than the limit cannot wait for ever.
             if buf.len() > max {
-                events.push(line_event(path, &buf, max, now));
+                if !emit(&buf, &mut chunk) {
+                    return false;
+                }
                 buf.clear();
             }
             f.partial = buf;
         }
         if f.draining && !f.partial.is_empty() {
             // Rotated away: the last line will not be finished any more.
-            events.push(line_event(path, &std::mem::take(&mut f.partial), max, now));
+            if !emit(&std::mem::take(&mut f.partial), &mut chunk) {
+                return false;
+            }
+        }
+        if !chunk.is_empty() {
+            let n = chunk.len() as u64;
+            if !send(chunk) {
+                return false;
+            }
+            Stats::add(&stats.received, n);
         }
         let offset = f.offset - f.partial.len() as u64;
         let (dev, ino) = (f.dev, f.ino);
-        for chunk in events.chunks(CHUNK) {
-            let n = chunk.len() as u64;
-            if !send(chunk.to_vec()) {
-                return false;
-            }
-            Stats::add(&self.stats.received, n);
-        }
         // Saved only now that the pipeline took the lines before this offset.
         let unchanged = self
             .saved
@@ -348,6 +388,10 @@ pub fn run(mut c: Collector, out: Sender<Vec<Event>>, shutdown: Receiver<()>) {
         if !c.poll(&mut send) {
             break;
         }
+        if c.more {
+            // A file is behind: catch up at once (the pipeline's backpressure still applies).
+            continue;
+        }
         select! {
             recv(shutdown) -> _ => break,
             default(interval) => {}
@@ -360,6 +404,17 @@ pub fn run(mut c: Collector, out: Sender<Vec<Event>>, shutdown: Receiver<()>) {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    fn split_lines(buf: &mut Vec<u8>) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let used = for_each_line(buf, |l| {
+            out.push(l.to_vec());
+            true
+        })
+        .unwrap();
+        buf.drain(..used);
+        out
+    }
 
     #[test]
     fn line_splitting() {

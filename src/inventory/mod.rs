@@ -292,10 +292,12 @@ impl Inventory {
 
     /// One scan and its delivery. Returns a line for the log.
     pub fn scan_once(&self, shutdown: &Receiver<()>) -> Result<String, String> {
+        let started = std::time::Instant::now();
         let previous = self.load();
         let first = previous.is_none();
         let old = previous.map(|s| s.docs).unwrap_or_default();
         let (new, scanned) = scan(&self.config.root, &self.config.collectors, &self.uuid);
+        let scan_ms = started.elapsed().as_millis();
         let changes = diff(&old, &new, &scanned, &self.config.collectors);
         let now = status::rfc3339(SystemTime::now());
         let events = stateful_events(&changes, &now);
@@ -335,7 +337,7 @@ impl Inventory {
             .map_err(|e| format!("cannot save {}: {e}", self.snapshot_path.display()))?;
         let count = |k: fn(&Change) -> bool| changes.iter().filter(|c| k(c)).count();
         Ok(format!(
-            "inventory: {} documents; {} created, {} updated, {} deleted{}",
+            "inventory: {} documents (scan {scan_ms} ms); {} created, {} updated, {} deleted{}",
             snapshot.docs.len(),
             count(|c| matches!(c, Change::Create { .. })),
             count(|c| matches!(c, Change::Update { .. })),

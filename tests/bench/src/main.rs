@@ -223,16 +223,22 @@ fn main() {
     opts.command_hold = Duration::from_secs(30);
     opts.max_body = 64 << 20;
     let mock = MockServer::start(opts).expect("mock starts");
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    for i in 0..5 {
+        std::fs::write(logs.join(format!("f{i}.log")), "").unwrap();
+    }
     let config = dir.join("agent.toml");
     std::fs::write(
         &config,
         format!(
-            "[agent]\ndata_dir = {:?}\nrun_dir = {:?}\n[server]\nurl = {:?}\nregistration_url = {:?}\nca_file = {:?}\n[events]\noverflow = \"block\"\nbatch_interval = \"100ms\"\n[inventory]\nenabled = false\n[log]\nlevel = \"warn\"\nfile = {:?}\n",
+            "[agent]\ndata_dir = {:?}\nrun_dir = {:?}\n[server]\nurl = {:?}\nregistration_url = {:?}\nca_file = {:?}\n[events]\noverflow = \"block\"\nbatch_interval = \"100ms\"\n[inventory]\nenabled = false\n[logcollector]\nfiles = [{:?}]\n[log]\nlevel = \"warn\"\nfile = {:?}\n",
             dir.join("data").display().to_string(),
             dir.join("run").display().to_string(),
             mock.comms_url(),
             mock.mgmt_url(),
             mock.ca_file().display().to_string(),
+            logs.join("*.log").display().to_string(),
             dir.join("agent.log").display().to_string(),
         ),
     )
@@ -271,6 +277,7 @@ fn main() {
     out.insert("idle_cpu_percent".into(), json!((cpu_secs(pid) - c0) / idle_secs * 100.0));
     out.insert("idle_wakeups_per_s".into(), json!((wakeups(pid) - w0) as f64 / idle_secs));
 
+    eprintln!("bench: Command delivery latency …");
     // Command delivery latency: idle, then with 10 000 events/s flowing.
     let uuid = creds["uuid"].as_str().unwrap().to_string();
     let idle_lat = command_latencies(&mock, &uuid, "idle", if a.quick { 20 } else { 100 });
@@ -300,6 +307,7 @@ fn main() {
     let settle = mock.event_counts().0;
     wait_for(Duration::from_secs(5), || mock.event_counts().0 == settle);
 
+    eprintln!("bench: Stateless burst. …");
     // Stateless burst.
     let n = a.events;
     reset_peak(pid);
@@ -319,11 +327,30 @@ fn main() {
     out.insert("burst_peak_rss_kib".into(), json!(proc_status(pid, "VmHWM:")));
     out.insert("threads_busy".into(), json!(proc_status(pid, "Threads:")));
 
+    eprintln!("bench: Logcollector …");
+    // Logcollector: one followed file written as fast as possible.
+    let nl = n / 2;
+    let base = mock.event_counts().0;
+    let start = Instant::now();
+    {
+        use std::io::Write as _;
+        let mut f =
+            std::io::BufWriter::new(std::fs::OpenOptions::new().append(true).open(logs.join("f0.log")).unwrap());
+        for i in 0..nl {
+            writeln!(f, "Nov 26 15:00:00 web-01 app[42]: request {i:08} served in 3 ms from 10.0.0.1 to /api/v1/items")
+                .unwrap();
+        }
+    }
+    assert!(wait_for(Duration::from_secs(600), || mock.event_counts().0 >= base + nl as u64), "log lines delivered");
+    out.insert("logcollector_lines_per_s".into(), json!(nl as f64 / start.elapsed().as_secs_f64()));
+
+    eprintln!("bench: The mock's own ceiling …");
     // The mock's own ceiling, same machine, same run.
     let ceiling = mock_ceiling(&mock, &creds, if a.quick { 2.0 } else { 5.0 });
     out.insert("mock_ceiling_events_per_s".into(), json!(ceiling));
     out.insert("agent_to_mock_ratio".into(), json!(n as f64 / secs / ceiling));
 
+    eprintln!("bench: Stateful …");
     // Stateful, durable (each connection's reply waits for the group-commit fsync).
     let ns = n / 4;
     let s0 = mock.event_counts().1;
@@ -336,6 +363,7 @@ fn main() {
     out.insert("stateful_durable_acks_per_s".into(), json!(ns as f64 / acked));
     out.insert("stateful_delivered_per_s".into(), json!(ns as f64 / start.elapsed().as_secs_f64()));
 
+    eprintln!("bench: A 100 MB stateful backlog …");
     // A 100 MB stateful backlog: fill it with the server down, then drain it.
     let backlog = if a.quick { 40_000 } else { 400_000 };
     mock.set_down(true);
