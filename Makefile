@@ -38,10 +38,13 @@ bench:
 	$(CARGO) build --release -p wazuh-bench
 	target/release/wazuh-bench --agent $(BIN) $(BENCH_ARGS)
 
-# Size of the stripped release binary (the release profile strips).
+# Size of the stripped release binary (the release profile strips). Fails above the
+# budget: the measured size plus a small margin (see README, Performance).
+SIZE_BUDGET ?= 3200000
 size: release
 	@bytes=$$(stat -c %s $(BIN)); \
-	echo "$(BIN): $$bytes bytes ($$(awk "BEGIN {printf \"%.2f\", $$bytes/1048576}") MiB, stripped)"
+	echo "$(BIN): $$bytes bytes ($$(awk "BEGIN {printf \"%.2f\", $$bytes/1048576}") MiB, stripped; budget $(SIZE_BUDGET))"; \
+	if [ "$$bytes" -gt "$(SIZE_BUDGET)" ]; then echo "binary size over budget" >&2; exit 1; fi
 
 # install: PREFIX (default /usr/local) for the binary; /etc and /var/lib whatever the
 # PREFIX; DESTDIR for staging; INIT=sysv|openrc|systemd|procd picks the service file.

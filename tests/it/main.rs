@@ -8,6 +8,7 @@ mod logcollector;
 mod ops;
 mod pipeline;
 mod register;
+mod robustness;
 mod run;
 mod support;
 mod token;
