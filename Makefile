@@ -7,7 +7,7 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 BIN     := target/release/wazuh-agent
 
-.PHONY: all build release test lint demo bench size install install-files uninstall cross clean
+.PHONY: all build release test lint demo bench fuzz size install install-files uninstall cross clean
 
 all: build
 
@@ -37,6 +37,16 @@ bench:
 	# Built on its own so its ureq features do not unify into the agent binary measured.
 	$(CARGO) build --release -p wazuh-bench
 	target/release/wazuh-bench --agent $(BIN) $(BENCH_ARGS)
+
+# libFuzzer via cargo-fuzz on the parsers (ingest lines, queue recovery, JWT claims,
+# config, commands). cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP enables them on the
+# stable toolchain. FUZZ_SECONDS per target; crashes land in fuzz/artifacts/.
+FUZZ_SECONDS ?= 30
+FUZZ_TARGETS := ingest_line queue_recovery jwt_claims config commands
+fuzz:
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		RUSTC_BOOTSTRAP=1 cargo fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 # Size of the stripped release binary (the release profile strips). Fails above the
 # budget: the measured size plus a small margin (see README, Performance).
