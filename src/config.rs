@@ -119,6 +119,14 @@ pub const KNOWN_KEYS: &[(&str, &[&str])] = &[
     ("log", &["level", "file", "syslog"]),
 ];
 
+/// One entry of `logcollector.files`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSpec {
+    pub pattern: String,
+    /// Overrides `logcollector.start` for files this entry matches.
+    pub start: Option<Start>,
+}
+
 /// Inventory collectors that can be switched on.
 pub const COLLECTORS: &[&str] = &["system", "hardware", "packages", "networks", "ports", "processes"];
 
@@ -167,7 +175,8 @@ pub struct RetryConfig {
 
 #[derive(Debug, Clone)]
 pub struct LogcollectorConfig {
-    pub files: Vec<String>,
+    /// Paths or glob patterns, each with its own `start` if it was given one.
+    pub files: Vec<FileSpec>,
     pub start: Start,
     /// Longer lines are cut here and tagged `truncated`.
     pub max_line_bytes: usize,
@@ -324,9 +333,24 @@ impl Default for RawRetry {
 }
 
 #[derive(Deserialize)]
+#[serde(untagged)]
+enum RawFile {
+    Path(String),
+    Spec(RawFileSpec),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFileSpec {
+    path: String,
+    #[serde(default)]
+    start: Option<String>,
+}
+
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawLogcollector {
-    files: Vec<String>,
+    files: Vec<RawFile>,
     start: String,
     max_line_bytes: RawSize,
     poll_interval: String,
@@ -697,19 +721,34 @@ impl Config {
         }
         let retry = RetryConfig { initial, max };
 
-        if let Some(bad) = logcollector.files.iter().find(|f| f.trim().is_empty()) {
-            return Err(invalid("logcollector.files", format!("{bad:?} is an empty path")));
+        let starts = [("end", Start::End), ("beginning", Start::Beginning)];
+        let mut files = Vec::with_capacity(logcollector.files.len());
+        for f in logcollector.files {
+            let (pattern, start) = match f {
+                RawFile::Path(p) => (p, None),
+                RawFile::Spec(RawFileSpec { path, start }) => {
+                    let start = match start {
+                        Some(s) => Some(choice("logcollector.files.start", &s, &starts)?),
+                        None => None,
+                    };
+                    (path, start)
+                }
+            };
+            if pattern.trim().is_empty() {
+                return Err(invalid("logcollector.files", format!("{pattern:?} is an empty path")));
+            }
+            if !pattern.starts_with('/') {
+                return Err(invalid("logcollector.files", format!("{pattern:?} is not an absolute path")));
+            }
+            if glob::Pattern::new(&pattern).is_err() {
+                return Err(invalid("logcollector.files", format!("{pattern:?} is not a valid glob pattern")));
+            }
+            files.push(FileSpec { pattern, start });
         }
         let max_line_bytes = size("logcollector.max_line_bytes", &logcollector.max_line_bytes)?;
         // A line must fit an event line of the ingest format (1 MiB) with its JSON around it.
         if !(256..=512 << 10).contains(&max_line_bytes) {
             return Err(invalid("logcollector.max_line_bytes", format!("{max_line_bytes} is outside 256..=512KiB")));
-        }
-        if let Some(bad) = logcollector.files.iter().find(|f| !f.starts_with('/')) {
-            return Err(invalid("logcollector.files", format!("{bad:?} is not an absolute path")));
-        }
-        if let Some(bad) = logcollector.files.iter().find(|f| glob::Pattern::new(f).is_err()) {
-            return Err(invalid("logcollector.files", format!("{bad:?} is not a valid glob pattern")));
         }
         let logcollector = LogcollectorConfig {
             max_line_bytes: max_line_bytes as usize,
@@ -723,7 +762,7 @@ impl Config {
                 &logcollector.start,
                 &[("end", Start::End), ("beginning", Start::Beginning)],
             )?,
-            files: logcollector.files,
+            files,
         };
 
         let mut collectors: Vec<String> = Vec::new();
@@ -797,7 +836,7 @@ impl Config {
             ("events.queue_max_bytes", c.events.queue_max_bytes.to_string()),
             ("retry.initial", d(c.retry.initial)),
             ("retry.max", d(c.retry.max)),
-            ("logcollector.files", list(&c.logcollector.files)),
+            ("logcollector.files", files_list(&c.logcollector.files)),
             ("logcollector.start", q(if c.logcollector.start == Start::End { "end" } else { "beginning" })),
             ("logcollector.max_line_bytes", c.logcollector.max_line_bytes.to_string()),
             ("logcollector.poll_interval", d(c.logcollector.poll_interval)),
@@ -814,6 +853,22 @@ impl Config {
         }
         out
     }
+}
+
+/// `logcollector.files` as TOML: plain strings, or inline tables where a start was given.
+fn files_list(files: &[FileSpec]) -> String {
+    let items: Vec<String> = files
+        .iter()
+        .map(|f| match f.start {
+            None => toml_string(&f.pattern),
+            Some(s) => format!(
+                "{{ path = {}, start = {} }}",
+                toml_string(&f.pattern),
+                toml_string(if s == Start::End { "end" } else { "beginning" })
+            ),
+        })
+        .collect();
+    format!("[{}]", items.join(", "))
 }
 
 /// Formats a duration in the largest unit that represents it exactly.
@@ -1047,6 +1102,25 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(e.contains("bad.yml") && e.contains("events.overflow"), "{e}");
+    }
+
+    #[test]
+    fn logcollector_files_take_a_start_each() {
+        let c = parse(
+            "[logcollector]\nfiles = [\"/var/log/a.log\", { path = \"/var/log/*.json\", start = \"beginning\" }]\n",
+        )
+        .unwrap();
+        assert_eq!(c.logcollector.files[0], FileSpec { pattern: "/var/log/a.log".into(), start: None });
+        assert_eq!(c.logcollector.files[1].start, Some(Start::Beginning));
+        let again = parse(&render_as_toml(&c.render())).unwrap();
+        assert_eq!(again.logcollector.files, c.logcollector.files);
+        for bad in [
+            "[logcollector]\nfiles = [{ path = \"/x\", start = \"middle\" }]\n",
+            "[logcollector]\nfiles = [\"relative.log\"]\n",
+            "[logcollector]\nfiles = [{ path = \"/x\", other = 1 }]\n",
+        ] {
+            assert!(err(bad).contains("logcollector.files"), "{bad}: {}", err(bad));
+        }
     }
 
     #[test]

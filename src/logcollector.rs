@@ -154,7 +154,8 @@ impl Collector {
 
     fn expand(&self) -> Vec<String> {
         let mut paths = Vec::new();
-        for pattern in &self.config.files {
+        for spec in &self.config.files {
+            let pattern = &spec.pattern;
             if !pattern.contains(['*', '?', '[']) {
                 paths.push(pattern.clone());
                 continue;
@@ -170,6 +171,16 @@ impl Collector {
         paths.sort();
         paths.dedup();
         paths
+    }
+
+    /// `start` of the first entry that matches `path`, else `logcollector.start`.
+    fn start_for(&self, path: &str) -> Start {
+        self.config
+            .files
+            .iter()
+            .find(|f| f.pattern == path || glob::Pattern::new(&f.pattern).is_ok_and(|p| p.matches(path)))
+            .and_then(|f| f.start)
+            .unwrap_or(self.config.start)
     }
 
     fn warn_once(&mut self, path: &str, why: String) {
@@ -205,7 +216,7 @@ impl Collector {
             .map(|s| s.offset);
         let offset = match resume {
             Some(o) => o,
-            None if self.first_scan && self.config.start == Start::End => meta.len(),
+            None if self.first_scan && self.start_for(path) == Start::End => meta.len(),
             None => 0,
         };
         Some(Followed { file, dev: meta.dev(), ino: meta.ino(), offset, partial: Vec::new(), draining: false })
@@ -376,7 +387,8 @@ fn same_prefix(file: &mut File, s: &Saved) -> bool {
 /// The logcollector thread: polls until `shutdown` closes, then saves its offsets.
 pub fn run(mut c: Collector, out: Sender<Vec<Event>>, shutdown: Receiver<()>) {
     let interval = c.config.poll_interval;
-    log::info!("logcollector: following {}", c.config.files.join(", "));
+    let patterns: Vec<&str> = c.config.files.iter().map(|f| f.pattern.as_str()).collect();
+    log::info!("logcollector: following {}", patterns.join(", "));
     loop {
         let mut send = |chunk: Vec<Event>| {
             // Blocks while the pipeline is full (overflow = "block"): the file is the buffer.

@@ -157,3 +157,23 @@ fn missing_files_are_picked_up_when_they_appear_and_long_lines_are_cut() {
     let ev = env.mock.stateless_events().into_iter().find(|e| e.data.as_ref().unwrap()["tags"].is_array()).unwrap();
     assert_eq!(ev.data.unwrap()["tags"], serde_json::json!(["truncated"]));
 }
+
+#[test]
+fn start_can_be_set_per_file() {
+    let env = Env::new();
+    let logs = env.dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    append(&logs.join("skip.log"), "old skipped\n");
+    append(&logs.join("read.log"), "old read\n");
+    env.write_config(&format!(
+        "events.batch_interval = \"50ms\"\nlogcollector.poll_interval = \"50ms\"\nlogcollector.start = \"end\"\nlogcollector.files = [{:?}, {{ path = {:?}, start = \"beginning\" }}]",
+        logs.join("skip.log").display().to_string(),
+        logs.join("read.log").display().to_string()
+    ));
+    let _agent = env.running_agent();
+    assert!(wait_for(Duration::from_secs(10), || env.data_dir().join("logcollector.json").exists()));
+    append(&logs.join("skip.log"), "new line\n");
+    let mut got = wait_lines(&env, 2);
+    got.sort();
+    assert_eq!(got, vec!["new line", "old read"]);
+}
