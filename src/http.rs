@@ -103,11 +103,21 @@ pub fn tls_config(server: &ServerConfig) -> Result<Arc<ClientConfig>, HttpError>
 /// Builds a ureq agent. `timeout` bounds one whole call (connect, send, receive); the
 /// long-poll passes `commands_timeout`, everything else `request_timeout`.
 pub fn build_agent(server: &ServerConfig, timeout: Duration) -> Result<ureq::Agent, HttpError> {
+    Ok(build_agents(server, &[timeout])?.remove(0))
+}
+
+/// One agent (own connection pool) per timeout, all sharing one TLS configuration: the
+/// root store is the biggest part of it, and one copy is enough.
+pub fn build_agents(server: &ServerConfig, timeouts: &[Duration]) -> Result<Vec<ureq::Agent>, HttpError> {
     let tls = tls_config(server)?;
     let proxy = match &server.proxy {
         Some(p) => Some(ureq::Proxy::new(p).map_err(|e| HttpError::Proxy(e.to_string()))?),
         None => None,
     };
+    Ok(timeouts.iter().map(|t| agent_with(tls.clone(), proxy.clone(), *t)).collect())
+}
+
+fn agent_with(tls: Arc<ClientConfig>, proxy: Option<ureq::Proxy>, timeout: Duration) -> ureq::Agent {
     let config = ureq::Agent::config_builder()
         // Statuses are data for classify(), not errors.
         .http_status_as_error(false)
@@ -130,7 +140,7 @@ pub fn build_agent(server: &ServerConfig, timeout: Duration) -> Result<ureq::Age
         .build();
     let connector =
         ().chain(ConnectProxyConnector::default()).chain(TcpConnector::default()).chain(TlsConnector { config: tls });
-    Ok(ureq::Agent::with_parts(config, connector, DefaultResolver::default()))
+    ureq::Agent::with_parts(config, connector, DefaultResolver::default())
 }
 
 /// A response read to the end (bounded by [`MAX_RESPONSE_BYTES`]).

@@ -201,10 +201,11 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
              impersonate the server and read the agent's key. Use this only for testing."
         );
     }
-    let auth_agent = http::build_agent(&config.server, config.server.request_timeout).map_err(RunError::Http)?;
-    let upload_agent = http::build_agent(&config.server, config.server.request_timeout).map_err(RunError::Http)?;
-    let poll_agent = http::build_agent(&config.server, config.server.commands_timeout).map_err(RunError::Http)?;
-    let files_agent = http::build_agent(&config.server, config.server.request_timeout).map_err(RunError::Http)?;
+    // One connection pool per thread that talks to the server; one TLS configuration.
+    let (request, commands) = (config.server.request_timeout, config.server.commands_timeout);
+    let agents = http::build_agents(&config.server, &[request, request, commands, request]).map_err(RunError::Http)?;
+    let [auth_agent, upload_agent, poll_agent, files_agent]: [ureq::Agent; 4] =
+        agents.try_into().map_err(|_| RunError::Http(HttpError::Tls("expected four HTTP agents".into())))?;
     // Before anything else that a second agent would fight over.
     let pid_file = PidFile::acquire(&config.agent.run_dir).map_err(RunError::Pid)?;
     let stats = Arc::new(Stats::default());
