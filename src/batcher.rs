@@ -258,16 +258,7 @@ pub fn run(wiring: Wiring, policy: Policy, live: Option<Arc<Live>>, stats: Arc<S
     let rest = ring.take_all();
     stats.buffered.store(0, Ordering::Relaxed);
     if !rest.is_empty() {
-        let n = rest.len();
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let saved = spill.send(Append { events: rest, reply: tx }).is_ok()
-            && rx.recv_timeout(Duration::from_secs(10)).is_ok_and(|r| r.all_stored(n));
-        if saved {
-            log::info!("saved {n} unsent stateless events to the durable queue for the next start");
-        } else {
-            log::error!("could not save {n} unsent stateless events at shutdown; they are lost");
-            Stats::add(&stats.dropped, n as u64);
-        }
+        crate::queue::spill(&spill, rest, &stats, "buffered");
     }
 }
 

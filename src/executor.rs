@@ -237,21 +237,16 @@ impl Executor {
             3 => Code::Timeout,
             _ => Code::Failure,
         };
-        let (tx, rx) = crossbeam_channel::bounded(1);
         let event = commands::result_event(id, code, message);
-        if self.queue.send(Append { events: vec![event], reply: tx }).is_err() {
-            return false;
-        }
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(r) if r.all_stored(1) => true,
-            Ok(r) => {
+        match crate::queue::append_and_wait(&self.queue, vec![event], Duration::from_secs(30)) {
+            r if r.all_stored(1) => true,
+            r => {
                 log::warn!(
                     "the result of command {id} could not be queued ({}); retrying later",
                     r.error.map(|e| e.to_string()).unwrap_or_default()
                 );
                 false
             }
-            Err(_) => false,
         }
     }
 

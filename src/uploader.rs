@@ -345,7 +345,7 @@ pub fn run(
             recv(s_in) -> msg => match msg {
                 Ok(events) => {
                     if up.deliver(Kind::Stateless, &events) == Delivery::Aborted {
-                        save(&spill, events, &up.stats);
+                        crate::queue::spill(&spill, events, &up.stats, "in flight");
                         break;
                     }
                 }
@@ -370,18 +370,5 @@ pub fn run(
         if !stateless_open && !queued_open {
             break;
         }
-    }
-}
-
-fn save(spill: &Sender<Append>, events: Vec<Event>, stats: &Stats) {
-    let n = events.len();
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let ok = spill.send(Append { events, reply: tx }).is_ok()
-        && rx.recv_timeout(Duration::from_secs(10)).is_ok_and(|r| r.all_stored(n));
-    if ok {
-        log::info!("saved an undelivered batch of {n} stateless events to the durable queue");
-    } else {
-        log::error!("could not save an undelivered batch of {n} stateless events at shutdown; they are lost");
-        Stats::add(&stats.dropped, n as u64);
     }
 }

@@ -88,6 +88,29 @@ impl Appended {
     }
 }
 
+/// Hands `events` to the queue thread and waits (up to `timeout`) for the answer.
+/// A queue that is gone or silent refuses everything.
+pub fn append_and_wait(queue: &Sender<Append>, events: Vec<Event>, timeout: std::time::Duration) -> Appended {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    if queue.send(Append { events, reply: tx }).is_err() {
+        return Appended { stored: 0, error: Some(QueueError::Closed) };
+    }
+    rx.recv_timeout(timeout).unwrap_or(Appended { stored: 0, error: Some(QueueError::Closed) })
+}
+
+/// Shutdown: keeps stateless events that could not be sent in the durable queue for the
+/// next start. Counts them as dropped if even that fails.
+pub fn spill(queue: &Sender<Append>, events: Vec<Event>, stats: &Stats, what: &str) {
+    let n = events.len();
+    // 10 s: one group commit; a queue that takes longer is stuck on a dying disk.
+    if append_and_wait(queue, events, std::time::Duration::from_secs(10)).all_stored(n) {
+        log::info!("saved {n} unsent stateless events ({what}) to the durable queue for the next start");
+    } else {
+        log::error!("could not save {n} unsent stateless events ({what}) at shutdown; they are lost");
+        Stats::add(&stats.dropped, n as u64);
+    }
+}
+
 /// Events read back for delivery. All of one kind (one endpoint).
 #[derive(Debug)]
 pub struct QueueBatch {
