@@ -130,12 +130,16 @@ fn restart() -> std::io::Error {
 
 /// glibc gives every thread that allocates its own arena and keeps freed memory in each;
 /// with a handful of threads that multiplies the resident size for nothing on a small
-/// host. Two arenas keep contention low for the two busy threads (ingest, uploader).
+/// host. Two arenas keep contention low for the busy threads (ingest, uploaders).
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning; called before any thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        // A fixed threshold (instead of glibc's dynamic one, which climbs to 32 MiB after
+        // the first large free) keeps request bodies and queue segments in mmap'd memory
+        // that goes back to the system as soon as it is freed.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
 }
 
