@@ -7,14 +7,15 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// One inventory document and the parts of its primary key (INVENTORY.md).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Doc {
     pub collector: &'static str,
     pub key: String,
-    pub doc: Value,
+    /// Compact JSON text: thousands of packages stay small this way.
+    pub doc: String,
 }
 
 fn read(root: &Path, rel: &str) -> Option<String> {
@@ -39,7 +40,7 @@ pub fn collect_system(root: &Path) -> Vec<Doc> {
         "os": {"full": get("PRETTY_NAME"), "kernel": kernel, "name": name, "platform": get("ID"), "type": "Linux",
                "version": get("VERSION").or_else(|| get("VERSION_ID"))}
     }});
-    vec![Doc { collector: "system", key: name, doc }]
+    vec![Doc { collector: "system", key: name, doc: doc.to_string() }]
 }
 
 // -------------------------------------------------------------------------- hardware
@@ -84,7 +85,7 @@ pub fn collect_hardware(root: &Path) -> Vec<Doc> {
                  "memory": {"free": free, "total": total, "used": {"percentage": used}}},
         "observer": {"serial_number": serial},
     });
-    vec![Doc { collector: "hardware", key: serial.unwrap_or_default(), doc }]
+    vec![Doc { collector: "hardware", key: serial.unwrap_or_default(), doc: doc.to_string() }]
 }
 
 // -------------------------------------------------------------------------- packages
@@ -103,7 +104,7 @@ fn package(
         "architecture": arch, "description": desc, "installed": installed, "name": name,
         "path": null, "size": size, "type": format, "version": version,
     }});
-    Doc { collector: "packages", key: format!("{name}:{version}:{arch}:{format}:"), doc }
+    Doc { collector: "packages", key: format!("{name}:{version}:{arch}:{format}:"), doc: doc.to_string() }
 }
 
 /// dpkg's status file (and opkg's, which has the same stanza format).
@@ -261,7 +262,11 @@ pub fn collect_ports(root: &Path) -> Vec<Doc> {
                 "process": {"name": owner.map(|o| o.1.clone()), "pid": owner.map(|o| o.0)},
                 "source": {"ip": [lip.to_string()], "port": lport},
             });
-            out.push(Doc { collector: "ports", key: format!("{inode}:{protocol}:{lip}:{lport}"), doc });
+            out.push(Doc {
+                collector: "ports",
+                key: format!("{inode}:{protocol}:{lip}:{lport}"),
+                doc: doc.to_string(),
+            });
         }
     }
     out
@@ -372,7 +377,7 @@ pub fn collect_networks(root: &Path) -> Vec<Doc> {
                         "netmask": mask.map(|m| vec![m.to_string()]).unwrap_or_default(), "type": proto},
             "observer": {"ingress": {"interface": {"alias": null, "name": iface}}},
         });
-        out.push(Doc { collector: "networks", key: format!("{iface}::{itype}:{proto}:{addr}"), doc });
+        out.push(Doc { collector: "networks", key: format!("{iface}::{itype}:{proto}:{addr}"), doc: doc.to_string() });
     }
     out
 }
@@ -409,7 +414,7 @@ pub fn collect_processes(root: &Path) -> Vec<Doc> {
             "args": args, "command_line": (!args.is_empty()).then(|| args.join(" ")), "name": name,
             "parent": {"pid": ppid}, "pid": pid.to_string(), "start": start, "user": {"id": uid},
         }});
-        out.push(Doc { collector: "processes", key: pid.to_string(), doc });
+        out.push(Doc { collector: "processes", key: pid.to_string(), doc: doc.to_string() });
     }
     out
 }
@@ -447,16 +452,22 @@ mod tests {
         assert_eq!((u[0].1, u[0].5, u[0].6), (68, 1, 777));
     }
 
+    use serde_json::Value;
+
+    fn v(d: &Doc) -> Value {
+        serde_json::from_str(&d.doc).unwrap()
+    }
+
     #[test]
     fn dpkg_status_installed_only_with_sizes_in_bytes() {
         let text = "Package: openssl\nStatus: install ok installed\nArchitecture: amd64\nVersion: 3.0.13-1~deb12u1\nInstalled-Size: 2296\nDescription: Secure Sockets Layer toolkit\n more text\n\nPackage: removed\nStatus: deinstall ok config-files\nVersion: 1\nArchitecture: all\n\nPackage: epoch\nStatus: install ok installed\nVersion: 1:2.3\nArchitecture: all\n";
         let docs = parse_control_stanzas(text, "deb");
         assert_eq!(docs.len(), 2);
         assert_eq!(docs[0].key, "openssl:3.0.13-1~deb12u1:amd64:deb:");
-        assert_eq!(docs[0].doc["package"]["size"], 2296 * 1024);
-        assert_eq!(docs[0].doc["package"]["description"], "Secure Sockets Layer toolkit");
-        assert_eq!(docs[0].doc["package"]["installed"], Value::Null);
-        assert_eq!(docs[1].doc["package"]["version"], "1:2.3", "versions verbatim, epochs included");
+        assert_eq!(v(&docs[0])["package"]["size"], 2296 * 1024);
+        assert_eq!(v(&docs[0])["package"]["description"], "Secure Sockets Layer toolkit");
+        assert_eq!(v(&docs[0])["package"]["installed"], Value::Null);
+        assert_eq!(v(&docs[1])["package"]["version"], "1:2.3", "versions verbatim, epochs included");
     }
 
     #[test]
@@ -467,12 +478,12 @@ mod tests {
             docs.iter().map(|d| d.key.as_str()).collect::<Vec<_>>(),
             vec!["musl:1.2.4-r2:x86_64:apk:", "busybox:1.36.1-r5:x86_64:apk:"]
         );
-        assert_eq!(docs[0].doc["package"]["size"], 622592);
+        assert_eq!(v(&docs[0])["package"]["size"], 622592);
         let opkg = "Package: dnsmasq\nVersion: 2.89-4\nStatus: install user installed\nArchitecture: mipsel_24kc\nInstalled-Size: 1024\nInstalled-Time: 1700000000\n";
         let docs = parse_control_stanzas(opkg, "ipk");
         assert_eq!(docs[0].key, "dnsmasq:2.89-4:mipsel_24kc:ipk:");
-        assert_eq!(docs[0].doc["package"]["size"], 1024);
-        assert_eq!(docs[0].doc["package"]["installed"], "2023-11-14T22:13:20.000Z");
+        assert_eq!(v(&docs[0])["package"]["size"], 1024);
+        assert_eq!(v(&docs[0])["package"]["installed"], "2023-11-14T22:13:20.000Z");
     }
 
     #[test]

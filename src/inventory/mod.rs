@@ -33,11 +33,19 @@ pub fn doc_id(uuid: &str, key: &str) -> String {
     sha1_smol::Sha1::from(format!("{uuid}:{key}")).digest().to_string()
 }
 
-/// A document as stored in the snapshot.
+/// A document as stored in the snapshot: its compact JSON text (a parsed `Value` costs
+/// several times more memory, and a host can have thousands of packages).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stored {
     pub collector: String,
-    pub doc: Value,
+    pub doc: String,
+}
+
+impl Stored {
+    /// The document parsed, for the few places that look inside (changed documents).
+    pub fn value(&self) -> Value {
+        serde_json::from_str(&self.doc).unwrap_or(Value::Null)
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -55,30 +63,25 @@ pub enum Change {
 }
 
 /// The document without the fields that move on every scan.
-fn comparable(s: &Stored) -> Value {
-    let mut d = s.doc.clone();
-    let strip = |d: &mut Value, path: &[&str]| {
-        let (last, parents) = path.split_last().expect("non-empty path");
-        let mut cur = d;
-        for p in parents {
-            match cur.get_mut(*p) {
-                Some(next) => cur = next,
-                None => return,
-            }
-        }
-        if let Some(o) = cur.as_object_mut() {
-            o.remove(*last);
-        }
+fn comparable(s: &Stored) -> std::borrow::Cow<'_, str> {
+    let volatile: &[&[&str]] = match s.collector.as_str() {
+        "hardware" => &[&["host", "memory", "free"], &["host", "memory", "used"]],
+        "networks" | "ports" => &[&["host", "network"]],
+        _ => return std::borrow::Cow::Borrowed(&s.doc),
     };
-    match s.collector.as_str() {
-        "hardware" => {
-            strip(&mut d, &["host", "memory", "free"]);
-            strip(&mut d, &["host", "memory", "used"]);
+    let mut d = s.value();
+    for path in volatile {
+        // Only objects are walked; a missing step means there is nothing to strip.
+        let pointer: String = path.iter().map(|p| format!("/{p}")).collect();
+        let (parent, last) = match pointer.rsplit_once('/') {
+            Some((parent, last)) => (parent.to_string(), last.to_string()),
+            None => continue,
+        };
+        if let Some(Value::Object(o)) = d.pointer_mut(&parent) {
+            o.remove(&last);
         }
-        "networks" | "ports" => strip(&mut d, &["host", "network"]),
-        _ => {}
     }
-    d
+    std::borrow::Cow::Owned(d.to_string())
 }
 
 /// What changed (pure). `scanned` lists the collectors whose scan succeeded: documents
@@ -109,12 +112,14 @@ pub fn diff(
     out
 }
 
-fn stamped(doc: &Value, now: &str) -> String {
-    let mut d = doc.clone();
-    if let Some(o) = d.as_object_mut() {
-        o.insert("@timestamp".into(), Value::String(now.to_string()));
+/// The document with `@timestamp` first (text surgery: the document is an object).
+fn stamped(doc: &str, now: &str) -> String {
+    let stamp = format!("{{\"@timestamp\":{}", Value::String(now.to_string()));
+    match doc.strip_prefix('{').map(str::trim_start) {
+        Some(rest) if rest.starts_with('}') => format!("{stamp}{rest}"),
+        Some(rest) => format!("{stamp},{rest}"),
+        None => format!("{stamp}}}"),
     }
-    d.to_string()
 }
 
 /// The stateful events for a set of changes.
@@ -145,34 +150,36 @@ fn noun(collector: &str) -> (&'static str, &'static str) {
 }
 
 fn describe(s: &Stored) -> String {
-    let p = &s.doc["package"];
-    if s.collector == "packages" {
-        return format!("{} ({})", p["name"].as_str().unwrap_or("?"), p["version"].as_str().unwrap_or("?"));
-    }
+    let v = s.value();
     match s.collector.as_str() {
+        "packages" => format!(
+            "{} ({})",
+            v["package"]["name"].as_str().unwrap_or("?"),
+            v["package"]["version"].as_str().unwrap_or("?")
+        ),
         "ports" => format!(
             "{}/{}",
-            s.doc["network"]["protocol"].as_str().unwrap_or("?"),
-            s.doc["source"]["port"].as_u64().unwrap_or(0)
+            v["network"]["protocol"].as_str().unwrap_or("?"),
+            v["source"]["port"].as_u64().unwrap_or(0)
         ),
         "networks" => format!(
             "{} {}",
-            s.doc["observer"]["ingress"]["interface"]["name"].as_str().unwrap_or("?"),
-            s.doc["host"]["ip"][0].as_str().unwrap_or("?")
+            v["observer"]["ingress"]["interface"]["name"].as_str().unwrap_or("?"),
+            v["host"]["ip"][0].as_str().unwrap_or("?")
         ),
         "processes" => format!(
             "{} ({})",
-            s.doc["process"]["name"].as_str().unwrap_or("?"),
-            s.doc["process"]["pid"].as_str().unwrap_or("?")
+            v["process"]["name"].as_str().unwrap_or("?"),
+            v["process"]["pid"].as_str().unwrap_or("?")
         ),
         "hardware" => "hardware".into(),
-        _ => s.doc["host"]["os"]["name"].as_str().unwrap_or("system").to_string(),
+        _ => v["host"]["os"]["name"].as_str().unwrap_or("system").to_string(),
     }
 }
 
-fn notification(collector: &str, action: &str, kind: &str, reason: String, doc: &Value, now: &str) -> Event {
+fn notification(collector: &str, action: &str, kind: &str, reason: String, doc: &Stored, now: &str) -> Event {
     let (_, category) = noun(collector);
-    let mut data = doc.clone();
+    let mut data = doc.value();
     if let Some(o) = data.as_object_mut() {
         o.insert(
             "event".into(),
@@ -188,9 +195,10 @@ fn notification(collector: &str, action: &str, kind: &str, reason: String, doc: 
 /// create of the new one) is ONE `package-updated`.
 pub fn notifications(changes: &[Change], now: &str) -> Vec<Event> {
     let pkg_key = |s: &Stored| {
+        let v = s.value();
         (
-            s.doc["package"]["name"].as_str().unwrap_or("").to_string(),
-            s.doc["package"]["architecture"].as_str().unwrap_or("").to_string(),
+            v["package"]["name"].as_str().unwrap_or("").to_string(),
+            v["package"]["architecture"].as_str().unwrap_or("").to_string(),
         )
     };
     let mut removed: HashMap<(String, String), &Stored> = HashMap::new();
@@ -211,25 +219,25 @@ pub fn notifications(changes: &[Change], now: &str) -> Vec<Event> {
                     let reason = format!(
                         "Package {} was updated from {} to {}",
                         k.0,
-                        old.doc["package"]["version"].as_str().unwrap_or("?"),
-                        new.doc["package"]["version"].as_str().unwrap_or("?")
+                        old.value()["package"]["version"].as_str().unwrap_or("?"),
+                        new.value()["package"]["version"].as_str().unwrap_or("?")
                     );
-                    out.push(notification("packages", "package-updated", "change", reason, &new.doc, now));
+                    out.push(notification("packages", "package-updated", "change", reason, new, now));
                     paired.push(k);
                 } else {
                     let reason = format!("Package {} was installed", describe(new));
-                    out.push(notification("packages", "package-installed", "installation", reason, &new.doc, now));
+                    out.push(notification("packages", "package-installed", "installation", reason, new, now));
                 }
             }
             Change::Create { new, .. } => {
                 let (n, _) = noun(&new.collector);
                 let reason = format!("{} {} was detected", capitalise(n), describe(new));
-                out.push(notification(&new.collector, &format!("{n}-detected"), "creation", reason, &new.doc, now));
+                out.push(notification(&new.collector, &format!("{n}-detected"), "creation", reason, new, now));
             }
             Change::Update { new, .. } => {
                 let (n, _) = noun(&new.collector);
                 let reason = format!("{} {} was updated", capitalise(n), describe(new));
-                out.push(notification(&new.collector, &format!("{n}-updated"), "change", reason, &new.doc, now));
+                out.push(notification(&new.collector, &format!("{n}-updated"), "change", reason, new, now));
             }
             Change::Delete { .. } => {}
         }
@@ -241,7 +249,7 @@ pub fn notifications(changes: &[Change], now: &str) -> Vec<Event> {
             }
             let (n, _) = noun(&old.collector);
             let reason = format!("{} {} was removed", capitalise(n), describe(old));
-            out.push(notification(&old.collector, &format!("{n}-removed"), "deletion", reason, &old.doc, now));
+            out.push(notification(&old.collector, &format!("{n}-removed"), "deletion", reason, old, now));
         }
     }
     out
@@ -364,6 +372,12 @@ pub fn run(inv: Inventory, shutdown: Receiver<()>) {
             Err(e) if e == "stopped" => break,
             Err(e) => log::warn!("{e}"),
         }
+        // A scan allocates and frees a lot at once; give it back to the system until the next.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only releases free memory.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         select! {
             recv(shutdown) -> _ => break,
             default(inv.config.interval) => {}
@@ -376,12 +390,19 @@ mod tests {
     use super::*;
 
     fn pkg(name: &str, version: &str) -> (String, Stored) {
-        let doc = json!({"package": {"name": name, "version": version, "architecture": "amd64", "type": "deb"}});
+        let doc =
+            json!({"package": {"name": name, "version": version, "architecture": "amd64", "type": "deb"}}).to_string();
         (doc_id("u", &format!("{name}:{version}:amd64:deb:")), Stored { collector: "packages".into(), doc })
     }
 
     fn map(items: Vec<(String, Stored)>) -> BTreeMap<String, Stored> {
         items.into_iter().collect()
+    }
+
+    #[test]
+    fn timestamps_go_first() {
+        assert_eq!(stamped(r#"{"a":1}"#, "T"), r#"{"@timestamp":"T","a":1}"#);
+        assert_eq!(stamped("{}", "T"), r#"{"@timestamp":"T"}"#);
     }
 
     #[test]
@@ -418,15 +439,16 @@ mod tests {
 
     #[test]
     fn volatile_counters_do_not_make_updates() {
-        let hw = |free: u64| Stored {
+        let hw = |free: u64, cores: u64| {
+            Stored {
             collector: "hardware".into(),
-            doc: json!({"host": {"cpu": {"cores": 2}, "memory": {"free": free, "total": 100, "used": {"percentage": 100 - free}}}}),
+            doc: json!({"host": {"cpu": {"cores": cores}, "memory": {"free": free, "total": 100, "used": {"percentage": 100 - free}}}})
+                .to_string(),
+        }
         };
-        let old = map(vec![("h".into(), hw(10))]);
-        assert!(diff(&old, &map(vec![("h".into(), hw(55))]), &["hardware"], &["hardware".into()]).is_empty());
-        let mut changed = hw(10);
-        changed.doc["host"]["cpu"]["cores"] = json!(4);
-        assert_eq!(diff(&old, &map(vec![("h".into(), changed)]), &["hardware"], &["hardware".into()]).len(), 1);
+        let old = map(vec![("h".into(), hw(10, 2))]);
+        assert!(diff(&old, &map(vec![("h".into(), hw(55, 2))]), &["hardware"], &["hardware".into()]).is_empty());
+        assert_eq!(diff(&old, &map(vec![("h".into(), hw(10, 4))]), &["hardware"], &["hardware".into()]).len(), 1);
     }
 
     #[test]
