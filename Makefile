@@ -17,14 +17,18 @@ build:
 release:
 	$(CARGO) build --release -p wazuh-agent
 
+# Some tests drive the init scripts (shellcheck, busybox), mount a tmpfs and drop
+# privileges: they expect root, as CI has. deps.sh installs the tools when run as root.
 test:
+	@sh scripts/deps.sh
 	$(CARGO) test --workspace
 
 # Formatting, lints and shell scripts, as CI checks them.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	shellcheck -s sh scripts/wazuh-agent-respawn scripts/init.d/wazuh-agent scripts/openrc/wazuh-agent scripts/procd/wazuh-agent
+	@sh scripts/deps.sh
+	shellcheck -s sh scripts/wazuh-agent-respawn scripts/init.d/wazuh-agent scripts/openrc/wazuh-agent scripts/procd/wazuh-agent scripts/deps.sh
 	shellcheck scripts/demo.sh
 
 demo:

@@ -17,6 +17,7 @@ fn every_shell_script_passes_shellcheck() {
         "scripts/init.d/wazuh-agent",
         "scripts/openrc/wazuh-agent",
         "scripts/procd/wazuh-agent",
+        "scripts/deps.sh",
     ];
     let out = Command::new("shellcheck")
         .args(["-s", "sh"])
