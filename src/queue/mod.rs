@@ -532,6 +532,8 @@ pub fn run(
     limits: impl Fn() -> BatchLimits,
 ) {
     let never_acks = crossbeam_channel::never::<Ack>();
+    // Kept alive, never received from: a send to it is never ready.
+    let (nobody, _nobody_rx) = crossbeam_channel::bounded::<QueueBatch>(0);
     let mut uploader_gone = false;
     let mut in_flight = false;
     let mut pending: Option<QueueBatch> = None;
@@ -546,38 +548,24 @@ pub fn run(
             }
         }
         let ack_in = if uploader_gone { &never_acks } else { &acks };
-        if let Some(batch) = pending.take() {
-            // `batch` moves into the send only if the uploader takes it (select! evaluates
-            // a send's message lazily); otherwise it stays in `slot` for the next round.
-            let mut slot = Some(batch);
-            select! {
-                send(batches, take(&mut slot)) -> res => {
-                    // A failed send means the uploader is gone; the records stay on disk.
-                    if res.is_err() { uploader_gone = true; } else { in_flight = true; }
-                }
-                recv(appends) -> msg => match msg {
-                    Ok(a) => serve_appends(&mut store, a, &appends),
-                    Err(_) => break,
-                },
-                recv(ack_in) -> msg => match msg {
-                    Ok(a) => { apply_ack(&mut store, a); in_flight = false; }
-                    Err(_) => uploader_gone = true,
-                },
-                recv(stop) -> _ => break,
+        // With no batch to offer, the send arm points at a channel nobody receives from,
+        // so it is never ready. The batch moves into the send only if the uploader takes
+        // it (select! evaluates a send's message lazily); otherwise it stays in `pending`.
+        let offer = if pending.is_some() { &batches } else { &nobody };
+        select! {
+            send(offer, take(&mut pending)) -> res => {
+                // A failed send means the uploader is gone; the records stay on disk.
+                if res.is_err() { uploader_gone = true; } else { in_flight = true; }
             }
-            pending = slot;
-        } else {
-            select! {
-                recv(appends) -> msg => match msg {
-                    Ok(a) => serve_appends(&mut store, a, &appends),
-                    Err(_) => break,
-                },
-                recv(ack_in) -> msg => match msg {
-                    Ok(a) => { apply_ack(&mut store, a); in_flight = false; }
-                    Err(_) => uploader_gone = true,
-                },
-                recv(stop) -> _ => break,
-            }
+            recv(appends) -> msg => match msg {
+                Ok(a) => serve_appends(&mut store, a, &appends),
+                Err(_) => break,
+            },
+            recv(ack_in) -> msg => match msg {
+                Ok(a) => { apply_ack(&mut store, a); in_flight = false; }
+                Err(_) => uploader_gone = true,
+            },
+            recv(stop) -> _ => break,
         }
     }
     // Appends that raced the stop are still served, so no producer waits on a dead queue.
@@ -590,7 +578,8 @@ pub fn run(
 }
 
 fn take(slot: &mut Option<QueueBatch>) -> QueueBatch {
-    // Only reached when `slot` holds the batch: the send arm exists only then.
+    // Only reached when the uploader took the batch, i.e. when `slot` holds one (the
+    // send arm points at the uploader only then).
     slot.take().unwrap_or(QueueBatch { kind: Kind::Stateful, events: Vec::new(), end: Pos::default(), frame_bytes: 0 })
 }
 
