@@ -73,15 +73,6 @@ impl Event {
     pub fn wire_len(&self) -> usize {
         self.text.len() + 1
     }
-
-    /// The header's `module` (for routing decisions such as command results).
-    pub fn module(&self) -> Option<String> {
-        #[derive(Deserialize)]
-        struct M {
-            module: String,
-        }
-        serde_json::from_str::<M>(self.header()).ok().map(|m| m.module)
-    }
 }
 
 /// Why a line was rejected (the text goes to the producer after `line N: `).
@@ -287,7 +278,6 @@ mod tests {
             r#"{"header": {"module": "inventory", "collector": "packages", "operation": "delete", "id": "6641e6"}}"#,
         );
         assert_eq!(e.data(), None);
-        assert_eq!(e.module().as_deref(), Some("inventory"));
         let e = ok("{\"header\":{\"module\":\"command\",\"operation\":\"update\",\"id\":\"A8\"},\"data\":{}}\r");
         assert_eq!(e.kind, Kind::Stateful);
     }

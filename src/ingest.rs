@@ -20,7 +20,7 @@ use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{self, Event, Kind};
-use crate::queue::{Append, Appended, QueueError};
+use crate::queue::Append;
 use crate::status::Stats;
 
 /// A producer that sends nothing for this long is answered and dropped.
@@ -32,6 +32,8 @@ const CHUNK: usize = 512;
 /// Stateful events are made durable at least every this many bytes of a long stream
 /// (bounds a connection's memory; group commit keeps the fsync count low anyway).
 const DURABLE_CHUNK_BYTES: usize = 256 << 10;
+/// Longest wait for the fsync that makes a connection's stateful events durable.
+const DURABLE_WAIT: Duration = Duration::from_secs(120);
 /// The reply lists at most this many errors (then a count), to stay one reasonable line.
 const MAX_REPLY_ERRORS: usize = 1000;
 /// `sun_path` is 108 bytes including the terminating NUL on Linux.
@@ -243,12 +245,9 @@ impl Conn<'_> {
         let events = std::mem::take(&mut self.stateful);
         let lines = std::mem::take(&mut self.stateful_lines);
         self.stateful_bytes = 0;
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let closed = Appended { stored: 0, error: Some(QueueError::Closed) };
-        let result = match self.ingest.queue.send(Append { events, reply: tx }) {
-            Ok(()) => rx.recv().unwrap_or(closed),
-            Err(_) => closed,
-        };
+        // Bounded: a queue stuck on a dying disk must not hold the producer for ever (it
+        // is told the lines were not accepted and may send them again).
+        let result = crate::queue::append_and_wait(&self.ingest.queue, events, DURABLE_WAIT);
         let stored = result.stored.min(lines.len());
         self.reply.accepted += stored as u64;
         Stats::add(&self.ingest.stats.received, stored as u64);

@@ -377,12 +377,11 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
         let exp = token.as_ref().map_or(0, |t| status::unix(t.expires_at));
         stats.token_expires_at.store(exp, std::sync::atomic::Ordering::Relaxed);
         let server = token.as_ref().map_or_else(|| config.server.urls[0].clone(), |t| t.server.clone());
-        if stats.last_error().is_none() {
-            if let Some(e) = cell.last_error() {
-                stats.set_error(e);
-            }
+        let mut state = status::State::capture(&stats, &credentials.uuid, &server, SystemTime::now());
+        // A current authentication problem (cleared on success) outranks older errors.
+        if let Some(e) = cell.last_error() {
+            state.last_error = Some(e);
         }
-        let state = status::State::capture(&stats, &credentials.uuid, &server, SystemTime::now());
         if let Err(e) = status::write_state(&config.agent.run_dir, &state) {
             log::warn!("cannot write {}: {e}", status::state_path(&config.agent.run_dir).display());
         }
