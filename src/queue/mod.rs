@@ -141,6 +141,9 @@ pub struct BatchLimits {
 
 struct Loaded {
     seg: u64,
+    /// Whether `bytes` runs to the segment's final end (it was sealed when loaded). If not,
+    /// records appended after the load follow `bytes` and must be read before moving on.
+    sealed: bool,
     base: u64,
     bytes: Vec<u8>,
     frames: Vec<Range<usize>>,
@@ -410,11 +413,9 @@ impl QueueStore {
         let seg = self.read.seg;
         let path = self.dir.join(seg_name(seg));
         let mut f = File::open(&path).map_err(|e| io_err("cannot open", &path, e))?;
-        let end = if seg == self.durable.seg {
-            self.durable.off
-        } else {
-            f.metadata().map_err(|e| io_err("cannot stat", &path, e))?.len()
-        };
+        let sealed = seg != self.durable.seg;
+        let end =
+            if sealed { f.metadata().map_err(|e| io_err("cannot stat", &path, e))?.len() } else { self.durable.off };
         let len = end.saturating_sub(self.read.off);
         let mut bytes = Vec::with_capacity(len as usize);
         f.seek(SeekFrom::Start(self.read.off)).map_err(|e| io_err("cannot seek", &path, e))?;
@@ -427,7 +428,7 @@ impl QueueStore {
                 scan.skipped + scan.torn
             );
         }
-        self.loaded = Some(Loaded { seg, base: self.read.off, bytes, frames: scan.frames, next: 0 });
+        self.loaded = Some(Loaded { seg, sealed, base: self.read.off, bytes, frames: scan.frames, next: 0 });
         Ok(())
     }
 
@@ -478,8 +479,10 @@ impl QueueStore {
             events.push(event);
             l.next += 1;
             self.read.off = l.base + r.end as u64;
-            // A finished, sealed segment: move on at once so `end` names the next one.
-            if l.next >= l.frames.len() && self.read.seg < self.durable.seg {
+            // A finished segment that was already sealed when loaded: move on at once so
+            // `end` names the next one. (Sealed since the load: it may have grown after
+            // `bytes`; the next pass reloads it from `read`.)
+            if l.next >= l.frames.len() && l.sealed {
                 let consumed_to = l.base + l.bytes.len() as u64;
                 if self.read.off >= consumed_to {
                     self.loaded = None;
@@ -736,6 +739,104 @@ mod tests {
         let mut q = open(dir.path());
         assert_eq!(q.backlog(), (0, 0));
         assert!(q.next_batch(LIMITS).unwrap().is_none());
+    }
+
+    fn sized(i: usize, pad: usize) -> Event {
+        Event::new(
+            Kind::Stateful,
+            &format!(r#"{{"module":"fim","operation":"update","id":"{i}"}}"#),
+            Some(&format!("{{\"x\":\"{}\"}}", "y".repeat(pad))),
+        )
+    }
+
+    /// Found by `make bench` (a backlog drained while producers kept appending): records
+    /// appended to a segment after it was loaded and before it was sealed were skipped.
+    #[test]
+    fn records_appended_to_a_loaded_segment_before_it_rolls_are_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = open(dir.path());
+        let one = BatchLimits { max_events: 1, ..LIMITS };
+        let (e1, e2, e3) = (sized(1, 10), sized(2, 10), sized(3, 10));
+        q.append(&[e1.clone(), e2.clone()]).unwrap();
+        q.sync().unwrap();
+        // Loads the active segment (e1, e2) and hands out e1 only.
+        let b = q.next_batch(one).unwrap().unwrap();
+        assert_eq!(b.events, [e1]);
+        q.ack(Ack { end: b.end, records: 1, frame_bytes: b.frame_bytes }).unwrap();
+        // e3 lands in the same segment, then a big record seals it.
+        let big = sized(4, SEGMENT_MAX as usize);
+        q.append(&[e3.clone(), big.clone()]).unwrap();
+        q.sync().unwrap();
+        assert_eq!(drain(&mut q, one), [e2, e3, big]);
+        assert_eq!(q.backlog(), (0, 0));
+    }
+
+    /// Appends, syncs, batches of random limits, acks (or not) and restarts, interleaved at
+    /// random, against a model: everything appended is handed out exactly once, in order,
+    /// except batches not acked before a restart, which come back.
+    #[test]
+    fn interleaved_appends_reads_acks_and_restarts_match_the_model() {
+        for seed in 0..24 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let dir = tempfile::tempdir().unwrap();
+            let mut q = open(dir.path());
+            let mut appended: Vec<Event> = Vec::new();
+            let mut acked = 0usize; // appended[..acked] delivered for good
+            let mut handed = 0usize; // appended[..handed] handed out since the last restart
+            let mut synced = 0usize;
+            let mut next_id = 0;
+            for _ in 0..200 {
+                match rng.u8(0..10) {
+                    0..=3 => {
+                        let n = rng.usize(1..20);
+                        let batch: Vec<Event> = (0..n)
+                            .map(|_| {
+                                next_id += 1;
+                                // Mostly small records, sometimes ones that fill a segment fast.
+                                let pad =
+                                    if rng.u8(0..20) == 0 { rng.usize(100_000..400_000) } else { rng.usize(0..300) };
+                                sized(next_id, pad)
+                            })
+                            .collect();
+                        assert_eq!(q.append(&batch).unwrap(), n);
+                        appended.extend(batch);
+                    }
+                    4 => {
+                        q.sync().unwrap();
+                        synced = appended.len();
+                    }
+                    5..=8 => {
+                        let limits = BatchLimits { max_events: rng.usize(1..30), max_bytes: 1 << 22, overhead: 0 };
+                        match q.next_batch(limits).unwrap() {
+                            Some(b) => {
+                                let n = b.events.len();
+                                assert_eq!(b.events, appended[handed..handed + n], "seed {seed}");
+                                handed += n;
+                                // Some batches stay unacked: a restart hands them out again.
+                                if rng.bool() {
+                                    q.ack(Ack { end: b.end, records: n as u64, frame_bytes: b.frame_bytes }).unwrap();
+                                    acked = handed;
+                                }
+                            }
+                            // A roll syncs too, so more than `synced` may be durable.
+                            None => assert!(handed >= synced, "seed {seed}: durable records not handed out"),
+                        }
+                    }
+                    _ => {
+                        q.sync().unwrap();
+                        drop(q);
+                        q = open(dir.path());
+                        // Everything not acked is the backlog, and is handed out again.
+                        assert_eq!(q.backlog().0 as usize, appended.len() - acked, "seed {seed}");
+                        handed = acked;
+                        synced = appended.len();
+                    }
+                }
+            }
+            q.sync().unwrap();
+            let rest = drain(&mut q, BatchLimits { max_events: 7, max_bytes: 1 << 22, overhead: 0 });
+            assert_eq!(rest, appended[handed..], "seed {seed}");
+        }
     }
 
     #[test]

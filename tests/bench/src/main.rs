@@ -200,6 +200,26 @@ fn pct(v: &[f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// Waits until the mock counted `target` events of one kind (0 stateless, 1 stateful); panics
+/// with both counters and the agent's state.json if delivery stops progressing for 60 s.
+fn await_delivery(mock: &MockServer, stateful: bool, target: u64, what: &str, run_dir: &Path) {
+    let count = || if stateful { mock.event_counts().1 } else { mock.event_counts().0 };
+    let (mut last, mut progress) = (count(), Instant::now());
+    while count() < target {
+        let now = count();
+        if now != last {
+            (last, progress) = (now, Instant::now());
+        } else if progress.elapsed() > Duration::from_secs(60) {
+            panic!(
+                "{what}: stalled at {now} of {target} events (mock counts {:?}); agent state: {}",
+                mock.event_counts(),
+                std::fs::read_to_string(run_dir.join("state.json")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 struct Agent {
     child: Child,
 }
@@ -262,7 +282,8 @@ fn main() {
         .unwrap();
     let pid = child.id();
     let _agent = Agent { child };
-    let socket = dir.join("run/ingest.sock");
+    let run_dir = dir.join("run");
+    let socket = run_dir.join("ingest.sock");
     assert!(wait_for(Duration::from_secs(10), || socket.exists() && !mock.auth_calls().is_empty()), "agent up");
     let mut out = serde_json::Map::new();
 
@@ -317,7 +338,7 @@ fn main() {
     let start = Instant::now();
     let accepted = produce(&socket, n, 4, 20_000, stateless_line, 0);
     assert_eq!(accepted as usize, n);
-    assert!(wait_for(Duration::from_secs(600), || mock.event_counts().0 >= base0 + n as u64), "stateless delivered");
+    await_delivery(&mock, false, base0 + n as u64, "stateless burst", &run_dir);
     let secs = start.elapsed().as_secs_f64();
     let reqs = events_requests(&mock) - req0;
     out.insert("stateless_events".into(), json!(n));
@@ -341,7 +362,7 @@ fn main() {
                 .unwrap();
         }
     }
-    assert!(wait_for(Duration::from_secs(600), || mock.event_counts().0 >= base + nl as u64), "log lines delivered");
+    await_delivery(&mock, false, base + nl as u64, "log lines", &run_dir);
     out.insert("logcollector_lines_per_s".into(), json!(nl as f64 / start.elapsed().as_secs_f64()));
 
     eprintln!("bench: The mock's own ceiling …");
@@ -358,7 +379,7 @@ fn main() {
     let accepted = produce(&socket, ns, 8, 1_000, stateful_line, 0);
     let acked = start.elapsed().as_secs_f64();
     assert_eq!(accepted as usize, ns);
-    assert!(wait_for(Duration::from_secs(600), || mock.event_counts().1 >= s0 + ns as u64), "stateful delivered");
+    await_delivery(&mock, true, s0 + ns as u64, "stateful", &run_dir);
     out.insert("stateful_events".into(), json!(ns));
     out.insert("stateful_durable_acks_per_s".into(), json!(ns as f64 / acked));
     out.insert("stateful_delivered_per_s".into(), json!(ns as f64 / start.elapsed().as_secs_f64()));
@@ -383,7 +404,7 @@ fn main() {
     reset_peak(pid);
     mock.set_down(false);
     let start = Instant::now();
-    assert!(wait_for(Duration::from_secs(900), || mock.event_counts().1 >= s1 + backlog as u64), "backlog drained");
+    await_delivery(&mock, true, s1 + backlog as u64, "backlog drain", &run_dir);
     out.insert("backlog_drain_events_per_s".into(), json!(backlog as f64 / start.elapsed().as_secs_f64()));
     out.insert("backlog_drain_peak_rss_kib".into(), json!(proc_status(pid, "VmHWM:")));
 
