@@ -183,3 +183,37 @@ fn a_full_disk_refuses_clearly_and_recovers() {
     }));
     assert!(agent.log().contains("No space left"), "the cause is logged: {}", agent.log());
 }
+
+/// Producers keep appending while small batches are read from the segment they append to,
+/// across many segment rolls (the case `make bench` caught skipping records).
+#[test]
+fn a_stateful_stream_across_segment_rolls_is_delivered_exactly_once() {
+    let env = Env::new();
+    env.write_config("events.batch_max_events = 40");
+    let agent = env.running_agent();
+    let pad = "x".repeat(1500);
+    let (producers, per_producer, per_send) = (4, if slow() { 3000 } else { 1000 }, 100);
+    std::thread::scope(|s| {
+        for p in 0..producers {
+            let (env, pad) = (&env, &pad);
+            s.spawn(move || {
+                for chunk in (0..per_producer).collect::<Vec<_>>().chunks(per_send) {
+                    env.send_ok(&lines(chunk.iter().map(|i| {
+                        let id = p * per_producer + i;
+                        format!(
+                            r#"{{"header":{{"module":"inventory","collector":"packages","operation":"create","id":"pkg-{id}"}},"data":{{"package":{{"name":"p{id}","description":"{pad}"}}}}}}"#
+                        )
+                    })));
+                }
+            });
+        }
+    });
+    let total = producers * per_producer;
+    assert!(
+        env.mock.wait_until(Duration::from_secs(60), |m| m.event_counts().1 >= total as u64),
+        "{} of {total} delivered: {}",
+        env.mock.event_counts().1,
+        agent.log()
+    );
+    assert_eq!(unique(stateful_ids(&env.mock)), (total, 0));
+}
