@@ -101,22 +101,42 @@ fn stateful_line(i: usize) -> String {
     )
 }
 
-/// Sends `lines` through `producers` parallel connections of at most `per_conn` lines each;
-/// returns when every reply arrived, with the total accepted.
-fn produce(socket: &Path, n: usize, producers: usize, per_conn: usize, line: fn(usize) -> String, base: usize) -> u64 {
-    let threads: Vec<_> = (0..producers)
-        .map(|p| {
+/// The load, built before the clock starts so the generator's own formatting does not
+/// compete with the agent and the mock for the CPU: per producer, one buffer per connection.
+struct Load(Vec<Vec<Vec<u8>>>);
+
+fn prepare(n: usize, producers: usize, per_conn: usize, line: fn(usize) -> String, base: usize) -> Load {
+    Load(
+        (0..producers)
+            .map(|p| {
+                let mine: Vec<usize> = (p..n).step_by(producers).collect();
+                mine.chunks(per_conn)
+                    .map(|chunk| {
+                        let mut buf = Vec::with_capacity(chunk.len() * 260);
+                        for i in chunk {
+                            buf.extend_from_slice(line(base + i).as_bytes());
+                            buf.push(b'\n');
+                        }
+                        buf
+                    })
+                    .collect()
+            })
+            .collect(),
+    )
+}
+
+/// Sends the load through its producers' parallel connections; returns when every reply
+/// arrived, with the total accepted.
+fn send(socket: &Path, load: Load) -> u64 {
+    let threads: Vec<_> = load
+        .0
+        .into_iter()
+        .map(|conns| {
             let socket = socket.to_path_buf();
             std::thread::spawn(move || {
                 let mut accepted = 0u64;
-                let mine: Vec<usize> = (p..n).step_by(producers).collect();
-                for chunk in mine.chunks(per_conn) {
+                for buf in conns {
                     let mut s = UnixStream::connect(&socket).expect("connect to the ingest socket");
-                    let mut buf = Vec::with_capacity(chunk.len() * 260);
-                    for i in chunk {
-                        buf.extend_from_slice(line(base + i).as_bytes());
-                        buf.push(b'\n');
-                    }
                     s.write_all(&buf).expect("write events");
                     s.shutdown(std::net::Shutdown::Write).unwrap();
                     let mut reply = String::new();
@@ -131,12 +151,18 @@ fn produce(socket: &Path, n: usize, producers: usize, per_conn: usize, line: fn(
     threads.into_iter().map(|t| t.join().unwrap()).sum()
 }
 
-fn events_requests(mock: &MockServer) -> usize {
-    mock.requests().iter().filter(|r| r.path.starts_with("/api/v1/events/")).count()
+fn produce(socket: &Path, n: usize, producers: usize, per_conn: usize, line: fn(usize) -> String, base: usize) -> u64 {
+    send(socket, prepare(n, producers, per_conn, line, base))
 }
 
-/// The mock's own ceiling: one keep-alive TLS client posting pre-built 1 000-event bodies.
-fn mock_ceiling(mock: &MockServer, creds: &Value, seconds: f64) -> f64 {
+fn events_requests(mock: &MockServer, prefix: &str) -> usize {
+    mock.requests().iter().filter(|r| r.path.starts_with(prefix)).count()
+}
+
+/// The mock's own ceiling: one keep-alive TLS client (like the agent's uploader) posting
+/// pre-built bodies of `per` events (the agent's own average batch in the burst, so both
+/// pay the same per-body costs).
+fn mock_ceiling(mock: &MockServer, creds: &Value, per: usize, seconds: f64) -> f64 {
     let ca = std::fs::read(mock.ca_file()).unwrap();
     let cert = ureq::tls::Certificate::from_pem(&ca).unwrap();
     let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&[cert])).build();
@@ -149,7 +175,7 @@ fn mock_ceiling(mock: &MockServer, creds: &Value, seconds: f64) -> f64 {
         r#"{{"agent":{{"groups":[],"host":{{"architecture":"x86_64","hostname":"b","ip":["127.0.0.1"],"os":{{"name":"Linux","type":"Linux","version":"1"}}}},"id":{},"name":"b","type":"Endpoint","version":"0"}}}}"#,
         creds["uuid"]
     );
-    for i in 0..1000 {
+    for i in 0..per {
         let v: Value = serde_json::from_str(&stateless_line(i)).unwrap();
         body.push('\n');
         body.push_str(&v["header"].to_string());
@@ -168,7 +194,7 @@ fn mock_ceiling(mock: &MockServer, creds: &Value, seconds: f64) -> f64 {
             .unwrap();
         assert_eq!(resp.status().as_u16(), 204);
         let _ = resp.body_mut().read_to_vec();
-        sent += 1000;
+        sent += per;
     }
     sent as f64 / start.elapsed().as_secs_f64()
 }
@@ -331,16 +357,18 @@ fn main() {
     eprintln!("bench: Stateless burst. …");
     // Stateless burst.
     let n = a.events;
+    let load = prepare(n, 4, 20_000, stateless_line, 0);
     reset_peak(pid);
-    let req0 = events_requests(&mock);
+    let (req0, sl0) = (events_requests(&mock, "/api/v1/events/"), events_requests(&mock, "/api/v1/events/stateless"));
     let cpu0 = cpu_secs(pid);
     let base0 = mock.event_counts().0;
     let start = Instant::now();
-    let accepted = produce(&socket, n, 4, 20_000, stateless_line, 0);
+    let accepted = send(&socket, load);
     assert_eq!(accepted as usize, n);
     await_delivery(&mock, false, base0 + n as u64, "stateless burst", &run_dir);
     let secs = start.elapsed().as_secs_f64();
-    let reqs = events_requests(&mock) - req0;
+    let reqs = events_requests(&mock, "/api/v1/events/") - req0;
+    let stateless_reqs = events_requests(&mock, "/api/v1/events/stateless") - sl0;
     out.insert("stateless_events".into(), json!(n));
     out.insert("stateless_events_per_s".into(), json!(n as f64 / secs));
     out.insert("agent_cpu_s_per_100k".into(), json!((cpu_secs(pid) - cpu0) / n as f64 * 100_000.0));
@@ -367,16 +395,19 @@ fn main() {
 
     eprintln!("bench: The mock's own ceiling …");
     // The mock's own ceiling, same machine, same run.
-    let ceiling = mock_ceiling(&mock, &creds, if a.quick { 2.0 } else { 5.0 });
+    let per = n / stateless_reqs.max(1);
+    let ceiling = mock_ceiling(&mock, &creds, per, if a.quick { 2.0 } else { 5.0 });
+    out.insert("mock_ceiling_batch_events".into(), json!(per));
     out.insert("mock_ceiling_events_per_s".into(), json!(ceiling));
     out.insert("agent_to_mock_ratio".into(), json!(n as f64 / secs / ceiling));
 
     eprintln!("bench: Stateful …");
     // Stateful, durable (each connection's reply waits for the group-commit fsync).
     let ns = n / 4;
+    let load = prepare(ns, 8, 1_000, stateful_line, 0);
     let s0 = mock.event_counts().1;
     let start = Instant::now();
-    let accepted = produce(&socket, ns, 8, 1_000, stateful_line, 0);
+    let accepted = send(&socket, load);
     let acked = start.elapsed().as_secs_f64();
     assert_eq!(accepted as usize, ns);
     await_delivery(&mock, true, s0 + ns as u64, "stateful", &run_dir);
