@@ -20,6 +20,7 @@ pub mod inventory;
 pub mod live;
 pub mod logcollector;
 pub mod logging;
+pub mod memory;
 pub mod pidfile;
 pub mod poll;
 pub mod privileges;

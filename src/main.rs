@@ -51,7 +51,7 @@ fn exit_code(_e: &Error) -> u8 {
 }
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
+    wazuh_agent::memory::tune_allocator();
     match try_main() {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -126,21 +126,6 @@ fn restart() -> std::io::Error {
         .or_else(|| std::env::current_exe().ok())
         .unwrap_or_else(|| arg0.clone().into());
     std::process::Command::new(exe).arg0(arg0).args(args).exec()
-}
-
-/// glibc gives every thread that allocates its own arena and keeps freed memory in each;
-/// with a handful of threads that multiplies the resident size for nothing on a small
-/// host. Two arenas keep contention low for the busy threads (ingest, uploaders).
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning; called before any thread exists.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-        // A fixed threshold (instead of glibc's dynamic one, which climbs to 32 MiB after
-        // the first large free) keeps request bodies and queue segments in mmap'd memory
-        // that goes back to the system as soon as it is freed.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
-    }
 }
 
 /// `--status`: prints the state as one JSON object with `running`; 0 running, 3 not.

@@ -7,9 +7,10 @@
 //! | `signals`  | the signal-hook iterator                    | → main                                      |
 //! | `token`    | the auth HTTP agent, renewal schedule       | refresh requests → `TokenCell`              |
 //! | `ingest`   | `ingest.sock` (acceptor; one short thread per connection) | → batcher (stateless), → queue (stateful) |
-//! | `batcher`  | the stateless ring buffer                   | → uploader (one batch at a time)            |
+//! | `batcher`  | the stateless ring buffer                   | → uploaders (one batch each at a time)      |
 //! | `queue`    | `<data_dir>/queue/` segment files, cursor   | appends in, batches → uploader, acks in     |
-//! | `uploader` | the events HTTP agent, `rejected.ndjson`    | → comms API; acks → queue                   |
+//! | `uploader` | an events HTTP agent, `rejected.ndjson`     | queue + stateless batches → comms API; acks → queue |
+//! | `uploader2` | a second events HTTP agent                 | stateless batches → comms API               |
 //! | `poll`     | the commands HTTP agent (long-poll)         | → executor                                  |
 //! | `logcollector` | followed files, `logcollector.json`     | → batcher (stateless)                       |
 //! | `inventory` | `inventory.json` snapshot, host scans      | → queue (stateful), → batcher (notifications) |
@@ -26,6 +27,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::io;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
@@ -43,6 +45,7 @@ use crate::groups;
 use crate::http::{self, HttpError};
 use crate::ingest::{self, Ingest, IngestError};
 use crate::live::Live;
+use crate::memory;
 use crate::pidfile::{PidError, PidFile};
 use crate::poll::{self, Poller};
 use crate::queue::{self, Ack, Append, BatchLimits, QueueBatch, QueueError, QueueStore};
@@ -203,9 +206,10 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     }
     // One connection pool per thread that talks to the server; one TLS configuration.
     let (request, commands) = (config.server.request_timeout, config.server.commands_timeout);
-    let agents = http::build_agents(&config.server, &[request, request, commands, request]).map_err(RunError::Http)?;
-    let [auth_agent, upload_agent, poll_agent, files_agent]: [ureq::Agent; 4] =
-        agents.try_into().map_err(|_| RunError::Http(HttpError::Tls("expected four HTTP agents".into())))?;
+    let agents =
+        http::build_agents(&config.server, &[request, request, request, commands, request]).map_err(RunError::Http)?;
+    let [auth_agent, upload_agent, upload2_agent, poll_agent, files_agent]: [ureq::Agent; 5] =
+        agents.try_into().map_err(|_| RunError::Http(HttpError::Tls("expected five HTTP agents".into())))?;
     // Before anything else that a second agent would fight over.
     let pid_file = PidFile::acquire(&config.agent.run_dir).map_err(RunError::Pid)?;
     let stats = Arc::new(Stats::default());
@@ -234,7 +238,7 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     // Chunks of up to 512 events; 2 in flight keep the batcher busy, and under
     // overflow = "block" producers wait as soon as the ring buffer and these are full.
     let (events_tx, events_rx) = crossbeam_channel::bounded::<Vec<Event>>(2);
-    // Rendezvous: the uploader takes one batch at a time; the rest waits in the ring buffer.
+    // Rendezvous: each uploader takes one batch at a time; the rest waits in the ring buffer.
     let (batch_tx, batch_rx) = crossbeam_channel::bounded::<Vec<Event>>(0);
     // Append requests wait here while the queue fsyncs; they are then committed as one group.
     let (append_tx, append_rx) = crossbeam_channel::bounded::<Append>(256);
@@ -323,21 +327,29 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
         workers.spawn("batcher", move || batcher::run(wiring, policy, live, stats))?;
     }
 
+    // Two uploaders, each with its own connection: `uploader` takes queue batches (one at a
+    // time, in order) and stateless ones, `uploader2` stateless ones only. With one request
+    // in flight the server's time per body was dead time for the agent; with two, one body
+    // is sent while the server works on the other (stateless batches may then arrive out of
+    // order; the durable queue's never do).
+    for (name, agent, queued) in
+        [("uploader", upload_agent.clone(), Some(qbatch_rx)), ("uploader2", upload2_agent.clone(), None)]
     {
         let up = Uploader {
-            agent: upload_agent.clone(),
+            agent,
             cell: cell.clone(),
             live: live.clone(),
             compression: config.server.compression,
             request_timeout: config.server.request_timeout,
             stats: stats.clone(),
             rejected: RejectedLog::new(&config.agent.data_dir),
-            shutdown: pipeline_stop_rx,
+            shutdown: pipeline_stop_rx.clone(),
             deadline: deadline.clone(),
         };
-        let spill = append_tx.clone();
-        workers.spawn("uploader", move || uploader::run(up, batch_rx, qbatch_rx, ack_tx, spill))?;
+        let (spill, batches, acks) = (append_tx.clone(), batch_rx.clone(), ack_tx.clone());
+        workers.spawn(name, move || uploader::run(up, batches, queued, acks, spill))?;
     }
+    drop((pipeline_stop_rx, batch_rx, ack_tx));
 
     {
         let p = Poller {
@@ -387,6 +399,8 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
         }
     };
     write_state(&cell);
+    // Free heap goes back to the system once each burst is over (checked with the state).
+    let mut trim = memory::Trim::default();
 
     let result = loop {
         select! {
@@ -411,7 +425,13 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
                 log::error!("the {thread} thread ended while the agent was running; stopping so the init system can restart it");
                 break Err(RunError::WorkerDied { thread, panicked });
             }
-            default(status::STATE_INTERVAL) => write_state(&cell),
+            default(status::STATE_INTERVAL) => {
+                write_state(&cell);
+                let activity = stats.received.load(Relaxed) + stats.sent.load(Relaxed);
+                if trim.due(activity, stats.buffered.load(Relaxed) == 0) {
+                    memory::release_free();
+                }
+            }
         }
     };
 
@@ -434,10 +454,12 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     // (2) Deliver within the grace, spill the rest.
     drop(pipeline_stop_tx);
     let until_deadline = deadline.get().map_or(SHUTDOWN_GRACE, |d| d.saturating_duration_since(Instant::now()));
-    stuck.extend(workers.join(&["batcher", "uploader"], until_deadline + Duration::from_secs(2)));
+    const PIPELINE: [&str; 3] = ["batcher", "uploader", "uploader2"];
+    stuck.extend(workers.join(&PIPELINE, until_deadline + Duration::from_secs(2)));
     if !stuck.is_empty() {
         upload_agent.shutdown();
-        stuck = workers.join(&["batcher", "uploader"], Duration::from_secs(2));
+        upload2_agent.shutdown();
+        stuck = workers.join(&PIPELINE, Duration::from_secs(2));
     }
     // (3) The queue after everyone who writes to it.
     drop(queue_stop_tx);

@@ -1,8 +1,9 @@
-//! The uploader thread: the only code that talks to the events endpoints.
+//! The uploader threads: the only code that talks to the events endpoints.
 //!
-//! It takes stateless batches from the batcher and batches from the durable queue (one
-//! of each at most, chosen fairly by `select!`, so neither kind starves the other), and
-//! delivers each with the rules of SPEC §6.3 through [`http::classify`]:
+//! Each takes one batch at a time: `uploader` from the durable queue and the batcher
+//! (chosen fairly by `select!`, so neither kind starves the other), `uploader2` from the
+//! batcher only (so stateful batches stay in order, one in flight). Each batch is
+//! delivered with the rules of SPEC §6.3 through [`http::classify`]:
 //!
 //! * 2xx: delivered (the queue's cursor moves on);
 //! * 401/403: ask the token thread for a new token, resend;
@@ -22,7 +23,7 @@ use serde::Deserialize;
 
 use crate::backoff::Backoff;
 use crate::config::{Compression, RetryConfig};
-use crate::event::{self, Event, Kind};
+use crate::event::{BodyReader, Event, Kind};
 use crate::http::{self, Attempt, Outcome, Rejection};
 use crate::live::Live;
 use crate::queue::{Ack, Append, QueueBatch};
@@ -135,18 +136,17 @@ impl Uploader {
         !self.past_deadline()
     }
 
-    fn body(&self, agent_line: &str, events: &[Event]) -> Vec<u8> {
-        let raw = event::body(agent_line, events.iter());
+    /// The gzip body, built once per batch; `None`: the body is streamed from the events.
+    fn gzip_body(&self, agent_line: &str, events: &[Event]) -> Option<Vec<u8>> {
         match self.compression {
-            Compression::None => raw,
+            Compression::None => None,
             Compression::Gzip => {
+                let raw = BodyReader::len(agent_line, events) as usize;
                 // Level 1: most of the size win for a fraction of the CPU on a small host.
-                let mut enc =
-                    flate2::write::GzEncoder::new(Vec::with_capacity(raw.len() / 4), flate2::Compression::fast());
-                match enc.write_all(&raw).and_then(|_| enc.finish()) {
-                    Ok(z) => z,
-                    Err(_) => raw,
-                }
+                let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(raw / 4), flate2::Compression::fast());
+                // Compressing from memory into memory cannot fail.
+                let _ = std::io::copy(&mut BodyReader::new(agent_line, events), &mut enc);
+                enc.finish().ok()
             }
         }
     }
@@ -159,8 +159,7 @@ impl Uploader {
         let endpoint = if kind == Kind::Stateful { "stateful" } else { "stateless" };
         let view = self.live.view();
         let retry: RetryConfig = view.config.retry.clone();
-        let body = self.body(&view.agent_line, events);
-        let gzip = self.compression == Compression::Gzip;
+        let gzipped = self.gzip_body(&view.agent_line, events);
         let mut backoff = Backoff::new(retry.initial, retry.max);
         loop {
             if self.past_deadline() {
@@ -182,7 +181,11 @@ impl Uploader {
                 }
                 None => self.request_timeout,
             };
-            let result = send_events(&self.agent, &url, &token.bearer(), &body, gzip, timeout);
+            let body = match &gzipped {
+                Some(z) => Body::Gzip(z),
+                None => Body::Stream(&view.agent_line, events),
+            };
+            let result = send_events(&self.agent, &url, &token.bearer(), body, timeout);
             let outcome = http::classify(Attempt::of(&result), SystemTime::now(), retry.max);
             match outcome {
                 Outcome::Done => {
@@ -286,28 +289,44 @@ impl Uploader {
     }
 }
 
+/// A request body: compressed bytes, or the plain body streamed from the events.
+enum Body<'a> {
+    Gzip(&'a [u8]),
+    Stream(&'a str, &'a [Event]),
+}
+
 fn send_events(
     agent: &ureq::Agent,
     url: &str,
     bearer: &str,
-    body: &[u8],
-    gzip: bool,
+    body: Body<'_>,
     timeout: Duration,
 ) -> Result<http::Reply, ureq::Error> {
-    let mut req = agent.post(url).header("Authorization", bearer).header("Content-Type", "application/json");
-    if gzip {
-        req = req.header("Content-Encoding", "gzip");
-    }
-    let mut response = req.config().timeout_global(Some(timeout)).build().send(body)?;
+    let req = agent.post(url).header("Authorization", bearer).header("Content-Type", "application/json");
+    let mut response = match body {
+        Body::Gzip(z) => {
+            req.header("Content-Encoding", "gzip").config().timeout_global(Some(timeout)).build().send(z)?
+        }
+        Body::Stream(agent_line, events) => {
+            let mut reader = BodyReader::new(agent_line, events);
+            // An explicit Content-Length: ureq would send a reader chunked otherwise.
+            req.header("Content-Length", BodyReader::len(agent_line, events).to_string())
+                .config()
+                .timeout_global(Some(timeout))
+                .build()
+                .send(ureq::SendBody::from_reader(&mut reader))?
+        }
+    };
     http::read_reply(&mut response)
 }
 
 /// The uploader thread's loop. Stops when `shutdown` has closed and either the
 /// deadline passed or both inputs are done.
+/// An uploader without `queued` delivers stateless batches only.
 pub fn run(
     mut up: Uploader,
     stateless: Receiver<Vec<Event>>,
-    queued: Receiver<QueueBatch>,
+    queued: Option<Receiver<QueueBatch>>,
     acks: Sender<Ack>,
     spill: Sender<Append>,
 ) {
@@ -315,10 +334,13 @@ pub fn run(
     let never_batches = crossbeam_channel::never::<QueueBatch>();
     let never_stop = crossbeam_channel::never::<()>();
     let mut stateless_open = true;
-    let mut queued_open = true;
+    let mut queued_open = queued.is_some();
     loop {
         let s_in = if stateless_open { &stateless } else { &never_events };
-        let q_in = if queued_open { &queued } else { &never_batches };
+        let q_in = match &queued {
+            Some(q) if queued_open => q,
+            _ => &never_batches,
+        };
         let stop = if up.draining() { &never_stop } else { &up.shutdown };
         // While draining, give up after a short idle period once the batcher is done.
         let idle = if up.draining() {

@@ -373,11 +373,7 @@ pub fn run(inv: Inventory, shutdown: Receiver<()>) {
             Err(e) => log::warn!("{e}"),
         }
         // A scan allocates and frees a lot at once; give it back to the system until the next.
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: malloc_trim only releases free memory.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        crate::memory::release_free();
         select! {
             recv(shutdown) -> _ => break,
             default(inv.config.interval) => {}

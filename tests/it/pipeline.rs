@@ -144,6 +144,36 @@ fn retry_after_is_honoured() {
     }
 }
 
+/// Two uploaders: a stateful batch the server keeps refusing holds up neither the stateless
+/// stream nor its own order.
+#[test]
+fn stateless_events_flow_while_a_stateful_batch_is_being_retried() {
+    let env = Env::new();
+    env.write_config(&format!("{FAST}\nretry.max = \"300ms\""));
+    let _agent = env.running_agent();
+    env.mock.inject(Fault {
+        path: "/api/v1/events/stateful".into(),
+        times: 1_000_000,
+        action: FaultAction::Status { code: 503, retry_after: None, body: None },
+    });
+    env.send_ok(&lines((0..10).map(stateful)));
+    let refused = |m: &wazuh_mock_server::MockServer| {
+        m.requests().iter().filter(|r| r.path == "/api/v1/events/stateful" && r.status == 503).count()
+    };
+    assert!(env.mock.wait_until(Duration::from_secs(10), |m| refused(m) >= 1));
+    for round in 0..3 {
+        env.send_ok(&lines((round * 100..round * 100 + 100).map(stateless)));
+    }
+    assert!(env.mock.wait_until(Duration::from_secs(10), |m| m.stateless_events().len() >= 300));
+    assert_eq!(unique(originals(&env.mock)), (300, 0));
+    assert!(env.mock.stateful_events().is_empty());
+    let retries = refused(&env.mock);
+    assert!(env.mock.wait_until(Duration::from_secs(10), |m| refused(m) > retries), "still retrying");
+    env.mock.clear_faults();
+    assert!(env.mock.wait_until(Duration::from_secs(10), |m| m.stateful_events().len() >= 10));
+    assert_eq!(stateful_ids(&env.mock), (0..10).map(|i| format!("pkg-{i}")).collect::<Vec<_>>());
+}
+
 #[test]
 fn a_413_splits_the_batch() {
     let env = Env::with(|o| o.max_body = 40_000);

@@ -379,6 +379,7 @@ fn main() {
     eprintln!("bench: Logcollector …");
     // Logcollector: one followed file written as fast as possible.
     let nl = n / 2;
+    reset_peak(pid);
     let base = mock.event_counts().0;
     let start = Instant::now();
     {
@@ -392,6 +393,7 @@ fn main() {
     }
     await_delivery(&mock, false, base + nl as u64, "log lines", &run_dir);
     out.insert("logcollector_lines_per_s".into(), json!(nl as f64 / start.elapsed().as_secs_f64()));
+    out.insert("logcollector_peak_rss_kib".into(), json!(proc_status(pid, "VmHWM:")));
 
     eprintln!("bench: The mock's own ceiling …");
     // The mock's own ceiling, same machine, same run.

@@ -369,6 +369,11 @@ impl MockServer {
         self.state.lock().faults.push(fault);
     }
 
+    /// Removes every injected fault that has not run out yet.
+    pub fn clear_faults(&self) {
+        self.state.lock().faults.clear();
+    }
+
     /// While down, every connection is closed as soon as it is accepted.
     pub fn set_down(&self, down: bool) {
         self.state.lock().down = down;
