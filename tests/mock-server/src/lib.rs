@@ -374,7 +374,8 @@ impl MockServer {
         self.state.lock().faults.clear();
     }
 
-    /// While down, every connection is closed as soon as it is accepted.
+    /// While down, every connection is closed as soon as it is accepted, and a kept-alive
+    /// one at its next request (without an answer), as when the server process is gone.
     pub fn set_down(&self, down: bool) {
         self.state.lock().down = down;
     }
@@ -766,6 +767,9 @@ fn serve(stream: &mut (impl Read + Write), state: &Arc<State>, stop: &AtomicBool
                 return;
             }
         };
+        if api != Api::Admin && state.lock().down {
+            return;
+        }
         let close = req.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
         let resp = if api == Api::Admin { Some(admin(state, &req)) } else { handle_with_faults(state, api, &req) };
         let Some(resp) = resp else {
