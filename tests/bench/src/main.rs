@@ -307,6 +307,14 @@ fn main() {
         .spawn()
         .unwrap();
     let pid = child.id();
+    // Release builds abort on panic, so `Agent`'s Drop would not run: a failed run must
+    // not leave the agent behind.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        default_hook(info);
+    }));
     let _agent = Agent { child };
     let run_dir = dir.join("run");
     let socket = run_dir.join("ingest.sock");
