@@ -97,13 +97,37 @@ struct RawLine<'a> {
     data: Option<&'a RawValue>,
 }
 
-/// The header fields the agent checks; any other field passes through untouched.
+/// The header fields the agent checks; any other field passes through untouched. Kept as
+/// raw text and decoded only where needed: a stateless event (the hot path) then costs no
+/// allocation beyond the event itself.
 #[derive(Deserialize)]
-struct Header {
-    module: Option<serde_json::Value>,
-    collector: Option<serde_json::Value>,
-    operation: Option<serde_json::Value>,
-    id: Option<serde_json::Value>,
+struct Header<'a> {
+    #[serde(borrow, default)]
+    module: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    collector: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    operation: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+}
+
+/// A header field as a string (borrowed unless it has escapes), or the value it is instead.
+fn string_field(raw: &RawValue) -> Result<std::borrow::Cow<'_, str>, serde_json::Value> {
+    if let Ok(s) = serde_json::from_str::<&str>(raw.get()) {
+        return Ok(s.into());
+    }
+    match serde_json::from_str(raw.get()) {
+        Ok(serde_json::Value::String(s)) => Ok(s.into()),
+        Ok(other) => Err(other),
+        // The header was parsed already, so this is unreachable; any value shows as null.
+        Err(_) => Err(serde_json::Value::Null),
+    }
+}
+
+/// A header field as a JSON value (the stateful checks, errors).
+fn value(raw: Option<&RawValue>) -> Option<serde_json::Value> {
+    raw.map(|r| serde_json::from_str(r.get()).unwrap_or(serde_json::Value::Null))
 }
 
 fn short(v: &serde_json::Value) -> String {
@@ -137,16 +161,21 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
     let Some(header_raw) = raw.header else {
         return err("\"header\" is missing");
     };
+    // Checked first: serde would also take a struct from an array.
+    if !header_raw.get().trim_start().starts_with('{') {
+        return err("\"header\" must be an object");
+    }
     let header: Header = match serde_json::from_str(header_raw.get()) {
         Ok(h) => h,
         Err(_) => return err("\"header\" must be an object"),
     };
-    let module = match &header.module {
-        Some(serde_json::Value::String(m)) if !m.is_empty() => m.as_str(),
-        Some(serde_json::Value::String(_)) => return err("header.module is empty"),
-        Some(other) => return err(format!("header.module must be a string, not {}", short(other))),
+    let module = match header.module.map(string_field) {
+        Some(Ok(m)) if !m.is_empty() => m,
+        Some(Ok(_)) => return err("header.module is empty"),
+        Some(Err(other)) => return err(format!("header.module must be a string, not {}", short(&other))),
         None => return err("header.module is missing"),
     };
+    let module = module.as_ref();
     let data = match raw.data {
         Some(d) if d.get().trim_start().starts_with('{') => Some(d),
         Some(d) if d.get().trim() == "null" => None,
@@ -155,7 +184,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         }
         None => None,
     };
-    let Some(op_value) = &header.operation else {
+    let Some(op_value) = &value(header.operation) else {
         if header.id.is_some() {
             return err("header.id is only allowed with header.operation");
         }
@@ -173,7 +202,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
             return err(format!("operation '{shown}' is not create|update|delete"));
         }
     };
-    match &header.id {
+    match &value(header.id) {
         Some(serde_json::Value::String(id)) if !id.is_empty() && id.len() <= 512 => {}
         Some(serde_json::Value::String(id)) if id.is_empty() => return err("header.id is empty"),
         Some(serde_json::Value::String(_)) => return err("header.id is longer than 512 characters"),
@@ -187,7 +216,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         ));
     }
     if module == "inventory" {
-        match &header.collector {
+        match &value(header.collector) {
             Some(serde_json::Value::String(c)) if INVENTORY_COLLECTORS.contains(&c.as_str()) => {}
             Some(c) => {
                 return err(format!(
