@@ -125,7 +125,8 @@ fn string_field(raw: &RawValue) -> Result<std::borrow::Cow<'_, str>, serde_json:
     }
 }
 
-/// A header field as a JSON value (the stateful checks, errors).
+/// A header field as a JSON value (the stateful checks, errors). The header was parsed
+/// already, so the fallback to null is unreachable.
 fn value(raw: Option<&RawValue>) -> Option<serde_json::Value> {
     raw.map(|r| serde_json::from_str(r.get()).unwrap_or(serde_json::Value::Null))
 }

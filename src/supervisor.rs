@@ -51,7 +51,7 @@ use crate::poll::{self, Poller};
 use crate::queue::{self, Ack, Append, BatchLimits, QueueBatch, QueueError, QueueStore};
 use crate::status::{self, Stats};
 use crate::token::{self, Authenticator, TokenCell};
-use crate::uploader::{self, RejectedLog, Uploader};
+use crate::uploader::{self, QueueLink, RejectedLog, Uploader};
 
 /// How long the pipeline gets to deliver what it holds after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -332,8 +332,9 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     // in flight the server's time per body was dead time for the agent; with two, one body
     // is sent while the server works on the other (stateless batches may then arrive out of
     // order; the durable queue's never do).
-    for (name, agent, queued) in
-        [("uploader", upload_agent.clone(), Some(qbatch_rx)), ("uploader2", upload2_agent.clone(), None)]
+    let link = QueueLink { batches: qbatch_rx, acks: ack_tx };
+    for (name, agent, queue) in
+        [("uploader", upload_agent.clone(), Some(link)), ("uploader2", upload2_agent.clone(), None)]
     {
         let up = Uploader {
             agent,
@@ -346,10 +347,11 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
             shutdown: pipeline_stop_rx.clone(),
             deadline: deadline.clone(),
         };
-        let (spill, batches, acks) = (append_tx.clone(), batch_rx.clone(), ack_tx.clone());
-        workers.spawn(name, move || uploader::run(up, batches, queued, acks, spill))?;
+        let (spill, batches) = (append_tx.clone(), batch_rx.clone());
+        workers.spawn(name, move || uploader::run(up, batches, queue, spill))?;
     }
-    drop((pipeline_stop_rx, batch_rx, ack_tx));
+    // The uploaders hold the only receivers now: the batcher's send fails once both are gone.
+    drop((pipeline_stop_rx, batch_rx));
 
     {
         let p = Poller {

@@ -320,25 +320,25 @@ fn send_events(
     http::read_reply(&mut response)
 }
 
+/// The durable queue's side of an uploader: batches in, acks back to the queue thread.
+pub struct QueueLink {
+    pub batches: Receiver<QueueBatch>,
+    pub acks: Sender<Ack>,
+}
+
 /// The uploader thread's loop. Stops when `shutdown` has closed and either the
-/// deadline passed or both inputs are done.
-/// An uploader without `queued` delivers stateless batches only.
-pub fn run(
-    mut up: Uploader,
-    stateless: Receiver<Vec<Event>>,
-    queued: Option<Receiver<QueueBatch>>,
-    acks: Sender<Ack>,
-    spill: Sender<Append>,
-) {
+/// deadline passed or both inputs are done. An uploader without a [`QueueLink`] delivers
+/// stateless batches only.
+pub fn run(mut up: Uploader, stateless: Receiver<Vec<Event>>, queue: Option<QueueLink>, spill: Sender<Append>) {
     let never_events = crossbeam_channel::never::<Vec<Event>>();
     let never_batches = crossbeam_channel::never::<QueueBatch>();
     let never_stop = crossbeam_channel::never::<()>();
     let mut stateless_open = true;
-    let mut queued_open = queued.is_some();
+    let mut queued_open = queue.is_some();
     loop {
         let s_in = if stateless_open { &stateless } else { &never_events };
-        let q_in = match &queued {
-            Some(q) if queued_open => q,
+        let q_in = match &queue {
+            Some(link) if queued_open => &link.batches,
             _ => &never_batches,
         };
         let stop = if up.draining() { &never_stop } else { &up.shutdown };
@@ -354,7 +354,10 @@ pub fn run(
                     let n = batch.events.len() as u64;
                     match up.deliver(batch.kind, &batch.events) {
                         Delivery::Done => {
-                            if acks.send(Ack { end: batch.end, records: n, frame_bytes: batch.frame_bytes }).is_err() {
+                            // A queue batch only arrives through a link (`q_in` is `never` without one).
+                            let Some(link) = &queue else { break };
+                            let ack = Ack { end: batch.end, records: n, frame_bytes: batch.frame_bytes };
+                            if link.acks.send(ack).is_err() {
                                 break;
                             }
                         }

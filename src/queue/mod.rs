@@ -653,6 +653,15 @@ mod tests {
         )
     }
 
+    /// A stateful event with `pad` bytes of data.
+    fn sized(i: usize, pad: usize) -> Event {
+        Event::new(
+            Kind::Stateful,
+            &format!(r#"{{"module":"fim","operation":"update","id":"{i}"}}"#),
+            Some(&format!("{{\"x\":\"{}\"}}", "y".repeat(pad))),
+        )
+    }
+
     const LIMITS: BatchLimits = BatchLimits { max_events: 1000, max_bytes: 1 << 20, overhead: 100 };
 
     fn open(dir: &Path) -> QueueStore {
@@ -715,14 +724,7 @@ mod tests {
     fn segments_roll_and_are_deleted_only_after_the_cursor_passes() {
         let dir = tempfile::tempdir().unwrap();
         let mut q = open(dir.path());
-        let big = |i| {
-            Event::new(
-                Kind::Stateful,
-                &format!(r#"{{"module":"fim","operation":"update","id":"{i}"}}"#),
-                Some(&format!("{{\"x\":\"{}\"}}", "y".repeat(500_000))),
-            )
-        };
-        let events: Vec<Event> = (0..20).map(big).collect();
+        let events: Vec<Event> = (0..20).map(|i| sized(i, 500_000)).collect();
         q.append(&events).unwrap();
         q.sync().unwrap();
         let segs = || {
@@ -739,14 +741,6 @@ mod tests {
         let mut q = open(dir.path());
         assert_eq!(q.backlog(), (0, 0));
         assert!(q.next_batch(LIMITS).unwrap().is_none());
-    }
-
-    fn sized(i: usize, pad: usize) -> Event {
-        Event::new(
-            Kind::Stateful,
-            &format!(r#"{{"module":"fim","operation":"update","id":"{i}"}}"#),
-            Some(&format!("{{\"x\":\"{}\"}}", "y".repeat(pad))),
-        )
     }
 
     /// Found by `make bench` (a backlog drained while producers kept appending): records
