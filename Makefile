@@ -7,7 +7,7 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 BIN     := target/release/wazuh-agent
 
-.PHONY: all build release test lint demo bench fuzz size install install-files uninstall cross clean
+.PHONY: all build release test lint demo bench fuzz size loc install install-files uninstall cross clean
 
 all: build
 
@@ -28,7 +28,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@sh scripts/deps.sh
-	shellcheck -s sh scripts/wazuh-agent-respawn scripts/init.d/wazuh-agent scripts/openrc/wazuh-agent scripts/procd/wazuh-agent scripts/deps.sh
+	shellcheck -s sh scripts/loc.sh scripts/wazuh-agent-respawn scripts/init.d/wazuh-agent scripts/openrc/wazuh-agent scripts/procd/wazuh-agent scripts/deps.sh
 	shellcheck scripts/demo.sh
 
 demo:
@@ -59,6 +59,10 @@ size: release
 	@bytes=$$(stat -c %s $(BIN)); \
 	echo "$(BIN): $$bytes bytes ($$(awk "BEGIN {printf \"%.2f\", $$bytes/1048576}") MiB, stripped; budget $(SIZE_BUDGET))"; \
 	if [ "$$bytes" -gt "$(SIZE_BUDGET)" ]; then echo "binary size over budget" >&2; exit 1; fi
+
+# Lines of the agent core per file (src/ without the unit-test modules).
+loc:
+	@sh scripts/loc.sh
 
 # install: PREFIX (default /usr/local) for the binary; /etc and /var/lib whatever the
 # PREFIX; DESTDIR for staging; INIT=sysv|openrc|systemd|procd picks the service file.
