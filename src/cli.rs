@@ -1,4 +1,4 @@
-//! The command line (SPEC §1), parsed with lexopt into one [`Cli`] value.
+//! The command line (README and `--help`), parsed with lexopt into one [`Cli`] value.
 
 use std::fmt;
 use std::path::PathBuf;

@@ -1,4 +1,4 @@
-//! The commands wire format (SPEC §6.4), sans-IO: a `GET /api/v1/commands` 200 body in,
+//! The commands wire format (docs/protocol.md, Commands), sans-IO: a `GET /api/v1/commands` 200 body in,
 //! validated [`Command`]s and per-entry problems out; and the result event out.
 //!
 //! Liberal in what it accepts: unknown fields are ignored, `status` may be any case,
@@ -194,7 +194,7 @@ pub fn parse_body(body: &[u8], my_uuid: &str) -> Result<Parsed, String> {
     Ok(parsed)
 }
 
-/// Result codes of SPEC §6.4.
+/// Result codes of docs/protocol.md, Commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
     Success = 0,

@@ -1,4 +1,4 @@
-//! Configuration: the TOML file (SPEC §2) parsed once into one immutable, typed [`Config`].
+//! Configuration: the TOML file (docs/configuration.md) parsed once into one immutable, typed [`Config`].
 //!
 //! Parsing happens in two steps: serde reads the file into `Raw*` structs whose fields are
 //! as loose as TOML itself (strings for durations, string-or-integer for sizes), then
@@ -215,7 +215,7 @@ pub struct Config {
 }
 
 // ---------------------------------------------------------------------------------------
-// Raw (serde) side. Defaults here are the documented defaults of SPEC §2 and etc/.
+// Raw (serde) side. Defaults here are the documented defaults of docs/configuration.md and etc/.
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]

@@ -1,4 +1,4 @@
-//! Events and the local ingestion line format (SPEC §4), sans-IO.
+//! Events and the local ingestion line format (docs/protocol.md, Ingest socket), sans-IO.
 //!
 //! A line is `{"header": {...}, "data": {...}}`. The header and data are kept as the
 //! producer's own JSON text (validated, never re-serialized), because the request body
@@ -246,7 +246,7 @@ fn compact(raw: &str) -> std::borrow::Cow<'_, str> {
     if raw.contains('\r') { raw.replace('\r', "").into() } else { raw.into() }
 }
 
-/// The first line of every request body: the agent's metadata (SPEC §6.3).
+/// The first line of every request body: the agent's metadata (docs/protocol.md, Events).
 pub fn agent_line(uuid: &str, name: &str, groups: &[String], host: &crate::host::HostInfo) -> String {
     #[derive(serde::Serialize)]
     struct Agent<'a> {

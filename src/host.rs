@@ -1,4 +1,4 @@
-//! Host metadata sent at registration and in every events body (SPEC §6.1, §6.3).
+//! Host metadata sent at registration and in every events body (docs/protocol.md, Registration and Events).
 //! Read from uname(2), getifaddrs(3) and os-release, never from external commands.
 
 use std::ffi::CStr;

@@ -58,7 +58,7 @@ impl fmt::Display for HttpError {
 
 impl std::error::Error for HttpError {}
 
-/// `wazuh-agent-rs/<version> (<arch>; <os>)`, as SPEC §6 asks.
+/// `wazuh-agent-rs/<version> (<arch>; <os>)`, as docs/protocol.md, Transport, says.
 pub fn user_agent() -> String {
     format!("wazuh-agent-rs/{} ({}; {})", crate::VERSION, std::env::consts::ARCH, std::env::consts::OS)
 }

@@ -1,4 +1,4 @@
-//! The local ingestion socket `<run_dir>/ingest.sock` (SPEC §4) and its client, `--send`.
+//! The local ingestion socket `<run_dir>/ingest.sock` (docs/protocol.md, Ingest socket) and its client, `--send`.
 //!
 //! The acceptor thread hands each connection to a short-lived thread of its own, so a
 //! slow or stuck producer (bounded by a read timeout) never holds up the others. A

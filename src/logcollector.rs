@@ -1,5 +1,5 @@
 //! The logcollector thread: follows `logcollector.files` like `tail -F` and sends each line
-//! as a stateless event (INVENTORY.md, "Logcollector").
+//! as a stateless event (docs/events.md, "Logcollector").
 //!
 //! Files are polled every `poll_interval` (one wakeup per interval, no busy loop). Each
 //! followed file keeps its open handle, so after a rename the rest of the old file is

@@ -45,7 +45,7 @@ impl std::fmt::Display for Error {
     }
 }
 
-/// The single mapping from errors to exit codes (SPEC §1): every failure or refusal is 1.
+/// The single mapping from errors to exit codes (`--help`, EXIT STATUS): every failure or refusal is 1.
 fn exit_code(_e: &Error) -> u8 {
     1
 }

@@ -1,5 +1,5 @@
 //! The command long-poll thread: keeps one `GET /api/v1/commands` open at all times
-//! (SPEC §6.4) on its own connection, and hands what arrives to the executor.
+//! (docs/protocol.md, Commands) on its own connection, and hands what arrives to the executor.
 //!
 //! A 408 or a client-side timeout is the normal idle cycle: poll again at once. Errors
 //! back off with full jitter (the first retry included, so a fleet does not stampede a

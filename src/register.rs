@@ -1,4 +1,4 @@
-//! One-shot registration with the server management API (SPEC §6.1).
+//! One-shot registration with the server management API (docs/protocol.md, Registration).
 //!
 //! Order matters: every local check (existing credentials, arguments, password) happens
 //! before the first request, so a refusal never leaves a half-registered agent behind,
@@ -257,7 +257,7 @@ pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, Reg
     let agents_url = format!("{url}/agents");
     let result = http::send(&agent, "POST", &agents_url, Some(&format!("Bearer {}", api_token.expose())), Some(&body));
     match &result {
-        // Only 201 means created (SPEC §6.1); a 200 could be a proxy or another API.
+        // Only 201 means created (docs/protocol.md, Registration); a 200 could be a proxy or another API.
         Ok(r) if r.status == 201 => {}
         Ok(r) if (400..500).contains(&r.status) => {
             return Err(RegisterError::Refused { url: agents_url, status: r.status, message: r.message() });

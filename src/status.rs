@@ -1,4 +1,4 @@
-//! Counters shared by the threads (atomics only) and `<run_dir>/state.json` (SPEC §5).
+//! Counters shared by the threads (atomics only) and `<run_dir>/state.json` (README, Status).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -150,7 +150,7 @@ pub enum NotRunning {
     Stale { age_secs: i64 },
 }
 
-/// Reads state.json and decides whether the agent is running (SPEC §1 `--status`).
+/// Reads state.json and decides whether the agent is running (README, Status).
 /// Returns the state document if there is a readable one, and the verdict.
 pub fn read_status(run_dir: &Path, now: SystemTime) -> (Option<State>, Result<(), NotRunning>) {
     let text = match std::fs::read_to_string(state_path(run_dir)) {

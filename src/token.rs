@@ -1,4 +1,4 @@
-//! Token lifecycle (SPEC §6.2): authenticate with uuid+key, keep the JWT in memory,
+//! Token lifecycle (docs/protocol.md, Authentication): authenticate with uuid+key, keep the JWT in memory,
 //! renew it before it expires and at once when another thread reports a 401/403.
 //!
 //! * [`decode_claims`] and [`renewal_delay`] are pure.
@@ -95,7 +95,7 @@ pub fn lifetime(claims: &Claims, now_unix: i64) -> Option<Duration> {
     (secs > 0).then(|| Duration::from_secs(secs as u64))
 }
 
-/// How long after receiving a token to renew it (SPEC §6.2): a margin of
+/// How long after receiving a token to renew it (docs/protocol.md, Authentication): a margin of
 /// `max(60 s, 10 % of the lifetime)` before expiry, but never earlier than half the
 /// lifetime; clamped to `MIN_RENEWAL..=MAX_RENEWAL`.
 pub fn renewal_delay(claims: &Claims, now_unix: i64) -> Duration {

@@ -3,7 +3,7 @@
 //! Each takes one batch at a time: `uploader` from the durable queue and the batcher
 //! (chosen fairly by `select!`, so neither kind starves the other), `uploader2` from the
 //! batcher only (so stateful batches stay in order, one in flight). Each batch is
-//! delivered with the rules of SPEC §6.3 through [`http::classify`]:
+//! delivered with the rules of docs/protocol.md, Events, through [`http::classify`]:
 //!
 //! * 2xx: delivered (the queue's cursor moves on);
 //! * 401/403: ask the token thread for a new token, resend;

@@ -1,5 +1,5 @@
 //! Inventory collectors: read the host (under `inventory.root`) into documents shaped as
-//! in INVENTORY.md. Parsers are pure functions of file contents; the `collect_*`
+//! in docs/events.md. Parsers are pure functions of file contents; the `collect_*`
 //! functions only read files under the root (and, for network addresses on the live
 //! host, getifaddrs). Fields a host cannot provide are `null`, never invented.
 
@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde_json::json;
 
-/// One inventory document and the parts of its primary key (INVENTORY.md).
+/// One inventory document and the parts of its primary key (docs/events.md).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Doc {
     pub collector: &'static str,

@@ -1,6 +1,6 @@
 //! The inventory thread: scans the host on start and every `inventory.interval`, sends
 //! stateful `create`/`update`/`delete` events for exactly what changed since the last
-//! scan (ids per INVENTORY.md), plus stateless change notifications after the first scan.
+//! scan (ids per docs/events.md), plus stateless change notifications after the first scan.
 //!
 //! The previous scan is kept in `<data_dir>/inventory.json`; a new snapshot replaces it
 //! only after its events are durable in the queue, so a crash means a resend, never a

@@ -1,4 +1,4 @@
-//! A mock of the Wazuh server's Agent comms API and Server management API (SPEC §6),
+//! A mock of the Wazuh server's Agent comms API and Server management API (docs/protocol.md),
 //! strict like the real server, with an admin interface for tests and demos.
 //!
 //! * Two TLS listeners on 127.0.0.1 (comms, management) with a CA made at start-up and
@@ -1121,7 +1121,7 @@ fn events(state: &State, req: &Request, stateful: bool) -> Response {
     if stateful { Response::json(200, json!({"results": results})) } else { Response::empty(204) }
 }
 
-/// Parses an events body strictly (SPEC §6.3): the agent line, then header/data lines.
+/// Parses an events body strictly (docs/protocol.md, Events): the agent line, then header/data lines.
 /// With `keep_data` false every data line is still validated, but only command results keep
 /// theirs: building and freeing a tree per event made the mock slower than the agent on
 /// large bodies (`make bench` measures its ceiling).
