@@ -573,8 +573,8 @@ fn validate_proxy(text: &str) -> Result<String, String> {
 impl Config {
     /// The configuration with every key at its default (as if the file were empty).
     pub fn defaults() -> Config {
-        // The defaults are valid by construction; the unit test `every_key_parses_its_default`
-        // holds this to account.
+        // The defaults are valid by construction; the unit test `defaults_are_valid` holds
+        // this to account.
         match Config::from_table(&toml::Table::new(), None) {
             Ok(c) => c,
             Err(e) => unreachable!("built-in defaults are invalid: {e}"),
@@ -664,6 +664,7 @@ impl Config {
                 return Err(unknown(format!("{section}.{name}"), message));
             }
         }
+        // A placeholder for every field: the loop below sets each one from its key.
         let mut c = Config {
             source: source.map(Path::to_path_buf),
             agent: AgentConfig::default(),

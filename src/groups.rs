@@ -237,7 +237,8 @@ mod tests {
 
     #[test]
     fn local_only_keys_are_ignored_and_reported() {
-        let text = "server:\n  verify: none\nagent:\n  run_dir: /tmp/evil\nlog:\n  level: debug\n  file: /tmp/x\n";
+        let text = "server:\n  verify: none\nagent:\n  run_dir: /tmp/evil\n\
+                    log:\n  level: debug\n  file: /tmp/x\n";
         let (overlay, ignored) = parse_group_file("g.yml", text).unwrap();
         assert_eq!(ignored, vec!["server.verify", "agent.run_dir", "log.file"]);
         let c = Config::with_overlays("", None, &[("g.yml".into(), overlay)]).unwrap();

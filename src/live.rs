@@ -144,4 +144,21 @@ mod tests {
         assert_eq!(view.config.server.urls, vec!["https://localhost:27000"], "not applied live");
         assert!(applied.describe().contains("restart the agent to apply server.url"));
     }
+
+    #[test]
+    fn every_live_key_is_applied() {
+        let live = Live::new(Config::defaults(), "{}".into());
+        let text = "[events]\nbatch_max_bytes = \"2MB\"\nbatch_max_events = 5\nbatch_interval = \"5s\"\n\
+            buffer_events = 50\noverflow = \"block\"\n[retry]\ninitial = \"2s\"\nmax = \"90s\"\n\
+            [log]\nlevel = \"debug\"\nfile = \"/tmp/x.log\"\n";
+        let new = Config::parse(text, Path::new("x.toml")).unwrap();
+        let applied = live.apply(new.clone());
+        let live_keys: Vec<String> = KEYS.iter().filter(|k| k.live).map(|k| k.id()).collect();
+        assert_eq!((applied.live, applied.need_restart), (live_keys, vec!["log.file".to_string()]));
+        let (running, defaults) = (live.config(), Config::defaults());
+        for k in KEYS {
+            let want = if k.live { (k.render)(&new) } else { (k.render)(&defaults) };
+            assert_eq!((k.render)(&running), want, "{}", k.id());
+        }
+    }
 }
