@@ -1,15 +1,13 @@
 //! Configuration: the TOML file (docs/configuration.md) parsed once into one immutable, typed [`Config`].
 //!
-//! Parsing happens in two steps: serde reads the file into `Raw*` structs whose fields are
-//! as loose as TOML itself (strings for durations, string-or-integer for sizes), then
-//! [`Config::from_raw`] turns each field into its typed value, naming the key on failure.
-//! After that nothing in the agent re-checks a setting.
+//! Every key is declared once, in [`KEYS`] (section, name, default, parse, render, whether
+//! the server may set it, whether it applies live); docs/configuration.md describes each.
+//! The file is read as a TOML table and walked against that table, each value turned into
+//! its typed field and the key named on failure. After that nothing re-checks a setting.
 
 use std::fmt::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-use serde::Deserialize;
 
 /// Where the configuration is read from when neither `--config` nor the environment says.
 pub const DEFAULT_PATH: &str = "/etc/wazuh-agent/wazuh-agent.toml";
@@ -21,9 +19,9 @@ pub const ENV_CONFIG: &str = "WAZUH_AGENT_CONFIG";
 pub enum ConfigError {
     /// The file named explicitly (flag or environment) could not be read.
     Read { path: PathBuf, source: std::io::Error },
-    /// The file is not valid TOML, has an unknown key or a value of the wrong type.
+    /// The file is not valid TOML or has an unknown key.
     Syntax { path: PathBuf, key: Option<String>, message: String },
-    /// A key has a value of the right type that the agent does not accept.
+    /// A key has a value the agent does not accept (wrong type, out of range, ...).
     Invalid { key: String, message: String },
     /// A server group file makes the configuration invalid.
     Group { file: String, message: String },
@@ -54,16 +52,18 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 }
 
 /// UUID version the agent generates at registration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum UuidVersion {
     V4,
+    #[default]
     V7,
 }
 
 /// How the server's TLS certificate is checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Verify {
     /// Chain to a trusted root and a name matching the URL's host.
+    #[default]
     Full,
     /// Chain to a trusted root; the host name is not checked (servers reached by IP).
     Certificate,
@@ -72,52 +72,28 @@ pub enum Verify {
 }
 
 /// Compression of request bodies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Compression {
+    #[default]
     None,
     Gzip,
 }
 
 /// What happens when the stateless ring buffer is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Overflow {
+    #[default]
     DropOldest,
     Block,
 }
 
 /// Where the logcollector starts in a file it has never seen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Start {
+    #[default]
     End,
     Beginning,
 }
-
-/// Every key of the configuration, by section. Server group files may set exactly these
-/// (under the same names); anything else in them is ignored.
-pub const KNOWN_KEYS: &[(&str, &[&str])] = &[
-    ("agent", &["name", "data_dir", "run_dir", "uuid_version", "user", "group"]),
-    (
-        "server",
-        &[
-            "url",
-            "registration_url",
-            "verify",
-            "ca_file",
-            "proxy",
-            "compression",
-            "request_timeout",
-            "commands_timeout",
-        ],
-    ),
-    (
-        "events",
-        &["batch_max_bytes", "batch_max_events", "batch_interval", "buffer_events", "overflow", "queue_max_bytes"],
-    ),
-    ("retry", &["initial", "max"]),
-    ("logcollector", &["files", "start", "max_line_bytes", "poll_interval"]),
-    ("inventory", &["enabled", "interval", "root", "collectors"]),
-    ("log", &["level", "file", "syslog"]),
-];
 
 /// One entry of `logcollector.files`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,7 +106,7 @@ pub struct FileSpec {
 /// Inventory collectors that can be switched on.
 pub const COLLECTORS: &[&str] = &["system", "hardware", "packages", "networks", "ports", "processes"];
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct AgentConfig {
     /// Name to register with; empty means the host name.
     pub name: String,
@@ -142,7 +118,7 @@ pub struct AgentConfig {
     pub group: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ServerConfig {
     /// Comms API base URLs, tried in order (failover). Never empty.
     pub urls: Vec<String>,
@@ -157,7 +133,7 @@ pub struct ServerConfig {
     pub commands_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct EventsConfig {
     pub batch_max_bytes: u64,
     pub batch_max_events: usize,
@@ -167,13 +143,13 @@ pub struct EventsConfig {
     pub queue_max_bytes: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RetryConfig {
     pub initial: Duration,
     pub max: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct LogcollectorConfig {
     /// Paths or glob patterns, each with its own `start` if it was given one.
     pub files: Vec<FileSpec>,
@@ -184,7 +160,7 @@ pub struct LogcollectorConfig {
     pub poll_interval: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct InventoryConfig {
     pub enabled: bool,
     pub interval: Duration,
@@ -215,194 +191,293 @@ pub struct Config {
 }
 
 // ---------------------------------------------------------------------------------------
-// Raw (serde) side. Defaults here are the documented defaults of docs/configuration.md and etc/.
+// The key table: every key of the configuration, declared once. Known keys, defaults,
+// parsing, `--check-config` output, live reload and what a server group file may set all
+// come from it; docs/configuration.md and etc/wazuh-agent.toml are tested against it.
+// Adding a key is one `key!` line here plus its field in the typed structs above.
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawConfig {
-    agent: RawAgent,
-    server: RawServer,
-    events: RawEvents,
-    retry: RawRetry,
-    logcollector: RawLogcollector,
-    inventory: RawInventory,
-    log: RawLog,
+/// One configuration key.
+pub struct Key {
+    pub section: &'static str,
+    pub name: &'static str,
+    /// The default, written as in the TOML file (`"1MB"`, `10000`, `[]`).
+    pub default: &'static str,
+    /// A server group file may set it (see docs/configuration.md); otherwise local only.
+    pub server: bool,
+    /// A change applies to the running agent; otherwise at the next start.
+    pub live: bool,
+    /// Checks a value and stores it in its field; the message does not repeat the key.
+    pub parse: fn(&mut Config, &toml::Value) -> Result<(), String>,
+    /// The effective value in TOML syntax, as `--check-config` prints it.
+    pub render: fn(&Config) -> String,
+    /// Copies the field from the second configuration into the first (live reload).
+    pub copy: fn(&mut Config, &Config),
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawAgent {
-    name: String,
-    data_dir: String,
-    run_dir: String,
-    uuid_version: i64,
-    user: String,
-    group: String,
+impl Key {
+    /// `section.name`, as errors, `--check-config` and the documentation spell it.
+    pub fn id(&self) -> String {
+        format!("{}.{}", self.section, self.name)
+    }
 }
 
-impl Default for RawAgent {
-    fn default() -> Self {
-        RawAgent {
-            name: String::new(),
-            data_dir: "/var/lib/wazuh-agent".into(),
-            run_dir: "/run/wazuh-agent".into(),
-            uuid_version: 7,
-            user: String::new(),
-            group: String::new(),
+/// Looks a key up by section and name.
+pub fn key(section: &str, name: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|k| k.section == section && k.name == name)
+}
+
+const SERVER: bool = true;
+const LOCAL: bool = false;
+const LIVE: bool = true;
+const RESTART: bool = false;
+
+/// `key!(section.name = default, who, when, parse, render)`; `section.name(field)` when the
+/// field is named differently. `parse` turns a TOML value into the field's type, `render`
+/// the field back into TOML text.
+macro_rules! key {
+    ($s:ident . $n:ident = $d:tt, $server:ident, $live:ident, $parse:expr, $render:expr) => {
+        key!($s.$n($n) = $d, $server, $live, $parse, $render)
+    };
+    ($s:ident . $n:ident ($f:ident) = $d:tt, $server:ident, $live:ident, $parse:expr, $render:expr) => {
+        Key {
+            section: stringify!($s),
+            name: stringify!($n),
+            default: stringify!($d),
+            server: $server,
+            live: $live,
+            parse: |c, v| {
+                c.$s.$f = ($parse)(v)?;
+                Ok(())
+            },
+            render: |c| ($render)(&c.$s.$f),
+            copy: |to, from| to.$s.$f = Clone::clone(&from.$s.$f),
         }
-    }
+    };
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
+const SECOND: Duration = Duration::from_secs(1);
+const MILLI: Duration = Duration::from_millis(1);
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RawSize {
-    Bytes(i64),
-    Text(String),
-}
+/// In `--check-config` order.
+#[rustfmt::skip]
+pub static KEYS: &[Key] = &[
+    key!(agent.name = "", LOCAL, RESTART, agent_name, toml_string),
+    key!(agent.data_dir = "/var/lib/wazuh-agent", LOCAL, RESTART, abs_dir, show_path),
+    key!(agent.run_dir = "/run/wazuh-agent", LOCAL, RESTART, abs_dir, show_path),
+    key!(agent.uuid_version = 7, LOCAL, RESTART, uuid_version, |u: &UuidVersion| show(UUIDS, u)),
+    key!(agent.user = "", LOCAL, RESTART, account, show_maybe),
+    key!(agent.group = "", LOCAL, RESTART, account, show_maybe),
+    key!(server.url(urls) = "https://localhost:27000", LOCAL, RESTART, urls, show_list),
+    key!(server.registration_url = "https://localhost:55000", LOCAL, RESTART,
+        |v| validate_https_url(&string(v)?), toml_string),
+    key!(server.verify = "full", LOCAL, RESTART, |v| choice(v, VERIFY), |x: &Verify| show(VERIFY, x)),
+    key!(server.ca_file = "", LOCAL, RESTART, maybe_path, show_maybe_path),
+    key!(server.proxy = "", LOCAL, RESTART, proxy,
+        |p: &Option<String>| toml_string(&p.as_deref().map(mask_userinfo).unwrap_or_default())),
+    key!(server.compression = "none", LOCAL, RESTART, |v| choice(v, COMPRESSION),
+        |x: &Compression| show(COMPRESSION, x)),
+    key!(server.request_timeout = "30s", LOCAL, RESTART, |v| duration(v, SECOND), show_duration),
+    key!(server.commands_timeout = "11m", LOCAL, RESTART, |v| duration(v, SECOND), show_duration),
+    // Below 1 KiB not even the agent metadata line fits; above 64 MiB no server accepts it.
+    key!(events.batch_max_bytes = "1MB", SERVER, LIVE, |v| size_in(v, 1 << 10, 64 << 20, "1KiB..=64MiB"), show_num),
+    key!(events.batch_max_events = 10000, SERVER, LIVE, |v| count(v, 1, 1_000_000), show_num),
+    key!(events.batch_interval = "1s", SERVER, LIVE, |v| duration(v, MILLI), show_duration),
+    key!(events.buffer_events = 10000, SERVER, LIVE, |v| count(v, 1, 10_000_000), show_num),
+    key!(events.overflow = "drop_oldest", SERVER, LIVE, |v| choice(v, OVERFLOW), |x: &Overflow| show(OVERFLOW, x)),
+    key!(events.queue_max_bytes = "256MB", LOCAL, RESTART, size, show_num),
+    key!(retry.initial = "1s", SERVER, LIVE, |v| duration(v, MILLI), show_duration),
+    key!(retry.max = "60s", SERVER, LIVE, |v| duration(v, MILLI), show_duration),
+    key!(logcollector.files = [], SERVER, RESTART, files, show_files),
+    key!(logcollector.start = "end", SERVER, RESTART, |v| choice(v, STARTS), |x: &Start| show(STARTS, x)),
+    // A line must fit an event line of the ingest format (1 MiB) with its JSON around it.
+    key!(logcollector.max_line_bytes = "64KiB", SERVER, RESTART,
+        |v| size_in(v, 256, 512 << 10, "256..=512KiB").map(|n| n as usize), show_num),
+    key!(logcollector.poll_interval = "1s", SERVER, RESTART, |v| duration(v, 10 * MILLI), show_duration),
+    key!(inventory.enabled = true, SERVER, RESTART, boolean, show_num),
+    key!(inventory.interval = "1h", SERVER, RESTART, |v| duration(v, SECOND), show_duration),
+    key!(inventory.root = "/", LOCAL, RESTART, abs_dir, show_path),
+    key!(inventory.collectors = ["system", "hardware", "packages", "networks", "ports"], SERVER, RESTART,
+        collectors, show_list),
+    key!(log.level = "info", SERVER, LIVE, |v| choice(v, LEVELS), |x: &log::LevelFilter| show(LEVELS, x)),
+    key!(log.file = "", LOCAL, RESTART, maybe_path, show_maybe_path),
+    key!(log.syslog = false, LOCAL, RESTART, boolean, show_num),
+];
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawServer {
-    url: OneOrMany,
-    registration_url: String,
-    verify: String,
-    ca_file: String,
-    proxy: String,
-    compression: String,
-    request_timeout: String,
-    commands_timeout: String,
-}
-
-impl Default for RawServer {
-    fn default() -> Self {
-        RawServer {
-            url: OneOrMany::One("https://localhost:27000".into()),
-            registration_url: "https://localhost:55000".into(),
-            verify: "full".into(),
-            ca_file: String::new(),
-            proxy: String::new(),
-            compression: "none".into(),
-            request_timeout: "30s".into(),
-            commands_timeout: "11m".into(),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawEvents {
-    batch_max_bytes: RawSize,
-    batch_max_events: i64,
-    batch_interval: String,
-    buffer_events: i64,
-    overflow: String,
-    queue_max_bytes: RawSize,
-}
-
-impl Default for RawEvents {
-    fn default() -> Self {
-        RawEvents {
-            batch_max_bytes: RawSize::Text("1MB".into()),
-            batch_max_events: 10_000,
-            batch_interval: "1s".into(),
-            buffer_events: 10_000,
-            overflow: "drop_oldest".into(),
-            queue_max_bytes: RawSize::Text("256MB".into()),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawRetry {
-    initial: String,
-    max: String,
-}
-
-impl Default for RawRetry {
-    fn default() -> Self {
-        RawRetry { initial: "1s".into(), max: "60s".into() }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RawFile {
-    Path(String),
-    Spec(RawFileSpec),
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFileSpec {
-    path: String,
-    #[serde(default)]
-    start: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawLogcollector {
-    files: Vec<RawFile>,
-    start: String,
-    max_line_bytes: RawSize,
-    poll_interval: String,
-}
-
-impl Default for RawLogcollector {
-    fn default() -> Self {
-        RawLogcollector {
-            files: Vec::new(),
-            start: "end".into(),
-            max_line_bytes: RawSize::Text("64KiB".into()),
-            poll_interval: "1s".into(),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawInventory {
-    enabled: bool,
-    interval: String,
-    root: String,
-    collectors: Vec<String>,
-}
-
-impl Default for RawInventory {
-    fn default() -> Self {
-        RawInventory {
-            enabled: true,
-            interval: "1h".into(),
-            root: "/".into(),
-            collectors: ["system", "hardware", "packages", "networks", "ports"].iter().map(|s| s.to_string()).collect(),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawLog {
-    level: String,
-    file: String,
-    syslog: bool,
-}
-
-impl Default for RawLog {
-    fn default() -> Self {
-        RawLog { level: "info".into(), file: String::new(), syslog: false }
-    }
-}
+const UUIDS: &[(&str, UuidVersion)] = &[("4", UuidVersion::V4), ("7", UuidVersion::V7)];
+const VERIFY: &[(&str, Verify)] =
+    &[("full", Verify::Full), ("certificate", Verify::Certificate), ("none", Verify::None)];
+const COMPRESSION: &[(&str, Compression)] = &[("none", Compression::None), ("gzip", Compression::Gzip)];
+const OVERFLOW: &[(&str, Overflow)] = &[("drop_oldest", Overflow::DropOldest), ("block", Overflow::Block)];
+const STARTS: &[(&str, Start)] = &[("end", Start::End), ("beginning", Start::Beginning)];
+const LEVELS: &[(&str, log::LevelFilter)] = &[
+    ("error", log::LevelFilter::Error),
+    ("warn", log::LevelFilter::Warn),
+    ("info", log::LevelFilter::Info),
+    ("debug", log::LevelFilter::Debug),
+    ("trace", log::LevelFilter::Trace),
+];
 
 // ---------------------------------------------------------------------------------------
-// Value parsers (pure).
+// Value parsers (pure): a TOML value in, the typed value or a message out.
+
+fn expected(what: &str, v: &toml::Value) -> String {
+    format!("expected {what}, found {}", v.type_str())
+}
+
+fn string(v: &toml::Value) -> Result<String, String> {
+    v.as_str().map(str::to_string).ok_or_else(|| expected("a string", v))
+}
+
+fn boolean(v: &toml::Value) -> Result<bool, String> {
+    v.as_bool().ok_or_else(|| expected("true or false", v))
+}
+
+fn strings(v: &toml::Value) -> Result<Vec<String>, String> {
+    let items = v.as_array().ok_or_else(|| expected("a list of strings", v))?;
+    items.iter().map(string).collect()
+}
+
+fn count(v: &toml::Value, min: i64, max: i64) -> Result<usize, String> {
+    let n = v.as_integer().ok_or_else(|| expected("an integer", v))?;
+    if n < min || n > max {
+        return Err(format!("{n} is outside {min}..={max}"));
+    }
+    Ok(n as usize)
+}
+
+fn size(v: &toml::Value) -> Result<u64, String> {
+    match v {
+        toml::Value::Integer(n) => u64::try_from(*n).map_err(|_| format!("{n} is negative")),
+        toml::Value::String(t) => parse_size(t),
+        _ => Err(expected("a size", v)),
+    }
+}
+
+fn size_in(v: &toml::Value, min: u64, max: u64, range: &str) -> Result<u64, String> {
+    let n = size(v)?;
+    if n < min || n > max {
+        return Err(format!("{n} is outside {range}"));
+    }
+    Ok(n)
+}
+
+fn duration(v: &toml::Value, min: Duration) -> Result<Duration, String> {
+    let text = string(v)?;
+    let d = parse_duration(&text)?;
+    if d < min {
+        return Err(format!("{text:?} is below the minimum of {}", fmt_duration(min)));
+    }
+    Ok(d)
+}
+
+fn choice<T: Copy>(v: &toml::Value, options: &[(&str, T)]) -> Result<T, String> {
+    let text = match v {
+        toml::Value::Integer(n) => n.to_string(),
+        _ => string(v)?,
+    };
+    options.iter().find(|(name, _)| *name == text).map(|(_, v)| *v).ok_or_else(|| {
+        let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+        format!("{text:?} is not one of {}", names.join(" | "))
+    })
+}
+
+fn uuid_version(v: &toml::Value) -> Result<UuidVersion, String> {
+    match v.as_integer() {
+        Some(_) => choice(v, UUIDS),
+        None => Err(expected("4 or 7", v)),
+    }
+}
+
+fn agent_name(v: &toml::Value) -> Result<String, String> {
+    let name = string(v)?;
+    if !name.is_empty() {
+        validate_agent_name(&name)?;
+    }
+    Ok(name)
+}
+
+fn abs_dir(v: &toml::Value) -> Result<PathBuf, String> {
+    let p = PathBuf::from(string(v)?);
+    if p.as_os_str().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if !p.is_absolute() {
+        return Err(format!("{} is not an absolute path", p.display()));
+    }
+    Ok(p)
+}
+
+/// An empty string means "none".
+fn maybe_path(v: &toml::Value) -> Result<Option<PathBuf>, String> {
+    Ok(Some(string(v)?).filter(|s| !s.is_empty()).map(PathBuf::from))
+}
+
+fn account(v: &toml::Value) -> Result<Option<String>, String> {
+    let name = string(v)?;
+    if name.starts_with('-') || name.chars().any(|c| c.is_whitespace() || c == ':' || c == '/') {
+        return Err(format!("{name:?} is not a valid account name"));
+    }
+    Ok(Some(name).filter(|n| !n.is_empty()))
+}
+
+fn urls(v: &toml::Value) -> Result<Vec<String>, String> {
+    let urls = if v.is_array() { strings(v)? } else { vec![string(v)?] };
+    if urls.is_empty() {
+        return Err("the list is empty; give at least one https:// URL".into());
+    }
+    urls.iter().map(|u| validate_https_url(u)).collect()
+}
+
+fn proxy(v: &toml::Value) -> Result<Option<String>, String> {
+    let text = string(v)?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    validate_proxy(&text).map(Some)
+}
+
+fn files(v: &toml::Value) -> Result<Vec<FileSpec>, String> {
+    let items = v.as_array().ok_or_else(|| expected("a list", v))?;
+    let mut files = Vec::with_capacity(items.len());
+    for item in items {
+        let (pattern, start) = match item {
+            toml::Value::Table(t) => {
+                if let Some(other) = t.keys().find(|k| !matches!(k.as_str(), "path" | "start")) {
+                    return Err(format!("an entry has an unknown field {other:?} (path, start)"));
+                }
+                let path = t.get("path").ok_or("an entry has no path")?;
+                let start = t.get("start").map(|s| choice(s, STARTS)).transpose();
+                (string(path)?, start.map_err(|m| format!("start: {m}"))?)
+            }
+            _ => (string(item)?, None),
+        };
+        if pattern.trim().is_empty() {
+            return Err(format!("{pattern:?} is an empty path"));
+        }
+        if !pattern.starts_with('/') {
+            return Err(format!("{pattern:?} is not an absolute path"));
+        }
+        if glob::Pattern::new(&pattern).is_err() {
+            return Err(format!("{pattern:?} is not a valid glob pattern"));
+        }
+        files.push(FileSpec { pattern, start });
+    }
+    Ok(files)
+}
+
+fn collectors(v: &toml::Value) -> Result<Vec<String>, String> {
+    let mut collectors: Vec<String> = Vec::new();
+    for c in strings(v)? {
+        if !COLLECTORS.contains(&c.as_str()) {
+            return Err(format!("{c:?} is not one of {}", COLLECTORS.join(", ")));
+        }
+        if collectors.contains(&c) {
+            return Err(format!("{c:?} is listed twice"));
+        }
+        collectors.push(c);
+    }
+    Ok(collectors)
+}
 
 /// Splits `" 10 KiB "` into `(10, "KiB")`; `what` completes "… is not <what>".
 fn split_number<'a>(text: &'a str, what: &str) -> Result<(u64, &'a str), String> {
@@ -449,36 +524,6 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         }
     };
     n.checked_mul(mult).ok_or_else(|| format!("{text:?} is too large"))
-}
-
-fn size(key: &str, raw: &RawSize) -> Result<u64, ConfigError> {
-    match raw {
-        RawSize::Bytes(n) if *n >= 0 => Ok(*n as u64),
-        RawSize::Bytes(n) => Err(invalid(key, format!("{n} is negative"))),
-        RawSize::Text(t) => parse_size(t).map_err(|m| invalid(key, m)),
-    }
-}
-
-fn duration(key: &str, text: &str, min: Duration) -> Result<Duration, ConfigError> {
-    let d = parse_duration(text).map_err(|m| invalid(key, m))?;
-    if d < min {
-        return Err(invalid(key, format!("{text:?} is below the minimum of {}", fmt_duration(min))));
-    }
-    Ok(d)
-}
-
-fn choice<T: Copy>(key: &str, text: &str, options: &[(&str, T)]) -> Result<T, ConfigError> {
-    options.iter().find(|(name, _)| *name == text).map(|(_, v)| *v).ok_or_else(|| {
-        let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
-        invalid(key, format!("{text:?} is not one of {}", names.join(" | ")))
-    })
-}
-
-fn count(key: &str, n: i64, min: i64, max: i64) -> Result<usize, ConfigError> {
-    if n < min || n > max {
-        return Err(invalid(key, format!("{n} is outside {min}..={max}")));
-    }
-    Ok(n as usize)
 }
 
 /// Checks an agent name against the server's rule `^[\w\-.%]+$`, at most 128 characters.
@@ -530,7 +575,7 @@ impl Config {
     pub fn defaults() -> Config {
         // The defaults are valid by construction; the unit test `defaults_are_valid` holds
         // this to account.
-        match Config::from_raw(RawConfig::default(), None) {
+        match Config::from_table(&toml::Table::new(), None) {
             Ok(c) => c,
             Err(e) => unreachable!("built-in defaults are invalid: {e}"),
         }
@@ -538,11 +583,7 @@ impl Config {
 
     /// Parses TOML text. `path` is only used in messages and recorded as the source.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let key = e.span().and_then(|span| key_at(text, span.start));
-            ConfigError::Syntax { path: path.to_path_buf(), key, message: e.message().trim().to_string() }
-        })?;
-        Config::from_raw(raw, Some(path.to_path_buf()))
+        Config::from_table(&toml_table(text, path)?, Some(path))
     }
 
     /// Loads the configuration. `explicit` is the `--config` flag; otherwise the
@@ -563,34 +604,24 @@ impl Config {
     }
 
     /// The local file (`text`, already known to be valid) with `overlays` applied in
-    /// order: `(file name, section → key → value)`, keys as in [`KNOWN_KEYS`]. The result
+    /// order: `(file name, section → key → value)`, keys as in [`KEYS`]. The result
     /// is validated after each overlay, so an error names the group file at fault.
     pub fn with_overlays(
         text: &str,
         source: Option<&Path>,
         overlays: &[(String, toml::Table)],
     ) -> Result<Config, ConfigError> {
-        let path = source.map(Path::to_path_buf).unwrap_or_default();
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: path.clone(),
-            key: e.span().and_then(|span| key_at(text, span.start)),
-            message: e.message().trim().to_string(),
-        })?;
-        let mut config = Config::parse(text, &path)?;
+        let mut table = toml_table(text, source.unwrap_or(Path::new("")))?;
+        let mut config = Config::from_table(&table, source)?;
         for (file, overlay) in overlays {
             for (section, values) in overlay {
                 let toml::Value::Table(values) = values else { continue };
                 let entry = table.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
                 if let toml::Value::Table(t) = entry {
-                    for (k, v) in values {
-                        t.insert(k.clone(), v.clone());
-                    }
+                    t.extend(values.iter().map(|(k, v)| (k.clone(), v.clone())));
                 }
             }
-            let raw: RawConfig = toml::Value::Table(table.clone()).try_into().map_err(|e: toml::de::Error| {
-                ConfigError::Group { file: file.clone(), message: e.message().trim().to_string() }
-            })?;
-            config = Config::from_raw(raw, source.map(Path::to_path_buf))
+            config = Config::from_table(&table, source)
                 .map_err(|e| ConfigError::Group { file: file.clone(), message: e.to_string() })?;
         }
         Ok(config)
@@ -598,202 +629,7 @@ impl Config {
 
     /// The keys (`section.key`) whose effective values differ between two configurations.
     pub fn changed_keys(&self, other: &Config) -> Vec<String> {
-        let a = self.render();
-        let b = other.render();
-        a.lines()
-            .zip(b.lines())
-            .filter(|(x, y)| x != y)
-            .filter_map(|(x, _)| x.split(" = ").next().map(str::to_string))
-            .collect()
-    }
-
-    fn from_raw(raw: RawConfig, source: Option<PathBuf>) -> Result<Config, ConfigError> {
-        let RawConfig { agent, server, events, retry, logcollector, inventory, log } = raw;
-
-        if !agent.name.is_empty() {
-            validate_agent_name(&agent.name).map_err(|m| invalid("agent.name", m))?;
-        }
-        let uuid_version = match agent.uuid_version {
-            4 => UuidVersion::V4,
-            7 => UuidVersion::V7,
-            n => return Err(invalid("agent.uuid_version", format!("{n} is not 4 or 7"))),
-        };
-        let dir = |key: &str, v: String| -> Result<PathBuf, ConfigError> {
-            if v.is_empty() {
-                return Err(invalid(key, "must not be empty"));
-            }
-            let p = PathBuf::from(v);
-            if !p.is_absolute() {
-                return Err(invalid(key, format!("{} is not an absolute path", p.display())));
-            }
-            Ok(p)
-        };
-        let account = |key: &str, v: String| -> Result<Option<String>, ConfigError> {
-            if v.is_empty() {
-                return Ok(None);
-            }
-            if v.starts_with('-') || v.chars().any(|c| c.is_whitespace() || c == ':' || c == '/') {
-                return Err(invalid(key, format!("{v:?} is not a valid account name")));
-            }
-            Ok(Some(v))
-        };
-        let agent = AgentConfig {
-            name: agent.name,
-            data_dir: dir("agent.data_dir", agent.data_dir)?,
-            run_dir: dir("agent.run_dir", agent.run_dir)?,
-            uuid_version,
-            user: account("agent.user", agent.user)?,
-            group: account("agent.group", agent.group)?,
-        };
-        if agent.group.is_some() && agent.user.is_none() {
-            return Err(invalid("agent.group", "needs agent.user"));
-        }
-
-        let urls = match server.url {
-            OneOrMany::One(u) => vec![u],
-            OneOrMany::Many(v) => v,
-        };
-        if urls.is_empty() {
-            return Err(invalid("server.url", "the list is empty; give at least one https:// URL"));
-        }
-        let urls = urls
-            .iter()
-            .map(|u| validate_https_url(u).map_err(|m| invalid("server.url", m)))
-            .collect::<Result<Vec<_>, _>>()?;
-        let request_timeout = duration("server.request_timeout", &server.request_timeout, Duration::from_secs(1))?;
-        let commands_timeout = duration("server.commands_timeout", &server.commands_timeout, Duration::from_secs(1))?;
-        let server = ServerConfig {
-            urls,
-            registration_url: validate_https_url(&server.registration_url)
-                .map_err(|m| invalid("server.registration_url", m))?,
-            verify: choice(
-                "server.verify",
-                &server.verify,
-                &[("full", Verify::Full), ("certificate", Verify::Certificate), ("none", Verify::None)],
-            )?,
-            ca_file: (!server.ca_file.is_empty()).then(|| PathBuf::from(&server.ca_file)),
-            proxy: if server.proxy.is_empty() {
-                None
-            } else {
-                Some(validate_proxy(&server.proxy).map_err(|m| invalid("server.proxy", m))?)
-            },
-            compression: choice(
-                "server.compression",
-                &server.compression,
-                &[("none", Compression::None), ("gzip", Compression::Gzip)],
-            )?,
-            request_timeout,
-            commands_timeout,
-        };
-
-        let batch_max_bytes = size("events.batch_max_bytes", &events.batch_max_bytes)?;
-        // Below 1 KiB not even the agent metadata line fits; above 64 MiB no server accepts it.
-        if !(1024..=64 << 20).contains(&batch_max_bytes) {
-            return Err(invalid("events.batch_max_bytes", format!("{batch_max_bytes} is outside 1KiB..=64MiB")));
-        }
-        let queue_max_bytes = size("events.queue_max_bytes", &events.queue_max_bytes)?;
-        if queue_max_bytes < batch_max_bytes {
-            return Err(invalid(
-                "events.queue_max_bytes",
-                format!("{queue_max_bytes} is smaller than events.batch_max_bytes ({batch_max_bytes})"),
-            ));
-        }
-        let events = EventsConfig {
-            batch_max_bytes,
-            batch_max_events: count("events.batch_max_events", events.batch_max_events, 1, 1_000_000)?,
-            batch_interval: duration("events.batch_interval", &events.batch_interval, Duration::from_millis(1))?,
-            buffer_events: count("events.buffer_events", events.buffer_events, 1, 10_000_000)?,
-            overflow: choice(
-                "events.overflow",
-                &events.overflow,
-                &[("drop_oldest", Overflow::DropOldest), ("block", Overflow::Block)],
-            )?,
-            queue_max_bytes,
-        };
-
-        let initial = duration("retry.initial", &retry.initial, Duration::from_millis(1))?;
-        let max = duration("retry.max", &retry.max, Duration::from_millis(1))?;
-        if max < initial {
-            return Err(invalid(
-                "retry.max",
-                format!("{} is smaller than retry.initial ({})", retry.max, retry.initial),
-            ));
-        }
-        let retry = RetryConfig { initial, max };
-
-        let starts = [("end", Start::End), ("beginning", Start::Beginning)];
-        let mut files = Vec::with_capacity(logcollector.files.len());
-        for f in logcollector.files {
-            let (pattern, start) = match f {
-                RawFile::Path(p) => (p, None),
-                RawFile::Spec(RawFileSpec { path, start }) => {
-                    let start = match start {
-                        Some(s) => Some(choice("logcollector.files.start", &s, &starts)?),
-                        None => None,
-                    };
-                    (path, start)
-                }
-            };
-            if pattern.trim().is_empty() {
-                return Err(invalid("logcollector.files", format!("{pattern:?} is an empty path")));
-            }
-            if !pattern.starts_with('/') {
-                return Err(invalid("logcollector.files", format!("{pattern:?} is not an absolute path")));
-            }
-            if glob::Pattern::new(&pattern).is_err() {
-                return Err(invalid("logcollector.files", format!("{pattern:?} is not a valid glob pattern")));
-            }
-            files.push(FileSpec { pattern, start });
-        }
-        let max_line_bytes = size("logcollector.max_line_bytes", &logcollector.max_line_bytes)?;
-        // A line must fit an event line of the ingest format (1 MiB) with its JSON around it.
-        if !(256..=512 << 10).contains(&max_line_bytes) {
-            return Err(invalid("logcollector.max_line_bytes", format!("{max_line_bytes} is outside 256..=512KiB")));
-        }
-        let logcollector = LogcollectorConfig {
-            max_line_bytes: max_line_bytes as usize,
-            poll_interval: duration(
-                "logcollector.poll_interval",
-                &logcollector.poll_interval,
-                Duration::from_millis(10),
-            )?,
-            start: choice(
-                "logcollector.start",
-                &logcollector.start,
-                &[("end", Start::End), ("beginning", Start::Beginning)],
-            )?,
-            files,
-        };
-
-        let mut collectors: Vec<String> = Vec::new();
-        for c in inventory.collectors {
-            if !COLLECTORS.contains(&c.as_str()) {
-                return Err(invalid("inventory.collectors", format!("{c:?} is not one of {}", COLLECTORS.join(", "))));
-            }
-            if collectors.contains(&c) {
-                return Err(invalid("inventory.collectors", format!("{c:?} is listed twice")));
-            }
-            collectors.push(c);
-        }
-        let inventory = InventoryConfig {
-            enabled: inventory.enabled,
-            interval: duration("inventory.interval", &inventory.interval, Duration::from_secs(1))?,
-            root: dir("inventory.root", inventory.root)?,
-            collectors,
-        };
-
-        use log::LevelFilter as L;
-        let log = LogConfig {
-            level: choice(
-                "log.level",
-                &log.level,
-                &[("error", L::Error), ("warn", L::Warn), ("info", L::Info), ("debug", L::Debug), ("trace", L::Trace)],
-            )?,
-            file: (!log.file.is_empty()).then(|| PathBuf::from(log.file)),
-            syslog: log.syslog,
-        };
-
-        Ok(Config { source, agent, server, events, retry, logcollector, inventory, log })
+        KEYS.iter().filter(|k| (k.render)(self) != (k.render)(other)).map(Key::id).collect()
     }
 
     /// The effective values, one `section.key = value` line each, in TOML syntax.
@@ -801,71 +637,120 @@ impl Config {
     /// (`agent.run_dir = "/run/wazuh-agent"`). The proxy password is masked.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let q = |s: &str| toml_string(s);
-        let p = |p: &Path| toml_string(&p.display().to_string());
-        let list = |v: &[String]| format!("[{}]", v.iter().map(|s| toml_string(s)).collect::<Vec<_>>().join(", "));
-        let d = |d: Duration| toml_string(&fmt_duration(d));
-        let c = self;
-        let lines: Vec<(&str, String)> = vec![
-            ("agent.name", q(&c.agent.name)),
-            ("agent.data_dir", p(&c.agent.data_dir)),
-            ("agent.run_dir", p(&c.agent.run_dir)),
-            ("agent.uuid_version", if c.agent.uuid_version == UuidVersion::V4 { "4" } else { "7" }.into()),
-            ("agent.user", q(c.agent.user.as_deref().unwrap_or(""))),
-            ("agent.group", q(c.agent.group.as_deref().unwrap_or(""))),
-            ("server.url", list(&c.server.urls)),
-            ("server.registration_url", q(&c.server.registration_url)),
-            (
-                "server.verify",
-                q(match c.server.verify {
-                    Verify::Full => "full",
-                    Verify::Certificate => "certificate",
-                    Verify::None => "none",
-                }),
-            ),
-            ("server.ca_file", c.server.ca_file.as_deref().map(p).unwrap_or_else(|| q(""))),
-            ("server.proxy", q(&c.server.proxy.as_deref().map(mask_userinfo).unwrap_or_default())),
-            ("server.compression", q(if c.server.compression == Compression::Gzip { "gzip" } else { "none" })),
-            ("server.request_timeout", d(c.server.request_timeout)),
-            ("server.commands_timeout", d(c.server.commands_timeout)),
-            ("events.batch_max_bytes", c.events.batch_max_bytes.to_string()),
-            ("events.batch_max_events", c.events.batch_max_events.to_string()),
-            ("events.batch_interval", d(c.events.batch_interval)),
-            ("events.buffer_events", c.events.buffer_events.to_string()),
-            ("events.overflow", q(if c.events.overflow == Overflow::Block { "block" } else { "drop_oldest" })),
-            ("events.queue_max_bytes", c.events.queue_max_bytes.to_string()),
-            ("retry.initial", d(c.retry.initial)),
-            ("retry.max", d(c.retry.max)),
-            ("logcollector.files", files_list(&c.logcollector.files)),
-            ("logcollector.start", q(if c.logcollector.start == Start::End { "end" } else { "beginning" })),
-            ("logcollector.max_line_bytes", c.logcollector.max_line_bytes.to_string()),
-            ("logcollector.poll_interval", d(c.logcollector.poll_interval)),
-            ("inventory.enabled", c.inventory.enabled.to_string()),
-            ("inventory.interval", d(c.inventory.interval)),
-            ("inventory.root", p(&c.inventory.root)),
-            ("inventory.collectors", list(&c.inventory.collectors)),
-            ("log.level", q(&c.log.level.to_string().to_lowercase())),
-            ("log.file", c.log.file.as_deref().map(p).unwrap_or_else(|| q(""))),
-            ("log.syslog", c.log.syslog.to_string()),
-        ];
-        for (k, v) in lines {
-            let _ = writeln!(out, "{k} = {v}");
+        for k in KEYS {
+            let _ = writeln!(out, "{}.{} = {}", k.section, k.name, (k.render)(self));
         }
         out
     }
+
+    /// Walks `table` against [`KEYS`]: unknown keys are refused, missing keys take their
+    /// default, then the checks that involve more than one key.
+    fn from_table(table: &toml::Table, source: Option<&Path>) -> Result<Config, ConfigError> {
+        let unknown = |key: String, message: String| ConfigError::Syntax {
+            path: source.map(Path::to_path_buf).unwrap_or_default(),
+            key: Some(key),
+            message,
+        };
+        for (section, values) in table {
+            if !KEYS.iter().any(|k| k.section == section) {
+                return Err(unknown(section.clone(), "is not a configuration section".into()));
+            }
+            let toml::Value::Table(values) = values else {
+                return Err(unknown(section.clone(), expected("a [section]", values)));
+            };
+            if let Some(name) = values.keys().find(|name| key(section, name).is_none()) {
+                let known: Vec<&str> = KEYS.iter().filter(|k| k.section == section).map(|k| k.name).collect();
+                let message = format!("is not a configuration key (those of [{section}]: {})", known.join(", "));
+                return Err(unknown(format!("{section}.{name}"), message));
+            }
+        }
+        // A placeholder for every field: the loop below sets each one from its key.
+        let mut c = Config {
+            source: source.map(Path::to_path_buf),
+            agent: AgentConfig::default(),
+            server: ServerConfig::default(),
+            events: EventsConfig::default(),
+            retry: RetryConfig::default(),
+            logcollector: LogcollectorConfig::default(),
+            inventory: InventoryConfig::default(),
+            log: LogConfig { level: log::LevelFilter::Info, file: None, syslog: false },
+        };
+        for k in KEYS {
+            let given = table.get(k.section).and_then(|s| s.get(k.name));
+            let parsed = match given {
+                Some(v) => (k.parse)(&mut c, v),
+                None => k
+                    .default
+                    .parse::<toml::Value>()
+                    .map_err(|e| format!("bad default: {e}"))
+                    .and_then(|v| (k.parse)(&mut c, &v)),
+            };
+            parsed.map_err(|m| invalid(&k.id(), m))?;
+        }
+        if c.agent.group.is_some() && c.agent.user.is_none() {
+            return Err(invalid("agent.group", "needs agent.user"));
+        }
+        let (batch, queue) = (c.events.batch_max_bytes, c.events.queue_max_bytes);
+        if queue < batch {
+            let message = format!("{queue} is smaller than events.batch_max_bytes ({batch})");
+            return Err(invalid("events.queue_max_bytes", message));
+        }
+        if c.retry.max < c.retry.initial {
+            let (max, initial) = (fmt_duration(c.retry.max), fmt_duration(c.retry.initial));
+            return Err(invalid("retry.max", format!("{max} is smaller than retry.initial ({initial})")));
+        }
+        Ok(c)
+    }
+}
+
+/// Parses TOML text into a table; a syntax error names the key nearest to it.
+fn toml_table(text: &str, path: &Path) -> Result<toml::Table, ConfigError> {
+    text.parse().map_err(|e: toml::de::Error| {
+        let key = e.span().and_then(|span| key_at(text, span.start));
+        ConfigError::Syntax { path: path.to_path_buf(), key, message: e.message().trim().to_string() }
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Renderers: a typed value back into TOML text.
+
+fn show_num(n: &impl fmt::Display) -> String {
+    n.to_string()
+}
+
+fn show_path(p: &Path) -> String {
+    toml_string(&p.display().to_string())
+}
+
+fn show_maybe_path(p: &Option<PathBuf>) -> String {
+    p.as_deref().map(show_path).unwrap_or_else(|| toml_string(""))
+}
+
+fn show_maybe(s: &Option<String>) -> String {
+    toml_string(s.as_deref().unwrap_or(""))
+}
+
+fn show_list(v: &[String]) -> String {
+    format!("[{}]", v.iter().map(|s| toml_string(s)).collect::<Vec<_>>().join(", "))
+}
+
+fn show_duration(d: &Duration) -> String {
+    toml_string(&fmt_duration(*d))
+}
+
+/// The name of a choice; numbers (`agent.uuid_version`) stay bare.
+fn show<T: PartialEq>(options: &[(&str, T)], x: &T) -> String {
+    let name = options.iter().find(|(_, v)| v == x).map_or("", |(n, _)| n);
+    if name.parse::<i64>().is_ok() { name.to_string() } else { toml_string(name) }
 }
 
 /// `logcollector.files` as TOML: plain strings, or inline tables where a start was given.
-fn files_list(files: &[FileSpec]) -> String {
+fn show_files(files: &[FileSpec]) -> String {
     let items: Vec<String> = files
         .iter()
         .map(|f| match f.start {
             None => toml_string(&f.pattern),
-            Some(s) => format!(
-                "{{ path = {}, start = {} }}",
-                toml_string(&f.pattern),
-                toml_string(if s == Start::End { "end" } else { "beginning" })
-            ),
+            Some(s) => format!("{{ path = {}, start = {} }}", toml_string(&f.pattern), show(STARTS, &s)),
         })
         .collect();
     format!("[{}]", items.join(", "))
@@ -969,6 +854,82 @@ mod tests {
         let text = include_str!("../etc/wazuh-agent.toml");
         let parsed = parse(text).expect("etc/wazuh-agent.toml parses");
         assert_eq!(parsed.render(), Config::defaults().render());
+    }
+
+    #[test]
+    fn every_key_parses_its_default_and_renders_it_back() {
+        for k in KEYS {
+            let mut c = Config::defaults();
+            let default: toml::Value = k.default.parse().unwrap();
+            (k.parse)(&mut c, &default).unwrap_or_else(|e| panic!("{}: {e}", k.id()));
+            let rendered: toml::Value = (k.render)(&c).parse().unwrap();
+            (k.parse)(&mut c, &rendered).unwrap_or_else(|e| panic!("{}: {e}", k.id()));
+            assert_eq!((k.render)(&c), (k.render)(&Config::defaults()), "{}", k.id());
+        }
+    }
+
+    #[test]
+    fn every_key_names_itself_in_its_errors() {
+        for k in KEYS {
+            let e = err(&format!("[{}]\n{} = 1979-05-27T07:32:00Z\n", k.section, k.name));
+            assert!(e.contains(&format!("`{}`", k.id())), "{e}");
+            assert_eq!(key(k.section, k.name).map(Key::id), Some(k.id()));
+        }
+    }
+
+    #[test]
+    fn who_may_set_what_and_when_it_applies() {
+        let ids = |f: fn(&Key) -> bool| KEYS.iter().filter(|k| f(k)).map(Key::id).collect::<Vec<_>>().join(" ");
+        assert_eq!(
+            ids(|k| k.server),
+            "events.batch_max_bytes events.batch_max_events events.batch_interval events.buffer_events \
+             events.overflow retry.initial retry.max logcollector.files logcollector.start \
+             logcollector.max_line_bytes logcollector.poll_interval inventory.enabled inventory.interval \
+             inventory.collectors log.level"
+        );
+        assert_eq!(
+            ids(|k| k.live),
+            "events.batch_max_bytes events.batch_max_events events.batch_interval events.buffer_events \
+             events.overflow retry.initial retry.max log.level"
+        );
+    }
+
+    /// `section.key` names of a TOML document, sorted.
+    fn keys_of(text: &str) -> Vec<String> {
+        let table: toml::Table = text.parse().unwrap();
+        let mut keys: Vec<String> =
+            table.iter().flat_map(|(s, t)| t.as_table().unwrap().keys().map(move |k| format!("{s}.{k}"))).collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn the_shipped_file_lists_every_key_once() {
+        let mut want: Vec<String> = KEYS.iter().map(Key::id).collect();
+        want.sort();
+        assert_eq!(keys_of(include_str!("../etc/wazuh-agent.toml")), want);
+    }
+
+    /// docs/configuration.md has one `### `key`` entry per key, in table order, each
+    /// followed by the line this test expects (printed when it differs).
+    #[test]
+    fn the_reference_documents_every_key() {
+        let doc = include_str!("../docs/configuration.md");
+        let mut lines = doc.lines().filter(|l| !l.trim().is_empty());
+        let mut documented = Vec::new();
+        while let Some(line) = lines.next() {
+            let Some(id) = line.strip_prefix("### `").and_then(|l| l.strip_suffix('`')) else { continue };
+            let k = KEYS.iter().find(|k| k.id() == id).unwrap_or_else(|| panic!("{id} is not a key"));
+            let facts = format!(
+                "Default `{}`. {}. {}.",
+                k.default,
+                if k.live { "Applies live" } else { "Applies at the next start" },
+                if k.server { "The server may set it" } else { "Local only" }
+            );
+            assert_eq!(lines.next(), Some(facts.as_str()), "docs/configuration.md, {id}");
+            documented.push(id.to_string());
+        }
+        assert_eq!(documented, KEYS.iter().map(Key::id).collect::<Vec<_>>());
     }
 
     #[test]

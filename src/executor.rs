@@ -200,16 +200,15 @@ fn set_groups(ctx: &Ctx, groups: &[String], deadline: Instant, cancel: &AtomicBo
     for g in groups {
         files.push((g.clone(), download(ctx, g, deadline, cancel)?));
     }
-    let mut overlays = Vec::with_capacity(files.len());
+    let (mut overlays, mut ignored) = (Vec::with_capacity(files.len()), Vec::new());
     for (g, content) in &files {
         let file = format!("{g}.yml");
         let text = std::str::from_utf8(content).map_err(|_| format!("group file {file} is not UTF-8"))?;
-        let (overlay, ignored) = groups::parse_group_file(&file, text).map_err(|e| e.to_string())?;
-        if !ignored.is_empty() {
-            log::info!("group file {file}: ignored settings this agent does not have: {}", ignored.join(", "));
-        }
+        let (overlay, skipped) = groups::parse_group_file(&file, text).map_err(|e| e.to_string())?;
+        ignored.extend(skipped.into_iter().map(|k| format!("{k} ({file})")));
         overlays.push((file, overlay));
     }
+    groups::warn_ignored(&ignored);
     // One reload at a time (SIGHUP or another command).
     let _guard = ctx.live.reload_guard();
     let local_text = match &ctx.local.source {
@@ -225,7 +224,8 @@ fn set_groups(ctx: &Ctx, groups: &[String], deadline: Instant, cancel: &AtomicBo
     ctx.live.set_agent_line(crate::event::agent_line(&ctx.uuid, &ctx.name, groups, &ctx.host));
     let applied = ctx.live.apply(config);
     let names = if groups.is_empty() { "no group".to_string() } else { groups.join(", ") };
-    Ok(format!("groups set to {names}; {}", applied.describe()))
+    let ignored = if ignored.is_empty() { String::new() } else { format!("; ignored {}", ignored.join(", ")) };
+    Ok(format!("groups set to {names}; {}{ignored}", applied.describe()))
 }
 
 impl Executor {

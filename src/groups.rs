@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use yaml_rust2::{Yaml, YamlLoader};
 
-use crate::config::{Config, ConfigError, KNOWN_KEYS};
+use crate::config::{self, Config, ConfigError};
 
 const LIST_FILE: &str = ".groups.json";
 
@@ -77,8 +77,9 @@ fn yaml_to_toml(y: &Yaml) -> Option<toml::Value> {
     })
 }
 
-/// Parses one group file into an overlay of known keys. Returns the overlay and the
-/// `section.key` names it ignored (settings for other agents or modules).
+/// Parses one group file into an overlay of the keys a server may set. Returns the overlay
+/// and the `section.key` names it ignored: keys this agent does not have, and local-only
+/// keys (identity, paths, TLS, ...), which only the local file may set.
 pub fn parse_group_file(file: &str, text: &str) -> Result<(toml::Table, Vec<String>), GroupError> {
     let docs = YamlLoader::load_from_str(text)
         .map_err(|e| GroupError::NotAMapping { file: file.to_string(), message: e.to_string() })?;
@@ -96,22 +97,18 @@ pub fn parse_group_file(file: &str, text: &str) -> Result<(toml::Table, Vec<Stri
     };
     for (k, v) in &root {
         let Some(section) = k.as_str() else { continue };
-        let Some((_, keys)) = KNOWN_KEYS.iter().find(|(s, _)| *s == section) else {
-            ignored.push(section.to_string());
-            continue;
-        };
-        let Yaml::Hash(values) = v else {
+        let (Yaml::Hash(values), true) = (v, config::KEYS.iter().any(|k| k.section == section)) else {
             ignored.push(section.to_string());
             continue;
         };
         let mut t = toml::Table::new();
         for (k2, v2) in values {
-            let Some(key) = k2.as_str() else { continue };
-            match (keys.contains(&key), yaml_to_toml(v2)) {
-                (true, Some(val)) => {
-                    t.insert(key.to_string(), val);
+            let Some(name) = k2.as_str() else { continue };
+            match (config::key(section, name).filter(|k| k.server), yaml_to_toml(v2)) {
+                (Some(_), Some(val)) => {
+                    t.insert(name.to_string(), val);
                 }
-                _ => ignored.push(format!("{section}.{key}")),
+                _ => ignored.push(format!("{section}.{name}")),
             }
         }
         overlay.insert(section.to_string(), toml::Value::Table(t));
@@ -122,7 +119,7 @@ pub fn parse_group_file(file: &str, text: &str) -> Result<(toml::Table, Vec<Stri
 /// Overlays from the current set, in group order (missing files are skipped with a warning).
 pub fn current_overlays(data_dir: &Path) -> Result<Vec<(String, toml::Table)>, GroupError> {
     let dir = shared_dir(data_dir);
-    let mut out = Vec::new();
+    let (mut out, mut ignored) = (Vec::new(), Vec::new());
     for g in current(data_dir) {
         let file = format!("{g}.yml");
         let text = match fs::read_to_string(dir.join(&file)) {
@@ -132,13 +129,19 @@ pub fn current_overlays(data_dir: &Path) -> Result<Vec<(String, toml::Table)>, G
                 continue;
             }
         };
-        let (overlay, ignored) = parse_group_file(&file, &text)?;
-        if !ignored.is_empty() {
-            log::info!("group file {file}: ignored settings this agent does not have: {}", ignored.join(", "));
-        }
+        let (overlay, skipped) = parse_group_file(&file, &text)?;
+        ignored.extend(skipped.into_iter().map(|k| format!("{k} ({file})")));
         out.push((file, overlay));
     }
+    warn_ignored(&ignored);
     Ok(out)
+}
+
+/// One warning naming every setting the group files carry that this agent did not apply.
+pub fn warn_ignored(ignored: &[String]) {
+    if !ignored.is_empty() {
+        log::warn!("group files: ignored {} (unknown here, or local-only settings)", ignored.join(", "));
+    }
 }
 
 /// The effective configuration: the local file (re-read from `local`) plus the current
@@ -230,6 +233,17 @@ mod tests {
         assert_eq!(ignored, vec!["events.mystery", "wodle"]);
         let c = Config::with_overlays("", None, &[("g1.yml".into(), overlay)]).unwrap();
         assert_eq!(c.events.buffer_events, 500);
+    }
+
+    #[test]
+    fn local_only_keys_are_ignored_and_reported() {
+        let text = "server:\n  verify: none\nagent:\n  run_dir: /tmp/evil\n\
+                    log:\n  level: debug\n  file: /tmp/x\n";
+        let (overlay, ignored) = parse_group_file("g.yml", text).unwrap();
+        assert_eq!(ignored, vec!["server.verify", "agent.run_dir", "log.file"]);
+        let c = Config::with_overlays("", None, &[("g.yml".into(), overlay)]).unwrap();
+        assert_eq!((c.server.verify, c.log.level), (crate::config::Verify::Full, log::LevelFilter::Debug));
+        assert_eq!(c.agent.run_dir, Config::defaults().agent.run_dir);
     }
 
     #[test]

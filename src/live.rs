@@ -8,19 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::config::Config;
-
-/// Keys applied without a restart; the threads that use them re-read them on change.
-pub const LIVE_KEYS: &[&str] = &[
-    "log.level",
-    "events.batch_max_bytes",
-    "events.batch_max_events",
-    "events.batch_interval",
-    "events.buffer_events",
-    "events.overflow",
-    "retry.initial",
-    "retry.max",
-];
+use crate::config::{Config, KEYS};
 
 struct Inner {
     config: Arc<Config>,
@@ -103,28 +91,28 @@ impl Live {
         self.reload.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Replaces the configuration; keys outside [`LIVE_KEYS`] keep their running values
-    /// until a restart (they are reported, not applied).
+    /// Replaces the configuration; keys not marked live in [`KEYS`] keep their running
+    /// values until a restart (they are reported, not applied). The threads that use the
+    /// live keys re-read them on change.
     pub fn apply(&self, new: Config) -> Applied {
         let mut inner = self.lock();
-        let changed = inner.config.changed_keys(&new);
-        let (live, need_restart): (Vec<String>, Vec<String>) =
-            changed.into_iter().partition(|k| LIVE_KEYS.contains(&k.as_str()));
-        if !live.is_empty() {
-            let mut merged = (*inner.config).clone();
-            merged.log.level = new.log.level;
-            merged.events.batch_max_bytes = new.events.batch_max_bytes;
-            merged.events.batch_max_events = new.events.batch_max_events;
-            merged.events.batch_interval = new.events.batch_interval;
-            merged.events.buffer_events = new.events.buffer_events;
-            merged.events.overflow = new.events.overflow;
-            merged.retry = new.retry.clone();
+        let mut merged = (*inner.config).clone();
+        let mut applied = Applied::default();
+        for key in KEYS.iter().filter(|k| (k.render)(&inner.config) != (k.render)(&new)) {
+            if key.live {
+                (key.copy)(&mut merged, &new);
+                applied.live.push(key.id());
+            } else {
+                applied.need_restart.push(key.id());
+            }
+        }
+        if !applied.live.is_empty() {
+            log::set_max_level(merged.log.level);
             inner.config = Arc::new(merged);
-            log::set_max_level(new.log.level);
         }
         drop(inner);
         self.generation.fetch_add(1, Ordering::AcqRel);
-        Applied { live, need_restart }
+        applied
     }
 
     pub fn set_agent_line(&self, line: String) {
@@ -155,5 +143,22 @@ mod tests {
         assert_eq!(view.config.events.batch_interval, std::time::Duration::from_secs(5));
         assert_eq!(view.config.server.urls, vec!["https://localhost:27000"], "not applied live");
         assert!(applied.describe().contains("restart the agent to apply server.url"));
+    }
+
+    #[test]
+    fn every_live_key_is_applied() {
+        let live = Live::new(Config::defaults(), "{}".into());
+        let text = "[events]\nbatch_max_bytes = \"2MB\"\nbatch_max_events = 5\nbatch_interval = \"5s\"\n\
+            buffer_events = 50\noverflow = \"block\"\n[retry]\ninitial = \"2s\"\nmax = \"90s\"\n\
+            [log]\nlevel = \"debug\"\nfile = \"/tmp/x.log\"\n";
+        let new = Config::parse(text, Path::new("x.toml")).unwrap();
+        let applied = live.apply(new.clone());
+        let live_keys: Vec<String> = KEYS.iter().filter(|k| k.live).map(|k| k.id()).collect();
+        assert_eq!((applied.live, applied.need_restart), (live_keys, vec!["log.file".to_string()]));
+        let (running, defaults) = (live.config(), Config::defaults());
+        for k in KEYS {
+            let want = if k.live { (k.render)(&new) } else { (k.render)(&defaults) };
+            assert_eq!((k.render)(&running), want, "{}", k.id());
+        }
     }
 }

@@ -46,6 +46,7 @@ fn a_command_enqueued_while_idle_is_run_and_reported() {
     let (code, message) = result_of(&env.mock, "c-1", Duration::from_secs(15));
     assert_eq!(code, 0, "{message}");
     assert!(message.contains("groups set to g1") && message.contains("applied events.batch_interval"), "{message}");
+    assert!(message.contains("ignored wodle (g1.yml)"), "{message}");
     let shared = env.data_dir().join("shared");
     assert_eq!(
         std::fs::read(shared.join("g1.yml")).unwrap(),
