@@ -22,17 +22,15 @@ pub enum LogError {
 
 impl std::fmt::Display for LogError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            LogError::Open { path, source } => write!(f, "cannot open log.file {}: {source}", path.display()),
-        }
+        let LogError::Open { path, source } = self;
+        write!(f, "cannot open log.file {}: {source}", path.display())
     }
 }
 
 impl std::error::Error for LogError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            LogError::Open { source, .. } => Some(source),
-        }
+        let LogError::Open { source, .. } = self;
+        Some(source)
     }
 }
 
@@ -158,4 +156,21 @@ pub fn init(config: &Config, one_shot: bool) -> Result<(), LogError> {
     let _ = CombinedLogger::init(loggers);
     log::set_max_level(level);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unopenable_log_file_is_named_and_its_cause_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (conf, log) = (dir.path().join("agent.toml"), dir.path().join("missing/agent.log"));
+        std::fs::write(&conf, format!("[log]\nfile = {:?}\n", log.display().to_string())).unwrap();
+        let err = init(&Config::load(Some(&conf)).unwrap(), true).unwrap_err();
+        assert!(err.to_string().starts_with(&format!("cannot open log.file {}: ", log.display())), "{err}");
+        let source = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<io::Error>());
+        assert_eq!(source.map(io::Error::kind), Some(io::ErrorKind::NotFound));
+        assert!(!to_file(), "nothing set up on failure");
+    }
 }

@@ -124,4 +124,14 @@ mod tests {
         assert!(resolve("no-such-user-wazuh", None).unwrap_err().to_string().contains("does not exist"));
         assert!(resolve("root", Some("no-such-group-wazuh")).unwrap_err().to_string().contains("agent.group"));
     }
+
+    #[test]
+    fn hand_over_names_the_path_and_keeps_the_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let err = hand_over(&missing, Account { uid: 0, gid: 0 }).unwrap_err();
+        assert!(err.to_string().starts_with(&format!("cannot hand {} to agent.user (uid 0): ", missing.display())));
+        let source = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<io::Error>());
+        assert_eq!(source.map(io::Error::kind), Some(io::ErrorKind::NotFound));
+    }
 }
