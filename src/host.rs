@@ -1,11 +1,12 @@
 //! Host metadata sent at registration and in every events body (docs/protocol.md, Registration and Events).
 //! Read from uname(2), getifaddrs(3) and os-release, never from external commands.
 
-use std::ffi::CStr;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::path::Path;
 
 use serde::Serialize;
+
+use crate::sys;
 
 /// `host.os` of the wire format.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -25,41 +26,15 @@ pub struct HostInfo {
     pub os: OsInfo,
 }
 
-struct Uname {
-    sysname: String,
-    nodename: String,
-    release: String,
-    machine: String,
-}
-
-fn uname() -> Uname {
-    // SAFETY: utsname is plain old data; uname fills it with NUL-terminated strings.
-    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-    let ok = unsafe { libc::uname(&mut u) } == 0;
-    let field = |f: &[libc::c_char]| -> String {
-        if !ok {
-            return String::new();
-        }
-        // SAFETY: on success each field is NUL-terminated within its array.
-        unsafe { CStr::from_ptr(f.as_ptr()) }.to_string_lossy().into_owned()
-    };
-    Uname {
-        sysname: field(&u.sysname),
-        nodename: field(&u.nodename),
-        release: field(&u.release),
-        machine: field(&u.machine),
-    }
-}
-
 /// The host name (uname's nodename), or "localhost" if the kernel has none.
 pub fn hostname() -> String {
-    let n = uname().nodename;
+    let n = sys::uname().unwrap_or_default().nodename;
     if n.is_empty() || n == "(none)" { "localhost".into() } else { n }
 }
 
 /// Collects the host metadata. `root` is the host root for os-release (tests use fixtures).
 pub fn gather(root: &Path) -> HostInfo {
-    let u = uname();
+    let u = sys::uname().unwrap_or_default();
     let os_release =
         ["etc/os-release", "usr/lib/os-release"].iter().find_map(|p| std::fs::read_to_string(root.join(p)).ok());
     let os = os_info(os_release.as_deref(), &u.sysname, &u.release);
@@ -111,33 +86,7 @@ pub fn parse_os_release(text: &str) -> Vec<(String, String)> {
 fn interface_addresses() -> Vec<String> {
     let mut out: Vec<IpAddr> = Vec::new();
     let mut loopback: Vec<IpAddr> = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs allocates a list we walk read-only and free exactly once below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return vec!["127.0.0.1".into()];
-    }
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: cur is a node of the list returned by getifaddrs, not yet freed.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_flags & libc::IFF_UP as libc::c_uint == 0 {
-            continue;
-        }
-        // SAFETY: ifa_addr is non-null; the family tells which sockaddr type it points to.
-        let addr = unsafe {
-            match (*ifa.ifa_addr).sa_family as i32 {
-                libc::AF_INET => {
-                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                    IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
-                }
-                libc::AF_INET6 => {
-                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
-                    IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))
-                }
-                _ => continue,
-            }
-        };
+    for addr in sys::interfaces().unwrap_or_default().into_iter().filter(|i| i.up).map(|i| i.addr) {
         let link_local_v6 = matches!(addr, IpAddr::V6(a) if (a.segments()[0] & 0xffc0) == 0xfe80);
         if addr.is_loopback() {
             loopback.push(addr);
@@ -145,8 +94,6 @@ fn interface_addresses() -> Vec<String> {
             out.push(addr);
         }
     }
-    // SAFETY: head came from a successful getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
     if out.is_empty() {
         out = loopback;
     }

@@ -3,6 +3,9 @@
 //! The binary (`src/main.rs`) is a thin shell over this library so the integration
 //! tests can drive the same modules the agent runs. See ARCHITECTURE.md for the map.
 
+// Every libc call goes through `sys`, the one module allowed `unsafe`.
+#![deny(unsafe_code)]
+
 pub mod backoff;
 pub mod batcher;
 pub mod cli;
@@ -28,6 +31,8 @@ pub mod queue;
 pub mod register;
 pub mod status;
 pub mod supervisor;
+#[allow(unsafe_code)]
+pub mod sys;
 pub mod token;
 pub mod uploader;
 

@@ -2,7 +2,6 @@
 //! names), optionally also to the system log. The file is reopened on SIGHUP so logrotate
 //! can move it away.
 
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -13,6 +12,27 @@ use log::{LevelFilter, Log, Metadata, Record};
 use simplelog::{CombinedLogger, ConfigBuilder, SharedLogger, WriteLogger};
 
 use crate::config::Config;
+
+/// Why logging could not be set up.
+#[derive(Debug)]
+pub enum LogError {
+    /// `log.file` could not be opened for appending.
+    Open { path: PathBuf, source: io::Error },
+}
+
+impl std::fmt::Display for LogError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let LogError::Open { path, source } = self;
+        write!(f, "cannot open log.file {}: {source}", path.display())
+    }
+}
+
+impl std::error::Error for LogError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        let LogError::Open { source, .. } = self;
+        Some(source)
+    }
+}
 
 /// Set once logging goes to `log.file`, so fatal errors are recorded there too.
 static TO_FILE: AtomicBool = AtomicBool::new(false);
@@ -68,18 +88,8 @@ impl Log for Syslog {
         if is_noisy(record.target()) {
             return;
         }
-        let priority = match record.level() {
-            log::Level::Error => libc::LOG_ERR,
-            log::Level::Warn => libc::LOG_WARNING,
-            log::Level::Info => libc::LOG_INFO,
-            log::Level::Debug | log::Level::Trace => libc::LOG_DEBUG,
-        };
         let thread = std::thread::current();
-        let text = format!("({}) {}", thread.name().unwrap_or("?"), record.args()).replace('\0', " ");
-        if let Ok(msg) = CString::new(text) {
-            // SAFETY: a constant "%s" format with one NUL-terminated argument.
-            unsafe { libc::syslog(priority, c"%s".as_ptr(), msg.as_ptr()) };
-        }
+        crate::sys::syslog(record.level(), &format!("({}) {}", thread.name().unwrap_or("?"), record.args()));
     }
 
     fn flush(&self) {}
@@ -108,7 +118,7 @@ fn is_noisy(target: &str) -> bool {
 
 /// Sets up logging once. One-shot commands log warnings and errors only (their result is
 /// printed), unless the level asks for debug detail.
-pub fn init(config: &Config, one_shot: bool) -> Result<(), String> {
+pub fn init(config: &Config, one_shot: bool) -> Result<(), LogError> {
     let level = if one_shot && config.log.level > LevelFilter::Warn && config.log.level < LevelFilter::Debug {
         LevelFilter::Warn
     } else {
@@ -128,7 +138,7 @@ pub fn init(config: &Config, one_shot: bool) -> Result<(), String> {
     let mut loggers: Vec<Box<dyn SharedLogger>> = Vec::new();
     match &config.log.file {
         Some(path) => {
-            let file = open(path).map_err(|e| format!("cannot open log.file {}: {e}", path.display()))?;
+            let file = open(path).map_err(|source| LogError::Open { path: path.clone(), source })?;
             let shared = Arc::new(Mutex::new(file));
             let _ = FILE.set((path.clone(), shared.clone()));
             TO_FILE.store(true, Ordering::Relaxed);
@@ -137,8 +147,7 @@ pub fn init(config: &Config, one_shot: bool) -> Result<(), String> {
         None => loggers.push(WriteLogger::new(LevelFilter::Trace, log_config, io::stderr())),
     }
     if config.log.syslog && !one_shot {
-        // SAFETY: the identity is a static C string, as openlog requires (it keeps the pointer).
-        unsafe { libc::openlog(c"wazuh-agent".as_ptr(), libc::LOG_PID | libc::LOG_NDELAY, libc::LOG_DAEMON) };
+        crate::sys::open_syslog();
         loggers.push(Box::new(Syslog));
     }
     // Every logger passes everything; the global max level filters, so a reload can raise
@@ -147,4 +156,21 @@ pub fn init(config: &Config, one_shot: bool) -> Result<(), String> {
     let _ = CombinedLogger::init(loggers);
     log::set_max_level(level);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unopenable_log_file_is_named_and_its_cause_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (conf, log) = (dir.path().join("agent.toml"), dir.path().join("missing/agent.log"));
+        std::fs::write(&conf, format!("[log]\nfile = {:?}\n", log.display().to_string())).unwrap();
+        let err = init(&Config::load(Some(&conf)).unwrap(), true).unwrap_err();
+        assert!(err.to_string().starts_with(&format!("cannot open log.file {}: ", log.display())), "{err}");
+        let source = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<io::Error>());
+        assert_eq!(source.map(io::Error::kind), Some(io::ErrorKind::NotFound));
+        assert!(!to_file(), "nothing set up on failure");
+    }
 }

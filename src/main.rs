@@ -1,6 +1,9 @@
 //! `wazuh-agent`: parses the command line, sets up logging, dispatches, and maps every
 //! error to an exit code in one place ([`exit_code`]).
 
+// Every libc call lives in the library's `sys` module.
+#![deny(unsafe_code)]
+
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -26,7 +29,7 @@ enum Error {
     /// `--send` could not hand the events to the agent.
     Send(IngestError),
     /// The log file could not be opened.
-    Log(String),
+    Log(logging::LogError),
     /// A `restart` command could not start the new process image.
     Restart(std::io::Error),
 }
@@ -39,7 +42,7 @@ impl std::fmt::Display for Error {
             Error::Register(e) => e.fmt(f),
             Error::Run(e) => e.fmt(f),
             Error::Send(e) => e.fmt(f),
-            Error::Log(m) => f.write_str(m),
+            Error::Log(e) => e.fmt(f),
             Error::Restart(e) => write!(f, "restart failed: cannot execute the agent again: {e}"),
         }
     }

@@ -10,26 +10,17 @@
 /// less stateless throughput; per-thread caches keep the lock mostly uncontended).
 /// Call before any thread exists.
 pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning; called before any thread exists.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-        // A fixed threshold (instead of glibc's dynamic one, which climbs to 32 MiB after
-        // the first large free) keeps request bodies and queue segments in mmap'd memory
-        // that goes back to the system as soon as it is freed.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
-    }
+    // A fixed mmap threshold (instead of glibc's dynamic one, which climbs to 32 MiB after
+    // the first large free) keeps request bodies and queue segments in mmap'd memory that
+    // goes back to the system as soon as it is freed.
+    crate::sys::tune_malloc(1, 256 * 1024);
 }
 
 /// Returns free heap pages of every arena to the system. glibc only shrinks an arena from
 /// its top, so after a burst of small allocations (events) freed out of order, the resident
 /// size stays at the burst's peak until this runs.
 pub fn release_free() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    crate::sys::malloc_trim();
 }
 
 /// When to call [`release_free`]: once after each busy period, when the pipeline has gone

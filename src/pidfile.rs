@@ -4,7 +4,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -56,10 +55,8 @@ impl PidFile {
             .mode(0o644)
             .open(&path)
             .map_err(io)?;
-        // SAFETY: flock on a descriptor we own; LOCK_NB never blocks.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if let Err(err) = crate::sys::try_lock_exclusive(&file) {
+            if err.kind() == io::ErrorKind::WouldBlock {
                 let mut text = String::new();
                 let _ = file.read_to_string(&mut text);
                 return Err(PidError::Running { path, pid: text.trim().parse().ok() });

@@ -1,9 +1,11 @@
 //! `agent.user` / `agent.group`: start as root, open what needs root, hand the agent's own
 //! files to the user, then drop to it for good (before any worker thread exists).
 
-use std::ffi::{CStr, CString};
+use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use crate::sys;
 
 /// A resolved account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,81 +14,104 @@ pub struct Account {
     pub gid: u32,
 }
 
-/// Resolves `user` (and `group`, default: the user's primary group).
-pub fn resolve(user: &str, group: Option<&str>) -> Result<Account, String> {
-    let cuser = CString::new(user).map_err(|_| format!("agent.user {user:?} is not a valid name"))?;
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    // SAFETY: passwd is plain data; getpwnam_r fills it with pointers into `buf`.
-    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut out: *mut libc::passwd = std::ptr::null_mut();
-    let rc = unsafe { libc::getpwnam_r(cuser.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut out) };
-    if rc != 0 || out.is_null() {
-        return Err(format!("agent.user {user:?} does not exist on this host"));
-    }
-    let mut account = Account { uid: pw.pw_uid, gid: pw.pw_gid };
-    if let Some(g) = group {
-        let cgroup = CString::new(g).map_err(|_| format!("agent.group {g:?} is not a valid name"))?;
-        // SAFETY: as above, for group.
-        let mut gr: libc::group = unsafe { std::mem::zeroed() };
-        let mut gout: *mut libc::group = std::ptr::null_mut();
-        let rc = unsafe { libc::getgrnam_r(cgroup.as_ptr(), &mut gr, buf.as_mut_ptr(), buf.len(), &mut gout) };
-        if rc != 0 || gout.is_null() {
-            return Err(format!("agent.group {g:?} does not exist on this host"));
+/// Why `agent.user`/`agent.group` could not be applied.
+#[derive(Debug)]
+pub enum PrivilegesError {
+    /// No such account on this host (`key`: `agent.user` or `agent.group`).
+    Unknown { key: &'static str, name: String },
+    /// The user or group database could not be read.
+    Lookup { key: &'static str, name: String, source: io::Error },
+    /// One of the agent's paths could not be given to agent.user.
+    HandOver { path: PathBuf, uid: u32, source: io::Error },
+    /// Switching accounts needs root, and the agent runs as another user.
+    NotRoot { uid: u32 },
+    /// setgroups, setgid or setuid failed.
+    Switch { account: Account, source: io::Error },
+    /// setuid(0) still succeeds after the switch.
+    NotDropped,
+}
+
+impl std::fmt::Display for PrivilegesError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unknown { key, name } => write!(f, "{key} {name:?} does not exist on this host"),
+            Self::Lookup { key, name, source } => write!(f, "cannot look up {key} {name:?}: {source}"),
+            Self::HandOver { path, uid, source } => {
+                write!(f, "cannot hand {} to agent.user (uid {uid}): {source}", path.display())
+            }
+            Self::NotRoot { uid } => write!(f, "agent.user needs the agent to start as root (it runs as uid {uid})"),
+            Self::Switch { account: a, source } => write!(f, "cannot switch to uid {} gid {}: {source}", a.uid, a.gid),
+            Self::NotDropped => f.write_str("privileges were not dropped (setuid(0) still succeeds)"),
         }
-        account.gid = gr.gr_gid;
+    }
+}
+
+impl std::error::Error for PrivilegesError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Lookup { source, .. } | Self::HandOver { source, .. } | Self::Switch { source, .. } => Some(source),
+            Self::Unknown { .. } | Self::NotRoot { .. } | Self::NotDropped => None,
+        }
+    }
+}
+
+/// Resolves `user` (and `group`, default: the user's primary group).
+pub fn resolve(user: &str, group: Option<&str>) -> Result<Account, PrivilegesError> {
+    let found = lookup("agent.user", user, sys::user_by_name)?;
+    let mut account = Account { uid: found.uid, gid: found.gid };
+    if let Some(g) = group {
+        account.gid = lookup("agent.group", g, sys::group_by_name)?;
     }
     Ok(account)
 }
 
-fn chown(path: &Path, a: Account) -> std::io::Result<()> {
-    std::os::unix::fs::lchown(path, Some(a.uid), Some(a.gid))
+/// Looks `name` up with `find`; errors name the configuration key.
+fn lookup<T>(key: &'static str, name: &str, find: fn(&str) -> io::Result<Option<T>>) -> Result<T, PrivilegesError> {
+    match find(name) {
+        Ok(Some(found)) => Ok(found),
+        Ok(None) => Err(PrivilegesError::Unknown { key, name: name.into() }),
+        Err(source) => Err(PrivilegesError::Lookup { key, name: name.into(), source }),
+    }
 }
 
 /// Gives `path` (recursively, for directories) to the account.
-pub fn hand_over(path: &Path, a: Account) -> std::io::Result<()> {
-    let meta = std::fs::symlink_metadata(path)?;
-    if meta.uid() != a.uid || meta.gid() != a.gid {
-        chown(path, a)?;
-    }
-    if meta.is_dir() {
-        for entry in std::fs::read_dir(path)? {
-            hand_over(&entry?.path(), a)?;
+pub fn hand_over(path: &Path, a: Account) -> Result<(), PrivilegesError> {
+    fn walk(path: &Path, a: Account) -> io::Result<()> {
+        let meta = std::fs::symlink_metadata(path)?;
+        if meta.uid() != a.uid || meta.gid() != a.gid {
+            std::os::unix::fs::lchown(path, Some(a.uid), Some(a.gid))?;
         }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(path)? {
+                walk(&entry?.path(), a)?;
+            }
+        }
+        Ok(())
     }
-    Ok(())
+    walk(path, a).map_err(|source| PrivilegesError::HandOver { path: path.to_path_buf(), uid: a.uid, source })
 }
 
 /// Drops to the account for good. Already running as it: nothing to do.
-pub fn drop_to(a: Account) -> Result<(), String> {
-    // SAFETY: plain syscalls; glibc applies setgid/setuid to every thread of the process.
-    unsafe {
-        if libc::geteuid() == a.uid && libc::getegid() == a.gid {
-            return Ok(());
-        }
-        if libc::geteuid() != 0 {
-            return Err(format!("agent.user needs the agent to start as root (it runs as uid {})", libc::geteuid()));
-        }
-        if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(a.gid) != 0 || libc::setuid(a.uid) != 0 {
-            return Err(format!("cannot switch to uid {} gid {}: {}", a.uid, a.gid, std::io::Error::last_os_error()));
-        }
-        // Root must be gone for good: a process that can get it back has not dropped it.
-        if libc::setuid(0) == 0 {
-            return Err("privileges were not dropped (setuid(0) still succeeds)".into());
-        }
+pub fn drop_to(a: Account) -> Result<(), PrivilegesError> {
+    let (uid, gid) = sys::effective_ids();
+    if (uid, gid) == (a.uid, a.gid) {
+        return Ok(());
+    }
+    if uid != 0 {
+        return Err(PrivilegesError::NotRoot { uid });
+    }
+    sys::switch_to(a.uid, a.gid).map_err(|source| PrivilegesError::Switch { account: a, source })?;
+    // Root must be gone for good: a process that can get it back has not dropped it.
+    if sys::can_regain_root() {
+        return Err(PrivilegesError::NotDropped);
     }
     Ok(())
 }
 
 /// The name of the user the process runs as (for log lines).
 pub fn current_user() -> String {
-    // SAFETY: getpwuid returns a pointer to static storage or null; read at once.
-    unsafe {
-        let pw = libc::getpwuid(libc::geteuid());
-        if pw.is_null() {
-            return format!("uid {}", libc::geteuid());
-        }
-        CStr::from_ptr((*pw).pw_name).to_string_lossy().into_owned()
-    }
+    let uid = sys::effective_ids().0;
+    sys::user_by_uid(uid).ok().flatten().map_or_else(|| format!("uid {uid}"), |u| u.name)
 }
 
 #[cfg(test)]
@@ -96,7 +121,17 @@ mod tests {
     #[test]
     fn resolves_root_and_refuses_unknown_accounts() {
         assert_eq!(resolve("root", None).unwrap(), Account { uid: 0, gid: 0 });
-        assert!(resolve("no-such-user-wazuh", None).unwrap_err().contains("does not exist"));
-        assert!(resolve("root", Some("no-such-group-wazuh")).unwrap_err().contains("agent.group"));
+        assert!(resolve("no-such-user-wazuh", None).unwrap_err().to_string().contains("does not exist"));
+        assert!(resolve("root", Some("no-such-group-wazuh")).unwrap_err().to_string().contains("agent.group"));
+    }
+
+    #[test]
+    fn hand_over_names_the_path_and_keeps_the_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let err = hand_over(&missing, Account { uid: 0, gid: 0 }).unwrap_err();
+        assert!(err.to_string().starts_with(&format!("cannot hand {} to agent.user (uid 0): ", missing.display())));
+        let source = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<io::Error>());
+        assert_eq!(source.map(io::Error::kind), Some(io::ErrorKind::NotFound));
     }
 }

@@ -162,13 +162,7 @@ pub fn read_status(run_dir: &Path, now: SystemTime) -> (Option<State>, Result<()
         Ok(s) => s,
         Err(e) => return (None, Err(NotRunning::Unreadable(e.to_string()))),
     };
-    let alive = state.pid > 0 && state.pid <= i32::MAX as u32 && {
-        // SAFETY: kill with signal 0 only checks that the pid exists.
-        let r = unsafe { libc::kill(state.pid as i32, 0) };
-        // EPERM: it exists but belongs to another user (e.g. --status run as non-root).
-        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-    };
-    if !alive {
+    if !crate::sys::process_exists(state.pid) {
         let pid = state.pid;
         return (Some(state), Err(NotRunning::Dead(pid)));
     }

@@ -74,7 +74,7 @@ pub enum RunError {
     /// The pid file is held by another agent, or cannot be written.
     Pid(PidError),
     /// `agent.user`/`agent.group` could not be applied.
-    Privileges(String),
+    Privileges(crate::privileges::PrivilegesError),
     /// Signal handlers could not be installed.
     Signals(io::Error),
     /// A thread could not be started.
@@ -91,7 +91,7 @@ impl fmt::Display for RunError {
             RunError::Queue(e) => write!(f, "cannot open the durable queue: {e}"),
             RunError::Ingest(e) => e.fmt(f),
             RunError::Pid(e) => e.fmt(f),
-            RunError::Privileges(m) => f.write_str(m),
+            RunError::Privileges(e) => e.fmt(f),
             RunError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
             RunError::Spawn { thread, source } => write!(f, "cannot start the {thread} thread: {source}"),
             RunError::WorkerDied { thread, panicked: true } => write!(f, "the {thread} thread panicked"),
@@ -495,8 +495,7 @@ fn drop_privileges(config: &Config, user: &str) -> Result<(), RunError> {
     let mut paths = vec![config.agent.data_dir.as_path(), config.agent.run_dir.as_path()];
     paths.extend(crate::logging::file_path());
     for p in paths {
-        crate::privileges::hand_over(p, account)
-            .map_err(|e| RunError::Privileges(format!("cannot hand {} to agent.user {user}: {e}", p.display())))?;
+        crate::privileges::hand_over(p, account).map_err(RunError::Privileges)?;
     }
     crate::privileges::drop_to(account).map_err(RunError::Privileges)?;
     log::info!("running as {} (uid {}, gid {})", crate::privileges::current_user(), account.uid, account.gid);

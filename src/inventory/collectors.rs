@@ -301,48 +301,6 @@ pub fn parse_route(text: &str) -> HashMap<String, Ipv4Addr> {
         .collect()
 }
 
-/// (interface, address, netmask, broadcast) of the live host.
-fn live_addresses() -> Vec<(String, IpAddr, Option<IpAddr>, Option<IpAddr>)> {
-    let mut out = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs allocates a list we walk read-only and free once below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return out;
-    }
-    // SAFETY: reading a sockaddr of the family it claims.
-    let to_ip = |sa: *const libc::sockaddr| -> Option<IpAddr> {
-        if sa.is_null() {
-            return None;
-        }
-        unsafe {
-            match (*sa).sa_family as i32 {
-                libc::AF_INET => {
-                    Some(IpAddr::V4(Ipv4Addr::from(u32::from_be((*(sa as *const libc::sockaddr_in)).sin_addr.s_addr))))
-                }
-                libc::AF_INET6 => {
-                    Some(IpAddr::V6(Ipv6Addr::from((*(sa as *const libc::sockaddr_in6)).sin6_addr.s6_addr)))
-                }
-                _ => None,
-            }
-        }
-    };
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: a node of the list, not yet freed.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        let Some(addr) = to_ip(ifa.ifa_addr) else { continue };
-        // SAFETY: ifa_name is a NUL-terminated string while the list lives.
-        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
-        let broadcast =
-            if addr.is_ipv4() && ifa.ifa_flags & libc::IFF_BROADCAST as u32 != 0 { to_ip(ifa.ifa_ifu) } else { None };
-        out.push((name, addr, to_ip(ifa.ifa_netmask), broadcast));
-    }
-    // SAFETY: freed exactly once.
-    unsafe { libc::freeifaddrs(head) };
-    out
-}
-
 fn iface_type(code: Option<&str>) -> &'static str {
     match code.map(str::trim) {
         Some("1") => "ethernet",
@@ -358,9 +316,9 @@ pub fn collect_networks(root: &Path) -> Vec<Doc> {
     let counters = read(root, "proc/net/dev").map(|t| parse_net_dev(&t)).unwrap_or_default();
     let gateways = read(root, "proc/net/route").map(|t| parse_route(&t)).unwrap_or_default();
     // Addresses come from getifaddrs, i.e. from the live host only.
-    let addresses = if root == Path::new("/") { live_addresses() } else { Vec::new() };
+    let addresses = if root == Path::new("/") { crate::sys::interfaces().unwrap_or_default() } else { Vec::new() };
     let mut out = Vec::new();
-    for (iface, addr, mask, brd) in addresses {
+    for crate::sys::IfAddr { name: iface, addr, netmask: mask, broadcast: brd, .. } in addresses {
         let sys = |f: &str| read(root, &format!("sys/class/net/{iface}/{f}")).map(|s| s.trim().to_string());
         let c = counters.get(&iface).copied().unwrap_or([0; 8]);
         let proto = if addr.is_ipv4() { "ipv4" } else { "ipv6" };
@@ -388,8 +346,7 @@ pub fn collect_processes(root: &Path) -> Vec<Doc> {
     let mut out = Vec::new();
     let boot = read(root, "proc/stat")
         .and_then(|t| t.lines().find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<u64>().ok())));
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let hz = crate::sys::clock_ticks_per_second();
     let Ok(procs) = std::fs::read_dir(root.join("proc")) else { return out };
     for p in procs.flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };

@@ -357,11 +357,8 @@ impl Inventory {
 
 /// Lowers this thread's priority: scans are background work on a small host.
 fn nice_this_thread() {
-    // SAFETY: gettid and setpriority on our own thread id.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
-    }
+    // Best effort: a scan at normal priority is still correct.
+    let _ = crate::sys::set_thread_nice(10);
 }
 
 pub fn run(inv: Inventory, shutdown: Receiver<()>) {
