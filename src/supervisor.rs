@@ -103,7 +103,19 @@ impl fmt::Display for RunError {
     }
 }
 
-impl std::error::Error for RunError {}
+impl std::error::Error for RunError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RunError::Credentials(e) => Some(e),
+            RunError::Http(e) => Some(e),
+            RunError::Queue(e) => Some(e),
+            RunError::Ingest(e) => Some(e),
+            RunError::Pid(e) => Some(e),
+            RunError::Signals(source) | RunError::Spawn { source, .. } => Some(source),
+            RunError::Privileges(_) | RunError::WorkerDied { .. } => None,
+        }
+    }
+}
 
 /// Sent by every worker as it ends, whatever the reason.
 struct Exit {
