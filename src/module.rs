@@ -1,7 +1,9 @@
 //! The module seam: a collector module (logcollector, inventory) is one file or folder that
 //! declares a [`Module`], and the supervisor starts every enabled module of [`MODULES`] on
-//! its own thread with a [`Context`]. Adding a module is a new file and one line in
-//! [`MODULES`]; a module that is not enabled gets no thread.
+//! its own thread with a [`Context`]. Adding a module is a new file (`pub const MODULE` and
+//! its `run`), `pub mod` in lib.rs and one line in [`MODULES`], plus its configuration
+//! section; a module that is not enabled gets no thread. Modules hand events to the sinks,
+//! never to a raw channel, so what the pipeline answers comes back in one place.
 
 use std::path::PathBuf;
 use std::sync::Arc;

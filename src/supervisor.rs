@@ -1,5 +1,7 @@
 //! Run mode: the one place where every thread of the agent is started and joined, so a
-//! reader sees the whole process here.
+//! reader sees the whole process here. [`run`] calls one function per stage, in order:
+//! `load`, `open`, `drop_privileges`, `start_pipeline`, `start_modules` (every enabled
+//! module of [`module::MODULES`]), `start_commands`, `supervise`, `shut_down`.
 //!
 //! | thread     | owns                                        | fed by / feeds                              |
 //! |------------|---------------------------------------------|---------------------------------------------|
@@ -202,8 +204,7 @@ pub enum Stopped {
 }
 
 /// Runs the agent until SIGTERM/SIGINT or a restart command. `local` is the configuration
-/// from the local file; the server's group files are applied over it here. One function
-/// per stage, in this order.
+/// from the local file; the server's group files are applied over it here.
 pub fn run(local: &Config) -> Result<Stopped, RunError> {
     let (config, credentials) = load(local)?;
     let (agents, pid_file, stats, store, listener) = open(&config)?;
@@ -226,8 +227,8 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     let mut s = Supervisor { config, credentials, stats, live, cell, deadline: Arc::default(), workers, agents };
     let pipeline = start_pipeline(&mut s, store, listener, wake_rx)?;
     let modules = start_modules(&mut s, &pipeline)?;
-    let (control_rx, commands_stop) = start_commands(&mut s, local, host, pipeline.append.clone())?;
-    let result = supervise(&mut s, local, &pipeline.signals, &control_rx);
+    let (control_rx, commands_stop) = start_commands(&mut s, local, host, pipeline.append_tx.clone())?;
+    let result = supervise(&mut s, local, &pipeline, &control_rx);
     shut_down(s, pipeline, modules, commands_stop);
     drop(pid_file);
     if result.is_ok() {
@@ -263,15 +264,15 @@ struct Agents {
 /// What the later stages need of the pipeline.
 struct Pipeline {
     /// Stateless events in (to the batcher) and stateful ones (to the queue), for modules.
-    events: Sender<Vec<Event>>,
-    append: Sender<Append>,
+    events_tx: Sender<Vec<Event>>,
+    append_tx: Sender<Append>,
     ingest: Arc<Ingest>,
-    signals: Receiver<i32>,
+    sig_rx: Receiver<i32>,
     signals_handle: signal_hook::iterator::Handle,
     /// Dropped at shutdown, in this order: batcher and uploaders, queue, token.
-    stop: Sender<()>,
-    queue_stop: Sender<()>,
-    token_stop: Sender<()>,
+    pipeline_stop_tx: Sender<()>,
+    queue_stop_tx: Sender<()>,
+    token_stop_tx: Sender<()>,
 }
 
 /// Stage 1: credentials and the effective configuration.
@@ -309,7 +310,7 @@ fn open(config: &Config) -> Result<(Agents, PidFile, Arc<Stats>, QueueStore, Uni
     Ok((agents, pid_file, stats, store, listener))
 }
 
-/// Stage 3: the threads every event passes through: signals, token, queue, ingest,
+/// Stage 4: the threads every event passes through: signals, token, queue, ingest,
 /// batcher, uploaders.
 fn start_pipeline(
     s: &mut Supervisor,
@@ -411,26 +412,26 @@ fn start_pipeline(
     // The uploaders hold the only receivers now: the batcher's send fails once both are gone.
     drop((pipeline_stop_rx, batch_rx));
     Ok(Pipeline {
-        events: events_tx,
-        append: append_tx,
+        events_tx,
+        append_tx,
         ingest,
-        signals: sig_rx,
+        sig_rx,
         signals_handle,
-        stop: pipeline_stop_tx,
-        queue_stop: queue_stop_tx,
-        token_stop: token_stop_tx,
+        pipeline_stop_tx,
+        queue_stop_tx,
+        token_stop_tx,
     })
 }
 
-/// Stage 4: every enabled module of [`module::MODULES`] on its own thread. Returns their
+/// Stage 5: every enabled module of [`module::MODULES`] on its own thread. Returns their
 /// names and the sender whose drop stops them.
 fn start_modules(s: &mut Supervisor, p: &Pipeline) -> Result<(Vec<&'static str>, Sender<()>), RunError> {
     let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
     let mut names = Vec::new();
     for m in module::MODULES.iter().filter(|m| (m.enabled)(&s.config)) {
         let ctx = module::Context {
-            events: EventSink::new(p.events.clone(), stop.clone()),
-            durable: DurableSink::new(p.append.clone(), stop.clone()),
+            events: EventSink::new(p.events_tx.clone(), stop.clone()),
+            durable: DurableSink::new(p.append_tx.clone(), stop.clone()),
             state: s.config.agent.data_dir.join(m.state),
             uuid: s.credentials.uuid.clone(),
             stats: s.stats.clone(),
@@ -443,7 +444,7 @@ fn start_modules(s: &mut Supervisor, p: &Pipeline) -> Result<(Vec<&'static str>,
     Ok((names, stop_tx))
 }
 
-/// Stage 5: the command round trip (long-poll, executor). Returns the executor's requests
+/// Stage 6: the command round trip (long-poll, executor). Returns the executor's requests
 /// to the supervisor and the sender whose drop stops both threads.
 fn start_commands(
     s: &mut Supervisor,
@@ -492,12 +493,12 @@ fn start_commands(
     Ok((control_rx, commands_stop_tx))
 }
 
-/// Stage 6: waits for a signal, a restart command or a worker's end; meanwhile writes the
+/// Stage 7: waits for a signal, a restart command or a worker's end; meanwhile writes the
 /// state file and gives free heap back.
 fn supervise(
     s: &mut Supervisor,
     local: &Config,
-    sig_rx: &Receiver<i32>,
+    p: &Pipeline,
     control_rx: &Receiver<Control>,
 ) -> Result<Stopped, RunError> {
     write_state(s);
@@ -505,7 +506,7 @@ fn supervise(
     let mut trim = memory::Trim::default();
     loop {
         select! {
-            recv(sig_rx) -> sig => match sig {
+            recv(p.sig_rx) -> sig => match sig {
                 Ok(SIGHUP) => reload(local, &s.live),
                 Ok(sig) => {
                     log::info!("{} received, shutting down", if sig == SIGINT { "SIGINT" } else { "SIGTERM" });
@@ -537,7 +538,7 @@ fn supervise(
     }
 }
 
-/// Stage 7: the staged shutdown of the module comment, each stage with its own grace.
+/// Stage 8: the staged shutdown of the module comment, each stage with its own grace.
 fn shut_down(
     mut s: Supervisor,
     p: Pipeline,
@@ -545,6 +546,7 @@ fn shut_down(
     commands_stop: Sender<()>,
 ) {
     let Agents { auth_agent, upload_agent, upload2_agent, poll_agent, files_agent } = s.agents.clone();
+    let Pipeline { ingest, signals_handle, pipeline_stop_tx, queue_stop_tx, token_stop_tx, .. } = p;
     let workers = &mut s.workers;
     // (0) Commands first: a running command finishes or is cut, no new one starts.
     drop(commands_stop);
@@ -556,14 +558,14 @@ fn shut_down(
     }
     // (1) No more input; producers get their answers.
     let _ = s.deadline.set(Instant::now() + SHUTDOWN_GRACE);
-    p.ingest.stop(&s.config.agent.run_dir, INGEST_STOP);
+    ingest.stop(&s.config.agent.run_dir, INGEST_STOP);
     let mut stuck = early_stuck;
     stuck.extend(workers.join(&["ingest"], INGEST_STOP));
     // Modules stop with ingest: what they handed over is in the pipeline, their state saved.
     drop(modules_stop);
     stuck.extend(workers.join(&modules, INGEST_STOP));
     // (2) Deliver within the grace, spill the rest.
-    drop(p.stop);
+    drop(pipeline_stop_tx);
     let until_deadline = s.deadline.get().map_or(SHUTDOWN_GRACE, |d| d.saturating_duration_since(Instant::now()));
     const PIPELINE: [&str; 3] = ["batcher", "uploader", "uploader2"];
     stuck.extend(workers.join(&PIPELINE, until_deadline + Duration::from_secs(2)));
@@ -573,12 +575,12 @@ fn shut_down(
         stuck = workers.join(&PIPELINE, Duration::from_secs(2));
     }
     // (3) The queue after everyone who writes to it.
-    drop(p.queue_stop);
+    drop(queue_stop_tx);
     stuck.extend(workers.join(&["queue"], Duration::from_secs(5)));
     // (4) Token and signals.
-    drop(p.token_stop);
+    drop(token_stop_tx);
     s.cell.close();
-    p.signals_handle.close();
+    signals_handle.close();
     if !workers.join(&["token"], Duration::from_secs(1)).is_empty() {
         // Cut off an authentication request in flight (it holds a socket, no data).
         auth_agent.shutdown();
