@@ -164,20 +164,53 @@ fn kind_of(v: &Value) -> &'static str {
     }
 }
 
-/// Parses a 200 body. `Err` when the body as a whole is unusable (not JSON, no list).
-pub fn parse_body(body: &[u8], my_uuid: &str) -> Result<Parsed, String> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err("the body is empty".into());
+/// Why a 200 body as a whole is unusable.
+#[derive(Debug)]
+pub enum BodyError {
+    /// Nothing but whitespace.
+    Empty,
+    /// Not JSON at all.
+    NotJson(serde_json::Error),
+    /// `commands` is there but holds this kind of value.
+    CommandsNotAList(&'static str),
+    /// An object without `commands`.
+    NoCommands,
+    /// Neither an object nor a list: this kind of value.
+    NotAnObject(&'static str),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Empty => f.write_str("the body is empty"),
+            BodyError::NotJson(e) => write!(f, "the body is not JSON ({e})"),
+            BodyError::CommandsNotAList(kind) => write!(f, "\"commands\" is {kind}, not a list"),
+            BodyError::NoCommands => f.write_str("the body has no \"commands\" list"),
+            BodyError::NotAnObject(kind) => write!(f, "the body is {kind}, not an object"),
+        }
     }
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("the body is not JSON ({e})"))?;
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        if let BodyError::NotJson(e) = self { Some(e) } else { None }
+    }
+}
+
+/// Parses a 200 body. `Err` when the body as a whole is unusable (not JSON, no list).
+pub fn parse_body(body: &[u8], my_uuid: &str) -> Result<Parsed, BodyError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(BodyError::Empty);
+    }
+    let v: Value = serde_json::from_slice(body).map_err(BodyError::NotJson)?;
     let list = match &v {
         Value::Object(o) => match o.get("commands") {
             Some(Value::Array(a)) => a,
-            Some(other) => return Err(format!("\"commands\" is {}, not a list", kind_of(other))),
-            None => return Err("the body has no \"commands\" list".into()),
+            Some(other) => return Err(BodyError::CommandsNotAList(kind_of(other))),
+            None => return Err(BodyError::NoCommands),
         },
         Value::Array(a) => a,
-        other => return Err(format!("the body is {}, not an object", kind_of(other))),
+        other => return Err(BodyError::NotAnObject(kind_of(other))),
     };
     let mut parsed = Parsed::default();
     for (i, entry) in list.iter().enumerate() {
@@ -194,13 +227,30 @@ pub fn parse_body(body: &[u8], my_uuid: &str) -> Result<Parsed, String> {
     Ok(parsed)
 }
 
-/// Result codes of docs/protocol.md, Commands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Result codes of docs/protocol.md, Commands; stored as their number (`commands.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(from = "u8", into = "u8")]
 pub enum Code {
     Success = 0,
     Failure = 1,
     InProgress = 2,
     Timeout = 3,
+}
+
+impl From<u8> for Code {
+    /// An unknown number reads as a failure.
+    fn from(n: u8) -> Code {
+        [Code::Success, Code::Failure, Code::InProgress, Code::Timeout]
+            .get(n as usize)
+            .copied()
+            .unwrap_or(Code::Failure)
+    }
+}
+
+impl From<Code> for u8 {
+    fn from(c: Code) -> u8 {
+        c as u8
+    }
 }
 
 /// The stateful event that reports a command's result.
@@ -216,7 +266,7 @@ mod tests {
 
     const ME: &str = "0191a2b3-0000-7000-8000-000000000001";
 
-    fn one(entry: &str) -> Result<Parsed, String> {
+    fn one(entry: &str) -> Result<Parsed, BodyError> {
         parse_body(format!(r#"{{"commands": [{entry}]}}"#).as_bytes(), ME)
     }
 
@@ -305,6 +355,13 @@ mod tests {
             assert!(parse_body(body.as_bytes(), ME).is_err(), "{body:?}");
         }
         assert_eq!(parse_body(b"[]", ME).unwrap(), Parsed::default());
+        assert!(matches!(parse_body(b" ", ME), Err(BodyError::Empty)));
+        let e = parse_body(b"{", ME).unwrap_err();
+        assert!(e.to_string().starts_with("the body is not JSON (") && std::error::Error::source(&e).is_some());
+        assert_eq!(
+            parse_body(br#"{"commands": 1}"#, ME).unwrap_err().to_string(),
+            r#""commands" is a number, not a list"#
+        );
     }
 
     #[test]
@@ -318,5 +375,8 @@ mod tests {
                 .unwrap(),
             e
         );
+        let codes: Vec<Code> = (0..=4).map(Code::from).collect();
+        assert_eq!(codes, [Code::Success, Code::Failure, Code::InProgress, Code::Timeout, Code::Failure]);
+        assert!(codes.iter().all(|c| Code::from(u8::from(*c)) == *c));
     }
 }

@@ -77,7 +77,14 @@ impl fmt::Display for CredentialsError {
     }
 }
 
-impl std::error::Error for CredentialsError {}
+impl std::error::Error for CredentialsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CredentialsError::Read { source, .. } | CredentialsError::Write { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
 
 impl Credentials {
     pub fn path(data_dir: &Path) -> PathBuf {

@@ -8,6 +8,8 @@
 //! other as interrupted.
 
 use std::collections::VecDeque;
+use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,8 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::backoff::Backoff;
 use crate::commands::{self, Action, Code, Command};
-use crate::config::Config;
-use crate::groups;
+use crate::config::{Config, ConfigError};
+use crate::groups::{self, GroupError};
 use crate::host::HostInfo;
 use crate::http::{self, Attempt, Outcome, Rejection};
 use crate::live::Live;
@@ -53,7 +55,7 @@ struct Entry {
     action: String,
     state: State,
     #[serde(default)]
-    code: Option<u8>,
+    code: Option<Code>,
     #[serde(default)]
     message: Option<String>,
     at: String,
@@ -194,17 +196,61 @@ fn download(ctx: &Ctx, group: &str, deadline: Instant, cancel: &AtomicBool) -> R
     }
 }
 
+/// Why a `set-group` or `fetch-config` command failed (its result message).
+#[derive(Debug)]
+enum SetGroupsError {
+    /// A group file could not be downloaded (the download's own reason).
+    Download(String),
+    /// A downloaded group file (named) is not UTF-8.
+    NotUtf8(String),
+    /// A group file is not a usable YAML mapping.
+    Parse(GroupError),
+    /// The local configuration file could not be re-read.
+    ReadLocal { path: PathBuf, source: io::Error },
+    /// The local file with the group files over it is not a valid configuration.
+    Config(ConfigError),
+    /// The command timed out before anything was changed.
+    Cancelled,
+    /// The group files could not be stored under `<data_dir>/shared/`.
+    Install(GroupError),
+}
+
+impl fmt::Display for SetGroupsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SetGroupsError::Download(m) => f.write_str(m),
+            SetGroupsError::NotUtf8(file) => write!(f, "group file {file} is not UTF-8"),
+            SetGroupsError::Parse(e) => e.fmt(f),
+            SetGroupsError::ReadLocal { path, source } => write!(f, "cannot read {}: {source}", path.display()),
+            SetGroupsError::Config(e) => e.fmt(f),
+            SetGroupsError::Cancelled => f.write_str("cancelled"),
+            SetGroupsError::Install(e) => write!(f, "cannot store the group files: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SetGroupsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SetGroupsError::Parse(e) | SetGroupsError::Install(e) => Some(e),
+            SetGroupsError::ReadLocal { source, .. } => Some(source),
+            SetGroupsError::Config(e) => Some(e),
+            SetGroupsError::Download(_) | SetGroupsError::NotUtf8(_) | SetGroupsError::Cancelled => None,
+        }
+    }
+}
+
 /// `set-group` and `fetch-config`: download every file, validate, swap the set, apply.
-fn set_groups(ctx: &Ctx, groups: &[String], deadline: Instant, cancel: &AtomicBool) -> Result<String, String> {
+fn set_groups(ctx: &Ctx, groups: &[String], deadline: Instant, cancel: &AtomicBool) -> Result<String, SetGroupsError> {
     let mut files = Vec::with_capacity(groups.len());
     for g in groups {
-        files.push((g.clone(), download(ctx, g, deadline, cancel)?));
+        files.push((g.clone(), download(ctx, g, deadline, cancel).map_err(SetGroupsError::Download)?));
     }
     let (mut overlays, mut ignored) = (Vec::with_capacity(files.len()), Vec::new());
     for (g, content) in &files {
         let file = format!("{g}.yml");
-        let text = std::str::from_utf8(content).map_err(|_| format!("group file {file} is not UTF-8"))?;
-        let (overlay, skipped) = groups::parse_group_file(&file, text).map_err(|e| e.to_string())?;
+        let text = std::str::from_utf8(content).map_err(|_| SetGroupsError::NotUtf8(file.clone()))?;
+        let (overlay, skipped) = groups::parse_group_file(&file, text).map_err(SetGroupsError::Parse)?;
         ignored.extend(skipped.into_iter().map(|k| format!("{k} ({file})")));
         overlays.push((file, overlay));
     }
@@ -212,15 +258,17 @@ fn set_groups(ctx: &Ctx, groups: &[String], deadline: Instant, cancel: &AtomicBo
     // One reload at a time (SIGHUP or another command).
     let _guard = ctx.live.reload_guard();
     let local_text = match &ctx.local.source {
-        Some(p) => std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?,
+        Some(p) => {
+            std::fs::read_to_string(p).map_err(|source| SetGroupsError::ReadLocal { path: p.clone(), source })?
+        }
         None => String::new(),
     };
     let config =
-        Config::with_overlays(&local_text, ctx.local.source.as_deref(), &overlays).map_err(|e| e.to_string())?;
+        Config::with_overlays(&local_text, ctx.local.source.as_deref(), &overlays).map_err(SetGroupsError::Config)?;
     if cancel.load(Ordering::Relaxed) {
-        return Err("cancelled".into());
+        return Err(SetGroupsError::Cancelled);
     }
-    groups::install(&ctx.data_dir, &files).map_err(|e| format!("cannot store the group files: {e}"))?;
+    groups::install(&ctx.data_dir, &files).map_err(SetGroupsError::Install)?;
     ctx.live.set_agent_line(crate::event::agent_line(&ctx.uuid, &ctx.name, groups, &ctx.host));
     let applied = ctx.live.apply(config);
     let names = if groups.is_empty() { "no group".to_string() } else { groups.join(", ") };
@@ -230,13 +278,7 @@ fn set_groups(ctx: &Ctx, groups: &[String], deadline: Instant, cancel: &AtomicBo
 
 impl Executor {
     /// Queues the result event; returns whether it is durable.
-    fn enqueue(&self, id: &str, code: u8, message: &str) -> bool {
-        let code = match code {
-            0 => Code::Success,
-            2 => Code::InProgress,
-            3 => Code::Timeout,
-            _ => Code::Failure,
-        };
+    fn enqueue(&self, id: &str, code: Code, message: &str) -> bool {
         let event = commands::result_event(id, code, message);
         match crate::queue::append_and_wait(&self.queue, vec![event], Duration::from_secs(30)) {
             r if r.all_stored(1) => true,
@@ -250,13 +292,13 @@ impl Executor {
         }
     }
 
-    fn finish(&self, store: &mut Store, id: &str, code: u8, message: String) {
-        if code == 0 {
+    fn finish(&self, store: &mut Store, id: &str, code: Code, message: String) {
+        if code == Code::Success {
             Stats::add(&self.stats.commands_succeeded, 1);
             log::info!("command {id} succeeded: {message}");
         } else {
             Stats::add(&self.stats.commands_failed, 1);
-            log::warn!("command {id} failed (code {code}): {message}");
+            log::warn!("command {id} failed (code {}): {message}", code as u8);
         }
         store.update(id, |e| {
             e.state = State::Finished;
@@ -270,11 +312,11 @@ impl Executor {
 
     /// Results that are finished but not yet in the queue (queue full, disk trouble).
     fn report_pending(&self, store: &mut Store) {
-        let pending: Vec<(String, u8, String)> = store
+        let pending: Vec<(String, Code, String)> = store
             .entries
             .iter()
             .filter(|e| e.state == State::Finished)
-            .map(|e| (e.id.clone(), e.code.unwrap_or(1), e.message.clone().unwrap_or_default()))
+            .map(|e| (e.id.clone(), e.code.unwrap_or(Code::Failure), e.message.clone().unwrap_or_default()))
             .collect();
         for (id, code, message) in pending {
             if self.enqueue(&id, code, &message) {
@@ -292,10 +334,10 @@ impl Executor {
             .map(|e| (e.id.clone(), e.action.clone()))
             .collect();
         for (id, action) in running {
-            if action == "restart" {
-                self.finish(store, &id, 0, format!("agent restarted (pid {})", std::process::id()));
+            if action == Action::Restart.name() {
+                self.finish(store, &id, Code::Success, format!("agent restarted (pid {})", std::process::id()));
             } else {
-                self.finish(store, &id, 1, "interrupted: the agent stopped while the command ran".into());
+                self.finish(store, &id, Code::Failure, "interrupted: the agent stopped while the command ran".into());
             }
         }
         self.report_pending(store);
@@ -314,14 +356,14 @@ impl Executor {
         }
         log::info!("running command {id}: {} (timeout {}s)", cmd.action.name(), cmd.timeout.as_secs());
         let groups = match &cmd.action {
-            Action::Unknown { .. } => return self.finish(store, &id, 1, "Command is not valid".into()),
+            Action::Unknown { .. } => return self.finish(store, &id, Code::Failure, "Command is not valid".into()),
             Action::Invalid { reason, .. } => {
-                return self.finish(store, &id, 1, format!("Command is not valid: {reason}"));
+                return self.finish(store, &id, Code::Failure, format!("Command is not valid: {reason}"));
             }
             Action::Restart => {
                 // Finished by the next process (see `recover`).
                 if self.control.send(Control::Restart).is_err() {
-                    self.finish(store, &id, 1, "the agent is shutting down".into());
+                    self.finish(store, &id, Code::Failure, "the agent is shutting down".into());
                 }
                 return;
             }
@@ -336,15 +378,15 @@ impl Executor {
             let _ = tx.send(set_groups(&ctx, &groups, deadline, &c2));
         });
         if let Err(e) = spawned {
-            return self.finish(store, &id, 1, format!("cannot start the command: {e}"));
+            return self.finish(store, &id, Code::Failure, format!("cannot start the command: {e}"));
         }
         match rx.recv_deadline(deadline) {
-            Ok(Ok(message)) => self.finish(store, &id, 0, message),
-            Ok(Err(message)) => self.finish(store, &id, 1, message),
+            Ok(Ok(message)) => self.finish(store, &id, Code::Success, message),
+            Ok(Err(e)) => self.finish(store, &id, Code::Failure, e.to_string()),
             Err(_) => {
                 // The helper sees the flag before it changes anything.
                 cancel.store(true, Ordering::Relaxed);
-                self.finish(store, &id, 3, format!("timed out after {}s", cmd.timeout.as_secs()));
+                self.finish(store, &id, Code::Timeout, format!("timed out after {}s", cmd.timeout.as_secs()));
             }
         }
     }
@@ -386,6 +428,19 @@ mod tests {
         assert!(s.contains("id29"));
         assert!(!s.contains("id0"), "oldest reported pruned");
         assert!(s.contains("running"), "unfinished entries are kept while reported ones remain");
+    }
+
+    #[test]
+    fn stored_codes_stay_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = r#"[{"id":"a","action":"restart","state":"finished","code":3,"message":"m","at":"t"},
+                      {"id":"b","action":"set-group","state":"running","at":"t"}]"#;
+        std::fs::write(dir.path().join("commands.json"), old).unwrap();
+        let mut s = Store::open(dir.path());
+        assert_eq!((s.entries[0].code, s.entries[1].code), (Some(Code::Timeout), None));
+        s.update("b", |e| e.code = Some(Code::Failure));
+        let text = std::fs::read_to_string(dir.path().join("commands.json")).unwrap();
+        assert!(text.contains(r#""code":3"#) && text.contains(r#""code":1"#), "{text}");
     }
 
     #[test]

@@ -39,7 +39,15 @@ impl std::fmt::Display for GroupError {
     }
 }
 
-impl std::error::Error for GroupError {}
+impl std::error::Error for GroupError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            GroupError::Config(e) => Some(e),
+            GroupError::Io { source, .. } => Some(source),
+            GroupError::NotAMapping { .. } => None,
+        }
+    }
+}
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> GroupError + '_ {
     move |source| GroupError::Io { path: path.to_path_buf(), source }

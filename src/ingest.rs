@@ -82,7 +82,14 @@ impl fmt::Display for IngestError {
     }
 }
 
-impl std::error::Error for IngestError {}
+impl std::error::Error for IngestError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            IngestError::Io { source, .. } | IngestError::NotRunning { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
 
 pub fn socket_path(run_dir: &Path) -> PathBuf {
     run_dir.join("ingest.sock")

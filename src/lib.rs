@@ -24,6 +24,7 @@ pub mod live;
 pub mod logcollector;
 pub mod logging;
 pub mod memory;
+pub mod module;
 pub mod pidfile;
 pub mod poll;
 pub mod privileges;

@@ -13,16 +13,25 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crossbeam_channel::{Receiver, Sender, select};
+use crossbeam_channel::select;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{LogcollectorConfig, Start};
+use crate::config::{Config, LogcollectorConfig, Start};
 use crate::event::{Event, Kind};
+use crate::module::{Context, Module};
 use crate::status::{self, Stats};
+
+pub const MODULE: Module = Module {
+    name: "logcollector",
+    section: "logcollector",
+    state: "logcollector.json",
+    enabled: |c| !c.logcollector.files.is_empty(),
+    run,
+};
 
 /// Bytes read from one file per poll, so one busy file cannot starve the others. Small
 /// enough that the read buffer and the events made from it stay a fraction of the memory
@@ -140,8 +149,7 @@ pub struct Collector {
 }
 
 impl Collector {
-    pub fn new(config: LogcollectorConfig, data_dir: &Path, stats: Arc<Stats>) -> Collector {
-        let state_path = data_dir.join("logcollector.json");
+    pub fn new(config: LogcollectorConfig, state_path: PathBuf, stats: Arc<Stats>) -> Collector {
         let saved = std::fs::read(&state_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
         Collector {
             config,
@@ -387,20 +395,14 @@ fn same_prefix(file: &mut File, s: &Saved) -> bool {
     crc32fast::hash(&buf) == s.fp_crc
 }
 
-/// The logcollector thread: polls until `shutdown` closes, then saves its offsets.
-pub fn run(mut c: Collector, out: Sender<Vec<Event>>, shutdown: Receiver<()>) {
+/// The logcollector thread: polls until `stop` closes, then saves its offsets.
+fn run(config: Config, ctx: Context) {
+    let mut c = Collector::new(config.logcollector, ctx.state, ctx.stats);
     let interval = c.config.poll_interval;
     let patterns: Vec<&str> = c.config.files.iter().map(|f| f.pattern.as_str()).collect();
     log::info!("logcollector: following {}", patterns.join(", "));
     loop {
-        let mut send = |chunk: Vec<Event>| {
-            // Blocks while the pipeline is full (overflow = "block"): the file is the buffer.
-            select! {
-                send(out, chunk) -> r => r.is_ok(),
-                recv(shutdown) -> _ => false,
-            }
-        };
-        if !c.poll(&mut send) {
+        if !c.poll(&mut |chunk| ctx.events.send(chunk).is_ok()) {
             break;
         }
         if c.more {
@@ -408,7 +410,7 @@ pub fn run(mut c: Collector, out: Sender<Vec<Event>>, shutdown: Receiver<()>) {
             continue;
         }
         select! {
-            recv(shutdown) -> _ => break,
+            recv(ctx.stop) -> _ => break,
             default(interval) => {}
         }
     }

@@ -28,7 +28,11 @@ impl std::fmt::Display for PidError {
     }
 }
 
-impl std::error::Error for PidError {}
+impl std::error::Error for PidError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        if let PidError::Io { source, .. } = self { Some(source) } else { None }
+    }
+}
 
 /// The held pid file; removed when dropped (clean stop).
 pub struct PidFile {

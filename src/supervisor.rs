@@ -1,5 +1,7 @@
 //! Run mode: the one place where every thread of the agent is started and joined, so a
-//! reader sees the whole process here.
+//! reader sees the whole process here. [`run`] calls one function per stage, in order:
+//! `load`, `open`, `drop_privileges`, `start_pipeline`, `start_modules` (every enabled
+//! module of [`module::MODULES`]), `start_commands`, `supervise`, `shut_down`.
 //!
 //! | thread     | owns                                        | fed by / feeds                              |
 //! |------------|---------------------------------------------|---------------------------------------------|
@@ -27,6 +29,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::io;
+use std::os::unix::net::UnixListener;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
@@ -42,10 +45,12 @@ use crate::credentials::{Credentials, CredentialsError};
 use crate::event::{self, Event};
 use crate::executor::{self, Control, Ctx, Executor};
 use crate::groups;
+use crate::host::HostInfo;
 use crate::http::{self, HttpError};
 use crate::ingest::{self, Ingest, IngestError};
 use crate::live::Live;
 use crate::memory;
+use crate::module::{self, DurableSink, EventSink};
 use crate::pidfile::{PidError, PidFile};
 use crate::poll::{self, Poller};
 use crate::queue::{self, Ack, Append, BatchLimits, QueueBatch, QueueError, QueueStore};
@@ -100,7 +105,19 @@ impl fmt::Display for RunError {
     }
 }
 
-impl std::error::Error for RunError {}
+impl std::error::Error for RunError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RunError::Credentials(e) => Some(e),
+            RunError::Http(e) => Some(e),
+            RunError::Queue(e) => Some(e),
+            RunError::Ingest(e) => Some(e),
+            RunError::Pid(e) => Some(e),
+            RunError::Signals(source) | RunError::Spawn { source, .. } => Some(source),
+            RunError::Privileges(_) | RunError::WorkerDied { .. } => None,
+        }
+    }
+}
 
 /// Sent by every worker as it ends, whatever the reason.
 struct Exit {
@@ -189,35 +206,10 @@ pub enum Stopped {
 /// Runs the agent until SIGTERM/SIGINT or a restart command. `local` is the configuration
 /// from the local file; the server's group files are applied over it here.
 pub fn run(local: &Config) -> Result<Stopped, RunError> {
-    let credentials = Credentials::load(&local.agent.data_dir).map_err(RunError::Credentials)?;
-    let effective = match groups::effective_config(local, &local.agent.data_dir) {
-        Ok(c) => c,
-        Err(e) => {
-            log::error!("the server's group configuration cannot be applied ({e}); running with the local file only");
-            local.clone()
-        }
-    };
-    let config = &effective;
-    if config.server.verify == Verify::None {
-        log::warn!(
-            "server.verify = \"none\": the server's certificate is NOT checked; anyone on the network path can \
-             impersonate the server and read the agent's key. Use this only for testing."
-        );
-    }
-    // One connection pool per thread that talks to the server; one TLS configuration.
-    let (request, commands) = (config.server.request_timeout, config.server.commands_timeout);
-    let agents =
-        http::build_agents(&config.server, &[request, request, request, commands, request]).map_err(RunError::Http)?;
-    let [auth_agent, upload_agent, upload2_agent, poll_agent, files_agent]: [ureq::Agent; 5] =
-        agents.try_into().map_err(|_| RunError::Http(HttpError::Tls("expected five HTTP agents".into())))?;
-    // Before anything else that a second agent would fight over.
-    let pid_file = PidFile::acquire(&config.agent.run_dir).map_err(RunError::Pid)?;
-    let stats = Arc::new(Stats::default());
-    let store = QueueStore::open(&config.agent.data_dir.join("queue"), config.events.queue_max_bytes, stats.clone())
-        .map_err(RunError::Queue)?;
-    let listener = ingest::bind(&config.agent.run_dir).map_err(RunError::Ingest)?;
+    let (config, credentials) = load(local)?;
+    let (agents, pid_file, stats, store, listener) = open(&config)?;
     if let Some(user) = &config.agent.user {
-        drop_privileges(config, user)?;
+        drop_privileges(&config, user)?;
     }
     let host = crate::host::gather(&config.inventory.root);
     let agent_line =
@@ -230,7 +222,104 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
         credentials.uuid,
         config.server.urls.join(", ")
     );
+    let (cell, wake_rx) = TokenCell::new();
+    let workers = Workers::new();
+    let mut s = Supervisor { config, credentials, stats, live, cell, deadline: Arc::default(), workers, agents };
+    let pipeline = start_pipeline(&mut s, store, listener, wake_rx)?;
+    let modules = start_modules(&mut s, &pipeline)?;
+    let (control_rx, commands_stop) = start_commands(&mut s, local, host, pipeline.append_tx.clone())?;
+    let result = supervise(&mut s, local, &pipeline, &control_rx);
+    shut_down(s, pipeline, modules, commands_stop);
+    drop(pid_file);
+    if result.is_ok() {
+        log::info!("stopped");
+    }
+    result
+}
 
+/// What every stage wires its threads from, and the threads.
+struct Supervisor {
+    /// The effective configuration: the local file with the server's group files over it.
+    config: Config,
+    credentials: Credentials,
+    stats: Arc<Stats>,
+    live: Arc<Live>,
+    cell: Arc<TokenCell>,
+    /// When the pipeline's delivery grace ends (set at shutdown).
+    deadline: Arc<OnceLock<Instant>>,
+    workers: Workers,
+    agents: Agents,
+}
+
+/// One connection pool per thread that talks to the server (a clone shares the pool).
+#[derive(Clone)]
+struct Agents {
+    auth_agent: ureq::Agent,
+    upload_agent: ureq::Agent,
+    upload2_agent: ureq::Agent,
+    poll_agent: ureq::Agent,
+    files_agent: ureq::Agent,
+}
+
+/// What the later stages need of the pipeline.
+struct Pipeline {
+    /// Stateless events in (to the batcher) and stateful ones (to the queue), for modules.
+    events_tx: Sender<Vec<Event>>,
+    append_tx: Sender<Append>,
+    ingest: Arc<Ingest>,
+    sig_rx: Receiver<i32>,
+    signals_handle: signal_hook::iterator::Handle,
+    /// Dropped at shutdown, in this order: batcher and uploaders, queue, token.
+    pipeline_stop_tx: Sender<()>,
+    queue_stop_tx: Sender<()>,
+    token_stop_tx: Sender<()>,
+}
+
+/// Stage 1: credentials and the effective configuration.
+fn load(local: &Config) -> Result<(Config, Credentials), RunError> {
+    let credentials = Credentials::load(&local.agent.data_dir).map_err(RunError::Credentials)?;
+    let config = groups::effective_config(local, &local.agent.data_dir).unwrap_or_else(|e| {
+        log::error!("the server's group configuration cannot be applied ({e}); running with the local file only");
+        local.clone()
+    });
+    if config.server.verify == Verify::None {
+        log::warn!(
+            "server.verify = \"none\": the server's certificate is NOT checked; anyone on the network path can \
+             impersonate the server and read the agent's key. Use this only for testing."
+        );
+    }
+    Ok((config, credentials))
+}
+
+/// Stage 2: everything that can fail before a thread exists (HTTP clients, pid file,
+/// queue, ingest socket), opened while the agent may still be root.
+fn open(config: &Config) -> Result<(Agents, PidFile, Arc<Stats>, QueueStore, UnixListener), RunError> {
+    // One connection pool per thread that talks to the server; one TLS configuration.
+    let (request, commands) = (config.server.request_timeout, config.server.commands_timeout);
+    let agents =
+        http::build_agents(&config.server, &[request, request, request, commands, request]).map_err(RunError::Http)?;
+    let [auth_agent, upload_agent, upload2_agent, poll_agent, files_agent]: [ureq::Agent; 5] =
+        agents.try_into().map_err(|_| RunError::Http(HttpError::Tls("expected five HTTP agents".into())))?;
+    // Before anything else that a second agent would fight over.
+    let pid_file = PidFile::acquire(&config.agent.run_dir).map_err(RunError::Pid)?;
+    let stats = Arc::new(Stats::default());
+    let store = QueueStore::open(&config.agent.data_dir.join("queue"), config.events.queue_max_bytes, stats.clone())
+        .map_err(RunError::Queue)?;
+    let listener = ingest::bind(&config.agent.run_dir).map_err(RunError::Ingest)?;
+    let agents = Agents { auth_agent, upload_agent, upload2_agent, poll_agent, files_agent };
+    Ok((agents, pid_file, stats, store, listener))
+}
+
+/// Stage 4: the threads every event passes through: signals, token, queue, ingest,
+/// batcher, uploaders.
+fn start_pipeline(
+    s: &mut Supervisor,
+    store: QueueStore,
+    listener: UnixListener,
+    wake_rx: Receiver<()>,
+) -> Result<Pipeline, RunError> {
+    let Supervisor { config, credentials, stats, live, cell, deadline, workers, agents } = s;
+    let Agents { auth_agent, upload_agent, upload2_agent, .. } = agents;
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(RunError::Signals)?;
     let signals_handle = signals.handle();
     // Capacity 4: signals are rare; if the supervisor lags, a repeat of the same signal adds nothing.
@@ -248,13 +337,6 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     let (pipeline_stop_tx, pipeline_stop_rx) = crossbeam_channel::bounded::<()>(0);
     let (queue_stop_tx, queue_stop_rx) = crossbeam_channel::bounded::<()>(0);
     let (token_stop_tx, token_stop_rx) = crossbeam_channel::bounded::<()>(0);
-    let (commands_stop_tx, commands_stop_rx) = crossbeam_channel::bounded::<()>(0);
-    let (collectors_stop_tx, collectors_stop_rx) = crossbeam_channel::bounded::<()>(0);
-    // Commands are few; 64 waiting for the executor is far more than a server sends at once.
-    let (command_tx, command_rx) = crossbeam_channel::bounded::<Command>(64);
-    let (control_tx, control_rx) = crossbeam_channel::bounded::<Control>(1);
-    let deadline: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
-    let mut workers = Workers::new();
 
     workers.spawn("signals", move || {
         // Ends when the supervisor closes the handle at shutdown.
@@ -264,7 +346,6 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
         }
     })?;
 
-    let (cell, wake_rx) = TokenCell::new();
     {
         let cell = cell.clone();
         let retry = config.retry.clone();
@@ -285,29 +366,7 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
         workers.spawn("queue", move || queue::run(store, append_rx, ack_rx, qbatch_tx, queue_stop_rx, limits))?;
     }
 
-    let mut collectors: Vec<&'static str> = Vec::new();
-    if !config.logcollector.files.is_empty() {
-        let c = crate::logcollector::Collector::new(config.logcollector.clone(), &config.agent.data_dir, stats.clone());
-        let (tx, stop) = (events_tx.clone(), collectors_stop_rx.clone());
-        workers.spawn("logcollector", move || crate::logcollector::run(c, tx, stop))?;
-        collectors.push("logcollector");
-    }
-
-    if config.inventory.enabled && !config.inventory.collectors.is_empty() {
-        let inv = crate::inventory::Inventory {
-            config: config.inventory.clone(),
-            uuid: credentials.uuid.clone(),
-            snapshot_path: config.agent.data_dir.join("inventory.json"),
-            queue: append_tx.clone(),
-            events: events_tx.clone(),
-            stats: stats.clone(),
-        };
-        let stop = collectors_stop_rx.clone();
-        workers.spawn("inventory", move || crate::inventory::run(inv, stop))?;
-        collectors.push("inventory");
-    }
-
-    let ingest = Arc::new(Ingest::new(events_tx, append_tx.clone(), stats.clone()));
+    let ingest = Arc::new(Ingest::new(events_tx.clone(), append_tx.clone(), stats.clone()));
     {
         let ingest = ingest.clone();
         workers.spawn("ingest", move || ingest::run(listener, ingest))?;
@@ -352,7 +411,53 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     }
     // The uploaders hold the only receivers now: the batcher's send fails once both are gone.
     drop((pipeline_stop_rx, batch_rx));
+    Ok(Pipeline {
+        events_tx,
+        append_tx,
+        ingest,
+        sig_rx,
+        signals_handle,
+        pipeline_stop_tx,
+        queue_stop_tx,
+        token_stop_tx,
+    })
+}
 
+/// Stage 5: every enabled module of [`module::MODULES`] on its own thread. Returns their
+/// names and the sender whose drop stops them.
+fn start_modules(s: &mut Supervisor, p: &Pipeline) -> Result<(Vec<&'static str>, Sender<()>), RunError> {
+    let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
+    let mut names = Vec::new();
+    for m in module::MODULES.iter().filter(|m| (m.enabled)(&s.config)) {
+        let ctx = module::Context {
+            events: EventSink::new(p.events_tx.clone(), stop.clone()),
+            durable: DurableSink::new(p.append_tx.clone(), stop.clone()),
+            state: s.config.agent.data_dir.join(m.state),
+            uuid: s.credentials.uuid.clone(),
+            stats: s.stats.clone(),
+            stop: stop.clone(),
+        };
+        let (run, config) = (m.run, s.config.clone());
+        s.workers.spawn(m.name, move || run(config, ctx))?;
+        names.push(m.name);
+    }
+    Ok((names, stop_tx))
+}
+
+/// Stage 6: the command round trip (long-poll, executor). Returns the executor's requests
+/// to the supervisor and the sender whose drop stops both threads.
+fn start_commands(
+    s: &mut Supervisor,
+    local: &Config,
+    host: HostInfo,
+    append_tx: Sender<Append>,
+) -> Result<(Receiver<Control>, Sender<()>), RunError> {
+    let Supervisor { config, credentials, stats, live, cell, workers, agents, .. } = s;
+    let Agents { poll_agent, files_agent, .. } = agents;
+    let (commands_stop_tx, commands_stop_rx) = crossbeam_channel::bounded::<()>(0);
+    // Commands are few; 64 waiting for the executor is far more than a server sends at once.
+    let (command_tx, command_rx) = crossbeam_channel::bounded::<Command>(64);
+    let (control_tx, control_rx) = crossbeam_channel::bounded::<Control>(1);
     {
         let p = Poller {
             agent: poll_agent.clone(),
@@ -385,60 +490,66 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
         let stop = commands_stop_rx;
         workers.spawn("executor", move || executor::run(exec, command_rx, stop))?;
     }
+    Ok((control_rx, commands_stop_tx))
+}
 
-    let write_state = |cell: &TokenCell| {
-        let token = cell.current();
-        let exp = token.as_ref().map_or(0, |t| status::unix(t.expires_at));
-        stats.token_expires_at.store(exp, std::sync::atomic::Ordering::Relaxed);
-        let server = token.as_ref().map_or_else(|| config.server.urls[0].clone(), |t| t.server.clone());
-        let mut state = status::State::capture(&stats, &credentials.uuid, &server, SystemTime::now());
-        // A current authentication problem (cleared on success) outranks older errors.
-        if let Some(e) = cell.last_error() {
-            state.last_error = Some(e);
-        }
-        if let Err(e) = status::write_state(&config.agent.run_dir, &state) {
-            log::warn!("cannot write {}: {e}", status::state_path(&config.agent.run_dir).display());
-        }
-    };
-    write_state(&cell);
+/// Stage 7: waits for a signal, a restart command or a worker's end; meanwhile writes the
+/// state file and gives free heap back.
+fn supervise(
+    s: &mut Supervisor,
+    local: &Config,
+    p: &Pipeline,
+    control_rx: &Receiver<Control>,
+) -> Result<Stopped, RunError> {
+    write_state(s);
     // Free heap goes back to the system once each burst is over (checked with the state).
     let mut trim = memory::Trim::default();
-
-    let result = loop {
+    loop {
         select! {
-            recv(sig_rx) -> sig => match sig {
-                Ok(SIGHUP) => reload(local, &live),
+            recv(p.sig_rx) -> sig => match sig {
+                Ok(SIGHUP) => reload(local, &s.live),
                 Ok(sig) => {
                     log::info!("{} received, shutting down", if sig == SIGINT { "SIGINT" } else { "SIGTERM" });
-                    break Ok(Stopped::Signal);
+                    return Ok(Stopped::Signal);
                 }
-                Err(_) => break Err(RunError::WorkerDied { thread: "signals", panicked: false }),
+                Err(_) => return Err(RunError::WorkerDied { thread: "signals", panicked: false }),
             },
             recv(control_rx) -> msg => match msg {
                 Ok(Control::Restart) => {
                     log::info!("restart command received, restarting");
-                    break Ok(Stopped::Restart);
+                    return Ok(Stopped::Restart);
                 }
-                Err(_) => break Err(RunError::WorkerDied { thread: "executor", panicked: false }),
+                Err(_) => return Err(RunError::WorkerDied { thread: "executor", panicked: false }),
             },
-            recv(workers.exit_rx) -> exit => {
+            recv(s.workers.exit_rx) -> exit => {
                 let (thread, panicked) = exit.map(|e| (e.thread, e.panicked)).unwrap_or(("unknown", false));
-                workers.exited.insert(thread);
+                s.workers.exited.insert(thread);
                 log::error!("the {thread} thread ended while the agent was running; stopping so the init system can restart it");
-                break Err(RunError::WorkerDied { thread, panicked });
+                return Err(RunError::WorkerDied { thread, panicked });
             }
             default(status::STATE_INTERVAL) => {
-                write_state(&cell);
-                let activity = stats.received.load(Relaxed) + stats.sent.load(Relaxed);
-                if trim.due(activity, stats.buffered.load(Relaxed) == 0) {
+                write_state(s);
+                let activity = s.stats.received.load(Relaxed) + s.stats.sent.load(Relaxed);
+                if trim.due(activity, s.stats.buffered.load(Relaxed) == 0) {
                     memory::release_free();
                 }
             }
         }
-    };
+    }
+}
 
+/// Stage 8: the staged shutdown of the module comment, each stage with its own grace.
+fn shut_down(
+    mut s: Supervisor,
+    p: Pipeline,
+    (modules, modules_stop): (Vec<&'static str>, Sender<()>),
+    commands_stop: Sender<()>,
+) {
+    let Agents { auth_agent, upload_agent, upload2_agent, poll_agent, files_agent } = s.agents.clone();
+    let Pipeline { ingest, signals_handle, pipeline_stop_tx, queue_stop_tx, token_stop_tx, .. } = p;
+    let workers = &mut s.workers;
     // (0) Commands first: a running command finishes or is cut, no new one starts.
-    drop(commands_stop_tx);
+    drop(commands_stop);
     poll_agent.shutdown();
     let mut early_stuck = workers.join(&["poll", "executor"], Duration::from_secs(2));
     if !early_stuck.is_empty() {
@@ -446,16 +557,16 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
         early_stuck = workers.join(&["poll", "executor"], Duration::from_secs(2));
     }
     // (1) No more input; producers get their answers.
-    let _ = deadline.set(Instant::now() + SHUTDOWN_GRACE);
-    ingest.stop(&config.agent.run_dir, INGEST_STOP);
+    let _ = s.deadline.set(Instant::now() + SHUTDOWN_GRACE);
+    ingest.stop(&s.config.agent.run_dir, INGEST_STOP);
     let mut stuck = early_stuck;
     stuck.extend(workers.join(&["ingest"], INGEST_STOP));
-    // Collectors stop with ingest: what they handed over is in the pipeline, their offsets saved.
-    drop(collectors_stop_tx);
-    stuck.extend(workers.join(&collectors, INGEST_STOP));
+    // Modules stop with ingest: what they handed over is in the pipeline, their state saved.
+    drop(modules_stop);
+    stuck.extend(workers.join(&modules, INGEST_STOP));
     // (2) Deliver within the grace, spill the rest.
     drop(pipeline_stop_tx);
-    let until_deadline = deadline.get().map_or(SHUTDOWN_GRACE, |d| d.saturating_duration_since(Instant::now()));
+    let until_deadline = s.deadline.get().map_or(SHUTDOWN_GRACE, |d| d.saturating_duration_since(Instant::now()));
     const PIPELINE: [&str; 3] = ["batcher", "uploader", "uploader2"];
     stuck.extend(workers.join(&PIPELINE, until_deadline + Duration::from_secs(2)));
     if !stuck.is_empty() {
@@ -468,7 +579,7 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     stuck.extend(workers.join(&["queue"], Duration::from_secs(5)));
     // (4) Token and signals.
     drop(token_stop_tx);
-    cell.close();
+    s.cell.close();
     signals_handle.close();
     if !workers.join(&["token"], Duration::from_secs(1)).is_empty() {
         // Cut off an authentication request in flight (it holds a socket, no data).
@@ -479,13 +590,25 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     if !stuck.is_empty() {
         log::warn!("threads still busy at exit: {}", stuck.join(", "));
     }
-    write_state(&cell);
-    let _ = std::fs::remove_file(ingest::socket_path(&config.agent.run_dir));
-    drop(pid_file);
-    if result.is_ok() {
-        log::info!("stopped");
+    write_state(&s);
+    let _ = std::fs::remove_file(ingest::socket_path(&s.config.agent.run_dir));
+}
+
+/// Writes `state.json` (for `--status`) from the counters and the token cell.
+fn write_state(s: &Supervisor) {
+    let Supervisor { config, credentials, stats, cell, .. } = s;
+    let token = cell.current();
+    let exp = token.as_ref().map_or(0, |t| status::unix(t.expires_at));
+    stats.token_expires_at.store(exp, std::sync::atomic::Ordering::Relaxed);
+    let server = token.as_ref().map_or_else(|| config.server.urls[0].clone(), |t| t.server.clone());
+    let mut state = status::State::capture(stats, &credentials.uuid, &server, SystemTime::now());
+    // A current authentication problem (cleared on success) outranks older errors.
+    if let Some(e) = cell.last_error() {
+        state.last_error = Some(e);
     }
-    result
+    if let Err(e) = status::write_state(&config.agent.run_dir, &state) {
+        log::warn!("cannot write {}: {e}", status::state_path(&config.agent.run_dir).display());
+    }
 }
 
 /// Hands the agent's directories and log file to `agent.user`, then becomes that user.

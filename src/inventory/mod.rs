@@ -11,19 +11,29 @@
 pub mod collectors;
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::SystemTime;
 
-use crossbeam_channel::{Receiver, Sender, select};
+use crossbeam_channel::select;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::config::InventoryConfig;
+use crate::config::{Config, InventoryConfig};
 use crate::event::{Event, Kind};
-use crate::queue::Append;
+use crate::module::{Context, Module, SinkError};
+use crate::queue::QueueError;
 use crate::status::{self, Stats};
 use collectors::Doc;
+
+pub const MODULE: Module = Module {
+    name: "inventory",
+    section: "inventory",
+    state: "inventory.json",
+    enabled: |c| c.inventory.enabled && !c.inventory.collectors.is_empty(),
+    run,
+};
 
 /// Stateful events per durable append (bounded memory per round trip).
 const APPEND_CHUNK: usize = 1000;
@@ -282,67 +292,82 @@ pub fn scan(root: &Path, enabled: &[String], uuid: &str) -> (BTreeMap<String, St
     (docs, scanned)
 }
 
-pub struct Inventory {
-    pub config: InventoryConfig,
-    pub uuid: String,
-    pub snapshot_path: PathBuf,
-    pub queue: Sender<Append>,
-    pub events: Sender<Vec<Event>>,
-    pub stats: Arc<Stats>,
+/// Why a scan was not delivered (it is repeated at the next interval).
+#[derive(Debug)]
+pub enum ScanError {
+    /// A sink did not take the events: the thread is told to stop, or the pipeline is gone.
+    Sink(SinkError),
+    /// The queue refused the stateful events (full, or a disk error).
+    NotQueued(Option<QueueError>),
+    /// The new snapshot could not be written (`inventory.json`).
+    Save(PathBuf, io::Error),
+}
+
+impl fmt::Display for ScanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ScanError::Sink(e) => e.fmt(f),
+            ScanError::NotQueued(e) => {
+                write!(f, "inventory changes not queued ({})", e.as_ref().map(|e| e.to_string()).unwrap_or_default())
+            }
+            ScanError::Save(p, e) => write!(f, "cannot save {}: {e}", p.display()),
+        }?;
+        f.write_str("; the scan is repeated next time")
+    }
+}
+
+impl std::error::Error for ScanError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ScanError::Sink(_) => None,
+            ScanError::NotQueued(e) => e.as_ref().map(|e| e as _),
+            ScanError::Save(_, e) => Some(e),
+        }
+    }
+}
+
+struct Inventory {
+    config: InventoryConfig,
+    ctx: Context,
 }
 
 impl Inventory {
     fn load(&self) -> Option<Snapshot> {
-        let s: Snapshot = serde_json::from_slice(&std::fs::read(&self.snapshot_path).ok()?).ok()?;
+        let s: Snapshot = serde_json::from_slice(&std::fs::read(&self.ctx.state).ok()?).ok()?;
         // A new registration is a new agent on the server: resync everything.
-        (s.uuid == self.uuid).then_some(s)
+        (s.uuid == self.ctx.uuid).then_some(s)
     }
 
     /// One scan and its delivery. Returns a line for the log.
-    pub fn scan_once(&self, shutdown: &Receiver<()>) -> Result<String, String> {
-        let started = std::time::Instant::now();
+    fn scan_once(&self) -> Result<String, ScanError> {
+        let (ctx, started) = (&self.ctx, std::time::Instant::now());
         let previous = self.load();
         let first = previous.is_none();
         let old = previous.map(|s| s.docs).unwrap_or_default();
-        let (new, scanned) = scan(&self.config.root, &self.config.collectors, &self.uuid);
+        let (new, scanned) = scan(&self.config.root, &self.config.collectors, &ctx.uuid);
         let scan_ms = started.elapsed().as_millis();
         let changes = diff(&old, &new, &scanned, &self.config.collectors);
         let now = status::rfc3339(SystemTime::now());
         let events = stateful_events(&changes, &now);
         for chunk in events.chunks(APPEND_CHUNK) {
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            let n = chunk.len();
-            self.queue
-                .send(Append { events: chunk.to_vec(), reply: tx })
-                .map_err(|_| "the queue is gone".to_string())?;
-            let r = select! {
-                recv(rx) -> r => r.map_err(|_| "the queue is gone".to_string())?,
-                recv(shutdown) -> _ => return Err("stopped".into()),
-            };
-            if !r.all_stored(n) {
-                return Err(format!(
-                    "inventory changes not queued ({}); the scan is repeated next time",
-                    r.error.map(|e| e.to_string()).unwrap_or_default()
-                ));
+            let r = ctx.durable.append(chunk.to_vec()).map_err(ScanError::Sink)?;
+            if !r.all_stored(chunk.len()) {
+                return Err(ScanError::NotQueued(r.error));
             }
-            Stats::add(&self.stats.received, n as u64);
+            Stats::add(&ctx.stats.received, chunk.len() as u64);
         }
         if !first {
             let notes = notifications(&changes, &now);
-            let n = notes.len() as u64;
             for chunk in notes.chunks(512) {
-                select! {
-                    send(self.events, chunk.to_vec()) -> r => if r.is_err() { return Err("the pipeline is gone".into()) },
-                    recv(shutdown) -> _ => return Err("stopped".into()),
-                }
+                ctx.events.send(chunk.to_vec()).map_err(ScanError::Sink)?;
             }
-            Stats::add(&self.stats.received, n);
+            Stats::add(&ctx.stats.received, notes.len() as u64);
         }
         // Durable events first, snapshot second: a crash in between means a resend.
-        let snapshot = Snapshot { uuid: self.uuid.clone(), docs: new };
-        let json = serde_json::to_vec(&snapshot).map_err(|e| e.to_string())?;
-        crate::fsutil::write_atomic(&self.snapshot_path, &json, 0o600)
-            .map_err(|e| format!("cannot save {}: {e}", self.snapshot_path.display()))?;
+        let snapshot = Snapshot { uuid: ctx.uuid.clone(), docs: new };
+        let save = |e| ScanError::Save(ctx.state.clone(), e);
+        let json = serde_json::to_vec(&snapshot).map_err(|e| save(e.into()))?;
+        crate::fsutil::write_atomic(&ctx.state, &json, 0o600).map_err(save)?;
         let count = |k: fn(&Change) -> bool| changes.iter().filter(|c| k(c)).count();
         Ok(format!(
             "inventory: {} documents (scan {scan_ms} ms); {} created, {} updated, {} deleted{}",
@@ -361,18 +386,19 @@ fn nice_this_thread() {
     let _ = crate::sys::set_thread_nice(10);
 }
 
-pub fn run(inv: Inventory, shutdown: Receiver<()>) {
+fn run(config: Config, ctx: Context) {
     nice_this_thread();
+    let inv = Inventory { config: config.inventory, ctx };
     loop {
-        match inv.scan_once(&shutdown) {
+        match inv.scan_once() {
             Ok(line) => log::info!("{line}"),
-            Err(e) if e == "stopped" => break,
+            Err(ScanError::Sink(SinkError::Stopped)) => break,
             Err(e) => log::warn!("{e}"),
         }
         // A scan allocates and frees a lot at once; give it back to the system until the next.
         crate::memory::release_free();
         select! {
-            recv(shutdown) -> _ => break,
+            recv(inv.ctx.stop) -> _ => break,
             default(inv.config.interval) => {}
         }
     }

@@ -47,7 +47,8 @@ pub enum QueueError {
     /// `events.queue_max_bytes` would be exceeded; nothing of the request was written.
     Full { max: u64 },
     /// A read, write or fsync failed (disk full, I/O error); nothing of the request is durable.
-    Io(String),
+    /// `what` names the operation and the file; shared because one failure answers a whole round.
+    Io { what: String, source: Arc<io::Error> },
     /// The queue thread is gone (shutdown).
     Closed,
 }
@@ -56,16 +57,20 @@ impl fmt::Display for QueueError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             QueueError::Full { max } => write!(f, "queue full (events.queue_max_bytes = {max} reached); retry later"),
-            QueueError::Io(m) => write!(f, "durable queue write failed: {m}"),
+            QueueError::Io { what, source } => write!(f, "durable queue write failed: {what}: {source}"),
             QueueError::Closed => write!(f, "the agent is shutting down"),
         }
     }
 }
 
-impl std::error::Error for QueueError {}
+impl std::error::Error for QueueError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        if let QueueError::Io { source, .. } = self { Some(&**source) } else { None }
+    }
+}
 
 fn io_err(what: &str, path: &Path, e: io::Error) -> QueueError {
-    QueueError::Io(format!("{what} {}: {e}", path.display()))
+    QueueError::Io { what: format!("{what} {}", path.display()), source: Arc::new(e) }
 }
 
 /// A request to make events durable. The reply comes after the fsync that covers them.

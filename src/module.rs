@@ -1,0 +1,161 @@
+//! The module seam: a collector module (logcollector, inventory) is one file or folder that
+//! declares a [`Module`], and the supervisor starts every enabled module of [`MODULES`] on
+//! its own thread with a [`Context`]. Adding a module is a new file (`pub const MODULE` and
+//! its `run`), `pub mod` in lib.rs and one line in [`MODULES`], plus its configuration
+//! section; a module that is not enabled gets no thread. Modules hand events to the sinks,
+//! never to a raw channel, so what the pipeline answers comes back in one place.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender, select};
+
+use crate::config::Config;
+use crate::event::Event;
+use crate::queue::{Append, Appended};
+use crate::status::Stats;
+
+/// What the supervisor knows of a module.
+pub struct Module {
+    /// The thread's name, also used in logs.
+    pub name: &'static str,
+    /// Its section of the configuration file.
+    pub section: &'static str,
+    /// Its state file under `agent.data_dir`, handed over as [`Context::state`].
+    pub state: &'static str,
+    /// Whether the configuration asks for this module.
+    pub enabled: fn(&Config) -> bool,
+    /// The thread's body: runs until [`Context::stop`] closes, then saves its state.
+    pub run: fn(Config, Context),
+}
+
+/// Every module the agent has, in start order.
+pub const MODULES: &[Module] = &[crate::logcollector::MODULE, crate::inventory::MODULE];
+
+/// What a module's thread gets.
+pub struct Context {
+    /// Stateless events, to the batcher.
+    pub events: EventSink,
+    /// Stateful events, to the durable queue.
+    pub durable: DurableSink,
+    /// The module's own state file (`<data_dir>/<Module::state>`).
+    pub state: PathBuf,
+    /// The agent's UUID (document ids are derived from it).
+    pub uuid: String,
+    pub stats: Arc<Stats>,
+    /// Closes when the module is to stop (no message is ever sent).
+    pub stop: Receiver<()>,
+}
+
+/// Why a sink did not take events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkError {
+    /// The module was told to stop while it waited.
+    Stopped,
+    /// The pipeline thread behind the sink is gone.
+    Gone,
+}
+
+impl std::fmt::Display for SinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if *self == SinkError::Stopped { "stopped" } else { "the pipeline is gone" })
+    }
+}
+
+/// The stateless sink: chunks of events to the batcher. The one place where a module's
+/// stateless events leave it (where delivery receipts will come back).
+pub struct EventSink {
+    tx: Sender<Vec<Event>>,
+    stop: Receiver<()>,
+}
+
+impl EventSink {
+    pub fn new(tx: Sender<Vec<Event>>, stop: Receiver<()>) -> EventSink {
+        EventSink { tx, stop }
+    }
+
+    /// Hands `chunk` to the pipeline; blocks while it is full (overflow = "block": the
+    /// module's source is the buffer) until it is taken or the module is told to stop.
+    pub fn send(&self, chunk: Vec<Event>) -> Result<(), SinkError> {
+        select! {
+            send(self.tx, chunk) -> r => r.map_err(|_| SinkError::Gone),
+            recv(self.stop) -> _ => Err(SinkError::Stopped),
+        }
+    }
+}
+
+/// The durable sink: stateful events to the queue, answered after the fsync that covers them.
+pub struct DurableSink {
+    tx: Sender<Append>,
+    stop: Receiver<()>,
+}
+
+impl DurableSink {
+    pub fn new(tx: Sender<Append>, stop: Receiver<()>) -> DurableSink {
+        DurableSink { tx, stop }
+    }
+
+    /// Appends `events` and waits for the queue's answer, or until the module is told to stop.
+    pub fn append(&self, events: Vec<Event>) -> Result<Appended, SinkError> {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        self.tx.send(Append { events, reply }).map_err(|_| SinkError::Gone)?;
+        select! {
+            recv(rx) -> r => r.map_err(|_| SinkError::Gone),
+            recv(self.stop) -> _ => Err(SinkError::Stopped),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FileSpec;
+
+    fn enabled(config: &Config) -> Vec<&'static str> {
+        MODULES.iter().filter(|m| (m.enabled)(config)).map(|m| m.name).collect()
+    }
+
+    #[test]
+    fn modules_start_only_when_configured() {
+        let mut c = Config::defaults();
+        c.inventory.enabled = false;
+        c.logcollector.files.clear();
+        assert_eq!(enabled(&c), Vec::<&str>::new());
+        c.logcollector.files.push(FileSpec { pattern: "/var/log/syslog".into(), start: None });
+        assert_eq!(enabled(&c), ["logcollector"]);
+        c.inventory.enabled = true;
+        assert_eq!(enabled(&c), ["logcollector", "inventory"]);
+        c.inventory.collectors.clear();
+        assert_eq!(enabled(&c), ["logcollector"], "inventory without collectors has nothing to scan");
+    }
+
+    #[test]
+    fn names_sections_and_state_files_are_distinct_and_documented() {
+        let example = include_str!("../etc/wazuh-agent.toml");
+        for (i, m) in MODULES.iter().enumerate() {
+            assert!(example.contains(&format!("[{}]", m.section)), "{} has no section in the example", m.name);
+            assert!(MODULES[..i].iter().all(|o| o.name != m.name && o.state != m.state), "{}", m.name);
+        }
+    }
+
+    #[test]
+    fn sinks_stop_waiting_when_told_to_stop() {
+        let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
+        let (tx, _rx) = crossbeam_channel::bounded(0);
+        let (qtx, _qrx) = crossbeam_channel::bounded(1);
+        let (events, durable) = (EventSink::new(tx, stop.clone()), DurableSink::new(qtx, stop));
+        drop(stop_tx);
+        assert_eq!(events.send(Vec::new()), Err(SinkError::Stopped));
+        assert_eq!(durable.append(Vec::new()).map(|a| a.stored), Err(SinkError::Stopped));
+    }
+
+    #[test]
+    fn sinks_report_a_pipeline_that_is_gone() {
+        let (_stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (qtx, qrx) = crossbeam_channel::bounded(1);
+        drop((rx, qrx));
+        assert_eq!(EventSink::new(tx, stop.clone()).send(Vec::new()), Err(SinkError::Gone));
+        assert_eq!(DurableSink::new(qtx, stop).append(Vec::new()).map(|a| a.stored), Err(SinkError::Gone));
+    }
+}
