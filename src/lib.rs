@@ -26,6 +26,7 @@ pub mod poll;
 pub mod privileges;
 pub mod queue;
 pub mod register;
+pub mod session;
 pub mod status;
 pub mod supervisor;
 pub mod token;
