@@ -305,4 +305,34 @@ mod tests {
         assert_eq!(step(&mut b, &fast, reply(408, None)), "repoll");
         assert_eq!(step(&mut b, &slow, down()), "down 1000ms");
     }
+
+    fn session(stop: Stop) -> Session {
+        let live = Live::new(crate::config::Config::defaults(), String::new());
+        let (agent, cell) = (ureq::Agent::new_with_defaults(), TokenCell::new().0);
+        Session { agent, cell, live, stats: Arc::new(Stats::default()), stop, role: Role::Events }
+    }
+
+    /// Runs `pause(60 s)` in a thread; its answer must come long before the minute is over.
+    fn pause_a_minute(s: Session, until: Option<Instant>) -> bool {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || tx.send(s.pause(Duration::from_secs(60), until)));
+        rx.recv_timeout(Duration::from_secs(10)).expect("the wait ended early")
+    }
+
+    #[test]
+    fn waits_end_at_shutdown_at_the_drain_deadline_and_at_the_callers_deadline() {
+        let (open_tx, open) = crossbeam_channel::bounded::<()>(0);
+        assert!(session(Stop::Now(open.clone())).pause(Duration::from_millis(1), None), "a short wait ends normally");
+        let soon = Some(Instant::now() + Duration::from_millis(100));
+        assert!(!pause_a_minute(session(Stop::Now(open.clone())), soon), "the caller's deadline");
+        let closed = crossbeam_channel::bounded::<()>(0).1;
+        assert!(!pause_a_minute(session(Stop::Now(closed.clone())), None), "shutdown");
+        // Draining: the closed channel alone does not stop the wait; the deadline does.
+        let deadline = Arc::new(OnceLock::new());
+        let draining = session(Stop::Drain { shutdown: closed, deadline: deadline.clone() });
+        deadline.set(Instant::now() + Duration::from_millis(200)).unwrap();
+        assert!(!draining.stopped(None));
+        assert!(!pause_a_minute(draining, None), "the shutdown deadline");
+        drop(open_tx);
+    }
 }
