@@ -19,9 +19,9 @@ impl Backoff {
         Backoff { initial, max: max.max(initial), attempt: 0 }
     }
 
-    /// Failures since the last success.
-    pub fn attempts(&self) -> u32 {
-        self.attempt
+    /// New bounds (a live `retry.*` change); the count of failures is kept.
+    pub fn set_limits(&mut self, initial: Duration, max: Duration) {
+        (self.initial, self.max) = (initial, max.max(initial));
     }
 
     /// The upper bound of the next delay: `min(max, initial * 2^attempt)`.
@@ -87,7 +87,7 @@ mod tests {
         for _ in 0..5 {
             b.next_delay_with(1);
         }
-        assert_eq!(b.attempts(), 5);
+        assert_eq!(b.attempt, 5);
         b.reset();
         assert_eq!(b.ceiling(), Duration::from_millis(100));
     }

@@ -18,16 +18,15 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{Receiver, Sender, select};
 use serde::{Deserialize, Serialize};
 
-use crate::backoff::Backoff;
 use crate::commands::{self, Action, Code, Command};
 use crate::config::{Config, ConfigError};
 use crate::groups::{self, GroupError};
 use crate::host::HostInfo;
-use crate::http::{self, Attempt, Outcome, Rejection};
+use crate::http::Request;
 use crate::live::Live;
 use crate::queue::Append;
+use crate::session::{Call, Failure, Session};
 use crate::status::Stats;
-use crate::token::TokenCell;
 
 /// Entries kept in the store; the oldest reported ones are pruned first.
 pub const STORE_MAX: usize = 1000;
@@ -128,8 +127,8 @@ impl Store {
 
 /// Everything a handler needs, shared with the helper thread that runs it.
 pub struct Ctx {
-    pub agent: ureq::Agent,
-    pub cell: Arc<TokenCell>,
+    /// A [`Role::Files`](crate::session::Role::Files) session that stops with the executor.
+    pub session: Session,
     pub live: Arc<Live>,
     /// The configuration as loaded from the local file at start (its `source` is re-read).
     pub local: Config,
@@ -137,7 +136,6 @@ pub struct Ctx {
     pub uuid: String,
     pub name: String,
     pub host: HostInfo,
-    pub request_timeout: Duration,
 }
 
 /// The executor's channels and state.
@@ -148,51 +146,19 @@ pub struct Executor {
     pub stats: Arc<Stats>,
 }
 
+/// One group file. Waits between attempts end at shutdown, at the command's deadline
+/// (when the executor sets `cancel`) and with a cancelled command.
 fn download(ctx: &Ctx, group: &str, deadline: Instant, cancel: &AtomicBool) -> Result<Vec<u8>, String> {
-    let retry = ctx.live.config().retry.clone();
-    let mut backoff = Backoff::new(retry.initial, retry.max);
-    loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if cancel.load(Ordering::Relaxed) || remaining.is_zero() {
-            return Err("cancelled".into());
-        }
-        let Some(token) = ctx.cell.current().or_else(|| ctx.cell.wait_newer(0, remaining.min(Duration::from_secs(5))))
-        else {
-            continue;
-        };
-        let url = format!("{}/api/v1/files?file_name={group}.yml", token.server);
-        let result = ctx
-            .agent
-            .get(&url)
-            .header("Authorization", &token.bearer())
-            .config()
-            .timeout_global(Some(ctx.request_timeout.min(remaining).max(Duration::from_millis(1))))
-            .build()
-            .call()
-            .and_then(|mut r| http::read_reply(&mut r));
-        match http::classify(Attempt::of(&result), SystemTime::now(), retry.max) {
-            Outcome::Done => return result.map(|r| r.body).map_err(|e| e.to_string()),
-            Outcome::Reauth => {
-                ctx.cell.refused(token.generation);
-                ctx.cell.wait_newer(token.generation, remaining);
-            }
-            Outcome::Retry { after, .. } => {
-                let why = match &result {
-                    Ok(r) => format!("{} {}", r.status, r.message()),
-                    Err(e) => http::describe_transport(e),
-                };
-                let d = after.unwrap_or_else(|| backoff.next_delay()).min(remaining);
-                log::warn!("downloading {group}.yml failed ({why}); retrying in {}ms", d.as_millis());
-                std::thread::sleep(d);
-            }
-            Outcome::Reject(Rejection::Other(404)) => {
-                return Err(format!("file {group}.yml not found on the server (404)"));
-            }
-            Outcome::Reject(_) => {
-                let r = result.map_err(|e| e.to_string())?;
-                return Err(format!("downloading {group}.yml failed: {} {}", r.status, r.message()));
-            }
-        }
+    if cancel.load(Ordering::Relaxed) {
+        return Err("cancelled".into());
+    }
+    let (path, what) = (format!("/api/v1/files?file_name={group}.yml"), format!("downloading {group}.yml"));
+    let call = Call { path: &path, request: Request::Get, what: &what, until: Some(deadline) };
+    match ctx.session.call(&call) {
+        Ok(reply) => Ok(reply.body),
+        Err(Failure::Stopped) => Err("cancelled".into()),
+        Err(Failure::Refused { status: 404, .. }) => Err(format!("file {group}.yml not found on the server (404)")),
+        Err(Failure::Refused { status, message, .. }) => Err(format!("{what} failed: {status} {message}")),
     }
 }
 
@@ -413,6 +379,73 @@ pub fn run(exec: Executor, commands: Receiver<Command>, shutdown: Receiver<()>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RetryConfig;
+    use crate::credentials::Secret;
+    use crate::session::{Role, Stop};
+    use crate::token::TokenCell;
+    use std::io::{Read, Write};
+
+    /// A download running in its own thread against a server that answers 503 with
+    /// `Retry-After: 60`.
+    struct Waiting {
+        /// Dropped: shutdown.
+        stop: Sender<()>,
+        done: Receiver<Result<Vec<u8>, String>>,
+        /// A message per request the server answered.
+        asked: Receiver<()>,
+    }
+
+    fn download_waiting_a_minute(deadline: Instant) -> Waiting {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (asked_tx, asked) = crossbeam_channel::unbounded();
+        std::thread::spawn(move || {
+            for mut s in listener.incoming().flatten() {
+                let _ = s.read(&mut [0u8; 4096]);
+                let _ = s.write_all(b"HTTP/1.1 503 Busy\r\nRetry-After: 60\r\nContent-Length: 0\r\n\r\n");
+                let _ = asked_tx.send(());
+            }
+        });
+        let mut local = Config::defaults();
+        local.retry = RetryConfig { initial: Duration::from_secs(60), max: Duration::from_secs(60) };
+        let (cell, _wake) = TokenCell::new();
+        cell.publish(Secret::new("jwt".into()), url, SystemTime::now());
+        let live = Live::new(local.clone(), String::new());
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
+        let session = Session {
+            agent: crate::http::build_agent(&local.server, Duration::from_secs(5)).unwrap(),
+            cell,
+            live: live.clone(),
+            stats: Arc::new(Stats::default()),
+            stop: Stop::Now(stop_rx),
+            role: Role::Files,
+        };
+        let host = crate::host::gather(Path::new("/"));
+        let data_dir = std::env::temp_dir();
+        let ctx = Ctx { session, live, local, data_dir, uuid: "u".into(), name: "n".into(), host };
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || done_tx.send(download(&ctx, "g1", deadline, &AtomicBool::new(false))));
+        Waiting { stop: stop_tx, done, asked }
+    }
+
+    #[test]
+    fn a_download_waiting_to_retry_ends_at_shutdown() {
+        let Waiting { stop, done, asked } = download_waiting_a_minute(Instant::now() + Duration::from_secs(300));
+        asked.recv_timeout(Duration::from_secs(10)).expect("the server was asked");
+        assert!(done.recv_timeout(Duration::from_millis(300)).is_err(), "waiting for the minute to pass");
+        drop(stop);
+        let result = done.recv_timeout(Duration::from_secs(5)).expect("shutdown ended the wait");
+        assert_eq!(result, Err("cancelled".to_string()));
+    }
+
+    #[test]
+    fn a_download_waiting_to_retry_ends_at_the_command_deadline() {
+        // The executor sets `cancel` when the command's deadline passes; the wait ends then.
+        let Waiting { stop: _stop, done, asked } = download_waiting_a_minute(Instant::now() + Duration::from_secs(2));
+        asked.recv_timeout(Duration::from_secs(10)).expect("the server was asked");
+        let result = done.recv_timeout(Duration::from_secs(10)).expect("the deadline ended the wait");
+        assert_eq!(result, Err("cancelled".to_string()));
+    }
 
     #[test]
     fn store_survives_reopen_and_is_bounded() {

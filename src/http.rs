@@ -23,6 +23,7 @@ use ureq::unversioned::transport::{
 };
 
 use crate::config::{ServerConfig, Verify};
+use crate::event::{BodyReader, Event};
 
 /// Largest response body the agent reads. Real answers are small (a token, a results
 /// list, a group file); this bounds memory against a broken or hostile server.
@@ -144,7 +145,7 @@ fn agent_with(tls: Arc<ClientConfig>, proxy: Option<ureq::Proxy>, timeout: Durat
 }
 
 /// A response read to the end (bounded by [`MAX_RESPONSE_BYTES`]).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub status: u16,
     pub retry_after: Option<String>,
@@ -158,25 +159,43 @@ impl Reply {
     }
 }
 
-/// One request with a JSON body (or none). `bearer` is the Authorization token, if any.
-pub fn send(
-    agent: &ureq::Agent,
-    method: &str,
-    url: &str,
-    authorization: Option<&str>,
-    body: Option<&[u8]>,
-) -> Result<Reply, ureq::Error> {
-    let mut response = match (method, body) {
-        ("GET", _) => with_auth(agent.get(url), authorization).call()?,
-        (_, Some(b)) => with_auth(agent.post(url), authorization).header("Content-Type", "application/json").send(b)?,
-        (_, None) => with_auth(agent.post(url), authorization).send_empty()?,
-    };
-    read_reply(&mut response)
+/// What to send: a GET, or a POST and its body.
+#[derive(Debug, Clone)]
+pub enum Request<'a> {
+    Get,
+    /// A POST without a body.
+    Post,
+    Json(&'a [u8]),
+    /// The plain events body (agent line, events), streamed with an explicit Content-Length
+    /// (ureq would send a reader chunked otherwise).
+    Events(&'a str, &'a [Event]),
+    Gzip(Vec<u8>),
 }
 
-/// Reads a response to the end (bounded by [`MAX_RESPONSE_BYTES`]), so the connection
-/// goes back to the pool.
-pub fn read_reply(response: &mut ureq::http::Response<ureq::Body>) -> Result<Reply, ureq::Error> {
+/// The one request builder: sends one request and reads the reply. `timeout` bounds this
+/// call when it must end sooner than the agent's own bound (a deadline is near).
+pub fn send(
+    agent: &ureq::Agent,
+    url: &str,
+    authorization: Option<&str>,
+    request: &Request<'_>,
+    timeout: Option<Duration>,
+) -> Result<Reply, ureq::Error> {
+    let timeout = timeout.or(agent.config().timeouts().global);
+    let post = || with_auth(agent.post(url), authorization).config().timeout_global(timeout).build();
+    let json = || post().header("Content-Type", "application/json");
+    let mut response = match request {
+        Request::Get => with_auth(agent.get(url), authorization).config().timeout_global(timeout).build().call()?,
+        Request::Post => post().send_empty()?,
+        Request::Json(b) => json().send(*b)?,
+        Request::Gzip(z) => json().header("Content-Encoding", "gzip").send(z)?,
+        Request::Events(agent_line, events) => {
+            let mut reader = BodyReader::new(agent_line, events);
+            let len = BodyReader::len(agent_line, events).to_string();
+            json().header("Content-Length", len).send(ureq::SendBody::from_reader(&mut reader))?
+        }
+    };
+    // Read to the end (bounded), so that the connection goes back to the pool.
     let status = response.status().as_u16();
     let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(|s| s.to_string());
     let body = response.body_mut().with_config().limit(MAX_RESPONSE_BYTES).read_to_vec()?;
@@ -223,12 +242,16 @@ pub enum Attempt<'a> {
     Status { code: u16, retry_after: Option<&'a str> },
     /// No answer: connect, TLS, timeout, reset, protocol error.
     Transport,
+    /// A long-poll's own timeout ended its hold: the normal idle cycle, like a 408.
+    HoldEnded,
 }
 
 impl<'a> Attempt<'a> {
-    pub fn of(result: &'a Result<Reply, ureq::Error>) -> Attempt<'a> {
+    /// `held`: the request is a long-poll, so a client-side timeout is the end of its hold.
+    pub fn of(result: &'a Result<Reply, ureq::Error>, held: bool) -> Attempt<'a> {
         match result {
             Ok(r) => Attempt::Status { code: r.status, retry_after: r.retry_after.as_deref() },
+            Err(ureq::Error::Timeout(_)) if held => Attempt::HoldEnded,
             Err(_) => Attempt::Transport,
         }
     }
@@ -239,9 +262,8 @@ impl<'a> Attempt<'a> {
 /// against `now`, and no server can make the agent wait longer than `cap`.
 pub fn classify(attempt: Attempt<'_>, now: SystemTime, cap: Duration) -> Outcome {
     let (code, retry_after) = match attempt {
-        Attempt::Transport => {
-            return Outcome::Retry { after: None, failover: true };
-        }
+        Attempt::Transport => return Outcome::Retry { after: None, failover: true },
+        Attempt::HoldEnded => return Outcome::Retry { after: Some(Duration::ZERO), failover: false },
         Attempt::Status { code, retry_after } => (code, retry_after),
     };
     let after = retry_after.and_then(|v| parse_retry_after(v, now)).map(|d| d.min(cap));
@@ -485,19 +507,14 @@ impl Servers {
         &self.urls[self.current]
     }
 
-    /// Moves to the next server; returns true when it wrapped around to the first one
-    /// (every server was tried once: time to back off).
-    pub fn advance(&mut self) -> bool {
+    pub fn advance(&mut self) {
         self.current = (self.current + 1) % self.urls.len();
-        self.current == 0
     }
 
+    // Never empty: `server.url` needs at least one address.
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
         self.urls.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.urls.is_empty()
     }
 }
 
@@ -515,6 +532,7 @@ mod tests {
         let retry = |secs: Option<u64>, failover| Outcome::Retry { after: secs.map(Duration::from_secs), failover };
         let table: Vec<(Attempt, Outcome)> = vec![
             (Attempt::Transport, retry(None, true)),
+            (Attempt::HoldEnded, retry(Some(0), false)),
             (s(200, None), Outcome::Done),
             (s(201, None), Outcome::Done),
             (s(204, None), Outcome::Done),
@@ -570,9 +588,9 @@ mod tests {
     fn failover_wraps() {
         let mut s = Servers::new(&["https://a".to_string(), "https://b".to_string()]);
         assert_eq!(s.current(), "https://a");
-        assert!(!s.advance());
+        s.advance();
         assert_eq!(s.current(), "https://b");
-        assert!(s.advance());
+        s.advance();
         assert_eq!(s.current(), "https://a");
     }
 

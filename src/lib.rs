@@ -30,6 +30,7 @@ pub mod poll;
 pub mod privileges;
 pub mod queue;
 pub mod register;
+pub mod session;
 pub mod status;
 pub mod supervisor;
 #[allow(unsafe_code)]

@@ -5,118 +5,52 @@
 //! back off with full jitter (the first retry included, so a fleet does not stampede a
 //! restarted server). A 200 with a broken body is logged and counted; polling goes on.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, select};
 
 use crate::backoff::Backoff;
 use crate::commands::{self, Command};
-use crate::http::{self, Attempt, Outcome};
-use crate::live::Live;
+use crate::http::Request;
+use crate::session::{Call, Session};
 use crate::status::Stats;
-use crate::token::TokenCell;
 
 pub struct Poller {
-    /// Built with `server.commands_timeout` as its bound; used by this thread only.
-    pub agent: ureq::Agent,
-    pub cell: Arc<TokenCell>,
-    pub live: Arc<Live>,
-    pub stats: Arc<Stats>,
+    /// A commands session (its own connection, bounded by `server.commands_timeout`).
+    pub session: Session,
     pub uuid: String,
 }
 
-/// Sleeps `d` unless shutdown comes first; returns false on shutdown.
-fn pause(shutdown: &Receiver<()>, d: Duration) -> bool {
-    select! {
-        recv(shutdown) -> _ => false,
-        default(d) => true,
-    }
-}
-
 pub fn run(p: Poller, out: Sender<Command>, shutdown: Receiver<()>) {
-    let retry = p.live.config().retry.clone();
-    let mut backoff = Backoff::new(retry.initial, retry.max);
-    loop {
-        if !matches!(shutdown.try_recv(), Err(crossbeam_channel::TryRecvError::Empty)) {
-            break;
-        }
-        let token = match p.cell.current() {
-            Some(t) => t,
-            None => {
-                p.cell.wait_newer(0, Duration::from_secs(1));
-                continue;
-            }
-        };
-        let url = format!("{}/api/v1/commands", token.server);
-        let result = http::send(&p.agent, "GET", &url, Some(&token.bearer()), None);
-        if result.is_err() && !matches!(shutdown.try_recv(), Err(crossbeam_channel::TryRecvError::Empty)) {
-            // The supervisor cut the held poll to stop: not a failure.
-            break;
-        }
-        if let Err(ureq::Error::Timeout(_)) = &result {
-            // Our own bound (commands_timeout) ended the hold: the normal idle cycle.
-            backoff.reset();
-            continue;
-        }
-        let cap = p.live.config().retry.max;
-        match http::classify(Attempt::of(&result), SystemTime::now(), cap) {
-            Outcome::Done => {
-                let Ok(reply) = &result else { continue };
-                match commands::parse_body(&reply.body, &p.uuid) {
-                    Ok(parsed) => {
-                        backoff.reset();
-                        for why in &parsed.skipped {
-                            log::warn!("skipped a malformed command: {why}");
-                            Stats::add(&p.stats.commands_failed, 1);
-                        }
-                        for c in parsed.commands {
-                            Stats::add(&p.stats.commands_received, 1);
-                            log::debug!("command {} ({}) received", c.document_id, c.action.name());
-                            select! {
-                                send(out, c) -> r => if r.is_err() { return },
-                                recv(shutdown) -> _ => return,
-                            }
-                        }
-                    }
-                    Err(why) => {
-                        Stats::add(&p.stats.commands_failed, 1);
-                        let d = backoff.next_delay();
-                        log::warn!("unusable commands answer from {url}: {why}; polling again in {}ms", d.as_millis());
-                        p.stats.set_error(format!("{url}: {why}"));
-                        if !pause(&shutdown, d) {
-                            break;
-                        }
+    let call = Call { path: "/api/v1/commands", request: Request::Get, what: "command poll", until: None };
+    // Only for answers the server took but the agent cannot read; failures back off in the session.
+    let mut unreadable = Backoff::new(Duration::ZERO, Duration::ZERO);
+    // The session retries every failure and refusal itself: it ends only with a reply or a stop.
+    while let Ok(reply) = p.session.call(&call) {
+        match commands::parse_body(&reply.body, &p.uuid) {
+            Ok(parsed) => {
+                unreadable.reset();
+                for why in &parsed.skipped {
+                    log::warn!("skipped a malformed command: {why}");
+                    Stats::add(&p.session.stats.commands_failed, 1);
+                }
+                for c in parsed.commands {
+                    Stats::add(&p.session.stats.commands_received, 1);
+                    log::debug!("command {} ({}) received", c.document_id, c.action.name());
+                    select! {
+                        send(out, c) -> r => if r.is_err() { return },
+                        recv(shutdown) -> _ => return,
                     }
                 }
             }
-            // 408: the server's hold ended without commands. Poll again at once.
-            Outcome::Retry { after: Some(d), .. } if d.is_zero() => backoff.reset(),
-            Outcome::Retry { after, .. } => {
-                let why = match &result {
-                    Ok(r) => format!("{} {}", r.status, r.message()),
-                    Err(e) => {
-                        p.stats.connected.store(false, Ordering::Relaxed);
-                        http::describe_transport(e)
-                    }
-                };
-                let d = after.unwrap_or_else(|| backoff.next_delay());
-                log::warn!("command poll failed ({why}); polling again in {}ms", d.as_millis());
-                if !pause(&shutdown, d) {
-                    break;
-                }
-            }
-            Outcome::Reauth => {
-                p.cell.refused(token.generation);
-                p.cell.wait_newer(token.generation, Duration::from_secs(30));
-            }
-            Outcome::Reject(r) => {
-                let d = backoff.next_delay().max(cap / 2);
-                let msg = result.as_ref().map(|r| r.message()).unwrap_or_default();
-                log::error!("{url} refused the command poll ({r:?}: {msg}); polling again in {}ms", d.as_millis());
-                p.stats.set_error(format!("{url}: {msg}"));
-                if !pause(&shutdown, d) {
+            Err(why) => {
+                Stats::add(&p.session.stats.commands_failed, 1);
+                let retry = p.session.live.config().retry.clone();
+                unreadable.set_limits(retry.initial, retry.max);
+                let d = unreadable.next_delay();
+                log::warn!("unusable commands answer: {why}; polling again in {}ms", d.as_millis());
+                p.session.stats.set_error(format!("commands answer: {why}"));
+                if !p.session.pause(d, None) {
                     break;
                 }
             }

@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{self, Config, UuidVersion};
 use crate::credentials::{Credentials, CredentialsError, Secret};
 use crate::host::{self, HostInfo};
-use crate::http::{self, HttpError};
+use crate::http::{self, Attempt, HttpError, Outcome, Request};
 
 /// Environment variable holding the registration password.
 pub const ENV_PASSWORD: &str = "WAZUH_REGISTRATION_PASSWORD";
@@ -227,19 +227,20 @@ pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, Reg
     // 1. Log in to the management API.
     let login_url = format!("{url}/security/user/authenticate");
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", args.user, password.expose()));
-    let result = http::send(&agent, "POST", &login_url, Some(&format!("Basic {basic}")), None);
-    let api_token = match &result {
-        Ok(r) if r.status == 200 => {
+    let result = http::send(&agent, &login_url, Some(&format!("Basic {basic}")), &Request::Post, None);
+    // Registration never retries: no cap for a Retry-After.
+    let api_token = match (http::classify(Attempt::of(&result, false), SystemTime::now(), Duration::ZERO), result) {
+        (Outcome::Done, Ok(r)) if r.status == 200 => {
             let parsed: LoginResponse = serde_json::from_slice(&r.body).map_err(|_| RegisterError::BadAnswer {
                 url: login_url.clone(),
                 message: "200 without data.token in the body".into(),
             })?;
             Secret::new(parsed.data.token)
         }
-        Ok(r) if r.status == 401 || r.status == 403 => {
+        (Outcome::Reauth, Ok(r)) => {
             return Err(RegisterError::LoginRefused { url: login_url, status: r.status, message: r.message() });
         }
-        _ => return Err(unreachable_or_bad(&login_url, &result)),
+        (_, result) => return Err(unreachable_or_bad(&login_url, &result)),
     };
 
     // 2. Create the agent.
@@ -255,14 +256,16 @@ pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, Reg
     })
     .map_err(|e| RegisterError::BadAnswer { url: url.clone(), message: e.to_string() })?;
     let agents_url = format!("{url}/agents");
-    let result = http::send(&agent, "POST", &agents_url, Some(&format!("Bearer {}", api_token.expose())), Some(&body));
-    match &result {
+    let bearer = format!("Bearer {}", api_token.expose());
+    let result = http::send(&agent, &agents_url, Some(&bearer), &Request::Json(&body), None);
+    match (http::classify(Attempt::of(&result, false), SystemTime::now(), Duration::ZERO), result) {
         // Only 201 means created (docs/protocol.md, Registration); a 200 could be a proxy or another API.
-        Ok(r) if r.status == 201 => {}
-        Ok(r) if (400..500).contains(&r.status) => {
+        (Outcome::Done, Ok(r)) if r.status == 201 => {}
+        // A refusal of this agent: 401/403, 400, 413, and also 408/429 (no retry here).
+        (Outcome::Reauth | Outcome::Reject(_) | Outcome::Retry { .. }, Ok(r)) if (400..500).contains(&r.status) => {
             return Err(RegisterError::Refused { url: agents_url, status: r.status, message: r.message() });
         }
-        _ => return Err(unreachable_or_bad(&agents_url, &result)),
+        (_, result) => return Err(unreachable_or_bad(&agents_url, &result)),
     }
 
     // 3. Store the credentials.

@@ -11,9 +11,9 @@
 //! | `ingest`   | `ingest.sock` (acceptor; one short thread per connection) | → batcher (stateless), → queue (stateful) |
 //! | `batcher`  | the stateless ring buffer                   | → uploaders (one batch each at a time)      |
 //! | `queue`    | `<data_dir>/queue/` segment files, cursor   | appends in, batches → uploader, acks in     |
-//! | `uploader` | an events HTTP agent, `rejected.ndjson`     | queue + stateless batches → comms API; acks → queue |
-//! | `uploader2` | a second events HTTP agent                 | stateless batches → comms API               |
-//! | `poll`     | the commands HTTP agent (long-poll)         | → executor                                  |
+//! | `upload-queue` | an events session, `rejected.ndjson`    | queue batches (in order) + stateless batches → comms API; acks → queue |
+//! | `upload-stateless` | a second events session             | stateless batches → comms API               |
+//! | `poll`     | the commands session (long-poll)            | → executor                                  |
 //! | `logcollector` | followed files, `logcollector.json`     | → batcher (stateless)                       |
 //! | `inventory` | `inventory.json` snapshot, host scans      | → queue (stateful), → batcher (notifications) |
 //! | `executor` | `commands.json`, `shared/` group files      | results → queue; restart → main             |
@@ -54,6 +54,7 @@ use crate::module::{self, DurableSink, EventSink};
 use crate::pidfile::{PidError, PidFile};
 use crate::poll::{self, Poller};
 use crate::queue::{self, Ack, Append, BatchLimits, QueueBatch, QueueError, QueueStore};
+use crate::session::{Role, Session, Stop};
 use crate::status::{self, Stats};
 use crate::token::{self, Authenticator, TokenCell};
 use crate::uploader::{self, QueueLink, RejectedLog, Uploader};
@@ -261,6 +262,18 @@ struct Agents {
     files_agent: ureq::Agent,
 }
 
+/// A session per thread that talks to the comms API with a token, each on its own connection.
+fn new_session(
+    agent: &ureq::Agent,
+    cell: &Arc<TokenCell>,
+    live: &Arc<Live>,
+    stats: &Arc<Stats>,
+    stop: Stop,
+    role: Role,
+) -> Session {
+    Session { agent: agent.clone(), cell: cell.clone(), live: live.clone(), stats: stats.clone(), stop, role }
+}
+
 /// What the later stages need of the pipeline.
 struct Pipeline {
     /// Stateless events in (to the batcher) and stateful ones (to the queue), for modules.
@@ -347,10 +360,9 @@ fn start_pipeline(
     })?;
 
     {
-        let cell = cell.clone();
-        let retry = config.retry.clone();
-        let auth = Authenticator::new(auth_agent.clone(), &config.server.urls, credentials.clone(), config.retry.max);
-        workers.spawn("token", move || token::run(cell, wake_rx, token_stop_rx, auth, &retry))?;
+        let (cell, live) = (cell.clone(), live.clone());
+        let auth = Authenticator::new(auth_agent.clone(), &config.server.urls, credentials.clone());
+        workers.spawn("token", move || token::run(cell, wake_rx, token_stop_rx, auth, live))?;
     }
 
     {
@@ -386,29 +398,26 @@ fn start_pipeline(
         workers.spawn("batcher", move || batcher::run(wiring, policy, live, stats))?;
     }
 
-    // Two uploaders, each with its own connection: `uploader` takes queue batches (one at a
-    // time, in order) and stateless ones, `uploader2` stateless ones only. With one request
-    // in flight the server's time per body was dead time for the agent; with two, one body
-    // is sent while the server works on the other (stateless batches may then arrive out of
-    // order; the durable queue's never do).
-    let link = QueueLink { batches: qbatch_rx, acks: ack_tx };
-    for (name, agent, queue) in
-        [("uploader", upload_agent.clone(), Some(link)), ("uploader2", upload2_agent.clone(), None)]
-    {
-        let up = Uploader {
+    let session = |agent: &ureq::Agent, stop, role| new_session(agent, cell, live, stats, stop, role);
+    // Two uploaders: `upload-queue` takes queue batches (one at a time, in order) and
+    // stateless ones, `upload-stateless` stateless ones only. With one request in flight the
+    // server's time per body was dead time for the agent; with two, one body is sent while
+    // the server works on the other.
+    let uploader = |agent| Uploader {
+        session: session(
             agent,
-            cell: cell.clone(),
-            live: live.clone(),
-            compression: config.server.compression,
-            request_timeout: config.server.request_timeout,
-            stats: stats.clone(),
-            rejected: RejectedLog::new(&config.agent.data_dir),
-            shutdown: pipeline_stop_rx.clone(),
-            deadline: deadline.clone(),
-        };
-        let (spill, batches) = (append_tx.clone(), batch_rx.clone());
-        workers.spawn(name, move || uploader::run(up, batches, queue, spill))?;
-    }
+            Stop::Drain { shutdown: pipeline_stop_rx.clone(), deadline: deadline.clone() },
+            Role::Events,
+        ),
+        rejected: RejectedLog::new(&config.agent.data_dir),
+        shutdown: pipeline_stop_rx.clone(),
+        deadline: deadline.clone(),
+    };
+    let link = QueueLink { batches: qbatch_rx, acks: ack_tx };
+    let (up, spill, batches) = (uploader(&upload_agent), append_tx.clone(), batch_rx.clone());
+    workers.spawn("upload-queue", move || uploader::run_queue(up, link, batches, spill))?;
+    let (up, spill, batches) = (uploader(&upload2_agent), append_tx.clone(), batch_rx.clone());
+    workers.spawn("upload-stateless", move || uploader::run_stateless(up, batches, spill))?;
     // The uploaders hold the only receivers now: the batcher's send fails once both are gone.
     drop((pipeline_stop_rx, batch_rx));
     Ok(Pipeline {
@@ -458,14 +467,10 @@ fn start_commands(
     // Commands are few; 64 waiting for the executor is far more than a server sends at once.
     let (command_tx, command_rx) = crossbeam_channel::bounded::<Command>(64);
     let (control_tx, control_rx) = crossbeam_channel::bounded::<Control>(1);
+    let session = |agent: &ureq::Agent, stop, role| new_session(agent, cell, live, stats, stop, role);
     {
-        let p = Poller {
-            agent: poll_agent.clone(),
-            cell: cell.clone(),
-            live: live.clone(),
-            stats: stats.clone(),
-            uuid: credentials.uuid.clone(),
-        };
+        let session = session(poll_agent, Stop::Now(commands_stop_rx.clone()), Role::Commands);
+        let p = Poller { session, uuid: credentials.uuid.clone() };
         let stop = commands_stop_rx.clone();
         workers.spawn("poll", move || poll::run(p, command_tx, stop))?;
     }
@@ -473,15 +478,13 @@ fn start_commands(
     {
         let exec = Executor {
             ctx: Arc::new(Ctx {
-                agent: files_agent.clone(),
-                cell: cell.clone(),
+                session: session(files_agent, Stop::Now(commands_stop_rx.clone()), Role::Files),
                 live: live.clone(),
                 local: local.clone(),
                 data_dir: config.agent.data_dir.clone(),
                 uuid: credentials.uuid.clone(),
                 name: credentials.name.clone(),
                 host: host.clone(),
-                request_timeout: config.server.request_timeout,
             }),
             queue: append_tx,
             control: control_tx,
@@ -567,7 +570,7 @@ fn shut_down(
     // (2) Deliver within the grace, spill the rest.
     drop(pipeline_stop_tx);
     let until_deadline = s.deadline.get().map_or(SHUTDOWN_GRACE, |d| d.saturating_duration_since(Instant::now()));
-    const PIPELINE: [&str; 3] = ["batcher", "uploader", "uploader2"];
+    const PIPELINE: [&str; 3] = ["batcher", "upload-queue", "upload-stateless"];
     stuck.extend(workers.join(&PIPELINE, until_deadline + Duration::from_secs(2)));
     if !stuck.is_empty() {
         upload_agent.shutdown();

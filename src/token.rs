@@ -17,9 +17,9 @@ use crossbeam_channel::{Receiver, Sender, TrySendError, select};
 use serde::{Deserialize, Serialize};
 
 use crate::backoff::Backoff;
-use crate::config::RetryConfig;
 use crate::credentials::{Credentials, Secret};
-use crate::http::{self, Attempt, Outcome, Servers};
+use crate::http::{self, Attempt, Outcome, Request, Servers};
+use crate::live::Live;
 
 /// Renewals are never closer together than this, whatever the token or the clock say:
 /// the guard against a refresh loop.
@@ -204,13 +204,7 @@ impl TokenCell {
         }
     }
 
-    /// True while a refresh has been requested and not yet satisfied.
-    pub fn refresh_pending(&self) -> bool {
-        let st = self.lock();
-        st.refresh_for.is_some_and(|g| g == st.generation)
-    }
-
-    fn publish(&self, jwt: Secret, server: String, expires_at: SystemTime) -> Arc<Token> {
+    pub(crate) fn publish(&self, jwt: Secret, server: String, expires_at: SystemTime) -> Arc<Token> {
         let mut st = self.lock();
         st.generation += 1;
         let token = Arc::new(Token { jwt, server, generation: st.generation, expires_at });
@@ -249,7 +243,6 @@ pub struct Authenticator {
     agent: ureq::Agent,
     servers: Servers,
     credentials: Credentials,
-    retry_cap: Duration,
 }
 
 /// A freshly obtained token, before it is published.
@@ -260,60 +253,45 @@ pub struct Fresh {
 }
 
 impl Authenticator {
-    pub fn new(agent: ureq::Agent, urls: &[String], credentials: Credentials, retry_cap: Duration) -> Authenticator {
-        Authenticator { agent, servers: Servers::new(urls), credentials, retry_cap }
+    pub fn new(agent: ureq::Agent, urls: &[String], credentials: Credentials) -> Authenticator {
+        Authenticator { agent, servers: Servers::new(urls), credentials }
     }
 
     /// One authentication round: the current server, then the next ones while they look
-    /// down, at most once each.
-    pub fn authenticate(&mut self) -> Result<Fresh, TokenError> {
-        let body =
-            serde_json::to_vec(&AuthRequest { uuid: &self.credentials.uuid, key: self.credentials.key.expose() })
-                .map_err(|e| TokenError::BadAnswer { server: String::new(), message: e.to_string() })?;
+    /// down, at most once each. `retry_cap` (`retry.max`) caps a `Retry-After`.
+    pub fn authenticate(&mut self, retry_cap: Duration) -> Result<Fresh, TokenError> {
+        let creds = AuthRequest { uuid: &self.credentials.uuid, key: self.credentials.key.expose() };
+        let body = serde_json::to_vec(&creds)
+            .map_err(|e| TokenError::BadAnswer { server: String::new(), message: e.to_string() })?;
+        let message = |result: &Result<http::Reply, ureq::Error>| match result {
+            Ok(reply) => format!("{} {}", reply.status, reply.message()),
+            Err(e) => http::describe_transport(e),
+        };
         let mut tried = 0;
         loop {
             let server = self.servers.current().to_string();
             let url = format!("{server}/api/v1/authentication");
-            let result = http::send(&self.agent, "POST", &url, None, Some(&body));
-            let outcome = http::classify(Attempt::of(&result), SystemTime::now(), self.retry_cap);
+            let result = http::send(&self.agent, &url, None, &Request::Json(&body), None);
             tried += 1;
-            let err = match (outcome, result) {
+            let err = match (http::classify(Attempt::of(&result, false), SystemTime::now(), retry_cap), result) {
                 (Outcome::Done, Ok(reply)) => {
-                    let parsed: AuthResponse =
-                        serde_json::from_slice(&reply.body).map_err(|_| TokenError::BadAnswer {
-                            server: server.clone(),
-                            message: format!("{} with a body that has no \"token\"", reply.status),
-                        })?;
+                    let no_token = || format!("{} with a body that has no \"token\"", reply.status);
+                    let parsed: AuthResponse = serde_json::from_slice(&reply.body)
+                        .map_err(|_| TokenError::BadAnswer { server: server.clone(), message: no_token() })?;
                     let claims = decode_claims(&parsed.token)?;
                     return Ok(Fresh { jwt: Secret::new(parsed.token), server, claims });
                 }
-                (Outcome::Reauth, Ok(reply)) => {
-                    return Err(TokenError::CredentialsRejected {
-                        server,
-                        status: reply.status,
-                        message: reply.message(),
-                    });
+                (Outcome::Reauth, Ok(r)) => {
+                    return Err(TokenError::CredentialsRejected { server, status: r.status, message: r.message() });
                 }
                 (Outcome::Retry { after, failover }, result) => {
-                    let message = match &result {
-                        Ok(reply) => format!("{} {}", reply.status, reply.message()),
-                        Err(e) => http::describe_transport(e),
-                    };
-                    let err = TokenError::Unavailable { server, message, retry_after: after };
+                    let err = TokenError::Unavailable { server, message: message(&result), retry_after: after };
                     if !failover {
                         return Err(err);
                     }
-                    err
+                    err // This server looks down: try the next one.
                 }
-                (_, Ok(reply)) => {
-                    return Err(TokenError::BadAnswer {
-                        server,
-                        message: format!("{} {}", reply.status, reply.message()),
-                    });
-                }
-                (_, Err(e)) => {
-                    TokenError::Unavailable { server, message: http::describe_transport(&e), retry_after: None }
-                }
+                (_, result) => return Err(TokenError::BadAnswer { server, message: message(&result) }),
             };
             self.servers.advance();
             if tried >= self.servers.len() {
@@ -330,15 +308,10 @@ fn unix_now() -> i64 {
 
 /// The token thread. Authenticates at once, then renews on schedule or on request,
 /// until `shutdown` is closed (its sender dropped). Backs off with full jitter after
-/// failures; a refresh request during a backoff waits for the backoff to end.
-pub fn run(
-    cell: Arc<TokenCell>,
-    wake: Receiver<()>,
-    shutdown: Receiver<()>,
-    mut auth: Authenticator,
-    retry: &RetryConfig,
-) {
-    let mut backoff = Backoff::new(retry.initial, retry.max);
+/// failures (`retry.*` read live at each one); a refresh request during a backoff waits
+/// for the backoff to end.
+pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut auth: Authenticator, live: Arc<Live>) {
+    let mut backoff = Backoff::new(Duration::ZERO, Duration::ZERO);
     let mut next_due = Instant::now();
     let mut last_success: Option<Instant> = None;
     let mut backing_off = false;
@@ -360,7 +333,9 @@ pub fn run(
             default(wait) => {}
         }
         let now = Instant::now();
-        match auth.authenticate() {
+        let retry = live.config().retry.clone();
+        backoff.set_limits(retry.initial, retry.max);
+        match auth.authenticate(retry.max) {
             Ok(fresh) => {
                 let delay = renewal_delay(&fresh.claims, unix_now());
                 let life = lifetime(&fresh.claims, unix_now()).unwrap_or(delay);
@@ -405,6 +380,14 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl TokenCell {
+        /// True while a refresh has been requested and not yet satisfied.
+        fn refresh_pending(&self) -> bool {
+            let st = self.lock();
+            st.refresh_for.is_some_and(|g| g == st.generation)
+        }
+    }
 
     fn jwt(payload: &str) -> String {
         let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);

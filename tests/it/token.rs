@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use wazuh_agent::config::{Config, RetryConfig};
 use wazuh_agent::credentials::{Credentials, Secret};
-use wazuh_agent::http;
+use wazuh_agent::http::{self, Request};
+use wazuh_agent::live::Live;
 use wazuh_agent::token::{self, Authenticator, TokenCell};
 
 use crate::support::*;
@@ -33,15 +34,21 @@ impl Drop for TokenThread {
 fn start(env: &Env, urls: Vec<String>, uuid: &str) -> TokenThread {
     let mut config = Config::load(Some(&env.config)).unwrap();
     config.server.urls = urls;
-    let agent = http::build_agent(&config.server, Duration::from_secs(5)).unwrap();
+    config.retry = RetryConfig { initial: Duration::from_millis(200), max: Duration::from_secs(2) };
     let creds = Credentials { uuid: uuid.into(), key: Secret::new(KEY.into()), name: "t".into() };
-    let retry = RetryConfig { initial: Duration::from_millis(200), max: Duration::from_secs(2) };
-    let auth = Authenticator::new(agent, &config.server.urls, creds, retry.max);
+    start_with(config, creds).0
+}
+
+/// The token thread with `config` as its live settings (returned, to change them).
+fn start_with(config: Config, creds: Credentials) -> (TokenThread, Arc<Live>) {
+    let agent = http::build_agent(&config.server, Duration::from_secs(5)).unwrap();
+    let auth = Authenticator::new(agent, &config.server.urls, creds);
+    let live = Live::new(config, String::new());
     let (cell, wake) = TokenCell::new();
     let (shutdown_tx, shutdown_rx) = crossbeam_channel::bounded(0);
-    let c = cell.clone();
-    let handle = std::thread::spawn(move || token::run(c, wake, shutdown_rx, auth, &retry));
-    TokenThread { cell, shutdown: Some(shutdown_tx), handle: Some(handle) }
+    let (c, l) = (cell.clone(), live.clone());
+    let handle = std::thread::spawn(move || token::run(c, wake, shutdown_rx, auth, l));
+    (TokenThread { cell, shutdown: Some(shutdown_tx), handle: Some(handle) }, live)
 }
 
 fn registered_env() -> (Env, String) {
@@ -72,7 +79,7 @@ fn renews_before_expiry_with_a_three_second_token() {
     let config = Config::load(Some(&env.config)).unwrap();
     let agent = http::build_agent(&config.server, Duration::from_secs(5)).unwrap();
     let url = format!("{}/api/v1/files?file_name=none.yml", tok.server);
-    let reply = http::send(&agent, "GET", &url, Some(&tok.bearer()), None).unwrap();
+    let reply = http::send(&agent, &url, Some(&tok.bearer()), &Request::Get, None).unwrap();
     assert_eq!(reply.status, 404, "authorized (file simply absent): {}", reply.message());
 }
 
@@ -93,7 +100,7 @@ fn many_threads_refused_at_once_cause_exactly_one_reauthentication() {
                 let mut tok = cell.current().unwrap();
                 for _ in 0..3 {
                     let url = format!("{}/api/v1/files?file_name=none.yml", tok.server);
-                    let reply = http::send(&agent, "GET", &url, Some(&tok.bearer()), None).unwrap();
+                    let reply = http::send(&agent, &url, Some(&tok.bearer()), &Request::Get, None).unwrap();
                     match http::classify(
                         http::Attempt::Status { code: reply.status, retry_after: None },
                         std::time::SystemTime::now(),
@@ -142,19 +149,13 @@ fn dead_credentials_are_retried_slowly_and_nothing_is_deleted() {
     env.mock.remove_agent(&creds.uuid);
     let mut config = Config::load(Some(&env.config)).unwrap();
     config.retry = RetryConfig { initial: Duration::from_millis(100), max: Duration::from_millis(800) };
-    let agent = http::build_agent(&config.server, Duration::from_secs(5)).unwrap();
-    let auth = Authenticator::new(agent, &config.server.urls, creds.clone(), config.retry.max);
-    let (cell, wake) = TokenCell::new();
-    let (shutdown_tx, shutdown_rx) = crossbeam_channel::bounded::<()>(0);
-    let c = cell.clone();
-    let retry = config.retry.clone();
-    let h = std::thread::spawn(move || token::run(c, wake, shutdown_rx, auth, &retry));
+    let (t, _live) = start_with(config, creds.clone());
+    let cell = t.cell.clone();
     assert!(wait_for(Duration::from_secs(5), || cell.last_error().is_some()));
     let msg = cell.last_error().unwrap();
     assert!(msg.contains("Agent does not exist") && msg.contains("--register --force"), "{msg}");
     std::thread::sleep(Duration::from_secs(2));
-    drop(shutdown_tx);
-    h.join().unwrap();
+    drop(t);
     // Retries happen at least retry.max / 2 apart.
     let calls = env.mock.auth_calls();
     for pair in calls.windows(2) {
@@ -189,4 +190,28 @@ fn retries_after_server_errors_with_backoff() {
     assert!(started.elapsed() >= Duration::from_secs(3), "{:?}", started.elapsed());
     let statuses: Vec<u16> = env.mock.requests().iter().map(|r| r.status).collect();
     assert_eq!(statuses, vec![503, 503, 503, 200]);
+}
+
+#[test]
+fn a_live_retry_change_reaches_the_token_thread() {
+    // Dead credentials are retried after retry.max / 2 plus jitter: the gaps show retry.max.
+    let env = Env::new();
+    env.registered();
+    let creds = Credentials::load(&env.data_dir()).unwrap();
+    env.mock.remove_agent(&creds.uuid);
+    let mut config = Config::load(Some(&env.config)).unwrap();
+    config.retry = RetryConfig { initial: Duration::from_millis(50), max: Duration::from_millis(200) };
+    let (_t, live) = start_with(config.clone(), creds);
+    assert!(wait_for(Duration::from_secs(5), || env.mock.auth_calls().len() >= 2));
+    let calls = env.mock.auth_calls();
+    assert!(calls[1].at - calls[0].at < Duration::from_millis(1990), "{:?}", calls[1].at - calls[0].at);
+
+    // As a group file would: retry.max becomes 4 s while the thread runs.
+    config.retry = RetryConfig { initial: Duration::from_millis(50), max: Duration::from_secs(4) };
+    live.apply(config);
+    // Every call recorded from now on failed after the change: the next one waits >= 2 s.
+    let k = env.mock.auth_calls().len();
+    assert!(wait_for(Duration::from_secs(15), || env.mock.auth_calls().len() >= k + 2));
+    let calls = env.mock.auth_calls();
+    assert!(calls[k + 1].at - calls[k].at >= Duration::from_millis(1990), "{:?}", calls[k + 1].at - calls[k].at);
 }

@@ -1,0 +1,338 @@
+//! The server session: the one call loop around [`http::classify`], for every thread that
+//! talks to the comms API with a token (the uploaders, the command poll, group downloads).
+//!
+//! A call sends the request with the current token until the server takes it or refuses it
+//! for good: on 401/403 it asks the [`TokenCell`] for a new token (one refresh however many
+//! threads ask); it honours `Retry-After` (capped at `retry.max`), else backs off with full
+//! jitter, in waits that end at shutdown. `retry.*` is read from [`Live`] at every attempt.
+//! [`next_step`] decides (pure); [`Session::call`] waits, logs and counts.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, TryRecvError};
+
+use crate::backoff::Backoff;
+use crate::config::RetryConfig;
+use crate::http::{self, Attempt, Outcome, Rejection, Reply, Request};
+use crate::live::Live;
+use crate::status::Stats;
+use crate::token::{Token, TokenCell};
+
+/// How long to wait for a token newer than a refused one before trying the current one again.
+const REAUTH_WAIT: Duration = Duration::from_secs(30);
+/// Waits for a token are cut into slices this long, so that a stop is noticed.
+const TOKEN_SLICE: Duration = Duration::from_millis(500);
+
+/// What a session is for: which refusals reach the caller, and what a timeout means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The uploaders: 400 and 413 go back to the caller (to bisect, to split); any other refusal
+    /// is retried slowly (events are never dropped for an answer not about them). Resends count.
+    Events,
+    /// The command long-poll: a hold that ends (408, or our timeout) is polled again at once;
+    /// every refusal is retried slowly, so a call ends only with a reply or a stop.
+    Commands,
+    /// Group file downloads: every refusal goes back to the caller (404: no such file).
+    Files,
+}
+
+/// What ends a session's calls and waits early.
+pub enum Stop {
+    /// The channel closes (its sender is dropped): stop at once.
+    Now(Receiver<()>),
+    /// The uploaders: once the channel closes, go on until the deadline (set before).
+    Drain { shutdown: Receiver<()>, deadline: Arc<OnceLock<Instant>> },
+}
+
+/// One request: `path` (and query) is below the token's server; `what` names it in logs;
+/// `until` is the caller's own deadline (a command's timeout), if any.
+pub struct Call<'a> {
+    pub path: &'a str,
+    pub request: Request<'a>,
+    pub what: &'a str,
+    pub until: Option<Instant>,
+}
+
+/// Why a call ended without the server taking the request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The server refused the request for good; `status` and `message` are its answer.
+    Refused { kind: Rejection, status: u16, message: String },
+    /// Shutdown, the shutdown deadline or the caller's deadline came first.
+    Stopped,
+}
+
+/// What the call loop does after one attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The call ends: the server took the request, or refused it in a way the caller acts on.
+    End(Result<Reply, Failure>),
+    /// The token was refused: ask for a new one, wait for it, resend.
+    Reauth,
+    /// A long-poll's hold ended: poll again at once.
+    Repoll,
+    /// Resend after `delay`. `down`: no answer; `wrong_url`: not about the request (404, 3xx …).
+    Resend { delay: Duration, why: String, down: bool, wrong_url: bool },
+}
+
+/// The decision after one attempt: [`http::classify`] read for `role`, with the backoff
+/// bounded by `retry` (read live by the caller) and `random` as its jitter.
+pub fn next_step(
+    role: Role,
+    result: Result<Reply, ureq::Error>,
+    now: SystemTime,
+    retry: &RetryConfig,
+    backoff: &mut Backoff,
+    random: u64,
+) -> Step {
+    backoff.set_limits(retry.initial, retry.max);
+    let outcome = http::classify(Attempt::of(&result, role == Role::Commands), now, retry.max);
+    let hands_back = |kind| match role {
+        Role::Events => matches!(kind, Rejection::Invalid | Rejection::TooLarge),
+        Role::Commands => false,
+        Role::Files => true,
+    };
+    let (delay, wrong_url, result) = match (outcome, result) {
+        (Outcome::Done, Ok(reply)) => return Step::End(Ok(reply)),
+        (Outcome::Reauth, _) => return Step::Reauth,
+        (Outcome::Retry { after: Some(d), .. }, _) if d.is_zero() && role == Role::Commands => {
+            backoff.reset();
+            return Step::Repoll;
+        }
+        (Outcome::Reject(kind), Ok(r)) if hands_back(kind) => {
+            return Step::End(Err(Failure::Refused { kind, status: r.status, message: r.message() }));
+        }
+        (Outcome::Retry { after, .. }, result) => {
+            (after.unwrap_or_else(|| backoff.next_delay_with(random)), false, result)
+        }
+        // A refusal the caller cannot act on: retry slowly and say what is wrong.
+        (_, result) => (backoff.next_delay_with(random).max(retry.max / 2), true, result),
+    };
+    let why = match &result {
+        Ok(r) => format!("{} {}", r.status, r.message()),
+        Err(e) => http::describe_transport(e),
+    };
+    Step::Resend { delay, why, down: result.is_err(), wrong_url }
+}
+
+/// One thread's way to the comms API; `agent` is this thread's own connection pool.
+pub struct Session {
+    pub agent: ureq::Agent,
+    pub cell: Arc<TokenCell>,
+    pub live: Arc<Live>,
+    pub stats: Arc<Stats>,
+    pub stop: Stop,
+    pub role: Role,
+}
+
+impl Session {
+    /// Sends `call` to the token's server until the server takes it (its reply), refuses
+    /// it for good, or a stop comes first.
+    pub fn call(&self, call: &Call<'_>) -> Result<Reply, Failure> {
+        let mut backoff = Backoff::new(Duration::ZERO, Duration::ZERO);
+        let mut refused = 0;
+        loop {
+            let token = self.token(refused, call.until).ok_or(Failure::Stopped)?;
+            let url = format!("{}{}", token.server, call.path);
+            // One request's bound (as the agent's), cut to what is left before a deadline.
+            let config = self.live.config();
+            let (server, commands) = (&config.server, self.role == Role::Commands);
+            let timeout = if commands { server.commands_timeout } else { server.request_timeout };
+            let left = self.end(call.until).map(|end| end.saturating_duration_since(Instant::now()));
+            let bound = left.map_or(timeout, |left| timeout.min(left).max(Duration::from_millis(1)));
+            let result = http::send(&self.agent, &url, Some(&token.bearer()), &call.request, Some(bound));
+            if result.is_err() && self.stopped(call.until) {
+                // Shutdown cut the request (or its deadline passed): not a failure to report.
+                return Err(Failure::Stopped);
+            }
+            match next_step(self.role, result, SystemTime::now(), &config.retry, &mut backoff, fastrand::u64(..)) {
+                Step::End(end) => {
+                    self.stats.connected.fetch_or(end.is_ok(), Relaxed);
+                    return end;
+                }
+                Step::Reauth => {
+                    self.count_resend(false);
+                    self.cell.refused(token.generation);
+                    refused = token.generation;
+                }
+                Step::Repoll => {}
+                Step::Resend { delay, why, down, wrong_url } => {
+                    self.stats.connected.fetch_and(!down, Relaxed);
+                    self.count_resend(!wrong_url);
+                    let (what, ms) = (call.what, delay.as_millis());
+                    if wrong_url {
+                        log::error!("{url} answered {why} ({what}); check server.url; retrying in {ms}ms");
+                    } else {
+                        log::warn!("{what} failed ({why}); retrying in {ms}ms");
+                    }
+                    self.stats.set_error(format!("{url}: {why}"));
+                    if !self.pause(delay, call.until) {
+                        return Err(Failure::Stopped);
+                    }
+                }
+            }
+        }
+    }
+
+    fn count_resend(&self, batch_failed: bool) {
+        if self.role == Role::Events {
+            Stats::add(&self.stats.retries, 1);
+            Stats::add(&self.stats.batches_failed, batch_failed as u64);
+        }
+    }
+
+    /// A token newer than `refused` (0: any token); after [`REAUTH_WAIT`] the current one
+    /// is tried again. `None`: stopped first.
+    fn token(&self, refused: u64, until: Option<Instant>) -> Option<Arc<Token>> {
+        let give_up = Instant::now() + REAUTH_WAIT;
+        while !self.stopped(until) {
+            match self.cell.wait_newer(refused, TOKEN_SLICE) {
+                None if refused == 0 || Instant::now() < give_up => {}
+                newer => return newer.or_else(|| self.cell.current()),
+            }
+        }
+        None
+    }
+
+    /// The earliest of the caller's deadline and (draining) the shutdown deadline.
+    fn end(&self, until: Option<Instant>) -> Option<Instant> {
+        let drain = if let Stop::Drain { deadline, .. } = &self.stop { deadline.get().copied() } else { None };
+        until.into_iter().chain(drain).min()
+    }
+
+    fn stopped(&self, until: Option<Instant>) -> bool {
+        let closed = matches!(&self.stop, Stop::Now(rx) if !matches!(rx.try_recv(), Err(TryRecvError::Empty)));
+        closed || self.end(until).is_some_and(|end| Instant::now() >= end)
+    }
+
+    /// Waits `d`, ended early by a stop; returns false when stopped.
+    pub fn pause(&self, d: Duration, until: Option<Instant>) -> bool {
+        let wake = Instant::now() + d;
+        let target = || self.end(until).map_or(wake, |end| end.min(wake));
+        let (Stop::Now(rx) | Stop::Drain { shutdown: rx, .. }) = &self.stop;
+        // Returns as soon as the channel closes; draining then waits on, up to the deadline.
+        let _ = rx.recv_deadline(target());
+        if let Stop::Drain { .. } = self.stop {
+            std::thread::sleep(target().saturating_duration_since(Instant::now()));
+        }
+        !self.stopped(until)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(status: u16, retry_after: Option<&str>) -> Result<Reply, ureq::Error> {
+        Ok(Reply { status, retry_after: retry_after.map(str::to_string), body: b"{\"message\":\"m\"}".to_vec() })
+    }
+
+    /// A step as text, so the table below stays readable.
+    fn shape(step: &Step) -> String {
+        match step {
+            Step::End(Ok(r)) => format!("done {}", r.status),
+            Step::End(Err(Failure::Refused { status, message, .. })) => format!("refused {status} {message}"),
+            Step::End(Err(Failure::Stopped)) => "stopped".into(),
+            Step::Reauth => "reauth".into(),
+            Step::Repoll => "repoll".into(),
+            Step::Resend { delay, down, wrong_url, .. } => {
+                let how = if *wrong_url {
+                    "slow"
+                } else if *down {
+                    "down"
+                } else {
+                    "resend"
+                };
+                format!("{how} {}ms", delay.as_millis())
+            }
+        }
+    }
+
+    #[test]
+    fn next_step_table() {
+        use Role::*;
+        let retry = RetryConfig { initial: Duration::from_secs(1), max: Duration::from_secs(60) };
+        let timeout = || Err(ureq::Error::Timeout(ureq::Timeout::Global));
+        let refused = || Err(ureq::Error::ConnectionFailed);
+        // `random` = u64::MAX: the backoff picks its ceiling (1 s on a first failure).
+        let table: Vec<(Role, Result<Reply, ureq::Error>, &str)> = vec![
+            (Events, reply(200, None), "done 200"),
+            (Events, reply(401, None), "reauth"),
+            (Events, reply(503, None), "resend 1000ms"),
+            (Events, reply(503, Some("2")), "resend 2000ms"),
+            (Events, reply(429, Some("3600")), "resend 60000ms"),
+            (Events, reply(408, None), "resend 0ms"),
+            (Events, refused(), "down 1000ms"),
+            (Events, timeout(), "down 1000ms"),
+            (Events, reply(400, None), "refused 400 m"),
+            (Events, reply(413, None), "refused 413 m"),
+            (Events, reply(404, None), "slow 30000ms"),
+            (Commands, reply(200, None), "done 200"),
+            (Commands, reply(403, None), "reauth"),
+            (Commands, reply(408, None), "repoll"),
+            (Commands, reply(429, Some("0")), "repoll"),
+            (Commands, timeout(), "repoll"),
+            (Commands, refused(), "down 1000ms"),
+            (Commands, reply(400, None), "slow 30000ms"),
+            (Commands, reply(404, None), "slow 30000ms"),
+            (Files, reply(404, None), "refused 404 m"),
+            (Files, reply(400, None), "refused 400 m"),
+            (Files, timeout(), "down 1000ms"),
+            (Files, reply(408, None), "resend 0ms"),
+        ];
+        for (role, result, want) in table {
+            let mut backoff = Backoff::new(Duration::ZERO, Duration::ZERO);
+            let step = next_step(role, result, SystemTime::now(), &retry, &mut backoff, u64::MAX);
+            assert_eq!(shape(&step), want, "{role:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_follows_live_limits_and_restarts_after_a_hold() {
+        let step = |backoff: &mut Backoff, retry: &RetryConfig, result| {
+            shape(&next_step(Role::Commands, result, SystemTime::now(), retry, backoff, u64::MAX))
+        };
+        let slow = RetryConfig { initial: Duration::from_secs(1), max: Duration::from_secs(60) };
+        let fast = RetryConfig { initial: Duration::from_millis(10), max: Duration::from_millis(40) };
+        let mut b = Backoff::new(slow.initial, slow.max);
+        let down = || Err(ureq::Error::ConnectionFailed);
+        assert_eq!(step(&mut b, &slow, down()), "down 1000ms");
+        assert_eq!(step(&mut b, &slow, down()), "down 2000ms");
+        // A live `retry.*` change applies to the very next failure.
+        assert_eq!(step(&mut b, &fast, down()), "down 40ms");
+        assert_eq!(step(&mut b, &fast, reply(408, None)), "repoll");
+        assert_eq!(step(&mut b, &slow, down()), "down 1000ms");
+    }
+
+    fn session(stop: Stop) -> Session {
+        let live = Live::new(crate::config::Config::defaults(), String::new());
+        let (agent, cell) = (ureq::Agent::new_with_defaults(), TokenCell::new().0);
+        Session { agent, cell, live, stats: Arc::new(Stats::default()), stop, role: Role::Events }
+    }
+
+    /// Runs `pause(60 s)` in a thread; its answer must come long before the minute is over.
+    fn pause_a_minute(s: Session, until: Option<Instant>) -> bool {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || tx.send(s.pause(Duration::from_secs(60), until)));
+        rx.recv_timeout(Duration::from_secs(10)).expect("the wait ended early")
+    }
+
+    #[test]
+    fn waits_end_at_shutdown_at_the_drain_deadline_and_at_the_callers_deadline() {
+        let (open_tx, open) = crossbeam_channel::bounded::<()>(0);
+        assert!(session(Stop::Now(open.clone())).pause(Duration::from_millis(1), None), "a short wait ends normally");
+        let soon = Some(Instant::now() + Duration::from_millis(100));
+        assert!(!pause_a_minute(session(Stop::Now(open.clone())), soon), "the caller's deadline");
+        let closed = crossbeam_channel::bounded::<()>(0).1;
+        assert!(!pause_a_minute(session(Stop::Now(closed.clone())), None), "shutdown");
+        // Draining: the closed channel alone does not stop the wait; the deadline does.
+        let deadline = Arc::new(OnceLock::new());
+        let draining = session(Stop::Drain { shutdown: closed, deadline: deadline.clone() });
+        deadline.set(Instant::now() + Duration::from_millis(200)).unwrap();
+        assert!(!draining.stopped(None));
+        assert!(!pause_a_minute(draining, None), "the shutdown deadline");
+        drop(open_tx);
+    }
+}
