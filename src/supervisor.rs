@@ -414,9 +414,9 @@ fn start_pipeline(
         deadline: deadline.clone(),
     };
     let link = QueueLink { batches: qbatch_rx, acks: ack_tx };
-    let (up, spill, batches) = (uploader(&upload_agent), append_tx.clone(), batch_rx.clone());
+    let (up, spill, batches) = (uploader(upload_agent), append_tx.clone(), batch_rx.clone());
     workers.spawn("upload-queue", move || uploader::run_queue(up, link, batches, spill))?;
-    let (up, spill, batches) = (uploader(&upload2_agent), append_tx.clone(), batch_rx.clone());
+    let (up, spill, batches) = (uploader(upload2_agent), append_tx.clone(), batch_rx.clone());
     workers.spawn("upload-stateless", move || uploader::run_stateless(up, batches, spill))?;
     // The uploaders hold the only receivers now: the batcher's send fails once both are gone.
     drop((pipeline_stop_rx, batch_rx));
