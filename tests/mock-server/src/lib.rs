@@ -571,14 +571,22 @@ struct Response {
     body: Vec<u8>,
     content_type: &'static str,
     extra: Vec<(String, String)>,
+    /// The handler recorded the request itself (see `record_locked`).
+    recorded: bool,
 }
 
 impl Response {
     fn json(status: u16, v: Value) -> Response {
-        Response { status, body: v.to_string().into_bytes(), content_type: "application/json", extra: Vec::new() }
+        Response {
+            status,
+            body: v.to_string().into_bytes(),
+            content_type: "application/json",
+            extra: Vec::new(),
+            recorded: false,
+        }
     }
     fn empty(status: u16) -> Response {
-        Response { status, body: Vec::new(), content_type: "application/json", extra: Vec::new() }
+        Response { status, body: Vec::new(), content_type: "application/json", extra: Vec::new(), recorded: false }
     }
     fn error(status: u16, message: &str) -> Response {
         Response::json(status, json!({"message": message, "code": status}))
@@ -777,7 +785,8 @@ fn serve(stream: &mut (impl Read + Write), state: &Arc<State>, stop: &AtomicBool
             record(state, api, &req, 0);
             return;
         };
-        if api != Api::Admin {
+        // The events endpoints record their own successes, together with the events.
+        if api != Api::Admin && !resp.recorded {
             record(state, api, &req, resp.status);
         }
         if write_response(stream, &resp, close).is_err() || close {
@@ -787,7 +796,14 @@ fn serve(stream: &mut (impl Read + Write), state: &Arc<State>, stop: &AtomicBool
 }
 
 fn record(state: &State, api: Api, req: &Request, status: u16) {
-    let mut st = state.lock();
+    record_locked(&mut state.lock(), api, req, status);
+    state.changed.notify_all();
+}
+
+/// Records a request under a lock the caller holds, so that what the request changed and
+/// the record of it become visible together (a test that waits for the events and then
+/// reads the request log must find the request there).
+fn record_locked(st: &mut Inner, api: Api, req: &Request, status: u16) {
     st.requests.push(RequestRecord {
         api: api.name(),
         method: req.method.clone(),
@@ -797,8 +813,6 @@ fn record(state: &State, api: Api, req: &Request, status: u16) {
         content_type: req.header("content-type").unwrap_or("").to_string(),
         at: Instant::now(),
     });
-    drop(st);
-    state.changed.notify_all();
 }
 
 fn handle_with_faults(state: &Arc<State>, api: Api, req: &Request) -> Option<Response> {
@@ -817,9 +831,13 @@ fn handle_with_faults(state: &Arc<State>, api: Api, req: &Request) -> Option<Res
     match fault {
         Some(FaultAction::Status { code, retry_after, body }) => {
             let mut r = match body {
-                Some(b) => {
-                    Response { status: code, body: b.into_bytes(), content_type: "application/json", extra: Vec::new() }
-                }
+                Some(b) => Response {
+                    status: code,
+                    body: b.into_bytes(),
+                    content_type: "application/json",
+                    extra: Vec::new(),
+                    recorded: false,
+                },
                 None => Response::error(code, "injected fault"),
             };
             if let Some(ra) = retry_after {
@@ -834,6 +852,7 @@ fn handle_with_faults(state: &Arc<State>, api: Api, req: &Request) -> Option<Res
                 body: b"\x00garbage{{".to_vec(),
                 content_type: "application/json",
                 extra: Vec::new(),
+                recorded: false,
             });
         }
         Some(FaultAction::Delay { ms }) => std::thread::sleep(Duration::from_millis(ms)),
@@ -1105,6 +1124,9 @@ fn events(state: &State, req: &Request, stateful: bool) -> Response {
         st.command_result_at.entry(id.clone()).or_insert_with(Instant::now);
         st.command_results.push((id, code, message));
     }
+    let mut resp = if stateful { Response::json(200, json!({"results": results})) } else { Response::empty(204) };
+    record_locked(&mut st, Api::Comms, req, resp.status);
+    resp.recorded = true;
     if stateful {
         st.stateful_count += parsed.len() as u64;
         if state.opts.keep_events {
@@ -1118,7 +1140,7 @@ fn events(state: &State, req: &Request, stateful: bool) -> Response {
     }
     drop(st);
     state.changed.notify_all();
-    if stateful { Response::json(200, json!({"results": results})) } else { Response::empty(204) }
+    resp
 }
 
 /// Parses an events body strictly (docs/protocol.md, Events): the agent line, then header/data lines.
@@ -1236,9 +1258,13 @@ fn files(state: &State, req: &Request) -> Response {
         return Response::error(400, "Invalid file_name");
     }
     match state.lock().files.get(name) {
-        Some(content) => {
-            Response { status: 200, body: content.clone(), content_type: "application/octet-stream", extra: Vec::new() }
-        }
+        Some(content) => Response {
+            status: 200,
+            body: content.clone(),
+            content_type: "application/octet-stream",
+            extra: Vec::new(),
+            recorded: false,
+        },
         None => Response::error(404, "File not found"),
     }
 }
