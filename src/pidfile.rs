@@ -8,30 +8,14 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Why the pid file could not be taken.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum PidError {
     /// Another agent holds the lock.
+    #[error("another agent is already running ({}{})", pid.map(|p| format!("pid {p}, ")).unwrap_or_default(), path.display())]
     Running { path: PathBuf, pid: Option<u32> },
     /// The file could not be opened, locked or written.
+    #[error("pid file {}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
-}
-
-impl std::fmt::Display for PidError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PidError::Running { path, pid: Some(pid) } => {
-                write!(f, "another agent is already running (pid {pid}, {})", path.display())
-            }
-            PidError::Running { path, pid: None } => write!(f, "another agent is already running ({})", path.display()),
-            PidError::Io { path, source } => write!(f, "pid file {}: {source}", path.display()),
-        }
-    }
-}
-
-impl std::error::Error for PidError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        if let PidError::Io { source, .. } = self { Some(source) } else { None }
-    }
 }
 
 /// The held pid file; removed when dropped (clean stop).
