@@ -200,15 +200,12 @@ impl Collector {
             return None;
         }
         self.warned.remove(path);
-        // Saved offsets always win, if the file is still the same one (and starts with the
-        // same bytes).
-        let same = |s: &&Saved| (s.dev, s.ino) == (meta.dev(), meta.ino()) && s.offset <= meta.len();
-        let resume = self.saved.get(path).filter(same).filter(|s| {
-            fingerprint(&mut file, s.fp_len).is_ok_and(|fp| fp == (s.fp_len, s.fp_crc))
-        });
-        let resume = resume.map(|s| s.offset);
-        let offset = match resume {
-            Some(o) => o,
+        // Saved offsets always win, if the file is still the same one: the same inode, long
+        // enough, and starting with the same bytes.
+        let fits = |s: &&Saved| (s.dev, s.ino) == (meta.dev(), meta.ino()) && s.offset <= meta.len();
+        let same = |s: &&Saved| fingerprint(&mut file, s.fp_len).is_ok_and(|fp| fp == (s.fp_len, s.fp_crc));
+        let offset = match self.saved.get(path).filter(fits).filter(same) {
+            Some(s) => s.offset,
             None if self.first_scan && self.start_for(path) == Start::End => meta.len(),
             None => 0,
         };
@@ -237,8 +234,7 @@ impl Collector {
             if !self.read_file(&path, send) {
                 return false;
             }
-            let draining = self.followed.get(&path).is_some_and(|f| f.draining);
-            if draining {
+            if self.followed.get(&path).is_some_and(|f| f.draining) {
                 // The old file is done: follow the new one (if any) from its start.
                 self.followed.remove(&path);
                 self.saved.remove(&path);
@@ -266,23 +262,24 @@ impl Collector {
         let path_json = json_string(path);
         let created = status::rfc3339(SystemTime::now());
         // Events go out in chunks as they are made: bounded memory, early backpressure.
+        // `emit(None)` hands over what is left. False: the pipeline is gone.
         let mut chunk: Vec<Event> = Vec::with_capacity(CHUNK);
-        let mut emit = |line: &[u8], chunk: &mut Vec<Event>| -> bool {
-            chunk.push(line_event(&path_json, &created, line, max));
-            if chunk.len() < CHUNK {
+        let mut emit = |line: Option<&[u8]>| -> bool {
+            chunk.extend(line.map(|l| line_event(&path_json, &created, l, max)));
+            if chunk.is_empty() || (line.is_some() && chunk.len() < CHUNK) {
                 return true;
             }
             let n = chunk.len() as u64;
-            if !send(std::mem::replace(chunk, Vec::with_capacity(CHUNK))) {
-                return false;
+            let taken = send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
+            if taken {
+                Stats::add(&stats.received, n);
             }
-            Stats::add(&stats.received, n);
-            true
+            taken
         };
         if len < f.offset {
             // Truncated in place (copytruncate): the unfinished line goes out as it is.
             log::info!("logcollector: {path} was truncated; reading it again from the start");
-            if !f.partial.is_empty() && !emit(&std::mem::take(&mut f.partial), &mut chunk) {
+            if !f.partial.is_empty() && !emit(Some(&std::mem::take(&mut f.partial))) {
                 return false;
             }
             f.offset = 0;
@@ -300,35 +297,29 @@ impl Collector {
                     f.offset += (buf.len() - before) as u64;
                 }
             }
-            let Some(used) = for_each_line(&buf, |line| emit(line, &mut chunk)) else { return false };
+            let Some(used) = for_each_line(&buf, |line| emit(Some(line))) else { return false };
             buf.drain(..used);
             // An unfinished line longer than the limit cannot wait for ever.
             if buf.len() > max {
-                if !emit(&buf, &mut chunk) {
+                if !emit(Some(&buf)) {
                     return false;
                 }
                 buf.clear();
             }
             f.partial = buf;
         }
-        if f.draining && !f.partial.is_empty() {
-            // Rotated away: the last line will not be finished any more.
-            if !emit(&std::mem::take(&mut f.partial), &mut chunk) {
-                return false;
-            }
+        // Rotated away: the last line will not be finished any more.
+        if f.draining && !f.partial.is_empty() && !emit(Some(&std::mem::take(&mut f.partial))) {
+            return false;
         }
-        if !chunk.is_empty() {
-            let n = chunk.len() as u64;
-            if !send(chunk) {
-                return false;
-            }
-            Stats::add(&stats.received, n);
+        if !emit(None) {
+            return false;
         }
         let (dev, ino, offset) = (f.dev, f.ino, f.offset - f.partial.len() as u64);
         // Saved only now that the pipeline took the lines before this offset.
-        let unchanged = self.saved.get(path).is_some_and(|s| {
-            (s.dev, s.ino, s.offset, s.fp_len) == (dev, ino, offset, FINGERPRINT_BYTES)
-        });
+        let old = self.saved.get(path);
+        let unchanged =
+            old.is_some_and(|s| (s.dev, s.ino, s.offset, s.fp_len) == (dev, ino, offset, FINGERPRINT_BYTES));
         if !unchanged && !f.draining {
             let (fp_len, fp_crc) = fingerprint(&mut f.file, FINGERPRINT_BYTES).unwrap_or((0, 0));
             self.saved.insert(path.to_string(), Saved { dev, ino, offset, fp_len, fp_crc });

@@ -47,17 +47,13 @@ fn read(root: &Path, rel: &str) -> Option<String> {
 // ---------------------------------------------------------------------------- system
 
 pub fn collect_system(root: &Path) -> Result<Vec<Doc>, Unreadable> {
-    let osr = match source(root, "etc/os-release")? {
-        None => source(root, "usr/lib/os-release")?,
-        found => found,
-    };
+    // The first of two sources that exists.
+    let first = |rels: [&str; 2]| rels.iter().find_map(|r| source(root, r).transpose()).transpose();
+    let osr = first(["etc/os-release", "usr/lib/os-release"])?;
     let fields = osr.as_deref().map(crate::host::parse_os_release).unwrap_or_default();
     let get = |k: &str| fields.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).filter(|v| !v.is_empty());
     let kernel = source(root, "proc/sys/kernel/osrelease")?.map(|s| s.trim().to_string());
-    let hostname = match source(root, "proc/sys/kernel/hostname")? {
-        None => source(root, "etc/hostname")?,
-        found => found,
-    };
+    let hostname = first(["proc/sys/kernel/hostname", "etc/hostname"])?;
     let hostname = hostname.map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
     let name = get("NAME").unwrap_or_else(|| "Linux".into());
     let doc = json!({"host": {
@@ -193,7 +189,9 @@ pub fn parse_apk(text: &str) -> Vec<Doc> {
 pub fn collect_packages(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     let mut out = Vec::new();
     let opkg = if root.join("usr/lib/opkg").exists() { "usr/lib/opkg" } else { "var/lib/opkg" };
-    for (dir, db, format) in [("var/lib/dpkg", "status", "deb"), ("lib/apk/db", "installed", "apk"), (opkg, "status", "ipk")] {
+    for (dir, db, format) in
+        [("var/lib/dpkg", "status", "deb"), ("lib/apk/db", "installed", "apk"), (opkg, "status", "ipk")]
+    {
         let (dir, path) = (root.join(dir), root.join(dir).join(db));
         if !dir.try_exists().map_err(|source| Unreadable { path: dir, source })? {
             continue;

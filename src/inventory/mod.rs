@@ -159,27 +159,12 @@ fn noun(collector: &str) -> (&'static str, &'static str) {
 
 fn describe(s: &Stored) -> String {
     let v = s.value();
+    let text = |pointer| v.pointer(pointer).and_then(Value::as_str).unwrap_or("?");
     match s.collector.as_str() {
-        "packages" => format!(
-            "{} ({})",
-            v["package"]["name"].as_str().unwrap_or("?"),
-            v["package"]["version"].as_str().unwrap_or("?")
-        ),
-        "ports" => format!(
-            "{}/{}",
-            v["network"]["protocol"].as_str().unwrap_or("?"),
-            v["source"]["port"].as_u64().unwrap_or(0)
-        ),
-        "networks" => format!(
-            "{} {}",
-            v["observer"]["ingress"]["interface"]["name"].as_str().unwrap_or("?"),
-            v["host"]["ip"][0].as_str().unwrap_or("?")
-        ),
-        "processes" => format!(
-            "{} ({})",
-            v["process"]["name"].as_str().unwrap_or("?"),
-            v["process"]["pid"].as_str().unwrap_or("?")
-        ),
+        "packages" => format!("{} ({})", text("/package/name"), text("/package/version")),
+        "ports" => format!("{}/{}", text("/network/protocol"), v["source"]["port"].as_u64().unwrap_or(0)),
+        "networks" => format!("{} {}", text("/observer/ingress/interface/name"), text("/host/ip/0")),
+        "processes" => format!("{} ({})", text("/process/name"), text("/process/pid")),
         "hardware" => "hardware".into(),
         _ => v["host"]["os"]["name"].as_str().unwrap_or("system").to_string(),
     }
@@ -273,9 +258,8 @@ pub fn scan(root: &Path, enabled: &[String], uuid: &str) -> (BTreeMap<String, St
             _ => continue,
         };
         match found {
-            Ok(found) => docs.extend(
-                found.into_iter().map(|d| (doc_id(uuid, &d.key), Stored { collector: c.clone(), doc: d.doc })),
-            ),
+            Ok(found) => docs
+                .extend(found.into_iter().map(|d| (doc_id(uuid, &d.key), Stored { collector: c.clone(), doc: d.doc }))),
             Err(e) => failed.push((c.clone(), e)),
         }
     }
@@ -296,73 +280,61 @@ pub enum ScanError {
     Save(PathBuf, #[source] io::Error),
 }
 
-struct Inventory {
-    config: InventoryConfig,
-    ctx: Context,
-}
-
-impl Inventory {
-    fn load(&self) -> Option<Snapshot> {
-        let s: Snapshot = serde_json::from_slice(&std::fs::read(&self.ctx.state).ok()?).ok()?;
-        // A new registration is a new agent on the server: resync everything.
-        (s.uuid == self.ctx.uuid).then_some(s)
+/// One scan and its delivery. Returns a line for the log.
+fn scan_once(config: &InventoryConfig, ctx: &Context) -> Result<String, ScanError> {
+    let started = std::time::Instant::now();
+    let saved = std::fs::read(&ctx.state).ok().and_then(|b| serde_json::from_slice::<Snapshot>(&b).ok());
+    // A new registration is a new agent on the server: resync everything.
+    let previous = saved.filter(|s| s.uuid == ctx.uuid);
+    let first = previous.is_none();
+    let old = previous.map(|s| s.docs).unwrap_or_default();
+    let (found, failed) = scan(&config.root, &config.collectors, &ctx.uuid);
+    let scan_ms = started.elapsed().as_millis();
+    for (collector, e) in &failed {
+        let line = format!("inventory: {collector}: {e}; its previous documents are kept");
+        log::warn!("{line}");
+        ctx.stats.set_error(line);
     }
-
-    /// One scan and its delivery. Returns a line for the log.
-    fn scan_once(&self) -> Result<String, ScanError> {
-        let (ctx, started) = (&self.ctx, std::time::Instant::now());
-        let previous = self.load();
-        let first = previous.is_none();
-        let old = previous.map(|s| s.docs).unwrap_or_default();
-        let (found, failed) = scan(&self.config.root, &self.config.collectors, &ctx.uuid);
-        let scan_ms = started.elapsed().as_millis();
-        for (collector, e) in &failed {
-            let line = format!("inventory: {collector}: {e}; its previous documents are kept");
-            log::warn!("{line}");
-            ctx.stats.set_error(line);
+    let new = merge(&old, found, &failed.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>());
+    let changes = diff(&old, &new);
+    let now = status::rfc3339(SystemTime::now());
+    let events = stateful_events(&changes, &now);
+    for chunk in events.chunks(APPEND_CHUNK) {
+        let r = ctx.durable.append(chunk.to_vec()).map_err(ScanError::Sink)?;
+        if !r.all_stored(chunk.len()) {
+            return Err(ScanError::NotQueued(r.error));
         }
-        let new = merge(&old, found, &failed.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>());
-        let changes = diff(&old, &new);
-        let now = status::rfc3339(SystemTime::now());
-        let events = stateful_events(&changes, &now);
-        for chunk in events.chunks(APPEND_CHUNK) {
-            let r = ctx.durable.append(chunk.to_vec()).map_err(ScanError::Sink)?;
-            if !r.all_stored(chunk.len()) {
-                return Err(ScanError::NotQueued(r.error));
-            }
-            Stats::add(&ctx.stats.received, chunk.len() as u64);
-        }
-        if !first {
-            let notes = notifications(&changes, &now);
-            for chunk in notes.chunks(512) {
-                ctx.events.send(chunk.to_vec()).map_err(ScanError::Sink)?;
-            }
-            Stats::add(&ctx.stats.received, notes.len() as u64);
-        }
-        // Durable events first, snapshot second: a crash in between means a resend.
-        let snapshot = Snapshot { uuid: ctx.uuid.clone(), docs: new };
-        let save = |e| ScanError::Save(ctx.state.clone(), e);
-        let json = serde_json::to_vec(&snapshot).map_err(|e| save(e.into()))?;
-        crate::fsutil::write_atomic(&ctx.state, &json, 0o600).map_err(save)?;
-        let count = |k: fn(&Change) -> bool| changes.iter().filter(|c| k(c)).count();
-        Ok(format!(
-            "inventory: {} documents (scan {scan_ms} ms); {} created, {} updated, {} deleted{}",
-            snapshot.docs.len(),
-            count(|c| matches!(c, Change::Create { .. })),
-            count(|c| matches!(c, Change::Update { .. })),
-            count(|c| matches!(c, Change::Delete { .. })),
-            if first { " (first scan: no notifications)" } else { "" }
-        ))
+        Stats::add(&ctx.stats.received, chunk.len() as u64);
     }
+    if !first {
+        let notes = notifications(&changes, &now);
+        for chunk in notes.chunks(512) {
+            ctx.events.send(chunk.to_vec()).map_err(ScanError::Sink)?;
+        }
+        Stats::add(&ctx.stats.received, notes.len() as u64);
+    }
+    // Durable events first, snapshot second: a crash in between means a resend.
+    let snapshot = Snapshot { uuid: ctx.uuid.clone(), docs: new };
+    let save = |e| ScanError::Save(ctx.state.clone(), e);
+    let json = serde_json::to_vec(&snapshot).map_err(|e| save(e.into()))?;
+    crate::fsutil::write_atomic(&ctx.state, &json, 0o600).map_err(save)?;
+    let count = |k: fn(&Change) -> bool| changes.iter().filter(|c| k(c)).count();
+    Ok(format!(
+        "inventory: {} documents (scan {scan_ms} ms); {} created, {} updated, {} deleted{}",
+        snapshot.docs.len(),
+        count(|c| matches!(c, Change::Create { .. })),
+        count(|c| matches!(c, Change::Update { .. })),
+        count(|c| matches!(c, Change::Delete { .. })),
+        if first { " (first scan: no notifications)" } else { "" }
+    ))
 }
 
 fn run(config: Config, ctx: Context) {
     // Scans are background work on a small host. Best effort: at normal priority a scan is
     // still correct.
     let _ = crate::sys::set_thread_nice(10);
-    let inv = Inventory { config: config.inventory, ctx };
     loop {
-        match inv.scan_once() {
+        match scan_once(&config.inventory, &ctx) {
             Ok(line) => log::info!("{line}"),
             Err(ScanError::Sink(SinkError::Stopped)) => break,
             Err(e) => log::warn!("{e}"),
@@ -370,8 +342,8 @@ fn run(config: Config, ctx: Context) {
         // A scan allocates and frees a lot at once; give it back to the system until the next.
         crate::memory::release_free();
         select! {
-            recv(inv.ctx.stop) -> _ => break,
-            default(inv.config.interval) => {}
+            recv(ctx.stop) -> _ => break,
+            default(config.inventory.interval) => {}
         }
     }
 }
