@@ -10,6 +10,7 @@
 //! were handed to the pipeline; a restart continues there.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
@@ -59,10 +60,8 @@ pub struct Saved {
 pub fn for_each_line(buf: &[u8], mut f: impl FnMut(&[u8]) -> bool) -> Option<usize> {
     let mut start = 0;
     while let Some(i) = buf[start..].iter().position(|b| *b == b'\n') {
-        let mut line = &buf[start..start + i];
-        if line.last() == Some(&b'\r') {
-            line = &line[..line.len() - 1];
-        }
+        let line = &buf[start..start + i];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
         if !line.is_empty() && !f(line) {
             return None;
         }
@@ -80,27 +79,21 @@ fn json_string(s: &str) -> String {
 /// RFC 3339, both rendered once per poll, not once per line.
 fn line_event(path_json: &str, created: &str, line: &[u8], max: usize) -> Event {
     let text = String::from_utf8_lossy(line);
-    let (original, truncated) = if text.len() > max {
+    let (original, tags) = if text.len() > max {
         let mut cut = max;
         while !text.is_char_boundary(cut) {
             cut -= 1;
         }
-        (&text[..cut], true)
+        (json_string(&text[..cut]), r#","tags":["truncated"]"#)
     } else {
-        (&text[..], false)
+        (json_string(&text), "")
     };
     let mut data = String::with_capacity(original.len() + path_json.len() + 96);
-    data.push_str(r#"{"event":{"created":""#);
-    data.push_str(created);
-    data.push_str(r#"","original":"#);
-    data.push_str(&json_string(original));
-    data.push_str(r#"},"log":{"file":{"path":"#);
-    data.push_str(path_json);
-    data.push_str("}}");
-    if truncated {
-        data.push_str(r#","tags":["truncated"]"#);
-    }
-    data.push('}');
+    // Writing to a String cannot fail.
+    let _ = write!(
+        data,
+        r#"{{"event":{{"created":"{created}","original":{original}}},"log":{{"file":{{"path":{path_json}}}}}{tags}}}"#
+    );
     Event::new(Kind::Stateless, r#"{"module":"logcollector","collector":"file"}"#, Some(&data))
 }
 
