@@ -252,14 +252,10 @@ fn socket_owners(root: &Path) -> HashMap<u64, (u32, String)> {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
         let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else { continue };
         let name = std::fs::read_to_string(p.path().join("comm")).map(|s| s.trim().to_string()).unwrap_or_default();
-        for fd in fds.flatten() {
-            if let Ok(target) = std::fs::read_link(fd.path()) {
-                let t = target.to_string_lossy();
-                if let Some(inode) =
-                    t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')).and_then(|n| n.parse().ok())
-                {
-                    out.entry(inode).or_insert((pid, name.clone()));
-                }
+        for target in fds.flatten().filter_map(|fd| std::fs::read_link(fd.path()).ok()) {
+            let t = target.to_string_lossy();
+            if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')?.parse().ok()) {
+                out.entry(inode).or_insert((pid, name.clone()));
             }
         }
     }
@@ -382,14 +378,9 @@ pub fn collect_processes(root: &Path) -> Result<Vec<Doc>, Unreadable> {
         let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
         let ppid: Option<u64> = rest.get(1).and_then(|v| v.parse().ok());
         let start = rest.get(19).and_then(|v| v.parse::<u64>().ok()).and_then(|t| boot.map(|b| b + t / hz));
-        let args: Vec<String> = std::fs::read(p.path().join("cmdline"))
-            .map(|b| {
-                b.split(|c| *c == 0)
-                    .filter(|a| !a.is_empty())
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let cmdline =
+            String::from_utf8_lossy(&std::fs::read(p.path().join("cmdline")).unwrap_or_default()).into_owned();
+        let args: Vec<&str> = cmdline.split('\0').filter(|a| !a.is_empty()).collect();
         let uid = std::fs::read_to_string(p.path().join("status")).ok().and_then(|s| {
             s.lines().find_map(|l| l.strip_prefix("Uid:").and_then(|v| v.split_whitespace().next().map(str::to_string)))
         });

@@ -174,10 +174,8 @@ fn notification(collector: &str, action: &str, kind: &str, reason: String, doc: 
     let (_, category) = noun(collector);
     let mut data = doc.value();
     if let Some(o) = data.as_object_mut() {
-        o.insert(
-            "event".into(),
-            json!({"action": action, "category": [category], "type": [kind], "created": now, "reason": reason}),
-        );
+        let event = json!({"action": action, "category": [category], "type": [kind], "created": now, "reason": reason});
+        o.insert("event".into(), event);
     }
     let header = json!({"collector": collector, "module": "inventory"}).to_string();
     Event::new(Kind::Stateless, &header, Some(&data.to_string()))
@@ -194,6 +192,7 @@ pub fn notifications(changes: &[Change], now: &str) -> Vec<Event> {
             v["package"]["architecture"].as_str().unwrap_or("").to_string(),
         )
     };
+    let version = |s: &Stored| s.value()["package"]["version"].as_str().unwrap_or("?").to_string();
     let mut removed: HashMap<(String, String), &Stored> = HashMap::new();
     for c in changes {
         if let Change::Delete { old, .. } = c {
@@ -215,12 +214,7 @@ pub fn notifications(changes: &[Change], now: &str) -> Vec<Event> {
             Change::Create { new, .. } if new.collector == "packages" => {
                 let k = pkg_key(new);
                 if let Some(old) = removed.get(&k) {
-                    let reason = format!(
-                        "Package {} was updated from {} to {}",
-                        k.0,
-                        old.value()["package"]["version"].as_str().unwrap_or("?"),
-                        new.value()["package"]["version"].as_str().unwrap_or("?")
-                    );
+                    let reason = format!("Package {} was updated from {} to {}", k.0, version(old), version(new));
                     out.push(notification("packages", "package-updated", "change", reason, new, now));
                     paired.push(k);
                 } else {
