@@ -6,7 +6,8 @@
 //! only after its events are durable in the queue, so a crash means a resend, never a
 //! loss. Counters that move on every scan (free memory, interface byte counts, socket
 //! queues) are left out when documents are compared, so they do not turn every scan into
-//! updates; they are refreshed whenever a document changes for another reason.
+//! updates; they are refreshed whenever a document changes for another reason. A collector
+//! that cannot read its source keeps its previous documents (docs/events.md, "Failed collectors").
 
 pub mod collectors;
 
