@@ -69,13 +69,7 @@ pub fn parse_os_release(text: &str) -> Vec<(String, String)> {
             }
             let (k, v) = line.split_once('=')?;
             let v = v.trim();
-            let v = if v.len() >= 2
-                && ((v.starts_with('"') && v.ends_with('"')) || (v.starts_with('\'') && v.ends_with('\'')))
-            {
-                &v[1..v.len() - 1]
-            } else {
-                v
-            };
+            let v = ['"', '\''].iter().find_map(|q| v.strip_prefix(*q)?.strip_suffix(*q)).unwrap_or(v);
             Some((k.trim().to_string(), v.replace("\\\"", "\"").replace("\\\\", "\\")))
         })
         .collect()
@@ -84,8 +78,7 @@ pub fn parse_os_release(text: &str) -> Vec<(String, String)> {
 /// Addresses of interfaces that are up, loopback and IPv6 link-local excluded.
 /// Falls back to the loopback addresses when nothing else is up, so the list is never empty.
 fn interface_addresses() -> Vec<String> {
-    let mut out: Vec<IpAddr> = Vec::new();
-    let mut loopback: Vec<IpAddr> = Vec::new();
+    let (mut out, mut loopback): (Vec<IpAddr>, Vec<IpAddr>) = (Vec::new(), Vec::new());
     for addr in sys::interfaces().unwrap_or_default().into_iter().filter(|i| i.up).map(|i| i.addr) {
         let link_local_v6 = matches!(addr, IpAddr::V6(a) if (a.segments()[0] & 0xffc0) == 0xfe80);
         if addr.is_loopback() {
@@ -94,13 +87,8 @@ fn interface_addresses() -> Vec<String> {
             out.push(addr);
         }
     }
-    if out.is_empty() {
-        out = loopback;
-    }
-    if out.is_empty() {
-        return vec!["127.0.0.1".into()];
-    }
-    out.iter().map(|a| a.to_string()).collect()
+    let out = if out.is_empty() { loopback } else { out };
+    if out.is_empty() { vec!["127.0.0.1".into()] } else { out.iter().map(|a| a.to_string()).collect() }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! were handed to the pipeline; a restart continues there.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
@@ -59,10 +60,8 @@ pub struct Saved {
 pub fn for_each_line(buf: &[u8], mut f: impl FnMut(&[u8]) -> bool) -> Option<usize> {
     let mut start = 0;
     while let Some(i) = buf[start..].iter().position(|b| *b == b'\n') {
-        let mut line = &buf[start..start + i];
-        if line.last() == Some(&b'\r') {
-            line = &line[..line.len() - 1];
-        }
+        let line = &buf[start..start + i];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
         if !line.is_empty() && !f(line) {
             return None;
         }
@@ -71,56 +70,39 @@ pub fn for_each_line(buf: &[u8], mut f: impl FnMut(&[u8]) -> bool) -> Option<usi
     Some(start)
 }
 
-/// Builds the event for one line (pure apart from the clock passed in).
-pub fn line_event(path: &str, line: &[u8], max: usize, now: SystemTime) -> Event {
-    line_event_with(&json_string(path), &status::rfc3339(now), line, max)
-}
-
 fn json_string(s: &str) -> String {
     // Serialising a str cannot fail.
     serde_json::to_string(s).unwrap_or_default()
 }
 
-/// As [`line_event`], with the path and the time already rendered as JSON strings parts
-/// (once per poll, not once per line).
-fn line_event_with(path_json: &str, created: &str, line: &[u8], max: usize) -> Event {
+/// Builds the event for one line (pure), with the path as a JSON string and the time as
+/// RFC 3339, both rendered once per poll, not once per line.
+fn line_event(path_json: &str, created: &str, line: &[u8], max: usize) -> Event {
     let text = String::from_utf8_lossy(line);
-    let (original, truncated) = if text.len() > max {
+    let (original, tags) = if text.len() > max {
         let mut cut = max;
         while !text.is_char_boundary(cut) {
             cut -= 1;
         }
-        (&text[..cut], true)
+        (json_string(&text[..cut]), r#","tags":["truncated"]"#)
     } else {
-        (&text[..], false)
+        (json_string(&text), "")
     };
     let mut data = String::with_capacity(original.len() + path_json.len() + 96);
-    data.push_str(r#"{"event":{"created":""#);
-    data.push_str(created);
-    data.push_str(r#"","original":"#);
-    data.push_str(&json_string(original));
-    data.push_str(r#"},"log":{"file":{"path":"#);
-    data.push_str(path_json);
-    data.push_str("}}");
-    if truncated {
-        data.push_str(r#","tags":["truncated"]"#);
-    }
-    data.push('}');
+    // Writing to a String cannot fail.
+    let _ = write!(
+        data,
+        r#"{{"event":{{"created":"{created}","original":{original}}},"log":{{"file":{{"path":{path_json}}}}}{tags}}}"#
+    );
     Event::new(Kind::Stateless, r#"{"module":"logcollector","collector":"file"}"#, Some(&data))
 }
 
-fn fingerprint(file: &mut File) -> std::io::Result<(usize, u32)> {
-    let mut buf = [0u8; FINGERPRINT_BYTES];
+/// The length and CRC-32 of the file's first `len` bytes (fewer if it is shorter).
+fn fingerprint(file: &mut File, len: usize) -> std::io::Result<(usize, u32)> {
+    let mut buf = Vec::with_capacity(len);
     file.seek(SeekFrom::Start(0))?;
-    let mut n = 0;
-    while n < buf.len() {
-        let r = file.read(&mut buf[n..])?;
-        if r == 0 {
-            break;
-        }
-        n += r;
-    }
-    Ok((n, crc32fast::hash(&buf[..n])))
+    file.take(len as u64).read_to_end(&mut buf)?;
+    Ok((buf.len(), crc32fast::hash(&buf)))
 }
 
 /// One followed file.
@@ -165,19 +147,13 @@ impl Collector {
 
     fn expand(&self) -> Vec<String> {
         let mut paths = Vec::new();
-        for spec in &self.config.files {
-            let pattern = &spec.pattern;
+        for pattern in self.config.files.iter().map(|f| &f.pattern) {
             if !pattern.contains(['*', '?', '[']) {
                 paths.push(pattern.clone());
                 continue;
             }
-            if let Ok(found) = glob::glob(pattern) {
-                for p in found.flatten() {
-                    if p.is_file() {
-                        paths.push(p.to_string_lossy().into_owned());
-                    }
-                }
-            }
+            let found = glob::glob(pattern).into_iter().flatten().flatten().filter(|p| p.is_file());
+            paths.extend(found.map(|p| p.to_string_lossy().into_owned()));
         }
         paths.sort();
         paths.dedup();
@@ -217,16 +193,12 @@ impl Collector {
             return None;
         }
         self.warned.remove(path);
-        // Saved offsets always win, if the file is still the same one.
-        let resume = self
-            .saved
-            .get(path)
-            .filter(|s| {
-                s.dev == meta.dev() && s.ino == meta.ino() && s.offset <= meta.len() && same_prefix(&mut file, s)
-            })
-            .map(|s| s.offset);
-        let offset = match resume {
-            Some(o) => o,
+        // Saved offsets always win, if the file is still the same one: the same inode, long
+        // enough, and starting with the same bytes.
+        let fits = |s: &&Saved| (s.dev, s.ino) == (meta.dev(), meta.ino()) && s.offset <= meta.len();
+        let same = |s: &&Saved| fingerprint(&mut file, s.fp_len).is_ok_and(|fp| fp == (s.fp_len, s.fp_crc));
+        let offset = match self.saved.get(path).filter(fits).filter(same) {
+            Some(s) => s.offset,
             None if self.first_scan && self.start_for(path) == Start::End => meta.len(),
             None => 0,
         };
@@ -239,36 +211,23 @@ impl Collector {
         self.more = false;
         let paths = self.expand();
         for path in &paths {
-            let current = std::fs::metadata(path).ok();
-            let rotated = match (self.followed.get(path), &current) {
-                (Some(f), Some(m)) => f.dev != m.dev() || f.ino != m.ino(),
-                (Some(_), None) => true,
-                (None, _) => false,
-            };
-            if rotated {
-                if let Some(f) = self.followed.get_mut(path) {
-                    f.draining = true;
-                }
-            }
-            if !self.followed.contains_key(path) {
-                if let Some(f) = self.open(path) {
-                    self.followed.insert(path.clone(), f);
-                }
+            if let Some(f) = self.followed.get_mut(path) {
+                // The path names another file now (rotation) or nothing (deletion).
+                f.draining |= std::fs::metadata(path).map_or(true, |m| (m.dev(), m.ino()) != (f.dev, f.ino));
+            } else if let Some(f) = self.open(path) {
+                self.followed.insert(path.clone(), f);
             }
         }
         // Paths no pattern matches any more (deleted by a glob's view) drain too.
         for (path, f) in self.followed.iter_mut() {
-            if !paths.contains(path) {
-                f.draining = true;
-            }
+            f.draining |= !paths.contains(path);
         }
         let keys: Vec<String> = self.followed.keys().cloned().collect();
         for path in keys {
             if !self.read_file(&path, send) {
                 return false;
             }
-            let draining = self.followed.get(&path).is_some_and(|f| f.draining);
-            if draining {
+            if self.followed.get(&path).is_some_and(|f| f.draining) {
                 // The old file is done: follow the new one (if any) from its start.
                 self.followed.remove(&path);
                 self.saved.remove(&path);
@@ -292,30 +251,28 @@ impl Collector {
         let max = self.config.max_line_bytes;
         let stats = &self.stats;
         let Some(f) = self.followed.get_mut(path) else { return true };
-        let len = match f.file.metadata() {
-            Ok(m) => m.len(),
-            Err(_) => return true,
-        };
+        let Ok(len) = f.file.metadata().map(|m| m.len()) else { return true };
         let path_json = json_string(path);
         let created = status::rfc3339(SystemTime::now());
         // Events go out in chunks as they are made: bounded memory, early backpressure.
+        // `emit(None)` hands over what is left. False: the pipeline is gone.
         let mut chunk: Vec<Event> = Vec::with_capacity(CHUNK);
-        let mut emit = |line: &[u8], chunk: &mut Vec<Event>| -> bool {
-            chunk.push(line_event_with(&path_json, &created, line, max));
-            if chunk.len() < CHUNK {
+        let mut emit = |line: Option<&[u8]>| -> bool {
+            chunk.extend(line.map(|l| line_event(&path_json, &created, l, max)));
+            if chunk.is_empty() || (line.is_some() && chunk.len() < CHUNK) {
                 return true;
             }
             let n = chunk.len() as u64;
-            if !send(std::mem::replace(chunk, Vec::with_capacity(CHUNK))) {
-                return false;
+            let taken = send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
+            if taken {
+                Stats::add(&stats.received, n);
             }
-            Stats::add(&stats.received, n);
-            true
+            taken
         };
         if len < f.offset {
             // Truncated in place (copytruncate): the unfinished line goes out as it is.
             log::info!("logcollector: {path} was truncated; reading it again from the start");
-            if !f.partial.is_empty() && !emit(&std::mem::take(&mut f.partial), &mut chunk) {
+            if !f.partial.is_empty() && !emit(Some(&std::mem::take(&mut f.partial))) {
                 return false;
             }
             f.offset = 0;
@@ -333,50 +290,39 @@ impl Collector {
                     f.offset += (buf.len() - before) as u64;
                 }
             }
-            let Some(used) = for_each_line(&buf, |line| emit(line, &mut chunk)) else { return false };
+            let Some(used) = for_each_line(&buf, |line| emit(Some(line))) else { return false };
             buf.drain(..used);
             // An unfinished line longer than the limit cannot wait for ever.
             if buf.len() > max {
-                if !emit(&buf, &mut chunk) {
+                if !emit(Some(&buf)) {
                     return false;
                 }
                 buf.clear();
             }
             f.partial = buf;
         }
-        if f.draining && !f.partial.is_empty() {
-            // Rotated away: the last line will not be finished any more.
-            if !emit(&std::mem::take(&mut f.partial), &mut chunk) {
-                return false;
-            }
+        // Rotated away: the last line will not be finished any more.
+        if f.draining && !f.partial.is_empty() && !emit(Some(&std::mem::take(&mut f.partial))) {
+            return false;
         }
-        if !chunk.is_empty() {
-            let n = chunk.len() as u64;
-            if !send(chunk) {
-                return false;
-            }
-            Stats::add(&stats.received, n);
+        if !emit(None) {
+            return false;
         }
-        let offset = f.offset - f.partial.len() as u64;
-        let (dev, ino) = (f.dev, f.ino);
+        let (dev, ino, offset) = (f.dev, f.ino, f.offset - f.partial.len() as u64);
         // Saved only now that the pipeline took the lines before this offset.
-        let unchanged = self
-            .saved
-            .get(path)
-            .is_some_and(|s| s.dev == dev && s.ino == ino && s.offset == offset && s.fp_len == FINGERPRINT_BYTES);
-        if !unchanged && !self.followed.get(path).is_some_and(|f| f.draining) {
-            let fp = self.followed.get_mut(path).and_then(|f| fingerprint(&mut f.file).ok()).unwrap_or((0, 0));
-            self.saved.insert(path.to_string(), Saved { dev, ino, offset, fp_len: fp.0, fp_crc: fp.1 });
+        let old = self.saved.get(path);
+        let unchanged =
+            old.is_some_and(|s| (s.dev, s.ino, s.offset, s.fp_len) == (dev, ino, offset, FINGERPRINT_BYTES));
+        if !unchanged && !f.draining {
+            let (fp_len, fp_crc) = fingerprint(&mut f.file, FINGERPRINT_BYTES).unwrap_or((0, 0));
+            self.saved.insert(path.to_string(), Saved { dev, ino, offset, fp_len, fp_crc });
         }
         true
     }
 
     /// Writes the offsets if they changed (atomically).
     pub fn save(&mut self) {
-        let json = match serde_json::to_vec(&self.saved) {
-            Ok(j) => j,
-            Err(_) => return,
-        };
+        let Ok(json) = serde_json::to_vec(&self.saved) else { return };
         if std::fs::read(&self.state_path).ok().as_deref() == Some(&json[..]) {
             return;
         }
@@ -384,15 +330,6 @@ impl Collector {
             log::error!("logcollector: cannot save offsets to {}: {e}", self.state_path.display());
         }
     }
-}
-
-/// Does the file still start with the bytes fingerprinted when the offset was saved?
-fn same_prefix(file: &mut File, s: &Saved) -> bool {
-    let mut buf = vec![0u8; s.fp_len];
-    if file.seek(SeekFrom::Start(0)).is_err() || file.read_exact(&mut buf).is_err() {
-        return false;
-    }
-    crc32fast::hash(&buf) == s.fp_crc
 }
 
 /// The logcollector thread: polls until `stop` closes, then saves its offsets.
@@ -455,14 +392,15 @@ mod tests {
     #[test]
     fn events_follow_the_inventory_shape() {
         let t = std::time::UNIX_EPOCH + Duration::from_millis(1_795_705_200_123);
-        let e = line_event("/var/log/auth.log", b"Accepted publickey \xff", 100, t);
+        let event = |path: &str, line: &[u8], max| line_event(&json_string(path), &status::rfc3339(t), line, max);
+        let e = event("/var/log/auth.log", b"Accepted publickey \xff", 100);
         assert_eq!(e.header(), r#"{"module":"logcollector","collector":"file"}"#);
         let d: serde_json::Value = serde_json::from_str(e.data().unwrap()).unwrap();
         assert_eq!(d["event"]["original"], "Accepted publickey \u{fffd}");
         assert_eq!(d["event"]["created"], "2026-11-26T15:00:00.123Z");
         assert_eq!(d["log"]["file"]["path"], "/var/log/auth.log");
         assert!(d.get("tags").is_none());
-        let long = line_event("/x", "é".repeat(100).as_bytes(), 11, t);
+        let long = event("/x", "é".repeat(100).as_bytes(), 11);
         let d: serde_json::Value = serde_json::from_str(long.data().unwrap()).unwrap();
         assert_eq!(d["event"]["original"], "ééééé");
         assert_eq!(d["tags"], serde_json::json!(["truncated"]));

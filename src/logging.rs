@@ -5,7 +5,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use log::{LevelFilter, Log, Metadata, Record};
@@ -14,33 +13,19 @@ use simplelog::{CombinedLogger, ConfigBuilder, SharedLogger, WriteLogger};
 use crate::config::Config;
 
 /// Why logging could not be set up.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum LogError {
     /// `log.file` could not be opened for appending.
+    #[error("cannot open log.file {}: {source}", path.display())]
     Open { path: PathBuf, source: io::Error },
 }
 
-impl std::fmt::Display for LogError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let LogError::Open { path, source } = self;
-        write!(f, "cannot open log.file {}: {source}", path.display())
-    }
-}
-
-impl std::error::Error for LogError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        let LogError::Open { source, .. } = self;
-        Some(source)
-    }
-}
-
 /// Set once logging goes to `log.file`, so fatal errors are recorded there too.
-static TO_FILE: AtomicBool = AtomicBool::new(false);
 static FILE: OnceLock<(PathBuf, Arc<Mutex<File>>)> = OnceLock::new();
 
 /// Whether log lines go to a file (then `main` also logs its fatal error there).
 pub fn to_file() -> bool {
-    TO_FILE.load(Ordering::Relaxed)
+    FILE.get().is_some()
 }
 
 fn open(path: &Path) -> io::Result<File> {
@@ -112,18 +97,16 @@ impl SharedLogger for Syslog {
 /// The HTTP and TLS crates never log: at trace level ureq-proto dumps raw request and
 /// response bytes, which carry the agent key and tokens. Their failures reach our own log
 /// lines as errors anyway.
+const NOISY: [&str; 3] = ["ureq", "ureq_proto", "rustls"];
+
 fn is_noisy(target: &str) -> bool {
-    ["ureq", "ureq_proto", "rustls"].iter().any(|n| target == *n || target.starts_with(&format!("{n}::")))
+    NOISY.iter().any(|n| target == *n || target.starts_with(&format!("{n}::")))
 }
 
 /// Sets up logging once. One-shot commands log warnings and errors only (their result is
 /// printed), unless the level asks for debug detail.
 pub fn init(config: &Config, one_shot: bool) -> Result<(), LogError> {
-    let level = if one_shot && config.log.level > LevelFilter::Warn && config.log.level < LevelFilter::Debug {
-        LevelFilter::Warn
-    } else {
-        config.log.level
-    };
+    let level = if one_shot && config.log.level == LevelFilter::Info { LevelFilter::Warn } else { config.log.level };
     let mut b = ConfigBuilder::new();
     // RFC 3339 in UTC (simplelog's default offset) and the thread's name on every line.
     b.set_time_format_rfc3339()
@@ -131,7 +114,7 @@ pub fn init(config: &Config, one_shot: bool) -> Result<(), LogError> {
         .set_thread_mode(simplelog::ThreadLogMode::Names)
         .set_thread_padding(simplelog::ThreadPadding::Off)
         .set_target_level(LevelFilter::Off);
-    for noisy in ["ureq", "ureq_proto", "rustls"] {
+    for noisy in NOISY {
         b.add_filter_ignore_str(noisy);
     }
     let log_config = b.build();
@@ -141,7 +124,6 @@ pub fn init(config: &Config, one_shot: bool) -> Result<(), LogError> {
             let file = open(path).map_err(|source| LogError::Open { path: path.clone(), source })?;
             let shared = Arc::new(Mutex::new(file));
             let _ = FILE.set((path.clone(), shared.clone()));
-            TO_FILE.store(true, Ordering::Relaxed);
             loggers.push(WriteLogger::new(LevelFilter::Trace, log_config, Reopenable(shared)));
         }
         None => loggers.push(WriteLogger::new(LevelFilter::Trace, log_config, io::stderr())),

@@ -8,30 +8,14 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Why the pid file could not be taken.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum PidError {
     /// Another agent holds the lock.
+    #[error("another agent is already running ({}{})", pid.map(|p| format!("pid {p}, ")).unwrap_or_default(), path.display())]
     Running { path: PathBuf, pid: Option<u32> },
     /// The file could not be opened, locked or written.
+    #[error("pid file {}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
-}
-
-impl std::fmt::Display for PidError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PidError::Running { path, pid: Some(pid) } => {
-                write!(f, "another agent is already running (pid {pid}, {})", path.display())
-            }
-            PidError::Running { path, pid: None } => write!(f, "another agent is already running ({})", path.display()),
-            PidError::Io { path, source } => write!(f, "pid file {}: {source}", path.display()),
-        }
-    }
-}
-
-impl std::error::Error for PidError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        if let PidError::Io { source, .. } = self { Some(source) } else { None }
-    }
 }
 
 /// The held pid file; removed when dropped (clean stop).
@@ -41,13 +25,9 @@ pub struct PidFile {
     _file: File,
 }
 
-pub fn path(run_dir: &Path) -> PathBuf {
-    run_dir.join("wazuh-agent.pid")
-}
-
 impl PidFile {
     pub fn acquire(run_dir: &Path) -> Result<PidFile, PidError> {
-        let path = path(run_dir);
+        let path = run_dir.join("wazuh-agent.pid");
         let io = |source| PidError::Io { path: path.clone(), source };
         std::fs::create_dir_all(run_dir).map_err(io)?;
         // Not truncated on open: a running agent's pid must stay readable if we lose the race.
@@ -72,10 +52,6 @@ impl PidFile {
         writeln!(file, "{}", std::process::id()).map_err(io)?;
         Ok(PidFile { path, _file: file })
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 impl Drop for PidFile {
@@ -91,16 +67,17 @@ mod tests {
     #[test]
     fn second_holder_is_refused_and_stale_files_are_taken_over() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(path(dir.path()), "999999\n").unwrap();
+        let path = dir.path().join("wazuh-agent.pid");
+        std::fs::write(&path, "999999\n").unwrap();
         let first = PidFile::acquire(dir.path()).unwrap();
-        assert_eq!(std::fs::read_to_string(first.path()).unwrap(), format!("{}\n", std::process::id()));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{}\n", std::process::id()));
         match PidFile::acquire(dir.path()) {
             Err(PidError::Running { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
             Err(e) => panic!("{e}"),
             Ok(_) => panic!("acquired twice"),
         }
         drop(first);
-        assert!(!path(dir.path()).exists(), "removed on a clean stop");
+        assert!(!path.exists(), "removed on a clean stop");
         PidFile::acquire(dir.path()).unwrap();
     }
 }

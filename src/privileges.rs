@@ -15,54 +15,36 @@ pub struct Account {
 }
 
 /// Why `agent.user`/`agent.group` could not be applied.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum PrivilegesError {
     /// No such account on this host (`key`: `agent.user` or `agent.group`).
+    #[error("{key} {name:?} does not exist on this host")]
     Unknown { key: &'static str, name: String },
     /// The user or group database could not be read.
+    #[error("cannot look up {key} {name:?}: {source}")]
     Lookup { key: &'static str, name: String, source: io::Error },
     /// One of the agent's paths could not be given to agent.user.
+    #[error("cannot hand {} to agent.user (uid {uid}): {source}", path.display())]
     HandOver { path: PathBuf, uid: u32, source: io::Error },
     /// Switching accounts needs root, and the agent runs as another user.
+    #[error("agent.user needs the agent to start as root (it runs as uid {uid})")]
     NotRoot { uid: u32 },
     /// setgroups, setgid or setuid failed.
+    #[error("cannot switch to uid {} gid {}: {source}", account.uid, account.gid)]
     Switch { account: Account, source: io::Error },
     /// setuid(0) still succeeds after the switch.
+    #[error("privileges were not dropped (setuid(0) still succeeds)")]
     NotDropped,
-}
-
-impl std::fmt::Display for PrivilegesError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Unknown { key, name } => write!(f, "{key} {name:?} does not exist on this host"),
-            Self::Lookup { key, name, source } => write!(f, "cannot look up {key} {name:?}: {source}"),
-            Self::HandOver { path, uid, source } => {
-                write!(f, "cannot hand {} to agent.user (uid {uid}): {source}", path.display())
-            }
-            Self::NotRoot { uid } => write!(f, "agent.user needs the agent to start as root (it runs as uid {uid})"),
-            Self::Switch { account: a, source } => write!(f, "cannot switch to uid {} gid {}: {source}", a.uid, a.gid),
-            Self::NotDropped => f.write_str("privileges were not dropped (setuid(0) still succeeds)"),
-        }
-    }
-}
-
-impl std::error::Error for PrivilegesError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Self::Lookup { source, .. } | Self::HandOver { source, .. } | Self::Switch { source, .. } => Some(source),
-            Self::Unknown { .. } | Self::NotRoot { .. } | Self::NotDropped => None,
-        }
-    }
 }
 
 /// Resolves `user` (and `group`, default: the user's primary group).
 pub fn resolve(user: &str, group: Option<&str>) -> Result<Account, PrivilegesError> {
-    let found = lookup("agent.user", user, sys::user_by_name)?;
-    let mut account = Account { uid: found.uid, gid: found.gid };
-    if let Some(g) = group {
-        account.gid = lookup("agent.group", g, sys::group_by_name)?;
-    }
-    Ok(account)
+    let (uid, gid) = lookup("agent.user", user, sys::user_by_name)?;
+    let gid = match group {
+        Some(g) => lookup("agent.group", g, sys::group_by_name)?,
+        None => gid,
+    };
+    Ok(Account { uid, gid })
 }
 
 /// Looks `name` up with `find`; errors name the configuration key.
@@ -106,12 +88,6 @@ pub fn drop_to(a: Account) -> Result<(), PrivilegesError> {
         return Err(PrivilegesError::NotDropped);
     }
     Ok(())
-}
-
-/// The name of the user the process runs as (for log lines).
-pub fn current_user() -> String {
-    let uid = sys::effective_ids().0;
-    sys::user_by_uid(uid).ok().flatten().map_or_else(|| format!("uid {uid}"), |u| u.name)
 }
 
 #[cfg(test)]

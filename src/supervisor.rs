@@ -624,7 +624,7 @@ fn drop_privileges(config: &Config, user: &str) -> Result<(), RunError> {
         crate::privileges::hand_over(p, account).map_err(RunError::Privileges)?;
     }
     crate::privileges::drop_to(account).map_err(RunError::Privileges)?;
-    log::info!("running as {} (uid {}, gid {})", crate::privileges::current_user(), account.uid, account.gid);
+    log::info!("running as {user} (uid {}, gid {})", account.uid, account.gid);
     Ok(())
 }
 

@@ -84,22 +84,17 @@ pub fn syslog(level: log::Level, text: &str) {
     unsafe { libc::syslog(priority, c"%s".as_ptr(), msg.as_ptr()) };
 }
 
-/// An entry of the user database.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct User {
-    pub name: String,
-    pub uid: u32,
-    pub gid: u32,
-}
-
-/// The user called `name`; `None` if there is none (a name with a NUL byte names nobody).
-pub fn user_by_name(name: &str) -> io::Result<Option<User>> {
-    CString::new(name).map_or(Ok(None), |name| user(Ok(&name)))
-}
-
-/// The user with this uid; `None` if there is none.
-pub fn user_by_uid(uid: u32) -> io::Result<Option<User>> {
-    user(Err(uid))
+/// The uid and primary gid of the user called `name`; `None` if there is none (a name with
+/// a NUL byte names nobody).
+pub fn user_by_name(name: &str) -> io::Result<Option<(u32, u32)>> {
+    let Ok(name) = CString::new(name) else { return Ok(None) };
+    let mut buf = vec![0 as libc::c_char; LOOKUP_BUF];
+    // SAFETY: passwd is plain C data (integers and pointers), for which all zeros is valid.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut out = std::ptr::null_mut();
+    // SAFETY: getpwnam_r fills `pw` with pointers into `buf`; all four outlive the call.
+    let rc = unsafe { libc::getpwnam_r(name.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut out) };
+    Ok(found(rc, out.is_null())?.then_some((pw.pw_uid, pw.pw_gid)))
 }
 
 /// The gid of the group called `name`; `None` if there is none.
@@ -116,27 +111,6 @@ pub fn group_by_name(name: &str) -> io::Result<Option<u32>> {
 
 /// Room for one user or group entry with its strings; 16 KiB holds any sane one.
 const LOOKUP_BUF: usize = 16 * 1024;
-
-/// getpwnam_r (`Ok(name)`) or getpwuid_r (`Err(uid)`).
-fn user(key: Result<&CStr, u32>) -> io::Result<Option<User>> {
-    let mut buf = vec![0 as libc::c_char; LOOKUP_BUF];
-    // SAFETY: passwd is plain C data (integers and pointers), for which all zeros is valid.
-    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut out = std::ptr::null_mut();
-    // SAFETY: the lookups fill `pw` with pointers into `buf`; all of them outlive the call.
-    let rc = unsafe {
-        match key {
-            Ok(name) => libc::getpwnam_r(name.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut out),
-            Err(uid) => libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut out),
-        }
-    };
-    if !found(rc, out.is_null())? {
-        return Ok(None);
-    }
-    // SAFETY: on success pw_name is a NUL-terminated string inside `buf`, still alive.
-    let name = unsafe { CStr::from_ptr(pw.pw_name) }.to_string_lossy().into_owned();
-    Ok(Some(User { name, uid: pw.pw_uid, gid: pw.pw_gid }))
-}
 
 /// A reentrant lookup's outcome: found, not found (0 without a result, or a code POSIX
 /// allows for "no such entry"), or the error that kept it from reading the database.
@@ -297,8 +271,7 @@ mod tests {
 
     #[test]
     fn account_lookups() {
-        assert_eq!(user_by_name("root").unwrap(), Some(User { name: "root".into(), uid: 0, gid: 0 }));
-        assert_eq!(user_by_uid(0).unwrap().map(|u| u.name), Some("root".into()));
+        assert_eq!(user_by_name("root").unwrap(), Some((0, 0)));
         assert_eq!(group_by_name("root").unwrap(), Some(0));
         assert_eq!(user_by_name("no-such-user-wazuh").unwrap(), None);
         assert_eq!(user_by_name("ro\0ot").unwrap(), None);

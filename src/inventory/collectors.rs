@@ -1,38 +1,60 @@
 //! Inventory collectors: read the host (under `inventory.root`) into documents shaped as
 //! in docs/events.md. Parsers are pure functions of file contents; the `collect_*`
 //! functions only read files under the root (and, for network addresses on the live
-//! host, getifaddrs). Fields a host cannot provide are `null`, never invented.
+//! host, getifaddrs). Fields a host cannot provide are `null`, never invented. A source
+//! that exists but cannot be read is an [`Unreadable`] error, not an empty result: the
+//! scan then keeps that collector's previous documents (docs/events.md, "Failed collectors").
 
 use std::collections::HashMap;
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-/// One inventory document and the parts of its primary key (docs/events.md).
+/// One inventory document and its primary key (docs/events.md).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Doc {
-    pub collector: &'static str,
     pub key: String,
     /// Compact JSON text: thousands of packages stay small this way.
     pub doc: String,
 }
 
+/// Why a collector could not read its source.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {}: {source}", path.display())]
+pub struct Unreadable {
+    pub path: PathBuf,
+    pub source: io::Error,
+}
+
+/// A source under the root: `None` if the host does not have it, an error if it exists
+/// but cannot be read (permission denied, an I/O error, not a file).
+fn source(root: &Path, rel: &str) -> Result<Option<String>, Unreadable> {
+    let path = root.join(rel);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Unreadable { path, source }),
+    }
+}
+
+/// A detail that may be missing or unreadable to us (root-only, or gone): `None` either way.
 fn read(root: &Path, rel: &str) -> Option<String> {
-    std::fs::read_to_string(root.join(rel.trim_start_matches('/'))).ok()
+    std::fs::read_to_string(root.join(rel)).ok()
 }
 
 // ---------------------------------------------------------------------------- system
 
-pub fn collect_system(root: &Path) -> Vec<Doc> {
-    let osr = ["etc/os-release", "usr/lib/os-release"].iter().find_map(|p| read(root, p));
+pub fn collect_system(root: &Path) -> Result<Vec<Doc>, Unreadable> {
+    // The first of two sources that exists.
+    let first = |rels: [&str; 2]| rels.iter().find_map(|r| source(root, r).transpose()).transpose();
+    let osr = first(["etc/os-release", "usr/lib/os-release"])?;
     let fields = osr.as_deref().map(crate::host::parse_os_release).unwrap_or_default();
     let get = |k: &str| fields.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).filter(|v| !v.is_empty());
-    let kernel = read(root, "proc/sys/kernel/osrelease").map(|s| s.trim().to_string());
-    let hostname = read(root, "proc/sys/kernel/hostname")
-        .or_else(|| read(root, "etc/hostname"))
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty());
+    let kernel = source(root, "proc/sys/kernel/osrelease")?.map(|s| s.trim().to_string());
+    let hostname = first(["proc/sys/kernel/hostname", "etc/hostname"])?;
+    let hostname = hostname.map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
     let name = get("NAME").unwrap_or_else(|| "Linux".into());
     let doc = json!({"host": {
         "architecture": std::env::consts::ARCH,
@@ -40,7 +62,7 @@ pub fn collect_system(root: &Path) -> Vec<Doc> {
         "os": {"full": get("PRETTY_NAME"), "kernel": kernel, "name": name, "platform": get("ID"), "type": "Linux",
                "version": get("VERSION").or_else(|| get("VERSION_ID"))}
     }});
-    vec![Doc { collector: "system", key: name, doc: doc.to_string() }]
+    Ok(vec![Doc { key: name, doc: doc.to_string() }])
 }
 
 // -------------------------------------------------------------------------- hardware
@@ -70,22 +92,23 @@ pub fn parse_meminfo(text: &str) -> HashMap<String, u64> {
         .collect()
 }
 
-pub fn collect_hardware(root: &Path) -> Vec<Doc> {
-    let (name, cores, mhz) = read(root, "proc/cpuinfo").map(|t| parse_cpuinfo(&t)).unwrap_or((None, 0, None));
-    let mem = read(root, "proc/meminfo").map(|t| parse_meminfo(&t)).unwrap_or_default();
+pub fn collect_hardware(root: &Path) -> Result<Vec<Doc>, Unreadable> {
+    let (name, cores, mhz) = source(root, "proc/cpuinfo")?.map(|t| parse_cpuinfo(&t)).unwrap_or((None, 0, None));
+    let mem = source(root, "proc/meminfo")?.map(|t| parse_meminfo(&t)).unwrap_or_default();
     let total = mem.get("MemTotal").copied();
     let free = mem.get("MemAvailable").or_else(|| mem.get("MemFree")).copied();
     let used = match (total, free) {
         (Some(t), Some(f)) if t > 0 => Some(t.saturating_sub(f) * 100 / t),
         _ => None,
     };
+    // Readable by root only: without it the serial is null, as on hosts that have none.
     let serial = read(root, "sys/class/dmi/id/board_serial").map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
     let doc = json!({
         "host": {"cpu": {"cores": (cores > 0).then_some(cores), "name": name, "speed": mhz},
                  "memory": {"free": free, "total": total, "used": {"percentage": used}}},
         "observer": {"serial_number": serial},
     });
-    vec![Doc { collector: "hardware", key: serial.unwrap_or_default(), doc: doc.to_string() }]
+    Ok(vec![Doc { key: serial.unwrap_or_default(), doc: doc.to_string() }])
 }
 
 // -------------------------------------------------------------------------- packages
@@ -104,7 +127,7 @@ fn package(
         "architecture": arch, "description": desc, "installed": installed, "name": name,
         "path": null, "size": size, "type": format, "version": version,
     }});
-    Doc { collector: "packages", key: format!("{name}:{version}:{arch}:{format}:"), doc: doc.to_string() }
+    Doc { key: format!("{name}:{version}:{arch}:{format}:"), doc: doc.to_string() }
 }
 
 /// dpkg's status file (and opkg's, which has the same stanza format).
@@ -112,7 +135,6 @@ pub fn parse_control_stanzas(text: &str, format: &str) -> Vec<Doc> {
     let mut out = Vec::new();
     for stanza in text.split("\n\n") {
         let mut f: HashMap<&str, String> = HashMap::new();
-        let mut last: Option<&str> = None;
         for line in stanza.lines() {
             if line.starts_with(' ') || line.starts_with('\t') {
                 // Continuation lines (long descriptions) are not needed: first line only.
@@ -120,10 +142,8 @@ pub fn parse_control_stanzas(text: &str, format: &str) -> Vec<Doc> {
             }
             if let Some((k, v)) = line.split_once(':') {
                 f.insert(k.trim(), v.trim().to_string());
-                last = Some(k);
             }
         }
-        let _ = last;
         let (Some(name), Some(version)) = (f.get("Package"), f.get("Version")) else { continue };
         let status = f.get("Status").map(String::as_str).unwrap_or("");
         if !(status.ends_with(" installed") && status.starts_with("install")) {
@@ -163,22 +183,23 @@ pub fn parse_apk(text: &str) -> Vec<Doc> {
     out
 }
 
-/// Every supported package database found under the root (dpkg, apk, opkg/ipkg).
-pub fn collect_packages(root: &Path) -> Vec<Doc> {
+/// Every supported package database found under the root (dpkg, apk, opkg/ipkg). A
+/// manager whose directory is missing is not installed; one whose directory exists must
+/// have a readable database in it.
+pub fn collect_packages(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     let mut out = Vec::new();
-    if let Some(t) = read(root, "var/lib/dpkg/status") {
-        out.extend(parse_control_stanzas(&t, "deb"));
-    }
-    if let Some(t) = read(root, "lib/apk/db/installed") {
-        out.extend(parse_apk(&t));
-    }
-    for p in ["usr/lib/opkg/status", "var/lib/opkg/status"] {
-        if let Some(t) = read(root, p) {
-            out.extend(parse_control_stanzas(&t, "ipk"));
-            break;
+    let opkg = if root.join("usr/lib/opkg").exists() { "usr/lib/opkg" } else { "var/lib/opkg" };
+    for (dir, db, format) in
+        [("var/lib/dpkg", "status", "deb"), ("lib/apk/db", "installed", "apk"), (opkg, "status", "ipk")]
+    {
+        let (dir, path) = (root.join(dir), root.join(dir).join(db));
+        if !dir.try_exists().map_err(|source| Unreadable { path: dir, source })? {
+            continue;
         }
+        let text = std::fs::read_to_string(&path).map_err(|source| Unreadable { path, source })?;
+        out.extend(if format == "apk" { parse_apk(&text) } else { parse_control_stanzas(&text, format) });
     }
-    out
+    Ok(out)
 }
 
 // ----------------------------------------------------------------------------- ports
@@ -231,25 +252,22 @@ fn socket_owners(root: &Path) -> HashMap<u64, (u32, String)> {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
         let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else { continue };
         let name = std::fs::read_to_string(p.path().join("comm")).map(|s| s.trim().to_string()).unwrap_or_default();
-        for fd in fds.flatten() {
-            if let Ok(target) = std::fs::read_link(fd.path()) {
-                let t = target.to_string_lossy();
-                if let Some(inode) =
-                    t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')).and_then(|n| n.parse().ok())
-                {
-                    out.entry(inode).or_insert((pid, name.clone()));
-                }
+        for target in fds.flatten().filter_map(|fd| std::fs::read_link(fd.path()).ok()) {
+            let t = target.to_string_lossy();
+            if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')?.parse().ok()) {
+                out.entry(inode).or_insert((pid, name.clone()));
             }
         }
     }
     out
 }
 
-pub fn collect_ports(root: &Path) -> Vec<Doc> {
+pub fn collect_ports(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     let owners = socket_owners(root);
     let mut out = Vec::new();
     for proto in ["tcp", "tcp6", "udp", "udp6"] {
-        let Some(text) = read(root, &format!("proc/net/{proto}")) else { continue };
+        // Without IPv6 the kernel has no tcp6/udp6: nothing to list there.
+        let Some(text) = source(root, &format!("proc/net/{proto}"))? else { continue };
         let protocol = proto.trim_end_matches('6');
         for (lip, lport, rip, rport, tx, rx, inode) in parse_net_table(&text, proto) {
             let owner = owners.get(&inode);
@@ -262,14 +280,10 @@ pub fn collect_ports(root: &Path) -> Vec<Doc> {
                 "process": {"name": owner.map(|o| o.1.clone()), "pid": owner.map(|o| o.0)},
                 "source": {"ip": [lip.to_string()], "port": lport},
             });
-            out.push(Doc {
-                collector: "ports",
-                key: format!("{inode}:{protocol}:{lip}:{lport}"),
-                doc: doc.to_string(),
-            });
+            out.push(Doc { key: format!("{inode}:{protocol}:{lip}:{lport}"), doc: doc.to_string() });
         }
     }
-    out
+    Ok(out)
 }
 
 // -------------------------------------------------------------------------- networks
@@ -312,11 +326,15 @@ fn iface_type(code: Option<&str>) -> &'static str {
     }
 }
 
-pub fn collect_networks(root: &Path) -> Vec<Doc> {
-    let counters = read(root, "proc/net/dev").map(|t| parse_net_dev(&t)).unwrap_or_default();
-    let gateways = read(root, "proc/net/route").map(|t| parse_route(&t)).unwrap_or_default();
+pub fn collect_networks(root: &Path) -> Result<Vec<Doc>, Unreadable> {
+    let counters = source(root, "proc/net/dev")?.map(|t| parse_net_dev(&t)).unwrap_or_default();
+    let gateways = source(root, "proc/net/route")?.map(|t| parse_route(&t)).unwrap_or_default();
     // Addresses come from getifaddrs, i.e. from the live host only.
-    let addresses = if root == Path::new("/") { crate::sys::interfaces().unwrap_or_default() } else { Vec::new() };
+    let addresses = if root == Path::new("/") {
+        crate::sys::interfaces().map_err(|source| Unreadable { path: "getifaddrs".into(), source })?
+    } else {
+        Vec::new()
+    };
     let mut out = Vec::new();
     for crate::sys::IfAddr { name: iface, addr, netmask: mask, broadcast: brd, .. } in addresses {
         let sys = |f: &str| read(root, &format!("sys/class/net/{iface}/{f}")).map(|s| s.trim().to_string());
@@ -335,19 +353,23 @@ pub fn collect_networks(root: &Path) -> Vec<Doc> {
                         "netmask": mask.map(|m| vec![m.to_string()]).unwrap_or_default(), "type": proto},
             "observer": {"ingress": {"interface": {"alias": null, "name": iface}}},
         });
-        out.push(Doc { collector: "networks", key: format!("{iface}::{itype}:{proto}:{addr}"), doc: doc.to_string() });
+        out.push(Doc { key: format!("{iface}::{itype}:{proto}:{addr}"), doc: doc.to_string() });
     }
-    out
+    Ok(out)
 }
 
 // ------------------------------------------------------------------------- processes
 
-pub fn collect_processes(root: &Path) -> Vec<Doc> {
+pub fn collect_processes(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     let mut out = Vec::new();
     let boot = read(root, "proc/stat")
         .and_then(|t| t.lines().find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<u64>().ok())));
     let hz = crate::sys::clock_ticks_per_second();
-    let Ok(procs) = std::fs::read_dir(root.join("proc")) else { return out };
+    let procs = match std::fs::read_dir(root.join("proc")) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        listed => listed.map_err(|source| Unreadable { path: root.join("proc"), source })?,
+    };
+    // A process that ends while it is read is simply not listed.
     for p in procs.flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
         let Ok(stat) = std::fs::read_to_string(p.path().join("stat")) else { continue };
@@ -356,14 +378,9 @@ pub fn collect_processes(root: &Path) -> Vec<Doc> {
         let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
         let ppid: Option<u64> = rest.get(1).and_then(|v| v.parse().ok());
         let start = rest.get(19).and_then(|v| v.parse::<u64>().ok()).and_then(|t| boot.map(|b| b + t / hz));
-        let args: Vec<String> = std::fs::read(p.path().join("cmdline"))
-            .map(|b| {
-                b.split(|c| *c == 0)
-                    .filter(|a| !a.is_empty())
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let cmdline =
+            String::from_utf8_lossy(&std::fs::read(p.path().join("cmdline")).unwrap_or_default()).into_owned();
+        let args: Vec<&str> = cmdline.split('\0').filter(|a| !a.is_empty()).collect();
         let uid = std::fs::read_to_string(p.path().join("status")).ok().and_then(|s| {
             s.lines().find_map(|l| l.strip_prefix("Uid:").and_then(|v| v.split_whitespace().next().map(str::to_string)))
         });
@@ -371,9 +388,9 @@ pub fn collect_processes(root: &Path) -> Vec<Doc> {
             "args": args, "command_line": (!args.is_empty()).then(|| args.join(" ")), "name": name,
             "parent": {"pid": ppid}, "pid": pid.to_string(), "start": start, "user": {"id": uid},
         }});
-        out.push(Doc { collector: "processes", key: pid.to_string(), doc: doc.to_string() });
+        out.push(Doc { key: pid.to_string(), doc: doc.to_string() });
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]

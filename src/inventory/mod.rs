@@ -6,12 +6,12 @@
 //! only after its events are durable in the queue, so a crash means a resend, never a
 //! loss. Counters that move on every scan (free memory, interface byte counts, socket
 //! queues) are left out when documents are compared, so they do not turn every scan into
-//! updates; they are refreshed whenever a document changes for another reason.
+//! updates; they are refreshed whenever a document changes for another reason. A collector
+//! that cannot read its source keeps its previous documents (docs/events.md, "Failed collectors").
 
 pub mod collectors;
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -25,7 +25,7 @@ use crate::event::{Event, Kind};
 use crate::module::{Context, Module, SinkError};
 use crate::queue::QueueError;
 use crate::status::{self, Stats};
-use collectors::Doc;
+use collectors::{Doc, Unreadable};
 
 pub const MODULE: Module = Module {
     name: "inventory",
@@ -74,34 +74,37 @@ pub enum Change {
 
 /// The document without the fields that move on every scan.
 fn comparable(s: &Stored) -> std::borrow::Cow<'_, str> {
-    let volatile: &[&[&str]] = match s.collector.as_str() {
-        "hardware" => &[&["host", "memory", "free"], &["host", "memory", "used"]],
-        "networks" | "ports" => &[&["host", "network"]],
+    // (object, field): the field is removed from the object at that JSON pointer.
+    let volatile: &[(&str, &str)] = match s.collector.as_str() {
+        "hardware" => &[("/host/memory", "free"), ("/host/memory", "used")],
+        "networks" | "ports" => &[("/host", "network")],
         _ => return std::borrow::Cow::Borrowed(&s.doc),
     };
     let mut d = s.value();
-    for path in volatile {
+    for (parent, field) in volatile {
         // Only objects are walked; a missing step means there is nothing to strip.
-        let pointer: String = path.iter().map(|p| format!("/{p}")).collect();
-        let (parent, last) = match pointer.rsplit_once('/') {
-            Some((parent, last)) => (parent.to_string(), last.to_string()),
-            None => continue,
-        };
-        if let Some(Value::Object(o)) = d.pointer_mut(&parent) {
-            o.remove(&last);
+        if let Some(Value::Object(o)) = d.pointer_mut(parent) {
+            o.remove(*field);
         }
     }
     std::borrow::Cow::Owned(d.to_string())
 }
 
-/// What changed (pure). `scanned` lists the collectors whose scan succeeded: documents
-/// of other collectors are only deleted when their collector is no longer `enabled`.
-pub fn diff(
+/// The next snapshot's documents (pure): those the scan found, plus the previous documents
+/// of the collectors in `failed` (their source could not be read), kept as they are.
+pub fn merge(
     old: &BTreeMap<String, Stored>,
-    new: &BTreeMap<String, Stored>,
-    scanned: &[&str],
-    enabled: &[String],
-) -> Vec<Change> {
+    mut found: BTreeMap<String, Stored>,
+    failed: &[&str],
+) -> BTreeMap<String, Stored> {
+    let kept = old.iter().filter(|(_, s)| failed.contains(&s.collector.as_str()));
+    found.extend(kept.map(|(id, s)| (id.clone(), s.clone())));
+    found
+}
+
+/// What changed (pure): every document of `new` that `old` lacks or has otherwise, and
+/// every document of `old` that `new` lacks (also those of collectors switched off).
+pub fn diff(old: &BTreeMap<String, Stored>, new: &BTreeMap<String, Stored>) -> Vec<Change> {
     let mut out = Vec::new();
     for (id, n) in new {
         match old.get(id) {
@@ -112,12 +115,8 @@ pub fn diff(
             Some(_) => {}
         }
     }
-    for (id, o) in old {
-        let still_enabled = enabled.contains(&o.collector);
-        let was_scanned = scanned.contains(&o.collector.as_str());
-        if !new.contains_key(id) && (was_scanned || !still_enabled) {
-            out.push(Change::Delete { id: id.clone(), old: o.clone() });
-        }
+    for (id, o) in old.iter().filter(|(id, _)| !new.contains_key(*id)) {
+        out.push(Change::Delete { id: id.clone(), old: o.clone() });
     }
     out
 }
@@ -161,27 +160,12 @@ fn noun(collector: &str) -> (&'static str, &'static str) {
 
 fn describe(s: &Stored) -> String {
     let v = s.value();
+    let text = |pointer| v.pointer(pointer).and_then(Value::as_str).unwrap_or("?");
     match s.collector.as_str() {
-        "packages" => format!(
-            "{} ({})",
-            v["package"]["name"].as_str().unwrap_or("?"),
-            v["package"]["version"].as_str().unwrap_or("?")
-        ),
-        "ports" => format!(
-            "{}/{}",
-            v["network"]["protocol"].as_str().unwrap_or("?"),
-            v["source"]["port"].as_u64().unwrap_or(0)
-        ),
-        "networks" => format!(
-            "{} {}",
-            v["observer"]["ingress"]["interface"]["name"].as_str().unwrap_or("?"),
-            v["host"]["ip"][0].as_str().unwrap_or("?")
-        ),
-        "processes" => format!(
-            "{} ({})",
-            v["process"]["name"].as_str().unwrap_or("?"),
-            v["process"]["pid"].as_str().unwrap_or("?")
-        ),
+        "packages" => format!("{} ({})", text("/package/name"), text("/package/version")),
+        "ports" => format!("{}/{}", text("/network/protocol"), v["source"]["port"].as_u64().unwrap_or(0)),
+        "networks" => format!("{} {}", text("/observer/ingress/interface/name"), text("/host/ip/0")),
+        "processes" => format!("{} ({})", text("/process/name"), text("/process/pid")),
         "hardware" => "hardware".into(),
         _ => v["host"]["os"]["name"].as_str().unwrap_or("system").to_string(),
     }
@@ -191,10 +175,8 @@ fn notification(collector: &str, action: &str, kind: &str, reason: String, doc: 
     let (_, category) = noun(collector);
     let mut data = doc.value();
     if let Some(o) = data.as_object_mut() {
-        o.insert(
-            "event".into(),
-            json!({"action": action, "category": [category], "type": [kind], "created": now, "reason": reason}),
-        );
+        let event = json!({"action": action, "category": [category], "type": [kind], "created": now, "reason": reason});
+        o.insert("event".into(), event);
     }
     let header = json!({"collector": collector, "module": "inventory"}).to_string();
     Event::new(Kind::Stateless, &header, Some(&data.to_string()))
@@ -211,6 +193,7 @@ pub fn notifications(changes: &[Change], now: &str) -> Vec<Event> {
             v["package"]["architecture"].as_str().unwrap_or("").to_string(),
         )
     };
+    let version = |s: &Stored| s.value()["package"]["version"].as_str().unwrap_or("?").to_string();
     let mut removed: HashMap<(String, String), &Stored> = HashMap::new();
     for c in changes {
         if let Change::Delete { old, .. } = c {
@@ -219,6 +202,12 @@ pub fn notifications(changes: &[Change], now: &str) -> Vec<Event> {
             }
         }
     }
+    // `<noun>-detected` and the like; the nouns are ASCII, so the first byte is a character.
+    let generic = |s: &Stored, past: &str, kind: &str| {
+        let (n, _) = noun(&s.collector);
+        let reason = format!("{}{} {} was {past}", n[..1].to_uppercase(), &n[1..], describe(s));
+        notification(&s.collector, &format!("{n}-{past}"), kind, reason, s, now)
+    };
     let mut paired: Vec<(String, String)> = Vec::new();
     let mut out = Vec::new();
     for c in changes {
@@ -226,12 +215,7 @@ pub fn notifications(changes: &[Change], now: &str) -> Vec<Event> {
             Change::Create { new, .. } if new.collector == "packages" => {
                 let k = pkg_key(new);
                 if let Some(old) = removed.get(&k) {
-                    let reason = format!(
-                        "Package {} was updated from {} to {}",
-                        k.0,
-                        old.value()["package"]["version"].as_str().unwrap_or("?"),
-                        new.value()["package"]["version"].as_str().unwrap_or("?")
-                    );
+                    let reason = format!("Package {} was updated from {} to {}", k.0, version(old), version(new));
                     out.push(notification("packages", "package-updated", "change", reason, new, now));
                     paired.push(k);
                 } else {
@@ -239,158 +223,113 @@ pub fn notifications(changes: &[Change], now: &str) -> Vec<Event> {
                     out.push(notification("packages", "package-installed", "installation", reason, new, now));
                 }
             }
-            Change::Create { new, .. } => {
-                let (n, _) = noun(&new.collector);
-                let reason = format!("{} {} was detected", capitalise(n), describe(new));
-                out.push(notification(&new.collector, &format!("{n}-detected"), "creation", reason, new, now));
-            }
-            Change::Update { new, .. } => {
-                let (n, _) = noun(&new.collector);
-                let reason = format!("{} {} was updated", capitalise(n), describe(new));
-                out.push(notification(&new.collector, &format!("{n}-updated"), "change", reason, new, now));
-            }
+            Change::Create { new, .. } => out.push(generic(new, "detected", "creation")),
+            Change::Update { new, .. } => out.push(generic(new, "updated", "change")),
             Change::Delete { .. } => {}
         }
     }
     for c in changes {
         if let Change::Delete { old, .. } = c {
-            if old.collector == "packages" && paired.contains(&pkg_key(old)) {
-                continue;
+            if old.collector != "packages" || !paired.contains(&pkg_key(old)) {
+                out.push(generic(old, "removed", "deletion"));
             }
-            let (n, _) = noun(&old.collector);
-            let reason = format!("{} {} was removed", capitalise(n), describe(old));
-            out.push(notification(&old.collector, &format!("{n}-removed"), "deletion", reason, old, now));
         }
     }
     out
 }
 
-fn capitalise(s: &str) -> String {
-    let mut c = s.chars();
-    c.next().map(|f| f.to_uppercase().collect::<String>() + c.as_str()).unwrap_or_default()
-}
-
-/// Runs the enabled collectors. Returns the documents by id and the collectors that ran.
-pub fn scan(root: &Path, enabled: &[String], uuid: &str) -> (BTreeMap<String, Stored>, Vec<&'static str>) {
-    let mut docs = BTreeMap::new();
-    let mut scanned = Vec::new();
+/// Runs the enabled collectors: the documents found, by id, and the collectors that could
+/// not read their source, with why.
+pub fn scan(root: &Path, enabled: &[String], uuid: &str) -> (BTreeMap<String, Stored>, Vec<(String, Unreadable)>) {
+    let (mut docs, mut failed) = (BTreeMap::new(), Vec::new());
     for c in enabled {
-        let (name, found): (&'static str, Vec<Doc>) = match c.as_str() {
-            "system" => ("system", collectors::collect_system(root)),
-            "hardware" => ("hardware", collectors::collect_hardware(root)),
-            "packages" => ("packages", collectors::collect_packages(root)),
-            "networks" => ("networks", collectors::collect_networks(root)),
-            "ports" => ("ports", collectors::collect_ports(root)),
-            "processes" => ("processes", collectors::collect_processes(root)),
+        let found: Result<Vec<Doc>, Unreadable> = match c.as_str() {
+            "system" => collectors::collect_system(root),
+            "hardware" => collectors::collect_hardware(root),
+            "packages" => collectors::collect_packages(root),
+            "networks" => collectors::collect_networks(root),
+            "ports" => collectors::collect_ports(root),
+            "processes" => collectors::collect_processes(root),
             _ => continue,
         };
-        scanned.push(name);
-        for d in found {
-            docs.insert(doc_id(uuid, &d.key), Stored { collector: d.collector.to_string(), doc: d.doc });
+        match found {
+            Ok(found) => docs
+                .extend(found.into_iter().map(|d| (doc_id(uuid, &d.key), Stored { collector: c.clone(), doc: d.doc }))),
+            Err(e) => failed.push((c.clone(), e)),
         }
     }
-    (docs, scanned)
+    (docs, failed)
 }
 
 /// Why a scan was not delivered (it is repeated at the next interval).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ScanError {
     /// A sink did not take the events: the thread is told to stop, or the pipeline is gone.
+    #[error("{0}; the scan is repeated next time")]
     Sink(SinkError),
     /// The queue refused the stateful events (full, or a disk error).
-    NotQueued(Option<QueueError>),
+    #[error("inventory changes not queued ({}); the scan is repeated next time", .0.as_ref().map(|e| e.to_string()).unwrap_or_default())]
+    NotQueued(#[source] Option<QueueError>),
     /// The new snapshot could not be written (`inventory.json`).
-    Save(PathBuf, io::Error),
+    #[error("cannot save {}: {}; the scan is repeated next time", .0.display(), .1)]
+    Save(PathBuf, #[source] io::Error),
 }
 
-impl fmt::Display for ScanError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ScanError::Sink(e) => e.fmt(f),
-            ScanError::NotQueued(e) => {
-                write!(f, "inventory changes not queued ({})", e.as_ref().map(|e| e.to_string()).unwrap_or_default())
-            }
-            ScanError::Save(p, e) => write!(f, "cannot save {}: {e}", p.display()),
-        }?;
-        f.write_str("; the scan is repeated next time")
+/// One scan and its delivery. Returns a line for the log.
+fn scan_once(config: &InventoryConfig, ctx: &Context) -> Result<String, ScanError> {
+    let started = std::time::Instant::now();
+    let saved = std::fs::read(&ctx.state).ok().and_then(|b| serde_json::from_slice::<Snapshot>(&b).ok());
+    // A new registration is a new agent on the server: resync everything.
+    let previous = saved.filter(|s| s.uuid == ctx.uuid);
+    let first = previous.is_none();
+    let old = previous.map(|s| s.docs).unwrap_or_default();
+    let (found, failed) = scan(&config.root, &config.collectors, &ctx.uuid);
+    let scan_ms = started.elapsed().as_millis();
+    for (collector, e) in &failed {
+        let line = format!("inventory: {collector}: {e}; its previous documents are kept");
+        log::warn!("{line}");
+        ctx.stats.set_error(line);
     }
-}
-
-impl std::error::Error for ScanError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ScanError::Sink(_) => None,
-            ScanError::NotQueued(e) => e.as_ref().map(|e| e as _),
-            ScanError::Save(_, e) => Some(e),
+    let new = merge(&old, found, &failed.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>());
+    let changes = diff(&old, &new);
+    let now = status::rfc3339(SystemTime::now());
+    let events = stateful_events(&changes, &now);
+    for chunk in events.chunks(APPEND_CHUNK) {
+        let r = ctx.durable.append(chunk.to_vec()).map_err(ScanError::Sink)?;
+        if !r.all_stored(chunk.len()) {
+            return Err(ScanError::NotQueued(r.error));
         }
+        Stats::add(&ctx.stats.received, chunk.len() as u64);
     }
-}
-
-struct Inventory {
-    config: InventoryConfig,
-    ctx: Context,
-}
-
-impl Inventory {
-    fn load(&self) -> Option<Snapshot> {
-        let s: Snapshot = serde_json::from_slice(&std::fs::read(&self.ctx.state).ok()?).ok()?;
-        // A new registration is a new agent on the server: resync everything.
-        (s.uuid == self.ctx.uuid).then_some(s)
-    }
-
-    /// One scan and its delivery. Returns a line for the log.
-    fn scan_once(&self) -> Result<String, ScanError> {
-        let (ctx, started) = (&self.ctx, std::time::Instant::now());
-        let previous = self.load();
-        let first = previous.is_none();
-        let old = previous.map(|s| s.docs).unwrap_or_default();
-        let (new, scanned) = scan(&self.config.root, &self.config.collectors, &ctx.uuid);
-        let scan_ms = started.elapsed().as_millis();
-        let changes = diff(&old, &new, &scanned, &self.config.collectors);
-        let now = status::rfc3339(SystemTime::now());
-        let events = stateful_events(&changes, &now);
-        for chunk in events.chunks(APPEND_CHUNK) {
-            let r = ctx.durable.append(chunk.to_vec()).map_err(ScanError::Sink)?;
-            if !r.all_stored(chunk.len()) {
-                return Err(ScanError::NotQueued(r.error));
-            }
-            Stats::add(&ctx.stats.received, chunk.len() as u64);
+    if !first {
+        let notes = notifications(&changes, &now);
+        for chunk in notes.chunks(512) {
+            ctx.events.send(chunk.to_vec()).map_err(ScanError::Sink)?;
         }
-        if !first {
-            let notes = notifications(&changes, &now);
-            for chunk in notes.chunks(512) {
-                ctx.events.send(chunk.to_vec()).map_err(ScanError::Sink)?;
-            }
-            Stats::add(&ctx.stats.received, notes.len() as u64);
-        }
-        // Durable events first, snapshot second: a crash in between means a resend.
-        let snapshot = Snapshot { uuid: ctx.uuid.clone(), docs: new };
-        let save = |e| ScanError::Save(ctx.state.clone(), e);
-        let json = serde_json::to_vec(&snapshot).map_err(|e| save(e.into()))?;
-        crate::fsutil::write_atomic(&ctx.state, &json, 0o600).map_err(save)?;
-        let count = |k: fn(&Change) -> bool| changes.iter().filter(|c| k(c)).count();
-        Ok(format!(
-            "inventory: {} documents (scan {scan_ms} ms); {} created, {} updated, {} deleted{}",
-            snapshot.docs.len(),
-            count(|c| matches!(c, Change::Create { .. })),
-            count(|c| matches!(c, Change::Update { .. })),
-            count(|c| matches!(c, Change::Delete { .. })),
-            if first { " (first scan: no notifications)" } else { "" }
-        ))
+        Stats::add(&ctx.stats.received, notes.len() as u64);
     }
-}
-
-/// Lowers this thread's priority: scans are background work on a small host.
-fn nice_this_thread() {
-    // Best effort: a scan at normal priority is still correct.
-    let _ = crate::sys::set_thread_nice(10);
+    // Durable events first, snapshot second: a crash in between means a resend.
+    let snapshot = Snapshot { uuid: ctx.uuid.clone(), docs: new };
+    let save = |e| ScanError::Save(ctx.state.clone(), e);
+    let json = serde_json::to_vec(&snapshot).map_err(|e| save(e.into()))?;
+    crate::fsutil::write_atomic(&ctx.state, &json, 0o600).map_err(save)?;
+    let count = |k: fn(&Change) -> bool| changes.iter().filter(|c| k(c)).count();
+    Ok(format!(
+        "inventory: {} documents (scan {scan_ms} ms); {} created, {} updated, {} deleted{}",
+        snapshot.docs.len(),
+        count(|c| matches!(c, Change::Create { .. })),
+        count(|c| matches!(c, Change::Update { .. })),
+        count(|c| matches!(c, Change::Delete { .. })),
+        if first { " (first scan: no notifications)" } else { "" }
+    ))
 }
 
 fn run(config: Config, ctx: Context) {
-    nice_this_thread();
-    let inv = Inventory { config: config.inventory, ctx };
+    // Scans are background work on a small host. Best effort: at normal priority a scan is
+    // still correct.
+    let _ = crate::sys::set_thread_nice(10);
     loop {
-        match inv.scan_once() {
+        match scan_once(&config.inventory, &ctx) {
             Ok(line) => log::info!("{line}"),
             Err(ScanError::Sink(SinkError::Stopped)) => break,
             Err(e) => log::warn!("{e}"),
@@ -398,8 +337,8 @@ fn run(config: Config, ctx: Context) {
         // A scan allocates and frees a lot at once; give it back to the system until the next.
         crate::memory::release_free();
         select! {
-            recv(inv.ctx.stop) -> _ => break,
-            default(inv.config.interval) => {}
+            recv(ctx.stop) -> _ => break,
+            default(config.inventory.interval) => {}
         }
     }
 }
@@ -435,10 +374,9 @@ mod tests {
 
     #[test]
     fn diff_table() {
-        let enabled = vec!["packages".to_string(), "hardware".to_string()];
         let old = map(vec![pkg("a", "1"), pkg("b", "1"), pkg("c", "1")]);
         let new = map(vec![pkg("a", "1"), pkg("b", "2"), pkg("d", "1")]);
-        let changes = diff(&old, &new, &["packages"], &enabled);
+        let changes = diff(&old, &new);
         let kinds: Vec<String> = changes
             .iter()
             .map(|c| match c {
@@ -451,9 +389,41 @@ mod tests {
         sorted.sort();
         assert_eq!(sorted, vec!["create b (2)", "create d (1)", "delete b (1)", "delete c (1)"]);
 
-        // A collector that failed this round keeps its documents; a disabled one loses them.
-        assert!(diff(&old, &BTreeMap::new(), &[], &enabled).is_empty());
-        assert_eq!(diff(&old, &BTreeMap::new(), &[], &["hardware".to_string()]).len(), 3);
+        // A collector that is switched off (or found nothing) loses its documents.
+        assert_eq!(diff(&old, &BTreeMap::new()).len(), 3);
+    }
+
+    #[test]
+    fn a_failed_collector_keeps_its_documents() {
+        let hw = Stored { collector: "hardware".into(), doc: r#"{"host":{}}"#.into() };
+        let old = map(vec![pkg("a", "1"), pkg("b", "1"), ("h".into(), hw.clone())]);
+        // packages failed; hardware ran and changed.
+        let hw2 = Stored { collector: "hardware".into(), doc: r#"{"host":{"cpu":{}}}"#.into() };
+        let new = merge(&old, map(vec![("h".into(), hw2.clone())]), &["packages"]);
+        assert_eq!(new, map(vec![pkg("a", "1"), pkg("b", "1"), ("h".into(), hw2.clone())]));
+        assert_eq!(diff(&old, &new), vec![Change::Update { id: "h".into(), old: hw, new: hw2 }]);
+        assert!(notifications(&diff(&old, &merge(&old, BTreeMap::new(), &["packages", "hardware"])), "T").is_empty());
+    }
+
+    #[test]
+    fn an_unreadable_package_database_fails_the_collector_and_no_database_is_no_packages() {
+        let root = tempfile::tempdir().unwrap();
+        let status = root.path().join("var/lib/dpkg/status");
+        let packages = || scan(root.path(), &["packages".into()], "u");
+        let (docs, failed) = packages();
+        assert!(docs.is_empty() && failed.is_empty(), "no dpkg at all: no packages");
+        std::fs::create_dir_all(&status).unwrap();
+        for why in ["a directory", "missing"] {
+            let (docs, failed) = packages();
+            assert!(docs.is_empty(), "{why}");
+            let [(collector, e)] = &failed[..] else { panic!("{why}: {failed:?}") };
+            assert_eq!(collector, "packages");
+            assert!(e.to_string().starts_with(&format!("cannot read {}: ", status.display())), "{why}: {e}");
+            std::fs::remove_dir(&status).unwrap_or_default();
+        }
+        std::fs::write(&status, "Package: a\nStatus: install ok installed\nVersion: 1\n").unwrap();
+        let (docs, failed) = packages();
+        assert_eq!((docs.len(), failed.len()), (1, 0));
     }
 
     #[test]
@@ -466,15 +436,15 @@ mod tests {
         }
         };
         let old = map(vec![("h".into(), hw(10, 2))]);
-        assert!(diff(&old, &map(vec![("h".into(), hw(55, 2))]), &["hardware"], &["hardware".into()]).is_empty());
-        assert_eq!(diff(&old, &map(vec![("h".into(), hw(10, 4))]), &["hardware"], &["hardware".into()]).len(), 1);
+        assert!(diff(&old, &map(vec![("h".into(), hw(55, 2))])).is_empty());
+        assert_eq!(diff(&old, &map(vec![("h".into(), hw(10, 4))])).len(), 1);
     }
 
     #[test]
     fn a_version_change_is_one_package_updated_notification() {
         let old = map(vec![pkg("openssl", "3.0.13-1"), pkg("gone", "1")]);
         let new = map(vec![pkg("openssl", "3.0.14-1"), pkg("fresh", "2")]);
-        let changes = diff(&old, &new, &["packages"], &["packages".into()]);
+        let changes = diff(&old, &new);
         let stateful = stateful_events(&changes, "T");
         assert_eq!(stateful.len(), 4, "two deletes and two creates on the stateful side");
         let notes = notifications(&changes, "T");

@@ -155,3 +155,41 @@ fn scans_send_exactly_what_changed() {
     agent.signal(libc::SIGTERM);
     agent.wait_exit(Duration::from_secs(10));
 }
+
+#[test]
+fn an_unreadable_package_database_keeps_the_packages() {
+    let env = Env::new();
+    let root = env.dir.path().join("host");
+    fixture(&root);
+    env.write_config(&format!(
+        "events.batch_interval = \"50ms\"\ninventory.enabled = true\ninventory.interval = \"1s\"\ninventory.root = {:?}\ninventory.collectors = [\"packages\"]",
+        root.display().to_string()
+    ));
+    let mut agent = env.running_agent();
+    assert!(env.mock.wait_until(Duration::from_secs(15), |_| inventory_events(&env).len() >= 2));
+    let first = inventory_events(&env);
+
+    // The status file becomes unreadable (a directory: the tests run as root, which reads
+    // any file whatever its mode). Two scans fail; no package is deleted, no notification.
+    let status = root.join("var/lib/dpkg/status");
+    std::fs::remove_file(&status).unwrap();
+    std::fs::create_dir(&status).unwrap();
+    let failure = format!("inventory: packages: cannot read {}: ", status.display());
+    assert!(wait_for(Duration::from_secs(15), || agent.log().matches(&failure).count() >= 2), "{}", agent.log());
+    let state = env.dir.path().join("run").join("state.json");
+    let last_error = || {
+        let s: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap_or_default()).unwrap_or_default();
+        s["last_error"].as_str().unwrap_or_default().to_string()
+    };
+    assert!(wait_for(Duration::from_secs(15), || last_error().starts_with(&failure)), "{}", last_error());
+
+    // Readable again with the same packages: the snapshot kept them, so nothing is sent.
+    std::fs::remove_dir(&status).unwrap();
+    write(&root, "var/lib/dpkg/status", DPKG);
+    let scans = agent.log().matches("documents (scan").count();
+    assert!(wait_for(Duration::from_secs(15), || agent.log().matches("documents (scan").count() >= scans + 2));
+    assert_eq!(inventory_events(&env), first);
+    assert!(notifications(&env).is_empty());
+    agent.signal(libc::SIGTERM);
+    agent.wait_exit(Duration::from_secs(10));
+}
