@@ -242,16 +242,18 @@ pub enum Attempt<'a> {
     Status { code: u16, retry_after: Option<&'a str> },
     /// No answer: connect, TLS, timeout, reset, protocol error.
     Transport,
-    /// A long-poll's own timeout ended its hold: the normal idle cycle, like a 408.
-    HoldEnded,
+    /// A long-poll's hold ended (its 408, or our own timeout): the normal idle cycle.
+    HoldEnded { retry_after: Option<&'a str> },
 }
 
 impl<'a> Attempt<'a> {
-    /// `held`: the request is a long-poll, so a client-side timeout is the end of its hold.
+    /// `held`: the request is a long-poll, so a 408 or a client-side timeout is the end of
+    /// its hold; to any other request a 408 is a failure (a proxy's, say) like a 5xx.
     pub fn of(result: &'a Result<Reply, ureq::Error>, held: bool) -> Attempt<'a> {
         match result {
+            Ok(r) if held && r.status == 408 => Attempt::HoldEnded { retry_after: r.retry_after.as_deref() },
             Ok(r) => Attempt::Status { code: r.status, retry_after: r.retry_after.as_deref() },
-            Err(ureq::Error::Timeout(_)) if held => Attempt::HoldEnded,
+            Err(ureq::Error::Timeout(_)) if held => Attempt::HoldEnded { retry_after: None },
             Err(_) => Attempt::Transport,
         }
     }
@@ -261,18 +263,20 @@ impl<'a> Attempt<'a> {
 /// are inputs so this stays pure: a `Retry-After` given as an HTTP-date is measured
 /// against `now`, and no server can make the agent wait longer than `cap`.
 pub fn classify(attempt: Attempt<'_>, now: SystemTime, cap: Duration) -> Outcome {
-    let (code, retry_after) = match attempt {
+    let after = |retry_after: Option<&str>| retry_after.and_then(|v| parse_retry_after(v, now)).map(|d| d.min(cap));
+    let (code, after) = match attempt {
         Attempt::Transport => return Outcome::Retry { after: None, failover: true },
-        Attempt::HoldEnded => return Outcome::Retry { after: Some(Duration::ZERO), failover: false },
-        Attempt::Status { code, retry_after } => (code, retry_after),
+        // The hold ended: poll again at once (or when the server says).
+        Attempt::HoldEnded { retry_after } => {
+            return Outcome::Retry { after: Some(after(retry_after).unwrap_or_default()), failover: false };
+        }
+        Attempt::Status { code, retry_after } => (code, after(retry_after)),
     };
-    let after = retry_after.and_then(|v| parse_retry_after(v, now)).map(|d| d.min(cap));
     match code {
         200..=299 => Outcome::Done,
         401 | 403 => Outcome::Reauth,
-        // The server gave up waiting (or a long-poll's hold ended): repeating is expected.
-        408 => Outcome::Retry { after: Some(after.unwrap_or(Duration::ZERO)), failover: false },
-        429 => Outcome::Retry { after, failover: false },
+        // Someone gave up waiting (a proxy, say): resending at once could loop, so back off.
+        408 | 429 => Outcome::Retry { after, failover: false },
         400 => Outcome::Reject(Rejection::Invalid),
         413 => Outcome::Reject(Rejection::TooLarge),
         // A server that names a time to come back is alive: wait for it, do not fail over.
@@ -532,13 +536,16 @@ mod tests {
         let retry = |secs: Option<u64>, failover| Outcome::Retry { after: secs.map(Duration::from_secs), failover };
         let table: Vec<(Attempt, Outcome)> = vec![
             (Attempt::Transport, retry(None, true)),
-            (Attempt::HoldEnded, retry(Some(0), false)),
+            (Attempt::HoldEnded { retry_after: None }, retry(Some(0), false)),
+            (Attempt::HoldEnded { retry_after: Some("5") }, retry(Some(5), false)),
             (s(200, None), Outcome::Done),
             (s(201, None), Outcome::Done),
             (s(204, None), Outcome::Done),
             (s(401, None), Outcome::Reauth),
             (s(403, None), Outcome::Reauth),
-            (s(408, None), retry(Some(0), false)),
+            // Not a long-poll's hold: a 408 backs off (or waits as told), never "at once".
+            (s(408, None), retry(None, false)),
+            (s(408, Some("3")), retry(Some(3), false)),
             (s(429, None), retry(None, false)),
             (s(429, Some("7")), retry(Some(7), false)),
             (s(429, Some("3600")), retry(Some(60), false)),

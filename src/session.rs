@@ -263,7 +263,7 @@ mod tests {
             (Events, reply(503, None), "resend 1000ms"),
             (Events, reply(503, Some("2")), "resend 2000ms"),
             (Events, reply(429, Some("3600")), "resend 60000ms"),
-            (Events, reply(408, None), "resend 0ms"),
+            (Events, reply(408, None), "resend 1000ms"),
             (Events, refused(), "down 1000ms"),
             (Events, timeout(), "down 1000ms"),
             (Events, reply(400, None), "refused 400 m"),
@@ -280,7 +280,8 @@ mod tests {
             (Files, reply(404, None), "refused 404 m"),
             (Files, reply(400, None), "refused 400 m"),
             (Files, timeout(), "down 1000ms"),
-            (Files, reply(408, None), "resend 0ms"),
+            (Files, reply(408, None), "resend 1000ms"),
+            (Commands, reply(408, Some("2")), "resend 2000ms"),
         ];
         for (role, result, want) in table {
             let mut backoff = Backoff::new(Duration::ZERO, Duration::ZERO);
