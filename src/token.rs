@@ -132,6 +132,8 @@ struct CellState {
     generation: u64,
     /// Generation a refresh was requested for; cleared when a newer token is published.
     refresh_for: Option<u64>,
+    /// The refresh is to move on to the next server of `server.url` (the current one looks down).
+    failover: bool,
     closed: bool,
     last_error: Option<String>,
 }
@@ -191,8 +193,23 @@ impl TokenCell {
     /// Requests one refresh unless one is already pending for that token or a newer
     /// token already exists. Returns at once; use [`wait_newer`](Self::wait_newer).
     pub fn refused(&self, generation: u64) {
+        self.ask(generation, false);
+    }
+
+    /// Reports that the server of token `generation` looks down (no answer, or a 5xx without
+    /// `Retry-After`): as [`refused`](Self::refused), and the token thread authenticates
+    /// with the next server of `server.url`, which the callers then follow.
+    pub fn server_down(&self, generation: u64) {
+        self.ask(generation, true);
+    }
+
+    fn ask(&self, generation: u64, failover: bool) {
         let mut st = self.lock();
-        if st.closed || generation < st.generation || st.refresh_for == Some(st.generation) {
+        if st.closed || generation < st.generation {
+            return;
+        }
+        st.failover |= failover;
+        if st.refresh_for == Some(st.generation) {
             return;
         }
         st.refresh_for = Some(st.generation);
@@ -210,10 +227,16 @@ impl TokenCell {
         let token = Arc::new(Token { jwt, server, generation: st.generation, expires_at });
         st.token = Some(token.clone());
         st.refresh_for = None;
+        st.failover = false;
         st.last_error = None;
         drop(st);
         self.changed.notify_all();
         token
+    }
+
+    /// Whether the next authentication is to start with the next server (asked once).
+    fn take_failover(&self) -> bool {
+        std::mem::take(&mut self.lock().failover)
     }
 
     fn set_error(&self, message: String) {
@@ -335,6 +358,10 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
         let now = Instant::now();
         let retry = live.config().retry.clone();
         backoff.set_limits(retry.initial, retry.max);
+        if cell.take_failover() {
+            log::warn!("requests to {} fail; trying the next server", auth.servers.current());
+            auth.servers.advance();
+        }
         match auth.authenticate(retry.max) {
             Ok(fresh) => {
                 let delay = renewal_delay(&fresh.claims, unix_now());
@@ -455,6 +482,12 @@ mod tests {
         assert_eq!(wake.try_iter().count(), 0);
         cell.refused(t2.generation);
         assert_eq!(wake.try_iter().count(), 1);
+        // A failover request joins the pending refresh; the token thread takes it once.
+        cell.server_down(t2.generation);
+        assert_eq!(wake.try_iter().count(), 0);
+        assert!(cell.take_failover() && !cell.take_failover());
+        cell.server_down(t.generation);
+        assert!(!cell.take_failover(), "a stale report asks for nothing");
     }
 
     #[test]
