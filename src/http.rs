@@ -30,34 +30,21 @@ use crate::event::{BodyReader, Event};
 pub const MAX_RESPONSE_BYTES: u64 = 8 << 20;
 
 /// Why an HTTP agent could not be built.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum HttpError {
     /// `server.ca_file` could not be read.
+    #[error("cannot read server.ca_file {}: {source}", path.display())]
     CaFile { path: PathBuf, source: std::io::Error },
     /// `server.ca_file` holds no usable PEM certificate.
+    #[error("server.ca_file {} holds no PEM certificate", path.display())]
     CaFileEmpty { path: PathBuf },
     /// The TLS configuration could not be assembled (no usable roots, provider failure).
+    #[error("cannot set up TLS: {0}")]
     Tls(String),
     /// `server.proxy` was refused by the HTTP client.
+    #[error("server.proxy is not usable: {0}")]
     Proxy(String),
 }
-
-impl fmt::Display for HttpError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HttpError::CaFile { path, source } => {
-                write!(f, "cannot read server.ca_file {}: {source}", path.display())
-            }
-            HttpError::CaFileEmpty { path } => {
-                write!(f, "server.ca_file {} holds no PEM certificate", path.display())
-            }
-            HttpError::Tls(m) => write!(f, "cannot set up TLS: {m}"),
-            HttpError::Proxy(m) => write!(f, "server.proxy is not usable: {m}"),
-        }
-    }
-}
-
-impl std::error::Error for HttpError {}
 
 /// `wazuh-agent-rs/<version> (<arch>; <os>)`, as docs/protocol.md, Transport, says.
 pub fn user_agent() -> String {
@@ -85,19 +72,14 @@ pub fn tls_config(server: &ServerConfig) -> Result<Arc<ClientConfig>, HttpError>
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
 
-    let config = match server.verify {
-        Verify::Full => builder.with_root_certificates(roots).with_no_client_auth(),
-        Verify::Certificate => {
-            let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| HttpError::Tls(e.to_string()))?;
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(ChainOnly(inner))).with_no_client_auth()
-        }
-        Verify::None => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
-            .with_no_client_auth(),
-    };
+    if server.verify == Verify::Full {
+        return Ok(Arc::new(builder.with_root_certificates(roots).with_no_client_auth()));
+    }
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| HttpError::Tls(e.to_string()))?;
+    let verifier = Lenient { inner, any: server.verify == Verify::None };
+    let config = builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth();
     Ok(Arc::new(config))
 }
 
@@ -410,11 +392,16 @@ impl Transport for TlsTransport {
     }
 }
 
-/// `verify = "certificate"`: the full WebPKI check, except that a name mismatch is accepted.
+/// `verify = "certificate"`: the full WebPKI check, except that a name mismatch is accepted;
+/// `verify = "none"` (`any`): any certificate. Both still check the handshake signatures (so
+/// the session at least belongs to whoever holds the presented key).
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct Lenient {
+    inner: Arc<WebPkiServerVerifier>,
+    any: bool,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -423,7 +410,8 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+            Err(_) if self.any => Ok(ServerCertVerified::assertion()),
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -437,7 +425,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.inner.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -446,51 +434,11 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.inner.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `verify = "none"`: accepts any certificate, but still checks the handshake signatures
-/// (so the session at least belongs to whoever holds the presented key).
-#[derive(Debug)]
-struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.inner.supported_verify_schemes()
     }
 }
 
