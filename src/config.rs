@@ -15,37 +15,21 @@ pub const DEFAULT_PATH: &str = "/etc/wazuh-agent/wazuh-agent.toml";
 pub const ENV_CONFIG: &str = "WAZUH_AGENT_CONFIG";
 
 /// Why a configuration could not be loaded.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file named explicitly (flag or environment) could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
     Read { path: PathBuf, source: std::io::Error },
     /// The file is not valid TOML or has an unknown key.
+    #[error("config file {}: {}{message}", path.display(), key.as_ref().map_or(String::new(), |k| format!("key `{k}`: ")))]
     Syntax { path: PathBuf, key: Option<String>, message: String },
     /// A key has a value the agent does not accept (wrong type, out of range, ...).
+    #[error("config key `{key}`: {message}")]
     Invalid { key: String, message: String },
     /// A server group file makes the configuration invalid.
+    #[error("group file {file}: {message}")]
     Group { file: String, message: String },
 }
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConfigError::Read { path, source } => {
-                write!(f, "cannot read config file {}: {source}", path.display())
-            }
-            ConfigError::Syntax { path, key: Some(key), message } => {
-                write!(f, "config file {}: key `{key}`: {message}", path.display())
-            }
-            ConfigError::Syntax { path, key: None, message } => {
-                write!(f, "config file {}: {message}", path.display())
-            }
-            ConfigError::Invalid { key, message } => write!(f, "config key `{key}`: {message}"),
-            ConfigError::Group { file, message } => write!(f, "group file {file}: {message}"),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.to_string(), message: message.into() }
@@ -627,11 +611,6 @@ impl Config {
         Ok(config)
     }
 
-    /// The keys (`section.key`) whose effective values differ between two configurations.
-    pub fn changed_keys(&self, other: &Config) -> Vec<String> {
-        KEYS.iter().filter(|k| (k.render)(self) != (k.render)(other)).map(Key::id).collect()
-    }
-
     /// The effective values, one `section.key = value` line each, in TOML syntax.
     /// Stable and line-oriented so scripts can read a value with `sed`/`grep`
     /// (`agent.run_dir = "/run/wazuh-agent"`). The proxy password is masked.
@@ -1057,7 +1036,8 @@ mod tests {
         assert_eq!(c.events.buffer_events, 500);
         assert_eq!(c.log.level, log::LevelFilter::Warn, "local keys not in a group stay");
         let base = parse(local).unwrap();
-        assert_eq!(base.changed_keys(&c), vec!["events.batch_interval", "events.buffer_events"]);
+        let changed: Vec<String> = KEYS.iter().filter(|k| (k.render)(&base) != (k.render)(&c)).map(Key::id).collect();
+        assert_eq!(changed, vec!["events.batch_interval", "events.buffer_events"]);
         let e =
             Config::with_overlays(local, None, &[("bad.yml".into(), overlay("[events]\noverflow = \"explode\"\n"))])
                 .unwrap_err()

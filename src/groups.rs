@@ -17,36 +17,17 @@ use crate::config::{self, Config, ConfigError};
 const LIST_FILE: &str = ".groups.json";
 
 /// Why the group set could not be read, written or applied.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum GroupError {
     /// A group file is not a YAML mapping (the file is named).
+    #[error("group file {file} is not a YAML mapping: {message}")]
     NotAMapping { file: String, message: String },
     /// The merged configuration is invalid.
-    Config(ConfigError),
+    #[error("{0}")]
+    Config(#[source] ConfigError),
     /// A file or directory operation failed.
+    #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
-}
-
-impl std::fmt::Display for GroupError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            GroupError::NotAMapping { file, message } => {
-                write!(f, "group file {file} is not a YAML mapping: {message}")
-            }
-            GroupError::Config(e) => e.fmt(f),
-            GroupError::Io { path, source } => write!(f, "{}: {source}", path.display()),
-        }
-    }
-}
-
-impl std::error::Error for GroupError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            GroupError::Config(e) => Some(e),
-            GroupError::Io { source, .. } => Some(source),
-            GroupError::NotAMapping { .. } => None,
-        }
-    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> GroupError + '_ {

@@ -8,12 +8,11 @@
 //! * [`run`] is the token thread's loop: the only code that calls the authentication
 //!   endpoint, so at most one authentication is ever in flight.
 
-use std::fmt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use crossbeam_channel::{Receiver, Sender, TrySendError, select};
+use crossbeam_channel::{Receiver, Sender, select};
 use serde::{Deserialize, Serialize};
 
 use crate::backoff::Backoff;
@@ -38,38 +37,24 @@ pub struct Claims {
 }
 
 /// Why a token could not be obtained or read.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     /// The JWT is not three base64url parts with a JSON payload carrying `exp`.
+    #[error("the server's token is not a readable JWT: {0}")]
     Malformed(&'static str),
     /// The server refused the credentials (401 "Invalid key" / 403 "Agent does not exist").
+    #[error(
+        "{server} refused the agent's credentials ({status} {message}); all data is kept; \
+         if the agent was removed from the server, register again with `wazuh-agent --register --force`"
+    )]
     CredentialsRejected { server: String, status: u16, message: String },
     /// No server could be reached, or one answered with a retryable error.
+    #[error("cannot authenticate with {server}: {message}")]
     Unavailable { server: String, message: String, retry_after: Option<Duration> },
     /// A server answered something the agent cannot use (unexpected status or body).
+    #[error("unexpected authentication answer from {server}: {message}")]
     BadAnswer { server: String, message: String },
 }
-
-impl fmt::Display for TokenError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TokenError::Malformed(why) => write!(f, "the server's token is not a readable JWT: {why}"),
-            TokenError::CredentialsRejected { server, status, message } => write!(
-                f,
-                "{server} refused the agent's credentials ({status} {message}); all data is kept; \
-                 if the agent was removed from the server, register again with `wazuh-agent --register --force`"
-            ),
-            TokenError::Unavailable { server, message, .. } => {
-                write!(f, "cannot authenticate with {server}: {message}")
-            }
-            TokenError::BadAnswer { server, message } => {
-                write!(f, "unexpected authentication answer from {server}: {message}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for TokenError {}
 
 /// Reads `exp`/`iat` from the JWT payload. The signature is not checked.
 pub fn decode_claims(jwt: &str) -> Result<Claims, TokenError> {
@@ -176,10 +161,8 @@ impl TokenCell {
         let deadline = Instant::now() + timeout;
         let mut st = self.lock();
         loop {
-            if let Some(t) = &st.token {
-                if t.generation > after {
-                    return Some(t.clone());
-                }
+            if let Some(t) = st.token.as_ref().filter(|t| t.generation > after) {
+                return Some(t.clone());
             }
             let now = Instant::now();
             if st.closed || now >= deadline {
@@ -214,11 +197,9 @@ impl TokenCell {
         }
         st.refresh_for = Some(st.generation);
         drop(st);
-        match self.wake.try_send(()) {
-            Ok(()) | Err(TrySendError::Full(())) => {}
-            // The token thread is gone: shutdown is under way; waiters time out or see close().
-            Err(TrySendError::Disconnected(())) => {}
-        }
+        // Full: a wake-up is pending already. Disconnected: the token thread is gone (shutdown
+        // is under way); waiters time out or see close().
+        let _ = self.wake.try_send(());
     }
 
     pub(crate) fn publish(&self, jwt: Secret, server: String, expires_at: SystemTime) -> Arc<Token> {
