@@ -366,10 +366,7 @@ fn choice<T: Copy>(v: &toml::Value, options: &[(&str, T)]) -> Result<T, String> 
 }
 
 fn uuid_version(v: &toml::Value) -> Result<UuidVersion, String> {
-    match v.as_integer() {
-        Some(_) => choice(v, UUIDS),
-        None => Err(expected("4 or 7", v)),
-    }
+    v.as_integer().ok_or_else(|| expected("4 or 7", v)).and_then(|_| choice(v, UUIDS))
 }
 
 fn agent_name(v: &toml::Value) -> Result<String, String> {
@@ -417,7 +414,12 @@ fn proxy(v: &toml::Value) -> Result<Option<String>, String> {
     if text.is_empty() {
         return Ok(None);
     }
-    validate_proxy(&text).map(Some)
+    // Never echo the text back: it may carry a password.
+    if !text.starts_with("http://") {
+        return Err("must be http://[user:pass@]host:port (HTTP CONNECT proxy)".into());
+    }
+    ureq::Proxy::new(&text).map_err(|e| format!("is not a valid proxy URL: {e}"))?;
+    Ok(Some(text))
 }
 
 fn files(v: &toml::Value) -> Result<Vec<FileSpec>, String> {
@@ -532,9 +534,8 @@ pub fn validate_https_url(text: &str) -> Result<String, String> {
     if uri.scheme_str() != Some("https") {
         return Err(format!("{text:?} must start with https:// (the agent only speaks TLS)"));
     }
-    match uri.authority() {
-        Some(a) if !a.host().is_empty() => {}
-        _ => return Err(format!("{text:?} has no host")),
+    if !uri.authority().is_some_and(|a| !a.host().is_empty()) {
+        return Err(format!("{text:?} has no host"));
     }
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
         return Err(format!("{text:?} must not carry credentials"));
@@ -543,15 +544,6 @@ pub fn validate_https_url(text: &str) -> Result<String, String> {
         return Err(format!("{text:?} must not have a query"));
     }
     Ok(text.trim_end_matches('/').to_string())
-}
-
-fn validate_proxy(text: &str) -> Result<String, String> {
-    // Never echo the text back: it may carry a password.
-    if !text.starts_with("http://") {
-        return Err("must be http://[user:pass@]host:port (HTTP CONNECT proxy)".into());
-    }
-    ureq::Proxy::new(text).map_err(|e| format!("is not a valid proxy URL: {e}"))?;
-    Ok(text.to_string())
 }
 
 impl Config {
@@ -765,16 +757,12 @@ fn toml_string(s: &str) -> String {
 
 /// `http://user:pass@host:3128` → `http://user:***@host:3128`.
 fn mask_userinfo(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end..];
-    let Some(at) = rest.find('@') else {
-        return url.to_string();
-    };
-    let userinfo = &rest[..at];
-    let user = userinfo.split(':').next().unwrap_or("");
-    format!("{}{}:***{}", &url[..scheme_end], user, &rest[at..])
+    match url.split_once("://").and_then(|(scheme, rest)| Some((scheme, rest.split_once('@')?))) {
+        Some((scheme, (userinfo, host))) => {
+            format!("{scheme}://{}:***@{host}", userinfo.split(':').next().unwrap_or(""))
+        }
+        None => url.to_string(),
+    }
 }
 
 /// Best-effort name of the key at byte `offset` of a TOML document: the innermost
@@ -792,16 +780,11 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
         .map(str::trim)
         .find(|l| l.starts_with('[') && !l.starts_with("[["))
         .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
-    let key = if line.starts_with('[') {
-        None
-    } else {
-        line.split('=').next().map(|k| k.trim().trim_matches('"').to_string()).filter(|k| !k.is_empty())
-    };
+    let key = Some(line).filter(|l| !l.starts_with('[')).and_then(|l| l.split('=').next());
+    let key = key.map(|k| k.trim().trim_matches('"').to_string()).filter(|k| !k.is_empty());
     match (table, key) {
         (Some(t), Some(k)) => Some(format!("{t}.{k}")),
-        (None, Some(k)) => Some(k),
-        (Some(t), None) => Some(t),
-        (None, None) => None,
+        (t, k) => k.or(t),
     }
 }
 

@@ -93,10 +93,8 @@ pub fn build_agent(server: &ServerConfig, timeout: Duration) -> Result<ureq::Age
 /// root store is the biggest part of it, and one copy is enough.
 pub fn build_agents(server: &ServerConfig, timeouts: &[Duration]) -> Result<Vec<ureq::Agent>, HttpError> {
     let tls = tls_config(server)?;
-    let proxy = match &server.proxy {
-        Some(p) => Some(ureq::Proxy::new(p).map_err(|e| HttpError::Proxy(e.to_string()))?),
-        None => None,
-    };
+    let proxy = server.proxy.as_deref().map(ureq::Proxy::new).transpose();
+    let proxy = proxy.map_err(|e| HttpError::Proxy(e.to_string()))?;
     Ok(timeouts.iter().map(|t| agent_with(tls.clone(), proxy.clone(), *t)).collect())
 }
 
@@ -298,6 +296,14 @@ pub fn server_message(body: &[u8]) -> String {
     out
 }
 
+/// One line for logs: the status and the server's message, or what went wrong on the way.
+pub fn describe(result: &Result<Reply, ureq::Error>) -> String {
+    match result {
+        Ok(r) => format!("{} {}", r.status, r.message()),
+        Err(e) => describe_transport(e),
+    }
+}
+
 /// One-line description of a transport error for logs, with the root cause and, for the
 /// TLS failures operators meet most, what to do about them.
 pub fn describe_transport(e: &ureq::Error) -> String {
@@ -442,34 +448,6 @@ impl ServerCertVerifier for Lenient {
     }
 }
 
-/// Failover over `server.url`: the index of the server in use, moved on by the caller
-/// when [`classify`] suggests it. Owned by one thread; not shared.
-#[derive(Debug, Clone)]
-pub struct Servers {
-    urls: Vec<String>,
-    current: usize,
-}
-
-impl Servers {
-    pub fn new(urls: &[String]) -> Servers {
-        Servers { urls: urls.to_vec(), current: 0 }
-    }
-
-    pub fn current(&self) -> &str {
-        &self.urls[self.current]
-    }
-
-    pub fn advance(&mut self) {
-        self.current = (self.current + 1) % self.urls.len();
-    }
-
-    // Never empty: `server.url` needs at least one address.
-    #[allow(clippy::len_without_is_empty)]
-    pub fn len(&self) -> usize {
-        self.urls.len()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -537,16 +515,6 @@ mod tests {
             assert_eq!(server_message(body), *want);
         }
         assert_eq!(server_message(&[b'x'; 1000]).len(), 200);
-    }
-
-    #[test]
-    fn failover_wraps() {
-        let mut s = Servers::new(&["https://a".to_string(), "https://b".to_string()]);
-        assert_eq!(s.current(), "https://a");
-        s.advance();
-        assert_eq!(s.current(), "https://b");
-        s.advance();
-        assert_eq!(s.current(), "https://a");
     }
 
     #[test]

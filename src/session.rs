@@ -112,11 +112,7 @@ pub fn next_step(
         // A refusal the caller cannot act on: retry slowly and say what is wrong.
         (_, result) => (backoff.next_delay_with(random).max(retry.max / 2), false, true, result),
     };
-    let why = match &result {
-        Ok(r) => format!("{} {}", r.status, r.message()),
-        Err(e) => http::describe_transport(e),
-    };
-    Step::Resend { delay, why, down: result.is_err(), failover, wrong_url }
+    Step::Resend { delay, why: http::describe(&result), down: result.is_err(), failover, wrong_url }
 }
 
 /// One thread's way to the comms API; `agent` is this thread's own connection pool.

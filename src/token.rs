@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backoff::Backoff;
 use crate::credentials::{Credentials, Secret};
-use crate::http::{self, Attempt, Outcome, Request, Servers};
+use crate::http::{self, Attempt, Outcome, Request};
 use crate::live::Live;
 
 /// Renewals are never closer together than this, whatever the token or the clock say:
@@ -245,7 +245,9 @@ struct AuthResponse {
 /// Talks to `POST /api/v1/authentication`, with failover over `server.url`.
 pub struct Authenticator {
     agent: ureq::Agent,
-    servers: Servers,
+    /// `server.url`, and the index of the one in use: failover moves it on.
+    servers: Vec<String>,
+    current: usize,
     credentials: Credentials,
 }
 
@@ -258,7 +260,11 @@ pub struct Fresh {
 
 impl Authenticator {
     pub fn new(agent: ureq::Agent, urls: &[String], credentials: Credentials) -> Authenticator {
-        Authenticator { agent, servers: Servers::new(urls), credentials }
+        Authenticator { agent, servers: urls.to_vec(), current: 0, credentials }
+    }
+
+    fn advance(&mut self) {
+        self.current = (self.current + 1) % self.servers.len();
     }
 
     /// One authentication round: the current server, then the next ones while they look
@@ -267,13 +273,9 @@ impl Authenticator {
         let creds = AuthRequest { uuid: &self.credentials.uuid, key: self.credentials.key.expose() };
         let body = serde_json::to_vec(&creds)
             .map_err(|e| TokenError::BadAnswer { server: String::new(), message: e.to_string() })?;
-        let message = |result: &Result<http::Reply, ureq::Error>| match result {
-            Ok(reply) => format!("{} {}", reply.status, reply.message()),
-            Err(e) => http::describe_transport(e),
-        };
         let mut tried = 0;
         loop {
-            let server = self.servers.current().to_string();
+            let server = self.servers[self.current].clone();
             let url = format!("{server}/api/v1/authentication");
             let result = http::send(&self.agent, &url, None, &Request::Json(&body), None);
             tried += 1;
@@ -289,15 +291,15 @@ impl Authenticator {
                     return Err(TokenError::CredentialsRejected { server, status: r.status, message: r.message() });
                 }
                 (Outcome::Retry { after, failover }, result) => {
-                    let err = TokenError::Unavailable { server, message: message(&result), retry_after: after };
+                    let err = TokenError::Unavailable { server, message: http::describe(&result), retry_after: after };
                     if !failover {
                         return Err(err);
                     }
                     err // This server looks down: try the next one.
                 }
-                (_, result) => return Err(TokenError::BadAnswer { server, message: message(&result) }),
+                (_, result) => return Err(TokenError::BadAnswer { server, message: http::describe(&result) }),
             };
-            self.servers.advance();
+            self.advance();
             if tried >= self.servers.len() {
                 return Err(err);
             }
@@ -340,8 +342,8 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
         let retry = live.config().retry.clone();
         backoff.set_limits(retry.initial, retry.max);
         if cell.take_failover() {
-            log::warn!("requests to {} fail; trying the next server", auth.servers.current());
-            auth.servers.advance();
+            log::warn!("requests to {} fail; trying the next server", auth.servers[auth.current]);
+            auth.advance();
         }
         match auth.authenticate(retry.max) {
             Ok(fresh) => {
@@ -482,6 +484,17 @@ mod tests {
         let waiter = std::thread::spawn(move || c3.wait_newer(1, Duration::from_secs(30)).is_none());
         cell.close();
         assert!(waiter.join().unwrap());
+    }
+
+    #[test]
+    fn failover_wraps() {
+        let creds = Credentials { uuid: "u".into(), key: Secret::new("k".into()), name: "n".into() };
+        let urls = ["https://a".to_string(), "https://b".to_string()];
+        let mut auth = Authenticator::new(ureq::Agent::new_with_defaults(), &urls, creds);
+        for want in [1, 0, 1] {
+            auth.advance();
+            assert_eq!(auth.current, want);
+        }
     }
 
     #[test]
