@@ -551,10 +551,8 @@ impl Config {
     pub fn defaults() -> Config {
         // The defaults are valid by construction; the unit test `defaults_are_valid` holds
         // this to account.
-        match Config::from_table(&toml::Table::new(), None) {
-            Ok(c) => c,
-            Err(e) => unreachable!("built-in defaults are invalid: {e}"),
-        }
+        Config::from_table(&toml::Table::new(), None)
+            .unwrap_or_else(|e| unreachable!("built-in defaults are invalid: {e}"))
     }
 
     /// Parses TOML text. `path` is only used in messages and recorded as the source.
@@ -567,11 +565,9 @@ impl Config {
     /// (flag or variable) must exist; a missing default file means all defaults.
     pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
         let from_env = std::env::var_os(ENV_CONFIG).filter(|v| !v.is_empty()).map(PathBuf::from);
-        let (path, required) = match (explicit, from_env) {
-            (Some(p), _) => (p.to_path_buf(), true),
-            (None, Some(p)) => (p, true),
-            (None, None) => (PathBuf::from(DEFAULT_PATH), false),
-        };
+        let named = explicit.map(Path::to_path_buf).or(from_env);
+        let required = named.is_some();
+        let path = named.unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
         match std::fs::read_to_string(&path) {
             Ok(text) => Config::parse(&text, &path),
             Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(Config::defaults()),

@@ -136,24 +136,15 @@ pub fn warn_ignored(ignored: &[String]) {
 /// The effective configuration: the local file (re-read from `local`) plus the current
 /// group files. Used at start, on SIGHUP and after `set-group`/`fetch-config`.
 pub fn effective_config(local: &Config, data_dir: &Path) -> Result<Config, GroupError> {
-    let text = match &local.source {
-        Some(p) => fs::read_to_string(p).map_err(io_err(p))?,
-        None => String::new(),
-    };
+    let text = local.source.as_ref().map(|p| fs::read_to_string(p).map_err(io_err(p))).transpose()?;
+    let text = text.unwrap_or_default();
     let overlays = current_overlays(data_dir)?;
     Config::with_overlays(&text, local.source.as_deref(), &overlays).map_err(GroupError::Config)
 }
 
 fn next_generation(data_dir: &Path) -> u64 {
-    fs::read_dir(data_dir)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.strip_prefix("shared.")?.parse::<u64>().ok())
-                .max()
-                .unwrap_or(0)
-        })
-        .unwrap_or(0)
-        + 1
+    let entries = fs::read_dir(data_dir).into_iter().flatten().flatten();
+    entries.filter_map(|e| e.file_name().to_str()?.strip_prefix("shared.")?.parse::<u64>().ok()).max().unwrap_or(0) + 1
 }
 
 /// Replaces the whole set with `files` (`(group, content)`, in group order), atomically.
@@ -186,26 +177,18 @@ pub fn install(data_dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), Group
         // The switch is durable only once the directory entry is.
         fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(io_err(data_dir))
     })();
-    match result {
-        Ok(()) => {
-            // Old generations are garbage now.
-            if let Ok(d) = fs::read_dir(data_dir) {
-                for e in d.flatten() {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    if (name.starts_with("shared.") && name != format!("shared.{generation}"))
-                        || name == "shared.legacy"
-                    {
-                        let _ = fs::remove_dir_all(e.path());
-                    }
-                }
-            }
-            Ok(())
-        }
-        Err(e) => {
-            let _ = fs::remove_dir_all(&gen_dir);
-            Err(e)
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&gen_dir);
+        return result;
+    }
+    // Old generations (and `shared.legacy`) are garbage now.
+    for e in fs::read_dir(data_dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("shared.") && name != format!("shared.{generation}") {
+            let _ = fs::remove_dir_all(e.path());
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -353,13 +353,9 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
                     log::warn!("the server's token has no iat claim; its lifetime is measured with the local clock");
                 }
                 let token = cell.publish(fresh.jwt, fresh.server, SystemTime::now() + life);
-                log::info!(
-                    "{} with {} (token lifetime {}s, renewal in {}ms)",
-                    if token.generation == 1 { "authenticated" } else { "token renewed" },
-                    token.server,
-                    life.as_secs(),
-                    delay.as_millis()
-                );
+                let what = if token.generation == 1 { "authenticated" } else { "token renewed" };
+                let (server, secs, ms) = (&token.server, life.as_secs(), delay.as_millis());
+                log::info!("{what} with {server} (token lifetime {secs}s, renewal in {ms}ms)");
                 backoff.reset();
                 backing_off = false;
                 last_success = Some(now);
