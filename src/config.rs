@@ -603,11 +603,7 @@ impl Config {
     /// Stable and line-oriented so scripts can read a value with `sed`/`grep`
     /// (`agent.run_dir = "/run/wazuh-agent"`). The proxy password is masked.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        for k in KEYS {
-            let _ = writeln!(out, "{}.{} = {}", k.section, k.name, (k.render)(self));
-        }
-        out
+        KEYS.iter().map(|k| format!("{} = {}\n", k.id(), (k.render)(self))).collect()
     }
 
     /// Walks `table` against [`KEYS`]: unknown keys are refused, missing keys take their
@@ -643,16 +639,9 @@ impl Config {
             log: LogConfig { level: log::LevelFilter::Info, file: None, syslog: false },
         };
         for k in KEYS {
-            let given = table.get(k.section).and_then(|s| s.get(k.name));
-            let parsed = match given {
-                Some(v) => (k.parse)(&mut c, v),
-                None => k
-                    .default
-                    .parse::<toml::Value>()
-                    .map_err(|e| format!("bad default: {e}"))
-                    .and_then(|v| (k.parse)(&mut c, &v)),
-            };
-            parsed.map_err(|m| invalid(&k.id(), m))?;
+            let default = || k.default.parse::<toml::Value>().map_err(|e| format!("bad default: {e}"));
+            let given = table.get(k.section).and_then(|s| s.get(k.name)).cloned();
+            given.map_or_else(default, Ok).and_then(|v| (k.parse)(&mut c, &v)).map_err(|m| invalid(&k.id(), m))?;
         }
         if c.agent.group.is_some() && c.agent.user.is_none() {
             return Err(invalid("agent.group", "needs agent.user"));

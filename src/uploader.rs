@@ -48,11 +48,10 @@ impl RejectedLog {
         RejectedLog { path: data_dir.join("rejected.ndjson") }
     }
 
-    fn record(&self, kind: Kind, status: u16, reason: &str, e: &Event) {
+    fn record(&self, endpoint: &str, status: u16, reason: &str, e: &Event) {
         if fs::metadata(&self.path).is_ok_and(|m| m.len() > REJECTED_MAX_BYTES) {
             let _ = fs::rename(&self.path, self.path.with_extension("ndjson.1"));
         }
-        let endpoint = if kind == Kind::Stateful { "stateful" } else { "stateless" };
         // header and data are valid JSON already; the rest is escaped by serde_json.
         let line = format!(
             "{{\"time\":{},\"endpoint\":\"{endpoint}\",\"status\":{status},\"reason\":{},\"header\":{},\"data\":{}}}\n",
@@ -163,7 +162,7 @@ impl Uploader {
                     "the server refused an event ({status} {message}); recorded in {}",
                     self.rejected.path.display()
                 );
-                self.rejected.record(kind, status, &message, &events[0]);
+                self.rejected.record(endpoint, status, &message, &events[0]);
                 Stats::add(&stats.rejected, 1);
                 Stats::add(&stats.batches_failed, 1);
                 Delivery::Done
@@ -195,9 +194,6 @@ impl Uploader {
             return;
         };
         let failed: Vec<&ItemResult> = parsed.results.iter().filter(|r| r.status >= 300).collect();
-        if failed.is_empty() {
-            return;
-        }
         Stats::add(&self.session.stats.rejected, failed.len() as u64);
         for f in failed.iter().take(3) {
             log::warn!(
