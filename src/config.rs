@@ -534,7 +534,7 @@ pub fn validate_https_url(text: &str) -> Result<String, String> {
     if uri.scheme_str() != Some("https") {
         return Err(format!("{text:?} must start with https:// (the agent only speaks TLS)"));
     }
-    if !uri.authority().is_some_and(|a| !a.host().is_empty()) {
+    if uri.authority().is_none_or(|a| a.host().is_empty()) {
         return Err(format!("{text:?} has no host"));
     }
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
