@@ -131,10 +131,13 @@ fn retry_after_is_honoured() {
         });
     }
     env.send_ok(&lines([stateless(1), stateful(1)]));
-    assert!(
-        env.mock
-            .wait_until(Duration::from_secs(15), |m| m.stateless_events().len() == 1 && m.stateful_events().len() == 1)
-    );
+    // The mock stores the events before it records the request that carried them: wait for both.
+    let accepted = |m: &wazuh_mock_server::MockServer| {
+        m.requests().iter().filter(|r| r.path.starts_with("/api/v1/events/") && r.status < 300).count()
+    };
+    assert!(env.mock.wait_until(Duration::from_secs(15), |m| m.stateless_events().len() == 1
+        && m.stateful_events().len() == 1
+        && accepted(m) == 2));
     let reqs = env.mock.requests();
     for path in ["/api/v1/events/stateless", "/api/v1/events/stateful"] {
         let times: Vec<_> = reqs.iter().filter(|r| r.path == path).map(|r| (r.status, r.at)).collect();
