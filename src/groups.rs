@@ -158,8 +158,7 @@ pub fn install(data_dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), Group
             crate::fsutil::write_atomic(&path, content, 0o600).map_err(io_err(&path))?;
         }
         let names: Vec<&String> = files.iter().map(|(g, _)| g).collect();
-        let list = serde_json::to_vec(&names)
-            .map_err(|e| GroupError::Io { path: gen_dir.clone(), source: io::Error::other(e) })?;
+        let list = serde_json::to_vec(&names).map_err(io::Error::other).map_err(io_err(&gen_dir))?;
         let list_path = gen_dir.join(LIST_FILE);
         crate::fsutil::write_atomic(&list_path, &list, 0o600).map_err(io_err(&list_path))?;
         // Switch: a new link renamed over the old one is atomic.

@@ -2,13 +2,9 @@
 //!
 //! Each takes one batch at a time: [`run_queue`] from the durable queue and the batcher,
 //! [`run_stateless`] from the batcher only (so stateful batches stay in order, one in
-//! flight). Each batch is delivered with the rules of docs/protocol.md, Events, by its [`Session`]:
-//!
-//! * 2xx: delivered (the queue's cursor moves on);
-//! * 401/403: ask the token thread for a new token, resend;
-//! * 408/429/5xx/transport: resend after full-jitter backoff (or `Retry-After`);
-//! * 413: split in halves; 400: bisect down to the offending events, which go to
-//!   `<data_dir>/rejected.ndjson` with the server's reason, and deliver the rest.
+//! flight). Its [`Session`] delivers a batch with the rules of docs/protocol.md, Events; this
+//! file splits what the server refuses (413: in halves; 400: down to the offending events,
+//! which go to `<data_dir>/rejected.ndjson` with the server's reason).
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
