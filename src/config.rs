@@ -229,10 +229,7 @@ macro_rules! key {
             default: stringify!($d),
             server: $server,
             live: $live,
-            parse: |c, v| {
-                c.$s.$f = ($parse)(v)?;
-                Ok(())
-            },
+            parse: |c, v| ($parse)(v).map(|x| c.$s.$f = x),
             render: |c| ($render)(&c.$s.$f),
             copy: |to, from| to.$s.$f = Clone::clone(&from.$s.$f),
         }
