@@ -103,11 +103,10 @@ impl Uploader {
         self.deadline.get().is_some_and(|d| Instant::now() >= *d)
     }
 
-    /// The supervisor sets the deadline before closing the channel; this is the fallback.
+    /// The supervisor sets the deadline before closing the channel; this is the fallback
+    /// (`set` keeps a deadline already set).
     fn begin_drain(&self) {
-        if self.deadline.get().is_none() {
-            let _ = self.deadline.set(Instant::now());
-        }
+        let _ = self.deadline.set(Instant::now());
     }
 
     /// How long to wait for input: while draining, give up soon once the batcher is done.
