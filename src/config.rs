@@ -15,37 +15,21 @@ pub const DEFAULT_PATH: &str = "/etc/wazuh-agent/wazuh-agent.toml";
 pub const ENV_CONFIG: &str = "WAZUH_AGENT_CONFIG";
 
 /// Why a configuration could not be loaded.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file named explicitly (flag or environment) could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
     Read { path: PathBuf, source: std::io::Error },
     /// The file is not valid TOML or has an unknown key.
+    #[error("config file {}: {}{message}", path.display(), key.as_ref().map_or(String::new(), |k| format!("key `{k}`: ")))]
     Syntax { path: PathBuf, key: Option<String>, message: String },
     /// A key has a value the agent does not accept (wrong type, out of range, ...).
+    #[error("config key `{key}`: {message}")]
     Invalid { key: String, message: String },
     /// A server group file makes the configuration invalid.
+    #[error("group file {file}: {message}")]
     Group { file: String, message: String },
 }
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConfigError::Read { path, source } => {
-                write!(f, "cannot read config file {}: {source}", path.display())
-            }
-            ConfigError::Syntax { path, key: Some(key), message } => {
-                write!(f, "config file {}: key `{key}`: {message}", path.display())
-            }
-            ConfigError::Syntax { path, key: None, message } => {
-                write!(f, "config file {}: {message}", path.display())
-            }
-            ConfigError::Invalid { key, message } => write!(f, "config key `{key}`: {message}"),
-            ConfigError::Group { file, message } => write!(f, "group file {file}: {message}"),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.to_string(), message: message.into() }
@@ -245,10 +229,7 @@ macro_rules! key {
             default: stringify!($d),
             server: $server,
             live: $live,
-            parse: |c, v| {
-                c.$s.$f = ($parse)(v)?;
-                Ok(())
-            },
+            parse: |c, v| ($parse)(v).map(|x| c.$s.$f = x),
             render: |c| ($render)(&c.$s.$f),
             copy: |to, from| to.$s.$f = Clone::clone(&from.$s.$f),
         }
@@ -382,10 +363,7 @@ fn choice<T: Copy>(v: &toml::Value, options: &[(&str, T)]) -> Result<T, String> 
 }
 
 fn uuid_version(v: &toml::Value) -> Result<UuidVersion, String> {
-    match v.as_integer() {
-        Some(_) => choice(v, UUIDS),
-        None => Err(expected("4 or 7", v)),
-    }
+    v.as_integer().ok_or_else(|| expected("4 or 7", v)).and_then(|_| choice(v, UUIDS))
 }
 
 fn agent_name(v: &toml::Value) -> Result<String, String> {
@@ -433,7 +411,12 @@ fn proxy(v: &toml::Value) -> Result<Option<String>, String> {
     if text.is_empty() {
         return Ok(None);
     }
-    validate_proxy(&text).map(Some)
+    // Never echo the text back: it may carry a password.
+    if !text.starts_with("http://") {
+        return Err("must be http://[user:pass@]host:port (HTTP CONNECT proxy)".into());
+    }
+    ureq::Proxy::new(&text).map_err(|e| format!("is not a valid proxy URL: {e}"))?;
+    Ok(Some(text))
 }
 
 fn files(v: &toml::Value) -> Result<Vec<FileSpec>, String> {
@@ -548,9 +531,8 @@ pub fn validate_https_url(text: &str) -> Result<String, String> {
     if uri.scheme_str() != Some("https") {
         return Err(format!("{text:?} must start with https:// (the agent only speaks TLS)"));
     }
-    match uri.authority() {
-        Some(a) if !a.host().is_empty() => {}
-        _ => return Err(format!("{text:?} has no host")),
+    if uri.authority().is_none_or(|a| a.host().is_empty()) {
+        return Err(format!("{text:?} has no host"));
     }
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
         return Err(format!("{text:?} must not carry credentials"));
@@ -561,24 +543,13 @@ pub fn validate_https_url(text: &str) -> Result<String, String> {
     Ok(text.trim_end_matches('/').to_string())
 }
 
-fn validate_proxy(text: &str) -> Result<String, String> {
-    // Never echo the text back: it may carry a password.
-    if !text.starts_with("http://") {
-        return Err("must be http://[user:pass@]host:port (HTTP CONNECT proxy)".into());
-    }
-    ureq::Proxy::new(text).map_err(|e| format!("is not a valid proxy URL: {e}"))?;
-    Ok(text.to_string())
-}
-
 impl Config {
     /// The configuration with every key at its default (as if the file were empty).
     pub fn defaults() -> Config {
         // The defaults are valid by construction; the unit test `defaults_are_valid` holds
         // this to account.
-        match Config::from_table(&toml::Table::new(), None) {
-            Ok(c) => c,
-            Err(e) => unreachable!("built-in defaults are invalid: {e}"),
-        }
+        Config::from_table(&toml::Table::new(), None)
+            .unwrap_or_else(|e| unreachable!("built-in defaults are invalid: {e}"))
     }
 
     /// Parses TOML text. `path` is only used in messages and recorded as the source.
@@ -591,11 +562,9 @@ impl Config {
     /// (flag or variable) must exist; a missing default file means all defaults.
     pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
         let from_env = std::env::var_os(ENV_CONFIG).filter(|v| !v.is_empty()).map(PathBuf::from);
-        let (path, required) = match (explicit, from_env) {
-            (Some(p), _) => (p.to_path_buf(), true),
-            (None, Some(p)) => (p, true),
-            (None, None) => (PathBuf::from(DEFAULT_PATH), false),
-        };
+        let named = explicit.map(Path::to_path_buf).or(from_env);
+        let required = named.is_some();
+        let path = named.unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
         match std::fs::read_to_string(&path) {
             Ok(text) => Config::parse(&text, &path),
             Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(Config::defaults()),
@@ -627,20 +596,11 @@ impl Config {
         Ok(config)
     }
 
-    /// The keys (`section.key`) whose effective values differ between two configurations.
-    pub fn changed_keys(&self, other: &Config) -> Vec<String> {
-        KEYS.iter().filter(|k| (k.render)(self) != (k.render)(other)).map(Key::id).collect()
-    }
-
     /// The effective values, one `section.key = value` line each, in TOML syntax.
     /// Stable and line-oriented so scripts can read a value with `sed`/`grep`
     /// (`agent.run_dir = "/run/wazuh-agent"`). The proxy password is masked.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        for k in KEYS {
-            let _ = writeln!(out, "{}.{} = {}", k.section, k.name, (k.render)(self));
-        }
-        out
+        KEYS.iter().map(|k| format!("{} = {}\n", k.id(), (k.render)(self))).collect()
     }
 
     /// Walks `table` against [`KEYS`]: unknown keys are refused, missing keys take their
@@ -676,16 +636,9 @@ impl Config {
             log: LogConfig { level: log::LevelFilter::Info, file: None, syslog: false },
         };
         for k in KEYS {
-            let given = table.get(k.section).and_then(|s| s.get(k.name));
-            let parsed = match given {
-                Some(v) => (k.parse)(&mut c, v),
-                None => k
-                    .default
-                    .parse::<toml::Value>()
-                    .map_err(|e| format!("bad default: {e}"))
-                    .and_then(|v| (k.parse)(&mut c, &v)),
-            };
-            parsed.map_err(|m| invalid(&k.id(), m))?;
+            let default = || k.default.parse::<toml::Value>().map_err(|e| format!("bad default: {e}"));
+            let given = table.get(k.section).and_then(|s| s.get(k.name)).cloned();
+            given.map_or_else(default, Ok).and_then(|v| (k.parse)(&mut c, &v)).map_err(|m| invalid(&k.id(), m))?;
         }
         if c.agent.group.is_some() && c.agent.user.is_none() {
             return Err(invalid("agent.group", "needs agent.user"));
@@ -786,16 +739,12 @@ fn toml_string(s: &str) -> String {
 
 /// `http://user:pass@host:3128` → `http://user:***@host:3128`.
 fn mask_userinfo(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end..];
-    let Some(at) = rest.find('@') else {
-        return url.to_string();
-    };
-    let userinfo = &rest[..at];
-    let user = userinfo.split(':').next().unwrap_or("");
-    format!("{}{}:***{}", &url[..scheme_end], user, &rest[at..])
+    match url.split_once("://").and_then(|(scheme, rest)| Some((scheme, rest.split_once('@')?))) {
+        Some((scheme, (userinfo, host))) => {
+            format!("{scheme}://{}:***@{host}", userinfo.split(':').next().unwrap_or(""))
+        }
+        None => url.to_string(),
+    }
 }
 
 /// Best-effort name of the key at byte `offset` of a TOML document: the innermost
@@ -813,16 +762,11 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
         .map(str::trim)
         .find(|l| l.starts_with('[') && !l.starts_with("[["))
         .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
-    let key = if line.starts_with('[') {
-        None
-    } else {
-        line.split('=').next().map(|k| k.trim().trim_matches('"').to_string()).filter(|k| !k.is_empty())
-    };
+    let key = Some(line).filter(|l| !l.starts_with('[')).and_then(|l| l.split('=').next());
+    let key = key.map(|k| k.trim().trim_matches('"').to_string()).filter(|k| !k.is_empty());
     match (table, key) {
         (Some(t), Some(k)) => Some(format!("{t}.{k}")),
-        (None, Some(k)) => Some(k),
-        (Some(t), None) => Some(t),
-        (None, None) => None,
+        (t, k) => k.or(t),
     }
 }
 
@@ -1057,7 +1001,8 @@ mod tests {
         assert_eq!(c.events.buffer_events, 500);
         assert_eq!(c.log.level, log::LevelFilter::Warn, "local keys not in a group stay");
         let base = parse(local).unwrap();
-        assert_eq!(base.changed_keys(&c), vec!["events.batch_interval", "events.buffer_events"]);
+        let changed: Vec<String> = KEYS.iter().filter(|k| (k.render)(&base) != (k.render)(&c)).map(Key::id).collect();
+        assert_eq!(changed, vec!["events.batch_interval", "events.buffer_events"]);
         let e =
             Config::with_overlays(local, None, &[("bad.yml".into(), overlay("[events]\noverflow = \"explode\"\n"))])
                 .unwrap_err()

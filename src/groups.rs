@@ -17,36 +17,17 @@ use crate::config::{self, Config, ConfigError};
 const LIST_FILE: &str = ".groups.json";
 
 /// Why the group set could not be read, written or applied.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum GroupError {
     /// A group file is not a YAML mapping (the file is named).
+    #[error("group file {file} is not a YAML mapping: {message}")]
     NotAMapping { file: String, message: String },
     /// The merged configuration is invalid.
-    Config(ConfigError),
+    #[error("{0}")]
+    Config(#[source] ConfigError),
     /// A file or directory operation failed.
+    #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
-}
-
-impl std::fmt::Display for GroupError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            GroupError::NotAMapping { file, message } => {
-                write!(f, "group file {file} is not a YAML mapping: {message}")
-            }
-            GroupError::Config(e) => e.fmt(f),
-            GroupError::Io { path, source } => write!(f, "{}: {source}", path.display()),
-        }
-    }
-}
-
-impl std::error::Error for GroupError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            GroupError::Config(e) => Some(e),
-            GroupError::Io { source, .. } => Some(source),
-            GroupError::NotAMapping { .. } => None,
-        }
-    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> GroupError + '_ {
@@ -155,24 +136,15 @@ pub fn warn_ignored(ignored: &[String]) {
 /// The effective configuration: the local file (re-read from `local`) plus the current
 /// group files. Used at start, on SIGHUP and after `set-group`/`fetch-config`.
 pub fn effective_config(local: &Config, data_dir: &Path) -> Result<Config, GroupError> {
-    let text = match &local.source {
-        Some(p) => fs::read_to_string(p).map_err(io_err(p))?,
-        None => String::new(),
-    };
+    let text = local.source.as_ref().map(|p| fs::read_to_string(p).map_err(io_err(p))).transpose()?;
+    let text = text.unwrap_or_default();
     let overlays = current_overlays(data_dir)?;
     Config::with_overlays(&text, local.source.as_deref(), &overlays).map_err(GroupError::Config)
 }
 
 fn next_generation(data_dir: &Path) -> u64 {
-    fs::read_dir(data_dir)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.strip_prefix("shared.")?.parse::<u64>().ok())
-                .max()
-                .unwrap_or(0)
-        })
-        .unwrap_or(0)
-        + 1
+    let entries = fs::read_dir(data_dir).into_iter().flatten().flatten();
+    entries.filter_map(|e| e.file_name().to_str()?.strip_prefix("shared.")?.parse::<u64>().ok()).max().unwrap_or(0) + 1
 }
 
 /// Replaces the whole set with `files` (`(group, content)`, in group order), atomically.
@@ -186,8 +158,7 @@ pub fn install(data_dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), Group
             crate::fsutil::write_atomic(&path, content, 0o600).map_err(io_err(&path))?;
         }
         let names: Vec<&String> = files.iter().map(|(g, _)| g).collect();
-        let list = serde_json::to_vec(&names)
-            .map_err(|e| GroupError::Io { path: gen_dir.clone(), source: io::Error::other(e) })?;
+        let list = serde_json::to_vec(&names).map_err(io::Error::other).map_err(io_err(&gen_dir))?;
         let list_path = gen_dir.join(LIST_FILE);
         crate::fsutil::write_atomic(&list_path, &list, 0o600).map_err(io_err(&list_path))?;
         // Switch: a new link renamed over the old one is atomic.
@@ -205,26 +176,18 @@ pub fn install(data_dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), Group
         // The switch is durable only once the directory entry is.
         fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(io_err(data_dir))
     })();
-    match result {
-        Ok(()) => {
-            // Old generations are garbage now.
-            if let Ok(d) = fs::read_dir(data_dir) {
-                for e in d.flatten() {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    if (name.starts_with("shared.") && name != format!("shared.{generation}"))
-                        || name == "shared.legacy"
-                    {
-                        let _ = fs::remove_dir_all(e.path());
-                    }
-                }
-            }
-            Ok(())
-        }
-        Err(e) => {
-            let _ = fs::remove_dir_all(&gen_dir);
-            Err(e)
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&gen_dir);
+        return result;
+    }
+    // Old generations (and `shared.legacy`) are garbage now.
+    for e in fs::read_dir(data_dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("shared.") && name != format!("shared.{generation}") {
+            let _ = fs::remove_dir_all(e.path());
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -30,34 +30,21 @@ use crate::event::{BodyReader, Event};
 pub const MAX_RESPONSE_BYTES: u64 = 8 << 20;
 
 /// Why an HTTP agent could not be built.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum HttpError {
     /// `server.ca_file` could not be read.
+    #[error("cannot read server.ca_file {}: {source}", path.display())]
     CaFile { path: PathBuf, source: std::io::Error },
     /// `server.ca_file` holds no usable PEM certificate.
+    #[error("server.ca_file {} holds no PEM certificate", path.display())]
     CaFileEmpty { path: PathBuf },
     /// The TLS configuration could not be assembled (no usable roots, provider failure).
+    #[error("cannot set up TLS: {0}")]
     Tls(String),
     /// `server.proxy` was refused by the HTTP client.
+    #[error("server.proxy is not usable: {0}")]
     Proxy(String),
 }
-
-impl fmt::Display for HttpError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HttpError::CaFile { path, source } => {
-                write!(f, "cannot read server.ca_file {}: {source}", path.display())
-            }
-            HttpError::CaFileEmpty { path } => {
-                write!(f, "server.ca_file {} holds no PEM certificate", path.display())
-            }
-            HttpError::Tls(m) => write!(f, "cannot set up TLS: {m}"),
-            HttpError::Proxy(m) => write!(f, "server.proxy is not usable: {m}"),
-        }
-    }
-}
-
-impl std::error::Error for HttpError {}
 
 /// `wazuh-agent-rs/<version> (<arch>; <os>)`, as docs/protocol.md, Transport, says.
 pub fn user_agent() -> String {
@@ -85,19 +72,14 @@ pub fn tls_config(server: &ServerConfig) -> Result<Arc<ClientConfig>, HttpError>
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
 
-    let config = match server.verify {
-        Verify::Full => builder.with_root_certificates(roots).with_no_client_auth(),
-        Verify::Certificate => {
-            let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| HttpError::Tls(e.to_string()))?;
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(ChainOnly(inner))).with_no_client_auth()
-        }
-        Verify::None => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
-            .with_no_client_auth(),
-    };
+    if server.verify == Verify::Full {
+        return Ok(Arc::new(builder.with_root_certificates(roots).with_no_client_auth()));
+    }
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| HttpError::Tls(e.to_string()))?;
+    let verifier = Lenient { inner, any: server.verify == Verify::None };
+    let config = builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth();
     Ok(Arc::new(config))
 }
 
@@ -111,10 +93,8 @@ pub fn build_agent(server: &ServerConfig, timeout: Duration) -> Result<ureq::Age
 /// root store is the biggest part of it, and one copy is enough.
 pub fn build_agents(server: &ServerConfig, timeouts: &[Duration]) -> Result<Vec<ureq::Agent>, HttpError> {
     let tls = tls_config(server)?;
-    let proxy = match &server.proxy {
-        Some(p) => Some(ureq::Proxy::new(p).map_err(|e| HttpError::Proxy(e.to_string()))?),
-        None => None,
-    };
+    let proxy = server.proxy.as_deref().map(ureq::Proxy::new).transpose();
+    let proxy = proxy.map_err(|e| HttpError::Proxy(e.to_string()))?;
     Ok(timeouts.iter().map(|t| agent_with(tls.clone(), proxy.clone(), *t)).collect())
 }
 
@@ -242,16 +222,18 @@ pub enum Attempt<'a> {
     Status { code: u16, retry_after: Option<&'a str> },
     /// No answer: connect, TLS, timeout, reset, protocol error.
     Transport,
-    /// A long-poll's own timeout ended its hold: the normal idle cycle, like a 408.
-    HoldEnded,
+    /// A long-poll's hold ended (its 408, or our own timeout): the normal idle cycle.
+    HoldEnded { retry_after: Option<&'a str> },
 }
 
 impl<'a> Attempt<'a> {
-    /// `held`: the request is a long-poll, so a client-side timeout is the end of its hold.
+    /// `held`: the request is a long-poll, so a 408 or a client-side timeout is the end of
+    /// its hold; to any other request a 408 is a failure (a proxy's, say) like a 5xx.
     pub fn of(result: &'a Result<Reply, ureq::Error>, held: bool) -> Attempt<'a> {
         match result {
+            Ok(r) if held && r.status == 408 => Attempt::HoldEnded { retry_after: r.retry_after.as_deref() },
             Ok(r) => Attempt::Status { code: r.status, retry_after: r.retry_after.as_deref() },
-            Err(ureq::Error::Timeout(_)) if held => Attempt::HoldEnded,
+            Err(ureq::Error::Timeout(_)) if held => Attempt::HoldEnded { retry_after: None },
             Err(_) => Attempt::Transport,
         }
     }
@@ -261,18 +243,20 @@ impl<'a> Attempt<'a> {
 /// are inputs so this stays pure: a `Retry-After` given as an HTTP-date is measured
 /// against `now`, and no server can make the agent wait longer than `cap`.
 pub fn classify(attempt: Attempt<'_>, now: SystemTime, cap: Duration) -> Outcome {
-    let (code, retry_after) = match attempt {
+    let after = |retry_after: Option<&str>| retry_after.and_then(|v| parse_retry_after(v, now)).map(|d| d.min(cap));
+    let (code, after) = match attempt {
         Attempt::Transport => return Outcome::Retry { after: None, failover: true },
-        Attempt::HoldEnded => return Outcome::Retry { after: Some(Duration::ZERO), failover: false },
-        Attempt::Status { code, retry_after } => (code, retry_after),
+        // The hold ended: poll again at once (or when the server says).
+        Attempt::HoldEnded { retry_after } => {
+            return Outcome::Retry { after: Some(after(retry_after).unwrap_or_default()), failover: false };
+        }
+        Attempt::Status { code, retry_after } => (code, after(retry_after)),
     };
-    let after = retry_after.and_then(|v| parse_retry_after(v, now)).map(|d| d.min(cap));
     match code {
         200..=299 => Outcome::Done,
         401 | 403 => Outcome::Reauth,
-        // The server gave up waiting (or a long-poll's hold ended): repeating is expected.
-        408 => Outcome::Retry { after: Some(after.unwrap_or(Duration::ZERO)), failover: false },
-        429 => Outcome::Retry { after, failover: false },
+        // Someone gave up waiting (a proxy, say): resending at once could loop, so back off.
+        408 | 429 => Outcome::Retry { after, failover: false },
         400 => Outcome::Reject(Rejection::Invalid),
         413 => Outcome::Reject(Rejection::TooLarge),
         // A server that names a time to come back is alive: wait for it, do not fail over.
@@ -310,6 +294,14 @@ pub fn server_message(body: &[u8]) -> String {
         out.push_str("(empty body)");
     }
     out
+}
+
+/// One line for logs: the status and the server's message, or what went wrong on the way.
+pub fn describe(result: &Result<Reply, ureq::Error>) -> String {
+    match result {
+        Ok(r) => format!("{} {}", r.status, r.message()),
+        Err(e) => describe_transport(e),
+    }
 }
 
 /// One-line description of a transport error for logs, with the root cause and, for the
@@ -406,11 +398,16 @@ impl Transport for TlsTransport {
     }
 }
 
-/// `verify = "certificate"`: the full WebPKI check, except that a name mismatch is accepted.
+/// `verify = "certificate"`: the full WebPKI check, except that a name mismatch is accepted;
+/// `verify = "none"` (`any`): any certificate. Both still check the handshake signatures (so
+/// the session at least belongs to whoever holds the presented key).
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct Lenient {
+    inner: Arc<WebPkiServerVerifier>,
+    any: bool,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -419,7 +416,8 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+            Err(_) if self.any => Ok(ServerCertVerified::assertion()),
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -433,7 +431,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.inner.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -442,79 +440,11 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.inner.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `verify = "none"`: accepts any certificate, but still checks the handshake signatures
-/// (so the session at least belongs to whoever holds the presented key).
-#[derive(Debug)]
-struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// Failover over `server.url`: the index of the server in use, moved on by the caller
-/// when [`classify`] suggests it. Owned by one thread; not shared.
-#[derive(Debug, Clone)]
-pub struct Servers {
-    urls: Vec<String>,
-    current: usize,
-}
-
-impl Servers {
-    pub fn new(urls: &[String]) -> Servers {
-        Servers { urls: urls.to_vec(), current: 0 }
-    }
-
-    pub fn current(&self) -> &str {
-        &self.urls[self.current]
-    }
-
-    pub fn advance(&mut self) {
-        self.current = (self.current + 1) % self.urls.len();
-    }
-
-    // Never empty: `server.url` needs at least one address.
-    #[allow(clippy::len_without_is_empty)]
-    pub fn len(&self) -> usize {
-        self.urls.len()
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -532,13 +462,16 @@ mod tests {
         let retry = |secs: Option<u64>, failover| Outcome::Retry { after: secs.map(Duration::from_secs), failover };
         let table: Vec<(Attempt, Outcome)> = vec![
             (Attempt::Transport, retry(None, true)),
-            (Attempt::HoldEnded, retry(Some(0), false)),
+            (Attempt::HoldEnded { retry_after: None }, retry(Some(0), false)),
+            (Attempt::HoldEnded { retry_after: Some("5") }, retry(Some(5), false)),
             (s(200, None), Outcome::Done),
             (s(201, None), Outcome::Done),
             (s(204, None), Outcome::Done),
             (s(401, None), Outcome::Reauth),
             (s(403, None), Outcome::Reauth),
-            (s(408, None), retry(Some(0), false)),
+            // Not a long-poll's hold: a 408 backs off (or waits as told), never "at once".
+            (s(408, None), retry(None, false)),
+            (s(408, Some("3")), retry(Some(3), false)),
             (s(429, None), retry(None, false)),
             (s(429, Some("7")), retry(Some(7), false)),
             (s(429, Some("3600")), retry(Some(60), false)),
@@ -582,16 +515,6 @@ mod tests {
             assert_eq!(server_message(body), *want);
         }
         assert_eq!(server_message(&[b'x'; 1000]).len(), 200);
-    }
-
-    #[test]
-    fn failover_wraps() {
-        let mut s = Servers::new(&["https://a".to_string(), "https://b".to_string()]);
-        assert_eq!(s.current(), "https://a");
-        s.advance();
-        assert_eq!(s.current(), "https://b");
-        s.advance();
-        assert_eq!(s.current(), "https://a");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! A call sends the request with the current token until the server takes it or refuses it
 //! for good: on 401/403 it asks the [`TokenCell`] for a new token (one refresh however many
-//! threads ask); it honours `Retry-After` (capped at `retry.max`), else backs off with full
+//! threads ask); when the server looks down it asks the token thread to move on to the next
+//! `server.url`; it honours `Retry-After` (capped at `retry.max`), else backs off with full
 //! jitter, in waits that end at shutdown. `retry.*` is read from [`Live`] at every attempt.
 //! [`next_step`] decides (pure); [`Session::call`] waits, logs and counts.
 
@@ -73,8 +74,9 @@ pub enum Step {
     Reauth,
     /// A long-poll's hold ended: poll again at once.
     Repoll,
-    /// Resend after `delay`. `down`: no answer; `wrong_url`: not about the request (404, 3xx …).
-    Resend { delay: Duration, why: String, down: bool, wrong_url: bool },
+    /// Resend after `delay`. `down`: no answer; `failover`: the server looks down (no answer,
+    /// or a 5xx without `Retry-After`); `wrong_url`: not about the request (404, 3xx …).
+    Resend { delay: Duration, why: String, down: bool, failover: bool, wrong_url: bool },
 }
 
 /// The decision after one attempt: [`http::classify`] read for `role`, with the backoff
@@ -94,7 +96,7 @@ pub fn next_step(
         Role::Commands => false,
         Role::Files => true,
     };
-    let (delay, wrong_url, result) = match (outcome, result) {
+    let (delay, failover, wrong_url, result) = match (outcome, result) {
         (Outcome::Done, Ok(reply)) => return Step::End(Ok(reply)),
         (Outcome::Reauth, _) => return Step::Reauth,
         (Outcome::Retry { after: Some(d), .. }, _) if d.is_zero() && role == Role::Commands => {
@@ -104,17 +106,13 @@ pub fn next_step(
         (Outcome::Reject(kind), Ok(r)) if hands_back(kind) => {
             return Step::End(Err(Failure::Refused { kind, status: r.status, message: r.message() }));
         }
-        (Outcome::Retry { after, .. }, result) => {
-            (after.unwrap_or_else(|| backoff.next_delay_with(random)), false, result)
+        (Outcome::Retry { after, failover }, result) => {
+            (after.unwrap_or_else(|| backoff.next_delay_with(random)), failover, false, result)
         }
         // A refusal the caller cannot act on: retry slowly and say what is wrong.
-        (_, result) => (backoff.next_delay_with(random).max(retry.max / 2), true, result),
+        (_, result) => (backoff.next_delay_with(random).max(retry.max / 2), false, true, result),
     };
-    let why = match &result {
-        Ok(r) => format!("{} {}", r.status, r.message()),
-        Err(e) => http::describe_transport(e),
-    };
-    Step::Resend { delay, why, down: result.is_err(), wrong_url }
+    Step::Resend { delay, why: http::describe(&result), down: result.is_err(), failover, wrong_url }
 }
 
 /// One thread's way to the comms API; `agent` is this thread's own connection pool.
@@ -158,8 +156,12 @@ impl Session {
                     refused = token.generation;
                 }
                 Step::Repoll => {}
-                Step::Resend { delay, why, down, wrong_url } => {
+                Step::Resend { delay, why, down, failover, wrong_url } => {
                     self.stats.connected.fetch_and(!down, Relaxed);
+                    // With one server there is nowhere to go: the token stays as it is.
+                    if failover && config.server.urls.len() > 1 {
+                        self.cell.server_down(token.generation);
+                    }
                     self.count_resend(!wrong_url);
                     let (what, ms) = (call.what, delay.as_millis());
                     if wrong_url {
@@ -237,7 +239,7 @@ mod tests {
             Step::End(Err(Failure::Stopped)) => "stopped".into(),
             Step::Reauth => "reauth".into(),
             Step::Repoll => "repoll".into(),
-            Step::Resend { delay, down, wrong_url, .. } => {
+            Step::Resend { delay, down, failover, wrong_url, .. } => {
                 let how = if *wrong_url {
                     "slow"
                 } else if *down {
@@ -245,7 +247,7 @@ mod tests {
                 } else {
                     "resend"
                 };
-                format!("{how} {}ms", delay.as_millis())
+                format!("{how} {}ms{}", delay.as_millis(), if *failover { " failover" } else { "" })
             }
         }
     }
@@ -260,12 +262,12 @@ mod tests {
         let table: Vec<(Role, Result<Reply, ureq::Error>, &str)> = vec![
             (Events, reply(200, None), "done 200"),
             (Events, reply(401, None), "reauth"),
-            (Events, reply(503, None), "resend 1000ms"),
+            (Events, reply(503, None), "resend 1000ms failover"),
             (Events, reply(503, Some("2")), "resend 2000ms"),
             (Events, reply(429, Some("3600")), "resend 60000ms"),
-            (Events, reply(408, None), "resend 0ms"),
-            (Events, refused(), "down 1000ms"),
-            (Events, timeout(), "down 1000ms"),
+            (Events, reply(408, None), "resend 1000ms"),
+            (Events, refused(), "down 1000ms failover"),
+            (Events, timeout(), "down 1000ms failover"),
             (Events, reply(400, None), "refused 400 m"),
             (Events, reply(413, None), "refused 413 m"),
             (Events, reply(404, None), "slow 30000ms"),
@@ -274,13 +276,14 @@ mod tests {
             (Commands, reply(408, None), "repoll"),
             (Commands, reply(429, Some("0")), "repoll"),
             (Commands, timeout(), "repoll"),
-            (Commands, refused(), "down 1000ms"),
+            (Commands, refused(), "down 1000ms failover"),
             (Commands, reply(400, None), "slow 30000ms"),
             (Commands, reply(404, None), "slow 30000ms"),
             (Files, reply(404, None), "refused 404 m"),
             (Files, reply(400, None), "refused 400 m"),
-            (Files, timeout(), "down 1000ms"),
-            (Files, reply(408, None), "resend 0ms"),
+            (Files, timeout(), "down 1000ms failover"),
+            (Files, reply(408, None), "resend 1000ms"),
+            (Commands, reply(408, Some("2")), "resend 2000ms"),
         ];
         for (role, result, want) in table {
             let mut backoff = Backoff::new(Duration::ZERO, Duration::ZERO);
@@ -298,12 +301,12 @@ mod tests {
         let fast = RetryConfig { initial: Duration::from_millis(10), max: Duration::from_millis(40) };
         let mut b = Backoff::new(slow.initial, slow.max);
         let down = || Err(ureq::Error::ConnectionFailed);
-        assert_eq!(step(&mut b, &slow, down()), "down 1000ms");
-        assert_eq!(step(&mut b, &slow, down()), "down 2000ms");
+        assert_eq!(step(&mut b, &slow, down()), "down 1000ms failover");
+        assert_eq!(step(&mut b, &slow, down()), "down 2000ms failover");
         // A live `retry.*` change applies to the very next failure.
-        assert_eq!(step(&mut b, &fast, down()), "down 40ms");
+        assert_eq!(step(&mut b, &fast, down()), "down 40ms failover");
         assert_eq!(step(&mut b, &fast, reply(408, None)), "repoll");
-        assert_eq!(step(&mut b, &slow, down()), "down 1000ms");
+        assert_eq!(step(&mut b, &slow, down()), "down 1000ms failover");
     }
 
     fn session(stop: Stop) -> Session {

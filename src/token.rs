@@ -8,17 +8,16 @@
 //! * [`run`] is the token thread's loop: the only code that calls the authentication
 //!   endpoint, so at most one authentication is ever in flight.
 
-use std::fmt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use crossbeam_channel::{Receiver, Sender, TrySendError, select};
+use crossbeam_channel::{Receiver, Sender, select};
 use serde::{Deserialize, Serialize};
 
 use crate::backoff::Backoff;
 use crate::credentials::{Credentials, Secret};
-use crate::http::{self, Attempt, Outcome, Request, Servers};
+use crate::http::{self, Attempt, Outcome, Request};
 use crate::live::Live;
 
 /// Renewals are never closer together than this, whatever the token or the clock say:
@@ -38,38 +37,24 @@ pub struct Claims {
 }
 
 /// Why a token could not be obtained or read.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     /// The JWT is not three base64url parts with a JSON payload carrying `exp`.
+    #[error("the server's token is not a readable JWT: {0}")]
     Malformed(&'static str),
     /// The server refused the credentials (401 "Invalid key" / 403 "Agent does not exist").
+    #[error(
+        "{server} refused the agent's credentials ({status} {message}); all data is kept; \
+         if the agent was removed from the server, register again with `wazuh-agent --register --force`"
+    )]
     CredentialsRejected { server: String, status: u16, message: String },
     /// No server could be reached, or one answered with a retryable error.
+    #[error("cannot authenticate with {server}: {message}")]
     Unavailable { server: String, message: String, retry_after: Option<Duration> },
     /// A server answered something the agent cannot use (unexpected status or body).
+    #[error("unexpected authentication answer from {server}: {message}")]
     BadAnswer { server: String, message: String },
 }
-
-impl fmt::Display for TokenError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TokenError::Malformed(why) => write!(f, "the server's token is not a readable JWT: {why}"),
-            TokenError::CredentialsRejected { server, status, message } => write!(
-                f,
-                "{server} refused the agent's credentials ({status} {message}); all data is kept; \
-                 if the agent was removed from the server, register again with `wazuh-agent --register --force`"
-            ),
-            TokenError::Unavailable { server, message, .. } => {
-                write!(f, "cannot authenticate with {server}: {message}")
-            }
-            TokenError::BadAnswer { server, message } => {
-                write!(f, "unexpected authentication answer from {server}: {message}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for TokenError {}
 
 /// Reads `exp`/`iat` from the JWT payload. The signature is not checked.
 pub fn decode_claims(jwt: &str) -> Result<Claims, TokenError> {
@@ -132,6 +117,8 @@ struct CellState {
     generation: u64,
     /// Generation a refresh was requested for; cleared when a newer token is published.
     refresh_for: Option<u64>,
+    /// The refresh is to move on to the next server of `server.url` (the current one looks down).
+    failover: bool,
     closed: bool,
     last_error: Option<String>,
 }
@@ -174,10 +161,8 @@ impl TokenCell {
         let deadline = Instant::now() + timeout;
         let mut st = self.lock();
         loop {
-            if let Some(t) = &st.token {
-                if t.generation > after {
-                    return Some(t.clone());
-                }
+            if let Some(t) = st.token.as_ref().filter(|t| t.generation > after) {
+                return Some(t.clone());
             }
             let now = Instant::now();
             if st.closed || now >= deadline {
@@ -191,17 +176,30 @@ impl TokenCell {
     /// Requests one refresh unless one is already pending for that token or a newer
     /// token already exists. Returns at once; use [`wait_newer`](Self::wait_newer).
     pub fn refused(&self, generation: u64) {
+        self.ask(generation, false);
+    }
+
+    /// Reports that the server of token `generation` looks down (no answer, or a 5xx without
+    /// `Retry-After`): as [`refused`](Self::refused), and the token thread authenticates
+    /// with the next server of `server.url`, which the callers then follow.
+    pub fn server_down(&self, generation: u64) {
+        self.ask(generation, true);
+    }
+
+    fn ask(&self, generation: u64, failover: bool) {
         let mut st = self.lock();
-        if st.closed || generation < st.generation || st.refresh_for == Some(st.generation) {
+        if st.closed || generation < st.generation {
+            return;
+        }
+        st.failover |= failover;
+        if st.refresh_for == Some(st.generation) {
             return;
         }
         st.refresh_for = Some(st.generation);
         drop(st);
-        match self.wake.try_send(()) {
-            Ok(()) | Err(TrySendError::Full(())) => {}
-            // The token thread is gone: shutdown is under way; waiters time out or see close().
-            Err(TrySendError::Disconnected(())) => {}
-        }
+        // Full: a wake-up is pending already. Disconnected: the token thread is gone (shutdown
+        // is under way); waiters time out or see close().
+        let _ = self.wake.try_send(());
     }
 
     pub(crate) fn publish(&self, jwt: Secret, server: String, expires_at: SystemTime) -> Arc<Token> {
@@ -210,10 +208,16 @@ impl TokenCell {
         let token = Arc::new(Token { jwt, server, generation: st.generation, expires_at });
         st.token = Some(token.clone());
         st.refresh_for = None;
+        st.failover = false;
         st.last_error = None;
         drop(st);
         self.changed.notify_all();
         token
+    }
+
+    /// Whether the next authentication is to start with the next server (asked once).
+    fn take_failover(&self) -> bool {
+        std::mem::take(&mut self.lock().failover)
     }
 
     fn set_error(&self, message: String) {
@@ -241,7 +245,9 @@ struct AuthResponse {
 /// Talks to `POST /api/v1/authentication`, with failover over `server.url`.
 pub struct Authenticator {
     agent: ureq::Agent,
-    servers: Servers,
+    /// `server.url`, and the index of the one in use: failover moves it on.
+    servers: Vec<String>,
+    current: usize,
     credentials: Credentials,
 }
 
@@ -254,7 +260,11 @@ pub struct Fresh {
 
 impl Authenticator {
     pub fn new(agent: ureq::Agent, urls: &[String], credentials: Credentials) -> Authenticator {
-        Authenticator { agent, servers: Servers::new(urls), credentials }
+        Authenticator { agent, servers: urls.to_vec(), current: 0, credentials }
+    }
+
+    fn advance(&mut self) {
+        self.current = (self.current + 1) % self.servers.len();
     }
 
     /// One authentication round: the current server, then the next ones while they look
@@ -263,13 +273,9 @@ impl Authenticator {
         let creds = AuthRequest { uuid: &self.credentials.uuid, key: self.credentials.key.expose() };
         let body = serde_json::to_vec(&creds)
             .map_err(|e| TokenError::BadAnswer { server: String::new(), message: e.to_string() })?;
-        let message = |result: &Result<http::Reply, ureq::Error>| match result {
-            Ok(reply) => format!("{} {}", reply.status, reply.message()),
-            Err(e) => http::describe_transport(e),
-        };
         let mut tried = 0;
         loop {
-            let server = self.servers.current().to_string();
+            let server = self.servers[self.current].clone();
             let url = format!("{server}/api/v1/authentication");
             let result = http::send(&self.agent, &url, None, &Request::Json(&body), None);
             tried += 1;
@@ -285,15 +291,15 @@ impl Authenticator {
                     return Err(TokenError::CredentialsRejected { server, status: r.status, message: r.message() });
                 }
                 (Outcome::Retry { after, failover }, result) => {
-                    let err = TokenError::Unavailable { server, message: message(&result), retry_after: after };
+                    let err = TokenError::Unavailable { server, message: http::describe(&result), retry_after: after };
                     if !failover {
                         return Err(err);
                     }
                     err // This server looks down: try the next one.
                 }
-                (_, result) => return Err(TokenError::BadAnswer { server, message: message(&result) }),
+                (_, result) => return Err(TokenError::BadAnswer { server, message: http::describe(&result) }),
             };
-            self.servers.advance();
+            self.advance();
             if tried >= self.servers.len() {
                 return Err(err);
             }
@@ -335,6 +341,10 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
         let now = Instant::now();
         let retry = live.config().retry.clone();
         backoff.set_limits(retry.initial, retry.max);
+        if cell.take_failover() {
+            log::warn!("requests to {} fail; trying the next server", auth.servers[auth.current]);
+            auth.advance();
+        }
         match auth.authenticate(retry.max) {
             Ok(fresh) => {
                 let delay = renewal_delay(&fresh.claims, unix_now());
@@ -343,13 +353,9 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
                     log::warn!("the server's token has no iat claim; its lifetime is measured with the local clock");
                 }
                 let token = cell.publish(fresh.jwt, fresh.server, SystemTime::now() + life);
-                log::info!(
-                    "{} with {} (token lifetime {}s, renewal in {}ms)",
-                    if token.generation == 1 { "authenticated" } else { "token renewed" },
-                    token.server,
-                    life.as_secs(),
-                    delay.as_millis()
-                );
+                let what = if token.generation == 1 { "authenticated" } else { "token renewed" };
+                let (server, secs, ms) = (&token.server, life.as_secs(), delay.as_millis());
+                log::info!("{what} with {server} (token lifetime {secs}s, renewal in {ms}ms)");
                 backoff.reset();
                 backing_off = false;
                 last_success = Some(now);
@@ -455,6 +461,12 @@ mod tests {
         assert_eq!(wake.try_iter().count(), 0);
         cell.refused(t2.generation);
         assert_eq!(wake.try_iter().count(), 1);
+        // A failover request joins the pending refresh; the token thread takes it once.
+        cell.server_down(t2.generation);
+        assert_eq!(wake.try_iter().count(), 0);
+        assert!(cell.take_failover() && !cell.take_failover());
+        cell.server_down(t.generation);
+        assert!(!cell.take_failover(), "a stale report asks for nothing");
     }
 
     #[test]
@@ -468,6 +480,17 @@ mod tests {
         let waiter = std::thread::spawn(move || c3.wait_newer(1, Duration::from_secs(30)).is_none());
         cell.close();
         assert!(waiter.join().unwrap());
+    }
+
+    #[test]
+    fn failover_wraps() {
+        let creds = Credentials { uuid: "u".into(), key: Secret::new("k".into()), name: "n".into() };
+        let urls = ["https://a".to_string(), "https://b".to_string()];
+        let mut auth = Authenticator::new(ureq::Agent::new_with_defaults(), &urls, creds);
+        for want in [1, 0, 1] {
+            auth.advance();
+            assert_eq!(auth.current, want);
+        }
     }
 
     #[test]

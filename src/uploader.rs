@@ -2,13 +2,9 @@
 //!
 //! Each takes one batch at a time: [`run_queue`] from the durable queue and the batcher,
 //! [`run_stateless`] from the batcher only (so stateful batches stay in order, one in
-//! flight). Each batch is delivered with the rules of docs/protocol.md, Events, by its [`Session`]:
-//!
-//! * 2xx: delivered (the queue's cursor moves on);
-//! * 401/403: ask the token thread for a new token, resend;
-//! * 408/429/5xx/transport: resend after full-jitter backoff (or `Retry-After`);
-//! * 413: split in halves; 400: bisect down to the offending events, which go to
-//!   `<data_dir>/rejected.ndjson` with the server's reason, and deliver the rest.
+//! flight). Its [`Session`] delivers a batch with the rules of docs/protocol.md, Events; this
+//! file splits what the server refuses (413: in halves; 400: down to the offending events,
+//! which go to `<data_dir>/rejected.ndjson` with the server's reason).
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -48,11 +44,10 @@ impl RejectedLog {
         RejectedLog { path: data_dir.join("rejected.ndjson") }
     }
 
-    fn record(&self, kind: Kind, status: u16, reason: &str, e: &Event) {
+    fn record(&self, endpoint: &str, status: u16, reason: &str, e: &Event) {
         if fs::metadata(&self.path).is_ok_and(|m| m.len() > REJECTED_MAX_BYTES) {
             let _ = fs::rename(&self.path, self.path.with_extension("ndjson.1"));
         }
-        let endpoint = if kind == Kind::Stateful { "stateful" } else { "stateless" };
         // header and data are valid JSON already; the rest is escaped by serde_json.
         let line = format!(
             "{{\"time\":{},\"endpoint\":\"{endpoint}\",\"status\":{status},\"reason\":{},\"header\":{},\"data\":{}}}\n",
@@ -108,11 +103,10 @@ impl Uploader {
         self.deadline.get().is_some_and(|d| Instant::now() >= *d)
     }
 
-    /// The supervisor sets the deadline before closing the channel; this is the fallback.
+    /// The supervisor sets the deadline before closing the channel; this is the fallback
+    /// (`set` keeps a deadline already set).
     fn begin_drain(&self) {
-        if self.deadline.get().is_none() {
-            let _ = self.deadline.set(Instant::now());
-        }
+        let _ = self.deadline.set(Instant::now());
     }
 
     /// How long to wait for input: while draining, give up soon once the batcher is done.
@@ -163,7 +157,7 @@ impl Uploader {
                     "the server refused an event ({status} {message}); recorded in {}",
                     self.rejected.path.display()
                 );
-                self.rejected.record(kind, status, &message, &events[0]);
+                self.rejected.record(endpoint, status, &message, &events[0]);
                 Stats::add(&stats.rejected, 1);
                 Stats::add(&stats.batches_failed, 1);
                 Delivery::Done
@@ -195,9 +189,6 @@ impl Uploader {
             return;
         };
         let failed: Vec<&ItemResult> = parsed.results.iter().filter(|r| r.status >= 300).collect();
-        if failed.is_empty() {
-            return;
-        }
         Stats::add(&self.session.stats.rejected, failed.len() as u64);
         for f in failed.iter().take(3) {
             log::warn!(

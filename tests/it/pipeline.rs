@@ -131,10 +131,13 @@ fn retry_after_is_honoured() {
         });
     }
     env.send_ok(&lines([stateless(1), stateful(1)]));
-    assert!(
-        env.mock
-            .wait_until(Duration::from_secs(15), |m| m.stateless_events().len() == 1 && m.stateful_events().len() == 1)
-    );
+    // The mock stores the events before it records the request that carried them: wait for both.
+    let accepted = |m: &wazuh_mock_server::MockServer| {
+        m.requests().iter().filter(|r| r.path.starts_with("/api/v1/events/") && r.status < 300).count()
+    };
+    assert!(env.mock.wait_until(Duration::from_secs(15), |m| m.stateless_events().len() == 1
+        && m.stateful_events().len() == 1
+        && accepted(m) == 2));
     let reqs = env.mock.requests();
     for path in ["/api/v1/events/stateless", "/api/v1/events/stateful"] {
         let times: Vec<_> = reqs.iter().filter(|r| r.path == path).map(|r| (r.status, r.at)).collect();
@@ -364,4 +367,37 @@ fn a_full_queue_refuses_stateful_events_clearly() {
     env.mock.set_down(false);
     assert!(env.mock.wait_until(Duration::from_secs(20), |m| m.stateful_events().len() as u64 >= accepted));
     assert_eq!(unique(stateful_ids(&env.mock)).0 as u64, accepted, "exactly the accepted ones are delivered");
+}
+
+#[test]
+fn events_fail_over_to_the_next_server_when_the_first_goes_down() {
+    let env = Env::new();
+    env.registered();
+    let creds = wazuh_agent::credentials::Credentials::load(&env.data_dir()).unwrap();
+    let mut opts = wazuh_mock_server::Options::new(&env.dir.path().join("mock2"));
+    opts.password = PASSWORD.into();
+    let second = wazuh_mock_server::MockServer::start(opts).expect("second mock server starts");
+    second.add_agent(&creds.uuid, creds.key.expose(), &creds.name);
+    // One CA file that trusts both servers.
+    let cas = env.dir.path().join("cas.pem");
+    std::fs::write(&cas, format!("{}{}", env.mock.ca_pem(), second.ca_pem())).unwrap();
+    let urls = format!("[{:?}, {:?}]", env.mock.comms_url(), second.comms_url());
+    env.write_config(&format!("{FAST}\nserver.url = {urls}\nserver.ca_file = {:?}", cas.display().to_string()));
+    let _agent = env.running_agent();
+    env.send_ok(&lines((0..10).map(stateless)));
+    assert!(env.mock.wait_until(Duration::from_secs(10), |m| m.stateless_events().len() >= 10));
+    env.mock.set_down(true);
+    env.send_ok(&lines((10..20).map(stateless)));
+    env.send_ok(&lines((0..10).map(stateful)));
+    // Tokens live 15 minutes: only failover, not a renewal, can bring the events here in time.
+    assert!(
+        second.wait_until(Duration::from_secs(15), |m| m.stateless_events().len() >= 10
+            && m.stateful_events().len() >= 10),
+        "the second server got {} stateless, {} stateful events",
+        second.stateless_events().len(),
+        second.stateful_events().len()
+    );
+    assert_eq!(unique(originals(&second)), (10, 0));
+    assert_eq!(unique(stateful_ids(&second)), (10, 0));
+    assert_eq!(second.auth_calls().iter().filter(|c| c.status == 200).count(), 1, "one failover");
 }
