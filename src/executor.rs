@@ -28,7 +28,7 @@ use crate::queue::Append;
 use crate::session::{Call, Failure, Session};
 use crate::status::Stats;
 
-/// Entries kept in the store; the oldest reported ones are pruned first.
+/// Entries kept in the store; only reported ones are pruned, the oldest first.
 pub const STORE_MAX: usize = 1000;
 /// How often results that could not be queued (queue full, disk error) are retried.
 const REPORT_RETRY: Duration = Duration::from_secs(30);
@@ -93,16 +93,14 @@ impl Store {
         crate::fsutil::write_atomic(&self.path, &json, 0o600)
     }
 
-    fn insert(&mut self, id: &str, action: &str) -> std::io::Result<()> {
+    /// Records `id` as running. A full store prunes its oldest reported entry; when every
+    /// entry is running or holds a result not yet reported, `id` is refused, never a result lost.
+    fn insert(&mut self, id: &str, action: &str) -> io::Result<()> {
         while self.entries.len() >= self.cap {
-            match self.entries.iter().position(|e| e.state == State::Reported) {
-                Some(i) => {
-                    self.entries.remove(i);
-                }
-                None => {
-                    self.entries.pop_front();
-                }
-            }
+            let i = self.entries.iter().position(|e| e.state == State::Reported).ok_or_else(|| {
+                io::Error::other(format!("all {} entries are running or hold unreported results", self.cap))
+            })?;
+            self.entries.remove(i);
         }
         self.entries.push_back(Entry {
             id: id.to_string(),
@@ -317,7 +315,7 @@ impl Executor {
         }
         if let Err(e) = store.insert(&id, cmd.action.name()) {
             // Without a durable record a redelivery could run it twice: do not run it.
-            log::error!("cannot record command {id} in the command store: {e}");
+            log::error!("cannot record command {id} in the command store ({e}); it is not run");
             return;
         }
         log::info!("running command {id}: {} (timeout {}s)", cmd.action.name(), cmd.timeout.as_secs());
@@ -461,6 +459,23 @@ mod tests {
         assert!(s.contains("id29"));
         assert!(!s.contains("id0"), "oldest reported pruned");
         assert!(s.contains("running"), "unfinished entries are kept while reported ones remain");
+    }
+
+    #[test]
+    fn a_full_store_refuses_a_new_command_rather_than_lose_a_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open_with_cap(dir.path(), 3);
+        for (id, state) in [("done", State::Finished), ("busy", State::Running), ("sent", State::Reported)] {
+            s.insert(id, "set-group").unwrap();
+            s.update(id, |e| e.state = state);
+        }
+        s.insert("next", "set-group").unwrap();
+        assert!(!s.contains("sent") && s.contains("next"), "the reported entry is pruned first");
+        s.update("next", |e| e.state = State::Finished);
+        assert!(s.insert("more", "set-group").is_err(), "nothing can be pruned: the new command is refused");
+        let s = Store::open_with_cap(dir.path(), 3);
+        let ids: Vec<&str> = s.entries.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["done", "busy", "next"], "no unreported result and no running command was dropped");
     }
 
     #[test]
