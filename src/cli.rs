@@ -1,6 +1,5 @@
 //! The command line (README and `--help`), parsed with lexopt into one [`Cli`] value.
 
-use std::fmt;
 use std::path::PathBuf;
 
 use crate::credentials::Secret;
@@ -28,16 +27,9 @@ pub struct Cli {
 }
 
 /// A command line the agent cannot act on. The message names the flag.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0} (see `wazuh-agent --help`)")]
 pub struct CliError(pub String);
-
-impl fmt::Display for CliError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (see `wazuh-agent --help`)", self.0)
-    }
-}
-
-impl std::error::Error for CliError {}
 
 pub const HELP: &str = "\
 wazuh-agent - Wazuh endpoint agent for small Linux hosts

@@ -165,36 +165,23 @@ fn kind_of(v: &Value) -> &'static str {
 }
 
 /// Why a 200 body as a whole is unusable.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     /// Nothing but whitespace.
+    #[error("the body is empty")]
     Empty,
     /// Not JSON at all.
-    NotJson(serde_json::Error),
+    #[error("the body is not JSON ({0})")]
+    NotJson(#[source] serde_json::Error),
     /// `commands` is there but holds this kind of value.
+    #[error("\"commands\" is {0}, not a list")]
     CommandsNotAList(&'static str),
     /// An object without `commands`.
+    #[error("the body has no \"commands\" list")]
     NoCommands,
     /// Neither an object nor a list: this kind of value.
+    #[error("the body is {0}, not an object")]
     NotAnObject(&'static str),
-}
-
-impl std::fmt::Display for BodyError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            BodyError::Empty => f.write_str("the body is empty"),
-            BodyError::NotJson(e) => write!(f, "the body is not JSON ({e})"),
-            BodyError::CommandsNotAList(kind) => write!(f, "\"commands\" is {kind}, not a list"),
-            BodyError::NoCommands => f.write_str("the body has no \"commands\" list"),
-            BodyError::NotAnObject(kind) => write!(f, "the body is {kind}, not an object"),
-        }
-    }
-}
-
-impl std::error::Error for BodyError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        if let BodyError::NotJson(e) = self { Some(e) } else { None }
-    }
 }
 
 /// Parses a 200 body. `Err` when the body as a whole is unusable (not JSON, no list).

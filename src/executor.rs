@@ -8,7 +8,6 @@
 //! other as interrupted.
 
 use std::collections::VecDeque;
-use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -161,47 +160,29 @@ fn download(ctx: &Ctx, group: &str, deadline: Instant, cancel: &AtomicBool) -> R
 }
 
 /// Why a `set-group` or `fetch-config` command failed (its result message).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum SetGroupsError {
     /// A group file could not be downloaded (the download's own reason).
+    #[error("{0}")]
     Download(String),
     /// A downloaded group file (named) is not UTF-8.
+    #[error("group file {0} is not UTF-8")]
     NotUtf8(String),
     /// A group file is not a usable YAML mapping.
-    Parse(GroupError),
+    #[error("{0}")]
+    Parse(#[source] GroupError),
     /// The local configuration file could not be re-read.
+    #[error("cannot read {}: {source}", .path.display())]
     ReadLocal { path: PathBuf, source: io::Error },
     /// The local file with the group files over it is not a valid configuration.
-    Config(ConfigError),
+    #[error("{0}")]
+    Config(#[source] ConfigError),
     /// The command timed out before anything was changed.
+    #[error("cancelled")]
     Cancelled,
     /// The group files could not be stored under `<data_dir>/shared/`.
-    Install(GroupError),
-}
-
-impl fmt::Display for SetGroupsError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SetGroupsError::Download(m) => f.write_str(m),
-            SetGroupsError::NotUtf8(file) => write!(f, "group file {file} is not UTF-8"),
-            SetGroupsError::Parse(e) => e.fmt(f),
-            SetGroupsError::ReadLocal { path, source } => write!(f, "cannot read {}: {source}", path.display()),
-            SetGroupsError::Config(e) => e.fmt(f),
-            SetGroupsError::Cancelled => f.write_str("cancelled"),
-            SetGroupsError::Install(e) => write!(f, "cannot store the group files: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for SetGroupsError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            SetGroupsError::Parse(e) | SetGroupsError::Install(e) => Some(e),
-            SetGroupsError::ReadLocal { source, .. } => Some(source),
-            SetGroupsError::Config(e) => Some(e),
-            SetGroupsError::Download(_) | SetGroupsError::NotUtf8(_) | SetGroupsError::Cancelled => None,
-        }
-    }
+    #[error("cannot store the group files: {0}")]
+    Install(#[source] GroupError),
 }
 
 /// `set-group` and `fetch-config`: download every file, validate, swap the set, apply.

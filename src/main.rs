@@ -16,36 +16,29 @@ use wazuh_agent::status::{self, NotRunning};
 use wazuh_agent::supervisor::{self, RunError};
 
 /// Everything that can end the process with a failure.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum Error {
     /// The command line is unusable.
+    #[error(transparent)]
     Cli(cli::CliError),
     /// The configuration is unusable.
+    #[error(transparent)]
     Config(ConfigError),
     /// Registration was refused or failed.
+    #[error(transparent)]
     Register(RegisterError),
     /// Run mode stopped with an error.
+    #[error(transparent)]
     Run(RunError),
     /// `--send` could not hand the events to the agent.
+    #[error(transparent)]
     Send(IngestError),
     /// The log file could not be opened.
+    #[error(transparent)]
     Log(logging::LogError),
     /// A `restart` command could not start the new process image.
-    Restart(std::io::Error),
-}
-
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Error::Cli(e) => e.fmt(f),
-            Error::Config(e) => e.fmt(f),
-            Error::Register(e) => e.fmt(f),
-            Error::Run(e) => e.fmt(f),
-            Error::Send(e) => e.fmt(f),
-            Error::Log(e) => e.fmt(f),
-            Error::Restart(e) => write!(f, "restart failed: cannot execute the agent again: {e}"),
-        }
-    }
+    #[error("restart failed: cannot execute the agent again: {0}")]
+    Restart(#[source] std::io::Error),
 }
 
 /// The single mapping from errors to exit codes (`--help`, EXIT STATUS): every failure or refusal is 1.

@@ -4,7 +4,6 @@
 //! before the first request, so a refusal never leaves a half-registered agent behind,
 //! and credentials are written only after the server answered 201.
 
-use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -33,62 +32,42 @@ pub struct RegisterArgs {
 }
 
 /// Why registration did not happen.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum RegisterError {
     /// Credentials exist and `--force` was not given; nothing was sent.
+    #[error(
+        "the agent is already registered ({} exists); use --force to register again with a new identity",
+        .path.display()
+    )]
     AlreadyRegistered { path: PathBuf },
     /// A flag's value is unusable (the flag is named).
+    #[error("{flag}: {message}")]
     InvalidArgument { flag: &'static str, message: String },
     /// No password from `--password-file`, `--password` or the environment.
+    #[error("no registration password: give --password-file FILE or set {}", ENV_PASSWORD)]
     NoPassword,
     /// The password file could not be read or is empty.
+    #[error("--password-file {}: {message}", .path.display())]
     PasswordFile { path: PathBuf, message: String },
     /// The HTTPS client could not be set up (CA file, proxy).
-    Http(HttpError),
+    #[error("{0}")]
+    Http(#[source] HttpError),
     /// The management API could not be reached (connect, TLS, timeout).
+    #[error("cannot connect to the management API at {url}: {message}")]
     Unreachable { url: String, message: String },
     /// The management API refused the login (bad user or password).
+    #[error("login to {url} refused: {status} {message} (check --user and the password)")]
     LoginRefused { url: String, status: u16, message: String },
     /// The management API refused to create the agent.
+    #[error("{url} refused to register the agent: {status} {message}")]
     Refused { url: String, status: u16, message: String },
     /// The management API answered something unusable.
+    #[error("unexpected answer from {url}: {message}")]
     BadAnswer { url: String, message: String },
     /// The agent was created on the server but its credentials could not be stored.
-    Store(CredentialsError),
+    #[error("the server registered the agent, but {0}")]
+    Store(#[source] CredentialsError),
 }
-
-impl fmt::Display for RegisterError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RegisterError::AlreadyRegistered { path } => write!(
-                f,
-                "the agent is already registered ({} exists); use --force to register again with a new identity",
-                path.display()
-            ),
-            RegisterError::InvalidArgument { flag, message } => write!(f, "{flag}: {message}"),
-            RegisterError::NoPassword => {
-                write!(f, "no registration password: give --password-file FILE or set {ENV_PASSWORD}")
-            }
-            RegisterError::PasswordFile { path, message } => {
-                write!(f, "--password-file {}: {message}", path.display())
-            }
-            RegisterError::Http(e) => e.fmt(f),
-            RegisterError::Unreachable { url, message } => {
-                write!(f, "cannot connect to the management API at {url}: {message}")
-            }
-            RegisterError::LoginRefused { url, status, message } => {
-                write!(f, "login to {url} refused: {status} {message} (check --user and the password)")
-            }
-            RegisterError::Refused { url, status, message } => {
-                write!(f, "{url} refused to register the agent: {status} {message}")
-            }
-            RegisterError::BadAnswer { url, message } => write!(f, "unexpected answer from {url}: {message}"),
-            RegisterError::Store(e) => write!(f, "the server registered the agent, but {e}"),
-        }
-    }
-}
-
-impl std::error::Error for RegisterError {}
 
 #[derive(Serialize)]
 struct NewAgent<'a> {

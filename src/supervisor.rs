@@ -27,7 +27,6 @@
 //! builds abort on panic, which also ends the process non-zero.)
 
 use std::collections::HashSet;
-use std::fmt;
 use std::io;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::Ordering::Relaxed;
@@ -67,57 +66,35 @@ const INGEST_STOP: Duration = Duration::from_secs(2);
 const STACK_SIZE: usize = 512 * 1024;
 
 /// Why run mode stopped with an error.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// Credentials are missing or unreadable.
-    Credentials(CredentialsError),
+    #[error("{0}")]
+    Credentials(#[source] CredentialsError),
     /// The HTTPS client could not be set up.
-    Http(HttpError),
+    #[error("{0}")]
+    Http(#[source] HttpError),
     /// The durable queue could not be opened.
-    Queue(QueueError),
+    #[error("cannot open the durable queue: {0}")]
+    Queue(#[source] QueueError),
     /// The ingest socket could not be set up (or another agent serves it).
-    Ingest(IngestError),
+    #[error("{0}")]
+    Ingest(#[source] IngestError),
     /// The pid file is held by another agent, or cannot be written.
-    Pid(PidError),
+    #[error("{0}")]
+    Pid(#[source] PidError),
     /// `agent.user`/`agent.group` could not be applied.
-    Privileges(crate::privileges::PrivilegesError),
+    #[error("{0}")]
+    Privileges(#[source] crate::privileges::PrivilegesError),
     /// Signal handlers could not be installed.
-    Signals(io::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] io::Error),
     /// A thread could not be started.
+    #[error("cannot start the {thread} thread: {source}")]
     Spawn { thread: &'static str, source: io::Error },
     /// A worker thread ended while the agent was running.
+    #[error("the {thread} thread {}", if *.panicked { "panicked" } else { "stopped unexpectedly" })]
     WorkerDied { thread: &'static str, panicked: bool },
-}
-
-impl fmt::Display for RunError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RunError::Credentials(e) => e.fmt(f),
-            RunError::Http(e) => e.fmt(f),
-            RunError::Queue(e) => write!(f, "cannot open the durable queue: {e}"),
-            RunError::Ingest(e) => e.fmt(f),
-            RunError::Pid(e) => e.fmt(f),
-            RunError::Privileges(e) => e.fmt(f),
-            RunError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
-            RunError::Spawn { thread, source } => write!(f, "cannot start the {thread} thread: {source}"),
-            RunError::WorkerDied { thread, panicked: true } => write!(f, "the {thread} thread panicked"),
-            RunError::WorkerDied { thread, panicked: false } => write!(f, "the {thread} thread stopped unexpectedly"),
-        }
-    }
-}
-
-impl std::error::Error for RunError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            RunError::Credentials(e) => Some(e),
-            RunError::Http(e) => Some(e),
-            RunError::Queue(e) => Some(e),
-            RunError::Ingest(e) => Some(e),
-            RunError::Pid(e) => Some(e),
-            RunError::Signals(source) | RunError::Spawn { source, .. } => Some(source),
-            RunError::Privileges(_) | RunError::WorkerDied { .. } => None,
-        }
-    }
 }
 
 /// Sent by every worker as it ends, whatever the reason.
@@ -670,6 +647,15 @@ mod tests {
         assert_eq!(exits, vec![("panics", true), ("returns", false)]);
         w.exited.extend(["panics", "returns"]);
         assert!(w.join(&["panics", "returns"], Duration::from_secs(1)).is_empty());
+    }
+
+    #[test]
+    fn a_dead_worker_is_named_with_how_it_ended() {
+        let died = |panicked| RunError::WorkerDied { thread: "queue", panicked }.to_string();
+        assert_eq!(
+            (died(true).as_str(), died(false).as_str()),
+            ("the queue thread panicked", "the queue thread stopped unexpectedly")
+        );
     }
 
     #[test]
