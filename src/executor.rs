@@ -68,10 +68,6 @@ pub struct Store {
 
 impl Store {
     pub fn open(data_dir: &Path) -> Store {
-        Store::open_with_cap(data_dir, STORE_MAX)
-    }
-
-    fn open_with_cap(data_dir: &Path, cap: usize) -> Store {
         let path = data_dir.join("commands.json");
         let entries = match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
@@ -80,15 +76,15 @@ impl Store {
             }),
             Err(_) => VecDeque::new(),
         };
-        Store { path, entries, cap }
+        Store { path, entries, cap: STORE_MAX }
     }
 
     pub fn contains(&self, id: &str) -> bool {
         self.entries.iter().any(|e| e.id == id)
     }
 
-    fn save(&self) -> std::io::Result<()> {
-        let json = serde_json::to_vec(&self.entries).map_err(std::io::Error::other)?;
+    fn save(&self) -> io::Result<()> {
+        let json = serde_json::to_vec(&self.entries).map_err(io::Error::other)?;
         crate::fsutil::write_atomic(&self.path, &json, 0o600)
     }
 
@@ -225,16 +221,13 @@ impl Executor {
     /// Queues the result event; returns whether it is durable.
     fn enqueue(&self, id: &str, code: Code, message: &str) -> bool {
         let event = commands::result_event(id, code, message);
-        match crate::queue::append_and_wait(&self.queue, vec![event], Duration::from_secs(30)) {
-            r if r.all_stored(1) => true,
-            r => {
-                log::warn!(
-                    "the result of command {id} could not be queued ({}); retrying later",
-                    r.error.map(|e| e.to_string()).unwrap_or_default()
-                );
-                false
-            }
+        // A result not stored in time is not lost: it stays `Finished` and is retried.
+        let r = crate::queue::append_and_wait(&self.queue, vec![event], Duration::from_secs(30));
+        if !r.all_stored(1) {
+            let why = r.error.as_ref().map(|e| e.to_string()).unwrap_or_default();
+            log::warn!("the result of command {id} could not be queued ({why}); retrying later");
         }
+        r.all_stored(1)
     }
 
     fn finish(&self, store: &mut Store, id: &str, code: Code, message: String) {
@@ -257,14 +250,10 @@ impl Executor {
 
     /// Results that are finished but not yet in the queue (queue full, disk trouble).
     fn report_pending(&self, store: &mut Store) {
-        let pending: Vec<(String, Code, String)> = store
-            .entries
-            .iter()
-            .filter(|e| e.state == State::Finished)
-            .map(|e| (e.id.clone(), e.code.unwrap_or(Code::Failure), e.message.clone().unwrap_or_default()))
-            .collect();
-        for (id, code, message) in pending {
-            if self.enqueue(&id, code, &message) {
+        // Entries are only added by `handle`, so the indices hold while this runs.
+        for i in 0..store.entries.len() {
+            let Entry { id, state: State::Finished, code, message, .. } = store.entries[i].clone() else { continue };
+            if self.enqueue(&id, code.unwrap_or(Code::Failure), &message.unwrap_or_default()) {
                 store.update(&id, |e| e.state = State::Reported);
             }
         }
@@ -272,13 +261,8 @@ impl Executor {
 
     /// Commands that were running when the agent stopped.
     fn recover(&self, store: &mut Store) {
-        let running: Vec<(String, String)> = store
-            .entries
-            .iter()
-            .filter(|e| e.state == State::Running)
-            .map(|e| (e.id.clone(), e.action.clone()))
-            .collect();
-        for (id, action) in running {
+        for i in 0..store.entries.len() {
+            let Entry { id, action, state: State::Running, .. } = store.entries[i].clone() else { continue };
             if action == Action::Restart.name() {
                 self.finish(store, &id, Code::Success, format!("agent restarted (pid {})", std::process::id()));
             } else {
@@ -429,13 +413,14 @@ mod tests {
     #[test]
     fn store_survives_reopen_and_is_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open_with_cap(dir.path(), 20);
+        let mut s = Store::open(dir.path());
+        s.cap = 20;
         s.insert("running", "restart").unwrap();
         for i in 0..30 {
             s.insert(&format!("id{i}"), "set-group").unwrap();
             s.update(&format!("id{i}"), |e| e.state = State::Reported);
         }
-        let s = Store::open_with_cap(dir.path(), 20);
+        let s = Store::open(dir.path());
         assert_eq!(s.entries.len(), 20);
         assert!(s.contains("id29"));
         assert!(!s.contains("id0"), "oldest reported pruned");
@@ -445,7 +430,8 @@ mod tests {
     #[test]
     fn a_full_store_refuses_a_new_command_rather_than_lose_a_result() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open_with_cap(dir.path(), 3);
+        let mut s = Store::open(dir.path());
+        s.cap = 3;
         for (id, state) in [("done", State::Finished), ("busy", State::Running), ("sent", State::Reported)] {
             s.insert(id, "set-group").unwrap();
             s.update(id, |e| e.state = state);
@@ -454,7 +440,7 @@ mod tests {
         assert!(!s.contains("sent") && s.contains("next"), "the reported entry is pruned first");
         s.update("next", |e| e.state = State::Finished);
         assert!(s.insert("more", "set-group").is_err(), "nothing can be pruned: the new command is refused");
-        let s = Store::open_with_cap(dir.path(), 3);
+        let s = Store::open(dir.path());
         let ids: Vec<&str> = s.entries.iter().map(|e| e.id.as_str()).collect();
         assert_eq!(ids, ["done", "busy", "next"], "no unreported result and no running command was dropped");
     }
