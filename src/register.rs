@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::config::{self, Config, UuidVersion};
 use crate::credentials::{Credentials, CredentialsError, Secret};
@@ -78,16 +78,6 @@ struct NewAgent<'a> {
     kind: &'static str,
     version: &'static str,
     host: &'a HostInfo,
-}
-
-#[derive(Deserialize)]
-struct LoginData {
-    token: String,
-}
-
-#[derive(Deserialize)]
-struct LoginResponse {
-    data: LoginData,
 }
 
 /// A new agent key: 32 characters from `[A-Za-z0-9]`, drawn from the OS random source.
@@ -210,11 +200,12 @@ pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, Reg
     // Registration never retries: no cap for a Retry-After.
     let api_token = match (http::classify(Attempt::of(&result, false), SystemTime::now(), Duration::ZERO), result) {
         (Outcome::Done, Ok(r)) if r.status == 200 => {
-            let parsed: LoginResponse = serde_json::from_slice(&r.body).map_err(|_| RegisterError::BadAnswer {
-                url: login_url.clone(),
-                message: "200 without data.token in the body".into(),
-            })?;
-            Secret::new(parsed.data.token)
+            let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+            let Some(token) = body.pointer("/data/token").and_then(serde_json::Value::as_str) else {
+                let message = "200 without data.token in the body".into();
+                return Err(RegisterError::BadAnswer { url: login_url, message });
+            };
+            Secret::new(token.to_string())
         }
         (Outcome::Reauth, Ok(r)) => {
             return Err(RegisterError::LoginRefused { url: login_url, status: r.status, message: r.message() });
