@@ -70,10 +70,6 @@ impl Credentials {
         data_dir.join("credentials.json")
     }
 
-    pub fn exists(data_dir: &Path) -> bool {
-        Credentials::path(data_dir).exists()
-    }
-
     pub fn load(data_dir: &Path) -> Result<Credentials, CredentialsError> {
         let path = Credentials::path(data_dir);
         let text = match std::fs::read_to_string(&path) {

@@ -128,17 +128,16 @@ fn restart() -> std::io::Error {
 fn print_status(config: &Config) -> u8 {
     let (state, verdict) = status::read_status(&config.agent.run_dir, std::time::SystemTime::now());
     let mut doc = state.and_then(|s| serde_json::to_value(s).ok()).unwrap_or_else(|| serde_json::json!({}));
-    let reason = match &verdict {
-        Ok(()) => None,
-        Err(NotRunning::NoState) => Some(format!("no {}", status::state_path(&config.agent.run_dir).display())),
-        Err(NotRunning::Unreadable(e)) => Some(format!("unreadable state file: {e}")),
-        Err(NotRunning::Dead(pid)) => Some(format!("process {pid} is not running")),
-        Err(NotRunning::Stale { age_secs }) => Some(format!("state not updated for {age_secs}s")),
-    };
     if let serde_json::Value::Object(map) = &mut doc {
-        map.insert("running".into(), serde_json::Value::Bool(verdict.is_ok()));
-        if let Some(r) = reason {
-            map.insert("reason".into(), serde_json::Value::String(r));
+        map.insert("running".into(), verdict.is_ok().into());
+        if let Err(why) = &verdict {
+            let reason = match why {
+                NotRunning::NoState => format!("no {}", status::state_path(&config.agent.run_dir).display()),
+                NotRunning::Unreadable(e) => format!("unreadable state file: {e}"),
+                NotRunning::Dead(pid) => format!("process {pid} is not running"),
+                NotRunning::Stale { age_secs } => format!("state not updated for {age_secs}s"),
+            };
+            map.insert("reason".into(), reason.into());
         }
     }
     println!("{doc}");

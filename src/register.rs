@@ -146,8 +146,9 @@ fn unreachable_or_bad(url: &str, result: &Result<http::Reply, ureq::Error>) -> R
 /// the caller).
 pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, RegisterError> {
     let data_dir = &config.agent.data_dir;
-    if Credentials::exists(data_dir) && !args.force {
-        return Err(RegisterError::AlreadyRegistered { path: Credentials::path(data_dir) });
+    let path = Credentials::path(data_dir);
+    if path.exists() && !args.force {
+        return Err(RegisterError::AlreadyRegistered { path });
     }
     let url = match &args.url {
         Some(u) => config::validate_https_url(u)

@@ -183,13 +183,8 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     let agent_line =
         event::agent_line(&credentials.uuid, &credentials.name, &groups::current(&config.agent.data_dir), &host);
     let live = Live::new(config.clone(), agent_line);
-    log::info!(
-        "wazuh-agent {} starting as {} ({}), server {}",
-        crate::VERSION,
-        credentials.name,
-        credentials.uuid,
-        config.server.urls.join(", ")
-    );
+    let (name, uuid, urls) = (&credentials.name, &credentials.uuid, config.server.urls.join(", "));
+    log::info!("wazuh-agent {} starting as {name} ({uuid}), server {urls}", crate::VERSION);
     let (cell, wake_rx) = TokenCell::new();
     let (workers, deadline) = (Workers::new(), Arc::default());
     let local = local.clone();
@@ -246,7 +241,7 @@ struct Pipeline {
     append_tx: Sender<Append>,
     ingest: Arc<Ingest>,
     sig_rx: Receiver<i32>,
-    signals_handle: signal_hook::iterator::Handle,
+    sig_handle: signal_hook::iterator::Handle,
     /// Dropped at shutdown, in this order: batcher and uploaders, queue, token.
     pipeline_stop_tx: Sender<()>,
     queue_stop_tx: Sender<()>,
@@ -297,7 +292,7 @@ fn start_pipeline(
     wake_rx: Receiver<()>,
 ) -> Result<Pipeline, RunError> {
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(RunError::Signals)?;
-    let signals_handle = signals.handle();
+    let sig_handle = signals.handle();
     // Capacity 4: signals are rare; if the supervisor lags, a repeat of the same signal adds nothing.
     let (sig_tx, sig_rx) = crossbeam_channel::bounded::<i32>(4);
     // Chunks of up to 512 events; 2 in flight keep the batcher busy, and under
@@ -370,16 +365,7 @@ fn start_pipeline(
     s.workers.spawn("upload-stateless", move || uploader::run_stateless(stateless_up, batches, spill))?;
     // The uploaders hold the only receivers now: the batcher's send fails once both are gone.
     drop((pipeline_stop_rx, batch_rx));
-    Ok(Pipeline {
-        events_tx,
-        append_tx,
-        ingest,
-        sig_rx,
-        signals_handle,
-        pipeline_stop_tx,
-        queue_stop_tx,
-        token_stop_tx,
-    })
+    Ok(Pipeline { events_tx, append_tx, ingest, sig_rx, sig_handle, pipeline_stop_tx, queue_stop_tx, token_stop_tx })
 }
 
 /// Stage 5: every enabled module of [`module::MODULES`] on its own thread. Returns their
@@ -517,7 +503,7 @@ fn shut_down(
     // (4) Token and signals.
     drop(p.token_stop_tx);
     s.cell.close();
-    p.signals_handle.close();
+    p.sig_handle.close();
     if !workers.join(&["token"], Duration::from_secs(1)).is_empty() {
         // Cut off an authentication request in flight (it holds a socket, no data).
         s.agents.token.clone().shutdown();
@@ -551,9 +537,8 @@ fn write_state(s: &Supervisor) {
 /// Runs before any worker thread exists.
 fn drop_privileges(config: &Config, user: &str) -> Result<(), RunError> {
     let account = crate::privileges::resolve(user, config.agent.group.as_deref()).map_err(RunError::Privileges)?;
-    let mut paths = vec![config.agent.data_dir.as_path(), config.agent.run_dir.as_path()];
-    paths.extend(crate::logging::file_path());
-    for p in paths {
+    let dirs = [config.agent.data_dir.as_path(), config.agent.run_dir.as_path()];
+    for p in dirs.into_iter().chain(crate::logging::file_path()) {
         crate::privileges::hand_over(p, account).map_err(RunError::Privileges)?;
     }
     crate::privileges::drop_to(account).map_err(RunError::Privileges)?;
@@ -568,15 +553,9 @@ fn reload(local: &Config, live: &Live) {
         log::error!("SIGHUP: cannot reopen the log file: {e}");
     }
     let _guard = live.reload_guard();
-    let fresh_local = match &local.source {
-        Some(p) => match Config::load(Some(p)) {
-            Ok(c) => c,
-            Err(e) => {
-                log::error!("SIGHUP: {e}; keeping the running configuration");
-                return;
-            }
-        },
-        None => Config::defaults(),
+    let fresh_local = match local.source.as_deref().map_or_else(|| Ok(Config::defaults()), |p| Config::load(Some(p))) {
+        Ok(c) => c,
+        Err(e) => return log::error!("SIGHUP: {e}; keeping the running configuration"),
     };
     match groups::effective_config(&fresh_local, &fresh_local.agent.data_dir) {
         Ok(c) => log::info!("SIGHUP: configuration reloaded; {}", live.apply(c).describe()),
