@@ -97,11 +97,8 @@ pub enum RunError {
     WorkerDied { thread: &'static str, panicked: bool },
 }
 
-/// Sent by every worker as it ends, whatever the reason.
-struct Exit {
-    thread: &'static str,
-    panicked: bool,
-}
+/// Sent by every worker as it ends, whatever the reason: its name, and whether it panicked.
+type Exit = (&'static str, bool);
 
 struct ExitGuard {
     thread: &'static str,
@@ -112,7 +109,7 @@ impl Drop for ExitGuard {
     fn drop(&mut self) {
         // The supervisor outlives its workers (it joins them), so this only fails if the
         // supervisor itself is gone, and then nobody needs the message.
-        let _ = self.tx.send(Exit { thread: self.thread, panicked: thread::panicking() });
+        let _ = self.tx.send((self.thread, thread::panicking()));
     }
 }
 
@@ -149,8 +146,8 @@ impl Workers {
     fn join(&mut self, names: &[&'static str], grace: Duration) -> Vec<&'static str> {
         let deadline = Instant::now() + grace;
         while !names.iter().all(|n| self.exited.contains(n)) {
-            let Ok(exit) = self.exit_rx.recv_deadline(deadline) else { break };
-            self.exited.insert(exit.thread);
+            let Ok((thread, _)) = self.exit_rx.recv_deadline(deadline) else { break };
+            self.exited.insert(thread);
         }
         let (named, others): (Vec<_>, _) = self.running.drain(..).partition(|(name, _)| names.contains(name));
         self.running = others;
@@ -447,7 +444,7 @@ fn supervise(s: &mut Supervisor, p: &Pipeline, control: &Receiver<Control>) -> R
                 Err(_) => return Err(RunError::WorkerDied { thread: "executor", panicked: false }),
             },
             recv(s.workers.exit_rx) -> exit => {
-                let (thread, panicked) = exit.map(|e| (e.thread, e.panicked)).unwrap_or(("unknown", false));
+                let (thread, panicked) = exit.unwrap_or(("unknown", false));
                 s.workers.exited.insert(thread);
                 log::error!("the {thread} thread ended while the agent was running; stopping so the init system can restart it");
                 return Err(RunError::WorkerDied { thread, panicked });
@@ -572,12 +569,7 @@ mod tests {
         let mut w = Workers::new();
         w.spawn("returns", || {}).unwrap();
         w.spawn("panics", || panic!("boom")).unwrap();
-        let mut exits: Vec<(&str, bool)> = (0..2)
-            .map(|_| {
-                let e = w.exit_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-                (e.thread, e.panicked)
-            })
-            .collect();
+        let mut exits: Vec<Exit> = (0..2).map(|_| w.exit_rx.recv_timeout(Duration::from_secs(10)).unwrap()).collect();
         exits.sort();
         assert_eq!(exits, vec![("panics", true), ("returns", false)]);
         w.exited.extend(["panics", "returns"]);
