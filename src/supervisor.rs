@@ -530,8 +530,8 @@ fn write_state(s: &Supervisor) {
     }
 }
 
-/// Hands the agent's directories and log file to `agent.user`, then becomes that user.
-/// Runs before any worker thread exists.
+/// Stage 3: hands the agent's directories and log file to `agent.user`, then becomes that
+/// user. Runs before any worker thread exists.
 fn drop_privileges(config: &Config, user: &str) -> Result<(), RunError> {
     let account = crate::privileges::resolve(user, config.agent.group.as_deref()).map_err(RunError::Privileges)?;
     let dirs = [config.agent.data_dir.as_path(), config.agent.run_dir.as_path()];
