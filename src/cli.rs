@@ -1,6 +1,5 @@
 //! The command line (README and `--help`), parsed with lexopt into one [`Cli`] value.
 
-use std::fmt;
 use std::path::PathBuf;
 
 use crate::credentials::Secret;
@@ -28,16 +27,9 @@ pub struct Cli {
 }
 
 /// A command line the agent cannot act on. The message names the flag.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0} (see `wazuh-agent --help`)")]
 pub struct CliError(pub String);
-
-impl fmt::Display for CliError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (see `wazuh-agent --help`)", self.0)
-    }
-}
-
-impl std::error::Error for CliError {}
 
 pub const HELP: &str = "\
 wazuh-agent - Wazuh endpoint agent for small Linux hosts
@@ -104,10 +96,14 @@ where
     let mut modes: Vec<&'static str> = Vec::new();
     let mut config = None;
     let mut reg = RegisterArgs::default();
-    let mut register_only: Vec<&'static str> = Vec::new();
+    // The first flag that only goes with --register, to name it when --register is missing.
+    let mut register_only = None;
     let mut user = None;
 
     while let Some(arg) = parser.next().map_err(|e| CliError(e.to_string()))? {
+        if let Long(flag @ ("url" | "user" | "password-file" | "password" | "name" | "key" | "force")) = arg {
+            register_only.get_or_insert(format!("--{flag}"));
+        }
         match arg {
             Long("config") | Short('c') => config = Some(PathBuf::from(value(&mut parser, "--config")?)),
             Long("register") => modes.push("--register"),
@@ -116,34 +112,13 @@ where
             Long("check-config") => modes.push("--check-config"),
             Long("version") | Short('V') => modes.push("--version"),
             Long("help") | Short('h') => modes.push("--help"),
-            Long("url") => {
-                reg.url = Some(value(&mut parser, "--url")?);
-                register_only.push("--url");
-            }
-            Long("user") => {
-                user = Some(value(&mut parser, "--user")?);
-                register_only.push("--user");
-            }
-            Long("password-file") => {
-                reg.password_file = Some(PathBuf::from(value(&mut parser, "--password-file")?));
-                register_only.push("--password-file");
-            }
-            Long("password") => {
-                reg.password = Some(Secret::new(value(&mut parser, "--password")?));
-                register_only.push("--password");
-            }
-            Long("name") => {
-                reg.name = Some(value(&mut parser, "--name")?);
-                register_only.push("--name");
-            }
-            Long("key") => {
-                reg.key = Some(Secret::new(value(&mut parser, "--key")?));
-                register_only.push("--key");
-            }
-            Long("force") => {
-                reg.force = true;
-                register_only.push("--force");
-            }
+            Long("url") => reg.url = Some(value(&mut parser, "--url")?),
+            Long("user") => user = Some(value(&mut parser, "--user")?),
+            Long("password-file") => reg.password_file = Some(PathBuf::from(value(&mut parser, "--password-file")?)),
+            Long("password") => reg.password = Some(Secret::new(value(&mut parser, "--password")?)),
+            Long("name") => reg.name = Some(value(&mut parser, "--name")?),
+            Long("key") => reg.key = Some(Secret::new(value(&mut parser, "--key")?)),
+            Long("force") => reg.force = true,
             Long(other) => return Err(CliError(format!("unknown option --{other}"))),
             Short(c) => return Err(CliError(format!("unknown option -{c}"))),
             Value(v) => return Err(CliError(format!("unexpected argument {:?}", v.to_string_lossy()))),
@@ -166,7 +141,7 @@ where
             Mode::Register(reg)
         }
         other => {
-            if let Some(flag) = register_only.first() {
+            if let Some(flag) = register_only {
                 return Err(CliError(format!("{flag} only goes with --register")));
             }
             match other {

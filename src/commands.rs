@@ -106,9 +106,8 @@ fn parse_entry(entry: &Value, my_uuid: &str) -> Result<Option<Command>, String> 
     let Value::Object(obj) = entry else {
         return Err(format!("entry is {}, not an object", kind_of(entry)));
     };
-    let document_id = match obj.get("document_id") {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        _ => return Err("document_id is missing or empty".into()),
+    let Some(document_id) = obj.get("document_id").and_then(Value::as_str).filter(|s| !s.is_empty()) else {
+        return Err("document_id is missing or empty".into());
     };
     if let Some(status) = obj.get("status").and_then(Value::as_str) {
         // Final states are history, not work.
@@ -122,10 +121,10 @@ fn parse_entry(entry: &Value, my_uuid: &str) -> Result<Option<Command>, String> 
         }
     }
     let action_obj = obj.get("action").ok_or(format!("command {document_id} has no action"))?;
-    let name = match action_obj.get("name") {
-        Some(Value::String(n)) if !n.is_empty() => n.clone(),
-        _ => return Err(format!("command {document_id} has no action.name")),
+    let Some(name) = action_obj.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()) else {
+        return Err(format!("command {document_id} has no action.name"));
     };
+    let name = name.to_string();
     let args = action_obj.get("args");
     let action = match name.as_str() {
         "set-group" => match groups_from(args) {
@@ -136,21 +135,16 @@ fn parse_entry(entry: &Value, my_uuid: &str) -> Result<Option<Command>, String> 
         "restart" => Action::Restart,
         _ => Action::Unknown { name },
     };
-    let timeout = match obj.get("timeout") {
-        Some(Value::Number(n)) => n
-            .as_f64()
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .map(|s| Duration::from_secs_f64(s.min(MAX_TIMEOUT.as_secs_f64())))
-            .unwrap_or(DEFAULT_TIMEOUT),
-        Some(Value::String(s)) => s
-            .trim()
-            .parse::<u64>()
-            .ok()
-            .filter(|s| *s > 0)
-            .map_or(DEFAULT_TIMEOUT, |s| Duration::from_secs(s).min(MAX_TIMEOUT)),
-        _ => DEFAULT_TIMEOUT,
+    // Seconds, as a number or (older servers) a string of digits.
+    let secs = match obj.get("timeout") {
+        Some(Value::Number(n)) => n.as_f64(),
+        Some(Value::String(s)) => s.trim().parse::<u64>().ok().map(|s| s as f64),
+        _ => None,
     };
-    Ok(Some(Command { document_id, action, timeout }))
+    let timeout = secs
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map_or(DEFAULT_TIMEOUT, |s| Duration::from_secs_f64(s.min(MAX_TIMEOUT.as_secs_f64())));
+    Ok(Some(Command { document_id: document_id.to_string(), action, timeout }))
 }
 
 fn kind_of(v: &Value) -> &'static str {
@@ -165,36 +159,23 @@ fn kind_of(v: &Value) -> &'static str {
 }
 
 /// Why a 200 body as a whole is unusable.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     /// Nothing but whitespace.
+    #[error("the body is empty")]
     Empty,
     /// Not JSON at all.
-    NotJson(serde_json::Error),
+    #[error("the body is not JSON ({0})")]
+    NotJson(#[source] serde_json::Error),
     /// `commands` is there but holds this kind of value.
+    #[error("\"commands\" is {0}, not a list")]
     CommandsNotAList(&'static str),
     /// An object without `commands`.
+    #[error("the body has no \"commands\" list")]
     NoCommands,
     /// Neither an object nor a list: this kind of value.
+    #[error("the body is {0}, not an object")]
     NotAnObject(&'static str),
-}
-
-impl std::fmt::Display for BodyError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            BodyError::Empty => f.write_str("the body is empty"),
-            BodyError::NotJson(e) => write!(f, "the body is not JSON ({e})"),
-            BodyError::CommandsNotAList(kind) => write!(f, "\"commands\" is {kind}, not a list"),
-            BodyError::NoCommands => f.write_str("the body has no \"commands\" list"),
-            BodyError::NotAnObject(kind) => write!(f, "the body is {kind}, not an object"),
-        }
-    }
-}
-
-impl std::error::Error for BodyError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        if let BodyError::NotJson(e) = self { Some(e) } else { None }
-    }
 }
 
 /// Parses a 200 body. `Err` when the body as a whole is unusable (not JSON, no list).
@@ -215,12 +196,9 @@ pub fn parse_body(body: &[u8], my_uuid: &str) -> Result<Parsed, BodyError> {
     let mut parsed = Parsed::default();
     for (i, entry) in list.iter().enumerate() {
         match parse_entry(entry, my_uuid) {
-            Ok(Some(c)) => {
-                if !parsed.commands.iter().any(|x| x.document_id == c.document_id) {
-                    parsed.commands.push(c);
-                }
-            }
-            Ok(None) => {}
+            // A repeated `document_id` is the same command.
+            Ok(Some(c)) if !parsed.commands.iter().any(|x| x.document_id == c.document_id) => parsed.commands.push(c),
+            Ok(_) => {}
             Err(e) => parsed.skipped.push(format!("entry {i}: {e}")),
         }
     }

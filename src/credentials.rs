@@ -46,53 +46,28 @@ pub struct Credentials {
 }
 
 /// Why credentials could not be read or written.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
     /// There is no credentials file: the agent has not been registered.
+    #[error(
+        "the agent is not registered ({} does not exist): run `wazuh-agent --register --url URL --user USER` first",
+        .path.display()
+    )]
     NotRegistered { path: PathBuf },
     /// The file exists but could not be read.
+    #[error("cannot read {}: {source}", .path.display())]
     Read { path: PathBuf, source: io::Error },
     /// The file is not the JSON object `{"uuid", "key", "name"}`.
+    #[error("{} is damaged ({message}); register again with `wazuh-agent --register --force`", .path.display())]
     Corrupt { path: PathBuf, message: String },
     /// The file or its directory could not be written.
+    #[error("cannot write {}: {source}", .path.display())]
     Write { path: PathBuf, source: io::Error },
-}
-
-impl fmt::Display for CredentialsError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CredentialsError::NotRegistered { path } => write!(
-                f,
-                "the agent is not registered ({} does not exist): run `wazuh-agent --register --url URL --user USER` first",
-                path.display()
-            ),
-            CredentialsError::Read { path, source } => write!(f, "cannot read {}: {source}", path.display()),
-            CredentialsError::Corrupt { path, message } => write!(
-                f,
-                "{} is damaged ({message}); register again with `wazuh-agent --register --force`",
-                path.display()
-            ),
-            CredentialsError::Write { path, source } => write!(f, "cannot write {}: {source}", path.display()),
-        }
-    }
-}
-
-impl std::error::Error for CredentialsError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            CredentialsError::Read { source, .. } | CredentialsError::Write { source, .. } => Some(source),
-            _ => None,
-        }
-    }
 }
 
 impl Credentials {
     pub fn path(data_dir: &Path) -> PathBuf {
         data_dir.join("credentials.json")
-    }
-
-    pub fn exists(data_dir: &Path) -> bool {
-        Credentials::path(data_dir).exists()
     }
 
     pub fn load(data_dir: &Path) -> Result<Credentials, CredentialsError> {

@@ -8,7 +8,6 @@
 //! other as interrupted.
 
 use std::collections::VecDeque;
-use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,7 +27,7 @@ use crate::queue::Append;
 use crate::session::{Call, Failure, Session};
 use crate::status::Stats;
 
-/// Entries kept in the store; the oldest reported ones are pruned first.
+/// Entries kept in the store; only reported ones are pruned, the oldest first.
 pub const STORE_MAX: usize = 1000;
 /// How often results that could not be queued (queue full, disk error) are retried.
 const REPORT_RETRY: Duration = Duration::from_secs(30);
@@ -69,10 +68,6 @@ pub struct Store {
 
 impl Store {
     pub fn open(data_dir: &Path) -> Store {
-        Store::open_with_cap(data_dir, STORE_MAX)
-    }
-
-    fn open_with_cap(data_dir: &Path, cap: usize) -> Store {
         let path = data_dir.join("commands.json");
         let entries = match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
@@ -81,28 +76,26 @@ impl Store {
             }),
             Err(_) => VecDeque::new(),
         };
-        Store { path, entries, cap }
+        Store { path, entries, cap: STORE_MAX }
     }
 
     pub fn contains(&self, id: &str) -> bool {
         self.entries.iter().any(|e| e.id == id)
     }
 
-    fn save(&self) -> std::io::Result<()> {
-        let json = serde_json::to_vec(&self.entries).map_err(std::io::Error::other)?;
+    fn save(&self) -> io::Result<()> {
+        let json = serde_json::to_vec(&self.entries).map_err(io::Error::other)?;
         crate::fsutil::write_atomic(&self.path, &json, 0o600)
     }
 
-    fn insert(&mut self, id: &str, action: &str) -> std::io::Result<()> {
+    /// Records `id` as running. A full store prunes its oldest reported entry; when every
+    /// entry is running or holds a result not yet reported, `id` is refused, never a result lost.
+    fn insert(&mut self, id: &str, action: &str) -> io::Result<()> {
         while self.entries.len() >= self.cap {
-            match self.entries.iter().position(|e| e.state == State::Reported) {
-                Some(i) => {
-                    self.entries.remove(i);
-                }
-                None => {
-                    self.entries.pop_front();
-                }
-            }
+            let i = self.entries.iter().position(|e| e.state == State::Reported).ok_or_else(|| {
+                io::Error::other(format!("all {} entries are running or hold unreported results", self.cap))
+            })?;
+            self.entries.remove(i);
         }
         self.entries.push_back(Entry {
             id: id.to_string(),
@@ -163,47 +156,29 @@ fn download(ctx: &Ctx, group: &str, deadline: Instant, cancel: &AtomicBool) -> R
 }
 
 /// Why a `set-group` or `fetch-config` command failed (its result message).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum SetGroupsError {
     /// A group file could not be downloaded (the download's own reason).
+    #[error("{0}")]
     Download(String),
     /// A downloaded group file (named) is not UTF-8.
+    #[error("group file {0} is not UTF-8")]
     NotUtf8(String),
     /// A group file is not a usable YAML mapping.
-    Parse(GroupError),
+    #[error("{0}")]
+    Parse(#[source] GroupError),
     /// The local configuration file could not be re-read.
+    #[error("cannot read {}: {source}", .path.display())]
     ReadLocal { path: PathBuf, source: io::Error },
     /// The local file with the group files over it is not a valid configuration.
-    Config(ConfigError),
+    #[error("{0}")]
+    Config(#[source] ConfigError),
     /// The command timed out before anything was changed.
+    #[error("cancelled")]
     Cancelled,
     /// The group files could not be stored under `<data_dir>/shared/`.
-    Install(GroupError),
-}
-
-impl fmt::Display for SetGroupsError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SetGroupsError::Download(m) => f.write_str(m),
-            SetGroupsError::NotUtf8(file) => write!(f, "group file {file} is not UTF-8"),
-            SetGroupsError::Parse(e) => e.fmt(f),
-            SetGroupsError::ReadLocal { path, source } => write!(f, "cannot read {}: {source}", path.display()),
-            SetGroupsError::Config(e) => e.fmt(f),
-            SetGroupsError::Cancelled => f.write_str("cancelled"),
-            SetGroupsError::Install(e) => write!(f, "cannot store the group files: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for SetGroupsError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            SetGroupsError::Parse(e) | SetGroupsError::Install(e) => Some(e),
-            SetGroupsError::ReadLocal { source, .. } => Some(source),
-            SetGroupsError::Config(e) => Some(e),
-            SetGroupsError::Download(_) | SetGroupsError::NotUtf8(_) | SetGroupsError::Cancelled => None,
-        }
-    }
+    #[error("cannot store the group files: {0}")]
+    Install(#[source] GroupError),
 }
 
 /// `set-group` and `fetch-config`: download every file, validate, swap the set, apply.
@@ -246,16 +221,13 @@ impl Executor {
     /// Queues the result event; returns whether it is durable.
     fn enqueue(&self, id: &str, code: Code, message: &str) -> bool {
         let event = commands::result_event(id, code, message);
-        match crate::queue::append_and_wait(&self.queue, vec![event], Duration::from_secs(30)) {
-            r if r.all_stored(1) => true,
-            r => {
-                log::warn!(
-                    "the result of command {id} could not be queued ({}); retrying later",
-                    r.error.map(|e| e.to_string()).unwrap_or_default()
-                );
-                false
-            }
+        // A result not stored in time is not lost: it stays `Finished` and is retried.
+        let r = crate::queue::append_and_wait(&self.queue, vec![event], Duration::from_secs(30));
+        if !r.all_stored(1) {
+            let why = r.error.as_ref().map(|e| e.to_string()).unwrap_or_default();
+            log::warn!("the result of command {id} could not be queued ({why}); retrying later");
         }
+        r.all_stored(1)
     }
 
     fn finish(&self, store: &mut Store, id: &str, code: Code, message: String) {
@@ -278,14 +250,10 @@ impl Executor {
 
     /// Results that are finished but not yet in the queue (queue full, disk trouble).
     fn report_pending(&self, store: &mut Store) {
-        let pending: Vec<(String, Code, String)> = store
-            .entries
-            .iter()
-            .filter(|e| e.state == State::Finished)
-            .map(|e| (e.id.clone(), e.code.unwrap_or(Code::Failure), e.message.clone().unwrap_or_default()))
-            .collect();
-        for (id, code, message) in pending {
-            if self.enqueue(&id, code, &message) {
+        // Entries are only added by `handle`, so the indices hold while this runs.
+        for i in 0..store.entries.len() {
+            let Entry { id, state: State::Finished, code, message, .. } = store.entries[i].clone() else { continue };
+            if self.enqueue(&id, code.unwrap_or(Code::Failure), &message.unwrap_or_default()) {
                 store.update(&id, |e| e.state = State::Reported);
             }
         }
@@ -293,13 +261,8 @@ impl Executor {
 
     /// Commands that were running when the agent stopped.
     fn recover(&self, store: &mut Store) {
-        let running: Vec<(String, String)> = store
-            .entries
-            .iter()
-            .filter(|e| e.state == State::Running)
-            .map(|e| (e.id.clone(), e.action.clone()))
-            .collect();
-        for (id, action) in running {
+        for i in 0..store.entries.len() {
+            let Entry { id, action, state: State::Running, .. } = store.entries[i].clone() else { continue };
             if action == Action::Restart.name() {
                 self.finish(store, &id, Code::Success, format!("agent restarted (pid {})", std::process::id()));
             } else {
@@ -317,7 +280,7 @@ impl Executor {
         }
         if let Err(e) = store.insert(&id, cmd.action.name()) {
             // Without a durable record a redelivery could run it twice: do not run it.
-            log::error!("cannot record command {id} in the command store: {e}");
+            log::error!("cannot record command {id} in the command store ({e}); it is not run");
             return;
         }
         log::info!("running command {id}: {} (timeout {}s)", cmd.action.name(), cmd.timeout.as_secs());
@@ -450,17 +413,36 @@ mod tests {
     #[test]
     fn store_survives_reopen_and_is_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open_with_cap(dir.path(), 20);
+        let mut s = Store::open(dir.path());
+        s.cap = 20;
         s.insert("running", "restart").unwrap();
         for i in 0..30 {
             s.insert(&format!("id{i}"), "set-group").unwrap();
             s.update(&format!("id{i}"), |e| e.state = State::Reported);
         }
-        let s = Store::open_with_cap(dir.path(), 20);
+        let s = Store::open(dir.path());
         assert_eq!(s.entries.len(), 20);
         assert!(s.contains("id29"));
         assert!(!s.contains("id0"), "oldest reported pruned");
         assert!(s.contains("running"), "unfinished entries are kept while reported ones remain");
+    }
+
+    #[test]
+    fn a_full_store_refuses_a_new_command_rather_than_lose_a_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path());
+        s.cap = 3;
+        for (id, state) in [("done", State::Finished), ("busy", State::Running), ("sent", State::Reported)] {
+            s.insert(id, "set-group").unwrap();
+            s.update(id, |e| e.state = state);
+        }
+        s.insert("next", "set-group").unwrap();
+        assert!(!s.contains("sent") && s.contains("next"), "the reported entry is pruned first");
+        s.update("next", |e| e.state = State::Finished);
+        assert!(s.insert("more", "set-group").is_err(), "nothing can be pruned: the new command is refused");
+        let s = Store::open(dir.path());
+        let ids: Vec<&str> = s.entries.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["done", "busy", "next"], "no unreported result and no running command was dropped");
     }
 
     #[test]

@@ -16,36 +16,29 @@ use wazuh_agent::status::{self, NotRunning};
 use wazuh_agent::supervisor::{self, RunError};
 
 /// Everything that can end the process with a failure.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum Error {
     /// The command line is unusable.
+    #[error(transparent)]
     Cli(cli::CliError),
     /// The configuration is unusable.
+    #[error(transparent)]
     Config(ConfigError),
     /// Registration was refused or failed.
+    #[error(transparent)]
     Register(RegisterError),
     /// Run mode stopped with an error.
+    #[error(transparent)]
     Run(RunError),
     /// `--send` could not hand the events to the agent.
+    #[error(transparent)]
     Send(IngestError),
     /// The log file could not be opened.
+    #[error(transparent)]
     Log(logging::LogError),
     /// A `restart` command could not start the new process image.
-    Restart(std::io::Error),
-}
-
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Error::Cli(e) => e.fmt(f),
-            Error::Config(e) => e.fmt(f),
-            Error::Register(e) => e.fmt(f),
-            Error::Run(e) => e.fmt(f),
-            Error::Send(e) => e.fmt(f),
-            Error::Log(e) => e.fmt(f),
-            Error::Restart(e) => write!(f, "restart failed: cannot execute the agent again: {e}"),
-        }
-    }
+    #[error("restart failed: cannot execute the agent again: {0}")]
+    Restart(#[source] std::io::Error),
 }
 
 /// The single mapping from errors to exit codes (`--help`, EXIT STATUS): every failure or refusal is 1.
@@ -135,17 +128,16 @@ fn restart() -> std::io::Error {
 fn print_status(config: &Config) -> u8 {
     let (state, verdict) = status::read_status(&config.agent.run_dir, std::time::SystemTime::now());
     let mut doc = state.and_then(|s| serde_json::to_value(s).ok()).unwrap_or_else(|| serde_json::json!({}));
-    let reason = match &verdict {
-        Ok(()) => None,
-        Err(NotRunning::NoState) => Some(format!("no {}", status::state_path(&config.agent.run_dir).display())),
-        Err(NotRunning::Unreadable(e)) => Some(format!("unreadable state file: {e}")),
-        Err(NotRunning::Dead(pid)) => Some(format!("process {pid} is not running")),
-        Err(NotRunning::Stale { age_secs }) => Some(format!("state not updated for {age_secs}s")),
-    };
     if let serde_json::Value::Object(map) = &mut doc {
-        map.insert("running".into(), serde_json::Value::Bool(verdict.is_ok()));
-        if let Some(r) = reason {
-            map.insert("reason".into(), serde_json::Value::String(r));
+        map.insert("running".into(), verdict.is_ok().into());
+        if let Err(why) = &verdict {
+            let reason = match why {
+                NotRunning::NoState => format!("no {}", status::state_path(&config.agent.run_dir).display()),
+                NotRunning::Unreadable(e) => format!("unreadable state file: {e}"),
+                NotRunning::Dead(pid) => format!("process {pid} is not running"),
+                NotRunning::Stale { age_secs } => format!("state not updated for {age_secs}s"),
+            };
+            map.insert("reason".into(), reason.into());
         }
     }
     println!("{doc}");

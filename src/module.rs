@@ -48,18 +48,14 @@ pub struct Context {
 }
 
 /// Why a sink did not take events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SinkError {
     /// The module was told to stop while it waited.
+    #[error("stopped")]
     Stopped,
     /// The pipeline thread behind the sink is gone.
+    #[error("the pipeline is gone")]
     Gone,
-}
-
-impl std::fmt::Display for SinkError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if *self == SinkError::Stopped { "stopped" } else { "the pipeline is gone" })
-    }
 }
 
 /// The stateless sink: chunks of events to the batcher. The one place where a module's

@@ -4,12 +4,11 @@
 //! before the first request, so a refusal never leaves a half-registered agent behind,
 //! and credentials are written only after the server answered 201.
 
-use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::config::{self, Config, UuidVersion};
 use crate::credentials::{Credentials, CredentialsError, Secret};
@@ -33,62 +32,42 @@ pub struct RegisterArgs {
 }
 
 /// Why registration did not happen.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum RegisterError {
     /// Credentials exist and `--force` was not given; nothing was sent.
+    #[error(
+        "the agent is already registered ({} exists); use --force to register again with a new identity",
+        .path.display()
+    )]
     AlreadyRegistered { path: PathBuf },
     /// A flag's value is unusable (the flag is named).
+    #[error("{flag}: {message}")]
     InvalidArgument { flag: &'static str, message: String },
     /// No password from `--password-file`, `--password` or the environment.
+    #[error("no registration password: give --password-file FILE or set {}", ENV_PASSWORD)]
     NoPassword,
     /// The password file could not be read or is empty.
+    #[error("--password-file {}: {message}", .path.display())]
     PasswordFile { path: PathBuf, message: String },
     /// The HTTPS client could not be set up (CA file, proxy).
-    Http(HttpError),
+    #[error("{0}")]
+    Http(#[source] HttpError),
     /// The management API could not be reached (connect, TLS, timeout).
+    #[error("cannot connect to the management API at {url}: {message}")]
     Unreachable { url: String, message: String },
     /// The management API refused the login (bad user or password).
+    #[error("login to {url} refused: {status} {message} (check --user and the password)")]
     LoginRefused { url: String, status: u16, message: String },
     /// The management API refused to create the agent.
+    #[error("{url} refused to register the agent: {status} {message}")]
     Refused { url: String, status: u16, message: String },
     /// The management API answered something unusable.
+    #[error("unexpected answer from {url}: {message}")]
     BadAnswer { url: String, message: String },
     /// The agent was created on the server but its credentials could not be stored.
-    Store(CredentialsError),
+    #[error("the server registered the agent, but {0}")]
+    Store(#[source] CredentialsError),
 }
-
-impl fmt::Display for RegisterError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RegisterError::AlreadyRegistered { path } => write!(
-                f,
-                "the agent is already registered ({} exists); use --force to register again with a new identity",
-                path.display()
-            ),
-            RegisterError::InvalidArgument { flag, message } => write!(f, "{flag}: {message}"),
-            RegisterError::NoPassword => {
-                write!(f, "no registration password: give --password-file FILE or set {ENV_PASSWORD}")
-            }
-            RegisterError::PasswordFile { path, message } => {
-                write!(f, "--password-file {}: {message}", path.display())
-            }
-            RegisterError::Http(e) => e.fmt(f),
-            RegisterError::Unreachable { url, message } => {
-                write!(f, "cannot connect to the management API at {url}: {message}")
-            }
-            RegisterError::LoginRefused { url, status, message } => {
-                write!(f, "login to {url} refused: {status} {message} (check --user and the password)")
-            }
-            RegisterError::Refused { url, status, message } => {
-                write!(f, "{url} refused to register the agent: {status} {message}")
-            }
-            RegisterError::BadAnswer { url, message } => write!(f, "unexpected answer from {url}: {message}"),
-            RegisterError::Store(e) => write!(f, "the server registered the agent, but {e}"),
-        }
-    }
-}
-
-impl std::error::Error for RegisterError {}
 
 #[derive(Serialize)]
 struct NewAgent<'a> {
@@ -99,16 +78,6 @@ struct NewAgent<'a> {
     kind: &'static str,
     version: &'static str,
     host: &'a HostInfo,
-}
-
-#[derive(Deserialize)]
-struct LoginData {
-    token: String,
-}
-
-#[derive(Deserialize)]
-struct LoginResponse {
-    data: LoginData,
 }
 
 /// A new agent key: 32 characters from `[A-Za-z0-9]`, drawn from the OS random source.
@@ -177,8 +146,9 @@ fn unreachable_or_bad(url: &str, result: &Result<http::Reply, ureq::Error>) -> R
 /// the caller).
 pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, RegisterError> {
     let data_dir = &config.agent.data_dir;
-    if Credentials::exists(data_dir) && !args.force {
-        return Err(RegisterError::AlreadyRegistered { path: Credentials::path(data_dir) });
+    let path = Credentials::path(data_dir);
+    if path.exists() && !args.force {
+        return Err(RegisterError::AlreadyRegistered { path });
     }
     let url = match &args.url {
         Some(u) => config::validate_https_url(u)
@@ -231,11 +201,12 @@ pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, Reg
     // Registration never retries: no cap for a Retry-After.
     let api_token = match (http::classify(Attempt::of(&result, false), SystemTime::now(), Duration::ZERO), result) {
         (Outcome::Done, Ok(r)) if r.status == 200 => {
-            let parsed: LoginResponse = serde_json::from_slice(&r.body).map_err(|_| RegisterError::BadAnswer {
-                url: login_url.clone(),
-                message: "200 without data.token in the body".into(),
-            })?;
-            Secret::new(parsed.data.token)
+            let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+            let Some(token) = body.pointer("/data/token").and_then(serde_json::Value::as_str) else {
+                let message = "200 without data.token in the body".into();
+                return Err(RegisterError::BadAnswer { url: login_url, message });
+            };
+            Secret::new(token.to_string())
         }
         (Outcome::Reauth, Ok(r)) => {
             return Err(RegisterError::LoginRefused { url: login_url, status: r.status, message: r.message() });

@@ -27,7 +27,6 @@
 //! builds abort on panic, which also ends the process non-zero.)
 
 use std::collections::HashSet;
-use std::fmt;
 use std::io;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::Ordering::Relaxed;
@@ -67,64 +66,39 @@ const INGEST_STOP: Duration = Duration::from_secs(2);
 const STACK_SIZE: usize = 512 * 1024;
 
 /// Why run mode stopped with an error.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// Credentials are missing or unreadable.
-    Credentials(CredentialsError),
+    #[error("{0}")]
+    Credentials(#[source] CredentialsError),
     /// The HTTPS client could not be set up.
-    Http(HttpError),
+    #[error("{0}")]
+    Http(#[source] HttpError),
     /// The durable queue could not be opened.
-    Queue(QueueError),
+    #[error("cannot open the durable queue: {0}")]
+    Queue(#[source] QueueError),
     /// The ingest socket could not be set up (or another agent serves it).
-    Ingest(IngestError),
+    #[error("{0}")]
+    Ingest(#[source] IngestError),
     /// The pid file is held by another agent, or cannot be written.
-    Pid(PidError),
+    #[error("{0}")]
+    Pid(#[source] PidError),
     /// `agent.user`/`agent.group` could not be applied.
-    Privileges(crate::privileges::PrivilegesError),
+    #[error("{0}")]
+    Privileges(#[source] crate::privileges::PrivilegesError),
     /// Signal handlers could not be installed.
-    Signals(io::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] io::Error),
     /// A thread could not be started.
+    #[error("cannot start the {thread} thread: {source}")]
     Spawn { thread: &'static str, source: io::Error },
     /// A worker thread ended while the agent was running.
+    #[error("the {thread} thread {}", if *.panicked { "panicked" } else { "stopped unexpectedly" })]
     WorkerDied { thread: &'static str, panicked: bool },
 }
 
-impl fmt::Display for RunError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RunError::Credentials(e) => e.fmt(f),
-            RunError::Http(e) => e.fmt(f),
-            RunError::Queue(e) => write!(f, "cannot open the durable queue: {e}"),
-            RunError::Ingest(e) => e.fmt(f),
-            RunError::Pid(e) => e.fmt(f),
-            RunError::Privileges(e) => e.fmt(f),
-            RunError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
-            RunError::Spawn { thread, source } => write!(f, "cannot start the {thread} thread: {source}"),
-            RunError::WorkerDied { thread, panicked: true } => write!(f, "the {thread} thread panicked"),
-            RunError::WorkerDied { thread, panicked: false } => write!(f, "the {thread} thread stopped unexpectedly"),
-        }
-    }
-}
-
-impl std::error::Error for RunError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            RunError::Credentials(e) => Some(e),
-            RunError::Http(e) => Some(e),
-            RunError::Queue(e) => Some(e),
-            RunError::Ingest(e) => Some(e),
-            RunError::Pid(e) => Some(e),
-            RunError::Signals(source) | RunError::Spawn { source, .. } => Some(source),
-            RunError::Privileges(_) | RunError::WorkerDied { .. } => None,
-        }
-    }
-}
-
-/// Sent by every worker as it ends, whatever the reason.
-struct Exit {
-    thread: &'static str,
-    panicked: bool,
-}
+/// Sent by every worker as it ends, whatever the reason: its name, and whether it panicked.
+type Exit = (&'static str, bool);
 
 struct ExitGuard {
     thread: &'static str,
@@ -135,7 +109,7 @@ impl Drop for ExitGuard {
     fn drop(&mut self) {
         // The supervisor outlives its workers (it joins them), so this only fails if the
         // supervisor itself is gone, and then nobody needs the message.
-        let _ = self.tx.send(Exit { thread: self.thread, panicked: thread::panicking() });
+        let _ = self.tx.send((self.thread, thread::panicking()));
     }
 }
 
@@ -172,26 +146,16 @@ impl Workers {
     fn join(&mut self, names: &[&'static str], grace: Duration) -> Vec<&'static str> {
         let deadline = Instant::now() + grace;
         while !names.iter().all(|n| self.exited.contains(n)) {
-            match self.exit_rx.recv_deadline(deadline) {
-                Ok(exit) => {
-                    self.exited.insert(exit.thread);
-                }
-                Err(_) => break,
-            }
+            let Ok((thread, _)) = self.exit_rx.recv_deadline(deadline) else { break };
+            self.exited.insert(thread);
         }
-        let mut stuck = Vec::new();
-        let mut keep = Vec::new();
-        for (name, handle) in self.running.drain(..) {
-            if !names.contains(&name) {
-                keep.push((name, handle));
-            } else if self.exited.contains(name) {
-                let _ = handle.join();
-            } else {
-                stuck.push(name);
-            }
+        let (named, others): (Vec<_>, _) = self.running.drain(..).partition(|(name, _)| names.contains(name));
+        self.running = others;
+        let (done, stuck): (Vec<_>, Vec<_>) = named.into_iter().partition(|(name, _)| self.exited.contains(name));
+        for (_, handle) in done {
+            let _ = handle.join();
         }
-        self.running = keep;
-        stuck
+        stuck.into_iter().map(|(name, _)| name).collect()
     }
 }
 
@@ -216,20 +180,16 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     let agent_line =
         event::agent_line(&credentials.uuid, &credentials.name, &groups::current(&config.agent.data_dir), &host);
     let live = Live::new(config.clone(), agent_line);
-    log::info!(
-        "wazuh-agent {} starting as {} ({}), server {}",
-        crate::VERSION,
-        credentials.name,
-        credentials.uuid,
-        config.server.urls.join(", ")
-    );
+    let (name, uuid, urls) = (&credentials.name, &credentials.uuid, config.server.urls.join(", "));
+    log::info!("wazuh-agent {} starting as {name} ({uuid}), server {urls}", crate::VERSION);
     let (cell, wake_rx) = TokenCell::new();
-    let workers = Workers::new();
-    let mut s = Supervisor { config, credentials, stats, live, cell, deadline: Arc::default(), workers, agents };
+    let (workers, deadline) = (Workers::new(), Arc::default());
+    let local = local.clone();
+    let mut s = Supervisor { local, config, credentials, stats, live, cell, deadline, workers, agents };
     let pipeline = start_pipeline(&mut s, store, listener, wake_rx)?;
     let modules = start_modules(&mut s, &pipeline)?;
-    let (control_rx, commands_stop) = start_commands(&mut s, local, host, pipeline.append_tx.clone())?;
-    let result = supervise(&mut s, local, &pipeline, &control_rx);
+    let (control_rx, commands_stop) = start_commands(&mut s, &pipeline, host)?;
+    let result = supervise(&mut s, &pipeline, &control_rx);
     shut_down(s, pipeline, modules, commands_stop);
     drop(pid_file);
     if result.is_ok() {
@@ -240,6 +200,8 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
 
 /// What every stage wires its threads from, and the threads.
 struct Supervisor {
+    /// The configuration as loaded from the local file (re-read on SIGHUP and by commands).
+    local: Config,
     /// The effective configuration: the local file with the server's group files over it.
     config: Config,
     credentials: Credentials,
@@ -252,26 +214,21 @@ struct Supervisor {
     agents: Agents,
 }
 
-/// One connection pool per thread that talks to the server (a clone shares the pool).
-#[derive(Clone)]
-struct Agents {
-    auth_agent: ureq::Agent,
-    upload_agent: ureq::Agent,
-    upload2_agent: ureq::Agent,
-    poll_agent: ureq::Agent,
-    files_agent: ureq::Agent,
+impl Supervisor {
+    /// A session for a thread that talks to the comms API with a token, on `agent`'s pool.
+    fn session(&self, agent: &ureq::Agent, stop: Stop, role: Role) -> Session {
+        let (cell, live, stats) = (self.cell.clone(), self.live.clone(), self.stats.clone());
+        Session { agent: agent.clone(), cell, live, stats, stop, role }
+    }
 }
 
-/// A session per thread that talks to the comms API with a token, each on its own connection.
-fn new_session(
-    agent: &ureq::Agent,
-    cell: &Arc<TokenCell>,
-    live: &Arc<Live>,
-    stats: &Arc<Stats>,
-    stop: Stop,
-    role: Role,
-) -> Session {
-    Session { agent: agent.clone(), cell: cell.clone(), live: live.clone(), stats: stats.clone(), stop, role }
+/// One connection pool per thread that talks to the server, named after the thread.
+struct Agents {
+    token: ureq::Agent,
+    upload_queue: ureq::Agent,
+    upload_stateless: ureq::Agent,
+    poll: ureq::Agent,
+    files: ureq::Agent,
 }
 
 /// What the later stages need of the pipeline.
@@ -281,7 +238,7 @@ struct Pipeline {
     append_tx: Sender<Append>,
     ingest: Arc<Ingest>,
     sig_rx: Receiver<i32>,
-    signals_handle: signal_hook::iterator::Handle,
+    sig_handle: signal_hook::iterator::Handle,
     /// Dropped at shutdown, in this order: batcher and uploaders, queue, token.
     pipeline_stop_tx: Sender<()>,
     queue_stop_tx: Sender<()>,
@@ -311,7 +268,7 @@ fn open(config: &Config) -> Result<(Agents, PidFile, Arc<Stats>, QueueStore, Uni
     let (request, commands) = (config.server.request_timeout, config.server.commands_timeout);
     let agents =
         http::build_agents(&config.server, &[request, request, request, commands, request]).map_err(RunError::Http)?;
-    let [auth_agent, upload_agent, upload2_agent, poll_agent, files_agent]: [ureq::Agent; 5] =
+    let [token, upload_queue, upload_stateless, poll, files]: [ureq::Agent; 5] =
         agents.try_into().map_err(|_| RunError::Http(HttpError::Tls("expected five HTTP agents".into())))?;
     // Before anything else that a second agent would fight over.
     let pid_file = PidFile::acquire(&config.agent.run_dir).map_err(RunError::Pid)?;
@@ -319,7 +276,7 @@ fn open(config: &Config) -> Result<(Agents, PidFile, Arc<Stats>, QueueStore, Uni
     let store = QueueStore::open(&config.agent.data_dir.join("queue"), config.events.queue_max_bytes, stats.clone())
         .map_err(RunError::Queue)?;
     let listener = ingest::bind(&config.agent.run_dir).map_err(RunError::Ingest)?;
-    let agents = Agents { auth_agent, upload_agent, upload2_agent, poll_agent, files_agent };
+    let agents = Agents { token, upload_queue, upload_stateless, poll, files };
     Ok((agents, pid_file, stats, store, listener))
 }
 
@@ -331,10 +288,8 @@ fn start_pipeline(
     listener: UnixListener,
     wake_rx: Receiver<()>,
 ) -> Result<Pipeline, RunError> {
-    let Supervisor { config, credentials, stats, live, cell, deadline, workers, agents } = s;
-    let Agents { auth_agent, upload_agent, upload2_agent, .. } = agents;
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(RunError::Signals)?;
-    let signals_handle = signals.handle();
+    let sig_handle = signals.handle();
     // Capacity 4: signals are rare; if the supervisor lags, a repeat of the same signal adds nothing.
     let (sig_tx, sig_rx) = crossbeam_channel::bounded::<i32>(4);
     // Chunks of up to 512 events; 2 in flight keep the batcher busy, and under
@@ -351,7 +306,7 @@ fn start_pipeline(
     let (queue_stop_tx, queue_stop_rx) = crossbeam_channel::bounded::<()>(0);
     let (token_stop_tx, token_stop_rx) = crossbeam_channel::bounded::<()>(0);
 
-    workers.spawn("signals", move || {
+    s.workers.spawn("signals", move || {
         // Ends when the supervisor closes the handle at shutdown.
         for sig in signals.forever() {
             // Full: the supervisor already has signals to act on; a repeat adds nothing.
@@ -359,77 +314,55 @@ fn start_pipeline(
         }
     })?;
 
-    {
-        let (cell, live) = (cell.clone(), live.clone());
-        let auth = Authenticator::new(auth_agent.clone(), &config.server.urls, credentials.clone());
-        workers.spawn("token", move || token::run(cell, wake_rx, token_stop_rx, auth, live))?;
-    }
+    let (cell, live) = (s.cell.clone(), s.live.clone());
+    let auth = Authenticator::new(s.agents.token.clone(), &s.config.server.urls, s.credentials.clone());
+    s.workers.spawn("token", move || token::run(cell, wake_rx, token_stop_rx, auth, live))?;
 
-    {
-        let live = live.clone();
-        let limits = move || {
-            let v = live.view();
-            BatchLimits {
-                max_events: v.config.events.batch_max_events,
-                max_bytes: v.config.events.batch_max_bytes as usize,
-                overhead: v.agent_line.len(),
-            }
-        };
-        workers.spawn("queue", move || queue::run(store, append_rx, ack_rx, qbatch_tx, queue_stop_rx, limits))?;
-    }
+    let live = s.live.clone();
+    let limits = move || {
+        let v = live.view();
+        BatchLimits {
+            max_events: v.config.events.batch_max_events,
+            max_bytes: v.config.events.batch_max_bytes as usize,
+            overhead: v.agent_line.len(),
+        }
+    };
+    s.workers.spawn("queue", move || queue::run(store, append_rx, ack_rx, qbatch_tx, queue_stop_rx, limits))?;
 
-    let ingest = Arc::new(Ingest::new(events_tx.clone(), append_tx.clone(), stats.clone()));
-    {
-        let ingest = ingest.clone();
-        workers.spawn("ingest", move || ingest::run(listener, ingest))?;
-    }
+    let ingest = Arc::new(Ingest::new(events_tx.clone(), append_tx.clone(), s.stats.clone()));
+    let acceptor = ingest.clone();
+    s.workers.spawn("ingest", move || ingest::run(listener, acceptor))?;
 
-    {
-        let view = live.view();
-        let policy = Policy::from_config(&view.config, view.agent_line.len());
-        let wiring = batcher::Wiring {
-            input: events_rx,
-            out: batch_tx,
-            spill: append_tx.clone(),
-            shutdown: pipeline_stop_rx.clone(),
-            deadline: deadline.clone(),
-        };
-        let (live, stats) = (Some(live.clone()), stats.clone());
-        workers.spawn("batcher", move || batcher::run(wiring, policy, live, stats))?;
-    }
+    let view = s.live.view();
+    let policy = Policy::from_config(&view.config, view.agent_line.len());
+    let wiring = batcher::Wiring {
+        input: events_rx,
+        out: batch_tx,
+        spill: append_tx.clone(),
+        shutdown: pipeline_stop_rx.clone(),
+        deadline: s.deadline.clone(),
+    };
+    let (live, stats) = (Some(s.live.clone()), s.stats.clone());
+    s.workers.spawn("batcher", move || batcher::run(wiring, policy, live, stats))?;
 
-    let session = |agent: &ureq::Agent, stop, role| new_session(agent, cell, live, stats, stop, role);
     // Two uploaders: `upload-queue` takes queue batches (one at a time, in order) and
     // stateless ones, `upload-stateless` stateless ones only. With one request in flight the
     // server's time per body was dead time for the agent; with two, one body is sent while
     // the server works on the other.
-    let uploader = |agent| Uploader {
-        session: session(
-            agent,
-            Stop::Drain { shutdown: pipeline_stop_rx.clone(), deadline: deadline.clone() },
-            Role::Events,
-        ),
-        rejected: RejectedLog::new(&config.agent.data_dir),
-        shutdown: pipeline_stop_rx.clone(),
-        deadline: deadline.clone(),
-    };
+    let [queue_up, stateless_up] = [&s.agents.upload_queue, &s.agents.upload_stateless].map(|agent| {
+        let drain = Stop::Drain { shutdown: pipeline_stop_rx.clone(), deadline: s.deadline.clone() };
+        let (shutdown, deadline) = (pipeline_stop_rx.clone(), s.deadline.clone());
+        let rejected = RejectedLog::new(&s.config.agent.data_dir);
+        Uploader { session: s.session(agent, drain, Role::Events), rejected, shutdown, deadline }
+    });
     let link = QueueLink { batches: qbatch_rx, acks: ack_tx };
-    let (up, spill, batches) = (uploader(upload_agent), append_tx.clone(), batch_rx.clone());
-    workers.spawn("upload-queue", move || uploader::run_queue(up, link, batches, spill))?;
-    let (up, spill, batches) = (uploader(upload2_agent), append_tx.clone(), batch_rx.clone());
-    workers.spawn("upload-stateless", move || uploader::run_stateless(up, batches, spill))?;
+    let (spill, batches) = (append_tx.clone(), batch_rx.clone());
+    s.workers.spawn("upload-queue", move || uploader::run_queue(queue_up, link, batches, spill))?;
+    let (spill, batches) = (append_tx.clone(), batch_rx.clone());
+    s.workers.spawn("upload-stateless", move || uploader::run_stateless(stateless_up, batches, spill))?;
     // The uploaders hold the only receivers now: the batcher's send fails once both are gone.
     drop((pipeline_stop_rx, batch_rx));
-    Ok(Pipeline {
-        events_tx,
-        append_tx,
-        ingest,
-        sig_rx,
-        signals_handle,
-        pipeline_stop_tx,
-        queue_stop_tx,
-        token_stop_tx,
-    })
+    Ok(Pipeline { events_tx, append_tx, ingest, sig_rx, sig_handle, pipeline_stop_tx, queue_stop_tx, token_stop_tx })
 }
 
 /// Stage 5: every enabled module of [`module::MODULES`] on its own thread. Returns their
@@ -457,67 +390,53 @@ fn start_modules(s: &mut Supervisor, p: &Pipeline) -> Result<(Vec<&'static str>,
 /// to the supervisor and the sender whose drop stops both threads.
 fn start_commands(
     s: &mut Supervisor,
-    local: &Config,
+    p: &Pipeline,
     host: HostInfo,
-    append_tx: Sender<Append>,
 ) -> Result<(Receiver<Control>, Sender<()>), RunError> {
-    let Supervisor { config, credentials, stats, live, cell, workers, agents, .. } = s;
-    let Agents { poll_agent, files_agent, .. } = agents;
     let (commands_stop_tx, commands_stop_rx) = crossbeam_channel::bounded::<()>(0);
     // Commands are few; 64 waiting for the executor is far more than a server sends at once.
     let (command_tx, command_rx) = crossbeam_channel::bounded::<Command>(64);
     let (control_tx, control_rx) = crossbeam_channel::bounded::<Control>(1);
-    let session = |agent: &ureq::Agent, stop, role| new_session(agent, cell, live, stats, stop, role);
-    {
-        let session = session(poll_agent, Stop::Now(commands_stop_rx.clone()), Role::Commands);
-        let p = Poller { session, uuid: credentials.uuid.clone() };
-        let stop = commands_stop_rx.clone();
-        workers.spawn("poll", move || poll::run(p, command_tx, stop))?;
-    }
+    let session = s.session(&s.agents.poll, Stop::Now(commands_stop_rx.clone()), Role::Commands);
+    let poller = Poller { session, uuid: s.credentials.uuid.clone() };
+    let stop = commands_stop_rx.clone();
+    s.workers.spawn("poll", move || poll::run(poller, command_tx, stop))?;
 
-    {
-        let exec = Executor {
-            ctx: Arc::new(Ctx {
-                session: session(files_agent, Stop::Now(commands_stop_rx.clone()), Role::Files),
-                live: live.clone(),
-                local: local.clone(),
-                data_dir: config.agent.data_dir.clone(),
-                uuid: credentials.uuid.clone(),
-                name: credentials.name.clone(),
-                host: host.clone(),
-            }),
-            queue: append_tx,
-            control: control_tx,
-            stats: stats.clone(),
-        };
-        let stop = commands_stop_rx;
-        workers.spawn("executor", move || executor::run(exec, command_rx, stop))?;
-    }
+    let exec = Executor {
+        ctx: Arc::new(Ctx {
+            session: s.session(&s.agents.files, Stop::Now(commands_stop_rx.clone()), Role::Files),
+            live: s.live.clone(),
+            local: s.local.clone(),
+            data_dir: s.config.agent.data_dir.clone(),
+            uuid: s.credentials.uuid.clone(),
+            name: s.credentials.name.clone(),
+            host,
+        }),
+        queue: p.append_tx.clone(),
+        control: control_tx,
+        stats: s.stats.clone(),
+    };
+    s.workers.spawn("executor", move || executor::run(exec, command_rx, commands_stop_rx))?;
     Ok((control_rx, commands_stop_tx))
 }
 
 /// Stage 7: waits for a signal, a restart command or a worker's end; meanwhile writes the
 /// state file and gives free heap back.
-fn supervise(
-    s: &mut Supervisor,
-    local: &Config,
-    p: &Pipeline,
-    control_rx: &Receiver<Control>,
-) -> Result<Stopped, RunError> {
+fn supervise(s: &mut Supervisor, p: &Pipeline, control: &Receiver<Control>) -> Result<Stopped, RunError> {
     write_state(s);
     // Free heap goes back to the system once each burst is over (checked with the state).
     let mut trim = memory::Trim::default();
     loop {
         select! {
             recv(p.sig_rx) -> sig => match sig {
-                Ok(SIGHUP) => reload(local, &s.live),
+                Ok(SIGHUP) => reload(&s.local, &s.live),
                 Ok(sig) => {
                     log::info!("{} received, shutting down", if sig == SIGINT { "SIGINT" } else { "SIGTERM" });
                     return Ok(Stopped::Signal);
                 }
                 Err(_) => return Err(RunError::WorkerDied { thread: "signals", panicked: false }),
             },
-            recv(control_rx) -> msg => match msg {
+            recv(control) -> msg => match msg {
                 Ok(Control::Restart) => {
                     log::info!("restart command received, restarting");
                     return Ok(Stopped::Restart);
@@ -525,7 +444,7 @@ fn supervise(
                 Err(_) => return Err(RunError::WorkerDied { thread: "executor", panicked: false }),
             },
             recv(s.workers.exit_rx) -> exit => {
-                let (thread, panicked) = exit.map(|e| (e.thread, e.panicked)).unwrap_or(("unknown", false));
+                let (thread, panicked) = exit.unwrap_or(("unknown", false));
                 s.workers.exited.insert(thread);
                 log::error!("the {thread} thread ended while the agent was running; stopping so the init system can restart it");
                 return Err(RunError::WorkerDied { thread, panicked });
@@ -548,45 +467,43 @@ fn shut_down(
     (modules, modules_stop): (Vec<&'static str>, Sender<()>),
     commands_stop: Sender<()>,
 ) {
-    let Agents { auth_agent, upload_agent, upload2_agent, poll_agent, files_agent } = s.agents.clone();
-    let Pipeline { ingest, signals_handle, pipeline_stop_tx, queue_stop_tx, token_stop_tx, .. } = p;
     let workers = &mut s.workers;
+    // `Agent::shutdown` takes the agent; a clone shares its pool, so shutting one down cuts the thread's.
     // (0) Commands first: a running command finishes or is cut, no new one starts.
     drop(commands_stop);
-    poll_agent.shutdown();
-    let mut early_stuck = workers.join(&["poll", "executor"], Duration::from_secs(2));
-    if !early_stuck.is_empty() {
-        files_agent.shutdown();
-        early_stuck = workers.join(&["poll", "executor"], Duration::from_secs(2));
+    s.agents.poll.clone().shutdown();
+    let mut stuck = workers.join(&["poll", "executor"], Duration::from_secs(2));
+    if !stuck.is_empty() {
+        s.agents.files.clone().shutdown();
+        stuck = workers.join(&["poll", "executor"], Duration::from_secs(2));
     }
     // (1) No more input; producers get their answers.
     let _ = s.deadline.set(Instant::now() + SHUTDOWN_GRACE);
-    ingest.stop(&s.config.agent.run_dir, INGEST_STOP);
-    let mut stuck = early_stuck;
+    p.ingest.stop(&s.config.agent.run_dir, INGEST_STOP);
     stuck.extend(workers.join(&["ingest"], INGEST_STOP));
     // Modules stop with ingest: what they handed over is in the pipeline, their state saved.
     drop(modules_stop);
     stuck.extend(workers.join(&modules, INGEST_STOP));
     // (2) Deliver within the grace, spill the rest.
-    drop(pipeline_stop_tx);
+    drop(p.pipeline_stop_tx);
     let until_deadline = s.deadline.get().map_or(SHUTDOWN_GRACE, |d| d.saturating_duration_since(Instant::now()));
     const PIPELINE: [&str; 3] = ["batcher", "upload-queue", "upload-stateless"];
     stuck.extend(workers.join(&PIPELINE, until_deadline + Duration::from_secs(2)));
     if !stuck.is_empty() {
-        upload_agent.shutdown();
-        upload2_agent.shutdown();
+        s.agents.upload_queue.clone().shutdown();
+        s.agents.upload_stateless.clone().shutdown();
         stuck = workers.join(&PIPELINE, Duration::from_secs(2));
     }
     // (3) The queue after everyone who writes to it.
-    drop(queue_stop_tx);
+    drop(p.queue_stop_tx);
     stuck.extend(workers.join(&["queue"], Duration::from_secs(5)));
     // (4) Token and signals.
-    drop(token_stop_tx);
+    drop(p.token_stop_tx);
     s.cell.close();
-    signals_handle.close();
+    p.sig_handle.close();
     if !workers.join(&["token"], Duration::from_secs(1)).is_empty() {
         // Cut off an authentication request in flight (it holds a socket, no data).
-        auth_agent.shutdown();
+        s.agents.token.clone().shutdown();
         stuck.extend(workers.join(&["token"], Duration::from_secs(2)));
     }
     stuck.extend(workers.join(&["signals"], Duration::from_secs(1)));
@@ -599,28 +516,26 @@ fn shut_down(
 
 /// Writes `state.json` (for `--status`) from the counters and the token cell.
 fn write_state(s: &Supervisor) {
-    let Supervisor { config, credentials, stats, cell, .. } = s;
-    let token = cell.current();
-    let exp = token.as_ref().map_or(0, |t| status::unix(t.expires_at));
-    stats.token_expires_at.store(exp, std::sync::atomic::Ordering::Relaxed);
-    let server = token.as_ref().map_or_else(|| config.server.urls[0].clone(), |t| t.server.clone());
-    let mut state = status::State::capture(stats, &credentials.uuid, &server, SystemTime::now());
+    let token = s.cell.current();
+    s.stats.token_expires_at.store(token.as_ref().map_or(0, |t| status::unix(t.expires_at)), Relaxed);
+    let server = token.as_ref().map_or_else(|| s.config.server.urls[0].clone(), |t| t.server.clone());
+    let mut state = status::State::capture(&s.stats, &s.credentials.uuid, &server, SystemTime::now());
     // A current authentication problem (cleared on success) outranks older errors.
-    if let Some(e) = cell.last_error() {
+    if let Some(e) = s.cell.last_error() {
         state.last_error = Some(e);
     }
-    if let Err(e) = status::write_state(&config.agent.run_dir, &state) {
-        log::warn!("cannot write {}: {e}", status::state_path(&config.agent.run_dir).display());
+    let run_dir = &s.config.agent.run_dir;
+    if let Err(e) = status::write_state(run_dir, &state) {
+        log::warn!("cannot write {}: {e}", status::state_path(run_dir).display());
     }
 }
 
-/// Hands the agent's directories and log file to `agent.user`, then becomes that user.
-/// Runs before any worker thread exists.
+/// Stage 3: hands the agent's directories and log file to `agent.user`, then becomes that
+/// user. Runs before any worker thread exists.
 fn drop_privileges(config: &Config, user: &str) -> Result<(), RunError> {
     let account = crate::privileges::resolve(user, config.agent.group.as_deref()).map_err(RunError::Privileges)?;
-    let mut paths = vec![config.agent.data_dir.as_path(), config.agent.run_dir.as_path()];
-    paths.extend(crate::logging::file_path());
-    for p in paths {
+    let dirs = [config.agent.data_dir.as_path(), config.agent.run_dir.as_path()];
+    for p in dirs.into_iter().chain(crate::logging::file_path()) {
         crate::privileges::hand_over(p, account).map_err(RunError::Privileges)?;
     }
     crate::privileges::drop_to(account).map_err(RunError::Privileges)?;
@@ -635,15 +550,9 @@ fn reload(local: &Config, live: &Live) {
         log::error!("SIGHUP: cannot reopen the log file: {e}");
     }
     let _guard = live.reload_guard();
-    let fresh_local = match &local.source {
-        Some(p) => match Config::load(Some(p)) {
-            Ok(c) => c,
-            Err(e) => {
-                log::error!("SIGHUP: {e}; keeping the running configuration");
-                return;
-            }
-        },
-        None => Config::defaults(),
+    let fresh_local = match local.source.as_deref().map_or_else(|| Ok(Config::defaults()), |p| Config::load(Some(p))) {
+        Ok(c) => c,
+        Err(e) => return log::error!("SIGHUP: {e}; keeping the running configuration"),
     };
     match groups::effective_config(&fresh_local, &fresh_local.agent.data_dir) {
         Ok(c) => log::info!("SIGHUP: configuration reloaded; {}", live.apply(c).describe()),
@@ -660,16 +569,20 @@ mod tests {
         let mut w = Workers::new();
         w.spawn("returns", || {}).unwrap();
         w.spawn("panics", || panic!("boom")).unwrap();
-        let mut exits: Vec<(&str, bool)> = (0..2)
-            .map(|_| {
-                let e = w.exit_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-                (e.thread, e.panicked)
-            })
-            .collect();
+        let mut exits: Vec<Exit> = (0..2).map(|_| w.exit_rx.recv_timeout(Duration::from_secs(10)).unwrap()).collect();
         exits.sort();
         assert_eq!(exits, vec![("panics", true), ("returns", false)]);
         w.exited.extend(["panics", "returns"]);
         assert!(w.join(&["panics", "returns"], Duration::from_secs(1)).is_empty());
+    }
+
+    #[test]
+    fn a_dead_worker_is_named_with_how_it_ended() {
+        let died = |panicked| RunError::WorkerDied { thread: "queue", panicked }.to_string();
+        assert_eq!(
+            (died(true).as_str(), died(false).as_str()),
+            ("the queue thread panicked", "the queue thread stopped unexpectedly")
+        );
     }
 
     #[test]
