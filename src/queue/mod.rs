@@ -15,7 +15,6 @@
 pub mod format;
 
 use std::collections::VecDeque;
-use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
@@ -42,35 +41,29 @@ pub struct Pos {
 }
 
 /// Why the queue refused or failed an operation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum QueueError {
     /// `events.queue_max_bytes` would be exceeded; nothing of the request was written.
+    #[error("queue full (events.queue_max_bytes = {max} reached); retry later")]
     Full { max: u64 },
     /// A read, write or fsync failed (disk full, I/O error); nothing of the request is durable.
     /// `what` names the operation and the file; shared because one failure answers a whole round.
+    #[error("durable queue write failed: {what}: {source}")]
     Io { what: String, source: Arc<io::Error> },
     /// The queue thread is gone (shutdown).
+    #[error("the agent is shutting down")]
     Closed,
 }
 
-impl fmt::Display for QueueError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            QueueError::Full { max } => write!(f, "queue full (events.queue_max_bytes = {max} reached); retry later"),
-            QueueError::Io { what, source } => write!(f, "durable queue write failed: {what}: {source}"),
-            QueueError::Closed => write!(f, "the agent is shutting down"),
-        }
-    }
+/// Adds the operation and the file to an I/O error.
+trait Context<T> {
+    fn ctx(self, what: &str, path: &Path) -> Result<T, QueueError>;
 }
 
-impl std::error::Error for QueueError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        if let QueueError::Io { source, .. } = self { Some(&**source) } else { None }
+impl<T> Context<T> for io::Result<T> {
+    fn ctx(self, what: &str, path: &Path) -> Result<T, QueueError> {
+        self.map_err(|e| QueueError::Io { what: format!("{what} {}", path.display()), source: Arc::new(e) })
     }
-}
-
-fn io_err(what: &str, path: &Path, e: io::Error) -> QueueError {
-    QueueError::Io { what: format!("{what} {}", path.display()), source: Arc::new(e) }
 }
 
 /// A request to make events durable. The reply comes after the fsync that covers them.
@@ -181,11 +174,8 @@ fn seg_name(id: u64) -> String {
 }
 
 fn encode_cursor(p: Pos) -> Vec<u8> {
-    let mut b = Vec::with_capacity(20);
-    b.extend_from_slice(&p.seg.to_le_bytes());
-    b.extend_from_slice(&p.off.to_le_bytes());
-    let c = crc32fast::hash(&b);
-    b.extend_from_slice(&c.to_le_bytes());
+    let mut b = [p.seg.to_le_bytes(), p.off.to_le_bytes()].concat();
+    b.extend_from_slice(&crc32fast::hash(&b).to_le_bytes());
     b
 }
 
@@ -193,9 +183,7 @@ fn decode_cursor(b: &[u8]) -> Option<Pos> {
     if b.len() != 20 || crc32fast::hash(&b[..16]).to_le_bytes() != b[16..20] {
         return None;
     }
-    let seg = u64::from_le_bytes(b[..8].try_into().ok()?);
-    let off = u64::from_le_bytes(b[8..16].try_into().ok()?);
-    Some(Pos { seg, off })
+    Some(Pos { seg: u64::from_le_bytes(b[..8].try_into().ok()?), off: u64::from_le_bytes(b[8..16].try_into().ok()?) })
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -206,9 +194,9 @@ impl QueueStore {
     /// Opens (and recovers) the queue. Never refuses to start because of damaged data:
     /// damage is skipped, counted and logged.
     pub fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<QueueStore, QueueError> {
-        fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
+        fs::create_dir_all(dir).ctx("cannot create", dir)?;
         let mut ids: Vec<u64> = fs::read_dir(dir)
-            .map_err(|e| io_err("cannot list", dir, e))?
+            .ctx("cannot list", dir)?
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
             .collect();
@@ -240,29 +228,22 @@ impl QueueStore {
         let last = ids.last().copied();
         for &id in &ids {
             let path = dir.join(seg_name(id));
-            let bytes = fs::read(&path).map_err(|e| io_err("cannot read", &path, e))?;
+            let bytes = fs::read(&path).ctx("cannot read", &path)?;
             let from = if id == cursor.seg { (cursor.off as usize).min(bytes.len()) } else { 0 };
             let scan = format::scan(&bytes, from);
+            let shown = path.display();
             backlog_records += scan.frames.len() as u64;
             backlog_bytes += scan.frames.iter().map(|r| r.len() as u64).sum::<u64>();
             if scan.skipped > 0 {
-                log::error!(
-                    "queue segment {}: skipped {} damaged bytes between intact records",
-                    path.display(),
-                    scan.skipped
-                );
+                log::error!("queue segment {shown}: skipped {} damaged bytes between intact records", scan.skipped);
             }
             if scan.torn > 0 {
-                log::warn!(
-                    "queue segment {}: dropped a torn tail of {} bytes (an interrupted write)",
-                    path.display(),
-                    scan.torn
-                );
+                log::warn!("queue segment {shown}: dropped a torn tail of {} bytes (an interrupted write)", scan.torn);
                 if Some(id) == last {
                     // Appends continue after the last intact record.
-                    let f = OpenOptions::new().write(true).open(&path).map_err(|e| io_err("cannot open", &path, e))?;
-                    f.set_len(scan.valid_end as u64).map_err(|e| io_err("cannot truncate", &path, e))?;
-                    f.sync_all().map_err(|e| io_err("cannot fsync", &path, e))?;
+                    let f = OpenOptions::new().write(true).open(&path).ctx("cannot open", &path)?;
+                    f.set_len(scan.valid_end as u64).ctx("cannot truncate", &path)?;
+                    f.sync_all().ctx("cannot fsync", &path)?;
                 }
             }
         }
@@ -273,23 +254,14 @@ impl QueueStore {
             );
         }
 
-        let mut segments: VecDeque<u64> = ids.into();
-        let active_id = match segments.back() {
-            Some(&id) => id,
-            None => {
-                segments.push_back(cursor.seg);
-                cursor.seg
-            }
-        };
+        // An empty queue starts its active segment at the cursor.
+        let active_id = ids.last().copied().unwrap_or(cursor.seg);
+        let segments: VecDeque<u64> = if ids.is_empty() { [active_id].into() } else { ids.into() };
         let active_path = dir.join(seg_name(active_id));
-        let active = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&active_path)
-            .map_err(|e| io_err("cannot open", &active_path, e))?;
-        let active_len = active.metadata().map_err(|e| io_err("cannot stat", &active_path, e))?.len();
-        sync_dir(dir).map_err(|e| io_err("cannot fsync", dir, e))?;
-        let durable = Pos { seg: active_id, off: active_len };
+        let active =
+            OpenOptions::new().create(true).append(true).open(&active_path).ctx("cannot open", &active_path)?;
+        let active_len = active.metadata().ctx("cannot stat", &active_path)?.len();
+        sync_dir(dir).ctx("cannot fsync", dir)?;
         stats.queued.store(backlog_records, std::sync::atomic::Ordering::Relaxed);
         stats.queued_bytes.store(backlog_bytes, std::sync::atomic::Ordering::Relaxed);
         Ok(QueueStore {
@@ -297,7 +269,7 @@ impl QueueStore {
             segments,
             active,
             active_len,
-            durable,
+            durable: Pos { seg: active_id, off: active_len },
             cursor,
             read: cursor,
             loaded: None,
@@ -358,7 +330,7 @@ impl QueueStore {
             return Ok(());
         }
         let path = self.dir.join(seg_name(self.active_id()));
-        self.active.write_all(buf).map_err(|e| io_err("cannot write", &path, e))?;
+        self.active.write_all(buf).ctx("cannot write", &path)?;
         self.active_len += buf.len() as u64;
         Ok(())
     }
@@ -368,15 +340,10 @@ impl QueueStore {
         self.sync()?;
         let id = self.active_id() + 1;
         let path = self.dir.join(seg_name(id));
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| io_err("cannot create", &path, e))?;
+        let f = OpenOptions::new().create(true).truncate(true).write(true).open(&path).ctx("cannot create", &path)?;
         // The new name must be durable before records in it are acknowledged.
-        sync_dir(&self.dir).map_err(|e| io_err("cannot fsync", &self.dir, e))?;
-        self.active = OpenOptions::new().append(true).open(&path).map_err(|e| io_err("cannot open", &path, e))?;
+        sync_dir(&self.dir).ctx("cannot fsync", &self.dir)?;
+        self.active = OpenOptions::new().append(true).open(&path).ctx("cannot open", &path)?;
         drop(f);
         self.segments.push_back(id);
         self.active_len = 0;
@@ -391,7 +358,7 @@ impl QueueStore {
             return Ok(());
         }
         // fdatasync: the data and the file size are what recovery needs; timestamps are not.
-        self.active.sync_data().map_err(|e| io_err("cannot fsync", &self.dir.join(seg_name(self.active_id())), e))?;
+        self.active.sync_data().ctx("cannot fsync", &self.dir.join(seg_name(self.active_id())))?;
         self.durable = end;
         self.publish_stats();
         Ok(())
@@ -417,14 +384,13 @@ impl QueueStore {
     fn load(&mut self) -> Result<(), QueueError> {
         let seg = self.read.seg;
         let path = self.dir.join(seg_name(seg));
-        let mut f = File::open(&path).map_err(|e| io_err("cannot open", &path, e))?;
+        let mut f = File::open(&path).ctx("cannot open", &path)?;
         let sealed = seg != self.durable.seg;
-        let end =
-            if sealed { f.metadata().map_err(|e| io_err("cannot stat", &path, e))?.len() } else { self.durable.off };
+        let end = if sealed { f.metadata().ctx("cannot stat", &path)?.len() } else { self.durable.off };
         let len = end.saturating_sub(self.read.off);
         let mut bytes = Vec::with_capacity(len as usize);
-        f.seek(SeekFrom::Start(self.read.off)).map_err(|e| io_err("cannot seek", &path, e))?;
-        f.take(len).read_to_end(&mut bytes).map_err(|e| io_err("cannot read", &path, e))?;
+        f.seek(SeekFrom::Start(self.read.off)).ctx("cannot seek", &path)?;
+        f.take(len).read_to_end(&mut bytes).ctx("cannot read", &path)?;
         let scan = format::scan(&bytes, 0);
         if scan.skipped + scan.torn > 0 {
             log::error!(
@@ -444,16 +410,12 @@ impl QueueStore {
         let mut body = limits.overhead;
         let mut frame_bytes = 0u64;
         while self.read < self.durable {
-            let stale = match &self.loaded {
-                None => true,
-                Some(l) => l.seg != self.read.seg || l.next >= l.frames.len(),
-            };
-            if stale {
+            if self.loaded.as_ref().is_none_or(|l| l.seg != self.read.seg || l.next >= l.frames.len()) {
                 self.loaded = None;
                 self.load()?;
             }
             let Some(l) = self.loaded.as_mut() else { break };
-            if l.frames.is_empty() || l.next >= l.frames.len() {
+            if l.next >= l.frames.len() {
                 // Nothing (more) intact in this segment up to its end.
                 let end = l.base + l.bytes.len() as u64;
                 self.loaded = None;
@@ -487,13 +449,10 @@ impl QueueStore {
             // A finished segment that was already sealed when loaded: move on at once so
             // `end` names the next one. (Sealed since the load: it may have grown after
             // `bytes`; the next pass reloads it from `read`.)
-            if l.next >= l.frames.len() && l.sealed {
-                let consumed_to = l.base + l.bytes.len() as u64;
-                if self.read.off >= consumed_to {
-                    self.loaded = None;
-                    let next = self.segments.iter().copied().find(|s| *s > self.read.seg).unwrap_or(self.durable.seg);
-                    self.read = Pos { seg: next, off: 0 };
-                }
+            if l.sealed && l.next >= l.frames.len() && self.read.off >= l.base + l.bytes.len() as u64 {
+                self.loaded = None;
+                let next = self.segments.iter().copied().find(|s| *s > self.read.seg).unwrap_or(self.durable.seg);
+                self.read = Pos { seg: next, off: 0 };
             }
         }
         Ok(kind.map(|kind| QueueBatch { kind, events, end: self.read, frame_bytes }))
@@ -505,7 +464,7 @@ impl QueueStore {
             return Ok(());
         }
         let path = self.dir.join("cursor");
-        fsutil::write_atomic(&path, &encode_cursor(ack.end), 0o600).map_err(|e| io_err("cannot write", &path, e))?;
+        fsutil::write_atomic(&path, &encode_cursor(ack.end), 0o600).ctx("cannot write", &path)?;
         self.cursor = ack.end;
         self.backlog_records = self.backlog_records.saturating_sub(ack.records);
         self.backlog_bytes = self.backlog_bytes.saturating_sub(ack.frame_bytes);
@@ -527,6 +486,10 @@ impl QueueStore {
         Ok(())
     }
 }
+
+/// Never sent (see [`run`]); a constant so that the send arm needs no `unwrap`.
+const NO_BATCH: QueueBatch =
+    QueueBatch { kind: Kind::Stateful, events: Vec::new(), end: Pos { seg: 0, off: 0 }, frame_bytes: 0 };
 
 /// The queue thread. Serves appends (group commit), hands one batch at a time to the
 /// uploader and applies its acks, until `stop` is closed. If the uploader goes away
@@ -561,7 +524,8 @@ pub fn run(
         // it (select! evaluates a send's message lazily); otherwise it stays in `pending`.
         let offer = if pending.is_some() { &batches } else { &nobody };
         select! {
-            send(offer, take(&mut pending)) -> res => {
+            // `pending` holds a batch whenever this arm can fire (it points at the uploader only then).
+            send(offer, pending.take().unwrap_or(NO_BATCH)) -> res => {
                 // A failed send means the uploader is gone; the records stay on disk.
                 if res.is_err() { uploader_gone = true; } else { in_flight = true; }
             }
@@ -585,12 +549,6 @@ pub fn run(
     }
 }
 
-fn take(slot: &mut Option<QueueBatch>) -> QueueBatch {
-    // Only reached when the uploader took the batch, i.e. when `slot` holds one (the
-    // send arm points at the uploader only then).
-    slot.take().unwrap_or(QueueBatch { kind: Kind::Stateful, events: Vec::new(), end: Pos::default(), frame_bytes: 0 })
-}
-
 fn apply_ack(store: &mut QueueStore, ack: Ack) {
     if let Err(e) = store.ack(ack) {
         // The cursor stays where it was: the batch will be delivered again after a restart.
@@ -601,48 +559,28 @@ fn apply_ack(store: &mut QueueStore, ack: Ack) {
 
 /// Group commit: this request plus every one already waiting, one fsync, then replies.
 fn serve_appends(store: &mut QueueStore, first: Append, more: &Receiver<Append>) {
-    let mut round = vec![first];
-    while round.len() < GROUP_COMMIT_MAX {
-        match more.try_recv() {
-            Ok(a) => round.push(a),
-            Err(_) => break,
-        }
-    }
+    let round: Vec<Append> = std::iter::once(first).chain(more.try_iter().take(GROUP_COMMIT_MAX - 1)).collect();
     let (rec0, bytes0) = store.backlog();
-    let mut results: Vec<Appended> = Vec::with_capacity(round.len());
-    let mut io_failed: Option<QueueError> = None;
-    for a in &round {
-        let r = match &io_failed {
-            Some(e) => Appended { stored: 0, error: Some(e.clone()) },
-            None => match store.append(&a.events) {
-                Ok(n) if n == a.events.len() => Appended { stored: n, error: None },
-                Ok(n) => Appended { stored: n, error: Some(QueueError::Full { max: store.max_bytes }) },
-                Err(e) => {
-                    io_failed = Some(e.clone());
-                    Appended { stored: 0, error: Some(e) }
-                }
-            },
-        };
-        results.push(r);
-    }
-    if io_failed.is_none() {
-        if let Err(e) = store.sync() {
-            io_failed = Some(e);
+    // Collecting stops at the first failed write: the rest of the round is not attempted.
+    let written: Result<Vec<usize>, QueueError> = round.iter().map(|a| store.append(&a.events)).collect();
+    match written.and_then(|stored| store.sync().map(|()| stored)) {
+        Ok(stored) => {
+            for (a, n) in round.into_iter().zip(stored) {
+                let error = (n < a.events.len()).then(|| QueueError::Full { max: store.max_bytes });
+                // A producer that gave up waiting is not an error of the queue.
+                let _ = a.reply.send(Appended { stored: n, error });
+            }
         }
-    }
-    if let Some(e) = io_failed {
-        // Nothing of this round is durable: undo it and refuse it all.
-        let (rec1, bytes1) = store.backlog();
-        store.rollback(rec1 - rec0, bytes1 - bytes0);
-        log::error!("{e}");
-        store.stats.set_error(e.to_string());
-        for r in results.iter_mut() {
-            *r = Appended { stored: 0, error: Some(e.clone()) };
+        Err(e) => {
+            // Nothing of this round is durable: undo it and refuse it all.
+            let (rec1, bytes1) = store.backlog();
+            store.rollback(rec1 - rec0, bytes1 - bytes0);
+            log::error!("{e}");
+            store.stats.set_error(e.to_string());
+            for a in round {
+                let _ = a.reply.send(Appended { stored: 0, error: Some(e.clone()) });
+            }
         }
-    }
-    for (a, r) in round.into_iter().zip(results) {
-        // A producer that gave up waiting is not an error of the queue.
-        let _ = a.reply.send(r);
     }
 }
 
