@@ -33,19 +33,16 @@ fn crc(len: &[u8], payload: &[u8]) -> u32 {
 
 /// Appends one event's frame to `out`; returns the frame's length.
 pub fn encode(event: &Event, out: &mut Vec<u8>) -> usize {
-    let lines = event.lines();
-    let payload_len = 1 + 4 + lines.len();
     let start = out.len();
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&(payload_len as u32).to_le_bytes());
+    out.extend_from_slice(&((frame_len(event) - FRAME_HEADER) as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
-    let payload_start = out.len();
     let flags =
         if event.kind == Kind::Stateful { STATEFUL } else { 0 } | if event.data().is_some() { HAS_DATA } else { 0 };
     out.push(flags);
     out.extend_from_slice(&(event.header().len() as u32).to_le_bytes());
-    out.extend_from_slice(lines.as_bytes());
-    let c = crc(&out[start + 4..start + 8], &out[payload_start..]);
+    out.extend_from_slice(event.lines().as_bytes());
+    let c = crc(&out[start + 4..start + 8], &out[start + FRAME_HEADER..]);
     out[start + 8..start + 12].copy_from_slice(&c.to_le_bytes());
     out.len() - start
 }
@@ -110,16 +107,12 @@ pub fn scan(buf: &[u8], from: usize) -> Scan {
         let next = (pos + 1..buf.len().saturating_sub(FRAME_HEADER - 1))
             .filter(|&p| buf[p..p + 4] == MAGIC)
             .find(|&p| frame_at(buf, p).is_some());
-        match next {
-            Some(p) => {
-                s.skipped += p - pos;
-                pos = p;
-            }
-            None => {
-                s.torn = buf.len() - pos;
-                break;
-            }
-        }
+        let Some(p) = next else {
+            s.torn = buf.len() - pos;
+            break;
+        };
+        s.skipped += p - pos;
+        pos = p;
     }
     s
 }
