@@ -394,7 +394,7 @@ fn start_pipeline(
             shutdown: pipeline_stop_rx.clone(),
             deadline: deadline.clone(),
         };
-        let (live, stats) = (Some(live.clone()), stats.clone());
+        let (live, stats) = (live.clone(), stats.clone());
         workers.spawn("batcher", move || batcher::run(wiring, policy, live, stats))?;
     }
 
