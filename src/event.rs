@@ -4,8 +4,6 @@
 //! producer's own JSON text (validated, never re-serialized), because the request body
 //! carries them verbatim: parsing once and copying bytes is the cheap path.
 
-use std::fmt;
-
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -17,14 +15,6 @@ pub const STATEFUL_MODULES: &[&str] = &["fim", "inventory", "sca", "vulnerabilit
 /// Collectors allowed for stateful `inventory` events.
 pub const INVENTORY_COLLECTORS: &[&str] =
     &["system", "hardware", "hotfixes", "packages", "processes", "ports", "networks"];
-
-/// Stateful operations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    Create,
-    Update,
-    Delete,
-}
 
 /// Which endpoint an event goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,14 +66,9 @@ impl Event {
 }
 
 /// Why a line was rejected (the text goes to the producer after `line N: `).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
 pub struct LineError(pub String);
-
-impl fmt::Display for LineError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 fn err<T>(m: impl Into<String>) -> Result<T, LineError> {
     Err(LineError(m.into()))
@@ -194,12 +179,10 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         };
         return Ok(Some(Event::new(Kind::Stateless, &compact(header_raw.get()), Some(&compact(data.get())))));
     };
-    let op = match op_value {
-        serde_json::Value::String(s) if s == "create" => Operation::Create,
-        serde_json::Value::String(s) if s == "update" => Operation::Update,
-        serde_json::Value::String(s) if s == "delete" => Operation::Delete,
-        other => {
-            let shown = other.as_str().map(str::to_string).unwrap_or_else(|| short(other));
+    let op = match op_value.as_str() {
+        Some(op @ ("create" | "update" | "delete")) => op,
+        shown => {
+            let shown = shown.map_or_else(|| short(op_value), str::to_string);
             return err(format!("operation '{shown}' is not create|update|delete"));
         }
     };
@@ -230,11 +213,9 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         }
     }
     let data = match (op, data) {
-        (Operation::Delete, Some(_)) => return err("a delete must not carry \"data\""),
-        (Operation::Delete, None) => None,
-        (_, None) => {
-            return err(format!("a{} needs \"data\"", if op == Operation::Create { " create" } else { "n update" }));
-        }
+        ("delete", Some(_)) => return err("a delete must not carry \"data\""),
+        ("delete", None) => None,
+        (_, None) => return err(format!("a{} needs \"data\"", if op == "create" { " create" } else { "n update" })),
         (_, Some(d)) => Some(compact(d.get())),
     };
     Ok(Some(Event::new(Kind::Stateful, &compact(header_raw.get()), data.as_deref())))
@@ -318,17 +299,16 @@ impl std::io::Read for BodyReader<'_> {
     }
 }
 
-/// The whole body in memory (gzip, tests).
-pub fn body(agent_line: &str, events: &[Event]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(BodyReader::len(agent_line, events) as usize);
-    // Reading from memory into a Vec cannot fail.
-    let _ = std::io::Read::read_to_end(&mut BodyReader::new(agent_line, events), &mut out);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The whole body in memory.
+    fn body(agent_line: &str, events: &[Event]) -> Vec<u8> {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut BodyReader::new(agent_line, events), &mut out).unwrap();
+        out
+    }
 
     fn ok(line: &str) -> Event {
         parse_line(line.as_bytes()).unwrap().unwrap()
