@@ -48,47 +48,31 @@ pub struct Reply {
 }
 
 /// Why the socket could not be set up or used.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     /// The socket path is longer than a Unix socket address can hold.
+    #[error(
+        "ingest socket path {} is longer than {MAX_SOCKET_PATH} bytes; choose a shorter agent.run_dir",
+        path.display()
+    )]
     PathTooLong { path: PathBuf },
     /// Another process already serves the socket (a second agent).
+    #[error("{} is served by another running agent; stop it first", path.display())]
     InUse { path: PathBuf },
     /// Creating, binding or connecting failed.
+    #[error("ingest socket {}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
     /// `--send`: the agent is not running (no socket, or nobody listening).
+    #[error("the agent is not running (cannot connect to {}: {source})", path.display())]
     NotRunning { path: PathBuf, source: io::Error },
     /// `--send`: the agent answered something that is not a reply line.
+    #[error("unexpected reply from the agent: {0}")]
     BadReply(String),
 }
 
-impl fmt::Display for IngestError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            IngestError::PathTooLong { path } => write!(
-                f,
-                "ingest socket path {} is longer than {MAX_SOCKET_PATH} bytes; choose a shorter agent.run_dir",
-                path.display()
-            ),
-            IngestError::InUse { path } => {
-                write!(f, "{} is served by another running agent; stop it first", path.display())
-            }
-            IngestError::Io { path, source } => write!(f, "ingest socket {}: {source}", path.display()),
-            IngestError::NotRunning { path, source } => {
-                write!(f, "the agent is not running (cannot connect to {}: {source})", path.display())
-            }
-            IngestError::BadReply(m) => write!(f, "unexpected reply from the agent: {m}"),
-        }
-    }
-}
-
-impl std::error::Error for IngestError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            IngestError::Io { source, .. } | IngestError::NotRunning { source, .. } => Some(source),
-            _ => None,
-        }
-    }
+/// Wraps an I/O error on `path`.
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> IngestError + '_ {
+    move |source| IngestError::Io { path: path.to_path_buf(), source }
 }
 
 pub fn socket_path(run_dir: &Path) -> PathBuf {
@@ -102,16 +86,15 @@ pub fn bind(run_dir: &Path) -> Result<UnixListener, IngestError> {
     if path.as_os_str().len() > MAX_SOCKET_PATH {
         return Err(IngestError::PathTooLong { path });
     }
-    std::fs::create_dir_all(run_dir).map_err(|source| IngestError::Io { path: run_dir.to_path_buf(), source })?;
+    std::fs::create_dir_all(run_dir).map_err(io_err(run_dir))?;
     if path.exists() {
         if UnixStream::connect(&path).is_ok() {
             return Err(IngestError::InUse { path });
         }
-        std::fs::remove_file(&path).map_err(|source| IngestError::Io { path: path.clone(), source })?;
+        std::fs::remove_file(&path).map_err(io_err(&path))?;
     }
-    let listener = UnixListener::bind(&path).map_err(|source| IngestError::Io { path: path.clone(), source })?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
-        .map_err(|source| IngestError::Io { path: path.clone(), source })?;
+    let listener = UnixListener::bind(&path).map_err(io_err(&path))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(io_err(&path))?;
     Ok(listener)
 }
 
@@ -212,8 +195,8 @@ struct Conn<'a> {
     ingest: &'a Ingest,
     reply: Reply,
     stateless: Vec<Event>,
-    stateful: Vec<Event>,
-    stateful_lines: Vec<u64>,
+    /// Stateful events with their line numbers.
+    stateful: Vec<(Event, u64)>,
     stateful_bytes: usize,
     hidden_errors: u64,
 }
@@ -249,8 +232,7 @@ impl Conn<'_> {
         if self.stateful.is_empty() {
             return;
         }
-        let events = std::mem::take(&mut self.stateful);
-        let lines = std::mem::take(&mut self.stateful_lines);
+        let (events, lines): (Vec<Event>, Vec<u64>) = std::mem::take(&mut self.stateful).into_iter().unzip();
         self.stateful_bytes = 0;
         // Bounded: a queue stuck on a dying disk must not hold the producer for ever (it
         // is told the lines were not accepted and may send them again).
@@ -276,8 +258,7 @@ impl Conn<'_> {
             }
             Ok(Some(e)) => {
                 self.stateful_bytes += e.wire_len();
-                self.stateful.push(e);
-                self.stateful_lines.push(number);
+                self.stateful.push((e, number));
                 if self.stateful_bytes >= DURABLE_CHUNK_BYTES {
                     self.flush_stateful();
                 }
@@ -298,7 +279,6 @@ fn handle(mut stream: UnixStream, ingest: &Ingest) {
         reply: Reply::default(),
         stateless: Vec::new(),
         stateful: Vec::new(),
-        stateful_lines: Vec::new(),
         stateful_bytes: 0,
         hidden_errors: 0,
     };
@@ -325,9 +305,8 @@ fn handle(mut stream: UnixStream, ingest: &Ingest) {
         };
         if buf.is_empty() {
             if ingest.stopping.load(Ordering::Relaxed) {
-                // The read side was shut by the agent's shutdown, not by the producer.
-                conn.reply.errors.push(format!("the agent is shutting down; lines after {number} were not read"));
-                break;
+                // The read side was shut by the agent's shutdown, not by the producer: answered above.
+                continue;
             }
             // EOF: a last line without a newline still counts.
             if !line.is_empty() || oversized {
@@ -380,10 +359,10 @@ pub fn send(run_dir: &Path, input: &mut dyn Read) -> Result<Reply, IngestError> 
     let path = socket_path(run_dir);
     let mut stream =
         UnixStream::connect(&path).map_err(|source| IngestError::NotRunning { path: path.clone(), source })?;
-    io::copy(input, &mut stream).map_err(|source| IngestError::Io { path: path.clone(), source })?;
-    stream.shutdown(std::net::Shutdown::Write).map_err(|source| IngestError::Io { path: path.clone(), source })?;
+    io::copy(input, &mut stream).map_err(io_err(&path))?;
+    stream.shutdown(std::net::Shutdown::Write).map_err(io_err(&path))?;
     let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).map_err(|source| IngestError::Io { path: path.clone(), source })?;
+    BufReader::new(stream).read_line(&mut reply).map_err(io_err(&path))?;
     serde_json::from_str(reply.trim_end())
         .map_err(|_| IngestError::BadReply(reply.trim_end().chars().take(200).collect()))
 }
