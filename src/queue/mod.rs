@@ -280,6 +280,12 @@ impl QueueStore {
         })
     }
 
+    /// Logs a failure and shows it in state.json.
+    fn report(&self, e: &QueueError) {
+        log::error!("{e}");
+        self.stats.set_error(e.to_string());
+    }
+
     fn publish_stats(&self) {
         use std::sync::atomic::Ordering::Relaxed;
         self.stats.queued.store(self.backlog_records, Relaxed);
@@ -365,20 +371,15 @@ impl QueueStore {
     }
 
     /// After a failed write or fsync: cut the active segment back to its durable end,
-    /// so no half-written or unacknowledged frame stays behind.
-    pub fn rollback(&mut self, appended_records: u64, appended_bytes: u64) {
+    /// so no half-written or unacknowledged frame stays behind; the backlog goes back to
+    /// `(records, bytes)`, what it was before the failed round.
+    pub fn rollback(&mut self, (records, bytes): (u64, u64)) {
         let path = self.dir.join(seg_name(self.active_id()));
         if let Err(e) = self.active.set_len(self.durable.off) {
             log::error!("cannot truncate {} after a failed write: {e}", path.display());
         }
         self.active_len = self.durable.off;
-        self.backlog_records = self.backlog_records.saturating_sub(appended_records);
-        self.backlog_bytes = self.backlog_bytes.saturating_sub(appended_bytes);
-    }
-
-    /// True if durable records wait to be handed out.
-    pub fn has_unread(&self) -> bool {
-        self.read < self.durable
+        (self.backlog_records, self.backlog_bytes) = (records, bytes);
     }
 
     fn load(&mut self) -> Result<(), QueueError> {
@@ -469,10 +470,7 @@ impl QueueStore {
         self.backlog_records = self.backlog_records.saturating_sub(ack.records);
         self.backlog_bytes = self.backlog_bytes.saturating_sub(ack.frame_bytes);
         // Only now that the cursor is durable may the segments behind it go.
-        while let Some(&old) = self.segments.front() {
-            if old >= self.cursor.seg || old == self.active_id() {
-                break;
-            }
+        while let Some(&old) = self.segments.front().filter(|&&s| s < self.cursor.seg && s != self.active_id()) {
             let p = self.dir.join(seg_name(old));
             if let Err(e) = fs::remove_file(&p) {
                 log::warn!("cannot delete delivered queue segment {}: {e}", p.display());
@@ -509,14 +507,12 @@ pub fn run(
     let mut in_flight = false;
     let mut pending: Option<QueueBatch> = None;
     loop {
-        if !uploader_gone && !in_flight && pending.is_none() && store.has_unread() {
-            match store.next_batch(limits()) {
-                Ok(b) => pending = b,
-                Err(e) => {
-                    log::error!("{e}");
-                    store.stats.set_error(e.to_string());
-                }
-            }
+        // Durable records wait to be handed out.
+        if !uploader_gone && !in_flight && pending.is_none() && store.read < store.durable {
+            pending = store.next_batch(limits()).unwrap_or_else(|e| {
+                store.report(&e);
+                None
+            });
         }
         let ack_in = if uploader_gone { &never_acks } else { &acks };
         // With no batch to offer, the send arm points at a channel nobody receives from,
@@ -534,7 +530,13 @@ pub fn run(
                 Err(_) => break,
             },
             recv(ack_in) -> msg => match msg {
-                Ok(a) => { apply_ack(&mut store, a); in_flight = false; }
+                Ok(a) => {
+                    // On failure the cursor stays: the batch is delivered again after a restart.
+                    if let Err(e) = store.ack(a) {
+                        store.report(&e);
+                    }
+                    in_flight = false;
+                }
                 Err(_) => uploader_gone = true,
             },
             recv(stop) -> _ => break,
@@ -549,18 +551,10 @@ pub fn run(
     }
 }
 
-fn apply_ack(store: &mut QueueStore, ack: Ack) {
-    if let Err(e) = store.ack(ack) {
-        // The cursor stays where it was: the batch will be delivered again after a restart.
-        log::error!("{e}");
-        store.stats.set_error(e.to_string());
-    }
-}
-
 /// Group commit: this request plus every one already waiting, one fsync, then replies.
 fn serve_appends(store: &mut QueueStore, first: Append, more: &Receiver<Append>) {
     let round: Vec<Append> = std::iter::once(first).chain(more.try_iter().take(GROUP_COMMIT_MAX - 1)).collect();
-    let (rec0, bytes0) = store.backlog();
+    let before = store.backlog();
     // Collecting stops at the first failed write: the rest of the round is not attempted.
     let written: Result<Vec<usize>, QueueError> = round.iter().map(|a| store.append(&a.events)).collect();
     match written.and_then(|stored| store.sync().map(|()| stored)) {
@@ -573,10 +567,8 @@ fn serve_appends(store: &mut QueueStore, first: Append, more: &Receiver<Append>)
         }
         Err(e) => {
             // Nothing of this round is durable: undo it and refuse it all.
-            let (rec1, bytes1) = store.backlog();
-            store.rollback(rec1 - rec0, bytes1 - bytes0);
-            log::error!("{e}");
-            store.stats.set_error(e.to_string());
+            store.rollback(before);
+            store.report(&e);
             for a in round {
                 let _ = a.reply.send(Appended { stored: 0, error: Some(e.clone()) });
             }
@@ -824,6 +816,34 @@ mod tests {
         fs::write(dir.path().join("cursor"), b"garbage").unwrap();
         let mut q = open(dir.path());
         assert_eq!(drain(&mut q, LIMITS).len(), 2);
+    }
+
+    #[test]
+    fn a_failed_write_refuses_the_whole_round_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = open(dir.path());
+        q.append(&[ev(0, Kind::Stateful)]).unwrap();
+        q.sync().unwrap();
+        // A read-only handle on the active segment: the next write fails.
+        q.active = File::open(dir.path().join(seg_name(0))).unwrap();
+        let (tx, rx) = crossbeam_channel::bounded(4);
+        let replies: Vec<_> = (1..4)
+            .map(|i| {
+                let (reply, answer) = crossbeam_channel::bounded(1);
+                tx.send(Append { events: vec![ev(i, Kind::Stateful)], reply }).unwrap();
+                answer
+            })
+            .collect();
+        let first = rx.recv().unwrap();
+        serve_appends(&mut q, first, &rx);
+        for r in replies {
+            let a = r.recv().unwrap();
+            assert_eq!(a.stored, 0);
+            assert!(matches!(a.error, Some(QueueError::Io { .. })), "{a:?}");
+        }
+        assert_eq!(q.backlog().0, 1);
+        drop(q);
+        assert_eq!(drain(&mut open(dir.path()), LIMITS), [ev(0, Kind::Stateful)]);
     }
 
     #[test]
