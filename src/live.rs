@@ -33,17 +33,13 @@ pub struct Applied {
 
 impl Applied {
     pub fn describe(&self) -> String {
-        let mut parts = Vec::new();
-        if self.live.is_empty() && self.need_restart.is_empty() {
-            parts.push("no setting changed".to_string());
-        }
-        if !self.live.is_empty() {
-            parts.push(format!("applied {}", self.live.join(", ")));
-        }
-        if !self.need_restart.is_empty() {
-            parts.push(format!("restart the agent to apply {}", self.need_restart.join(", ")));
-        }
-        parts.join("; ")
+        let parts = [("applied", &self.live), ("restart the agent to apply", &self.need_restart)];
+        let parts: Vec<String> = parts
+            .iter()
+            .filter(|(_, keys)| !keys.is_empty())
+            .map(|(what, keys)| format!("{what} {}", keys.join(", ")))
+            .collect();
+        if parts.is_empty() { "no setting changed".to_string() } else { parts.join("; ") }
     }
 }
 
