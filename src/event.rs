@@ -123,16 +123,11 @@ fn short(v: &serde_json::Value) -> String {
 
 /// Parses one line. `Ok(None)` for a blank line (skipped, not counted).
 pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
-    let line = match line.last() {
-        Some(b'\r') => &line[..line.len() - 1],
-        _ => line,
-    };
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
     if line.len() > MAX_LINE_BYTES {
         return err(format!("line is {} bytes; at most {MAX_LINE_BYTES} are accepted", line.len()));
     }
-    let Ok(text) = std::str::from_utf8(line) else {
-        return err("line is not valid UTF-8");
-    };
+    let Ok(text) = std::str::from_utf8(line) else { return err("line is not valid UTF-8") };
     if text.trim().is_empty() {
         return Ok(None);
     }
@@ -144,16 +139,13 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         Err(e) if e.is_data() => return err(format!("line must be a JSON object with \"header\" and \"data\": {e}")),
         Err(e) => return err(format!("invalid JSON: {e}")),
     };
-    let Some(header_raw) = raw.header else {
-        return err("\"header\" is missing");
-    };
+    let Some(header_raw) = raw.header else { return err("\"header\" is missing") };
     // Checked first: serde would also take a struct from an array.
     if !header_raw.get().trim_start().starts_with('{') {
         return err("\"header\" must be an object");
     }
-    let header: Header = match serde_json::from_str(header_raw.get()) {
-        Ok(h) => h,
-        Err(_) => return err("\"header\" must be an object"),
+    let Ok(header) = serde_json::from_str::<Header>(header_raw.get()) else {
+        return err("\"header\" must be an object");
     };
     let module = match header.module.map(string_field) {
         Some(Ok(m)) if !m.is_empty() => m,
@@ -174,9 +166,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         if header.id.is_some() {
             return err("header.id is only allowed with header.operation");
         }
-        let Some(data) = data else {
-            return err("\"data\" is missing");
-        };
+        let Some(data) = data else { return err("\"data\" is missing") };
         return Ok(Some(Event::new(Kind::Stateless, &compact(header_raw.get()), Some(&compact(data.get())))));
     };
     let op = match op_value.as_str() {
@@ -194,20 +184,15 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         None => return err("header.id is required with header.operation"),
     }
     if !STATEFUL_MODULES.contains(&module) {
-        return err(format!(
-            "module '{module}' cannot send stateful events (allowed: {})",
-            STATEFUL_MODULES.join(", ")
-        ));
+        let allowed = STATEFUL_MODULES.join(", ");
+        return err(format!("module '{module}' cannot send stateful events (allowed: {allowed})"));
     }
     if module == "inventory" {
         match &value(header.collector) {
             Some(serde_json::Value::String(c)) if INVENTORY_COLLECTORS.contains(&c.as_str()) => {}
             Some(c) => {
-                return err(format!(
-                    "inventory collector {} is not one of {}",
-                    short(c),
-                    INVENTORY_COLLECTORS.join(", ")
-                ));
+                let (c, allowed) = (short(c), INVENTORY_COLLECTORS.join(", "));
+                return err(format!("inventory collector {c} is not one of {allowed}"));
             }
             None => return err("header.collector is required for stateful inventory events"),
         }
