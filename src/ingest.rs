@@ -247,8 +247,14 @@ impl Conn<'_> {
         }
     }
 
-    fn line(&mut self, number: u64, bytes: &[u8]) {
-        match event::parse_line(bytes) {
+    /// One complete line (`oversized`: its bytes were not kept).
+    fn line(&mut self, number: u64, bytes: &[u8], oversized: bool) {
+        let parsed = if oversized {
+            Err(event::LineError(format!("line is longer than {} bytes", event::MAX_LINE_BYTES)))
+        } else {
+            event::parse_line(bytes)
+        };
+        match parsed {
             Ok(None) => {}
             Ok(Some(e)) if e.kind == Kind::Stateless => {
                 self.stateless.push(e);
@@ -311,15 +317,13 @@ fn handle(mut stream: UnixStream, ingest: &Ingest) {
             // EOF: a last line without a newline still counts.
             if !line.is_empty() || oversized {
                 number += 1;
-                finish_line(&mut conn, number, &line, oversized);
+                conn.line(number, &line, oversized);
             }
             break;
         }
-        let (used, complete) = match buf.iter().position(|b| *b == b'\n') {
-            Some(i) => (i + 1, true),
-            None => (buf.len(), false),
-        };
-        let piece = if complete { &buf[..used - 1] } else { &buf[..used] };
+        let newline = buf.iter().position(|b| *b == b'\n');
+        let piece = &buf[..newline.unwrap_or(buf.len())];
+        let used = newline.map_or(buf.len(), |i| i + 1);
         if !oversized {
             if line.len() + piece.len() > event::MAX_LINE_BYTES + 1 {
                 // Stop buffering; the rest of the line is read and thrown away.
@@ -330,9 +334,9 @@ fn handle(mut stream: UnixStream, ingest: &Ingest) {
             }
         }
         reader.consume(used);
-        if complete {
+        if newline.is_some() {
             number += 1;
-            finish_line(&mut conn, number, &line, oversized);
+            conn.line(number, &line, oversized);
             line.clear();
             oversized = false;
         }
@@ -340,18 +344,9 @@ fn handle(mut stream: UnixStream, ingest: &Ingest) {
     conn.flush_stateless();
     conn.flush_stateful();
     if conn.hidden_errors > 0 {
-        let n = conn.hidden_errors;
-        conn.reply.errors.push(format!("… and {n} more rejected lines"));
+        conn.reply.errors.push(format!("… and {} more rejected lines", conn.hidden_errors));
     }
     let _ = write_reply(&mut stream, &conn.reply);
-}
-
-fn finish_line(conn: &mut Conn, number: u64, line: &[u8], oversized: bool) {
-    if oversized {
-        conn.reject(number, format!("line is longer than {} bytes", event::MAX_LINE_BYTES));
-    } else {
-        conn.line(number, line);
-    }
 }
 
 /// `--send`: stdin → the socket → the reply. Returns the reply.
