@@ -214,25 +214,12 @@ fn compact(raw: &str) -> std::borrow::Cow<'_, str> {
 
 /// The first line of every request body: the agent's metadata (docs/protocol.md, Events).
 pub fn agent_line(uuid: &str, name: &str, groups: &[String], host: &crate::host::HostInfo) -> String {
-    #[derive(serde::Serialize)]
-    struct Agent<'a> {
-        groups: &'a [String],
-        host: &'a crate::host::HostInfo,
-        id: &'a str,
-        name: &'a str,
-        #[serde(rename = "type")]
-        kind: &'static str,
-        version: &'static str,
-    }
-    #[derive(serde::Serialize)]
-    struct Line<'a> {
-        agent: Agent<'a>,
-    }
-    // Serializing plain strings and vectors cannot fail.
-    serde_json::to_string(&Line {
-        agent: Agent { groups, host, id: uuid, name, kind: "Endpoint", version: crate::VERSION },
-    })
-    .unwrap_or_default()
+    // `json!` unwraps the serialization of `groups` and `host`: plain strings and structs
+    // cannot fail. Its maps sort their keys, which gives docs/protocol.md's order (tested).
+    let agent = serde_json::json!({
+        "groups": groups, "host": host, "id": uuid, "name": name, "type": "Endpoint", "version": crate::VERSION
+    });
+    serde_json::json!({ "agent": agent }).to_string()
 }
 
 /// A request body read straight from the events: the agent line, then each event's header
@@ -287,6 +274,23 @@ impl std::io::Read for BodyReader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_line_is_the_documented_one() {
+        let os = crate::host::OsInfo {
+            name: "Debian GNU/Linux".into(),
+            kind: "Linux".into(),
+            version: "12 (bookworm)".into(),
+        };
+        let ip = vec!["192.168.0.246".into()];
+        let host = crate::host::HostInfo { architecture: "x86_64".into(), hostname: "web-01".into(), ip, os };
+        let want = concat!(
+            r#"{"agent":{"groups":["g1"],"host":{"architecture":"x86_64","hostname":"web-01","ip":["192.168.0.246"],"#,
+            r#""os":{"name":"Debian GNU/Linux","type":"Linux","version":"12 (bookworm)"}},"id":"<uuid>","name":"web-01","#,
+            r#""type":"Endpoint","version":"VERSION"}}"#
+        );
+        assert_eq!(agent_line("<uuid>", "web-01", &["g1".into()], &host), want.replace("VERSION", crate::VERSION));
+    }
 
     /// The whole body in memory.
     fn body(agent_line: &str, events: &[Event]) -> Vec<u8> {

@@ -89,11 +89,9 @@ impl Appended {
 /// Hands `events` to the queue thread and waits (up to `timeout`) for the answer.
 /// A queue that is gone or silent refuses everything.
 pub fn append_and_wait(queue: &Sender<Append>, events: Vec<Event>, timeout: std::time::Duration) -> Appended {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    if queue.send(Append { events, reply: tx }).is_err() {
-        return Appended { stored: 0, error: Some(QueueError::Closed) };
-    }
-    rx.recv_timeout(timeout).unwrap_or(Appended { stored: 0, error: Some(QueueError::Closed) })
+    let (reply, answer) = crossbeam_channel::bounded(1);
+    let answered = queue.send(Append { events, reply }).ok().and_then(|()| answer.recv_timeout(timeout).ok());
+    answered.unwrap_or(Appended { stored: 0, error: Some(QueueError::Closed) })
 }
 
 /// Shutdown: keeps stateless events that could not be sent in the durable queue for the
