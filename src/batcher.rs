@@ -191,9 +191,7 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
             ring.policy = Policy::from_config(&view.config, view.agent_line.len());
         }
         let now = Instant::now();
-        if !carry.is_empty() {
-            pushback(&mut ring, &mut carry, Vec::new(), now);
-        }
+        pushback(&mut ring, &mut carry, Vec::new(), now);
         publish(&ring, &carry);
         let intake = if input_open && carry.is_empty() { &input } else { &never };
         // With no batch due, the send arm points at a channel nobody receives from (never

@@ -302,26 +302,21 @@ impl QueueStore {
     /// durable: call [`sync`](Self::sync)) and returns its length. `Err` only for I/O;
     /// then the caller must [`rollback`](Self::rollback).
     pub fn append(&mut self, events: &[Event]) -> Result<usize, QueueError> {
-        let mut fit = 0;
-        let mut total = 0u64;
+        let (mut fit, mut total) = (0, 0u64);
+        let mut buf = Vec::new();
         for e in events {
             let n = format::frame_len(e) as u64;
             if self.backlog_bytes + total + n > self.max_bytes {
                 break;
             }
-            total += n;
-            fit += 1;
-        }
-        let events = &events[..fit];
-        let mut buf = Vec::with_capacity(total.min(SEGMENT_MAX) as usize);
-        for e in events {
-            let n = format::frame_len(e) as u64;
-            if self.active_len + buf.len() as u64 + n > SEGMENT_MAX && self.active_len + buf.len() as u64 > 0 {
+            let seg_len = self.active_len + buf.len() as u64;
+            if seg_len + n > SEGMENT_MAX && seg_len > 0 {
                 self.write_active(&buf)?;
                 buf.clear();
                 self.roll()?;
             }
             format::encode(e, &mut buf);
+            (fit, total) = (fit + 1, total + n);
         }
         self.write_active(&buf)?;
         self.backlog_bytes += total;
