@@ -385,4 +385,53 @@ mod tests {
         let mode = std::fs::metadata(socket_path(dir.path())).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
     }
+
+    /// Serves `input` on one connection (stateless lines only); returns the reply and
+    /// the events handed to the batcher.
+    fn serve(input: &[u8]) -> (Reply, Vec<Event>) {
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let (queue, _queue_rx) = crossbeam_channel::bounded(1);
+        let ingest = Ingest::new(tx, queue, Arc::new(Stats::default()));
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || handle(server, &ingest));
+        client.write_all(input).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut reply = String::new();
+        BufReader::new(client).read_line(&mut reply).unwrap();
+        t.join().unwrap();
+        (serde_json::from_str(&reply).unwrap(), rx.try_iter().flatten().collect())
+    }
+
+    fn line(i: usize) -> String {
+        format!(r#"{{"header":{{"module":"m{i}"}},"data":{{}}}}"#)
+    }
+
+    #[test]
+    fn line_limits_crlf_and_a_last_line_without_newline() {
+        let max = event::MAX_LINE_BYTES;
+        // A line of max + 1 bytes reaches the parser (which names its size); one longer is
+        // not buffered at all.
+        let input = [
+            line(1) + "\r\n",
+            "x".repeat(max + 1) + "\n",
+            "y".repeat(max + 2) + "\n",
+            line(4) + "\n",
+            "z".repeat(3 * max) + "\n",
+            line(6),
+        ]
+        .concat();
+        let (reply, events) = serve(input.as_bytes());
+        let longer = format!("line is longer than {max} bytes");
+        let errors = [
+            format!("line 2: line is {} bytes; at most {max} are accepted", max + 1),
+            format!("line 3: {longer}"),
+            format!("line 5: {longer}"),
+        ];
+        assert_eq!(reply, Reply { accepted: 3, rejected: 3, errors: errors.to_vec() });
+        let modules: Vec<&str> = events.iter().map(|e| e.header()).collect();
+        assert_eq!(modules, [r#"{"module":"m1"}"#, r#"{"module":"m4"}"#, r#"{"module":"m6"}"#]);
+        // An oversized last line without a newline is still answered for.
+        let (reply, _) = serve(("w".repeat(max + 2)).as_bytes());
+        assert_eq!(reply, Reply { accepted: 0, rejected: 1, errors: vec![format!("line 1: {longer}")] });
+    }
 }
