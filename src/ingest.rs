@@ -290,15 +290,22 @@ fn handle(mut stream: UnixStream, ingest: &Ingest) {
     };
     let mut line = Vec::new();
     let mut number = 0u64;
-    let mut oversized = false;
+    // A line may be one byte longer than the limit (a '\r' the parser drops), plus its newline.
+    let limit = event::MAX_LINE_BYTES as u64 + 2;
     loop {
         if ingest.stopping.load(Ordering::Relaxed) {
             conn.reply.errors.push(format!("the agent is shutting down; lines after {number} were not read"));
             break;
         }
-        let buf = match reader.fill_buf() {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+        line.clear();
+        let mut read = (&mut reader).take(limit).read_until(b'\n', &mut line);
+        let complete = line.last() == Some(&b'\n');
+        let oversized = !complete && line.len() as u64 == limit;
+        if oversized {
+            // Not buffered further: the rest of the line is read and thrown away.
+            read = reader.skip_until(b'\n');
+        }
+        match read {
             Err(e) => {
                 let why = if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
                     format!("nothing received for {}s", READ_TIMEOUT.as_secs())
@@ -308,37 +315,14 @@ fn handle(mut stream: UnixStream, ingest: &Ingest) {
                 conn.reply.errors.push(format!("read stopped after line {number}: {why}"));
                 break;
             }
-        };
-        if buf.is_empty() {
-            if ingest.stopping.load(Ordering::Relaxed) {
-                // The read side was shut by the agent's shutdown, not by the producer: answered above.
-                continue;
-            }
-            // EOF: a last line without a newline still counts.
-            if !line.is_empty() || oversized {
+            // EOF. If the agent's shutdown (not the producer) shut the read side, the check
+            // above answers; otherwise a last line without a newline still counts.
+            Ok(_) if !complete && ingest.stopping.load(Ordering::Relaxed) => {}
+            Ok(0) if line.is_empty() => break,
+            Ok(_) => {
                 number += 1;
-                conn.line(number, &line, oversized);
+                conn.line(number, line.strip_suffix(b"\n").unwrap_or(&line), oversized);
             }
-            break;
-        }
-        let newline = buf.iter().position(|b| *b == b'\n');
-        let piece = &buf[..newline.unwrap_or(buf.len())];
-        let used = newline.map_or(buf.len(), |i| i + 1);
-        if !oversized {
-            if line.len() + piece.len() > event::MAX_LINE_BYTES + 1 {
-                // Stop buffering; the rest of the line is read and thrown away.
-                oversized = true;
-                line.clear();
-            } else {
-                line.extend_from_slice(piece);
-            }
-        }
-        reader.consume(used);
-        if newline.is_some() {
-            number += 1;
-            conn.line(number, &line, oversized);
-            line.clear();
-            oversized = false;
         }
     }
     conn.flush_stateless();
@@ -433,5 +417,27 @@ mod tests {
         // An oversized last line without a newline is still answered for.
         let (reply, _) = serve(("w".repeat(max + 2)).as_bytes());
         assert_eq!(reply, Reply { accepted: 0, rejected: 1, errors: vec![format!("line 1: {longer}")] });
+    }
+
+    #[test]
+    fn shutdown_answers_for_the_lines_read_and_drops_a_partial_one() {
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let (queue, _queue_rx) = crossbeam_channel::bounded(1);
+        let ingest = Arc::new(Ingest::new(tx, queue, Arc::new(Stats::default())));
+        let (mut client, server) = UnixStream::pair().unwrap();
+        ingest.open.lock().unwrap().insert(0, server.try_clone().unwrap());
+        let conn = ingest.clone();
+        let t = std::thread::spawn(move || handle(server, &conn));
+        let full: String = (0..CHUNK).map(|i| line(i) + "\n").collect();
+        client.write_all(format!("{full}{{\"header\":").as_bytes()).unwrap();
+        // The first chunk reached the batcher: every complete line was read.
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap().len(), CHUNK);
+        ingest.stop(Path::new("/nonexistent"), Duration::from_secs(5));
+        let mut reply = String::new();
+        BufReader::new(client).read_line(&mut reply).unwrap();
+        t.join().unwrap();
+        let reply: Reply = serde_json::from_str(&reply).unwrap();
+        let errors = vec![format!("the agent is shutting down; lines after {CHUNK} were not read")];
+        assert_eq!(reply, Reply { accepted: CHUNK as u64, rejected: 0, errors });
     }
 }
