@@ -227,8 +227,7 @@ pub fn agent_line(uuid: &str, name: &str, groups: &[String], host: &crate::host:
 /// [`len`](Self::len) as Content-Length) saves a copy of every batch in flight (1 MB each
 /// at the default `batch_max_bytes`).
 pub struct BodyReader<'a> {
-    events: &'a [Event],
-    next: usize,
+    events: std::slice::Iter<'a, Event>,
     /// What is left of the agent line or of the current event's lines.
     cur: &'a [u8],
     /// A newline is due before `cur`.
@@ -237,7 +236,7 @@ pub struct BodyReader<'a> {
 
 impl<'a> BodyReader<'a> {
     pub fn new(agent_line: &'a str, events: &'a [Event]) -> BodyReader<'a> {
-        BodyReader { events, next: 0, cur: agent_line.as_bytes(), newline: false }
+        BodyReader { events: events.iter(), cur: agent_line.as_bytes(), newline: false }
     }
 
     /// The body's exact size in bytes.
@@ -259,8 +258,7 @@ impl std::io::Read for BodyReader<'_> {
                 buf[n..n + k].copy_from_slice(&self.cur[..k]);
                 self.cur = &self.cur[k..];
                 n += k;
-            } else if let Some(e) = self.events.get(self.next) {
-                self.next += 1;
+            } else if let Some(e) = self.events.next() {
                 self.cur = e.lines().as_bytes();
                 self.newline = true;
             } else {
