@@ -283,9 +283,9 @@ mod tests {
         let ip = vec!["192.168.0.246".into()];
         let host = crate::host::HostInfo { architecture: "x86_64".into(), hostname: "web-01".into(), ip, os };
         let want = concat!(
-            r#"{"agent":{"groups":["g1"],"host":{"architecture":"x86_64","hostname":"web-01","ip":["192.168.0.246"],"#,
-            r#""os":{"name":"Debian GNU/Linux","type":"Linux","version":"12 (bookworm)"}},"id":"<uuid>","name":"web-01","#,
-            r#""type":"Endpoint","version":"VERSION"}}"#
+            r#"{"agent":{"groups":["g1"],"host":{"architecture":"x86_64","hostname":"web-01","#,
+            r#""ip":["192.168.0.246"],"os":{"name":"Debian GNU/Linux","type":"Linux","version":"12 (bookworm)"}},"#,
+            r#""id":"<uuid>","name":"web-01","type":"Endpoint","version":"VERSION"}}"#
         );
         assert_eq!(agent_line("<uuid>", "web-01", &["g1".into()], &host), want.replace("VERSION", crate::VERSION));
     }
