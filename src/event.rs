@@ -36,12 +36,7 @@ pub struct Event {
 impl Event {
     /// `header` and `data` must be single-line JSON texts (the parser guarantees it).
     pub fn new(kind: Kind, header: &str, data: Option<&str>) -> Event {
-        let mut text = String::with_capacity(header.len() + data.map_or(0, |d| d.len() + 1));
-        text.push_str(header);
-        if let Some(d) = data {
-            text.push('\n');
-            text.push_str(d);
-        }
+        let text = data.map_or_else(|| header.to_string(), |d| [header, "\n", d].concat());
         Event { kind, text, header_len: header.len() }
     }
 
