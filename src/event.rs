@@ -211,10 +211,10 @@ fn compact(raw: &str) -> std::borrow::Cow<'_, str> {
 pub fn agent_line(uuid: &str, name: &str, groups: &[String], host: &crate::host::HostInfo) -> String {
     // `json!` unwraps the serialization of `groups` and `host`: plain strings and structs
     // cannot fail. Its maps sort their keys, which gives docs/protocol.md's order (tested).
-    let agent = serde_json::json!({
+    serde_json::json!({"agent": {
         "groups": groups, "host": host, "id": uuid, "name": name, "type": "Endpoint", "version": crate::VERSION
-    });
-    serde_json::json!({ "agent": agent }).to_string()
+    }})
+    .to_string()
 }
 
 /// A request body read straight from the events: the agent line, then each event's header

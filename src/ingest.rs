@@ -187,8 +187,7 @@ pub fn run(listener: UnixListener, ingest: Arc<Ingest>) {
 fn write_reply(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
     let mut line = serde_json::to_vec(reply).map_err(io::Error::other)?;
     line.push(b'\n');
-    stream.write_all(&line)?;
-    stream.flush()
+    stream.write_all(&line)
 }
 
 struct Conn<'a> {

@@ -221,8 +221,7 @@ impl QueueStore {
             cursor = Pos { seg: ids.first().copied().unwrap_or(cursor.seg), off: 0 };
         }
 
-        let mut backlog_bytes = 0;
-        let mut backlog_records = 0;
+        let (mut backlog_bytes, mut backlog_records) = (0, 0);
         let last = ids.last().copied();
         for &id in &ids {
             let path = dir.join(seg_name(id));
@@ -325,11 +324,7 @@ impl QueueStore {
     }
 
     fn write_active(&mut self, buf: &[u8]) -> Result<(), QueueError> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let path = self.dir.join(seg_name(self.active_id()));
-        self.active.write_all(buf).ctx("cannot write", &path)?;
+        self.active.write_all(buf).ctx("cannot write", &self.dir.join(seg_name(self.active_id())))?;
         self.active_len += buf.len() as u64;
         Ok(())
     }
@@ -478,7 +473,7 @@ impl QueueStore {
     }
 }
 
-/// Never sent (see [`run`]); a constant so that the send arm needs no `unwrap`.
+/// Never sent (`run` offers a batch only while `pending` holds one); taking it needs no `unwrap`.
 const NO_BATCH: QueueBatch =
     QueueBatch { kind: Kind::Stateful, events: Vec::new(), end: Pos { seg: 0, off: 0 }, frame_bytes: 0 };
 
@@ -513,7 +508,6 @@ pub fn run(
         // it (select! evaluates a send's message lazily); otherwise it stays in `pending`.
         let offer = if pending.is_some() { &batches } else { &nobody };
         select! {
-            // `pending` holds a batch whenever this arm can fire (it points at the uploader only then).
             send(offer, pending.take().unwrap_or(NO_BATCH)) -> res => {
                 // A failed send means the uploader is gone; the records stay on disk.
                 if res.is_err() { uploader_gone = true; } else { in_flight = true; }
