@@ -83,18 +83,16 @@ impl Ring {
     }
 
     pub fn push(&mut self, event: Event, now: Instant) -> Push {
-        let mut result = Push::Stored;
-        if self.is_full() {
-            match self.policy.overflow {
-                Overflow::Block => return Push::Full,
-                Overflow::DropOldest => {
-                    if let Some((old, _)) = self.events.pop_front() {
-                        self.bytes -= old.wire_len();
-                    }
-                    result = Push::DroppedOldest;
+        let result = match (self.is_full(), self.policy.overflow) {
+            (false, _) => Push::Stored,
+            (true, Overflow::Block) => return Push::Full,
+            (true, Overflow::DropOldest) => {
+                if let Some((old, _)) = self.events.pop_front() {
+                    self.bytes -= old.wire_len();
                 }
+                Push::DroppedOldest
             }
-        }
+        };
         self.bytes += event.wire_len();
         self.events.push_back((event, now));
         result

@@ -248,12 +248,11 @@ impl Conn<'_> {
 
     /// One complete line (`oversized`: its bytes were not kept).
     fn line(&mut self, number: u64, bytes: &[u8], oversized: bool) {
-        let parsed = if oversized {
-            Err(event::LineError(format!("line is longer than {} bytes", event::MAX_LINE_BYTES)))
-        } else {
-            event::parse_line(bytes)
-        };
-        match parsed {
+        if oversized {
+            self.reject(number, format!("line is longer than {} bytes", event::MAX_LINE_BYTES));
+            return;
+        }
+        match event::parse_line(bytes) {
             Ok(None) => {}
             Ok(Some(e)) if e.kind == Kind::Stateless => {
                 self.stateless.push(e);

@@ -55,11 +55,8 @@ pub fn frame_len(event: &Event) -> usize {
 /// Checks the frame at `pos`; returns its total length if intact.
 fn frame_at(buf: &[u8], pos: usize) -> Option<usize> {
     let head = buf.get(pos..pos + FRAME_HEADER)?;
-    if head[..4] != MAGIC {
-        return None;
-    }
     let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
-    if !(5..=MAX_PAYLOAD).contains(&len) {
+    if head[..4] != MAGIC || !(5..=MAX_PAYLOAD).contains(&len) {
         return None;
     }
     let payload = buf.get(pos + FRAME_HEADER..pos + FRAME_HEADER + len)?;

@@ -222,7 +222,6 @@ impl QueueStore {
         }
 
         let (mut backlog_bytes, mut backlog_records) = (0, 0);
-        let last = ids.last().copied();
         for &id in &ids {
             let path = dir.join(seg_name(id));
             let bytes = fs::read(&path).ctx("cannot read", &path)?;
@@ -236,7 +235,7 @@ impl QueueStore {
             }
             if scan.torn > 0 {
                 log::warn!("queue segment {shown}: dropped a torn tail of {} bytes (an interrupted write)", scan.torn);
-                if Some(id) == last {
+                if Some(&id) == ids.last() {
                     // Appends continue after the last intact record.
                     let f = OpenOptions::new().write(true).open(&path).ctx("cannot open", &path)?;
                     f.set_len(scan.valid_end as u64).ctx("cannot truncate", &path)?;
