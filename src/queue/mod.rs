@@ -546,7 +546,7 @@ fn serve_appends(store: &mut QueueStore, first: Append, more: &Receiver<Append>)
     match written.and_then(|stored| store.sync().map(|()| stored)) {
         Ok(stored) => {
             for (a, n) in round.into_iter().zip(stored) {
-                let error = (n < a.events.len()).then(|| QueueError::Full { max: store.max_bytes });
+                let error = (n < a.events.len()).then_some(QueueError::Full { max: store.max_bytes });
                 // A producer that gave up waiting is not an error of the queue.
                 let _ = a.reply.send(Appended { stored: n, error });
             }
