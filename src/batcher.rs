@@ -65,12 +65,6 @@ pub struct Ring {
 }
 
 impl Ring {
-    /// New limits take effect for the next push and cut (a smaller capacity than the
-    /// current backlog drains by delivery, not by dropping).
-    pub fn set_policy(&mut self, policy: Policy) {
-        self.policy = policy;
-    }
-
     pub fn new(policy: Policy) -> Ring {
         // Do not preallocate the whole capacity: a mostly idle agent should stay small.
         Ring { events: VecDeque::new(), bytes: 0, policy }
@@ -89,18 +83,16 @@ impl Ring {
     }
 
     pub fn push(&mut self, event: Event, now: Instant) -> Push {
-        let mut result = Push::Stored;
-        if self.is_full() {
-            match self.policy.overflow {
-                Overflow::Block => return Push::Full,
-                Overflow::DropOldest => {
-                    if let Some((old, _)) = self.events.pop_front() {
-                        self.bytes -= old.wire_len();
-                    }
-                    result = Push::DroppedOldest;
+        let result = match (self.is_full(), self.policy.overflow) {
+            (false, _) => Push::Stored,
+            (true, Overflow::Block) => return Push::Full,
+            (true, Overflow::DropOldest) => {
+                if let Some((old, _)) = self.events.pop_front() {
+                    self.bytes -= old.wire_len();
                 }
+                Push::DroppedOldest
             }
-        }
+        };
         self.bytes += event.wire_len();
         self.events.push_back((event, now));
         result
@@ -163,14 +155,15 @@ pub struct Wiring {
 /// the collectors; `out` hands one batch at a time to the uploader. After `shutdown`
 /// closes, everything buffered is offered to the uploader until `deadline`, and what is
 /// left then goes to the durable queue (`spill`), so a clean stop loses nothing.
-pub fn run(wiring: Wiring, policy: Policy, live: Option<Arc<Live>>, stats: Arc<Stats>) {
+pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
     let Wiring { input, out, spill, shutdown, deadline } = wiring;
-    let mut policy = policy;
     let mut ring = Ring::new(policy);
-    let mut view = live.as_ref().map(|l| l.view());
+    let mut view = live.view();
     // Events received but not yet in the ring (only when `block` stopped intake).
     let mut carry: VecDeque<Event> = VecDeque::new();
     let never = crossbeam_channel::never::<Vec<Event>>();
+    // Kept alive, never received from: a send to it is never ready.
+    let (nobody, _nobody_rx) = crossbeam_channel::bounded::<Vec<Event>>(0);
     let mut input_open = true;
     let publish = |ring: &Ring, carry: &VecDeque<Event>| {
         stats.buffered.store((ring.len() + carry.len()) as u64, Ordering::Relaxed);
@@ -190,72 +183,54 @@ pub fn run(wiring: Wiring, policy: Policy, live: Option<Arc<Live>>, stats: Arc<S
     };
 
     loop {
-        if let (Some(live), Some(v)) = (&live, &mut view) {
-            if live.refresh(v) {
-                policy = Policy::from_config(&v.config, v.agent_line.len());
-                ring.set_policy(policy);
-            }
+        if live.refresh(&mut view) {
+            // New limits take effect for the next push and cut (a smaller capacity than the
+            // current backlog drains by delivery, not by dropping).
+            ring.policy = Policy::from_config(&view.config, view.agent_line.len());
         }
         let now = Instant::now();
-        if !carry.is_empty() {
-            pushback(&mut ring, &mut carry, Vec::new(), now);
-        }
+        pushback(&mut ring, &mut carry, Vec::new(), now);
         publish(&ring, &carry);
         let intake = if input_open && carry.is_empty() { &input } else { &never };
-        if ring.ready(now) {
-            select! {
-                send(out, ring.cut()) -> res => if res.is_err() { break },
-                recv(intake) -> chunk => match chunk {
-                    Ok(c) => pushback(&mut ring, &mut carry, c, Instant::now()),
-                    Err(_) => input_open = false,
-                },
-                recv(shutdown) -> _ => break,
-            }
-        } else {
-            let wait = ring.deadline().map_or(Duration::from_secs(3600), |d| d.saturating_duration_since(now));
-            select! {
-                recv(intake) -> chunk => match chunk {
-                    Ok(c) => pushback(&mut ring, &mut carry, c, Instant::now()),
-                    Err(_) => input_open = false,
-                },
-                recv(shutdown) -> _ => break,
-                default(wait) => {}
-            }
+        // With no batch due, the send arm points at a channel nobody receives from (never
+        // ready; `select!` builds the batch only for the arm it takes) and the wait ends at
+        // the oldest event's deadline; with one due, only a channel ends the wait.
+        let ready = ring.ready(now);
+        let offer = if ready { &out } else { &nobody };
+        let due = ring.deadline().filter(|_| !ready);
+        let wait = due.map_or(Duration::from_secs(3600), |d| d.saturating_duration_since(now));
+        select! {
+            send(offer, ring.cut()) -> res => if res.is_err() { break },
+            recv(intake) -> chunk => match chunk {
+                Ok(c) => pushback(&mut ring, &mut carry, c, Instant::now()),
+                Err(_) => input_open = false,
+            },
+            recv(shutdown) -> _ => break,
+            default(wait) => {}
         }
     }
 
     // Shutdown: take what producers already handed over, then flush.
-    while let Ok(c) = input.try_recv() {
-        carry.extend(c);
-    }
-    let mut left: Vec<Event> = carry.drain(..).collect();
-    let mut all = ring.take_all();
-    all.append(&mut left);
-    let flush_policy = Policy { capacity: usize::MAX, overflow: Overflow::Block, interval: Duration::ZERO, ..policy };
-    let mut ring = Ring::new(flush_policy);
+    ring.policy = Policy { capacity: usize::MAX, overflow: Overflow::Block, interval: Duration::ZERO, ..ring.policy };
     let now = Instant::now();
-    for e in all {
+    for e in carry.drain(..).chain(input.try_iter().flatten()) {
         ring.push(e, now);
     }
     let end = deadline.get().copied().unwrap_or_else(Instant::now);
+    let mut rest = Vec::new();
     while !ring.is_empty() {
         let remaining = end.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             break;
         }
-        let batch = ring.cut();
-        if let Err(e) = out.send_timeout(batch, remaining) {
+        if let Err(e) = out.send_timeout(ring.cut(), remaining) {
             // The uploader is not taking more: keep the batch for the queue.
-            let mut back = e.into_inner();
-            back.append(&mut ring.take_all());
-            for ev in back {
-                ring.push(ev, now);
-            }
+            rest = e.into_inner();
             break;
         }
         publish(&ring, &carry);
     }
-    let rest = ring.take_all();
+    rest.append(&mut ring.take_all());
     stats.buffered.store(0, Ordering::Relaxed);
     if !rest.is_empty() {
         crate::queue::spill(&spill, rest, &stats, "buffered");
@@ -355,7 +330,8 @@ mod tests {
         let deadline = Arc::new(OnceLock::new());
         let (s, d) = (stats.clone(), deadline.clone());
         let w = Wiring { input: in_rx, out: out_tx, spill: spill_tx, shutdown: stop_rx, deadline: d };
-        let h = std::thread::spawn(move || run(w, p, None, s));
+        let live = crate::live::Live::new(crate::config::Config::defaults(), String::new());
+        let h = std::thread::spawn(move || run(w, p, live, s));
         (in_tx, out_rx, spill_rx, stop_tx, stats, h, deadline)
     }
 

@@ -4,8 +4,6 @@
 //! producer's own JSON text (validated, never re-serialized), because the request body
 //! carries them verbatim: parsing once and copying bytes is the cheap path.
 
-use std::fmt;
-
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -17,14 +15,6 @@ pub const STATEFUL_MODULES: &[&str] = &["fim", "inventory", "sca", "vulnerabilit
 /// Collectors allowed for stateful `inventory` events.
 pub const INVENTORY_COLLECTORS: &[&str] =
     &["system", "hardware", "hotfixes", "packages", "processes", "ports", "networks"];
-
-/// Stateful operations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    Create,
-    Update,
-    Delete,
-}
 
 /// Which endpoint an event goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,12 +36,7 @@ pub struct Event {
 impl Event {
     /// `header` and `data` must be single-line JSON texts (the parser guarantees it).
     pub fn new(kind: Kind, header: &str, data: Option<&str>) -> Event {
-        let mut text = String::with_capacity(header.len() + data.map_or(0, |d| d.len() + 1));
-        text.push_str(header);
-        if let Some(d) = data {
-            text.push('\n');
-            text.push_str(d);
-        }
+        let text = data.map_or_else(|| header.to_string(), |d| [header, "\n", d].concat());
         Event { kind, text, header_len: header.len() }
     }
 
@@ -76,14 +61,9 @@ impl Event {
 }
 
 /// Why a line was rejected (the text goes to the producer after `line N: `).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
 pub struct LineError(pub String);
-
-impl fmt::Display for LineError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 fn err<T>(m: impl Into<String>) -> Result<T, LineError> {
     Err(LineError(m.into()))
@@ -138,16 +118,11 @@ fn short(v: &serde_json::Value) -> String {
 
 /// Parses one line. `Ok(None)` for a blank line (skipped, not counted).
 pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
-    let line = match line.last() {
-        Some(b'\r') => &line[..line.len() - 1],
-        _ => line,
-    };
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
     if line.len() > MAX_LINE_BYTES {
         return err(format!("line is {} bytes; at most {MAX_LINE_BYTES} are accepted", line.len()));
     }
-    let Ok(text) = std::str::from_utf8(line) else {
-        return err("line is not valid UTF-8");
-    };
+    let Ok(text) = std::str::from_utf8(line) else { return err("line is not valid UTF-8") };
     if text.trim().is_empty() {
         return Ok(None);
     }
@@ -159,16 +134,13 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         Err(e) if e.is_data() => return err(format!("line must be a JSON object with \"header\" and \"data\": {e}")),
         Err(e) => return err(format!("invalid JSON: {e}")),
     };
-    let Some(header_raw) = raw.header else {
-        return err("\"header\" is missing");
-    };
+    let Some(header_raw) = raw.header else { return err("\"header\" is missing") };
     // Checked first: serde would also take a struct from an array.
     if !header_raw.get().trim_start().starts_with('{') {
         return err("\"header\" must be an object");
     }
-    let header: Header = match serde_json::from_str(header_raw.get()) {
-        Ok(h) => h,
-        Err(_) => return err("\"header\" must be an object"),
+    let Ok(header) = serde_json::from_str::<Header>(header_raw.get()) else {
+        return err("\"header\" must be an object");
     };
     let module = match header.module.map(string_field) {
         Some(Ok(m)) if !m.is_empty() => m,
@@ -189,17 +161,13 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         if header.id.is_some() {
             return err("header.id is only allowed with header.operation");
         }
-        let Some(data) = data else {
-            return err("\"data\" is missing");
-        };
+        let Some(data) = data else { return err("\"data\" is missing") };
         return Ok(Some(Event::new(Kind::Stateless, &compact(header_raw.get()), Some(&compact(data.get())))));
     };
-    let op = match op_value {
-        serde_json::Value::String(s) if s == "create" => Operation::Create,
-        serde_json::Value::String(s) if s == "update" => Operation::Update,
-        serde_json::Value::String(s) if s == "delete" => Operation::Delete,
-        other => {
-            let shown = other.as_str().map(str::to_string).unwrap_or_else(|| short(other));
+    let op = match op_value.as_str() {
+        Some(op @ ("create" | "update" | "delete")) => op,
+        shown => {
+            let shown = shown.map_or_else(|| short(op_value), str::to_string);
             return err(format!("operation '{shown}' is not create|update|delete"));
         }
     };
@@ -211,30 +179,23 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         None => return err("header.id is required with header.operation"),
     }
     if !STATEFUL_MODULES.contains(&module) {
-        return err(format!(
-            "module '{module}' cannot send stateful events (allowed: {})",
-            STATEFUL_MODULES.join(", ")
-        ));
+        let allowed = STATEFUL_MODULES.join(", ");
+        return err(format!("module '{module}' cannot send stateful events (allowed: {allowed})"));
     }
     if module == "inventory" {
         match &value(header.collector) {
             Some(serde_json::Value::String(c)) if INVENTORY_COLLECTORS.contains(&c.as_str()) => {}
             Some(c) => {
-                return err(format!(
-                    "inventory collector {} is not one of {}",
-                    short(c),
-                    INVENTORY_COLLECTORS.join(", ")
-                ));
+                let (c, allowed) = (short(c), INVENTORY_COLLECTORS.join(", "));
+                return err(format!("inventory collector {c} is not one of {allowed}"));
             }
             None => return err("header.collector is required for stateful inventory events"),
         }
     }
     let data = match (op, data) {
-        (Operation::Delete, Some(_)) => return err("a delete must not carry \"data\""),
-        (Operation::Delete, None) => None,
-        (_, None) => {
-            return err(format!("a{} needs \"data\"", if op == Operation::Create { " create" } else { "n update" }));
-        }
+        ("delete", Some(_)) => return err("a delete must not carry \"data\""),
+        ("delete", None) => None,
+        (_, None) => return err(format!("a{} needs \"data\"", if op == "create" { " create" } else { "n update" })),
         (_, Some(d)) => Some(compact(d.get())),
     };
     Ok(Some(Event::new(Kind::Stateful, &compact(header_raw.get()), data.as_deref())))
@@ -248,25 +209,12 @@ fn compact(raw: &str) -> std::borrow::Cow<'_, str> {
 
 /// The first line of every request body: the agent's metadata (docs/protocol.md, Events).
 pub fn agent_line(uuid: &str, name: &str, groups: &[String], host: &crate::host::HostInfo) -> String {
-    #[derive(serde::Serialize)]
-    struct Agent<'a> {
-        groups: &'a [String],
-        host: &'a crate::host::HostInfo,
-        id: &'a str,
-        name: &'a str,
-        #[serde(rename = "type")]
-        kind: &'static str,
-        version: &'static str,
-    }
-    #[derive(serde::Serialize)]
-    struct Line<'a> {
-        agent: Agent<'a>,
-    }
-    // Serializing plain strings and vectors cannot fail.
-    serde_json::to_string(&Line {
-        agent: Agent { groups, host, id: uuid, name, kind: "Endpoint", version: crate::VERSION },
-    })
-    .unwrap_or_default()
+    // `json!` unwraps the serialization of `groups` and `host`: plain strings and structs
+    // cannot fail. Its maps sort their keys, which gives docs/protocol.md's order (tested).
+    serde_json::json!({"agent": {
+        "groups": groups, "host": host, "id": uuid, "name": name, "type": "Endpoint", "version": crate::VERSION
+    }})
+    .to_string()
 }
 
 /// A request body read straight from the events: the agent line, then each event's header
@@ -274,8 +222,7 @@ pub fn agent_line(uuid: &str, name: &str, groups: &[String], host: &crate::host:
 /// [`len`](Self::len) as Content-Length) saves a copy of every batch in flight (1 MB each
 /// at the default `batch_max_bytes`).
 pub struct BodyReader<'a> {
-    events: &'a [Event],
-    next: usize,
+    events: std::slice::Iter<'a, Event>,
     /// What is left of the agent line or of the current event's lines.
     cur: &'a [u8],
     /// A newline is due before `cur`.
@@ -284,7 +231,7 @@ pub struct BodyReader<'a> {
 
 impl<'a> BodyReader<'a> {
     pub fn new(agent_line: &'a str, events: &'a [Event]) -> BodyReader<'a> {
-        BodyReader { events, next: 0, cur: agent_line.as_bytes(), newline: false }
+        BodyReader { events: events.iter(), cur: agent_line.as_bytes(), newline: false }
     }
 
     /// The body's exact size in bytes.
@@ -306,8 +253,7 @@ impl std::io::Read for BodyReader<'_> {
                 buf[n..n + k].copy_from_slice(&self.cur[..k]);
                 self.cur = &self.cur[k..];
                 n += k;
-            } else if let Some(e) = self.events.get(self.next) {
-                self.next += 1;
+            } else if let Some(e) = self.events.next() {
                 self.cur = e.lines().as_bytes();
                 self.newline = true;
             } else {
@@ -318,17 +264,33 @@ impl std::io::Read for BodyReader<'_> {
     }
 }
 
-/// The whole body in memory (gzip, tests).
-pub fn body(agent_line: &str, events: &[Event]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(BodyReader::len(agent_line, events) as usize);
-    // Reading from memory into a Vec cannot fail.
-    let _ = std::io::Read::read_to_end(&mut BodyReader::new(agent_line, events), &mut out);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_line_is_the_documented_one() {
+        let os = crate::host::OsInfo {
+            name: "Debian GNU/Linux".into(),
+            kind: "Linux".into(),
+            version: "12 (bookworm)".into(),
+        };
+        let ip = vec!["192.168.0.246".into()];
+        let host = crate::host::HostInfo { architecture: "x86_64".into(), hostname: "web-01".into(), ip, os };
+        let want = concat!(
+            r#"{"agent":{"groups":["g1"],"host":{"architecture":"x86_64","hostname":"web-01","#,
+            r#""ip":["192.168.0.246"],"os":{"name":"Debian GNU/Linux","type":"Linux","version":"12 (bookworm)"}},"#,
+            r#""id":"<uuid>","name":"web-01","type":"Endpoint","version":"VERSION"}}"#
+        );
+        assert_eq!(agent_line("<uuid>", "web-01", &["g1".into()], &host), want.replace("VERSION", crate::VERSION));
+    }
+
+    /// The whole body in memory.
+    fn body(agent_line: &str, events: &[Event]) -> Vec<u8> {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut BodyReader::new(agent_line, events), &mut out).unwrap();
+        out
+    }
 
     fn ok(line: &str) -> Event {
         parse_line(line.as_bytes()).unwrap().unwrap()

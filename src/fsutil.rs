@@ -32,7 +32,7 @@ fn write_atomic_inner(
 ) -> io::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = temp_path(path);
-    let result = (|| {
+    (|| {
         let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
         // An existing stale temp file keeps its old mode: force ours.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
@@ -43,11 +43,10 @@ fn write_atomic_inner(
         fs::rename(&tmp, path)?;
         // fsync the directory: the rename itself is only durable once the directory is.
         File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
+    })()
+    .inspect_err(|_| {
         let _ = fs::remove_file(&tmp);
-    }
-    result
+    })
 }
 
 #[cfg(test)]

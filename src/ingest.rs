@@ -48,47 +48,31 @@ pub struct Reply {
 }
 
 /// Why the socket could not be set up or used.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     /// The socket path is longer than a Unix socket address can hold.
+    #[error(
+        "ingest socket path {} is longer than {MAX_SOCKET_PATH} bytes; choose a shorter agent.run_dir",
+        path.display()
+    )]
     PathTooLong { path: PathBuf },
     /// Another process already serves the socket (a second agent).
+    #[error("{} is served by another running agent; stop it first", path.display())]
     InUse { path: PathBuf },
     /// Creating, binding or connecting failed.
+    #[error("ingest socket {}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
     /// `--send`: the agent is not running (no socket, or nobody listening).
+    #[error("the agent is not running (cannot connect to {}: {source})", path.display())]
     NotRunning { path: PathBuf, source: io::Error },
     /// `--send`: the agent answered something that is not a reply line.
+    #[error("unexpected reply from the agent: {0}")]
     BadReply(String),
 }
 
-impl fmt::Display for IngestError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            IngestError::PathTooLong { path } => write!(
-                f,
-                "ingest socket path {} is longer than {MAX_SOCKET_PATH} bytes; choose a shorter agent.run_dir",
-                path.display()
-            ),
-            IngestError::InUse { path } => {
-                write!(f, "{} is served by another running agent; stop it first", path.display())
-            }
-            IngestError::Io { path, source } => write!(f, "ingest socket {}: {source}", path.display()),
-            IngestError::NotRunning { path, source } => {
-                write!(f, "the agent is not running (cannot connect to {}: {source})", path.display())
-            }
-            IngestError::BadReply(m) => write!(f, "unexpected reply from the agent: {m}"),
-        }
-    }
-}
-
-impl std::error::Error for IngestError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            IngestError::Io { source, .. } | IngestError::NotRunning { source, .. } => Some(source),
-            _ => None,
-        }
-    }
+/// Wraps an I/O error on `path`.
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> IngestError + '_ {
+    move |source| IngestError::Io { path: path.to_path_buf(), source }
 }
 
 pub fn socket_path(run_dir: &Path) -> PathBuf {
@@ -102,16 +86,15 @@ pub fn bind(run_dir: &Path) -> Result<UnixListener, IngestError> {
     if path.as_os_str().len() > MAX_SOCKET_PATH {
         return Err(IngestError::PathTooLong { path });
     }
-    std::fs::create_dir_all(run_dir).map_err(|source| IngestError::Io { path: run_dir.to_path_buf(), source })?;
+    std::fs::create_dir_all(run_dir).map_err(io_err(run_dir))?;
     if path.exists() {
         if UnixStream::connect(&path).is_ok() {
             return Err(IngestError::InUse { path });
         }
-        std::fs::remove_file(&path).map_err(|source| IngestError::Io { path: path.clone(), source })?;
+        std::fs::remove_file(&path).map_err(io_err(&path))?;
     }
-    let listener = UnixListener::bind(&path).map_err(|source| IngestError::Io { path: path.clone(), source })?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
-        .map_err(|source| IngestError::Io { path: path.clone(), source })?;
+    let listener = UnixListener::bind(&path).map_err(io_err(&path))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(io_err(&path))?;
     Ok(listener)
 }
 
@@ -204,16 +187,15 @@ pub fn run(listener: UnixListener, ingest: Arc<Ingest>) {
 fn write_reply(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
     let mut line = serde_json::to_vec(reply).map_err(io::Error::other)?;
     line.push(b'\n');
-    stream.write_all(&line)?;
-    stream.flush()
+    stream.write_all(&line)
 }
 
 struct Conn<'a> {
     ingest: &'a Ingest,
     reply: Reply,
     stateless: Vec<Event>,
-    stateful: Vec<Event>,
-    stateful_lines: Vec<u64>,
+    /// Stateful events with their line numbers.
+    stateful: Vec<(Event, u64)>,
     stateful_bytes: usize,
     hidden_errors: u64,
 }
@@ -249,8 +231,7 @@ impl Conn<'_> {
         if self.stateful.is_empty() {
             return;
         }
-        let events = std::mem::take(&mut self.stateful);
-        let lines = std::mem::take(&mut self.stateful_lines);
+        let (events, lines): (Vec<Event>, Vec<u64>) = std::mem::take(&mut self.stateful).into_iter().unzip();
         self.stateful_bytes = 0;
         // Bounded: a queue stuck on a dying disk must not hold the producer for ever (it
         // is told the lines were not accepted and may send them again).
@@ -265,7 +246,12 @@ impl Conn<'_> {
         }
     }
 
-    fn line(&mut self, number: u64, bytes: &[u8]) {
+    /// One complete line (`oversized`: its bytes were not kept).
+    fn line(&mut self, number: u64, bytes: &[u8], oversized: bool) {
+        if oversized {
+            self.reject(number, format!("line is longer than {} bytes", event::MAX_LINE_BYTES));
+            return;
+        }
         match event::parse_line(bytes) {
             Ok(None) => {}
             Ok(Some(e)) if e.kind == Kind::Stateless => {
@@ -276,8 +262,7 @@ impl Conn<'_> {
             }
             Ok(Some(e)) => {
                 self.stateful_bytes += e.wire_len();
-                self.stateful.push(e);
-                self.stateful_lines.push(number);
+                self.stateful.push((e, number));
                 if self.stateful_bytes >= DURABLE_CHUNK_BYTES {
                     self.flush_stateful();
                 }
@@ -298,21 +283,27 @@ fn handle(mut stream: UnixStream, ingest: &Ingest) {
         reply: Reply::default(),
         stateless: Vec::new(),
         stateful: Vec::new(),
-        stateful_lines: Vec::new(),
         stateful_bytes: 0,
         hidden_errors: 0,
     };
     let mut line = Vec::new();
     let mut number = 0u64;
-    let mut oversized = false;
+    // A line may be one byte longer than the limit (a '\r' the parser drops), plus its newline.
+    let limit = event::MAX_LINE_BYTES as u64 + 2;
     loop {
         if ingest.stopping.load(Ordering::Relaxed) {
             conn.reply.errors.push(format!("the agent is shutting down; lines after {number} were not read"));
             break;
         }
-        let buf = match reader.fill_buf() {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+        line.clear();
+        let mut read = (&mut reader).take(limit).read_until(b'\n', &mut line);
+        let complete = line.last() == Some(&b'\n');
+        let oversized = !complete && line.len() as u64 == limit;
+        if oversized {
+            // Not buffered further: the rest of the line is read and thrown away.
+            read = reader.skip_until(b'\n');
+        }
+        match read {
             Err(e) => {
                 let why = if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
                     format!("nothing received for {}s", READ_TIMEOUT.as_secs())
@@ -322,57 +313,22 @@ fn handle(mut stream: UnixStream, ingest: &Ingest) {
                 conn.reply.errors.push(format!("read stopped after line {number}: {why}"));
                 break;
             }
-        };
-        if buf.is_empty() {
-            if ingest.stopping.load(Ordering::Relaxed) {
-                // The read side was shut by the agent's shutdown, not by the producer.
-                conn.reply.errors.push(format!("the agent is shutting down; lines after {number} were not read"));
-                break;
-            }
-            // EOF: a last line without a newline still counts.
-            if !line.is_empty() || oversized {
+            // EOF. If the agent's shutdown (not the producer) shut the read side, the check
+            // above answers; otherwise a last line without a newline still counts.
+            Ok(_) if !complete && ingest.stopping.load(Ordering::Relaxed) => {}
+            Ok(0) if line.is_empty() => break,
+            Ok(_) => {
                 number += 1;
-                finish_line(&mut conn, number, &line, oversized);
+                conn.line(number, line.strip_suffix(b"\n").unwrap_or(&line), oversized);
             }
-            break;
-        }
-        let (used, complete) = match buf.iter().position(|b| *b == b'\n') {
-            Some(i) => (i + 1, true),
-            None => (buf.len(), false),
-        };
-        let piece = if complete { &buf[..used - 1] } else { &buf[..used] };
-        if !oversized {
-            if line.len() + piece.len() > event::MAX_LINE_BYTES + 1 {
-                // Stop buffering; the rest of the line is read and thrown away.
-                oversized = true;
-                line.clear();
-            } else {
-                line.extend_from_slice(piece);
-            }
-        }
-        reader.consume(used);
-        if complete {
-            number += 1;
-            finish_line(&mut conn, number, &line, oversized);
-            line.clear();
-            oversized = false;
         }
     }
     conn.flush_stateless();
     conn.flush_stateful();
     if conn.hidden_errors > 0 {
-        let n = conn.hidden_errors;
-        conn.reply.errors.push(format!("… and {n} more rejected lines"));
+        conn.reply.errors.push(format!("… and {} more rejected lines", conn.hidden_errors));
     }
     let _ = write_reply(&mut stream, &conn.reply);
-}
-
-fn finish_line(conn: &mut Conn, number: u64, line: &[u8], oversized: bool) {
-    if oversized {
-        conn.reject(number, format!("line is longer than {} bytes", event::MAX_LINE_BYTES));
-    } else {
-        conn.line(number, line);
-    }
 }
 
 /// `--send`: stdin → the socket → the reply. Returns the reply.
@@ -380,10 +336,10 @@ pub fn send(run_dir: &Path, input: &mut dyn Read) -> Result<Reply, IngestError> 
     let path = socket_path(run_dir);
     let mut stream =
         UnixStream::connect(&path).map_err(|source| IngestError::NotRunning { path: path.clone(), source })?;
-    io::copy(input, &mut stream).map_err(|source| IngestError::Io { path: path.clone(), source })?;
-    stream.shutdown(std::net::Shutdown::Write).map_err(|source| IngestError::Io { path: path.clone(), source })?;
+    io::copy(input, &mut stream).map_err(io_err(&path))?;
+    stream.shutdown(std::net::Shutdown::Write).map_err(io_err(&path))?;
     let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).map_err(|source| IngestError::Io { path: path.clone(), source })?;
+    BufReader::new(stream).read_line(&mut reply).map_err(io_err(&path))?;
     serde_json::from_str(reply.trim_end())
         .map_err(|_| IngestError::BadReply(reply.trim_end().chars().take(200).collect()))
 }
@@ -410,5 +366,76 @@ mod tests {
         let _second = bind(dir.path()).unwrap();
         let mode = std::fs::metadata(socket_path(dir.path())).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
+    }
+
+    /// Serves `input` on one connection (stateless lines only); returns the reply and
+    /// the events handed to the batcher.
+    fn serve(input: &[u8]) -> (Reply, Vec<Event>) {
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let (queue, _queue_rx) = crossbeam_channel::bounded(1);
+        let ingest = Ingest::new(tx, queue, Arc::new(Stats::default()));
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || handle(server, &ingest));
+        client.write_all(input).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut reply = String::new();
+        BufReader::new(client).read_line(&mut reply).unwrap();
+        t.join().unwrap();
+        (serde_json::from_str(&reply).unwrap(), rx.try_iter().flatten().collect())
+    }
+
+    fn line(i: usize) -> String {
+        format!(r#"{{"header":{{"module":"m{i}"}},"data":{{}}}}"#)
+    }
+
+    #[test]
+    fn line_limits_crlf_and_a_last_line_without_newline() {
+        let max = event::MAX_LINE_BYTES;
+        // A line of max + 1 bytes reaches the parser (which names its size); one longer is
+        // not buffered at all.
+        let input = [
+            line(1) + "\r\n",
+            "x".repeat(max + 1) + "\n",
+            "y".repeat(max + 2) + "\n",
+            line(4) + "\n",
+            "z".repeat(3 * max) + "\n",
+            line(6),
+        ]
+        .concat();
+        let (reply, events) = serve(input.as_bytes());
+        let longer = format!("line is longer than {max} bytes");
+        let errors = [
+            format!("line 2: line is {} bytes; at most {max} are accepted", max + 1),
+            format!("line 3: {longer}"),
+            format!("line 5: {longer}"),
+        ];
+        assert_eq!(reply, Reply { accepted: 3, rejected: 3, errors: errors.to_vec() });
+        let modules: Vec<&str> = events.iter().map(|e| e.header()).collect();
+        assert_eq!(modules, [r#"{"module":"m1"}"#, r#"{"module":"m4"}"#, r#"{"module":"m6"}"#]);
+        // An oversized last line without a newline is still answered for.
+        let (reply, _) = serve(("w".repeat(max + 2)).as_bytes());
+        assert_eq!(reply, Reply { accepted: 0, rejected: 1, errors: vec![format!("line 1: {longer}")] });
+    }
+
+    #[test]
+    fn shutdown_answers_for_the_lines_read_and_drops_a_partial_one() {
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let (queue, _queue_rx) = crossbeam_channel::bounded(1);
+        let ingest = Arc::new(Ingest::new(tx, queue, Arc::new(Stats::default())));
+        let (mut client, server) = UnixStream::pair().unwrap();
+        ingest.open.lock().unwrap().insert(0, server.try_clone().unwrap());
+        let conn = ingest.clone();
+        let t = std::thread::spawn(move || handle(server, &conn));
+        let full: String = (0..CHUNK).map(|i| line(i) + "\n").collect();
+        client.write_all(format!("{full}{{\"header\":").as_bytes()).unwrap();
+        // The first chunk reached the batcher: every complete line was read.
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap().len(), CHUNK);
+        ingest.stop(Path::new("/nonexistent"), Duration::from_secs(5));
+        let mut reply = String::new();
+        BufReader::new(client).read_line(&mut reply).unwrap();
+        t.join().unwrap();
+        let reply: Reply = serde_json::from_str(&reply).unwrap();
+        let errors = vec![format!("the agent is shutting down; lines after {CHUNK} were not read")];
+        assert_eq!(reply, Reply { accepted: CHUNK as u64, rejected: 0, errors });
     }
 }

@@ -10,14 +10,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::{Config, KEYS};
 
-struct Inner {
-    config: Arc<Config>,
-    agent_line: Arc<str>,
-}
-
 pub struct Live {
     generation: AtomicU64,
-    inner: Mutex<Inner>,
+    /// The current value, stamped with the generation it was published under.
+    current: Mutex<View>,
     /// Serialises whole reload operations (read files, diff, swap): SIGHUP vs a command.
     reload: Mutex<()>,
 }
@@ -33,21 +29,18 @@ pub struct Applied {
 
 impl Applied {
     pub fn describe(&self) -> String {
-        let mut parts = Vec::new();
-        if self.live.is_empty() && self.need_restart.is_empty() {
-            parts.push("no setting changed".to_string());
-        }
-        if !self.live.is_empty() {
-            parts.push(format!("applied {}", self.live.join(", ")));
-        }
-        if !self.need_restart.is_empty() {
-            parts.push(format!("restart the agent to apply {}", self.need_restart.join(", ")));
-        }
-        parts.join("; ")
+        let parts = [("applied", &self.live), ("restart the agent to apply", &self.need_restart)];
+        let parts: Vec<String> = parts
+            .iter()
+            .filter(|(_, keys)| !keys.is_empty())
+            .map(|(what, keys)| format!("{what} {}", keys.join(", ")))
+            .collect();
+        if parts.is_empty() { "no setting changed".to_string() } else { parts.join("; ") }
     }
 }
 
 /// A thread's cached copy.
+#[derive(Clone)]
 pub struct View {
     generation: u64,
     pub config: Arc<Config>,
@@ -58,19 +51,17 @@ impl Live {
     pub fn new(config: Config, agent_line: String) -> Arc<Live> {
         Arc::new(Live {
             generation: AtomicU64::new(1),
-            inner: Mutex::new(Inner { config: Arc::new(config), agent_line: agent_line.into() }),
+            current: Mutex::new(View { generation: 1, config: Arc::new(config), agent_line: agent_line.into() }),
             reload: Mutex::new(()),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, View> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn view(&self) -> View {
-        let g = self.generation.load(Ordering::Acquire);
-        let inner = self.lock();
-        View { generation: g, config: inner.config.clone(), agent_line: inner.agent_line.clone() }
+        self.lock().clone()
     }
 
     /// Refreshes `view` if something changed; returns whether it did.
@@ -95,10 +86,10 @@ impl Live {
     /// values until a restart (they are reported, not applied). The threads that use the
     /// live keys re-read them on change.
     pub fn apply(&self, new: Config) -> Applied {
-        let mut inner = self.lock();
-        let mut merged = (*inner.config).clone();
+        let mut current = self.lock();
+        let mut merged = (*current.config).clone();
         let mut applied = Applied::default();
-        for key in KEYS.iter().filter(|k| (k.render)(&inner.config) != (k.render)(&new)) {
+        for key in KEYS.iter().filter(|k| (k.render)(&current.config) != (k.render)(&new)) {
             if key.live {
                 (key.copy)(&mut merged, &new);
                 applied.live.push(key.id());
@@ -108,16 +99,16 @@ impl Live {
         }
         if !applied.live.is_empty() {
             log::set_max_level(merged.log.level);
-            inner.config = Arc::new(merged);
+            current.config = Arc::new(merged);
         }
-        drop(inner);
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        current.generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         applied
     }
 
     pub fn set_agent_line(&self, line: String) {
-        self.lock().agent_line = line.into();
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        let mut current = self.lock();
+        current.agent_line = line.into();
+        current.generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
     }
 }
 

@@ -153,14 +153,12 @@ pub enum NotRunning {
 /// Reads state.json and decides whether the agent is running (README, Status).
 /// Returns the state document if there is a readable one, and the verdict.
 pub fn read_status(run_dir: &Path, now: SystemTime) -> (Option<State>, Result<(), NotRunning>) {
-    let text = match std::fs::read_to_string(state_path(run_dir)) {
-        Ok(t) => t,
+    let read = std::fs::read_to_string(state_path(run_dir));
+    let state: State = match read.as_ref().map(|text| serde_json::from_str(text)) {
+        Ok(Ok(s)) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (None, Err(NotRunning::NoState)),
         Err(e) => return (None, Err(NotRunning::Unreadable(e.to_string()))),
-    };
-    let state: State = match serde_json::from_str(&text) {
-        Ok(s) => s,
-        Err(e) => return (None, Err(NotRunning::Unreadable(e.to_string()))),
+        Ok(Err(e)) => return (None, Err(NotRunning::Unreadable(e.to_string()))),
     };
     if !crate::sys::process_exists(state.pid) {
         let pid = state.pid;
@@ -174,10 +172,7 @@ pub fn read_status(run_dir: &Path, now: SystemTime) -> (Option<State>, Result<()
 }
 
 pub fn unix(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
-    }
+    t.duration_since(UNIX_EPOCH).map_or_else(|e| -(e.duration().as_secs() as i64), |d| d.as_secs() as i64)
 }
 
 /// RFC 3339 UTC with milliseconds: `2026-11-26T15:00:00.123Z`.

@@ -342,7 +342,7 @@ fn start_pipeline(
         shutdown: pipeline_stop_rx.clone(),
         deadline: s.deadline.clone(),
     };
-    let (live, stats) = (Some(s.live.clone()), s.stats.clone());
+    let (live, stats) = (s.live.clone(), s.stats.clone());
     s.workers.spawn("batcher", move || batcher::run(wiring, policy, live, stats))?;
 
     // Two uploaders: `upload-queue` takes queue batches (one at a time, in order) and

@@ -33,19 +33,16 @@ fn crc(len: &[u8], payload: &[u8]) -> u32 {
 
 /// Appends one event's frame to `out`; returns the frame's length.
 pub fn encode(event: &Event, out: &mut Vec<u8>) -> usize {
-    let lines = event.lines();
-    let payload_len = 1 + 4 + lines.len();
     let start = out.len();
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&(payload_len as u32).to_le_bytes());
+    out.extend_from_slice(&((frame_len(event) - FRAME_HEADER) as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
-    let payload_start = out.len();
     let flags =
         if event.kind == Kind::Stateful { STATEFUL } else { 0 } | if event.data().is_some() { HAS_DATA } else { 0 };
     out.push(flags);
     out.extend_from_slice(&(event.header().len() as u32).to_le_bytes());
-    out.extend_from_slice(lines.as_bytes());
-    let c = crc(&out[start + 4..start + 8], &out[payload_start..]);
+    out.extend_from_slice(event.lines().as_bytes());
+    let c = crc(&out[start + 4..start + 8], &out[start + FRAME_HEADER..]);
     out[start + 8..start + 12].copy_from_slice(&c.to_le_bytes());
     out.len() - start
 }
@@ -58,11 +55,8 @@ pub fn frame_len(event: &Event) -> usize {
 /// Checks the frame at `pos`; returns its total length if intact.
 fn frame_at(buf: &[u8], pos: usize) -> Option<usize> {
     let head = buf.get(pos..pos + FRAME_HEADER)?;
-    if head[..4] != MAGIC {
-        return None;
-    }
     let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
-    if !(5..=MAX_PAYLOAD).contains(&len) {
+    if head[..4] != MAGIC || !(5..=MAX_PAYLOAD).contains(&len) {
         return None;
     }
     let payload = buf.get(pos + FRAME_HEADER..pos + FRAME_HEADER + len)?;
@@ -110,16 +104,12 @@ pub fn scan(buf: &[u8], from: usize) -> Scan {
         let next = (pos + 1..buf.len().saturating_sub(FRAME_HEADER - 1))
             .filter(|&p| buf[p..p + 4] == MAGIC)
             .find(|&p| frame_at(buf, p).is_some());
-        match next {
-            Some(p) => {
-                s.skipped += p - pos;
-                pos = p;
-            }
-            None => {
-                s.torn = buf.len() - pos;
-                break;
-            }
-        }
+        let Some(p) = next else {
+            s.torn = buf.len() - pos;
+            break;
+        };
+        s.skipped += p - pos;
+        pos = p;
     }
     s
 }

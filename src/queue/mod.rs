@@ -15,7 +15,6 @@
 pub mod format;
 
 use std::collections::VecDeque;
-use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
@@ -42,35 +41,29 @@ pub struct Pos {
 }
 
 /// Why the queue refused or failed an operation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum QueueError {
     /// `events.queue_max_bytes` would be exceeded; nothing of the request was written.
+    #[error("queue full (events.queue_max_bytes = {max} reached); retry later")]
     Full { max: u64 },
     /// A read, write or fsync failed (disk full, I/O error); nothing of the request is durable.
     /// `what` names the operation and the file; shared because one failure answers a whole round.
+    #[error("durable queue write failed: {what}: {source}")]
     Io { what: String, source: Arc<io::Error> },
     /// The queue thread is gone (shutdown).
+    #[error("the agent is shutting down")]
     Closed,
 }
 
-impl fmt::Display for QueueError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            QueueError::Full { max } => write!(f, "queue full (events.queue_max_bytes = {max} reached); retry later"),
-            QueueError::Io { what, source } => write!(f, "durable queue write failed: {what}: {source}"),
-            QueueError::Closed => write!(f, "the agent is shutting down"),
-        }
-    }
+/// Adds the operation and the file to an I/O error.
+trait Context<T> {
+    fn ctx(self, what: &str, path: &Path) -> Result<T, QueueError>;
 }
 
-impl std::error::Error for QueueError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        if let QueueError::Io { source, .. } = self { Some(&**source) } else { None }
+impl<T> Context<T> for io::Result<T> {
+    fn ctx(self, what: &str, path: &Path) -> Result<T, QueueError> {
+        self.map_err(|e| QueueError::Io { what: format!("{what} {}", path.display()), source: Arc::new(e) })
     }
-}
-
-fn io_err(what: &str, path: &Path, e: io::Error) -> QueueError {
-    QueueError::Io { what: format!("{what} {}", path.display()), source: Arc::new(e) }
 }
 
 /// A request to make events durable. The reply comes after the fsync that covers them.
@@ -96,11 +89,9 @@ impl Appended {
 /// Hands `events` to the queue thread and waits (up to `timeout`) for the answer.
 /// A queue that is gone or silent refuses everything.
 pub fn append_and_wait(queue: &Sender<Append>, events: Vec<Event>, timeout: std::time::Duration) -> Appended {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    if queue.send(Append { events, reply: tx }).is_err() {
-        return Appended { stored: 0, error: Some(QueueError::Closed) };
-    }
-    rx.recv_timeout(timeout).unwrap_or(Appended { stored: 0, error: Some(QueueError::Closed) })
+    let (reply, answer) = crossbeam_channel::bounded(1);
+    let answered = queue.send(Append { events, reply }).ok().and_then(|()| answer.recv_timeout(timeout).ok());
+    answered.unwrap_or(Appended { stored: 0, error: Some(QueueError::Closed) })
 }
 
 /// Shutdown: keeps stateless events that could not be sent in the durable queue for the
@@ -181,11 +172,8 @@ fn seg_name(id: u64) -> String {
 }
 
 fn encode_cursor(p: Pos) -> Vec<u8> {
-    let mut b = Vec::with_capacity(20);
-    b.extend_from_slice(&p.seg.to_le_bytes());
-    b.extend_from_slice(&p.off.to_le_bytes());
-    let c = crc32fast::hash(&b);
-    b.extend_from_slice(&c.to_le_bytes());
+    let mut b = [p.seg.to_le_bytes(), p.off.to_le_bytes()].concat();
+    b.extend_from_slice(&crc32fast::hash(&b).to_le_bytes());
     b
 }
 
@@ -193,9 +181,7 @@ fn decode_cursor(b: &[u8]) -> Option<Pos> {
     if b.len() != 20 || crc32fast::hash(&b[..16]).to_le_bytes() != b[16..20] {
         return None;
     }
-    let seg = u64::from_le_bytes(b[..8].try_into().ok()?);
-    let off = u64::from_le_bytes(b[8..16].try_into().ok()?);
-    Some(Pos { seg, off })
+    Some(Pos { seg: u64::from_le_bytes(b[..8].try_into().ok()?), off: u64::from_le_bytes(b[8..16].try_into().ok()?) })
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -206,9 +192,9 @@ impl QueueStore {
     /// Opens (and recovers) the queue. Never refuses to start because of damaged data:
     /// damage is skipped, counted and logged.
     pub fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<QueueStore, QueueError> {
-        fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
+        fs::create_dir_all(dir).ctx("cannot create", dir)?;
         let mut ids: Vec<u64> = fs::read_dir(dir)
-            .map_err(|e| io_err("cannot list", dir, e))?
+            .ctx("cannot list", dir)?
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
             .collect();
@@ -235,34 +221,25 @@ impl QueueStore {
             cursor = Pos { seg: ids.first().copied().unwrap_or(cursor.seg), off: 0 };
         }
 
-        let mut backlog_bytes = 0;
-        let mut backlog_records = 0;
-        let last = ids.last().copied();
+        let (mut backlog_bytes, mut backlog_records) = (0, 0);
         for &id in &ids {
             let path = dir.join(seg_name(id));
-            let bytes = fs::read(&path).map_err(|e| io_err("cannot read", &path, e))?;
+            let bytes = fs::read(&path).ctx("cannot read", &path)?;
             let from = if id == cursor.seg { (cursor.off as usize).min(bytes.len()) } else { 0 };
             let scan = format::scan(&bytes, from);
+            let shown = path.display();
             backlog_records += scan.frames.len() as u64;
             backlog_bytes += scan.frames.iter().map(|r| r.len() as u64).sum::<u64>();
             if scan.skipped > 0 {
-                log::error!(
-                    "queue segment {}: skipped {} damaged bytes between intact records",
-                    path.display(),
-                    scan.skipped
-                );
+                log::error!("queue segment {shown}: skipped {} damaged bytes between intact records", scan.skipped);
             }
             if scan.torn > 0 {
-                log::warn!(
-                    "queue segment {}: dropped a torn tail of {} bytes (an interrupted write)",
-                    path.display(),
-                    scan.torn
-                );
-                if Some(id) == last {
+                log::warn!("queue segment {shown}: dropped a torn tail of {} bytes (an interrupted write)", scan.torn);
+                if Some(&id) == ids.last() {
                     // Appends continue after the last intact record.
-                    let f = OpenOptions::new().write(true).open(&path).map_err(|e| io_err("cannot open", &path, e))?;
-                    f.set_len(scan.valid_end as u64).map_err(|e| io_err("cannot truncate", &path, e))?;
-                    f.sync_all().map_err(|e| io_err("cannot fsync", &path, e))?;
+                    let f = OpenOptions::new().write(true).open(&path).ctx("cannot open", &path)?;
+                    f.set_len(scan.valid_end as u64).ctx("cannot truncate", &path)?;
+                    f.sync_all().ctx("cannot fsync", &path)?;
                 }
             }
         }
@@ -273,23 +250,14 @@ impl QueueStore {
             );
         }
 
-        let mut segments: VecDeque<u64> = ids.into();
-        let active_id = match segments.back() {
-            Some(&id) => id,
-            None => {
-                segments.push_back(cursor.seg);
-                cursor.seg
-            }
-        };
+        // An empty queue starts its active segment at the cursor.
+        let active_id = ids.last().copied().unwrap_or(cursor.seg);
+        let segments: VecDeque<u64> = if ids.is_empty() { [active_id].into() } else { ids.into() };
         let active_path = dir.join(seg_name(active_id));
-        let active = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&active_path)
-            .map_err(|e| io_err("cannot open", &active_path, e))?;
-        let active_len = active.metadata().map_err(|e| io_err("cannot stat", &active_path, e))?.len();
-        sync_dir(dir).map_err(|e| io_err("cannot fsync", dir, e))?;
-        let durable = Pos { seg: active_id, off: active_len };
+        let active =
+            OpenOptions::new().create(true).append(true).open(&active_path).ctx("cannot open", &active_path)?;
+        let active_len = active.metadata().ctx("cannot stat", &active_path)?.len();
+        sync_dir(dir).ctx("cannot fsync", dir)?;
         stats.queued.store(backlog_records, std::sync::atomic::Ordering::Relaxed);
         stats.queued_bytes.store(backlog_bytes, std::sync::atomic::Ordering::Relaxed);
         Ok(QueueStore {
@@ -297,7 +265,7 @@ impl QueueStore {
             segments,
             active,
             active_len,
-            durable,
+            durable: Pos { seg: active_id, off: active_len },
             cursor,
             read: cursor,
             loaded: None,
@@ -306,6 +274,12 @@ impl QueueStore {
             backlog_records,
             stats,
         })
+    }
+
+    /// Logs a failure and shows it in state.json.
+    fn report(&self, e: &QueueError) {
+        log::error!("{e}");
+        self.stats.set_error(e.to_string());
     }
 
     fn publish_stats(&self) {
@@ -326,26 +300,21 @@ impl QueueStore {
     /// durable: call [`sync`](Self::sync)) and returns its length. `Err` only for I/O;
     /// then the caller must [`rollback`](Self::rollback).
     pub fn append(&mut self, events: &[Event]) -> Result<usize, QueueError> {
-        let mut fit = 0;
-        let mut total = 0u64;
+        let (mut fit, mut total) = (0, 0u64);
+        let mut buf = Vec::new();
         for e in events {
             let n = format::frame_len(e) as u64;
             if self.backlog_bytes + total + n > self.max_bytes {
                 break;
             }
-            total += n;
-            fit += 1;
-        }
-        let events = &events[..fit];
-        let mut buf = Vec::with_capacity(total.min(SEGMENT_MAX) as usize);
-        for e in events {
-            let n = format::frame_len(e) as u64;
-            if self.active_len + buf.len() as u64 + n > SEGMENT_MAX && self.active_len + buf.len() as u64 > 0 {
+            let seg_len = self.active_len + buf.len() as u64;
+            if seg_len + n > SEGMENT_MAX && seg_len > 0 {
                 self.write_active(&buf)?;
                 buf.clear();
                 self.roll()?;
             }
             format::encode(e, &mut buf);
+            (fit, total) = (fit + 1, total + n);
         }
         self.write_active(&buf)?;
         self.backlog_bytes += total;
@@ -354,11 +323,7 @@ impl QueueStore {
     }
 
     fn write_active(&mut self, buf: &[u8]) -> Result<(), QueueError> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let path = self.dir.join(seg_name(self.active_id()));
-        self.active.write_all(buf).map_err(|e| io_err("cannot write", &path, e))?;
+        self.active.write_all(buf).ctx("cannot write", &self.dir.join(seg_name(self.active_id())))?;
         self.active_len += buf.len() as u64;
         Ok(())
     }
@@ -368,15 +333,10 @@ impl QueueStore {
         self.sync()?;
         let id = self.active_id() + 1;
         let path = self.dir.join(seg_name(id));
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| io_err("cannot create", &path, e))?;
+        let f = OpenOptions::new().create(true).truncate(true).write(true).open(&path).ctx("cannot create", &path)?;
         // The new name must be durable before records in it are acknowledged.
-        sync_dir(&self.dir).map_err(|e| io_err("cannot fsync", &self.dir, e))?;
-        self.active = OpenOptions::new().append(true).open(&path).map_err(|e| io_err("cannot open", &path, e))?;
+        sync_dir(&self.dir).ctx("cannot fsync", &self.dir)?;
+        self.active = OpenOptions::new().append(true).open(&path).ctx("cannot open", &path)?;
         drop(f);
         self.segments.push_back(id);
         self.active_len = 0;
@@ -391,40 +351,34 @@ impl QueueStore {
             return Ok(());
         }
         // fdatasync: the data and the file size are what recovery needs; timestamps are not.
-        self.active.sync_data().map_err(|e| io_err("cannot fsync", &self.dir.join(seg_name(self.active_id())), e))?;
+        self.active.sync_data().ctx("cannot fsync", &self.dir.join(seg_name(self.active_id())))?;
         self.durable = end;
         self.publish_stats();
         Ok(())
     }
 
     /// After a failed write or fsync: cut the active segment back to its durable end,
-    /// so no half-written or unacknowledged frame stays behind.
-    pub fn rollback(&mut self, appended_records: u64, appended_bytes: u64) {
+    /// so no half-written or unacknowledged frame stays behind; the backlog goes back to
+    /// `(records, bytes)`, what it was before the failed round.
+    pub fn rollback(&mut self, (records, bytes): (u64, u64)) {
         let path = self.dir.join(seg_name(self.active_id()));
         if let Err(e) = self.active.set_len(self.durable.off) {
             log::error!("cannot truncate {} after a failed write: {e}", path.display());
         }
         self.active_len = self.durable.off;
-        self.backlog_records = self.backlog_records.saturating_sub(appended_records);
-        self.backlog_bytes = self.backlog_bytes.saturating_sub(appended_bytes);
-    }
-
-    /// True if durable records wait to be handed out.
-    pub fn has_unread(&self) -> bool {
-        self.read < self.durable
+        (self.backlog_records, self.backlog_bytes) = (records, bytes);
     }
 
     fn load(&mut self) -> Result<(), QueueError> {
         let seg = self.read.seg;
         let path = self.dir.join(seg_name(seg));
-        let mut f = File::open(&path).map_err(|e| io_err("cannot open", &path, e))?;
+        let mut f = File::open(&path).ctx("cannot open", &path)?;
         let sealed = seg != self.durable.seg;
-        let end =
-            if sealed { f.metadata().map_err(|e| io_err("cannot stat", &path, e))?.len() } else { self.durable.off };
+        let end = if sealed { f.metadata().ctx("cannot stat", &path)?.len() } else { self.durable.off };
         let len = end.saturating_sub(self.read.off);
         let mut bytes = Vec::with_capacity(len as usize);
-        f.seek(SeekFrom::Start(self.read.off)).map_err(|e| io_err("cannot seek", &path, e))?;
-        f.take(len).read_to_end(&mut bytes).map_err(|e| io_err("cannot read", &path, e))?;
+        f.seek(SeekFrom::Start(self.read.off)).ctx("cannot seek", &path)?;
+        f.take(len).read_to_end(&mut bytes).ctx("cannot read", &path)?;
         let scan = format::scan(&bytes, 0);
         if scan.skipped + scan.torn > 0 {
             log::error!(
@@ -444,16 +398,12 @@ impl QueueStore {
         let mut body = limits.overhead;
         let mut frame_bytes = 0u64;
         while self.read < self.durable {
-            let stale = match &self.loaded {
-                None => true,
-                Some(l) => l.seg != self.read.seg || l.next >= l.frames.len(),
-            };
-            if stale {
+            if self.loaded.as_ref().is_none_or(|l| l.seg != self.read.seg || l.next >= l.frames.len()) {
                 self.loaded = None;
                 self.load()?;
             }
             let Some(l) = self.loaded.as_mut() else { break };
-            if l.frames.is_empty() || l.next >= l.frames.len() {
+            if l.next >= l.frames.len() {
                 // Nothing (more) intact in this segment up to its end.
                 let end = l.base + l.bytes.len() as u64;
                 self.loaded = None;
@@ -487,13 +437,10 @@ impl QueueStore {
             // A finished segment that was already sealed when loaded: move on at once so
             // `end` names the next one. (Sealed since the load: it may have grown after
             // `bytes`; the next pass reloads it from `read`.)
-            if l.next >= l.frames.len() && l.sealed {
-                let consumed_to = l.base + l.bytes.len() as u64;
-                if self.read.off >= consumed_to {
-                    self.loaded = None;
-                    let next = self.segments.iter().copied().find(|s| *s > self.read.seg).unwrap_or(self.durable.seg);
-                    self.read = Pos { seg: next, off: 0 };
-                }
+            if l.sealed && l.next >= l.frames.len() && self.read.off >= l.base + l.bytes.len() as u64 {
+                self.loaded = None;
+                let next = self.segments.iter().copied().find(|s| *s > self.read.seg).unwrap_or(self.durable.seg);
+                self.read = Pos { seg: next, off: 0 };
             }
         }
         Ok(kind.map(|kind| QueueBatch { kind, events, end: self.read, frame_bytes }))
@@ -505,15 +452,12 @@ impl QueueStore {
             return Ok(());
         }
         let path = self.dir.join("cursor");
-        fsutil::write_atomic(&path, &encode_cursor(ack.end), 0o600).map_err(|e| io_err("cannot write", &path, e))?;
+        fsutil::write_atomic(&path, &encode_cursor(ack.end), 0o600).ctx("cannot write", &path)?;
         self.cursor = ack.end;
         self.backlog_records = self.backlog_records.saturating_sub(ack.records);
         self.backlog_bytes = self.backlog_bytes.saturating_sub(ack.frame_bytes);
         // Only now that the cursor is durable may the segments behind it go.
-        while let Some(&old) = self.segments.front() {
-            if old >= self.cursor.seg || old == self.active_id() {
-                break;
-            }
+        while let Some(&old) = self.segments.front().filter(|&&s| s < self.cursor.seg && s != self.active_id()) {
             let p = self.dir.join(seg_name(old));
             if let Err(e) = fs::remove_file(&p) {
                 log::warn!("cannot delete delivered queue segment {}: {e}", p.display());
@@ -527,6 +471,10 @@ impl QueueStore {
         Ok(())
     }
 }
+
+/// Never sent (`run` offers a batch only while `pending` holds one); taking it needs no `unwrap`.
+const NO_BATCH: QueueBatch =
+    QueueBatch { kind: Kind::Stateful, events: Vec::new(), end: Pos { seg: 0, off: 0 }, frame_bytes: 0 };
 
 /// The queue thread. Serves appends (group commit), hands one batch at a time to the
 /// uploader and applies its acks, until `stop` is closed. If the uploader goes away
@@ -546,14 +494,12 @@ pub fn run(
     let mut in_flight = false;
     let mut pending: Option<QueueBatch> = None;
     loop {
-        if !uploader_gone && !in_flight && pending.is_none() && store.has_unread() {
-            match store.next_batch(limits()) {
-                Ok(b) => pending = b,
-                Err(e) => {
-                    log::error!("{e}");
-                    store.stats.set_error(e.to_string());
-                }
-            }
+        // Durable records wait to be handed out.
+        if !uploader_gone && !in_flight && pending.is_none() && store.read < store.durable {
+            pending = store.next_batch(limits()).unwrap_or_else(|e| {
+                store.report(&e);
+                None
+            });
         }
         let ack_in = if uploader_gone { &never_acks } else { &acks };
         // With no batch to offer, the send arm points at a channel nobody receives from,
@@ -561,7 +507,7 @@ pub fn run(
         // it (select! evaluates a send's message lazily); otherwise it stays in `pending`.
         let offer = if pending.is_some() { &batches } else { &nobody };
         select! {
-            send(offer, take(&mut pending)) -> res => {
+            send(offer, pending.take().unwrap_or(NO_BATCH)) -> res => {
                 // A failed send means the uploader is gone; the records stay on disk.
                 if res.is_err() { uploader_gone = true; } else { in_flight = true; }
             }
@@ -570,7 +516,13 @@ pub fn run(
                 Err(_) => break,
             },
             recv(ack_in) -> msg => match msg {
-                Ok(a) => { apply_ack(&mut store, a); in_flight = false; }
+                Ok(a) => {
+                    // On failure the cursor stays: the batch is delivered again after a restart.
+                    if let Err(e) = store.ack(a) {
+                        store.report(&e);
+                    }
+                    in_flight = false;
+                }
                 Err(_) => uploader_gone = true,
             },
             recv(stop) -> _ => break,
@@ -585,64 +537,28 @@ pub fn run(
     }
 }
 
-fn take(slot: &mut Option<QueueBatch>) -> QueueBatch {
-    // Only reached when the uploader took the batch, i.e. when `slot` holds one (the
-    // send arm points at the uploader only then).
-    slot.take().unwrap_or(QueueBatch { kind: Kind::Stateful, events: Vec::new(), end: Pos::default(), frame_bytes: 0 })
-}
-
-fn apply_ack(store: &mut QueueStore, ack: Ack) {
-    if let Err(e) = store.ack(ack) {
-        // The cursor stays where it was: the batch will be delivered again after a restart.
-        log::error!("{e}");
-        store.stats.set_error(e.to_string());
-    }
-}
-
 /// Group commit: this request plus every one already waiting, one fsync, then replies.
 fn serve_appends(store: &mut QueueStore, first: Append, more: &Receiver<Append>) {
-    let mut round = vec![first];
-    while round.len() < GROUP_COMMIT_MAX {
-        match more.try_recv() {
-            Ok(a) => round.push(a),
-            Err(_) => break,
+    let round: Vec<Append> = std::iter::once(first).chain(more.try_iter().take(GROUP_COMMIT_MAX - 1)).collect();
+    let before = store.backlog();
+    // Collecting stops at the first failed write: the rest of the round is not attempted.
+    let written: Result<Vec<usize>, QueueError> = round.iter().map(|a| store.append(&a.events)).collect();
+    match written.and_then(|stored| store.sync().map(|()| stored)) {
+        Ok(stored) => {
+            for (a, n) in round.into_iter().zip(stored) {
+                let error = (n < a.events.len()).then_some(QueueError::Full { max: store.max_bytes });
+                // A producer that gave up waiting is not an error of the queue.
+                let _ = a.reply.send(Appended { stored: n, error });
+            }
         }
-    }
-    let (rec0, bytes0) = store.backlog();
-    let mut results: Vec<Appended> = Vec::with_capacity(round.len());
-    let mut io_failed: Option<QueueError> = None;
-    for a in &round {
-        let r = match &io_failed {
-            Some(e) => Appended { stored: 0, error: Some(e.clone()) },
-            None => match store.append(&a.events) {
-                Ok(n) if n == a.events.len() => Appended { stored: n, error: None },
-                Ok(n) => Appended { stored: n, error: Some(QueueError::Full { max: store.max_bytes }) },
-                Err(e) => {
-                    io_failed = Some(e.clone());
-                    Appended { stored: 0, error: Some(e) }
-                }
-            },
-        };
-        results.push(r);
-    }
-    if io_failed.is_none() {
-        if let Err(e) = store.sync() {
-            io_failed = Some(e);
+        Err(e) => {
+            // Nothing of this round is durable: undo it and refuse it all.
+            store.rollback(before);
+            store.report(&e);
+            for a in round {
+                let _ = a.reply.send(Appended { stored: 0, error: Some(e.clone()) });
+            }
         }
-    }
-    if let Some(e) = io_failed {
-        // Nothing of this round is durable: undo it and refuse it all.
-        let (rec1, bytes1) = store.backlog();
-        store.rollback(rec1 - rec0, bytes1 - bytes0);
-        log::error!("{e}");
-        store.stats.set_error(e.to_string());
-        for r in results.iter_mut() {
-            *r = Appended { stored: 0, error: Some(e.clone()) };
-        }
-    }
-    for (a, r) in round.into_iter().zip(results) {
-        // A producer that gave up waiting is not an error of the queue.
-        let _ = a.reply.send(r);
     }
 }
 
@@ -886,6 +802,34 @@ mod tests {
         fs::write(dir.path().join("cursor"), b"garbage").unwrap();
         let mut q = open(dir.path());
         assert_eq!(drain(&mut q, LIMITS).len(), 2);
+    }
+
+    #[test]
+    fn a_failed_write_refuses_the_whole_round_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = open(dir.path());
+        q.append(&[ev(0, Kind::Stateful)]).unwrap();
+        q.sync().unwrap();
+        // A read-only handle on the active segment: the next write fails.
+        q.active = File::open(dir.path().join(seg_name(0))).unwrap();
+        let (tx, rx) = crossbeam_channel::bounded(4);
+        let replies: Vec<_> = (1..4)
+            .map(|i| {
+                let (reply, answer) = crossbeam_channel::bounded(1);
+                tx.send(Append { events: vec![ev(i, Kind::Stateful)], reply }).unwrap();
+                answer
+            })
+            .collect();
+        let first = rx.recv().unwrap();
+        serve_appends(&mut q, first, &rx);
+        for r in replies {
+            let a = r.recv().unwrap();
+            assert_eq!(a.stored, 0);
+            assert!(matches!(a.error, Some(QueueError::Io { .. })), "{a:?}");
+        }
+        assert_eq!(q.backlog().0, 1);
+        drop(q);
+        assert_eq!(drain(&mut open(dir.path()), LIMITS), [ev(0, Kind::Stateful)]);
     }
 
     #[test]
