@@ -129,12 +129,6 @@ impl Ring {
         }
         out
     }
-
-    /// Everything left (for the spill to the durable queue at shutdown).
-    pub fn take_all(&mut self) -> Vec<Event> {
-        self.bytes = 0;
-        self.events.drain(..).map(|(e, _)| e).collect()
-    }
 }
 
 /// The batcher thread's channels.
@@ -230,7 +224,7 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
         }
         publish(&ring, &carry);
     }
-    rest.append(&mut ring.take_all());
+    rest.extend(ring.events.drain(..).map(|(e, _)| e));
     stats.buffered.store(0, Ordering::Relaxed);
     if !rest.is_empty() {
         crate::queue::spill(&spill, rest, &stats, "buffered");

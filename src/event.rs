@@ -148,7 +148,6 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         Some(Err(other)) => return err(format!("header.module must be a string, not {}", short(&other))),
         None => return err("header.module is missing"),
     };
-    let module = module.as_ref();
     let data = match raw.data {
         Some(d) if d.get().trim_start().starts_with('{') => Some(d),
         Some(d) if d.get().trim() == "null" => None,
@@ -178,7 +177,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         Some(other) => return err(format!("header.id must be a string, not {}", short(other))),
         None => return err("header.id is required with header.operation"),
     }
-    if !STATEFUL_MODULES.contains(&module) {
+    if !STATEFUL_MODULES.contains(&module.as_ref()) {
         let allowed = STATEFUL_MODULES.join(", ");
         return err(format!("module '{module}' cannot send stateful events (allowed: {allowed})"));
     }
@@ -223,15 +222,13 @@ pub fn agent_line(uuid: &str, name: &str, groups: &[String], host: &crate::host:
 /// at the default `batch_max_bytes`).
 pub struct BodyReader<'a> {
     events: std::slice::Iter<'a, Event>,
-    /// What is left of the agent line or of the current event's lines.
-    cur: &'a [u8],
-    /// A newline is due before `cur`.
-    newline: bool,
+    /// What is left of the agent line, or of the current event's newline and lines.
+    cur: [&'a [u8]; 2],
 }
 
 impl<'a> BodyReader<'a> {
     pub fn new(agent_line: &'a str, events: &'a [Event]) -> BodyReader<'a> {
-        BodyReader { events: events.iter(), cur: agent_line.as_bytes(), newline: false }
+        BodyReader { events: events.iter(), cur: [agent_line.as_bytes(), b""] }
     }
 
     /// The body's exact size in bytes.
@@ -244,18 +241,10 @@ impl std::io::Read for BodyReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let mut n = 0;
         while n < buf.len() {
-            if self.newline {
-                buf[n] = b'\n';
-                n += 1;
-                self.newline = false;
-            } else if !self.cur.is_empty() {
-                let k = self.cur.len().min(buf.len() - n);
-                buf[n..n + k].copy_from_slice(&self.cur[..k]);
-                self.cur = &self.cur[k..];
-                n += k;
+            if let Some(part) = self.cur.iter_mut().find(|p| !p.is_empty()) {
+                n += std::io::Read::read(part, &mut buf[n..])?;
             } else if let Some(e) = self.events.next() {
-                self.cur = e.lines().as_bytes();
-                self.newline = true;
+                self.cur = [b"\n", e.lines().as_bytes()];
             } else {
                 break;
             }

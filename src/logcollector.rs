@@ -80,10 +80,7 @@ fn json_string(s: &str) -> String {
 fn line_event(path_json: &str, created: &str, line: &[u8], max: usize) -> Event {
     let text = String::from_utf8_lossy(line);
     let (original, tags) = if text.len() > max {
-        let mut cut = max;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
+        let cut = (0..=max).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
         (json_string(&text[..cut]), r#","tags":["truncated"]"#)
     } else {
         (json_string(&text), "")
@@ -279,9 +276,7 @@ impl Collector {
         }
         if len > f.offset {
             let want = (len - f.offset).min(READ_PER_POLL);
-            if len - f.offset > READ_PER_POLL {
-                self.more = true;
-            }
+            self.more |= len - f.offset > READ_PER_POLL;
             let mut buf = Vec::with_capacity(want as usize + f.partial.len());
             buf.append(&mut f.partial);
             if f.file.seek(SeekFrom::Start(f.offset)).is_ok() {

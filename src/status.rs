@@ -160,15 +160,15 @@ pub fn read_status(run_dir: &Path, now: SystemTime) -> (Option<State>, Result<()
         Err(e) => return (None, Err(NotRunning::Unreadable(e.to_string()))),
         Ok(Err(e)) => return (None, Err(NotRunning::Unreadable(e.to_string()))),
     };
-    if !crate::sys::process_exists(state.pid) {
-        let pid = state.pid;
-        return (Some(state), Err(NotRunning::Dead(pid)));
-    }
     let age = unix(now) - state.updated_at_unix;
-    if age > 3 * STATE_INTERVAL.as_secs() as i64 {
-        return (Some(state), Err(NotRunning::Stale { age_secs: age }));
-    }
-    (Some(state), Ok(()))
+    let verdict = if !crate::sys::process_exists(state.pid) {
+        Err(NotRunning::Dead(state.pid))
+    } else if age > 3 * STATE_INTERVAL.as_secs() as i64 {
+        Err(NotRunning::Stale { age_secs: age })
+    } else {
+        Ok(())
+    };
+    (Some(state), verdict)
 }
 
 pub fn unix(t: SystemTime) -> i64 {

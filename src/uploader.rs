@@ -73,13 +73,11 @@ struct StatefulResults {
     results: Vec<ItemResult>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
+#[serde(default)]
 struct ItemResult {
-    #[serde(default)]
     status: u16,
-    #[serde(default)]
     id: Option<String>,
-    #[serde(default)]
     result: Option<String>,
 }
 

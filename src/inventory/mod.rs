@@ -194,14 +194,13 @@ pub fn notifications(changes: &[Change], now: &str) -> Vec<Event> {
         )
     };
     let version = |s: &Stored| s.value()["package"]["version"].as_str().unwrap_or("?").to_string();
-    let mut removed: HashMap<(String, String), &Stored> = HashMap::new();
-    for c in changes {
-        if let Change::Delete { old, .. } = c {
-            if old.collector == "packages" {
-                removed.insert(pkg_key(old), old);
-            }
-        }
-    }
+    let removed: HashMap<_, &Stored> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Delete { old, .. } if old.collector == "packages" => Some((pkg_key(old), old)),
+            _ => None,
+        })
+        .collect();
     // `<noun>-detected` and the like; the nouns are ASCII, so the first byte is a character.
     let generic = |s: &Stored, past: &str, kind: &str| {
         let (n, _) = noun(&s.collector);
