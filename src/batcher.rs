@@ -145,10 +145,8 @@ pub struct Wiring {
     pub deadline: Arc<OnceLock<Instant>>,
 }
 
-/// The batcher thread. `input` carries chunks of events from the ingest connections and
-/// the collectors; `out` hands one batch at a time to the uploader. After `shutdown`
-/// closes, everything buffered is offered to the uploader until `deadline`, and what is
-/// left then goes to the durable queue (`spill`), so a clean stop loses nothing.
+/// The batcher thread. After `shutdown` closes, what it holds is offered to the uploaders
+/// until `deadline` and the rest spilled to the durable queue, so a clean stop loses nothing.
 pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
     let Wiring { input, out, spill, shutdown, deadline } = wiring;
     let mut ring = Ring::new(policy);

@@ -288,11 +288,8 @@ impl Collector {
             let Some(used) = for_each_line(&buf, |line| emit(Some(line))) else { return false };
             buf.drain(..used);
             // An unfinished line longer than the limit cannot wait for ever.
-            if buf.len() > max {
-                if !emit(Some(&buf)) {
-                    return false;
-                }
-                buf.clear();
+            if buf.len() > max && !emit(Some(&std::mem::take(&mut buf))) {
+                return false;
             }
             f.partial = buf;
         }
