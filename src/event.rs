@@ -97,11 +97,9 @@ fn string_field(raw: &RawValue) -> Result<std::borrow::Cow<'_, str>, serde_json:
     if let Ok(s) = serde_json::from_str::<&str>(raw.get()) {
         return Ok(s.into());
     }
-    match serde_json::from_str(raw.get()) {
-        Ok(serde_json::Value::String(s)) => Ok(s.into()),
-        Ok(other) => Err(other),
-        // The header was parsed already, so this is unreachable; any value shows as null.
-        Err(_) => Err(serde_json::Value::Null),
+    match value(Some(raw)) {
+        Some(serde_json::Value::String(s)) => Ok(s.into()),
+        other => Err(other.unwrap_or_default()),
     }
 }
 

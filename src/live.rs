@@ -49,11 +49,8 @@ pub struct View {
 
 impl Live {
     pub fn new(config: Config, agent_line: String) -> Arc<Live> {
-        Arc::new(Live {
-            generation: AtomicU64::new(1),
-            current: Mutex::new(View { generation: 1, config: Arc::new(config), agent_line: agent_line.into() }),
-            reload: Mutex::new(()),
-        })
+        let view = View { generation: 1, config: Arc::new(config), agent_line: agent_line.into() };
+        Arc::new(Live { generation: AtomicU64::new(1), current: Mutex::new(view), reload: Mutex::new(()) })
     }
 
     fn lock(&self) -> MutexGuard<'_, View> {

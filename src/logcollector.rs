@@ -130,16 +130,8 @@ pub struct Collector {
 impl Collector {
     pub fn new(config: LogcollectorConfig, state_path: PathBuf, stats: Arc<Stats>) -> Collector {
         let saved = std::fs::read(&state_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        Collector {
-            config,
-            state_path,
-            saved,
-            followed: HashMap::new(),
-            warned: HashMap::new(),
-            more: false,
-            first_scan: true,
-            stats,
-        }
+        let (followed, warned) = (HashMap::new(), HashMap::new());
+        Collector { config, state_path, saved, followed, warned, more: false, first_scan: true, stats }
     }
 
     fn expand(&self) -> Vec<String> {

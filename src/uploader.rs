@@ -151,10 +151,8 @@ impl Uploader {
             }
             Err(Failure::Stopped) => Delivery::Aborted,
             Err(Failure::Refused { status, message, .. }) if events.len() == 1 => {
-                log::warn!(
-                    "the server refused an event ({status} {message}); recorded in {}",
-                    self.rejected.path.display()
-                );
+                let path = self.rejected.path.display();
+                log::warn!("the server refused an event ({status} {message}); recorded in {path}");
                 self.rejected.record(endpoint, status, &message, &events[0]);
                 Stats::add(&stats.rejected, 1);
                 Stats::add(&stats.batches_failed, 1);
@@ -189,12 +187,8 @@ impl Uploader {
         let failed: Vec<&ItemResult> = parsed.results.iter().filter(|r| r.status >= 300).collect();
         Stats::add(&self.session.stats.rejected, failed.len() as u64);
         for f in failed.iter().take(3) {
-            log::warn!(
-                "the server did not apply a stateful event (id {}, status {}, {})",
-                f.id.as_deref().unwrap_or("?"),
-                f.status,
-                f.result.as_deref().unwrap_or("no result")
-            );
+            let (id, result) = (f.id.as_deref().unwrap_or("?"), f.result.as_deref().unwrap_or("no result"));
+            log::warn!("the server did not apply a stateful event (id {id}, status {}, {result})", f.status);
         }
         if failed.len() > 3 {
             log::warn!("… and {} more stateful events not applied", failed.len() - 3);
