@@ -123,9 +123,7 @@ impl Ring {
             }
             body += n;
             self.bytes -= n;
-            if let Some((e, _)) = self.events.pop_front() {
-                out.push(e);
-            }
+            out.extend(self.events.pop_front().map(|(e, _)| e));
         }
         out
     }

@@ -134,10 +134,8 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
     };
     let Some(header_raw) = raw.header else { return err("\"header\" is missing") };
     // Checked first: serde would also take a struct from an array.
-    if !header_raw.get().trim_start().starts_with('{') {
-        return err("\"header\" must be an object");
-    }
-    let Ok(header) = serde_json::from_str::<Header>(header_raw.get()) else {
+    let header = Some(header_raw.get()).filter(|h| h.trim_start().starts_with('{'));
+    let Some(Ok(header)) = header.map(serde_json::from_str::<Header>) else {
         return err("\"header\" must be an object");
     };
     let module = match header.module.map(string_field) {

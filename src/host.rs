@@ -56,11 +56,7 @@ pub fn os_info(os_release: Option<&str>, sysname: &str, kernel_release: &str) ->
 pub fn parse_os_release(text: &str) -> Vec<(String, String)> {
     text.lines()
         .filter_map(|line| {
-            let line = line.trim();
-            if line.starts_with('#') {
-                return None;
-            }
-            let (k, v) = line.split_once('=')?;
+            let (k, v) = line.trim().split_once('=').filter(|(k, _)| !k.starts_with('#'))?;
             let v = v.trim();
             let v = ['"', '\''].iter().find_map(|q| v.strip_prefix(*q)?.strip_suffix(*q)).unwrap_or(v);
             Some((k.trim().to_string(), v.replace("\\\"", "\"").replace("\\\\", "\\")))

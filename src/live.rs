@@ -30,11 +30,8 @@ pub struct Applied {
 impl Applied {
     pub fn describe(&self) -> String {
         let parts = [("applied", &self.live), ("restart the agent to apply", &self.need_restart)];
-        let parts: Vec<String> = parts
-            .iter()
-            .filter(|(_, keys)| !keys.is_empty())
-            .map(|(what, keys)| format!("{what} {}", keys.join(", ")))
-            .collect();
+        let parts: Vec<String> =
+            parts.iter().filter(|(_, k)| !k.is_empty()).map(|(what, k)| format!("{what} {}", k.join(", "))).collect();
         if parts.is_empty() { "no setting changed".to_string() } else { parts.join("; ") }
     }
 }

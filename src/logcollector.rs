@@ -253,9 +253,7 @@ impl Collector {
             }
             let n = chunk.len() as u64;
             let taken = send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
-            if taken {
-                Stats::add(&stats.received, n);
-            }
+            Stats::add(&stats.received, if taken { n } else { 0 });
             taken
         };
         if len < f.offset {

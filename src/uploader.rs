@@ -56,12 +56,8 @@ impl RejectedLog {
             e.header(),
             e.data().unwrap_or("null"),
         );
-        let written = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .and_then(|mut f| f.write_all(line.as_bytes()));
-        if let Err(err) = written {
+        let file = OpenOptions::new().create(true).append(true).open(&self.path);
+        if let Err(err) = file.and_then(|mut f| f.write_all(line.as_bytes())) {
             log::error!("cannot record a rejected event in {}: {err}", self.path.display());
         }
     }
