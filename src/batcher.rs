@@ -123,17 +123,9 @@ impl Ring {
             }
             body += n;
             self.bytes -= n;
-            if let Some((e, _)) = self.events.pop_front() {
-                out.push(e);
-            }
+            out.extend(self.events.pop_front().map(|(e, _)| e));
         }
         out
-    }
-
-    /// Everything left (for the spill to the durable queue at shutdown).
-    pub fn take_all(&mut self) -> Vec<Event> {
-        self.bytes = 0;
-        self.events.drain(..).map(|(e, _)| e).collect()
     }
 }
 
@@ -151,10 +143,8 @@ pub struct Wiring {
     pub deadline: Arc<OnceLock<Instant>>,
 }
 
-/// The batcher thread. `input` carries chunks of events from the ingest connections and
-/// the collectors; `out` hands one batch at a time to the uploader. After `shutdown`
-/// closes, everything buffered is offered to the uploader until `deadline`, and what is
-/// left then goes to the durable queue (`spill`), so a clean stop loses nothing.
+/// The batcher thread. After `shutdown` closes, what it holds is offered to the uploaders
+/// until `deadline` and the rest spilled to the durable queue, so a clean stop loses nothing.
 pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
     let Wiring { input, out, spill, shutdown, deadline } = wiring;
     let mut ring = Ring::new(policy);
@@ -230,7 +220,7 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
         }
         publish(&ring, &carry);
     }
-    rest.append(&mut ring.take_all());
+    rest.extend(ring.events.drain(..).map(|(e, _)| e));
     stats.buffered.store(0, Ordering::Relaxed);
     if !rest.is_empty() {
         crate::queue::spill(&spill, rest, &stats, "buffered");

@@ -97,11 +97,9 @@ fn string_field(raw: &RawValue) -> Result<std::borrow::Cow<'_, str>, serde_json:
     if let Ok(s) = serde_json::from_str::<&str>(raw.get()) {
         return Ok(s.into());
     }
-    match serde_json::from_str(raw.get()) {
-        Ok(serde_json::Value::String(s)) => Ok(s.into()),
-        Ok(other) => Err(other),
-        // The header was parsed already, so this is unreachable; any value shows as null.
-        Err(_) => Err(serde_json::Value::Null),
+    match value(Some(raw)) {
+        Some(serde_json::Value::String(s)) => Ok(s.into()),
+        other => Err(other.unwrap_or_default()),
     }
 }
 
@@ -136,10 +134,8 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
     };
     let Some(header_raw) = raw.header else { return err("\"header\" is missing") };
     // Checked first: serde would also take a struct from an array.
-    if !header_raw.get().trim_start().starts_with('{') {
-        return err("\"header\" must be an object");
-    }
-    let Ok(header) = serde_json::from_str::<Header>(header_raw.get()) else {
+    let header = Some(header_raw.get()).filter(|h| h.trim_start().starts_with('{'));
+    let Some(Ok(header)) = header.map(serde_json::from_str::<Header>) else {
         return err("\"header\" must be an object");
     };
     let module = match header.module.map(string_field) {
@@ -148,7 +144,6 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         Some(Err(other)) => return err(format!("header.module must be a string, not {}", short(&other))),
         None => return err("header.module is missing"),
     };
-    let module = module.as_ref();
     let data = match raw.data {
         Some(d) if d.get().trim_start().starts_with('{') => Some(d),
         Some(d) if d.get().trim() == "null" => None,
@@ -178,7 +173,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         Some(other) => return err(format!("header.id must be a string, not {}", short(other))),
         None => return err("header.id is required with header.operation"),
     }
-    if !STATEFUL_MODULES.contains(&module) {
+    if !STATEFUL_MODULES.contains(&module.as_ref()) {
         let allowed = STATEFUL_MODULES.join(", ");
         return err(format!("module '{module}' cannot send stateful events (allowed: {allowed})"));
     }
@@ -223,15 +218,13 @@ pub fn agent_line(uuid: &str, name: &str, groups: &[String], host: &crate::host:
 /// at the default `batch_max_bytes`).
 pub struct BodyReader<'a> {
     events: std::slice::Iter<'a, Event>,
-    /// What is left of the agent line or of the current event's lines.
-    cur: &'a [u8],
-    /// A newline is due before `cur`.
-    newline: bool,
+    /// What is left of the agent line, or of the current event's newline and lines.
+    cur: [&'a [u8]; 2],
 }
 
 impl<'a> BodyReader<'a> {
     pub fn new(agent_line: &'a str, events: &'a [Event]) -> BodyReader<'a> {
-        BodyReader { events: events.iter(), cur: agent_line.as_bytes(), newline: false }
+        BodyReader { events: events.iter(), cur: [agent_line.as_bytes(), b""] }
     }
 
     /// The body's exact size in bytes.
@@ -244,18 +237,10 @@ impl std::io::Read for BodyReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let mut n = 0;
         while n < buf.len() {
-            if self.newline {
-                buf[n] = b'\n';
-                n += 1;
-                self.newline = false;
-            } else if !self.cur.is_empty() {
-                let k = self.cur.len().min(buf.len() - n);
-                buf[n..n + k].copy_from_slice(&self.cur[..k]);
-                self.cur = &self.cur[k..];
-                n += k;
+            if let Some(part) = self.cur.iter_mut().find(|p| !p.is_empty()) {
+                n += std::io::Read::read(part, &mut buf[n..])?;
             } else if let Some(e) = self.events.next() {
-                self.cur = e.lines().as_bytes();
-                self.newline = true;
+                self.cur = [b"\n", e.lines().as_bytes()];
             } else {
                 break;
             }

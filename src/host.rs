@@ -38,12 +38,8 @@ pub fn gather(root: &Path) -> HostInfo {
     let os_release =
         ["etc/os-release", "usr/lib/os-release"].iter().find_map(|p| std::fs::read_to_string(root.join(p)).ok());
     let os = os_info(os_release.as_deref(), &u.sysname, &u.release);
-    HostInfo {
-        architecture: if u.machine.is_empty() { std::env::consts::ARCH.into() } else { u.machine },
-        hostname: hostname(),
-        ip: interface_addresses(),
-        os,
-    }
+    let architecture = if u.machine.is_empty() { std::env::consts::ARCH.into() } else { u.machine };
+    HostInfo { architecture, hostname: hostname(), ip: interface_addresses(), os }
 }
 
 /// Builds `host.os` from an os-release text (pure). Without os-release (BusyBox) the
@@ -52,22 +48,15 @@ pub fn os_info(os_release: Option<&str>, sysname: &str, kernel_release: &str) ->
     let fields = os_release.map(parse_os_release).unwrap_or_default();
     let get = |k: &str| fields.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).filter(|v| !v.is_empty());
     let kind = if sysname.is_empty() { "Linux".to_string() } else { sysname.to_string() };
-    OsInfo {
-        name: get("NAME").unwrap_or_else(|| kind.clone()),
-        version: get("VERSION").or_else(|| get("VERSION_ID")).unwrap_or_else(|| kernel_release.to_string()),
-        kind,
-    }
+    let version = get("VERSION").or_else(|| get("VERSION_ID")).unwrap_or_else(|| kernel_release.to_string());
+    OsInfo { name: get("NAME").unwrap_or_else(|| kind.clone()), version, kind }
 }
 
 /// Parses os-release `KEY=value` lines, unquoting values (pure).
 pub fn parse_os_release(text: &str) -> Vec<(String, String)> {
     text.lines()
         .filter_map(|line| {
-            let line = line.trim();
-            if line.starts_with('#') {
-                return None;
-            }
-            let (k, v) = line.split_once('=')?;
+            let (k, v) = line.trim().split_once('=').filter(|(k, _)| !k.starts_with('#'))?;
             let v = v.trim();
             let v = ['"', '\''].iter().find_map(|q| v.strip_prefix(*q)?.strip_suffix(*q)).unwrap_or(v);
             Some((k.trim().to_string(), v.replace("\\\"", "\"").replace("\\\\", "\\")))

@@ -30,11 +30,8 @@ pub struct Applied {
 impl Applied {
     pub fn describe(&self) -> String {
         let parts = [("applied", &self.live), ("restart the agent to apply", &self.need_restart)];
-        let parts: Vec<String> = parts
-            .iter()
-            .filter(|(_, keys)| !keys.is_empty())
-            .map(|(what, keys)| format!("{what} {}", keys.join(", ")))
-            .collect();
+        let parts: Vec<String> =
+            parts.iter().filter(|(_, k)| !k.is_empty()).map(|(what, k)| format!("{what} {}", k.join(", "))).collect();
         if parts.is_empty() { "no setting changed".to_string() } else { parts.join("; ") }
     }
 }
@@ -49,11 +46,8 @@ pub struct View {
 
 impl Live {
     pub fn new(config: Config, agent_line: String) -> Arc<Live> {
-        Arc::new(Live {
-            generation: AtomicU64::new(1),
-            current: Mutex::new(View { generation: 1, config: Arc::new(config), agent_line: agent_line.into() }),
-            reload: Mutex::new(()),
-        })
+        let view = View { generation: 1, config: Arc::new(config), agent_line: agent_line.into() };
+        Arc::new(Live { generation: AtomicU64::new(1), current: Mutex::new(view), reload: Mutex::new(()) })
     }
 
     fn lock(&self) -> MutexGuard<'_, View> {

@@ -80,10 +80,7 @@ fn json_string(s: &str) -> String {
 fn line_event(path_json: &str, created: &str, line: &[u8], max: usize) -> Event {
     let text = String::from_utf8_lossy(line);
     let (original, tags) = if text.len() > max {
-        let mut cut = max;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
+        let cut = (0..=max).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
         (json_string(&text[..cut]), r#","tags":["truncated"]"#)
     } else {
         (json_string(&text), "")
@@ -133,16 +130,8 @@ pub struct Collector {
 impl Collector {
     pub fn new(config: LogcollectorConfig, state_path: PathBuf, stats: Arc<Stats>) -> Collector {
         let saved = std::fs::read(&state_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        Collector {
-            config,
-            state_path,
-            saved,
-            followed: HashMap::new(),
-            warned: HashMap::new(),
-            more: false,
-            first_scan: true,
-            stats,
-        }
+        let (followed, warned) = (HashMap::new(), HashMap::new());
+        Collector { config, state_path, saved, followed, warned, more: false, first_scan: true, stats }
     }
 
     fn expand(&self) -> Vec<String> {
@@ -264,9 +253,7 @@ impl Collector {
             }
             let n = chunk.len() as u64;
             let taken = send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
-            if taken {
-                Stats::add(&stats.received, n);
-            }
+            Stats::add(&stats.received, if taken { n } else { 0 });
             taken
         };
         if len < f.offset {
@@ -279,9 +266,7 @@ impl Collector {
         }
         if len > f.offset {
             let want = (len - f.offset).min(READ_PER_POLL);
-            if len - f.offset > READ_PER_POLL {
-                self.more = true;
-            }
+            self.more |= len - f.offset > READ_PER_POLL;
             let mut buf = Vec::with_capacity(want as usize + f.partial.len());
             buf.append(&mut f.partial);
             if f.file.seek(SeekFrom::Start(f.offset)).is_ok() {
@@ -293,11 +278,8 @@ impl Collector {
             let Some(used) = for_each_line(&buf, |line| emit(Some(line))) else { return false };
             buf.drain(..used);
             // An unfinished line longer than the limit cannot wait for ever.
-            if buf.len() > max {
-                if !emit(Some(&buf)) {
-                    return false;
-                }
-                buf.clear();
+            if buf.len() > max && !emit(Some(&std::mem::take(&mut buf))) {
+                return false;
             }
             f.partial = buf;
         }

@@ -90,37 +90,33 @@ pub struct State {
 }
 
 impl State {
-    pub fn capture(stats: &Stats, uuid: &str, server: &str, now: SystemTime) -> State {
+    pub fn capture(s: &Stats, uuid: &str, server: &str, now: SystemTime) -> State {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let exp = stats.token_expires_at.load(Ordering::Relaxed);
+        let exp = s.token_expires_at.load(Ordering::Relaxed);
         State {
             pid: std::process::id(),
             uuid: uuid.to_string(),
             server: server.to_string(),
-            connected: stats.connected.load(Ordering::Relaxed),
+            connected: s.connected.load(Ordering::Relaxed),
             token_expires_at: (exp > 0).then(|| rfc3339(UNIX_EPOCH + Duration::from_secs(exp as u64))),
             updated_at: rfc3339(now),
             updated_at_unix: unix(now),
             events: EventCounts {
-                received: g(&stats.received),
-                sent: g(&stats.sent),
-                dropped: g(&stats.dropped),
-                rejected: g(&stats.rejected),
-                buffered: g(&stats.buffered),
-                queued: g(&stats.queued),
+                received: g(&s.received),
+                sent: g(&s.sent),
+                dropped: g(&s.dropped),
+                rejected: g(&s.rejected),
+                buffered: g(&s.buffered),
+                queued: g(&s.queued),
             },
-            batches: BatchCounts {
-                sent: g(&stats.batches_sent),
-                failed: g(&stats.batches_failed),
-                retries: g(&stats.retries),
-            },
+            batches: BatchCounts { sent: g(&s.batches_sent), failed: g(&s.batches_failed), retries: g(&s.retries) },
             commands: CommandCounts {
-                received: g(&stats.commands_received),
-                succeeded: g(&stats.commands_succeeded),
-                failed: g(&stats.commands_failed),
+                received: g(&s.commands_received),
+                succeeded: g(&s.commands_succeeded),
+                failed: g(&s.commands_failed),
             },
-            queued_bytes: g(&stats.queued_bytes),
-            last_error: stats.last_error(),
+            queued_bytes: g(&s.queued_bytes),
+            last_error: s.last_error(),
             version: crate::VERSION.to_string(),
         }
     }
@@ -160,15 +156,15 @@ pub fn read_status(run_dir: &Path, now: SystemTime) -> (Option<State>, Result<()
         Err(e) => return (None, Err(NotRunning::Unreadable(e.to_string()))),
         Ok(Err(e)) => return (None, Err(NotRunning::Unreadable(e.to_string()))),
     };
-    if !crate::sys::process_exists(state.pid) {
-        let pid = state.pid;
-        return (Some(state), Err(NotRunning::Dead(pid)));
-    }
     let age = unix(now) - state.updated_at_unix;
-    if age > 3 * STATE_INTERVAL.as_secs() as i64 {
-        return (Some(state), Err(NotRunning::Stale { age_secs: age }));
-    }
-    (Some(state), Ok(()))
+    let verdict = if !crate::sys::process_exists(state.pid) {
+        Err(NotRunning::Dead(state.pid))
+    } else if age > 3 * STATE_INTERVAL.as_secs() as i64 {
+        Err(NotRunning::Stale { age_secs: age })
+    } else {
+        Ok(())
+    };
+    (Some(state), verdict)
 }
 
 pub fn unix(t: SystemTime) -> i64 {

@@ -183,8 +183,7 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     let (name, uuid, urls) = (&credentials.name, &credentials.uuid, config.server.urls.join(", "));
     log::info!("wazuh-agent {} starting as {name} ({uuid}), server {urls}", crate::VERSION);
     let (cell, wake_rx) = TokenCell::new();
-    let (workers, deadline) = (Workers::new(), Arc::default());
-    let local = local.clone();
+    let (workers, deadline, local) = (Workers::new(), Arc::default(), local.clone());
     let mut s = Supervisor { local, config, credentials, stats, live, cell, deadline, workers, agents };
     let pipeline = start_pipeline(&mut s, store, listener, wake_rx)?;
     let modules = start_modules(&mut s, &pipeline)?;
@@ -321,11 +320,8 @@ fn start_pipeline(
     let live = s.live.clone();
     let limits = move || {
         let v = live.view();
-        BatchLimits {
-            max_events: v.config.events.batch_max_events,
-            max_bytes: v.config.events.batch_max_bytes as usize,
-            overhead: v.agent_line.len(),
-        }
+        let (e, overhead) = (&v.config.events, v.agent_line.len());
+        BatchLimits { max_events: e.batch_max_events, max_bytes: e.batch_max_bytes as usize, overhead }
     };
     s.workers.spawn("queue", move || queue::run(store, append_rx, ack_rx, qbatch_tx, queue_stop_rx, limits))?;
 
@@ -335,13 +331,8 @@ fn start_pipeline(
 
     let view = s.live.view();
     let policy = Policy::from_config(&view.config, view.agent_line.len());
-    let wiring = batcher::Wiring {
-        input: events_rx,
-        out: batch_tx,
-        spill: append_tx.clone(),
-        shutdown: pipeline_stop_rx.clone(),
-        deadline: s.deadline.clone(),
-    };
+    let (spill, shutdown, deadline) = (append_tx.clone(), pipeline_stop_rx.clone(), s.deadline.clone());
+    let wiring = batcher::Wiring { input: events_rx, out: batch_tx, spill, shutdown, deadline };
     let (live, stats) = (s.live.clone(), s.stats.clone());
     s.workers.spawn("batcher", move || batcher::run(wiring, policy, live, stats))?;
 
@@ -521,9 +512,7 @@ fn write_state(s: &Supervisor) {
     let server = token.as_ref().map_or_else(|| s.config.server.urls[0].clone(), |t| t.server.clone());
     let mut state = status::State::capture(&s.stats, &s.credentials.uuid, &server, SystemTime::now());
     // A current authentication problem (cleared on success) outranks older errors.
-    if let Some(e) = s.cell.last_error() {
-        state.last_error = Some(e);
-    }
+    state.last_error = s.cell.last_error().or(state.last_error);
     let run_dir = &s.config.agent.run_dir;
     if let Err(e) = status::write_state(run_dir, &state) {
         log::warn!("cannot write {}: {e}", status::state_path(run_dir).display());

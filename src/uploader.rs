@@ -56,12 +56,8 @@ impl RejectedLog {
             e.header(),
             e.data().unwrap_or("null"),
         );
-        let written = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .and_then(|mut f| f.write_all(line.as_bytes()));
-        if let Err(err) = written {
+        let file = OpenOptions::new().create(true).append(true).open(&self.path);
+        if let Err(err) = file.and_then(|mut f| f.write_all(line.as_bytes())) {
             log::error!("cannot record a rejected event in {}: {err}", self.path.display());
         }
     }
@@ -73,13 +69,11 @@ struct StatefulResults {
     results: Vec<ItemResult>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
+#[serde(default)]
 struct ItemResult {
-    #[serde(default)]
     status: u16,
-    #[serde(default)]
     id: Option<String>,
-    #[serde(default)]
     result: Option<String>,
 }
 
@@ -153,10 +147,8 @@ impl Uploader {
             }
             Err(Failure::Stopped) => Delivery::Aborted,
             Err(Failure::Refused { status, message, .. }) if events.len() == 1 => {
-                log::warn!(
-                    "the server refused an event ({status} {message}); recorded in {}",
-                    self.rejected.path.display()
-                );
+                let path = self.rejected.path.display();
+                log::warn!("the server refused an event ({status} {message}); recorded in {path}");
                 self.rejected.record(endpoint, status, &message, &events[0]);
                 Stats::add(&stats.rejected, 1);
                 Stats::add(&stats.batches_failed, 1);
@@ -191,12 +183,8 @@ impl Uploader {
         let failed: Vec<&ItemResult> = parsed.results.iter().filter(|r| r.status >= 300).collect();
         Stats::add(&self.session.stats.rejected, failed.len() as u64);
         for f in failed.iter().take(3) {
-            log::warn!(
-                "the server did not apply a stateful event (id {}, status {}, {})",
-                f.id.as_deref().unwrap_or("?"),
-                f.status,
-                f.result.as_deref().unwrap_or("no result")
-            );
+            let (id, result) = (f.id.as_deref().unwrap_or("?"), f.result.as_deref().unwrap_or("no result"));
+            log::warn!("the server did not apply a stateful event (id {id}, status {}, {result})", f.status);
         }
         if failed.len() > 3 {
             log::warn!("… and {} more stateful events not applied", failed.len() - 3);

@@ -113,21 +113,21 @@ pub fn collect_hardware(root: &Path) -> Result<Vec<Doc>, Unreadable> {
 
 // -------------------------------------------------------------------------- packages
 
-/// A package as the diff needs it.
-fn package(
-    name: &str,
-    version: &str,
-    arch: &str,
-    format: &str,
-    size: Option<u64>,
-    desc: Option<&str>,
-    installed: Option<String>,
-) -> Doc {
+/// A package from its control fields (dpkg's names; apk's letters are mapped to them).
+fn package(f: &HashMap<&str, String>, format: &str) -> Option<Doc> {
+    let field = |k| f.get(k).map(String::as_str);
+    let (name, version, arch) = (field("Package")?, field("Version")?, field("Architecture").unwrap_or(""));
+    // dpkg counts Installed-Size in KiB; opkg and apk in bytes.
+    let size = field("Installed-Size").and_then(|s| s.parse::<u64>().ok());
+    let size = size.map(|s| if format == "deb" { s * 1024 } else { s });
+    let installed = field("Installed-Time").and_then(|t| t.parse::<u64>().ok());
+    let installed =
+        installed.map(|t| crate::status::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)));
     let doc = json!({"package": {
-        "architecture": arch, "description": desc, "installed": installed, "name": name,
+        "architecture": arch, "description": field("Description"), "installed": installed, "name": name,
         "path": null, "size": size, "type": format, "version": version,
     }});
-    Doc { key: format!("{name}:{version}:{arch}:{format}:"), doc: doc.to_string() }
+    Some(Doc { key: format!("{name}:{version}:{arch}:{format}:"), doc: doc.to_string() })
 }
 
 /// dpkg's status file (and opkg's, which has the same stanza format).
@@ -135,50 +135,36 @@ pub fn parse_control_stanzas(text: &str, format: &str) -> Vec<Doc> {
     let mut out = Vec::new();
     for stanza in text.split("\n\n") {
         let mut f: HashMap<&str, String> = HashMap::new();
-        for line in stanza.lines() {
-            if line.starts_with(' ') || line.starts_with('\t') {
-                // Continuation lines (long descriptions) are not needed: first line only.
-                continue;
-            }
+        // Continuation lines (long descriptions) are not needed: first line only.
+        for line in stanza.lines().filter(|l| !l.starts_with([' ', '\t'])) {
             if let Some((k, v)) = line.split_once(':') {
                 f.insert(k.trim(), v.trim().to_string());
             }
         }
-        let (Some(name), Some(version)) = (f.get("Package"), f.get("Version")) else { continue };
         let status = f.get("Status").map(String::as_str).unwrap_or("");
-        if !(status.ends_with(" installed") && status.starts_with("install")) {
-            continue;
+        if status.ends_with(" installed") && status.starts_with("install") {
+            out.extend(package(&f, format));
         }
-        let arch = f.get("Architecture").map(String::as_str).unwrap_or("");
-        // dpkg counts Installed-Size in KiB; opkg in bytes.
-        let size = f
-            .get("Installed-Size")
-            .and_then(|s| s.parse::<u64>().ok())
-            .map(|s| if format == "deb" { s * 1024 } else { s });
-        let installed = f
-            .get("Installed-Time")
-            .and_then(|t| t.parse::<u64>().ok())
-            .map(|t| crate::status::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)));
-        out.push(package(name, version, arch, format, size, f.get("Description").map(String::as_str), installed));
     }
     out
 }
 
 /// Alpine's `lib/apk/db/installed`.
 pub fn parse_apk(text: &str) -> Vec<Doc> {
+    let names =
+        [('P', "Package"), ('V', "Version"), ('A', "Architecture"), ('I', "Installed-Size"), ('T', "Description")];
     let mut out = Vec::new();
     for stanza in text.split("\n\n") {
-        let mut f: HashMap<char, String> = HashMap::new();
+        let mut f: HashMap<&str, String> = HashMap::new();
         for line in stanza.lines() {
             let mut c = line.chars();
-            if let (Some(k), Some(':')) = (c.next(), c.next()) {
-                f.entry(k).or_insert_with(|| c.as_str().to_string());
+            if let (Some(k), Some(':')) = (c.next(), c.next())
+                && let Some((_, name)) = names.iter().find(|(n, _)| *n == k)
+            {
+                f.entry(name).or_insert_with(|| c.as_str().to_string());
             }
         }
-        let (Some(name), Some(version)) = (f.get(&'P'), f.get(&'V')) else { continue };
-        let arch = f.get(&'A').map(String::as_str).unwrap_or("");
-        let size = f.get(&'I').and_then(|s| s.parse().ok());
-        out.push(package(name, version, arch, "apk", size, f.get(&'T').map(String::as_str), None));
+        out.extend(package(&f, "apk"));
     }
     out
 }

@@ -68,7 +68,7 @@ pub struct Snapshot {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     Create { id: String, new: Stored },
-    Update { id: String, old: Stored, new: Stored },
+    Update { id: String, new: Stored },
     Delete { id: String, old: Stored },
 }
 
@@ -109,9 +109,7 @@ pub fn diff(old: &BTreeMap<String, Stored>, new: &BTreeMap<String, Stored>) -> V
     for (id, n) in new {
         match old.get(id) {
             None => out.push(Change::Create { id: id.clone(), new: n.clone() }),
-            Some(o) if comparable(o) != comparable(n) => {
-                out.push(Change::Update { id: id.clone(), old: o.clone(), new: n.clone() })
-            }
+            Some(o) if comparable(o) != comparable(n) => out.push(Change::Update { id: id.clone(), new: n.clone() }),
             Some(_) => {}
         }
     }
@@ -147,94 +145,76 @@ pub fn stateful_events(changes: &[Change], now: &str) -> Vec<Event> {
         .collect()
 }
 
-fn noun(collector: &str) -> (&'static str, &'static str) {
-    match collector {
-        "packages" => ("package", "package"),
-        "networks" => ("network", "network"),
-        "ports" => ("port", "network"),
-        "processes" => ("process", "process"),
-        "hardware" => ("hardware", "host"),
-        _ => ("system", "host"),
-    }
-}
-
-fn describe(s: &Stored) -> String {
+/// How notifications name a document: its collector's noun and ECS category, and the document.
+fn describe(s: &Stored) -> (&'static str, &'static str, String) {
     let v = s.value();
     let text = |pointer| v.pointer(pointer).and_then(Value::as_str).unwrap_or("?");
     match s.collector.as_str() {
-        "packages" => format!("{} ({})", text("/package/name"), text("/package/version")),
-        "ports" => format!("{}/{}", text("/network/protocol"), v["source"]["port"].as_u64().unwrap_or(0)),
-        "networks" => format!("{} {}", text("/observer/ingress/interface/name"), text("/host/ip/0")),
-        "processes" => format!("{} ({})", text("/process/name"), text("/process/pid")),
-        "hardware" => "hardware".into(),
-        _ => v["host"]["os"]["name"].as_str().unwrap_or("system").to_string(),
+        "packages" => ("package", "package", format!("{} ({})", text("/package/name"), text("/package/version"))),
+        "ports" => {
+            let port = v["source"]["port"].as_u64().unwrap_or(0);
+            ("port", "network", format!("{}/{port}", text("/network/protocol")))
+        }
+        "networks" => {
+            ("network", "network", format!("{} {}", text("/observer/ingress/interface/name"), text("/host/ip/0")))
+        }
+        "processes" => ("process", "process", format!("{} ({})", text("/process/name"), text("/process/pid"))),
+        "hardware" => ("hardware", "host", "hardware".into()),
+        _ => ("system", "host", v["host"]["os"]["name"].as_str().unwrap_or("system").to_string()),
     }
 }
 
-fn notification(collector: &str, action: &str, kind: &str, reason: String, doc: &Stored, now: &str) -> Event {
-    let (_, category) = noun(collector);
+fn notification(doc: &Stored, category: &str, action: &str, kind: &str, reason: String, now: &str) -> Event {
     let mut data = doc.value();
     if let Some(o) = data.as_object_mut() {
         let event = json!({"action": action, "category": [category], "type": [kind], "created": now, "reason": reason});
         o.insert("event".into(), event);
     }
-    let header = json!({"collector": collector, "module": "inventory"}).to_string();
+    let header = json!({"collector": doc.collector, "module": "inventory"}).to_string();
     Event::new(Kind::Stateless, &header, Some(&data.to_string()))
 }
 
 /// Stateless change notifications (pure): one per change, except that a package whose
 /// name and architecture stay while its version changes (a delete of the old id and a
-/// create of the new one) is ONE `package-updated`.
+/// create of the new one) is ONE `package-updated`, in the place of the create.
 pub fn notifications(changes: &[Change], now: &str) -> Vec<Event> {
-    let pkg_key = |s: &Stored| {
-        let v = s.value();
-        (
-            v["package"]["name"].as_str().unwrap_or("").to_string(),
-            v["package"]["architecture"].as_str().unwrap_or("").to_string(),
-        )
-    };
+    let field = |s: &Stored, f: &str| s.value()["package"][f].as_str().unwrap_or("").to_string();
+    let pkg_key = |s: &Stored| (s.collector == "packages").then(|| (field(s, "name"), field(s, "architecture")));
     let version = |s: &Stored| s.value()["package"]["version"].as_str().unwrap_or("?").to_string();
-    let mut removed: HashMap<(String, String), &Stored> = HashMap::new();
+    let (mut removed, mut created) = (HashMap::new(), Vec::new());
     for c in changes {
-        if let Change::Delete { old, .. } = c {
-            if old.collector == "packages" {
-                removed.insert(pkg_key(old), old);
-            }
+        match c {
+            Change::Delete { old, .. } => removed.extend(pkg_key(old).map(|k| (k, old))),
+            Change::Create { new, .. } => created.extend(pkg_key(new)),
+            Change::Update { .. } => {}
         }
     }
     // `<noun>-detected` and the like; the nouns are ASCII, so the first byte is a character.
     let generic = |s: &Stored, past: &str, kind: &str| {
-        let (n, _) = noun(&s.collector);
-        let reason = format!("{}{} {} was {past}", n[..1].to_uppercase(), &n[1..], describe(s));
-        notification(&s.collector, &format!("{n}-{past}"), kind, reason, s, now)
+        let (n, category, what) = describe(s);
+        let reason = format!("{}{} {what} was {past}", n[..1].to_uppercase(), &n[1..]);
+        notification(s, category, &format!("{n}-{past}"), kind, reason, now)
     };
-    let mut paired: Vec<(String, String)> = Vec::new();
-    let mut out = Vec::new();
+    let (mut out, mut deleted) = (Vec::new(), Vec::new());
     for c in changes {
         match c {
             Change::Create { new, .. } if new.collector == "packages" => {
-                let k = pkg_key(new);
-                if let Some(old) = removed.get(&k) {
-                    let reason = format!("Package {} was updated from {} to {}", k.0, version(old), version(new));
-                    out.push(notification("packages", "package-updated", "change", reason, new, now));
-                    paired.push(k);
-                } else {
-                    let reason = format!("Package {} was installed", describe(new));
-                    out.push(notification("packages", "package-installed", "installation", reason, new, now));
-                }
+                let (action, kind, reason) = match pkg_key(new).and_then(|k| removed.get(&k)) {
+                    Some(old) => {
+                        let (name, from, to) = (field(new, "name"), version(old), version(new));
+                        ("package-updated", "change", format!("Package {name} was updated from {from} to {to}"))
+                    }
+                    None => ("package-installed", "installation", format!("Package {} was installed", describe(new).2)),
+                };
+                out.push(notification(new, "package", action, kind, reason, now));
             }
             Change::Create { new, .. } => out.push(generic(new, "detected", "creation")),
             Change::Update { new, .. } => out.push(generic(new, "updated", "change")),
-            Change::Delete { .. } => {}
+            Change::Delete { old, .. } if pkg_key(old).is_some_and(|k| created.contains(&k)) => {}
+            Change::Delete { old, .. } => deleted.push(generic(old, "removed", "deletion")),
         }
     }
-    for c in changes {
-        if let Change::Delete { old, .. } = c {
-            if old.collector != "packages" || !paired.contains(&pkg_key(old)) {
-                out.push(generic(old, "removed", "deletion"));
-            }
-        }
-    }
+    out.extend(deleted);
     out
 }
 
@@ -380,9 +360,9 @@ mod tests {
         let kinds: Vec<String> = changes
             .iter()
             .map(|c| match c {
-                Change::Create { new, .. } => format!("create {}", describe(new)),
-                Change::Update { new, .. } => format!("update {}", describe(new)),
-                Change::Delete { old, .. } => format!("delete {}", describe(old)),
+                Change::Create { new, .. } => format!("create {}", describe(new).2),
+                Change::Update { new, .. } => format!("update {}", describe(new).2),
+                Change::Delete { old, .. } => format!("delete {}", describe(old).2),
             })
             .collect();
         let mut sorted = kinds.clone();
@@ -401,7 +381,7 @@ mod tests {
         let hw2 = Stored { collector: "hardware".into(), doc: r#"{"host":{"cpu":{}}}"#.into() };
         let new = merge(&old, map(vec![("h".into(), hw2.clone())]), &["packages"]);
         assert_eq!(new, map(vec![pkg("a", "1"), pkg("b", "1"), ("h".into(), hw2.clone())]));
-        assert_eq!(diff(&old, &new), vec![Change::Update { id: "h".into(), old: hw, new: hw2 }]);
+        assert_eq!(diff(&old, &new), vec![Change::Update { id: "h".into(), new: hw2 }]);
         assert!(notifications(&diff(&old, &merge(&old, BTreeMap::new(), &["packages", "hardware"])), "T").is_empty());
     }
 
