@@ -479,11 +479,12 @@ fn shut_down(
     drop(p.pipeline_stop_tx);
     let until_deadline = s.deadline.get().map_or(SHUTDOWN_GRACE, |d| d.saturating_duration_since(Instant::now()));
     const PIPELINE: [&str; 3] = ["batcher", "upload-queue", "upload-stateless"];
-    stuck.extend(workers.join(&PIPELINE, until_deadline + Duration::from_secs(2)));
-    if !stuck.is_empty() {
+    // Requests still in flight are cut only when the pipeline itself is stuck; the threads
+    // stuck in earlier stages stay in the list for the final warning.
+    if !workers.join(&PIPELINE, until_deadline + Duration::from_secs(2)).is_empty() {
         s.agents.upload_queue.clone().shutdown();
         s.agents.upload_stateless.clone().shutdown();
-        stuck = workers.join(&PIPELINE, Duration::from_secs(2));
+        stuck.extend(workers.join(&PIPELINE, Duration::from_secs(2)));
     }
     // (3) The queue after everyone who writes to it.
     drop(p.queue_stop_tx);
