@@ -94,6 +94,32 @@ impl SharedLogger for Syslog {
     }
 }
 
+/// Messages carry strings from the server and producers: every sink gets them with control
+/// characters escaped (`\n` → `\\n`, others as `\u{..}`), so no one can forge a log line.
+struct Escaping(Box<CombinedLogger>);
+
+impl Log for Escaping {
+    fn enabled(&self, m: &Metadata) -> bool {
+        self.0.enabled(m)
+    }
+
+    fn log(&self, record: &Record) {
+        let message = escape(&record.args().to_string());
+        let (mut b, args) = (Record::builder(), format_args!("{message}"));
+        b.args(args).metadata(record.metadata().clone()).module_path(record.module_path()).file(record.file());
+        self.0.log(&b.line(record.line()).build());
+    }
+
+    fn flush(&self) {
+        self.0.flush()
+    }
+}
+
+/// `text` with every control character (C0, DEL, C1) written as an escape.
+fn escape(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.into() }).collect()
+}
+
 /// The HTTP and TLS crates never log: at trace level ureq-proto dumps raw request and
 /// response bytes, which carry the agent key and tokens. Their failures reach our own log
 /// lines as errors anyway.
@@ -135,7 +161,7 @@ pub fn init(config: &Config, one_shot: bool) -> Result<(), LogError> {
     // Every logger passes everything; the global max level filters, so a reload can raise
     // or lower it (log.level is applied live). Only fails if a logger is already set,
     // which cannot happen: this runs once.
-    let _ = CombinedLogger::init(loggers);
+    let _ = log::set_boxed_logger(Box::new(Escaping(CombinedLogger::new(loggers))));
     log::set_max_level(level);
     Ok(())
 }
@@ -143,6 +169,18 @@ pub fn init(config: &Config, one_shot: bool) -> Result<(), LogError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        for (raw, logged) in [
+            ("id\n2026-01-01T00:00:00Z ERROR forged", "id\\n2026-01-01T00:00:00Z ERROR forged"),
+            ("a\rb\tc", "a\\rb\\tc"),
+            ("bell\u{7}del\u{7f}nel\u{85}esc\u{1b}[31m", "bell\\u{7}del\\u{7f}nel\\u{85}esc\\u{1b}[31m"),
+            ("plain \"quoted\" é ✓ \\n", "plain \"quoted\" é ✓ \\n"),
+        ] {
+            assert_eq!(escape(raw), logged);
+        }
+    }
 
     #[test]
     fn an_unopenable_log_file_is_named_and_its_cause_kept() {
