@@ -74,3 +74,25 @@ fn shipped_config_is_valid() {
     let out = Command::new(bin()).args(["--check-config", "--config", path]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
 }
+
+#[test]
+fn a_reader_that_goes_away_is_a_quiet_success() {
+    // `wazuh-agent --check-config | head -1`, with `head` gone before the first write: a
+    // pipe whose read end is closed before the binary starts.
+    let env = Env::new();
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) into a two-element array; both ends are owned right after.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: the descriptors were just created and are owned by nothing else.
+    let (read, write) = unsafe {
+        use std::os::fd::FromRawFd;
+        (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1]))
+    };
+    drop(read);
+    for args in [&["--check-config"][..], &["--version"], &["--help"], &["--status"]] {
+        let out = env.cmd().args(args).stdout(write.try_clone().unwrap()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
