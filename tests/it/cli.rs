@@ -96,3 +96,31 @@ fn a_reader_that_goes_away_is_a_quiet_success() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn send_without_permission_on_the_socket_says_so() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test needs root (CI runs as root)");
+    }
+    let env = Env::new();
+    // `nobody` may traverse the temp dir and read the config, but the socket is root's, 0600.
+    std::fs::set_permissions(env.dir.path(), PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&env.config, PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::create_dir_all(env.socket().parent().unwrap()).unwrap();
+    let _listener = std::os::unix::net::UnixListener::bind(env.socket()).unwrap();
+    std::fs::set_permissions(env.socket(), PermissionsExt::from_mode(0o600)).unwrap();
+    let nobody = wazuh_agent::privileges::resolve("nobody", None).unwrap();
+    let out =
+        env.cmd().arg("--send").uid(nobody.uid).gid(nobody.gid).stdin(std::process::Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let want = format!("permission denied on {}: ", env.socket().display());
+    assert!(
+        text(&out).contains(&want) && text(&out).contains("run as root or a member of the socket's group"),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains("not running"), "{}", text(&out));
+}
