@@ -16,6 +16,9 @@ fn version_and_help() {
     {
         assert!(help.contains(flag), "help lacks {flag}");
     }
+    // --key is visible in `ps`: the help says so and names the other ways.
+    assert!(help.contains("--key-file FILE") && help.contains("WAZUH_REGISTRATION_KEY"), "{help}");
+    assert!(help.contains("--key KEY") && help.contains("a key on the command line is visible in `ps`"), "{help}");
 }
 
 #[test]
