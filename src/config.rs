@@ -395,11 +395,10 @@ fn maybe_path(v: &toml::Value) -> Result<Option<PathBuf>, String> {
 /// file that the start, as root, did read.
 fn ca_file(v: &toml::Value) -> Result<Option<PathBuf>, String> {
     let path = maybe_path(v)?;
-    match path.as_deref().map(std::fs::read) {
-        Some(Err(e)) if e.kind() != std::io::ErrorKind::PermissionDenied => Err(format!(
-            "cannot read {}: {e}; give the server CA's PEM file, or \"\" for the system's roots",
-            path.as_deref().unwrap_or(Path::new("")).display()
-        )),
+    match path.as_deref().map(|p| (p.display(), std::fs::read(p))) {
+        Some((p, Err(e))) if e.kind() != std::io::ErrorKind::PermissionDenied => {
+            Err(format!("cannot read {p}: {e}; give the server CA's PEM file, or \"\" for the system's roots"))
+        }
         _ => Ok(path),
     }
 }
@@ -634,10 +633,8 @@ impl Config {
                 return Err(unknown(section.clone(), "is not a configuration section".into()));
             }
             let toml::Value::Table(values) = values else {
-                let message = match values.is_array() {
-                    true => format!("write it as one [{section}] table, not [[{section}]]"),
-                    false => expected("a [section]", values),
-                };
+                let fix = format!("write it as one [{section}] table, not [[{section}]]");
+                let message = if values.is_array() { fix } else { expected("a [section]", values) };
                 return Err(unknown(section.clone(), message));
             };
             if let Some(name) = values.keys().find(|name| key(section, name).is_none()) {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use log::{LevelFilter, Log, Metadata, Record};
-use simplelog::{CombinedLogger, ConfigBuilder, SharedLogger, WriteLogger};
+use simplelog::{ConfigBuilder, WriteLogger};
 
 use crate::config::Config;
 
@@ -60,11 +60,17 @@ pub fn file_path() -> Option<&'static Path> {
     FILE.get().map(|(p, _)| p.as_path())
 }
 
-/// The system log through libc (the `syslog` crate does not reconnect after a syslogd
+/// Every log line passes here once: the HTTP and TLS crates are dropped, control characters
+/// are escaped (messages carry strings from the server and producers: `\n` → `\\n`, others as
+/// `\u{..}`, so no one can forge a line), then the line goes to the writer and, if asked,
+/// to the system log through libc (the `syslog` crate does not reconnect after a syslogd
 /// restart; libc's syslog does).
-struct Syslog;
+struct Sinks {
+    writer: Box<dyn Log>,
+    syslog: bool,
+}
 
-impl Log for Syslog {
+impl Log for Sinks {
     fn enabled(&self, _: &Metadata) -> bool {
         true
     }
@@ -73,45 +79,18 @@ impl Log for Syslog {
         if is_noisy(record.target()) {
             return;
         }
-        let thread = std::thread::current();
-        crate::sys::syslog(record.level(), &format!("({}) {}", thread.name().unwrap_or("?"), record.args()));
-    }
-
-    fn flush(&self) {}
-}
-
-impl SharedLogger for Syslog {
-    fn level(&self) -> LevelFilter {
-        LevelFilter::Trace
-    }
-
-    fn config(&self) -> Option<&simplelog::Config> {
-        None
-    }
-
-    fn as_log(self: Box<Self>) -> Box<dyn Log> {
-        self
-    }
-}
-
-/// Messages carry strings from the server and producers: every sink gets them with control
-/// characters escaped (`\n` → `\\n`, others as `\u{..}`), so no one can forge a log line.
-struct Escaping(Box<CombinedLogger>);
-
-impl Log for Escaping {
-    fn enabled(&self, m: &Metadata) -> bool {
-        self.0.enabled(m)
-    }
-
-    fn log(&self, record: &Record) {
         let message = escape(&record.args().to_string());
+        if self.syslog {
+            let thread = std::thread::current();
+            crate::sys::syslog(record.level(), &format!("({}) {message}", thread.name().unwrap_or("?")));
+        }
         let (mut b, args) = (Record::builder(), format_args!("{message}"));
         b.args(args).metadata(record.metadata().clone()).module_path(record.module_path()).file(record.file());
-        self.0.log(&b.line(record.line()).build());
+        self.writer.log(&b.line(record.line()).build());
     }
 
     fn flush(&self) {
-        self.0.flush()
+        self.writer.flush()
     }
 }
 
@@ -140,28 +119,23 @@ pub fn init(config: &Config, one_shot: bool) -> Result<(), LogError> {
         .set_thread_mode(simplelog::ThreadLogMode::Names)
         .set_thread_padding(simplelog::ThreadPadding::Off)
         .set_target_level(LevelFilter::Off);
-    for noisy in NOISY {
-        b.add_filter_ignore_str(noisy);
-    }
-    let log_config = b.build();
-    let mut loggers: Vec<Box<dyn SharedLogger>> = Vec::new();
-    match &config.log.file {
+    let writer: Box<dyn Log> = match &config.log.file {
         Some(path) => {
             let file = open(path).map_err(|source| LogError::Open { path: path.clone(), source })?;
             let shared = Arc::new(Mutex::new(file));
             let _ = FILE.set((path.clone(), shared.clone()));
-            loggers.push(WriteLogger::new(LevelFilter::Trace, log_config, Reopenable(shared)));
+            WriteLogger::new(LevelFilter::Trace, b.build(), Reopenable(shared))
         }
-        None => loggers.push(WriteLogger::new(LevelFilter::Trace, log_config, io::stderr())),
-    }
-    if config.log.syslog && !one_shot {
+        None => WriteLogger::new(LevelFilter::Trace, b.build(), io::stderr()),
+    };
+    let syslog = config.log.syslog && !one_shot;
+    if syslog {
         crate::sys::open_syslog();
-        loggers.push(Box::new(Syslog));
     }
-    // Every logger passes everything; the global max level filters, so a reload can raise
+    // Every sink passes everything; the global max level filters, so a reload can raise
     // or lower it (log.level is applied live). Only fails if a logger is already set,
     // which cannot happen: this runs once.
-    let _ = log::set_boxed_logger(Box::new(Escaping(CombinedLogger::new(loggers))));
+    let _ = log::set_boxed_logger(Box::new(Sinks { writer, syslog }));
     log::set_max_level(level);
     Ok(())
 }

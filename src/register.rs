@@ -5,7 +5,7 @@
 //! never leaves a half-registered agent behind, and credentials are written only after the
 //! server answered 201.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
@@ -30,7 +30,6 @@ pub struct RegisterArgs {
     /// `--password`: accepted for convenience, but visible in `ps`.
     pub password: Option<Secret>,
     pub name: Option<String>,
-    /// `--key`: visible in `ps`, like `--password`.
     pub key: Option<Secret>,
     pub key_file: Option<PathBuf>,
     pub force: bool,
@@ -149,14 +148,6 @@ fn unreachable_or_bad(url: &str, result: &Result<http::Reply, ureq::Error>) -> R
     }
 }
 
-/// Creates `dir` as store() does and a file in it (`create_new` never follows a link).
-fn probe_dir(dir: &Path) -> std::io::Result<()> {
-    let probe = dir.join(".credentials.probe");
-    crate::fsutil::ensure_private_dir(dir)?;
-    let _ = std::fs::remove_file(&probe);
-    std::fs::File::create_new(&probe).and_then(|_| std::fs::remove_file(&probe))
-}
-
 /// Registers the agent and stores its credentials. Returns them (the UUID is printed by
 /// the caller).
 pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, RegisterError> {
@@ -170,28 +161,20 @@ pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, Reg
             .map_err(|message| RegisterError::InvalidArgument { flag: "--url", message })?,
         None => config.server.registration_url.clone(),
     };
-    if args.user.is_empty() {
-        return Err(RegisterError::InvalidArgument { flag: "--user", message: "is required".into() });
-    }
-    if args.user.contains(':') {
-        return Err(RegisterError::InvalidArgument { flag: "--user", message: "must not contain ':'".into() });
+    if args.user.is_empty() || args.user.contains(':') {
+        let message = "is required and must not contain ':'".into();
+        return Err(RegisterError::InvalidArgument { flag: "--user", message });
     }
     let name = match args.name.as_deref().filter(|n| !n.is_empty()) {
-        Some(n) => {
-            config::validate_agent_name(n)
-                .map_err(|message| RegisterError::InvalidArgument { flag: "--name", message })?;
-            n.to_string()
-        }
+        Some(n) => n.to_string(),
         None if !config.agent.name.is_empty() => config.agent.name.clone(),
-        None => {
-            let h = host::hostname();
-            config::validate_agent_name(&h).map_err(|m| RegisterError::InvalidArgument {
-                flag: "--name",
-                message: format!("the host name cannot be used as the agent name ({m}); give --name"),
-            })?;
-            h
-        }
+        None => host::hostname(),
     };
+    // agent.name was checked at load; --name and the host name are checked here.
+    config::validate_agent_name(&name).map_err(|m| RegisterError::InvalidArgument {
+        flag: "--name",
+        message: format!("{m}; give a valid --name (without it: agent.name, else the host name)"),
+    })?;
     let key = match secret((&args.key_file, "--key-file", &args.key, ENV_KEY))? {
         Some((k, flag)) => {
             validate_key(k.expose()).map_err(|message| RegisterError::InvalidArgument { flag, message })?;
@@ -204,8 +187,13 @@ pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, Reg
     };
     let password = secret((&args.password_file, "--password-file", &args.password, ENV_PASSWORD))?;
     let password = password.ok_or(RegisterError::NoPassword)?.0;
-    // The credentials must be storable before the server creates the agent (no orphan).
-    probe_dir(data_dir).map_err(|source| RegisterError::DataDir { path: data_dir.clone(), source })?;
+    // A data_dir that cannot hold the credentials would leave an orphan agent on the server:
+    // created as store() does, and a file made in it (`create_new` never follows a link).
+    let probe = data_dir.join(".credentials.probe");
+    let _ = std::fs::remove_file(&probe);
+    crate::fsutil::ensure_private_dir(data_dir)
+        .and_then(|()| std::fs::File::create_new(&probe).and_then(|_| std::fs::remove_file(&probe)))
+        .map_err(|source| RegisterError::DataDir { path: data_dir.clone(), source })?;
     if config.server.verify == Verify::None {
         log::warn!(
             "server.verify = \"none\": the server's certificate is NOT checked; anyone on the network path can \
