@@ -130,11 +130,9 @@ where
         }
     }
 
-    if modes.contains(&"--help") {
-        return Ok(Cli { mode: Mode::Help, config });
-    }
-    if modes.contains(&"--version") {
-        return Ok(Cli { mode: Mode::Version, config });
+    let early = [("--help", Mode::Help), ("--version", Mode::Version)].into_iter().find(|(f, _)| modes.contains(f));
+    if let Some((_, mode)) = early {
+        return Ok(Cli { mode, config });
     }
     modes.dedup();
     if modes.len() > 1 {
@@ -145,17 +143,13 @@ where
             reg.user = user.ok_or_else(|| CliError("--register needs --user USER".into()))?;
             Mode::Register(reg)
         }
-        other => {
-            if let Some(flag) = register_only {
-                return Err(CliError(format!("{flag} only goes with --register")));
-            }
-            match other {
-                Some("--send") => Mode::Send,
-                Some("--status") => Mode::Status,
-                Some("--check-config") => Mode::CheckConfig,
-                _ => Mode::Run,
-            }
-        }
+        other => match (register_only, other) {
+            (Some(flag), _) => return Err(CliError(format!("{flag} only goes with --register"))),
+            (None, Some("--send")) => Mode::Send,
+            (None, Some("--status")) => Mode::Status,
+            (None, Some("--check-config")) => Mode::CheckConfig,
+            (None, _) => Mode::Run,
+        },
     };
     Ok(Cli { mode, config })
 }

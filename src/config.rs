@@ -391,8 +391,7 @@ fn maybe_path(v: &toml::Value) -> Result<Option<PathBuf>, String> {
 }
 
 /// Checked at load, so the unit's pre-start check (`--check-config`) catches a missing file.
-/// Permission denied passes: a reload after `agent.user` took over cannot read a root-only
-/// file that the start, as root, did read.
+/// Permission denied passes: a reload as `agent.user` cannot read a root-only file root read.
 fn ca_file(v: &toml::Value) -> Result<Option<PathBuf>, String> {
     let path = maybe_path(v)?;
     match path.as_deref().map(|p| (p.display(), std::fs::read(p))) {

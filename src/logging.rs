@@ -60,11 +60,9 @@ pub fn file_path() -> Option<&'static Path> {
     FILE.get().map(|(p, _)| p.as_path())
 }
 
-/// Every log line passes here once: the HTTP and TLS crates are dropped, control characters
-/// are escaped (messages carry strings from the server and producers: `\n` → `\\n`, others as
-/// `\u{..}`, so no one can forge a line), then the line goes to the writer and, if asked,
-/// to the system log through libc (the `syslog` crate does not reconnect after a syslogd
-/// restart; libc's syslog does).
+/// Every log line passes here: the HTTP and TLS crates are dropped, control characters escaped
+/// (server and producer strings cannot forge a line), then it goes to the writer and maybe to
+/// libc's syslog (the `syslog` crate does not reconnect after a syslogd restart; libc does).
 struct Sinks {
     writer: Box<dyn Log>,
     syslog: bool,

@@ -67,24 +67,22 @@ fn main() -> ExitCode {
 fn try_main() -> Result<u8, Error> {
     let cli = cli::parse(std::env::args_os().skip(1)).map_err(Error::Cli)?;
     match cli.mode {
-        Mode::Help => return print(cli::HELP).map(|()| 0),
-        Mode::Version => return print(&format!("wazuh-agent {}\n", wazuh_agent::VERSION)).map(|()| 0),
+        Mode::Help => return print(cli::HELP, 0),
+        Mode::Version => return print(&format!("wazuh-agent {}\n", wazuh_agent::VERSION), 0),
         _ => {}
     }
     let config = Config::load(cli.config.as_deref()).map_err(Error::Config)?;
     match cli.mode {
         Mode::CheckConfig => {
-            let head = match &config.source {
-                Some(p) => format!("# configuration {} is valid", p.display()),
-                None => "# no configuration file; built-in defaults".into(),
-            };
-            print(&format!("{head}\n{}", config.render())).map(|()| 0)
+            let head = config.source.as_ref().map(|p| format!("# configuration {} is valid", p.display()));
+            let head = head.unwrap_or_else(|| "# no configuration file; built-in defaults".into());
+            print(&format!("{head}\n{}", config.render()), 0)
         }
         Mode::Register(args) => {
             logging::init(&config, true).map_err(Error::Log)?;
             let creds = register::register(&config, &args).map_err(Error::Register)?;
             log::info!("registered as {} ({})", creds.name, creds.uuid);
-            print(&format!("{}\n", creds.uuid)).map(|()| 0)
+            print(&format!("{}\n", creds.uuid), 0)
         }
         Mode::Run => {
             logging::init(&config, false).map_err(Error::Log)?;
@@ -95,8 +93,8 @@ fn try_main() -> Result<u8, Error> {
         }
         Mode::Send => {
             let reply = ingest::send(&config.agent.run_dir, &mut std::io::stdin().lock()).map_err(Error::Send)?;
-            print(&format!("{}\n", serde_json::to_string(&reply).unwrap_or_default()))?;
-            Ok(if reply.rejected == 0 && reply.errors.is_empty() { 0 } else { 1 })
+            let code = if reply.rejected == 0 && reply.errors.is_empty() { 0 } else { 1 };
+            print(&format!("{}\n", serde_json::to_string(&reply).unwrap_or_default()), code)
         }
         Mode::Status => print_status(&config),
         Mode::Help | Mode::Version => Ok(0),
@@ -119,12 +117,12 @@ fn restart() -> std::io::Error {
     std::process::Command::new(exe).arg0(arg0).args(args).exec()
 }
 
-/// Writes the result of a one-shot mode. A reader that went away (`--check-config | head -1`)
-/// is not a failure: the process ends quietly with 0.
-fn print(text: &str) -> Result<(), Error> {
+/// Writes the result of a one-shot mode, then exits with `code`. A reader that went away
+/// (`--check-config | head -1`) is not a failure: the process ends quietly with 0.
+fn print(text: &str, code: u8) -> Result<u8, Error> {
     match std::io::stdout().lock().write_all(text.as_bytes()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
-        result => result.map_err(Error::Stdout),
+        result => result.map(|()| code).map_err(Error::Stdout),
     }
 }
 
@@ -144,6 +142,5 @@ fn print_status(config: &Config) -> Result<u8, Error> {
             map.insert("reason".into(), reason.into());
         }
     }
-    print(&format!("{doc}\n"))?;
-    Ok(if verdict.is_ok() { 0 } else { 3 })
+    print(&format!("{doc}\n"), if verdict.is_ok() { 0 } else { 3 })
 }

@@ -1,9 +1,8 @@
 //! One-shot registration with the server management API (docs/protocol.md, Registration).
 //!
-//! Order matters: every local check (existing credentials, arguments, password, a data
-//! directory that can hold the credentials) happens before the first request, so a refusal
-//! never leaves a half-registered agent behind, and credentials are written only after the
-//! server answered 201.
+//! Order matters: every local check (credentials, arguments, password, a writable data_dir)
+//! happens before the first request, so a refusal never leaves a half-registered agent
+//! behind, and credentials are written only after the server answered 201.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -95,12 +94,8 @@ pub fn generate_key() -> Result<Secret, getrandom::Error> {
     while key.len() < 32 {
         getrandom::fill(&mut buf)?;
         // Rejection sampling: 248 = 4 * 62, so every accepted byte maps without bias.
-        for b in buf.iter().filter(|b| **b < 248) {
-            if key.len() == 32 {
-                break;
-            }
-            key.push(ALPHABET[(*b % 62) as usize] as char);
-        }
+        let accepted = buf.iter().filter(|b| **b < 248).map(|b| ALPHABET[(*b % 62) as usize] as char);
+        key.extend(accepted.take(32 - key.len()));
     }
     Ok(Secret::new(key))
 }
@@ -195,10 +190,7 @@ pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, Reg
         .and_then(|()| std::fs::File::create_new(&probe).and_then(|_| std::fs::remove_file(&probe)))
         .map_err(|source| RegisterError::DataDir { path: data_dir.clone(), source })?;
     if config.server.verify == Verify::None {
-        log::warn!(
-            "server.verify = \"none\": the server's certificate is NOT checked; anyone on the network path can \
-            impersonate the server and read the management password and the agent key. Use this only for testing."
-        );
+        log::warn!("server.verify = \"none\": certificate NOT checked; an impostor gets the management password");
     }
 
     // Registration is interactive and one-shot: a short bound on each request.
