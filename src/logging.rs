@@ -82,9 +82,9 @@ impl Log for Sinks {
             let thread = std::thread::current();
             crate::sys::syslog(record.level(), &format!("({}) {message}", thread.name().unwrap_or("?")));
         }
-        let (mut b, args) = (Record::builder(), format_args!("{message}"));
-        b.args(args).metadata(record.metadata().clone()).module_path(record.module_path()).file(record.file());
-        self.writer.log(&b.line(record.line()).build());
+        let mut b = Record::builder();
+        b.metadata(record.metadata().clone()).module_path(record.module_path()).file(record.file()).line(record.line());
+        self.writer.log(&b.args(format_args!("{message}")).build());
     }
 
     fn flush(&self) {
