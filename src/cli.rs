@@ -38,7 +38,7 @@ USAGE
     wazuh-agent [--config FILE]
         Run the agent in the foreground until SIGTERM or SIGINT.
     wazuh-agent --register --url URL --user USER [--password-file FILE] [--name NAME]
-                [--key KEY] [--force] [--config FILE]
+                [--key-file FILE] [--force] [--config FILE]
         Register with the server management API once, store the credentials in
         <data_dir>/credentials.json and print the new agent UUID.
     wazuh-agent --send [--config FILE]
@@ -58,7 +58,9 @@ OPTIONS
                          WAZUH_REGISTRATION_PASSWORD. (--password PASS also exists, but a
                          password on the command line is visible to every user in `ps`.)
     --name NAME          Agent name (default: agent.name, else the host name).
-    --key KEY            Use this 32-character key instead of a random one.
+    --key-file FILE      Use the 32-character key on the first line of FILE instead of a
+                         random one. Alternatively set WAZUH_REGISTRATION_KEY. (--key KEY
+                         also exists, but a key on the command line is visible in `ps`.)
     --force              Register again even if credentials exist (new identity).
 
 SIGNALS
@@ -101,7 +103,9 @@ where
     let mut user = None;
 
     while let Some(arg) = parser.next().map_err(|e| CliError(e.to_string()))? {
-        if let Long(flag @ ("url" | "user" | "password-file" | "password" | "name" | "key" | "force")) = arg {
+        if let Long(flag @ ("url" | "user" | "password-file" | "password" | "name" | "key" | "key-file" | "force")) =
+            arg
+        {
             register_only.get_or_insert(format!("--{flag}"));
         }
         match arg {
@@ -118,6 +122,7 @@ where
             Long("password") => reg.password = Some(Secret::new(value(&mut parser, "--password")?)),
             Long("name") => reg.name = Some(value(&mut parser, "--name")?),
             Long("key") => reg.key = Some(Secret::new(value(&mut parser, "--key")?)),
+            Long("key-file") => reg.key_file = Some(PathBuf::from(value(&mut parser, "--key-file")?)),
             Long("force") => reg.force = true,
             Long(other) => return Err(CliError(format!("unknown option --{other}"))),
             Short(c) => return Err(CliError(format!("unknown option -{c}"))),
@@ -125,11 +130,9 @@ where
         }
     }
 
-    if modes.contains(&"--help") {
-        return Ok(Cli { mode: Mode::Help, config });
-    }
-    if modes.contains(&"--version") {
-        return Ok(Cli { mode: Mode::Version, config });
+    let early = [("--help", Mode::Help), ("--version", Mode::Version)].into_iter().find(|(f, _)| modes.contains(f));
+    if let Some((_, mode)) = early {
+        return Ok(Cli { mode, config });
     }
     modes.dedup();
     if modes.len() > 1 {
@@ -140,17 +143,13 @@ where
             reg.user = user.ok_or_else(|| CliError("--register needs --user USER".into()))?;
             Mode::Register(reg)
         }
-        other => {
-            if let Some(flag) = register_only {
-                return Err(CliError(format!("{flag} only goes with --register")));
-            }
-            match other {
-                Some("--send") => Mode::Send,
-                Some("--status") => Mode::Status,
-                Some("--check-config") => Mode::CheckConfig,
-                _ => Mode::Run,
-            }
-        }
+        other => match (register_only, other) {
+            (Some(flag), _) => return Err(CliError(format!("{flag} only goes with --register"))),
+            (None, Some("--send")) => Mode::Send,
+            (None, Some("--status")) => Mode::Status,
+            (None, Some("--check-config")) => Mode::CheckConfig,
+            (None, _) => Mode::Run,
+        },
     };
     Ok(Cli { mode, config })
 }

@@ -252,7 +252,7 @@ pub static KEYS: &[Key] = &[
     key!(server.registration_url = "https://localhost:55000", LOCAL, RESTART,
         |v| validate_https_url(&string(v)?), toml_string),
     key!(server.verify = "full", LOCAL, RESTART, |v| choice(v, VERIFY), |x: &Verify| show(VERIFY, x)),
-    key!(server.ca_file = "", LOCAL, RESTART, maybe_path, show_maybe_path),
+    key!(server.ca_file = "", LOCAL, RESTART, ca_file, show_maybe_path),
     key!(server.proxy = "", LOCAL, RESTART, proxy,
         |p: &Option<String>| toml_string(&p.as_deref().map(mask_userinfo).unwrap_or_default())),
     key!(server.compression = "none", LOCAL, RESTART, |v| choice(v, COMPRESSION),
@@ -388,6 +388,18 @@ fn abs_dir(v: &toml::Value) -> Result<PathBuf, String> {
 /// An empty string means "none".
 fn maybe_path(v: &toml::Value) -> Result<Option<PathBuf>, String> {
     Ok(Some(string(v)?).filter(|s| !s.is_empty()).map(PathBuf::from))
+}
+
+/// Checked at load, so the unit's pre-start check (`--check-config`) catches a missing file.
+/// Permission denied passes: a reload as `agent.user` cannot read a root-only file root read.
+fn ca_file(v: &toml::Value) -> Result<Option<PathBuf>, String> {
+    let path = maybe_path(v)?;
+    match path.as_deref().map(|p| (p.display(), std::fs::read(p))) {
+        Some((p, Err(e))) if e.kind() != std::io::ErrorKind::PermissionDenied => {
+            Err(format!("cannot read {p}: {e}; give the server CA's PEM file, or \"\" for the system's roots"))
+        }
+        _ => Ok(path),
+    }
 }
 
 fn account(v: &toml::Value) -> Result<Option<String>, String> {
@@ -540,6 +552,10 @@ pub fn validate_https_url(text: &str) -> Result<String, String> {
     if uri.query().is_some() {
         return Err(format!("{text:?} must not have a query"));
     }
+    // `port_u16` is None for a port that is not a u16 (and for no port at all).
+    if uri.authority().is_some_and(|a| a.as_str() != a.host() && a.port_u16().is_none_or(|p| p == 0)) {
+        return Err(format!("{text:?} has an invalid port; give one in 1..=65535"));
+    }
     Ok(text.trim_end_matches('/').to_string())
 }
 
@@ -616,7 +632,9 @@ impl Config {
                 return Err(unknown(section.clone(), "is not a configuration section".into()));
             }
             let toml::Value::Table(values) = values else {
-                return Err(unknown(section.clone(), expected("a [section]", values)));
+                let fix = format!("write it as one [{section}] table, not [[{section}]]");
+                let message = if values.is_array() { fix } else { expected("a [section]", values) };
+                return Err(unknown(section.clone(), message));
             };
             if let Some(name) = values.keys().find(|name| key(section, name).is_none()) {
                 let known: Vec<&str> = KEYS.iter().filter(|k| k.section == section).map(|k| k.name).collect();
@@ -938,11 +956,34 @@ mod tests {
             ("[inventory]\ncollectors = [\"disks\"]\n", "inventory.collectors"),
             ("[log]\nlevel = \"loud\"\n", "log.level"),
             ("[nosuch]\nx = 1\n", "nosuch"),
+            ("[[events]]\nbatch_interval = \"1s\"\n", "events"),
+            ("[server]\nurl = \"https://m:99999\"\n", "server.url"),
+            ("[server]\nurl = [\"https://a:1\", \"https://b:0/x\"]\n", "server.url"),
+            ("[server]\nregistration_url = \"https://m:65536\"\n", "server.registration_url"),
+            ("[server]\nca_file = \"/nonexistent/ca.pem\"\n", "server.ca_file"),
         ];
         for (text, key) in cases {
             let e = err(text);
             assert!(e.contains(&format!("`{key}`")), "{text:?} gave {e:?}, expected key {key}");
         }
+    }
+
+    #[test]
+    fn messages_say_the_fix() {
+        let cases: &[(&str, &str)] = &[
+            ("[[events]]\n", "write it as one [events] table, not [[events]]"),
+            ("events = 5\n", "expected a [section], found integer"),
+            ("[server]\nurl = \"https://m:99999\"\n", "invalid port; give one in 1..=65535"),
+            ("[server]\nca_file = \"/nonexistent/ca.pem\"\n", "cannot read /nonexistent/ca.pem: "),
+            ("[server]\nca_file = \"/\"\n", "or \"\" for the system's roots"),
+        ];
+        for (text, message) in cases {
+            let e = err(text);
+            assert!(e.contains(message), "{text:?} gave {e:?}");
+        }
+        let ca = tempfile::NamedTempFile::new().unwrap();
+        let text = format!("[server]\nurl = [\"https://[::1]\", \"https://h:65535/p\"]\nca_file = {:?}\n", ca.path());
+        assert_eq!(parse(&text).unwrap().server.ca_file.as_deref(), Some(ca.path()));
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub enum IngestError {
     /// `--send`: the agent is not running (no socket, or nobody listening).
     #[error("the agent is not running (cannot connect to {}: {source})", path.display())]
     NotRunning { path: PathBuf, source: io::Error },
+    /// `--send`: the socket exists but this account may not use it.
+    #[error("permission denied on {}: {source} (run as root or a member of the socket's group)", path.display())]
+    Denied { path: PathBuf, source: io::Error },
     /// `--send`: the agent answered something that is not a reply line.
     #[error("unexpected reply from the agent: {0}")]
     BadReply(String),
@@ -334,8 +337,10 @@ fn handle(mut stream: UnixStream, ingest: &Ingest) {
 /// `--send`: stdin → the socket → the reply. Returns the reply.
 pub fn send(run_dir: &Path, input: &mut dyn Read) -> Result<Reply, IngestError> {
     let path = socket_path(run_dir);
-    let mut stream =
-        UnixStream::connect(&path).map_err(|source| IngestError::NotRunning { path: path.clone(), source })?;
+    let mut stream = UnixStream::connect(&path).map_err(|source| match source.kind() {
+        io::ErrorKind::PermissionDenied => IngestError::Denied { path: path.clone(), source },
+        _ => IngestError::NotRunning { path: path.clone(), source },
+    })?;
     io::copy(input, &mut stream).map_err(io_err(&path))?;
     stream.shutdown(std::net::Shutdown::Write).map_err(io_err(&path))?;
     let mut reply = String::new();

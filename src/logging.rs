@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use log::{LevelFilter, Log, Metadata, Record};
-use simplelog::{CombinedLogger, ConfigBuilder, SharedLogger, WriteLogger};
+use simplelog::{ConfigBuilder, WriteLogger};
 
 use crate::config::Config;
 
@@ -60,11 +60,15 @@ pub fn file_path() -> Option<&'static Path> {
     FILE.get().map(|(p, _)| p.as_path())
 }
 
-/// The system log through libc (the `syslog` crate does not reconnect after a syslogd
-/// restart; libc's syslog does).
-struct Syslog;
+/// Every log line passes here: the HTTP and TLS crates are dropped, control characters escaped
+/// (server and producer strings cannot forge a line), then it goes to the writer and maybe to
+/// libc's syslog (the `syslog` crate does not reconnect after a syslogd restart; libc does).
+struct Sinks {
+    writer: Box<dyn Log>,
+    syslog: bool,
+}
 
-impl Log for Syslog {
+impl Log for Sinks {
     fn enabled(&self, _: &Metadata) -> bool {
         true
     }
@@ -73,25 +77,24 @@ impl Log for Syslog {
         if is_noisy(record.target()) {
             return;
         }
-        let thread = std::thread::current();
-        crate::sys::syslog(record.level(), &format!("({}) {}", thread.name().unwrap_or("?"), record.args()));
+        let message = escape(&record.args().to_string());
+        if self.syslog {
+            let thread = std::thread::current();
+            crate::sys::syslog(record.level(), &format!("({}) {message}", thread.name().unwrap_or("?")));
+        }
+        let mut b = Record::builder();
+        b.metadata(record.metadata().clone()).module_path(record.module_path()).file(record.file()).line(record.line());
+        self.writer.log(&b.args(format_args!("{message}")).build());
     }
 
-    fn flush(&self) {}
+    fn flush(&self) {
+        self.writer.flush()
+    }
 }
 
-impl SharedLogger for Syslog {
-    fn level(&self) -> LevelFilter {
-        LevelFilter::Trace
-    }
-
-    fn config(&self) -> Option<&simplelog::Config> {
-        None
-    }
-
-    fn as_log(self: Box<Self>) -> Box<dyn Log> {
-        self
-    }
+/// `text` with every control character (C0, DEL, C1) written as an escape.
+fn escape(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.into() }).collect()
 }
 
 /// The HTTP and TLS crates never log: at trace level ureq-proto dumps raw request and
@@ -114,28 +117,23 @@ pub fn init(config: &Config, one_shot: bool) -> Result<(), LogError> {
         .set_thread_mode(simplelog::ThreadLogMode::Names)
         .set_thread_padding(simplelog::ThreadPadding::Off)
         .set_target_level(LevelFilter::Off);
-    for noisy in NOISY {
-        b.add_filter_ignore_str(noisy);
-    }
-    let log_config = b.build();
-    let mut loggers: Vec<Box<dyn SharedLogger>> = Vec::new();
-    match &config.log.file {
+    let writer: Box<dyn Log> = match &config.log.file {
         Some(path) => {
             let file = open(path).map_err(|source| LogError::Open { path: path.clone(), source })?;
             let shared = Arc::new(Mutex::new(file));
             let _ = FILE.set((path.clone(), shared.clone()));
-            loggers.push(WriteLogger::new(LevelFilter::Trace, log_config, Reopenable(shared)));
+            WriteLogger::new(LevelFilter::Trace, b.build(), Reopenable(shared))
         }
-        None => loggers.push(WriteLogger::new(LevelFilter::Trace, log_config, io::stderr())),
-    }
-    if config.log.syslog && !one_shot {
+        None => WriteLogger::new(LevelFilter::Trace, b.build(), io::stderr()),
+    };
+    let syslog = config.log.syslog && !one_shot;
+    if syslog {
         crate::sys::open_syslog();
-        loggers.push(Box::new(Syslog));
     }
-    // Every logger passes everything; the global max level filters, so a reload can raise
+    // Every sink passes everything; the global max level filters, so a reload can raise
     // or lower it (log.level is applied live). Only fails if a logger is already set,
     // which cannot happen: this runs once.
-    let _ = CombinedLogger::init(loggers);
+    let _ = log::set_boxed_logger(Box::new(Sinks { writer, syslog }));
     log::set_max_level(level);
     Ok(())
 }
@@ -143,6 +141,18 @@ pub fn init(config: &Config, one_shot: bool) -> Result<(), LogError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        for (raw, logged) in [
+            ("id\n2026-01-01T00:00:00Z ERROR forged", "id\\n2026-01-01T00:00:00Z ERROR forged"),
+            ("a\rb\tc", "a\\rb\\tc"),
+            ("bell\u{7}del\u{7f}nel\u{85}esc\u{1b}[31m", "bell\\u{7}del\\u{7f}nel\\u{85}esc\\u{1b}[31m"),
+            ("plain \"quoted\" é ✓ \\n", "plain \"quoted\" é ✓ \\n"),
+        ] {
+            assert_eq!(escape(raw), logged);
+        }
+    }
 
     #[test]
     fn an_unopenable_log_file_is_named_and_its_cause_kept() {

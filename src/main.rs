@@ -36,6 +36,9 @@ enum Error {
     /// The log file could not be opened.
     #[error(transparent)]
     Log(logging::LogError),
+    /// Standard output failed (other than a reader that went away).
+    #[error("cannot write to standard output: {0}")]
+    Stdout(#[source] std::io::Error),
     /// A `restart` command could not start the new process image.
     #[error("restart failed: cannot execute the agent again: {0}")]
     Restart(#[source] std::io::Error),
@@ -64,32 +67,22 @@ fn main() -> ExitCode {
 fn try_main() -> Result<u8, Error> {
     let cli = cli::parse(std::env::args_os().skip(1)).map_err(Error::Cli)?;
     match cli.mode {
-        Mode::Help => {
-            print!("{}", cli::HELP);
-            return Ok(0);
-        }
-        Mode::Version => {
-            println!("wazuh-agent {}", wazuh_agent::VERSION);
-            return Ok(0);
-        }
+        Mode::Help => return print(cli::HELP, 0),
+        Mode::Version => return print(&format!("wazuh-agent {}\n", wazuh_agent::VERSION), 0),
         _ => {}
     }
     let config = Config::load(cli.config.as_deref()).map_err(Error::Config)?;
     match cli.mode {
         Mode::CheckConfig => {
-            match &config.source {
-                Some(p) => println!("# configuration {} is valid", p.display()),
-                None => println!("# no configuration file; built-in defaults"),
-            }
-            print!("{}", config.render());
-            Ok(0)
+            let head = config.source.as_ref().map(|p| format!("# configuration {} is valid", p.display()));
+            let head = head.unwrap_or_else(|| "# no configuration file; built-in defaults".into());
+            print(&format!("{head}\n{}", config.render()), 0)
         }
         Mode::Register(args) => {
             logging::init(&config, true).map_err(Error::Log)?;
             let creds = register::register(&config, &args).map_err(Error::Register)?;
             log::info!("registered as {} ({})", creds.name, creds.uuid);
-            println!("{}", creds.uuid);
-            Ok(0)
+            print(&format!("{}\n", creds.uuid), 0)
         }
         Mode::Run => {
             logging::init(&config, false).map_err(Error::Log)?;
@@ -100,10 +93,10 @@ fn try_main() -> Result<u8, Error> {
         }
         Mode::Send => {
             let reply = ingest::send(&config.agent.run_dir, &mut std::io::stdin().lock()).map_err(Error::Send)?;
-            println!("{}", serde_json::to_string(&reply).unwrap_or_default());
-            Ok(if reply.rejected == 0 && reply.errors.is_empty() { 0 } else { 1 })
+            let code = if reply.rejected == 0 && reply.errors.is_empty() { 0 } else { 1 };
+            print(&format!("{}\n", serde_json::to_string(&reply).unwrap_or_default()), code)
         }
-        Mode::Status => Ok(print_status(&config)),
+        Mode::Status => print_status(&config),
         Mode::Help | Mode::Version => Ok(0),
     }
 }
@@ -124,8 +117,17 @@ fn restart() -> std::io::Error {
     std::process::Command::new(exe).arg0(arg0).args(args).exec()
 }
 
+/// Writes the result of a one-shot mode, then exits with `code`. A reader that went away
+/// (`--check-config | head -1`) is not a failure: the process ends quietly with 0.
+fn print(text: &str, code: u8) -> Result<u8, Error> {
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        result => result.map(|()| code).map_err(Error::Stdout),
+    }
+}
+
 /// `--status`: prints the state as one JSON object with `running`; 0 running, 3 not.
-fn print_status(config: &Config) -> u8 {
+fn print_status(config: &Config) -> Result<u8, Error> {
     let (state, verdict) = status::read_status(&config.agent.run_dir, std::time::SystemTime::now());
     let mut doc = state.and_then(|s| serde_json::to_value(s).ok()).unwrap_or_else(|| serde_json::json!({}));
     if let serde_json::Value::Object(map) = &mut doc {
@@ -140,6 +142,5 @@ fn print_status(config: &Config) -> u8 {
             map.insert("reason".into(), reason.into());
         }
     }
-    println!("{doc}");
-    if verdict.is_ok() { 0 } else { 3 }
+    print(&format!("{doc}\n"), if verdict.is_ok() { 0 } else { 3 })
 }

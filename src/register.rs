@@ -1,8 +1,8 @@
 //! One-shot registration with the server management API (docs/protocol.md, Registration).
 //!
-//! Order matters: every local check (existing credentials, arguments, password) happens
-//! before the first request, so a refusal never leaves a half-registered agent behind,
-//! and credentials are written only after the server answered 201.
+//! Order matters: every local check (credentials, arguments, password, a writable data_dir)
+//! happens before the first request, so a refusal never leaves a half-registered agent
+//! behind, and credentials are written only after the server answered 201.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -10,13 +10,15 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use serde::Serialize;
 
-use crate::config::{self, Config, UuidVersion};
+use crate::config::{self, Config, UuidVersion, Verify};
 use crate::credentials::{Credentials, CredentialsError, Secret};
 use crate::host::{self, HostInfo};
 use crate::http::{self, Attempt, HttpError, Outcome, Request};
 
 /// Environment variable holding the registration password.
 pub const ENV_PASSWORD: &str = "WAZUH_REGISTRATION_PASSWORD";
+/// Environment variable holding the agent key (instead of `--key`, which `ps` shows).
+pub const ENV_KEY: &str = "WAZUH_REGISTRATION_KEY";
 
 /// The `--register` arguments, already parsed from the command line.
 #[derive(Debug, Clone, Default)]
@@ -28,6 +30,7 @@ pub struct RegisterArgs {
     pub password: Option<Secret>,
     pub name: Option<String>,
     pub key: Option<Secret>,
+    pub key_file: Option<PathBuf>,
     pub force: bool,
 }
 
@@ -46,9 +49,12 @@ pub enum RegisterError {
     /// No password from `--password-file`, `--password` or the environment.
     #[error("no registration password: give --password-file FILE or set {}", ENV_PASSWORD)]
     NoPassword,
-    /// The password file could not be read or is empty.
-    #[error("--password-file {}: {message}", .path.display())]
-    PasswordFile { path: PathBuf, message: String },
+    /// `--password-file` or `--key-file` could not be read or its first line is empty.
+    #[error("{flag} {}: {message}", .path.display())]
+    SecretFile { flag: &'static str, path: PathBuf, message: String },
+    /// `agent.data_dir` cannot hold the credentials; nothing was sent.
+    #[error("cannot store credentials in agent.data_dir {}: {source} (fix its path or permissions)", .path.display())]
+    DataDir { path: PathBuf, source: std::io::Error },
     /// The HTTPS client could not be set up (CA file, proxy).
     #[error("{0}")]
     Http(#[source] HttpError),
@@ -88,12 +94,8 @@ pub fn generate_key() -> Result<Secret, getrandom::Error> {
     while key.len() < 32 {
         getrandom::fill(&mut buf)?;
         // Rejection sampling: 248 = 4 * 62, so every accepted byte maps without bias.
-        for b in buf.iter().filter(|b| **b < 248) {
-            if key.len() == 32 {
-                break;
-            }
-            key.push(ALPHABET[(*b % 62) as usize] as char);
-        }
+        let accepted = buf.iter().filter(|b| **b < 248).map(|b| ALPHABET[(*b % 62) as usize] as char);
+        key.extend(accepted.take(32 - key.len()));
     }
     Ok(Secret::new(key))
 }
@@ -107,23 +109,22 @@ pub fn validate_key(key: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn read_password(args: &RegisterArgs) -> Result<Secret, RegisterError> {
-    if let Some(path) = &args.password_file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| RegisterError::PasswordFile { path: path.clone(), message: e.to_string() })?;
+/// A secret from the first line of `file`, else the flag's `value`, else the environment
+/// variable `var`; with where it came from.
+fn secret(
+    (file, flag, value, var): (&Option<PathBuf>, &'static str, &Option<Secret>, &'static str),
+) -> Result<Option<(Secret, &'static str)>, RegisterError> {
+    if let Some(path) = file {
+        let bad = |message: String| RegisterError::SecretFile { flag, path: path.clone(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
         let first = text.lines().next().unwrap_or("").trim_end_matches('\r');
         if first.is_empty() {
-            return Err(RegisterError::PasswordFile { path: path.clone(), message: "the first line is empty".into() });
+            return Err(bad("the first line is empty".into()));
         }
-        return Ok(Secret::new(first.to_string()));
+        return Ok(Some((Secret::new(first.to_string()), flag)));
     }
-    if let Some(p) = &args.password {
-        return Ok(p.clone());
-    }
-    match std::env::var(ENV_PASSWORD) {
-        Ok(p) if !p.is_empty() => Ok(Secret::new(p)),
-        _ => Err(RegisterError::NoPassword),
-    }
+    let from_env = std::env::var(var).ok().filter(|v| !v.is_empty()).map(|v| (Secret::new(v), var));
+    Ok(value.clone().map(|v| (v, flag.trim_end_matches("-file"))).or(from_env))
 }
 
 fn new_uuid(version: UuidVersion) -> String {
@@ -155,39 +156,42 @@ pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, Reg
             .map_err(|message| RegisterError::InvalidArgument { flag: "--url", message })?,
         None => config.server.registration_url.clone(),
     };
-    if args.user.is_empty() {
-        return Err(RegisterError::InvalidArgument { flag: "--user", message: "is required".into() });
-    }
-    if args.user.contains(':') {
-        return Err(RegisterError::InvalidArgument { flag: "--user", message: "must not contain ':'".into() });
+    if args.user.is_empty() || args.user.contains(':') {
+        let message = "is required and must not contain ':'".into();
+        return Err(RegisterError::InvalidArgument { flag: "--user", message });
     }
     let name = match args.name.as_deref().filter(|n| !n.is_empty()) {
-        Some(n) => {
-            config::validate_agent_name(n)
-                .map_err(|message| RegisterError::InvalidArgument { flag: "--name", message })?;
-            n.to_string()
-        }
+        Some(n) => n.to_string(),
         None if !config.agent.name.is_empty() => config.agent.name.clone(),
-        None => {
-            let h = host::hostname();
-            config::validate_agent_name(&h).map_err(|m| RegisterError::InvalidArgument {
-                flag: "--name",
-                message: format!("the host name cannot be used as the agent name ({m}); give --name"),
-            })?;
-            h
-        }
+        None => host::hostname(),
     };
-    let key = match &args.key {
-        Some(k) => {
-            validate_key(k.expose()).map_err(|message| RegisterError::InvalidArgument { flag: "--key", message })?;
-            k.clone()
+    // agent.name was checked at load; --name and the host name are checked here.
+    config::validate_agent_name(&name).map_err(|m| RegisterError::InvalidArgument {
+        flag: "--name",
+        message: format!("{m}; give a valid --name (without it: agent.name, else the host name)"),
+    })?;
+    let key = match secret((&args.key_file, "--key-file", &args.key, ENV_KEY))? {
+        Some((k, flag)) => {
+            validate_key(k.expose()).map_err(|message| RegisterError::InvalidArgument { flag, message })?;
+            k
         }
         None => generate_key().map_err(|e| RegisterError::InvalidArgument {
-            flag: "--key",
-            message: format!("the OS random source failed ({e}); give --key"),
+            flag: "--key-file",
+            message: format!("the OS random source failed ({e}); give a key"),
         })?,
     };
-    let password = read_password(args)?;
+    let password = secret((&args.password_file, "--password-file", &args.password, ENV_PASSWORD))?;
+    let password = password.ok_or(RegisterError::NoPassword)?.0;
+    // A data_dir that cannot hold the credentials would leave an orphan agent on the server:
+    // created as store() does, and a file made in it (`create_new` never follows a link).
+    let probe = data_dir.join(".credentials.probe");
+    let _ = std::fs::remove_file(&probe);
+    crate::fsutil::ensure_private_dir(data_dir)
+        .and_then(|()| std::fs::File::create_new(&probe).and_then(|_| std::fs::remove_file(&probe)))
+        .map_err(|source| RegisterError::DataDir { path: data_dir.clone(), source })?;
+    if config.server.verify == Verify::None {
+        log::warn!("server.verify = \"none\": certificate NOT checked; an impostor gets the management password");
+    }
 
     // Registration is interactive and one-shot: a short bound on each request.
     let mut server = config.server.clone();

@@ -16,6 +16,9 @@ fn version_and_help() {
     {
         assert!(help.contains(flag), "help lacks {flag}");
     }
+    // --key is visible in `ps`: the help says so and names the other ways.
+    assert!(help.contains("--key-file FILE") && help.contains("WAZUH_REGISTRATION_KEY"), "{help}");
+    assert!(help.contains("--key KEY") && help.contains("a key on the command line is visible in `ps`"), "{help}");
 }
 
 #[test]
@@ -73,4 +76,54 @@ fn shipped_config_is_valid() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/etc/wazuh-agent.toml");
     let out = Command::new(bin()).args(["--check-config", "--config", path]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn a_reader_that_goes_away_is_a_quiet_success() {
+    // `wazuh-agent --check-config | head -1`, with `head` gone before the first write: a
+    // pipe whose read end is closed before the binary starts.
+    let env = Env::new();
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) into a two-element array; both ends are owned right after.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: the descriptors were just created and are owned by nothing else.
+    let (read, write) = unsafe {
+        use std::os::fd::FromRawFd;
+        (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1]))
+    };
+    drop(read);
+    for args in [&["--check-config"][..], &["--version"], &["--help"], &["--status"]] {
+        let out = env.cmd().args(args).stdout(write.try_clone().unwrap()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn send_without_permission_on_the_socket_says_so() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test needs root (CI runs as root)");
+    }
+    let env = Env::new();
+    // `nobody` may traverse the temp dir and read the config, but the socket is root's, 0600.
+    std::fs::set_permissions(env.dir.path(), PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&env.config, PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::create_dir_all(env.socket().parent().unwrap()).unwrap();
+    let _listener = std::os::unix::net::UnixListener::bind(env.socket()).unwrap();
+    std::fs::set_permissions(env.socket(), PermissionsExt::from_mode(0o600)).unwrap();
+    let nobody = wazuh_agent::privileges::resolve("nobody", None).unwrap();
+    let out =
+        env.cmd().arg("--send").uid(nobody.uid).gid(nobody.gid).stdin(std::process::Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let want = format!("permission denied on {}: ", env.socket().display());
+    assert!(
+        text(&out).contains(&want) && text(&out).contains("run as root or a member of the socket's group"),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains("not running"), "{}", text(&out));
 }

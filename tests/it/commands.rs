@@ -224,3 +224,18 @@ fn sighup_reloads_the_local_file() {
     assert!(log.contains("applied events.batch_interval"), "{log}");
     assert!(log.contains("restart the agent to apply server.request_timeout"), "{log}");
 }
+
+#[test]
+fn server_strings_cannot_forge_log_lines() {
+    let (env, agent, me) = setup(Duration::from_millis(300));
+    let id = "c-5\n2026-01-01T00:00:00Z ERROR forged";
+    env.mock.enqueue_command(&me, command(id, "no-such-action", json!({}), None));
+    result_of(&env.mock, id, Duration::from_secs(10));
+    // The id is logged (debug level), escaped onto its own line.
+    assert!(
+        wait_for(Duration::from_secs(10), || agent.log().contains("c-5\\n2026-01-01T00:00:00Z ERROR forged")),
+        "{}",
+        agent.log()
+    );
+    assert!(!agent.log().lines().any(|l| l.starts_with("2026-01-01T00:00:00Z")), "{}", agent.log());
+}

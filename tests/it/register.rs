@@ -180,7 +180,55 @@ fn verify_certificate_accepts_a_name_mismatch_that_full_refuses() {
 fn verify_none_accepts_an_unknown_ca() {
     let env = Env::new();
     env.write_config("server.ca_file = \"\"\nserver.verify = \"none\"");
-    env.registered();
+    let out = env.register(&[]);
+    assert!(out.status.success(), "{}", text(&out));
+    // The password goes to a server nobody checked: said once, on stderr, before it is sent.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("server.verify = \"none\"")).collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].contains("WARN") && warnings[0].contains("management password"), "{stderr}");
+}
+
+#[test]
+fn an_unwritable_data_dir_fails_before_any_request() {
+    let env = Env::new();
+    let file = env.dir.path().join("regular-file");
+    std::fs::write(&file, "").unwrap();
+    let data_dir = file.join("data");
+    env.write_config(&format!("agent.data_dir = {:?}", data_dir.display().to_string()));
+    let out = env.register(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let t = text(&out);
+    assert!(t.contains(&format!("cannot store credentials in agent.data_dir {}: ", data_dir.display())), "{t}");
+    assert!(env.mock.requests().is_empty() && env.mock.agents().is_empty(), "the server was contacted: {t}");
+}
+
+#[test]
+fn the_key_comes_from_a_file_or_the_environment() {
+    let env = Env::new();
+    let key_file = env.dir.path().join("key");
+    std::fs::write(&key_file, "fromAfile0123456789abcdefghijklm\n").unwrap();
+    let out = env.register(&["--key-file", key_file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(credentials(&env)["key"], "fromAfile0123456789abcdefghijklm");
+
+    let key = "fromTheEnvironment0123456789abcd";
+    let out = env.register_with_env_args(&[("WAZUH_REGISTRATION_KEY", key)], &["--force"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(credentials(&env)["key"], key);
+
+    // A bad key names where it came from, never the key.
+    std::fs::write(&key_file, "notAKey!\n").unwrap();
+    let out = env.register(&["--force", "--key-file", key_file.to_str().unwrap()]);
+    let t = text(&out);
+    assert!(out.status.code() == Some(1) && t.contains("--key-file") && !t.contains("notAKey"), "{t}");
+    let out = env.register_with_env_args(&[("WAZUH_REGISTRATION_KEY", "short")], &["--force"]);
+    let t = text(&out);
+    assert!(out.status.code() == Some(1) && t.contains("WAZUH_REGISTRATION_KEY") && !t.contains("short"), "{t}");
+    std::fs::write(&key_file, "\n").unwrap();
+    let t = text(&env.register(&["--force", "--key-file", key_file.to_str().unwrap()]));
+    assert!(t.contains(&format!("--key-file {}: the first line is empty", key_file.display())), "{t}");
+    assert_eq!(env.mock.agents().len(), 2, "the refusals sent nothing");
 }
 
 #[test]

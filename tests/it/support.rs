@@ -86,6 +86,7 @@ impl Env {
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(bin());
         c.arg("--config").arg(&self.config).env_remove("WAZUH_REGISTRATION_PASSWORD").env_remove("WAZUH_AGENT_CONFIG");
+        c.env_remove("WAZUH_REGISTRATION_KEY");
         c
     }
 
@@ -102,7 +103,12 @@ impl Env {
 
     /// As [`register`](Self::register), with extra environment variables.
     pub fn register_with_env(&self, vars: &[(&str, &str)]) -> Output {
-        let mut c = self.register_cmd(&[]);
+        self.register_with_env_args(vars, &[])
+    }
+
+    /// As [`register_with_env`](Self::register_with_env), with extra arguments.
+    pub fn register_with_env_args(&self, vars: &[(&str, &str)], args: &[&str]) -> Output {
+        let mut c = self.register_cmd(args);
         for (k, v) in vars {
             c.env(k, v);
         }
