@@ -93,7 +93,7 @@ impl Log for Sinks {
 }
 
 /// `text` with every control character (C0, DEL, C1) written as an escape.
-fn escape(text: &str) -> String {
+pub fn escape(text: &str) -> String {
     text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.into() }).collect()
 }
 

@@ -58,7 +58,8 @@ fn main() -> ExitCode {
             if logging::to_file() {
                 log::error!("{e}");
             }
-            let _ = writeln!(std::io::stderr(), "wazuh-agent: {e}");
+            // Errors can carry server text (a refusal's reason): escaped like every log line.
+            let _ = writeln!(std::io::stderr(), "wazuh-agent: {}", logging::escape(&e.to_string()));
             ExitCode::from(exit_code(&e))
         }
     }

@@ -96,6 +96,26 @@ fn server_400_is_reported_with_its_message() {
     assert!(!env.data_dir().join("credentials.json").exists());
 }
 
+/// A server's reason is printed on the terminal: its control characters (here a
+/// clear-screen sequence) are escaped like in every log line.
+#[test]
+fn control_characters_in_a_refusal_are_escaped_on_the_terminal() {
+    let env = Env::new();
+    env.mock.inject(Fault {
+        path: "/agents".into(),
+        times: 1,
+        action: FaultAction::Status {
+            code: 400,
+            retry_after: None,
+            body: Some(r#"{"title":"Bad Request","detail":"evil\u001b[2J\u0007"}"#.into()),
+        },
+    });
+    let out = env.register(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!out.stderr.contains(&0x1b) && !out.stderr.contains(&0x07), "raw control bytes: {:?}", text(&out));
+    assert!(text(&out).contains(r"evil\u{1b}[2J\u{7}"), "{}", text(&out));
+}
+
 #[test]
 fn v7_is_refused_by_a_v4_only_server_and_v4_config_works() {
     let env = Env::with(|o| o.uuid_v4_only = true);
