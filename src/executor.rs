@@ -29,6 +29,8 @@ use crate::status::Stats;
 
 /// Entries kept in the store; only reported ones are pruned, the oldest first.
 pub const STORE_MAX: usize = 1000;
+/// At most one `restart` in this long: a command loop must not restart the agent endlessly.
+pub const RESTART_EVERY: Duration = Duration::from_secs(60);
 /// How often results that could not be queued (queue full, disk error) are retried.
 const REPORT_RETRY: Duration = Duration::from_secs(30);
 
@@ -81,6 +83,15 @@ impl Store {
 
     pub fn contains(&self, id: &str) -> bool {
         self.entries.iter().any(|e| e.id == id)
+    }
+
+    /// Whether a `restart` other than `id` ran or runs since `since`: the store outlives the
+    /// exec restart. `at` is fixed-width RFC 3339 UTC, so text order is time order; a time
+    /// after `now` (the clock went back) does not count, lest it block restarts for long.
+    fn restarted_since(&self, id: &str, since: SystemTime, now: SystemTime) -> bool {
+        let window = crate::status::rfc3339(since)..=crate::status::rfc3339(now);
+        let ran = |e: &Entry| e.action == Action::Restart.name() && e.code.is_none_or(|c| c == Code::Success);
+        self.entries.iter().any(|e| e.id != id && ran(e) && window.contains(&e.at))
     }
 
     fn save(&self) -> io::Result<()> {
@@ -290,6 +301,11 @@ impl Executor {
                 return self.finish(store, &id, Code::Failure, format!("Command is not valid: {reason}"));
             }
             Action::Restart => {
+                let now = SystemTime::now();
+                if store.restarted_since(&id, now.checked_sub(RESTART_EVERY).unwrap_or(now), now) {
+                    let limit = format!("at most one restart every {}s", RESTART_EVERY.as_secs());
+                    return self.finish(store, &id, Code::Failure, format!("restart refused: {limit}"));
+                }
                 // Finished by the next process (see `recover`).
                 if self.control.send(Control::Restart).is_err() {
                     self.finish(store, &id, Code::Failure, "the agent is shutting down".into());
@@ -456,6 +472,27 @@ mod tests {
         s.update("b", |e| e.code = Some(Code::Failure));
         let text = std::fs::read_to_string(dir.path().join("commands.json")).unwrap();
         assert!(text.contains(r#""code":3"#) && text.contains(r#""code":1"#), "{text}");
+    }
+
+    #[test]
+    fn restarts_in_the_store_rate_limit_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path());
+        let now = SystemTime::now();
+        let recent = |s: &Store, id| s.restarted_since(id, now - RESTART_EVERY, now + Duration::from_secs(1));
+        assert!(!recent(&s, "r1"), "an empty store");
+        s.insert("r1", "restart").unwrap();
+        assert!(!recent(&s, "r1"), "the command itself does not count");
+        assert!(recent(&Store::open(dir.path()), "r2"), "a running restart counts, also after a reopen");
+        s.update("r1", |e| e.code = Some(Code::Success));
+        assert!(recent(&s, "r2"), "a finished restart counts");
+        s.update("r1", |e| e.code = Some(Code::Failure));
+        s.insert("sg", "set-group").unwrap();
+        assert!(!recent(&s, "r2"), "a refused restart and other commands do not");
+        s.update("r1", |e| (e.code, e.at) = (None, crate::status::rfc3339(now - 2 * RESTART_EVERY)));
+        assert!(!recent(&s, "r2"), "a restart over a minute ago does not");
+        s.update("r1", |e| e.at = crate::status::rfc3339(now + RESTART_EVERY));
+        assert!(!recent(&s, "r2"), "nor one in the future (the clock went back)");
     }
 
     #[test]

@@ -28,6 +28,9 @@ use crate::event::{BodyReader, Event};
 /// Largest response body the agent reads. Real answers are small (a token, a results
 /// list, a group file); this bounds memory against a broken or hostile server.
 pub const MAX_RESPONSE_BYTES: u64 = 8 << 20;
+/// Largest commands answer ([`Request::Poll`]): room for far more than the commands taken
+/// from one answer (`commands::MAX_PER_ANSWER`), and bounds the JSON tree built from it.
+pub const MAX_COMMANDS_BYTES: u64 = 1 << 20;
 
 /// Why an HTTP agent could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +127,7 @@ fn agent_with(tls: Arc<ClientConfig>, proxy: Option<ureq::Proxy>, timeout: Durat
     ureq::Agent::with_parts(config, connector, DefaultResolver::default())
 }
 
-/// A response read to the end (bounded by [`MAX_RESPONSE_BYTES`]).
+/// A response read to the end (bounded by [`MAX_RESPONSE_BYTES`] or [`MAX_COMMANDS_BYTES`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub status: u16,
@@ -143,6 +146,8 @@ impl Reply {
 #[derive(Debug, Clone)]
 pub enum Request<'a> {
     Get,
+    /// The command long-poll's GET: its answer is bounded by [`MAX_COMMANDS_BYTES`].
+    Poll,
     /// A POST without a body.
     Post,
     Json(&'a [u8]),
@@ -165,7 +170,9 @@ pub fn send(
     let post = || with_auth(agent.post(url), authorization).config().timeout_global(timeout).build();
     let json = || post().header("Content-Type", "application/json");
     let mut response = match request {
-        Request::Get => with_auth(agent.get(url), authorization).config().timeout_global(timeout).build().call()?,
+        Request::Get | Request::Poll => {
+            with_auth(agent.get(url), authorization).config().timeout_global(timeout).build().call()?
+        }
         Request::Post => post().send_empty()?,
         Request::Json(b) => json().send(*b)?,
         Request::Gzip(z) => json().header("Content-Encoding", "gzip").send(z)?,
@@ -178,7 +185,8 @@ pub fn send(
     // Read to the end (bounded), so that the connection goes back to the pool.
     let status = response.status().as_u16();
     let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(|s| s.to_string());
-    let body = response.body_mut().with_config().limit(MAX_RESPONSE_BYTES).read_to_vec()?;
+    let limit = if let Request::Poll = request { MAX_COMMANDS_BYTES } else { MAX_RESPONSE_BYTES };
+    let body = response.body_mut().with_config().limit(limit).read_to_vec()?;
     Ok(Reply { status, retry_after, body })
 }
 
@@ -195,9 +203,11 @@ pub enum Outcome {
     /// 2xx: the server took it.
     Done,
     /// Send the same request again later: after `after` if the server said so (already
-    /// capped), otherwise after the caller's backoff. `failover` suggests trying the next
-    /// server of `server.url` first (the current one looks down).
+    /// capped; the caller raises it to its retry floor, `retry.initial`), otherwise after the
+    /// caller's backoff. `failover`: try the next server of `server.url` first (this one looks down).
     Retry { after: Option<Duration>, failover: bool },
+    /// A long-poll's hold ended (its 408, or our timeout) without a `Retry-After`: poll again at once.
+    Repoll,
     /// 401/403: the token was refused; re-authenticate, then resend.
     Reauth,
     /// The server will never take this request as it is.
@@ -246,10 +256,9 @@ pub fn classify(attempt: Attempt<'_>, now: SystemTime, cap: Duration) -> Outcome
     let after = |retry_after: Option<&str>| retry_after.and_then(|v| parse_retry_after(v, now)).map(|d| d.min(cap));
     let (code, after) = match attempt {
         Attempt::Transport => return Outcome::Retry { after: None, failover: true },
-        // The hold ended: poll again at once (or when the server says).
-        Attempt::HoldEnded { retry_after } => {
-            return Outcome::Retry { after: Some(after(retry_after).unwrap_or_default()), failover: false };
-        }
+        // The hold ended: poll again at once, or when the server says (that is a Retry-After).
+        Attempt::HoldEnded { retry_after: None } => return Outcome::Repoll,
+        Attempt::HoldEnded { retry_after } => return Outcome::Retry { after: after(retry_after), failover: false },
         Attempt::Status { code, retry_after } => (code, after(retry_after)),
     };
     match code {
@@ -462,8 +471,13 @@ mod tests {
         let retry = |secs: Option<u64>, failover| Outcome::Retry { after: secs.map(Duration::from_secs), failover };
         let table: Vec<(Attempt, Outcome)> = vec![
             (Attempt::Transport, retry(None, true)),
-            (Attempt::HoldEnded { retry_after: None }, retry(Some(0), false)),
+            (Attempt::HoldEnded { retry_after: None }, Outcome::Repoll),
             (Attempt::HoldEnded { retry_after: Some("5") }, retry(Some(5), false)),
+            // A Retry-After of 0 or in the past is passed on as 0: the caller's floor applies.
+            (Attempt::HoldEnded { retry_after: Some("0") }, retry(Some(0), false)),
+            (s(503, Some("0")), retry(Some(0), false)),
+            (s(503, Some(&past)), retry(Some(0), false)),
+            (s(503, Some("18446744073709551615")), retry(Some(60), false)),
             (s(200, None), Outcome::Done),
             (s(201, None), Outcome::Done),
             (s(204, None), Outcome::Done),
