@@ -25,7 +25,7 @@ use crate::http::Request;
 use crate::live::Live;
 use crate::queue::Append;
 use crate::session::{Call, Failure, Session};
-use crate::status::Stats;
+use crate::status::{Stats, rfc3339};
 
 /// Entries kept in the store; only reported ones are pruned, the oldest first.
 pub const STORE_MAX: usize = 1000;
@@ -85,11 +85,11 @@ impl Store {
         self.entries.iter().any(|e| e.id == id)
     }
 
-    /// Whether a `restart` other than `id` ran or runs since `since`: the store outlives the
+    /// Whether a `restart` other than `id` ran or runs within [`RESTART_EVERY`]: the store outlives the
     /// exec restart. `at` is fixed-width RFC 3339 UTC, so text order is time order; a time
     /// after `now` (the clock went back) does not count, lest it block restarts for long.
-    fn restarted_since(&self, id: &str, since: SystemTime, now: SystemTime) -> bool {
-        let window = crate::status::rfc3339(since)..=crate::status::rfc3339(now);
+    fn restarted_recently(&self, id: &str, now: SystemTime) -> bool {
+        let window = rfc3339(now.checked_sub(RESTART_EVERY).unwrap_or(now))..=rfc3339(now);
         let ran = |e: &Entry| e.action == Action::Restart.name() && e.code.is_none_or(|c| c == Code::Success);
         self.entries.iter().any(|e| e.id != id && ran(e) && window.contains(&e.at))
     }
@@ -114,7 +114,7 @@ impl Store {
             state: State::Running,
             code: None,
             message: None,
-            at: crate::status::rfc3339(SystemTime::now()),
+            at: rfc3339(SystemTime::now()),
         });
         self.save()
     }
@@ -301,10 +301,9 @@ impl Executor {
                 return self.finish(store, &id, Code::Failure, format!("Command is not valid: {reason}"));
             }
             Action::Restart => {
-                let now = SystemTime::now();
-                if store.restarted_since(&id, now.checked_sub(RESTART_EVERY).unwrap_or(now), now) {
-                    let limit = format!("at most one restart every {}s", RESTART_EVERY.as_secs());
-                    return self.finish(store, &id, Code::Failure, format!("restart refused: {limit}"));
+                if store.restarted_recently(&id, SystemTime::now()) {
+                    let why = format!("restart refused: at most one restart every {}s", RESTART_EVERY.as_secs());
+                    return self.finish(store, &id, Code::Failure, why);
                 }
                 // Finished by the next process (see `recover`).
                 if self.control.send(Control::Restart).is_err() {
@@ -479,7 +478,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path());
         let now = SystemTime::now();
-        let recent = |s: &Store, id| s.restarted_since(id, now - RESTART_EVERY, now + Duration::from_secs(1));
+        let recent = |s: &Store, id| s.restarted_recently(id, now + Duration::from_secs(1));
         assert!(!recent(&s, "r1"), "an empty store");
         s.insert("r1", "restart").unwrap();
         assert!(!recent(&s, "r1"), "the command itself does not count");
@@ -489,9 +488,9 @@ mod tests {
         s.update("r1", |e| e.code = Some(Code::Failure));
         s.insert("sg", "set-group").unwrap();
         assert!(!recent(&s, "r2"), "a refused restart and other commands do not");
-        s.update("r1", |e| (e.code, e.at) = (None, crate::status::rfc3339(now - 2 * RESTART_EVERY)));
+        s.update("r1", |e| (e.code, e.at) = (None, rfc3339(now - 2 * RESTART_EVERY)));
         assert!(!recent(&s, "r2"), "a restart over a minute ago does not");
-        s.update("r1", |e| e.at = crate::status::rfc3339(now + RESTART_EVERY));
+        s.update("r1", |e| e.at = rfc3339(now + RESTART_EVERY));
         assert!(!recent(&s, "r2"), "nor one in the future (the clock went back)");
     }
 

@@ -6,7 +6,7 @@
 //! pool), so a large upload never sits in front of a command long-poll.
 
 use std::fmt;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -65,9 +65,8 @@ pub fn tls_config(server: &ServerConfig) -> Result<Arc<ClientConfig>, HttpError>
     match &server.ca_file {
         Some(path) => {
             let pem = std::fs::read(path).map_err(|source| HttpError::CaFile { path: path.clone(), source })?;
-            let certs: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok).collect();
-            let (added, _ignored) = roots.add_parsable_certificates(certs);
+            let (added, _ignored) =
+                roots.add_parsable_certificates(CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok));
             if added == 0 {
                 return Err(HttpError::CaFileEmpty { path: path.clone() });
             }
@@ -167,12 +166,11 @@ pub fn send(
     timeout: Option<Duration>,
 ) -> Result<Reply, ureq::Error> {
     let timeout = timeout.or(agent.config().timeouts().global);
+    let get = || with_auth(agent.get(url), authorization).config().timeout_global(timeout).build();
     let post = || with_auth(agent.post(url), authorization).config().timeout_global(timeout).build();
     let json = || post().header("Content-Type", "application/json");
     let mut response = match request {
-        Request::Get | Request::Poll => {
-            with_auth(agent.get(url), authorization).config().timeout_global(timeout).build().call()?
-        }
+        Request::Get | Request::Poll => get().call()?,
         Request::Post => post().send_empty()?,
         Request::Json(b) => json().send(*b)?,
         Request::Gzip(z) => json().header("Content-Encoding", "gzip").send(z)?,
@@ -298,11 +296,8 @@ pub fn server_message(body: &[u8]) -> String {
     });
     let text = from_json.unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
     let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    let mut out: String = one_line.chars().take(200).collect();
-    if out.is_empty() {
-        out.push_str("(empty body)");
-    }
-    out
+    let out: String = one_line.chars().take(200).collect();
+    if out.is_empty() { "(empty body)".into() } else { out }
 }
 
 /// One line for logs: the status and the server's message, or what went wrong on the way.
@@ -318,10 +313,8 @@ pub fn describe(result: &Result<Reply, ureq::Error>) -> String {
 pub fn describe_transport(e: &ureq::Error) -> String {
     let text = match e {
         ureq::Error::Timeout(t) => format!("timed out ({t})"),
-        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
-        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset => {
-            "connection reset by the server".into()
-        }
+        ureq::Error::Io(io) if io.kind() == ErrorKind::ConnectionRefused => "connection refused".into(),
+        ureq::Error::Io(io) if io.kind() == ErrorKind::ConnectionReset => "connection reset by the server".into(),
         ureq::Error::Io(io) => io.to_string(),
         other => other.to_string(),
     };
@@ -384,16 +377,14 @@ impl Transport for TlsTransport {
 
     fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
         self.stream.get_mut().set_timeout(timeout);
-        let output = &self.buffers.output()[..amount];
-        self.stream.write_all(output)?;
+        self.stream.write_all(&self.buffers.output()[..amount])?;
         self.stream.flush()?;
         Ok(())
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
         self.stream.get_mut().set_timeout(timeout);
-        let input = self.buffers.input_append_buf();
-        let n = self.stream.read(input)?;
+        let n = self.stream.read(self.buffers.input_append_buf())?;
         self.buffers.input_appended(n);
         Ok(n > 0)
     }

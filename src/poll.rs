@@ -10,7 +10,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender, select};
 
 use crate::backoff::Backoff;
-use crate::commands::{self, Command};
+use crate::commands::{self, Command, MAX_PER_ANSWER};
 use crate::http::Request;
 use crate::session::{Call, Session};
 use crate::status::Stats;
@@ -31,8 +31,7 @@ pub fn run(p: Poller, out: Sender<Command>, shutdown: Receiver<()>) {
             Ok(parsed) => {
                 unreadable.reset();
                 if parsed.left > 0 {
-                    let (n, max) = (parsed.left, commands::MAX_PER_ANSWER);
-                    log::warn!("the commands answer holds {n} entries past the first {max}; they are not run now");
+                    log::warn!("{} commands of this answer beyond the first {MAX_PER_ANSWER} are not run", parsed.left);
                 }
                 for why in &parsed.skipped {
                     log::warn!("skipped a malformed command: {why}");

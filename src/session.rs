@@ -108,8 +108,7 @@ pub fn next_step(
         }
         // A `Retry-After` never shortens the policy's floor: 0 or a past date would spin.
         (Outcome::Retry { after, failover }, result) => {
-            let delay = after.map_or_else(|| backoff.next_delay_with(random), |d| d.max(retry.initial));
-            (delay, failover, false, result)
+            (after.map_or_else(|| backoff.next_delay_with(random), |d| d.max(retry.initial)), failover, false, result)
         }
         // A refusal the caller cannot act on: retry slowly and say what is wrong.
         (_, result) => (backoff.next_delay_with(random).max(retry.max / 2), false, true, result),

@@ -223,10 +223,6 @@ impl TokenCell {
         std::mem::take(&mut self.lock().failover)
     }
 
-    fn set_error(&self, message: String) {
-        self.lock().last_error = Some(message);
-    }
-
     /// Wakes every waiter for shutdown; no token is handed out afterwards by `wait_newer`.
     pub fn close(&self) {
         self.lock().closed = true;
@@ -311,10 +307,6 @@ impl Authenticator {
     }
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
-
 /// The token thread. Authenticates at once, then renews on schedule or on request,
 /// until `shutdown` is closed (its sender dropped). Backs off with full jitter after
 /// failures (`retry.*` read live at each one); a refresh request during a backoff waits
@@ -350,8 +342,9 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
         }
         match auth.authenticate(retry.max) {
             Ok(fresh) => {
-                let delay = renewal_delay(&fresh.claims, unix_now());
-                let life = lifetime(&fresh.claims, unix_now()).unwrap_or(delay);
+                let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+                let delay = renewal_delay(&fresh.claims, unix_now);
+                let life = lifetime(&fresh.claims, unix_now).unwrap_or(delay);
                 if fresh.claims.iat.is_none() {
                     log::warn!("the server's token has no iat claim; its lifetime is measured with the local clock");
                 }
@@ -378,7 +371,7 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
                     _ => backoff.next_delay(),
                 };
                 log::error!("{e}; retrying in {}ms", delay.as_millis());
-                cell.set_error(e.to_string());
+                cell.lock().last_error = Some(e.to_string());
                 backing_off = true;
                 next_due = now + delay;
             }
