@@ -257,10 +257,12 @@ fn an_oversized_commands_answer_is_refused_and_polling_goes_on() {
         times: 1,
         action: FaultAction::Status { code: 200, retry_after: None, body: Some(body) },
     });
+    let answered = |m: &MockServer| m.requests().iter().any(|r| r.path == "/api/v1/commands" && r.status == 200);
+    assert!(env.mock.wait_until(Duration::from_secs(10), answered), "the big answer was sent");
+    assert!(wait_for(Duration::from_secs(10), || agent.log().contains("command poll failed")), "{}", agent.log());
     env.mock.enqueue_command(&me, command("after-huge", "no-such-action", json!({}), None));
     assert_eq!(result_of(&env.mock, "after-huge", Duration::from_secs(20)).0, 1);
     assert!(!env.mock.command_results().iter().any(|r| r.0 == "huge"), "the oversized answer was not read");
-    assert!(agent.log().contains("command poll failed"), "{}", agent.log());
 }
 
 #[test]

@@ -229,10 +229,11 @@ fn tokens_with_extreme_claims_do_not_stop_the_token_thread() {
     ];
     for claims in table {
         env.mock.set_token_claims(Some(claims.clone()));
-        let t = start(&env, vec![env.mock.comms_url()], &uuid);
-        assert!(wait_for(Duration::from_secs(10), || t.cell.current().is_some()), "{claims}: no token");
-        // Dropping joins the thread: a panic in it fails the test here.
-        drop(t);
+        let mut t = start(&env, vec![env.mock.comms_url()], &uuid);
+        let got = wait_for(Duration::from_secs(10), || t.cell.current().is_some());
+        t.shutdown.take();
+        let joined = t.handle.take().unwrap().join();
+        assert!(joined.is_ok() && got, "{claims}: the token thread panicked or got no token");
     }
 }
 
