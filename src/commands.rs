@@ -339,7 +339,7 @@ mod tests {
     fn a_huge_answer_is_read_up_to_the_bound() {
         // 150 000 entries: every id twice, broken entries among them, and a set-group naming
         // two groups 50 000 times. Only MAX_PER_ANSWER entries are read; the rest are counted.
-        let groups = vec!["g1", "g2"].repeat(50_000);
+        let groups = ["g1", "g2"].repeat(50_000);
         let mut entries =
             vec![serde_json::json!({"document_id": "sg", "action": {"name": "set-group", "args": groups}})];
         for i in 0..149_999 {
