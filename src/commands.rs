@@ -4,6 +4,7 @@
 //! Liberal in what it accepts: unknown fields are ignored, `status` may be any case,
 //! `args` may be an object or (older servers) a list, a missing `timeout` is the default.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -14,6 +15,10 @@ use crate::event::{Event, Kind};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 /// No command may hold the executor longer than this, whatever it asks.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Entries read from one answer. The executor runs commands one at a time, each for up to
+/// its timeout, so more than this is a backlog no server sends an agent on purpose; the
+/// rest come on a next poll if the server still holds them.
+pub const MAX_PER_ANSWER: usize = 100;
 
 /// What a command asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,11 +58,13 @@ pub struct Command {
     pub timeout: Duration,
 }
 
-/// A 200 body: the usable commands and one line per entry that had to be skipped.
+/// A 200 body: the usable commands, one line per entry that had to be skipped, and how
+/// many entries past [`MAX_PER_ANSWER`] were left unread.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Parsed {
     pub commands: Vec<Command>,
     pub skipped: Vec<String>,
+    pub left: usize,
 }
 
 /// Checks a group name: it becomes a file name under `<data_dir>/shared/`, so nothing
@@ -89,13 +96,13 @@ fn groups_from(args: Option<&Value>) -> Result<Vec<String>, String> {
     let Value::Array(items) = list else {
         return Err("args.groups must be a list".into());
     };
-    let mut out: Vec<String> = Vec::with_capacity(items.len());
+    let (mut out, mut seen) = (Vec::new(), HashSet::new());
     for item in items {
         let Some(g) = item.as_str() else {
             return Err(format!("args.groups holds {item}, not a string"));
         };
         validate_group(g)?;
-        if !out.iter().any(|x| x == g) {
+        if seen.insert(g) {
             out.push(g.to_string());
         }
     }
@@ -193,11 +200,12 @@ pub fn parse_body(body: &[u8], my_uuid: &str) -> Result<Parsed, BodyError> {
         Value::Array(a) => a,
         other => return Err(BodyError::NotAnObject(kind_of(other))),
     };
-    let mut parsed = Parsed::default();
-    for (i, entry) in list.iter().enumerate() {
+    let mut parsed = Parsed { left: list.len().saturating_sub(MAX_PER_ANSWER), ..Parsed::default() };
+    let mut seen = HashSet::new();
+    for (i, entry) in list.iter().enumerate().take(MAX_PER_ANSWER) {
         match parse_entry(entry, my_uuid) {
             // A repeated `document_id` is the same command.
-            Ok(Some(c)) if !parsed.commands.iter().any(|x| x.document_id == c.document_id) => parsed.commands.push(c),
+            Ok(Some(c)) if seen.insert(c.document_id.clone()) => parsed.commands.push(c),
             Ok(_) => {}
             Err(e) => parsed.skipped.push(format!("entry {i}: {e}")),
         }
@@ -325,6 +333,30 @@ mod tests {
         let p = parse_body(body.as_bytes(), ME).unwrap();
         assert_eq!(p.commands.iter().map(|c| c.document_id.as_str()).collect::<Vec<_>>(), vec!["ok"]);
         assert_eq!(p.skipped.len(), 5, "{:?}", p.skipped);
+    }
+
+    #[test]
+    fn a_huge_answer_is_read_up_to_the_bound() {
+        // 150 000 entries: every id twice, broken entries among them, and a set-group naming
+        // two groups 50 000 times. Only MAX_PER_ANSWER entries are read; the rest are counted.
+        let groups = ["g1", "g2"].repeat(50_000);
+        let mut entries =
+            vec![serde_json::json!({"document_id": "sg", "action": {"name": "set-group", "args": groups}})];
+        for i in 0..149_999 {
+            entries.push(match i % 10 {
+                9 => serde_json::json!(7),
+                _ => serde_json::json!({"document_id": format!("c{}", i / 2), "action": {"name": "restart"}}),
+            });
+        }
+        let body = serde_json::to_vec(&serde_json::json!({ "commands": entries })).unwrap();
+        let p = parse_body(&body, ME).unwrap();
+        assert_eq!(p.left, 150_000 - MAX_PER_ANSWER);
+        // Entries 1..100: ids c0..c49 (each twice but where its twin is broken), 9 broken ones.
+        assert_eq!((p.commands.len(), p.skipped.len()), (1 + 50, 9), "{:?}", p.skipped);
+        assert_eq!(p.commands[0].action, Action::SetGroup { groups: vec!["g1".into(), "g2".into()] });
+        let ids: HashSet<&str> = p.commands.iter().map(|c| c.document_id.as_str()).collect();
+        assert_eq!(ids.len(), p.commands.len(), "no duplicate kept");
+        assert_eq!(parse_body(br#"{"commands": []}"#, ME).unwrap().left, 0);
     }
 
     #[test]

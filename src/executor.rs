@@ -25,10 +25,12 @@ use crate::http::Request;
 use crate::live::Live;
 use crate::queue::Append;
 use crate::session::{Call, Failure, Session};
-use crate::status::Stats;
+use crate::status::{Stats, rfc3339};
 
 /// Entries kept in the store; only reported ones are pruned, the oldest first.
 pub const STORE_MAX: usize = 1000;
+/// At most one `restart` in this long: a command loop must not restart the agent endlessly.
+pub const RESTART_EVERY: Duration = Duration::from_secs(60);
 /// How often results that could not be queued (queue full, disk error) are retried.
 const REPORT_RETRY: Duration = Duration::from_secs(30);
 
@@ -83,6 +85,15 @@ impl Store {
         self.entries.iter().any(|e| e.id == id)
     }
 
+    /// Whether a `restart` other than `id` ran or runs within [`RESTART_EVERY`]: the store outlives the
+    /// exec restart. `at` is fixed-width RFC 3339 UTC, so text order is time order; a time
+    /// after `now` (the clock went back) does not count, lest it block restarts for long.
+    fn restarted_recently(&self, id: &str, now: SystemTime) -> bool {
+        let window = rfc3339(now.checked_sub(RESTART_EVERY).unwrap_or(now))..=rfc3339(now);
+        let ran = |e: &Entry| e.action == Action::Restart.name() && e.code.is_none_or(|c| c == Code::Success);
+        self.entries.iter().any(|e| e.id != id && ran(e) && window.contains(&e.at))
+    }
+
     fn save(&self) -> io::Result<()> {
         let json = serde_json::to_vec(&self.entries).map_err(io::Error::other)?;
         crate::fsutil::write_atomic(&self.path, &json, 0o600)
@@ -103,7 +114,7 @@ impl Store {
             state: State::Running,
             code: None,
             message: None,
-            at: crate::status::rfc3339(SystemTime::now()),
+            at: rfc3339(SystemTime::now()),
         });
         self.save()
     }
@@ -290,6 +301,10 @@ impl Executor {
                 return self.finish(store, &id, Code::Failure, format!("Command is not valid: {reason}"));
             }
             Action::Restart => {
+                if store.restarted_recently(&id, SystemTime::now()) {
+                    let why = format!("restart refused: at most one restart every {}s", RESTART_EVERY.as_secs());
+                    return self.finish(store, &id, Code::Failure, why);
+                }
                 // Finished by the next process (see `recover`).
                 if self.control.send(Control::Restart).is_err() {
                     self.finish(store, &id, Code::Failure, "the agent is shutting down".into());
@@ -456,6 +471,27 @@ mod tests {
         s.update("b", |e| e.code = Some(Code::Failure));
         let text = std::fs::read_to_string(dir.path().join("commands.json")).unwrap();
         assert!(text.contains(r#""code":3"#) && text.contains(r#""code":1"#), "{text}");
+    }
+
+    #[test]
+    fn restarts_in_the_store_rate_limit_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path());
+        let now = SystemTime::now();
+        let recent = |s: &Store, id| s.restarted_recently(id, now + Duration::from_secs(1));
+        assert!(!recent(&s, "r1"), "an empty store");
+        s.insert("r1", "restart").unwrap();
+        assert!(!recent(&s, "r1"), "the command itself does not count");
+        assert!(recent(&Store::open(dir.path()), "r2"), "a running restart counts, also after a reopen");
+        s.update("r1", |e| e.code = Some(Code::Success));
+        assert!(recent(&s, "r2"), "a finished restart counts");
+        s.update("r1", |e| e.code = Some(Code::Failure));
+        s.insert("sg", "set-group").unwrap();
+        assert!(!recent(&s, "r2"), "a refused restart and other commands do not");
+        s.update("r1", |e| (e.code, e.at) = (None, rfc3339(now - 2 * RESTART_EVERY)));
+        assert!(!recent(&s, "r2"), "a restart over a minute ago does not");
+        s.update("r1", |e| e.at = rfc3339(now + RESTART_EVERY));
+        assert!(!recent(&s, "r2"), "nor one in the future (the clock went back)");
     }
 
     #[test]

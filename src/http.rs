@@ -6,7 +6,7 @@
 //! pool), so a large upload never sits in front of a command long-poll.
 
 use std::fmt;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -28,6 +28,9 @@ use crate::event::{BodyReader, Event};
 /// Largest response body the agent reads. Real answers are small (a token, a results
 /// list, a group file); this bounds memory against a broken or hostile server.
 pub const MAX_RESPONSE_BYTES: u64 = 8 << 20;
+/// Largest commands answer ([`Request::Poll`]): room for far more than the commands taken
+/// from one answer (`commands::MAX_PER_ANSWER`), and bounds the JSON tree built from it.
+pub const MAX_COMMANDS_BYTES: u64 = 1 << 20;
 
 /// Why an HTTP agent could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -62,9 +65,8 @@ pub fn tls_config(server: &ServerConfig) -> Result<Arc<ClientConfig>, HttpError>
     match &server.ca_file {
         Some(path) => {
             let pem = std::fs::read(path).map_err(|source| HttpError::CaFile { path: path.clone(), source })?;
-            let certs: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok).collect();
-            let (added, _ignored) = roots.add_parsable_certificates(certs);
+            let (added, _ignored) =
+                roots.add_parsable_certificates(CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok));
             if added == 0 {
                 return Err(HttpError::CaFileEmpty { path: path.clone() });
             }
@@ -124,7 +126,7 @@ fn agent_with(tls: Arc<ClientConfig>, proxy: Option<ureq::Proxy>, timeout: Durat
     ureq::Agent::with_parts(config, connector, DefaultResolver::default())
 }
 
-/// A response read to the end (bounded by [`MAX_RESPONSE_BYTES`]).
+/// A response read to the end (bounded by [`MAX_RESPONSE_BYTES`] or [`MAX_COMMANDS_BYTES`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub status: u16,
@@ -143,6 +145,8 @@ impl Reply {
 #[derive(Debug, Clone)]
 pub enum Request<'a> {
     Get,
+    /// The command long-poll's GET: its answer is bounded by [`MAX_COMMANDS_BYTES`].
+    Poll,
     /// A POST without a body.
     Post,
     Json(&'a [u8]),
@@ -162,10 +166,11 @@ pub fn send(
     timeout: Option<Duration>,
 ) -> Result<Reply, ureq::Error> {
     let timeout = timeout.or(agent.config().timeouts().global);
+    let get = || with_auth(agent.get(url), authorization).config().timeout_global(timeout).build();
     let post = || with_auth(agent.post(url), authorization).config().timeout_global(timeout).build();
     let json = || post().header("Content-Type", "application/json");
     let mut response = match request {
-        Request::Get => with_auth(agent.get(url), authorization).config().timeout_global(timeout).build().call()?,
+        Request::Get | Request::Poll => get().call()?,
         Request::Post => post().send_empty()?,
         Request::Json(b) => json().send(*b)?,
         Request::Gzip(z) => json().header("Content-Encoding", "gzip").send(z)?,
@@ -178,7 +183,8 @@ pub fn send(
     // Read to the end (bounded), so that the connection goes back to the pool.
     let status = response.status().as_u16();
     let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(|s| s.to_string());
-    let body = response.body_mut().with_config().limit(MAX_RESPONSE_BYTES).read_to_vec()?;
+    let limit = if let Request::Poll = request { MAX_COMMANDS_BYTES } else { MAX_RESPONSE_BYTES };
+    let body = response.body_mut().with_config().limit(limit).read_to_vec()?;
     Ok(Reply { status, retry_after, body })
 }
 
@@ -195,9 +201,11 @@ pub enum Outcome {
     /// 2xx: the server took it.
     Done,
     /// Send the same request again later: after `after` if the server said so (already
-    /// capped), otherwise after the caller's backoff. `failover` suggests trying the next
-    /// server of `server.url` first (the current one looks down).
+    /// capped; the caller raises it to its retry floor, `retry.initial`), otherwise after the
+    /// caller's backoff. `failover`: try the next server of `server.url` first (this one looks down).
     Retry { after: Option<Duration>, failover: bool },
+    /// A long-poll's hold ended (its 408, or our timeout) without a `Retry-After`: poll again at once.
+    Repoll,
     /// 401/403: the token was refused; re-authenticate, then resend.
     Reauth,
     /// The server will never take this request as it is.
@@ -246,10 +254,9 @@ pub fn classify(attempt: Attempt<'_>, now: SystemTime, cap: Duration) -> Outcome
     let after = |retry_after: Option<&str>| retry_after.and_then(|v| parse_retry_after(v, now)).map(|d| d.min(cap));
     let (code, after) = match attempt {
         Attempt::Transport => return Outcome::Retry { after: None, failover: true },
-        // The hold ended: poll again at once (or when the server says).
-        Attempt::HoldEnded { retry_after } => {
-            return Outcome::Retry { after: Some(after(retry_after).unwrap_or_default()), failover: false };
-        }
+        // The hold ended: poll again at once, or when the server says (that is a Retry-After).
+        Attempt::HoldEnded { retry_after: None } => return Outcome::Repoll,
+        Attempt::HoldEnded { retry_after } => return Outcome::Retry { after: after(retry_after), failover: false },
         Attempt::Status { code, retry_after } => (code, after(retry_after)),
     };
     match code {
@@ -289,11 +296,8 @@ pub fn server_message(body: &[u8]) -> String {
     });
     let text = from_json.unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
     let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    let mut out: String = one_line.chars().take(200).collect();
-    if out.is_empty() {
-        out.push_str("(empty body)");
-    }
-    out
+    let out: String = one_line.chars().take(200).collect();
+    if out.is_empty() { "(empty body)".into() } else { out }
 }
 
 /// One line for logs: the status and the server's message, or what went wrong on the way.
@@ -309,10 +313,8 @@ pub fn describe(result: &Result<Reply, ureq::Error>) -> String {
 pub fn describe_transport(e: &ureq::Error) -> String {
     let text = match e {
         ureq::Error::Timeout(t) => format!("timed out ({t})"),
-        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
-        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset => {
-            "connection reset by the server".into()
-        }
+        ureq::Error::Io(io) if io.kind() == ErrorKind::ConnectionRefused => "connection refused".into(),
+        ureq::Error::Io(io) if io.kind() == ErrorKind::ConnectionReset => "connection reset by the server".into(),
         ureq::Error::Io(io) => io.to_string(),
         other => other.to_string(),
     };
@@ -375,16 +377,14 @@ impl Transport for TlsTransport {
 
     fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
         self.stream.get_mut().set_timeout(timeout);
-        let output = &self.buffers.output()[..amount];
-        self.stream.write_all(output)?;
+        self.stream.write_all(&self.buffers.output()[..amount])?;
         self.stream.flush()?;
         Ok(())
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
         self.stream.get_mut().set_timeout(timeout);
-        let input = self.buffers.input_append_buf();
-        let n = self.stream.read(input)?;
+        let n = self.stream.read(self.buffers.input_append_buf())?;
         self.buffers.input_appended(n);
         Ok(n > 0)
     }
@@ -462,8 +462,13 @@ mod tests {
         let retry = |secs: Option<u64>, failover| Outcome::Retry { after: secs.map(Duration::from_secs), failover };
         let table: Vec<(Attempt, Outcome)> = vec![
             (Attempt::Transport, retry(None, true)),
-            (Attempt::HoldEnded { retry_after: None }, retry(Some(0), false)),
+            (Attempt::HoldEnded { retry_after: None }, Outcome::Repoll),
             (Attempt::HoldEnded { retry_after: Some("5") }, retry(Some(5), false)),
+            // A Retry-After of 0 or in the past is passed on as 0: the caller's floor applies.
+            (Attempt::HoldEnded { retry_after: Some("0") }, retry(Some(0), false)),
+            (s(503, Some("0")), retry(Some(0), false)),
+            (s(503, Some(&past)), retry(Some(0), false)),
+            (s(503, Some("18446744073709551615")), retry(Some(60), false)),
             (s(200, None), Outcome::Done),
             (s(201, None), Outcome::Done),
             (s(204, None), Outcome::Done),

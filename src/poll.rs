@@ -10,7 +10,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender, select};
 
 use crate::backoff::Backoff;
-use crate::commands::{self, Command};
+use crate::commands::{self, Command, MAX_PER_ANSWER};
 use crate::http::Request;
 use crate::session::{Call, Session};
 use crate::status::Stats;
@@ -22,7 +22,7 @@ pub struct Poller {
 }
 
 pub fn run(p: Poller, out: Sender<Command>, shutdown: Receiver<()>) {
-    let call = Call { path: "/api/v1/commands", request: Request::Get, what: "command poll", until: None };
+    let call = Call { path: "/api/v1/commands", request: Request::Poll, what: "command poll", until: None };
     // Only for answers the server took but the agent cannot read; failures back off in the session.
     let mut unreadable = Backoff::new(Duration::ZERO, Duration::ZERO);
     // The session retries every failure and refusal itself: it ends only with a reply or a stop.
@@ -30,6 +30,9 @@ pub fn run(p: Poller, out: Sender<Command>, shutdown: Receiver<()>) {
         match commands::parse_body(&reply.body, &p.uuid) {
             Ok(parsed) => {
                 unreadable.reset();
+                if parsed.left > 0 {
+                    log::warn!("{} commands of this answer beyond the first {MAX_PER_ANSWER} are not run", parsed.left);
+                }
                 for why in &parsed.skipped {
                     log::warn!("skipped a malformed command: {why}");
                     Stats::add(&p.session.stats.commands_failed, 1);

@@ -4,7 +4,7 @@
 //! A call sends the request with the current token until the server takes it or refuses it
 //! for good: on 401/403 it asks the [`TokenCell`] for a new token (one refresh however many
 //! threads ask); when the server looks down it asks the token thread to move on to the next
-//! `server.url`; it honours `Retry-After` (capped at `retry.max`), else backs off with full
+//! `server.url`; it honours `Retry-After` (within `retry.initial..=retry.max`), else backs off with full
 //! jitter, in waits that end at shutdown. `retry.*` is read from [`Live`] at every attempt.
 //! [`next_step`] decides (pure); [`Session::call`] waits, logs and counts.
 
@@ -99,15 +99,16 @@ pub fn next_step(
     let (delay, failover, wrong_url, result) = match (outcome, result) {
         (Outcome::Done, Ok(reply)) => return Step::End(Ok(reply)),
         (Outcome::Reauth, _) => return Step::Reauth,
-        (Outcome::Retry { after: Some(d), .. }, _) if d.is_zero() && role == Role::Commands => {
+        (Outcome::Repoll, _) => {
             backoff.reset();
             return Step::Repoll;
         }
         (Outcome::Reject(kind), Ok(r)) if hands_back(kind) => {
             return Step::End(Err(Failure::Refused { kind, status: r.status, message: r.message() }));
         }
+        // A `Retry-After` never shortens the policy's floor: 0 or a past date would spin.
         (Outcome::Retry { after, failover }, result) => {
-            (after.unwrap_or_else(|| backoff.next_delay_with(random)), failover, false, result)
+            (after.map_or_else(|| backoff.next_delay_with(random), |d| d.max(retry.initial)), failover, false, result)
         }
         // A refusal the caller cannot act on: retry slowly and say what is wrong.
         (_, result) => (backoff.next_delay_with(random).max(retry.max / 2), false, true, result),
@@ -274,7 +275,12 @@ mod tests {
             (Commands, reply(200, None), "done 200"),
             (Commands, reply(403, None), "reauth"),
             (Commands, reply(408, None), "repoll"),
-            (Commands, reply(429, Some("0")), "repoll"),
+            (Commands, reply(429, Some("0")), "resend 1000ms"),
+            (Commands, reply(503, Some("0")), "resend 1000ms"),
+            (Commands, reply(503, Some("Thu, 01 Jan 1970 00:00:00 GMT")), "resend 1000ms"),
+            (Commands, reply(408, Some("0")), "resend 1000ms"),
+            (Events, reply(503, Some("0")), "resend 1000ms"),
+            (Files, reply(429, Some("0")), "resend 1000ms"),
             (Commands, timeout(), "repoll"),
             (Commands, refused(), "down 1000ms failover"),
             (Commands, reply(400, None), "slow 30000ms"),

@@ -25,6 +25,8 @@ use crate::live::Live;
 pub const MIN_RENEWAL: Duration = Duration::from_secs(1);
 /// Upper bound of one renewal delay, so a token claiming years of life is still renewed daily.
 pub const MAX_RENEWAL: Duration = Duration::from_secs(24 * 3600);
+/// The longest lifetime believed from a token's claims (a year): a server may claim any `exp`.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Used when the token's claims give no usable lifetime.
 pub const FALLBACK_RENEWAL: Duration = Duration::from_secs(60);
 
@@ -71,13 +73,14 @@ pub fn decode_claims(jwt: &str) -> Result<Claims, TokenError> {
 }
 
 /// The token's lifetime as the agent counts it: `exp - iat` when both are sane (so a
-/// skewed local clock does not matter), else `exp - now` by the local clock.
+/// skewed local clock does not matter), else `exp - now` by the local clock; at most
+/// [`MAX_LIFETIME`], so that no claim can overflow the clock arithmetic that follows.
 pub fn lifetime(claims: &Claims, now_unix: i64) -> Option<Duration> {
     let secs = match claims.iat {
-        Some(iat) if claims.exp > iat => claims.exp - iat,
+        Some(iat) if claims.exp > iat => claims.exp.saturating_sub(iat),
         _ => claims.exp.saturating_sub(now_unix),
     };
-    (secs > 0).then(|| Duration::from_secs(secs as u64))
+    (secs > 0).then(|| Duration::from_secs(secs as u64).min(MAX_LIFETIME))
 }
 
 /// How long after receiving a token to renew it (docs/protocol.md, Authentication): a margin of
@@ -220,10 +223,6 @@ impl TokenCell {
         std::mem::take(&mut self.lock().failover)
     }
 
-    fn set_error(&self, message: String) {
-        self.lock().last_error = Some(message);
-    }
-
     /// Wakes every waiter for shutdown; no token is handed out afterwards by `wait_newer`.
     pub fn close(&self) {
         self.lock().closed = true;
@@ -308,10 +307,6 @@ impl Authenticator {
     }
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
-
 /// The token thread. Authenticates at once, then renews on schedule or on request,
 /// until `shutdown` is closed (its sender dropped). Backs off with full jitter after
 /// failures (`retry.*` read live at each one); a refresh request during a backoff waits
@@ -347,8 +342,9 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
         }
         match auth.authenticate(retry.max) {
             Ok(fresh) => {
-                let delay = renewal_delay(&fresh.claims, unix_now());
-                let life = lifetime(&fresh.claims, unix_now()).unwrap_or(delay);
+                let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+                let delay = renewal_delay(&fresh.claims, unix_now);
+                let life = lifetime(&fresh.claims, unix_now).unwrap_or(delay);
                 if fresh.claims.iat.is_none() {
                     log::warn!("the server's token has no iat claim; its lifetime is measured with the local clock");
                 }
@@ -367,14 +363,15 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
                     TokenError::CredentialsRejected { .. } => {
                         retry.max / 2 + Backoff::new(retry.max / 2, retry.max / 2).next_delay()
                     }
+                    // A `Retry-After` never shortens the policy's floor (0 or a past date would spin).
                     TokenError::Unavailable { retry_after: Some(after), .. } => {
                         backoff.next_delay();
-                        *after.max(&MIN_RENEWAL)
+                        (*after).max(retry.initial).max(MIN_RENEWAL)
                     }
                     _ => backoff.next_delay(),
                 };
                 log::error!("{e}; retrying in {}ms", delay.as_millis());
-                cell.set_error(e.to_string());
+                cell.lock().last_error = Some(e.to_string());
                 backing_off = true;
                 next_due = now + delay;
             }
@@ -442,6 +439,34 @@ mod tests {
         ];
         for (claims, want_ms) in table {
             assert_eq!(renewal_delay(claims, now).as_millis() as u64, *want_ms, "{claims:?}");
+        }
+    }
+
+    #[test]
+    fn extreme_claims_are_clamped_before_any_clock_arithmetic() {
+        let now = 1_784_000_000;
+        let (max, min) = (i64::MAX, i64::MIN);
+        let c = |iat: Option<i64>, exp: i64| Claims { exp, iat };
+        let year = MAX_LIFETIME.as_secs();
+        // (claims, lifetime in s, renewal delay in ms)
+        let table: &[(Claims, Option<u64>, u64)] = &[
+            (c(Some(0), max), Some(year), MAX_RENEWAL.as_millis() as u64),
+            (c(Some(min), max), Some(year), MAX_RENEWAL.as_millis() as u64),
+            (c(None, max), Some(year), MAX_RENEWAL.as_millis() as u64),
+            (c(Some(max), min), None, FALLBACK_RENEWAL.as_millis() as u64),
+            (c(Some(min), min), None, FALLBACK_RENEWAL.as_millis() as u64),
+            (c(Some(max), max), Some(year), MAX_RENEWAL.as_millis() as u64),
+            (c(Some(-5), -1), Some(4), 2_000),
+            (c(Some(now + 10), now), None, FALLBACK_RENEWAL.as_millis() as u64),
+            (c(None, min), None, FALLBACK_RENEWAL.as_millis() as u64),
+        ];
+        for (claims, life, delay_ms) in table {
+            let got = lifetime(claims, now);
+            assert_eq!(got.map(|d| d.as_secs()), *life, "{claims:?}");
+            let delay = renewal_delay(claims, now);
+            assert_eq!(delay.as_millis() as u64, *delay_ms, "{claims:?}");
+            // What `run` does with them: neither may overflow.
+            let _ = (SystemTime::now() + got.unwrap_or(delay), Instant::now() + delay);
         }
     }
 

@@ -1,6 +1,6 @@
 //! The command channel end to end: mock enqueue → long-poll → executor → result event.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use wazuh_mock_server::{Fault, FaultAction, MockServer};
@@ -238,4 +238,107 @@ fn server_strings_cannot_forge_log_lines() {
         agent.log()
     );
     assert!(!agent.log().lines().any(|l| l.starts_with("2026-01-01T00:00:00Z")), "{}", agent.log());
+}
+
+#[test]
+fn one_answer_with_many_commands_runs_at_most_the_bound_and_polling_goes_on() {
+    let (env, agent, me) = setup(Duration::from_millis(300));
+    let max = wazuh_agent::commands::MAX_PER_ANSWER;
+    let many: Vec<Value> = (0..5000).map(|i| command(&format!("m-{i}"), "no-such-action", json!({}), None)).collect();
+    env.mock.enqueue_commands(&me, many);
+    assert!(env.mock.wait_until(Duration::from_secs(30), |m| m.command_results().len() >= max));
+    // The next command runs: the big answer did not stop the poll or the executor.
+    env.mock.enqueue_command(&me, command("after", "no-such-action", json!({}), None));
+    assert_eq!(result_of(&env.mock, "after", Duration::from_secs(20)).0, 1);
+    let results = env.mock.command_results();
+    let from_answer = results.iter().filter(|r| r.0.starts_with("m-")).count();
+    assert_eq!(from_answer, max, "only the first {max} entries of the answer are taken");
+    assert!(results.iter().any(|r| r.0 == "m-0") && !results.iter().any(|r| r.0 == format!("m-{max}")));
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("{} commands of this answer beyond the first {max} are not run", 5000 - max)),
+        "{log}"
+    );
+}
+
+#[test]
+fn an_oversized_commands_answer_is_refused_and_polling_goes_on() {
+    let (env, agent, me) = setup(Duration::from_millis(300));
+    let limit = wazuh_agent::http::MAX_COMMANDS_BYTES as usize;
+    let padding = "x".repeat(limit);
+    let body = json!({"commands": [command("huge", "no-such-action", json!({"pad": padding}), None)]}).to_string();
+    env.mock.inject(Fault {
+        path: "/api/v1/commands".into(),
+        times: 1,
+        action: FaultAction::Status { code: 200, retry_after: None, body: Some(body) },
+    });
+    let answered = |m: &MockServer| m.requests().iter().any(|r| r.path == "/api/v1/commands" && r.status == 200);
+    assert!(env.mock.wait_until(Duration::from_secs(10), answered), "the big answer was sent");
+    assert!(wait_for(Duration::from_secs(10), || agent.log().contains("command poll failed")), "{}", agent.log());
+    env.mock.enqueue_command(&me, command("after-huge", "no-such-action", json!({}), None));
+    assert_eq!(result_of(&env.mock, "after-huge", Duration::from_secs(20)).0, 1);
+    assert!(!env.mock.command_results().iter().any(|r| r.0 == "huge"), "the oversized answer was not read");
+}
+
+#[test]
+fn a_second_restart_within_a_minute_is_refused_and_the_agent_restarts_once() {
+    let (env, mut agent, me) = setup(Duration::from_millis(300));
+    env.mock.enqueue_command(&me, command("r-1", "restart", json!({}), None));
+    let (code, message) = result_of(&env.mock, "r-1", Duration::from_secs(30));
+    assert_eq!(code, 0, "{message}");
+    // The old process's held poll may still be open at the mock (which would hand it the next
+    // command): wait for two holds to end after the restart.
+    let ended =
+        |m: &MockServer| m.requests().iter().filter(|r| r.path == "/api/v1/commands" && r.status == 408).count();
+    let holds = ended(&env.mock);
+    assert!(env.mock.wait_until(Duration::from_secs(10), |m| ended(m) >= holds + 2));
+    env.mock.enqueue_command(&me, command("r-2", "restart", json!({}), None));
+    let (code, message) = result_of(&env.mock, "r-2", Duration::from_secs(30));
+    assert_eq!(code, 1, "{message}");
+    assert_eq!(message, "restart refused: at most one restart every 60s");
+    // A later command is answered by the same (once restarted) process.
+    env.mock.enqueue_command(&me, command("r-3", "no-such-action", json!({}), None));
+    result_of(&env.mock, "r-3", Duration::from_secs(20));
+    let log = agent.log();
+    assert_eq!(log.matches("restart command received, restarting").count(), 1, "{log}");
+    assert_eq!(log.matches(" starting as ").count(), 2, "started, then restarted once: {log}");
+    assert!(agent.child.try_wait().unwrap().is_none(), "still running");
+}
+
+/// Times of the command polls the mock answered with 503.
+fn polls_503(m: &MockServer) -> Vec<Instant> {
+    m.requests().iter().filter(|r| r.path == "/api/v1/commands" && r.status == 503).map(|r| r.at).collect()
+}
+
+/// The 503 polls in a window of `window` that starts at the first one after `seen` polls;
+/// waits (on the mock) until a poll after the window's end.
+fn polls_in_window(mock: &MockServer, seen: usize, window: Duration) -> usize {
+    assert!(mock.wait_until(Duration::from_secs(10), |m| polls_503(m).len() > seen), "no 503 poll");
+    let start = polls_503(mock)[seen];
+    let after = |m: &MockServer| polls_503(m).iter().any(|t| *t > start + window);
+    assert!(mock.wait_until(window + Duration::from_secs(10), after), "polling stopped");
+    polls_503(mock)[seen..].iter().filter(|t| **t <= start + window).count()
+}
+
+#[test]
+fn retry_after_zero_or_past_on_the_command_poll_does_not_switch_backoff_off() {
+    let env = Env::with(|o| o.command_hold = Duration::from_millis(300));
+    // The floor of the retry policy: Retry-After may not shorten the wait below 500 ms.
+    env.write_config("retry.initial = \"500ms\"\nretry.max = \"2s\"");
+    let agent = env.running_agent();
+    let me = uuid(&env);
+    let window = Duration::from_secs(3);
+    for retry_after in ["0", "Thu, 01 Jan 1970 00:00:00 GMT"] {
+        env.mock.clear_faults();
+        let action = FaultAction::Status { code: 503, retry_after: Some(retry_after.into()), body: None };
+        env.mock.inject(Fault { path: "/api/v1/commands".into(), times: 1_000_000, action });
+        let n = polls_in_window(&env.mock, polls_503(&env.mock).len(), window);
+        // At most window / retry.initial + 1 = 7, with slack; before the fix, thousands.
+        assert!((2..=9).contains(&n), "Retry-After {retry_after}: {n} polls in {window:?}");
+    }
+    // Each retry is logged; and once the server is well again, commands flow.
+    assert!(agent.log().contains("command poll failed (503"), "{}", agent.log());
+    env.mock.clear_faults();
+    env.mock.enqueue_command(&me, command("after-503", "no-such-action", json!({}), None));
+    assert_eq!(result_of(&env.mock, "after-503", Duration::from_secs(20)).0, 1);
 }

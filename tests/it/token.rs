@@ -215,3 +215,35 @@ fn a_live_retry_change_reaches_the_token_thread() {
     let calls = env.mock.auth_calls();
     assert!(calls[k + 1].at - calls[k].at >= Duration::from_millis(1990), "{:?}", calls[k + 1].at - calls[k].at);
 }
+
+#[test]
+fn tokens_with_extreme_claims_do_not_stop_the_token_thread() {
+    let (env, uuid) = registered_env();
+    let (max, min) = (i64::MAX, i64::MIN);
+    let table = [
+        serde_json::json!({"iat": 0, "exp": max}),
+        serde_json::json!({"iat": min, "exp": max}),
+        serde_json::json!({"iat": max, "exp": min}),
+        serde_json::json!({"iat": -5, "exp": -1}),
+        serde_json::json!({"iat": null, "exp": max}),
+    ];
+    for claims in table {
+        env.mock.set_token_claims(Some(claims.clone()));
+        let mut t = start(&env, vec![env.mock.comms_url()], &uuid);
+        let got = wait_for(Duration::from_secs(10), || t.cell.current().is_some());
+        t.shutdown.take();
+        let joined = t.handle.take().unwrap().join();
+        assert!(joined.is_ok() && got, "{claims}: the token thread panicked or got no token");
+    }
+}
+
+#[test]
+fn an_agent_given_a_token_that_never_expires_keeps_running_and_delivering() {
+    let env = Env::new();
+    env.mock.set_token_claims(Some(serde_json::json!({"iat": 0, "exp": i64::MAX})));
+    let mut agent = env.running_agent();
+    env.send_ok(&lines([stateless(1)]));
+    assert!(env.mock.wait_until(Duration::from_secs(10), |m| originals(m).contains(&"msg-1".to_string())));
+    assert!(agent.child.try_wait().unwrap().is_none(), "the agent is running: {}", agent.log());
+    assert!(agent.log().contains("token lifetime 31622400s"), "{}", agent.log());
+}

@@ -163,6 +163,10 @@ struct Inner {
     command_hold: Duration,
     /// Seconds added to the server's clock for token iat/exp (clock-skew tests).
     clock_offset: i64,
+    /// Hostile tokens: claims put as they are into the payload of every token issued.
+    token_claims: Option<Value>,
+    /// Tokens issued with `token_claims` (unsigned, accepted by exact match) → agent uuid.
+    raw_tokens: HashMap<String, String>,
     /// An events body containing this text is refused with 400 (a "poison" event).
     poison: Option<String>,
     /// Events accepted so far, kept or not.
@@ -391,13 +395,24 @@ impl MockServer {
         self.state.lock().clock_offset = secs;
     }
 
+    /// Issues tokens whose payload holds `claims` as given (any `iat`/`exp`, out of range,
+    /// negative, missing …) over the usual ones; the comms API accepts them. `None`: normal tokens.
+    pub fn set_token_claims(&self, claims: Option<Value>) {
+        self.state.lock().token_claims = claims;
+    }
+
     pub fn set_command_hold(&self, hold: Duration) {
         self.state.lock().command_hold = hold;
     }
 
     /// Queues a command for an agent; it is delivered on that agent's next poll.
     pub fn enqueue_command(&self, agent: &str, command: Value) {
-        enqueue(&self.state, agent, command);
+        enqueue(&self.state, agent, vec![command]);
+    }
+
+    /// Queues many commands at once: the agent's next poll takes them all in one answer.
+    pub fn enqueue_commands(&self, agent: &str, commands: Vec<Value>) {
+        enqueue(&self.state, agent, commands);
     }
 
     /// `(document_id, enqueued, delivered)` for every command a poll took.
@@ -483,12 +498,14 @@ impl Drop for MockServer {
     }
 }
 
-fn enqueue(state: &State, agent: &str, command: Value) {
+fn enqueue(state: &State, agent: &str, commands: Vec<Value>) {
     let mut st = state.lock();
-    if let Some(id) = command.get("document_id").and_then(Value::as_str) {
-        st.command_enqueued.insert(id.to_string(), Instant::now());
+    for command in commands {
+        if let Some(id) = command.get("document_id").and_then(Value::as_str) {
+            st.command_enqueued.insert(id.to_string(), Instant::now());
+        }
+        st.commands.entry(agent.to_string()).or_default().push_back(command);
     }
-    st.commands.entry(agent.to_string()).or_default().push_back(command);
     drop(st);
     state.changed.notify_all();
 }
@@ -982,6 +999,10 @@ fn authorize(state: &State, req: &Request) -> Result<String, Response> {
     let Some(token) = req.header("authorization").and_then(|v| v.strip_prefix("Bearer ")) else {
         return Err(Response::json(401, json!({"message": "Missing authorization token", "code": 401})));
     };
+    let raw = state.lock().raw_tokens.get(token.trim()).cloned();
+    if let Some(uuid) = raw.filter(|u| state.lock().agents.contains_key(u)) {
+        return Ok(uuid);
+    }
     let opts = VerificationOptions {
         // Expiry is checked below, to tell "expired" from "invalid" like the server does.
         time_tolerance: Some(jwt_simple::prelude::Duration::from_secs(20 * 365 * 86_400)),
@@ -1046,6 +1067,19 @@ fn authenticate(state: &State, req: &Request) -> Response {
     let resp = match status {
         403 => Response::json(403, json!({"message": "Agent does not exist", "code": 403})),
         401 => Response::json(401, json!({"message": "Invalid key", "code": 401})),
+        _ if st.token_claims.is_some() => {
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            let mut payload = json!({"iss": TOKEN_ISSUER, "aud": TOKEN_AUDIENCE, "uuid": body.uuid, "seq": seq});
+            for (k, v) in st.token_claims.iter().filter_map(Value::as_object).flatten() {
+                payload[k] = v.clone();
+            }
+            let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+            let token =
+                format!("{}.{}.{}", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&payload.to_string()), b64("mock"));
+            st.raw_tokens.insert(token.clone(), body.uuid);
+            Response::json(200, json!({"token": token}))
+        }
         _ => {
             let seq = st.next_seq;
             st.next_seq += 1;
@@ -1281,8 +1315,12 @@ fn admin(state: &State, req: &Request) -> Response {
             let Some(agent) = body.get("agent").and_then(Value::as_str) else {
                 return Response::error(400, "need {\"agent\": uuid, \"command\": {...}}");
             };
-            let command = body.get("command").cloned().unwrap_or(Value::Null);
-            enqueue(state, agent, command);
+            // `commands`: a list queued at once (one answer with many commands).
+            let list = match body.get("commands").and_then(Value::as_array) {
+                Some(list) => list.clone(),
+                None => vec![body.get("command").cloned().unwrap_or(Value::Null)],
+            };
+            enqueue(state, agent, list);
             ok()
         }
         ("POST", "/admin/faults") => match serde_json::from_value::<Fault>(body) {
@@ -1299,6 +1337,10 @@ fn admin(state: &State, req: &Request) -> Response {
             }
             None => Response::error(400, "need {\"seconds\": n}"),
         },
+        ("POST", "/admin/token-claims") => {
+            state.lock().token_claims = body.get("claims").filter(|c| c.is_object()).cloned();
+            ok()
+        }
         ("POST", "/admin/expire-tokens") => {
             let mut st = state.lock();
             st.min_seq = st.next_seq;

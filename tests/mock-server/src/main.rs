@@ -1,8 +1,10 @@
 //! `wazuh-mock-server`: runs the mock until killed, printing its ports as one JSON line.
 //!
 //! Admin endpoints (plain HTTP on --admin-port): GET /admin/state, POST /admin/commands
-//! {"agent","command"}, POST /admin/faults {Fault}, POST /admin/token-lifetime {"seconds"},
-//! POST /admin/expire-tokens, POST /admin/down {"down"}, POST /admin/files {"name","content"}.
+//! {"agent","command"} or {"agent","commands":[...]}, POST /admin/faults {Fault} (e.g.
+//! {"path":"/api/v1/commands","times":1000,"action":{"kind":"status","code":503,"retry_after":"0"}}),
+//! POST /admin/token-lifetime {"seconds"}, POST /admin/token-claims {"claims": {"iat":0,"exp":...}
+//! or null}, POST /admin/expire-tokens, POST /admin/down {"down"}, POST /admin/files {"name","content"}.
 
 use std::io::Write;
 use std::path::PathBuf;
