@@ -89,9 +89,7 @@ impl Store {
     /// exec restart. `at` is fixed-width RFC 3339 UTC, so text order is time order; a time
     /// after `now` (the clock went back) does not count, lest it block restarts for long.
     fn restarted_recently(&self, id: &str, now: SystemTime) -> bool {
-        let window = rfc3339(now.checked_sub(RESTART_EVERY).unwrap_or(now))..=rfc3339(now);
-        let ran = |e: &Entry| e.action == Action::Restart.name() && e.code.is_none_or(|c| c == Code::Success);
-        self.entries.iter().any(|e| e.id != id && ran(e) && window.contains(&e.at))
+        self.entries.iter().any(|e| e.id != id && recent_restart(e, now))
     }
 
     fn save(&self) -> io::Result<()> {
@@ -102,8 +100,11 @@ impl Store {
     /// Records `id` as running. A full store prunes its oldest reported entry; when every
     /// entry is running or holds a result not yet reported, `id` is refused, never a result lost.
     fn insert(&mut self, id: &str, action: &str) -> io::Result<()> {
+        let now = SystemTime::now();
         while self.entries.len() >= self.cap {
-            let i = self.entries.iter().position(|e| e.state == State::Reported).ok_or_else(|| {
+            // A recent restart stays: pruning it would let a flood of commands lift the rate limit.
+            let prunable = |e: &Entry| e.state == State::Reported && !recent_restart(e, now);
+            let i = self.entries.iter().position(prunable).ok_or_else(|| {
                 io::Error::other(format!("all {} entries are running or hold unreported results", self.cap))
             })?;
             self.entries.remove(i);
@@ -114,7 +115,7 @@ impl Store {
             state: State::Running,
             code: None,
             message: None,
-            at: rfc3339(SystemTime::now()),
+            at: rfc3339(now),
         });
         self.save()
     }
@@ -127,6 +128,12 @@ impl Store {
             log::error!("cannot write the command store {}: {e}", self.path.display());
         }
     }
+}
+
+/// A `restart` that ran (or runs) within [`RESTART_EVERY`] before `now`.
+fn recent_restart(e: &Entry, now: SystemTime) -> bool {
+    let window = rfc3339(now.checked_sub(RESTART_EVERY).unwrap_or(now))..=rfc3339(now);
+    e.action == Action::Restart.name() && e.code.is_none_or(|c| c == Code::Success) && window.contains(&e.at)
 }
 
 /// Everything a handler needs, shared with the helper thread that runs it.
@@ -492,6 +499,22 @@ mod tests {
         assert!(!recent(&s, "r2"), "a restart over a minute ago does not");
         s.update("r1", |e| e.at = rfc3339(now + RESTART_EVERY));
         assert!(!recent(&s, "r2"), "nor one in the future (the clock went back)");
+    }
+
+    #[test]
+    fn a_full_store_keeps_the_last_restart_so_a_flood_cannot_lift_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path());
+        s.cap = 3;
+        s.insert("r1", "restart").unwrap();
+        s.update("r1", |e| (e.state, e.code) = (State::Reported, Some(Code::Success)));
+        for i in 0..10 {
+            let id = format!("x{i}");
+            s.insert(&id, "set-group").unwrap();
+            s.update(&id, |e| e.state = State::Reported);
+        }
+        assert!(s.restarted_recently("r2", SystemTime::now()), "the restart was not pruned");
+        assert_eq!(s.entries.len(), 3);
     }
 
     #[test]
