@@ -23,6 +23,8 @@ use crate::token::{Token, TokenCell};
 
 /// How long to wait for a token newer than a refused one before trying the current one again.
 const REAUTH_WAIT: Duration = Duration::from_secs(30);
+/// A long poll whose hold ended sooner than this was not held (see `Step::Repoll`).
+const MIN_HOLD: Duration = Duration::from_secs(1);
 /// Waits for a token are cut into slices this long, so that a stop is noticed.
 const TOKEN_SLICE: Duration = Duration::from_millis(500);
 
@@ -141,6 +143,7 @@ impl Session {
             let timeout = if commands { server.commands_timeout } else { server.request_timeout };
             let left = self.end(call.until).map(|end| end.saturating_duration_since(Instant::now()));
             let bound = left.map_or(timeout, |left| timeout.min(left).max(Duration::from_millis(1)));
+            let sent = Instant::now();
             let result = http::send(&self.agent, &url, Some(&token.bearer()), &call.request, Some(bound));
             if result.is_err() && self.stopped(call.until) {
                 // Shutdown cut the request (or its deadline passed): not a failure to report.
@@ -155,6 +158,14 @@ impl Session {
                     self.count_resend(false);
                     self.cell.refused(token.generation);
                     refused = token.generation;
+                }
+                // A hold that ends at once is no hold: a server or proxy that answers 408 at
+                // once would be polled in a tight loop. Such a poll waits the retry floor.
+                Step::Repoll if sent.elapsed() < MIN_HOLD => {
+                    log::debug!("{} ended its hold after {}ms", call.what, sent.elapsed().as_millis());
+                    if !self.pause(config.retry.initial, call.until) {
+                        return Err(Failure::Stopped);
+                    }
                 }
                 Step::Repoll => {}
                 Step::Resend { delay, why, down, failover, wrong_url } => {

@@ -342,3 +342,23 @@ fn retry_after_zero_or_past_on_the_command_poll_does_not_switch_backoff_off() {
     env.mock.enqueue_command(&me, command("after-503", "no-such-action", json!({}), None));
     assert_eq!(result_of(&env.mock, "after-503", Duration::from_secs(20)).0, 1);
 }
+
+/// A server (or proxy) that ends every hold at once: the agent polls again after the retry
+/// floor (`retry.initial`, 100 ms in these tests), not in a tight loop.
+#[test]
+fn a_hold_that_ends_at_once_is_not_polled_in_a_tight_loop() {
+    let (env, _agent, me) = setup(Duration::ZERO);
+    let holds = |m: &MockServer| -> Vec<Instant> {
+        m.requests().iter().filter(|r| r.path == "/api/v1/commands" && r.status == 408).map(|r| r.at).collect()
+    };
+    assert!(env.mock.wait_until(Duration::from_secs(10), |m| !holds(m).is_empty()), "no poll");
+    let start = holds(&env.mock)[0];
+    let window = Duration::from_secs(2);
+    assert!(env.mock.wait_until(Duration::from_secs(20), |m| holds(m).iter().any(|t| *t > start + window)));
+    let polls = holds(&env.mock).iter().filter(|t| **t <= start + window).count();
+    // At most window / 100 ms + 1 = 21; before the fix, thousands.
+    assert!(polls <= 30, "{polls} polls in {window:?}");
+    // Commands still arrive.
+    env.mock.enqueue_command(&me, command("q-1", "no-such-action", json!({}), None));
+    assert_eq!(result_of(&env.mock, "q-1", Duration::from_secs(10)).0, 1);
+}
