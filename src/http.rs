@@ -143,6 +143,8 @@ impl Reply {
 #[derive(Debug, Clone)]
 pub enum Request<'a> {
     Get,
+    /// A GET whose answer may be at most this many bytes (more: `ureq::Error::BodyExceedsLimit`).
+    GetAtMost(u64),
     /// A POST without a body.
     Post,
     Json(&'a [u8]),
@@ -165,7 +167,9 @@ pub fn send(
     let post = || with_auth(agent.post(url), authorization).config().timeout_global(timeout).build();
     let json = || post().header("Content-Type", "application/json");
     let mut response = match request {
-        Request::Get => with_auth(agent.get(url), authorization).config().timeout_global(timeout).build().call()?,
+        Request::Get | Request::GetAtMost(_) => {
+            with_auth(agent.get(url), authorization).config().timeout_global(timeout).build().call()?
+        }
         Request::Post => post().send_empty()?,
         Request::Json(b) => json().send(*b)?,
         Request::Gzip(z) => json().header("Content-Encoding", "gzip").send(z)?,
@@ -178,7 +182,8 @@ pub fn send(
     // Read to the end (bounded), so that the connection goes back to the pool.
     let status = response.status().as_u16();
     let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(|s| s.to_string());
-    let body = response.body_mut().with_config().limit(MAX_RESPONSE_BYTES).read_to_vec()?;
+    let limit = if let Request::GetAtMost(n) = request { *n } else { MAX_RESPONSE_BYTES };
+    let body = response.body_mut().with_config().limit(limit).read_to_vec()?;
     Ok(Reply { status, retry_after, body })
 }
 
@@ -209,7 +214,7 @@ pub enum Outcome {
 pub enum Rejection {
     /// 400: malformed; resending the same body fails again.
     Invalid,
-    /// 413: the body is too large.
+    /// 413: the body is too large; to a download (status 413 then), the answer is over its limit.
     TooLarge,
     /// Any other status the agent cannot act on (404, 405, 3xx …).
     Other(u16),
