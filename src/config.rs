@@ -100,7 +100,6 @@ pub struct AgentConfig {
     /// Run as this user (and `group`) after start-up; `None`: stay as started.
     pub user: Option<String>,
     pub group: Option<String>,
-    /// Apply the server's group files (SPEC §2.1); false: the local file only.
     pub remote_config: bool,
 }
 

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::commands::{self, Action, Code, Command};
 use crate::config::Config;
-use crate::groups::{self, GroupError};
+use crate::groups::{self, GroupError, MAX_FILE_BYTES, MAX_GROUPS};
 use crate::host::HostInfo;
 use crate::http::{Rejection, Request};
 use crate::live::Live;
@@ -146,14 +146,13 @@ fn download(ctx: &Ctx, group: &str, deadline: Instant, cancel: &AtomicBool) -> R
         return Err("cancelled".into());
     }
     let (path, what) = (format!("/api/v1/files?file_name={group}.yml"), format!("downloading {group}.yml"));
-    let call =
-        Call { path: &path, request: Request::GetAtMost(groups::MAX_FILE_BYTES), what: &what, until: Some(deadline) };
+    let call = Call { path: &path, request: Request::GetAtMost(MAX_FILE_BYTES), what: &what, until: Some(deadline) };
     match ctx.session.call(&call) {
         Ok(reply) => Ok(reply.body),
         Err(Failure::Stopped) => Err("cancelled".into()),
         Err(Failure::Refused { status: 404, .. }) => Err(format!("file {group}.yml not found on the server (404)")),
         Err(Failure::Refused { kind: Rejection::TooLarge, message, .. }) => {
-            Err(format!("group file {group}.yml is refused: {message} (1 MiB, SPEC §2.1)"))
+            Err(format!("group file {group}.yml is refused: {message}"))
         }
         Err(Failure::Refused { status, message, .. }) => Err(format!("{what} failed: {status} {message}")),
     }
@@ -179,24 +178,22 @@ enum SetGroupsError {
 
 /// `set-group` and `fetch-config`: download every file, validate, swap the set, apply.
 fn set_groups(ctx: &Ctx, groups: &[String], deadline: Instant, cancel: &AtomicBool) -> Result<String, SetGroupsError> {
-    if groups.len() > groups::MAX_GROUPS {
-        let why = format!("refused: {} groups, more than the limit of {}", groups.len(), groups::MAX_GROUPS);
+    if groups.len() > MAX_GROUPS {
+        let why = format!("refused: {} groups, more than the limit of {MAX_GROUPS}", groups.len());
         return Err(SetGroupsError::Refused(why));
     }
     let mut files = Vec::with_capacity(groups.len());
     for g in groups {
         files.push((g.clone(), download(ctx, g, deadline, cancel).map_err(SetGroupsError::Refused)?));
     }
-    let (overlays, ignored) = groups::overlays(&files).map_err(SetGroupsError::Group)?;
     // One reload at a time (SIGHUP or another command).
     let _guard = ctx.live.reload_guard();
-    let config = groups::merge(&ctx.local, &overlays).map_err(SetGroupsError::Group)?;
+    let (config, ignored) = groups::merge(&ctx.local, &files).map_err(SetGroupsError::Group)?;
     if cancel.load(Ordering::Relaxed) {
         return Err(SetGroupsError::Cancelled);
     }
     groups::install(&ctx.data_dir, &files).map_err(SetGroupsError::Install)?;
     ctx.live.set_agent_line(crate::event::agent_line(&ctx.uuid, &ctx.name, groups, &ctx.host));
-    // `with_overlays` applied none of the files if the local file says so (SPEC §2.1).
     let note = match config.agent.remote_config {
         true => groups::report_ignored(&ignored),
         false => "; their settings are not applied (agent.remote_config = false)".to_string(),
@@ -397,10 +394,7 @@ mod tests {
     fn a_group_file_over_1_mib_is_refused_at_once() {
         assert_eq!(file_of(1 << 20).map(|b| b.len()), Ok(1 << 20));
         let e = file_of((1 << 20) + 1).unwrap_err();
-        assert_eq!(
-            e,
-            "group file g1.yml is refused: the answer is larger than the limit of 1048576 bytes (1 MiB, SPEC §2.1)"
-        );
+        assert_eq!(e, "group file g1.yml is refused: the answer is larger than the limit of 1048576 bytes");
     }
 
     #[test]

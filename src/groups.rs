@@ -67,26 +67,23 @@ fn yaml_to_toml(y: &Yaml) -> Option<toml::Value> {
     })
 }
 
-/// Refuses YAML whose nodes, with every alias expanded, number more than [`MAX_NODES`], or
-/// that nests deeper than [`MAX_DEPTH`], before anything is built: the loader expands an
-/// alias by cloning its node, so a "billion laughs" file of 600 bytes would take gigabytes.
-/// Counting from the parser's events costs work and memory in proportion to the text.
+/// Refuses YAML whose nodes, aliases expanded, number more than [`MAX_NODES`], or that nests deeper
+/// than [`MAX_DEPTH`], before anything is built: the loader clones an alias's node, so a "billion laughs"
+/// file of 600 bytes would take gigabytes; counting parser events costs in proportion to the text.
 fn check_nodes(text: &str) -> Result<(), String> {
     let mut parser = Parser::new_from_str(text);
     // Expanded sizes of anchored containers (a scalar or an open one counts 1, as loaded),
-    // and the open containers with the count at their start.
+    // and the open containers with the count at their start (each counts when it ends).
     let (mut nodes, mut sizes, mut open) = (0, HashMap::new(), Vec::new());
     while nodes <= MAX_NODES && open.len() <= MAX_DEPTH {
         match parser.next_token().map_err(|e| format!("is not a YAML mapping: {e}"))?.0 {
             Event::StreamEnd => return Ok(()),
             Event::Alias(id) => nodes += sizes.get(&id).copied().unwrap_or(1),
             Event::Scalar(..) => nodes += 1,
-            Event::SequenceStart(id, _) | Event::MappingStart(id, _) => {
-                open.push((id, nodes));
-                nodes += 1;
-            }
+            Event::SequenceStart(id, _) | Event::MappingStart(id, _) => open.push((id, nodes)),
             Event::SequenceEnd | Event::MappingEnd => {
                 let (id, start) = open.pop().unwrap_or_default();
+                nodes += 1; // the container itself
                 sizes.insert(id, nodes - start);
             }
             _ => {}
@@ -131,22 +128,6 @@ pub fn parse_group_file(file: &str, content: &[u8]) -> Result<(toml::Table, Vec<
     Ok((overlay, ignored))
 }
 
-/// A group file's name and the settings of it that apply.
-pub type Overlay = (String, toml::Table);
-
-/// Parses `files` (`(group, content)`, in group order) into overlays, and names the
-/// settings they carry that this agent does not apply, each with its file.
-pub fn overlays(files: &[(String, Vec<u8>)]) -> Result<(Vec<Overlay>, Vec<String>), GroupError> {
-    let (mut out, mut ignored) = (Vec::with_capacity(files.len()), Vec::new());
-    for (g, content) in files {
-        let file = format!("{g}.yml");
-        let (overlay, skipped) = parse_group_file(&file, content)?;
-        ignored.extend(skipped.into_iter().map(|k| format!("{k} ({file})")));
-        out.push((file, overlay));
-    }
-    Ok((out, ignored))
-}
-
 /// One warning naming every setting the group files carry that this agent did not apply;
 /// returns `; ignored …` for a result message (empty when there is none).
 pub fn report_ignored(ignored: &[String]) -> String {
@@ -157,10 +138,19 @@ pub fn report_ignored(ignored: &[String]) -> String {
     format!("; ignored {}", ignored.join(", "))
 }
 
-/// The local file (re-read from `local.source`) with `overlays` over it.
-pub fn merge(local: &Config, overlays: &[Overlay]) -> Result<Config, GroupError> {
+/// The local file (re-read from `local.source`) with `files` (`(group, content)`, in group
+/// order) over it, and the settings they carry that this agent does not apply (file named).
+pub fn merge(local: &Config, files: &[(String, Vec<u8>)]) -> Result<(Config, Vec<String>), GroupError> {
+    let (mut overlays, mut ignored) = (Vec::with_capacity(files.len()), Vec::new());
+    for (g, content) in files {
+        let file = format!("{g}.yml");
+        let (overlay, skipped) = parse_group_file(&file, content)?;
+        ignored.extend(skipped.into_iter().map(|k| format!("{k} ({file})")));
+        overlays.push((file, overlay));
+    }
     let text = local.source.as_ref().map(|p| fs::read_to_string(p).map_err(io_err(p))).transpose()?;
-    Config::with_overlays(&text.unwrap_or_default(), local.source.as_deref(), overlays).map_err(GroupError::Config)
+    let config = Config::with_overlays(&text.unwrap_or_default(), local.source.as_deref(), &overlays);
+    Ok((config.map_err(GroupError::Config)?, ignored))
 }
 
 /// The effective configuration: the local file plus the current group files (all of them,
@@ -173,9 +163,9 @@ pub fn effective_config(local: &Config, data_dir: &Path) -> Result<Config, Group
     let dir = shared_dir(data_dir);
     let read = |g: String| fs::read(dir.join(format!("{g}.yml"))).map(|content| (g, content));
     let files = current(data_dir).into_iter().map(read).collect::<io::Result<Vec<_>>>().map_err(io_err(&dir))?;
-    let (overlays, ignored) = overlays(&files)?;
+    let (config, ignored) = merge(local, &files)?;
     report_ignored(&ignored);
-    merge(local, &overlays)
+    Ok(config)
 }
 
 fn next_generation(data_dir: &Path) -> u64 {
@@ -332,8 +322,8 @@ i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
             let local = Config::load(Some(&local_file)).unwrap();
             assert_eq!(effective_config(&local, dir.path()).unwrap().log.level, level, "remote_config = {remote}");
             // The same for the merge after set-group, which re-reads the local file.
-            let (overlays, _) = overlays(&[("g1".into(), b"log:\n  level: trace\n".to_vec())]).unwrap();
-            assert_eq!(merge(&local, &overlays).unwrap().log.level, level);
+            let files = [("g1".into(), b"log:\n  level: trace\n".to_vec())];
+            assert_eq!(merge(&local, &files).unwrap().0.log.level, level);
         }
     }
 
