@@ -43,8 +43,8 @@ bench:
 	target/release/wazuh-bench --agent $(BIN) $(BENCH_ARGS)
 
 # libFuzzer via cargo-fuzz on the parsers (ingest lines, queue recovery, JWT claims,
-# config, commands, group files). cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP enables them on the
-# stable toolchain. FUZZ_SECONDS per target; crashes land in fuzz/artifacts/.
+# config, commands, group files). cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP enables
+# them on the stable toolchain. FUZZ_SECONDS per target; crashes land in fuzz/artifacts/.
 FUZZ_SECONDS ?= 30
 FUZZ_TARGETS := ingest_line queue_recovery jwt_claims config commands group_file
 fuzz:

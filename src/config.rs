@@ -836,8 +836,8 @@ mod tests {
         );
         assert_eq!(
             ids(|k| k.live),
-            "agent.remote_config events.batch_max_bytes events.batch_max_events events.batch_interval events.buffer_events \
-             events.overflow retry.initial retry.max log.level"
+            "agent.remote_config events.batch_max_bytes events.batch_max_events events.batch_interval \
+             events.buffer_events events.overflow retry.initial retry.max log.level"
         );
     }
 
