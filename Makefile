@@ -43,10 +43,10 @@ bench:
 	target/release/wazuh-bench --agent $(BIN) $(BENCH_ARGS)
 
 # libFuzzer via cargo-fuzz on the parsers (ingest lines, queue recovery, JWT claims,
-# config, commands). cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP enables them on the
-# stable toolchain. FUZZ_SECONDS per target; crashes land in fuzz/artifacts/.
+# config, commands, group files). cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP enables
+# them on the stable toolchain. FUZZ_SECONDS per target; crashes land in fuzz/artifacts/.
 FUZZ_SECONDS ?= 30
-FUZZ_TARGETS := ingest_line queue_recovery jwt_claims config commands
+FUZZ_TARGETS := ingest_line queue_recovery jwt_claims config commands group_file
 fuzz:
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
 		RUSTC_BOOTSTRAP=1 cargo fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \

@@ -100,6 +100,7 @@ pub struct AgentConfig {
     /// Run as this user (and `group`) after start-up; `None`: stay as started.
     pub user: Option<String>,
     pub group: Option<String>,
+    pub remote_config: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -248,6 +249,7 @@ pub static KEYS: &[Key] = &[
     key!(agent.uuid_version = 7, LOCAL, RESTART, uuid_version, |u: &UuidVersion| show(UUIDS, u)),
     key!(agent.user = "", LOCAL, RESTART, account, show_maybe),
     key!(agent.group = "", LOCAL, RESTART, account, show_maybe),
+    key!(agent.remote_config = true, LOCAL, LIVE, boolean, show_num),
     key!(server.url(urls) = "https://localhost:27000", LOCAL, RESTART, urls, show_list),
     key!(server.registration_url = "https://localhost:55000", LOCAL, RESTART,
         |v| validate_https_url(&string(v)?), toml_string),
@@ -598,6 +600,7 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut table = toml_table(text, source.unwrap_or(Path::new("")))?;
         let mut config = Config::from_table(&table, source)?;
+        let overlays = if config.agent.remote_config { overlays } else { &[] };
         for (file, overlay) in overlays {
             for (section, values) in overlay {
                 let toml::Value::Table(values) = values else { continue };
@@ -851,8 +854,8 @@ mod tests {
         );
         assert_eq!(
             ids(|k| k.live),
-            "events.batch_max_bytes events.batch_max_events events.batch_interval events.buffer_events \
-             events.overflow retry.initial retry.max log.level"
+            "agent.remote_config events.batch_max_bytes events.batch_max_events events.batch_interval \
+             events.buffer_events events.overflow retry.initial retry.max log.level"
         );
     }
 

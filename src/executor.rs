@@ -18,10 +18,10 @@ use crossbeam_channel::{Receiver, Sender, select};
 use serde::{Deserialize, Serialize};
 
 use crate::commands::{self, Action, Code, Command};
-use crate::config::{Config, ConfigError};
-use crate::groups::{self, GroupError};
+use crate::config::Config;
+use crate::groups::{self, GroupError, MAX_FILE_BYTES, MAX_GROUPS};
 use crate::host::HostInfo;
-use crate::http::Request;
+use crate::http::{Rejection, Request};
 use crate::live::Live;
 use crate::queue::Append;
 use crate::session::{Call, Failure, Session};
@@ -164,11 +164,14 @@ fn download(ctx: &Ctx, group: &str, deadline: Instant, cancel: &AtomicBool) -> R
         return Err("cancelled".into());
     }
     let (path, what) = (format!("/api/v1/files?file_name={group}.yml"), format!("downloading {group}.yml"));
-    let call = Call { path: &path, request: Request::Get, what: &what, until: Some(deadline) };
+    let call = Call { path: &path, request: Request::GetAtMost(MAX_FILE_BYTES), what: &what, until: Some(deadline) };
     match ctx.session.call(&call) {
         Ok(reply) => Ok(reply.body),
         Err(Failure::Stopped) => Err("cancelled".into()),
         Err(Failure::Refused { status: 404, .. }) => Err(format!("file {group}.yml not found on the server (404)")),
+        Err(Failure::Refused { kind: Rejection::TooLarge, message, .. }) => {
+            Err(format!("group file {group}.yml is refused: {message}"))
+        }
         Err(Failure::Refused { status, message, .. }) => Err(format!("{what} failed: {status} {message}")),
     }
 }
@@ -176,21 +179,13 @@ fn download(ctx: &Ctx, group: &str, deadline: Instant, cancel: &AtomicBool) -> R
 /// Why a `set-group` or `fetch-config` command failed (its result message).
 #[derive(Debug, thiserror::Error)]
 enum SetGroupsError {
-    /// A group file could not be downloaded (the download's own reason).
+    /// A group file could not be downloaded, or the set goes past a limit (the reason).
     #[error("{0}")]
-    Download(String),
-    /// A downloaded group file (named) is not UTF-8.
-    #[error("group file {0} is not UTF-8")]
-    NotUtf8(String),
-    /// A group file is not a usable YAML mapping.
+    Refused(String),
+    /// A group file is refused, the local file is unreadable, or the two together are not
+    /// a valid configuration (the file and key are named).
     #[error("{0}")]
-    Parse(#[source] GroupError),
-    /// The local configuration file could not be re-read.
-    #[error("cannot read {}: {source}", .path.display())]
-    ReadLocal { path: PathBuf, source: io::Error },
-    /// The local file with the group files over it is not a valid configuration.
-    #[error("{0}")]
-    Config(#[source] ConfigError),
+    Group(#[source] GroupError),
     /// The command timed out before anything was changed.
     #[error("cancelled")]
     Cancelled,
@@ -201,38 +196,29 @@ enum SetGroupsError {
 
 /// `set-group` and `fetch-config`: download every file, validate, swap the set, apply.
 fn set_groups(ctx: &Ctx, groups: &[String], deadline: Instant, cancel: &AtomicBool) -> Result<String, SetGroupsError> {
+    if groups.len() > MAX_GROUPS {
+        let why = format!("refused: {} groups, more than the limit of {MAX_GROUPS}", groups.len());
+        return Err(SetGroupsError::Refused(why));
+    }
     let mut files = Vec::with_capacity(groups.len());
     for g in groups {
-        files.push((g.clone(), download(ctx, g, deadline, cancel).map_err(SetGroupsError::Download)?));
+        files.push((g.clone(), download(ctx, g, deadline, cancel).map_err(SetGroupsError::Refused)?));
     }
-    let (mut overlays, mut ignored) = (Vec::with_capacity(files.len()), Vec::new());
-    for (g, content) in &files {
-        let file = format!("{g}.yml");
-        let text = std::str::from_utf8(content).map_err(|_| SetGroupsError::NotUtf8(file.clone()))?;
-        let (overlay, skipped) = groups::parse_group_file(&file, text).map_err(SetGroupsError::Parse)?;
-        ignored.extend(skipped.into_iter().map(|k| format!("{k} ({file})")));
-        overlays.push((file, overlay));
-    }
-    groups::warn_ignored(&ignored);
     // One reload at a time (SIGHUP or another command).
     let _guard = ctx.live.reload_guard();
-    let local_text = match &ctx.local.source {
-        Some(p) => {
-            std::fs::read_to_string(p).map_err(|source| SetGroupsError::ReadLocal { path: p.clone(), source })?
-        }
-        None => String::new(),
-    };
-    let config =
-        Config::with_overlays(&local_text, ctx.local.source.as_deref(), &overlays).map_err(SetGroupsError::Config)?;
+    let (config, ignored) = groups::merge(&ctx.local, &files).map_err(SetGroupsError::Group)?;
     if cancel.load(Ordering::Relaxed) {
         return Err(SetGroupsError::Cancelled);
     }
     groups::install(&ctx.data_dir, &files).map_err(SetGroupsError::Install)?;
     ctx.live.set_agent_line(crate::event::agent_line(&ctx.uuid, &ctx.name, groups, &ctx.host));
+    let note = match config.agent.remote_config {
+        true => groups::report_ignored(&ignored),
+        false => "; their settings are not applied (agent.remote_config = false)".to_string(),
+    };
     let applied = ctx.live.apply(config);
     let names = if groups.is_empty() { "no group".to_string() } else { groups.join(", ") };
-    let ignored = if ignored.is_empty() { String::new() } else { format!("; ignored {}", ignored.join(", ")) };
-    Ok(format!("groups set to {names}; {}{ignored}", applied.describe()))
+    Ok(format!("groups set to {names}; {}{note}", applied.describe()))
 }
 
 impl Executor {
@@ -380,14 +366,15 @@ mod tests {
         asked: Receiver<()>,
     }
 
-    fn download_waiting_a_minute(deadline: Instant) -> Waiting {
+    /// A context whose files session talks to a server that sends `answer` to every request.
+    fn serving(answer: Vec<u8>) -> (Arc<Ctx>, Sender<()>, Receiver<()>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (asked_tx, asked) = crossbeam_channel::unbounded();
         std::thread::spawn(move || {
             for mut s in listener.incoming().flatten() {
                 let _ = s.read(&mut [0u8; 4096]);
-                let _ = s.write_all(b"HTTP/1.1 503 Busy\r\nRetry-After: 60\r\nContent-Length: 0\r\n\r\n");
+                let _ = s.write_all(&answer);
                 let _ = asked_tx.send(());
             }
         });
@@ -407,10 +394,39 @@ mod tests {
         };
         let host = crate::host::gather(Path::new("/"));
         let data_dir = std::env::temp_dir();
-        let ctx = Ctx { session, live, local, data_dir, uuid: "u".into(), name: "n".into(), host };
+        (Arc::new(Ctx { session, live, local, data_dir, uuid: "u".into(), name: "n".into(), host }), stop_tx, asked)
+    }
+
+    fn download_waiting_a_minute(deadline: Instant) -> Waiting {
+        let busy = b"HTTP/1.1 503 Busy\r\nRetry-After: 60\r\nContent-Length: 0\r\n\r\n".to_vec();
+        let (ctx, stop, asked) = serving(busy);
         let (done_tx, done) = crossbeam_channel::bounded(1);
         std::thread::spawn(move || done_tx.send(download(&ctx, "g1", deadline, &AtomicBool::new(false))));
-        Waiting { stop: stop_tx, done, asked }
+        Waiting { stop, done, asked }
+    }
+
+    fn file_of(bytes: usize) -> Result<Vec<u8>, String> {
+        let mut answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {bytes}\r\n\r\n").into_bytes();
+        answer.resize(answer.len() + bytes, b'#');
+        let (ctx, _stop, _asked) = serving(answer);
+        download(&ctx, "g1", Instant::now() + Duration::from_secs(30), &AtomicBool::new(false))
+    }
+
+    #[test]
+    fn a_group_file_over_1_mib_is_refused_at_once() {
+        assert_eq!(file_of(1 << 20).map(|b| b.len()), Ok(1 << 20));
+        let e = file_of((1 << 20) + 1).unwrap_err();
+        assert_eq!(e, "group file g1.yml is refused: the answer is larger than the limit of 1048576 bytes");
+    }
+
+    #[test]
+    fn more_than_64_groups_are_refused_before_any_download() {
+        let (ctx, _stop, asked) = serving(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec());
+        let groups: Vec<String> = (0..65).map(|i| format!("g{i}")).collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let e = set_groups(&ctx, &groups, deadline, &AtomicBool::new(false)).unwrap_err();
+        assert_eq!(e.to_string(), "refused: 65 groups, more than the limit of 64");
+        assert!(asked.try_recv().is_err(), "nothing was downloaded");
     }
 
     #[test]

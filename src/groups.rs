@@ -5,23 +5,30 @@
 //! generation, fsynced, and switched to with one `rename` of a new link over `shared`, so
 //! readers (and a crash) see either the old set or the new one, never a mix.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
+use yaml_rust2::parser::{Event, Parser};
 use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::config::{self, Config, ConfigError};
 
 const LIST_FILE: &str = ".groups.json";
+/// Limits on what a server sends (SPEC §2.1), and a nesting bound: loading recurses per level.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+pub const MAX_GROUPS: usize = 64;
+const MAX_NODES: usize = 10_000;
+const MAX_DEPTH: usize = 64;
 
 /// Why the group set could not be read, written or applied.
 #[derive(Debug, thiserror::Error)]
 pub enum GroupError {
-    /// A group file is not a YAML mapping (the file is named).
-    #[error("group file {file} is not a YAML mapping: {message}")]
-    NotAMapping { file: String, message: String },
+    /// A group file is not a YAML mapping, or goes past a limit (the file and limit are named).
+    #[error("group file {file} {message}")]
+    Refused { file: String, message: String },
     /// The merged configuration is invalid.
     #[error("{0}")]
     Config(#[source] ConfigError),
@@ -53,36 +60,54 @@ fn yaml_to_toml(y: &Yaml) -> Option<toml::Value> {
         Yaml::Boolean(b) => toml::Value::Boolean(*b),
         Yaml::Real(r) => toml::Value::Float(r.parse().ok()?),
         Yaml::Array(a) => toml::Value::Array(a.iter().filter_map(yaml_to_toml).collect()),
-        Yaml::Hash(h) => {
-            let mut t = toml::Table::new();
-            for (k, v) in h {
-                if let (Some(k), Some(v)) = (k.as_str(), yaml_to_toml(v)) {
-                    t.insert(k.to_string(), v);
-                }
-            }
-            toml::Value::Table(t)
-        }
+        Yaml::Hash(h) => toml::Value::Table(
+            h.iter().filter_map(|(k, v)| Some((k.as_str()?.to_string(), yaml_to_toml(v)?))).collect(),
+        ),
         Yaml::Null | Yaml::Alias(_) | Yaml::BadValue => return None,
+    })
+}
+
+/// Refuses YAML whose nodes, aliases expanded, number more than [`MAX_NODES`], or that nests deeper
+/// than [`MAX_DEPTH`], before anything is built: the loader clones an alias's node, so a "billion laughs"
+/// file of 600 bytes would take gigabytes; counting parser events costs in proportion to the text.
+fn check_nodes(text: &str) -> Result<(), String> {
+    let mut parser = Parser::new_from_str(text);
+    // Expanded sizes of anchored containers (a scalar or an open one counts 1, as loaded),
+    // and the open containers with the count at their start (each counts when it ends).
+    let (mut nodes, mut sizes, mut open) = (0, HashMap::new(), Vec::new());
+    while nodes <= MAX_NODES && open.len() <= MAX_DEPTH {
+        match parser.next_token().map_err(|e| format!("is not a YAML mapping: {e}"))?.0 {
+            Event::StreamEnd => return Ok(()),
+            Event::Alias(id) => nodes += sizes.get(&id).copied().unwrap_or(1),
+            Event::Scalar(..) => nodes += 1,
+            Event::SequenceStart(id, _) | Event::MappingStart(id, _) => open.push((id, nodes)),
+            Event::SequenceEnd | Event::MappingEnd => {
+                let (id, start) = open.pop().unwrap_or_default();
+                nodes += 1; // the container itself
+                sizes.insert(id, nodes - start);
+            }
+            _ => {}
+        }
+    }
+    Err(match nodes > MAX_NODES {
+        true => format!("is refused: its aliases expand past the limit of {MAX_NODES} nodes"),
+        false => format!("is refused: it nests deeper than the limit of {MAX_DEPTH} levels"),
     })
 }
 
 /// Parses one group file into an overlay of the keys a server may set. Returns the overlay
 /// and the `section.key` names it ignored: keys this agent does not have, and local-only
 /// keys (identity, paths, TLS, ...), which only the local file may set.
-pub fn parse_group_file(file: &str, text: &str) -> Result<(toml::Table, Vec<String>), GroupError> {
-    let docs = YamlLoader::load_from_str(text)
-        .map_err(|e| GroupError::NotAMapping { file: file.to_string(), message: e.to_string() })?;
-    let mut overlay = toml::Table::new();
-    let mut ignored = Vec::new();
+pub fn parse_group_file(file: &str, content: &[u8]) -> Result<(toml::Table, Vec<String>), GroupError> {
+    let refused = |message| GroupError::Refused { file: file.to_string(), message };
+    let text = std::str::from_utf8(content).map_err(|_| refused("is not UTF-8".into()))?;
+    check_nodes(text).map_err(refused)?;
+    let docs = YamlLoader::load_from_str(text).map_err(|e| refused(format!("is not a YAML mapping: {e}")))?;
+    let (mut overlay, mut ignored) = (toml::Table::new(), Vec::new());
     let root = match docs.into_iter().next() {
         None | Some(Yaml::Null) => return Ok((overlay, ignored)),
         Some(Yaml::Hash(h)) => h,
-        Some(_) => {
-            return Err(GroupError::NotAMapping {
-                file: file.to_string(),
-                message: "the document is not a mapping".into(),
-            });
-        }
+        Some(_) => return Err(refused("is not a YAML mapping".into())),
     };
     for (k, v) in &root {
         let Some(section) = k.as_str() else { continue };
@@ -94,9 +119,7 @@ pub fn parse_group_file(file: &str, text: &str) -> Result<(toml::Table, Vec<Stri
         for (k2, v2) in values {
             let Some(name) = k2.as_str() else { continue };
             match (config::key(section, name).filter(|k| k.server), yaml_to_toml(v2)) {
-                (Some(_), Some(val)) => {
-                    t.insert(name.to_string(), val);
-                }
+                (Some(_), Some(val)) => _ = t.insert(name.to_string(), val),
                 _ => ignored.push(format!("{section}.{name}")),
             }
         }
@@ -105,41 +128,44 @@ pub fn parse_group_file(file: &str, text: &str) -> Result<(toml::Table, Vec<Stri
     Ok((overlay, ignored))
 }
 
-/// Overlays from the current set, in group order (missing files are skipped with a warning).
-pub fn current_overlays(data_dir: &Path) -> Result<Vec<(String, toml::Table)>, GroupError> {
-    let dir = shared_dir(data_dir);
-    let (mut out, mut ignored) = (Vec::new(), Vec::new());
-    for g in current(data_dir) {
+/// One warning naming every setting the group files carry that this agent did not apply;
+/// returns `; ignored …` for a result message (empty when there is none).
+pub fn report_ignored(ignored: &[String]) -> String {
+    if ignored.is_empty() {
+        return String::new();
+    }
+    log::warn!("group files: ignored {} (unknown here, or local-only settings)", ignored.join(", "));
+    format!("; ignored {}", ignored.join(", "))
+}
+
+/// The local file (re-read from `local.source`) with `files` (`(group, content)`, in group
+/// order) over it, and the settings they carry that this agent does not apply (file named).
+pub fn merge(local: &Config, files: &[(String, Vec<u8>)]) -> Result<(Config, Vec<String>), GroupError> {
+    let (mut overlays, mut ignored) = (Vec::with_capacity(files.len()), Vec::new());
+    for (g, content) in files {
         let file = format!("{g}.yml");
-        let text = match fs::read_to_string(dir.join(&file)) {
-            Ok(t) => t,
-            Err(e) => {
-                log::warn!("group file {} is unreadable ({e}); ignored", dir.join(&file).display());
-                continue;
-            }
-        };
-        let (overlay, skipped) = parse_group_file(&file, &text)?;
+        let (overlay, skipped) = parse_group_file(&file, content)?;
         ignored.extend(skipped.into_iter().map(|k| format!("{k} ({file})")));
-        out.push((file, overlay));
+        overlays.push((file, overlay));
     }
-    warn_ignored(&ignored);
-    Ok(out)
-}
-
-/// One warning naming every setting the group files carry that this agent did not apply.
-pub fn warn_ignored(ignored: &[String]) {
-    if !ignored.is_empty() {
-        log::warn!("group files: ignored {} (unknown here, or local-only settings)", ignored.join(", "));
-    }
-}
-
-/// The effective configuration: the local file (re-read from `local`) plus the current
-/// group files. Used at start, on SIGHUP and after `set-group`/`fetch-config`.
-pub fn effective_config(local: &Config, data_dir: &Path) -> Result<Config, GroupError> {
     let text = local.source.as_ref().map(|p| fs::read_to_string(p).map_err(io_err(p))).transpose()?;
-    let text = text.unwrap_or_default();
-    let overlays = current_overlays(data_dir)?;
-    Config::with_overlays(&text, local.source.as_deref(), &overlays).map_err(GroupError::Config)
+    let config = Config::with_overlays(&text.unwrap_or_default(), local.source.as_deref(), &overlays);
+    Ok((config.map_err(GroupError::Config)?, ignored))
+}
+
+/// The effective configuration: the local file plus the current group files (all of them,
+/// as a set: one unreadable file is an error). Used at start and on SIGHUP.
+pub fn effective_config(local: &Config, data_dir: &Path) -> Result<Config, GroupError> {
+    if !local.agent.remote_config {
+        log::info!("agent.remote_config = false: the server's group files are not applied");
+        return Ok(local.clone());
+    }
+    let dir = shared_dir(data_dir);
+    let read = |g: String| fs::read(dir.join(format!("{g}.yml"))).map(|content| (g, content));
+    let files = current(data_dir).into_iter().map(read).collect::<io::Result<Vec<_>>>().map_err(io_err(&dir))?;
+    let (config, ignored) = merge(local, &files)?;
+    report_ignored(&ignored);
+    Ok(config)
 }
 
 fn next_generation(data_dir: &Path) -> u64 {
@@ -193,11 +219,12 @@ pub fn install(data_dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), Group
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn yaml_overlay_keeps_known_keys_only() {
         let text = "events:\n  batch_interval: 5s\n  buffer_events: 500\n  mystery: 1\nlogcollector:\n  files: [/var/log/a.log]\nwodle:\n  x: 1\nlog:\n  level: debug\n";
-        let (overlay, ignored) = parse_group_file("g1.yml", text).unwrap();
+        let (overlay, ignored) = parse_group_file("g1.yml", text.as_bytes()).unwrap();
         assert_eq!(overlay["events"]["batch_interval"].as_str(), Some("5s"));
         assert_eq!(overlay["events"]["buffer_events"].as_integer(), Some(500));
         assert_eq!(overlay["logcollector"]["files"][0].as_str(), Some("/var/log/a.log"));
@@ -210,7 +237,7 @@ mod tests {
     fn local_only_keys_are_ignored_and_reported() {
         let text = "server:\n  verify: none\nagent:\n  run_dir: /tmp/evil\n\
                     log:\n  level: debug\n  file: /tmp/x\n";
-        let (overlay, ignored) = parse_group_file("g.yml", text).unwrap();
+        let (overlay, ignored) = parse_group_file("g.yml", text.as_bytes()).unwrap();
         assert_eq!(ignored, vec!["server.verify", "agent.run_dir", "log.file"]);
         let c = Config::with_overlays("", None, &[("g.yml".into(), overlay)]).unwrap();
         assert_eq!((c.server.verify, c.log.level), (crate::config::Verify::Full, log::LevelFilter::Debug));
@@ -220,9 +247,84 @@ mod tests {
     #[test]
     fn non_mappings_are_refused() {
         for bad in ["- a\n- b\n", "just text", "a: [unclosed"] {
-            assert!(parse_group_file("x.yml", bad).is_err(), "{bad:?}");
+            assert!(parse_group_file("x.yml", bad.as_bytes()).is_err(), "{bad:?}");
         }
-        assert!(parse_group_file("empty.yml", "").unwrap().0.is_empty());
+        assert!(parse_group_file("empty.yml", b"").unwrap().0.is_empty());
+    }
+
+    /// The issue's 591-byte file: nine levels of ten aliases each, 10^9 strings once expanded.
+    pub const BILLION_LAUGHS: &str = "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+";
+
+    fn refusal(text: &str) -> String {
+        parse_group_file("g.yml", text.as_bytes()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn aliases_are_counted_expanded_before_anything_is_built() {
+        let e = refusal(BILLION_LAUGHS);
+        assert_eq!(e, "group file g.yml is refused: its aliases expand past the limit of 10000 nodes");
+        // The bound is exact: the root mapping, two keys, an anchored list of 97 scalars
+        // (98 nodes) and a list of 101 aliases to it make 4 + 98 * 102 = 10 000 nodes.
+        let items = vec!["x"; 97].join(", ");
+        let aliases = vec!["*l"; 101].join(", ");
+        let at_limit = format!("a: &l [{items}]\nb: [{aliases}]\n");
+        assert!(parse_group_file("g.yml", at_limit.as_bytes()).is_ok());
+        let past = format!("a: &l [{items}]\nb: [{aliases}, y]\n");
+        assert!(refusal(&past).contains("past the limit of 10000 nodes"));
+    }
+
+    #[test]
+    fn deep_but_small_files_are_refused_without_recursing() {
+        // Flow and block nesting, past the depth bound; loading these recursively would
+        // need a frame per level. A thread with the command thread's stack shows none is used.
+        let flow = format!("log: {}{}\n", "[".repeat(200), "]".repeat(200));
+        let block = format!("log:\n  level:\n  {}x\n", "- ".repeat(100_000));
+        let found = std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(move || [refusal(&flow), refusal(&block)])
+            .unwrap()
+            .join()
+            .unwrap();
+        for e in found {
+            assert!(e.ends_with("is refused: it nests deeper than the limit of 64 levels"), "{e}");
+        }
+        let ok = format!("log: {{level: debug}}\nwodle: {}{}\n", "[".repeat(60), "]".repeat(60));
+        assert_eq!(parse_group_file("g.yml", ok.as_bytes()).unwrap().1, vec!["wodle"]);
+    }
+
+    #[test]
+    fn a_file_with_a_few_aliases_loads_as_written() {
+        let text = "defaults: &d\n  level: debug\nlog: *d\nevents:\n  batch_interval: &i 5s\nretry:\n  initial: *i\n";
+        let (overlay, ignored) = parse_group_file("g.yml", text.as_bytes()).unwrap();
+        assert_eq!(ignored, vec!["defaults"]);
+        let c = Config::with_overlays("", None, &[("g.yml".into(), overlay)]).unwrap();
+        assert_eq!(c.log.level, log::LevelFilter::Debug);
+        assert_eq!((c.events.batch_interval, c.retry.initial), (Duration::from_secs(5), Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn remote_config_false_applies_no_group_file() {
+        let dir = tempfile::tempdir().unwrap();
+        install(dir.path(), &[("g1".into(), b"log:\n  level: trace\n".to_vec())]).unwrap();
+        let local_file = dir.path().join("agent.toml");
+        for (remote, level) in [("true", log::LevelFilter::Trace), ("false", log::LevelFilter::Warn)] {
+            let text = format!("[agent]\nremote_config = {remote}\n[log]\nlevel = \"warn\"\n");
+            fs::write(&local_file, &text).unwrap();
+            let local = Config::load(Some(&local_file)).unwrap();
+            assert_eq!(effective_config(&local, dir.path()).unwrap().log.level, level, "remote_config = {remote}");
+            // The same for the merge after set-group, which re-reads the local file.
+            let files = [("g1".into(), b"log:\n  level: trace\n".to_vec())];
+            assert_eq!(merge(&local, &files).unwrap().0.log.level, level);
+        }
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::event::{BodyReader, Event};
 /// Largest response body the agent reads. Real answers are small (a token, a results
 /// list, a group file); this bounds memory against a broken or hostile server.
 pub const MAX_RESPONSE_BYTES: u64 = 8 << 20;
-/// Largest commands answer ([`Request::Poll`]): room for far more than the commands taken
+/// Largest commands answer (the poll's [`Request::GetAtMost`]): room for far more than the commands taken
 /// from one answer (`commands::MAX_PER_ANSWER`), and bounds the JSON tree built from it.
 pub const MAX_COMMANDS_BYTES: u64 = 1 << 20;
 
@@ -126,7 +126,7 @@ fn agent_with(tls: Arc<ClientConfig>, proxy: Option<ureq::Proxy>, timeout: Durat
     ureq::Agent::with_parts(config, connector, DefaultResolver::default())
 }
 
-/// A response read to the end (bounded by [`MAX_RESPONSE_BYTES`] or [`MAX_COMMANDS_BYTES`]).
+/// A response read to the end (bounded by [`MAX_RESPONSE_BYTES`] or the request's own limit).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub status: u16,
@@ -145,8 +145,8 @@ impl Reply {
 #[derive(Debug, Clone)]
 pub enum Request<'a> {
     Get,
-    /// The command long-poll's GET: its answer is bounded by [`MAX_COMMANDS_BYTES`].
-    Poll,
+    /// A GET whose answer may be at most this many bytes (more: `ureq::Error::BodyExceedsLimit`).
+    GetAtMost(u64),
     /// A POST without a body.
     Post,
     Json(&'a [u8]),
@@ -170,7 +170,7 @@ pub fn send(
     let post = || with_auth(agent.post(url), authorization).config().timeout_global(timeout).build();
     let json = || post().header("Content-Type", "application/json");
     let mut response = match request {
-        Request::Get | Request::Poll => get().call()?,
+        Request::Get | Request::GetAtMost(_) => get().call()?,
         Request::Post => post().send_empty()?,
         Request::Json(b) => json().send(*b)?,
         Request::Gzip(z) => json().header("Content-Encoding", "gzip").send(z)?,
@@ -183,7 +183,7 @@ pub fn send(
     // Read to the end (bounded), so that the connection goes back to the pool.
     let status = response.status().as_u16();
     let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(|s| s.to_string());
-    let limit = if let Request::Poll = request { MAX_COMMANDS_BYTES } else { MAX_RESPONSE_BYTES };
+    let limit = if let Request::GetAtMost(n) = request { *n } else { MAX_RESPONSE_BYTES };
     let body = response.body_mut().with_config().limit(limit).read_to_vec()?;
     Ok(Reply { status, retry_after, body })
 }
@@ -217,7 +217,7 @@ pub enum Outcome {
 pub enum Rejection {
     /// 400: malformed; resending the same body fails again.
     Invalid,
-    /// 413: the body is too large.
+    /// 413: the body is too large; to a download (status 413 then), the answer is over its limit.
     TooLarge,
     /// Any other status the agent cannot act on (404, 405, 3xx …).
     Other(u16),

@@ -133,7 +133,8 @@ mod tests {
     #[test]
     fn every_live_key_is_applied() {
         let live = Live::new(Config::defaults(), "{}".into());
-        let text = "[events]\nbatch_max_bytes = \"2MB\"\nbatch_max_events = 5\nbatch_interval = \"5s\"\n\
+        let text = "[agent]\nremote_config = false\n\
+            [events]\nbatch_max_bytes = \"2MB\"\nbatch_max_events = 5\nbatch_interval = \"5s\"\n\
             buffer_events = 50\noverflow = \"block\"\n[retry]\ninitial = \"2s\"\nmax = \"90s\"\n\
             [log]\nlevel = \"debug\"\nfile = \"/tmp/x.log\"\n";
         let new = Config::parse(text, Path::new("x.toml")).unwrap();

@@ -11,7 +11,7 @@ use crossbeam_channel::{Receiver, Sender, select};
 
 use crate::backoff::Backoff;
 use crate::commands::{self, Command, MAX_PER_ANSWER};
-use crate::http::Request;
+use crate::http::{MAX_COMMANDS_BYTES, Request};
 use crate::session::{Call, Session};
 use crate::status::Stats;
 
@@ -22,7 +22,12 @@ pub struct Poller {
 }
 
 pub fn run(p: Poller, out: Sender<Command>, shutdown: Receiver<()>) {
-    let call = Call { path: "/api/v1/commands", request: Request::Poll, what: "command poll", until: None };
+    let call = Call {
+        path: "/api/v1/commands",
+        request: Request::GetAtMost(MAX_COMMANDS_BYTES),
+        what: "command poll",
+        until: None,
+    };
     // Only for answers the server took but the agent cannot read; failures back off in the session.
     let mut unreadable = Backoff::new(Duration::ZERO, Duration::ZERO);
     // The session retries every failure and refusal itself: it ends only with a reply or a stop.

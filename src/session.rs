@@ -100,6 +100,11 @@ pub fn next_step(
     };
     let (delay, failover, wrong_url, result) = match (outcome, result) {
         (Outcome::Done, Ok(reply)) => return Step::End(Ok(reply)),
+        // The answer would be as large again: the caller hears of it.
+        (_, Err(ureq::Error::BodyExceedsLimit(n))) if role == Role::Files => {
+            let message = format!("the answer is larger than the limit of {n} bytes");
+            return Step::End(Err(Failure::Refused { kind: Rejection::TooLarge, status: 413, message }));
+        }
         (Outcome::Reauth, _) => return Step::Reauth,
         (Outcome::Repoll, _) => {
             backoff.reset();

@@ -3,6 +3,7 @@
 
 mod cli;
 mod commands;
+mod groups;
 mod inventory;
 mod logcollector;
 mod ops;
