@@ -1,0 +1,115 @@
+//! Red-team reproductions (branch adv-server): each test drives the real agent through its
+//! own interfaces (mock server, ingest socket, command line) and measures the outcome.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use wazuh_mock_server::MockServer;
+
+use crate::support::*;
+
+fn uuid(env: &Env) -> String {
+    let c: Value =
+        serde_json::from_str(&std::fs::read_to_string(env.data_dir().join("credentials.json")).unwrap()).unwrap();
+    c["uuid"].as_str().unwrap().to_string()
+}
+
+fn command(id: &str, name: &str, args: Value) -> Value {
+    json!({"document_id": id, "source": "Users/Services", "user": "Management API",
+        "action": {"name": name, "version": "5.0.0", "args": args}, "status": "pending", "timeout": 60})
+}
+
+fn result_of(mock: &MockServer, id: &str, within: Duration) -> Option<(i64, String)> {
+    mock.wait_until(within, |m| m.command_results().iter().any(|(i, _, _)| i == id));
+    mock.command_results().into_iter().find(|(i, _, _)| i == id).map(|(_, c, m)| (c, m))
+}
+
+/// `field` of /proc/<pid>/status in kB (0 when the process is gone).
+fn proc_kb(pid: u32, field: &str) -> u64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0 };
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn setup(config: &str) -> (Env, Agent, String) {
+    let env = Env::with(|o| o.command_hold = Duration::from_millis(300));
+    env.write_config(&format!("events.batch_interval = \"100ms\"\n{config}"));
+    let agent = env.running_agent();
+    let id = uuid(&env);
+    (env, agent, id)
+}
+
+/// A group file under 1 MiB whose *scalar* anchor is aliased a few thousand times: the
+/// node count stays far under 10 000 (an alias of a scalar counts 1), but the loader clones
+/// the 200 KB string for every alias.
+pub fn scalar_alias_bomb(scalar: usize, aliases: usize) -> String {
+    let mut s = format!("junk: &a \"{}\"\nlist: [", "x".repeat(scalar));
+    for i in 0..aliases {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str("*a");
+    }
+    s.push_str("]\nevents:\n  batch_interval: 250ms\n");
+    s
+}
+
+#[test]
+#[ignore = "reproduces: a <1 MiB group file with an aliased large scalar makes the agent allocate ~500 MB"]
+fn a_group_file_aliasing_a_large_scalar_does_not_blow_up_memory() {
+    let (env, agent, me) = setup("");
+    let pid = agent.child.id();
+    let text = scalar_alias_bomb(200_000, 2_500);
+    assert!(text.len() < 1 << 20, "{} bytes: under the 1 MiB file limit", text.len());
+    let before = proc_kb(pid, "VmHWM:");
+    env.mock.set_file("bomb.yml", text.as_bytes());
+    env.mock.enqueue_command(&me, command("bomb-1", "set-group", json!({"groups": ["bomb"]})));
+    let result = result_of(&env.mock, "bomb-1", Duration::from_secs(60));
+    let after = proc_kb(pid, "VmHWM:");
+    eprintln!("VmHWM before {before} kB, after {after} kB; result {result:?}");
+    assert!(after < before + 64 * 1024, "peak RSS grew by {} kB for a {} byte group file", after - before, text.len());
+    assert!(
+        matches!(&result, Some((1, m)) if m.contains("limit")),
+        "the file should be refused naming a limit, got {result:?}"
+    );
+}
+
+#[test]
+#[ignore = "reproduces: the stateless buffer is bounded in events only (no events.buffer_bytes): ~1 MB lines fill RSS"]
+fn large_stateless_lines_during_an_outage_stay_within_a_byte_bound() {
+    let env = Env::new();
+    env.write_config("events.batch_interval = \"50ms\"\nretry.max = \"300ms\"");
+    let agent = env.running_agent();
+    let pid = agent.child.id();
+    env.mock.set_down(true);
+    let before = proc_kb(pid, "VmRSS:");
+    let big = "y".repeat(1_000_000);
+    let line = |i: usize| {
+        format!(r#"{{"header":{{"module":"logcollector","collector":"file"}},"data":{{"event":{{"original":"{i}-{big}"}}}}}}"#)
+    };
+    let mut accepted = 0;
+    for round in 0..10 {
+        let reply = env.send_ok(&lines((round * 30..round * 30 + 30).map(line)));
+        accepted += reply["accepted"].as_u64().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = proc_kb(pid, "VmRSS:");
+    let status = std::fs::read_to_string(env.dir.path().join("run/state.json")).unwrap_or_default();
+    eprintln!("accepted {accepted}; VmRSS before {before} kB, after {after} kB; state {status}");
+    // SPEC §2: buffer_bytes = "8MiB" by default ("whichever is reached first is full").
+    assert!(after < before + 64 * 1024, "RSS grew by {} kB holding buffered events", after - before);
+    drop(agent);
+    let _ = Instant::now();
+}
+
+#[test]
+#[ignore = "reproduces: events.buffer_bytes (SPEC §2 [events]) is refused as an unknown key"]
+fn the_spec_key_events_buffer_bytes_is_accepted() {
+    let env = Env::new();
+    env.write_config("events.buffer_bytes = \"8MiB\"");
+    let out = env.cmd().arg("--check-config").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}
