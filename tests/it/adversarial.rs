@@ -211,3 +211,81 @@ fn open_producer_connections_do_not_hold_hundreds_of_megabytes() {
     eprintln!("VmRSS before {before} kB, with 2 open producers of 400 x 1 MB lines: {during} kB");
     assert!(during < before + 128 * 1024, "RSS grew by {} kB", during - before);
 }
+
+/// The run mode (comms API) with `verify = "full"`: a wrong host name or an unknown CA
+/// must never get the agent key (no authentication request reaches the server).
+#[test]
+fn run_mode_full_verification_refuses_wrong_name_and_unknown_ca() {
+    // Wrong name: register with "certificate", then run with the default "full".
+    let env = Env::with(|o| o.cert_names = vec!["wazuh-server.example".into()]);
+    env.write_config("server.verify = \"certificate\"");
+    env.registered();
+    env.write_config("");
+    let agent = env.spawn_agent();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(env.mock.auth_calls().is_empty(), "a wrong-name server got the key: {}", agent.log());
+    assert!(agent.log().contains("name"), "{}", agent.log());
+    drop(agent);
+
+    // Unknown CA: another mock's CA file.
+    let env = Env::new();
+    env.registered();
+    let other = Env::new();
+    env.write_config(&format!("server.ca_file = {:?}", other.mock.ca_file().display().to_string()));
+    let agent = env.spawn_agent();
+    std::thread::sleep(Duration::from_secs(3));
+    let n = env.mock.auth_calls().len();
+    assert_eq!(n, 0, "an unknown-CA server got the key {n} times: {}", agent.log());
+    let comms = env.mock.requests().iter().filter(|r| r.api == "comms").count();
+    assert_eq!(comms, 0);
+}
+
+/// Commands polls the mock saw in `window`, from now.
+fn polls_during(mock: &MockServer, window: Duration) -> usize {
+    let count = || mock.requests().iter().filter(|r| r.path == "/api/v1/commands").count();
+    let start = count();
+    std::thread::sleep(window);
+    count() - start
+}
+
+/// A server that answers every poll at once with 200 and nothing to do (an empty list, or
+/// only commands already run): the agent re-polls at once, with no floor.
+#[test]
+#[ignore = "reproduces: 200 {\"commands\":[]} answered at once makes the poll loop spin (hundreds of polls/s)"]
+fn an_immediate_empty_200_is_not_polled_in_a_tight_loop() {
+    use wazuh_mock_server::{Fault, FaultAction};
+    let (env, agent, _me) = setup("retry.initial = \"500ms\"\nretry.max = \"2s\"");
+    env.mock.inject(Fault {
+        path: "/api/v1/commands".into(),
+        times: 200_000,
+        action: FaultAction::Status { code: 200, retry_after: None, body: Some(r#"{"commands": []}"#.into()) },
+    });
+    let n = polls_during(&env.mock, Duration::from_secs(2));
+    env.mock.clear_faults();
+    eprintln!("{n} polls in 2 s answered 200 with an empty list");
+    // With the retry floor (500 ms) at most ~4-5 in 2 s; allow 20.
+    assert!(n <= 20, "{n} polls in 2 s: {}/s", n / 2);
+    drop(agent);
+}
+
+#[test]
+#[ignore = "reproduces: 200 with only an already-run command, answered at once, makes the poll loop spin"]
+fn an_immediate_200_with_only_known_commands_is_not_polled_in_a_tight_loop() {
+    use wazuh_mock_server::{Fault, FaultAction};
+    let (env, agent, me) = setup("retry.initial = \"500ms\"\nretry.max = \"2s\"");
+    env.mock.enqueue_command(&me, command("once", "no-such-action", json!({})));
+    assert!(result_of(&env.mock, "once", Duration::from_secs(10)).is_some());
+    let body = json!({"commands": [command("once", "no-such-action", json!({}))]}).to_string();
+    env.mock.inject(Fault {
+        path: "/api/v1/commands".into(),
+        times: 200_000,
+        action: FaultAction::Status { code: 200, retry_after: None, body: Some(body) },
+    });
+    let log_before = agent.log().len();
+    let n = polls_during(&env.mock, Duration::from_secs(2));
+    env.mock.clear_faults();
+    let logged = agent.log().len() - log_before;
+    eprintln!("{n} polls in 2 s answered 200 with a command already run; the log grew by {logged} bytes");
+    assert!(n <= 20, "{n} polls in 2 s: {}/s", n / 2);
+    drop(agent);
+}
