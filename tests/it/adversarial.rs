@@ -289,3 +289,45 @@ fn an_immediate_200_with_only_known_commands_is_not_polled_in_a_tight_loop() {
     assert!(n <= 20, "{n} polls in 2 s: {}/s", n / 2);
     drop(agent);
 }
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the comm field: state is [0], utime [11], stime [12].
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// `logcollector.*` may be set by the server (SPEC §2.1): a wide glob plus the shortest poll
+/// interval makes the agent hold one descriptor per matched file and re-walk the tree 100
+/// times a second. (On a real host the pattern would be "/**/*".)
+#[test]
+#[ignore = "reproduces: a group file's logcollector glob opens one fd per matched file (3000 here) and re-walks the tree every 10 ms"]
+fn a_group_file_glob_cannot_exhaust_descriptors_or_cpu() {
+    let (env, agent, me) = setup("");
+    let pid = agent.child.id();
+    let tree = env.dir.path().join("tree");
+    for d in 0..30 {
+        let dir = tree.join(format!("d{d}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..100 {
+            std::fs::write(dir.join(format!("f{f}.log")), b"").unwrap();
+        }
+    }
+    let yml = format!("logcollector:\n  files: [\"{}/**/*\"]\n  poll_interval: 10ms\n", tree.display());
+    env.mock.set_file("wide.yml", yml.as_bytes());
+    env.mock.enqueue_command(&me, command("w-1", "set-group", json!({"groups": ["wide"]})));
+    let r = result_of(&env.mock, "w-1", Duration::from_secs(30));
+    assert!(matches!(&r, Some((0, _))), "{r:?}");
+    env.mock.enqueue_command(&me, command("w-2", "restart", json!({})));
+    let r = result_of(&env.mock, "w-2", Duration::from_secs(30));
+    assert!(matches!(&r, Some((0, _))), "{r:?} {}", agent.log());
+    std::thread::sleep(Duration::from_secs(2));
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+    let t0 = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let cpu = (cpu_ticks(pid) - t0) as f64 / 3.0; // ticks per second (100 = one core)
+    eprintln!("open fds {fds}; CPU {cpu:.0}% of a core over 3 s");
+    assert!(fds < 512, "{fds} descriptors open");
+    assert!(cpu < 50.0, "{cpu:.0}% CPU while idle");
+}
