@@ -331,3 +331,25 @@ fn a_group_file_glob_cannot_exhaust_descriptors_or_cpu() {
     assert!(fds < 512, "{fds} descriptors open");
     assert!(cpu < 50.0, "{cpu:.0}% CPU while idle");
 }
+
+/// A hostile management API's error text reaches the fatal message of `--register`: no raw
+/// control character (ESC, CR, NEL) and no Unicode line separator may reach the terminal or log.
+#[test]
+#[ignore = "reproduces (low): U+202E (right-to-left override) from the server reaches stderr raw; escape() passes all non-control format characters"]
+fn register_error_text_from_the_server_cannot_forge_output() {
+    use wazuh_mock_server::{Fault, FaultAction};
+    let env = Env::new();
+    let detail = "bad\u{1b}[2J\u{1b}[1;1H\r2026-01-01T00:00:00Z [INFO] (main) registered\u{85}x\u{2028}y\u{2029}z\u{202e}evil";
+    env.mock.inject(Fault {
+        path: "/agents".into(),
+        times: 5,
+        action: FaultAction::Status { code: 400, retry_after: None, body: Some(json!({"title": "Bad Request", "detail": detail}).to_string()) },
+    });
+    let out = env.register(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    eprintln!("stderr: {stderr:?}");
+    let bad: Vec<char> =
+        stderr.chars().filter(|c| (c.is_control() && *c != '\n') || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202e}')).collect();
+    assert!(bad.is_empty(), "raw characters reached stderr: {bad:?}");
+}
