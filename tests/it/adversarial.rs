@@ -378,3 +378,26 @@ fn a_proxy_with_an_invalid_port_is_refused_by_check_config() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("server.proxy"), "{}", text(&out));
 }
+
+/// Odd statuses on the command poll: the agent stays up and polls at a bounded rate.
+#[test]
+fn odd_statuses_on_the_poll_neither_crash_nor_spin() {
+    use wazuh_mock_server::{Fault, FaultAction};
+    let (env, mut agent, _me) = setup("retry.initial = \"200ms\"\nretry.max = \"1s\"");
+    let mut report = Vec::new();
+    for code in [100u16, 101, 199, 204, 206, 299, 304, 307, 404, 418, 499, 599, 600, 999] {
+        env.mock.clear_faults();
+        env.mock.inject(Fault {
+            path: "/api/v1/commands".into(),
+            times: 100_000,
+            action: FaultAction::Status { code, retry_after: None, body: Some("{}".into()) },
+        });
+        let n = polls_during(&env.mock, Duration::from_millis(1500));
+        report.push((code, n));
+        assert!(agent.child.try_wait().unwrap().is_none(), "agent exited on {code}: {}", agent.log());
+    }
+    env.mock.clear_faults();
+    eprintln!("polls in 1.5 s per status: {report:?}");
+    assert!(report.iter().all(|(_, n)| *n <= 30), "{report:?}");
+    let _ = agent.wait_exit(Duration::from_millis(1));
+}
