@@ -401,3 +401,21 @@ fn odd_statuses_on_the_poll_neither_crash_nor_spin() {
     assert!(report.iter().all(|(_, n)| *n <= 30), "{report:?}");
     let _ = agent.wait_exit(Duration::from_millis(1));
 }
+
+/// The alias bomb is accepted and stored, so every later start parses it again: a host
+/// that the first load pushed into the OOM killer stays down across restarts.
+#[test]
+#[ignore = "reproduces: the stored alias-bomb group file is re-expanded at every start (~500 MB peak per start)"]
+fn a_stored_alias_bomb_is_not_expanded_again_at_start() {
+    let (env, mut agent, me) = setup("");
+    env.mock.set_file("bomb.yml", scalar_alias_bomb(200_000, 2_500).as_bytes());
+    env.mock.enqueue_command(&me, command("bomb-1", "set-group", json!({"groups": ["bomb"]})));
+    let _ = result_of(&env.mock, "bomb-1", Duration::from_secs(60));
+    agent.signal(libc::SIGTERM);
+    agent.wait_exit(Duration::from_secs(15));
+    let fresh = env.running_agent();
+    std::thread::sleep(Duration::from_millis(500));
+    let hwm = proc_kb(fresh.child.id(), "VmHWM:");
+    eprintln!("VmHWM of a fresh start with the stored group file: {hwm} kB");
+    assert!(hwm < 64 * 1024, "a start peaks at {hwm} kB");
+}
