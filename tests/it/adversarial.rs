@@ -27,11 +27,7 @@ fn result_of(mock: &MockServer, id: &str, within: Duration) -> Option<(i64, Stri
 /// `field` of /proc/<pid>/status in kB (0 when the process is gone).
 fn proc_kb(pid: u32, field: &str) -> u64 {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0 };
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
+    status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
 }
 
 fn setup(config: &str) -> (Env, Agent, String) {
@@ -88,7 +84,9 @@ fn large_stateless_lines_during_an_outage_stay_within_a_byte_bound() {
     let before = proc_kb(pid, "VmRSS:");
     let big = "y".repeat(1_000_000);
     let line = |i: usize| {
-        format!(r#"{{"header":{{"module":"logcollector","collector":"file"}},"data":{{"event":{{"original":"{i}-{big}"}}}}}}"#)
+        format!(
+            r#"{{"header":{{"module":"logcollector","collector":"file"}},"data":{{"event":{{"original":"{i}-{big}"}}}}}}"#
+        )
     };
     let mut accepted = 0;
     for round in 0..10 {
@@ -295,7 +293,8 @@ fn cpu_ticks(pid: u32) -> u64 {
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
     // After the comm field: state is [0], utime [11], stime [12].
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
 /// `logcollector.*` may be set by the server (SPEC §2.1): a wide glob plus the shortest poll
@@ -339,18 +338,25 @@ fn a_group_file_glob_cannot_exhaust_descriptors_or_cpu() {
 fn register_error_text_from_the_server_cannot_forge_output() {
     use wazuh_mock_server::{Fault, FaultAction};
     let env = Env::new();
-    let detail = "bad\u{1b}[2J\u{1b}[1;1H\r2026-01-01T00:00:00Z [INFO] (main) registered\u{85}x\u{2028}y\u{2029}z\u{202e}evil";
+    let detail =
+        "bad\u{1b}[2J\u{1b}[1;1H\r2026-01-01T00:00:00Z [INFO] (main) registered\u{85}x\u{2028}y\u{2029}z\u{202e}evil";
     env.mock.inject(Fault {
         path: "/agents".into(),
         times: 5,
-        action: FaultAction::Status { code: 400, retry_after: None, body: Some(json!({"title": "Bad Request", "detail": detail}).to_string()) },
+        action: FaultAction::Status {
+            code: 400,
+            retry_after: None,
+            body: Some(json!({"title": "Bad Request", "detail": detail}).to_string()),
+        },
     });
     let out = env.register(&[]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     eprintln!("stderr: {stderr:?}");
-    let bad: Vec<char> =
-        stderr.chars().filter(|c| (c.is_control() && *c != '\n') || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202e}')).collect();
+    let bad: Vec<char> = stderr
+        .chars()
+        .filter(|c| (c.is_control() && *c != '\n') || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202e}'))
+        .collect();
     assert!(bad.is_empty(), "raw characters reached stderr: {bad:?}");
 }
 
@@ -418,4 +424,33 @@ fn a_stored_alias_bomb_is_not_expanded_again_at_start() {
     let hwm = proc_kb(fresh.child.id(), "VmHWM:");
     eprintln!("VmHWM of a fresh start with the stored group file: {hwm} kB");
     assert!(hwm < 64 * 1024, "a start peaks at {hwm} kB");
+}
+
+/// Deeply nested JSON in every field the ingest parser looks into, on its 256 KiB-stack
+/// connection threads: answered line by line, the agent stays up.
+#[test]
+fn deeply_nested_ingest_lines_are_answered_and_the_agent_stays_up() {
+    let env = Env::new();
+    let mut agent = env.running_agent();
+    let mut input = Vec::new();
+    for depth in [100usize, 126, 127, 128, 129, 200, 5000, 400_000] {
+        let nest = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let obj = format!("{}{}", "{\"a\":".repeat(depth), "}".repeat(depth));
+        input.push(format!(r#"{{"header":{{"module":{nest}}},"data":{{}}}}"#));
+        input.push(format!(
+            r#"{{"header":{{"module":"inventory","collector":"packages","operation":{nest},"id":"x"}},"data":{{}}}}"#
+        ));
+        input.push(format!(
+            r#"{{"header":{{"module":"inventory","collector":{nest},"operation":"create","id":"x"}},"data":{{}}}}"#
+        ));
+        input.push(format!(r#"{{"header":{{"module":"m","x":{nest}}},"data":{obj}}}"#));
+        input.push(format!(r#"{{"header":{{"module":"inventory","collector":"packages","operation":"create","id":{nest}}},"data":{{}}}}"#));
+    }
+    let out = env.send(&lines(input));
+    let reply = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(agent.child.try_wait().unwrap().is_none(), "agent died: {}", agent.log());
+    let v: Value = serde_json::from_str(&reply).unwrap_or_else(|_| panic!("no reply: {}", text(&out)));
+    eprintln!("accepted {} rejected {}", v["accepted"], v["rejected"]);
+    assert_eq!(v["accepted"].as_u64().unwrap() + v["rejected"].as_u64().unwrap(), 40);
+    let _ = agent.wait_exit(Duration::from_millis(1));
 }
