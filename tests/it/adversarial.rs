@@ -454,3 +454,30 @@ fn deeply_nested_ingest_lines_are_answered_and_the_agent_stays_up() {
     assert_eq!(v["accepted"].as_u64().unwrap() + v["rejected"].as_u64().unwrap(), 40);
     let _ = agent.wait_exit(Duration::from_millis(1));
 }
+
+/// `logcollector.files` may name a FIFO (a server may set it): `File::open` on a FIFO blocks
+/// until a writer appears, before the "not a regular file" check.
+#[test]
+#[ignore = "reproduces: a FIFO in logcollector.files blocks the logcollector thread in open(); no file is read any more"]
+fn a_fifo_in_logcollector_files_does_not_hang_the_agent() {
+    let env = Env::new();
+    let fifo = env.dir.path().join("trap.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let normal = env.dir.path().join("normal.log");
+    std::fs::write(&normal, b"").unwrap();
+    let with_fifo = std::env::var_os("ADV_NO_FIFO").is_none();
+    let fifo_entry = if with_fifo { format!("{:?}, ", fifo.display().to_string()) } else { String::new() };
+    env.write_config(&format!(
+        "logcollector.files = [{fifo_entry}{:?}]\nlogcollector.start = \"beginning\"\nevents.batch_interval = \"50ms\"",
+        normal.display().to_string()
+    ));
+    let mut agent = env.running_agent();
+    std::fs::write(&normal, b"line-after-fifo\n").unwrap();
+    let got = env.mock.wait_until(Duration::from_secs(5), |m| originals(m).iter().any(|o| o == "line-after-fifo"));
+    agent.signal(libc::SIGTERM);
+    let code = agent.wait_exit(Duration::from_secs(20));
+    eprintln!("line from the other file delivered: {got}; exit after SIGTERM: {code:?}");
+    assert!(got, "the other file was not read: {}", agent.log());
+    assert_eq!(code, Some(0), "{}", agent.log());
+}
