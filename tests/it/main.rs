@@ -1,6 +1,7 @@
 //! Integration tests: the real binary and the real modules against the real mock over TLS.
 //! One binary, one module per area; `support` holds the shared fixtures.
 
+mod adversarial;
 mod cli;
 mod commands;
 mod groups;
