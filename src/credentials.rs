@@ -72,13 +72,13 @@ impl Credentials {
 
     pub fn load(data_dir: &Path) -> Result<Credentials, CredentialsError> {
         let path = Credentials::path(data_dir);
-        let text = match std::fs::read_to_string(&path) {
+        let text = match fsutil::read_nofollow(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(CredentialsError::NotRegistered { path }),
             Err(source) => return Err(CredentialsError::Read { path, source }),
         };
         // serde_json's message may quote the offending value: keep only its position.
-        let creds: Credentials = serde_json::from_str(&text).map_err(|e| CredentialsError::Corrupt {
+        let creds: Credentials = serde_json::from_slice(&text).map_err(|e| CredentialsError::Corrupt {
             path: path.clone(),
             message: format!("invalid JSON at line {} column {}", e.line(), e.column()),
         })?;

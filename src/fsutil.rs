@@ -1,7 +1,7 @@
 //! Small filesystem helpers with the durability rules every file of the agent follows.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -9,6 +9,24 @@ use std::path::{Path, PathBuf};
 pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     fs::create_dir_all(dir)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+/// Opens `path` without following a symbolic link in its last component: root opens files
+/// in directories agent.user can write, where a planted link would make root write through it.
+pub fn open_nofollow(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
+    opts.custom_flags(libc::O_NOFOLLOW).open(path).map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) => io::Error::new(e.kind(), format!("{} {LINK_REFUSED}", path.display())),
+        _ => e,
+    })
+}
+
+/// What a refused link is called in every error and log line.
+pub const LINK_REFUSED: &str = "is a symbolic link; refusing to follow it";
+
+/// Reads `path` as [`open_nofollow`] opens it.
+pub fn read_nofollow(path: &Path) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    open_nofollow(OpenOptions::new().read(true), path)?.read_to_end(&mut bytes).map(|_| bytes)
 }
 
 /// Replaces `path` with `bytes` atomically: a reader (or a crash) sees either the old
@@ -33,8 +51,10 @@ fn write_atomic_inner(
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = temp_path(path);
     (|| {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
-        // An existing stale temp file keeps its old mode: force ours.
+        // A fresh file (O_EXCL): a stale temp file, or a link planted at its name, is removed, not followed.
+        let _ = fs::remove_file(&tmp);
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        // fchmod: the umask must not narrow `mode`.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
         // fsync before rename: otherwise a power loss can leave the new name on empty data.

@@ -40,7 +40,7 @@ pub fn shared_dir(data_dir: &Path) -> PathBuf {
 
 /// The current group list (empty when none was ever set).
 pub fn current(data_dir: &Path) -> Vec<String> {
-    fs::read(shared_dir(data_dir).join(LIST_FILE))
+    crate::fsutil::read_nofollow(&shared_dir(data_dir).join(LIST_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice::<Vec<String>>(&b).ok())
         .unwrap_or_default()
@@ -111,7 +111,9 @@ pub fn current_overlays(data_dir: &Path) -> Result<Vec<(String, toml::Table)>, G
     let (mut out, mut ignored) = (Vec::new(), Vec::new());
     for g in current(data_dir) {
         let file = format!("{g}.yml");
-        let text = match fs::read_to_string(dir.join(&file)) {
+        let text = match crate::fsutil::read_nofollow(&dir.join(&file))
+            .and_then(|b| String::from_utf8(b).map_err(io::Error::other))
+        {
             Ok(t) => t,
             Err(e) => {
                 log::warn!("group file {} is unreadable ({e}); ignored", dir.join(&file).display());

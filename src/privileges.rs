@@ -1,8 +1,9 @@
 //! `agent.user` / `agent.group`: start as root, open what needs root, hand the agent's own
 //! files to the user, then drop to it for good (before any worker thread exists).
 
+use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::sys;
@@ -56,21 +57,27 @@ fn lookup<T>(key: &'static str, name: &str, find: fn(&str) -> io::Result<Option<
     }
 }
 
-/// Gives `path` (recursively, for directories) to the account.
+/// Gives `path` (recursively, for directories) to the account. Through directory handles
+/// (openat, fchownat without following links): the account may swap a directory for a link
+/// while root walks it, and root must not follow it out.
 pub fn hand_over(path: &Path, a: Account) -> Result<(), PrivilegesError> {
-    fn walk(path: &Path, a: Account) -> io::Result<()> {
-        let meta = std::fs::symlink_metadata(path)?;
-        if meta.uid() != a.uid || meta.gid() != a.gid {
-            std::os::unix::fs::lchown(path, Some(a.uid), Some(a.gid))?;
-        }
-        if meta.is_dir() {
-            for entry in std::fs::read_dir(path)? {
-                walk(&entry?.path(), a)?;
+    fn walk(dir: &File, a: Account) -> io::Result<()> {
+        // The handle's /proc entry names the directory opened, whatever is renamed meanwhile.
+        for entry in std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))? {
+            let entry = entry?;
+            sys::chown_at(dir, &entry.file_name(), a.uid, a.gid)?;
+            if entry.file_type()?.is_dir() {
+                walk(&sys::open_dir_at(dir, &entry.file_name())?, a)?;
             }
         }
         Ok(())
     }
-    walk(path, a).map_err(|source| PrivilegesError::HandOver { path: path.to_path_buf(), uid: a.uid, source })
+    let top = crate::fsutil::open_nofollow(OpenOptions::new().read(true), path);
+    top.and_then(|f| {
+        std::os::unix::fs::fchown(&f, Some(a.uid), Some(a.gid))?;
+        if f.metadata()?.is_dir() { walk(&f, a) } else { Ok(()) }
+    })
+    .map_err(|source| PrivilegesError::HandOver { path: path.to_path_buf(), uid: a.uid, source })
 }
 
 /// Drops to the account for good. Already running as it: nothing to do.

@@ -2,11 +2,13 @@
 //! results. The only module allowed `unsafe` (the crate roots deny it everywhere else);
 //! each block says why it is sound. Policy (what to do with a result) lives in the callers.
 
-use std::ffi::{CStr, CString};
+use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 /// A call that returns 0 on success and sets errno otherwise.
 fn check(rc: libc::c_int) -> io::Result<()> {
@@ -28,6 +30,30 @@ pub fn process_exists(pid: u32) -> bool {
     let rc = unsafe { libc::kill(pid, 0) };
     // EPERM: it exists but belongs to another user (e.g. --status run as non-root).
     rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Opens the directory `name` in `dir` (openat) and refuses a link in its place (ELOOP).
+pub fn open_dir_at(dir: &File, name: &OsStr) -> io::Result<File> {
+    let name = CString::new(name.as_bytes())?;
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: openat on a descriptor `dir` keeps open, with a NUL-terminated name.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
+    // SAFETY: a non-negative fd is new and owned by nothing else; the File takes it over.
+    if fd < 0 { Err(io::Error::last_os_error()) } else { Ok(unsafe { File::from_raw_fd(fd) }) }
+}
+
+/// Gives `name` in `dir` to `uid`/`gid`; a link there is changed itself, never followed.
+pub fn chown_at(dir: &File, name: &OsStr, uid: u32, gid: u32) -> io::Result<()> {
+    let name = CString::new(name.as_bytes())?;
+    // SAFETY: fchownat on a descriptor `dir` keeps open, with a NUL-terminated name.
+    check(unsafe { libc::fchownat(dir.as_raw_fd(), name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) })
+}
+
+/// chmod that refuses a link at `path` (EOPNOTSUPP) instead of changing what it points to.
+pub fn chmod_nofollow(path: &Path, mode: u32) -> io::Result<()> {
+    let path = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: a NUL-terminated path relative to the working directory.
+    check(unsafe { libc::fchmodat(libc::AT_FDCWD, path.as_ptr(), mode, libc::AT_SYMLINK_NOFOLLOW) })
 }
 
 /// Sets the calling thread's nice value (on Linux, setpriority takes a thread id).

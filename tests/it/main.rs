@@ -4,6 +4,7 @@
 mod cli;
 mod commands;
 mod inventory;
+mod local_account;
 mod logcollector;
 mod ops;
 mod pipeline;
