@@ -135,3 +135,58 @@ fn links_at_state_json_and_its_temp_file_are_not_followed_by_a_root_agent() {
     assert!(unchanged(&state_victim) && unchanged(&temp_victim), "a victim was written through a link");
     assert!(std::fs::read_to_string(&state).unwrap().contains("\"pid\""));
 }
+
+/// Runs the SysV script's `stop` in a pid namespace of its own (so that today's `kill -TERM
+/// -1` could only reach that namespace), with `pid` in the wrapper's pid file. Returns what
+/// was signalled: "init" (pid 1 of the namespace) and/or "victim" (a process the test started).
+fn sysv_stop_with_pid_file(env: &Env, pid: &str) -> String {
+    let script = r#"
+        trap 'echo init-signalled' TERM
+        sleep 600 & victim=$!
+        [ "$PID" = victim ] && PID=$victim
+        mkdir -p "$RUN" && echo "$PID" >"$RUN/wazuh-agent-respawn.pid"
+        sh "$SCRIPT" stop
+        state=$(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' "/proc/$victim/status" 2>/dev/null)
+        case $state in '' | Z) echo victim-signalled ;; *) kill -KILL "$victim" ;; esac
+    "#;
+    let out = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "sh", "-c", script])
+        .env("PID", pid)
+        .env("RUN", env.dir.path().join("run"))
+        .env("SCRIPT", concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/init.d/wazuh-agent"))
+        .env("WAZUH_AGENT_BIN", bin())
+        .env("WAZUH_AGENT_CONFIG", &env.config)
+        .env("WAZUH_AGENT_RESPAWN", concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/wazuh-agent-respawn"))
+        .env("WAZUH_AGENT_DEFAULTS", env.dir.path().join("no-defaults"))
+        .output()
+        .expect("unshare (util-linux) runs");
+    text(&out)
+}
+
+#[test]
+fn the_sysv_script_signals_no_process_but_the_agent_named_in_a_pid_file() {
+    let env = Env::new();
+    for pid in ["-1", "1", "victim", "0", "12abc"] {
+        let out = sysv_stop_with_pid_file(&env, pid);
+        assert!(!out.contains("signalled"), "pid file {pid:?}: {out}");
+        assert!(out.contains("does not name the agent or its wrapper; not signalling it"), "pid file {pid:?}: {out}");
+    }
+}
+
+#[test]
+fn the_respawn_wrapper_does_not_write_its_pid_through_a_link() {
+    let env = Env::new();
+    let target = victim(&env, "victim-wrapper");
+    let pid_file = env.dir.path().join("wazuh-agent-respawn.pid");
+    plant(&pid_file, &target);
+    let out = std::process::Command::new("sh")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/wazuh-agent-respawn"))
+        .arg(&pid_file)
+        .args(["sh", "-c", "cat \"$0\"", pid_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(unchanged(&target), "the wrapper wrote its pid through the link");
+    // The agent's turn saw the wrapper's own file, with its pid.
+    assert!(text(&out).trim().parse::<u32>().is_ok(), "{}", text(&out));
+}
