@@ -15,13 +15,10 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
 /// in directories agent.user can write, where a planted link would make root write through it.
 pub fn open_nofollow(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
     opts.custom_flags(libc::O_NOFOLLOW).open(path).map_err(|e| match e.raw_os_error() {
-        Some(libc::ELOOP) => io::Error::new(e.kind(), format!("{} {LINK_REFUSED}", path.display())),
+        Some(libc::ELOOP) => io::Error::other(format!("{} is a symbolic link; refusing to follow it", path.display())),
         _ => e,
     })
 }
-
-/// What a refused link is called in every error and log line.
-pub const LINK_REFUSED: &str = "is a symbolic link; refusing to follow it";
 
 /// Reads `path` as [`open_nofollow`] opens it.
 pub fn read_nofollow(path: &Path) -> io::Result<Vec<u8>> {

@@ -31,7 +31,6 @@ impl PidFile {
         let io = |source| PidError::Io { path: path.clone(), source };
         std::fs::create_dir_all(run_dir).map_err(io)?;
         // Not truncated on open: a running agent's pid must stay readable if we lose the race.
-        // Not through a link: agent.user owns run_dir, and root writes this file.
         let mut opts = OpenOptions::new();
         opts.read(true).write(true).create(true).truncate(false).mode(0o644);
         let mut file = crate::fsutil::open_nofollow(&mut opts, &path).map_err(io)?;

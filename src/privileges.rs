@@ -57,17 +57,16 @@ fn lookup<T>(key: &'static str, name: &str, find: fn(&str) -> io::Result<Option<
     }
 }
 
-/// Gives `path` (recursively, for directories) to the account. Through directory handles
-/// (openat, fchownat without following links): the account may swap a directory for a link
-/// while root walks it, and root must not follow it out.
+/// Gives `path` (recursively, for directories) to the account without following a link it
+/// may swap in meanwhile: each directory is held open, its entries are reached through the
+/// handle's /proc entry (which names the directory opened, as openat does), lchown, O_NOFOLLOW.
 pub fn hand_over(path: &Path, a: Account) -> Result<(), PrivilegesError> {
     fn walk(dir: &File, a: Account) -> io::Result<()> {
-        // The handle's /proc entry names the directory opened, whatever is renamed meanwhile.
         for entry in std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))? {
             let entry = entry?;
-            sys::chown_at(dir, &entry.file_name(), a.uid, a.gid)?;
+            std::os::unix::fs::lchown(entry.path(), Some(a.uid), Some(a.gid))?;
             if entry.file_type()?.is_dir() {
-                walk(&sys::open_dir_at(dir, &entry.file_name())?, a)?;
+                walk(&crate::fsutil::open_nofollow(OpenOptions::new().read(true), &entry.path())?, a)?;
             }
         }
         Ok(())
@@ -116,5 +115,27 @@ mod tests {
         assert!(err.to_string().starts_with(&format!("cannot hand {} to agent.user (uid 0): ", missing.display())));
         let source = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<io::Error>());
         assert_eq!(source.map(io::Error::kind), Some(io::ErrorKind::NotFound));
+    }
+
+    #[test]
+    fn hand_over_changes_links_never_their_targets_and_refuses_a_link_as_the_path() {
+        use std::os::unix::fs::{MetadataExt, symlink};
+        let nobody = resolve("nobody", None).unwrap();
+        let (outside, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (victim, victim_dir) = (outside.path().join("victim"), outside.path().join("victim-dir"));
+        std::fs::write(&victim, "root's").unwrap();
+        std::fs::create_dir(&victim_dir).unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/file"), "").unwrap();
+        symlink(&victim, dir.path().join("sub/link")).unwrap();
+        symlink(&victim_dir, dir.path().join("dir-link")).unwrap();
+        hand_over(dir.path(), nobody).unwrap();
+        let uid = |p: &Path| std::fs::symlink_metadata(p).unwrap().uid();
+        assert_eq!(uid(&dir.path().join("sub/file")), nobody.uid);
+        assert_eq!(uid(&dir.path().join("sub/link")), nobody.uid, "the link itself");
+        assert_eq!((uid(&victim), uid(&victim_dir)), (0, 0), "root's files stay root's");
+        let err = hand_over(&dir.path().join("dir-link"), nobody).unwrap_err().to_string();
+        assert!(err.contains("dir-link is a symbolic link; refusing to follow it"), "{err}");
+        assert_eq!(uid(&victim_dir), 0);
     }
 }

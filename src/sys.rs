@@ -2,13 +2,11 @@
 //! results. The only module allowed `unsafe` (the crate roots deny it everywhere else);
 //! each block says why it is sound. Policy (what to do with a result) lives in the callers.
 
-use std::ffi::{CStr, CString, OsStr};
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::os::fd::AsRawFd;
 
 /// A call that returns 0 on success and sets errno otherwise.
 fn check(rc: libc::c_int) -> io::Result<()> {
@@ -32,26 +30,9 @@ pub fn process_exists(pid: u32) -> bool {
     rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-/// Opens the directory `name` in `dir` (openat) and refuses a link in its place (ELOOP).
-pub fn open_dir_at(dir: &File, name: &OsStr) -> io::Result<File> {
-    let name = CString::new(name.as_bytes())?;
-    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: openat on a descriptor `dir` keeps open, with a NUL-terminated name.
-    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
-    // SAFETY: a non-negative fd is new and owned by nothing else; the File takes it over.
-    if fd < 0 { Err(io::Error::last_os_error()) } else { Ok(unsafe { File::from_raw_fd(fd) }) }
-}
-
-/// Gives `name` in `dir` to `uid`/`gid`; a link there is changed itself, never followed.
-pub fn chown_at(dir: &File, name: &OsStr, uid: u32, gid: u32) -> io::Result<()> {
-    let name = CString::new(name.as_bytes())?;
-    // SAFETY: fchownat on a descriptor `dir` keeps open, with a NUL-terminated name.
-    check(unsafe { libc::fchownat(dir.as_raw_fd(), name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) })
-}
-
 /// chmod that refuses a link at `path` (EOPNOTSUPP) instead of changing what it points to.
-pub fn chmod_nofollow(path: &Path, mode: u32) -> io::Result<()> {
-    let path = CString::new(path.as_os_str().as_bytes())?;
+pub fn chmod_nofollow(path: &std::path::Path, mode: u32) -> io::Result<()> {
+    let path = CString::new(path.as_os_str().as_encoded_bytes())?;
     // SAFETY: a NUL-terminated path relative to the working directory.
     check(unsafe { libc::fchmodat(libc::AT_FDCWD, path.as_ptr(), mode, libc::AT_SYMLINK_NOFOLLOW) })
 }

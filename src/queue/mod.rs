@@ -184,13 +184,6 @@ fn decode_cursor(b: &[u8]) -> Option<Pos> {
     Some(Pos { seg: u64::from_le_bytes(b[..8].try_into().ok()?), off: u64::from_le_bytes(b[8..16].try_into().ok()?) })
 }
 
-/// Removes a link planted in the queue directory (a segment is never one) without following
-/// it; true if it is gone. Root opens segments before dropping to agent.user, who owns the directory.
-fn refuse_link(path: &Path) -> bool {
-    log::error!("queue: {} {}; removing it", path.display(), fsutil::LINK_REFUSED);
-    fs::remove_file(path).is_ok()
-}
-
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -200,14 +193,18 @@ impl QueueStore {
     /// damage is skipped, counted and logged.
     pub fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<QueueStore, QueueError> {
         fs::create_dir_all(dir).ctx("cannot create", dir)?;
-        if fs::symlink_metadata(dir).ctx("cannot stat", dir)?.is_symlink() {
-            let refused = io::Error::other(format!("{} {}", dir.display(), fsutil::LINK_REFUSED));
-            return Err(refused).ctx("cannot open", dir);
-        }
+        // Root recovers the queue before dropping to agent.user, who owns data_dir: no links.
+        fsutil::open_nofollow(OpenOptions::new().read(true), dir).ctx("cannot open", dir)?;
         let mut ids: Vec<u64> = fs::read_dir(dir)
             .ctx("cannot list", dir)?
             .filter_map(|e| e.ok())
-            .filter(|e| !e.file_type().is_ok_and(|t| t.is_symlink()) || !refuse_link(&e.path()))
+            .filter(|e| {
+                let link = e.file_type().is_ok_and(|t| t.is_symlink());
+                if link {
+                    log::error!("queue: {} is a symbolic link; refusing to follow it: removed", e.path().display());
+                }
+                !link || fs::remove_file(e.path()).is_err()
+            })
             .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
             .collect();
         ids.sort_unstable();
@@ -256,10 +253,8 @@ impl QueueStore {
             }
         }
         if backlog_records > 0 {
-            log::info!(
-                "queue: {backlog_records} undelivered events ({backlog_bytes} bytes) recovered from {}",
-                dir.display()
-            );
+            let shown = dir.display();
+            log::info!("queue: {backlog_records} undelivered events ({backlog_bytes} bytes) recovered from {shown}");
         }
 
         // An empty queue starts its active segment at the cursor.
@@ -345,8 +340,8 @@ impl QueueStore {
         self.sync()?;
         let id = self.active_id() + 1;
         let path = self.dir.join(seg_name(id));
-        let f = fsutil::open_nofollow(OpenOptions::new().create(true).truncate(true).write(true), &path)
-            .ctx("cannot create", &path)?;
+        // A new name (O_EXCL): never through a link planted there.
+        let f = OpenOptions::new().create_new(true).write(true).open(&path).ctx("cannot create", &path)?;
         // The new name must be durable before records in it are acknowledged.
         sync_dir(&self.dir).ctx("cannot fsync", &self.dir)?;
         self.active = fsutil::open_nofollow(OpenOptions::new().append(true), &path).ctx("cannot open", &path)?;
@@ -393,12 +388,8 @@ impl QueueStore {
         f.seek(SeekFrom::Start(self.read.off)).ctx("cannot seek", &path)?;
         f.take(len).read_to_end(&mut bytes).ctx("cannot read", &path)?;
         let scan = format::scan(&bytes, 0);
-        if scan.skipped + scan.torn > 0 {
-            log::error!(
-                "queue segment {}: {} damaged bytes skipped while reading",
-                path.display(),
-                scan.skipped + scan.torn
-            );
+        if let damaged @ 1.. = scan.skipped + scan.torn {
+            log::error!("queue segment {}: {damaged} damaged bytes skipped while reading", path.display());
         }
         self.loaded = Some(Loaded { seg, sealed, base: self.read.off, bytes, frames: scan.frames, next: 0 });
         Ok(())
