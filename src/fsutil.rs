@@ -2,6 +2,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,13 @@ pub fn open_nofollow(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
         Some(libc::ELOOP) => io::Error::other(format!("{} is a symbolic link; refusing to follow it", path.display())),
         _ => e,
     })
+}
+
+/// chmod of the node at `path` itself, never of what a link there points to: through an
+/// O_PATH handle on the node, whose /proc entry names exactly it (a link's own mode is unused).
+pub fn chmod_nofollow(path: &Path, mode: u32) -> io::Result<()> {
+    let node = OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_NOFOLLOW).open(path)?;
+    fs::set_permissions(format!("/proc/self/fd/{}", node.as_raw_fd()), fs::Permissions::from_mode(mode))
 }
 
 /// Reads `path` as [`open_nofollow`] opens it.
@@ -112,5 +120,24 @@ mod tests {
         fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
         ensure_private_dir(&d).unwrap();
         assert_eq!(fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn nofollow_helpers_never_reach_a_links_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let (victim, link) = (dir.path().join("victim"), dir.path().join("link"));
+        fs::write(&victim, b"root's").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let _ = chmod_nofollow(&link, 0o666);
+        assert_eq!(fs::metadata(&victim).unwrap().permissions().mode() & 0o777, 0o644);
+        let err = open_nofollow(OpenOptions::new().write(true).truncate(true), &link).unwrap_err();
+        assert_eq!(err.to_string(), format!("{} is a symbolic link; refusing to follow it", link.display()));
+        assert!(read_nofollow(&link).is_err());
+        std::os::unix::fs::symlink(&victim, temp_path(&link)).unwrap();
+        write_atomic(&link, b"new", 0o600).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"root's", "the link and its temp name are replaced, not followed");
+        chmod_nofollow(&victim, 0o600).unwrap();
+        assert_eq!(fs::metadata(&victim).unwrap().permissions().mode() & 0o777, 0o600);
     }
 }

@@ -93,8 +93,7 @@ pub fn bind(run_dir: &Path) -> Result<UnixListener, IngestError> {
         std::fs::remove_file(&path).map_err(io_err(&path))?;
     }
     let listener = UnixListener::bind(&path).map_err(io_err(&path))?;
-    // Not through a link swapped in since the bind: agent.user owns run_dir.
-    crate::sys::chmod_nofollow(&path, 0o660).map_err(io_err(&path))?;
+    crate::fsutil::chmod_nofollow(&path, 0o660).map_err(io_err(&path))?;
     Ok(listener)
 }
 

@@ -3,8 +3,8 @@
 //! crash (nobody holds its lock) is simply taken over.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Why the pid file could not be taken.
@@ -43,8 +43,7 @@ impl PidFile {
             return Err(io(err));
         }
         file.set_len(0).map_err(io)?;
-        file.seek(SeekFrom::Start(0)).map_err(io)?;
-        writeln!(file, "{}", std::process::id()).map_err(io)?;
+        file.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0).map_err(io)?;
         Ok(PidFile { path, _file: file })
     }
 }

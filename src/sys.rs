@@ -30,13 +30,6 @@ pub fn process_exists(pid: u32) -> bool {
     rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-/// chmod that refuses a link at `path` (EOPNOTSUPP) instead of changing what it points to.
-pub fn chmod_nofollow(path: &std::path::Path, mode: u32) -> io::Result<()> {
-    let path = CString::new(path.as_os_str().as_encoded_bytes())?;
-    // SAFETY: a NUL-terminated path relative to the working directory.
-    check(unsafe { libc::fchmodat(libc::AT_FDCWD, path.as_ptr(), mode, libc::AT_SYMLINK_NOFOLLOW) })
-}
-
 /// Sets the calling thread's nice value (on Linux, setpriority takes a thread id).
 pub fn set_thread_nice(nice: i32) -> io::Result<()> {
     // SAFETY: gettid has no preconditions; setpriority changes only our own thread.
