@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
 
-/// A string that must never reach a log line or an error message. `Debug` and `Display`
-/// print a placeholder; the value is only reachable through [`Secret::expose`].
+/// A string that must never reach a log line or an error message. `Debug` prints a
+/// placeholder and there is no `Display`; the value is only reachable through [`Secret::expose`].
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
@@ -26,12 +26,6 @@ impl Secret {
 }
 
 impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
     }
@@ -72,13 +66,13 @@ impl Credentials {
 
     pub fn load(data_dir: &Path) -> Result<Credentials, CredentialsError> {
         let path = Credentials::path(data_dir);
-        let text = match std::fs::read_to_string(&path) {
+        let text = match fsutil::read_nofollow(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(CredentialsError::NotRegistered { path }),
             Err(source) => return Err(CredentialsError::Read { path, source }),
         };
         // serde_json's message may quote the offending value: keep only its position.
-        let creds: Credentials = serde_json::from_str(&text).map_err(|e| CredentialsError::Corrupt {
+        let creds: Credentials = serde_json::from_slice(&text).map_err(|e| CredentialsError::Corrupt {
             path: path.clone(),
             message: format!("invalid JSON at line {} column {}", e.line(), e.column()),
         })?;
@@ -108,7 +102,7 @@ mod tests {
     fn secret_never_prints() {
         let c = Credentials { uuid: "u".into(), key: Secret::new("k3y-value".into()), name: "n".into() };
         assert!(!format!("{c:?}").contains("k3y-value"));
-        assert!(!format!("{}", c.key).contains("k3y-value"));
+        // No `Display`: `format!("{}", c.key)` does not compile.
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Small filesystem helpers with the durability rules every file of the agent follows.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,28 @@ use std::path::{Path, PathBuf};
 pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     fs::create_dir_all(dir)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+/// Opens `path` without following a symbolic link in its last component: root opens files
+/// in directories agent.user can write, where a planted link would make root write through it.
+pub fn open_nofollow(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
+    opts.custom_flags(libc::O_NOFOLLOW).open(path).map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) => io::Error::other(format!("{} is a symbolic link; refusing to follow it", path.display())),
+        _ => e,
+    })
+}
+
+/// chmod of the node at `path` itself, never of what a link there points to: through an
+/// O_PATH handle on the node, whose /proc entry names exactly it (a link's own mode is unused).
+pub fn chmod_nofollow(path: &Path, mode: u32) -> io::Result<()> {
+    let node = OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_NOFOLLOW).open(path)?;
+    fs::set_permissions(format!("/proc/self/fd/{}", node.as_raw_fd()), fs::Permissions::from_mode(mode))
+}
+
+/// Reads `path` as [`open_nofollow`] opens it.
+pub fn read_nofollow(path: &Path) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    open_nofollow(OpenOptions::new().read(true), path)?.read_to_end(&mut bytes).map(|_| bytes)
 }
 
 /// Replaces `path` with `bytes` atomically: a reader (or a crash) sees either the old
@@ -33,8 +56,10 @@ fn write_atomic_inner(
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = temp_path(path);
     (|| {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
-        // An existing stale temp file keeps its old mode: force ours.
+        // A fresh file (O_EXCL): a stale temp file, or a link planted at its name, is removed, not followed.
+        let _ = fs::remove_file(&tmp);
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        // fchmod: the umask must not narrow `mode`.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
         // fsync before rename: otherwise a power loss can leave the new name on empty data.
@@ -95,5 +120,24 @@ mod tests {
         fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
         ensure_private_dir(&d).unwrap();
         assert_eq!(fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn nofollow_helpers_never_reach_a_links_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let (victim, link) = (dir.path().join("victim"), dir.path().join("link"));
+        fs::write(&victim, b"root's").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let _ = chmod_nofollow(&link, 0o666);
+        assert_eq!(fs::metadata(&victim).unwrap().permissions().mode() & 0o777, 0o644);
+        let err = open_nofollow(OpenOptions::new().write(true).truncate(true), &link).unwrap_err();
+        assert_eq!(err.to_string(), format!("{} is a symbolic link; refusing to follow it", link.display()));
+        assert!(read_nofollow(&link).is_err());
+        std::os::unix::fs::symlink(&victim, temp_path(&link)).unwrap();
+        write_atomic(&link, b"new", 0o600).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"root's", "the link and its temp name are replaced, not followed");
+        chmod_nofollow(&victim, 0o600).unwrap();
+        assert_eq!(fs::metadata(&victim).unwrap().permissions().mode() & 0o777, 0o600);
     }
 }

@@ -47,7 +47,7 @@ pub fn shared_dir(data_dir: &Path) -> PathBuf {
 
 /// The current group list (empty when none was ever set).
 pub fn current(data_dir: &Path) -> Vec<String> {
-    fs::read(shared_dir(data_dir).join(LIST_FILE))
+    crate::fsutil::read_nofollow(&shared_dir(data_dir).join(LIST_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice::<Vec<String>>(&b).ok())
         .unwrap_or_default()
@@ -161,7 +161,7 @@ pub fn effective_config(local: &Config, data_dir: &Path) -> Result<Config, Group
         return Ok(local.clone());
     }
     let dir = shared_dir(data_dir);
-    let read = |g: String| fs::read(dir.join(format!("{g}.yml"))).map(|content| (g, content));
+    let read = |g: String| crate::fsutil::read_nofollow(&dir.join(format!("{g}.yml"))).map(|content| (g, content));
     let files = current(data_dir).into_iter().map(read).collect::<io::Result<Vec<_>>>().map_err(io_err(&dir))?;
     let (config, ignored) = merge(local, &files)?;
     report_ignored(&ignored);

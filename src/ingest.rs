@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -97,7 +96,7 @@ pub fn bind(run_dir: &Path) -> Result<UnixListener, IngestError> {
         std::fs::remove_file(&path).map_err(io_err(&path))?;
     }
     let listener = UnixListener::bind(&path).map_err(io_err(&path))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(io_err(&path))?;
+    crate::fsutil::chmod_nofollow(&path, 0o660).map_err(io_err(&path))?;
     Ok(listener)
 }
 
@@ -352,6 +351,7 @@ pub fn send(run_dir: &Path, input: &mut dyn Read) -> Result<Reply, IngestError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn socket_path_too_long_is_named() {

@@ -29,7 +29,7 @@ pub fn to_file() -> bool {
 }
 
 fn open(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    crate::fsutil::open_nofollow(OpenOptions::new().create(true).append(true), path)
 }
 
 /// A file that can be swapped for a newly opened one under the same path.

@@ -3,8 +3,8 @@
 //! crash (nobody holds its lock) is simply taken over.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Why the pid file could not be taken.
@@ -31,14 +31,9 @@ impl PidFile {
         let io = |source| PidError::Io { path: path.clone(), source };
         std::fs::create_dir_all(run_dir).map_err(io)?;
         // Not truncated on open: a running agent's pid must stay readable if we lose the race.
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .open(&path)
-            .map_err(io)?;
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true).create(true).truncate(false).mode(0o644);
+        let mut file = crate::fsutil::open_nofollow(&mut opts, &path).map_err(io)?;
         if let Err(err) = crate::sys::try_lock_exclusive(&file) {
             if err.kind() == io::ErrorKind::WouldBlock {
                 let mut text = String::new();
@@ -48,8 +43,7 @@ impl PidFile {
             return Err(io(err));
         }
         file.set_len(0).map_err(io)?;
-        file.seek(SeekFrom::Start(0)).map_err(io)?;
-        writeln!(file, "{}", std::process::id()).map_err(io)?;
+        file.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0).map_err(io)?;
         Ok(PidFile { path, _file: file })
     }
 }

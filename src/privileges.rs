@@ -1,8 +1,9 @@
 //! `agent.user` / `agent.group`: start as root, open what needs root, hand the agent's own
 //! files to the user, then drop to it for good (before any worker thread exists).
 
+use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::sys;
@@ -56,21 +57,26 @@ fn lookup<T>(key: &'static str, name: &str, find: fn(&str) -> io::Result<Option<
     }
 }
 
-/// Gives `path` (recursively, for directories) to the account.
+/// Gives `path` (recursively, for directories) to the account without following a link it
+/// may swap in meanwhile: each directory is held open, its entries are reached through the
+/// handle's /proc entry (which names the directory opened, as openat does), lchown, O_NOFOLLOW.
 pub fn hand_over(path: &Path, a: Account) -> Result<(), PrivilegesError> {
-    fn walk(path: &Path, a: Account) -> io::Result<()> {
-        let meta = std::fs::symlink_metadata(path)?;
-        if meta.uid() != a.uid || meta.gid() != a.gid {
-            std::os::unix::fs::lchown(path, Some(a.uid), Some(a.gid))?;
-        }
-        if meta.is_dir() {
-            for entry in std::fs::read_dir(path)? {
-                walk(&entry?.path(), a)?;
+    fn walk(dir: &File, a: Account) -> io::Result<()> {
+        for entry in std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))? {
+            let entry = entry?;
+            std::os::unix::fs::lchown(entry.path(), Some(a.uid), Some(a.gid))?;
+            if entry.file_type()?.is_dir() {
+                walk(&crate::fsutil::open_nofollow(OpenOptions::new().read(true), &entry.path())?, a)?;
             }
         }
         Ok(())
     }
-    walk(path, a).map_err(|source| PrivilegesError::HandOver { path: path.to_path_buf(), uid: a.uid, source })
+    let top = crate::fsutil::open_nofollow(OpenOptions::new().read(true), path);
+    top.and_then(|f| {
+        std::os::unix::fs::fchown(&f, Some(a.uid), Some(a.gid))?;
+        if f.metadata()?.is_dir() { walk(&f, a) } else { Ok(()) }
+    })
+    .map_err(|source| PrivilegesError::HandOver { path: path.to_path_buf(), uid: a.uid, source })
 }
 
 /// Drops to the account for good. Already running as it: nothing to do.
@@ -109,5 +115,27 @@ mod tests {
         assert!(err.to_string().starts_with(&format!("cannot hand {} to agent.user (uid 0): ", missing.display())));
         let source = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<io::Error>());
         assert_eq!(source.map(io::Error::kind), Some(io::ErrorKind::NotFound));
+    }
+
+    #[test]
+    fn hand_over_changes_links_never_their_targets_and_refuses_a_link_as_the_path() {
+        use std::os::unix::fs::{MetadataExt, symlink};
+        let nobody = resolve("nobody", None).unwrap();
+        let (outside, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (victim, victim_dir) = (outside.path().join("victim"), outside.path().join("victim-dir"));
+        std::fs::write(&victim, "root's").unwrap();
+        std::fs::create_dir(&victim_dir).unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/file"), "").unwrap();
+        symlink(&victim, dir.path().join("sub/link")).unwrap();
+        symlink(&victim_dir, dir.path().join("dir-link")).unwrap();
+        hand_over(dir.path(), nobody).unwrap();
+        let uid = |p: &Path| std::fs::symlink_metadata(p).unwrap().uid();
+        assert_eq!(uid(&dir.path().join("sub/file")), nobody.uid);
+        assert_eq!(uid(&dir.path().join("sub/link")), nobody.uid, "the link itself");
+        assert_eq!((uid(&victim), uid(&victim_dir)), (0, 0), "root's files stay root's");
+        let err = hand_over(&dir.path().join("dir-link"), nobody).unwrap_err().to_string();
+        assert!(err.contains("dir-link is a symbolic link; refusing to follow it"), "{err}");
+        assert_eq!(uid(&victim_dir), 0);
     }
 }

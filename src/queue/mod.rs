@@ -193,15 +193,24 @@ impl QueueStore {
     /// damage is skipped, counted and logged.
     pub fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<QueueStore, QueueError> {
         fs::create_dir_all(dir).ctx("cannot create", dir)?;
+        // Root recovers the queue before dropping to agent.user, who owns data_dir: no links.
+        fsutil::open_nofollow(OpenOptions::new().read(true), dir).ctx("cannot open", dir)?;
         let mut ids: Vec<u64> = fs::read_dir(dir)
             .ctx("cannot list", dir)?
             .filter_map(|e| e.ok())
+            .filter(|e| {
+                let link = e.file_type().is_ok_and(|t| t.is_symlink());
+                if link {
+                    log::error!("queue: {} is a symbolic link; refusing to follow it: removed", e.path().display());
+                }
+                !link || fs::remove_file(e.path()).is_err()
+            })
             .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
             .collect();
         ids.sort_unstable();
 
         let cursor_path = dir.join("cursor");
-        let mut cursor = match fs::read(&cursor_path) {
+        let mut cursor = match fsutil::read_nofollow(&cursor_path) {
             Ok(b) => decode_cursor(&b).unwrap_or_else(|| {
                 log::error!(
                     "queue cursor {} is damaged; delivering the whole queue again (duplicates possible, nothing lost)",
@@ -224,7 +233,7 @@ impl QueueStore {
         let (mut backlog_bytes, mut backlog_records) = (0, 0);
         for &id in &ids {
             let path = dir.join(seg_name(id));
-            let bytes = fs::read(&path).ctx("cannot read", &path)?;
+            let bytes = fsutil::read_nofollow(&path).ctx("cannot read", &path)?;
             let from = if id == cursor.seg { (cursor.off as usize).min(bytes.len()) } else { 0 };
             let scan = format::scan(&bytes, from);
             let shown = path.display();
@@ -237,25 +246,23 @@ impl QueueStore {
                 log::warn!("queue segment {shown}: dropped a torn tail of {} bytes (an interrupted write)", scan.torn);
                 if Some(&id) == ids.last() {
                     // Appends continue after the last intact record.
-                    let f = OpenOptions::new().write(true).open(&path).ctx("cannot open", &path)?;
+                    let f = fsutil::open_nofollow(OpenOptions::new().write(true), &path).ctx("cannot open", &path)?;
                     f.set_len(scan.valid_end as u64).ctx("cannot truncate", &path)?;
                     f.sync_all().ctx("cannot fsync", &path)?;
                 }
             }
         }
         if backlog_records > 0 {
-            log::info!(
-                "queue: {backlog_records} undelivered events ({backlog_bytes} bytes) recovered from {}",
-                dir.display()
-            );
+            let shown = dir.display();
+            log::info!("queue: {backlog_records} undelivered events ({backlog_bytes} bytes) recovered from {shown}");
         }
 
         // An empty queue starts its active segment at the cursor.
         let active_id = ids.last().copied().unwrap_or(cursor.seg);
         let segments: VecDeque<u64> = if ids.is_empty() { [active_id].into() } else { ids.into() };
         let active_path = dir.join(seg_name(active_id));
-        let active =
-            OpenOptions::new().create(true).append(true).open(&active_path).ctx("cannot open", &active_path)?;
+        let active = fsutil::open_nofollow(OpenOptions::new().create(true).append(true), &active_path)
+            .ctx("cannot open", &active_path)?;
         let active_len = active.metadata().ctx("cannot stat", &active_path)?.len();
         sync_dir(dir).ctx("cannot fsync", dir)?;
         stats.queued.store(backlog_records, std::sync::atomic::Ordering::Relaxed);
@@ -333,10 +340,11 @@ impl QueueStore {
         self.sync()?;
         let id = self.active_id() + 1;
         let path = self.dir.join(seg_name(id));
-        let f = OpenOptions::new().create(true).truncate(true).write(true).open(&path).ctx("cannot create", &path)?;
+        // A new name (O_EXCL): never through a link planted there.
+        let f = OpenOptions::new().create_new(true).write(true).open(&path).ctx("cannot create", &path)?;
         // The new name must be durable before records in it are acknowledged.
         sync_dir(&self.dir).ctx("cannot fsync", &self.dir)?;
-        self.active = OpenOptions::new().append(true).open(&path).ctx("cannot open", &path)?;
+        self.active = fsutil::open_nofollow(OpenOptions::new().append(true), &path).ctx("cannot open", &path)?;
         drop(f);
         self.segments.push_back(id);
         self.active_len = 0;
@@ -372,7 +380,7 @@ impl QueueStore {
     fn load(&mut self) -> Result<(), QueueError> {
         let seg = self.read.seg;
         let path = self.dir.join(seg_name(seg));
-        let mut f = File::open(&path).ctx("cannot open", &path)?;
+        let mut f = fsutil::open_nofollow(OpenOptions::new().read(true), &path).ctx("cannot open", &path)?;
         let sealed = seg != self.durable.seg;
         let end = if sealed { f.metadata().ctx("cannot stat", &path)?.len() } else { self.durable.off };
         let len = end.saturating_sub(self.read.off);
@@ -380,12 +388,8 @@ impl QueueStore {
         f.seek(SeekFrom::Start(self.read.off)).ctx("cannot seek", &path)?;
         f.take(len).read_to_end(&mut bytes).ctx("cannot read", &path)?;
         let scan = format::scan(&bytes, 0);
-        if scan.skipped + scan.torn > 0 {
-            log::error!(
-                "queue segment {}: {} damaged bytes skipped while reading",
-                path.display(),
-                scan.skipped + scan.torn
-            );
+        if let damaged @ 1.. = scan.skipped + scan.torn {
+            log::error!("queue segment {}: {damaged} damaged bytes skipped while reading", path.display());
         }
         self.loaded = Some(Loaded { seg, sealed, base: self.read.off, bytes, frames: scan.frames, next: 0 });
         Ok(())

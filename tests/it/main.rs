@@ -6,6 +6,7 @@ mod cli;
 mod commands;
 mod groups;
 mod inventory;
+mod local_account;
 mod logcollector;
 mod ops;
 mod pipeline;

@@ -1,0 +1,193 @@
+//! Issue 12, finding 2: the `agent.user` account owns the data and run directories after a
+//! run; links it plants there must not make root (the next start) write through them.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::support::*;
+
+const PRECIOUS: &str = "root's file, not the agent's\n";
+
+fn nobody() -> wazuh_agent::privileges::Account {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "these tests need root (CI runs as root)");
+    wazuh_agent::privileges::resolve("nobody", None).expect("Debian has the account nobody")
+}
+
+/// An agent that ran once as `nobody` and stopped: its directories now belong to nobody.
+fn after_a_run_as_nobody(extra: impl FnOnce(&Env) -> String) -> Env {
+    let env = Env::new();
+    let extra = extra(&env);
+    // The agent's own paths sit under the test's temp dir: let the user traverse it.
+    std::fs::set_permissions(env.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    env.write_config(&format!("agent.user = \"nobody\"\n{extra}"));
+    let mut agent = env.running_agent();
+    env.send_ok(&lines([stateful(1)]));
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(15)), Some(0), "{}", agent.log());
+    assert_eq!(std::fs::metadata(env.data_dir().join("queue")).unwrap().uid(), nobody().uid);
+    env
+}
+
+/// A root-owned file outside the agent's directories, and its content.
+fn victim(env: &Env, name: &str) -> PathBuf {
+    let path = env.dir.path().join(name);
+    std::fs::write(&path, PRECIOUS).unwrap();
+    path
+}
+
+/// What the account can do in its own directory: put a link to `target` at `at`, as its file.
+fn plant(at: &Path, target: &Path) {
+    let _ = std::fs::remove_file(at);
+    std::os::unix::fs::symlink(target, at).unwrap();
+    let a = nobody();
+    std::os::unix::fs::lchown(at, Some(a.uid), Some(a.gid)).unwrap();
+}
+
+fn unchanged(victim: &Path) -> bool {
+    let meta = std::fs::metadata(victim).unwrap();
+    std::fs::read_to_string(victim).unwrap() == PRECIOUS && meta.uid() == 0 && meta.mode() & 0o7777 == 0o644
+}
+
+#[test]
+fn a_link_at_the_pid_file_stops_the_start_and_root_writes_nothing_through_it() {
+    let env = after_a_run_as_nobody(|_| String::new());
+    let target = victim(&env, "victim-pid");
+    let pid_file = env.dir.path().join("run/wazuh-agent.pid");
+    plant(&pid_file, &target);
+    let mut agent = env.spawn_agent();
+    assert_eq!(agent.wait_exit(Duration::from_secs(15)), Some(1), "{}", agent.log());
+    assert!(unchanged(&target), "the victim was written through the pid file link");
+    let refused = format!("{} is a symbolic link; refusing to follow it", pid_file.display());
+    assert!(agent.log().contains(&refused), "{}", agent.log());
+}
+
+#[test]
+fn a_link_at_the_log_file_stops_the_start() {
+    let log = |env: &Env| env.data_dir().join("agent.log");
+    let env = after_a_run_as_nobody(|env| {
+        std::fs::create_dir_all(env.data_dir()).unwrap();
+        format!("log.file = {:?}", log(env).display().to_string())
+    });
+    let target = victim(&env, "victim-log");
+    plant(&log(&env), &target);
+    let mut agent = env.spawn_agent();
+    assert_eq!(agent.wait_exit(Duration::from_secs(15)), Some(1), "{}", agent.log());
+    assert!(unchanged(&target), "the victim was appended to through the log file link");
+    let refused = format!("{} is a symbolic link; refusing to follow it", log(&env).display());
+    assert!(agent.log().contains(&refused), "{}", agent.log());
+}
+
+#[test]
+fn links_at_queue_segments_and_the_cursor_are_removed_unfollowed_and_the_agent_runs() {
+    let env = after_a_run_as_nobody(|_| String::new());
+    let queue = env.data_dir().join("queue");
+    let last = std::fs::read_dir(&queue)
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().into_string().ok())
+        .filter(|n| n.ends_with(".seg"))
+        .max()
+        .expect("a segment");
+    let victims: Vec<(PathBuf, PathBuf)> = [last.as_str(), "00000000000000000099.seg", "cursor"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (queue.join(name), victim(&env, &format!("victim-queue-{i}"))))
+        .collect();
+    for (at, target) in &victims {
+        plant(at, target);
+    }
+    let agent = env.running_agent();
+    let changed: Vec<_> = victims.iter().filter(|(_, t)| !unchanged(t)).map(|(at, _)| at).collect();
+    assert!(changed.is_empty(), "written through the links at {changed:?}");
+    for (at, _) in &victims {
+        let refused = format!("{} is a symbolic link; refusing to follow it", at.display());
+        assert!(agent.log().contains(&refused), "{refused}: {}", agent.log());
+    }
+    // The queue still works: a stateful event goes through.
+    env.send_ok(&lines([stateful(2)]));
+    assert!(env.mock.wait_until(Duration::from_secs(10), |m| stateful_ids(m).contains(&"pkg-2".to_string())));
+    assert!(victims.iter().all(|(_, t)| unchanged(t)));
+}
+
+#[test]
+fn links_at_state_json_and_its_temp_file_are_not_followed_by_a_root_agent() {
+    // The account owns the run directory from an earlier run; now root runs without agent.user.
+    let env = after_a_run_as_nobody(|_| String::new());
+    env.write_config("");
+    let run = env.dir.path().join("run");
+    let state_victim = victim(&env, "victim-state");
+    plant(&run.join("state.json"), &state_victim);
+    // The temp file's name carries the writer's pid: plant it for every pid the agent may get.
+    let temp_victim = victim(&env, "victim-temp");
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/ns_last_pid").unwrap().trim().parse().unwrap();
+    let max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
+    let candidates: Vec<u32> = (1..=8000).map(|i| (last + i) % max).filter(|p| *p > 1).collect();
+    for pid in &candidates {
+        plant(&run.join(format!(".state.json.tmp.{pid}")), &temp_victim);
+    }
+    let agent = env.running_agent();
+    assert!(candidates.contains(&agent.child.id()), "the agent's pid was not foreseen; run the test again");
+    let state = run.join("state.json");
+    assert!(
+        wait_for(Duration::from_secs(10), || std::fs::symlink_metadata(&state).is_ok_and(|m| m.is_file())),
+        "state.json is the agent's own file"
+    );
+    assert!(unchanged(&state_victim) && unchanged(&temp_victim), "a victim was written through a link");
+    assert!(std::fs::read_to_string(&state).unwrap().contains("\"pid\""));
+}
+
+/// Runs the SysV script's `stop` in a pid namespace of its own (so that today's `kill -TERM
+/// -1` could only reach that namespace), with `pid` in the wrapper's pid file. Returns what
+/// was signalled: "init" (pid 1 of the namespace) and/or "victim" (a process the test started).
+fn sysv_stop_with_pid_file(env: &Env, pid: &str) -> String {
+    let script = r#"
+        trap 'echo init-signalled' TERM
+        sleep 600 & victim=$!
+        [ "$PID" = victim ] && PID=$victim
+        mkdir -p "$RUN" && echo "$PID" >"$RUN/wazuh-agent-respawn.pid"
+        sh "$SCRIPT" stop
+        state=$(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' "/proc/$victim/status" 2>/dev/null)
+        case $state in '' | Z) echo victim-signalled ;; *) kill -KILL "$victim" ;; esac
+    "#;
+    let out = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "sh", "-c", script])
+        .env("PID", pid)
+        .env("RUN", env.dir.path().join("run"))
+        .env("SCRIPT", concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/init.d/wazuh-agent"))
+        .env("WAZUH_AGENT_BIN", bin())
+        .env("WAZUH_AGENT_CONFIG", &env.config)
+        .env("WAZUH_AGENT_RESPAWN", concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/wazuh-agent-respawn"))
+        .env("WAZUH_AGENT_DEFAULTS", env.dir.path().join("no-defaults"))
+        .output()
+        .expect("unshare (util-linux) runs");
+    text(&out)
+}
+
+#[test]
+fn the_sysv_script_signals_no_process_but_the_agent_named_in_a_pid_file() {
+    let env = Env::new();
+    for pid in ["-1", "1", "victim", "0", "12abc"] {
+        let out = sysv_stop_with_pid_file(&env, pid);
+        assert!(!out.contains("signalled"), "pid file {pid:?}: {out}");
+        assert!(out.contains("does not name the agent or its wrapper; not signalling it"), "pid file {pid:?}: {out}");
+    }
+}
+
+#[test]
+fn the_respawn_wrapper_does_not_write_its_pid_through_a_link() {
+    let env = Env::new();
+    let target = victim(&env, "victim-wrapper");
+    let pid_file = env.dir.path().join("wazuh-agent-respawn.pid");
+    plant(&pid_file, &target);
+    let out = std::process::Command::new("sh")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/wazuh-agent-respawn"))
+        .arg(&pid_file)
+        .args(["sh", "-c", "cat \"$0\"", pid_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(unchanged(&target), "the wrapper wrote its pid through the link");
+    // The agent's turn saw the wrapper's own file, with its pid.
+    assert!(text(&out).trim().parse::<u32>().is_ok(), "{}", text(&out));
+}
