@@ -201,8 +201,8 @@ fn open_producer_connections_do_not_hold_hundreds_of_megabytes() {
         // 400 lines (< 512, the chunk size), and the write side stays open.
         conns.push(producer(&env, lines((0..400).map(|_| line.clone())).into_bytes(), false));
     }
-    for (_, t) in conns.drain(..).collect::<Vec<_>>().into_iter().map(|(s, t)| (s, t.join())) {
-        let _ = t;
+    for (_, t) in std::mem::take(&mut conns) {
+        let _ = t.join();
     }
     std::thread::sleep(Duration::from_secs(1));
     let during = proc_kb(pid, "VmRSS:");
