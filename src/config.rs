@@ -275,7 +275,7 @@ pub static KEYS: &[Key] = &[
     // A line must fit an event line of the ingest format (1 MiB) with its JSON around it.
     key!(logcollector.max_line_bytes = "64KiB", SERVER, RESTART,
         |v| size_in(v, 256, 512 << 10, "256..=512KiB").map(|n| n as usize), show_num),
-    key!(logcollector.poll_interval = "1s", SERVER, RESTART, |v| duration(v, 10 * MILLI), show_duration),
+    key!(logcollector.poll_interval = "1s", SERVER, RESTART, |v| duration(v, 50 * MILLI), show_duration),
     key!(inventory.enabled = true, SERVER, RESTART, boolean, show_num),
     key!(inventory.interval = "1h", SERVER, RESTART, |v| duration(v, SECOND), show_duration),
     key!(inventory.root = "/", LOCAL, RESTART, abs_dir, show_path),
@@ -430,6 +430,9 @@ fn proxy(v: &toml::Value) -> Result<Option<String>, String> {
         return Err("must be http://[user:pass@]host:port (HTTP CONNECT proxy)".into());
     }
     ureq::Proxy::new(&text).map_err(|e| format!("is not a valid proxy URL: {e}"))?;
+    if !text.parse::<ureq::http::Uri>().is_ok_and(|u| u.authority().is_some_and(port_ok)) {
+        return Err("has an invalid port; give one in 1..=65535".into());
+    }
     Ok(Some(text))
 }
 
@@ -541,6 +544,10 @@ pub fn validate_agent_name(name: &str) -> Result<(), String> {
 
 /// Validates a base URL: `https://host[:port][/prefix]`, returned without a trailing slash.
 pub fn validate_https_url(text: &str) -> Result<String, String> {
+    // Checked first and never echoed: the text would carry a password.
+    if text.contains('@') {
+        return Err("must not carry credentials (user:password@); give the URL without them".into());
+    }
     let uri: ureq::http::Uri = text.parse().map_err(|e| format!("{text:?} is not a URL: {e}"))?;
     if uri.scheme_str() != Some("https") {
         return Err(format!("{text:?} must start with https:// (the agent only speaks TLS)"));
@@ -548,17 +555,19 @@ pub fn validate_https_url(text: &str) -> Result<String, String> {
     if uri.authority().is_none_or(|a| a.host().is_empty()) {
         return Err(format!("{text:?} has no host"));
     }
-    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Err(format!("{text:?} must not carry credentials"));
-    }
     if uri.query().is_some() {
         return Err(format!("{text:?} must not have a query"));
     }
-    // `port_u16` is None for a port that is not a u16 (and for no port at all).
-    if uri.authority().is_some_and(|a| a.as_str() != a.host() && a.port_u16().is_none_or(|p| p == 0)) {
+    if !uri.authority().is_some_and(port_ok) {
         return Err(format!("{text:?} has an invalid port; give one in 1..=65535"));
     }
     Ok(text.trim_end_matches('/').to_string())
+}
+
+/// A port after the host, if any, is 1..=65535 in digits only (`u16` parsing also takes `+80`).
+fn port_ok(a: &ureq::http::uri::Authority) -> bool {
+    let host_port = a.as_str().rsplit_once('@').map_or(a.as_str(), |(_, h)| h);
+    host_port == a.host() || a.port().is_some_and(|p| p.as_u16() > 0 && p.as_str().bytes().all(|b| b.is_ascii_digit()))
 }
 
 impl Config {
@@ -978,6 +987,10 @@ mod tests {
             ("[[events]]\n", "write it as one [events] table, not [[events]]"),
             ("events = 5\n", "expected a [section], found integer"),
             ("[server]\nurl = \"https://m:99999\"\n", "invalid port; give one in 1..=65535"),
+            ("[server]\nurl = \"https://m:+80\"\n", "invalid port; give one in 1..=65535"),
+            ("[server]\nproxy = \"http://u:pw@p:99999\"\n", "invalid port; give one in 1..=65535"),
+            ("[server]\nproxy = \"http://p:+80\"\n", "invalid port; give one in 1..=65535"),
+            ("[server]\nurl = \"https://u:pw@m:1\"\n", "must not carry credentials (user:password@)"),
             ("[server]\nca_file = \"/nonexistent/ca.pem\"\n", "cannot read /nonexistent/ca.pem: "),
             ("[server]\nca_file = \"/\"\n", "or \"\" for the system's roots"),
         ];

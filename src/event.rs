@@ -109,9 +109,11 @@ fn value(raw: Option<&RawValue>) -> Option<serde_json::Value> {
     raw.map(|r| serde_json::from_str(r.get()).unwrap_or(serde_json::Value::Null))
 }
 
-fn short(v: &serde_json::Value) -> String {
+/// A value echoed in an error (JSON, or a string as it is), cut to 40 characters: a
+/// producer's line may be megabytes.
+fn short(v: impl std::fmt::Display) -> String {
     let s = v.to_string();
-    if s.len() > 40 { format!("{}…", &s[..s.char_indices().nth(40).map_or(s.len(), |(i, _)| i)]) } else { s }
+    if let Some((i, _)) = s.char_indices().nth(40) { format!("{}…", &s[..i]) } else { s }
 }
 
 /// Parses one line. `Ok(None)` for a blank line (skipped, not counted).
@@ -148,7 +150,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
         Some(d) if d.get().trim_start().starts_with('{') => Some(d),
         Some(d) if d.get().trim() == "null" => None,
         Some(d) => {
-            return err(format!("\"data\" must be an object, not {}", d.get().chars().take(40).collect::<String>()));
+            return err(format!("\"data\" must be an object, not {}", short(d.get())));
         }
         None => None,
     };
@@ -162,7 +164,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
     let op = match op_value.as_str() {
         Some(op @ ("create" | "update" | "delete")) => op,
         shown => {
-            let shown = shown.map_or_else(|| short(op_value), str::to_string);
+            let shown = shown.map_or_else(|| short(op_value), short);
             return err(format!("operation '{shown}' is not create|update|delete"));
         }
     };
@@ -175,7 +177,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
     }
     if !STATEFUL_MODULES.contains(&module.as_ref()) {
         let allowed = STATEFUL_MODULES.join(", ");
-        return err(format!("module '{module}' cannot send stateful events (allowed: {allowed})"));
+        return err(format!("module '{}' cannot send stateful events (allowed: {allowed})", short(&module)));
     }
     if module == "inventory" {
         match &value(header.collector) {

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -43,6 +43,9 @@ const READ_PER_POLL: u64 = 256 << 10;
 const FINGERPRINT_BYTES: usize = 256;
 /// Events per chunk handed to the batcher.
 const CHUNK: usize = 512;
+/// Files followed at once. `logcollector.files` may come from the server (SPEC §2.1): a glob
+/// like `/**/*` would otherwise hold one descriptor per match and exhaust the process limit.
+const MAX_FOLLOWED: usize = 256;
 
 /// What is saved per followed path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +126,8 @@ pub struct Collector {
     warned: HashMap<String, String>,
     /// A file had more to read than one poll takes: poll again without waiting.
     more: bool,
+    /// More files matched than `MAX_FOLLOWED` (warned once, until they fit again).
+    capped: bool,
     first_scan: bool,
     stats: Arc<Stats>,
 }
@@ -131,7 +136,7 @@ impl Collector {
     pub fn new(config: LogcollectorConfig, state_path: PathBuf, stats: Arc<Stats>) -> Collector {
         let saved = std::fs::read(&state_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
         let (followed, warned) = (HashMap::new(), HashMap::new());
-        Collector { config, state_path, saved, followed, warned, more: false, first_scan: true, stats }
+        Collector { config, state_path, saved, followed, warned, more: false, capped: false, first_scan: true, stats }
     }
 
     fn expand(&self) -> Vec<String> {
@@ -168,7 +173,9 @@ impl Collector {
 
     /// Opens `path` if it is not followed (or rotated): decides where to start.
     fn open(&mut self, path: &str) -> Option<Followed> {
-        let mut file = match File::open(path) {
+        // Non-blocking: opening a FIFO would otherwise wait for a writer. Only regular files
+        // are read, so the flag changes nothing else.
+        let mut file = match File::options().read(true).custom_flags(libc::O_NONBLOCK).open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
             Err(e) => {
@@ -199,17 +206,24 @@ impl Collector {
     pub fn poll(&mut self, send: &mut dyn FnMut(Vec<Event>) -> bool) -> bool {
         self.more = false;
         let paths = self.expand();
+        let mut skipped = false;
         for path in &paths {
             if let Some(f) = self.followed.get_mut(path) {
                 // The path names another file now (rotation) or nothing (deletion).
                 f.draining |= std::fs::metadata(path).map_or(true, |m| (m.dev(), m.ino()) != (f.dev, f.ino));
+            } else if self.followed.len() >= MAX_FOLLOWED {
+                skipped = true;
             } else if let Some(f) = self.open(path) {
                 self.followed.insert(path.clone(), f);
             }
         }
+        if skipped && !self.capped {
+            log::warn!("logcollector: {} files match; following only {MAX_FOLLOWED} at once", paths.len());
+        }
+        self.capped = skipped;
         // Paths no pattern matches any more (deleted by a glob's view) drain too.
         for (path, f) in self.followed.iter_mut() {
-            f.draining |= !paths.contains(path);
+            f.draining |= paths.binary_search(path).is_err();
         }
         let keys: Vec<String> = self.followed.keys().cloned().collect();
         for path in keys {

@@ -92,9 +92,11 @@ impl Log for Sinks {
     }
 }
 
-/// `text` with every control character (C0, DEL, C1) written as an escape.
+/// `text` with every control character (C0, DEL, C1) written as an escape, and the Unicode
+/// format and separator characters that break a line or reorder what a terminal shows.
 pub fn escape(text: &str) -> String {
-    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.into() }).collect()
+    let format = |c: char| matches!(c as u32, 0x200b..=0x200f | 0x2028..=0x202e | 0x2060..=0x2069 | 0xfeff);
+    text.chars().map(|c| if c.is_control() || format(c) { c.escape_default().to_string() } else { c.into() }).collect()
 }
 
 /// The HTTP and TLS crates never log: at trace level ureq-proto dumps raw request and
@@ -149,6 +151,7 @@ mod tests {
             ("a\rb\tc", "a\\rb\\tc"),
             ("bell\u{7}del\u{7f}nel\u{85}esc\u{1b}[31m", "bell\\u{7}del\\u{7f}nel\\u{85}esc\\u{1b}[31m"),
             ("plain \"quoted\" é ✓ \\n", "plain \"quoted\" é ✓ \\n"),
+            ("a\u{2028}b\u{202e}c\u{200b}d\u{2066}e\u{feff}", "a\\u{2028}b\\u{202e}c\\u{200b}d\\u{2066}e\\u{feff}"),
         ] {
             assert_eq!(escape(raw), logged);
         }

@@ -164,7 +164,6 @@ fn producer(env: &Env, input: Vec<u8>, eof: bool) -> (std::os::unix::net::UnixSt
 }
 
 #[test]
-#[ignore = "reproduces: ingest errors echo the whole 'operation' string: 300 bad lines give a ~300 MB reply and RSS"]
 fn rejected_lines_do_not_echo_megabytes_into_the_reply() {
     use std::io::Read;
     let env = Env::new();
@@ -298,10 +297,10 @@ fn cpu_ticks(pid: u32) -> u64 {
 }
 
 /// `logcollector.*` may be set by the server (SPEC §2.1): a wide glob plus the shortest poll
-/// interval makes the agent hold one descriptor per matched file and re-walk the tree 100
-/// times a second. (On a real host the pattern would be "/**/*".)
+/// interval made the agent hold one descriptor per matched file and re-walk the tree 100
+/// times a second. (On a real host the pattern would be "/**/*".) 10ms is refused now; the
+/// group file uses the shortest interval still accepted.
 #[test]
-#[ignore = "reproduces: a group file's logcollector glob opens one fd per matched file (3000 here) and re-walks the tree every 10 ms"]
 fn a_group_file_glob_cannot_exhaust_descriptors_or_cpu() {
     let (env, agent, me) = setup("");
     let pid = agent.child.id();
@@ -313,7 +312,7 @@ fn a_group_file_glob_cannot_exhaust_descriptors_or_cpu() {
             std::fs::write(dir.join(format!("f{f}.log")), b"").unwrap();
         }
     }
-    let yml = format!("logcollector:\n  files: [\"{}/**/*\"]\n  poll_interval: 10ms\n", tree.display());
+    let yml = format!("logcollector:\n  files: [\"{}/**/*\"]\n  poll_interval: 50ms\n", tree.display());
     env.mock.set_file("wide.yml", yml.as_bytes());
     env.mock.enqueue_command(&me, command("w-1", "set-group", json!({"groups": ["wide"]})));
     let r = result_of(&env.mock, "w-1", Duration::from_secs(30));
@@ -334,7 +333,6 @@ fn a_group_file_glob_cannot_exhaust_descriptors_or_cpu() {
 /// A hostile management API's error text reaches the fatal message of `--register`: no raw
 /// control character (ESC, CR, NEL) and no Unicode line separator may reach the terminal or log.
 #[test]
-#[ignore = "reproduces (low): U+202E (right-to-left override) from the server reaches stderr raw; escape() passes all non-control format characters"]
 fn register_error_text_from_the_server_cannot_forge_output() {
     use wazuh_mock_server::{Fault, FaultAction};
     let env = Env::new();
@@ -362,7 +360,6 @@ fn register_error_text_from_the_server_cannot_forge_output() {
 
 /// SPEC §1: "No secret (password, key, token) ever appears in a log line or an error message."
 #[test]
-#[ignore = "reproduces: --check-config echoes the password of a server.url/registration_url that carries user:pass@"]
 fn a_url_with_credentials_is_refused_without_echoing_the_password() {
     let env = Env::new();
     for key in ["server.url", "server.registration_url"] {
@@ -376,7 +373,6 @@ fn a_url_with_credentials_is_refused_without_echoing_the_password() {
 }
 
 #[test]
-#[ignore = "reproduces: server.proxy with port 99999 passes --check-config (ports are validated for server.url only)"]
 fn a_proxy_with_an_invalid_port_is_refused_by_check_config() {
     let env = Env::new();
     env.write_config("server.proxy = \"http://127.0.0.1:99999\"");
@@ -458,7 +454,6 @@ fn deeply_nested_ingest_lines_are_answered_and_the_agent_stays_up() {
 /// `logcollector.files` may name a FIFO (a server may set it): `File::open` on a FIFO blocks
 /// until a writer appears, before the "not a regular file" check.
 #[test]
-#[ignore = "reproduces: a FIFO in logcollector.files blocks the logcollector thread in open(); no file is read any more"]
 fn a_fifo_in_logcollector_files_does_not_hang_the_agent() {
     let env = Env::new();
     let fifo = env.dir.path().join("trap.fifo");
