@@ -19,6 +19,8 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// its timeout, so more than this is a backlog no server sends an agent on purpose; the
 /// rest come on a next poll if the server still holds them.
 pub const MAX_PER_ANSWER: usize = 100;
+/// Longest `document_id` taken (kept in the command store); the server's are about 20 characters.
+pub const MAX_ID_BYTES: usize = 512;
 
 /// What a command asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,9 +95,7 @@ fn groups_from(args: Option<&Value>) -> Result<Vec<String>, String> {
         Some(_) => return Err("args must be an object or a list".into()),
         None => return Err("args.groups is missing".into()),
     };
-    let Value::Array(items) = list else {
-        return Err("args.groups must be a list".into());
-    };
+    let items = list.as_array().ok_or("args.groups must be a list")?;
     let (mut out, mut seen) = (Vec::new(), HashSet::new());
     for item in items {
         let Some(g) = item.as_str() else {
@@ -116,25 +116,26 @@ fn parse_entry(entry: &Value, my_uuid: &str) -> Result<Option<Command>, String> 
     let Some(document_id) = obj.get("document_id").and_then(Value::as_str).filter(|s| !s.is_empty()) else {
         return Err("document_id is missing or empty".into());
     };
-    if let Some(status) = obj.get("status").and_then(Value::as_str) {
-        // Final states are history, not work.
-        if matches!(status.to_ascii_lowercase().as_str(), "success" | "failure" | "failed" | "timeout" | "cancelled") {
-            return Ok(None);
-        }
+    if document_id.len() > MAX_ID_BYTES {
+        let (short, n) = (document_id.chars().take(32).collect::<String>(), document_id.len());
+        return Err(format!("document_id {short}... of {n} bytes is over the limit of {MAX_ID_BYTES}"));
     }
-    if let Some(target) = obj.get("target").and_then(|t| t.get("id")).and_then(Value::as_str) {
-        if !target.is_empty() && target != my_uuid {
-            return Err(format!("command {document_id} targets {target}, not this agent"));
-        }
+    // Final states are history, not work.
+    let status = obj.get("status").and_then(Value::as_str).unwrap_or_default().to_ascii_lowercase();
+    if matches!(status.as_str(), "success" | "failure" | "failed" | "timeout" | "cancelled") {
+        return Ok(None);
+    }
+    let target = obj.get("target").and_then(|t| t.get("id")).and_then(Value::as_str).unwrap_or_default();
+    if !target.is_empty() && target != my_uuid {
+        return Err(format!("command {document_id} targets {target}, not this agent"));
     }
     let action_obj = obj.get("action").ok_or(format!("command {document_id} has no action"))?;
     let Some(name) = action_obj.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()) else {
         return Err(format!("command {document_id} has no action.name"));
     };
     let name = name.to_string();
-    let args = action_obj.get("args");
     let action = match name.as_str() {
-        "set-group" => match groups_from(args) {
+        "set-group" => match groups_from(action_obj.get("args")) {
             Ok(groups) => Action::SetGroup { groups },
             Err(reason) => Action::Invalid { name, reason },
         },
@@ -333,6 +334,14 @@ mod tests {
         let p = parse_body(body.as_bytes(), ME).unwrap();
         assert_eq!(p.commands.iter().map(|c| c.document_id.as_str()).collect::<Vec<_>>(), vec!["ok"]);
         assert_eq!(p.skipped.len(), 5, "{:?}", p.skipped);
+        let long = |n: usize| format!(r#"{{"document_id":"{}","action":{{"name":"restart"}}}}"#, "é".repeat(n));
+        assert_eq!(one(&long(256)).unwrap().commands.len(), 1, "512 bytes is allowed");
+        let p = one(&long(257)).unwrap();
+        assert!(p.commands.is_empty());
+        assert_eq!(
+            p.skipped,
+            [format!("entry 0: document_id {}... of 514 bytes is over the limit of 512", "é".repeat(32))]
+        );
     }
 
     #[test]

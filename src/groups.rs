@@ -21,6 +21,8 @@ const LIST_FILE: &str = ".groups.json";
 pub const MAX_FILE_BYTES: u64 = 1 << 20;
 pub const MAX_GROUPS: usize = 64;
 const MAX_NODES: usize = 10_000;
+/// Scalar bytes, aliases expanded: 4 times a file's limit, room to reuse anchors while a load stays a few MiB.
+const MAX_EXPANDED_BYTES: usize = 4 << 20;
 const MAX_DEPTH: usize = 64;
 
 /// Why the group set could not be read, written or applied.
@@ -67,31 +69,36 @@ fn yaml_to_toml(y: &Yaml) -> Option<toml::Value> {
     })
 }
 
-/// Refuses YAML whose nodes, aliases expanded, number more than [`MAX_NODES`], or that nests deeper
-/// than [`MAX_DEPTH`], before anything is built: the loader clones an alias's node, so a "billion laughs"
-/// file of 600 bytes would take gigabytes; counting parser events costs in proportion to the text.
+/// Refuses YAML that, aliases expanded, has over [`MAX_NODES`] nodes or [`MAX_EXPANDED_BYTES`] of scalars, or
+/// nests deeper than [`MAX_DEPTH`], before anything is built: the loader copies an alias's node (a string in full:
+/// 200 KB aliased 2 500 times is 500 MB); counting parser events costs in proportion to the text.
 fn check_nodes(text: &str) -> Result<(), String> {
     let mut parser = Parser::new_from_str(text);
-    // Expanded sizes of anchored containers (a scalar or an open one counts 1, as loaded),
-    // and the open containers with the count at their start (each counts when it ends).
-    let (mut nodes, mut sizes, mut open) = (0, HashMap::new(), Vec::new());
-    while nodes <= MAX_NODES && open.len() <= MAX_DEPTH {
-        match parser.next_token().map_err(|e| format!("is not a YAML mapping: {e}"))?.0 {
+    // Expanded (nodes, bytes) of anchored nodes (an open container counts 1 node, as loaded),
+    // and the open containers with the totals at their start (each counts when it ends).
+    let (mut nodes, mut bytes, mut sizes, mut open) = (0, 0, HashMap::new(), Vec::new());
+    while nodes <= MAX_NODES && bytes <= MAX_EXPANDED_BYTES && open.len() <= MAX_DEPTH {
+        let (n, b) = match parser.next_token().map_err(|e| format!("is not a YAML mapping: {e}"))?.0 {
             Event::StreamEnd => return Ok(()),
-            Event::Alias(id) => nodes += sizes.get(&id).copied().unwrap_or(1),
-            Event::Scalar(..) => nodes += 1,
-            Event::SequenceStart(id, _) | Event::MappingStart(id, _) => open.push((id, nodes)),
-            Event::SequenceEnd | Event::MappingEnd => {
-                let (id, start) = open.pop().unwrap_or_default();
-                nodes += 1; // the container itself
-                sizes.insert(id, nodes - start);
+            Event::Alias(id) => sizes.get(&id).copied().unwrap_or((1, 0)),
+            Event::Scalar(s, _, id, _) => *sizes.entry(id).insert_entry((1, s.len())).get(),
+            Event::SequenceStart(id, _) | Event::MappingStart(id, _) => {
+                open.push((id, nodes, bytes));
+                (0, 0)
             }
-            _ => {}
-        }
+            Event::SequenceEnd | Event::MappingEnd => {
+                let (id, n, b) = open.pop().unwrap_or_default();
+                sizes.insert(id, (nodes + 1 - n, bytes - b));
+                (1, 0) // the container itself
+            }
+            _ => (0, 0),
+        };
+        (nodes, bytes) = (nodes + n, bytes + b);
     }
-    Err(match nodes > MAX_NODES {
-        true => format!("is refused: its aliases expand past the limit of {MAX_NODES} nodes"),
-        false => format!("is refused: it nests deeper than the limit of {MAX_DEPTH} levels"),
+    Err(match (nodes > MAX_NODES, bytes > MAX_EXPANDED_BYTES) {
+        (true, _) => format!("is refused: its aliases expand past the limit of {MAX_NODES} nodes"),
+        (_, true) => format!("is refused: its aliases expand past the limit of {} MiB", MAX_EXPANDED_BYTES >> 20),
+        _ => format!("is refused: it nests deeper than the limit of {MAX_DEPTH} levels"),
     })
 }
 
@@ -280,6 +287,14 @@ i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
         assert!(parse_group_file("g.yml", at_limit.as_bytes()).is_ok());
         let past = format!("a: &l [{items}]\nb: [{aliases}, y]\n");
         assert!(refusal(&past).contains("past the limit of 10000 nodes"));
+        // A long string aliased a few times counts its bytes per alias: 500 KB nine times is over.
+        let text = |n: usize| format!("a: &s \"{}\"\nb: [{}]\n", "x".repeat(500_000), vec!["*s"; n].join(", "));
+        assert!(parse_group_file("g.yml", text(7).as_bytes()).is_ok());
+        let e = refusal(&text(8));
+        assert_eq!(e, "group file g.yml is refused: its aliases expand past the limit of 4 MiB");
+        // An anchored list of strings: its bytes come with it.
+        let list = format!("a: &l [\"{}\", y]\nb: [*l, *l, *l, *l, *l, *l, *l, *l]\n", "x".repeat(500_000));
+        assert!(refusal(&list).ends_with("limit of 4 MiB"));
     }
 
     #[test]

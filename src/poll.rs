@@ -4,8 +4,11 @@
 //! A 408 or a client-side timeout is the normal idle cycle: poll again at once. Errors
 //! back off with full jitter (the first retry included, so a fleet does not stampede a
 //! restarted server). A 200 with a broken body is logged and counted; polling goes on.
+//! A 200 in under [`MIN_HOLD`] with no command it has not forwarded before waits `retry.initial`, as a quick
+//! 408 does (session.rs): no tight loop on a server that answers at once; after a new command, poll at once.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, select};
 
@@ -14,6 +17,11 @@ use crate::commands::{self, Command, MAX_PER_ANSWER};
 use crate::http::{MAX_COMMANDS_BYTES, Request};
 use crate::session::{Call, Session};
 use crate::status::Stats;
+
+/// An answer sooner than this was not held (as `session::MIN_HOLD`).
+const MIN_HOLD: Duration = Duration::from_secs(1);
+/// Forwarded ids remembered, so an answer repeating one brings nothing new (a scan: 100 x 1000 short ids).
+const RECENT: usize = 1000;
 
 pub struct Poller {
     /// A commands session (its own connection, bounded by `server.commands_timeout`).
@@ -30,8 +38,11 @@ pub fn run(p: Poller, out: Sender<Command>, shutdown: Receiver<()>) {
     };
     // Only for answers the server took but the agent cannot read; failures back off in the session.
     let mut unreadable = Backoff::new(Duration::ZERO, Duration::ZERO);
-    // The session retries every failure and refusal itself: it ends only with a reply or a stop.
-    while let Ok(reply) = p.session.call(&call) {
+    let mut recent = VecDeque::new();
+    loop {
+        let sent = Instant::now();
+        // The session retries every failure and refusal itself: it ends only with a reply or a stop.
+        let Ok(reply) = p.session.call(&call) else { break };
         match commands::parse_body(&reply.body, &p.uuid) {
             Ok(parsed) => {
                 unreadable.reset();
@@ -42,6 +53,9 @@ pub fn run(p: Poller, out: Sender<Command>, shutdown: Receiver<()>) {
                     log::warn!("skipped a malformed command: {why}");
                     Stats::add(&p.session.stats.commands_failed, 1);
                 }
+                let new = parsed.commands.iter().any(|c| !recent.contains(&c.document_id));
+                recent.extend(parsed.commands.iter().map(|c| c.document_id.clone()));
+                recent.drain(..recent.len().saturating_sub(RECENT));
                 for c in parsed.commands {
                     Stats::add(&p.session.stats.commands_received, 1);
                     log::debug!("command {} ({}) received", c.document_id, c.action.name());
@@ -49,6 +63,9 @@ pub fn run(p: Poller, out: Sender<Command>, shutdown: Receiver<()>) {
                         send(out, c) -> r => if r.is_err() { return },
                         recv(shutdown) -> _ => return,
                     }
+                }
+                if !new && sent.elapsed() < MIN_HOLD && !p.session.pause(p.session.live.config().retry.initial, None) {
+                    break;
                 }
             }
             Err(why) => {
