@@ -114,8 +114,7 @@ impl Ring {
     /// Takes the oldest events that fit one request (at least one, even if oversized:
     /// the server's 413 then isolates it).
     pub fn cut(&mut self) -> Vec<Event> {
-        let mut body = self.policy.overhead;
-        let mut out = Vec::new();
+        let (mut body, mut out) = (self.policy.overhead, Vec::new());
         while let Some((e, _)) = self.events.front() {
             let n = e.wire_len();
             if !out.is_empty() && (out.len() >= self.policy.max_events || body + n > self.policy.max_bytes) {

@@ -5,7 +5,6 @@
 //! everywhere. Each thread that talks to a server gets its own agent (its own connection
 //! pool), so a large upload never sits in front of a command long-poll.
 
-use std::fmt;
 use std::io::{ErrorKind, Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -88,16 +87,20 @@ pub fn tls_config(server: &ServerConfig) -> Result<Arc<ClientConfig>, HttpError>
 /// Builds a ureq agent. `timeout` bounds one whole call (connect, send, receive); the
 /// long-poll passes `commands_timeout`, everything else `request_timeout`.
 pub fn build_agent(server: &ServerConfig, timeout: Duration) -> Result<ureq::Agent, HttpError> {
-    Ok(build_agents(server, &[timeout])?.remove(0))
+    let [agent] = build_agents(server, [timeout])?;
+    Ok(agent)
 }
 
 /// One agent (own connection pool) per timeout, all sharing one TLS configuration: the
 /// root store is the biggest part of it, and one copy is enough.
-pub fn build_agents(server: &ServerConfig, timeouts: &[Duration]) -> Result<Vec<ureq::Agent>, HttpError> {
+pub fn build_agents<const N: usize>(
+    server: &ServerConfig,
+    timeouts: [Duration; N],
+) -> Result<[ureq::Agent; N], HttpError> {
     let tls = tls_config(server)?;
-    let proxy = server.proxy.as_deref().map(ureq::Proxy::new).transpose();
-    let proxy = proxy.map_err(|e| HttpError::Proxy(e.to_string()))?;
-    Ok(timeouts.iter().map(|t| agent_with(tls.clone(), proxy.clone(), *t)).collect())
+    let proxy =
+        server.proxy.as_deref().map(ureq::Proxy::new).transpose().map_err(|e| HttpError::Proxy(e.to_string()))?;
+    Ok(timeouts.map(|t| agent_with(tls.clone(), proxy.clone(), t)))
 }
 
 fn agent_with(tls: Arc<ClientConfig>, proxy: Option<ureq::Proxy>, timeout: Duration) -> ureq::Agent {
@@ -340,9 +343,7 @@ impl<In: Transport> Connector<In> for TlsConnector {
     type Out = Either<In, TlsTransport>;
 
     fn connect(&self, details: &ConnectionDetails, chained: Option<In>) -> Result<Option<Self::Out>, ureq::Error> {
-        let Some(transport) = chained else {
-            return Err(ureq::Error::ConnectionFailed);
-        };
+        let Some(transport) = chained else { return Err(ureq::Error::ConnectionFailed) };
         if !details.needs_tls() || transport.is_tls() {
             return Ok(Some(Either::A(transport)));
         }
@@ -364,8 +365,8 @@ struct TlsTransport {
     stream: StreamOwned<ClientConnection, TransportAdapter>,
 }
 
-impl fmt::Debug for TlsTransport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl std::fmt::Debug for TlsTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("TlsTransport")
     }
 }
@@ -378,8 +379,7 @@ impl Transport for TlsTransport {
     fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
         self.stream.get_mut().set_timeout(timeout);
         self.stream.write_all(&self.buffers.output()[..amount])?;
-        self.stream.flush()?;
-        Ok(())
+        Ok(self.stream.flush()?)
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {

@@ -265,10 +265,8 @@ fn load(local: &Config) -> Result<(Config, Credentials), RunError> {
 fn open(config: &Config) -> Result<(Agents, PidFile, Arc<Stats>, QueueStore, UnixListener), RunError> {
     // One connection pool per thread that talks to the server; one TLS configuration.
     let (request, commands) = (config.server.request_timeout, config.server.commands_timeout);
-    let agents =
-        http::build_agents(&config.server, &[request, request, request, commands, request]).map_err(RunError::Http)?;
-    let [token, upload_queue, upload_stateless, poll, files]: [ureq::Agent; 5] =
-        agents.try_into().map_err(|_| RunError::Http(HttpError::Tls("expected five HTTP agents".into())))?;
+    let [token, upload_queue, upload_stateless, poll, files] =
+        http::build_agents(&config.server, [request, request, request, commands, request]).map_err(RunError::Http)?;
     // Before anything else that a second agent would fight over.
     let pid_file = PidFile::acquire(&config.agent.run_dir).map_err(RunError::Pid)?;
     let stats = Arc::new(Stats::default());

@@ -87,9 +87,7 @@ pub fn lifetime(claims: &Claims, now_unix: i64) -> Option<Duration> {
 /// `max(60 s, 10 % of the lifetime)` before expiry, but never earlier than half the
 /// lifetime; clamped to `MIN_RENEWAL..=MAX_RENEWAL`.
 pub fn renewal_delay(claims: &Claims, now_unix: i64) -> Duration {
-    let Some(life) = lifetime(claims, now_unix) else {
-        return FALLBACK_RENEWAL;
-    };
+    let Some(life) = lifetime(claims, now_unix) else { return FALLBACK_RENEWAL };
     let margin = Duration::from_secs(60).max(life / 10);
     let delay = life.saturating_sub(margin).max(life / 2);
     delay.clamp(MIN_RENEWAL, MAX_RENEWAL)
@@ -313,9 +311,7 @@ impl Authenticator {
 /// for the backoff to end.
 pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut auth: Authenticator, live: Arc<Live>) {
     let mut backoff = Backoff::new(Duration::ZERO, Duration::ZERO);
-    let mut next_due = Instant::now();
-    let mut last_success: Option<Instant> = None;
-    let mut backing_off = false;
+    let (mut next_due, mut last_success, mut backing_off) = (Instant::now(), None::<Instant>, false);
     loop {
         let wait = next_due.saturating_duration_since(Instant::now());
         select! {

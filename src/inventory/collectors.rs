@@ -68,9 +68,7 @@ pub fn collect_system(root: &Path) -> Result<Vec<Doc>, Unreadable> {
 // -------------------------------------------------------------------------- hardware
 
 pub fn parse_cpuinfo(text: &str) -> (Option<String>, usize, Option<u64>) {
-    let mut name = None;
-    let mut cores = 0;
-    let mut mhz = None;
+    let (mut name, mut cores, mut mhz) = (None, 0, None);
     for line in text.lines() {
         let Some((k, v)) = line.split_once(':') else { continue };
         match k.trim() {
