@@ -128,12 +128,9 @@ fn secret(
 }
 
 fn new_uuid(version: UuidVersion) -> String {
-    match version {
-        UuidVersion::V7 => uuid::Uuid::now_v7(),
-        UuidVersion::V4 => uuid::Uuid::new_v4(),
-    }
-    .hyphenated()
-    .to_string()
+    // Display is the hyphenated lowercase form.
+    let id = if version == UuidVersion::V7 { uuid::Uuid::now_v7() } else { uuid::Uuid::new_v4() };
+    id.to_string()
 }
 
 fn unreachable_or_bad(url: &str, result: &Result<http::Reply, ureq::Error>) -> RegisterError {

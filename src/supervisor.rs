@@ -394,7 +394,6 @@ fn start_commands(
     let exec = Executor {
         ctx: Arc::new(Ctx {
             session: s.session(&s.agents.files, Stop::Now(commands_stop_rx.clone()), Role::Files),
-            live: s.live.clone(),
             local: s.local.clone(),
             data_dir: s.config.agent.data_dir.clone(),
             uuid: s.credentials.uuid.clone(),
@@ -403,7 +402,6 @@ fn start_commands(
         }),
         queue: p.append_tx.clone(),
         control: control_tx,
-        stats: s.stats.clone(),
     };
     s.workers.spawn("executor", move || executor::run(exec, command_rx, commands_stop_rx))?;
     Ok((control_rx, commands_stop_tx))
