@@ -67,12 +67,11 @@ fn main() -> ExitCode {
 
 fn try_main() -> Result<u8, Error> {
     let cli = cli::parse(std::env::args_os().skip(1)).map_err(Error::Cli)?;
-    match cli.mode {
+    let config = match cli.mode {
         Mode::Help => return print(cli::HELP, 0),
         Mode::Version => return print(&format!("wazuh-agent {}\n", wazuh_agent::VERSION), 0),
-        _ => {}
-    }
-    let config = Config::load(cli.config.as_deref()).map_err(Error::Config)?;
+        _ => Config::load(cli.config.as_deref()).map_err(Error::Config)?,
+    };
     match cli.mode {
         Mode::CheckConfig => {
             let head = config.source.as_ref().map(|p| format!("# configuration {} is valid", p.display()));

@@ -60,9 +60,8 @@ pub enum TokenError {
 
 /// Reads `exp`/`iat` from the JWT payload. The signature is not checked.
 pub fn decode_claims(jwt: &str) -> Result<Claims, TokenError> {
-    let mut parts = jwt.split('.');
-    let (Some(_header), Some(payload), Some(_sig), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let parts: Vec<&str> = jwt.split('.').collect();
+    let [_header, payload, _sig] = parts[..] else {
         return Err(TokenError::Malformed("not three dot-separated parts"));
     };
     // Tokens are base64url without padding; tolerate padding some servers add.
