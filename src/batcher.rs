@@ -111,8 +111,7 @@ impl Ring {
                 || self.deadline().is_some_and(|d| now >= d))
     }
 
-    /// Takes the oldest events that fit one request (at least one, even if oversized:
-    /// the server's 413 then isolates it).
+    /// Takes the oldest events that fit one request (at least one: an oversized one gets a 413).
     pub fn cut(&mut self) -> Vec<Event> {
         let (mut body, mut out) = (self.policy.overhead, Vec::new());
         while let Some((e, _)) = self.events.front() {

@@ -76,9 +76,8 @@ impl Live {
         self.reload.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Replaces the configuration; keys not marked live in [`KEYS`] keep their running
-    /// values until a restart (they are reported, not applied). The threads that use the
-    /// live keys re-read them on change.
+    /// Replaces the configuration; keys not marked live in [`KEYS`] keep their running values
+    /// until a restart (reported, not applied). Threads re-read the live keys on change.
     pub fn apply(&self, new: Config) -> Applied {
         let mut current = self.lock();
         let mut merged = (*current.config).clone();

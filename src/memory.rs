@@ -1,6 +1,5 @@
-//! Heap footprint on glibc: fewer arenas, large buffers in mmap'd memory, and free memory
-//! handed back to the system after a burst. No-ops on other C libraries (musl returns
-//! freed memory by itself).
+//! Heap footprint on glibc: fewer arenas, large buffers in mmap'd memory, free memory handed
+//! back after a burst. No-ops on other C libraries (musl returns freed memory by itself).
 
 /// glibc gives every thread that allocates its own arena and keeps freed memory in each;
 /// with a handful of threads that multiplies the resident size for nothing on a small

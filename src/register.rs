@@ -140,8 +140,7 @@ fn unreachable_or_bad(url: &str, result: &Result<http::Reply, ureq::Error>) -> R
     }
 }
 
-/// Registers the agent and stores its credentials. Returns them (the UUID is printed by
-/// the caller).
+/// Registers the agent and stores its credentials; returns them (the caller prints the UUID).
 pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, RegisterError> {
     let data_dir = &config.agent.data_dir;
     let path = Credentials::path(data_dir);

@@ -134,8 +134,7 @@ pub struct Session {
 }
 
 impl Session {
-    /// Sends `call` to the token's server until the server takes it (its reply), refuses
-    /// it for good, or a stop comes first.
+    /// Sends `call` to the token's server until it is taken (the reply), refused for good, or stopped.
     pub fn call(&self, call: &Call<'_>) -> Result<Reply, Failure> {
         let mut backoff = Backoff::new(Duration::ZERO, Duration::ZERO);
         let mut refused = 0;

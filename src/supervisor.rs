@@ -277,8 +277,7 @@ fn open(config: &Config) -> Result<(Agents, PidFile, Arc<Stats>, QueueStore, Uni
     Ok((agents, pid_file, stats, store, listener))
 }
 
-/// Stage 4: the threads every event passes through: signals, token, queue, ingest,
-/// batcher, uploaders.
+/// Stage 4: the threads every event passes through (signals, token, queue, ingest, batcher, uploaders).
 fn start_pipeline(
     s: &mut Supervisor,
     store: QueueStore,
@@ -335,9 +334,8 @@ fn start_pipeline(
     s.workers.spawn("batcher", move || batcher::run(wiring, policy, live, stats))?;
 
     // Two uploaders: `upload-queue` takes queue batches (one at a time, in order) and
-    // stateless ones, `upload-stateless` stateless ones only. With one request in flight the
-    // server's time per body was dead time for the agent; with two, one body is sent while
-    // the server works on the other.
+    // stateless ones, `upload-stateless` stateless ones only. With two requests in flight,
+    // one body is sent while the server works on the other (with one, that was dead time).
     let [queue_up, stateless_up] = [&s.agents.upload_queue, &s.agents.upload_stateless].map(|agent| {
         let drain = Stop::Drain { shutdown: pipeline_stop_rx.clone(), deadline: s.deadline.clone() };
         let (shutdown, deadline) = (pipeline_stop_rx.clone(), s.deadline.clone());
@@ -529,8 +527,7 @@ fn drop_privileges(config: &Config, user: &str) -> Result<(), RunError> {
     Ok(())
 }
 
-/// SIGHUP: reopen the log file, re-read the local file and the group files, apply what
-/// can change live.
+/// SIGHUP: reopen the log file, re-read the local and group files, apply what can change live.
 fn reload(local: &Config, live: &Live) {
     if let Err(e) = crate::logging::reopen() {
         log::error!("SIGHUP: cannot reopen the log file: {e}");

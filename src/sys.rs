@@ -64,8 +64,7 @@ pub fn malloc_trim() {
     }
 }
 
-/// Connects to the system log as `wazuh-agent` (daemon facility, pid on every line), at
-/// once rather than at the first line.
+/// Connects to the system log as `wazuh-agent` (daemon facility, pid on every line) at once.
 pub fn open_syslog() {
     // SAFETY: the identity is a static C string, as openlog requires (it keeps the pointer).
     unsafe { libc::openlog(c"wazuh-agent".as_ptr(), libc::LOG_PID | libc::LOG_NDELAY, libc::LOG_DAEMON) };
@@ -84,8 +83,7 @@ pub fn syslog(level: log::Level, text: &str) {
     unsafe { libc::syslog(priority, c"%s".as_ptr(), msg.as_ptr()) };
 }
 
-/// The uid and primary gid of the user called `name`; `None` if there is none (a name with
-/// a NUL byte names nobody).
+/// The uid and primary gid of the user `name`; `None` if there is none (nor for a NUL byte).
 pub fn user_by_name(name: &str) -> io::Result<Option<(u32, u32)>> {
     let Ok(name) = CString::new(name) else { return Ok(None) };
     let mut buf = vec![0 as libc::c_char; LOOKUP_BUF];

@@ -20,8 +20,7 @@ use crate::credentials::{Credentials, Secret};
 use crate::http::{self, Attempt, Outcome, Request};
 use crate::live::Live;
 
-/// Renewals are never closer together than this, whatever the token or the clock say:
-/// the guard against a refresh loop.
+/// Renewals are never closer together than this, whatever the token or clock say (no refresh loop).
 pub const MIN_RENEWAL: Duration = Duration::from_secs(1);
 /// Upper bound of one renewal delay, so a token claiming years of life is still renewed daily.
 pub const MAX_RENEWAL: Duration = Duration::from_secs(24 * 3600);
@@ -304,10 +303,9 @@ impl Authenticator {
     }
 }
 
-/// The token thread. Authenticates at once, then renews on schedule or on request,
-/// until `shutdown` is closed (its sender dropped). Backs off with full jitter after
-/// failures (`retry.*` read live at each one); a refresh request during a backoff waits
-/// for the backoff to end.
+/// The token thread. Authenticates at once, then renews on schedule or on request, until
+/// `shutdown` closes. Backs off with full jitter after failures (`retry.*` read live at
+/// each); a refresh request during a backoff waits for its end.
 pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut auth: Authenticator, live: Arc<Live>) {
     let mut backoff = Backoff::new(Duration::ZERO, Duration::ZERO);
     let (mut next_due, mut last_success, mut backing_off) = (Instant::now(), None::<Instant>, false);

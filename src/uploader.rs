@@ -200,8 +200,7 @@ pub struct QueueLink {
 
 /// The `upload-queue` thread: the durable queue's batches, one at a time and in order,
 /// and stateless batches in between (chosen fairly by `select!`, so neither kind starves
-/// the other). Stops when `shutdown` has closed and either the deadline passed or both
-/// inputs are done.
+/// the other). Stops once `shutdown` closed and the deadline passed or both inputs are done.
 pub fn run_queue(up: Uploader, queue: QueueLink, stateless: Receiver<Vec<Event>>, spill: Sender<Append>) {
     let (never_events, never_batches, never_stop) = (never(), never(), never());
     let (mut stateless_open, mut queued_open) = (true, true);

@@ -167,9 +167,8 @@ pub fn parse_apk(text: &str) -> Vec<Doc> {
     out
 }
 
-/// Every supported package database found under the root (dpkg, apk, opkg/ipkg). A
-/// manager whose directory is missing is not installed; one whose directory exists must
-/// have a readable database in it.
+/// Every supported package database under the root (dpkg, apk, opkg/ipkg). A manager whose
+/// directory is missing is not installed; one whose directory exists must have a readable database.
 pub fn collect_packages(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     let mut out = Vec::new();
     let opkg = if root.join("usr/lib/opkg").exists() { "usr/lib/opkg" } else { "var/lib/opkg" };

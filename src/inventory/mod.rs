@@ -218,8 +218,7 @@ pub fn notifications(changes: &[Change], now: &str) -> Vec<Event> {
     out
 }
 
-/// Runs the enabled collectors: the documents found, by id, and the collectors that could
-/// not read their source, with why.
+/// Runs the enabled collectors: the documents found, by id, and the failed collectors, with why.
 pub fn scan(root: &Path, enabled: &[String], uuid: &str) -> (BTreeMap<String, Stored>, Vec<(String, Unreadable)>) {
     let (mut docs, mut failed) = (BTreeMap::new(), Vec::new());
     for c in enabled {
@@ -305,8 +304,7 @@ fn scan_once(config: &InventoryConfig, ctx: &Context) -> Result<String, ScanErro
 }
 
 fn run(config: Config, ctx: Context) {
-    // Scans are background work on a small host. Best effort: at normal priority a scan is
-    // still correct.
+    // Scans are background work on a small host (best effort: at normal priority they still work).
     let _ = crate::sys::set_thread_nice(10);
     loop {
         match scan_once(&config.inventory, &ctx) {

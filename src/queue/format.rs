@@ -17,8 +17,7 @@ use crate::event::{Event, Kind};
 
 pub const MAGIC: [u8; 4] = *b"WZQ1";
 pub const FRAME_HEADER: usize = 12;
-/// Larger than any event (lines are at most 1 MiB), small enough that a corrupt length
-/// never makes recovery allocate much.
+/// Larger than any event (lines are at most 1 MiB); a corrupt length never allocates much.
 pub const MAX_PAYLOAD: usize = 4 << 20;
 
 const STATEFUL: u8 = 1;
