@@ -1,11 +1,10 @@
 //! The stateless ring buffer and batching policy ([`Ring`], pure: `now` is an argument),
 //! and the batcher thread ([`run`]) that owns it.
 //!
-//! A batch is cut when it reaches `batch_max_events`, when the request body would reach
-//! `batch_max_bytes`, or when its oldest event is `batch_interval` old — whichever comes
-//! first. One batch is handed to the uploader at a time (a rendezvous channel), so while
-//! the server is slow or away, events wait here, in a buffer of `buffer_events`, where
-//! `overflow` decides between dropping the oldest (counted) and stopping the producers.
+//! A batch is cut when it reaches `batch_max_events`, when the body would reach `batch_max_bytes`,
+//! or when its oldest event is `batch_interval` old. One batch is handed to the uploader at a time
+//! (a rendezvous channel), so while the server is slow or away, events wait here, in a buffer of
+//! `buffer_events` where `overflow` decides between dropping the oldest (counted) and blocking.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;

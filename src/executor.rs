@@ -1,11 +1,10 @@
 //! The command executor thread: runs what the long-poll thread received, one command at a
 //! time, and reports each result exactly once through the durable queue.
 //!
-//! Every `document_id` is written to the command store (`<data_dir>/commands.json`)
-//! before the command runs, so a redelivered or duplicated command is recognised and
-//! skipped, even across restarts. A command that was running when the agent stopped is
-//! finished at the next start: `restart` as a success (that stop was the command), any
-//! other as interrupted.
+//! Every `document_id` is written to the command store (`<data_dir>/commands.json`) before the
+//! command runs, so a redelivered or duplicated command is skipped, even across restarts. A
+//! command running when the agent stopped is finished at the next start: `restart` as a success
+//! (that stop was the command), any other as interrupted.
 
 use std::collections::VecDeque;
 use std::io;

@@ -101,9 +101,8 @@ fn try_main() -> Result<u8, Error> {
     }
 }
 
-/// Replaces this process with a fresh start of the same binary and arguments (same pid,
-/// so pid files and init scripts stay valid). Only returns on failure; then the process
-/// exits 1 and an init system restarts it.
+/// Replaces this process with a fresh start of the same binary and arguments (same pid, so pid
+/// files and init scripts stay valid). Returns only on failure: exit 1, the init system restarts.
 fn restart() -> std::io::Error {
     use std::os::unix::process::CommandExt;
     let mut args = std::env::args_os();

@@ -1,7 +1,6 @@
-//! Run mode: the one place where every thread of the agent is started and joined, so a
-//! reader sees the whole process here. [`run`] calls one function per stage, in order:
-//! `load`, `open`, `drop_privileges`, `start_pipeline`, `start_modules` (every enabled
-//! module of [`module::MODULES`]), `start_commands`, `supervise`, `shut_down`.
+//! Run mode: the one place where every thread of the agent is started and joined. [`run`] calls
+//! one function per stage, in order: `load`, `open`, `drop_privileges`, `start_pipeline`,
+//! `start_modules` (the enabled [`module::MODULES`]), `start_commands`, `supervise`, `shut_down`.
 //!
 //! | thread     | owns                                        | fed by / feeds                              |
 //! |------------|---------------------------------------------|---------------------------------------------|
@@ -18,13 +17,12 @@
 //! | `inventory` | `inventory.json` snapshot, host scans      | → queue (stateful), → batcher (notifications) |
 //! | `executor` | `commands.json`, `shared/` group files      | results → queue; restart → main             |
 //!
-//! Shutdown runs in stages so nothing acknowledged is lost and nothing waits on a dead
-//! peer: (1) ingest stops reading and answers its producers; (2) the batcher and uploader
-//! get a deadline (`SHUTDOWN_GRACE`) to deliver what they hold, and spill the rest of the
-//! stateless events into the durable queue; (3) the queue fsyncs and stops; (4) the token
-//! and signal threads stop. A worker that ends before shutdown is fatal: the supervisor
-//! stops the rest and returns an error so the init system restarts the agent. (Release
-//! builds abort on panic, which also ends the process non-zero.)
+//! Shutdown runs in stages so nothing acknowledged is lost and nothing waits on a dead peer:
+//! (1) ingest stops reading and answers its producers; (2) the batcher and uploaders get until
+//! `SHUTDOWN_GRACE` to deliver what they hold, and spill the rest of the stateless events into
+//! the durable queue; (3) the queue fsyncs and stops; (4) the token and signal threads stop. A
+//! worker that ends before shutdown is fatal: the supervisor stops the rest and returns an error
+//! so the init system restarts the agent. (Release builds abort on panic: also a non-zero exit.)
 
 use std::collections::HashSet;
 use std::io;

@@ -126,9 +126,8 @@ pub fn effective_ids() -> (u32, u32) {
     unsafe { (libc::geteuid(), libc::getegid()) }
 }
 
-/// Becomes `uid`/`gid`: leaves every supplementary group, sets the group, then the user
-/// (in this order: once no longer root, the process cannot change its groups). glibc and
-/// musl apply each change to every thread of the process.
+/// Becomes `uid`/`gid`: leaves the supplementary groups, sets the group, then the user (once not
+/// root, it cannot change groups). glibc and musl apply each change to every thread.
 pub fn switch_to(uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: plain syscalls; setgroups gets an empty list (null with length 0).
     unsafe {

@@ -81,9 +81,8 @@ pub fn lifetime(claims: &Claims, now_unix: i64) -> Option<Duration> {
     (secs > 0).then(|| Duration::from_secs(secs as u64).min(MAX_LIFETIME))
 }
 
-/// How long after receiving a token to renew it (docs/protocol.md, Authentication): a margin of
-/// `max(60 s, 10 % of the lifetime)` before expiry, but never earlier than half the
-/// lifetime; clamped to `MIN_RENEWAL..=MAX_RENEWAL`.
+/// How long after receiving a token to renew it (docs/protocol.md, Authentication): `max(60 s, 10 %
+/// of the lifetime)` before expiry, not before half the lifetime, within `MIN_RENEWAL..=MAX_RENEWAL`.
 pub fn renewal_delay(claims: &Claims, now_unix: i64) -> Duration {
     let Some(life) = lifetime(claims, now_unix) else { return FALLBACK_RENEWAL };
     let margin = Duration::from_secs(60).max(life / 10);
@@ -171,9 +170,8 @@ impl TokenCell {
         }
     }
 
-    /// Reports that a request made with token `generation` was refused (401/403).
-    /// Requests one refresh unless one is already pending for that token or a newer
-    /// token already exists. Returns at once; use [`wait_newer`](Self::wait_newer).
+    /// Reports that a request made with token `generation` was refused (401/403): one refresh,
+    /// unless one is pending for it or a newer token exists. Then [`wait_newer`](Self::wait_newer).
     pub fn refused(&self, generation: u64) {
         self.ask(generation, false);
     }
@@ -303,9 +301,8 @@ impl Authenticator {
     }
 }
 
-/// The token thread. Authenticates at once, then renews on schedule or on request, until
-/// `shutdown` closes. Backs off with full jitter after failures (`retry.*` read live at
-/// each); a refresh request during a backoff waits for its end.
+/// The token thread: authenticates at once, then renews on schedule or request until `shutdown`
+/// closes; after failures, full-jitter backoff (`retry.*` read live) that refresh requests wait out.
 pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut auth: Authenticator, live: Arc<Live>) {
     let mut backoff = Backoff::new(Duration::ZERO, Duration::ZERO);
     let (mut next_due, mut last_success, mut backing_off) = (Instant::now(), None::<Instant>, false);

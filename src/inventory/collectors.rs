@@ -1,9 +1,8 @@
-//! Inventory collectors: read the host (under `inventory.root`) into documents shaped as
-//! in docs/events.md. Parsers are pure functions of file contents; the `collect_*`
-//! functions only read files under the root (and, for network addresses on the live
-//! host, getifaddrs). Fields a host cannot provide are `null`, never invented. A source
-//! that exists but cannot be read is an [`Unreadable`] error, not an empty result: the
-//! scan then keeps that collector's previous documents (docs/events.md, "Failed collectors").
+//! Inventory collectors: read the host (under `inventory.root`) into documents shaped as in
+//! docs/events.md. Parsers are pure functions of file contents; the `collect_*` functions only
+//! read files under the root (and getifaddrs, for addresses on the live host). Fields a host
+//! cannot provide are `null`, never invented. A source that exists but cannot be read is an
+//! [`Unreadable`] error, not an empty result: the scan keeps that collector's previous documents.
 
 use std::collections::HashMap;
 use std::io;

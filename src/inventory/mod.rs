@@ -2,12 +2,11 @@
 //! stateful `create`/`update`/`delete` events for exactly what changed since the last
 //! scan (ids per docs/events.md), plus stateless change notifications after the first scan.
 //!
-//! The previous scan is kept in `<data_dir>/inventory.json`; a new snapshot replaces it
-//! only after its events are durable in the queue, so a crash means a resend, never a
-//! loss. Counters that move on every scan (free memory, interface byte counts, socket
-//! queues) are left out when documents are compared, so they do not turn every scan into
-//! updates; they are refreshed whenever a document changes for another reason. A collector
-//! that cannot read its source keeps its previous documents (docs/events.md, "Failed collectors").
+//! The previous scan is kept in `<data_dir>/inventory.json`; a new snapshot replaces it only
+//! after its events are durable in the queue, so a crash means a resend, never a loss. Counters
+//! that move on every scan (free memory, interface byte counts, socket queues) are left out when
+//! documents are compared (else every scan is updates); they are refreshed when a document changes
+//! otherwise. A collector that cannot read its source keeps its previous documents (docs/events.md).
 
 pub mod collectors;
 

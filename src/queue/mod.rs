@@ -298,9 +298,8 @@ impl QueueStore {
         (self.backlog_records, self.backlog_bytes)
     }
 
-    /// Writes the longest prefix of `events` that fits under `queue_max_bytes` (not yet
-    /// durable: call [`sync`](Self::sync)) and returns its length. `Err` only for I/O;
-    /// then the caller must [`rollback`](Self::rollback).
+    /// Writes the longest prefix of `events` under `queue_max_bytes` and returns its length (not
+    /// durable before [`sync`](Self::sync)). `Err` only for I/O: then [`rollback`](Self::rollback).
     pub fn append(&mut self, events: &[Event]) -> Result<usize, QueueError> {
         let (mut fit, mut total) = (0, 0u64);
         let mut buf = Vec::new();
@@ -360,9 +359,8 @@ impl QueueStore {
         Ok(())
     }
 
-    /// After a failed write or fsync: cut the active segment back to its durable end,
-    /// so no half-written or unacknowledged frame stays behind; the backlog goes back to
-    /// `(records, bytes)`, what it was before the failed round.
+    /// After a failed write or fsync: cuts the active segment back to its durable end (no half-written
+    /// or unacknowledged frame stays) and the backlog back to `(records, bytes)`, its value before.
     pub fn rollback(&mut self, (records, bytes): (u64, u64)) {
         let path = self.dir.join(seg_name(self.durable.seg));
         if let Err(e) = self.active.set_len(self.durable.off) {
@@ -430,9 +428,8 @@ impl QueueStore {
             events.push(event);
             l.next += 1;
             self.read.off = l.base + r.end as u64;
-            // A finished segment that was already sealed when loaded: move on at once so
-            // `end` names the next one. (Sealed since the load: it may have grown after
-            // `bytes`; the next pass reloads it from `read`.)
+            // A finished segment sealed when loaded: move on at once so `end` names the next one.
+            // (Sealed since the load: it may have grown after `bytes`; the next pass reloads it.)
             if l.sealed && l.next >= l.frames.len() && self.read.off >= l.base + l.bytes.len() as u64 {
                 self.loaded = None;
                 let next = self.segments.iter().copied().find(|s| *s > self.read.seg).unwrap_or(self.durable.seg);
