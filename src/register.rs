@@ -109,8 +109,7 @@ pub fn validate_key(key: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A secret from the first line of `file`, else the flag's `value`, else the environment
-/// variable `var`; with where it came from.
+/// A secret from the first line of `file`, else the flag's `value`, else env `var`; and its source.
 fn secret(
     (file, flag, value, var): (&Option<PathBuf>, &'static str, &Option<Secret>, &'static str),
 ) -> Result<Option<(Secret, &'static str)>, RegisterError> {

@@ -201,8 +201,7 @@ impl Session {
         }
     }
 
-    /// A token newer than `refused` (0: any token); after [`REAUTH_WAIT`] the current one
-    /// is tried again. `None`: stopped first.
+    /// A token newer than `refused` (0: any); after [`REAUTH_WAIT`], the current one. `None`: stopped.
     fn token(&self, refused: u64, until: Option<Instant>) -> Option<Arc<Token>> {
         let give_up = Instant::now() + REAUTH_WAIT;
         while !self.stopped(until) {

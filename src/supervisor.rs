@@ -139,8 +139,7 @@ impl Workers {
         Ok(())
     }
 
-    /// Waits until every thread in `names` has exited (or `grace` passes), joins those
-    /// that did, and returns the ones still running.
+    /// Waits until every thread in `names` exited (or `grace` passed), joins them; returns the rest.
     fn join(&mut self, names: &[&'static str], grace: Duration) -> Vec<&'static str> {
         let deadline = Instant::now() + grace;
         while !names.iter().all(|n| self.exited.contains(n)) {
@@ -350,8 +349,7 @@ fn start_pipeline(
     Ok(Pipeline { events_tx, append_tx, ingest, sig_rx, sig_handle, pipeline_stop_tx, queue_stop_tx, token_stop_tx })
 }
 
-/// Stage 5: every enabled module of [`module::MODULES`] on its own thread. Returns their
-/// names and the sender whose drop stops them.
+/// Stage 5: every enabled [`module::MODULES`] on its own thread; their names, and the stopping sender.
 fn start_modules(s: &mut Supervisor, p: &Pipeline) -> Result<(Vec<&'static str>, Sender<()>), RunError> {
     let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
     let mut names = Vec::new();
@@ -403,8 +401,7 @@ fn start_commands(
     Ok((control_rx, commands_stop_tx))
 }
 
-/// Stage 7: waits for a signal, a restart command or a worker's end; meanwhile writes the
-/// state file and gives free heap back.
+/// Stage 7: waits for a signal, a restart command or a worker's end; writes state, frees heap.
 fn supervise(s: &mut Supervisor, p: &Pipeline, control: &Receiver<Control>) -> Result<Stopped, RunError> {
     write_state(s);
     // Free heap goes back to the system once each burst is over (checked with the state).
@@ -512,8 +509,7 @@ fn write_state(s: &Supervisor) {
     }
 }
 
-/// Stage 3: hands the agent's directories and log file to `agent.user`, then becomes that
-/// user. Runs before any worker thread exists.
+/// Stage 3 (before any worker thread): hands the agent's directories and log file to `agent.user`, becomes it.
 fn drop_privileges(config: &Config, user: &str) -> Result<(), RunError> {
     let account = crate::privileges::resolve(user, config.agent.group.as_deref()).map_err(RunError::Privileges)?;
     let dirs = [config.agent.data_dir.as_path(), config.agent.run_dir.as_path()];

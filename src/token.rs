@@ -153,8 +153,7 @@ impl TokenCell {
         self.lock().last_error.clone()
     }
 
-    /// Waits until a token with a generation above `after` exists (0: any token), the
-    /// cell is closed (shutdown), or `timeout` passes.
+    /// Waits for a token with a generation above `after` (0: any), the cell's close, or `timeout`.
     pub fn wait_newer(&self, after: u64, timeout: Duration) -> Option<Arc<Token>> {
         let deadline = Instant::now() + timeout;
         let mut st = self.lock();

@@ -96,8 +96,7 @@ impl Uploader {
         self.deadline.get().is_some_and(|d| Instant::now() >= *d)
     }
 
-    /// The supervisor sets the deadline before closing the channel; this is the fallback
-    /// (`set` keeps a deadline already set).
+    /// The supervisor sets the deadline before closing the channel; the fallback keeps one set.
     fn begin_drain(&self) {
         let _ = self.deadline.set(Instant::now());
     }

@@ -30,8 +30,7 @@ use crate::status::Stats;
 
 /// Segment size bound: also (with one record past it) the most a reader holds in memory.
 pub const SEGMENT_MAX: u64 = 1 << 20;
-/// At most this many waiting append requests are covered by one fsync, so one round
-/// stays short even under a flood of producers.
+/// At most this many append requests share one fsync, so a round stays short under a flood.
 const GROUP_COMMIT_MAX: usize = 256;
 
 /// A position in the queue: segment id and byte offset inside it.
@@ -87,8 +86,7 @@ impl Appended {
     }
 }
 
-/// Hands `events` to the queue thread and waits (up to `timeout`) for the answer.
-/// A queue that is gone or silent refuses everything.
+/// Hands `events` to the queue thread and waits up to `timeout`; a gone or silent queue refuses all.
 pub fn append_and_wait(queue: &Sender<Append>, events: Vec<Event>, timeout: std::time::Duration) -> Appended {
     let (reply, answer) = crossbeam_channel::bounded(1);
     let answered = queue.send(Append { events, reply }).ok().and_then(|()| answer.recv_timeout(timeout).ok());
@@ -190,8 +188,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 impl QueueStore {
-    /// Opens (and recovers) the queue. Never refuses to start because of damaged data:
-    /// damage is skipped, counted and logged.
+    /// Opens (and recovers) the queue. Damaged data never stops it: it is skipped, counted, logged.
     pub fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<QueueStore, QueueError> {
         fs::create_dir_all(dir).ctx("cannot create", dir)?;
         // Root recovers the queue before dropping to agent.user, who owns data_dir: no links.
