@@ -1,5 +1,4 @@
-//! The stateless ring buffer and batching policy ([`Ring`], pure: `now` is an argument),
-//! and the batcher thread ([`run`]) that owns it.
+//! The stateless ring buffer and batching policy ([`Ring`], pure) and the batcher thread ([`run`]).
 //!
 //! A batch is cut when it reaches `batch_max_events`, when the body would reach `batch_max_bytes`,
 //! or when its oldest event is `batch_interval` old. One batch is handed to the uploader at a time
@@ -179,9 +178,8 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
         pushback(&mut ring, &mut carry, Vec::new(), now);
         publish(&ring, &carry);
         let intake = if input_open && carry.is_empty() { &input } else { &never };
-        // With no batch due, the send arm points at a channel nobody receives from (never
-        // ready; `select!` builds the batch only for the arm it takes) and the wait ends at
-        // the oldest event's deadline; with one due, only a channel ends the wait.
+        // No batch due: the send arm points at a channel nobody receives from (`select!` builds the
+        // batch only for the arm it takes) and the wait ends at the oldest event's deadline.
         let ready = ring.ready(now);
         let offer = if ready { &out } else { &nobody };
         let due = ring.deadline().filter(|_| !ready);

@@ -1,9 +1,8 @@
 //! The HTTPS layer: builds ureq agents from [`ServerConfig`], sends requests, and holds
 //! the one function that classifies every outcome ([`classify`]).
 //!
-//! Every agent is built here so that TLS, proxy, timeouts and the User-Agent are the same
-//! everywhere. Each thread that talks to a server gets its own agent (its own connection
-//! pool), so a large upload never sits in front of a command long-poll.
+//! Every agent is built here, so TLS, proxy, timeouts and User-Agent are the same everywhere. Each
+//! thread gets its own agent (connection pool): a large upload never delays a command long-poll.
 
 use std::io::{ErrorKind, Read, Write};
 use std::path::PathBuf;
@@ -153,8 +152,7 @@ pub enum Request<'a> {
     /// A POST without a body.
     Post,
     Json(&'a [u8]),
-    /// The plain events body (agent line, events), streamed with an explicit Content-Length
-    /// (ureq would send a reader chunked otherwise).
+    /// The plain events body, streamed with an explicit Content-Length (else ureq sends it chunked).
     Events(&'a str, &'a [Event]),
     Gzip(Vec<u8>),
 }
@@ -250,9 +248,8 @@ impl<'a> Attempt<'a> {
     }
 }
 
-/// The one place that maps an attempt to what to do next. `now` and `cap` (`retry.max`)
-/// are inputs so this stays pure: a `Retry-After` given as an HTTP-date is measured
-/// against `now`, and no server can make the agent wait longer than `cap`.
+/// The one place that maps an attempt to what to do next (pure): a `Retry-After` HTTP-date is
+/// measured against `now`, and no server makes the agent wait longer than `cap` (`retry.max`).
 pub fn classify(attempt: Attempt<'_>, now: SystemTime, cap: Duration) -> Outcome {
     let after = |retry_after: Option<&str>| retry_after.and_then(|v| parse_retry_after(v, now)).map(|d| d.min(cap));
     let (code, after) = match attempt {
@@ -398,9 +395,8 @@ impl Transport for TlsTransport {
     }
 }
 
-/// `verify = "certificate"`: the full WebPKI check, except that a name mismatch is accepted;
-/// `verify = "none"` (`any`): any certificate. Both still check the handshake signatures (so
-/// the session at least belongs to whoever holds the presented key).
+/// `verify = "certificate"`: the full WebPKI check, name mismatch excepted; `verify = "none"` (`any`):
+/// any certificate. Both check the handshake signatures (the peer holds the presented key).
 #[derive(Debug)]
 struct Lenient {
     inner: Arc<WebPkiServerVerifier>,

@@ -1,9 +1,8 @@
 //! The settings that can change while the agent runs: the effective configuration (local
 //! file plus server group files) and the agent metadata line (it carries the groups).
 //!
-//! One writer at a time (the executor after `set-group`/`fetch-config`, the supervisor on
-//! SIGHUP) replaces the whole value and bumps a generation; readers keep a [`View`] and
-//! refresh it when the generation moved — one atomic load per loop, no lock held.
+//! One writer at a time (executor after `set-group`/`fetch-config`, supervisor on SIGHUP) replaces
+//! the value and bumps a generation; readers refresh their [`View`] when it moved (one atomic load).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -1,5 +1,4 @@
-//! `wazuh-agent`: parses the command line, sets up logging, dispatches, and maps every
-//! error to an exit code in one place ([`exit_code`]).
+//! `wazuh-agent`: parses the command line, sets up logging, dispatches; [`exit_code`] maps errors.
 
 // Every libc call lives in the library's `sys` module.
 #![deny(unsafe_code)]

@@ -1,8 +1,7 @@
 //! One-shot registration with the server management API (docs/protocol.md, Registration).
 //!
-//! Order matters: every local check (credentials, arguments, password, a writable data_dir)
-//! happens before the first request, so a refusal never leaves a half-registered agent
-//! behind, and credentials are written only after the server answered 201.
+//! Order matters: every local check (credentials, arguments, password, a writable data_dir) comes
+//! before the first request, so no half-registered agent is left; credentials are written after 201.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};

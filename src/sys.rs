@@ -175,9 +175,8 @@ pub struct IfAddr {
     pub broadcast: Option<IpAddr>,
 }
 
-/// Every IPv4 and IPv6 address of the host's interfaces (getifaddrs(3)), in the kernel's
-/// order; entries of other families (link layer) are left out. The one interface walker:
-/// host metadata and the inventory's networks collector both read it.
+/// Every IPv4 and IPv6 address of the host's interfaces (getifaddrs(3)), in the kernel's order.
+/// The one interface walker: host metadata and the inventory's networks collector both read it.
 pub fn interfaces() -> io::Result<Vec<IfAddr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs allocates a list that we walk read-only and free exactly once below.

@@ -70,9 +70,8 @@ pub fn decode_claims(jwt: &str) -> Result<Claims, TokenError> {
     serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed("payload is not JSON with a numeric exp"))
 }
 
-/// The token's lifetime as the agent counts it: `exp - iat` when both are sane (so a
-/// skewed local clock does not matter), else `exp - now` by the local clock; at most
-/// [`MAX_LIFETIME`], so that no claim can overflow the clock arithmetic that follows.
+/// The token's lifetime: `exp - iat` when both are sane (a skewed local clock does not matter),
+/// else `exp - now`; at most [`MAX_LIFETIME`], so no claim can overflow the clock arithmetic.
 pub fn lifetime(claims: &Claims, now_unix: i64) -> Option<Duration> {
     let secs = match claims.iat {
         Some(iat) if claims.exp > iat => claims.exp.saturating_sub(iat),
@@ -175,9 +174,8 @@ impl TokenCell {
         self.ask(generation, false);
     }
 
-    /// Reports that the server of token `generation` looks down (no answer, or a 5xx without
-    /// `Retry-After`): as [`refused`](Self::refused), and the token thread authenticates
-    /// with the next server of `server.url`, which the callers then follow.
+    /// Reports that the server of token `generation` looks down (no answer, a 5xx without
+    /// `Retry-After`): as [`refused`](Self::refused), with the next server of `server.url`.
     pub fn server_down(&self, generation: u64) {
         self.ask(generation, true);
     }

@@ -230,9 +230,8 @@ pub fn run_queue(up: Uploader, queue: QueueLink, stateless: Receiver<Vec<Event>>
     }
 }
 
-/// The `upload-stateless` thread: stateless batches only, so one body is on the wire while
-/// the server works on the other uploader's (stateless batches may then arrive out of
-/// order; the durable queue's never do). Stops like [`run_queue`].
+/// The `upload-stateless` thread: stateless batches only (they may then arrive out of order; the
+/// durable queue's never do). Stops like [`run_queue`].
 pub fn run_stateless(up: Uploader, stateless: Receiver<Vec<Event>>, spill: Sender<Append>) {
     let never_stop = never();
     loop {

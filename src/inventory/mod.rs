@@ -173,9 +173,8 @@ fn notification(doc: &Stored, category: &str, action: &str, kind: &str, reason: 
     Event::new(Kind::Stateless, &header, Some(&data.to_string()))
 }
 
-/// Stateless change notifications (pure): one per change, except that a package whose
-/// name and architecture stay while its version changes (a delete of the old id and a
-/// create of the new one) is ONE `package-updated`, in the place of the create.
+/// Stateless change notifications (pure): one per change, except that a package whose version
+/// alone changes (delete of the old id, create of the new) is ONE `package-updated`, at the create.
 pub fn notifications(changes: &[Change], now: &str) -> Vec<Event> {
     let field = |s: &Stored, f: &str| s.value()["package"][f].as_str().unwrap_or("").to_string();
     let pkg_key = |s: &Stored| (s.collector == "packages").then(|| (field(s, "name"), field(s, "architecture")));

@@ -7,9 +7,8 @@
 //!           lines = header, or header "\n" data; flags bit 0: stateful, bit 1: has data
 //! ```
 //!
-//! [`scan`] walks a segment's bytes and returns every intact frame. A frame that fails
-//! its checks is skipped by searching forward for the next intact frame (resync); what
-//! cannot be resynced at the end is the torn tail. Nothing here does I/O.
+//! [`scan`] returns every intact frame of a segment. A frame that fails its checks is skipped by
+//! searching forward for the next intact one (resync); what is left at the end is the torn tail.
 
 use std::ops::Range;
 

@@ -466,9 +466,8 @@ impl QueueStore {
 const NO_BATCH: QueueBatch =
     QueueBatch { kind: Kind::Stateful, events: Vec::new(), end: Pos { seg: 0, off: 0 }, frame_bytes: 0 };
 
-/// The queue thread. Serves appends (group commit), hands one batch at a time to the
-/// uploader and applies its acks, until `stop` is closed. If the uploader goes away
-/// (shutdown), appends are still served: the batcher spills into the queue last.
+/// The queue thread: serves appends (group commit), hands one batch at a time to the uploader and
+/// applies its acks, until `stop` closes. Without an uploader (shutdown) appends are still served.
 pub fn run(
     mut store: QueueStore,
     appends: Receiver<Append>,
@@ -490,9 +489,8 @@ pub fn run(
             });
         }
         let ack_in = if uploader_gone { &never_acks } else { &acks };
-        // With no batch to offer, the send arm points at a channel nobody receives from,
-        // so it is never ready. The batch moves into the send only if the uploader takes
-        // it (select! evaluates a send's message lazily); otherwise it stays in `pending`.
+        // With no batch to offer, the send arm points at a channel nobody receives from (never
+        // ready). `select!` moves the batch only if the uploader takes it; else it stays `pending`.
         let offer = if pending.is_some() { &batches } else { &nobody };
         select! {
             send(offer, pending.take().unwrap_or(NO_BATCH)) -> res => {
