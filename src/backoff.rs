@@ -1,8 +1,7 @@
 //! Full-jitter exponential backoff (sans-IO: the caller supplies the random number).
 //!
-//! "Full jitter" (a uniform pick in `0..=min(max, initial * 2^attempt)`) spreads a fleet of
-//! agents that lost the same server over the whole window, so a restarted server is not
-//! hit by all of them at the same instant.
+//! "Full jitter" (a uniform pick in `0..=min(max, initial * 2^attempt)`) spreads agents that lost
+//! the same server over the whole window, so a restarted server is not hit by all at once.
 
 use std::time::Duration;
 

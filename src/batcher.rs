@@ -1,11 +1,9 @@
-//! The stateless ring buffer and batching policy ([`Ring`], pure: `now` is an argument),
-//! and the batcher thread ([`run`]) that owns it.
+//! The stateless ring buffer and batching policy ([`Ring`], pure) and the batcher thread ([`run`]).
 //!
-//! A batch is cut when it reaches `batch_max_events`, when the request body would reach
-//! `batch_max_bytes`, or when its oldest event is `batch_interval` old — whichever comes
-//! first. One batch is handed to the uploader at a time (a rendezvous channel), so while
-//! the server is slow or away, events wait here, in a buffer of `buffer_events`, where
-//! `overflow` decides between dropping the oldest (counted) and stopping the producers.
+//! A batch is cut when it reaches `batch_max_events`, when the body would reach `batch_max_bytes`,
+//! or when its oldest event is `batch_interval` old. One batch is handed to the uploader at a time
+//! (a rendezvous channel), so while the server is slow or away, events wait here, in a buffer of
+//! `buffer_events` where `overflow` decides between dropping the oldest (counted) and blocking.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -111,11 +109,9 @@ impl Ring {
                 || self.deadline().is_some_and(|d| now >= d))
     }
 
-    /// Takes the oldest events that fit one request (at least one, even if oversized:
-    /// the server's 413 then isolates it).
+    /// Takes the oldest events that fit one request (at least one: an oversized one gets a 413).
     pub fn cut(&mut self) -> Vec<Event> {
-        let mut body = self.policy.overhead;
-        let mut out = Vec::new();
+        let (mut body, mut out) = (self.policy.overhead, Vec::new());
         while let Some((e, _)) = self.events.front() {
             let n = e.wire_len();
             if !out.is_empty() && (out.len() >= self.policy.max_events || body + n > self.policy.max_bytes) {
@@ -182,9 +178,8 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
         pushback(&mut ring, &mut carry, Vec::new(), now);
         publish(&ring, &carry);
         let intake = if input_open && carry.is_empty() { &input } else { &never };
-        // With no batch due, the send arm points at a channel nobody receives from (never
-        // ready; `select!` builds the batch only for the arm it takes) and the wait ends at
-        // the oldest event's deadline; with one due, only a channel ends the wait.
+        // No batch due: the send arm points at a channel nobody receives from (`select!` builds the
+        // batch only for the arm it takes) and the wait ends at the oldest event's deadline.
         let ready = ring.ready(now);
         let offer = if ready { &out } else { &nobody };
         let due = ring.deadline().filter(|_| !ready);

@@ -1,11 +1,10 @@
 //! The command executor thread: runs what the long-poll thread received, one command at a
 //! time, and reports each result exactly once through the durable queue.
 //!
-//! Every `document_id` is written to the command store (`<data_dir>/commands.json`)
-//! before the command runs, so a redelivered or duplicated command is recognised and
-//! skipped, even across restarts. A command that was running when the agent stopped is
-//! finished at the next start: `restart` as a success (that stop was the command), any
-//! other as interrupted.
+//! Every `document_id` is written to the command store (`<data_dir>/commands.json`) before the
+//! command runs, so a redelivered or duplicated command is skipped, even across restarts. A
+//! command running when the agent stopped is finished at the next start: `restart` as a success
+//! (that stop was the command), any other as interrupted.
 
 use std::collections::VecDeque;
 use std::io;
@@ -22,7 +21,6 @@ use crate::config::Config;
 use crate::groups::{self, GroupError, MAX_FILE_BYTES, MAX_GROUPS};
 use crate::host::HostInfo;
 use crate::http::{Rejection, Request};
-use crate::live::Live;
 use crate::queue::Append;
 use crate::session::{Call, Failure, Session};
 use crate::status::{Stats, rfc3339};
@@ -140,7 +138,6 @@ fn recent_restart(e: &Entry, now: SystemTime) -> bool {
 pub struct Ctx {
     /// A [`Role::Files`](crate::session::Role::Files) session that stops with the executor.
     pub session: Session,
-    pub live: Arc<Live>,
     /// The configuration as loaded from the local file at start (its `source` is re-read).
     pub local: Config,
     pub data_dir: PathBuf,
@@ -154,7 +151,6 @@ pub struct Executor {
     pub ctx: Arc<Ctx>,
     pub queue: Sender<Append>,
     pub control: Sender<Control>,
-    pub stats: Arc<Stats>,
 }
 
 /// One group file. Waits between attempts end at shutdown, at the command's deadline
@@ -205,18 +201,18 @@ fn set_groups(ctx: &Ctx, groups: &[String], deadline: Instant, cancel: &AtomicBo
         files.push((g.clone(), download(ctx, g, deadline, cancel).map_err(SetGroupsError::Refused)?));
     }
     // One reload at a time (SIGHUP or another command).
-    let _guard = ctx.live.reload_guard();
+    let _guard = ctx.session.live.reload_guard();
     let (config, ignored) = groups::merge(&ctx.local, &files).map_err(SetGroupsError::Group)?;
     if cancel.load(Ordering::Relaxed) {
         return Err(SetGroupsError::Cancelled);
     }
     groups::install(&ctx.data_dir, &files).map_err(SetGroupsError::Install)?;
-    ctx.live.set_agent_line(crate::event::agent_line(&ctx.uuid, &ctx.name, groups, &ctx.host));
+    ctx.session.live.set_agent_line(crate::event::agent_line(&ctx.uuid, &ctx.name, groups, &ctx.host));
     let note = match config.agent.remote_config {
         true => groups::report_ignored(&ignored),
         false => "; their settings are not applied (agent.remote_config = false)".to_string(),
     };
-    let applied = ctx.live.apply(config);
+    let applied = ctx.session.live.apply(config);
     let names = if groups.is_empty() { "no group".to_string() } else { groups.join(", ") };
     Ok(format!("groups set to {names}; {}{note}", applied.describe()))
 }
@@ -236,10 +232,10 @@ impl Executor {
 
     fn finish(&self, store: &mut Store, id: &str, code: Code, message: String) {
         if code == Code::Success {
-            Stats::add(&self.stats.commands_succeeded, 1);
+            Stats::add(&self.ctx.session.stats.commands_succeeded, 1);
             log::info!("command {id} succeeded: {message}");
         } else {
-            Stats::add(&self.stats.commands_failed, 1);
+            Stats::add(&self.ctx.session.stats.commands_failed, 1);
             log::warn!("command {id} failed (code {}): {message}", code as u8);
         }
         store.update(id, |e| {
@@ -352,6 +348,7 @@ mod tests {
     use super::*;
     use crate::config::RetryConfig;
     use crate::credentials::Secret;
+    use crate::live::Live;
     use crate::session::{Role, Stop};
     use crate::token::TokenCell;
     use std::io::{Read, Write};
@@ -387,14 +384,14 @@ mod tests {
         let session = Session {
             agent: crate::http::build_agent(&local.server, Duration::from_secs(5)).unwrap(),
             cell,
-            live: live.clone(),
+            live,
             stats: Arc::new(Stats::default()),
             stop: Stop::Now(stop_rx),
             role: Role::Files,
         };
         let host = crate::host::gather(Path::new("/"));
         let data_dir = std::env::temp_dir();
-        (Arc::new(Ctx { session, live, local, data_dir, uuid: "u".into(), name: "n".into(), host }), stop_tx, asked)
+        (Arc::new(Ctx { session, local, data_dir, uuid: "u".into(), name: "n".into(), host }), stop_tx, asked)
     }
 
     fn download_waiting_a_minute(deadline: Instant) -> Waiting {

@@ -1,11 +1,9 @@
 //! The HTTPS layer: builds ureq agents from [`ServerConfig`], sends requests, and holds
 //! the one function that classifies every outcome ([`classify`]).
 //!
-//! Every agent is built here so that TLS, proxy, timeouts and the User-Agent are the same
-//! everywhere. Each thread that talks to a server gets its own agent (its own connection
-//! pool), so a large upload never sits in front of a command long-poll.
+//! Every agent is built here, so TLS, proxy, timeouts and User-Agent are the same everywhere. Each
+//! thread gets its own agent (connection pool): a large upload never delays a command long-poll.
 
-use std::fmt;
 use std::io::{ErrorKind, Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -88,16 +86,20 @@ pub fn tls_config(server: &ServerConfig) -> Result<Arc<ClientConfig>, HttpError>
 /// Builds a ureq agent. `timeout` bounds one whole call (connect, send, receive); the
 /// long-poll passes `commands_timeout`, everything else `request_timeout`.
 pub fn build_agent(server: &ServerConfig, timeout: Duration) -> Result<ureq::Agent, HttpError> {
-    Ok(build_agents(server, &[timeout])?.remove(0))
+    let [agent] = build_agents(server, [timeout])?;
+    Ok(agent)
 }
 
 /// One agent (own connection pool) per timeout, all sharing one TLS configuration: the
 /// root store is the biggest part of it, and one copy is enough.
-pub fn build_agents(server: &ServerConfig, timeouts: &[Duration]) -> Result<Vec<ureq::Agent>, HttpError> {
+pub fn build_agents<const N: usize>(
+    server: &ServerConfig,
+    timeouts: [Duration; N],
+) -> Result<[ureq::Agent; N], HttpError> {
     let tls = tls_config(server)?;
-    let proxy = server.proxy.as_deref().map(ureq::Proxy::new).transpose();
-    let proxy = proxy.map_err(|e| HttpError::Proxy(e.to_string()))?;
-    Ok(timeouts.iter().map(|t| agent_with(tls.clone(), proxy.clone(), *t)).collect())
+    let proxy =
+        server.proxy.as_deref().map(ureq::Proxy::new).transpose().map_err(|e| HttpError::Proxy(e.to_string()))?;
+    Ok(timeouts.map(|t| agent_with(tls.clone(), proxy.clone(), t)))
 }
 
 fn agent_with(tls: Arc<ClientConfig>, proxy: Option<ureq::Proxy>, timeout: Duration) -> ureq::Agent {
@@ -150,8 +152,7 @@ pub enum Request<'a> {
     /// A POST without a body.
     Post,
     Json(&'a [u8]),
-    /// The plain events body (agent line, events), streamed with an explicit Content-Length
-    /// (ureq would send a reader chunked otherwise).
+    /// The plain events body, streamed with an explicit Content-Length (else ureq sends it chunked).
     Events(&'a str, &'a [Event]),
     Gzip(Vec<u8>),
 }
@@ -247,9 +248,8 @@ impl<'a> Attempt<'a> {
     }
 }
 
-/// The one place that maps an attempt to what to do next. `now` and `cap` (`retry.max`)
-/// are inputs so this stays pure: a `Retry-After` given as an HTTP-date is measured
-/// against `now`, and no server can make the agent wait longer than `cap`.
+/// The one place that maps an attempt to what to do next (pure): a `Retry-After` HTTP-date is
+/// measured against `now`, and no server makes the agent wait longer than `cap` (`retry.max`).
 pub fn classify(attempt: Attempt<'_>, now: SystemTime, cap: Duration) -> Outcome {
     let after = |retry_after: Option<&str>| retry_after.and_then(|v| parse_retry_after(v, now)).map(|d| d.min(cap));
     let (code, after) = match attempt {
@@ -340,9 +340,7 @@ impl<In: Transport> Connector<In> for TlsConnector {
     type Out = Either<In, TlsTransport>;
 
     fn connect(&self, details: &ConnectionDetails, chained: Option<In>) -> Result<Option<Self::Out>, ureq::Error> {
-        let Some(transport) = chained else {
-            return Err(ureq::Error::ConnectionFailed);
-        };
+        let Some(transport) = chained else { return Err(ureq::Error::ConnectionFailed) };
         if !details.needs_tls() || transport.is_tls() {
             return Ok(Some(Either::A(transport)));
         }
@@ -364,8 +362,8 @@ struct TlsTransport {
     stream: StreamOwned<ClientConnection, TransportAdapter>,
 }
 
-impl fmt::Debug for TlsTransport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl std::fmt::Debug for TlsTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("TlsTransport")
     }
 }
@@ -378,8 +376,7 @@ impl Transport for TlsTransport {
     fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
         self.stream.get_mut().set_timeout(timeout);
         self.stream.write_all(&self.buffers.output()[..amount])?;
-        self.stream.flush()?;
-        Ok(())
+        Ok(self.stream.flush()?)
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
@@ -398,9 +395,8 @@ impl Transport for TlsTransport {
     }
 }
 
-/// `verify = "certificate"`: the full WebPKI check, except that a name mismatch is accepted;
-/// `verify = "none"` (`any`): any certificate. Both still check the handshake signatures (so
-/// the session at least belongs to whoever holds the presented key).
+/// `verify = "certificate"`: the full WebPKI check, name mismatch excepted; `verify = "none"` (`any`):
+/// any certificate. Both check the handshake signatures (the peer holds the presented key).
 #[derive(Debug)]
 struct Lenient {
     inner: Arc<WebPkiServerVerifier>,

@@ -1,9 +1,8 @@
 //! The settings that can change while the agent runs: the effective configuration (local
 //! file plus server group files) and the agent metadata line (it carries the groups).
 //!
-//! One writer at a time (the executor after `set-group`/`fetch-config`, the supervisor on
-//! SIGHUP) replaces the whole value and bumps a generation; readers keep a [`View`] and
-//! refresh it when the generation moved — one atomic load per loop, no lock held.
+//! One writer at a time (executor after `set-group`/`fetch-config`, supervisor on SIGHUP) replaces
+//! the value and bumps a generation; readers refresh their [`View`] when it moved (one atomic load).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -76,9 +75,8 @@ impl Live {
         self.reload.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Replaces the configuration; keys not marked live in [`KEYS`] keep their running
-    /// values until a restart (they are reported, not applied). The threads that use the
-    /// live keys re-read them on change.
+    /// Replaces the configuration; keys not marked live in [`KEYS`] keep their running values
+    /// until a restart (reported, not applied). Threads re-read the live keys on change.
     pub fn apply(&self, new: Config) -> Applied {
         let mut current = self.lock();
         let mut merged = (*current.config).clone();

@@ -1,5 +1,4 @@
-//! `wazuh-agent`: parses the command line, sets up logging, dispatches, and maps every
-//! error to an exit code in one place ([`exit_code`]).
+//! `wazuh-agent`: parses the command line, sets up logging, dispatches; [`exit_code`] maps errors.
 
 // Every libc call lives in the library's `sys` module.
 #![deny(unsafe_code)]
@@ -67,12 +66,11 @@ fn main() -> ExitCode {
 
 fn try_main() -> Result<u8, Error> {
     let cli = cli::parse(std::env::args_os().skip(1)).map_err(Error::Cli)?;
-    match cli.mode {
+    let config = match cli.mode {
         Mode::Help => return print(cli::HELP, 0),
         Mode::Version => return print(&format!("wazuh-agent {}\n", wazuh_agent::VERSION), 0),
-        _ => {}
-    }
-    let config = Config::load(cli.config.as_deref()).map_err(Error::Config)?;
+        _ => Config::load(cli.config.as_deref()).map_err(Error::Config)?,
+    };
     match cli.mode {
         Mode::CheckConfig => {
             let head = config.source.as_ref().map(|p| format!("# configuration {} is valid", p.display()));
@@ -102,9 +100,8 @@ fn try_main() -> Result<u8, Error> {
     }
 }
 
-/// Replaces this process with a fresh start of the same binary and arguments (same pid,
-/// so pid files and init scripts stay valid). Only returns on failure; then the process
-/// exits 1 and an init system restarts it.
+/// Replaces this process with a fresh start of the same binary and arguments (same pid, so pid
+/// files and init scripts stay valid). Returns only on failure: exit 1, the init system restarts.
 fn restart() -> std::io::Error {
     use std::os::unix::process::CommandExt;
     let mut args = std::env::args_os();

@@ -1,24 +1,20 @@
-//! Heap footprint on glibc: fewer arenas, large buffers in mmap'd memory, and free memory
-//! handed back to the system after a burst. No-ops on other C libraries (musl returns
-//! freed memory by itself).
+//! Heap footprint on glibc: fewer arenas, large buffers in mmap'd memory, free memory handed
+//! back after a burst. No-ops on other C libraries (musl returns freed memory by itself).
 
-/// glibc gives every thread that allocates its own arena and keeps freed memory in each;
-/// with a handful of threads that multiplies the resident size for nothing on a small
-/// host. One arena: events are allocated by ingest threads and freed by the uploaders, and
-/// with two arenas the freed space of one was not reusable by the other (`make bench`,
-/// 400 000-event runs: peaks 14.7–18.2 MiB with two, 12.3–13.8 MiB with one, for ~10 %
-/// less stateless throughput; per-thread caches keep the lock mostly uncontended).
+/// glibc gives every thread that allocates its own arena and keeps freed memory in each, which
+/// multiplies the resident size on a small host. One arena: events are allocated by ingest
+/// threads and freed by the uploaders, and with two the freed space of one was not reusable by
+/// the other (`make bench`, 400 000-event runs: peaks 14.7–18.2 MiB with two, 12.3–13.8 MiB with
+/// one, for ~10 % less stateless throughput; per-thread caches keep the lock mostly uncontended).
 /// Call before any thread exists.
 pub fn tune_allocator() {
-    // A fixed mmap threshold (instead of glibc's dynamic one, which climbs to 32 MiB after
-    // the first large free) keeps request bodies and queue segments in mmap'd memory that
-    // goes back to the system as soon as it is freed.
+    // A fixed mmap threshold (glibc's dynamic one climbs to 32 MiB after the first large free)
+    // keeps request bodies and queue segments in mmap'd memory, returned as soon as it is freed.
     crate::sys::tune_malloc(1, 256 * 1024);
 }
 
-/// Returns free heap pages of every arena to the system. glibc only shrinks an arena from
-/// its top, so after a burst of small allocations (events) freed out of order, the resident
-/// size stays at the burst's peak until this runs.
+/// Returns free heap pages of every arena to the system. glibc only shrinks an arena from its
+/// top: after a burst of small allocations freed out of order, the resident size stays at the peak.
 pub fn release_free() {
     crate::sys::malloc_trim();
 }

@@ -1,9 +1,8 @@
 //! The module seam: a collector module (logcollector, inventory) is one file or folder that
-//! declares a [`Module`], and the supervisor starts every enabled module of [`MODULES`] on
-//! its own thread with a [`Context`]. Adding a module is a new file (`pub const MODULE` and
-//! its `run`), `pub mod` in lib.rs and one line in [`MODULES`], plus its configuration
-//! section; a module that is not enabled gets no thread. Modules hand events to the sinks,
-//! never to a raw channel, so what the pipeline answers comes back in one place.
+//! declares a [`Module`]; the supervisor starts every enabled one of [`MODULES`] on its own
+//! thread with a [`Context`]. Adding a module is a new file (`pub const MODULE` and its `run`),
+//! `pub mod` in lib.rs, one line in [`MODULES`] and its configuration section. Modules hand
+//! events to the sinks, never to a raw channel, so what the pipeline answers comes back in one place.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,6 +1,5 @@
-//! `<run_dir>/wazuh-agent.pid`: the running agent's pid, held with an advisory lock for
-//! the life of the process, so a second agent refuses to start and a stale file left by a
-//! crash (nobody holds its lock) is simply taken over.
+//! `<run_dir>/wazuh-agent.pid`: the running agent's pid, locked (advisory) for the process's life:
+//! a second agent refuses to start, and a stale file left by a crash (unlocked) is taken over.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};

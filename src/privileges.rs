@@ -41,10 +41,7 @@ pub enum PrivilegesError {
 /// Resolves `user` (and `group`, default: the user's primary group).
 pub fn resolve(user: &str, group: Option<&str>) -> Result<Account, PrivilegesError> {
     let (uid, gid) = lookup("agent.user", user, sys::user_by_name)?;
-    let gid = match group {
-        Some(g) => lookup("agent.group", g, sys::group_by_name)?,
-        None => gid,
-    };
+    let gid = group.map(|g| lookup("agent.group", g, sys::group_by_name)).transpose()?.unwrap_or(gid);
     Ok(Account { uid, gid })
 }
 
@@ -90,10 +87,7 @@ pub fn drop_to(a: Account) -> Result<(), PrivilegesError> {
     }
     sys::switch_to(a.uid, a.gid).map_err(|source| PrivilegesError::Switch { account: a, source })?;
     // Root must be gone for good: a process that can get it back has not dropped it.
-    if sys::can_regain_root() {
-        return Err(PrivilegesError::NotDropped);
-    }
-    Ok(())
+    if sys::can_regain_root() { Err(PrivilegesError::NotDropped) } else { Ok(()) }
 }
 
 #[cfg(test)]

@@ -1,8 +1,7 @@
 //! One-shot registration with the server management API (docs/protocol.md, Registration).
 //!
-//! Order matters: every local check (credentials, arguments, password, a writable data_dir)
-//! happens before the first request, so a refusal never leaves a half-registered agent
-//! behind, and credentials are written only after the server answered 201.
+//! Order matters: every local check (credentials, arguments, password, a writable data_dir) comes
+//! before the first request, so no half-registered agent is left; credentials are written after 201.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -109,8 +108,7 @@ pub fn validate_key(key: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A secret from the first line of `file`, else the flag's `value`, else the environment
-/// variable `var`; with where it came from.
+/// A secret from the first line of `file`, else the flag's `value`, else env `var`; and its source.
 fn secret(
     (file, flag, value, var): (&Option<PathBuf>, &'static str, &Option<Secret>, &'static str),
 ) -> Result<Option<(Secret, &'static str)>, RegisterError> {
@@ -128,12 +126,9 @@ fn secret(
 }
 
 fn new_uuid(version: UuidVersion) -> String {
-    match version {
-        UuidVersion::V7 => uuid::Uuid::now_v7(),
-        UuidVersion::V4 => uuid::Uuid::new_v4(),
-    }
-    .hyphenated()
-    .to_string()
+    // Display is the hyphenated lowercase form.
+    let id = if version == UuidVersion::V7 { uuid::Uuid::now_v7() } else { uuid::Uuid::new_v4() };
+    id.to_string()
 }
 
 fn unreachable_or_bad(url: &str, result: &Result<http::Reply, ureq::Error>) -> RegisterError {
@@ -143,8 +138,7 @@ fn unreachable_or_bad(url: &str, result: &Result<http::Reply, ureq::Error>) -> R
     }
 }
 
-/// Registers the agent and stores its credentials. Returns them (the UUID is printed by
-/// the caller).
+/// Registers the agent and stores its credentials; returns them (the caller prints the UUID).
 pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, RegisterError> {
     let data_dir = &config.agent.data_dir;
     let path = Credentials::path(data_dir);

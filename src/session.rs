@@ -1,12 +1,12 @@
 //! The server session: the one call loop around [`http::classify`], for every thread that
 //! talks to the comms API with a token (the uploaders, the command poll, group downloads).
 //!
-//! A call sends the request with the current token until the server takes it or refuses it
-//! for good: on 401/403 it asks the [`TokenCell`] for a new token (one refresh however many
-//! threads ask); when the server looks down it asks the token thread to move on to the next
-//! `server.url`; it honours `Retry-After` (within `retry.initial..=retry.max`), else backs off with full
-//! jitter, in waits that end at shutdown. `retry.*` is read from [`Live`] at every attempt.
-//! [`next_step`] decides (pure); [`Session::call`] waits, logs and counts.
+//! A call sends the request with the current token until the server takes it or refuses it for
+//! good: on 401/403 it asks the [`TokenCell`] for a new token (one refresh however many threads
+//! ask); when the server looks down, for the next `server.url`; it honours `Retry-After` (within
+//! `retry.initial..=retry.max`), else backs off with full jitter, in waits that end at shutdown.
+//! `retry.*` is read from [`Live`] at every attempt. [`next_step`] decides (pure); [`Session::call`]
+//! waits, logs and counts.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
@@ -134,8 +134,7 @@ pub struct Session {
 }
 
 impl Session {
-    /// Sends `call` to the token's server until the server takes it (its reply), refuses
-    /// it for good, or a stop comes first.
+    /// Sends `call` to the token's server until it is taken (the reply), refused for good, or stopped.
     pub fn call(&self, call: &Call<'_>) -> Result<Reply, Failure> {
         let mut backoff = Backoff::new(Duration::ZERO, Duration::ZERO);
         let mut refused = 0;
@@ -202,8 +201,7 @@ impl Session {
         }
     }
 
-    /// A token newer than `refused` (0: any token); after [`REAUTH_WAIT`] the current one
-    /// is tried again. `None`: stopped first.
+    /// A token newer than `refused` (0: any); after [`REAUTH_WAIT`], the current one. `None`: stopped.
     fn token(&self, refused: u64, until: Option<Instant>) -> Option<Arc<Token>> {
         let give_up = Instant::now() + REAUTH_WAIT;
         while !self.stopped(until) {

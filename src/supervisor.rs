@@ -1,7 +1,6 @@
-//! Run mode: the one place where every thread of the agent is started and joined, so a
-//! reader sees the whole process here. [`run`] calls one function per stage, in order:
-//! `load`, `open`, `drop_privileges`, `start_pipeline`, `start_modules` (every enabled
-//! module of [`module::MODULES`]), `start_commands`, `supervise`, `shut_down`.
+//! Run mode: the one place where every thread of the agent is started and joined. [`run`] calls
+//! one function per stage, in order: `load`, `open`, `drop_privileges`, `start_pipeline`,
+//! `start_modules` (the enabled [`module::MODULES`]), `start_commands`, `supervise`, `shut_down`.
 //!
 //! | thread     | owns                                        | fed by / feeds                              |
 //! |------------|---------------------------------------------|---------------------------------------------|
@@ -18,13 +17,12 @@
 //! | `inventory` | `inventory.json` snapshot, host scans      | → queue (stateful), → batcher (notifications) |
 //! | `executor` | `commands.json`, `shared/` group files      | results → queue; restart → main             |
 //!
-//! Shutdown runs in stages so nothing acknowledged is lost and nothing waits on a dead
-//! peer: (1) ingest stops reading and answers its producers; (2) the batcher and uploader
-//! get a deadline (`SHUTDOWN_GRACE`) to deliver what they hold, and spill the rest of the
-//! stateless events into the durable queue; (3) the queue fsyncs and stops; (4) the token
-//! and signal threads stop. A worker that ends before shutdown is fatal: the supervisor
-//! stops the rest and returns an error so the init system restarts the agent. (Release
-//! builds abort on panic, which also ends the process non-zero.)
+//! Shutdown runs in stages so nothing acknowledged is lost and nothing waits on a dead peer:
+//! (1) ingest stops reading and answers its producers; (2) the batcher and uploaders get until
+//! `SHUTDOWN_GRACE` to deliver what they hold, and spill the rest of the stateless events into
+//! the durable queue; (3) the queue fsyncs and stops; (4) the token and signal threads stop. A
+//! worker that ends before shutdown is fatal: the supervisor stops the rest and returns an error
+//! so the init system restarts the agent. (Release builds abort on panic: also a non-zero exit.)
 
 use std::collections::HashSet;
 use std::io;
@@ -141,8 +139,7 @@ impl Workers {
         Ok(())
     }
 
-    /// Waits until every thread in `names` has exited (or `grace` passes), joins those
-    /// that did, and returns the ones still running.
+    /// Waits until every thread in `names` exited (or `grace` passed), joins them; returns the rest.
     fn join(&mut self, names: &[&'static str], grace: Duration) -> Vec<&'static str> {
         let deadline = Instant::now() + grace;
         while !names.iter().all(|n| self.exited.contains(n)) {
@@ -265,10 +262,8 @@ fn load(local: &Config) -> Result<(Config, Credentials), RunError> {
 fn open(config: &Config) -> Result<(Agents, PidFile, Arc<Stats>, QueueStore, UnixListener), RunError> {
     // One connection pool per thread that talks to the server; one TLS configuration.
     let (request, commands) = (config.server.request_timeout, config.server.commands_timeout);
-    let agents =
-        http::build_agents(&config.server, &[request, request, request, commands, request]).map_err(RunError::Http)?;
-    let [token, upload_queue, upload_stateless, poll, files]: [ureq::Agent; 5] =
-        agents.try_into().map_err(|_| RunError::Http(HttpError::Tls("expected five HTTP agents".into())))?;
+    let [token, upload_queue, upload_stateless, poll, files] =
+        http::build_agents(&config.server, [request, request, request, commands, request]).map_err(RunError::Http)?;
     // Before anything else that a second agent would fight over.
     let pid_file = PidFile::acquire(&config.agent.run_dir).map_err(RunError::Pid)?;
     let stats = Arc::new(Stats::default());
@@ -279,8 +274,7 @@ fn open(config: &Config) -> Result<(Agents, PidFile, Arc<Stats>, QueueStore, Uni
     Ok((agents, pid_file, stats, store, listener))
 }
 
-/// Stage 4: the threads every event passes through: signals, token, queue, ingest,
-/// batcher, uploaders.
+/// Stage 4: the threads every event passes through (signals, token, queue, ingest, batcher, uploaders).
 fn start_pipeline(
     s: &mut Supervisor,
     store: QueueStore,
@@ -337,9 +331,8 @@ fn start_pipeline(
     s.workers.spawn("batcher", move || batcher::run(wiring, policy, live, stats))?;
 
     // Two uploaders: `upload-queue` takes queue batches (one at a time, in order) and
-    // stateless ones, `upload-stateless` stateless ones only. With one request in flight the
-    // server's time per body was dead time for the agent; with two, one body is sent while
-    // the server works on the other.
+    // stateless ones, `upload-stateless` stateless ones only. With two requests in flight,
+    // one body is sent while the server works on the other (with one, that was dead time).
     let [queue_up, stateless_up] = [&s.agents.upload_queue, &s.agents.upload_stateless].map(|agent| {
         let drain = Stop::Drain { shutdown: pipeline_stop_rx.clone(), deadline: s.deadline.clone() };
         let (shutdown, deadline) = (pipeline_stop_rx.clone(), s.deadline.clone());
@@ -356,8 +349,7 @@ fn start_pipeline(
     Ok(Pipeline { events_tx, append_tx, ingest, sig_rx, sig_handle, pipeline_stop_tx, queue_stop_tx, token_stop_tx })
 }
 
-/// Stage 5: every enabled module of [`module::MODULES`] on its own thread. Returns their
-/// names and the sender whose drop stops them.
+/// Stage 5: every enabled [`module::MODULES`] on its own thread; their names, and the stopping sender.
 fn start_modules(s: &mut Supervisor, p: &Pipeline) -> Result<(Vec<&'static str>, Sender<()>), RunError> {
     let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
     let mut names = Vec::new();
@@ -396,7 +388,6 @@ fn start_commands(
     let exec = Executor {
         ctx: Arc::new(Ctx {
             session: s.session(&s.agents.files, Stop::Now(commands_stop_rx.clone()), Role::Files),
-            live: s.live.clone(),
             local: s.local.clone(),
             data_dir: s.config.agent.data_dir.clone(),
             uuid: s.credentials.uuid.clone(),
@@ -405,14 +396,12 @@ fn start_commands(
         }),
         queue: p.append_tx.clone(),
         control: control_tx,
-        stats: s.stats.clone(),
     };
     s.workers.spawn("executor", move || executor::run(exec, command_rx, commands_stop_rx))?;
     Ok((control_rx, commands_stop_tx))
 }
 
-/// Stage 7: waits for a signal, a restart command or a worker's end; meanwhile writes the
-/// state file and gives free heap back.
+/// Stage 7: waits for a signal, a restart command or a worker's end; writes state, frees heap.
 fn supervise(s: &mut Supervisor, p: &Pipeline, control: &Receiver<Control>) -> Result<Stopped, RunError> {
     write_state(s);
     // Free heap goes back to the system once each burst is over (checked with the state).
@@ -520,8 +509,7 @@ fn write_state(s: &Supervisor) {
     }
 }
 
-/// Stage 3: hands the agent's directories and log file to `agent.user`, then becomes that
-/// user. Runs before any worker thread exists.
+/// Stage 3 (before any worker thread): hands the agent's directories and log file to `agent.user`, becomes it.
 fn drop_privileges(config: &Config, user: &str) -> Result<(), RunError> {
     let account = crate::privileges::resolve(user, config.agent.group.as_deref()).map_err(RunError::Privileges)?;
     let dirs = [config.agent.data_dir.as_path(), config.agent.run_dir.as_path()];
@@ -533,8 +521,7 @@ fn drop_privileges(config: &Config, user: &str) -> Result<(), RunError> {
     Ok(())
 }
 
-/// SIGHUP: reopen the log file, re-read the local file and the group files, apply what
-/// can change live.
+/// SIGHUP: reopen the log file, re-read the local and group files, apply what can change live.
 fn reload(local: &Config, live: &Live) {
     if let Err(e) = crate::logging::reopen() {
         log::error!("SIGHUP: cannot reopen the log file: {e}");

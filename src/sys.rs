@@ -64,8 +64,7 @@ pub fn malloc_trim() {
     }
 }
 
-/// Connects to the system log as `wazuh-agent` (daemon facility, pid on every line), at
-/// once rather than at the first line.
+/// Connects to the system log as `wazuh-agent` (daemon facility, pid on every line) at once.
 pub fn open_syslog() {
     // SAFETY: the identity is a static C string, as openlog requires (it keeps the pointer).
     unsafe { libc::openlog(c"wazuh-agent".as_ptr(), libc::LOG_PID | libc::LOG_NDELAY, libc::LOG_DAEMON) };
@@ -84,8 +83,7 @@ pub fn syslog(level: log::Level, text: &str) {
     unsafe { libc::syslog(priority, c"%s".as_ptr(), msg.as_ptr()) };
 }
 
-/// The uid and primary gid of the user called `name`; `None` if there is none (a name with
-/// a NUL byte names nobody).
+/// The uid and primary gid of the user `name`; `None` if there is none (nor for a NUL byte).
 pub fn user_by_name(name: &str) -> io::Result<Option<(u32, u32)>> {
     let Ok(name) = CString::new(name) else { return Ok(None) };
     let mut buf = vec![0 as libc::c_char; LOOKUP_BUF];
@@ -128,9 +126,8 @@ pub fn effective_ids() -> (u32, u32) {
     unsafe { (libc::geteuid(), libc::getegid()) }
 }
 
-/// Becomes `uid`/`gid`: leaves every supplementary group, sets the group, then the user
-/// (in this order: once no longer root, the process cannot change its groups). glibc and
-/// musl apply each change to every thread of the process.
+/// Becomes `uid`/`gid`: leaves the supplementary groups, sets the group, then the user (once not
+/// root, it cannot change groups). glibc and musl apply each change to every thread.
 pub fn switch_to(uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: plain syscalls; setgroups gets an empty list (null with length 0).
     unsafe {
@@ -178,9 +175,8 @@ pub struct IfAddr {
     pub broadcast: Option<IpAddr>,
 }
 
-/// Every IPv4 and IPv6 address of the host's interfaces (getifaddrs(3)), in the kernel's
-/// order; entries of other families (link layer) are left out. The one interface walker:
-/// host metadata and the inventory's networks collector both read it.
+/// Every IPv4 and IPv6 address of the host's interfaces (getifaddrs(3)), in the kernel's order.
+/// The one interface walker: host metadata and the inventory's networks collector both read it.
 pub fn interfaces() -> io::Result<Vec<IfAddr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs allocates a list that we walk read-only and free exactly once below.

@@ -20,8 +20,7 @@ use crate::credentials::{Credentials, Secret};
 use crate::http::{self, Attempt, Outcome, Request};
 use crate::live::Live;
 
-/// Renewals are never closer together than this, whatever the token or the clock say:
-/// the guard against a refresh loop.
+/// Renewals are never closer together than this, whatever the token or clock say (no refresh loop).
 pub const MIN_RENEWAL: Duration = Duration::from_secs(1);
 /// Upper bound of one renewal delay, so a token claiming years of life is still renewed daily.
 pub const MAX_RENEWAL: Duration = Duration::from_secs(24 * 3600);
@@ -60,9 +59,8 @@ pub enum TokenError {
 
 /// Reads `exp`/`iat` from the JWT payload. The signature is not checked.
 pub fn decode_claims(jwt: &str) -> Result<Claims, TokenError> {
-    let mut parts = jwt.split('.');
-    let (Some(_header), Some(payload), Some(_sig), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let parts: Vec<&str> = jwt.split('.').collect();
+    let [_header, payload, _sig] = parts[..] else {
         return Err(TokenError::Malformed("not three dot-separated parts"));
     };
     // Tokens are base64url without padding; tolerate padding some servers add.
@@ -72,9 +70,8 @@ pub fn decode_claims(jwt: &str) -> Result<Claims, TokenError> {
     serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed("payload is not JSON with a numeric exp"))
 }
 
-/// The token's lifetime as the agent counts it: `exp - iat` when both are sane (so a
-/// skewed local clock does not matter), else `exp - now` by the local clock; at most
-/// [`MAX_LIFETIME`], so that no claim can overflow the clock arithmetic that follows.
+/// The token's lifetime: `exp - iat` when both are sane (a skewed local clock does not matter),
+/// else `exp - now`; at most [`MAX_LIFETIME`], so no claim can overflow the clock arithmetic.
 pub fn lifetime(claims: &Claims, now_unix: i64) -> Option<Duration> {
     let secs = match claims.iat {
         Some(iat) if claims.exp > iat => claims.exp.saturating_sub(iat),
@@ -83,13 +80,10 @@ pub fn lifetime(claims: &Claims, now_unix: i64) -> Option<Duration> {
     (secs > 0).then(|| Duration::from_secs(secs as u64).min(MAX_LIFETIME))
 }
 
-/// How long after receiving a token to renew it (docs/protocol.md, Authentication): a margin of
-/// `max(60 s, 10 % of the lifetime)` before expiry, but never earlier than half the
-/// lifetime; clamped to `MIN_RENEWAL..=MAX_RENEWAL`.
+/// How long after receiving a token to renew it (docs/protocol.md, Authentication): `max(60 s, 10 %
+/// of the lifetime)` before expiry, not before half the lifetime, within `MIN_RENEWAL..=MAX_RENEWAL`.
 pub fn renewal_delay(claims: &Claims, now_unix: i64) -> Duration {
-    let Some(life) = lifetime(claims, now_unix) else {
-        return FALLBACK_RENEWAL;
-    };
+    let Some(life) = lifetime(claims, now_unix) else { return FALLBACK_RENEWAL };
     let margin = Duration::from_secs(60).max(life / 10);
     let delay = life.saturating_sub(margin).max(life / 2);
     delay.clamp(MIN_RENEWAL, MAX_RENEWAL)
@@ -158,8 +152,7 @@ impl TokenCell {
         self.lock().last_error.clone()
     }
 
-    /// Waits until a token with a generation above `after` exists (0: any token), the
-    /// cell is closed (shutdown), or `timeout` passes.
+    /// Waits for a token with a generation above `after` (0: any), the cell's close, or `timeout`.
     pub fn wait_newer(&self, after: u64, timeout: Duration) -> Option<Arc<Token>> {
         let deadline = Instant::now() + timeout;
         let mut st = self.lock();
@@ -175,16 +168,14 @@ impl TokenCell {
         }
     }
 
-    /// Reports that a request made with token `generation` was refused (401/403).
-    /// Requests one refresh unless one is already pending for that token or a newer
-    /// token already exists. Returns at once; use [`wait_newer`](Self::wait_newer).
+    /// Reports that a request made with token `generation` was refused (401/403): one refresh,
+    /// unless one is pending for it or a newer token exists. Then [`wait_newer`](Self::wait_newer).
     pub fn refused(&self, generation: u64) {
         self.ask(generation, false);
     }
 
-    /// Reports that the server of token `generation` looks down (no answer, or a 5xx without
-    /// `Retry-After`): as [`refused`](Self::refused), and the token thread authenticates
-    /// with the next server of `server.url`, which the callers then follow.
+    /// Reports that the server of token `generation` looks down (no answer, a 5xx without
+    /// `Retry-After`): as [`refused`](Self::refused), with the next server of `server.url`.
     pub fn server_down(&self, generation: u64) {
         self.ask(generation, true);
     }
@@ -307,15 +298,11 @@ impl Authenticator {
     }
 }
 
-/// The token thread. Authenticates at once, then renews on schedule or on request,
-/// until `shutdown` is closed (its sender dropped). Backs off with full jitter after
-/// failures (`retry.*` read live at each one); a refresh request during a backoff waits
-/// for the backoff to end.
+/// The token thread: authenticates at once, then renews on schedule or request until `shutdown`
+/// closes; after failures, full-jitter backoff (`retry.*` read live) that refresh requests wait out.
 pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut auth: Authenticator, live: Arc<Live>) {
     let mut backoff = Backoff::new(Duration::ZERO, Duration::ZERO);
-    let mut next_due = Instant::now();
-    let mut last_success: Option<Instant> = None;
-    let mut backing_off = false;
+    let (mut next_due, mut last_success, mut backing_off) = (Instant::now(), None::<Instant>, false);
     loop {
         let wait = next_due.saturating_duration_since(Instant::now());
         select! {

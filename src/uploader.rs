@@ -1,10 +1,9 @@
 //! The uploader threads: the only code that talks to the events endpoints.
 //!
 //! Each takes one batch at a time: [`run_queue`] from the durable queue and the batcher,
-//! [`run_stateless`] from the batcher only (so stateful batches stay in order, one in
-//! flight). Its [`Session`] delivers a batch with the rules of docs/protocol.md, Events; this
-//! file splits what the server refuses (413: in halves; 400: down to the offending events,
-//! which go to `<data_dir>/rejected.ndjson` with the server's reason).
+//! [`run_stateless`] from the batcher only (so stateful batches stay in order, one in flight).
+//! Its [`Session`] delivers a batch (docs/protocol.md, Events); this file splits what the server
+//! refuses (413: in halves; 400: down to the offending events, kept in `<data_dir>/rejected.ndjson`).
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -97,8 +96,7 @@ impl Uploader {
         self.deadline.get().is_some_and(|d| Instant::now() >= *d)
     }
 
-    /// The supervisor sets the deadline before closing the channel; this is the fallback
-    /// (`set` keeps a deadline already set).
+    /// The supervisor sets the deadline before closing the channel; the fallback keeps one set.
     fn begin_drain(&self) {
         let _ = self.deadline.set(Instant::now());
     }
@@ -200,8 +198,7 @@ pub struct QueueLink {
 
 /// The `upload-queue` thread: the durable queue's batches, one at a time and in order,
 /// and stateless batches in between (chosen fairly by `select!`, so neither kind starves
-/// the other). Stops when `shutdown` has closed and either the deadline passed or both
-/// inputs are done.
+/// the other). Stops once `shutdown` closed and the deadline passed or both inputs are done.
 pub fn run_queue(up: Uploader, queue: QueueLink, stateless: Receiver<Vec<Event>>, spill: Sender<Append>) {
     let (never_events, never_batches, never_stop) = (never(), never(), never());
     let (mut stateless_open, mut queued_open) = (true, true);
@@ -233,9 +230,8 @@ pub fn run_queue(up: Uploader, queue: QueueLink, stateless: Receiver<Vec<Event>>
     }
 }
 
-/// The `upload-stateless` thread: stateless batches only, so one body is on the wire while
-/// the server works on the other uploader's (stateless batches may then arrive out of
-/// order; the durable queue's never do). Stops like [`run_queue`].
+/// The `upload-stateless` thread: stateless batches only (they may then arrive out of order; the
+/// durable queue's never do). Stops like [`run_queue`].
 pub fn run_stateless(up: Uploader, stateless: Receiver<Vec<Event>>, spill: Sender<Append>) {
     let never_stop = never();
     loop {

@@ -1,9 +1,8 @@
-//! Inventory collectors: read the host (under `inventory.root`) into documents shaped as
-//! in docs/events.md. Parsers are pure functions of file contents; the `collect_*`
-//! functions only read files under the root (and, for network addresses on the live
-//! host, getifaddrs). Fields a host cannot provide are `null`, never invented. A source
-//! that exists but cannot be read is an [`Unreadable`] error, not an empty result: the
-//! scan then keeps that collector's previous documents (docs/events.md, "Failed collectors").
+//! Inventory collectors: read the host (under `inventory.root`) into documents shaped as in
+//! docs/events.md. Parsers are pure functions of file contents; the `collect_*` functions only
+//! read files under the root (and getifaddrs, for addresses on the live host). Fields a host
+//! cannot provide are `null`, never invented. A source that exists but cannot be read is an
+//! [`Unreadable`] error, not an empty result: the scan keeps that collector's previous documents.
 
 use std::collections::HashMap;
 use std::io;
@@ -68,9 +67,7 @@ pub fn collect_system(root: &Path) -> Result<Vec<Doc>, Unreadable> {
 // -------------------------------------------------------------------------- hardware
 
 pub fn parse_cpuinfo(text: &str) -> (Option<String>, usize, Option<u64>) {
-    let mut name = None;
-    let mut cores = 0;
-    let mut mhz = None;
+    let (mut name, mut cores, mut mhz) = (None, 0, None);
     for line in text.lines() {
         let Some((k, v)) = line.split_once(':') else { continue };
         match k.trim() {
@@ -169,9 +166,8 @@ pub fn parse_apk(text: &str) -> Vec<Doc> {
     out
 }
 
-/// Every supported package database found under the root (dpkg, apk, opkg/ipkg). A
-/// manager whose directory is missing is not installed; one whose directory exists must
-/// have a readable database in it.
+/// Every supported package database under the root (dpkg, apk, opkg/ipkg). A manager whose
+/// directory is missing is not installed; one whose directory exists must have a readable database.
 pub fn collect_packages(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     let mut out = Vec::new();
     let opkg = if root.join("usr/lib/opkg").exists() { "usr/lib/opkg" } else { "var/lib/opkg" };

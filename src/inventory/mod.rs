@@ -2,12 +2,11 @@
 //! stateful `create`/`update`/`delete` events for exactly what changed since the last
 //! scan (ids per docs/events.md), plus stateless change notifications after the first scan.
 //!
-//! The previous scan is kept in `<data_dir>/inventory.json`; a new snapshot replaces it
-//! only after its events are durable in the queue, so a crash means a resend, never a
-//! loss. Counters that move on every scan (free memory, interface byte counts, socket
-//! queues) are left out when documents are compared, so they do not turn every scan into
-//! updates; they are refreshed whenever a document changes for another reason. A collector
-//! that cannot read its source keeps its previous documents (docs/events.md, "Failed collectors").
+//! The previous scan is kept in `<data_dir>/inventory.json`; a new snapshot replaces it only
+//! after its events are durable in the queue, so a crash means a resend, never a loss. Counters
+//! that move on every scan (free memory, interface byte counts, socket queues) are left out when
+//! documents are compared (else every scan is updates); they are refreshed when a document changes
+//! otherwise. A collector that cannot read its source keeps its previous documents (docs/events.md).
 
 pub mod collectors;
 
@@ -174,9 +173,8 @@ fn notification(doc: &Stored, category: &str, action: &str, kind: &str, reason: 
     Event::new(Kind::Stateless, &header, Some(&data.to_string()))
 }
 
-/// Stateless change notifications (pure): one per change, except that a package whose
-/// name and architecture stay while its version changes (a delete of the old id and a
-/// create of the new one) is ONE `package-updated`, in the place of the create.
+/// Stateless change notifications (pure): one per change, except that a package whose version
+/// alone changes (delete of the old id, create of the new) is ONE `package-updated`, at the create.
 pub fn notifications(changes: &[Change], now: &str) -> Vec<Event> {
     let field = |s: &Stored, f: &str| s.value()["package"][f].as_str().unwrap_or("").to_string();
     let pkg_key = |s: &Stored| (s.collector == "packages").then(|| (field(s, "name"), field(s, "architecture")));
@@ -218,8 +216,7 @@ pub fn notifications(changes: &[Change], now: &str) -> Vec<Event> {
     out
 }
 
-/// Runs the enabled collectors: the documents found, by id, and the collectors that could
-/// not read their source, with why.
+/// Runs the enabled collectors: the documents found, by id, and the failed collectors, with why.
 pub fn scan(root: &Path, enabled: &[String], uuid: &str) -> (BTreeMap<String, Stored>, Vec<(String, Unreadable)>) {
     let (mut docs, mut failed) = (BTreeMap::new(), Vec::new());
     for c in enabled {
@@ -305,8 +302,7 @@ fn scan_once(config: &InventoryConfig, ctx: &Context) -> Result<String, ScanErro
 }
 
 fn run(config: Config, ctx: Context) {
-    // Scans are background work on a small host. Best effort: at normal priority a scan is
-    // still correct.
+    // Scans are background work on a small host (best effort: at normal priority they still work).
     let _ = crate::sys::set_thread_nice(10);
     loop {
         match scan_once(&config.inventory, &ctx) {

@@ -7,9 +7,8 @@
 //!           lines = header, or header "\n" data; flags bit 0: stateful, bit 1: has data
 //! ```
 //!
-//! [`scan`] walks a segment's bytes and returns every intact frame. A frame that fails
-//! its checks is skipped by searching forward for the next intact frame (resync); what
-//! cannot be resynced at the end is the torn tail. Nothing here does I/O.
+//! [`scan`] returns every intact frame of a segment. A frame that fails its checks is skipped by
+//! searching forward for the next intact one (resync); what is left at the end is the torn tail.
 
 use std::ops::Range;
 
@@ -17,8 +16,7 @@ use crate::event::{Event, Kind};
 
 pub const MAGIC: [u8; 4] = *b"WZQ1";
 pub const FRAME_HEADER: usize = 12;
-/// Larger than any event (lines are at most 1 MiB), small enough that a corrupt length
-/// never makes recovery allocate much.
+/// Larger than any event (lines are at most 1 MiB); a corrupt length never allocates much.
 pub const MAX_PAYLOAD: usize = 4 << 20;
 
 const STATEFUL: u8 = 1;

@@ -20,6 +20,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use crossbeam_channel::{Receiver, Sender, select};
 
@@ -29,8 +30,7 @@ use crate::status::Stats;
 
 /// Segment size bound: also (with one record past it) the most a reader holds in memory.
 pub const SEGMENT_MAX: u64 = 1 << 20;
-/// At most this many waiting append requests are covered by one fsync, so one round
-/// stays short even under a flood of producers.
+/// At most this many append requests share one fsync, so a round stays short under a flood.
 const GROUP_COMMIT_MAX: usize = 256;
 
 /// A position in the queue: segment id and byte offset inside it.
@@ -86,8 +86,7 @@ impl Appended {
     }
 }
 
-/// Hands `events` to the queue thread and waits (up to `timeout`) for the answer.
-/// A queue that is gone or silent refuses everything.
+/// Hands `events` to the queue thread and waits up to `timeout`; a gone or silent queue refuses all.
 pub fn append_and_wait(queue: &Sender<Append>, events: Vec<Event>, timeout: std::time::Duration) -> Appended {
     let (reply, answer) = crossbeam_channel::bounded(1);
     let answered = queue.send(Append { events, reply }).ok().and_then(|()| answer.recv_timeout(timeout).ok());
@@ -153,7 +152,7 @@ pub struct QueueStore {
     segments: VecDeque<u64>,
     active: File,
     active_len: u64,
-    /// Everything before this is on disk and fsynced.
+    /// Everything before this is on disk and fsynced; its segment is the active one.
     durable: Pos,
     /// First record not yet delivered (persisted in `cursor`).
     cursor: Pos,
@@ -189,8 +188,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 impl QueueStore {
-    /// Opens (and recovers) the queue. Never refuses to start because of damaged data:
-    /// damage is skipped, counted and logged.
+    /// Opens (and recovers) the queue. Damaged data never stops it: it is skipped, counted, logged.
     pub fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<QueueStore, QueueError> {
         fs::create_dir_all(dir).ctx("cannot create", dir)?;
         // Root recovers the queue before dropping to agent.user, who owns data_dir: no links.
@@ -210,16 +208,15 @@ impl QueueStore {
         ids.sort_unstable();
 
         let cursor_path = dir.join("cursor");
-        let mut cursor = match fsutil::read_nofollow(&cursor_path) {
-            Ok(b) => decode_cursor(&b).unwrap_or_else(|| {
-                log::error!(
-                    "queue cursor {} is damaged; delivering the whole queue again (duplicates possible, nothing lost)",
-                    cursor_path.display()
-                );
-                Pos { seg: ids.first().copied().unwrap_or(0), off: 0 }
-            }),
-            Err(_) => Pos { seg: ids.first().copied().unwrap_or(0), off: 0 },
-        };
+        let saved = fsutil::read_nofollow(&cursor_path).ok();
+        let decoded = saved.as_deref().and_then(decode_cursor);
+        if saved.is_some() && decoded.is_none() {
+            let shown = cursor_path.display();
+            log::error!(
+                "queue cursor {shown} is damaged; delivering the whole queue again (duplicates possible, nothing lost)"
+            );
+        }
+        let mut cursor = decoded.unwrap_or(Pos { seg: ids.first().copied().unwrap_or(0), off: 0 });
         // Segments wholly behind the cursor were delivered; a crash before their deletion leaves them.
         for id in ids.iter().filter(|id| **id < cursor.seg) {
             let _ = fs::remove_file(dir.join(seg_name(*id)));
@@ -265,8 +262,8 @@ impl QueueStore {
             .ctx("cannot open", &active_path)?;
         let active_len = active.metadata().ctx("cannot stat", &active_path)?.len();
         sync_dir(dir).ctx("cannot fsync", dir)?;
-        stats.queued.store(backlog_records, std::sync::atomic::Ordering::Relaxed);
-        stats.queued_bytes.store(backlog_bytes, std::sync::atomic::Ordering::Relaxed);
+        stats.queued.store(backlog_records, Relaxed);
+        stats.queued_bytes.store(backlog_bytes, Relaxed);
         Ok(QueueStore {
             dir: dir.to_path_buf(),
             segments,
@@ -290,7 +287,6 @@ impl QueueStore {
     }
 
     fn publish_stats(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
         self.stats.queued.store(self.backlog_records, Relaxed);
         self.stats.queued_bytes.store(self.backlog_bytes, Relaxed);
     }
@@ -299,13 +295,8 @@ impl QueueStore {
         (self.backlog_records, self.backlog_bytes)
     }
 
-    fn active_id(&self) -> u64 {
-        self.durable.seg
-    }
-
-    /// Writes the longest prefix of `events` that fits under `queue_max_bytes` (not yet
-    /// durable: call [`sync`](Self::sync)) and returns its length. `Err` only for I/O;
-    /// then the caller must [`rollback`](Self::rollback).
+    /// Writes the longest prefix of `events` under `queue_max_bytes` and returns its length (not
+    /// durable before [`sync`](Self::sync)). `Err` only for I/O: then [`rollback`](Self::rollback).
     pub fn append(&mut self, events: &[Event]) -> Result<usize, QueueError> {
         let (mut fit, mut total) = (0, 0u64);
         let mut buf = Vec::new();
@@ -330,7 +321,7 @@ impl QueueStore {
     }
 
     fn write_active(&mut self, buf: &[u8]) -> Result<(), QueueError> {
-        self.active.write_all(buf).ctx("cannot write", &self.dir.join(seg_name(self.active_id())))?;
+        self.active.write_all(buf).ctx("cannot write", &self.dir.join(seg_name(self.durable.seg)))?;
         self.active_len += buf.len() as u64;
         Ok(())
     }
@@ -338,7 +329,7 @@ impl QueueStore {
     /// Seals the active segment (fsynced) and starts the next one.
     fn roll(&mut self) -> Result<(), QueueError> {
         self.sync()?;
-        let id = self.active_id() + 1;
+        let id = self.durable.seg + 1;
         let path = self.dir.join(seg_name(id));
         // A new name (O_EXCL): never through a link planted there.
         let f = OpenOptions::new().create_new(true).write(true).open(&path).ctx("cannot create", &path)?;
@@ -354,22 +345,21 @@ impl QueueStore {
 
     /// One fsync covering everything appended since the last one (group commit).
     pub fn sync(&mut self) -> Result<(), QueueError> {
-        let end = Pos { seg: self.active_id(), off: self.active_len };
+        let end = Pos { seg: self.durable.seg, off: self.active_len };
         if end == self.durable {
             return Ok(());
         }
         // fdatasync: the data and the file size are what recovery needs; timestamps are not.
-        self.active.sync_data().ctx("cannot fsync", &self.dir.join(seg_name(self.active_id())))?;
+        self.active.sync_data().ctx("cannot fsync", &self.dir.join(seg_name(self.durable.seg)))?;
         self.durable = end;
         self.publish_stats();
         Ok(())
     }
 
-    /// After a failed write or fsync: cut the active segment back to its durable end,
-    /// so no half-written or unacknowledged frame stays behind; the backlog goes back to
-    /// `(records, bytes)`, what it was before the failed round.
+    /// After a failed write or fsync: cuts the active segment back to its durable end (no half-written
+    /// or unacknowledged frame stays) and the backlog back to `(records, bytes)`, its value before.
     pub fn rollback(&mut self, (records, bytes): (u64, u64)) {
-        let path = self.dir.join(seg_name(self.active_id()));
+        let path = self.dir.join(seg_name(self.durable.seg));
         if let Err(e) = self.active.set_len(self.durable.off) {
             log::error!("cannot truncate {} after a failed write: {e}", path.display());
         }
@@ -397,10 +387,7 @@ impl QueueStore {
 
     /// The next batch of undelivered records, all of one kind, within `limits`.
     pub fn next_batch(&mut self, limits: BatchLimits) -> Result<Option<QueueBatch>, QueueError> {
-        let mut events = Vec::new();
-        let mut kind = None;
-        let mut body = limits.overhead;
-        let mut frame_bytes = 0u64;
+        let (mut events, mut kind, mut body, mut frame_bytes) = (Vec::new(), None, limits.overhead, 0u64);
         while self.read < self.durable {
             if self.loaded.as_ref().is_none_or(|l| l.seg != self.read.seg || l.next >= l.frames.len()) {
                 self.loaded = None;
@@ -438,9 +425,8 @@ impl QueueStore {
             events.push(event);
             l.next += 1;
             self.read.off = l.base + r.end as u64;
-            // A finished segment that was already sealed when loaded: move on at once so
-            // `end` names the next one. (Sealed since the load: it may have grown after
-            // `bytes`; the next pass reloads it from `read`.)
+            // A finished segment sealed when loaded: move on at once so `end` names the next one.
+            // (Sealed since the load: it may have grown after `bytes`; the next pass reloads it.)
             if l.sealed && l.next >= l.frames.len() && self.read.off >= l.base + l.bytes.len() as u64 {
                 self.loaded = None;
                 let next = self.segments.iter().copied().find(|s| *s > self.read.seg).unwrap_or(self.durable.seg);
@@ -461,7 +447,7 @@ impl QueueStore {
         self.backlog_records = self.backlog_records.saturating_sub(ack.records);
         self.backlog_bytes = self.backlog_bytes.saturating_sub(ack.frame_bytes);
         // Only now that the cursor is durable may the segments behind it go.
-        while let Some(&old) = self.segments.front().filter(|&&s| s < self.cursor.seg && s != self.active_id()) {
+        while let Some(&old) = self.segments.front().filter(|&&s| s < self.cursor.seg && s != self.durable.seg) {
             let p = self.dir.join(seg_name(old));
             if let Err(e) = fs::remove_file(&p) {
                 log::warn!("cannot delete delivered queue segment {}: {e}", p.display());
@@ -480,9 +466,8 @@ impl QueueStore {
 const NO_BATCH: QueueBatch =
     QueueBatch { kind: Kind::Stateful, events: Vec::new(), end: Pos { seg: 0, off: 0 }, frame_bytes: 0 };
 
-/// The queue thread. Serves appends (group commit), hands one batch at a time to the
-/// uploader and applies its acks, until `stop` is closed. If the uploader goes away
-/// (shutdown), appends are still served: the batcher spills into the queue last.
+/// The queue thread: serves appends (group commit), hands one batch at a time to the uploader and
+/// applies its acks, until `stop` closes. Without an uploader (shutdown) appends are still served.
 pub fn run(
     mut store: QueueStore,
     appends: Receiver<Append>,
@@ -494,9 +479,7 @@ pub fn run(
     let never_acks = crossbeam_channel::never::<Ack>();
     // Kept alive, never received from: a send to it is never ready.
     let (nobody, _nobody_rx) = crossbeam_channel::bounded::<QueueBatch>(0);
-    let mut uploader_gone = false;
-    let mut in_flight = false;
-    let mut pending: Option<QueueBatch> = None;
+    let (mut uploader_gone, mut in_flight, mut pending) = (false, false, None::<QueueBatch>);
     loop {
         // Durable records wait to be handed out.
         if !uploader_gone && !in_flight && pending.is_none() && store.read < store.durable {
@@ -506,9 +489,8 @@ pub fn run(
             });
         }
         let ack_in = if uploader_gone { &never_acks } else { &acks };
-        // With no batch to offer, the send arm points at a channel nobody receives from,
-        // so it is never ready. The batch moves into the send only if the uploader takes
-        // it (select! evaluates a send's message lazily); otherwise it stays in `pending`.
+        // With no batch to offer, the send arm points at a channel nobody receives from (never
+        // ready). `select!` moves the batch only if the uploader takes it; else it stays `pending`.
         let offer = if pending.is_some() { &batches } else { &nobody };
         select! {
             send(offer, pending.take().unwrap_or(NO_BATCH)) -> res => {
