@@ -15,11 +15,9 @@ use crossbeam_channel::{Receiver, Sender, select};
 use crate::backoff::Backoff;
 use crate::commands::{self, Command, MAX_PER_ANSWER};
 use crate::http::{MAX_COMMANDS_BYTES, Request};
-use crate::session::{Call, Session};
+use crate::session::{Call, MIN_HOLD, Session};
 use crate::status::Stats;
 
-/// An answer sooner than this was not held (as `session::MIN_HOLD`).
-const MIN_HOLD: Duration = Duration::from_secs(1);
 /// Forwarded ids remembered, so an answer repeating one brings nothing new (a scan: 100 x 1000 short ids).
 const RECENT: usize = 1000;
 

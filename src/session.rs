@@ -24,7 +24,7 @@ use crate::token::{Token, TokenCell};
 /// How long to wait for a token newer than a refused one before trying the current one again.
 const REAUTH_WAIT: Duration = Duration::from_secs(30);
 /// A long poll whose hold ended sooner than this was not held (see `Step::Repoll`).
-const MIN_HOLD: Duration = Duration::from_secs(1);
+pub const MIN_HOLD: Duration = Duration::from_secs(1);
 /// Waits for a token are cut into slices this long, so that a stop is noticed.
 const TOKEN_SLICE: Duration = Duration::from_millis(500);
 
