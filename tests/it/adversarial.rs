@@ -8,22 +8,6 @@ use wazuh_mock_server::MockServer;
 
 use crate::support::*;
 
-fn uuid(env: &Env) -> String {
-    let c: Value =
-        serde_json::from_str(&std::fs::read_to_string(env.data_dir().join("credentials.json")).unwrap()).unwrap();
-    c["uuid"].as_str().unwrap().to_string()
-}
-
-fn command(id: &str, name: &str, args: Value) -> Value {
-    json!({"document_id": id, "source": "Users/Services", "user": "Management API",
-        "action": {"name": name, "version": "5.0.0", "args": args}, "status": "pending", "timeout": 60})
-}
-
-fn result_of(mock: &MockServer, id: &str, within: Duration) -> Option<(i64, String)> {
-    mock.wait_until(within, |m| m.command_results().iter().any(|(i, _, _)| i == id));
-    mock.command_results().into_iter().find(|(i, _, _)| i == id).map(|(_, c, m)| (c, m))
-}
-
 /// `field` of /proc/<pid>/status in kB (0 when the process is gone).
 fn proc_kb(pid: u32, field: &str) -> u64 {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0 };
@@ -61,8 +45,8 @@ fn a_group_file_aliasing_a_large_scalar_does_not_blow_up_memory() {
     assert!(text.len() < 1 << 20, "{} bytes: under the 1 MiB file limit", text.len());
     let before = proc_kb(pid, "VmHWM:");
     env.mock.set_file("bomb.yml", text.as_bytes());
-    env.mock.enqueue_command(&me, command("bomb-1", "set-group", json!({"groups": ["bomb"]})));
-    let result = result_of(&env.mock, "bomb-1", Duration::from_secs(60));
+    env.mock.enqueue_command(&me, command("bomb-1", "set-group", json!({"groups": ["bomb"]}), Some(60)));
+    let result = try_result_of(&env.mock, "bomb-1", Duration::from_secs(60));
     let after = proc_kb(pid, "VmHWM:");
     eprintln!("VmHWM before {before} kB, after {after} kB; result {result:?}");
     assert!(after < before + 64 * 1024, "peak RSS grew by {} kB for a {} byte group file", after - before, text.len());
@@ -126,7 +110,7 @@ fn long_document_ids_do_not_grow_the_command_store_without_bound() {
     let started = Instant::now();
     for i in 0..n {
         let id = format!("{i:04}-{}", "d".repeat(500_000));
-        env.mock.enqueue_command(&me, command(&id, "no-such-action", json!({})));
+        env.mock.enqueue_command(&me, command(&id, "no-such-action", json!({}), Some(60)));
         // The command is refused as malformed (an id over 512 bytes): it has no result, so watch the log.
         let got = wait_for(Duration::from_secs(30), || agent.log().contains(&format!("document_id {i:04}-ddd")));
         assert!(got, "command {i} was not refused: {}", agent.log().lines().last().unwrap_or_default());
@@ -263,9 +247,9 @@ fn an_immediate_empty_200_is_not_polled_in_a_tight_loop() {
 fn an_immediate_200_with_only_known_commands_is_not_polled_in_a_tight_loop() {
     use wazuh_mock_server::{Fault, FaultAction};
     let (env, agent, me) = setup("retry.initial = \"500ms\"\nretry.max = \"2s\"");
-    env.mock.enqueue_command(&me, command("once", "no-such-action", json!({})));
-    assert!(result_of(&env.mock, "once", Duration::from_secs(10)).is_some());
-    let body = json!({"commands": [command("once", "no-such-action", json!({}))]}).to_string();
+    env.mock.enqueue_command(&me, command("once", "no-such-action", json!({}), Some(60)));
+    assert!(try_result_of(&env.mock, "once", Duration::from_secs(10)).is_some());
+    let body = json!({"commands": [command("once", "no-such-action", json!({}), Some(60))]}).to_string();
     env.mock.inject(Fault {
         path: "/api/v1/commands".into(),
         times: 200_000,
@@ -307,11 +291,11 @@ fn a_group_file_glob_cannot_exhaust_descriptors_or_cpu() {
     }
     let yml = format!("logcollector:\n  files: [\"{}/**/*\"]\n  poll_interval: 50ms\n", tree.display());
     env.mock.set_file("wide.yml", yml.as_bytes());
-    env.mock.enqueue_command(&me, command("w-1", "set-group", json!({"groups": ["wide"]})));
-    let r = result_of(&env.mock, "w-1", Duration::from_secs(30));
+    env.mock.enqueue_command(&me, command("w-1", "set-group", json!({"groups": ["wide"]}), Some(60)));
+    let r = try_result_of(&env.mock, "w-1", Duration::from_secs(30));
     assert!(matches!(&r, Some((0, _))), "{r:?}");
-    env.mock.enqueue_command(&me, command("w-2", "restart", json!({})));
-    let r = result_of(&env.mock, "w-2", Duration::from_secs(30));
+    env.mock.enqueue_command(&me, command("w-2", "restart", json!({}), Some(60)));
+    let r = try_result_of(&env.mock, "w-2", Duration::from_secs(30));
     assert!(matches!(&r, Some((0, _))), "{r:?} {}", agent.log());
     std::thread::sleep(Duration::from_secs(2));
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
@@ -487,7 +471,7 @@ fn set_group_floods_are_rate_limited() {
     let before = proc_io(pid, "wchar");
     let started = Instant::now();
     let cmds: Vec<Value> =
-        (0..50).map(|i| command(&format!("flood-{i}"), "set-group", json!({ "groups": groups }))).collect();
+        (0..50).map(|i| command(&format!("flood-{i}"), "set-group", json!({ "groups": groups }), Some(60))).collect();
     let t0 = cpu_ticks(pid);
     env.mock.enqueue_commands(&me, cmds);
     std::thread::sleep(Duration::from_secs(20));

@@ -7,28 +7,6 @@ use wazuh_mock_server::{Fault, FaultAction, MockServer};
 
 use crate::support::*;
 
-fn uuid(env: &Env) -> String {
-    let c: Value =
-        serde_json::from_str(&std::fs::read_to_string(env.data_dir().join("credentials.json")).unwrap()).unwrap();
-    c["uuid"].as_str().unwrap().to_string()
-}
-
-fn command(id: &str, name: &str, args: Value, timeout: Option<u64>) -> Value {
-    let mut c = json!({"document_id": id, "source": "Users/Services", "user": "Management API",
-        "action": {"name": name, "version": "5.0.0", "args": args}, "status": "pending"});
-    if let Some(t) = timeout {
-        c["timeout"] = json!(t);
-    }
-    c
-}
-
-fn result_of(mock: &MockServer, id: &str, within: Duration) -> (i64, String) {
-    mock.wait_until(within, |m| m.command_results().iter().any(|(i, _, _)| i == id));
-    let found = mock.command_results().into_iter().find(|(i, _, _)| i == id);
-    let (_, code, message) = found.unwrap_or_else(|| panic!("no result for command {id}"));
-    (code, message)
-}
-
 /// A running agent whose mock holds polls for `hold`.
 fn setup(hold: Duration) -> (Env, Agent, String) {
     let env = Env::with(|o| o.command_hold = hold);

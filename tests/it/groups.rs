@@ -4,28 +4,9 @@
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
-use serde_json::{Value, json};
-use wazuh_mock_server::MockServer;
+use serde_json::json;
 
 use crate::support::*;
-
-fn uuid(env: &Env) -> String {
-    let c: Value =
-        serde_json::from_str(&std::fs::read_to_string(env.data_dir().join("credentials.json")).unwrap()).unwrap();
-    c["uuid"].as_str().unwrap().to_string()
-}
-
-fn command(id: &str, name: &str, args: Value) -> Value {
-    json!({"document_id": id, "source": "Users/Services", "user": "Management API",
-        "action": {"name": name, "version": "5.0.0", "args": args}, "status": "pending", "timeout": 60})
-}
-
-fn result_of(mock: &MockServer, id: &str) -> (i64, String) {
-    mock.wait_until(Duration::from_secs(30), |m| m.command_results().iter().any(|(i, _, _)| i == id));
-    let found = mock.command_results().into_iter().find(|(i, _, _)| i == id);
-    let (_, code, message) = found.unwrap_or_else(|| panic!("no result for command {id}"));
-    (code, message)
-}
 
 /// A running agent with `config` (dotted keys) over the test defaults.
 fn setup(config: &str) -> (Env, Agent, String) {
@@ -59,8 +40,8 @@ fn a_group_file_cannot_set_local_only_keys_even_across_a_restart() {
         evil.display()
     );
     env.mock.set_file("g1.yml", text.as_bytes());
-    env.mock.enqueue_command(&me, command("g-1", "set-group", json!({"groups": ["g1"]})));
-    let (code, message) = result_of(&env.mock, "g-1");
+    env.mock.enqueue_command(&me, command("g-1", "set-group", json!({"groups": ["g1"]}), Some(60)));
+    let (code, message) = result_of(&env.mock, "g-1", Duration::from_secs(30));
     assert_eq!(code, 0, "{message}");
     assert!(message.contains("applied events.batch_interval"), "{message}");
     assert!(
@@ -69,8 +50,8 @@ fn a_group_file_cannot_set_local_only_keys_even_across_a_restart() {
     );
     assert!(agent.log().contains("group files: ignored agent.user (g1.yml)"), "one warning names them");
 
-    env.mock.enqueue_command(&me, command("g-2", "restart", json!({})));
-    assert_eq!(result_of(&env.mock, "g-2"), (0, format!("agent restarted (pid {pid})")));
+    env.mock.enqueue_command(&me, command("g-2", "restart", json!({}), Some(60)));
+    assert_eq!(result_of(&env.mock, "g-2", Duration::from_secs(30)), (0, format!("agent restarted (pid {pid})")));
     // The local values hold: same account, same run directory, nothing handed over, TLS checked.
     assert_eq!(proc_status(pid, "Uid:"), unsafe { libc::geteuid() } as u64, "the agent still runs as started");
     assert!(env.dir.path().join("run").join("wazuh-agent.pid").exists());
@@ -92,8 +73,8 @@ fn a_group_file_cannot_set_local_only_keys_even_across_a_restart() {
 fn with_remote_config_false_group_files_are_stored_but_not_applied() {
     let (env, agent, me) = setup("agent.remote_config = false");
     env.mock.set_file("g1.yml", b"events:\n  batch_interval: 250ms\nlog:\n  level: error\n");
-    env.mock.enqueue_command(&me, command("r-1", "set-group", json!({"groups": ["g1"]})));
-    let (code, message) = result_of(&env.mock, "r-1");
+    env.mock.enqueue_command(&me, command("r-1", "set-group", json!({"groups": ["g1"]}), Some(60)));
+    let (code, message) = result_of(&env.mock, "r-1", Duration::from_secs(30));
     assert_eq!(code, 0, "{message}");
     assert_eq!(
         message,
@@ -102,8 +83,8 @@ fn with_remote_config_false_group_files_are_stored_but_not_applied() {
     assert!(env.data_dir().join("shared").join("g1.yml").exists(), "the file is stored all the same");
 
     // Not at the next start either (log.level = error there would hide the info lines below).
-    env.mock.enqueue_command(&me, command("r-2", "restart", json!({})));
-    assert_eq!(result_of(&env.mock, "r-2").0, 0);
+    env.mock.enqueue_command(&me, command("r-2", "restart", json!({}), Some(60)));
+    assert_eq!(result_of(&env.mock, "r-2", Duration::from_secs(30)).0, 0);
     assert!(wait_log(&agent, "agent.remote_config = false: the server's group files are not applied", 2));
     agent.signal(libc::SIGHUP);
     assert!(wait_log(&agent, "SIGHUP: configuration reloaded; no setting changed", 1), "{}", agent.log());
@@ -132,12 +113,12 @@ fn hostile_group_files_are_refused_naming_the_limit_and_change_nothing() {
     let (env, mut agent, me) = setup("");
     let pid = agent.child.id();
     env.mock.set_file("g1.yml", b"log:\n  level: info\n");
-    env.mock.enqueue_command(&me, command("h-0", "set-group", json!({"groups": ["g1"]})));
-    assert_eq!(result_of(&env.mock, "h-0").0, 0);
+    env.mock.enqueue_command(&me, command("h-0", "set-group", json!({"groups": ["g1"]}), Some(60)));
+    assert_eq!(result_of(&env.mock, "h-0", Duration::from_secs(30)).0, 0);
 
     env.mock.set_file("lol.yml", BILLION_LAUGHS.as_bytes());
-    env.mock.enqueue_command(&me, command("h-1", "set-group", json!({"groups": ["lol"]})));
-    let (code, message) = result_of(&env.mock, "h-1");
+    env.mock.enqueue_command(&me, command("h-1", "set-group", json!({"groups": ["lol"]}), Some(60)));
+    let (code, message) = result_of(&env.mock, "h-1", Duration::from_secs(30));
     assert_eq!(
         (code, message.as_str()),
         (1, "group file lol.yml is refused: its aliases expand past the limit of 10000 nodes")
@@ -149,15 +130,18 @@ fn hostile_group_files_are_refused_naming_the_limit_and_change_nothing() {
     let mut big = b"log:\n  level: debug\n".to_vec();
     big.resize((1 << 20) + 1, b'#');
     env.mock.set_file("big.yml", &big);
-    env.mock.enqueue_command(&me, command("h-2", "set-group", json!({"groups": ["big"]})));
-    let (code, message) = result_of(&env.mock, "h-2");
+    env.mock.enqueue_command(&me, command("h-2", "set-group", json!({"groups": ["big"]}), Some(60)));
+    let (code, message) = result_of(&env.mock, "h-2", Duration::from_secs(30));
     assert_eq!(code, 1);
     assert!(message.starts_with("group file big.yml is refused: the answer is larger than the limit of 1048576 bytes"));
     assert_eq!(downloads() - before, 1, "an oversized file is not fetched again");
 
     let many: Vec<String> = (0..65).map(|i| format!("m{i}")).collect();
-    env.mock.enqueue_command(&me, command("h-3", "set-group", json!({"groups": many})));
-    assert_eq!(result_of(&env.mock, "h-3"), (1, "refused: 65 groups, more than the limit of 64".to_string()));
+    env.mock.enqueue_command(&me, command("h-3", "set-group", json!({"groups": many}), Some(60)));
+    assert_eq!(
+        result_of(&env.mock, "h-3", Duration::from_secs(30)),
+        (1, "refused: 65 groups, more than the limit of 64".to_string())
+    );
     assert_eq!(downloads() - before, 1, "nothing was downloaded for 65 groups");
 
     // Nothing changed, the agent is up and small (a debug build runs in a few tens of MB;
@@ -168,8 +152,8 @@ fn hostile_group_files_are_refused_naming_the_limit_and_change_nothing() {
     assert!(agent.child.try_wait().unwrap().is_none(), "{}", agent.log());
     let peak_kb = proc_status(pid, "VmHWM:");
     assert!(peak_kb < 256 * 1024, "peak RSS {peak_kb} kB");
-    env.mock.enqueue_command(&me, command("h-4", "no-such-action", json!({})));
-    assert_eq!(result_of(&env.mock, "h-4").0, 1);
+    env.mock.enqueue_command(&me, command("h-4", "no-such-action", json!({}), Some(60)));
+    assert_eq!(result_of(&env.mock, "h-4", Duration::from_secs(30)).0, 1);
     agent.signal(libc::SIGTERM);
     assert_eq!(agent.wait_exit(Duration::from_secs(10)), Some(0));
 }

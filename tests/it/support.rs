@@ -358,3 +358,31 @@ impl Env {
         agent
     }
 }
+
+/// The agent's UUID, from the credentials it stored.
+pub fn uuid(env: &Env) -> String {
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(env.data_dir().join("credentials.json")).unwrap()).unwrap();
+    c["uuid"].as_str().unwrap().to_string()
+}
+
+/// A command as the server sends it (`timeout` in seconds, or none: the default).
+pub fn command(id: &str, name: &str, args: serde_json::Value, timeout: Option<u64>) -> serde_json::Value {
+    let mut c = serde_json::json!({"document_id": id, "source": "Users/Services", "user": "Management API",
+        "action": {"name": name, "version": "5.0.0", "args": args}, "status": "pending"});
+    if let Some(t) = timeout {
+        c["timeout"] = serde_json::json!(t);
+    }
+    c
+}
+
+/// The result (code, message) the agent reported for command `id`, once it arrives.
+pub fn try_result_of(mock: &MockServer, id: &str, within: Duration) -> Option<(i64, String)> {
+    mock.wait_until(within, |m| m.command_results().iter().any(|(i, _, _)| i == id));
+    mock.command_results().into_iter().find(|(i, _, _)| i == id).map(|(_, c, m)| (c, m))
+}
+
+/// As [`try_result_of`]; no result within `within` fails the test.
+pub fn result_of(mock: &MockServer, id: &str, within: Duration) -> (i64, String) {
+    try_result_of(mock, id, within).unwrap_or_else(|| panic!("no result for command {id}"))
+}
