@@ -315,8 +315,9 @@ impl Executor {
         }
         match rx.recv_deadline(deadline) {
             Ok(Ok(message)) => self.finish(store, &id, Code::Success, message),
-            Ok(Err(e)) => self.finish(store, &id, Code::Failure, e.to_string()),
-            Err(_) => {
+            Ok(Err(e)) if Instant::now() < deadline => self.finish(store, &id, Code::Failure, e.to_string()),
+            // The helper's own wait ends at the deadline too, and may answer first: a timeout.
+            Ok(Err(_)) | Err(_) => {
                 // The helper sees the flag before it changes anything.
                 cancel.store(true, Ordering::Relaxed);
                 self.finish(store, &id, Code::Timeout, format!("timed out after {}s", cmd.timeout.as_secs()));
