@@ -295,3 +295,23 @@ fn a_run_dir_inside_data_dir_swapped_for_a_link_does_not_make_root_touch_a_file_
     assert!(target.exists(), "root deleted {} (exit {code:?}): {}", target.display(), agent.log());
     assert!(unchanged(&target), "root wrote through the linked run_dir: {}", agent.log());
 }
+
+/// `mkfifo at`, as the account (its own directory).
+fn fifo_as_nobody(at: &Path) {
+    use std::os::unix::process::CommandExt;
+    let _ = std::fs::remove_file(at);
+    let a = nobody();
+    let out = std::process::Command::new("mkfifo").arg(at).uid(a.uid).gid(a.gid).output().unwrap();
+    assert!(out.status.success(), "nobody could not mkfifo: {}", text(&out));
+}
+
+#[test]
+#[ignore = "reproduces: read_nofollow opens a FIFO planted at the queue cursor (or a segment, or credentials.json) blocking, so root hangs at start before the drop"]
+fn a_fifo_at_the_queue_cursor_does_not_hang_root_at_start() {
+    let env = after_a_run_as_nobody(|_| String::new());
+    fifo_as_nobody(&env.data_dir().join("queue/cursor"));
+    let mut agent = env.spawn_agent();
+    let up = wait_for(Duration::from_secs(15), || env.socket().exists() || agent.child.try_wait().unwrap().is_some());
+    let stack = std::fs::read_to_string(format!("/proc/{}/wchan", agent.child.id())).unwrap_or_default();
+    assert!(up, "root neither started nor stopped in 15 s (blocked in {stack:?}): {}", agent.log());
+}
