@@ -315,3 +315,49 @@ fn a_fifo_at_the_queue_cursor_does_not_hang_root_at_start() {
     let stack = std::fs::read_to_string(format!("/proc/{}/wchan", agent.child.id())).unwrap_or_default();
     assert!(up, "root neither started nor stopped in 15 s (blocked in {stack:?}): {}", agent.log());
 }
+
+#[test]
+#[ignore = "reproduces: the wrapper's `rm -f; set -C; echo >` leaves a window in which a link to a FIFO or device is written through (noclobber only refuses existing regular files)"]
+fn the_respawn_wrapper_writes_no_pid_through_a_link_raced_in_after_its_rm() {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::process::CommandExt;
+    let env = Env::new();
+    std::fs::set_permissions(env.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (run, a) = (env.dir.path().join("run"), nobody());
+    std::fs::create_dir(&run).unwrap();
+    std::os::unix::fs::chown(&run, Some(a.uid), Some(a.gid)).unwrap();
+    // Root's FIFO (stands for any FIFO or device node), outside the run directory; the test
+    // holds it open read-write, non-blocking, to see what root writes into it.
+    let fifo = env.dir.path().join("root-fifo");
+    assert!(std::process::Command::new("mkfifo").arg("-m600").arg(&fifo).status().unwrap().success());
+    let mut reader =
+        std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(&fifo).unwrap();
+    let pid_file = run.join("wazuh-agent-respawn.pid");
+    // The account re-plants its link in a bounded loop (killed below: sh itself, no wrapper).
+    let plant = "i=0; while [ $i -lt 200000 ]; do ln -s \"$0\" \"$1\" 2>/dev/null; i=$((i+1)); done";
+    let mut racer = std::process::Command::new("sh")
+        .args(["-c", plant])
+        .arg(&fifo)
+        .arg(&pid_file)
+        .uid(a.uid)
+        .gid(a.gid)
+        .spawn()
+        .unwrap();
+    let mut written = String::new();
+    for _ in 0..300 {
+        let _ = std::process::Command::new("sh")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/wazuh-agent-respawn"))
+            .arg(&pid_file)
+            .arg("true")
+            .output();
+        let mut buf = [0u8; 256];
+        if let Ok(n) = reader.read(&mut buf) {
+            written.push_str(&String::from_utf8_lossy(&buf[..n]));
+            break;
+        }
+    }
+    let _ = racer.kill();
+    let _ = racer.wait();
+    assert!(written.is_empty(), "root wrote {written:?} into its FIFO through the account's link");
+}
