@@ -191,3 +191,173 @@ fn the_respawn_wrapper_does_not_write_its_pid_through_a_link() {
     // The agent's turn saw the wrapper's own file, with its pid.
     assert!(text(&out).trim().parse::<u32>().is_ok(), "{}", text(&out));
 }
+
+/// A root-owned file in a directory of root's, mode `mode`, holding [`PRECIOUS`].
+fn victim_in(dir: &Path, name: &str, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, PRECIOUS).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+/// `ln target at`, run as `nobody` (the kernel's fs.protected_hardlinks decides what it may link).
+fn hard_link_as_nobody(target: &Path, at: &Path) {
+    use std::os::unix::process::CommandExt;
+    let a = nobody();
+    let out = std::process::Command::new("ln").arg(target).arg(at).uid(a.uid).gid(a.gid).output().unwrap();
+    assert!(out.status.success(), "nobody could not link: {}", text(&out));
+}
+
+#[test]
+#[ignore = "reproduces: the hand-over walk lchowns a hard link the account made in data_dir, so root gives the account a root-owned file outside its directories"]
+fn a_hard_link_the_account_makes_in_data_dir_does_not_give_it_a_root_file() {
+    let env = after_a_run_as_nobody(|_| String::new());
+    // A root file the account may link under fs.protected_hardlinks = 1 (it can read and
+    // write it, but must never own it: an owner can chmod it and keep it from root).
+    let target = victim_in(&env.dir.path().join("root-owned"), "shared-scratch", 0o666);
+    hard_link_as_nobody(&target, &env.data_dir().join("notes"));
+    let _agent = env.running_agent();
+    let meta = std::fs::metadata(&target).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (0, 0), "root chowned the linked file to the account during the hand-over");
+}
+
+#[test]
+#[ignore = "reproduces: the pid file is opened O_NOFOLLOW but not checked for st_nlink/ownership, so root truncates, writes and chowns a file hard-linked there"]
+fn a_hard_link_at_the_pid_file_is_not_truncated_written_or_chowned_by_root() {
+    let env = after_a_run_as_nobody(|_| String::new());
+    let target = victim_in(&env.dir.path().join("root-owned"), "precious", 0o644);
+    // What the account does where fs.protected_hardlinks = 0 (the kernel's default; systemd
+    // sets 1, OpenRC and SysV systems may not): link any root file on the run_dir filesystem.
+    // Root makes the link here because this host sets 1; the agent cannot tell the difference.
+    let pid_file = env.dir.path().join("run/wazuh-agent.pid");
+    let _ = std::fs::remove_file(&pid_file);
+    std::fs::hard_link(&target, &pid_file).unwrap();
+    let agent = env.running_agent();
+    let content = std::fs::read_to_string(&target).unwrap();
+    let meta = std::fs::metadata(&target).unwrap();
+    assert!(
+        content == PRECIOUS && meta.uid() == 0,
+        "root wrote {content:?} into the linked file and left it to uid {}: {}",
+        meta.uid(),
+        agent.log()
+    );
+}
+
+#[test]
+#[ignore = "reproduces: O_NOFOLLOW guards only the last component: a directory above log.file swapped for a link makes root append to and chown a file elsewhere"]
+fn a_link_above_the_log_file_does_not_make_root_append_to_or_chown_a_file_elsewhere() {
+    let logs = |env: &Env| env.data_dir().join("logs");
+    let env = after_a_run_as_nobody(|env| {
+        std::fs::create_dir_all(logs(env)).unwrap();
+        format!("log.file = {:?}", logs(env).join("agent.log").display().to_string())
+    });
+    let elsewhere = env.dir.path().join("root-logs");
+    let target = victim_in(&elsewhere, "agent.log", 0o644);
+    // As the account: its own directory `logs` becomes a link to root's directory.
+    std::fs::remove_dir_all(logs(&env)).unwrap();
+    plant(&logs(&env), &elsewhere);
+    let mut agent = env.spawn_agent();
+    let _ = wait_for(Duration::from_secs(15), || env.socket().exists() || agent.child.try_wait().unwrap().is_some());
+    let meta = std::fs::metadata(&target).unwrap();
+    let content = std::fs::read_to_string(&target).unwrap();
+    assert!(
+        unchanged(&target),
+        "root appended to {} (now {} bytes) and left it to uid {}",
+        target.display(),
+        content.len(),
+        meta.uid()
+    );
+}
+
+#[test]
+#[ignore = "reproduces: PidFile::acquire runs before the hand-over refuses a linked run_dir, so with run_dir inside data_dir root truncates, writes and then deletes a file elsewhere"]
+fn a_run_dir_inside_data_dir_swapped_for_a_link_does_not_make_root_touch_a_file_elsewhere() {
+    let run = |env: &Env| env.data_dir().join("run");
+    // One run as nobody with run_dir inside data_dir (after_a_run_as_nobody waits on the default socket).
+    let env = Env::new();
+    std::fs::set_permissions(env.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    env.write_config(&format!("agent.user = \"nobody\"\nagent.run_dir = {:?}", run(&env).display().to_string()));
+    env.registered();
+    let mut first = env.spawn_agent();
+    assert!(wait_for(Duration::from_secs(15), || run(&env).join("ingest.sock").exists()), "{}", first.log());
+    first.signal(libc::SIGTERM);
+    assert_eq!(first.wait_exit(Duration::from_secs(15)), Some(0), "{}", first.log());
+    assert_eq!(std::fs::metadata(run(&env)).unwrap().uid(), nobody().uid);
+    let elsewhere = env.dir.path().join("root-run");
+    let target = victim_in(&elsewhere, "wazuh-agent.pid", 0o644);
+    // As the account: its own directory `run` (in data_dir, which it owns) becomes a link.
+    std::fs::remove_dir_all(run(&env)).unwrap();
+    plant(&run(&env), &elsewhere);
+    let mut agent = env.spawn_agent();
+    let code = agent.wait_exit(Duration::from_secs(15));
+    assert!(target.exists(), "root deleted {} (exit {code:?}): {}", target.display(), agent.log());
+    assert!(unchanged(&target), "root wrote through the linked run_dir: {}", agent.log());
+}
+
+/// `mkfifo at`, as the account (its own directory).
+fn fifo_as_nobody(at: &Path) {
+    use std::os::unix::process::CommandExt;
+    let _ = std::fs::remove_file(at);
+    let a = nobody();
+    let out = std::process::Command::new("mkfifo").arg(at).uid(a.uid).gid(a.gid).output().unwrap();
+    assert!(out.status.success(), "nobody could not mkfifo: {}", text(&out));
+}
+
+#[test]
+#[ignore = "reproduces: read_nofollow opens a FIFO planted at the queue cursor (or a segment, or credentials.json) blocking, so root hangs at start before the drop"]
+fn a_fifo_at_the_queue_cursor_does_not_hang_root_at_start() {
+    let env = after_a_run_as_nobody(|_| String::new());
+    fifo_as_nobody(&env.data_dir().join("queue/cursor"));
+    let mut agent = env.spawn_agent();
+    let up = wait_for(Duration::from_secs(15), || env.socket().exists() || agent.child.try_wait().unwrap().is_some());
+    let stack = std::fs::read_to_string(format!("/proc/{}/wchan", agent.child.id())).unwrap_or_default();
+    assert!(up, "root neither started nor stopped in 15 s (blocked in {stack:?}): {}", agent.log());
+}
+
+#[test]
+#[ignore = "reproduces: the wrapper's `rm -f; set -C; echo >` leaves a window in which a link to a FIFO or device is written through (noclobber only refuses existing regular files)"]
+fn the_respawn_wrapper_writes_no_pid_through_a_link_raced_in_after_its_rm() {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::process::CommandExt;
+    let env = Env::new();
+    std::fs::set_permissions(env.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (run, a) = (env.dir.path().join("run"), nobody());
+    std::fs::create_dir(&run).unwrap();
+    std::os::unix::fs::chown(&run, Some(a.uid), Some(a.gid)).unwrap();
+    // Root's FIFO (stands for any FIFO or device node), outside the run directory; the test
+    // holds it open read-write, non-blocking, to see what root writes into it.
+    let fifo = env.dir.path().join("root-fifo");
+    assert!(std::process::Command::new("mkfifo").arg("-m600").arg(&fifo).status().unwrap().success());
+    let mut reader =
+        std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(&fifo).unwrap();
+    let pid_file = run.join("wazuh-agent-respawn.pid");
+    // The account re-plants its link in a bounded loop (killed below: sh itself, no wrapper).
+    let plant = "i=0; while [ $i -lt 200000 ]; do ln -s \"$0\" \"$1\" 2>/dev/null; i=$((i+1)); done";
+    let mut racer = std::process::Command::new("sh")
+        .args(["-c", plant])
+        .arg(&fifo)
+        .arg(&pid_file)
+        .uid(a.uid)
+        .gid(a.gid)
+        .spawn()
+        .unwrap();
+    let mut written = String::new();
+    for _ in 0..300 {
+        let _ = std::process::Command::new("sh")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/wazuh-agent-respawn"))
+            .arg(&pid_file)
+            .arg("true")
+            .output();
+        let mut buf = [0u8; 256];
+        if let Ok(n) = reader.read(&mut buf) {
+            written.push_str(&String::from_utf8_lossy(&buf[..n]));
+            break;
+        }
+    }
+    let _ = racer.kill();
+    let _ = racer.wait();
+    assert!(written.is_empty(), "root wrote {written:?} into its FIFO through the account's link");
+}
