@@ -14,8 +14,9 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
 
 /// Opens `path` without following a symbolic link in its last component: root opens files
 /// in directories agent.user can write, where a planted link would make root write through it.
+/// O_NONBLOCK: a FIFO planted there must not hang root in `open` (no effect on files).
 pub fn open_nofollow(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
-    opts.custom_flags(libc::O_NOFOLLOW).open(path).map_err(|e| match e.raw_os_error() {
+    opts.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(|e| match e.raw_os_error() {
         Some(libc::ELOOP) => io::Error::other(format!("{} is a symbolic link; refusing to follow it", path.display())),
         _ => e,
     })
