@@ -14,14 +14,6 @@ fn proc_kb(pid: u32, field: &str) -> u64 {
     status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
 }
 
-fn setup(config: &str) -> (Env, Agent, String) {
-    let env = Env::with(|o| o.command_hold = Duration::from_millis(300));
-    env.write_config(&format!("events.batch_interval = \"100ms\"\n{config}"));
-    let agent = env.running_agent();
-    let id = uuid(&env);
-    (env, agent, id)
-}
-
 /// A group file under 1 MiB whose *scalar* anchor is aliased a few thousand times: the
 /// node count stays far under 10 000 (an alias of a scalar counts 1), but the loader clones
 /// the 200 KB string for every alias.
@@ -39,7 +31,7 @@ pub fn scalar_alias_bomb(scalar: usize, aliases: usize) -> String {
 
 #[test]
 fn a_group_file_aliasing_a_large_scalar_does_not_blow_up_memory() {
-    let (env, agent, me) = setup("");
+    let (env, agent, me) = running_with("");
     let pid = agent.child.id();
     let text = scalar_alias_bomb(200_000, 2_500);
     assert!(text.len() < 1 << 20, "{} bytes: under the 1 MiB file limit", text.len());
@@ -103,7 +95,7 @@ fn proc_io(pid: u32, field: &str) -> u64 {
 
 #[test]
 fn long_document_ids_do_not_grow_the_command_store_without_bound() {
-    let (env, agent, me) = setup("");
+    let (env, agent, me) = running_with("");
     let pid = agent.child.id();
     let n = 30;
     let before = proc_io(pid, "wchar");
@@ -229,7 +221,7 @@ fn polls_during(mock: &MockServer, window: Duration) -> usize {
 #[test]
 fn an_immediate_empty_200_is_not_polled_in_a_tight_loop() {
     use wazuh_mock_server::{Fault, FaultAction};
-    let (env, agent, _me) = setup("retry.initial = \"500ms\"\nretry.max = \"2s\"");
+    let (env, agent, _me) = running_with("retry.initial = \"500ms\"\nretry.max = \"2s\"");
     env.mock.inject(Fault {
         path: "/api/v1/commands".into(),
         times: 200_000,
@@ -246,7 +238,7 @@ fn an_immediate_empty_200_is_not_polled_in_a_tight_loop() {
 #[test]
 fn an_immediate_200_with_only_known_commands_is_not_polled_in_a_tight_loop() {
     use wazuh_mock_server::{Fault, FaultAction};
-    let (env, agent, me) = setup("retry.initial = \"500ms\"\nretry.max = \"2s\"");
+    let (env, agent, me) = running_with("retry.initial = \"500ms\"\nretry.max = \"2s\"");
     env.mock.enqueue_command(&me, command("once", "no-such-action", json!({}), Some(60)));
     assert!(try_result_of(&env.mock, "once", Duration::from_secs(10)).is_some());
     let body = json!({"commands": [command("once", "no-such-action", json!({}), Some(60))]}).to_string();
@@ -279,7 +271,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 /// group file uses the shortest interval still accepted.
 #[test]
 fn a_group_file_glob_cannot_exhaust_descriptors_or_cpu() {
-    let (env, agent, me) = setup("");
+    let (env, agent, me) = running_with("");
     let pid = agent.child.id();
     let tree = env.dir.path().join("tree");
     for d in 0..30 {
@@ -362,7 +354,7 @@ fn a_proxy_with_an_invalid_port_is_refused_by_check_config() {
 #[test]
 fn odd_statuses_on_the_poll_neither_crash_nor_spin() {
     use wazuh_mock_server::{Fault, FaultAction};
-    let (env, mut agent, _me) = setup("retry.initial = \"200ms\"\nretry.max = \"1s\"");
+    let (env, mut agent, _me) = running_with("retry.initial = \"200ms\"\nretry.max = \"1s\"");
     let mut report = Vec::new();
     for code in [100u16, 101, 199, 204, 206, 299, 304, 307, 404, 418, 499, 599, 600, 999] {
         env.mock.clear_faults();
@@ -386,7 +378,7 @@ fn odd_statuses_on_the_poll_neither_crash_nor_spin() {
 /// stay down across restarts. The start refuses it with the same check, naming the limit.
 #[test]
 fn a_stored_alias_bomb_is_not_expanded_again_at_start() {
-    let (env, mut agent, _me) = setup("");
+    let (env, mut agent, _me) = running_with("");
     agent.signal(libc::SIGTERM);
     agent.wait_exit(Duration::from_secs(15));
     let shared = env.data_dir().join("shared");
@@ -461,7 +453,7 @@ fn a_fifo_in_logcollector_files_does_not_hang_the_agent() {
 #[test]
 #[ignore = "reproduces: no rate limit on set-group/fetch-config: 50 commands of 16 x 1 MB groups 16 MB downloaded+written per command, ~100% CPU for minutes"]
 fn set_group_floods_are_rate_limited() {
-    let (env, agent, me) = setup("");
+    let (env, agent, me) = running_with("");
     let pid = agent.child.id();
     let file = format!("# {}\nevents:\n  batch_interval: 250ms\n", "c".repeat(1_000_000));
     let groups: Vec<String> = (0..16).map(|g| format!("g{g}")).collect();

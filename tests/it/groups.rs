@@ -8,15 +8,6 @@ use serde_json::json;
 
 use crate::support::*;
 
-/// A running agent with `config` (dotted keys) over the test defaults.
-fn setup(config: &str) -> (Env, Agent, String) {
-    let env = Env::with(|o| o.command_hold = Duration::from_millis(300));
-    env.write_config(&format!("events.batch_interval = \"100ms\"\n{config}"));
-    let agent = env.running_agent();
-    let id = uuid(&env);
-    (env, agent, id)
-}
-
 /// `field` of /proc/<pid>/status, first number (kB for Vm*, the real id for Uid).
 fn proc_status(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -31,7 +22,7 @@ fn wait_log(agent: &Agent, what: &str, n: usize) -> bool {
 
 #[test]
 fn a_group_file_cannot_set_local_only_keys_even_across_a_restart() {
-    let (env, agent, me) = setup("");
+    let (env, agent, me) = running_with("");
     let pid = agent.child.id();
     let evil = env.dir.path().join("evil");
     std::fs::create_dir(&evil).unwrap();
@@ -71,7 +62,7 @@ fn a_group_file_cannot_set_local_only_keys_even_across_a_restart() {
 
 #[test]
 fn with_remote_config_false_group_files_are_stored_but_not_applied() {
-    let (env, agent, me) = setup("agent.remote_config = false");
+    let (env, agent, me) = running_with("agent.remote_config = false");
     env.mock.set_file("g1.yml", b"events:\n  batch_interval: 250ms\nlog:\n  level: error\n");
     env.mock.enqueue_command(&me, command("r-1", "set-group", json!({"groups": ["g1"]}), Some(60)));
     let (code, message) = result_of(&env.mock, "r-1", Duration::from_secs(30));
@@ -110,7 +101,7 @@ i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
 
 #[test]
 fn hostile_group_files_are_refused_naming_the_limit_and_change_nothing() {
-    let (env, mut agent, me) = setup("");
+    let (env, mut agent, me) = running_with("");
     let pid = agent.child.id();
     env.mock.set_file("g1.yml", b"log:\n  level: info\n");
     env.mock.enqueue_command(&me, command("h-0", "set-group", json!({"groups": ["g1"]}), Some(60)));

@@ -386,3 +386,13 @@ pub fn try_result_of(mock: &MockServer, id: &str, within: Duration) -> Option<(i
 pub fn result_of(mock: &MockServer, id: &str, within: Duration) -> (i64, String) {
     try_result_of(mock, id, within).unwrap_or_else(|| panic!("no result for command {id}"))
 }
+
+/// A registered, running agent with `config` (dotted keys) over the test defaults, its
+/// mock holding polls for 300 ms; returns the environment, the agent and its UUID.
+pub fn running_with(config: &str) -> (Env, Agent, String) {
+    let env = Env::with(|o| o.command_hold = Duration::from_millis(300));
+    env.write_config(&format!("events.batch_interval = \"100ms\"\n{config}"));
+    let agent = env.running_agent();
+    let id = uuid(&env);
+    (env, agent, id)
+}
