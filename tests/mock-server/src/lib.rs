@@ -1432,4 +1432,20 @@ mod tests {
         let upsert = format!("{AGENT}\n{{\"module\":\"inventory\",\"operation\":\"upsert\",\"id\":\"x\"}}\n{{}}");
         assert!(parse_events(&upsert, true, true).is_err());
     }
+
+    #[test]
+    fn the_document_store_answers_like_the_real_server() {
+        let mut docs = HashMap::new();
+        let d = json!({"package": {}});
+        assert_eq!(apply_document(&mut docs, "update", "a", Some(&d)), ("document missing", 404));
+        assert_eq!(apply_document(&mut docs, "delete", "a", None), ("not_found", 404));
+        assert!(docs.is_empty(), "failed items change nothing");
+        assert_eq!(apply_document(&mut docs, "create", "a", Some(&d)), ("created", 201));
+        assert_eq!(apply_document(&mut docs, "create", "a", Some(&json!({}))).1, 409);
+        assert_eq!(docs["a"], d, "a refused create leaves the document");
+        assert_eq!(apply_document(&mut docs, "update", "a", Some(&json!({"x": 1}))), ("updated", 200));
+        assert_eq!(docs["a"], json!({"x": 1}));
+        assert_eq!(apply_document(&mut docs, "delete", "a", None), ("deleted", 200));
+        assert!(docs.is_empty());
+    }
 }
