@@ -63,7 +63,6 @@ impl RejectedLog {
     }
 }
 
-/// The fields of a stateful header that healing reads (the ingest parser checked both).
 #[derive(Deserialize)]
 struct Target {
     operation: String,
@@ -80,7 +79,7 @@ enum Outcome {
     Rejected,
 }
 
-/// One item (an update carries the whole document). `heal` is false in the follow-up request.
+/// One item (an update carries the whole document). `heal` is false for the follow-up request.
 fn outcome(operation: &str, status: u64, heal: bool) -> Outcome {
     match (operation, status) {
         (_, 0..300) => Outcome::Applied,
@@ -159,7 +158,6 @@ impl Uploader {
         self.deliver_healing(kind, events, true)
     }
 
-    /// `heal`: false for a follow-up request, so an event is healed at most once.
     fn deliver_healing(&self, kind: Kind, events: &[Event], heal: bool) -> Delivery {
         if events.is_empty() {
             return Delivery::Done;
@@ -209,17 +207,18 @@ impl Uploader {
         true
     }
 
-    /// A stateful batch the server took (docs/protocol.md, Stateful results): counts what is
-    /// done, records what it did not apply, and sends what can be healed in one follow-up request.
+    /// A stateful batch the server took: its per-item results acted on (docs/protocol.md, Stateful results).
     fn settle(&self, reply: &http::Reply, events: &[Event], heal: bool) -> Delivery {
         let body = serde_json::from_slice::<Value>(&reply.body).unwrap_or_default();
         let results = body.get("results").and_then(Value::as_array).map_or(&[][..], Vec::as_slice);
         let (outcomes, mut again) = (outcomes(events, results, heal), Vec::new());
         for ((e, o), r) in events.iter().zip(&outcomes).zip(results.iter().chain(std::iter::repeat(&Value::Null))) {
-            // Decoded and encoded again, never edited as text (a header the parser let through decodes).
-            if let (Outcome::Heal(op), Ok(Value::Object(mut header))) = (o, serde_json::from_str(e.header())) {
-                header.insert("operation".into(), (*op).into());
-                again.push(Event::new(Kind::Stateful, &Value::Object(header).to_string(), e.data()));
+            if let Outcome::Heal(op) = o {
+                // Decoded and encoded again, never edited as text (a header the parser let through decodes).
+                if let Ok(Value::Object(mut header)) = serde_json::from_str(e.header()) {
+                    header.insert("operation".into(), (*op).into());
+                    again.push(Event::new(Kind::Stateful, &Value::Object(header).to_string(), e.data()));
+                }
             } else if *o == Outcome::Rejected {
                 let status = r.get("status").and_then(Value::as_u64).unwrap_or(0).min(999) as u16;
                 self.rejected.record("stateful", status, &r.to_string().chars().take(300).collect::<String>(), e);
