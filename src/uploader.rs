@@ -65,6 +65,7 @@ impl RejectedLog {
 
 #[derive(Deserialize)]
 struct Target {
+    module: String,
     operation: String,
     id: String,
 }
@@ -94,16 +95,15 @@ fn outcome(operation: &str, status: u64, heal: bool) -> Outcome {
 /// as the 2xx says). An event whose id comes again later in the batch is not healed: that one wins.
 fn outcomes(events: &[Event], results: &[Value], heal: bool) -> Vec<Outcome> {
     let targets: Vec<Option<Target>> = events.iter().map(|e| serde_json::from_str(e.header()).ok()).collect();
-    let item = |(i, t): (usize, &Option<Target>)| {
+    Vec::from_iter(targets.iter().enumerate().map(|(i, t)| {
         let (Some(t), Some(r)) = (t, results.get(i)) else { return Outcome::Applied };
-        let ours = r.get("id").and_then(Value::as_str).map_or(results.len() == events.len(), |id| id == t.id);
+        let heal = heal && t.module != "command"; // a command result's update is not a whole document
         match outcome(&t.operation, r.get("status").and_then(Value::as_u64).unwrap_or(0), heal) {
             Outcome::Heal(_) if targets[i + 1..].iter().flatten().any(|later| later.id == t.id) => Outcome::Applied,
-            o if ours => o,
+            o if r.get("id").and_then(Value::as_str).map_or(results.len() == events.len(), |id| id == t.id) => o,
             _ => Outcome::Applied,
         }
-    };
-    targets.iter().enumerate().map(item).collect()
+    }))
 }
 
 /// Everything an uploader needs, owned by its thread.
@@ -371,6 +371,9 @@ mod tests {
         // Items of the wrong shape are as good as absent.
         let odd = [json!("404"), json!({"status": "404", "id": "b"}), json!({"status": 404, "id": 7})];
         assert_eq!(outcomes(&events, &odd, true), [Applied, Applied, Gone]);
+        // A command result's update is the result only, not a document to create.
+        let result = Event::new(Kind::Stateful, r#"{"id":"c1","module":"command","operation":"update"}"#, Some("{}"));
+        assert_eq!(outcomes(&[result], &[item("c1", 404)], true), [Rejected]);
         // A header that does not decode (never from the parser) is not judged.
         let broken = [Event::new(Kind::Stateful, "{", None)];
         assert_eq!(outcomes(&broken, &[json!({"status": 404})], true), [Applied]);
