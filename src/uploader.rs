@@ -123,7 +123,8 @@ impl Uploader {
         enc.finish().map_or(Request::Events(agent_line, events), Request::Gzip)
     }
 
-    /// Delivers `events` to the endpoint of `kind`, isolating what the server refuses.
+    /// Delivers `events` to the endpoint of `kind`, isolating what the server refuses. Each
+    /// event is settled once, where its delivery ends (its source may then move past it).
     pub fn deliver(&self, kind: Kind, events: &[Event]) -> Delivery {
         if events.is_empty() {
             return Delivery::Done;
@@ -141,6 +142,7 @@ impl Uploader {
                 }
                 Stats::add(&stats.sent, events.len() as u64);
                 Stats::add(&stats.batches_sent, 1);
+                events.iter().for_each(Event::settle);
                 Delivery::Done
             }
             Err(Failure::Stopped) => Delivery::Aborted,
@@ -150,6 +152,7 @@ impl Uploader {
                 self.rejected.record(endpoint, status, &message, &events[0]);
                 Stats::add(&stats.rejected, 1);
                 Stats::add(&stats.batches_failed, 1);
+                events[0].settle();
                 Delivery::Done
             }
             Err(Failure::Refused { status, message, .. }) => {
