@@ -3,7 +3,9 @@
 //! A batch is cut when it reaches `batch_max_events`, when the body would reach `batch_max_bytes`,
 //! or when its oldest event is `batch_interval` old. One batch is handed to the uploader at a time
 //! (a rendezvous channel), so while the server is slow or away, events wait here, in a buffer of
-//! `buffer_events` where `overflow` decides between dropping the oldest (counted) and blocking.
+//! `buffer_events` and `buffer_bytes` (whichever is reached first). For socket producers `overflow`
+//! decides between dropping the oldest (counted) and blocking; events the agent read itself
+//! (tracked by a [`crate::event::Receipt`]) are never dropped: their reader waits instead.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -27,6 +29,8 @@ pub struct Policy {
     /// Bytes of the agent metadata line that starts every body.
     pub overhead: usize,
     pub capacity: usize,
+    /// Bound on the buffered events' `wire_len` sum.
+    pub capacity_bytes: usize,
     pub overflow: Overflow,
 }
 
@@ -38,19 +42,21 @@ impl Policy {
             interval: c.events.batch_interval,
             overhead,
             capacity: c.events.buffer_events,
+            capacity_bytes: usize::try_from(c.events.buffer_bytes).unwrap_or(usize::MAX),
             overflow: c.events.overflow,
         }
     }
 }
 
 /// What [`Ring::push`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum Push {
-    Stored,
-    /// Stored, and the oldest event was dropped to make room.
-    DroppedOldest,
-    /// Not stored: the buffer is full and the policy is `block`.
-    Full,
+    /// Stored, after dropping this many older untracked events (`drop_oldest`).
+    Stored(usize),
+    /// Dropped: the buffer is full of tracked events, which are never dropped (`drop_oldest`).
+    DroppedNew,
+    /// Not stored: the buffer is full and the event must wait (`block`, or a tracked event).
+    Full(Event),
 }
 
 /// The bounded buffer of stateless events with their arrival times.
@@ -76,24 +82,29 @@ impl Ring {
         self.events.is_empty()
     }
 
-    pub fn is_full(&self) -> bool {
-        self.events.len() >= self.policy.capacity
+    /// Whether an event of `n` wire bytes fits now: an empty buffer takes any one event.
+    fn fits(&self, n: usize) -> bool {
+        self.events.is_empty()
+            || (self.events.len() < self.policy.capacity && self.bytes + n <= self.policy.capacity_bytes)
     }
 
     pub fn push(&mut self, event: Event, now: Instant) -> Push {
-        let result = match (self.is_full(), self.policy.overflow) {
-            (false, _) => Push::Stored,
-            (true, Overflow::Block) => return Push::Full,
-            (true, Overflow::DropOldest) => {
-                if let Some((old, _)) = self.events.pop_front() {
-                    self.bytes -= old.wire_len();
-                }
-                Push::DroppedOldest
+        let n = event.wire_len();
+        let mut dropped = 0;
+        while !self.fits(n) {
+            if event.is_tracked() || self.policy.overflow == Overflow::Block {
+                return Push::Full(event);
             }
-        };
-        self.bytes += event.wire_len();
+            // The oldest event nobody else holds: a tracked one is still its reader's.
+            let Some(i) = self.events.iter().position(|(e, _)| !e.is_tracked()) else { return Push::DroppedNew };
+            if let Some((old, _)) = self.events.remove(i) {
+                self.bytes -= old.wire_len();
+                dropped += 1;
+            }
+        }
+        self.bytes += n;
         self.events.push_back((event, now));
-        result
+        Push::Stored(dropped)
     }
 
     /// When the oldest event's wait ends (`None`: empty).
@@ -123,12 +134,25 @@ impl Ring {
         }
         out
     }
+
+    /// Moves `waiting` into the buffer, in order, until an event must wait; counts what was dropped.
+    fn take_from(&mut self, waiting: &mut VecDeque<Event>, now: Instant, stats: &Stats) {
+        while let Some(e) = waiting.pop_front() {
+            match self.push(e, now) {
+                Push::Stored(n) => Stats::add(&stats.dropped, n as u64),
+                Push::DroppedNew => Stats::add(&stats.dropped, 1),
+                Push::Full(e) => return waiting.push_front(e),
+            }
+        }
+    }
 }
 
 /// The batcher thread's channels.
 pub struct Wiring {
-    /// Chunks of stateless events from the ingest connections (and collectors).
+    /// Chunks of stateless events from the ingest connections.
     pub input: Receiver<Vec<Event>>,
+    /// Chunks from the modules (their `EventSink`s), taken only while there is room for them.
+    pub readers: Receiver<Vec<Event>>,
     /// One batch at a time to the uploader.
     pub out: Sender<Vec<Event>>,
     /// The durable queue, for what is left at shutdown.
@@ -142,30 +166,18 @@ pub struct Wiring {
 /// The batcher thread. After `shutdown` closes, what it holds is offered to the uploaders
 /// until `deadline` and the rest spilled to the durable queue, so a clean stop loses nothing.
 pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
-    let Wiring { input, out, spill, shutdown, deadline } = wiring;
+    let Wiring { input, readers, out, spill, shutdown, deadline } = wiring;
     let mut ring = Ring::new(policy);
     let mut view = live.view();
-    // Events received but not yet in the ring (only when `block` stopped intake).
-    let mut carry: VecDeque<Event> = VecDeque::new();
+    // Events received but not yet in the ring: from sockets (only when `block` stopped intake),
+    // and from the modules (a full buffer stops their intake, whatever `overflow` says).
+    let (mut carry, mut held) = (VecDeque::new(), VecDeque::new());
     let never = crossbeam_channel::never::<Vec<Event>>();
     // Kept alive, never received from: a send to it is never ready.
     let (nobody, _nobody_rx) = crossbeam_channel::bounded::<Vec<Event>>(0);
-    let mut input_open = true;
-    let publish = |ring: &Ring, carry: &VecDeque<Event>| {
-        stats.buffered.store((ring.len() + carry.len()) as u64, Ordering::Relaxed);
-    };
-    // Moves a chunk into the ring; under `block`, what does not fit stays in `carry`.
-    let pushback = |ring: &mut Ring, carry: &mut VecDeque<Event>, chunk: Vec<Event>, now: Instant| {
-        carry.extend(chunk);
-        while let Some(e) = carry.pop_front() {
-            if ring.is_full() && ring.policy.overflow == Overflow::Block {
-                carry.push_front(e);
-                break;
-            }
-            if ring.push(e, now) == Push::DroppedOldest {
-                Stats::add(&stats.dropped, 1);
-            }
-        }
+    let (mut input_open, mut readers_open) = (true, true);
+    let publish = |ring: &Ring, waiting: usize| {
+        stats.buffered.store((ring.len() + waiting) as u64, Ordering::Relaxed);
     };
 
     loop {
@@ -175,9 +187,12 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
             ring.policy = Policy::from_config(&view.config, view.agent_line.len());
         }
         let now = Instant::now();
-        pushback(&mut ring, &mut carry, Vec::new(), now);
-        publish(&ring, &carry);
+        // Modules first: what a cut freed goes to the reader that has been waiting for it.
+        ring.take_from(&mut held, now, &stats);
+        ring.take_from(&mut carry, now, &stats);
+        publish(&ring, carry.len() + held.len());
         let intake = if input_open && carry.is_empty() { &input } else { &never };
+        let from_readers = if readers_open && held.is_empty() { &readers } else { &never };
         // No batch due: the send arm points at a channel nobody receives from (`select!` builds the
         // batch only for the arm it takes) and the wait ends at the oldest event's deadline.
         let ready = ring.ready(now);
@@ -187,8 +202,12 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
         select! {
             send(offer, ring.cut()) -> res => if res.is_err() { break },
             recv(intake) -> chunk => match chunk {
-                Ok(c) => pushback(&mut ring, &mut carry, c, Instant::now()),
+                Ok(c) => carry.extend(c),
                 Err(_) => input_open = false,
+            },
+            recv(from_readers) -> chunk => match chunk {
+                Ok(c) => held.extend(c),
+                Err(_) => readers_open = false,
             },
             recv(shutdown) -> _ => break,
             default(wait) => {}
@@ -196,11 +215,17 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
     }
 
     // Shutdown: take what producers already handed over, then flush.
-    ring.policy = Policy { capacity: usize::MAX, overflow: Overflow::Block, interval: Duration::ZERO, ..ring.policy };
+    ring.policy = Policy {
+        capacity: usize::MAX,
+        capacity_bytes: usize::MAX,
+        overflow: Overflow::Block,
+        interval: Duration::ZERO,
+        ..ring.policy
+    };
     let now = Instant::now();
-    for e in carry.drain(..).chain(input.try_iter().flatten()) {
-        ring.push(e, now);
-    }
+    let mut late: VecDeque<Event> = held.into_iter().chain(carry).collect();
+    late.extend(readers.try_iter().chain(input.try_iter()).flatten());
+    ring.take_from(&mut late, now, &stats);
     let end = deadline.get().copied().unwrap_or_else(Instant::now);
     let mut rest = Vec::new();
     while !ring.is_empty() {
@@ -213,13 +238,11 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
             rest = e.into_inner();
             break;
         }
-        publish(&ring, &carry);
+        publish(&ring, 0);
     }
     rest.extend(ring.events.drain(..).map(|(e, _)| e));
     stats.buffered.store(0, Ordering::Relaxed);
-    if !rest.is_empty() {
-        crate::queue::spill(&spill, rest, &stats, "buffered");
-    }
+    crate::queue::spill(&spill, rest, &stats, "buffered");
 }
 
 #[cfg(test)]
@@ -233,7 +256,8 @@ mod tests {
     }
 
     fn policy(max_events: usize, max_bytes: usize, capacity: usize, overflow: Overflow) -> Policy {
-        Policy { max_events, max_bytes, interval: Duration::from_secs(1), overhead: 10, capacity, overflow }
+        let (interval, capacity_bytes) = (Duration::from_secs(1), usize::MAX);
+        Policy { max_events, max_bytes, interval, overhead: 10, capacity, capacity_bytes, overflow }
     }
 
     #[test]
@@ -282,7 +306,7 @@ mod tests {
         let t0 = Instant::now();
         let mut r = Ring::new(policy(100, 10_000, 3, Overflow::DropOldest));
         let results: Vec<Push> = (0..5).map(|i| r.push(ev(i), t0)).collect();
-        assert_eq!(results, vec![Push::Stored, Push::Stored, Push::Stored, Push::DroppedOldest, Push::DroppedOldest]);
+        assert_eq!(results, [0, 0, 0, 1, 1].map(Push::Stored));
         assert_eq!(r.cut(), vec![ev(2), ev(3), ev(4)]);
     }
 
@@ -290,14 +314,72 @@ mod tests {
     fn block_refuses_when_full() {
         let t0 = Instant::now();
         let mut r = Ring::new(policy(100, 10_000, 2, Overflow::Block));
-        assert_eq!(r.push(ev(0), t0), Push::Stored);
-        assert_eq!(r.push(ev(1), t0), Push::Stored);
-        assert_eq!(r.push(ev(2), t0), Push::Full);
+        assert_eq!(r.push(ev(0), t0), Push::Stored(0));
+        assert_eq!(r.push(ev(1), t0), Push::Stored(0));
+        assert_eq!(r.push(ev(2), t0), Push::Full(ev(2)));
         assert_eq!(r.cut(), vec![ev(0), ev(1)]);
     }
 
+    /// (policy, pushes: (event number, tracked?), expected results, what stays) — events are 20 bytes.
+    #[test]
+    fn bytes_bound_the_buffer_and_tracked_events_are_never_dropped() {
+        let t0 = Instant::now();
+        let (tx, _rx) = crossbeam_channel::bounded(1);
+        let receipt = crate::event::Receipt::open(tx);
+        let bytes = |cap, overflow| Policy { capacity_bytes: cap, ..policy(100, 10_000, 100, overflow) };
+        let (t, u) = (true, false);
+        use Push::*;
+        type Case = (Policy, Vec<(usize, bool)>, Vec<Push>, Vec<usize>);
+        let table: Vec<Case> = vec![
+            // 60 bytes hold 3 events; the fourth drops the oldest (drop_oldest) or waits (block).
+            (
+                bytes(60, Overflow::DropOldest),
+                vec![(0, u), (1, u), (2, u), (3, u)],
+                vec![Stored(0), Stored(0), Stored(0), Stored(1)],
+                vec![1, 2, 3],
+            ),
+            (
+                bytes(60, Overflow::Block),
+                vec![(0, u), (1, u), (2, u), (3, u)],
+                vec![Stored(0), Stored(0), Stored(0), Full(ev(3))],
+                vec![0, 1, 2],
+            ),
+            // One event larger than the bound still goes into an empty buffer.
+            (bytes(10, Overflow::Block), vec![(0, u), (1, u)], vec![Stored(0), Full(ev(1))], vec![0]),
+            // Tracked events wait whatever the policy says, and are never the ones dropped.
+            (
+                bytes(60, Overflow::DropOldest),
+                vec![(0, t), (1, u), (2, t), (3, t)],
+                vec![Stored(0), Stored(0), Stored(0), Full(ev(3))],
+                vec![0, 1, 2],
+            ),
+            (
+                bytes(60, Overflow::DropOldest),
+                vec![(0, t), (1, u), (2, t), (3, u)],
+                vec![Stored(0), Stored(0), Stored(0), Stored(1)],
+                vec![0, 2, 3],
+            ),
+            // Full of tracked events: a socket event under drop_oldest is the one dropped.
+            (
+                bytes(40, Overflow::DropOldest),
+                vec![(0, t), (1, t), (2, u)],
+                vec![Stored(0), Stored(0), DroppedNew],
+                vec![0, 1],
+            ),
+        ];
+        for (i, (p, pushes, results, kept)) in table.into_iter().enumerate() {
+            let mut r = Ring::new(p);
+            let got: Vec<Push> = pushes
+                .iter()
+                .map(|&(k, tracked)| r.push(if tracked { ev(k).tracked(&receipt) } else { ev(k) }, t0))
+                .collect();
+            assert_eq!(got, results, "case {i}");
+            assert_eq!(r.cut(), kept.into_iter().map(ev).collect::<Vec<_>>(), "case {i}");
+        }
+    }
+
     type Started = (
-        Sender<Vec<Event>>,
+        [Sender<Vec<Event>>; 2],
         Receiver<Vec<Event>>,
         Receiver<Append>,
         Sender<()>,
@@ -308,21 +390,22 @@ mod tests {
 
     fn start(p: Policy) -> Started {
         let (in_tx, in_rx) = crossbeam_channel::bounded(4);
+        let (readers_tx, readers) = crossbeam_channel::bounded(1);
         let (out_tx, out_rx) = crossbeam_channel::bounded(0);
         let (spill_tx, spill_rx) = crossbeam_channel::bounded(4);
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let stats = Arc::new(Stats::default());
         let deadline = Arc::new(OnceLock::new());
         let (s, d) = (stats.clone(), deadline.clone());
-        let w = Wiring { input: in_rx, out: out_tx, spill: spill_tx, shutdown: stop_rx, deadline: d };
+        let w = Wiring { input: in_rx, readers, out: out_tx, spill: spill_tx, shutdown: stop_rx, deadline: d };
         let live = crate::live::Live::new(crate::config::Config::defaults(), String::new());
         let h = std::thread::spawn(move || run(w, p, live, s));
-        (in_tx, out_rx, spill_rx, stop_tx, stats, h, deadline)
+        ([in_tx, readers_tx], out_rx, spill_rx, stop_tx, stats, h, deadline)
     }
 
     #[test]
     fn thread_drops_exactly_the_overflow_while_nobody_uploads() {
-        let (tx, out, _spill, stop, stats, h, deadline) = start(policy(100, 10_000, 10, Overflow::DropOldest));
+        let ([tx, _], out, _spill, stop, stats, h, deadline) = start(policy(100, 10_000, 10, Overflow::DropOldest));
         tx.send((0..25).map(ev).collect()).unwrap();
         let until = Instant::now() + Duration::from_secs(10);
         while stats.dropped.load(Ordering::Relaxed) < 15 && Instant::now() < until {
@@ -338,7 +421,7 @@ mod tests {
 
     #[test]
     fn thread_spills_what_it_cannot_send_at_shutdown() {
-        let (tx, _out, spill, stop, _stats, h, deadline) = start(policy(100, 10_000, 100, Overflow::Block));
+        let ([tx, _], _out, spill, stop, _stats, h, deadline) = start(policy(100, 10_000, 100, Overflow::Block));
         tx.send((0..7).map(ev).collect()).unwrap();
         // Stop with an already-passed deadline (nobody uploads): whether the chunk was
         // taken before the stop or is drained after it, it must end up in the spill.
@@ -348,5 +431,36 @@ mod tests {
         assert_eq!(a.events, (0..7).map(ev).collect::<Vec<_>>());
         a.reply.send(crate::queue::Appended { stored: 7, error: None }).unwrap();
         h.join().unwrap();
+    }
+
+    #[test]
+    fn thread_holds_tracked_events_back_while_sockets_overflow_and_never_spills_them() {
+        let ([tx, readers], out, spill, stop, stats, h, deadline) =
+            start(policy(100, 10_000, 10, Overflow::DropOldest));
+        let (wake, settled) = crossbeam_channel::bounded(1);
+        let receipt = crate::event::Receipt::open(wake);
+        readers.send((0..25).map(|i| ev(i).tracked(&receipt)).collect()).unwrap();
+        receipt.close();
+        // The ring takes 10 tracked events and holds the rest back; socket events cannot evict them.
+        let until = Instant::now() + Duration::from_secs(10);
+        while stats.buffered.load(Ordering::Relaxed) < 25 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        tx.send((100..105).map(ev).collect()).unwrap();
+        while stats.dropped.load(Ordering::Relaxed) < 5 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 5, "the socket events were the ones dropped");
+        let first = out.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(first, (0..10).map(ev).collect::<Vec<_>>());
+        first.iter().for_each(Event::settle);
+        drop(first);
+        assert!(!receipt.settled());
+        // At shutdown the rest is neither delivered nor spilled: the reader still has it.
+        deadline.set(Instant::now()).unwrap();
+        drop(stop);
+        h.join().unwrap();
+        assert!(spill.try_recv().is_err(), "tracked events are not spilled");
+        assert!(settled.try_recv().is_err() && crate::event::Receipt::abandoned(&receipt));
     }
 }

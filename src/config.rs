@@ -124,6 +124,7 @@ pub struct EventsConfig {
     pub batch_max_events: usize,
     pub batch_interval: Duration,
     pub buffer_events: usize,
+    pub buffer_bytes: u64,
     pub overflow: Overflow,
     pub queue_max_bytes: u64,
 }
@@ -266,6 +267,8 @@ pub static KEYS: &[Key] = &[
     key!(events.batch_max_events = 10000, SERVER, LIVE, |v| count(v, 1, 1_000_000), show_num),
     key!(events.batch_interval = "1s", SERVER, LIVE, |v| duration(v, MILLI), show_duration),
     key!(events.buffer_events = 10000, SERVER, LIVE, |v| count(v, 1, 10_000_000), show_num),
+    // Below 64 KiB batches could not fill; 1 GiB is far past any host this agent runs on.
+    key!(events.buffer_bytes = "8MiB", SERVER, LIVE, |v| size_in(v, 64 << 10, 1 << 30, "64KiB..=1GiB"), show_num),
     key!(events.overflow = "drop_oldest", SERVER, LIVE, |v| choice(v, OVERFLOW), |x: &Overflow| show(OVERFLOW, x)),
     key!(events.queue_max_bytes = "256MB", LOCAL, RESTART, size, show_num),
     key!(retry.initial = "1s", SERVER, LIVE, |v| duration(v, 100 * MILLI), show_duration),
@@ -857,14 +860,14 @@ mod tests {
         assert_eq!(
             ids(|k| k.server),
             "events.batch_max_bytes events.batch_max_events events.batch_interval events.buffer_events \
-             events.overflow retry.initial retry.max logcollector.files logcollector.start \
+             events.buffer_bytes events.overflow retry.initial retry.max logcollector.files logcollector.start \
              logcollector.max_line_bytes logcollector.poll_interval inventory.enabled inventory.interval \
              inventory.collectors log.level"
         );
         assert_eq!(
             ids(|k| k.live),
             "agent.remote_config events.batch_max_bytes events.batch_max_events events.batch_interval \
-             events.buffer_events events.overflow retry.initial retry.max log.level"
+             events.buffer_events events.buffer_bytes events.overflow retry.initial retry.max log.level"
         );
     }
 

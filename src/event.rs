@@ -4,6 +4,10 @@
 //! producer's own JSON text (validated, never re-serialized), because the request body
 //! carries them verbatim: parsing once and copying bytes is the cheap path.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crossbeam_channel::Sender;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -23,21 +27,100 @@ pub enum Kind {
     Stateful,
 }
 
+/// A delivery receipt for the events of one read of the agent's own source (a followed
+/// file): it settles once the server took every one of them, or refused it for good, so the
+/// source may move its saved position past them (ARCHITECTURE.md, Delivery receipts).
+/// Events that carry one are never dropped for overflow and never spilled at shutdown:
+/// their source still has them and reads them again after a restart.
+#[derive(Debug)]
+pub struct Receipt {
+    /// Events not settled yet, plus one held by the source until [`Receipt::close`].
+    left: AtomicUsize,
+    /// Signalled (never blocking) when the receipt settles, so the source wakes up.
+    wake: Sender<()>,
+}
+
+impl Receipt {
+    /// An open receipt: it cannot settle before its source closes it.
+    pub fn open(wake: Sender<()>) -> Arc<Receipt> {
+        Arc::new(Receipt { left: AtomicUsize::new(1), wake })
+    }
+
+    /// The source has attached every event it will: the receipt may settle.
+    pub fn close(&self) {
+        self.settle_one();
+    }
+
+    pub fn settled(&self) -> bool {
+        self.left.load(Ordering::Acquire) == 0
+    }
+
+    /// Unsettled, and no event holds it any more: its events were lost with the pipeline
+    /// (a shutdown that could not deliver them). Only the source's own handle is left.
+    pub fn abandoned(this: &Arc<Receipt>) -> bool {
+        !this.settled() && Arc::strong_count(this) == 1
+    }
+
+    fn settle_one(&self) {
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Full: the source has a wake-up pending already.
+            let _ = self.wake.try_send(());
+        }
+    }
+}
+
 /// One validated event. Header and data are kept as one string, `header\ndata` (or just
 /// the header for a stateful delete): exactly the lines the request body carries, in one
 /// allocation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Event {
     pub kind: Kind,
     text: String,
     header_len: usize,
+    /// Set for events of the agent's own sources ([`Receipt`]).
+    receipt: Option<Arc<Receipt>>,
+}
+
+/// Equal events have the same kind and lines (a receipt is bookkeeping, not content).
+impl PartialEq for Event {
+    fn eq(&self, other: &Event) -> bool {
+        (self.kind, self.header_len, &self.text) == (other.kind, other.header_len, &other.text)
+    }
+}
+
+impl Eq for Event {}
+
+/// A copy is untracked: only the event its source counted may settle the receipt.
+impl Clone for Event {
+    fn clone(&self) -> Event {
+        Event { kind: self.kind, text: self.text.clone(), header_len: self.header_len, receipt: None }
+    }
 }
 
 impl Event {
     /// `header` and `data` must be single-line JSON texts (the parser guarantees it).
     pub fn new(kind: Kind, header: &str, data: Option<&str>) -> Event {
         let text = data.map_or_else(|| header.to_string(), |d| [header, "\n", d].concat());
-        Event { kind, text, header_len: header.len() }
+        Event { kind, text, header_len: header.len(), receipt: None }
+    }
+
+    /// This event, counted in `receipt` (which must still be open).
+    pub fn tracked(mut self, receipt: &Arc<Receipt>) -> Event {
+        receipt.left.fetch_add(1, Ordering::AcqRel);
+        self.receipt = Some(receipt.clone());
+        self
+    }
+
+    pub fn is_tracked(&self) -> bool {
+        self.receipt.is_some()
+    }
+
+    /// The server took this event or refused it for good: called once per event, by the
+    /// uploader, at the one place a delivery ends.
+    pub fn settle(&self) {
+        if let Some(r) = &self.receipt {
+            r.settle_one();
+        }
     }
 
     pub fn header(&self) -> &str {

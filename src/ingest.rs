@@ -26,8 +26,10 @@ use crate::status::Stats;
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Concurrent producer connections; more are told to retry (bounds threads and memory).
 pub const MAX_CONNECTIONS: usize = 64;
-/// Stateless events are handed to the batcher in chunks of this many.
+/// Stateless events are handed to the batcher in chunks of this many, or of this many bytes:
+/// 64 connections × (a chunk in the making + a line) stays far below the ring buffer's bytes.
 const CHUNK: usize = 512;
+const CHUNK_BYTES: usize = 256 << 10;
 /// Stateful events are made durable at least every this many bytes of a long stream
 /// (bounds a connection's memory; group commit keeps the fsync count low anyway).
 const DURABLE_CHUNK_BYTES: usize = 256 << 10;
@@ -196,6 +198,7 @@ struct Conn<'a> {
     ingest: &'a Ingest,
     reply: Reply,
     stateless: Vec<Event>,
+    stateless_bytes: usize,
     /// Stateful events with their line numbers.
     stateful: Vec<(Event, u64)>,
     stateful_bytes: usize,
@@ -218,6 +221,7 @@ impl Conn<'_> {
             return;
         }
         let chunk = std::mem::take(&mut self.stateless);
+        self.stateless_bytes = 0;
         let n = chunk.len() as u64;
         // Blocks only under overflow = "block" with a full buffer: backpressure by design.
         if self.ingest.stateless.send(chunk).is_ok() {
@@ -257,8 +261,9 @@ impl Conn<'_> {
         match event::parse_line(bytes) {
             Ok(None) => {}
             Ok(Some(e)) if e.kind == Kind::Stateless => {
+                self.stateless_bytes += e.wire_len();
                 self.stateless.push(e);
-                if self.stateless.len() >= CHUNK {
+                if self.stateless.len() >= CHUNK || self.stateless_bytes >= CHUNK_BYTES {
                     self.flush_stateless();
                 }
             }
@@ -284,6 +289,7 @@ fn handle(mut stream: UnixStream, ingest: &Ingest) {
         ingest,
         reply: Reply::default(),
         stateless: Vec::new(),
+        stateless_bytes: 0,
         stateful: Vec::new(),
         stateful_bytes: 0,
         hidden_errors: 0,

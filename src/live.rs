@@ -133,7 +133,7 @@ mod tests {
         let live = Live::new(Config::defaults(), "{}".into());
         let text = "[agent]\nremote_config = false\n\
             [events]\nbatch_max_bytes = \"2MB\"\nbatch_max_events = 5\nbatch_interval = \"5s\"\n\
-            buffer_events = 50\noverflow = \"block\"\n[retry]\ninitial = \"2s\"\nmax = \"90s\"\n\
+            buffer_events = 50\nbuffer_bytes = \"1MiB\"\noverflow = \"block\"\n[retry]\ninitial = \"2s\"\nmax = \"90s\"\n\
             [log]\nlevel = \"debug\"\nfile = \"/tmp/x.log\"\n";
         let new = Config::parse(text, Path::new("x.toml")).unwrap();
         let applied = live.apply(new.clone());

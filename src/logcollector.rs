@@ -5,25 +5,28 @@
 //! followed file keeps its open handle, so after a rename the rest of the old file is
 //! still read under the name it was opened with, before the new file is followed from its
 //! start. A file that shrank was truncated (copytruncate): it is read again from 0.
+//! The events of each read carry one delivery receipt ([`Receipt`]): a file's saved offset
+//! moves only past reads whose every line the server took, so an outage, a `kill -9` or a
+//! power loss means a resend, never a loss. While the pipeline is full the file is not read
+//! (it is its own buffer), and one file has at most [`IN_FLIGHT`] bytes unacknowledged.
 //! Offsets are saved to `<data_dir>/logcollector.json` (with the inode and a fingerprint of
-//! the first bytes, so a replaced file is recognised) only after the lines before them
-//! were handed to the pipeline; a restart continues there.
+//! the first bytes, so a replaced file is recognised); a restart continues there.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::select;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, LogcollectorConfig, Start};
-use crate::event::{Event, Kind};
-use crate::module::{Context, Module};
+use crate::event::{Event, Kind, Receipt};
+use crate::module::{Context, EventSink, Module};
 use crate::status::{self, Stats};
 
 pub const MODULE: Module = Module {
@@ -43,6 +46,13 @@ const READ_PER_POLL: u64 = 256 << 10;
 const FINGERPRINT_BYTES: usize = 256;
 /// Events per chunk handed to the batcher.
 const CHUNK: usize = 512;
+/// Bytes of one file read but not yet acknowledged by the server: eight reads, which as
+/// events (about twice the bytes) keep both uploaders busy with 1 MB batches, while a
+/// stalled server stops the reading after a bounded amount.
+const IN_FLIGHT: u64 = 8 * READ_PER_POLL;
+/// Offsets are written at most this often (an fsync each time): a crash resends at most
+/// this much more than it has to.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// Files followed at once. `logcollector.files` may come from the server (SPEC §2.1): a glob
 /// like `/**/*` would otherwise hold one descriptor per match and exhaust the process limit.
 const MAX_FOLLOWED: usize = 256;
@@ -110,11 +120,31 @@ struct Followed {
     file: File,
     dev: u64,
     ino: u64,
+    /// Where the next read starts.
     offset: u64,
     partial: Vec<u8>,
+    /// The reads in the pipeline, oldest first, with the offset after each.
+    in_flight: VecDeque<(Arc<Receipt>, u64)>,
+    /// The offset up to which the server took every line: what is saved.
+    acked: u64,
     /// Set when the path now names another file (rotation) or nothing (deletion): read
-    /// this handle to its end, then drop it.
+    /// this handle to its end, wait until the server took all of it, then drop it.
     draining: bool,
+}
+
+impl Followed {
+    /// Moves `acked` past the settled reads; true while some read is neither settled nor
+    /// abandoned (lost with the pipeline at shutdown: read again at the next start).
+    fn advance(&mut self) -> bool {
+        while let Some((r, offset)) = self.in_flight.front() {
+            if !r.settled() {
+                return !Receipt::abandoned(r);
+            }
+            self.acked = *offset;
+            self.in_flight.pop_front();
+        }
+        false
+    }
 }
 
 pub struct Collector {
@@ -129,6 +159,7 @@ pub struct Collector {
     /// More files matched than `MAX_FOLLOWED` (warned once, until they fit again).
     capped: bool,
     first_scan: bool,
+    last_save: Option<Instant>,
     stats: Arc<Stats>,
 }
 
@@ -136,7 +167,8 @@ impl Collector {
     pub fn new(config: LogcollectorConfig, state_path: PathBuf, stats: Arc<Stats>) -> Collector {
         let saved = std::fs::read(&state_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
         let (followed, warned) = (HashMap::new(), HashMap::new());
-        Collector { config, state_path, saved, followed, warned, more: false, capped: false, first_scan: true, stats }
+        let (more, capped, first_scan, last_save) = (false, false, true, None);
+        Collector { config, state_path, saved, followed, warned, more, capped, first_scan, last_save, stats }
     }
 
     fn expand(&self) -> Vec<String> {
@@ -193,17 +225,20 @@ impl Collector {
         // enough, and starting with the same bytes.
         let fits = |s: &&Saved| (s.dev, s.ino) == (meta.dev(), meta.ino()) && s.offset <= meta.len();
         let same = |s: &&Saved| fingerprint(&mut file, s.fp_len).is_ok_and(|fp| fp == (s.fp_len, s.fp_crc));
-        let offset = match self.saved.get(path).filter(fits).filter(same) {
+        let saved = self.saved.get(path);
+        let offset = match saved.filter(fits).filter(same) {
             Some(s) => s.offset,
-            None if self.first_scan && self.start_for(path) == Start::End => meta.len(),
+            // A file seen before under this path was replaced while the agent was away: all of it is new.
+            None if saved.is_none() && self.first_scan && self.start_for(path) == Start::End => meta.len(),
             None => 0,
         };
-        Some(Followed { file, dev: meta.dev(), ino: meta.ino(), offset, partial: Vec::new(), draining: false })
+        let (dev, ino, partial, in_flight) = (meta.dev(), meta.ino(), Vec::new(), VecDeque::new());
+        Some(Followed { file, dev, ino, offset, partial, in_flight, acked: offset, draining: false })
     }
 
-    /// One poll of every file. Sends events through `send`; returns false if the
+    /// One poll of every file. Sends events through `sink`; returns false if the
     /// pipeline is gone (shutdown).
-    pub fn poll(&mut self, send: &mut dyn FnMut(Vec<Event>) -> bool) -> bool {
+    pub fn poll(&mut self, sink: &EventSink) -> bool {
         self.more = false;
         let paths = self.expand();
         let mut skipped = false;
@@ -227,17 +262,19 @@ impl Collector {
         }
         let keys: Vec<String> = self.followed.keys().cloned().collect();
         for path in keys {
-            if !self.read_file(&path, send) {
-                return false;
-            }
-            if self.followed.get(&path).is_some_and(|f| f.draining) {
-                // The old file is done: follow the new one (if any) from its start.
+            let Some(at_end) = self.read_file(&path, sink) else { return false };
+            if self
+                .followed
+                .get_mut(&path)
+                .is_some_and(|f| f.draining && at_end && !f.advance() && f.in_flight.is_empty())
+            {
+                // The old file is done and delivered: follow the new one (if any) from its start.
                 self.followed.remove(&path);
                 self.saved.remove(&path);
                 let first = std::mem::replace(&mut self.first_scan, false);
                 if let Some(f) = self.open(&path) {
                     self.followed.insert(path.clone(), f);
-                    if !self.read_file(&path, send) {
+                    if self.read_file(&path, sink).is_none() {
                         return false;
                     }
                 }
@@ -245,23 +282,42 @@ impl Collector {
             }
         }
         self.first_scan = false;
-        self.save();
+        if self.last_save.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
+            self.save();
+        }
         true
     }
 
-    /// Reads what is new in one file; returns false if the pipeline is gone.
-    fn read_file(&mut self, path: &str, send: &mut dyn FnMut(Vec<Event>) -> bool) -> bool {
+    /// Waits (at most `grace`) until the server took or the pipeline dropped every read in
+    /// flight, so the offsets saved at shutdown include what the pipeline's drain delivered.
+    fn settle(&mut self, sink: &EventSink, grace: Duration) {
+        let until = Instant::now() + grace;
+        // An abandoned read sends no wake-up: look again every 100 ms.
+        while self.followed.values_mut().fold(false, |busy, f| f.advance() | busy) && Instant::now() < until {
+            let _ = sink.settled().recv_timeout(Duration::from_millis(100));
+        }
+    }
+
+    /// Reads what is new in one file; `Some(at_end)`, or `None` if the pipeline is gone.
+    fn read_file(&mut self, path: &str, sink: &EventSink) -> Option<bool> {
         let max = self.config.max_line_bytes;
         let stats = &self.stats;
-        let Some(f) = self.followed.get_mut(path) else { return true };
-        let Ok(len) = f.file.metadata().map(|m| m.len()) else { return true };
+        let Some(f) = self.followed.get_mut(path) else { return Some(true) };
+        let Ok(len) = f.file.metadata().map(|m| m.len()) else { return Some(true) };
+        f.advance();
+        if f.offset.saturating_sub(f.acked) >= IN_FLIGHT {
+            // Enough of this file waits for the server: read on once some of it is acknowledged.
+            return Some(false);
+        }
+        let receipt = sink.receipt();
+        let send = |chunk| sink.send(chunk).is_ok();
         let path_json = json_string(path);
         let created = status::rfc3339(SystemTime::now());
         // Events go out in chunks as they are made: bounded memory, early backpressure.
         // `emit(None)` hands over what is left. False: the pipeline is gone.
         let mut chunk: Vec<Event> = Vec::with_capacity(CHUNK);
         let mut emit = |line: Option<&[u8]>| -> bool {
-            chunk.extend(line.map(|l| line_event(&path_json, &created, l, max)));
+            chunk.extend(line.map(|l| line_event(&path_json, &created, l, max).tracked(&receipt)));
             if chunk.is_empty() || (line.is_some() && chunk.len() < CHUNK) {
                 return true;
             }
@@ -271,12 +327,14 @@ impl Collector {
             taken
         };
         if len < f.offset {
-            // Truncated in place (copytruncate): the unfinished line goes out as it is.
+            // Truncated in place (copytruncate): the unfinished line goes out as it is. What
+            // is in flight was before the truncation: its acknowledgement means offset 0 now.
             log::info!("logcollector: {path} was truncated; reading it again from the start");
             if !f.partial.is_empty() && !emit(Some(&std::mem::take(&mut f.partial))) {
-                return false;
+                return None;
             }
-            f.offset = 0;
+            f.in_flight.iter_mut().for_each(|(_, offset)| *offset = 0);
+            (f.offset, f.acked) = (0, 0);
         }
         if len > f.offset {
             let want = (len - f.offset).min(READ_PER_POLL);
@@ -289,23 +347,26 @@ impl Collector {
                     f.offset += (buf.len() - before) as u64;
                 }
             }
-            let Some(used) = for_each_line(&buf, |line| emit(Some(line))) else { return false };
+            let used = for_each_line(&buf, |line| emit(Some(line)))?;
             buf.drain(..used);
             // An unfinished line longer than the limit cannot wait for ever.
             if buf.len() > max && !emit(Some(&std::mem::take(&mut buf))) {
-                return false;
+                return None;
             }
             f.partial = buf;
         }
         // Rotated away: the last line will not be finished any more.
         if f.draining && !f.partial.is_empty() && !emit(Some(&std::mem::take(&mut f.partial))) {
-            return false;
+            return None;
         }
         if !emit(None) {
-            return false;
+            return None;
         }
-        let (dev, ino, offset) = (f.dev, f.ino, f.offset - f.partial.len() as u64);
-        // Saved only now that the pipeline took the lines before this offset.
+        receipt.close();
+        f.in_flight.push_back((receipt, f.offset - f.partial.len() as u64));
+        f.advance();
+        let (dev, ino, offset) = (f.dev, f.ino, f.acked);
+        // Only past what the server took (ARCHITECTURE.md, Delivery receipts).
         let old = self.saved.get(path);
         let unchanged =
             old.is_some_and(|s| (s.dev, s.ino, s.offset, s.fp_len) == (dev, ino, offset, FINGERPRINT_BYTES));
@@ -313,11 +374,12 @@ impl Collector {
             let (fp_len, fp_crc) = fingerprint(&mut f.file, FINGERPRINT_BYTES).unwrap_or((0, 0));
             self.saved.insert(path.to_string(), Saved { dev, ino, offset, fp_len, fp_crc });
         }
-        true
+        Some(f.offset >= len)
     }
 
     /// Writes the offsets if they changed (atomically).
     pub fn save(&mut self) {
+        self.last_save = Some(Instant::now());
         let Ok(json) = serde_json::to_vec(&self.saved) else { return };
         if std::fs::read(&self.state_path).ok().as_deref() == Some(&json[..]) {
             return;
@@ -335,7 +397,7 @@ fn run(config: Config, ctx: Context) {
     let patterns: Vec<&str> = c.config.files.iter().map(|f| f.pattern.as_str()).collect();
     log::info!("logcollector: following {}", patterns.join(", "));
     loop {
-        if !c.poll(&mut |chunk| ctx.events.send(chunk).is_ok()) {
+        if !c.poll(&ctx.events) {
             break;
         }
         if c.more {
@@ -344,9 +406,14 @@ fn run(config: Config, ctx: Context) {
         }
         select! {
             recv(ctx.stop) -> _ => break,
+            // Acknowledged lines: offsets move, and a file held back by `IN_FLIGHT` reads on.
+            recv(ctx.events.settled()) -> _ => {}
             default(interval) => {}
         }
     }
+    // The supervisor stops the modules before the pipeline drains (within its 5 s grace):
+    // 10 s covers the drain, after which every read is settled or abandoned.
+    c.settle(&ctx.events, Duration::from_secs(10));
     c.save();
 }
 

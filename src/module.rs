@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender, select};
 
 use crate::config::Config;
-use crate::event::Event;
+use crate::event::{Event, Receipt};
 use crate::queue::{Append, Appended};
 use crate::status::Stats;
 
@@ -58,15 +58,30 @@ pub enum SinkError {
 }
 
 /// The stateless sink: chunks of events to the batcher. The one place where a module's
-/// stateless events leave it (where delivery receipts will come back).
+/// stateless events leave it, and where their delivery receipts come back: a module that
+/// reads a source of its own (a file) attaches a [`Receipt`] from [`EventSink::receipt`] to
+/// the events of each read and moves its saved position only past settled receipts. The
+/// batcher never drops tracked events for overflow: a full buffer makes `send` wait.
 pub struct EventSink {
     tx: Sender<Vec<Event>>,
     stop: Receiver<()>,
+    /// One wake-up per settled receipt at most is pending: the module looks at all of them.
+    settled: (Sender<()>, Receiver<()>),
 }
 
 impl EventSink {
     pub fn new(tx: Sender<Vec<Event>>, stop: Receiver<()>) -> EventSink {
-        EventSink { tx, stop }
+        EventSink { tx, stop, settled: crossbeam_channel::bounded(1) }
+    }
+
+    /// An open receipt for the events of one read (see [`Event::tracked`], [`Receipt::close`]).
+    pub fn receipt(&self) -> Arc<Receipt> {
+        Receipt::open(self.settled.0.clone())
+    }
+
+    /// Ready when a receipt of this sink settled since the last receive.
+    pub fn settled(&self) -> &Receiver<()> {
+        &self.settled.1
     }
 
     /// Hands `chunk` to the pipeline; blocks while it is full (overflow = "block": the

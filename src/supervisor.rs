@@ -230,7 +230,7 @@ struct Agents {
 /// What the later stages need of the pipeline.
 struct Pipeline {
     /// Stateless events in (to the batcher) and stateful ones (to the queue), for modules.
-    events_tx: Sender<Vec<Event>>,
+    readers_tx: Sender<Vec<Event>>,
     append_tx: Sender<Append>,
     ingest: Arc<Ingest>,
     sig_rx: Receiver<i32>,
@@ -288,6 +288,8 @@ fn start_pipeline(
     // Chunks of up to 512 events; 2 in flight keep the batcher busy, and under
     // overflow = "block" producers wait as soon as the ring buffer and these are full.
     let (events_tx, events_rx) = crossbeam_channel::bounded::<Vec<Event>>(2);
+    // The modules' chunks: one waits here while the batcher holds another it has no room for.
+    let (readers_tx, readers_rx) = crossbeam_channel::bounded::<Vec<Event>>(1);
     // Rendezvous: each uploader takes one batch at a time; the rest waits in the ring buffer.
     let (batch_tx, batch_rx) = crossbeam_channel::bounded::<Vec<Event>>(0);
     // Append requests wait here while the queue fsyncs; they are then committed as one group.
@@ -319,14 +321,14 @@ fn start_pipeline(
     };
     s.workers.spawn("queue", move || queue::run(store, append_rx, ack_rx, qbatch_tx, queue_stop_rx, limits))?;
 
-    let ingest = Arc::new(Ingest::new(events_tx.clone(), append_tx.clone(), s.stats.clone()));
+    let ingest = Arc::new(Ingest::new(events_tx, append_tx.clone(), s.stats.clone()));
     let acceptor = ingest.clone();
     s.workers.spawn("ingest", move || ingest::run(listener, acceptor))?;
 
     let view = s.live.view();
     let policy = Policy::from_config(&view.config, view.agent_line.len());
     let (spill, shutdown, deadline) = (append_tx.clone(), pipeline_stop_rx.clone(), s.deadline.clone());
-    let wiring = batcher::Wiring { input: events_rx, out: batch_tx, spill, shutdown, deadline };
+    let wiring = batcher::Wiring { input: events_rx, readers: readers_rx, out: batch_tx, spill, shutdown, deadline };
     let (live, stats) = (s.live.clone(), s.stats.clone());
     s.workers.spawn("batcher", move || batcher::run(wiring, policy, live, stats))?;
 
@@ -346,7 +348,7 @@ fn start_pipeline(
     s.workers.spawn("upload-stateless", move || uploader::run_stateless(stateless_up, batches, spill))?;
     // The uploaders hold the only receivers now: the batcher's send fails once both are gone.
     drop((pipeline_stop_rx, batch_rx));
-    Ok(Pipeline { events_tx, append_tx, ingest, sig_rx, sig_handle, pipeline_stop_tx, queue_stop_tx, token_stop_tx })
+    Ok(Pipeline { readers_tx, append_tx, ingest, sig_rx, sig_handle, pipeline_stop_tx, queue_stop_tx, token_stop_tx })
 }
 
 /// Stage 5: every enabled [`module::MODULES`] on its own thread; their names, and the stopping sender.
@@ -355,7 +357,7 @@ fn start_modules(s: &mut Supervisor, p: &Pipeline) -> Result<(Vec<&'static str>,
     let mut names = Vec::new();
     for m in module::MODULES.iter().filter(|m| (m.enabled)(&s.config)) {
         let ctx = module::Context {
-            events: EventSink::new(p.events_tx.clone(), stop.clone()),
+            events: EventSink::new(p.readers_tx.clone(), stop.clone()),
             durable: DurableSink::new(p.append_tx.clone(), stop.clone()),
             state: s.config.agent.data_dir.join(m.state),
             uuid: s.credentials.uuid.clone(),
@@ -461,9 +463,9 @@ fn shut_down(
     let _ = s.deadline.set(Instant::now() + SHUTDOWN_GRACE);
     p.ingest.stop(&s.config.agent.run_dir, INGEST_STOP);
     stuck.extend(workers.join(&["ingest"], INGEST_STOP));
-    // Modules stop with ingest: what they handed over is in the pipeline, their state saved.
+    // Modules stop reading with ingest; they save their state once the pipeline has
+    // delivered (or dropped) what they handed over, so they are joined after it.
     drop(modules_stop);
-    stuck.extend(workers.join(&modules, INGEST_STOP));
     // (2) Deliver within the grace, spill the rest.
     drop(p.pipeline_stop_tx);
     let until_deadline = s.deadline.get().map_or(SHUTDOWN_GRACE, |d| d.saturating_duration_since(Instant::now()));
@@ -475,6 +477,7 @@ fn shut_down(
         s.agents.upload_stateless.clone().shutdown();
         stuck.extend(workers.join(&PIPELINE, Duration::from_secs(2)));
     }
+    stuck.extend(workers.join(&modules, Duration::from_secs(2)));
     // (3) The queue after everyone who writes to it.
     drop(p.queue_stop_tx);
     stuck.extend(workers.join(&["queue"], Duration::from_secs(5)));

@@ -153,7 +153,8 @@ impl Uploader {
         enc.finish().map_or(Request::Events(agent_line, events), Request::Gzip)
     }
 
-    /// Delivers `events` to the endpoint of `kind`, isolating what the server refuses.
+    /// Delivers `events` to the endpoint of `kind`, isolating what the server refuses. Each
+    /// event is settled once, where its delivery ends (its source may then move past it).
     pub fn deliver(&self, kind: Kind, events: &[Event]) -> Delivery {
         self.deliver_healing(kind, events, true)
     }
@@ -172,9 +173,10 @@ impl Uploader {
             Ok(reply) => {
                 Stats::add(&stats.batches_sent, 1);
                 if kind == Kind::Stateful {
-                    return self.settle(&reply, events, heal);
+                    return self.stateful_results(&reply, events, heal);
                 }
                 Stats::add(&stats.sent, events.len() as u64);
+                events.iter().for_each(Event::settle);
                 Delivery::Done
             }
             Err(Failure::Stopped) => Delivery::Aborted,
@@ -184,6 +186,7 @@ impl Uploader {
                 self.rejected.record(endpoint, status, &message, &events[0]);
                 Stats::add(&stats.rejected, 1);
                 Stats::add(&stats.batches_failed, 1);
+                events[0].settle();
                 Delivery::Done
             }
             Err(Failure::Refused { status, message, .. }) => {
@@ -208,15 +211,14 @@ impl Uploader {
     }
 
     /// A stateful batch the server took: its per-item results acted on (docs/protocol.md, Stateful results).
-    fn settle(&self, reply: &http::Reply, events: &[Event], heal: bool) -> Delivery {
+    fn stateful_results(&self, reply: &http::Reply, events: &[Event], heal: bool) -> Delivery {
         let body = serde_json::from_slice::<Value>(&reply.body).unwrap_or_default();
         let results = body.get("results").and_then(Value::as_array).map_or(&[][..], Vec::as_slice);
         let (outcomes, mut again) = (outcomes(events, results, heal), Vec::new());
         for ((e, o), r) in events.iter().zip(&outcomes).zip(results.iter().chain(std::iter::repeat(&Value::Null))) {
             if let Outcome::Heal(op) = o {
-                // Decoded and encoded again, never edited as text (a header the parser let through decodes).
                 if let Ok(Value::Object(mut header)) = serde_json::from_str(e.header()) {
-                    header.insert("operation".into(), (*op).into());
+                    header.insert("operation".into(), (*op).into()); // decoded and encoded, not edited as text
                     again.push(Event::new(Kind::Stateful, &Value::Object(header).to_string(), e.data()));
                 }
             } else if *o == Outcome::Rejected {
@@ -235,6 +237,7 @@ impl Uploader {
         }
         Stats::add(&self.session.stats.rejected, failed as u64);
         Stats::add(&self.session.stats.sent, (events.len() - failed - again.len()) as u64);
+        events.iter().for_each(Event::settle); // (stateful events carry no receipt: only followed lines do)
         self.deliver_healing(Kind::Stateful, &again, false)
     }
 }

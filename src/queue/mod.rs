@@ -94,9 +94,18 @@ pub fn append_and_wait(queue: &Sender<Append>, events: Vec<Event>, timeout: std:
 }
 
 /// Shutdown: keeps stateless events that could not be sent in the durable queue for the
-/// next start. Counts them as dropped if even that fails.
-pub fn spill(queue: &Sender<Append>, events: Vec<Event>, stats: &Stats, what: &str) {
+/// next start. Counts them as dropped if even that fails. Tracked events are not kept: their
+/// sources did not move past them and read them again (a file is its own buffer).
+pub fn spill(queue: &Sender<Append>, mut events: Vec<Event>, stats: &Stats, what: &str) {
+    let all = events.len();
+    events.retain(|e| !e.is_tracked());
+    if events.len() < all {
+        log::info!("{} unsent events ({what}) stay in the files they were read from", all - events.len());
+    }
     let n = events.len();
+    if n == 0 {
+        return;
+    }
     // 10 s: one group commit; a queue that takes longer is stuck on a dying disk.
     if append_and_wait(queue, events, std::time::Duration::from_secs(10)).all_stored(n) {
         log::info!("saved {n} unsent stateless events ({what}) to the durable queue for the next start");

@@ -5,6 +5,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use wazuh_mock_server::{Fault, FaultAction};
+
 use crate::support::*;
 
 fn append(path: &Path, text: &str) {
@@ -176,4 +178,91 @@ fn start_can_be_set_per_file() {
     let mut got = wait_lines(&env, 2);
     got.sort();
     assert_eq!(got, vec!["new line", "old read"]);
+}
+
+/// Every line of `prefix-<range>` arrived; returns how many arrived more than once.
+fn all_delivered(env: &Env, agent: &Agent, prefix: &str, range: std::ops::Range<usize>) -> usize {
+    let n = range.len();
+    let ok = env.mock.wait_until(Duration::from_secs(60), |_| {
+        let mine: Vec<String> = received(env).into_iter().map(|(l, _)| l).filter(|l| l.starts_with(prefix)).collect();
+        unique(mine).0 >= n
+    });
+    let mine: Vec<String> = received(env).into_iter().map(|(l, _)| l).filter(|l| l.starts_with(prefix)).collect();
+    let (distinct, duplicates) = unique(mine);
+    let log = agent.log();
+    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+    assert!(ok && distinct == n, "{distinct} of {n} {prefix} lines delivered; agent log ends: {tail:#?}");
+    duplicates
+}
+
+/// `dropped` of the agent's state.json, once written after a stop.
+fn dropped(env: &Env) -> u64 {
+    let state = std::fs::read_to_string(env.dir.path().join("run/state.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&state).unwrap()["events"]["dropped"].as_u64().unwrap()
+}
+
+/// Whether the agent holds `path` open (it follows that file now).
+fn follows(agent: &Agent, path: &Path) -> bool {
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", agent.child.id())).into_iter().flatten().flatten();
+    fds.filter_map(|fd| std::fs::read_link(fd.path()).ok()).any(|p| p == path)
+}
+
+#[test]
+fn an_outage_and_a_kill_lose_no_line_of_a_followed_file() {
+    let (env, logs) = setup(&["app.log"], "beginning");
+    let log = logs.join("app.log");
+    let agent = env.running_agent();
+    env.mock.set_down(true);
+    // 60 000 lines during the outage: six times the ring buffer (10 000 events).
+    for k in 0..6 {
+        append(&log, &lines_of("out", k * 10_000..(k + 1) * 10_000));
+    }
+    // Let the agent read (and hold) what it can, then kill it without a chance to save anything.
+    assert!(wait_for(Duration::from_secs(10), || follows(&agent, &log)));
+    std::thread::sleep(Duration::from_secs(1));
+    drop(agent);
+    let agent = env.spawn_agent();
+    std::thread::sleep(Duration::from_secs(1));
+    env.mock.set_down(false);
+    // Nothing was accepted before the kill, so nothing is sent twice either.
+    assert_eq!(all_delivered(&env, &agent, "out-", 0..60_000), 0);
+}
+
+#[test]
+fn a_reader_faster_than_the_server_drops_nothing() {
+    let (env, logs) = setup(&["big.log"], "beginning");
+    let log = logs.join("big.log");
+    for k in 0..20 {
+        append(&log, &lines_of("fast", k * 10_000..(k + 1) * 10_000));
+    }
+    // Every request waits 50 ms: the file is read far faster than it is sent.
+    let action = FaultAction::Delay { ms: 50 };
+    env.mock.inject(Fault { path: "/api/v1/events/stateless".into(), times: u32::MAX, action });
+    let mut agent = env.running_agent();
+    assert_eq!(all_delivered(&env, &agent, "fast-", 0..200_000), 0);
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(15)), Some(0));
+    assert_eq!(dropped(&env), 0);
+}
+
+#[test]
+fn a_rotation_during_an_outage_finishes_the_old_file_first() {
+    let (env, logs) = setup(&["app.log"], "beginning");
+    let log = logs.join("app.log");
+    let mut agent = env.running_agent();
+    env.mock.set_down(true);
+    append(&log, &lines_of("old", 0..30_000));
+    assert!(wait_for(Duration::from_secs(10), || follows(&agent, &log)));
+    std::fs::rename(&log, logs.join("app.log.1")).unwrap();
+    append(&log, &lines_of("new", 0..20_000));
+    env.mock.set_down(false);
+    assert_eq!(all_delivered(&env, &agent, "old-", 0..30_000), 0);
+    assert_eq!(all_delivered(&env, &agent, "new-", 0..20_000), 0);
+    let order: Vec<String> = received(&env).into_iter().map(|(l, _)| l).collect();
+    let last_old = order.iter().rposition(|l| l.starts_with("old-")).unwrap();
+    let first_new = order.iter().position(|l| l.starts_with("new-")).unwrap();
+    assert!(last_old < first_new, "the rotated-away file is finished before the new one starts");
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(15)), Some(0));
+    assert_eq!(dropped(&env), 0);
 }

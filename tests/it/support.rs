@@ -10,8 +10,13 @@ use wazuh_mock_server::{MockServer, Options};
 
 pub const PASSWORD: &str = "Sup3r-S3cret-Pw";
 
+/// The agent under test; `WAZUH_AGENT_TEST_BIN` runs the suite against another build (to
+/// show that a new test fails on an older binary).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_wazuh-agent")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("WAZUH_AGENT_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_wazuh-agent").into())
+    })
 }
 
 /// One test's world: temp dir, mock server, config file.
