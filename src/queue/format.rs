@@ -16,8 +16,10 @@ use crate::event::{Event, Kind};
 
 pub const MAGIC: [u8; 4] = *b"WZQ1";
 pub const FRAME_HEADER: usize = 12;
-/// Larger than any event (lines are at most 1 MiB); a corrupt length never allocates much.
-pub const MAX_PAYLOAD: usize = 4 << 20;
+/// The payload of the largest record (`event::MAX_RECORD_BYTES`); a corrupt length never allocates much.
+pub const MAX_PAYLOAD: usize = PAYLOAD_HEADER + crate::event::MAX_RECORD_BYTES;
+/// flags u8 | header_len u32, before the lines.
+const PAYLOAD_HEADER: usize = 5;
 
 const STATEFUL: u8 = 1;
 const HAS_DATA: u8 = 2;
@@ -47,14 +49,19 @@ pub fn encode(event: &Event, out: &mut Vec<u8>) -> usize {
 
 /// Size of the frame [`encode`] would write.
 pub fn frame_len(event: &Event) -> usize {
-    FRAME_HEADER + 1 + 4 + event.lines().len()
+    FRAME_HEADER + PAYLOAD_HEADER + event.lines().len()
+}
+
+/// Whether [`scan`] would accept the event's frame: the queue writes no other.
+pub fn fits(event: &Event) -> bool {
+    frame_len(event) - FRAME_HEADER <= MAX_PAYLOAD
 }
 
 /// Checks the frame at `pos`; returns its total length if intact.
 fn frame_at(buf: &[u8], pos: usize) -> Option<usize> {
     let head = buf.get(pos..pos + FRAME_HEADER)?;
     let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
-    if head[..4] != MAGIC || !(5..=MAX_PAYLOAD).contains(&len) {
+    if head[..4] != MAGIC || !(PAYLOAD_HEADER..=MAX_PAYLOAD).contains(&len) {
         return None;
     }
     let payload = buf.get(pos + FRAME_HEADER..pos + FRAME_HEADER + len)?;
@@ -188,6 +195,22 @@ mod tests {
                     ranges.iter().enumerate().filter(|(i, _)| *i != hit).map(|(_, r)| r.clone()).collect();
                 assert_eq!(s.frames, kept, "flip {mask:#x} at {pos}");
             }
+        }
+    }
+
+    /// The writer's limit is the reader's: the largest record that fits is read back, one byte
+    /// more does not fit (the queue refuses it instead of acknowledging what it would skip).
+    #[test]
+    fn the_largest_record_that_fits_is_read_back() {
+        let header = r#"{"module":"m"}"#;
+        let sized = |n: usize| Event::new(Kind::Stateless, header, Some(&"x".repeat(n - header.len() - 1)));
+        let (max, over) = (sized(crate::event::MAX_RECORD_BYTES), sized(crate::event::MAX_RECORD_BYTES + 1));
+        assert_eq!(max.lines().len(), crate::event::MAX_RECORD_BYTES);
+        assert!(fits(&max) && !fits(&over));
+        for (e, readable) in [(max, true), (over, false)] {
+            let mut buf = Vec::new();
+            encode(&e, &mut buf);
+            assert_eq!(scan(&buf, 0).frames.len(), usize::from(readable));
         }
     }
 
