@@ -242,8 +242,7 @@ impl From<Code> for u8 {
 
 /// The stateful event that reports a command's result.
 pub fn result_event(document_id: &str, code: Code, message: &str) -> Event {
-    // Bounded so the event always fits a record (the id is at most MAX_ID_BYTES): even escaped
-    // 6 times longer, 64 KiB of message stays far under `event::MAX_RECORD_BYTES`.
+    // Even escaped 6 times longer, 64 KiB of message (and the id) fit a record (`event::MAX_RECORD_BYTES`).
     let cut = (0..=message.len().min(64 << 10)).rev().find(|&i| message.is_char_boundary(i)).unwrap_or(0);
     let message = if cut < message.len() { format!("{}… (truncated)", &message[..cut]) } else { message.into() };
     let header = serde_json::json!({"id": document_id, "module": "command", "operation": "update"}).to_string();

@@ -9,11 +9,8 @@ use serde_json::value::RawValue;
 
 /// Longest accepted line (without its newline).
 pub const MAX_LINE_BYTES: usize = 1 << 20;
-/// The one maximum record size: the most bytes an event's lines ([`Event::lines`]) may have.
-/// The durable queue reads back exactly this much (`queue::format::MAX_PAYLOAD` is derived
-/// from it) and refuses to append more, so nothing it acknowledged is skipped on reading.
-/// Producers stay under it: an ingest line is longer than the event made of it, and the
-/// agent's own events are bounded where they are built (inventory documents, command results).
+/// The one maximum record size (bytes of [`Event::lines`]): the queue refuses to append more than it
+/// reads back. An ingest line is longer than its event; the agent bounds its own events where built.
 pub const MAX_RECORD_BYTES: usize = 4 << 20;
 const _: () = assert!(MAX_LINE_BYTES <= MAX_RECORD_BYTES);
 

@@ -36,8 +36,7 @@ pub const MODULE: Module = Module {
 
 /// Stateful events per durable append (bounded memory per round trip).
 const APPEND_CHUNK: usize = 1000;
-/// Longest document (compact JSON). Its notification carries it plus a reason quoting up to
-/// three fields of it or of the old version, so every event stays under the record limit.
+/// Longest document: its notification (it and a reason quoting up to 3 fields) fits a record.
 pub const MAX_DOC_BYTES: usize = crate::event::MAX_RECORD_BYTES / 8;
 
 /// `id` = lowercase hex SHA-1 of `"<agent uuid>:<primary key>"`.
@@ -220,34 +219,28 @@ pub fn notifications(changes: &[Change], now: &str) -> Vec<Event> {
     out
 }
 
-/// Every string cut to at most `limit` bytes (at a character boundary), every array to `limit` elements.
+/// Every string cut to at most `limit` characters, every array to `limit` elements.
 fn cut(v: &Value, limit: usize) -> Value {
     match v {
-        Value::String(s) => {
-            let end = (0..=limit.min(s.len())).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
-            Value::String(s[..end].into())
-        }
+        Value::String(s) => Value::String(s.chars().take(limit).collect()),
         Value::Array(a) => a.iter().take(limit).map(|x| cut(x, limit)).collect(),
-        Value::Object(o) => Value::Object(o.iter().map(|(k, x)| (k.clone(), cut(x, limit))).collect()),
+        Value::Object(o) => o.iter().map(|(k, x)| (k.clone(), cut(x, limit))).collect(),
         other => other.clone(),
     }
 }
 
-/// The document within `max` bytes (pure; docs/events.md, Documents too large): a longer one has
-/// its strings cut to a common length and its arrays to a common number of elements, the largest
-/// that fits, and gets `"tags":["truncated"]`. Collectors' objects have a few fixed keys, so limit
-/// 0 always fits; if it did not, only the tag would be left (marked, never vanished).
+/// The document within `max` bytes (pure; docs/events.md, Documents): a longer one gets its strings
+/// and arrays cut to the largest common bound that fits, and `"tags":["truncated"]`. Collectors'
+/// objects have a few fixed keys, so bound 0 fits; else only the tag is left (marked, not vanished).
 pub fn bounded(doc: String, max: usize) -> String {
     if doc.len() <= max {
         return doc;
     }
-    // Collectors build their documents with `json!`: the text always parses.
-    let v: Value = serde_json::from_str(&doc).unwrap_or_else(|_| json!({}));
+    // Collectors build objects with `json!`; anything else would be `{}`: `c["tags"]` cannot panic.
+    let v = serde_json::from_str(&doc).ok().filter(Value::is_object).unwrap_or_else(|| json!({}));
     let at = |limit| {
         let mut c = cut(&v, limit);
-        if let Some(o) = c.as_object_mut() {
-            o.insert("tags".into(), json!(["truncated"]));
-        }
+        c["tags"] = json!(["truncated"]);
         Some(c.to_string()).filter(|d| d.len() <= max)
     };
     // The size only grows with the limit: binary search for the largest that fits.
@@ -273,11 +266,9 @@ pub fn scan(root: &Path, enabled: &[String], uuid: &str) -> (BTreeMap<String, St
             _ => continue,
         };
         match found {
-            Ok(found) => {
-                docs.extend(found.into_iter().map(|d| {
-                    (doc_id(uuid, &d.key), Stored { collector: c.clone(), doc: bounded(d.doc, MAX_DOC_BYTES) })
-                }))
-            }
+            Ok(found) => docs.extend(found.into_iter().map(|Doc { key, doc }| {
+                (doc_id(uuid, &key), Stored { collector: c.clone(), doc: bounded(doc, MAX_DOC_BYTES) })
+            })),
             Err(e) => failed.push((c.clone(), e)),
         }
     }
@@ -538,7 +529,7 @@ mod tests {
     /// Measured: a `processes` document of 20.6 MB was acknowledged and never sent.
     #[test]
     fn every_event_of_a_huge_document_fits_a_record() {
-        let doc = bounded(process(&["\u{1}".repeat(6 << 20), "b".repeat(6 << 20)]), MAX_DOC_BYTES);
+        let doc = bounded(process(&["\u{1}".repeat(1 << 20), "b".repeat(1 << 20)]), MAX_DOC_BYTES);
         assert!(doc.contains(r#""tags":["truncated"]"#));
         let s = Stored { collector: "processes".into(), doc };
         let (a, b) = (Stored { doc: s.doc.replace("\"sh\"", "\"bash\""), ..s.clone() }, s.clone());

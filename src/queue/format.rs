@@ -16,10 +16,8 @@ use crate::event::{Event, Kind};
 
 pub const MAGIC: [u8; 4] = *b"WZQ1";
 pub const FRAME_HEADER: usize = 12;
-/// The payload of the largest record (`event::MAX_RECORD_BYTES`); a corrupt length never allocates much.
-pub const MAX_PAYLOAD: usize = PAYLOAD_HEADER + crate::event::MAX_RECORD_BYTES;
-/// flags u8 | header_len u32, before the lines.
-const PAYLOAD_HEADER: usize = 5;
+/// Largest payload: flags, header_len, `event::MAX_RECORD_BYTES` of lines (a corrupt length allocates no more).
+pub const MAX_PAYLOAD: usize = 5 + crate::event::MAX_RECORD_BYTES;
 
 const STATEFUL: u8 = 1;
 const HAS_DATA: u8 = 2;
@@ -49,19 +47,19 @@ pub fn encode(event: &Event, out: &mut Vec<u8>) -> usize {
 
 /// Size of the frame [`encode`] would write.
 pub fn frame_len(event: &Event) -> usize {
-    FRAME_HEADER + PAYLOAD_HEADER + event.lines().len()
+    FRAME_HEADER + 1 + 4 + event.lines().len()
 }
 
 /// Whether [`scan`] would accept the event's frame: the queue writes no other.
 pub fn fits(event: &Event) -> bool {
-    frame_len(event) - FRAME_HEADER <= MAX_PAYLOAD
+    frame_len(event) <= FRAME_HEADER + MAX_PAYLOAD
 }
 
 /// Checks the frame at `pos`; returns its total length if intact.
 fn frame_at(buf: &[u8], pos: usize) -> Option<usize> {
     let head = buf.get(pos..pos + FRAME_HEADER)?;
     let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
-    if head[..4] != MAGIC || !(PAYLOAD_HEADER..=MAX_PAYLOAD).contains(&len) {
+    if head[..4] != MAGIC || !(5..=MAX_PAYLOAD).contains(&len) {
         return None;
     }
     let payload = buf.get(pos + FRAME_HEADER..pos + FRAME_HEADER + len)?;

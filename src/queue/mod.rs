@@ -46,9 +46,9 @@ pub enum QueueError {
     /// `events.queue_max_bytes` would be exceeded; nothing of the request was written.
     #[error("queue full (events.queue_max_bytes = {max} reached); retry later")]
     Full { max: u64 },
-    /// The event is longer than the one maximum record size; neither it nor the rest was written.
-    #[error("event of {bytes} bytes is longer than the largest record ({} bytes)", crate::event::MAX_RECORD_BYTES)]
-    TooLarge { bytes: usize },
+    /// An event is longer than the one maximum record size; neither it nor the rest was written.
+    #[error("an event is longer than the largest record ({} bytes)", crate::event::MAX_RECORD_BYTES)]
+    TooLarge,
     /// A read, write or fsync failed (disk full, I/O error); nothing of the request is durable.
     /// `what` names the operation and the file; shared because one failure answers a whole round.
     #[error("durable queue write failed: {what}: {source}")]
@@ -100,24 +100,18 @@ pub fn append_and_wait(queue: &Sender<Append>, events: Vec<Event>, timeout: std:
 /// next start. Those it cannot keep are logged and counted as dropped, exactly.
 pub fn spill(queue: &Sender<Append>, events: Vec<Event>, stats: &Stats, what: &str) {
     let n = events.len();
-    // The queue would stop at the first too large event; set aside, they do not cost the rest.
-    let (events, too_large): (Vec<Event>, Vec<Event>) = events.into_iter().partition(format::fits);
+    // The queue stops at a record too large: set aside, such records do not cost the rest.
+    let (events, big): (Vec<Event>, Vec<Event>) = events.into_iter().partition(format::fits);
     // 10 s: one group commit; a queue that takes longer is stuck on a dying disk.
     let r = append_and_wait(queue, events, std::time::Duration::from_secs(10));
-    let lost = n - r.stored;
-    if lost == 0 {
+    let (saved, lost) = (r.stored, n - r.stored);
+    let big = (!big.is_empty()).then(|| format!("{} longer than the largest record", big.len()));
+    let why = r.error.map(|e| e.to_string()).into_iter().chain(big).collect::<Vec<_>>().join("; ");
+    if lost > 0 {
+        log::error!("saved {saved} of {n} unsent stateless events ({what}); {lost} the other {lost} are lost ({why})");
+    } else {
         log::info!("saved {n} unsent stateless events ({what}) to the durable queue for the next start");
-        return;
     }
-    let mut why: Vec<String> = r.error.iter().map(ToString::to_string).collect();
-    if !too_large.is_empty() {
-        let max = crate::event::MAX_RECORD_BYTES;
-        why.push(format!("{} longer than the largest record ({max} bytes)", too_large.len()));
-    }
-    let (saved, why) = (r.stored, why.join("; "));
-    log::error!(
-        "saved {saved} of {n} unsent stateless events ({what}) at shutdown; {lost} could not be saved ({why}) and are lost"
-    );
     Stats::add(&stats.dropped, lost as u64);
 }
 
@@ -310,9 +304,8 @@ impl QueueStore {
         (self.backlog_records, self.backlog_bytes)
     }
 
-    /// Writes the longest prefix of `events` that is under `queue_max_bytes` and holds no record
-    /// too large ([`format::fits`]); returns its length (not durable before [`sync`](Self::sync)).
-    /// `Err` only for I/O: then [`rollback`](Self::rollback).
+    /// Writes the longest prefix of `events` under `queue_max_bytes` with no record too large and returns
+    /// its length (not durable before [`sync`](Self::sync)). `Err` only for I/O: then [`rollback`](Self::rollback).
     pub fn append(&mut self, events: &[Event]) -> Result<usize, QueueError> {
         let (mut fit, mut total) = (0, 0u64);
         let mut buf = Vec::new();
@@ -548,11 +541,9 @@ fn serve_appends(store: &mut QueueStore, first: Append, more: &Receiver<Append>)
     let written: Result<Vec<usize>, QueueError> = round.iter().map(|a| store.append(&a.events)).collect();
     match written.and_then(|stored| store.sync().map(|()| stored)) {
         Ok(stored) => {
+            let full = QueueError::Full { max: store.max_bytes };
             for (a, n) in round.into_iter().zip(stored) {
-                let error = a.events.get(n).map(|e| match format::fits(e) {
-                    true => QueueError::Full { max: store.max_bytes },
-                    false => QueueError::TooLarge { bytes: e.lines().len() },
-                });
+                let error = a.events.get(n).map(|e| if format::fits(e) { full.clone() } else { QueueError::TooLarge });
                 // A producer that gave up waiting is not an error of the queue.
                 let _ = a.reply.send(Appended { stored: n, error });
             }
@@ -856,7 +847,7 @@ mod tests {
         serve_appends(&mut q, rx.recv().unwrap(), &rx);
         let a = answer.recv().unwrap();
         assert_eq!(a.stored, 1, "stored up to the record too large");
-        assert!(matches!(a.error, Some(QueueError::TooLarge { bytes }) if bytes == crate::event::MAX_RECORD_BYTES + 1));
+        assert!(matches!(a.error, Some(QueueError::TooLarge)), "{a:?}");
         assert_eq!(q.backlog().0, 1);
         drop(q);
         assert_eq!(drain(&mut open(dir.path()), LIMITS), [small]);
