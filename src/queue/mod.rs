@@ -108,7 +108,7 @@ pub fn spill(queue: &Sender<Append>, events: Vec<Event>, stats: &Stats, what: &s
     let big = (!big.is_empty()).then(|| format!("{} longer than the largest record", big.len()));
     let why = r.error.map(|e| e.to_string()).into_iter().chain(big).collect::<Vec<_>>().join("; ");
     if lost > 0 {
-        log::error!("saved {saved} of {n} unsent stateless events ({what}); {lost} the other {lost} are lost ({why})");
+        log::error!("saved {saved} of {n} unsent stateless events ({what}); the other {lost} are lost ({why})");
     } else {
         log::info!("saved {n} unsent stateless events ({what}) to the durable queue for the next start");
     }
