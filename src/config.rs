@@ -1,9 +1,10 @@
 //! Configuration: the TOML file (docs/configuration.md) parsed once into one immutable, typed [`Config`].
 //!
 //! Every key is declared once, in [`KEYS`] (section, name, default, parse, render, whether
-//! the server may set it, whether it applies live); docs/configuration.md describes each.
-//! The file is read as a TOML table and walked against that table, each value turned into
-//! its typed field and the key named on failure. After that nothing re-checks a setting.
+//! the server may set it, whether it applies live): known keys, defaults, `--check-config`,
+//! live reload and what a group file may set all come from it; docs/configuration.md and
+//! etc/wazuh-agent.toml are tested against it. The file is read as a TOML table and walked
+//! against [`KEYS`], each value turned into its typed field and the key named on failure.
 
 use std::fmt::{self, Write as _};
 use std::path::{Path, PathBuf};
@@ -176,10 +177,7 @@ pub struct Config {
 }
 
 // ---------------------------------------------------------------------------------------
-// The key table: every key of the configuration, declared once. Known keys, defaults,
-// parsing, `--check-config` output, live reload and what a server group file may set all
-// come from it; docs/configuration.md and etc/wazuh-agent.toml are tested against it.
-// Adding a key is one `key!` line here plus its field in the typed structs above.
+// The key table. Adding a key is one `key!` line here plus its field in the typed structs above.
 
 /// One configuration key.
 pub struct Key {
@@ -254,7 +252,7 @@ pub static KEYS: &[Key] = &[
     key!(server.registration_url = "https://localhost:55000", LOCAL, RESTART,
         |v| validate_https_url(&string(v)?), toml_string),
     key!(server.verify = "full", LOCAL, RESTART, |v| choice(v, VERIFY), |x: &Verify| show(VERIFY, x)),
-    key!(server.ca_file = "", LOCAL, RESTART, ca_file, show_maybe_path),
+    key!(server.ca_file = "", LOCAL, RESTART, ca_file, show_maybe),
     key!(server.proxy = "", LOCAL, RESTART, proxy,
         |p: &Option<String>| toml_string(&p.as_deref().map(mask_userinfo).unwrap_or_default())),
     key!(server.compression = "none", LOCAL, RESTART, |v| choice(v, COMPRESSION),
@@ -282,7 +280,7 @@ pub static KEYS: &[Key] = &[
     key!(inventory.collectors = ["system", "hardware", "packages", "networks", "ports"], SERVER, RESTART,
         collectors, show_list),
     key!(log.level = "info", SERVER, LIVE, |v| choice(v, LEVELS), |x: &log::LevelFilter| show(LEVELS, x)),
-    key!(log.file = "", LOCAL, RESTART, maybe_path, show_maybe_path),
+    key!(log.file = "", LOCAL, RESTART, maybe_path, show_maybe),
     key!(log.syslog = false, LOCAL, RESTART, boolean, show_num),
 ];
 
@@ -705,12 +703,9 @@ fn show_path(p: &Path) -> String {
     toml_string(&p.display().to_string())
 }
 
-fn show_maybe_path(p: &Option<PathBuf>) -> String {
-    p.as_deref().map(show_path).unwrap_or_else(|| toml_string(""))
-}
-
-fn show_maybe(s: &Option<String>) -> String {
-    toml_string(s.as_deref().unwrap_or(""))
+/// A path or name that is not set is `""`.
+fn show_maybe<T: AsRef<Path>>(p: &Option<T>) -> String {
+    p.as_ref().map_or_else(|| toml_string(""), |p| show_path(p.as_ref()))
 }
 
 fn show_list(v: &[String]) -> String {

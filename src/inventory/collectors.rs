@@ -129,41 +129,34 @@ fn package(f: &HashMap<&str, String>, format: &str) -> Option<Doc> {
 
 /// dpkg's status file (and opkg's, which has the same stanza format).
 pub fn parse_control_stanzas(text: &str, format: &str) -> Vec<Doc> {
-    let mut out = Vec::new();
-    for stanza in text.split("\n\n") {
-        let mut f: HashMap<&str, String> = HashMap::new();
+    let stanzas = text.split("\n\n").map(|stanza| {
         // Continuation lines (long descriptions) are not needed: first line only.
-        for line in stanza.lines().filter(|l| !l.starts_with([' ', '\t'])) {
-            if let Some((k, v)) = line.split_once(':') {
-                f.insert(k.trim(), v.trim().to_string());
-            }
-        }
-        let status = f.get("Status").map(String::as_str).unwrap_or("");
-        if status.ends_with(" installed") && status.starts_with("install") {
-            out.extend(package(&f, format));
-        }
-    }
-    out
+        let lines = stanza.lines().filter(|l| !l.starts_with([' ', '\t'])).filter_map(|l| l.split_once(':'));
+        lines.map(|(k, v)| (k.trim(), v.trim().to_string())).collect::<HashMap<_, _>>()
+    });
+    let installed = |f: &HashMap<&str, String>| {
+        f.get("Status").is_some_and(|s| s.starts_with("install") && s.ends_with(" installed"))
+    };
+    stanzas.filter(installed).filter_map(|f| package(&f, format)).collect()
 }
 
 /// Alpine's `lib/apk/db/installed`.
 pub fn parse_apk(text: &str) -> Vec<Doc> {
     let names =
         [('P', "Package"), ('V', "Version"), ('A', "Architecture"), ('I', "Installed-Size"), ('T', "Description")];
-    let mut out = Vec::new();
-    for stanza in text.split("\n\n") {
-        let mut f: HashMap<&str, String> = HashMap::new();
+    let stanza = |stanza: &str| {
+        let mut f = HashMap::new();
         for line in stanza.lines() {
             let mut c = line.chars();
             if let (Some(k), Some(':')) = (c.next(), c.next())
                 && let Some((_, name)) = names.iter().find(|(n, _)| *n == k)
             {
-                f.entry(name).or_insert_with(|| c.as_str().to_string());
+                f.entry(*name).or_insert_with(|| c.as_str().to_string());
             }
         }
-        out.extend(package(&f, "apk"));
-    }
-    out
+        package(&f, "apk")
+    };
+    text.split("\n\n").filter_map(stanza).collect()
 }
 
 /// Every supported package database under the root (dpkg, apk, opkg/ipkg). A manager whose
