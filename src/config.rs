@@ -36,48 +36,44 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.to_string(), message: message.into() }
 }
 
-/// UUID version the agent generates at registration.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum UuidVersion {
-    V4,
-    #[default]
-    V7,
+/// `choices! { TABLE: Type { Variant = "name", ... } ... }`: an enum and its names in the file,
+/// in error-message order. Its `Default` (the first) is a placeholder: the key table sets every field.
+macro_rules! choices {
+    ($($(#[$doc:meta])* $table:ident: $ty:ident { $($(#[$vdoc:meta])* $v:ident = $name:literal),+ $(,)? })+) => {$(
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $ty {
+            $($(#[$vdoc])* $v),+
+        }
+
+        const $table: &[(&str, $ty)] = &[$(($name, $ty::$v)),+];
+
+        impl Default for $ty {
+            fn default() -> $ty {
+                $table[0].1
+            }
+        }
+    )+};
 }
 
-/// How the server's TLS certificate is checked.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Verify {
-    /// Chain to a trusted root and a name matching the URL's host.
-    #[default]
-    Full,
-    /// Chain to a trusted root; the host name is not checked (servers reached by IP).
-    Certificate,
-    /// Nothing is checked. Loudly warned about at every start.
-    None,
-}
-
-/// Compression of request bodies.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Compression {
-    #[default]
-    None,
-    Gzip,
-}
-
-/// What happens when the stateless ring buffer is full.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Overflow {
-    #[default]
-    DropOldest,
-    Block,
-}
-
-/// Where the logcollector starts in a file it has never seen.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Start {
-    #[default]
-    End,
-    Beginning,
+choices! {
+    /// UUID version the agent generates at registration.
+    UUIDS: UuidVersion { V4 = "4", V7 = "7" }
+    /// How the server's TLS certificate is checked.
+    VERIFY: Verify {
+        /// Chain to a trusted root and a name matching the URL's host.
+        Full = "full",
+        /// Chain to a trusted root; the host name is not checked (servers reached by IP).
+        Certificate = "certificate",
+        /// Nothing is checked. Loudly warned about at every start.
+        None = "none",
+    }
+    /// Compression of request bodies.
+    COMPRESSION: Compression { None = "none", Gzip = "gzip" }
+    /// What happens when the stateless ring buffer is full.
+    OVERFLOW: Overflow { DropOldest = "drop_oldest", Block = "block" }
+    /// Where the logcollector starts in a file it has never seen.
+    STARTS: Start { End = "end", Beginning = "beginning" }
 }
 
 /// One entry of `logcollector.files`.
@@ -284,12 +280,6 @@ pub static KEYS: &[Key] = &[
     key!(log.syslog = false, LOCAL, RESTART, boolean, show_num),
 ];
 
-const UUIDS: &[(&str, UuidVersion)] = &[("4", UuidVersion::V4), ("7", UuidVersion::V7)];
-const VERIFY: &[(&str, Verify)] =
-    &[("full", Verify::Full), ("certificate", Verify::Certificate), ("none", Verify::None)];
-const COMPRESSION: &[(&str, Compression)] = &[("none", Compression::None), ("gzip", Compression::Gzip)];
-const OVERFLOW: &[(&str, Overflow)] = &[("drop_oldest", Overflow::DropOldest), ("block", Overflow::Block)];
-const STARTS: &[(&str, Start)] = &[("end", Start::End), ("beginning", Start::Beginning)];
 const LEVELS: &[(&str, log::LevelFilter)] = &[
     ("error", log::LevelFilter::Error),
     ("warn", log::LevelFilter::Warn),
@@ -368,10 +358,7 @@ fn uuid_version(v: &toml::Value) -> Result<UuidVersion, String> {
 
 fn agent_name(v: &toml::Value) -> Result<String, String> {
     let name = string(v)?;
-    if !name.is_empty() {
-        validate_agent_name(&name)?;
-    }
-    Ok(name)
+    if name.is_empty() { Ok(name) } else { validate_agent_name(&name).map(|()| name) }
 }
 
 fn abs_dir(v: &toml::Value) -> Result<PathBuf, String> {
@@ -464,15 +451,14 @@ fn files(v: &toml::Value) -> Result<Vec<FileSpec>, String> {
 }
 
 fn collectors(v: &toml::Value) -> Result<Vec<String>, String> {
-    let mut collectors: Vec<String> = Vec::new();
-    for c in strings(v)? {
+    let collectors = strings(v)?;
+    for (i, c) in collectors.iter().enumerate() {
         if !COLLECTORS.contains(&c.as_str()) {
             return Err(format!("{c:?} is not one of {}", COLLECTORS.join(", ")));
         }
-        if collectors.contains(&c) {
+        if collectors[..i].contains(c) {
             return Err(format!("{c:?} is listed twice"));
         }
-        collectors.push(c);
     }
     Ok(collectors)
 }
@@ -489,20 +475,18 @@ fn split_number<'a>(text: &'a str, what: &str) -> Result<(u64, &'a str), String>
     Ok((n, unit.trim()))
 }
 
+/// Duration units in milliseconds, largest first.
+const DURATION_UNITS: [(&str, u64); 5] = [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)];
+
 /// Parses `"250ms"`, `"10s"`, `"11m"`, `"1h"`, `"2d"`. A bare number is refused: a unit
 /// is required so `timeout = 30` cannot be misread as milliseconds or minutes.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (n, unit) = split_number(text, "a duration (examples: \"250ms\", \"10s\", \"11m\", \"1h\")")?;
-    let ms_per_unit: u64 = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        "" => return Err(format!("{text:?} needs a unit (ms, s, m, h or d)")),
-        other => return Err(format!("{text:?} has an unknown unit {other:?} (ms, s, m, h or d)")),
+    let Some((_, ms_per_unit)) = DURATION_UNITS.iter().find(|(u, _)| *u == unit) else {
+        let why = if unit.is_empty() { "needs a unit".to_string() } else { format!("has an unknown unit {unit:?}") };
+        return Err(format!("{text:?} {why} (ms, s, m, h or d)"));
     };
-    n.checked_mul(ms_per_unit).map(Duration::from_millis).ok_or_else(|| format!("{text:?} is too large"))
+    n.checked_mul(*ms_per_unit).map(Duration::from_millis).ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// Parses a size: an integer number of bytes, or a string such as `"64KiB"`, `"1MB"`.
@@ -737,12 +721,9 @@ fn show_files(files: &[FileSpec]) -> String {
 /// Formats a duration in the largest unit that represents it exactly.
 pub fn fmt_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
-        if ms >= size && ms % size == 0 {
-            return format!("{}{unit}", ms / size);
-        }
-    }
-    format!("{ms}ms")
+    let (unit, size) =
+        DURATION_UNITS.iter().find(|(_, n)| ms >= *n as u128 && ms % *n as u128 == 0).unwrap_or(&("ms", 1));
+    format!("{}{unit}", ms / *size as u128)
 }
 
 fn toml_string(s: &str) -> String {

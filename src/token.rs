@@ -1,15 +1,10 @@
 //! Token lifecycle (docs/protocol.md, Authentication): authenticate with uuid+key, keep the JWT in memory,
-//! renew it before it expires and at once when another thread reports a 401/403.
-//!
-//! * [`decode_claims`] and [`renewal_delay`] are pure.
-//! * [`TokenCell`] is the one piece of shared state: readers take the current token;
-//!   a reader whose request was refused calls [`TokenCell::refused`] and waits for a newer
-//!   token. However many threads report the same refused token, one refresh is requested.
-//! * [`run`] is the token thread's loop: the only code that calls the authentication
-//!   endpoint, so at most one authentication is ever in flight.
+//! renew it before it expires and at once when another thread reports a 401/403. [`decode_claims`] and
+//! [`renewal_delay`] are pure; [`TokenCell`] is the shared state; [`run`], the token thread, is the only
+//! caller of the authentication endpoint, so at most one authentication is ever in flight.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use crossbeam_channel::{Receiver, Sender, select};
@@ -319,7 +314,7 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
         }
         match auth.authenticate(retry.max) {
             Ok(fresh) => {
-                let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+                let unix_now = crate::status::unix(SystemTime::now());
                 let delay = renewal_delay(&fresh.claims, unix_now);
                 let life = lifetime(&fresh.claims, unix_now).unwrap_or(delay);
                 if fresh.claims.iat.is_none() {
@@ -360,6 +355,7 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     impl TokenCell {
         /// True while a refresh has been requested and not yet satisfied.
