@@ -594,10 +594,9 @@ impl Config {
         let overlays = if config.agent.remote_config { overlays } else { &[] };
         for (file, overlay) in overlays {
             for (section, values) in overlay {
-                let toml::Value::Table(values) = values else { continue };
-                let entry = table.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                if let toml::Value::Table(t) = entry {
-                    t.extend(values.iter().map(|(k, v)| (k.clone(), v.clone())));
+                let entry = table.entry(section.clone()).or_insert_with(|| toml::Table::new().into());
+                if let (toml::Value::Table(t), toml::Value::Table(values)) = (entry, values) {
+                    t.extend(values.clone());
                 }
             }
             config = Config::from_table(&table, source)

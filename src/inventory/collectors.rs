@@ -43,8 +43,6 @@ fn read(root: &Path, rel: &str) -> Option<String> {
     std::fs::read_to_string(root.join(rel)).ok()
 }
 
-// ---------------------------------------------------------------------------- system
-
 pub fn collect_system(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     // The first of two sources that exists.
     let first = |rels: [&str; 2]| rels.iter().find_map(|r| source(root, r).transpose()).transpose();
@@ -63,8 +61,6 @@ pub fn collect_system(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     }});
     Ok(vec![Doc { key: name, doc: doc.to_string() }])
 }
-
-// -------------------------------------------------------------------------- hardware
 
 pub fn parse_cpuinfo(text: &str) -> (Option<String>, usize, Option<u64>) {
     let (mut name, mut cores, mut mhz) = (None, 0, None);
@@ -107,8 +103,6 @@ pub fn collect_hardware(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     });
     Ok(vec![Doc { key: serial.unwrap_or_default(), doc: doc.to_string() }])
 }
-
-// -------------------------------------------------------------------------- packages
 
 /// A package from its control fields (dpkg's names; apk's letters are mapped to them).
 fn package(f: &HashMap<&str, String>, format: &str) -> Option<Doc> {
@@ -176,8 +170,6 @@ pub fn collect_packages(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     }
     Ok(out)
 }
-
-// ----------------------------------------------------------------------------- ports
 
 /// `0100007F:0016` → (127.0.0.1, 22); IPv6 as four little-endian 32-bit words.
 pub fn parse_hex_addr(s: &str) -> Option<(IpAddr, u16)> {
@@ -261,8 +253,6 @@ pub fn collect_ports(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     Ok(out)
 }
 
-// -------------------------------------------------------------------------- networks
-
 /// `/proc/net/dev` → interface → (rx bytes, rx packets, rx errs, rx drop, tx bytes, tx packets, tx errs, tx drop).
 pub fn parse_net_dev(text: &str) -> HashMap<String, [u64; 8]> {
     text.lines()
@@ -332,8 +322,6 @@ pub fn collect_networks(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     }
     Ok(out)
 }
-
-// ------------------------------------------------------------------------- processes
 
 pub fn collect_processes(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     let mut out = Vec::new();
