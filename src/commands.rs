@@ -22,23 +22,15 @@ pub const MAX_PER_ANSWER: usize = 100;
 /// Longest `document_id` taken (kept in the command store); the server's are about 20 characters.
 pub const MAX_ID_BYTES: usize = 512;
 
-/// What a command asks for.
+/// What a command asks for. `Unknown`: any other name, answered with "Command is not valid";
+/// `Invalid`: a known name with unusable arguments, answered with the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    SetGroup {
-        groups: Vec<String>,
-    },
+    SetGroup { groups: Vec<String> },
     FetchConfig,
     Restart,
-    /// Any other name: answered with "Command is not valid".
-    Unknown {
-        name: String,
-    },
-    /// A known name with unusable arguments: answered with the reason.
-    Invalid {
-        name: String,
-        reason: String,
-    },
+    Unknown { name: String },
+    Invalid { name: String, reason: String },
 }
 
 impl Action {
