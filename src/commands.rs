@@ -22,23 +22,15 @@ pub const MAX_PER_ANSWER: usize = 100;
 /// Longest `document_id` taken (kept in the command store); the server's are about 20 characters.
 pub const MAX_ID_BYTES: usize = 512;
 
-/// What a command asks for.
+/// What a command asks for. `Unknown`: any other name, answered with "Command is not valid";
+/// `Invalid`: a known name with unusable arguments, answered with the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    SetGroup {
-        groups: Vec<String>,
-    },
+    SetGroup { groups: Vec<String> },
     FetchConfig,
     Restart,
-    /// Any other name: answered with "Command is not valid".
-    Unknown {
-        name: String,
-    },
-    /// A known name with unusable arguments: answered with the reason.
-    Invalid {
-        name: String,
-        reason: String,
-    },
+    Unknown { name: String },
+    Invalid { name: String, reason: String },
 }
 
 impl Action {
@@ -242,6 +234,9 @@ impl From<Code> for u8 {
 
 /// The stateful event that reports a command's result.
 pub fn result_event(document_id: &str, code: Code, message: &str) -> Event {
+    // Even escaped 6 times longer, 64 KiB of message (and the id) fit a record (`event::MAX_RECORD_BYTES`).
+    let cut = (0..=message.len().min(64 << 10)).rev().find(|&i| message.is_char_boundary(i)).unwrap_or(0);
+    let message = if cut < message.len() { format!("{}… (truncated)", &message[..cut]) } else { message.into() };
     let header = serde_json::json!({"id": document_id, "module": "command", "operation": "update"}).to_string();
     let data = serde_json::json!({"command": {"result": {"code": code as u8, "message": message}}}).to_string();
     Event::new(Kind::Stateful, &header, Some(&data))
@@ -394,6 +389,11 @@ mod tests {
                 .unwrap(),
             e
         );
+        // The longest id and a huge message of characters JSON escapes: the event still fits a record.
+        let e = result_event(&"\u{1}".repeat(MAX_ID_BYTES), Code::Failure, &"\u{1}".repeat(1 << 20));
+        assert!(e.lines().len() <= crate::event::MAX_RECORD_BYTES, "{}", e.lines().len());
+        let message = serde_json::from_str::<Value>(e.data().unwrap()).unwrap()["command"]["result"]["message"].clone();
+        assert!(message.as_str().unwrap().ends_with("\u{1}… (truncated)"), "{message}");
         let codes: Vec<Code> = (0..=4).map(Code::from).collect();
         assert_eq!(codes, [Code::Success, Code::Failure, Code::InProgress, Code::Timeout, Code::Failure]);
         assert!(codes.iter().all(|c| Code::from(u8::from(*c)) == *c));

@@ -1,9 +1,10 @@
 //! Configuration: the TOML file (docs/configuration.md) parsed once into one immutable, typed [`Config`].
 //!
 //! Every key is declared once, in [`KEYS`] (section, name, default, parse, render, whether
-//! the server may set it, whether it applies live); docs/configuration.md describes each.
-//! The file is read as a TOML table and walked against that table, each value turned into
-//! its typed field and the key named on failure. After that nothing re-checks a setting.
+//! the server may set it, whether it applies live): known keys, defaults, `--check-config`,
+//! live reload and what a group file may set all come from it; docs/configuration.md and
+//! etc/wazuh-agent.toml are tested against it. The file is read as a TOML table and walked
+//! against [`KEYS`], each value turned into its typed field and the key named on failure.
 
 use std::fmt::{self, Write as _};
 use std::path::{Path, PathBuf};
@@ -35,48 +36,44 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.to_string(), message: message.into() }
 }
 
-/// UUID version the agent generates at registration.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum UuidVersion {
-    V4,
-    #[default]
-    V7,
+/// `choices! { TABLE: Type { Variant = "name", ... } ... }`: an enum and its names in the file,
+/// in error-message order. Its `Default` (the first) is a placeholder: the key table sets every field.
+macro_rules! choices {
+    ($($(#[$doc:meta])* $table:ident: $ty:ident { $($(#[$vdoc:meta])* $v:ident = $name:literal),+ $(,)? })+) => {$(
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $ty {
+            $($(#[$vdoc])* $v),+
+        }
+
+        const $table: &[(&str, $ty)] = &[$(($name, $ty::$v)),+];
+
+        impl Default for $ty {
+            fn default() -> $ty {
+                $table[0].1
+            }
+        }
+    )+};
 }
 
-/// How the server's TLS certificate is checked.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Verify {
-    /// Chain to a trusted root and a name matching the URL's host.
-    #[default]
-    Full,
-    /// Chain to a trusted root; the host name is not checked (servers reached by IP).
-    Certificate,
-    /// Nothing is checked. Loudly warned about at every start.
-    None,
-}
-
-/// Compression of request bodies.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Compression {
-    #[default]
-    None,
-    Gzip,
-}
-
-/// What happens when the stateless ring buffer is full.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Overflow {
-    #[default]
-    DropOldest,
-    Block,
-}
-
-/// Where the logcollector starts in a file it has never seen.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Start {
-    #[default]
-    End,
-    Beginning,
+choices! {
+    /// UUID version the agent generates at registration.
+    UUIDS: UuidVersion { V4 = "4", V7 = "7" }
+    /// How the server's TLS certificate is checked.
+    VERIFY: Verify {
+        /// Chain to a trusted root and a name matching the URL's host.
+        Full = "full",
+        /// Chain to a trusted root; the host name is not checked (servers reached by IP).
+        Certificate = "certificate",
+        /// Nothing is checked. Loudly warned about at every start.
+        None = "none",
+    }
+    /// Compression of request bodies.
+    COMPRESSION: Compression { None = "none", Gzip = "gzip" }
+    /// What happens when the stateless ring buffer is full.
+    OVERFLOW: Overflow { DropOldest = "drop_oldest", Block = "block" }
+    /// Where the logcollector starts in a file it has never seen.
+    STARTS: Start { End = "end", Beginning = "beginning" }
 }
 
 /// One entry of `logcollector.files`.
@@ -177,10 +174,7 @@ pub struct Config {
 }
 
 // ---------------------------------------------------------------------------------------
-// The key table: every key of the configuration, declared once. Known keys, defaults,
-// parsing, `--check-config` output, live reload and what a server group file may set all
-// come from it; docs/configuration.md and etc/wazuh-agent.toml are tested against it.
-// Adding a key is one `key!` line here plus its field in the typed structs above.
+// The key table. Adding a key is one `key!` line here plus its field in the typed structs above.
 
 /// One configuration key.
 pub struct Key {
@@ -255,7 +249,7 @@ pub static KEYS: &[Key] = &[
     key!(server.registration_url = "https://localhost:55000", LOCAL, RESTART,
         |v| validate_https_url(&string(v)?), toml_string),
     key!(server.verify = "full", LOCAL, RESTART, |v| choice(v, VERIFY), |x: &Verify| show(VERIFY, x)),
-    key!(server.ca_file = "", LOCAL, RESTART, ca_file, show_maybe_path),
+    key!(server.ca_file = "", LOCAL, RESTART, ca_file, show_maybe),
     key!(server.proxy = "", LOCAL, RESTART, proxy,
         |p: &Option<String>| toml_string(&p.as_deref().map(mask_userinfo).unwrap_or_default())),
     key!(server.compression = "none", LOCAL, RESTART, |v| choice(v, COMPRESSION),
@@ -285,16 +279,10 @@ pub static KEYS: &[Key] = &[
     key!(inventory.collectors = ["system", "hardware", "packages", "networks", "ports"], SERVER, RESTART,
         collectors, show_list),
     key!(log.level = "info", SERVER, LIVE, |v| choice(v, LEVELS), |x: &log::LevelFilter| show(LEVELS, x)),
-    key!(log.file = "", LOCAL, RESTART, maybe_path, show_maybe_path),
+    key!(log.file = "", LOCAL, RESTART, maybe_path, show_maybe),
     key!(log.syslog = false, LOCAL, RESTART, boolean, show_num),
 ];
 
-const UUIDS: &[(&str, UuidVersion)] = &[("4", UuidVersion::V4), ("7", UuidVersion::V7)];
-const VERIFY: &[(&str, Verify)] =
-    &[("full", Verify::Full), ("certificate", Verify::Certificate), ("none", Verify::None)];
-const COMPRESSION: &[(&str, Compression)] = &[("none", Compression::None), ("gzip", Compression::Gzip)];
-const OVERFLOW: &[(&str, Overflow)] = &[("drop_oldest", Overflow::DropOldest), ("block", Overflow::Block)];
-const STARTS: &[(&str, Start)] = &[("end", Start::End), ("beginning", Start::Beginning)];
 const LEVELS: &[(&str, log::LevelFilter)] = &[
     ("error", log::LevelFilter::Error),
     ("warn", log::LevelFilter::Warn),
@@ -373,10 +361,7 @@ fn uuid_version(v: &toml::Value) -> Result<UuidVersion, String> {
 
 fn agent_name(v: &toml::Value) -> Result<String, String> {
     let name = string(v)?;
-    if !name.is_empty() {
-        validate_agent_name(&name)?;
-    }
-    Ok(name)
+    if name.is_empty() { Ok(name) } else { validate_agent_name(&name).map(|()| name) }
 }
 
 fn abs_dir(v: &toml::Value) -> Result<PathBuf, String> {
@@ -469,15 +454,14 @@ fn files(v: &toml::Value) -> Result<Vec<FileSpec>, String> {
 }
 
 fn collectors(v: &toml::Value) -> Result<Vec<String>, String> {
-    let mut collectors: Vec<String> = Vec::new();
-    for c in strings(v)? {
+    let collectors = strings(v)?;
+    for (i, c) in collectors.iter().enumerate() {
         if !COLLECTORS.contains(&c.as_str()) {
             return Err(format!("{c:?} is not one of {}", COLLECTORS.join(", ")));
         }
-        if collectors.contains(&c) {
+        if collectors[..i].contains(c) {
             return Err(format!("{c:?} is listed twice"));
         }
-        collectors.push(c);
     }
     Ok(collectors)
 }
@@ -494,20 +478,18 @@ fn split_number<'a>(text: &'a str, what: &str) -> Result<(u64, &'a str), String>
     Ok((n, unit.trim()))
 }
 
+/// Duration units in milliseconds, largest first.
+const DURATION_UNITS: [(&str, u64); 5] = [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)];
+
 /// Parses `"250ms"`, `"10s"`, `"11m"`, `"1h"`, `"2d"`. A bare number is refused: a unit
 /// is required so `timeout = 30` cannot be misread as milliseconds or minutes.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (n, unit) = split_number(text, "a duration (examples: \"250ms\", \"10s\", \"11m\", \"1h\")")?;
-    let ms_per_unit: u64 = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        "" => return Err(format!("{text:?} needs a unit (ms, s, m, h or d)")),
-        other => return Err(format!("{text:?} has an unknown unit {other:?} (ms, s, m, h or d)")),
+    let Some((_, ms_per_unit)) = DURATION_UNITS.iter().find(|(u, _)| *u == unit) else {
+        let why = if unit.is_empty() { "needs a unit".to_string() } else { format!("has an unknown unit {unit:?}") };
+        return Err(format!("{text:?} {why} (ms, s, m, h or d)"));
     };
-    n.checked_mul(ms_per_unit).map(Duration::from_millis).ok_or_else(|| format!("{text:?} is too large"))
+    n.checked_mul(*ms_per_unit).map(Duration::from_millis).ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// Parses a size: an integer number of bytes, or a string such as `"64KiB"`, `"1MB"`.
@@ -615,10 +597,9 @@ impl Config {
         let overlays = if config.agent.remote_config { overlays } else { &[] };
         for (file, overlay) in overlays {
             for (section, values) in overlay {
-                let toml::Value::Table(values) = values else { continue };
-                let entry = table.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                if let toml::Value::Table(t) = entry {
-                    t.extend(values.iter().map(|(k, v)| (k.clone(), v.clone())));
+                let entry = table.entry(section.clone()).or_insert_with(|| toml::Table::new().into());
+                if let (toml::Value::Table(t), toml::Value::Table(values)) = (entry, values) {
+                    t.extend(values.clone());
                 }
             }
             config = Config::from_table(&table, source)
@@ -708,12 +689,9 @@ fn show_path(p: &Path) -> String {
     toml_string(&p.display().to_string())
 }
 
-fn show_maybe_path(p: &Option<PathBuf>) -> String {
-    p.as_deref().map(show_path).unwrap_or_else(|| toml_string(""))
-}
-
-fn show_maybe(s: &Option<String>) -> String {
-    toml_string(s.as_deref().unwrap_or(""))
+/// A path or name that is not set is `""`.
+fn show_maybe<T: AsRef<Path>>(p: &Option<T>) -> String {
+    p.as_ref().map_or_else(|| toml_string(""), |p| show_path(p.as_ref()))
 }
 
 fn show_list(v: &[String]) -> String {
@@ -745,12 +723,9 @@ fn show_files(files: &[FileSpec]) -> String {
 /// Formats a duration in the largest unit that represents it exactly.
 pub fn fmt_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
-        if ms >= size && ms % size == 0 {
-            return format!("{}{unit}", ms / size);
-        }
-    }
-    format!("{ms}ms")
+    let (unit, size) =
+        DURATION_UNITS.iter().find(|(_, n)| ms >= *n as u128 && ms % *n as u128 == 0).unwrap_or(&("ms", 1));
+    format!("{}{unit}", ms / *size as u128)
 }
 
 fn toml_string(s: &str) -> String {

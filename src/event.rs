@@ -13,6 +13,10 @@ use serde_json::value::RawValue;
 
 /// Longest accepted line (without its newline).
 pub const MAX_LINE_BYTES: usize = 1 << 20;
+/// The one maximum record size (bytes of [`Event::lines`]): the queue refuses to append more than it
+/// reads back. An ingest line is longer than its event; the agent bounds its own events where built.
+pub const MAX_RECORD_BYTES: usize = 4 << 20;
+const _: () = assert!(MAX_LINE_BYTES <= MAX_RECORD_BYTES);
 
 /// Modules allowed to send stateful events; the server rejects a whole batch otherwise.
 pub const STATEFUL_MODULES: &[&str] = &["fim", "inventory", "sca", "vulnerability", "command"];

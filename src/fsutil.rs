@@ -38,22 +38,6 @@ pub fn read_nofollow(path: &Path) -> io::Result<Vec<u8>> {
 /// Replaces `path` with `bytes` atomically: a reader (or a crash) sees either the old
 /// content or the new one, never a mix. The new file has `mode` from its first byte on.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    write_atomic_inner(path, bytes, mode, || Ok(()))
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    // The pid keeps two processes (a --register racing a running agent) off each other's file.
-    path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
-}
-
-/// `before_rename` lets the tests stop the sequence where a crash would.
-fn write_atomic_inner(
-    path: &Path,
-    bytes: &[u8],
-    mode: u32,
-    before_rename: impl FnOnce() -> io::Result<()>,
-) -> io::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = temp_path(path);
     (|| {
@@ -65,7 +49,6 @@ fn write_atomic_inner(
         f.write_all(bytes)?;
         // fsync before rename: otherwise a power loss can leave the new name on empty data.
         f.sync_all()?;
-        before_rename()?;
         fs::rename(&tmp, path)?;
         // fsync the directory: the rename itself is only durable once the directory is.
         File::open(dir)?.sync_all()
@@ -73,6 +56,12 @@ fn write_atomic_inner(
     .inspect_err(|_| {
         let _ = fs::remove_file(&tmp);
     })
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    // The pid keeps two processes (a --register racing a running agent) off each other's file.
+    path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
 }
 
 #[cfg(test)]
@@ -91,12 +80,13 @@ mod tests {
     }
 
     #[test]
-    fn crash_before_rename_keeps_old_file() {
+    fn a_failure_before_rename_keeps_old_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("credentials.json");
         write_atomic(&p, b"old", 0o600).unwrap();
-        let err = write_atomic_inner(&p, b"new", 0o600, || Err(io::Error::other("simulated crash")));
-        assert!(err.is_err());
+        // A directory at the temp name (not removable as a file) makes the write fail before the rename.
+        fs::create_dir_all(temp_path(&p).join("x")).unwrap();
+        assert!(write_atomic(&p, b"new", 0o600).is_err());
         assert_eq!(fs::read(&p).unwrap(), b"old");
     }
 

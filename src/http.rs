@@ -99,33 +99,31 @@ pub fn build_agents<const N: usize>(
     let tls = tls_config(server)?;
     let proxy =
         server.proxy.as_deref().map(ureq::Proxy::new).transpose().map_err(|e| HttpError::Proxy(e.to_string()))?;
-    Ok(timeouts.map(|t| agent_with(tls.clone(), proxy.clone(), t)))
-}
-
-fn agent_with(tls: Arc<ClientConfig>, proxy: Option<ureq::Proxy>, timeout: Duration) -> ureq::Agent {
-    let config = ureq::Agent::config_builder()
-        // Statuses are data for classify(), not errors.
-        .http_status_as_error(false)
-        // Redirects are never part of the Wazuh APIs; following one could leak the token.
-        .max_redirects(0)
-        // Explicit: ureq would otherwise read *_PROXY from the environment.
-        .proxy(proxy)
-        .user_agent(user_agent())
-        .timeout_global(Some(timeout))
-        // A dead address must fail fast so failover can move on to the next server.
-        .timeout_connect(Some(timeout.min(Duration::from_secs(10))))
-        // Keep-alive: one idle connection per server is all a thread needs.
-        .max_idle_connections(2)
-        .max_idle_connections_per_host(1)
-        // Servers (and load balancers) drop idle connections after ~60 s; reconnect sooner.
-        .max_idle_age(Duration::from_secs(50))
-        // Small buffers: the agent runs on small hosts; bodies are streamed from memory.
-        .input_buffer_size(16 * 1024)
-        .output_buffer_size(16 * 1024)
-        .build();
-    let connector =
-        ().chain(ConnectProxyConnector::default()).chain(TcpConnector::default()).chain(TlsConnector { config: tls });
-    ureq::Agent::with_parts(config, connector, DefaultResolver::default())
+    Ok(timeouts.map(|timeout| {
+        let config = ureq::Agent::config_builder()
+            // Statuses are data for classify(), not errors.
+            .http_status_as_error(false)
+            // Redirects are never part of the Wazuh APIs; following one could leak the token.
+            .max_redirects(0)
+            // Explicit: ureq would otherwise read *_PROXY from the environment.
+            .proxy(proxy.clone())
+            .user_agent(user_agent())
+            .timeout_global(Some(timeout))
+            // A dead address must fail fast so failover can move on to the next server.
+            .timeout_connect(Some(timeout.min(Duration::from_secs(10))))
+            // Keep-alive: one idle connection per server is all a thread needs.
+            .max_idle_connections(2)
+            .max_idle_connections_per_host(1)
+            // Servers (and load balancers) drop idle connections after ~60 s; reconnect sooner.
+            .max_idle_age(Duration::from_secs(50))
+            // Small buffers: the agent runs on small hosts; bodies are streamed from memory.
+            .input_buffer_size(16 * 1024)
+            .output_buffer_size(16 * 1024)
+            .build();
+        let tls = TlsConnector { config: tls.clone() };
+        let connector = ().chain(ConnectProxyConnector::default()).chain(TcpConnector::default()).chain(tls);
+        ureq::Agent::with_parts(config, connector, DefaultResolver::default())
+    }))
 }
 
 /// A response read to the end (bounded by [`MAX_RESPONSE_BYTES`] or the request's own limit).

@@ -74,7 +74,8 @@ impl Log for Sinks {
     }
 
     fn log(&self, record: &Record) {
-        if is_noisy(record.target()) {
+        let target = record.target();
+        if NOISY.iter().any(|n| target.strip_prefix(n).is_some_and(|r| r.is_empty() || r.starts_with("::"))) {
             return;
         }
         let message = escape(&record.args().to_string());
@@ -103,10 +104,6 @@ pub fn escape(text: &str) -> String {
 /// response bytes, which carry the agent key and tokens. Their failures reach our own log
 /// lines as errors anyway.
 const NOISY: [&str; 3] = ["ureq", "ureq_proto", "rustls"];
-
-fn is_noisy(target: &str) -> bool {
-    NOISY.iter().any(|n| target == *n || target.starts_with(&format!("{n}::")))
-}
 
 /// Sets up logging once. One-shot commands log warnings and errors only (their result is
 /// printed), unless the level asks for debug detail.

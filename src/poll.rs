@@ -1,11 +1,9 @@
 //! The command long-poll thread: keeps one `GET /api/v1/commands` open at all times
 //! (docs/protocol.md, Commands) on its own connection, and hands what arrives to the executor.
-//!
-//! A 408 or a client-side timeout is the normal idle cycle: poll again at once. Errors
-//! back off with full jitter (the first retry included, so a fleet does not stampede a
-//! restarted server). A 200 with a broken body is logged and counted; polling goes on.
-//! A 200 in under [`MIN_HOLD`] with no command it has not forwarded before waits `retry.initial`, as a quick
-//! 408 does (session.rs): no tight loop on a server that answers at once; after a new command, poll at once.
+//! Its session retries failures and refusals. A 200 with a broken body is logged and counted;
+//! polling goes on. A 200 in under [`MIN_HOLD`] with no command it has not forwarded before waits
+//! `retry.initial`, as a quick 408 does (session.rs): no tight loop on a server that answers at
+//! once; after a new command, poll at once.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};

@@ -7,11 +7,10 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
-use serde::Serialize;
 
 use crate::config::{self, Config, UuidVersion, Verify};
 use crate::credentials::{Credentials, CredentialsError, Secret};
-use crate::host::{self, HostInfo};
+use crate::host;
 use crate::http::{self, Attempt, HttpError, Outcome, Request};
 
 /// Environment variable holding the registration password.
@@ -72,17 +71,6 @@ pub enum RegisterError {
     /// The agent was created on the server but its credentials could not be stored.
     #[error("the server registered the agent, but {0}")]
     Store(#[source] CredentialsError),
-}
-
-#[derive(Serialize)]
-struct NewAgent<'a> {
-    id: &'a str,
-    key: &'a str,
-    name: &'a str,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    version: &'static str,
-    host: &'a HostInfo,
 }
 
 /// A new agent key: 32 characters from `[A-Za-z0-9]`, drawn from the OS random source.
@@ -215,18 +203,12 @@ pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, Reg
     // 2. Create the agent.
     let uuid = new_uuid(config.agent.uuid_version);
     let host = host::gather(&config.inventory.root);
-    let body = serde_json::to_vec(&NewAgent {
-        id: &uuid,
-        key: key.expose(),
-        name: &name,
-        kind: "Endpoint",
-        version: crate::VERSION,
-        host: &host,
-    })
-    .map_err(|e| RegisterError::BadAnswer { url: url.clone(), message: e.to_string() })?;
+    let body = serde_json::json!({
+        "id": uuid, "key": key.expose(), "name": name, "type": "Endpoint", "version": crate::VERSION, "host": host,
+    });
     let agents_url = format!("{url}/agents");
     let bearer = format!("Bearer {}", api_token.expose());
-    let result = http::send(&agent, &agents_url, Some(&bearer), &Request::Json(&body), None);
+    let result = http::send(&agent, &agents_url, Some(&bearer), &Request::Json(body.to_string().as_bytes()), None);
     match (http::classify(Attempt::of(&result, false), SystemTime::now(), Duration::ZERO), result) {
         // Only 201 means created (docs/protocol.md, Registration); a 200 could be a proxy or another API.
         (Outcome::Done, Ok(r)) if r.status == 201 => {}

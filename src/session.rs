@@ -1,12 +1,9 @@
 //! The server session: the one call loop around [`http::classify`], for every thread that
 //! talks to the comms API with a token (the uploaders, the command poll, group downloads).
-//!
-//! A call sends the request with the current token until the server takes it or refuses it for
-//! good: on 401/403 it asks the [`TokenCell`] for a new token (one refresh however many threads
-//! ask); when the server looks down, for the next `server.url`; it honours `Retry-After` (within
-//! `retry.initial..=retry.max`), else backs off with full jitter, in waits that end at shutdown.
-//! `retry.*` is read from [`Live`] at every attempt. [`next_step`] decides (pure); [`Session::call`]
-//! waits, logs and counts.
+//! A call resends until the server takes the request or refuses it for good: a new token on
+//! 401/403, the next `server.url` when the server looks down, `Retry-After` honoured within
+//! `retry.initial..=retry.max` (read live), else full-jitter backoff in waits that end at shutdown.
+//! [`next_step`] decides (pure); [`Session::call`] waits, logs and counts.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};

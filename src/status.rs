@@ -174,24 +174,11 @@ pub fn unix(t: SystemTime) -> i64 {
 /// RFC 3339 UTC with milliseconds: `2026-11-26T15:00:00.123Z`.
 pub fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (y, m, day) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem / 60 % 60, rem % 60, d.subsec_millis())
-}
-
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+    // Years past 9999 (only a bogus timestamp has them) do not fit RFC 3339: the last second of 9999 stands in.
+    let max = time::PrimitiveDateTime::MAX.assume_utc();
+    let t = time::OffsetDateTime::from_unix_timestamp(d.as_secs() as i64).unwrap_or(max);
+    let (y, m, day, h, min, s) = (t.year(), t.month() as u8, t.day(), t.hour(), t.minute(), t.second());
+    format!("{y:04}-{m:02}-{day:02}T{h:02}:{min:02}:{s:02}.{:03}Z", d.subsec_millis())
 }
 
 #[cfg(test)]
@@ -205,6 +192,8 @@ mod tests {
             (951_782_400, 5, "2000-02-29T00:00:00.005Z"),
             (1_795_705_200, 123, "2026-11-26T15:00:00.123Z"),
             (4_102_444_799, 999, "2099-12-31T23:59:59.999Z"),
+            // Past year 9999: the last second of 9999.
+            (1 << 40, 7, "9999-12-31T23:59:59.007Z"),
         ];
         for (secs, ms, want) in table {
             let t = UNIX_EPOCH + Duration::from_secs(*secs) + Duration::from_millis(*ms as u64);

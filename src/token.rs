@@ -1,19 +1,14 @@
 //! Token lifecycle (docs/protocol.md, Authentication): authenticate with uuid+key, keep the JWT in memory,
-//! renew it before it expires and at once when another thread reports a 401/403.
-//!
-//! * [`decode_claims`] and [`renewal_delay`] are pure.
-//! * [`TokenCell`] is the one piece of shared state: readers take the current token;
-//!   a reader whose request was refused calls [`TokenCell::refused`] and waits for a newer
-//!   token. However many threads report the same refused token, one refresh is requested.
-//! * [`run`] is the token thread's loop: the only code that calls the authentication
-//!   endpoint, so at most one authentication is ever in flight.
+//! renew it before it expires and at once when another thread reports a 401/403. [`decode_claims`] and
+//! [`renewal_delay`] are pure; [`TokenCell`] is the shared state; [`run`], the token thread, is the only
+//! caller of the authentication endpoint, so at most one authentication is ever in flight.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use crossbeam_channel::{Receiver, Sender, select};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::backoff::Backoff;
 use crate::credentials::{Credentials, Secret};
@@ -221,17 +216,6 @@ impl TokenCell {
     }
 }
 
-#[derive(Serialize)]
-struct AuthRequest<'a> {
-    uuid: &'a str,
-    key: &'a str,
-}
-
-#[derive(Deserialize)]
-struct AuthResponse {
-    token: String,
-}
-
 /// Talks to `POST /api/v1/authentication`, with failover over `server.url`.
 pub struct Authenticator {
     agent: ureq::Agent,
@@ -260,9 +244,8 @@ impl Authenticator {
     /// One authentication round: the current server, then the next ones while they look
     /// down, at most once each. `retry_cap` (`retry.max`) caps a `Retry-After`.
     pub fn authenticate(&mut self, retry_cap: Duration) -> Result<Fresh, TokenError> {
-        let creds = AuthRequest { uuid: &self.credentials.uuid, key: self.credentials.key.expose() };
-        let body = serde_json::to_vec(&creds)
-            .map_err(|e| TokenError::BadAnswer { server: String::new(), message: e.to_string() })?;
+        let (uuid, key) = (&self.credentials.uuid, self.credentials.key.expose());
+        let body = serde_json::json!({"uuid": uuid, "key": key}).to_string().into_bytes();
         let mut tried = 0;
         loop {
             let server = self.servers[self.current].clone();
@@ -271,11 +254,13 @@ impl Authenticator {
             tried += 1;
             let err = match (http::classify(Attempt::of(&result, false), SystemTime::now(), retry_cap), result) {
                 (Outcome::Done, Ok(reply)) => {
-                    let no_token = || format!("{} with a body that has no \"token\"", reply.status);
-                    let parsed: AuthResponse = serde_json::from_slice(&reply.body)
-                        .map_err(|_| TokenError::BadAnswer { server: server.clone(), message: no_token() })?;
-                    let claims = decode_claims(&parsed.token)?;
-                    return Ok(Fresh { jwt: Secret::new(parsed.token), server, claims });
+                    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
+                    let Some(token) = body.get("token").and_then(serde_json::Value::as_str) else {
+                        let message = format!("{} with a body that has no \"token\"", reply.status);
+                        return Err(TokenError::BadAnswer { server, message });
+                    };
+                    let claims = decode_claims(token)?;
+                    return Ok(Fresh { jwt: Secret::new(token.to_string()), server, claims });
                 }
                 (Outcome::Reauth, Ok(r)) => {
                     return Err(TokenError::CredentialsRejected { server, status: r.status, message: r.message() });
@@ -329,7 +314,7 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
         }
         match auth.authenticate(retry.max) {
             Ok(fresh) => {
-                let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+                let unix_now = crate::status::unix(SystemTime::now());
                 let delay = renewal_delay(&fresh.claims, unix_now);
                 let life = lifetime(&fresh.claims, unix_now).unwrap_or(delay);
                 if fresh.claims.iat.is_none() {
@@ -370,6 +355,7 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     impl TokenCell {
         /// True while a refresh has been requested and not yet satisfied.

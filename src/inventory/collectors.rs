@@ -43,8 +43,6 @@ fn read(root: &Path, rel: &str) -> Option<String> {
     std::fs::read_to_string(root.join(rel)).ok()
 }
 
-// ---------------------------------------------------------------------------- system
-
 pub fn collect_system(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     // The first of two sources that exists.
     let first = |rels: [&str; 2]| rels.iter().find_map(|r| source(root, r).transpose()).transpose();
@@ -63,8 +61,6 @@ pub fn collect_system(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     }});
     Ok(vec![Doc { key: name, doc: doc.to_string() }])
 }
-
-// -------------------------------------------------------------------------- hardware
 
 pub fn parse_cpuinfo(text: &str) -> (Option<String>, usize, Option<u64>) {
     let (mut name, mut cores, mut mhz) = (None, 0, None);
@@ -108,8 +104,6 @@ pub fn collect_hardware(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     Ok(vec![Doc { key: serial.unwrap_or_default(), doc: doc.to_string() }])
 }
 
-// -------------------------------------------------------------------------- packages
-
 /// A package from its control fields (dpkg's names; apk's letters are mapped to them).
 fn package(f: &HashMap<&str, String>, format: &str) -> Option<Doc> {
     let field = |k| f.get(k).map(String::as_str);
@@ -129,41 +123,34 @@ fn package(f: &HashMap<&str, String>, format: &str) -> Option<Doc> {
 
 /// dpkg's status file (and opkg's, which has the same stanza format).
 pub fn parse_control_stanzas(text: &str, format: &str) -> Vec<Doc> {
-    let mut out = Vec::new();
-    for stanza in text.split("\n\n") {
-        let mut f: HashMap<&str, String> = HashMap::new();
+    let stanzas = text.split("\n\n").map(|stanza| {
         // Continuation lines (long descriptions) are not needed: first line only.
-        for line in stanza.lines().filter(|l| !l.starts_with([' ', '\t'])) {
-            if let Some((k, v)) = line.split_once(':') {
-                f.insert(k.trim(), v.trim().to_string());
-            }
-        }
-        let status = f.get("Status").map(String::as_str).unwrap_or("");
-        if status.ends_with(" installed") && status.starts_with("install") {
-            out.extend(package(&f, format));
-        }
-    }
-    out
+        let lines = stanza.lines().filter(|l| !l.starts_with([' ', '\t'])).filter_map(|l| l.split_once(':'));
+        lines.map(|(k, v)| (k.trim(), v.trim().to_string())).collect::<HashMap<_, _>>()
+    });
+    let installed = |f: &HashMap<&str, String>| {
+        f.get("Status").is_some_and(|s| s.starts_with("install") && s.ends_with(" installed"))
+    };
+    stanzas.filter(installed).filter_map(|f| package(&f, format)).collect()
 }
 
 /// Alpine's `lib/apk/db/installed`.
 pub fn parse_apk(text: &str) -> Vec<Doc> {
     let names =
         [('P', "Package"), ('V', "Version"), ('A', "Architecture"), ('I', "Installed-Size"), ('T', "Description")];
-    let mut out = Vec::new();
-    for stanza in text.split("\n\n") {
-        let mut f: HashMap<&str, String> = HashMap::new();
+    let stanza = |stanza: &str| {
+        let mut f = HashMap::new();
         for line in stanza.lines() {
             let mut c = line.chars();
             if let (Some(k), Some(':')) = (c.next(), c.next())
                 && let Some((_, name)) = names.iter().find(|(n, _)| *n == k)
             {
-                f.entry(name).or_insert_with(|| c.as_str().to_string());
+                f.entry(*name).or_insert_with(|| c.as_str().to_string());
             }
         }
-        out.extend(package(&f, "apk"));
-    }
-    out
+        package(&f, "apk")
+    };
+    text.split("\n\n").filter_map(stanza).collect()
 }
 
 /// Every supported package database under the root (dpkg, apk, opkg/ipkg). A manager whose
@@ -183,8 +170,6 @@ pub fn collect_packages(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     }
     Ok(out)
 }
-
-// ----------------------------------------------------------------------------- ports
 
 /// `0100007F:0016` → (127.0.0.1, 22); IPv6 as four little-endian 32-bit words.
 pub fn parse_hex_addr(s: &str) -> Option<(IpAddr, u16)> {
@@ -268,8 +253,6 @@ pub fn collect_ports(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     Ok(out)
 }
 
-// -------------------------------------------------------------------------- networks
-
 /// `/proc/net/dev` → interface → (rx bytes, rx packets, rx errs, rx drop, tx bytes, tx packets, tx errs, tx drop).
 pub fn parse_net_dev(text: &str) -> HashMap<String, [u64; 8]> {
     text.lines()
@@ -339,8 +322,6 @@ pub fn collect_networks(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     }
     Ok(out)
 }
-
-// ------------------------------------------------------------------------- processes
 
 pub fn collect_processes(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     let mut out = Vec::new();

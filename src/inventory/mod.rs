@@ -36,6 +36,8 @@ pub const MODULE: Module = Module {
 
 /// Stateful events per durable append (bounded memory per round trip).
 const APPEND_CHUNK: usize = 1000;
+/// Longest document: its notification (it and a reason quoting up to 3 fields) fits a record.
+pub const MAX_DOC_BYTES: usize = crate::event::MAX_RECORD_BYTES / 8;
 
 /// `id` = lowercase hex SHA-1 of `"<agent uuid>:<primary key>"`.
 pub fn doc_id(uuid: &str, key: &str) -> String {
@@ -164,7 +166,8 @@ fn describe(s: &Stored) -> (&'static str, &'static str, String) {
 }
 
 fn notification(doc: &Stored, category: &str, action: &str, kind: &str, reason: String, now: &str) -> Event {
-    let mut data = doc.value();
+    // Bounded again: a removal carries the old document, maybe saved before documents were bounded.
+    let mut data: Value = serde_json::from_str(&bounded(doc.doc.clone(), MAX_DOC_BYTES)).unwrap_or(Value::Null);
     if let Some(o) = data.as_object_mut() {
         let event = json!({"action": action, "category": [category], "type": [kind], "created": now, "reason": reason});
         o.insert("event".into(), event);
@@ -216,6 +219,39 @@ pub fn notifications(changes: &[Change], now: &str) -> Vec<Event> {
     out
 }
 
+/// Every string cut to at most `limit` characters, every array to `limit` elements.
+fn cut(v: &Value, limit: usize) -> Value {
+    match v {
+        Value::String(s) => Value::String(s.chars().take(limit).collect()),
+        Value::Array(a) => a.iter().take(limit).map(|x| cut(x, limit)).collect(),
+        Value::Object(o) => o.iter().map(|(k, x)| (k.clone(), cut(x, limit))).collect(),
+        other => other.clone(),
+    }
+}
+
+/// The document within `max` bytes (pure; docs/events.md, Documents): a longer one gets its strings
+/// and arrays cut to the largest common bound that fits, and `"tags":["truncated"]`. Collectors'
+/// objects have a few fixed keys, so bound 0 fits; else only the tag is left (marked, not vanished).
+pub fn bounded(doc: String, max: usize) -> String {
+    if doc.len() <= max {
+        return doc;
+    }
+    // Collectors build objects with `json!`; anything else would be `{}`: `c["tags"]` cannot panic.
+    let v = serde_json::from_str(&doc).ok().filter(Value::is_object).unwrap_or_else(|| json!({}));
+    let at = |limit| {
+        let mut c = cut(&v, limit);
+        c["tags"] = json!(["truncated"]);
+        Some(c.to_string()).filter(|d| d.len() <= max)
+    };
+    // The size only grows with the limit: binary search for the largest that fits.
+    let (mut fits, mut over) = (0, max + 1);
+    while over - fits > 1 {
+        let mid = (fits + over) / 2;
+        if at(mid).is_some() { fits = mid } else { over = mid }
+    }
+    at(fits).unwrap_or_else(|| r#"{"tags":["truncated"]}"#.into())
+}
+
 /// Runs the enabled collectors: the documents found, by id, and the failed collectors, with why.
 pub fn scan(root: &Path, enabled: &[String], uuid: &str) -> (BTreeMap<String, Stored>, Vec<(String, Unreadable)>) {
     let (mut docs, mut failed) = (BTreeMap::new(), Vec::new());
@@ -230,8 +266,9 @@ pub fn scan(root: &Path, enabled: &[String], uuid: &str) -> (BTreeMap<String, St
             _ => continue,
         };
         match found {
-            Ok(found) => docs
-                .extend(found.into_iter().map(|d| (doc_id(uuid, &d.key), Stored { collector: c.clone(), doc: d.doc }))),
+            Ok(found) => docs.extend(found.into_iter().map(|Doc { key, doc }| {
+                (doc_id(uuid, &key), Stored { collector: c.clone(), doc: bounded(doc, MAX_DOC_BYTES) })
+            })),
             Err(e) => failed.push((c.clone(), e)),
         }
     }
@@ -446,6 +483,64 @@ mod tests {
         assert_eq!(d["event"]["type"], json!(["installation"]));
         assert_eq!(d["package"]["name"], "fresh");
         assert_eq!(installed.header(), r#"{"collector":"packages","module":"inventory"}"#);
+    }
+
+    fn process(args: &[String]) -> String {
+        json!({"process": {"args": args, "command_line": args.join(" "), "name": "sh", "pid": "7"}}).to_string()
+    }
+
+    #[test]
+    fn documents_too_large_are_cut_to_fit_and_marked() {
+        let args = |n: usize, arg: &str| vec![arg.to_string(); n];
+        let table: Vec<(&str, String, usize)> = vec![
+            ("one huge argument", process(&args(1, &"a".repeat(5000))), 1000),
+            ("many tiny arguments", process(&args(5000, "x")), 1000),
+            ("multi-byte characters", process(&args(3, &"é".repeat(2000))), 1001),
+            ("control characters (escaped 6 times longer)", process(&args(2, &"\u{1}".repeat(3000))), 1000),
+            ("at the bound: untouched", process(&args(1, &"a".repeat(50))), 165),
+            ("one byte over the bound", process(&args(1, &"a".repeat(50))), 164),
+        ];
+        for (what, doc, max) in table {
+            let out = bounded(doc.clone(), max);
+            assert!(out.len() <= max, "{what}: {} bytes", out.len());
+            if doc.len() <= max {
+                assert_eq!(out, doc, "{what}");
+                continue;
+            }
+            let (v, orig): (Value, Value) = (serde_json::from_str(&out).unwrap(), serde_json::from_str(&doc).unwrap());
+            assert_eq!(v["tags"], json!(["truncated"]), "{what}");
+            // Fields other than the long ones are kept; the long ones are prefixes of what they were.
+            assert_eq!(
+                (&v["process"]["name"], &v["process"]["pid"]),
+                (&orig["process"]["name"], &orig["process"]["pid"])
+            );
+            let line = v["process"]["command_line"].as_str().unwrap();
+            assert!(orig["process"]["command_line"].as_str().unwrap().starts_with(line), "{what}");
+            assert!(out.len() > max * 3 / 4, "{what}: no more is cut than needed: {out}");
+            let (got, had) = (v["process"]["args"].as_array().unwrap(), orig["process"]["args"].as_array().unwrap());
+            assert!(
+                got.len() <= had.len()
+                    && got.iter().zip(had).all(|(g, h)| h.as_str().unwrap().starts_with(g.as_str().unwrap()))
+            );
+            assert_eq!(bounded(doc, max), out, "{what}: the same document is cut the same way (no spurious update)");
+        }
+    }
+
+    /// Measured: a `processes` document of 20.6 MB was acknowledged and never sent.
+    #[test]
+    fn every_event_of_a_huge_document_fits_a_record() {
+        let doc = bounded(process(&["\u{1}".repeat(1 << 20), "b".repeat(1 << 20)]), MAX_DOC_BYTES);
+        assert!(doc.contains(r#""tags":["truncated"]"#));
+        let s = Stored { collector: "processes".into(), doc };
+        let (a, b) = (Stored { doc: s.doc.replace("\"sh\"", "\"bash\""), ..s.clone() }, s.clone());
+        let changes = [
+            Change::Create { id: "1".into(), new: s },
+            Change::Update { id: "2".into(), new: a },
+            Change::Delete { id: "3".into(), old: b },
+        ];
+        let events = [stateful_events(&changes, "T"), notifications(&changes, "T")].concat();
+        assert_eq!(events.len(), 6);
+        assert!(events.iter().all(|e| e.lines().len() <= crate::event::MAX_RECORD_BYTES));
     }
 
     #[test]

@@ -16,8 +16,8 @@ use crate::event::{Event, Kind};
 
 pub const MAGIC: [u8; 4] = *b"WZQ1";
 pub const FRAME_HEADER: usize = 12;
-/// Larger than any event (lines are at most 1 MiB); a corrupt length never allocates much.
-pub const MAX_PAYLOAD: usize = 4 << 20;
+/// Largest payload: flags, header_len, `event::MAX_RECORD_BYTES` of lines (a corrupt length allocates no more).
+pub const MAX_PAYLOAD: usize = 5 + crate::event::MAX_RECORD_BYTES;
 
 const STATEFUL: u8 = 1;
 const HAS_DATA: u8 = 2;
@@ -48,6 +48,11 @@ pub fn encode(event: &Event, out: &mut Vec<u8>) -> usize {
 /// Size of the frame [`encode`] would write.
 pub fn frame_len(event: &Event) -> usize {
     FRAME_HEADER + 1 + 4 + event.lines().len()
+}
+
+/// Whether [`scan`] would accept the event's frame: the queue writes no other.
+pub fn fits(event: &Event) -> bool {
+    frame_len(event) <= FRAME_HEADER + MAX_PAYLOAD
 }
 
 /// Checks the frame at `pos`; returns its total length if intact.
@@ -188,6 +193,22 @@ mod tests {
                     ranges.iter().enumerate().filter(|(i, _)| *i != hit).map(|(_, r)| r.clone()).collect();
                 assert_eq!(s.frames, kept, "flip {mask:#x} at {pos}");
             }
+        }
+    }
+
+    /// The writer's limit is the reader's: the largest record that fits is read back, one byte
+    /// more does not fit (the queue refuses it instead of acknowledging what it would skip).
+    #[test]
+    fn the_largest_record_that_fits_is_read_back() {
+        let header = r#"{"module":"m"}"#;
+        let sized = |n: usize| Event::new(Kind::Stateless, header, Some(&"x".repeat(n - header.len() - 1)));
+        let (max, over) = (sized(crate::event::MAX_RECORD_BYTES), sized(crate::event::MAX_RECORD_BYTES + 1));
+        assert_eq!(max.lines().len(), crate::event::MAX_RECORD_BYTES);
+        assert!(fits(&max) && !fits(&over));
+        for (e, readable) in [(max, true), (over, false)] {
+            let mut buf = Vec::new();
+            encode(&e, &mut buf);
+            assert_eq!(scan(&buf, 0).frames.len(), usize::from(readable));
         }
     }
 

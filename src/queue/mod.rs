@@ -46,6 +46,9 @@ pub enum QueueError {
     /// `events.queue_max_bytes` would be exceeded; nothing of the request was written.
     #[error("queue full (events.queue_max_bytes = {max} reached); retry later")]
     Full { max: u64 },
+    /// An event is longer than the one maximum record size; neither it nor the rest was written.
+    #[error("an event is longer than the largest record ({} bytes)", crate::event::MAX_RECORD_BYTES)]
+    TooLarge,
     /// A read, write or fsync failed (disk full, I/O error); nothing of the request is durable.
     /// `what` names the operation and the file; shared because one failure answers a whole round.
     #[error("durable queue write failed: {what}: {source}")]
@@ -73,7 +76,7 @@ pub struct Append {
 }
 
 /// The answer to an [`Append`]: the first `stored` events are durable; the rest were
-/// refused for `error` (queue full, or an I/O error that refused them all).
+/// refused for `error` (queue full, the next event too large, or an I/O error that refused them all).
 #[derive(Debug, Clone)]
 pub struct Appended {
     pub stored: usize,
@@ -94,8 +97,8 @@ pub fn append_and_wait(queue: &Sender<Append>, events: Vec<Event>, timeout: std:
 }
 
 /// Shutdown: keeps stateless events that could not be sent in the durable queue for the
-/// next start. Counts them as dropped if even that fails. Tracked events are not kept: their
-/// sources did not move past them and read them again (a file is its own buffer).
+/// next start. Those it cannot keep are logged and counted as dropped, exactly. Tracked
+/// events are not kept: their sources did not move past them and read them again.
 pub fn spill(queue: &Sender<Append>, mut events: Vec<Event>, stats: &Stats, what: &str) {
     let all = events.len();
     events.retain(|e| !e.is_tracked());
@@ -106,13 +109,19 @@ pub fn spill(queue: &Sender<Append>, mut events: Vec<Event>, stats: &Stats, what
     if n == 0 {
         return;
     }
+    // The queue stops at a record too large: set aside, such records do not cost the rest.
+    let (events, big): (Vec<Event>, Vec<Event>) = events.into_iter().partition(format::fits);
     // 10 s: one group commit; a queue that takes longer is stuck on a dying disk.
-    if append_and_wait(queue, events, std::time::Duration::from_secs(10)).all_stored(n) {
-        log::info!("saved {n} unsent stateless events ({what}) to the durable queue for the next start");
+    let r = append_and_wait(queue, events, std::time::Duration::from_secs(10));
+    let (saved, lost) = (r.stored, n - r.stored);
+    let big = (!big.is_empty()).then(|| format!("{} longer than the largest record", big.len()));
+    let why = r.error.map(|e| e.to_string()).into_iter().chain(big).collect::<Vec<_>>().join("; ");
+    if lost > 0 {
+        log::error!("saved {saved} of {n} unsent stateless events ({what}); the other {lost} are lost ({why})");
     } else {
-        log::error!("could not save {n} unsent stateless events ({what}) at shutdown; they are lost");
-        Stats::add(&stats.dropped, n as u64);
+        log::info!("saved {n} unsent stateless events ({what}) to the durable queue for the next start");
     }
+    Stats::add(&stats.dropped, lost as u64);
 }
 
 /// Events read back for delivery. All of one kind (one endpoint).
@@ -304,14 +313,15 @@ impl QueueStore {
         (self.backlog_records, self.backlog_bytes)
     }
 
-    /// Writes the longest prefix of `events` under `queue_max_bytes` and returns its length (not
-    /// durable before [`sync`](Self::sync)). `Err` only for I/O: then [`rollback`](Self::rollback).
+    /// Writes the longest prefix of `events` under `queue_max_bytes` with no record too large and returns
+    /// its length (not durable before [`sync`](Self::sync)). `Err` only for I/O: then [`rollback`](Self::rollback).
     pub fn append(&mut self, events: &[Event]) -> Result<usize, QueueError> {
         let (mut fit, mut total) = (0, 0u64);
         let mut buf = Vec::new();
         for e in events {
             let n = format::frame_len(e) as u64;
-            if self.backlog_bytes + total + n > self.max_bytes {
+            // Never written: the reader would skip it as damaged after it was acknowledged.
+            if !format::fits(e) || self.backlog_bytes + total + n > self.max_bytes {
                 break;
             }
             let seg_len = self.active_len + buf.len() as u64;
@@ -540,8 +550,9 @@ fn serve_appends(store: &mut QueueStore, first: Append, more: &Receiver<Append>)
     let written: Result<Vec<usize>, QueueError> = round.iter().map(|a| store.append(&a.events)).collect();
     match written.and_then(|stored| store.sync().map(|()| stored)) {
         Ok(stored) => {
+            let full = QueueError::Full { max: store.max_bytes };
             for (a, n) in round.into_iter().zip(stored) {
-                let error = (n < a.events.len()).then_some(QueueError::Full { max: store.max_bytes });
+                let error = a.events.get(n).map(|e| if format::fits(e) { full.clone() } else { QueueError::TooLarge });
                 // A producer that gave up waiting is not an error of the queue.
                 let _ = a.reply.send(Appended { stored: n, error });
             }
@@ -825,6 +836,51 @@ mod tests {
         assert_eq!(q.backlog().0, 1);
         drop(q);
         assert_eq!(drain(&mut open(dir.path()), LIMITS), [ev(0, Kind::Stateful)]);
+    }
+
+    /// A stateless event whose lines are `n` bytes long.
+    fn lines_of(n: usize) -> Event {
+        let header = r#"{"module":"m"}"#;
+        Event::new(Kind::Stateless, header, Some(&"x".repeat(n - header.len() - 1)))
+    }
+
+    /// Measured: a record over the reader's limit was acknowledged, then skipped as damaged.
+    #[test]
+    fn a_record_too_large_to_read_back_is_refused_not_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = open(dir.path());
+        let (small, big) = (ev(0, Kind::Stateful), lines_of(crate::event::MAX_RECORD_BYTES + 1));
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        tx.send(Append { events: vec![small.clone(), big, ev(1, Kind::Stateful)], reply }).unwrap();
+        serve_appends(&mut q, rx.recv().unwrap(), &rx);
+        let a = answer.recv().unwrap();
+        assert_eq!(a.stored, 1, "stored up to the record too large");
+        assert!(matches!(a.error, Some(QueueError::TooLarge)), "{a:?}");
+        assert_eq!(q.backlog().0, 1);
+        drop(q);
+        assert_eq!(drain(&mut open(dir.path()), LIMITS), [small]);
+    }
+
+    /// Measured: 255 events spilled under the cap were logged and counted as lost with the rest.
+    #[test]
+    fn a_spill_counts_exactly_what_it_could_not_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = lines_of(1000);
+        let mut q =
+            QueueStore::open(dir.path(), format::frame_len(&one) as u64 * 3, Arc::new(Stats::default())).unwrap();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let server = std::thread::spawn(move || {
+            serve_appends(&mut q, rx.recv().unwrap(), &rx);
+            q
+        });
+        // 3 of the 5 that fit under the cap are saved; the 2 others and the too large one are lost.
+        let mut events = vec![one.clone(); 5];
+        events.insert(1, lines_of(crate::event::MAX_RECORD_BYTES + 1));
+        let stats = Stats::default();
+        spill(&tx, events, &stats, "test");
+        assert_eq!(stats.dropped.load(Relaxed), 3);
+        assert_eq!(server.join().unwrap().backlog().0, 3);
     }
 
     #[test]

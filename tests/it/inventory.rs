@@ -193,3 +193,41 @@ fn an_unreadable_package_database_keeps_the_packages() {
     agent.signal(libc::SIGTERM);
     agent.wait_exit(Duration::from_secs(10));
 }
+
+/// Measured: a `processes` document of 20.6 MB (a huge argument list) was acknowledged by the
+/// queue, then skipped as damaged on read-back and never sent. Now it arrives cut and marked.
+#[test]
+fn a_process_with_a_huge_command_line_arrives_truncated_and_marked() {
+    let env = Env::new();
+    let root = env.dir.path().join("host");
+    write(&root, "proc/stat", "btime 1764140000\n");
+    for (pid, name, cmdline) in
+        [(1, "init", "/sbin/init\0".to_string()), (4242, "big", format!("/bin/big\0{}\0-v\0", "A".repeat(6 << 20)))]
+    {
+        write(
+            &root,
+            &format!("proc/{pid}/stat"),
+            &format!("{pid} ({name}) S 1 0 0 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 100 0 0\n"),
+        );
+        write(&root, &format!("proc/{pid}/cmdline"), &cmdline);
+        write(&root, &format!("proc/{pid}/status"), "Uid:\t0\t0\t0\t0\n");
+    }
+    env.write_config(&format!(
+        "events.batch_interval = \"50ms\"\ninventory.enabled = true\ninventory.root = {:?}\ninventory.collectors = [\"processes\"]",
+        root.display().to_string()
+    ));
+    let mut agent = env.running_agent();
+    assert!(env.mock.wait_until(Duration::from_secs(30), |_| inventory_events(&env).len() >= 2), "{}", agent.log());
+    let docs = env.mock.stateful_events();
+    let process = |pid: &str| docs.iter().filter_map(|e| e.data.as_ref()).find(|d| d["process"]["pid"] == pid).unwrap();
+    let (small, big) = (process("1"), process("4242"));
+    assert!(small.get("tags").is_none(), "{small}");
+    assert_eq!(small["process"]["command_line"], "/sbin/init");
+    assert_eq!(big["tags"], serde_json::json!(["truncated"]));
+    assert_eq!((&big["process"]["name"], &big["process"]["args"][0]), (&"big".into(), &"/bin/big".into()));
+    let line = big["process"]["command_line"].as_str().unwrap();
+    assert!(line.starts_with("/bin/big AAAA") && line.len() > 100_000, "{} bytes", line.len());
+    assert!(big.to_string().len() <= wazuh_agent::inventory::MAX_DOC_BYTES + 64, "{} bytes", big.to_string().len());
+    agent.signal(libc::SIGTERM);
+    agent.wait_exit(Duration::from_secs(10));
+}

@@ -273,6 +273,39 @@ fn sigterm_spills_unsent_stateless_events_and_the_next_start_delivers_them() {
     assert_eq!(unique(stateful_ids(&env.mock)), (50, 0));
 }
 
+/// Measured: with the queue capped, a shutdown spill that saved part of the events logged (and
+/// counted) them all as lost. Now the log counts exactly, and the next start delivers the saved ones.
+#[test]
+fn a_partial_spill_counts_exactly_what_was_saved_and_what_was_lost() {
+    let env = Env::new();
+    env.write_config(&format!("{FAST}\nevents.batch_max_bytes = \"4KiB\"\nevents.queue_max_bytes = \"16KiB\""));
+    let mut agent = env.running_agent();
+    env.mock.set_down(true);
+    env.send_ok(&lines((0..500).map(stateless)));
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(15)), Some(0), "{}", agent.log());
+    // One line per spill (the batcher's buffer, an uploader's batch in flight):
+    // "saved N unsent …" or "saved S of N unsent …; the other L are lost (…)".
+    let log = agent.log();
+    let (mut saved, mut lost) = (0, 0);
+    for line in log.lines().filter(|l| l.contains("unsent stateless events")) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == "saved").unwrap();
+        let n: usize =
+            if words[at + 2] == "of" { words[at + 3].parse().unwrap() } else { words[at + 1].parse().unwrap() };
+        let s: usize = words[at + 1].parse().unwrap();
+        let l = words.iter().position(|w| *w == "other").map_or(0, |i| words[i + 1].parse().unwrap());
+        assert_eq!(s + l, n, "{line}");
+        (saved, lost) = (saved + s, lost + l);
+    }
+    assert_eq!(saved + lost, 500, "{log}");
+    assert!(saved > 0 && lost > 0, "{log}");
+    env.mock.set_down(false);
+    let _agent = env.running_agent();
+    assert!(env.mock.wait_until(Duration::from_secs(20), |m| m.stateless_events().len() >= saved));
+    assert_eq!(unique(originals(&env.mock)), (saved, 0));
+}
+
 #[test]
 fn gzip_bodies_are_accepted() {
     let env = Env::new();
