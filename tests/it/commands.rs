@@ -340,3 +340,34 @@ fn a_hold_that_ends_at_once_is_not_polled_in_a_tight_loop() {
     env.mock.enqueue_command(&me, command("q-1", "no-such-action", json!({}), None));
     assert_eq!(result_of(&env.mock, "q-1", Duration::from_secs(10)).0, 1);
 }
+
+#[test]
+fn commands_after_a_restart_in_the_same_answer_run_after_it_once() {
+    let (env, mut agent, me) = setup(Duration::from_millis(300));
+    let pid = agent.child.id();
+    env.mock.set_file("g1.yml", b"{}\n");
+    // A slow download: run by the old process, the shutdown would cut it.
+    env.mock.inject(Fault { path: "/api/v1/files".into(), times: 1, action: FaultAction::Delay { ms: 500 } });
+    let answer = vec![
+        command("r-a", "restart", json!({}), None),
+        command("sg-a", "set-group", json!({"groups": ["g1"]}), None),
+        command("bad-a", "no-such-action", json!({}), None),
+    ];
+    env.mock.enqueue_commands(&me, answer);
+    let (code, message) = result_of(&env.mock, "r-a", Duration::from_secs(30));
+    assert_eq!((code, message), (0, format!("agent restarted (pid {pid})")));
+    let (code, message) = result_of(&env.mock, "sg-a", Duration::from_secs(20));
+    assert_eq!(code, 0, "{message}");
+    assert!(message.starts_with("groups set to g1"), "{message}");
+    assert_eq!(result_of(&env.mock, "bad-a", Duration::from_secs(20)), (1, "Command is not valid".to_string()));
+    // A later command's result: every result queued before it is in.
+    env.mock.enqueue_command(&me, command("last", "no-such-action", json!({}), None));
+    result_of(&env.mock, "last", Duration::from_secs(20));
+    let results = env.mock.command_results();
+    for id in ["r-a", "sg-a", "bad-a", "last"] {
+        assert_eq!(results.iter().filter(|r| r.0 == id).count(), 1, "{id} reported once: {results:?}");
+    }
+    let log = agent.log();
+    assert_eq!(log.matches(" starting as ").count(), 2, "restarted once: {log}");
+    assert!(agent.child.try_wait().unwrap().is_none(), "still running");
+}
