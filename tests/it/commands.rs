@@ -342,6 +342,27 @@ fn a_hold_that_ends_at_once_is_not_polled_in_a_tight_loop() {
 }
 
 #[test]
+fn sigterm_during_a_restart_stops_the_agent_instead() {
+    let (env, mut agent, me) = setup(Duration::from_millis(300));
+    // The server stalls every events request: the restart's shutdown waits out its delivery grace.
+    let stall = FaultAction::Delay { ms: 20_000 };
+    env.mock.inject(Fault { path: "/api/v1/events".into(), times: 1_000, action: stall });
+    env.send_ok(&lines([stateless(1)]));
+    env.mock.enqueue_command(&me, command("r-term", "restart", json!({}), None));
+    assert!(
+        wait_for(Duration::from_secs(15), || agent.log().contains("restart command received, restarting")),
+        "{}",
+        agent.log()
+    );
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(30)), Some(0), "stopped as on SIGTERM: {}", agent.log());
+    let log = agent.log();
+    // The pid stays across an exec: exited means no second instance runs.
+    assert_eq!(log.matches(" starting as ").count(), 1, "no second instance started: {log}");
+    assert!(log.contains("a stop signal came during the restart; stopping instead"), "{log}");
+}
+
+#[test]
 fn commands_after_a_restart_in_the_same_answer_run_after_it_once() {
     let (env, mut agent, me) = setup(Duration::from_millis(300));
     let pid = agent.child.id();
