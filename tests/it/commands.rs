@@ -392,3 +392,30 @@ fn commands_after_a_restart_in_the_same_answer_run_after_it_once() {
     assert_eq!(log.matches(" starting as ").count(), 2, "restarted once: {log}");
     assert!(agent.child.try_wait().unwrap().is_none(), "still running");
 }
+
+#[test]
+fn a_command_still_queued_at_sigterm_runs_at_the_next_start() {
+    let (env, mut agent, me) = setup(Duration::from_millis(300));
+    env.mock.set_file("g1.yml", b"{}\n");
+    // The first command holds the executor, so the second waits in its queue.
+    env.mock.inject(Fault { path: "/api/v1/files".into(), times: 1, action: FaultAction::Delay { ms: 3000 } });
+    let answer = vec![
+        command("busy", "set-group", json!({"groups": ["g1"]}), Some(60)),
+        command("queued", "no-such-action", json!({}), None),
+    ];
+    env.mock.enqueue_commands(&me, answer);
+    assert!(wait_for(Duration::from_secs(10), || agent.log().contains("running command busy")), "{}", agent.log());
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)), Some(0), "{}", agent.log());
+    let log = agent.log();
+    assert!(log.contains("command queued (no-such-action) is stored"), "{log}");
+    assert!(!log.contains("running command queued"), "not run at shutdown: {log}");
+    let _again = env.running_agent();
+    assert_eq!(result_of(&env.mock, "queued", Duration::from_secs(20)), (1, "Command is not valid".to_string()));
+    env.mock.enqueue_command(&me, command("last", "no-such-action", json!({}), None));
+    result_of(&env.mock, "last", Duration::from_secs(20));
+    let results = env.mock.command_results();
+    for id in ["busy", "queued", "last"] {
+        assert_eq!(results.iter().filter(|r| r.0 == id).count(), 1, "{id} reported once: {results:?}");
+    }
+}
