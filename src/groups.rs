@@ -182,6 +182,17 @@ fn next_generation(data_dir: &Path) -> u64 {
 
 /// Replaces the whole set with `files` (`(group, content)`, in group order), atomically.
 pub fn install(data_dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), GroupError> {
+    // The same set again (a repeated command): nothing to write, the flash is spared.
+    let dir = shared_dir(data_dir);
+    let same = |(g, content): &(String, Vec<u8>)| {
+        crate::fsutil::read_nofollow(&dir.join(format!("{g}.yml"))).is_ok_and(|c| c == *content)
+    };
+    if current(data_dir).iter().eq(files.iter().map(|(g, _)| g))
+        && files.iter().all(same)
+        && fs::read_link(&dir).is_ok()
+    {
+        return Ok(());
+    }
     let generation = next_generation(data_dir);
     let gen_dir = data_dir.join(format!("shared.{generation}"));
     fs::create_dir(&gen_dir).map_err(io_err(&gen_dir))?;
@@ -358,6 +369,13 @@ i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
             .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("shared."))
             .count();
         assert_eq!(gens, 1);
+        // The same set again writes nothing; another content does.
+        let link = || fs::read_link(shared_dir(d)).unwrap();
+        let before = link();
+        install(d, &[("g3".into(), b"c: 3\n".to_vec())]).unwrap();
+        assert_eq!(link(), before, "an identical set is not written again");
+        install(d, &[("g3".into(), b"c: 4\n".to_vec())]).unwrap();
+        assert_ne!(link(), before);
     }
 
     #[test]

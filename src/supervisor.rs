@@ -408,6 +408,7 @@ fn start_commands(
         }),
         queue: p.append_tx.clone(),
         control: control_tx,
+        last_groups: Default::default(),
     };
     s.workers.spawn("executor", move || executor::run(exec, command_rx, commands_stop_rx))?;
     Ok((control_rx, commands_stop_tx))
