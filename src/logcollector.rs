@@ -4,7 +4,8 @@
 //! Files are polled every `poll_interval` (one wakeup per interval, no busy loop). Each
 //! followed file keeps its open handle, so after a rename the rest of the old file is
 //! still read under the name it was opened with, before the new file is followed from its
-//! start. A file that shrank was truncated (copytruncate): it is read again from 0.
+//! start. A file that shrank or whose first bytes changed was truncated (copytruncate): it is
+//! read again from 0.
 //! The events of each read carry one delivery receipt ([`Receipt`]): a file's saved offset
 //! moves only past reads whose every line the server took, so an outage, a `kill -9` or a
 //! power loss means a resend, never a loss. While the pipeline is full the file is not read
@@ -130,6 +131,10 @@ struct Followed {
     /// Set when the path now names another file (rotation) or nothing (deletion): read
     /// this handle to its end, wait until the server took all of it, then drop it.
     draining: bool,
+    /// Length and CRC-32 of the first bytes as last seen: a file truncated and written again
+    /// past `offset` before a poll saw it shrink (a reader held back by an outage) starts
+    /// with other bytes.
+    fp: (usize, u32),
 }
 
 impl Followed {
@@ -233,7 +238,8 @@ impl Collector {
             None => 0,
         };
         let (dev, ino, partial, in_flight) = (meta.dev(), meta.ino(), Vec::new(), VecDeque::new());
-        Some(Followed { file, dev, ino, offset, partial, in_flight, acked: offset, draining: false })
+        let fp = fingerprint(&mut file, FINGERPRINT_BYTES).unwrap_or((0, 0));
+        Some(Followed { file, dev, ino, offset, partial, in_flight, acked: offset, draining: false, fp })
     }
 
     /// One poll of every file. Sends events through `sink`; returns false if the
@@ -305,7 +311,13 @@ impl Collector {
         let Some(f) = self.followed.get_mut(path) else { return Some(true) };
         let Ok(len) = f.file.metadata().map(|m| m.len()) else { return Some(true) };
         f.advance();
-        if f.offset.saturating_sub(f.acked) >= IN_FLIGHT {
+        // Shrunk, or starts with other bytes: truncated (and maybe written again since). Checked
+        // before the limit below, which can hold the reader back for as long as an outage lasts.
+        let truncated = len < f.offset || fingerprint(&mut f.file, f.fp.0).is_ok_and(|fp| fp != f.fp);
+        if f.fp.0 < FINGERPRINT_BYTES || truncated {
+            f.fp = fingerprint(&mut f.file, FINGERPRINT_BYTES).unwrap_or(f.fp);
+        }
+        if !truncated && f.offset.saturating_sub(f.acked) >= IN_FLIGHT {
             // Enough of this file waits for the server: read on once some of it is acknowledged.
             return Some(false);
         }
@@ -326,7 +338,7 @@ impl Collector {
             Stats::add(&stats.received, if taken { n } else { 0 });
             taken
         };
-        if len < f.offset {
+        if truncated {
             // Truncated in place (copytruncate): the unfinished line goes out as it is. What
             // is in flight was before the truncation: its acknowledgement means offset 0 now.
             log::info!("logcollector: {path} was truncated; reading it again from the start");

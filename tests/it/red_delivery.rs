@@ -100,7 +100,6 @@ fn two_rotations_during_an_outage_lose_no_file() {
 /// copytruncate while an outage holds the reader back, and the application writes more than
 /// the agent had read before the server is back: the new content must be read from 0.
 #[test]
-#[ignore = "reproduces: copytruncate during an outage, file regrows past the read offset: head of the new content lost"]
 fn copytruncate_during_an_outage_reads_the_new_content_from_its_start() {
     let (env, logs) = setup(&["app.log"], "");
     let log = logs.join("app.log");
@@ -125,7 +124,6 @@ fn copytruncate_during_an_outage_reads_the_new_content_from_its_start() {
 /// Same, with short lines: the reader is held back by the full ring (blocked in its send),
 /// not by its per-file limit.
 #[test]
-#[ignore = "reproduces: copytruncate while the ring is full, file regrows past the read offset: head of the new content lost"]
 fn copytruncate_while_the_ring_is_full_reads_the_new_content_from_its_start() {
     let (env, logs) = setup(&["app.log"], "");
     let log = logs.join("app.log");
