@@ -164,3 +164,210 @@ fn a_clean_stop_after_a_rotation_during_an_outage_loses_nothing() {
     assert_eq!(missing(&env, "new", 2000, Duration::from_secs(20)), 0, "the new file");
     assert_eq!(missing(&env, "old", 2000, Duration::from_secs(5)), 0, "the rotated-away file");
 }
+
+/// Distinct and duplicate counts of received lines starting with `prefix-`.
+fn dup_count(env: &Env, prefix: &str) -> (usize, usize) {
+    let p = format!("{prefix}-");
+    unique(received(env).into_iter().filter(|l| l.starts_with(&p)).collect())
+}
+
+/// `field` of /proc/<pid>/status in kB.
+fn proc_kb(pid: u32, field: &str) -> u64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0 };
+    status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
+}
+
+fn state(env: &Env) -> serde_json::Value {
+    let state = std::fs::read_to_string(env.dir.path().join("run/state.json")).unwrap();
+    serde_json::from_str(&state).unwrap()
+}
+
+/// `kill -9` while the backlog of an outage drains (the server is back and taking lines):
+/// the next start resends from the saved offset, nothing is lost.
+#[test]
+fn a_kill_during_the_drain_after_an_outage_loses_nothing() {
+    let (env, logs) = setup(&["app.log"], "");
+    let log = logs.join("app.log");
+    let agent = env.running_agent();
+    env.mock.set_down(true);
+    append(&log, &lines_of("d", 0..80_000));
+    assert!(wait_for(Duration::from_secs(10), || follows(&agent, &log)));
+    std::thread::sleep(Duration::from_millis(500));
+    // Slow the drain so the kill lands in the middle of it.
+    let action = wazuh_mock_server::FaultAction::Delay { ms: 30 };
+    env.mock.inject(wazuh_mock_server::Fault { path: "/api/v1/events/stateless".into(), times: u32::MAX, action });
+    env.mock.set_down(false);
+    assert!(wait_for(Duration::from_secs(20), || indices(&env, "d").len() >= 20_000));
+    drop(agent);
+    let before = received(&env).len();
+    let agent = env.spawn_agent();
+    assert_eq!(missing(&env, "d", 80_000, Duration::from_secs(40)), 0, "log: {}", agent.log());
+    let (distinct, dups) = dup_count(&env, "d");
+    eprintln!("{before} received before the kill; {distinct} distinct, {dups} duplicates");
+}
+
+/// SIGTERM while the server is down and the file keeps growing; the next start resends.
+#[test]
+fn a_stop_during_an_outage_with_a_growing_file_loses_nothing() {
+    let (env, logs) = setup(&["app.log"], "");
+    let log = logs.join("app.log");
+    let mut agent = env.running_agent();
+    env.mock.set_down(true);
+    let writer = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for k in 0..40 {
+                append(&log, &lines_of("g", k * 1000..(k + 1) * 1000));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)), Some(0));
+    writer.join().unwrap();
+    env.mock.set_down(false);
+    let agent = env.running_agent();
+    assert_eq!(missing(&env, "g", 40_000, Duration::from_secs(30)), 0, "log: {}", agent.log());
+    assert_eq!(dup_count(&env, "g").1, 0, "nothing was accepted before the stop");
+}
+
+/// A server that refuses one line (400): the line is isolated into rejected.ndjson, the others
+/// delivered, and the offset moves past all of them (a restart resends nothing).
+#[test]
+fn a_refused_line_counts_as_done_and_the_offset_moves() {
+    let (env, logs) = setup(&["app.log"], "");
+    let log = logs.join("app.log");
+    env.mock.set_poison(Some("POISON"));
+    let mut agent = env.running_agent();
+    append(&log, &lines_of("r", 0..500));
+    append(&log, "r-500-POISON\n");
+    append(&log, &lines_of("r", 501..1000));
+    assert_eq!(missing(&env, "r", 1000, Duration::from_secs(5)), 1, "all but the poisoned line");
+    let rejected = env.data_dir().join("rejected.ndjson");
+    assert!(
+        wait_for(Duration::from_secs(10), || std::fs::read_to_string(&rejected).is_ok_and(|s| s.contains("POISON")))
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)), Some(0));
+    let agent = env.running_agent();
+    append(&log, &lines_of("s", 0..10));
+    assert_eq!(missing(&env, "s", 10, Duration::from_secs(10)), 0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(dup_count(&env, "r").1, 0, "resent after the restart; log: {}", agent.log());
+    let n = std::fs::read_to_string(&rejected).unwrap().lines().filter(|l| l.contains("r-500-POISON")).count();
+    assert_eq!(n, 1, "the refused line was sent again");
+}
+
+/// A server that answers 413 to every stateless body: every line ends in rejected.ndjson,
+/// the file is not stuck and a restart does not resend.
+#[test]
+fn a_server_that_always_answers_413_does_not_stall_the_file() {
+    let (env, logs) = setup(&["app.log"], "");
+    let log = logs.join("app.log");
+    let action = wazuh_mock_server::FaultAction::Status { code: 413, retry_after: None, body: None };
+    env.mock.inject(wazuh_mock_server::Fault { path: "/api/v1/events/stateless".into(), times: u32::MAX, action });
+    let mut agent = env.running_agent();
+    append(&log, &lines_of("t", 0..40));
+    let rejected = env.data_dir().join("rejected.ndjson");
+    let count = || std::fs::read_to_string(&rejected).map_or(0, |s| s.lines().count());
+    assert!(wait_for(Duration::from_secs(20), || count() >= 40), "{} of 40 rejected", count());
+    std::thread::sleep(Duration::from_millis(1500));
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)), Some(0));
+    let _agent = env.running_agent();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(count(), 40, "lines refused for good were sent again after a restart");
+}
+
+/// Socket producers flood under drop_oldest while a file is followed and the server is slow:
+/// no file line is dropped and `events.dropped` counts socket events only.
+#[test]
+fn a_socket_flood_under_drop_oldest_drops_no_file_line_and_counts_only_sockets() {
+    let (env, logs) = setup(&["app.log"], "events.buffer_events = 2000\nevents.overflow = \"drop_oldest\"");
+    let log = logs.join("app.log");
+    let action = wazuh_mock_server::FaultAction::Delay { ms: 100 };
+    env.mock.inject(wazuh_mock_server::Fault { path: "/api/v1/events/stateless".into(), times: 40, action });
+    let mut agent = env.running_agent();
+    append(&log, &lines_of("f", 0..20_000));
+    let mut sent = 0;
+    for round in 0..10 {
+        let reply = env.send_ok(&lines((round * 2000..(round + 1) * 2000).map(stateless)));
+        sent += reply["accepted"].as_u64().unwrap() as usize;
+    }
+    assert_eq!(missing(&env, "f", 20_000, Duration::from_secs(30)), 0);
+    // Let the ring drain completely so nothing is spilled at the stop.
+    std::thread::sleep(Duration::from_secs(2));
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)), Some(0));
+    let got = unique(received(&env).into_iter().filter(|l| l.starts_with("msg-")).collect()).0;
+    let dropped = state(&env)["events"]["dropped"].as_u64().unwrap() as usize;
+    eprintln!("socket events sent {sent}, received {got}, dropped {dropped}");
+    assert_eq!(got + dropped, sent, "dropped must count exactly the socket events lost");
+}
+
+/// A file deleted while its lines wait for the server: the open handle is read and delivered.
+#[test]
+fn a_file_deleted_during_an_outage_is_still_delivered() {
+    let (env, logs) = setup(&["app.log"], "");
+    let log = logs.join("app.log");
+    let agent = env.running_agent();
+    env.mock.set_down(true);
+    append(&log, &lines_of("del", 0..30_000));
+    assert!(wait_for(Duration::from_secs(10), || follows(&agent, &log)));
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::remove_file(&log).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    env.mock.set_down(false);
+    assert_eq!(missing(&env, "del", 30_000, Duration::from_secs(20)), 0);
+}
+
+/// 150 files, a slow server: every line of every file arrives.
+#[test]
+fn many_files_with_a_slow_server_lose_nothing() {
+    let (env, logs) = setup(&["*.log"], "");
+    for f in 0..150 {
+        append(&logs.join(format!("f{f:03}.log")), &lines_of(&format!("m{f:03}"), 0..200));
+    }
+    let action = wazuh_mock_server::FaultAction::Delay { ms: 20 };
+    env.mock.inject(wazuh_mock_server::Fault { path: "/api/v1/events/stateless".into(), times: u32::MAX, action });
+    let _agent = env.running_agent();
+    for f in (0..150).step_by(7) {
+        append(&logs.join(format!("f{f:03}.log")), &lines_of(&format!("m{f:03}"), 200..400));
+    }
+    let want = 150 * 200 + 22 * 200;
+    let distinct = || unique(received(&env)).0;
+    assert!(wait_for(Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_millis(500));
+        distinct() >= want
+    }));
+    let got: std::collections::BTreeSet<String> = received(&env).into_iter().collect();
+    for f in 0..150 {
+        let n = if f % 7 == 0 { 400 } else { 200 };
+        let lost = (0..n).filter(|i| !got.contains(&format!("m{f:03}-{i}"))).count();
+        assert_eq!(lost, 0, "file {f}");
+    }
+}
+
+/// Lines of 512 KiB of control characters (six times as long in JSON) while the server is
+/// down and the file keeps growing: peak memory stays within the documented 32 MiB.
+#[test]
+fn escaped_long_lines_during_an_outage_stay_within_32_mib() {
+    let (env, logs) = setup(&["app.log"], "logcollector.max_line_bytes = \"512KiB\"");
+    let log = logs.join("app.log");
+    let agent = env.running_agent();
+    let pid = agent.child.id();
+    env.mock.set_down(true);
+    let line = "\u{1}".repeat(512 << 10);
+    for i in 0..40 {
+        append(&log, &format!("big-{i}-{line}\n"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let peak = proc_kb(pid, "VmHWM:");
+    eprintln!("VmHWM {peak} kB");
+    env.mock.set_down(false);
+    assert_eq!(missing(&env, "big", 40, Duration::from_secs(30)), 0);
+    assert!(peak <= 32 * 1024, "VmHWM {peak} kB");
+}
