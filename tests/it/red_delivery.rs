@@ -371,3 +371,25 @@ fn escaped_long_lines_during_an_outage_stay_within_32_mib() {
     assert_eq!(missing(&env, "big", 40, Duration::from_secs(30)), 0);
     assert!(peak <= 32 * 1024, "VmHWM {peak} kB");
 }
+
+/// 200 files with a backlog each (start = beginning): once everything is delivered the agent
+/// must not keep a read buffer per file (each read allocates up to 256 KiB).
+#[test]
+#[ignore = "reproduces: each followed file keeps its last read buffer (up to 256 KiB) as the partial-line Vec"]
+fn many_caught_up_files_do_not_keep_a_read_buffer_each() {
+    let (env, logs) = setup(&["*.log"], "");
+    for f in 0..200 {
+        append(&logs.join(format!("f{f:03}.log")), &wide_lines(&format!("k{f:03}"), 0..300, 1000));
+    }
+    let agent = env.running_agent();
+    let pid = agent.child.id();
+    let want = 200 * 300;
+    assert!(wait_for(Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_millis(500));
+        received(&env).len() >= want
+    }));
+    std::thread::sleep(Duration::from_secs(2));
+    let (rss, peak) = (proc_kb(pid, "VmRSS:"), proc_kb(pid, "VmHWM:"));
+    eprintln!("200 files caught up: VmRSS {rss} kB, VmHWM {peak} kB");
+    assert!(rss <= 32 * 1024 && peak <= 32 * 1024, "VmRSS {rss} kB, VmHWM {peak} kB");
+}
