@@ -365,6 +365,9 @@ impl Collector {
             if buf.len() > max && !emit(Some(&std::mem::take(&mut buf))) {
                 return None;
             }
+            // Only the unfinished line stays: a read buffer (up to 256 KiB) kept per followed
+            // file would hold 64 MiB across 256 files.
+            buf.shrink_to_fit();
             f.partial = buf;
         }
         // Rotated away: the last line will not be finished any more.

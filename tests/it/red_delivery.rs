@@ -375,7 +375,6 @@ fn escaped_long_lines_during_an_outage_stay_within_32_mib() {
 /// 200 files with a backlog each (start = beginning): once everything is delivered the agent
 /// must not keep a read buffer per file (each read allocates up to 256 KiB).
 #[test]
-#[ignore = "reproduces: each followed file keeps its last read buffer (up to 256 KiB) as the partial-line Vec"]
 fn many_caught_up_files_do_not_keep_a_read_buffer_each() {
     let (env, logs) = setup(&["*.log"], "");
     for f in 0..200 {
