@@ -392,3 +392,22 @@ fn many_caught_up_files_do_not_keep_a_read_buffer_each() {
     eprintln!("200 files caught up: VmRSS {rss} kB, VmHWM {peak} kB");
     assert!(rss <= 32 * 1024 && peak <= 32 * 1024, "VmRSS {rss} kB, VmHWM {peak} kB");
 }
+
+/// 100 files, each ending in an unfinished line of 500 KiB (max_line_bytes = 512 KiB): each
+/// unfinished line is held in memory until its newline comes, with no bound across files.
+#[test]
+#[ignore = "reproduces: unfinished lines are held per file without a global bound (100 x 500 KiB partial lines)"]
+fn unfinished_long_lines_in_many_files_stay_within_32_mib() {
+    let (env, logs) = setup(&["*.log"], "logcollector.max_line_bytes = \"512KiB\"");
+    let tail = "p".repeat(500 << 10);
+    for f in 0..100 {
+        append(&logs.join(format!("f{f:03}.log")), &format!("u{f:03}-0\nu{f:03}-1-{tail}"));
+    }
+    let agent = env.running_agent();
+    let pid = agent.child.id();
+    assert!(wait_for(Duration::from_secs(20), || received(&env).len() >= 100));
+    std::thread::sleep(Duration::from_secs(2));
+    let (rss, peak) = (proc_kb(pid, "VmRSS:"), proc_kb(pid, "VmHWM:"));
+    eprintln!("100 unfinished 500 KiB lines: VmRSS {rss} kB, VmHWM {peak} kB");
+    assert!(peak <= 32 * 1024, "VmRSS {rss} kB, VmHWM {peak} kB");
+}
