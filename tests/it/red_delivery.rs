@@ -411,3 +411,29 @@ fn unfinished_long_lines_in_many_files_stay_within_32_mib() {
     eprintln!("100 unfinished 500 KiB lines: VmRSS {rss} kB, VmHWM {peak} kB");
     assert!(peak <= 32 * 1024, "VmRSS {rss} kB, VmHWM {peak} kB");
 }
+
+/// Rotation by rename without create (the application creates the new file on its next
+/// write), and a restart of the agent in between: the new file was seen under this path
+/// before, so all of it is new, whatever `start` says.
+#[test]
+#[ignore = "reproduces: start = end skips a new file created while the agent was stopped after a rename rotation without create"]
+fn a_file_recreated_while_the_agent_was_stopped_after_a_rotation_is_read_from_its_start() {
+    let (env, logs) = setup(&["app.log"], "logcollector.start = \"end\"");
+    let log = logs.join("app.log");
+    append(&log, &lines_of("skip", 0..10));
+    let mut agent = env.running_agent();
+    let state = env.data_dir().join("logcollector.json");
+    assert!(wait_for(Duration::from_secs(10), || state.exists() && follows(&agent, &log)));
+    append(&log, &lines_of("a", 0..100));
+    assert_eq!(missing(&env, "a", 100, Duration::from_secs(10)), 0);
+    std::fs::rename(&log, logs.join("app.log.1")).unwrap();
+    // The agent finishes the old file and lets it go.
+    assert!(wait_for(Duration::from_secs(10), || !follows_named(&agent, "app.log")));
+    std::thread::sleep(Duration::from_millis(1500));
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)), Some(0));
+    // The application writes again: a new app.log, while the agent is away.
+    append(&log, &lines_of("b", 0..100));
+    let _agent = env.running_agent();
+    assert_eq!(missing(&env, "b", 100, Duration::from_secs(10)), 0, "lines of the new file skipped");
+}
