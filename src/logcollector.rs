@@ -68,6 +68,12 @@ pub struct Saved {
     pub fp_crc: u32,
 }
 
+impl Saved {
+    /// The file under this path was followed to its end and is gone (no inode is 0): the
+    /// next file there is read from its start.
+    const GONE: Saved = Saved { dev: 0, ino: 0, offset: 0, fp_len: 0, fp_crc: 0 };
+}
+
 /// Calls `f` with each complete line of `buf`, without its `\n` and a `\r` before it,
 /// skipping empty lines (pure). Returns the bytes consumed (the rest is an unfinished
 /// line), or `None` as soon as `f` returns false.
@@ -276,7 +282,9 @@ impl Collector {
             {
                 // The old file is done and delivered: follow the new one (if any) from its start.
                 self.followed.remove(&path);
-                self.saved.remove(&path);
+                // Seen before: a file that appears under this name later, even while the agent
+                // is stopped, is new from its start (never `start = "end"`).
+                self.saved.insert(path.clone(), Saved::GONE);
                 let first = std::mem::replace(&mut self.first_scan, false);
                 if let Some(f) = self.open(&path) {
                     self.followed.insert(path.clone(), f);
@@ -395,6 +403,9 @@ impl Collector {
     /// Writes the offsets if they changed (atomically).
     pub fn save(&mut self) {
         self.last_save = Some(Instant::now());
+        // Marks of files gone are kept for configured names only (globs would pile them up).
+        let literal = |p: &String| self.config.files.iter().any(|f| f.pattern == *p);
+        self.saved.retain(|p, s| *s != Saved::GONE || literal(p));
         let Ok(json) = serde_json::to_vec(&self.saved) else { return };
         if std::fs::read(&self.state_path).ok().as_deref() == Some(&json[..]) {
             return;

@@ -416,7 +416,6 @@ fn unfinished_long_lines_in_many_files_stay_within_32_mib() {
 /// write), and a restart of the agent in between: the new file was seen under this path
 /// before, so all of it is new, whatever `start` says.
 #[test]
-#[ignore = "reproduces: start = end skips a new file created while the agent was stopped after a rename rotation without create"]
 fn a_file_recreated_while_the_agent_was_stopped_after_a_rotation_is_read_from_its_start() {
     let (env, logs) = setup(&["app.log"], "logcollector.start = \"end\"");
     let log = logs.join("app.log");
