@@ -436,3 +436,59 @@ fn a_file_recreated_while_the_agent_was_stopped_after_a_rotation_is_read_from_it
     let _agent = env.running_agent();
     assert_eq!(missing(&env, "b", 100, Duration::from_secs(10)), 0, "lines of the new file skipped");
 }
+
+/// Rotation during an outage, then `kill -9`: the documented loss is the old file's
+/// unacknowledged rest; nothing of the new file may be lost.
+#[test]
+fn a_kill_after_a_rotation_during_an_outage_loses_nothing_of_the_new_file() {
+    let (env, logs) = setup(&["app.log"], "");
+    let log = logs.join("app.log");
+    let agent = env.running_agent();
+    append(&log, &lines_of("pre", 0..100));
+    assert_eq!(missing(&env, "pre", 100, Duration::from_secs(10)), 0);
+    env.mock.set_down(true);
+    append(&log, &lines_of("old", 0..1000));
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::rename(&log, logs.join("app.log.1")).unwrap();
+    append(&log, &lines_of("new", 0..1000));
+    assert!(wait_for(Duration::from_secs(10), || follows_named(&agent, "app.log.1")));
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(agent);
+    append(&log, &lines_of("new", 1000..2000));
+    let agent = env.spawn_agent();
+    std::thread::sleep(Duration::from_millis(500));
+    env.mock.set_down(false);
+    assert_eq!(missing(&env, "new", 2000, Duration::from_secs(20)), 0, "log: {}", agent.log());
+    assert_eq!(dup_count(&env, "pre").1, 0, "lines acknowledged before the outage were sent again");
+}
+
+/// A server that takes a body and then does not answer within the request timeout: the
+/// agent resends (duplicates allowed), never loses.
+#[test]
+fn a_server_that_takes_then_hangs_loses_nothing() {
+    let (env, logs) = setup(&["app.log"], "server.request_timeout = \"1s\"");
+    let log = logs.join("app.log");
+    let _agent = env.running_agent();
+    let action = wazuh_mock_server::FaultAction::Delay { ms: 2500 };
+    env.mock.inject(wazuh_mock_server::Fault { path: "/api/v1/events/stateless".into(), times: 4, action });
+    append(&log, &lines_of("h", 0..20_000));
+    assert_eq!(missing(&env, "h", 20_000, Duration::from_secs(30)), 0);
+}
+
+/// The smallest ring (`buffer_bytes` = 64 KiB, `buffer_events` small) with lines whose events
+/// are far larger than the ring: each still goes through, alone.
+#[test]
+fn a_ring_smaller_than_one_event_still_delivers_every_line() {
+    let extra = "events.buffer_bytes = \"64KiB\"\nlogcollector.max_line_bytes = \"512KiB\"";
+    let (env, logs) = setup(&["app.log"], extra);
+    let log = logs.join("app.log");
+    let _agent = env.running_agent();
+    let big = "\u{2}".repeat(200 << 10);
+    for i in 0..20 {
+        append(&log, &format!("w-{i}-{big}\nw-{}\n", i + 1000));
+    }
+    env.mock.wait_until(Duration::from_secs(30), |_| indices(&env, "w").len() >= 40);
+    assert_eq!(indices(&env, "w").range(0..20).count(), 20, "the long lines");
+    let small: std::collections::BTreeSet<usize> = indices(&env, "w").range(1000..1020).copied().collect();
+    assert_eq!(small.len(), 20);
+}
