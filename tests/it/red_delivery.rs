@@ -492,3 +492,36 @@ fn a_ring_smaller_than_one_event_still_delivers_every_line() {
     let small: std::collections::BTreeSet<usize> = indices(&env, "w").range(1000..1020).copied().collect();
     assert_eq!(small.len(), 20);
 }
+
+/// SIGTERM while a restart's shutdown waits for a stalled server, with commands after the
+/// restart in the same answer: the agent stops, and after the next start every command has
+/// exactly one result and the stateless event of before the restart is not lost.
+#[test]
+fn sigterm_during_a_restart_with_commands_after_it_reports_each_once() {
+    use serde_json::json;
+    let (env, mut agent, me) = running_with("");
+    let stall = wazuh_mock_server::FaultAction::Delay { ms: 20_000 };
+    env.mock.inject(wazuh_mock_server::Fault { path: "/api/v1/events".into(), times: 3, action: stall });
+    env.send_ok(&lines([stateless(7)]));
+    let answer = vec![
+        command("rt-1", "restart", json!({}), None),
+        command("after-1", "no-such-action", json!({}), None),
+        command("after-2", "no-such-action", json!({}), None),
+    ];
+    env.mock.enqueue_commands(&me, answer);
+    assert!(wait_for(Duration::from_secs(15), || agent.log().contains("restart command received")), "{}", agent.log());
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(30)), Some(0), "{}", agent.log());
+    env.mock.clear_faults();
+    let _again = env.running_agent();
+    for id in ["after-1", "after-2"] {
+        assert_eq!(result_of(&env.mock, id, Duration::from_secs(20)), (1, "Command is not valid".to_string()));
+    }
+    env.mock.enqueue_command(&me, command("last", "no-such-action", json!({}), None));
+    result_of(&env.mock, "last", Duration::from_secs(20));
+    let results = env.mock.command_results();
+    for id in ["rt-1", "after-1", "after-2", "last"] {
+        assert_eq!(results.iter().filter(|r| r.0 == id).count(), 1, "{id} reported once: {results:?}");
+    }
+    assert!(wait_for(Duration::from_secs(10), || originals(&env.mock).contains(&"msg-7".to_string())));
+}
