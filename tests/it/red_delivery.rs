@@ -525,3 +525,20 @@ fn sigterm_during_a_restart_with_commands_after_it_reports_each_once() {
     }
     assert!(wait_for(Duration::from_secs(10), || originals(&env.mock).contains(&"msg-7".to_string())));
 }
+
+/// A glob that also matches the rotated names (`app.log*`, or `/var/log/app/*`): a rename
+/// rotation must not send the rotated file's lines a second time.
+#[test]
+#[ignore = "reproduces: a glob that matches rotated names (app.log*) sends the whole rotated file again under its new name"]
+fn a_glob_matching_rotated_names_does_not_resend_the_rotated_file() {
+    let (env, logs) = setup(&["app.log*"], "");
+    let log = logs.join("app.log");
+    let _agent = env.running_agent();
+    append(&log, &lines_of("gl", 0..1000));
+    assert_eq!(missing(&env, "gl", 1000, Duration::from_secs(10)), 0);
+    std::fs::rename(&log, logs.join("app.log.1")).unwrap();
+    append(&log, &lines_of("gn", 0..100));
+    assert_eq!(missing(&env, "gn", 100, Duration::from_secs(10)), 0);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(dup_count(&env, "gl").1, 0, "the rotated file was sent again under its new name");
+}
