@@ -214,6 +214,15 @@ impl Collector {
         }
     }
 
+    /// The followed path whose file `path` names now, while that path names another file or
+    /// none: the file was renamed to `path`.
+    fn moved_here(&self, path: &str) -> Option<String> {
+        let m = std::fs::metadata(path).ok()?;
+        let id = (m.dev(), m.ino());
+        let gone = |k: &str, f: &Followed| std::fs::metadata(k).map_or(true, |o| (o.dev(), o.ino()) != (f.dev, f.ino));
+        self.followed.iter().find(|(k, f)| (f.dev, f.ino) == id && gone(k, f)).map(|(k, _)| k.clone())
+    }
+
     /// Opens `path` if it is not followed (or rotated): decides where to start.
     fn open(&mut self, path: &str) -> Option<Followed> {
         // Non-blocking: opening a FIFO would otherwise wait for a writer. Only regular files
@@ -235,9 +244,12 @@ impl Collector {
         // Saved offsets always win, if the file is still the same one: the same inode, long
         // enough, and starting with the same bytes.
         let fits = |s: &&Saved| (s.dev, s.ino) == (meta.dev(), meta.ino()) && s.offset <= meta.len();
-        let same = |s: &&Saved| fingerprint(&mut file, s.fp_len).is_ok_and(|fp| fp == (s.fp_len, s.fp_crc));
+        let mut same = |s: &&Saved| fingerprint(&mut file, s.fp_len).is_ok_and(|fp| fp == (s.fp_len, s.fp_crc));
         let saved = self.saved.get(path);
-        let offset = match saved.filter(fits).filter(same) {
+        // Else the offset saved under another name, for a file renamed (rotated) while the
+        // agent was away, to a name a pattern matches.
+        let renamed = |same: &mut dyn FnMut(&&Saved) -> bool| self.saved.values().find(|s| fits(s) && same(s));
+        let offset = match saved.filter(fits).filter(&mut same).or_else(|| renamed(&mut same)) {
             Some(s) => s.offset,
             // A file seen before under this path was replaced while the agent was away: all of it is new.
             None if saved.is_none() && self.first_scan && self.start_for(path) == Start::End => meta.len(),
@@ -258,6 +270,13 @@ impl Collector {
             if let Some(f) = self.followed.get_mut(path) {
                 // The path names another file now (rotation) or nothing (deletion).
                 f.draining |= std::fs::metadata(path).map_or(true, |m| (m.dev(), m.ino()) != (f.dev, f.ino));
+            } else if let Some(from) = self.moved_here(path) {
+                // A followed file renamed to a name the patterns match too (a rotation under a
+                // glob): the same file, followed on under its new name, not read again.
+                if let Some(mut f) = self.followed.remove(&from) {
+                    f.draining = false;
+                    self.followed.insert(path.clone(), f);
+                }
             } else if self.followed.len() >= MAX_FOLLOWED {
                 skipped = true;
             } else if let Some(f) = self.open(path) {
