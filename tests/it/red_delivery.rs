@@ -567,3 +567,54 @@ fn a_kill_after_a_rotation_under_a_glob_resumes_the_rotated_file_at_its_offset()
     assert_eq!(missing(&env, "old", 1000, Duration::from_secs(20)), 0, "the rotated file's rest");
     assert_eq!(dup_count(&env, "pre").1, 0, "acknowledged lines sent again");
 }
+
+/// The ring shrunk by a group file (live reload) to its minimum while a followed file's
+/// backlog fills it and the server is slow: every line still arrives, none is dropped.
+#[test]
+fn a_ring_shrunk_by_a_group_file_during_a_backlog_drops_nothing() {
+    use serde_json::json;
+    let env = Env::with(|o| o.command_hold = Duration::from_millis(300));
+    let logs = env.dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let log = logs.join("app.log");
+    env.write_config(&format!(
+        "events.batch_interval = \"50ms\"\nlogcollector.poll_interval = \"50ms\"\nlogcollector.start = \"beginning\"\nlogcollector.files = [{:?}]",
+        log.display().to_string()
+    ));
+    let mut agent = env.running_agent();
+    let me = uuid(&env);
+    let action = wazuh_mock_server::FaultAction::Delay { ms: 100 };
+    env.mock.inject(wazuh_mock_server::Fault { path: "/api/v1/events/stateless".into(), times: 60, action });
+    append(&log, &lines_of("z", 0..100_000));
+    env.mock.set_file("tiny.yml", b"events:\n  buffer_bytes: 64KiB\n  buffer_events: 10\n");
+    env.mock.enqueue_command(&me, command("tiny", "set-group", json!({"groups": ["tiny"]}), Some(30)));
+    let (code, message) = result_of(&env.mock, "tiny", Duration::from_secs(20));
+    assert_eq!(code, 0, "{message}");
+    env.send_ok(&lines((0..500).map(stateless)));
+    assert_eq!(missing(&env, "z", 100_000, Duration::from_secs(40)), 0);
+    std::thread::sleep(Duration::from_secs(1));
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)), Some(0));
+    let got = unique(received(&env).into_iter().filter(|l| l.starts_with("msg-")).collect()).0;
+    let dropped = state(&env)["events"]["dropped"].as_u64().unwrap() as usize;
+    assert_eq!(got + dropped, 500, "socket events: received {got}, dropped {dropped}");
+}
+
+/// A ring smaller than one batch (`buffer_events` below `batch_max_events`, which a group file
+/// may set) and a healthy, fast server: a full ring must be cut at once, not after
+/// `batch_interval`, or drop_oldest drops events the server would have taken.
+#[test]
+#[ignore = "reproduces: a ring smaller than a batch is cut only every batch_interval; drop_oldest drops with a healthy server"]
+fn a_full_ring_smaller_than_a_batch_is_sent_at_once() {
+    let env = Env::new();
+    env.write_config("events.buffer_events = 500\nevents.overflow = \"drop_oldest\"");
+    let mut agent = env.running_agent();
+    let reply = env.send_ok(&lines((0..5000).map(stateless)));
+    assert_eq!(reply["accepted"], 5000);
+    std::thread::sleep(Duration::from_secs(3));
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)), Some(0));
+    let dropped = state(&env)["events"]["dropped"].as_u64().unwrap();
+    let got = unique(originals(&env.mock)).0;
+    assert_eq!(dropped, 0, "dropped with a healthy server; {got} received");
+}
