@@ -571,6 +571,7 @@ fn a_kill_after_a_rotation_under_a_glob_resumes_the_rotated_file_at_its_offset()
 /// The ring shrunk by a group file (live reload) to its minimum while a followed file's
 /// backlog fills it and the server is slow: every line still arrives, none is dropped.
 #[test]
+#[ignore = "reproduces: a ring shrunk below a batch by a group file delivers a followed file at 10 lines per batch_interval"]
 fn a_ring_shrunk_by_a_group_file_during_a_backlog_drops_nothing() {
     use serde_json::json;
     let env = Env::with(|o| o.command_hold = Duration::from_millis(300));
@@ -585,13 +586,13 @@ fn a_ring_shrunk_by_a_group_file_during_a_backlog_drops_nothing() {
     let me = uuid(&env);
     let action = wazuh_mock_server::FaultAction::Delay { ms: 100 };
     env.mock.inject(wazuh_mock_server::Fault { path: "/api/v1/events/stateless".into(), times: 60, action });
-    append(&log, &lines_of("z", 0..100_000));
+    append(&log, &lines_of("z", 0..30_000));
     env.mock.set_file("tiny.yml", b"events:\n  buffer_bytes: 64KiB\n  buffer_events: 10\n");
     env.mock.enqueue_command(&me, command("tiny", "set-group", json!({"groups": ["tiny"]}), Some(30)));
     let (code, message) = result_of(&env.mock, "tiny", Duration::from_secs(20));
     assert_eq!(code, 0, "{message}");
     env.send_ok(&lines((0..500).map(stateless)));
-    assert_eq!(missing(&env, "z", 100_000, Duration::from_secs(40)), 0);
+    assert_eq!(missing(&env, "z", 30_000, Duration::from_secs(30)), 0);
     std::thread::sleep(Duration::from_secs(1));
     agent.signal(libc::SIGTERM);
     assert_eq!(agent.wait_exit(Duration::from_secs(20)), Some(0));
@@ -604,14 +605,18 @@ fn a_ring_shrunk_by_a_group_file_during_a_backlog_drops_nothing() {
 /// may set) and a healthy, fast server: a full ring must be cut at once, not after
 /// `batch_interval`, or drop_oldest drops events the server would have taken.
 #[test]
-#[ignore = "reproduces: a ring smaller than a batch is cut only every batch_interval; drop_oldest drops with a healthy server"]
+#[ignore = "reproduces: a ring smaller than a batch is cut only every batch_interval (never while drop_oldest evicts); 4500 of 5000 dropped with a healthy server"]
 fn a_full_ring_smaller_than_a_batch_is_sent_at_once() {
     let env = Env::new();
     env.write_config("events.buffer_events = 500\nevents.overflow = \"drop_oldest\"");
     let mut agent = env.running_agent();
-    let reply = env.send_ok(&lines((0..5000).map(stateless)));
-    assert_eq!(reply["accepted"], 5000);
-    std::thread::sleep(Duration::from_secs(3));
+    // 2 500 events a second, 250 at a time: far less than the server takes.
+    for k in 0..20 {
+        let reply = env.send_ok(&lines((k * 250..(k + 1) * 250).map(stateless)));
+        assert_eq!(reply["accepted"], 250);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
     agent.signal(libc::SIGTERM);
     assert_eq!(agent.wait_exit(Duration::from_secs(20)), Some(0));
     let dropped = state(&env)["events"]["dropped"].as_u64().unwrap();
