@@ -571,7 +571,6 @@ fn a_kill_after_a_rotation_under_a_glob_resumes_the_rotated_file_at_its_offset()
 /// The ring shrunk by a group file (live reload) to its minimum while a followed file's
 /// backlog fills it and the server is slow: every line still arrives, none is dropped.
 #[test]
-#[ignore = "reproduces: a ring shrunk below a batch by a group file delivers a followed file at 10 lines per batch_interval"]
 fn a_ring_shrunk_by_a_group_file_during_a_backlog_drops_nothing() {
     use serde_json::json;
     let env = Env::with(|o| o.command_hold = Duration::from_millis(300));
@@ -605,7 +604,6 @@ fn a_ring_shrunk_by_a_group_file_during_a_backlog_drops_nothing() {
 /// may set) and a healthy, fast server: a full ring must be cut at once, not after
 /// `batch_interval`, or drop_oldest drops events the server would have taken.
 #[test]
-#[ignore = "reproduces: a ring smaller than a batch is cut only every batch_interval (never while drop_oldest evicts); 4500 of 5000 dropped with a healthy server"]
 fn a_full_ring_smaller_than_a_batch_is_sent_at_once() {
     let env = Env::new();
     env.write_config("events.buffer_events = 500\nevents.overflow = \"drop_oldest\"");
