@@ -621,3 +621,25 @@ fn a_full_ring_smaller_than_a_batch_is_sent_at_once() {
     let got = unique(originals(&env.mock)).0;
     assert_eq!(dropped, 0, "dropped with a healthy server; {got} received");
 }
+
+/// logrotate renames the file, then its postrotate tells the application to reopen: lines the
+/// application writes to the renamed file in between (here, 2 s later) belong to the old file.
+#[test]
+#[ignore = "reproduces: lines written to a rotated-away file after the agent read it to its end and let it go are lost"]
+fn lines_written_to_the_old_file_after_a_rotation_are_delivered() {
+    let (env, logs) = setup(&["app.log"], "");
+    let log = logs.join("app.log");
+    let _agent = env.running_agent();
+    append(&log, &lines_of("o", 0..100));
+    assert_eq!(missing(&env, "o", 100, Duration::from_secs(10)), 0);
+    let old = logs.join("app.log.1");
+    std::fs::rename(&log, &old).unwrap();
+    append(&log, &lines_of("n", 0..10));
+    assert_eq!(missing(&env, "n", 10, Duration::from_secs(10)), 0);
+    // The application has not reopened yet: two more lines go to the renamed file.
+    std::thread::sleep(Duration::from_secs(2));
+    append(&old, &lines_of("o", 100..102));
+    append(&log, &lines_of("n", 10..20));
+    assert_eq!(missing(&env, "n", 20, Duration::from_secs(10)), 0);
+    assert_eq!(missing(&env, "o", 102, Duration::from_secs(3)), 0, "late lines of the rotated file");
+}
