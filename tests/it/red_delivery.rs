@@ -643,3 +643,45 @@ fn lines_written_to_the_old_file_after_a_rotation_are_delivered() {
     assert_eq!(missing(&env, "n", 20, Duration::from_secs(10)), 0);
     assert_eq!(missing(&env, "o", 102, Duration::from_secs(3)), 0, "late lines of the rotated file");
 }
+
+/// SIGTERM during an outage with socket events and a followed file's lines in the ring: the
+/// socket events are spilled (the log counts exactly them), the file's lines are not, and the
+/// next start delivers both, each once.
+#[test]
+fn a_stop_during_an_outage_spills_exactly_the_socket_events() {
+    let (env, logs) = setup(&["app.log"], "events.overflow = \"block\"");
+    let log = logs.join("app.log");
+    let mut agent = env.running_agent();
+    env.mock.set_down(true);
+    append(&log, &lines_of("sp", 0..3000));
+    assert!(wait_for(Duration::from_secs(10), || follows(&agent, &log)));
+    let reply = env.send_ok(&lines((0..1000).map(stateless)));
+    assert_eq!(reply["accepted"], 1000);
+    std::thread::sleep(Duration::from_millis(500));
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)), Some(0));
+    let text = agent.log();
+    let spilled: u64 = text
+        .lines()
+        .filter_map(|l| l.split("saved ").nth(1))
+        .filter(|rest| rest.contains("unsent stateless events"))
+        .filter_map(|rest| rest.split(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(
+        spilled,
+        1000,
+        "spill log: {}",
+        text.lines().filter(|l| l.contains("unsent")).collect::<Vec<_>>().join("\n")
+    );
+    assert_eq!(state(&env)["events"]["dropped"].as_u64(), Some(0));
+    env.mock.set_down(false);
+    let _agent = env.running_agent();
+    assert_eq!(missing(&env, "sp", 3000, Duration::from_secs(20)), 0);
+    assert!(wait_for(Duration::from_secs(20), || unique(
+        originals(&env.mock).into_iter().filter(|l| l.starts_with("msg-")).collect()
+    )
+    .0 == 1000));
+    let (distinct, dups) = unique(originals(&env.mock).into_iter().filter(|l| l.starts_with("msg-")).collect());
+    assert_eq!((distinct, dups), (1000, 0));
+    assert_eq!(dup_count(&env, "sp").1, 0);
+}
