@@ -685,3 +685,28 @@ fn a_stop_during_an_outage_spills_exactly_the_socket_events() {
     assert_eq!((distinct, dups), (1000, 0));
     assert_eq!(dup_count(&env, "sp").1, 0);
 }
+
+/// Rotation with a date suffix that sorts before the live name (`app-20261130.log` under
+/// `*.log`), in an outage: the renamed file is followed on under its new name (its rest
+/// delivered once), the new file is read from its start.
+#[test]
+fn a_dateext_rotation_under_a_glob_sends_each_line_once() {
+    let (env, logs) = setup(&["*.log"], "");
+    let log = logs.join("app.log");
+    let _agent = env.running_agent();
+    append(&log, &lines_of("dx", 0..500));
+    assert_eq!(missing(&env, "dx", 500, Duration::from_secs(10)), 0);
+    env.mock.set_down(true);
+    append(&log, &lines_of("dx", 500..1000));
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::rename(&log, logs.join("app-20261130.log")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    append(&log, &lines_of("dy", 0..500));
+    std::thread::sleep(Duration::from_millis(300));
+    env.mock.set_down(false);
+    assert_eq!(missing(&env, "dx", 1000, Duration::from_secs(10)), 0);
+    assert_eq!(missing(&env, "dy", 500, Duration::from_secs(10)), 0);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(dup_count(&env, "dx").1, 0, "the rotated file was sent again");
+    assert_eq!(dup_count(&env, "dy").1, 0);
+}
