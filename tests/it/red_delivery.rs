@@ -710,3 +710,29 @@ fn a_dateext_rotation_under_a_glob_sends_each_line_once() {
     assert_eq!(dup_count(&env, "dx").1, 0, "the rotated file was sent again");
     assert_eq!(dup_count(&env, "dy").1, 0);
 }
+
+/// Four files growing with 512 KiB lines of control characters (×6 in JSON) while the server
+/// is down: peak memory.
+#[test]
+#[ignore = "reproduces: four files of 512 KiB control-character lines peak at 42 MiB during an outage (over the 32 MiB of the socket case)"]
+fn four_files_of_escaped_long_lines_during_an_outage_stay_within_32_mib() {
+    let (env, logs) = setup(&["*.log"], "logcollector.max_line_bytes = \"512KiB\"");
+    let agent = env.running_agent();
+    let pid = agent.child.id();
+    env.mock.set_down(true);
+    let line = "\u{1}".repeat(512 << 10);
+    for i in 0..10 {
+        for f in 0..4 {
+            append(&logs.join(format!("e{f}.log")), &format!("e{f}-{i}-{line}\n"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let peak = proc_kb(pid, "VmHWM:");
+    eprintln!("four files: VmHWM {peak} kB");
+    env.mock.set_down(false);
+    for f in 0..4 {
+        assert_eq!(missing(&env, &format!("e{f}"), 10, Duration::from_secs(30)), 0);
+    }
+    assert!(peak <= 32 * 1024, "VmHWM {peak} kB");
+}
