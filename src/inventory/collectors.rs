@@ -110,10 +110,10 @@ fn package(f: &HashMap<&str, String>, format: &str) -> Option<Doc> {
     let (name, version, arch) = (field("Package")?, field("Version")?, field("Architecture").unwrap_or(""));
     // dpkg counts Installed-Size in KiB; opkg and apk in bytes.
     let size = field("Installed-Size").and_then(|s| s.parse::<u64>().ok());
-    let size = size.map(|s| if format == "deb" { s * 1024 } else { s });
-    let installed = field("Installed-Time").and_then(|t| t.parse::<u64>().ok());
-    let installed =
-        installed.map(|t| crate::status::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)));
+    let size = size.and_then(|s| if format == "deb" { s.checked_mul(1024) } else { Some(s) });
+    // A corrupt database can name a time past what SystemTime holds: absent, like a missing one.
+    let installed = field("Installed-Time").and_then(|t| t.parse().ok()).map(std::time::Duration::from_secs);
+    let installed = installed.and_then(|t| std::time::UNIX_EPOCH.checked_add(t)).map(crate::status::rfc3339);
     let doc = json!({"package": {
         "architecture": arch, "description": field("Description"), "installed": installed, "name": name,
         "path": null, "size": size, "type": format, "version": version,
@@ -421,6 +421,18 @@ mod tests {
         assert_eq!(docs[0].key, "dnsmasq:2.89-4:mipsel_24kc:ipk:");
         assert_eq!(v(&docs[0])["package"]["size"], 1024);
         assert_eq!(v(&docs[0])["package"]["installed"], "2023-11-14T22:13:20.000Z");
+    }
+
+    #[test]
+    fn out_of_range_install_times_and_sizes_are_absent() {
+        let db = format!(
+            "Package: p\nVersion: 1\nStatus: install ok installed\nInstalled-Size: {}\nInstalled-Time: {}\n",
+            u64::MAX,
+            u64::MAX
+        );
+        let docs = parse_control_stanzas(&db, "deb");
+        assert_eq!(v(&docs[0])["package"]["installed"], Value::Null);
+        assert_eq!(v(&docs[0])["package"]["size"], Value::Null);
     }
 
     #[test]
