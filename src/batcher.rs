@@ -1,11 +1,8 @@
 //! The stateless ring buffer and batching policy ([`Ring`], pure) and the batcher thread ([`run`]).
 //!
-//! A batch is cut when it reaches `batch_max_events`, when the body would reach `batch_max_bytes`,
-//! or when its oldest event is `batch_interval` old. One batch is handed to the uploader at a time
-//! (a rendezvous channel), so while the server is slow or away, events wait here, in a buffer of
-//! `buffer_events` and `buffer_bytes` (whichever is reached first). For socket producers `overflow`
-//! decides between dropping the oldest (counted) and blocking; events the agent read itself
-//! (tracked by a [`crate::event::Receipt`]) are never dropped: their reader waits instead.
+//! One batch is handed to the uploader at a time (a rendezvous channel), so while the server is
+//! slow or away, events wait here. For socket producers `overflow` decides between dropping the
+//! oldest (counted) and blocking; tracked events are never dropped (ARCHITECTURE.md, Delivery receipts).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -72,14 +69,6 @@ impl Ring {
     pub fn new(policy: Policy) -> Ring {
         // Do not preallocate the whole capacity: a mostly idle agent should stay small.
         Ring { events: VecDeque::new(), bytes: 0, policy }
-    }
-
-    pub fn len(&self) -> usize {
-        self.events.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
     }
 
     /// Whether an event of `n` wire bytes fits now: an empty buffer takes any one event.
@@ -177,7 +166,7 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
     let (nobody, _nobody_rx) = crossbeam_channel::bounded::<Vec<Event>>(0);
     let (mut input_open, mut readers_open) = (true, true);
     let publish = |ring: &Ring, waiting: usize| {
-        stats.buffered.store((ring.len() + waiting) as u64, Ordering::Relaxed);
+        stats.buffered.store((ring.events.len() + waiting) as u64, Ordering::Relaxed);
     };
 
     loop {
@@ -228,7 +217,7 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
     ring.take_from(&mut late, now, &stats);
     let end = deadline.get().copied().unwrap_or_else(Instant::now);
     let mut rest = Vec::new();
-    while !ring.is_empty() {
+    while !ring.events.is_empty() {
         let remaining = end.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             break;
@@ -284,7 +273,7 @@ mod tests {
             }
             assert_eq!(r.ready(at), ready, "case {i}");
             let mut sizes = Vec::new();
-            while !r.is_empty() {
+            while !r.events.is_empty() {
                 sizes.push(r.cut().len());
             }
             assert_eq!(sizes, cuts, "case {i}");

@@ -236,9 +236,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
     let data = match raw.data {
         Some(d) if d.get().trim_start().starts_with('{') => Some(d),
         Some(d) if d.get().trim() == "null" => None,
-        Some(d) => {
-            return err(format!("\"data\" must be an object, not {}", short(d.get())));
-        }
+        Some(d) => return err(format!("\"data\" must be an object, not {}", short(d.get()))),
         None => None,
     };
     let Some(op_value) = &value(header.operation) else {

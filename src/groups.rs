@@ -1,9 +1,6 @@
-//! Server group configuration: `<data_dir>/shared/<group>.yml`, replaced as a set.
-//!
-//! `shared` is a symbolic link to a generation directory `shared.<n>/` holding the group
-//! files and `.groups.json` (the ordered group list). A new set is written to a fresh
-//! generation, fsynced, and switched to with one `rename` of a new link over `shared`, so
-//! readers (and a crash) see either the old set or the new one, never a mix.
+//! Server group configuration: `<data_dir>/shared/<group>.yml`, replaced as a set (ARCHITECTURE.md,
+//! Invariants): `shared` links to a generation `shared.<n>/` holding the files and `.groups.json`
+//! (the ordered group list), switched by one `rename` of a new link.
 
 use std::collections::HashMap;
 use std::fs;
@@ -175,14 +172,11 @@ pub fn effective_config(local: &Config, data_dir: &Path) -> Result<Config, Group
     Ok(config)
 }
 
-fn next_generation(data_dir: &Path) -> u64 {
-    let entries = fs::read_dir(data_dir).into_iter().flatten().flatten();
-    entries.filter_map(|e| e.file_name().to_str()?.strip_prefix("shared.")?.parse::<u64>().ok()).max().unwrap_or(0) + 1
-}
-
 /// Replaces the whole set with `files` (`(group, content)`, in group order), atomically.
 pub fn install(data_dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), GroupError> {
-    let generation = next_generation(data_dir);
+    let entries = fs::read_dir(data_dir).into_iter().flatten().flatten();
+    let generation = entries.filter_map(|e| e.file_name().to_str()?.strip_prefix("shared.")?.parse::<u64>().ok());
+    let generation = generation.max().unwrap_or(0) + 1;
     let gen_dir = data_dir.join(format!("shared.{generation}"));
     fs::create_dir(&gen_dir).map_err(io_err(&gen_dir))?;
     let result = (|| {

@@ -1,10 +1,7 @@
 //! The local ingestion socket `<run_dir>/ingest.sock` (docs/protocol.md, Ingest socket) and its client, `--send`.
 //!
-//! The acceptor thread hands each connection to a short-lived thread of its own, so a
-//! slow or stuck producer (bounded by a read timeout) never holds up the others. A
-//! connection's stateless events go to the batcher in chunks; its stateful events go to
-//! the durable queue, and the one-line reply is written only after the queue has fsynced
-//! them. Malformed lines are answered with their line number and reason.
+//! Each connection has a short-lived thread of its own, so a slow or stuck producer (bounded by a
+//! read timeout) never holds up the others. Its reply is written after the queue fsynced its stateful events.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -161,13 +158,9 @@ pub fn run(listener: UnixListener, ingest: Arc<Ingest>) {
         };
         if ingest.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             ingest.active.fetch_sub(1, Ordering::SeqCst);
-            let busy = Reply {
-                errors: vec![format!("too many producers at once (limit {MAX_CONNECTIONS}); retry")],
-                ..Reply::default()
-            };
-            let mut s = stream;
-            let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-            let _ = write_reply(&mut s, &busy);
+            let errors = vec![format!("too many producers at once (limit {MAX_CONNECTIONS}); retry")];
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = write_reply(&stream, &Reply { errors, ..Reply::default() });
             continue;
         }
         let id = ingest.next_id.fetch_add(1, Ordering::Relaxed);
@@ -188,7 +181,7 @@ pub fn run(listener: UnixListener, ingest: Arc<Ingest>) {
     }
 }
 
-fn write_reply(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
+fn write_reply(mut stream: &UnixStream, reply: &Reply) -> io::Result<()> {
     let mut line = serde_json::to_vec(reply).map_err(io::Error::other)?;
     line.push(b'\n');
     stream.write_all(&line)
@@ -280,11 +273,10 @@ impl Conn<'_> {
 }
 
 /// Serves one producer: lines until EOF, then the reply.
-fn handle(mut stream: UnixStream, ingest: &Ingest) {
+fn handle(stream: UnixStream, ingest: &Ingest) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
-    let Ok(read_half) = stream.try_clone() else { return };
-    let mut reader = BufReader::with_capacity(64 * 1024, read_half);
+    let mut reader = BufReader::with_capacity(64 * 1024, &stream);
     let mut conn = Conn {
         ingest,
         reply: Reply::default(),
@@ -336,7 +328,7 @@ fn handle(mut stream: UnixStream, ingest: &Ingest) {
     if conn.hidden_errors > 0 {
         conn.reply.errors.push(format!("… and {} more rejected lines", conn.hidden_errors));
     }
-    let _ = write_reply(&mut stream, &conn.reply);
+    let _ = write_reply(&stream, &conn.reply);
 }
 
 /// `--send`: stdin → the socket → the reply. Returns the reply.

@@ -1,16 +1,11 @@
 //! The logcollector thread: follows `logcollector.files` like `tail -F` and sends each line
-//! as a stateless event (docs/events.md, "Logcollector").
+//! as a stateless event (docs/events.md, "Logcollector"), under delivery receipts
+//! (ARCHITECTURE.md, Delivery receipts: a file's saved offset moves only past what the server took).
 //!
-//! Files are polled every `poll_interval` (one wakeup per interval, no busy loop). Each
-//! followed file keeps its open handle, so after a rename the rest of the old file is
-//! still read under the name it was opened with, before the new file is followed from its
-//! start. A file that shrank was truncated (copytruncate): it is read again from 0.
-//! The events of each read carry one delivery receipt ([`Receipt`]): a file's saved offset
-//! moves only past reads whose every line the server took, so an outage, a `kill -9` or a
-//! power loss means a resend, never a loss. While the pipeline is full the file is not read
-//! (it is its own buffer), and one file has at most [`IN_FLIGHT`] bytes unacknowledged.
-//! Offsets are saved to `<data_dir>/logcollector.json` (with the inode and a fingerprint of
-//! the first bytes, so a replaced file is recognised); a restart continues there.
+//! Each followed file keeps its open handle, so after a rename the rest of the old file is
+//! still read before the new file is followed from its start; a file that shrank was truncated
+//! (copytruncate) and is read again from 0. Offsets are saved to `<data_dir>/logcollector.json`
+//! with the inode and a fingerprint of the first bytes, so a replaced file is recognised.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write;
@@ -310,29 +305,27 @@ impl Collector {
             return Some(false);
         }
         let receipt = sink.receipt();
-        let send = |chunk| sink.send(chunk).is_ok();
         let path_json = json_string(path);
         let created = status::rfc3339(SystemTime::now());
-        // Events go out in chunks as they are made: bounded memory, early backpressure.
-        // `emit(None)` hands over what is left. False: the pipeline is gone.
+        // Events go out in chunks as they are made: bounded memory, early backpressure. An empty
+        // line makes no event; `emit(None)` hands over what is left. `None`: the pipeline is gone.
         let mut chunk: Vec<Event> = Vec::with_capacity(CHUNK);
-        let mut emit = |line: Option<&[u8]>| -> bool {
-            chunk.extend(line.map(|l| line_event(&path_json, &created, l, max).tracked(&receipt)));
+        let event = |l: &[u8]| line_event(&path_json, &created, l, max).tracked(&receipt);
+        let mut emit = |line: Option<&[u8]>| -> Option<()> {
+            chunk.extend(line.filter(|l| !l.is_empty()).map(event));
             if chunk.is_empty() || (line.is_some() && chunk.len() < CHUNK) {
-                return true;
+                return Some(());
             }
             let n = chunk.len() as u64;
-            let taken = send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
-            Stats::add(&stats.received, if taken { n } else { 0 });
-            taken
+            sink.send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK))).ok()?;
+            Stats::add(&stats.received, n);
+            Some(())
         };
         if len < f.offset {
             // Truncated in place (copytruncate): the unfinished line goes out as it is. What
             // is in flight was before the truncation: its acknowledgement means offset 0 now.
             log::info!("logcollector: {path} was truncated; reading it again from the start");
-            if !f.partial.is_empty() && !emit(Some(&std::mem::take(&mut f.partial))) {
-                return None;
-            }
+            emit(Some(&std::mem::take(&mut f.partial)))?;
             f.in_flight.iter_mut().for_each(|(_, offset)| *offset = 0);
             (f.offset, f.acked) = (0, 0);
         }
@@ -347,21 +340,19 @@ impl Collector {
                     f.offset += (buf.len() - before) as u64;
                 }
             }
-            let used = for_each_line(&buf, |line| emit(Some(line)))?;
+            let used = for_each_line(&buf, |line| emit(Some(line)).is_some())?;
             buf.drain(..used);
             // An unfinished line longer than the limit cannot wait for ever.
-            if buf.len() > max && !emit(Some(&std::mem::take(&mut buf))) {
-                return None;
+            if buf.len() > max {
+                emit(Some(&std::mem::take(&mut buf)))?;
             }
             f.partial = buf;
         }
         // Rotated away: the last line will not be finished any more.
-        if f.draining && !f.partial.is_empty() && !emit(Some(&std::mem::take(&mut f.partial))) {
-            return None;
+        if f.draining {
+            emit(Some(&std::mem::take(&mut f.partial)))?;
         }
-        if !emit(None) {
-            return None;
-        }
+        emit(None)?;
         receipt.close();
         f.in_flight.push_back((receipt, f.offset - f.partial.len() as u64));
         f.advance();

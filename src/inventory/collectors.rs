@@ -280,16 +280,9 @@ pub fn parse_route(text: &str) -> HashMap<String, Ipv4Addr> {
         .collect()
 }
 
-fn iface_type(code: Option<&str>) -> &'static str {
-    match code.map(str::trim) {
-        Some("1") => "ethernet",
-        Some("772") => "loopback",
-        Some("801") => "wireless",
-        Some("65534") => "tunnel",
-        Some("512") => "ppp",
-        _ => "unknown",
-    }
-}
+/// `/sys/class/net/<iface>/type` (ARPHRD_*) → interface type.
+const IFACE_TYPES: [(&str, &str); 5] =
+    [("1", "ethernet"), ("772", "loopback"), ("801", "wireless"), ("65534", "tunnel"), ("512", "ppp")];
 
 pub fn collect_networks(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     let counters = source(root, "proc/net/dev")?.map(|t| parse_net_dev(&t)).unwrap_or_default();
@@ -305,7 +298,7 @@ pub fn collect_networks(root: &Path) -> Result<Vec<Doc>, Unreadable> {
         let sys = |f: &str| read(root, &format!("sys/class/net/{iface}/{f}")).map(|s| s.trim().to_string());
         let c = counters.get(&iface).copied().unwrap_or([0; 8]);
         let proto = if addr.is_ipv4() { "ipv4" } else { "ipv6" };
-        let itype = iface_type(sys("type").as_deref());
+        let itype = sys("type").and_then(|t| IFACE_TYPES.iter().find(|c| c.0 == t)).map_or("unknown", |c| c.1);
         let gateway: Vec<String> =
             if addr.is_ipv4() { gateways.get(&iface).map(|g| vec![g.to_string()]).unwrap_or_default() } else { vec![] };
         let doc = json!({

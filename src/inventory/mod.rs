@@ -1,12 +1,9 @@
 //! The inventory thread: scans the host on start and every `inventory.interval`, sends
 //! stateful `create`/`update`/`delete` events for exactly what changed since the last
-//! scan (ids per docs/events.md), plus stateless change notifications after the first scan.
+//! scan, plus stateless change notifications after the first scan (docs/events.md).
 //!
-//! The previous scan is kept in `<data_dir>/inventory.json`; a new snapshot replaces it only
-//! after its events are durable in the queue, so a crash means a resend, never a loss. Counters
-//! that move on every scan (free memory, interface byte counts, socket queues) are left out when
-//! documents are compared (else every scan is updates); they are refreshed when a document changes
-//! otherwise. A collector that cannot read its source keeps its previous documents (docs/events.md).
+//! The previous scan is kept in `<data_dir>/inventory.json`, replaced only after the new
+//! scan's events are durable in the queue: a crash means a resend, never a loss.
 
 pub mod collectors;
 

@@ -1,16 +1,6 @@
-//! The durable queue under `<data_dir>/queue/`: stateful events (and, at shutdown, the
-//! stateless events that could not be sent) survive `kill -9` and power loss once acked.
-//!
-//! Layout: append-only segment files `NNNNNNNNNNNNNNNNNNNN.seg` (at most [`SEGMENT_MAX`]
-//! bytes each, records never split across segments) and a `cursor` file naming the first
-//! record not yet delivered. The queue thread ([`run`]) is the only owner of these files:
-//!
-//! * appends from many producers are written, then covered by **one** fsync (group
-//!   commit), then acknowledged;
-//! * batches are read back one at a time for the uploader, reading at most one segment
-//!   into memory (bounded memory whatever the backlog);
-//! * the cursor moves only when the uploader reports a batch delivered; segments wholly
-//!   behind a durable cursor are deleted.
+//! The durable queue under `<data_dir>/queue/` (layout, recovery and read-back: ARCHITECTURE.md,
+//! The durable queue): stateful events, and at shutdown unsent stateless ones, survive `kill -9`
+//! and power loss once acked. The queue thread ([`run`]) is the only owner of its files.
 
 pub mod format;
 
