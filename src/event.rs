@@ -50,9 +50,10 @@ impl Receipt {
         Arc::new(Receipt { left: AtomicUsize::new(1), wake })
     }
 
-    /// The source has attached every event it will: the receipt may settle.
+    /// The source has attached every event it will: the receipt may settle. No wake-up: the
+    /// source itself looks next (else every read, even an empty one, would wake it at once).
     pub fn close(&self) {
-        self.settle_one();
+        self.left.fetch_sub(1, Ordering::AcqRel);
     }
 
     pub fn settled(&self) -> bool {
