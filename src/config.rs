@@ -6,7 +6,7 @@
 //! etc/wazuh-agent.toml are tested against it. The file is read as a TOML table and walked
 //! against [`KEYS`], each value turned into its typed field and the key named on failure.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -159,8 +159,14 @@ pub struct LogConfig {
     pub syslog: bool,
 }
 
+impl Default for LogConfig {
+    fn default() -> LogConfig {
+        LogConfig { level: log::LevelFilter::Info, file: None, syslog: false }
+    }
+}
+
 /// The whole, validated configuration. Built once, then passed by reference.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Config {
     /// The file it was read from, if any (absent when the default path does not exist).
     pub source: Option<PathBuf>,
@@ -504,9 +510,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "kib" => 1 << 10,
         "mib" => 1 << 20,
         "gib" => 1 << 30,
-        other => {
-            return Err(format!("{text:?} has an unknown unit {other:?} (B, KB, MB, GB, KiB, MiB, GiB)"));
-        }
+        other => return Err(format!("{text:?} has an unknown unit {other:?} (B, KB, MB, GB, KiB, MiB, GiB)")),
     };
     n.checked_mul(mult).ok_or_else(|| format!("{text:?} is too large"))
 }
@@ -638,17 +642,8 @@ impl Config {
                 return Err(unknown(format!("{section}.{name}"), message));
             }
         }
-        // A placeholder for every field: the loop below sets each one from its key.
-        let mut c = Config {
-            source: source.map(Path::to_path_buf),
-            agent: AgentConfig::default(),
-            server: ServerConfig::default(),
-            events: EventsConfig::default(),
-            retry: RetryConfig::default(),
-            logcollector: LogcollectorConfig::default(),
-            inventory: InventoryConfig::default(),
-            log: LogConfig { level: log::LevelFilter::Info, file: None, syslog: false },
-        };
+        // Placeholders (`Default`) for every field: the loop below sets each one from its key.
+        let mut c = Config { source: source.map(Path::to_path_buf), ..Config::default() };
         for k in KEYS {
             let default = || k.default.parse::<toml::Value>().map_err(|e| format!("bad default: {e}"));
             let given = table.get(k.section).and_then(|s| s.get(k.name)).cloned();
@@ -729,20 +724,12 @@ pub fn fmt_duration(d: Duration) -> String {
 }
 
 fn toml_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for ch in s.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => {
-                let _ = write!(out, "\\u{:04X}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    let escape = |c: char| match c {
+        '"' | '\\' => format!("\\{c}"),
+        c if c.is_control() => format!("\\u{:04X}", c as u32),
+        c => c.to_string(),
+    };
+    format!("\"{}\"", s.chars().map(escape).collect::<String>())
 }
 
 /// `http://user:pass@host:3128` → `http://user:***@host:3128`.
