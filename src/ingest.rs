@@ -187,8 +187,9 @@ fn write_reply(mut stream: &UnixStream, reply: &Reply) -> io::Result<()> {
     stream.write_all(&line)
 }
 
-struct Conn<'a> {
-    ingest: &'a Ingest,
+/// What one connection has read and not yet handed over, and its reply so far.
+#[derive(Default)]
+struct Conn {
     reply: Reply,
     stateless: Vec<Event>,
     stateless_bytes: usize,
@@ -198,10 +199,10 @@ struct Conn<'a> {
     hidden_errors: u64,
 }
 
-impl Conn<'_> {
-    fn reject(&mut self, line: u64, why: impl fmt::Display) {
+impl Conn {
+    fn reject(&mut self, ingest: &Ingest, line: u64, why: impl fmt::Display) {
         self.reply.rejected += 1;
-        Stats::add(&self.ingest.stats.rejected, 1);
+        Stats::add(&ingest.stats.rejected, 1);
         if self.reply.errors.len() < MAX_REPLY_ERRORS {
             self.reply.errors.push(format!("line {line}: {why}"));
         } else {
@@ -209,7 +210,7 @@ impl Conn<'_> {
         }
     }
 
-    fn flush_stateless(&mut self) {
+    fn flush_stateless(&mut self, ingest: &Ingest) {
         if self.stateless.is_empty() {
             return;
         }
@@ -217,16 +218,16 @@ impl Conn<'_> {
         self.stateless_bytes = 0;
         let n = chunk.len() as u64;
         // Blocks only under overflow = "block" with a full buffer: backpressure by design.
-        if self.ingest.stateless.send(chunk).is_ok() {
+        if ingest.stateless.send(chunk).is_ok() {
             self.reply.accepted += n;
-            Stats::add(&self.ingest.stats.received, n);
+            Stats::add(&ingest.stats.received, n);
         } else {
             self.reply.rejected += n;
             self.reply.errors.push(format!("{n} events not accepted: the agent is shutting down"));
         }
     }
 
-    fn flush_stateful(&mut self) {
+    fn flush_stateful(&mut self, ingest: &Ingest) {
         if self.stateful.is_empty() {
             return;
         }
@@ -234,21 +235,21 @@ impl Conn<'_> {
         self.stateful_bytes = 0;
         // Bounded: a queue stuck on a dying disk must not hold the producer for ever (it
         // is told the lines were not accepted and may send them again).
-        let result = crate::queue::append_and_wait(&self.ingest.queue, events, DURABLE_WAIT);
+        let result = crate::queue::append_and_wait(&ingest.queue, events, DURABLE_WAIT);
         let stored = result.stored.min(lines.len());
         self.reply.accepted += stored as u64;
-        Stats::add(&self.ingest.stats.received, stored as u64);
+        Stats::add(&ingest.stats.received, stored as u64);
         if let Some(e) = result.error {
             for l in &lines[stored..] {
-                self.reject(*l, &e);
+                self.reject(ingest, *l, &e);
             }
         }
     }
 
     /// One complete line (`oversized`: its bytes were not kept).
-    fn line(&mut self, number: u64, bytes: &[u8], oversized: bool) {
+    fn line(&mut self, ingest: &Ingest, number: u64, bytes: &[u8], oversized: bool) {
         if oversized {
-            self.reject(number, format!("line is longer than {} bytes", event::MAX_LINE_BYTES));
+            self.reject(ingest, number, format!("line is longer than {} bytes", event::MAX_LINE_BYTES));
             return;
         }
         match event::parse_line(bytes) {
@@ -257,17 +258,17 @@ impl Conn<'_> {
                 self.stateless_bytes += e.wire_len();
                 self.stateless.push(e);
                 if self.stateless.len() >= CHUNK || self.stateless_bytes >= CHUNK_BYTES {
-                    self.flush_stateless();
+                    self.flush_stateless(ingest);
                 }
             }
             Ok(Some(e)) => {
                 self.stateful_bytes += e.wire_len();
                 self.stateful.push((e, number));
                 if self.stateful_bytes >= DURABLE_CHUNK_BYTES {
-                    self.flush_stateful();
+                    self.flush_stateful(ingest);
                 }
             }
-            Err(e) => self.reject(number, e),
+            Err(e) => self.reject(ingest, number, e),
         }
     }
 }
@@ -277,15 +278,7 @@ fn handle(stream: UnixStream, ingest: &Ingest) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
     let mut reader = BufReader::with_capacity(64 * 1024, &stream);
-    let mut conn = Conn {
-        ingest,
-        reply: Reply::default(),
-        stateless: Vec::new(),
-        stateless_bytes: 0,
-        stateful: Vec::new(),
-        stateful_bytes: 0,
-        hidden_errors: 0,
-    };
+    let mut conn = Conn::default();
     let mut line = Vec::new();
     let mut number = 0u64;
     // A line may be one byte longer than the limit (a '\r' the parser drops), plus its newline.
@@ -319,12 +312,12 @@ fn handle(stream: UnixStream, ingest: &Ingest) {
             Ok(0) if line.is_empty() => break,
             Ok(_) => {
                 number += 1;
-                conn.line(number, line.strip_suffix(b"\n").unwrap_or(&line), oversized);
+                conn.line(ingest, number, line.strip_suffix(b"\n").unwrap_or(&line), oversized);
             }
         }
     }
-    conn.flush_stateless();
-    conn.flush_stateful();
+    conn.flush_stateless(ingest);
+    conn.flush_stateful(ingest);
     if conn.hidden_errors > 0 {
         conn.reply.errors.push(format!("… and {} more rejected lines", conn.hidden_errors));
     }

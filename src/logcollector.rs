@@ -7,7 +7,7 @@
 //! (copytruncate) and is read again from 0. Offsets are saved to `<data_dir>/logcollector.json`
 //! with the inode and a fingerprint of the first bytes, so a replaced file is recognised.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt::Write;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -166,18 +166,16 @@ impl Collector {
         Collector { config, state_path, saved, followed, warned, more, capped, first_scan, last_save, stats }
     }
 
-    fn expand(&self) -> Vec<String> {
-        let mut paths = Vec::new();
+    fn expand(&self) -> BTreeSet<String> {
+        let mut paths = BTreeSet::new();
         for pattern in self.config.files.iter().map(|f| &f.pattern) {
-            if !pattern.contains(['*', '?', '[']) {
-                paths.push(pattern.clone());
-                continue;
+            if pattern.contains(['*', '?', '[']) {
+                let found = glob::glob(pattern).into_iter().flatten().flatten().filter(|p| p.is_file());
+                paths.extend(found.map(|p| p.to_string_lossy().into_owned()));
+            } else {
+                paths.insert(pattern.clone());
             }
-            let found = glob::glob(pattern).into_iter().flatten().flatten().filter(|p| p.is_file());
-            paths.extend(found.map(|p| p.to_string_lossy().into_owned()));
         }
-        paths.sort();
-        paths.dedup();
         paths
     }
 
@@ -253,16 +251,13 @@ impl Collector {
         self.capped = skipped;
         // Paths no pattern matches any more (deleted by a glob's view) drain too.
         for (path, f) in self.followed.iter_mut() {
-            f.draining |= paths.binary_search(path).is_err();
+            f.draining |= !paths.contains(path);
         }
         let keys: Vec<String> = self.followed.keys().cloned().collect();
         for path in keys {
             let Some(at_end) = self.read_file(&path, sink) else { return false };
-            if self
-                .followed
-                .get_mut(&path)
-                .is_some_and(|f| f.draining && at_end && !f.advance() && f.in_flight.is_empty())
-            {
+            let done = |f: &mut Followed| f.draining && at_end && !f.advance() && f.in_flight.is_empty();
+            if self.followed.get_mut(&path).is_some_and(done) {
                 // The old file is done and delivered: follow the new one (if any) from its start.
                 self.followed.remove(&path);
                 self.saved.remove(&path);
