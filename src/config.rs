@@ -179,7 +179,6 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-// ---------------------------------------------------------------------------------------
 // The key table. Adding a key is one `key!` line here plus its field in the typed structs above.
 
 /// One configuration key.
@@ -297,7 +296,6 @@ const LEVELS: &[(&str, log::LevelFilter)] = &[
     ("trace", log::LevelFilter::Trace),
 ];
 
-// ---------------------------------------------------------------------------------------
 // Value parsers (pure): a TOML value in, the typed value or a message out.
 
 fn expected(what: &str, v: &toml::Value) -> String {
@@ -673,7 +671,6 @@ fn toml_table(text: &str, path: &Path) -> Result<toml::Table, ConfigError> {
     })
 }
 
-// ---------------------------------------------------------------------------------------
 // Renderers: a typed value back into TOML text.
 
 fn show_num(n: &impl fmt::Display) -> String {

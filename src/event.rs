@@ -31,11 +31,8 @@ pub enum Kind {
     Stateful,
 }
 
-/// A delivery receipt for the events of one read of the agent's own source (a followed
-/// file): it settles once the server took every one of them, or refused it for good, so the
-/// source may move its saved position past them (ARCHITECTURE.md, Delivery receipts).
-/// Events that carry one are never dropped for overflow and never spilled at shutdown:
-/// their source still has them and reads them again after a restart.
+/// A delivery receipt for the events of one read of the agent's own source (a followed file):
+/// it settles once the server took or refused for good every one of them (ARCHITECTURE.md, Delivery receipts).
 #[derive(Debug)]
 pub struct Receipt {
     /// Events not settled yet, plus one held by the source until [`Receipt::close`].

@@ -325,7 +325,6 @@ pub fn describe_transport(e: &ureq::Error) -> String {
     }
 }
 
-// ---------------------------------------------------------------------------------------
 // TLS connector: ureq's own rustls connector cannot check "chain but not name", so the
 // agent wraps connections itself with the ClientConfig built above.
 

@@ -71,7 +71,6 @@ pub enum IngestError {
     BadReply(String),
 }
 
-/// Wraps an I/O error on `path`.
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> IngestError + '_ {
     move |source| IngestError::Io { path: path.to_path_buf(), source }
 }

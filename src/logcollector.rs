@@ -110,7 +110,6 @@ fn fingerprint(file: &mut File, len: usize) -> std::io::Result<(usize, u32)> {
     Ok((buf.len(), crc32fast::hash(&buf)))
 }
 
-/// One followed file.
 struct Followed {
     file: File,
     dev: u64,

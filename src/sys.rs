@@ -120,7 +120,6 @@ fn found(rc: libc::c_int, no_result: bool) -> io::Result<bool> {
     }
 }
 
-/// The effective user and group ids of the process.
 pub fn effective_ids() -> (u32, u32) {
     // SAFETY: geteuid and getegid always succeed and have no preconditions.
     unsafe { (libc::geteuid(), libc::getegid()) }
@@ -165,7 +164,6 @@ pub fn uname() -> io::Result<Uname> {
 /// One IPv4 or IPv6 address of a network interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IfAddr {
-    /// The interface's name (`eth0`).
     pub name: String,
     /// IFF_UP: the interface is administratively up.
     pub up: bool,

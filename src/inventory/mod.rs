@@ -127,7 +127,6 @@ fn stamped(doc: &str, now: &str) -> String {
     }
 }
 
-/// The stateful events for a set of changes.
 pub fn stateful_events(changes: &[Change], now: &str) -> Vec<Event> {
     changes
         .iter()

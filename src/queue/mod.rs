@@ -133,7 +133,6 @@ pub struct Ack {
     pub frame_bytes: u64,
 }
 
-/// Limits for batches read from the queue.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {
     pub max_events: usize,
