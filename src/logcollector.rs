@@ -252,6 +252,8 @@ impl Collector {
         for (path, f) in self.followed.iter_mut() {
             f.draining |= !paths.contains(path);
         }
+        // Files opened from here on were rotated in while the agent ran: all of them is new.
+        self.first_scan = false;
         let keys: Vec<String> = self.followed.keys().cloned().collect();
         for path in keys {
             let Some(at_end) = self.read_file(&path, sink) else { return false };
@@ -260,17 +262,14 @@ impl Collector {
                 // The old file is done and delivered: follow the new one (if any) from its start.
                 self.followed.remove(&path);
                 self.saved.remove(&path);
-                let first = std::mem::replace(&mut self.first_scan, false);
                 if let Some(f) = self.open(&path) {
                     self.followed.insert(path.clone(), f);
                     if self.read_file(&path, sink).is_none() {
                         return false;
                     }
                 }
-                self.first_scan = first;
             }
         }
-        self.first_scan = false;
         if self.last_save.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
             self.save();
         }
