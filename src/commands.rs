@@ -22,9 +22,10 @@ pub const MAX_PER_ANSWER: usize = 100;
 /// Longest `document_id` taken (kept in the command store); the server's are about 20 characters.
 pub const MAX_ID_BYTES: usize = 512;
 
-/// What a command asks for. `Unknown`: any other name, answered with "Command is not valid";
-/// `Invalid`: a known name with unusable arguments, answered with the reason.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a command asks for (kept in the command store when it runs at the next start).
+/// `Unknown`: any other name, answered with "Command is not valid"; `Invalid`: a known name
+/// with unusable arguments, answered with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Action {
     SetGroup { groups: Vec<String> },
     FetchConfig,
@@ -45,7 +46,7 @@ impl Action {
 }
 
 /// One validated command.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Command {
     pub document_id: String,
     pub action: Action,

@@ -47,8 +47,8 @@ impl Receipt {
         Arc::new(Receipt { left: AtomicUsize::new(1), wake })
     }
 
-    /// The source has attached every event it will: the receipt may settle. No wake-up: the
-    /// source itself looks next (else every read, even an empty one, would wake it at once).
+    /// The source has attached every event it will: the receipt may settle. No wake-up if
+    /// this settles it (the source is the caller; a read without events would wake it for ever).
     pub fn close(&self) {
         self.left.fetch_sub(1, Ordering::AcqRel);
     }
@@ -509,5 +509,26 @@ mod tests {
             "{\"agent\":{}}\n{\"module\":\"m\"}\n{\"a\":1}\n{\"module\":\"fim\",\"operation\":\"delete\",\"id\":\"x\"}"
         );
         assert_eq!(a.wire_len(), "{\"module\":\"m\"}\n{\"a\":1}\n".len());
+    }
+
+    #[test]
+    fn a_receipt_settles_once_every_event_did_and_wakes_only_for_events() {
+        let (tx, woken) = crossbeam_channel::bounded(1);
+        // A read without events settles at close, without a wake-up (an idle reader would spin).
+        let empty = Receipt::open(tx.clone());
+        empty.close();
+        assert!(empty.settled() && woken.try_recv().is_err());
+        let r = Receipt::open(tx);
+        let events: Vec<Event> =
+            (0..3).map(|i| Event::new(Kind::Stateless, "{}", Some(&i.to_string())).tracked(&r)).collect();
+        assert!(events.iter().all(Event::is_tracked) && !events[0].clone().is_tracked(), "a copy is untracked");
+        events[0].settle();
+        r.close();
+        events[1].settle();
+        assert!(!r.settled() && woken.try_recv().is_err());
+        events[2].settle();
+        assert!(r.settled() && woken.try_recv().is_ok(), "the last settle wakes the source");
+        drop(events);
+        assert!(!Receipt::abandoned(&r), "settled, not abandoned");
     }
 }

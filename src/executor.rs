@@ -4,7 +4,8 @@
 //! Every `document_id` is written to the command store (`<data_dir>/commands.json`) before the
 //! command runs, so a redelivered or duplicated command is skipped, even across restarts. A
 //! command running when the agent stopped is finished at the next start: `restart` as a success
-//! (that stop was the command), any other as interrupted.
+//! (that stop was the command), any other as interrupted. Commands taken after a `restart` or
+//! still queued at shutdown are stored whole (`received`) and run at the next start.
 
 use std::collections::VecDeque;
 use std::io;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{Receiver, Sender, select};
+use crossbeam_channel::{Receiver, Sender, select_biased};
 use serde::{Deserialize, Serialize};
 
 use crate::commands::{self, Action, Code, Command};
@@ -42,6 +43,8 @@ pub enum Control {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum State {
+    /// Kept to run at the next start (`command` holds it).
+    Received,
     Running,
     Finished,
     Reported,
@@ -57,6 +60,8 @@ struct Entry {
     #[serde(default)]
     message: Option<String>,
     at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    command: Option<Command>,
 }
 
 /// The durable record of every command seen (bounded).
@@ -95,9 +100,14 @@ impl Store {
         crate::fsutil::write_atomic(&self.path, &json, 0o600)
     }
 
-    /// Records `id` as running. A full store prunes its oldest reported entry; when every
-    /// entry is running or holds a result not yet reported, `id` is refused, never a result lost.
-    fn insert(&mut self, id: &str, action: &str) -> io::Result<()> {
+    /// Whether a `restart` was handed to the supervisor (the new process finishes it).
+    fn restarting(&self) -> bool {
+        self.entries.iter().any(|e| e.state == State::Running && e.action == Action::Restart.name())
+    }
+
+    /// Records `id` as running, or `keep` as received. A full store prunes its oldest reported entry; when
+    /// every entry is running or holds a result not yet reported, `id` is refused, never a result lost.
+    fn insert(&mut self, id: &str, action: &str, keep: Option<&Command>) -> io::Result<()> {
         let now = SystemTime::now();
         while self.entries.len() >= self.cap {
             // A recent restart stays: pruning it would let a flood of commands lift the rate limit.
@@ -110,21 +120,21 @@ impl Store {
         self.entries.push_back(Entry {
             id: id.to_string(),
             action: action.to_string(),
-            state: State::Running,
+            state: if keep.is_some() { State::Received } else { State::Running },
             code: None,
             message: None,
             at: rfc3339(now),
+            command: keep.cloned(),
         });
         self.save()
     }
 
-    fn update(&mut self, id: &str, f: impl FnOnce(&mut Entry)) {
+    /// Returns whether the change is durable.
+    fn update(&mut self, id: &str, f: impl FnOnce(&mut Entry)) -> bool {
         if let Some(e) = self.entries.iter_mut().find(|e| e.id == id) {
             f(e);
         }
-        if let Err(e) = self.save() {
-            log::error!("cannot write the command store {}: {e}", self.path.display());
-        }
+        self.save().map_err(|e| log::error!("cannot write the command store {}: {e}", self.path.display())).is_ok()
     }
 }
 
@@ -259,7 +269,8 @@ impl Executor {
         }
     }
 
-    /// Commands that were running when the agent stopped.
+    /// Commands that were running when the agent stopped; then the ones kept for this start, in order, until
+    /// one asks for a restart (the rest wait for the start after it) or cannot be marked running durably.
     fn recover(&self, store: &mut Store) {
         for i in 0..store.entries.len() {
             let Entry { id, action, state: State::Running, .. } = store.entries[i].clone() else { continue };
@@ -270,19 +281,33 @@ impl Executor {
             }
         }
         self.report_pending(store);
+        for i in 0..store.entries.len() {
+            let Entry { id, state: State::Received, command: Some(c), .. } = store.entries[i].clone() else { continue };
+            if !store.restarting() && store.update(&id, |e| (e.state, e.command) = (State::Running, None)) {
+                self.execute(store, c);
+            }
+        }
     }
 
-    fn handle(&self, store: &mut Store, cmd: Command) {
+    /// Records a new command and runs it; at `shutdown` or once a restart was asked for, it is kept for
+    /// the next start. Without a durable record a redelivery could run it twice: then it is not run.
+    fn handle(&self, store: &mut Store, cmd: Command, shutdown: bool) {
+        let (id, name, keep) = (&cmd.document_id, cmd.action.name(), shutdown || store.restarting());
+        if store.contains(id) {
+            return log::info!("command {id} ({name}) was already received; skipped");
+        }
+        if let Err(e) = store.insert(id, name, keep.then_some(&cmd)) {
+            return log::error!("cannot record command {id} in the command store ({e}); it is not run");
+        }
+        match keep {
+            true => log::info!("command {id} ({name}) is stored; it runs when the agent starts again"),
+            false => self.execute(store, cmd),
+        }
+    }
+
+    /// Runs a recorded command (its entry is `running`).
+    fn execute(&self, store: &mut Store, cmd: Command) {
         let id = cmd.document_id.clone();
-        if store.contains(&id) {
-            log::info!("command {id} ({}) was already received; skipped", cmd.action.name());
-            return;
-        }
-        if let Err(e) = store.insert(&id, cmd.action.name()) {
-            // Without a durable record a redelivery could run it twice: do not run it.
-            log::error!("cannot record command {id} in the command store ({e}); it is not run");
-            return;
-        }
         log::info!("running command {id}: {} (timeout {}s)", cmd.action.name(), cmd.timeout.as_secs());
         let groups = match &cmd.action {
             Action::Unknown { .. } => return self.finish(store, &id, Code::Failure, "Command is not valid".into()),
@@ -333,14 +358,19 @@ pub fn run(exec: Executor, commands: Receiver<Command>, shutdown: Receiver<()>) 
     loop {
         let pending = store.entries.iter().any(|e| e.state == State::Finished);
         let wait = if pending { REPORT_RETRY } else { Duration::from_secs(3600) };
-        select! {
+        // Shutdown first: what is queued then is stored below, as are the commands after a restart.
+        select_biased! {
+            recv(shutdown) -> _ => break,
             recv(commands) -> msg => match msg {
-                Ok(cmd) => exec.handle(&mut store, cmd),
+                Ok(cmd) => exec.handle(&mut store, cmd, false),
                 Err(_) => break,
             },
-            recv(shutdown) -> _ => break,
             default(wait) => exec.report_pending(&mut store),
         }
+    }
+    // Kept for the next start: the server counts them as delivered. 1 s bounds a stuck poll (its request is cut).
+    while let Ok(cmd) = commands.recv_timeout(Duration::from_secs(1)) {
+        exec.handle(&mut store, cmd, true);
     }
 }
 
@@ -451,9 +481,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path());
         s.cap = 20;
-        s.insert("running", "restart").unwrap();
+        s.insert("running", "restart", None).unwrap();
         for i in 0..30 {
-            s.insert(&format!("id{i}"), "set-group").unwrap();
+            s.insert(&format!("id{i}"), "set-group", None).unwrap();
             s.update(&format!("id{i}"), |e| e.state = State::Reported);
         }
         let s = Store::open(dir.path());
@@ -469,13 +499,13 @@ mod tests {
         let mut s = Store::open(dir.path());
         s.cap = 3;
         for (id, state) in [("done", State::Finished), ("busy", State::Running), ("sent", State::Reported)] {
-            s.insert(id, "set-group").unwrap();
+            s.insert(id, "set-group", None).unwrap();
             s.update(id, |e| e.state = state);
         }
-        s.insert("next", "set-group").unwrap();
+        s.insert("next", "set-group", None).unwrap();
         assert!(!s.contains("sent") && s.contains("next"), "the reported entry is pruned first");
         s.update("next", |e| e.state = State::Finished);
-        assert!(s.insert("more", "set-group").is_err(), "nothing can be pruned: the new command is refused");
+        assert!(s.insert("more", "set-group", None).is_err(), "nothing can be pruned: the new command is refused");
         let s = Store::open(dir.path());
         let ids: Vec<&str> = s.entries.iter().map(|e| e.id.as_str()).collect();
         assert_eq!(ids, ["done", "busy", "next"], "no unreported result and no running command was dropped");
@@ -501,13 +531,13 @@ mod tests {
         let now = SystemTime::now();
         let recent = |s: &Store, id| s.restarted_recently(id, now + Duration::from_secs(1));
         assert!(!recent(&s, "r1"), "an empty store");
-        s.insert("r1", "restart").unwrap();
+        s.insert("r1", "restart", None).unwrap();
         assert!(!recent(&s, "r1"), "the command itself does not count");
         assert!(recent(&Store::open(dir.path()), "r2"), "a running restart counts, also after a reopen");
         s.update("r1", |e| e.code = Some(Code::Success));
         assert!(recent(&s, "r2"), "a finished restart counts");
         s.update("r1", |e| e.code = Some(Code::Failure));
-        s.insert("sg", "set-group").unwrap();
+        s.insert("sg", "set-group", None).unwrap();
         assert!(!recent(&s, "r2"), "a refused restart and other commands do not");
         s.update("r1", |e| (e.code, e.at) = (None, rfc3339(now - 2 * RESTART_EVERY)));
         assert!(!recent(&s, "r2"), "a restart over a minute ago does not");
@@ -520,15 +550,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path());
         s.cap = 3;
-        s.insert("r1", "restart").unwrap();
+        s.insert("r1", "restart", None).unwrap();
         s.update("r1", |e| (e.state, e.code) = (State::Reported, Some(Code::Success)));
         for i in 0..10 {
             let id = format!("x{i}");
-            s.insert(&id, "set-group").unwrap();
+            s.insert(&id, "set-group", None).unwrap();
             s.update(&id, |e| e.state = State::Reported);
         }
         assert!(s.restarted_recently("r2", SystemTime::now()), "the restart was not pruned");
         assert_eq!(s.entries.len(), 3);
+    }
+
+    #[test]
+    fn a_kept_command_is_stored_whole_and_marks_no_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path());
+        let cmd = Command {
+            document_id: "k1".into(),
+            action: Action::SetGroup { groups: vec!["g1".into()] },
+            timeout: Duration::from_secs(7),
+        };
+        s.insert("r1", "restart", None).unwrap();
+        s.insert("k1", "set-group", Some(&cmd)).unwrap();
+        assert!(s.restarting(), "the running restart");
+        let s = Store::open(dir.path());
+        assert_eq!((s.entries[1].state, s.entries[1].command.as_ref()), (State::Received, Some(&cmd)));
+        assert!(s.contains("k1"), "a redelivery is a duplicate");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, select};
+use crossbeam_channel::{Receiver, Sender, select_biased};
 
 use crate::backoff::Backoff;
 use crate::commands::{self, Command, MAX_PER_ANSWER};
@@ -55,7 +55,8 @@ pub fn run(p: Poller, out: Sender<Command>, shutdown: Receiver<()>) {
                 for c in parsed.commands {
                     Stats::add(&p.session.stats.commands_received, 1);
                     log::debug!("command {} ({}) received", c.document_id, c.action.name());
-                    select! {
+                    // Handing over first: at shutdown the executor stores what it cannot run.
+                    select_biased! {
                         send(out, c) -> r => if r.is_err() { return },
                         recv(shutdown) -> _ => return,
                     }

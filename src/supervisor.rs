@@ -173,6 +173,8 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     if let Some(user) = &config.agent.user {
         drop_privileges(&config, user)?;
     }
+    // Blocked until the handlers exist, and in every worker (masks are inherited): only `main` takes signals.
+    crate::sys::block_signals(true);
     let host = crate::host::gather(&config.inventory.root);
     let agent_line =
         event::agent_line(&credentials.uuid, &credentials.name, &groups::current(&config.agent.data_dir), &host);
@@ -185,9 +187,17 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     let pipeline = start_pipeline(&mut s, store, listener, wake_rx)?;
     let modules = start_modules(&mut s, &pipeline)?;
     let (control_rx, commands_stop) = start_commands(&mut s, &pipeline, host)?;
+    crate::sys::block_signals(false); // a signal pending since the previous image's exec comes now
     let result = supervise(&mut s, &pipeline, &control_rx);
-    shut_down(s, pipeline, modules, commands_stop);
+    // From here on signals stay pending: a restart looks for one after the shutdown; one that
+    // comes later stays pending across the exec, and the new image stops on it once it can.
+    crate::sys::block_signals(true);
+    let signalled = shut_down(s, pipeline, modules, commands_stop) || crate::sys::block_signals(true);
     drop(pid_file);
+    if signalled && matches!(result, Ok(Stopped::Restart)) {
+        log::info!("a stop signal came during the restart; stopping instead");
+    }
+    let result = result.map(|stopped| if signalled { Stopped::Signal } else { stopped });
     if result.is_ok() {
         log::info!("stopped");
     }
@@ -443,12 +453,13 @@ fn supervise(s: &mut Supervisor, p: &Pipeline, control: &Receiver<Control>) -> R
 }
 
 /// Stage 8: the staged shutdown of the module comment, each stage with its own grace.
+/// Returns whether SIGTERM or SIGINT came just before it began.
 fn shut_down(
     mut s: Supervisor,
     p: Pipeline,
     (modules, modules_stop): (Vec<&'static str>, Sender<()>),
     commands_stop: Sender<()>,
-) {
+) -> bool {
     let workers = &mut s.workers;
     // `Agent::shutdown` takes the agent; a clone shares its pool, so shutting one down cuts the thread's.
     // (0) Commands first: a running command finishes or is cut, no new one starts.
@@ -496,6 +507,7 @@ fn shut_down(
     }
     write_state(&s);
     let _ = std::fs::remove_file(ingest::socket_path(&s.config.agent.run_dir));
+    p.sig_rx.try_iter().any(|sig| sig != SIGHUP)
 }
 
 /// Writes `state.json` (for `--status`) from the counters and the token cell.

@@ -83,6 +83,19 @@ pub fn syslog(level: log::Level, text: &str) {
     unsafe { libc::syslog(priority, c"%s".as_ptr(), msg.as_ptr()) };
 }
 
+/// Blocks (or unblocks) SIGTERM, SIGINT and SIGHUP in this thread (threads it starts and images it execs inherit
+/// the mask; a blocked signal stays pending, across exec too); returns whether a SIGTERM or SIGINT is pending.
+pub fn block_signals(block: bool) -> bool {
+    // SAFETY: plain C sets, initialised by sigemptyset or sigpending; the mask is this thread's.
+    unsafe {
+        let (mut set, mut p): (libc::sigset_t, libc::sigset_t) = (std::mem::zeroed(), std::mem::zeroed());
+        libc::sigemptyset(&mut set);
+        let _ = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP].map(|sig| libc::sigaddset(&mut set, sig));
+        libc::pthread_sigmask(if block { libc::SIG_BLOCK } else { libc::SIG_UNBLOCK }, &set, std::ptr::null_mut());
+        libc::sigpending(&mut p) == 0 && [libc::SIGTERM, libc::SIGINT].iter().any(|s| libc::sigismember(&p, *s) == 1)
+    }
+}
+
 /// The uid and primary gid of the user `name`; `None` if there is none (nor for a NUL byte).
 pub fn user_by_name(name: &str) -> io::Result<Option<(u32, u32)>> {
     let Ok(name) = CString::new(name) else { return Ok(None) };

@@ -340,3 +340,82 @@ fn a_hold_that_ends_at_once_is_not_polled_in_a_tight_loop() {
     env.mock.enqueue_command(&me, command("q-1", "no-such-action", json!({}), None));
     assert_eq!(result_of(&env.mock, "q-1", Duration::from_secs(10)).0, 1);
 }
+
+#[test]
+fn sigterm_during_a_restart_stops_the_agent_instead() {
+    let (env, mut agent, me) = setup(Duration::from_millis(300));
+    // The server stalls every events request: the restart's shutdown waits out its delivery grace.
+    let stall = FaultAction::Delay { ms: 20_000 };
+    env.mock.inject(Fault { path: "/api/v1/events".into(), times: 1_000, action: stall });
+    env.send_ok(&lines([stateless(1)]));
+    env.mock.enqueue_command(&me, command("r-term", "restart", json!({}), None));
+    assert!(
+        wait_for(Duration::from_secs(15), || agent.log().contains("restart command received, restarting")),
+        "{}",
+        agent.log()
+    );
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(30)), Some(0), "stopped as on SIGTERM: {}", agent.log());
+    let log = agent.log();
+    // The pid stays across an exec: exited means no second instance runs.
+    assert_eq!(log.matches(" starting as ").count(), 1, "no second instance started: {log}");
+    assert!(log.contains("a stop signal came during the restart; stopping instead"), "{log}");
+}
+
+#[test]
+fn commands_after_a_restart_in_the_same_answer_run_after_it_once() {
+    let (env, mut agent, me) = setup(Duration::from_millis(300));
+    let pid = agent.child.id();
+    env.mock.set_file("g1.yml", b"{}\n");
+    // A slow download: run by the old process, the shutdown would cut it.
+    env.mock.inject(Fault { path: "/api/v1/files".into(), times: 1, action: FaultAction::Delay { ms: 500 } });
+    let answer = vec![
+        command("r-a", "restart", json!({}), None),
+        command("sg-a", "set-group", json!({"groups": ["g1"]}), None),
+        command("bad-a", "no-such-action", json!({}), None),
+    ];
+    env.mock.enqueue_commands(&me, answer);
+    let (code, message) = result_of(&env.mock, "r-a", Duration::from_secs(30));
+    assert_eq!((code, message), (0, format!("agent restarted (pid {pid})")));
+    let (code, message) = result_of(&env.mock, "sg-a", Duration::from_secs(20));
+    assert_eq!(code, 0, "{message}");
+    assert!(message.starts_with("groups set to g1"), "{message}");
+    assert_eq!(result_of(&env.mock, "bad-a", Duration::from_secs(20)), (1, "Command is not valid".to_string()));
+    // A later command's result: every result queued before it is in.
+    env.mock.enqueue_command(&me, command("last", "no-such-action", json!({}), None));
+    result_of(&env.mock, "last", Duration::from_secs(20));
+    let results = env.mock.command_results();
+    for id in ["r-a", "sg-a", "bad-a", "last"] {
+        assert_eq!(results.iter().filter(|r| r.0 == id).count(), 1, "{id} reported once: {results:?}");
+    }
+    let log = agent.log();
+    assert_eq!(log.matches(" starting as ").count(), 2, "restarted once: {log}");
+    assert!(agent.child.try_wait().unwrap().is_none(), "still running");
+}
+
+#[test]
+fn a_command_still_queued_at_sigterm_runs_at_the_next_start() {
+    let (env, mut agent, me) = setup(Duration::from_millis(300));
+    env.mock.set_file("g1.yml", b"{}\n");
+    // The first command holds the executor, so the second waits in its queue.
+    env.mock.inject(Fault { path: "/api/v1/files".into(), times: 1, action: FaultAction::Delay { ms: 3000 } });
+    let answer = vec![
+        command("busy", "set-group", json!({"groups": ["g1"]}), Some(60)),
+        command("queued", "no-such-action", json!({}), None),
+    ];
+    env.mock.enqueue_commands(&me, answer);
+    assert!(wait_for(Duration::from_secs(10), || agent.log().contains("running command busy")), "{}", agent.log());
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)), Some(0), "{}", agent.log());
+    let log = agent.log();
+    assert!(log.contains("command queued (no-such-action) is stored"), "{log}");
+    assert!(!log.contains("running command queued"), "not run at shutdown: {log}");
+    let _again = env.running_agent();
+    assert_eq!(result_of(&env.mock, "queued", Duration::from_secs(20)), (1, "Command is not valid".to_string()));
+    env.mock.enqueue_command(&me, command("last", "no-such-action", json!({}), None));
+    result_of(&env.mock, "last", Duration::from_secs(20));
+    let results = env.mock.command_results();
+    for id in ["busy", "queued", "last"] {
+        assert_eq!(results.iter().filter(|r| r.0 == id).count(), 1, "{id} reported once: {results:?}");
+    }
+}

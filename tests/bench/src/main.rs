@@ -393,7 +393,7 @@ fn main() {
     let nl = n / 2;
     reset_peak(pid);
     let base = mock.event_counts().0;
-    let start = Instant::now();
+    let (start, cpu_lc) = (Instant::now(), cpu_secs(pid));
     {
         use std::io::Write as _;
         let mut f =
@@ -405,7 +405,31 @@ fn main() {
     }
     await_delivery(&mock, false, base + nl as u64, "log lines", &run_dir);
     out.insert("logcollector_lines_per_s".into(), json!(nl as f64 / start.elapsed().as_secs_f64()));
+    out.insert("logcollector_cpu_s_per_100k".into(), json!((cpu_secs(pid) - cpu_lc) / nl as f64 * 100_000.0));
     out.insert("logcollector_peak_rss_kib".into(), json!(proc_status(pid, "VmHWM:")));
+
+    eprintln!("bench: Logcollector during an outage …");
+    // The server is down while a followed file grows by `nl` lines: the file is the buffer,
+    // so the agent's memory must stay flat; then everything arrives once the server is back.
+    reset_peak(pid);
+    mock.set_down(true);
+    let base = mock.event_counts().0;
+    {
+        use std::io::Write as _;
+        let mut f =
+            std::io::BufWriter::new(std::fs::OpenOptions::new().append(true).open(logs.join("f1.log")).unwrap());
+        for i in 0..nl {
+            writeln!(f, "Nov 26 15:00:00 web-01 app[42]: request {i:08} served in 3 ms from 10.0.0.1 to /api/v1/items")
+                .unwrap();
+        }
+    }
+    // Long enough for the reader to fill the pipeline and stop.
+    std::thread::sleep(Duration::from_secs(if a.quick { 2 } else { 5 }));
+    out.insert("logcollector_outage_peak_rss_kib".into(), json!(proc_status(pid, "VmHWM:")));
+    mock.set_down(false);
+    let start = Instant::now();
+    await_delivery(&mock, false, base + nl as u64, "log lines after the outage", &run_dir);
+    out.insert("logcollector_outage_catch_up_s".into(), json!(start.elapsed().as_secs_f64()));
 
     eprintln!("bench: The mock's own ceiling …");
     // The mock's own ceiling, same machine, same run.
