@@ -349,10 +349,7 @@ fn duration(v: &toml::Value, min: Duration) -> Result<Duration, String> {
 }
 
 fn choice<T: Copy>(v: &toml::Value, options: &[(&str, T)]) -> Result<T, String> {
-    let text = match v {
-        toml::Value::Integer(n) => n.to_string(),
-        _ => string(v)?,
-    };
+    let text = if let toml::Value::Integer(n) = v { n.to_string() } else { string(v)? };
     options.iter().find(|(name, _)| *name == text).map(|(_, v)| *v).ok_or_else(|| {
         let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
         format!("{text:?} is not one of {}", names.join(" | "))
@@ -702,14 +699,11 @@ fn show<T: PartialEq>(options: &[(&str, T)], x: &T) -> String {
 
 /// `logcollector.files` as TOML: plain strings, or inline tables where a start was given.
 fn show_files(files: &[FileSpec]) -> String {
-    let items: Vec<String> = files
-        .iter()
-        .map(|f| match f.start {
-            None => toml_string(&f.pattern),
-            Some(s) => format!("{{ path = {}, start = {} }}", toml_string(&f.pattern), show(STARTS, &s)),
-        })
-        .collect();
-    format!("[{}]", items.join(", "))
+    let item = |f: &FileSpec| match f.start {
+        None => toml_string(&f.pattern),
+        Some(s) => format!("{{ path = {}, start = {} }}", toml_string(&f.pattern), show(STARTS, &s)),
+    };
+    format!("[{}]", files.iter().map(item).collect::<Vec<_>>().join(", "))
 }
 
 /// Formats a duration in the largest unit that represents it exactly.

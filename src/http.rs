@@ -188,10 +188,7 @@ pub fn send(
 }
 
 fn with_auth<B>(req: ureq::RequestBuilder<B>, authorization: Option<&str>) -> ureq::RequestBuilder<B> {
-    match authorization {
-        Some(a) => req.header("Authorization", a),
-        None => req,
-    }
+    authorization.into_iter().fold(req, |req, a| req.header("Authorization", a))
 }
 
 /// What a caller does next with the request it just made.

@@ -1,8 +1,6 @@
-//! Inventory collectors: read the host (under `inventory.root`) into documents shaped as in
-//! docs/events.md. Parsers are pure functions of file contents; the `collect_*` functions only
-//! read files under the root (and getifaddrs, for addresses on the live host). Fields a host
-//! cannot provide are `null`, never invented. A source that exists but cannot be read is an
-//! [`Unreadable`] error, not an empty result: the scan keeps that collector's previous documents.
+//! Inventory collectors: read the host (files under `inventory.root`, and getifaddrs on the live host)
+//! into documents shaped as in docs/events.md. Parsers are pure functions of file contents. Fields a
+//! host cannot provide are `null`; a source that exists but cannot be read is an [`Unreadable`] error.
 
 use std::collections::HashMap;
 use std::io;
@@ -271,11 +269,8 @@ pub fn parse_route(text: &str) -> HashMap<String, Ipv4Addr> {
         .skip(1)
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            if f.get(1)? != &"00000000" {
-                return None;
-            }
             let gw = u32::from_str_radix(f.get(2)?, 16).ok()?.swap_bytes();
-            Some((f[0].to_string(), Ipv4Addr::from(gw)))
+            (f[1] == "00000000").then(|| (f[0].to_string(), Ipv4Addr::from(gw)))
         })
         .collect()
 }
@@ -300,7 +295,7 @@ pub fn collect_networks(root: &Path) -> Result<Vec<Doc>, Unreadable> {
         let proto = if addr.is_ipv4() { "ipv4" } else { "ipv6" };
         let itype = sys("type").and_then(|t| IFACE_TYPES.iter().find(|c| c.0 == t)).map_or("unknown", |c| c.1);
         let gateway: Vec<String> =
-            if addr.is_ipv4() { gateways.get(&iface).map(|g| vec![g.to_string()]).unwrap_or_default() } else { vec![] };
+            gateways.get(&iface).filter(|_| addr.is_ipv4()).map(|g| g.to_string()).into_iter().collect();
         let doc = json!({
             "host": {"ip": [addr.to_string()], "mac": sys("address"),
                      "network": {"egress": {"bytes": c[4], "drops": c[7], "errors": c[6], "packets": c[5]},

@@ -1,9 +1,7 @@
-//! The inventory thread: scans the host on start and every `inventory.interval`, sends
-//! stateful `create`/`update`/`delete` events for exactly what changed since the last
-//! scan, plus stateless change notifications after the first scan (docs/events.md).
-//!
-//! The previous scan is kept in `<data_dir>/inventory.json`, replaced only after the new
-//! scan's events are durable in the queue: a crash means a resend, never a loss.
+//! The inventory thread: scans the host on start and every `inventory.interval`, sends stateful
+//! `create`/`update`/`delete` events for exactly what changed since the last scan, plus stateless
+//! change notifications after the first scan (docs/events.md). The previous scan is kept in
+//! `<data_dir>/inventory.json`, replaced only after the new scan's events are durable in the queue.
 
 pub mod collectors;
 

@@ -86,9 +86,8 @@ pub fn append_and_wait(queue: &Sender<Append>, events: Vec<Event>, timeout: std:
     answered.unwrap_or(Appended { stored: 0, error: Some(QueueError::Closed) })
 }
 
-/// Shutdown: keeps stateless events that could not be sent in the durable queue for the
-/// next start. Those it cannot keep are logged and counted as dropped, exactly. Tracked
-/// events are not kept: their sources did not move past them and read them again.
+/// Shutdown: keeps unsent stateless events in the durable queue for the next start; those it cannot
+/// keep are counted as dropped, exactly. Tracked events are not kept: their sources read them again.
 pub fn spill(queue: &Sender<Append>, mut events: Vec<Event>, stats: &Stats, what: &str) {
     let all = events.len();
     events.retain(|e| !e.is_tracked());
@@ -340,11 +339,10 @@ impl QueueStore {
         let id = self.durable.seg + 1;
         let path = self.dir.join(seg_name(id));
         // A new name (O_EXCL): never through a link planted there.
-        let f = OpenOptions::new().create_new(true).write(true).open(&path).ctx("cannot create", &path)?;
+        let f = OpenOptions::new().create_new(true).append(true).open(&path).ctx("cannot create", &path)?;
         // The new name must be durable before records in it are acknowledged.
         sync_dir(&self.dir).ctx("cannot fsync", &self.dir)?;
-        self.active = fsutil::open_nofollow(OpenOptions::new().append(true), &path).ctx("cannot open", &path)?;
-        drop(f);
+        self.active = f;
         self.segments.push_back(id);
         self.active_len = 0;
         self.durable = Pos { seg: id, off: 0 };
