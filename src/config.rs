@@ -1,10 +1,7 @@
 //! Configuration: the TOML file (docs/configuration.md) parsed once into one immutable, typed [`Config`].
 //!
-//! Every key is declared once, in [`KEYS`] (section, name, default, parse, render, whether
-//! the server may set it, whether it applies live): known keys, defaults, `--check-config`,
-//! live reload and what a group file may set all come from it; docs/configuration.md and
-//! etc/wazuh-agent.toml are tested against it. The file is read as a TOML table and walked
-//! against [`KEYS`], each value turned into its typed field and the key named on failure.
+//! Every key is declared once, in [`KEYS`] (ARCHITECTURE.md, Seams): the file is read as a TOML table
+//! and walked against it, each value turned into its typed field and the key named on failure.
 
 use std::fmt;
 use std::path::{Path, PathBuf};

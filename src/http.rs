@@ -1,8 +1,5 @@
-//! The HTTPS layer: builds ureq agents from [`ServerConfig`], sends requests, and holds
-//! the one function that classifies every outcome ([`classify`]).
-//!
-//! Every agent is built here, so TLS, proxy, timeouts and User-Agent are the same everywhere. Each
-//! thread gets its own agent (connection pool): a large upload never delays a command long-poll.
+//! The HTTPS layer: builds every ureq agent from [`ServerConfig`] (the same TLS, proxy, timeouts and
+//! User-Agent everywhere; one per thread, ARCHITECTURE.md), sends requests, and classifies every outcome.
 
 use std::io::{ErrorKind, Read, Write};
 use std::path::PathBuf;

@@ -112,15 +112,8 @@ pub struct Ingest {
 
 impl Ingest {
     pub fn new(stateless: Sender<Vec<Event>>, queue: Sender<Append>, stats: Arc<Stats>) -> Ingest {
-        Ingest {
-            stateless,
-            queue,
-            stats,
-            stopping: AtomicBool::new(false),
-            active: AtomicUsize::new(0),
-            next_id: AtomicUsize::new(0),
-            open: Mutex::new(HashMap::new()),
-        }
+        let (stopping, active, next_id, open) = Default::default();
+        Ingest { stateless, queue, stats, stopping, active, next_id, open }
     }
 
     /// Shutdown, step 1: no new lines are read; connections answer for what they have

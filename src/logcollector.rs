@@ -32,18 +32,16 @@ pub const MODULE: Module = Module {
     run,
 };
 
-/// Bytes read from one file per poll, so one busy file cannot starve the others. Small
-/// enough that the read buffer and the events made from it stay a fraction of the memory
-/// budget (4 MiB reads showed as a 20 MiB RSS peak in `make bench`); a file with more to
-/// read is polled again at once.
+/// Bytes read from one file per poll, so one busy file cannot starve the others; small enough that
+/// the read and its events stay a fraction of the memory budget (4 MiB reads peaked at 20 MiB RSS in
+/// `make bench`). A file with more to read is polled again at once.
 const READ_PER_POLL: u64 = 256 << 10;
 /// Bytes at the start of a file that identify it across restarts.
 const FINGERPRINT_BYTES: usize = 256;
 /// Events per chunk handed to the batcher.
 const CHUNK: usize = 512;
-/// Bytes of one file read but not yet acknowledged by the server: eight reads, which as
-/// events (about twice the bytes) keep both uploaders busy with 1 MB batches, while a
-/// stalled server stops the reading after a bounded amount.
+/// Bytes of one file read but not yet acknowledged: eight reads, which as events (about twice the
+/// bytes) keep both uploaders busy with 1 MB batches, while a stalled server stops the reading.
 const IN_FLIGHT: u64 = 8 * READ_PER_POLL;
 /// Offsets are written at most this often (an fsync each time): a crash resends at most
 /// this much more than it has to.
@@ -141,6 +139,7 @@ impl Followed {
     }
 }
 
+#[derive(Default)]
 pub struct Collector {
     config: LogcollectorConfig,
     state_path: PathBuf,
@@ -152,7 +151,8 @@ pub struct Collector {
     more: bool,
     /// More files matched than `MAX_FOLLOWED` (warned once, until they fit again).
     capped: bool,
-    first_scan: bool,
+    /// The first poll is done: a file new since is read from its start, whatever `start` says.
+    scanned: bool,
     last_save: Option<Instant>,
     stats: Arc<Stats>,
 }
@@ -160,9 +160,7 @@ pub struct Collector {
 impl Collector {
     pub fn new(config: LogcollectorConfig, state_path: PathBuf, stats: Arc<Stats>) -> Collector {
         let saved = std::fs::read(&state_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        let (followed, warned) = (HashMap::new(), HashMap::new());
-        let (more, capped, first_scan, last_save) = (false, false, true, None);
-        Collector { config, state_path, saved, followed, warned, more, capped, first_scan, last_save, stats }
+        Collector { config, state_path, saved, stats, ..Collector::default() }
     }
 
     fn expand(&self) -> BTreeSet<String> {
@@ -221,7 +219,7 @@ impl Collector {
         let offset = match saved.filter(fits).filter(same) {
             Some(s) => s.offset,
             // A file seen before under this path was replaced while the agent was away: all of it is new.
-            None if saved.is_none() && self.first_scan && self.start_for(path) == Start::End => meta.len(),
+            None if saved.is_none() && !self.scanned && self.start_for(path) == Start::End => meta.len(),
             None => 0,
         };
         let (dev, ino, partial, in_flight) = (meta.dev(), meta.ino(), Vec::new(), VecDeque::new());
@@ -253,7 +251,7 @@ impl Collector {
             f.draining |= !paths.contains(path);
         }
         // Files opened from here on were rotated in while the agent ran: all of them is new.
-        self.first_scan = false;
+        self.scanned = true;
         let keys: Vec<String> = self.followed.keys().cloned().collect();
         for path in keys {
             let Some(at_end) = self.read_file(&path, sink) else { return false };
