@@ -213,9 +213,8 @@ const LOCAL: bool = false;
 const LIVE: bool = true;
 const RESTART: bool = false;
 
-/// `key!(section.name = default, who, when, parse, render)`; `section.name(field)` when the
-/// field is named differently. `parse` turns a TOML value into the field's type, `render`
-/// the field back into TOML text.
+/// `key!(section.name = default, who, when, parse, render)`; `section.name(field)` when the field is named
+/// differently. `parse` turns a TOML value into the field's type, `render` the field back into TOML text.
 macro_rules! key {
     ($s:ident . $n:ident = $d:tt, $server:ident, $live:ident, $parse:expr, $render:expr) => {
         key!($s.$n($n) = $d, $server, $live, $parse, $render)
@@ -479,8 +478,7 @@ fn split_number<'a>(text: &'a str, what: &str) -> Result<(u64, &'a str), String>
 /// Duration units in milliseconds, largest first.
 const DURATION_UNITS: [(&str, u64); 5] = [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)];
 
-/// Parses `"250ms"`, `"10s"`, `"11m"`, `"1h"`, `"2d"`. A bare number is refused: a unit
-/// is required so `timeout = 30` cannot be misread as milliseconds or minutes.
+/// Parses `"250ms"`, `"10s"`, `"11m"`, `"1h"`, `"2d"`; a bare number is refused (`30`: milliseconds or minutes?).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (n, unit) = split_number(text, "a duration (examples: \"250ms\", \"10s\", \"11m\", \"1h\")")?;
     let Some((_, ms_per_unit)) = DURATION_UNITS.iter().find(|(u, _)| *u == unit) else {
@@ -490,8 +488,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     n.checked_mul(*ms_per_unit).map(Duration::from_millis).ok_or_else(|| format!("{text:?} is too large"))
 }
 
-/// Parses a size: an integer number of bytes, or a string such as `"64KiB"`, `"1MB"`.
-/// KB/MB/GB are powers of 1000, KiB/MiB/GiB powers of 1024 (as written on the tin).
+/// Parses a size: bytes, or a string such as `"64KiB"` (KiB/MiB/GiB: powers of 1024) or `"1MB"` (of 1000).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let (n, unit) = split_number(text, "a size (examples: 1048576, \"64KiB\", \"1MB\")")?;
     let mult: u64 = match unit.to_ascii_lowercase().as_str() {
@@ -730,9 +727,8 @@ fn mask_userinfo(url: &str) -> String {
     }
 }
 
-/// Best-effort name of the key at byte `offset` of a TOML document: the innermost
-/// `[table]` header above it joined with the `key =` on that line. Used to name the key
-/// in serde errors, which only carry a span.
+/// Best-effort name of the key at byte `offset` of a TOML document (a syntax error only carries a span):
+/// the innermost `[table]` header above it joined with the `key =` on that line.
 fn key_at(text: &str, offset: usize) -> Option<String> {
     let offset = offset.min(text.len());
     let before = &text[..offset];

@@ -99,9 +99,8 @@ fn check_nodes(text: &str) -> Result<(), String> {
     })
 }
 
-/// Parses one group file into an overlay of the keys a server may set. Returns the overlay
-/// and the `section.key` names it ignored: keys this agent does not have, and local-only
-/// keys (identity, paths, TLS, ...), which only the local file may set.
+/// Parses one group file into an overlay of the keys a server may set, and the `section.key` names it
+/// ignored: keys this agent does not have, and local-only keys (identity, paths, TLS, ...).
 pub fn parse_group_file(file: &str, content: &[u8]) -> Result<(toml::Table, Vec<String>), GroupError> {
     let refused = |message| GroupError::Refused { file: file.to_string(), message };
     let text = std::str::from_utf8(content).map_err(|_| refused("is not UTF-8".into()))?;

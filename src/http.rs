@@ -20,8 +20,7 @@ use ureq::unversioned::transport::{
 use crate::config::{ServerConfig, Verify};
 use crate::event::{BodyReader, Event};
 
-/// Largest response body the agent reads. Real answers are small (a token, a results
-/// list, a group file); this bounds memory against a broken or hostile server.
+/// Largest response body the agent reads: real answers are small; this bounds memory against a hostile server.
 pub const MAX_RESPONSE_BYTES: u64 = 8 << 20;
 /// Largest commands answer (the poll's [`Request::GetAtMost`]): room for far more than the commands taken
 /// from one answer (`commands::MAX_PER_ANSWER`), and bounds the JSON tree built from it.
@@ -87,8 +86,7 @@ pub fn build_agent(server: &ServerConfig, timeout: Duration) -> Result<ureq::Age
     Ok(agent)
 }
 
-/// One agent (own connection pool) per timeout, all sharing one TLS configuration: the
-/// root store is the biggest part of it, and one copy is enough.
+/// One agent (own connection pool) per timeout, all sharing one TLS configuration (mostly the root store).
 pub fn build_agents<const N: usize>(
     server: &ServerConfig,
     timeouts: [Duration; N],
@@ -152,8 +150,7 @@ pub enum Request<'a> {
     Gzip(Vec<u8>),
 }
 
-/// The one request builder: sends one request and reads the reply. `timeout` bounds this
-/// call when it must end sooner than the agent's own bound (a deadline is near).
+/// The one request builder: sends one request and reads the reply; `timeout` ends it sooner (a deadline is near).
 pub fn send(
     agent: &ureq::Agent,
     url: &str,
@@ -274,8 +271,7 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// Extracts a short human message from an error body: the `message`/`title`/`detail`
-/// field of a JSON object, or the start of the text. Never longer than 200 characters.
+/// A short message from an error body: a JSON `message`/`title`/`detail`, or the text; at most 200 characters.
 pub fn server_message(body: &[u8]) -> String {
     let from_json = serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|v| {
         let field = |k: &str| v.get(k).and_then(|m| m.as_str()).filter(|m| !m.is_empty());
@@ -300,8 +296,7 @@ pub fn describe(result: &Result<Reply, ureq::Error>) -> String {
     }
 }
 
-/// One-line description of a transport error for logs, with the root cause and, for the
-/// TLS failures operators meet most, what to do about them.
+/// A transport error in one line for logs, with what to do about the TLS failures operators meet most.
 pub fn describe_transport(e: &ureq::Error) -> String {
     let text = match e {
         ureq::Error::Timeout(t) => format!("timed out ({t})"),

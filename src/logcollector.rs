@@ -1,11 +1,8 @@
-//! The logcollector thread: follows `logcollector.files` like `tail -F` and sends each line
-//! as a stateless event (docs/events.md, "Logcollector"), under delivery receipts
-//! (ARCHITECTURE.md, Delivery receipts: a file's saved offset moves only past what the server took).
-//!
-//! Each followed file keeps its open handle, so after a rename the rest of the old file is
-//! still read before the new file is followed from its start; a file that shrank was truncated
-//! (copytruncate) and is read again from 0. Offsets are saved to `<data_dir>/logcollector.json`
-//! with the inode and a fingerprint of the first bytes, so a replaced file is recognised.
+//! The logcollector thread: follows `logcollector.files` like `tail -F` and sends each line as a stateless
+//! event (docs/events.md), under delivery receipts (ARCHITECTURE.md): a saved offset moves only past what
+//! the server took. After a rename the rest of the old file is read through its open handle before the new
+//! file is followed from its start; a file that shrank (copytruncate) is read again from 0. Offsets are saved
+//! to `<data_dir>/logcollector.json` with the inode and a fingerprint of the first bytes (a replaced file).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt::Write;
@@ -43,8 +40,7 @@ const CHUNK: usize = 512;
 /// Bytes of one file read but not yet acknowledged: eight reads, which as events (about twice the
 /// bytes) keep both uploaders busy with 1 MB batches, while a stalled server stops the reading.
 const IN_FLIGHT: u64 = 8 * READ_PER_POLL;
-/// Offsets are written at most this often (an fsync each time): a crash resends at most
-/// this much more than it has to.
+/// Offsets are written at most this often (an fsync each time): a crash resends at most this much more.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// Files followed at once. `logcollector.files` may come from the server (SPEC §2.1): a glob
 /// like `/**/*` would otherwise hold one descriptor per match and exhaust the process limit.
@@ -60,9 +56,8 @@ pub struct Saved {
     pub fp_crc: u32,
 }
 
-/// Calls `f` with each complete line of `buf`, without its `\n` and a `\r` before it,
-/// skipping empty lines (pure). Returns the bytes consumed (the rest is an unfinished
-/// line), or `None` as soon as `f` returns false.
+/// Calls `f` with each complete non-empty line of `buf`, without its `\n` and a `\r` before it (pure).
+/// Returns the bytes consumed (the rest is an unfinished line), or `None` as soon as `f` returns false.
 pub fn for_each_line(buf: &[u8], mut f: impl FnMut(&[u8]) -> bool) -> Option<usize> {
     let mut start = 0;
     while let Some(i) = buf[start..].iter().position(|b| *b == b'\n') {
@@ -81,8 +76,7 @@ fn json_string(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_default()
 }
 
-/// Builds the event for one line (pure), with the path as a JSON string and the time as
-/// RFC 3339, both rendered once per poll, not once per line.
+/// The event for one line (pure); the path (as JSON) and the time (RFC 3339) are rendered once per poll.
 fn line_event(path_json: &str, created: &str, line: &[u8], max: usize) -> Event {
     let text = String::from_utf8_lossy(line);
     let (original, tags) = if text.len() > max {
