@@ -46,10 +46,8 @@ pub fn shared_dir(data_dir: &Path) -> PathBuf {
 
 /// The current group list (empty when none was ever set).
 pub fn current(data_dir: &Path) -> Vec<String> {
-    crate::fsutil::read_nofollow(&shared_dir(data_dir).join(LIST_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Vec<String>>(&b).ok())
-        .unwrap_or_default()
+    let list = crate::fsutil::read_nofollow(&shared_dir(data_dir).join(LIST_FILE)).ok();
+    list.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
 }
 
 fn yaml_to_toml(y: &Yaml) -> Option<toml::Value> {

@@ -147,8 +147,7 @@ fn describe(s: &Stored) -> (&'static str, &'static str, String) {
     match s.collector.as_str() {
         "packages" => ("package", "package", format!("{} ({})", text("/package/name"), text("/package/version"))),
         "ports" => {
-            let port = v["source"]["port"].as_u64().unwrap_or(0);
-            ("port", "network", format!("{}/{port}", text("/network/protocol")))
+            ("port", "network", format!("{}/{}", text("/network/protocol"), v["source"]["port"].as_u64().unwrap_or(0)))
         }
         "networks" => {
             ("network", "network", format!("{} {}", text("/observer/ingress/interface/name"), text("/host/ip/0")))

@@ -49,14 +49,8 @@ pub enum QueueError {
 }
 
 /// Adds the operation and the file to an I/O error.
-trait Context<T> {
-    fn ctx(self, what: &str, path: &Path) -> Result<T, QueueError>;
-}
-
-impl<T> Context<T> for io::Result<T> {
-    fn ctx(self, what: &str, path: &Path) -> Result<T, QueueError> {
-        self.map_err(|e| QueueError::Io { what: format!("{what} {}", path.display()), source: Arc::new(e) })
-    }
+fn io_err<'a>(what: &'a str, path: &'a Path) -> impl FnOnce(io::Error) -> QueueError + 'a {
+    move |e| QueueError::Io { what: format!("{what} {}", path.display()), source: Arc::new(e) }
 }
 
 /// A request to make events durable. The reply comes after the fsync that covers them.
@@ -196,11 +190,11 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 impl QueueStore {
     /// Opens (and recovers) the queue. Damaged data never stops it: it is skipped, counted, logged.
     pub fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<QueueStore, QueueError> {
-        fs::create_dir_all(dir).ctx("cannot create", dir)?;
+        fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
         // Root recovers the queue before dropping to agent.user, who owns data_dir: no links.
-        fsutil::open_nofollow(OpenOptions::new().read(true), dir).ctx("cannot open", dir)?;
+        fsutil::open_nofollow(OpenOptions::new().read(true), dir).map_err(io_err("cannot open", dir))?;
         let mut ids: Vec<u64> = fs::read_dir(dir)
-            .ctx("cannot list", dir)?
+            .map_err(io_err("cannot list", dir))?
             .filter_map(|e| e.ok())
             .filter(|e| {
                 let link = e.file_type().is_ok_and(|t| t.is_symlink());
@@ -236,7 +230,7 @@ impl QueueStore {
         let (mut backlog_bytes, mut backlog_records) = (0, 0);
         for &id in &ids {
             let path = dir.join(seg_name(id));
-            let bytes = fsutil::read_nofollow(&path).ctx("cannot read", &path)?;
+            let bytes = fsutil::read_nofollow(&path).map_err(io_err("cannot read", &path))?;
             let from = if id == cursor.seg { (cursor.off as usize).min(bytes.len()) } else { 0 };
             let scan = format::scan(&bytes, from);
             let shown = path.display();
@@ -249,9 +243,10 @@ impl QueueStore {
                 log::warn!("queue segment {shown}: dropped a torn tail of {} bytes (an interrupted write)", scan.torn);
                 if Some(&id) == ids.last() {
                     // Appends continue after the last intact record.
-                    let f = fsutil::open_nofollow(OpenOptions::new().write(true), &path).ctx("cannot open", &path)?;
-                    f.set_len(scan.valid_end as u64).ctx("cannot truncate", &path)?;
-                    f.sync_all().ctx("cannot fsync", &path)?;
+                    let f = fsutil::open_nofollow(OpenOptions::new().write(true), &path)
+                        .map_err(io_err("cannot open", &path))?;
+                    f.set_len(scan.valid_end as u64).map_err(io_err("cannot truncate", &path))?;
+                    f.sync_all().map_err(io_err("cannot fsync", &path))?;
                 }
             }
         }
@@ -265,9 +260,9 @@ impl QueueStore {
         let segments: VecDeque<u64> = if ids.is_empty() { [active_id].into() } else { ids.into() };
         let active_path = dir.join(seg_name(active_id));
         let active = fsutil::open_nofollow(OpenOptions::new().create(true).append(true), &active_path)
-            .ctx("cannot open", &active_path)?;
-        let active_len = active.metadata().ctx("cannot stat", &active_path)?.len();
-        sync_dir(dir).ctx("cannot fsync", dir)?;
+            .map_err(io_err("cannot open", &active_path))?;
+        let active_len = active.metadata().map_err(io_err("cannot stat", &active_path))?.len();
+        sync_dir(dir).map_err(io_err("cannot fsync", dir))?;
         stats.queued.store(backlog_records, Relaxed);
         stats.queued_bytes.store(backlog_bytes, Relaxed);
         Ok(QueueStore {
@@ -328,7 +323,7 @@ impl QueueStore {
     }
 
     fn write_active(&mut self, buf: &[u8]) -> Result<(), QueueError> {
-        self.active.write_all(buf).ctx("cannot write", &self.dir.join(seg_name(self.durable.seg)))?;
+        self.active.write_all(buf).map_err(io_err("cannot write", &self.dir.join(seg_name(self.durable.seg))))?;
         self.active_len += buf.len() as u64;
         Ok(())
     }
@@ -339,9 +334,9 @@ impl QueueStore {
         let id = self.durable.seg + 1;
         let path = self.dir.join(seg_name(id));
         // A new name (O_EXCL): never through a link planted there.
-        let f = OpenOptions::new().create_new(true).append(true).open(&path).ctx("cannot create", &path)?;
+        let f = OpenOptions::new().create_new(true).append(true).open(&path).map_err(io_err("cannot create", &path))?;
         // The new name must be durable before records in it are acknowledged.
-        sync_dir(&self.dir).ctx("cannot fsync", &self.dir)?;
+        sync_dir(&self.dir).map_err(io_err("cannot fsync", &self.dir))?;
         self.active = f;
         self.segments.push_back(id);
         self.active_len = 0;
@@ -356,7 +351,7 @@ impl QueueStore {
             return Ok(());
         }
         // fdatasync: the data and the file size are what recovery needs; timestamps are not.
-        self.active.sync_data().ctx("cannot fsync", &self.dir.join(seg_name(self.durable.seg)))?;
+        self.active.sync_data().map_err(io_err("cannot fsync", &self.dir.join(seg_name(self.durable.seg))))?;
         self.durable = end;
         self.publish_stats();
         Ok(())
@@ -376,13 +371,14 @@ impl QueueStore {
     fn load(&mut self) -> Result<(), QueueError> {
         let seg = self.read.seg;
         let path = self.dir.join(seg_name(seg));
-        let mut f = fsutil::open_nofollow(OpenOptions::new().read(true), &path).ctx("cannot open", &path)?;
+        let mut f =
+            fsutil::open_nofollow(OpenOptions::new().read(true), &path).map_err(io_err("cannot open", &path))?;
         let sealed = seg != self.durable.seg;
-        let end = if sealed { f.metadata().ctx("cannot stat", &path)?.len() } else { self.durable.off };
+        let end = if sealed { f.metadata().map_err(io_err("cannot stat", &path))?.len() } else { self.durable.off };
         let len = end.saturating_sub(self.read.off);
         let mut bytes = Vec::with_capacity(len as usize);
-        f.seek(SeekFrom::Start(self.read.off)).ctx("cannot seek", &path)?;
-        f.take(len).read_to_end(&mut bytes).ctx("cannot read", &path)?;
+        f.seek(SeekFrom::Start(self.read.off)).map_err(io_err("cannot seek", &path))?;
+        f.take(len).read_to_end(&mut bytes).map_err(io_err("cannot read", &path))?;
         let scan = format::scan(&bytes, 0);
         if let damaged @ 1.. = scan.skipped + scan.torn {
             log::error!("queue segment {}: {damaged} damaged bytes skipped while reading", path.display());
@@ -448,7 +444,7 @@ impl QueueStore {
             return Ok(());
         }
         let path = self.dir.join("cursor");
-        fsutil::write_atomic(&path, &encode_cursor(ack.end), 0o600).ctx("cannot write", &path)?;
+        fsutil::write_atomic(&path, &encode_cursor(ack.end), 0o600).map_err(io_err("cannot write", &path))?;
         self.cursor = ack.end;
         self.backlog_records = self.backlog_records.saturating_sub(ack.records);
         self.backlog_bytes = self.backlog_bytes.saturating_sub(ack.frame_bytes);
