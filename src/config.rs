@@ -527,19 +527,16 @@ pub fn validate_https_url(text: &str) -> Result<String, String> {
         return Err("must not carry credentials (user:password@); give the URL without them".into());
     }
     let uri: ureq::http::Uri = text.parse().map_err(|e| format!("{text:?} is not a URL: {e}"))?;
-    if uri.scheme_str() != Some("https") {
-        return Err(format!("{text:?} must start with https:// (the agent only speaks TLS)"));
+    let checks = [
+        (uri.scheme_str() == Some("https"), "must start with https:// (the agent only speaks TLS)"),
+        (uri.authority().is_some_and(|a| !a.host().is_empty()), "has no host"),
+        (uri.query().is_none(), "must not have a query"),
+        (uri.authority().is_some_and(port_ok), "has an invalid port; give one in 1..=65535"),
+    ];
+    match checks.iter().find(|(ok, _)| !ok) {
+        Some((_, problem)) => Err(format!("{text:?} {problem}")),
+        None => Ok(text.trim_end_matches('/').to_string()),
     }
-    if uri.authority().is_none_or(|a| a.host().is_empty()) {
-        return Err(format!("{text:?} has no host"));
-    }
-    if uri.query().is_some() {
-        return Err(format!("{text:?} must not have a query"));
-    }
-    if !uri.authority().is_some_and(port_ok) {
-        return Err(format!("{text:?} has an invalid port; give one in 1..=65535"));
-    }
-    Ok(text.trim_end_matches('/').to_string())
 }
 
 /// A port after the host, if any, is 1..=65535 in digits only (`u16` parsing also takes `+80`).

@@ -190,9 +190,8 @@ fn with_auth<B>(req: ureq::RequestBuilder<B>, authorization: Option<&str>) -> ur
 pub enum Outcome {
     /// 2xx: the server took it.
     Done,
-    /// Send the same request again later: after `after` if the server said so (already
-    /// capped; the caller raises it to its retry floor, `retry.initial`), otherwise after the
-    /// caller's backoff. `failover`: try the next server of `server.url` first (this one looks down).
+    /// Send the same request again: after `after` if the server said so (capped; the caller raises it to
+    /// `retry.initial`), else after its backoff. `failover`: try the next `server.url` first (this one looks down).
     Retry { after: Option<Duration>, failover: bool },
     /// A long-poll's hold ended (its 408, or our timeout) without a `Retry-After`: poll again at once.
     Repoll,

@@ -180,11 +180,13 @@ impl Collector {
             .unwrap_or(self.config.start)
     }
 
-    fn warn_once(&mut self, path: &str, why: String) {
+    /// Gives up on `path` until the next poll, warning once per reason.
+    fn skip<T>(&mut self, path: &str, why: String) -> Option<T> {
         if self.warned.get(path) != Some(&why) {
             log::warn!("logcollector: {path}: {why}; retrying");
             self.warned.insert(path.to_string(), why);
         }
+        None
     }
 
     /// Opens `path` if it is not followed (or rotated): decides where to start.
@@ -194,15 +196,11 @@ impl Collector {
         let mut file = match File::options().read(true).custom_flags(libc::O_NONBLOCK).open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-            Err(e) => {
-                self.warn_once(path, format!("cannot open ({e})"));
-                return None;
-            }
+            Err(e) => return self.skip(path, format!("cannot open ({e})")),
         };
         let meta = file.metadata().ok()?;
         if !meta.is_file() {
-            self.warn_once(path, "not a regular file".into());
-            return None;
+            return self.skip(path, "not a regular file".into());
         }
         self.warned.remove(path);
         // Saved offsets always win, if the file is still the same one: the same inode, long

@@ -39,8 +39,7 @@ pub enum QueueError {
     /// An event is longer than the one maximum record size; neither it nor the rest was written.
     #[error("an event is longer than the largest record ({} bytes)", crate::event::MAX_RECORD_BYTES)]
     TooLarge,
-    /// A read, write or fsync failed (disk full, I/O error); nothing of the request is durable.
-    /// `what` names the operation and the file; shared because one failure answers a whole round.
+    /// A read, write or fsync of `what` failed: nothing of the request is durable (shared: it answers a round).
     #[error("durable queue write failed: {what}: {source}")]
     Io { what: String, source: Arc<io::Error> },
     /// The queue thread is gone (shutdown).
