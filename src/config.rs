@@ -36,20 +36,16 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 /// `choices! { TABLE: Type { Variant = "name", ... } ... }`: an enum and its names in the file,
 /// in error-message order. Its `Default` (the first) is a placeholder: the key table sets every field.
 macro_rules! choices {
-    ($($(#[$doc:meta])* $table:ident: $ty:ident { $($(#[$vdoc:meta])* $v:ident = $name:literal),+ $(,)? })+) => {$(
+    ($($(#[$doc:meta])* $table:ident: $ty:ident {
+        $(#[$d0:meta])* $v0:ident = $n0:literal $(, $(#[$vdoc:meta])* $v:ident = $name:literal)* $(,)?
+    })+) => {$(
         $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
         pub enum $ty {
-            $($(#[$vdoc])* $v),+
+            $(#[$d0])* #[default] $v0, $($(#[$vdoc])* $v),*
         }
 
-        const $table: &[(&str, $ty)] = &[$(($name, $ty::$v)),+];
-
-        impl Default for $ty {
-            fn default() -> $ty {
-                $table[0].1
-            }
-        }
+        const $table: &[(&str, $ty)] = &[($n0, $ty::$v0), $(($name, $ty::$v)),*];
     )+};
 }
 
