@@ -46,7 +46,7 @@ impl Policy {
 }
 
 /// What [`Ring::push`] did.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub enum Push {
     /// Stored, after dropping this many older untracked events (`drop_oldest`).
     Stored(usize),
@@ -155,7 +155,7 @@ pub struct Wiring {
 /// The batcher thread. After `shutdown` closes, what it holds is offered to the uploaders
 /// until `deadline` and the rest spilled to the durable queue, so a clean stop loses nothing.
 pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
-    let Wiring { input, readers, out, spill, shutdown, deadline } = wiring;
+    let Wiring { mut input, mut readers, out, spill, shutdown, deadline } = wiring;
     let mut ring = Ring::new(policy);
     let mut view = live.view();
     // Events received but not yet in the ring: from sockets (only when `block` stopped intake),
@@ -164,7 +164,6 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
     let never = crossbeam_channel::never::<Vec<Event>>();
     // Kept alive, never received from: a send to it is never ready.
     let (nobody, _nobody_rx) = crossbeam_channel::bounded::<Vec<Event>>(0);
-    let (mut input_open, mut readers_open) = (true, true);
     let publish = |ring: &Ring, waiting: usize| {
         stats.buffered.store((ring.events.len() + waiting) as u64, Ordering::Relaxed);
     };
@@ -180,8 +179,8 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
         ring.take_from(&mut held, now, &stats);
         ring.take_from(&mut carry, now, &stats);
         publish(&ring, carry.len() + held.len());
-        let intake = if input_open && carry.is_empty() { &input } else { &never };
-        let from_readers = if readers_open && held.is_empty() { &readers } else { &never };
+        let intake = if carry.is_empty() { &input } else { &never };
+        let from_readers = if held.is_empty() { &readers } else { &never };
         // No batch due: the send arm points at a channel nobody receives from (`select!` builds the
         // batch only for the arm it takes) and the wait ends at the oldest event's deadline.
         let ready = ring.ready(now);
@@ -192,11 +191,12 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
             send(offer, ring.cut()) -> res => if res.is_err() { break },
             recv(intake) -> chunk => match chunk {
                 Ok(c) => carry.extend(c),
-                Err(_) => input_open = false,
+                // Disconnected (and so empty): no more from there.
+                Err(_) => input = crossbeam_channel::never(),
             },
             recv(from_readers) -> chunk => match chunk {
                 Ok(c) => held.extend(c),
-                Err(_) => readers_open = false,
+                Err(_) => readers = crossbeam_channel::never(),
             },
             recv(shutdown) -> _ => break,
             default(wait) => {}

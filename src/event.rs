@@ -89,8 +89,6 @@ impl PartialEq for Event {
     }
 }
 
-impl Eq for Event {}
-
 /// A copy is untracked: only the event its source counted may settle the receipt.
 impl Clone for Event {
     fn clone(&self) -> Event {
