@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::select;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, LogcollectorConfig, Start};
+use crate::config::{Config, FileSpec, LogcollectorConfig, Start};
 use crate::event::{Event, Kind, Receipt};
 use crate::module::{Context, EventSink, Module};
 use crate::status::{self, Stats};
@@ -172,12 +172,9 @@ impl Collector {
 
     /// `start` of the first entry that matches `path`, else `logcollector.start`.
     fn start_for(&self, path: &str) -> Start {
-        self.config
-            .files
-            .iter()
-            .find(|f| f.pattern == path || glob::Pattern::new(&f.pattern).is_ok_and(|p| p.matches(path)))
-            .and_then(|f| f.start)
-            .unwrap_or(self.config.start)
+        let matches =
+            |f: &&FileSpec| f.pattern == path || glob::Pattern::new(&f.pattern).is_ok_and(|p| p.matches(path));
+        self.config.files.iter().find(matches).and_then(|f| f.start).unwrap_or(self.config.start)
     }
 
     /// Gives up on `path` until the next poll, warning once per reason.

@@ -75,12 +75,11 @@ pub fn parse_cpuinfo(text: &str) -> (Option<String>, usize, Option<u64>) {
 }
 
 pub fn parse_meminfo(text: &str) -> HashMap<String, u64> {
-    text.lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            Some((k.trim().to_string(), v.split_whitespace().next()?.parse().ok()?))
-        })
-        .collect()
+    let entry = |l: &str| {
+        let (k, v) = l.split_once(':')?;
+        Some((k.trim().to_string(), v.split_whitespace().next()?.parse().ok()?))
+    };
+    text.lines().filter_map(entry).collect()
 }
 
 pub fn collect_hardware(root: &Path) -> Result<Vec<Doc>, Unreadable> {
@@ -191,22 +190,20 @@ pub fn parse_hex_addr(s: &str) -> Option<(IpAddr, u16)> {
 /// One /proc/net/{tcp,udp}{,6} table: listening TCP sockets and bound UDP sockets.
 pub fn parse_net_table(text: &str, protocol: &str) -> Vec<(IpAddr, u16, IpAddr, u16, u64, u64, u64)> {
     let tcp = protocol.starts_with("tcp");
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let (lip, lport) = parse_hex_addr(f.get(1)?)?;
-            let (rip, rport) = parse_hex_addr(f.get(2)?)?;
-            let state = f.get(3)?;
-            // TCP: LISTEN (0A) only; UDP: unconnected sockets (07, CLOSE) bound to a port.
-            if (tcp && *state != "0A") || (!tcp && (*state != "07" || lport == 0)) {
-                return None;
-            }
-            let (tx, rx) = f.get(4)?.split_once(':')?;
-            let inode = f.get(9)?.parse().ok()?;
-            Some((lip, lport, rip, rport, u64::from_str_radix(tx, 16).ok()?, u64::from_str_radix(rx, 16).ok()?, inode))
-        })
-        .collect()
+    let socket = |line: &str| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (lip, lport) = parse_hex_addr(f.get(1)?)?;
+        let (rip, rport) = parse_hex_addr(f.get(2)?)?;
+        let state = f.get(3)?;
+        // TCP: LISTEN (0A) only; UDP: unconnected sockets (07, CLOSE) bound to a port.
+        if (tcp && *state != "0A") || (!tcp && (*state != "07" || lport == 0)) {
+            return None;
+        }
+        let (tx, rx) = f.get(4)?.split_once(':')?;
+        let inode = f.get(9)?.parse().ok()?;
+        Some((lip, lport, rip, rport, u64::from_str_radix(tx, 16).ok()?, u64::from_str_radix(rx, 16).ok()?, inode))
+    };
+    text.lines().skip(1).filter_map(socket).collect()
 }
 
 /// socket inode → (pid, process name), from /proc/<pid>/fd links readable to us.
@@ -253,26 +250,22 @@ pub fn collect_ports(root: &Path) -> Result<Vec<Doc>, Unreadable> {
 
 /// `/proc/net/dev` → interface → (rx bytes, rx packets, rx errs, rx drop, tx bytes, tx packets, tx errs, tx drop).
 pub fn parse_net_dev(text: &str) -> HashMap<String, [u64; 8]> {
-    text.lines()
-        .skip(2)
-        .filter_map(|l| {
-            let (name, rest) = l.split_once(':')?;
-            let v: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-            (v.len() >= 12).then(|| (name.trim().to_string(), [v[0], v[1], v[2], v[3], v[8], v[9], v[10], v[11]]))
-        })
-        .collect()
+    let interface = |l: &str| {
+        let (name, rest) = l.split_once(':')?;
+        let v: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        (v.len() >= 12).then(|| (name.trim().to_string(), [v[0], v[1], v[2], v[3], v[8], v[9], v[10], v[11]]))
+    };
+    text.lines().skip(2).filter_map(interface).collect()
 }
 
 /// `/proc/net/route` → interface → IPv4 default gateway.
 pub fn parse_route(text: &str) -> HashMap<String, Ipv4Addr> {
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let gw = u32::from_str_radix(f.get(2)?, 16).ok()?.swap_bytes();
-            (f[1] == "00000000").then(|| (f[0].to_string(), Ipv4Addr::from(gw)))
-        })
-        .collect()
+    let default_route = |l: &str| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let gw = u32::from_str_radix(f.get(2)?, 16).ok()?.swap_bytes();
+        (f[1] == "00000000").then(|| (f[0].to_string(), Ipv4Addr::from(gw)))
+    };
+    text.lines().skip(1).filter_map(default_route).collect()
 }
 
 /// `/sys/class/net/<iface>/type` (ARPHRD_*) → interface type.

@@ -126,18 +126,16 @@ fn stamped(doc: &str, now: &str) -> String {
 }
 
 pub fn stateful_events(changes: &[Change], now: &str) -> Vec<Event> {
-    changes
-        .iter()
-        .map(|c| {
-            let (id, collector, op, doc) = match c {
-                Change::Create { id, new } => (id, &new.collector, "create", Some(&new.doc)),
-                Change::Update { id, new, .. } => (id, &new.collector, "update", Some(&new.doc)),
-                Change::Delete { id, old } => (id, &old.collector, "delete", None),
-            };
-            let header = json!({"collector": collector, "id": id, "module": "inventory", "operation": op}).to_string();
-            Event::new(Kind::Stateful, &header, doc.map(|d| stamped(d, now)).as_deref())
-        })
-        .collect()
+    let event = |c: &Change| {
+        let (id, collector, op, doc) = match c {
+            Change::Create { id, new } => (id, &new.collector, "create", Some(&new.doc)),
+            Change::Update { id, new, .. } => (id, &new.collector, "update", Some(&new.doc)),
+            Change::Delete { id, old } => (id, &old.collector, "delete", None),
+        };
+        let header = json!({"collector": collector, "id": id, "module": "inventory", "operation": op}).to_string();
+        Event::new(Kind::Stateful, &header, doc.map(|d| stamped(d, now)).as_deref())
+    };
+    changes.iter().map(event).collect()
 }
 
 /// How notifications name a document: its collector's noun and ECS category, and the document.
