@@ -728,12 +728,9 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
     let line_end = text[offset..].find('\n').map(|i| offset + i).unwrap_or(text.len());
     let line = text[line_start..line_end].trim();
-    let table = before[..line_start]
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('[') && !l.starts_with("[["))
-        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let header = |l: &&str| l.starts_with('[') && !l.starts_with("[[");
+    let table = before[..line_start].lines().rev().map(str::trim).find(header);
+    let table = table.map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
     let key = Some(line).filter(|l| !l.starts_with('[')).and_then(|l| l.split('=').next());
     let key = key.map(|k| k.trim().trim_matches('"').to_string()).filter(|k| !k.is_empty());
     match (table, key) {

@@ -54,14 +54,13 @@ pub fn os_info(os_release: Option<&str>, sysname: &str, kernel_release: &str) ->
 
 /// Parses os-release `KEY=value` lines, unquoting values (pure).
 pub fn parse_os_release(text: &str) -> Vec<(String, String)> {
-    text.lines()
-        .filter_map(|line| {
-            let (k, v) = line.trim().split_once('=').filter(|(k, _)| !k.starts_with('#'))?;
-            let v = v.trim();
-            let v = ['"', '\''].iter().find_map(|q| v.strip_prefix(*q)?.strip_suffix(*q)).unwrap_or(v);
-            Some((k.trim().to_string(), v.replace("\\\"", "\"").replace("\\\\", "\\")))
-        })
-        .collect()
+    let field = |line: &str| {
+        let (k, v) = line.trim().split_once('=').filter(|(k, _)| !k.starts_with('#'))?;
+        let v = v.trim();
+        let v = ['"', '\''].iter().find_map(|q| v.strip_prefix(*q)?.strip_suffix(*q)).unwrap_or(v);
+        Some((k.trim().to_string(), v.replace("\\\"", "\"").replace("\\\\", "\\")))
+    };
+    text.lines().filter_map(field).collect()
 }
 
 /// Addresses of interfaces that are up, loopback and IPv6 link-local excluded.

@@ -192,18 +192,16 @@ impl QueueStore {
         fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
         // Root recovers the queue before dropping to agent.user, who owns data_dir: no links.
         fsutil::open_nofollow(OpenOptions::new().read(true), dir).map_err(io_err("cannot open", dir))?;
-        let mut ids: Vec<u64> = fs::read_dir(dir)
-            .map_err(io_err("cannot list", dir))?
-            .filter_map(|e| e.ok())
-            .filter(|e| {
-                let link = e.file_type().is_ok_and(|t| t.is_symlink());
-                if link {
-                    log::error!("queue: {} is a symbolic link; refusing to follow it: removed", e.path().display());
-                }
-                !link || fs::remove_file(e.path()).is_err()
-            })
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
-            .collect();
+        let not_link = |e: &fs::DirEntry| {
+            let link = e.file_type().is_ok_and(|t| t.is_symlink());
+            if link {
+                log::error!("queue: {} is a symbolic link; refusing to follow it: removed", e.path().display());
+            }
+            !link || fs::remove_file(e.path()).is_err()
+        };
+        let seg_id = |e: fs::DirEntry| -> Option<u64> { e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok() };
+        let entries = fs::read_dir(dir).map_err(io_err("cannot list", dir))?.filter_map(|e| e.ok());
+        let mut ids: Vec<u64> = entries.filter(not_link).filter_map(seg_id).collect();
         ids.sort_unstable();
 
         let cursor_path = dir.join("cursor");
