@@ -432,14 +432,13 @@ fn files(v: &toml::Value) -> Result<Vec<FileSpec>, String> {
             }
             _ => (string(item)?, None),
         };
-        if pattern.trim().is_empty() {
-            return Err(format!("{pattern:?} is an empty path"));
-        }
-        if !pattern.starts_with('/') {
-            return Err(format!("{pattern:?} is not an absolute path"));
-        }
-        if glob::Pattern::new(&pattern).is_err() {
-            return Err(format!("{pattern:?} is not a valid glob pattern"));
+        let checks = [
+            (!pattern.trim().is_empty(), "is an empty path"),
+            (pattern.starts_with('/'), "is not an absolute path"),
+            (glob::Pattern::new(&pattern).is_ok(), "is not a valid glob pattern"),
+        ];
+        if let Some((_, problem)) = checks.iter().find(|(ok, _)| !ok) {
+            return Err(format!("{pattern:?} {problem}"));
         }
         files.push(FileSpec { pattern, start });
     }

@@ -139,8 +139,7 @@ pub fn report_ignored(ignored: &[String]) -> String {
     format!("; ignored {}", ignored.join(", "))
 }
 
-/// The local file (re-read from `local.source`) with `files` (`(group, content)`, in group
-/// order) over it, and the settings they carry that this agent does not apply (file named).
+/// The local file (re-read) with `files` (`(group, content)`, in order) over it, and what they set that is not applied.
 pub fn merge(local: &Config, files: &[(String, Vec<u8>)]) -> Result<(Config, Vec<String>), GroupError> {
     let (mut overlays, mut ignored) = (Vec::with_capacity(files.len()), Vec::new());
     for (g, content) in files {
@@ -154,8 +153,7 @@ pub fn merge(local: &Config, files: &[(String, Vec<u8>)]) -> Result<(Config, Vec
     Ok((config.map_err(GroupError::Config)?, ignored))
 }
 
-/// The effective configuration: the local file plus the current group files (all of them,
-/// as a set: one unreadable file is an error). Used at start and on SIGHUP.
+/// The local file plus the current group files, as a set (one unreadable file is an error); at start and on SIGHUP.
 pub fn effective_config(local: &Config, data_dir: &Path) -> Result<Config, GroupError> {
     if !local.agent.remote_config {
         log::info!("agent.remote_config = false: the server's group files are not applied");

@@ -22,8 +22,7 @@ use crate::event::{BodyReader, Event};
 
 /// Largest response body the agent reads: real answers are small; this bounds memory against a hostile server.
 pub const MAX_RESPONSE_BYTES: u64 = 8 << 20;
-/// Largest commands answer (the poll's [`Request::GetAtMost`]): room for far more than the commands taken
-/// from one answer (`commands::MAX_PER_ANSWER`), and bounds the JSON tree built from it.
+/// Largest commands answer ([`Request::GetAtMost`]): far more than `commands::MAX_PER_ANSWER` take; bounds its JSON.
 pub const MAX_COMMANDS_BYTES: u64 = 1 << 20;
 
 /// Why an HTTP agent could not be built.
@@ -79,8 +78,7 @@ pub fn tls_config(server: &ServerConfig) -> Result<Arc<ClientConfig>, HttpError>
     Ok(Arc::new(config))
 }
 
-/// Builds a ureq agent. `timeout` bounds one whole call (connect, send, receive); the
-/// long-poll passes `commands_timeout`, everything else `request_timeout`.
+/// A ureq agent whose `timeout` bounds one whole call (the long-poll's: `commands_timeout`, others' `request_timeout`).
 pub fn build_agent(server: &ServerConfig, timeout: Duration) -> Result<ureq::Agent, HttpError> {
     let [agent] = build_agents(server, [timeout])?;
     Ok(agent)
@@ -263,11 +261,8 @@ pub fn classify(attempt: Attempt<'_>, now: SystemTime, cap: Duration) -> Outcome
 /// `Retry-After` is either delta-seconds or an HTTP-date (RFC 9110 §10.2.3).
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let v = value.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(v).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    let date = || httpdate::parse_http_date(v).ok().map(|at| at.duration_since(now).unwrap_or(Duration::ZERO));
+    v.parse().ok().map(Duration::from_secs).or_else(date)
 }
 
 /// A short message from an error body: a JSON `message`/`title`/`detail`, or the text; at most 200 characters.

@@ -27,8 +27,7 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// 64 connections × (a chunk in the making + a line) stays far below the ring buffer's bytes.
 const CHUNK: usize = 512;
 const CHUNK_BYTES: usize = 256 << 10;
-/// Stateful events are made durable at least every this many bytes of a long stream
-/// (bounds a connection's memory; group commit keeps the fsync count low anyway).
+/// Stateful events are made durable at least every this many bytes (bounds a connection's memory; fsyncs are shared).
 const DURABLE_CHUNK_BYTES: usize = 256 << 10;
 /// Longest wait for the fsync that makes a connection's stateful events durable.
 const DURABLE_WAIT: Duration = Duration::from_secs(120);
@@ -79,8 +78,7 @@ pub fn socket_path(run_dir: &Path) -> PathBuf {
     run_dir.join("ingest.sock")
 }
 
-/// Binds the socket (mode 0660), replacing a stale socket file left by a crash, but never
-/// one that another agent still serves.
+/// Binds the socket (mode 0660), replacing a stale socket file left by a crash, never one another agent serves.
 pub fn bind(run_dir: &Path) -> Result<UnixListener, IngestError> {
     let path = socket_path(run_dir);
     if path.as_os_str().len() > MAX_SOCKET_PATH {

@@ -103,8 +103,7 @@ pub fn escape(text: &str) -> String {
 /// which carry the agent key and tokens. Their failures reach our own log lines as errors anyway.
 const NOISY: [&str; 3] = ["ureq", "ureq_proto", "rustls"];
 
-/// Sets up logging once. One-shot commands log warnings and errors only (their result is
-/// printed), unless the level asks for debug detail.
+/// Sets up logging once. One-shot commands log at `warn` where `log.level` is `info` (their result is printed).
 pub fn init(config: &Config, one_shot: bool) -> Result<(), LogError> {
     let level = if one_shot && config.log.level == LevelFilter::Info { LevelFilter::Warn } else { config.log.level };
     let mut b = ConfigBuilder::new();

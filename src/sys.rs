@@ -13,8 +13,7 @@ fn check(rc: libc::c_int) -> io::Result<()> {
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
-/// Takes an exclusive flock(2) on `file` without waiting: `WouldBlock` if another open file
-/// description holds it. Closing the last descriptor of this one releases it.
+/// An exclusive flock(2) on `file`, not waiting (`WouldBlock`: held elsewhere), held until all its descriptors close.
 pub fn try_lock_exclusive(file: &File) -> io::Result<()> {
     // SAFETY: flock on a descriptor that `file` keeps open; LOCK_NB never blocks.
     check(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) })

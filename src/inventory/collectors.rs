@@ -25,8 +25,7 @@ pub struct Unreadable {
     pub source: io::Error,
 }
 
-/// A source under the root: `None` if the host does not have it, an error if it exists
-/// but cannot be read (permission denied, an I/O error, not a file).
+/// A source under the root: `None` if the host lacks it, an error if it exists but cannot be read (or is no file).
 fn source(root: &Path, rel: &str) -> Result<Option<String>, Unreadable> {
     let path = root.join(rel);
     match std::fs::read_to_string(&path) {

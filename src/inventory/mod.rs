@@ -54,10 +54,13 @@ impl Stored {
     }
 }
 
+/// Documents by id.
+pub type Docs = BTreeMap<String, Stored>;
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Snapshot {
     pub uuid: String,
-    pub docs: BTreeMap<String, Stored>,
+    pub docs: Docs,
 }
 
 /// One difference between two scans.
@@ -86,21 +89,15 @@ fn comparable(s: &Stored) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(d.to_string())
 }
 
-/// The next snapshot's documents (pure): those the scan found, plus the previous documents
-/// of the collectors in `failed` (their source could not be read), kept as they are.
-pub fn merge(
-    old: &BTreeMap<String, Stored>,
-    mut found: BTreeMap<String, Stored>,
-    failed: &[&str],
-) -> BTreeMap<String, Stored> {
+/// The next snapshot's documents (pure): those found, plus the previous ones of the collectors in `failed`, unchanged.
+pub fn merge(old: &Docs, mut found: Docs, failed: &[&str]) -> Docs {
     let kept = old.iter().filter(|(_, s)| failed.contains(&s.collector.as_str()));
     found.extend(kept.map(|(id, s)| (id.clone(), s.clone())));
     found
 }
 
-/// What changed (pure): every document of `new` that `old` lacks or has otherwise, and
-/// every document of `old` that `new` lacks (also those of collectors switched off).
-pub fn diff(old: &BTreeMap<String, Stored>, new: &BTreeMap<String, Stored>) -> Vec<Change> {
+/// What changed (pure): documents of `new` that `old` lacks or has otherwise, and those of `old` that `new` lacks.
+pub fn diff(old: &Docs, new: &Docs) -> Vec<Change> {
     let mut out = Vec::new();
     for (id, n) in new {
         match old.get(id) {
@@ -220,9 +217,8 @@ fn cut(v: &Value, limit: usize) -> Value {
     }
 }
 
-/// The document within `max` bytes (pure; docs/events.md, Documents): a longer one gets its strings
-/// and arrays cut to the largest common bound that fits, and `"tags":["truncated"]`. Collectors'
-/// objects have a few fixed keys, so bound 0 fits; else only the tag is left (marked, not vanished).
+/// The document within `max` bytes (pure; docs/events.md, Documents): a longer one gets its strings and arrays cut
+/// to the largest common bound that fits, and `"tags":["truncated"]` (bound 0 fits collectors' objects; else the tag).
 pub fn bounded(doc: String, max: usize) -> String {
     if doc.len() <= max {
         return doc;
@@ -244,7 +240,7 @@ pub fn bounded(doc: String, max: usize) -> String {
 }
 
 /// Runs the enabled collectors: the documents found, by id, and the failed collectors, with why.
-pub fn scan(root: &Path, enabled: &[String], uuid: &str) -> (BTreeMap<String, Stored>, Vec<(String, Unreadable)>) {
+pub fn scan(root: &Path, enabled: &[String], uuid: &str) -> (Docs, Vec<(String, Unreadable)>) {
     let (mut docs, mut failed) = (BTreeMap::new(), Vec::new());
     for c in enabled {
         let found: Result<Vec<Doc>, Unreadable> = match c.as_str() {

@@ -58,8 +58,7 @@ pub struct Append {
     pub reply: Sender<Appended>,
 }
 
-/// The answer to an [`Append`]: the first `stored` events are durable; the rest were
-/// refused for `error` (queue full, the next event too large, or an I/O error that refused them all).
+/// The answer to an [`Append`]: the first `stored` events are durable; `error` says why the rest were refused.
 #[derive(Debug, Clone)]
 pub struct Appended {
     pub stored: usize,
