@@ -207,12 +207,8 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
     ring.take_from(&mut late, now, &stats);
     let end = deadline.get().copied().unwrap_or_else(Instant::now);
     let mut rest = Vec::new();
-    while !ring.events.is_empty() {
-        let remaining = end.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            break;
-        }
-        if let Err(e) = out.send_timeout(ring.cut(), remaining) {
+    while !ring.events.is_empty() && Instant::now() < end {
+        if let Err(e) = out.send_timeout(ring.cut(), end.saturating_duration_since(Instant::now())) {
             // The uploader is not taking more: keep the batch for the queue.
             rest = e.into_inner();
             break;

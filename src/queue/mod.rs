@@ -481,10 +481,7 @@ pub fn run(
     loop {
         // Durable records wait to be handed out.
         if !uploader_gone && !in_flight && pending.is_none() && store.read < store.durable {
-            pending = store.next_batch(limits()).unwrap_or_else(|e| {
-                store.report(&e);
-                None
-            });
+            pending = store.next_batch(limits()).inspect_err(|e| store.report(e)).ok().flatten();
         }
         let ack_in = if uploader_gone { &never_acks } else { &acks };
         // With no batch to offer, the send arm points at a channel nobody receives from (never
@@ -502,9 +499,7 @@ pub fn run(
             recv(ack_in) -> msg => match msg {
                 Ok(a) => {
                     // On failure the cursor stays: the batch is delivered again after a restart.
-                    if let Err(e) = store.ack(a) {
-                        store.report(&e);
-                    }
+                    let _ = store.ack(a).inspect_err(|e| store.report(e));
                     in_flight = false;
                 }
                 Err(_) => uploader_gone = true,
