@@ -367,10 +367,7 @@ fn run(config: Config, ctx: Context) {
     let interval = c.config.poll_interval;
     let patterns: Vec<&str> = c.config.files.iter().map(|f| f.pattern.as_str()).collect();
     log::info!("logcollector: following {}", patterns.join(", "));
-    loop {
-        if !c.poll(&ctx.events) {
-            break;
-        }
+    while c.poll(&ctx.events) {
         if c.more {
             // A file is behind: catch up at once (the pipeline's backpressure still applies).
             continue;
