@@ -30,6 +30,9 @@ use crate::status::{Stats, rfc3339};
 pub const STORE_MAX: usize = 1000;
 /// At most one `restart` in this long: a command loop must not restart the agent endlessly.
 pub const RESTART_EVERY: Duration = Duration::from_secs(60);
+/// At most one `set-group` or `fetch-config` starts in this long (a later one waits, within its
+/// timeout): a flood of them must not download and write group files without pause.
+pub const GROUPS_EVERY: Duration = Duration::from_secs(10);
 /// How often results that could not be queued (queue full, disk error) are retried.
 const REPORT_RETRY: Duration = Duration::from_secs(30);
 
@@ -161,6 +164,8 @@ pub struct Executor {
     pub ctx: Arc<Ctx>,
     pub queue: Sender<Append>,
     pub control: Sender<Control>,
+    /// When the last `set-group` or `fetch-config` started ([`GROUPS_EVERY`]).
+    pub last_groups: std::cell::Cell<Option<Instant>>,
 }
 
 /// One group file. Waits between attempts end at shutdown, at the command's deadline
@@ -201,10 +206,19 @@ enum SetGroupsError {
 }
 
 /// `set-group` and `fetch-config`: download every file, validate, swap the set, apply.
-fn set_groups(ctx: &Ctx, groups: &[String], deadline: Instant, cancel: &AtomicBool) -> Result<String, SetGroupsError> {
+fn set_groups(
+    ctx: &Ctx,
+    groups: &[String],
+    not_before: Instant,
+    deadline: Instant,
+    cancel: &AtomicBool,
+) -> Result<String, SetGroupsError> {
     if groups.len() > MAX_GROUPS {
         let why = format!("refused: {} groups, more than the limit of {MAX_GROUPS}", groups.len());
         return Err(SetGroupsError::Refused(why));
+    }
+    if !ctx.session.pause(not_before.saturating_duration_since(Instant::now()), Some(deadline)) {
+        return Err(SetGroupsError::Cancelled);
     }
     let mut files = Vec::with_capacity(groups.len());
     for g in groups {
@@ -328,12 +342,14 @@ impl Executor {
             Action::SetGroup { groups } => groups.clone(),
             Action::FetchConfig => groups::current(&self.ctx.data_dir),
         };
-        let deadline = Instant::now() + cmd.timeout;
+        let (now, deadline) = (Instant::now(), Instant::now() + cmd.timeout);
+        let not_before = self.last_groups.get().map_or(now, |t| (t + GROUPS_EVERY).max(now));
+        self.last_groups.set(Some(not_before));
         let cancel = Arc::new(AtomicBool::new(false));
         let (tx, rx) = crossbeam_channel::bounded(1);
         let (ctx, c2) = (self.ctx.clone(), cancel.clone());
         let spawned = std::thread::Builder::new().name("command".into()).stack_size(512 * 1024).spawn(move || {
-            let _ = tx.send(set_groups(&ctx, &groups, deadline, &c2));
+            let _ = tx.send(set_groups(&ctx, &groups, not_before, deadline, &c2));
         });
         if let Err(e) = spawned {
             return self.finish(store, &id, Code::Failure, format!("cannot start the command: {e}"));
@@ -452,7 +468,7 @@ mod tests {
         let (ctx, _stop, asked) = serving(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec());
         let groups: Vec<String> = (0..65).map(|i| format!("g{i}")).collect();
         let deadline = Instant::now() + Duration::from_secs(30);
-        let e = set_groups(&ctx, &groups, deadline, &AtomicBool::new(false)).unwrap_err();
+        let e = set_groups(&ctx, &groups, Instant::now(), deadline, &AtomicBool::new(false)).unwrap_err();
         assert_eq!(e.to_string(), "refused: 65 groups, more than the limit of 64");
         assert!(asked.try_recv().is_err(), "nothing was downloaded");
     }

@@ -169,6 +169,17 @@ pub fn effective_config(local: &Config, data_dir: &Path) -> Result<Config, Group
 
 /// Replaces the whole set with `files` (`(group, content)`, in group order), atomically.
 pub fn install(data_dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), GroupError> {
+    // The same set again (a repeated command): nothing to write, the flash is spared.
+    let dir = shared_dir(data_dir);
+    let same = |(g, content): &(String, Vec<u8>)| {
+        crate::fsutil::read_nofollow(&dir.join(format!("{g}.yml"))).is_ok_and(|c| c == *content)
+    };
+    if current(data_dir).iter().eq(files.iter().map(|(g, _)| g))
+        && files.iter().all(same)
+        && fs::read_link(&dir).is_ok()
+    {
+        return Ok(());
+    }
     let entries = fs::read_dir(data_dir).into_iter().flatten().flatten();
     let generation = entries.filter_map(|e| e.file_name().to_str()?.strip_prefix("shared.")?.parse::<u64>().ok());
     let generation = generation.max().unwrap_or(0) + 1;
@@ -347,6 +358,13 @@ i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
             .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("shared."))
             .count();
         assert_eq!(gens, 1);
+        // The same set again writes nothing; another content does.
+        let link = || fs::read_link(shared_dir(d)).unwrap();
+        let before = link();
+        install(d, &[("g3".into(), b"c: 3\n".to_vec())]).unwrap();
+        assert_eq!(link(), before, "an identical set is not written again");
+        install(d, &[("g3".into(), b"c: 4\n".to_vec())]).unwrap();
+        assert_ne!(link(), before);
     }
 
     #[test]

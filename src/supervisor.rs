@@ -18,9 +18,10 @@
 //! | `executor` | `commands.json`, `shared/` group files      | results → queue; restart → main             |
 //!
 //! Shutdown runs in stages so nothing acknowledged is lost and nothing waits on a dead peer:
-//! (1) ingest stops reading and answers its producers; (2) the batcher and uploaders get until
-//! `SHUTDOWN_GRACE` to deliver what they hold, and spill the rest of the stateless events into
-//! the durable queue; (3) the queue fsyncs and stops; (4) the token and signal threads stop. A
+//! (1) ingest stops reading and answers its producers, modules stop reading; (2) the batcher and
+//! uploaders get until `SHUTDOWN_GRACE` to deliver what they hold, and spill the rest of the socket
+//! producers' events into the durable queue; the modules save their state once that is over;
+//! (3) the queue fsyncs and stops; (4) the token and signal threads stop. A
 //! worker that ends before shutdown is fatal: the supervisor stops the rest and returns an error
 //! so the init system restarts the agent. (Release builds abort on panic: also a non-zero exit.)
 
@@ -408,6 +409,7 @@ fn start_commands(
         }),
         queue: p.append_tx.clone(),
         control: control_tx,
+        last_groups: Default::default(),
     };
     s.workers.spawn("executor", move || executor::run(exec, command_rx, commands_stop_rx))?;
     Ok((control_rx, commands_stop_tx))

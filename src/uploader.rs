@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, never, select};
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::config::Compression;
 use crate::event::{BodyReader, Event, Kind};
@@ -63,17 +64,46 @@ impl RejectedLog {
 }
 
 #[derive(Deserialize)]
-struct StatefulResults {
-    #[serde(default)]
-    results: Vec<ItemResult>,
+struct Target {
+    module: String,
+    operation: String,
+    id: String,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct ItemResult {
-    status: u16,
-    id: Option<String>,
-    result: Option<String>,
+/// What becomes of a stateful event: `Gone` is a delete of an id the server does not have (what
+/// it wanted); `Heal(op)` is sent again as `op`; `Rejected` is recorded in `rejected.ndjson`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Applied,
+    Gone,
+    Heal(&'static str),
+    Rejected,
+}
+
+/// One item (an update carries the whole document). `heal` is false for the follow-up request.
+fn outcome(operation: &str, status: u64, heal: bool) -> Outcome {
+    match (operation, status) {
+        (_, 0..300) => Outcome::Applied,
+        ("delete", 404) => Outcome::Gone,
+        ("update", 404) if heal => Outcome::Heal("create"),
+        ("create", 409) if heal => Outcome::Heal("update"),
+        _ => Outcome::Rejected,
+    }
+}
+
+/// Result `i` is event `i`'s if it names its id, or none in a list of one per event (else: applied,
+/// as the 2xx says). An event whose id comes again later in the batch is not healed: that one wins.
+fn outcomes(events: &[Event], results: &[Value], heal: bool) -> Vec<Outcome> {
+    let targets: Vec<Option<Target>> = events.iter().map(|e| serde_json::from_str(e.header()).ok()).collect();
+    Vec::from_iter(targets.iter().enumerate().map(|(i, t)| {
+        let (Some(t), Some(r)) = (t, results.get(i)) else { return Outcome::Applied };
+        let heal = heal && t.module != "command"; // a command result's update is not a whole document
+        match outcome(&t.operation, r.get("status").and_then(Value::as_u64).unwrap_or(0), heal) {
+            Outcome::Heal(_) if targets[i + 1..].iter().flatten().any(|later| later.id == t.id) => Outcome::Applied,
+            o if r.get("id").and_then(Value::as_str).map_or(results.len() == events.len(), |id| id == t.id) => o,
+            _ => Outcome::Applied,
+        }
+    }))
 }
 
 /// Everything an uploader needs, owned by its thread.
@@ -126,6 +156,10 @@ impl Uploader {
     /// Delivers `events` to the endpoint of `kind`, isolating what the server refuses. Each
     /// event is settled once, where its delivery ends (its source may then move past it).
     pub fn deliver(&self, kind: Kind, events: &[Event]) -> Delivery {
+        self.deliver_healing(kind, events, true)
+    }
+
+    fn deliver_healing(&self, kind: Kind, events: &[Event], heal: bool) -> Delivery {
         if events.is_empty() {
             return Delivery::Done;
         }
@@ -137,11 +171,11 @@ impl Uploader {
         let stats = &self.session.stats;
         match self.session.call(&Call { path: &path, request, what: &what, until: None }) {
             Ok(reply) => {
+                Stats::add(&stats.batches_sent, 1);
                 if kind == Kind::Stateful {
-                    self.count_item_failures(&reply, events.len());
+                    return self.stateful_results(&reply, events, heal);
                 }
                 Stats::add(&stats.sent, events.len() as u64);
-                Stats::add(&stats.batches_sent, 1);
                 events.iter().for_each(Event::settle);
                 Delivery::Done
             }
@@ -159,10 +193,10 @@ impl Uploader {
                 // 400/413: halve; the good half goes through, the bad one is halved again.
                 log::info!("{endpoint} batch of {} events refused ({status} {message}); splitting it", events.len());
                 let (a, b) = events.split_at(events.len() / 2);
-                if self.deliver(kind, a) == Delivery::Aborted {
+                if self.deliver_healing(kind, a, heal) == Delivery::Aborted {
                     return Delivery::Aborted;
                 }
-                self.deliver(kind, b)
+                self.deliver_healing(kind, b, heal)
             }
         }
     }
@@ -176,20 +210,35 @@ impl Uploader {
         true
     }
 
-    fn count_item_failures(&self, reply: &http::Reply, n: usize) {
-        let Ok(parsed) = serde_json::from_slice::<StatefulResults>(&reply.body) else {
-            log::debug!("stateful answer without a results list ({} events)", n);
-            return;
-        };
-        let failed: Vec<&ItemResult> = parsed.results.iter().filter(|r| r.status >= 300).collect();
-        Stats::add(&self.session.stats.rejected, failed.len() as u64);
-        for f in failed.iter().take(3) {
-            let (id, result) = (f.id.as_deref().unwrap_or("?"), f.result.as_deref().unwrap_or("no result"));
-            log::warn!("the server did not apply a stateful event (id {id}, status {}, {result})", f.status);
+    /// A stateful batch the server took: its per-item results acted on (docs/protocol.md, Stateful results).
+    fn stateful_results(&self, reply: &http::Reply, events: &[Event], heal: bool) -> Delivery {
+        let body = serde_json::from_slice::<Value>(&reply.body).unwrap_or_default();
+        let results = body.get("results").and_then(Value::as_array).map_or(&[][..], Vec::as_slice);
+        let (outcomes, mut again) = (outcomes(events, results, heal), Vec::new());
+        for ((e, o), r) in events.iter().zip(&outcomes).zip(results.iter().chain(std::iter::repeat(&Value::Null))) {
+            if let Outcome::Heal(op) = o {
+                if let Ok(Value::Object(mut header)) = serde_json::from_str(e.header()) {
+                    header.insert("operation".into(), (*op).into()); // decoded and encoded, not edited as text
+                    again.push(Event::new(Kind::Stateful, &Value::Object(header).to_string(), e.data()));
+                }
+            } else if *o == Outcome::Rejected {
+                let status = r.get("status").and_then(Value::as_u64).unwrap_or(0).min(999) as u16;
+                self.rejected.record("stateful", status, &r.to_string().chars().take(300).collect::<String>(), e);
+            }
         }
-        if failed.len() > 3 {
-            log::warn!("… and {} more stateful events not applied", failed.len() - 3);
+        let count = |o: Outcome| outcomes.iter().filter(|x| **x == o).count();
+        let (gone, failed) = (count(Outcome::Gone), count(Outcome::Rejected));
+        if again.len() + gone + failed > 0 {
+            let (n, creates, updates) = (events.len(), count(Outcome::Heal("create")), count(Outcome::Heal("update")));
+            log::log!(
+                if failed > 0 { log::Level::Warn } else { log::Level::Info },
+                "stateful batch of {n}: {creates} updates of missing documents re-sent as creates, {updates} creates of existing documents re-sent as updates, {gone} deletes of missing documents counted as done, {failed} events not applied (see rejected.ndjson)"
+            );
         }
+        Stats::add(&self.session.stats.rejected, failed as u64);
+        Stats::add(&self.session.stats.sent, (events.len() - failed - again.len()) as u64);
+        events.iter().for_each(Event::settle); // (stateful events carry no receipt: only followed lines do)
+        self.deliver_healing(Kind::Stateful, &again, false)
     }
 }
 
@@ -250,5 +299,98 @@ pub fn run_stateless(up: Uploader, stateless: Receiver<Vec<Event>>, spill: Sende
         if up.past_deadline() {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(op: &str, id: &str) -> Event {
+        let header = format!(r#"{{"collector":"packages","id":"{id}","module":"inventory","operation":"{op}"}}"#);
+        Event::new(Kind::Stateful, &header, (op != "delete").then_some(r#"{"package":{}}"#))
+    }
+
+    fn item(id: &str, status: u64) -> Value {
+        json!({"index": "wazuh-states-inventory-packages", "id": id, "result": "r", "status": status})
+    }
+
+    #[test]
+    fn each_item_is_done_healed_or_rejected() {
+        use Outcome::*;
+        for (op, status, heal, want) in [
+            ("create", 201, true, Applied),
+            ("update", 200, true, Applied),
+            ("delete", 200, true, Applied),
+            ("update", 404, true, Heal("create")),
+            ("create", 409, true, Heal("update")),
+            ("delete", 404, true, Gone),
+            ("delete", 404, false, Gone),
+            // The follow-up request heals nothing: a second failure is final.
+            ("update", 404, false, Rejected),
+            ("create", 409, false, Rejected),
+            ("create", 404, true, Rejected),
+            ("update", 409, true, Rejected),
+            ("delete", 409, true, Rejected),
+            ("create", 400, true, Rejected),
+            ("update", 500, true, Rejected),
+            ("create", 300, true, Rejected),
+            ("create", u64::MAX, true, Rejected),
+            ("create", 0, true, Applied),
+        ] {
+            assert_eq!(outcome(op, status, heal), want, "{op} {status} heal={heal}");
+        }
+    }
+
+    #[test]
+    fn results_are_matched_by_position_and_id() {
+        use Outcome::*;
+        let events = [ev("update", "a"), ev("create", "b"), ev("delete", "c"), ev("create", "d")];
+        let results = [item("a", 404), item("b", 409), item("c", 404), item("d", 201)];
+        assert_eq!(outcomes(&events, &results, true), [Heal("create"), Heal("update"), Gone, Applied]);
+        assert_eq!(outcomes(&events, &results, false), [Rejected, Rejected, Gone, Applied]);
+        // Without ids, a list of exactly one per event is matched by position.
+        let bare: Vec<Value> = [404, 409, 404, 201].iter().map(|s| json!({"status": s})).collect();
+        assert_eq!(outcomes(&events, &bare, true), [Heal("create"), Heal("update"), Gone, Applied]);
+    }
+
+    #[test]
+    fn short_long_or_garbage_results_never_heal_the_wrong_event() {
+        use Outcome::*;
+        let events = [ev("update", "a"), ev("create", "b"), ev("delete", "c")];
+        let all_applied = [Applied, Applied, Applied];
+        // No results, or a list that is not one per event and names no ids: the 2xx stands.
+        assert_eq!(outcomes(&events, &[], true), all_applied);
+        assert_eq!(outcomes(&events, &[json!({"status": 404})], true), all_applied);
+        let long: Vec<Value> = (0..5).map(|_| json!({"status": 404})).collect();
+        assert_eq!(outcomes(&events, &long, true), all_applied);
+        // Shorter or longer, but naming ids: the items that name their event's id count.
+        assert_eq!(outcomes(&events, &[item("a", 404)], true), [Heal("create"), Applied, Applied]);
+        let long = [item("a", 200), item("b", 409), item("c", 404), item("z", 404), item("y", 500)];
+        assert_eq!(outcomes(&events, &long, true), [Applied, Heal("update"), Gone]);
+        // Shifted: a result naming another event's id is not that event's.
+        assert_eq!(outcomes(&events, &[item("b", 409), item("c", 404)], true), all_applied);
+        // Items of the wrong shape are as good as absent.
+        let odd = [json!("404"), json!({"status": "404", "id": "b"}), json!({"status": 404, "id": 7})];
+        assert_eq!(outcomes(&events, &odd, true), [Applied, Applied, Gone]);
+        // A command result's update is the result only, not a document to create.
+        let result = Event::new(Kind::Stateful, r#"{"id":"c1","module":"command","operation":"update"}"#, Some("{}"));
+        assert_eq!(outcomes(&[result], &[item("c1", 404)], true), [Rejected]);
+        // A header that does not decode (never from the parser) is not judged.
+        let broken = [Event::new(Kind::Stateful, "{", None)];
+        assert_eq!(outcomes(&broken, &[json!({"status": 404})], true), [Applied]);
+    }
+
+    #[test]
+    fn an_event_whose_id_comes_again_later_in_the_batch_is_not_healed() {
+        use Outcome::*;
+        // A document updated while missing, then deleted: creating it would resurrect it.
+        let events = [ev("update", "x"), ev("delete", "x")];
+        assert_eq!(outcomes(&events, &[item("x", 404), item("x", 404)], true), [Applied, Gone]);
+        // Two updates of a missing document: only the last one is sent again.
+        let events = [ev("update", "x"), ev("update", "x"), ev("create", "y")];
+        let results = [item("x", 404), item("x", 404), item("y", 409)];
+        assert_eq!(outcomes(&events, &results, true), [Applied, Heal("create"), Heal("update")]);
     }
 }

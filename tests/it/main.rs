@@ -13,5 +13,6 @@ mod pipeline;
 mod register;
 mod robustness;
 mod run;
+mod stateful;
 mod support;
 mod token;

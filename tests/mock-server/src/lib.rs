@@ -51,6 +51,10 @@ pub struct Options {
     pub max_body: usize,
     /// Keep every received event (tests); `false` only counts them (benchmarks).
     pub keep_events: bool,
+    /// Keep the stateful documents by id and answer per item like the real server: an update
+    /// of a missing id is 404 "document missing", a delete 404 "not_found", a create of an
+    /// existing id 409. Off: every item succeeds.
+    pub documents: bool,
 }
 
 impl Options {
@@ -68,6 +72,7 @@ impl Options {
             uuid_v4_only: false,
             max_body: 10 << 20,
             keep_events: true,
+            documents: false,
         }
     }
 }
@@ -156,6 +161,8 @@ struct Inner {
     commands: HashMap<String, VecDeque<Value>>,
     stateless: Vec<ReceivedEvent>,
     stateful: Vec<ReceivedEvent>,
+    /// With `Options::documents`: the stateful documents by id (data line, or null).
+    documents: HashMap<String, Value>,
     requests: Vec<RequestRecord>,
     faults: Vec<Fault>,
     down: bool,
@@ -456,6 +463,16 @@ impl MockServer {
         self.state.lock().stateful.clone()
     }
 
+    /// The document store (`Options::documents`): id → data line.
+    pub fn documents(&self) -> HashMap<String, Value> {
+        self.state.lock().documents.clone()
+    }
+
+    /// Puts a document in the store, as if an earlier create had made it.
+    pub fn seed_document(&self, id: &str, data: Value) {
+        self.state.lock().documents.insert(id.to_string(), data);
+    }
+
     /// Waits until `check` holds for the state or `timeout` passes; returns whether it held.
     pub fn wait_until(&self, timeout: Duration, check: impl Fn(&MockServer) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
@@ -521,6 +538,7 @@ fn summary(state: &State) -> Value {
         "command_results": st.command_results.iter().map(|(id, code, msg)| json!({"id": id, "code": code, "message": msg})).collect::<Vec<_>>(),
         "stateless": st.stateless.iter().map(ev).collect::<Vec<_>>(),
         "stateful": st.stateful.iter().map(ev).collect::<Vec<_>>(),
+        "documents": st.documents,
         "requests": st.requests.iter().map(|r| json!({"api": r.api, "method": r.method, "path": r.path, "status": r.status})).collect::<Vec<_>>(),
     })
 }
@@ -1143,6 +1161,7 @@ fn events(state: &State, req: &Request, stateful: bool) -> Response {
             let id = e.header.get("id").and_then(Value::as_str).unwrap_or("").to_string();
             let op = e.header.get("operation").and_then(Value::as_str).unwrap_or("");
             let (result, status) = match op {
+                _ if state.opts.documents => apply_document(&mut st.documents, op, &id, e.data.as_ref()),
                 "create" => ("created", 201),
                 "update" => ("updated", 200),
                 _ => ("deleted", 200),
@@ -1175,6 +1194,24 @@ fn events(state: &State, req: &Request, stateful: bool) -> Response {
     drop(st);
     state.changed.notify_all();
     resp
+}
+
+/// One stateful item against the document store, answered like the real server (per item,
+/// inside the 200): the result text and status.
+fn apply_document(docs: &mut HashMap<String, Value>, op: &str, id: &str, data: Option<&Value>) -> (&'static str, u16) {
+    match (op, docs.contains_key(id)) {
+        ("create", true) => ("version_conflict_engine_exception: document already exists", 409),
+        ("update", false) => ("document missing", 404),
+        ("delete", false) => ("not_found", 404),
+        ("delete", true) => {
+            docs.remove(id);
+            ("deleted", 200)
+        }
+        (op, _) => {
+            docs.insert(id.to_string(), data.cloned().unwrap_or(Value::Null));
+            if op == "create" { ("created", 201) } else { ("updated", 200) }
+        }
+    }
 }
 
 /// Parses an events body strictly (docs/protocol.md, Events): the agent line, then header/data lines.
@@ -1394,5 +1431,21 @@ mod tests {
         assert!(kept[0].data.is_none(), "data only kept when asked");
         let upsert = format!("{AGENT}\n{{\"module\":\"inventory\",\"operation\":\"upsert\",\"id\":\"x\"}}\n{{}}");
         assert!(parse_events(&upsert, true, true).is_err());
+    }
+
+    #[test]
+    fn the_document_store_answers_like_the_real_server() {
+        let mut docs = HashMap::new();
+        let d = json!({"package": {}});
+        assert_eq!(apply_document(&mut docs, "update", "a", Some(&d)), ("document missing", 404));
+        assert_eq!(apply_document(&mut docs, "delete", "a", None), ("not_found", 404));
+        assert!(docs.is_empty(), "failed items change nothing");
+        assert_eq!(apply_document(&mut docs, "create", "a", Some(&d)), ("created", 201));
+        assert_eq!(apply_document(&mut docs, "create", "a", Some(&json!({}))).1, 409);
+        assert_eq!(docs["a"], d, "a refused create leaves the document");
+        assert_eq!(apply_document(&mut docs, "update", "a", Some(&json!({"x": 1}))), ("updated", 200));
+        assert_eq!(docs["a"], json!({"x": 1}));
+        assert_eq!(apply_document(&mut docs, "delete", "a", None), ("deleted", 200));
+        assert!(docs.is_empty());
     }
 }
