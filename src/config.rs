@@ -543,8 +543,7 @@ fn port_ok(a: &ureq::http::uri::Authority) -> bool {
 impl Config {
     /// The configuration with every key at its default (as if the file were empty).
     pub fn defaults() -> Config {
-        // The defaults are valid by construction; the unit test `defaults_are_valid` holds
-        // this to account.
+        // Valid by construction; the unit test `defaults_are_valid` holds this to account.
         Config::from_table(&toml::Table::new(), None)
             .unwrap_or_else(|e| unreachable!("built-in defaults are invalid: {e}"))
     }
@@ -554,9 +553,8 @@ impl Config {
         Config::from_table(&toml_table(text, path)?, Some(path))
     }
 
-    /// Loads the configuration. `explicit` is the `--config` flag; otherwise the
-    /// `WAZUH_AGENT_CONFIG` variable, otherwise [`DEFAULT_PATH`]. A file named explicitly
-    /// (flag or variable) must exist; a missing default file means all defaults.
+    /// Loads the configuration: `explicit` (`--config`), else `WAZUH_AGENT_CONFIG`, else [`DEFAULT_PATH`].
+    /// A file named explicitly (flag or variable) must exist; a missing default file means all defaults.
     pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
         let from_env = std::env::var_os(ENV_CONFIG).filter(|v| !v.is_empty()).map(PathBuf::from);
         let named = explicit.map(Path::to_path_buf).or(from_env);
@@ -569,9 +567,8 @@ impl Config {
         }
     }
 
-    /// The local file (`text`, already known to be valid) with `overlays` applied in
-    /// order: `(file name, section → key → value)`, keys as in [`KEYS`]. The result
-    /// is validated after each overlay, so an error names the group file at fault.
+    /// The local file (`text`, known valid) with `overlays` (`(file name, section → key → value)`) applied in
+    /// order, validated after each, so an error names the group file at fault.
     pub fn with_overlays(
         text: &str,
         source: Option<&Path>,
@@ -593,8 +590,7 @@ impl Config {
         Ok(config)
     }
 
-    /// The effective values, one `section.key = value` line each, in TOML syntax.
-    /// Stable and line-oriented so scripts can read a value with `sed`/`grep`
+    /// The effective values, one `section.key = value` line each in TOML syntax, stable for `sed`/`grep`
     /// (`agent.run_dir = "/run/wazuh-agent"`). The proxy password is masked.
     pub fn render(&self) -> String {
         KEYS.iter().map(|k| format!("{} = {}\n", k.id(), (k.render)(self))).collect()

@@ -113,8 +113,7 @@ struct Followed {
     in_flight: VecDeque<(Arc<Receipt>, u64)>,
     /// The offset up to which the server took every line: what is saved.
     acked: u64,
-    /// Set when the path now names another file (rotation) or nothing (deletion): read
-    /// this handle to its end, wait until the server took all of it, then drop it.
+    /// The path names another file (rotation) or nothing: read to the end, wait until the server took all, drop.
     draining: bool,
 }
 
@@ -263,8 +262,8 @@ impl Collector {
         true
     }
 
-    /// Waits (at most `grace`) until the server took or the pipeline dropped every read in
-    /// flight, so the offsets saved at shutdown include what the pipeline's drain delivered.
+    /// Waits (at most `grace`) until every read in flight is settled or abandoned, so the offsets saved at
+    /// shutdown include what the pipeline's drain delivered.
     fn settle(&mut self, sink: &EventSink, grace: Duration) {
         let until = Instant::now() + grace;
         // An abandoned read sends no wake-up: look again every 100 ms.

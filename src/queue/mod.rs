@@ -511,9 +511,7 @@ pub fn run(
     while let Ok(a) = appends.try_recv() {
         serve_appends(&mut store, a, &appends);
     }
-    if let Err(e) = store.sync() {
-        log::error!("{e}");
-    }
+    let _ = store.sync().inspect_err(|e| log::error!("{e}"));
 }
 
 /// Group commit: this request plus every one already waiting, one fsync, then replies.
