@@ -1,11 +1,8 @@
 //! The stateless ring buffer and batching policy ([`Ring`], pure) and the batcher thread ([`run`]).
 //!
-//! A batch is cut when it reaches `batch_max_events`, when the body would reach `batch_max_bytes`,
-//! or when its oldest event is `batch_interval` old. One batch is handed to the uploader at a time
-//! (a rendezvous channel), so while the server is slow or away, events wait here, in a buffer of
-//! `buffer_events` and `buffer_bytes` (whichever is reached first). For socket producers `overflow`
-//! decides between dropping the oldest (counted) and blocking; events the agent read itself
-//! (tracked by a [`crate::event::Receipt`]) are never dropped: their reader waits instead.
+//! One batch is handed to the uploader at a time (a rendezvous channel), so while the server is
+//! slow or away, events wait here. For socket producers `overflow` decides between dropping the
+//! oldest (counted) and blocking; tracked events are never dropped (ARCHITECTURE.md, Delivery receipts).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -48,17 +45,6 @@ impl Policy {
     }
 }
 
-/// What [`Ring::push`] did.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Push {
-    /// Stored, after dropping this many older untracked events (`drop_oldest`).
-    Stored(usize),
-    /// Dropped: the buffer is full of tracked events, which are never dropped (`drop_oldest`).
-    DroppedNew,
-    /// Not stored: the buffer is full and the event must wait (`block`, or a tracked event).
-    Full(Event),
-}
-
 /// The bounded buffer of stateless events with their arrival times.
 #[derive(Debug)]
 pub struct Ring {
@@ -74,29 +60,23 @@ impl Ring {
         Ring { events: VecDeque::new(), bytes: 0, policy }
     }
 
-    pub fn len(&self) -> usize {
-        self.events.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
-    }
-
     /// Whether an event of `n` wire bytes fits now: an empty buffer takes any one event.
     fn fits(&self, n: usize) -> bool {
         self.events.is_empty()
             || (self.events.len() < self.policy.capacity && self.bytes + n <= self.policy.capacity_bytes)
     }
 
-    pub fn push(&mut self, event: Event, now: Instant) -> Push {
+    /// Stores `event` and returns how many events were dropped for it (`drop_oldest`: older untracked ones,
+    /// or itself when only tracked ones are buffered); `Err(event)`: full, it must wait (`block`, or tracked).
+    pub fn push(&mut self, event: Event, now: Instant) -> Result<usize, Event> {
         let n = event.wire_len();
         let mut dropped = 0;
         while !self.fits(n) {
             if event.is_tracked() || self.policy.overflow == Overflow::Block {
-                return Push::Full(event);
+                return Err(event);
             }
             // The oldest event nobody else holds: a tracked one is still its reader's.
-            let Some(i) = self.events.iter().position(|(e, _)| !e.is_tracked()) else { return Push::DroppedNew };
+            let Some(i) = self.events.iter().position(|(e, _)| !e.is_tracked()) else { return Ok(1) };
             if let Some((old, _)) = self.events.remove(i) {
                 self.bytes -= old.wire_len();
                 dropped += 1;
@@ -104,7 +84,7 @@ impl Ring {
         }
         self.bytes += n;
         self.events.push_back((event, now));
-        Push::Stored(dropped)
+        Ok(dropped)
     }
 
     /// When the oldest event's wait ends (`None`: empty).
@@ -143,9 +123,8 @@ impl Ring {
     fn take_from(&mut self, waiting: &mut VecDeque<Event>, now: Instant, stats: &Stats) {
         while let Some(e) = waiting.pop_front() {
             match self.push(e, now) {
-                Push::Stored(n) => Stats::add(&stats.dropped, n as u64),
-                Push::DroppedNew => Stats::add(&stats.dropped, 1),
-                Push::Full(e) => return waiting.push_front(e),
+                Ok(dropped) => Stats::add(&stats.dropped, dropped as u64),
+                Err(e) => return waiting.push_front(e),
             }
         }
     }
@@ -170,7 +149,7 @@ pub struct Wiring {
 /// The batcher thread. After `shutdown` closes, what it holds is offered to the uploaders
 /// until `deadline` and the rest spilled to the durable queue, so a clean stop loses nothing.
 pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
-    let Wiring { input, readers, out, spill, shutdown, deadline } = wiring;
+    let Wiring { mut input, mut readers, out, spill, shutdown, deadline } = wiring;
     let mut ring = Ring::new(policy);
     let mut view = live.view();
     // Events received but not yet in the ring: from sockets (only when `block` stopped intake),
@@ -179,9 +158,8 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
     let never = crossbeam_channel::never::<Vec<Event>>();
     // Kept alive, never received from: a send to it is never ready.
     let (nobody, _nobody_rx) = crossbeam_channel::bounded::<Vec<Event>>(0);
-    let (mut input_open, mut readers_open) = (true, true);
     let publish = |ring: &Ring, waiting: usize| {
-        stats.buffered.store((ring.len() + waiting) as u64, Ordering::Relaxed);
+        stats.buffered.store((ring.events.len() + waiting) as u64, Ordering::Relaxed);
     };
 
     loop {
@@ -195,8 +173,8 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
         ring.take_from(&mut held, now, &stats);
         ring.take_from(&mut carry, now, &stats);
         publish(&ring, carry.len() + held.len());
-        let intake = if input_open && carry.is_empty() { &input } else { &never };
-        let from_readers = if readers_open && held.is_empty() { &readers } else { &never };
+        let intake = if carry.is_empty() { &input } else { &never };
+        let from_readers = if held.is_empty() { &readers } else { &never };
         // No batch due: the send arm points at a channel nobody receives from (`select!` builds the
         // batch only for the arm it takes) and the wait ends at the oldest event's deadline.
         let ready = ring.ready(now);
@@ -207,11 +185,12 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
             send(offer, ring.cut()) -> res => if res.is_err() { break },
             recv(intake) -> chunk => match chunk {
                 Ok(c) => carry.extend(c),
-                Err(_) => input_open = false,
+                // Disconnected (and so empty): no more from there.
+                Err(_) => input = crossbeam_channel::never(),
             },
             recv(from_readers) -> chunk => match chunk {
                 Ok(c) => held.extend(c),
-                Err(_) => readers_open = false,
+                Err(_) => readers = crossbeam_channel::never(),
             },
             recv(shutdown) -> _ => break,
             default(wait) => {}
@@ -232,12 +211,8 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
     ring.take_from(&mut late, now, &stats);
     let end = deadline.get().copied().unwrap_or_else(Instant::now);
     let mut rest = Vec::new();
-    while !ring.is_empty() {
-        let remaining = end.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            break;
-        }
-        if let Err(e) = out.send_timeout(ring.cut(), remaining) {
+    while !ring.events.is_empty() && Instant::now() < end {
+        if let Err(e) = out.send_timeout(ring.cut(), end.saturating_duration_since(Instant::now())) {
             // The uploader is not taking more: keep the batch for the queue.
             rest = e.into_inner();
             break;
@@ -287,11 +262,11 @@ mod tests {
         for (i, (p, n, at, ready, cuts)) in table.into_iter().enumerate() {
             let mut r = Ring::new(p);
             for k in 0..n {
-                r.push(ev(k), t0);
+                r.push(ev(k), t0).unwrap();
             }
             assert_eq!(r.ready(at), ready, "case {i}");
             let mut sizes = Vec::new();
-            while !r.is_empty() {
+            while !r.events.is_empty() {
                 sizes.push(r.cut().len());
             }
             assert_eq!(sizes, cuts, "case {i}");
@@ -303,8 +278,8 @@ mod tests {
         let t0 = Instant::now();
         let mut r = Ring::new(policy(100, 10_000, 100, Overflow::DropOldest));
         assert_eq!(r.deadline(), None);
-        r.push(ev(0), t0);
-        r.push(ev(1), t0 + Duration::from_millis(500));
+        r.push(ev(0), t0).unwrap();
+        r.push(ev(1), t0 + Duration::from_millis(500)).unwrap();
         assert_eq!(r.deadline(), Some(t0 + Duration::from_secs(1)));
     }
 
@@ -312,8 +287,8 @@ mod tests {
     fn drop_oldest_counts_and_keeps_the_newest() {
         let t0 = Instant::now();
         let mut r = Ring::new(policy(100, 10_000, 3, Overflow::DropOldest));
-        let results: Vec<Push> = (0..5).map(|i| r.push(ev(i), t0)).collect();
-        assert_eq!(results, [0, 0, 0, 1, 1].map(Push::Stored));
+        let results: Vec<Result<usize, Event>> = (0..5).map(|i| r.push(ev(i), t0)).collect();
+        assert_eq!(results, [0, 0, 0, 1, 1].map(Ok));
         assert_eq!(r.cut(), vec![ev(2), ev(3), ev(4)]);
     }
 
@@ -321,9 +296,9 @@ mod tests {
     fn block_refuses_when_full() {
         let t0 = Instant::now();
         let mut r = Ring::new(policy(100, 10_000, 2, Overflow::Block));
-        assert_eq!(r.push(ev(0), t0), Push::Stored(0));
-        assert_eq!(r.push(ev(1), t0), Push::Stored(0));
-        assert_eq!(r.push(ev(2), t0), Push::Full(ev(2)));
+        assert_eq!(r.push(ev(0), t0), Ok(0));
+        assert_eq!(r.push(ev(1), t0), Ok(0));
+        assert_eq!(r.push(ev(2), t0), Err(ev(2)));
         assert_eq!(r.cut(), vec![ev(0), ev(1)]);
     }
 
@@ -335,48 +310,42 @@ mod tests {
         let receipt = crate::event::Receipt::open(tx);
         let bytes = |cap, overflow| Policy { capacity_bytes: cap, ..policy(100, 10_000, 100, overflow) };
         let (t, u) = (true, false);
-        use Push::*;
-        type Case = (Policy, Vec<(usize, bool)>, Vec<Push>, Vec<usize>);
+        type Case = (Policy, Vec<(usize, bool)>, Vec<Result<usize, Event>>, Vec<usize>);
         let table: Vec<Case> = vec![
             // 60 bytes hold 3 events; the fourth drops the oldest (drop_oldest) or waits (block).
             (
                 bytes(60, Overflow::DropOldest),
                 vec![(0, u), (1, u), (2, u), (3, u)],
-                vec![Stored(0), Stored(0), Stored(0), Stored(1)],
+                vec![Ok(0), Ok(0), Ok(0), Ok(1)],
                 vec![1, 2, 3],
             ),
             (
                 bytes(60, Overflow::Block),
                 vec![(0, u), (1, u), (2, u), (3, u)],
-                vec![Stored(0), Stored(0), Stored(0), Full(ev(3))],
+                vec![Ok(0), Ok(0), Ok(0), Err(ev(3))],
                 vec![0, 1, 2],
             ),
             // One event larger than the bound still goes into an empty buffer.
-            (bytes(10, Overflow::Block), vec![(0, u), (1, u)], vec![Stored(0), Full(ev(1))], vec![0]),
+            (bytes(10, Overflow::Block), vec![(0, u), (1, u)], vec![Ok(0), Err(ev(1))], vec![0]),
             // Tracked events wait whatever the policy says, and are never the ones dropped.
             (
                 bytes(60, Overflow::DropOldest),
                 vec![(0, t), (1, u), (2, t), (3, t)],
-                vec![Stored(0), Stored(0), Stored(0), Full(ev(3))],
+                vec![Ok(0), Ok(0), Ok(0), Err(ev(3))],
                 vec![0, 1, 2],
             ),
             (
                 bytes(60, Overflow::DropOldest),
                 vec![(0, t), (1, u), (2, t), (3, u)],
-                vec![Stored(0), Stored(0), Stored(0), Stored(1)],
+                vec![Ok(0), Ok(0), Ok(0), Ok(1)],
                 vec![0, 2, 3],
             ),
             // Full of tracked events: a socket event under drop_oldest is the one dropped.
-            (
-                bytes(40, Overflow::DropOldest),
-                vec![(0, t), (1, t), (2, u)],
-                vec![Stored(0), Stored(0), DroppedNew],
-                vec![0, 1],
-            ),
+            (bytes(40, Overflow::DropOldest), vec![(0, t), (1, t), (2, u)], vec![Ok(0), Ok(0), Ok(1)], vec![0, 1]),
         ];
         for (i, (p, pushes, results, kept)) in table.into_iter().enumerate() {
             let mut r = Ring::new(p);
-            let got: Vec<Push> = pushes
+            let got: Vec<Result<usize, Event>> = pushes
                 .iter()
                 .map(|&(k, tracked)| r.push(if tracked { ev(k).tracked(&receipt) } else { ev(k) }, t0))
                 .collect();

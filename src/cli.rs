@@ -18,7 +18,6 @@ pub enum Mode {
     Help,
 }
 
-/// The parsed command line.
 #[derive(Debug, Clone)]
 pub struct Cli {
     pub mode: Mode,

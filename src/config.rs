@@ -1,12 +1,9 @@
 //! Configuration: the TOML file (docs/configuration.md) parsed once into one immutable, typed [`Config`].
 //!
-//! Every key is declared once, in [`KEYS`] (section, name, default, parse, render, whether
-//! the server may set it, whether it applies live): known keys, defaults, `--check-config`,
-//! live reload and what a group file may set all come from it; docs/configuration.md and
-//! etc/wazuh-agent.toml are tested against it. The file is read as a TOML table and walked
-//! against [`KEYS`], each value turned into its typed field and the key named on failure.
+//! Every key is declared once, in [`KEYS`] (ARCHITECTURE.md, Seams): the file is read as a TOML table
+//! and walked against it, each value turned into its typed field and the key named on failure.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -39,20 +36,16 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 /// `choices! { TABLE: Type { Variant = "name", ... } ... }`: an enum and its names in the file,
 /// in error-message order. Its `Default` (the first) is a placeholder: the key table sets every field.
 macro_rules! choices {
-    ($($(#[$doc:meta])* $table:ident: $ty:ident { $($(#[$vdoc:meta])* $v:ident = $name:literal),+ $(,)? })+) => {$(
+    ($($(#[$doc:meta])* $table:ident: $ty:ident {
+        $(#[$d0:meta])* $v0:ident = $n0:literal $(, $(#[$vdoc:meta])* $v:ident = $name:literal)* $(,)?
+    })+) => {$(
         $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
         pub enum $ty {
-            $($(#[$vdoc])* $v),+
+            $(#[$d0])* #[default] $v0, $($(#[$vdoc])* $v),*
         }
 
-        const $table: &[(&str, $ty)] = &[$(($name, $ty::$v)),+];
-
-        impl Default for $ty {
-            fn default() -> $ty {
-                $table[0].1
-            }
-        }
+        const $table: &[(&str, $ty)] = &[($n0, $ty::$v0), $(($name, $ty::$v)),*];
     )+};
 }
 
@@ -159,8 +152,14 @@ pub struct LogConfig {
     pub syslog: bool,
 }
 
+impl Default for LogConfig {
+    fn default() -> LogConfig {
+        LogConfig { level: log::LevelFilter::Info, file: None, syslog: false }
+    }
+}
+
 /// The whole, validated configuration. Built once, then passed by reference.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Config {
     /// The file it was read from, if any (absent when the default path does not exist).
     pub source: Option<PathBuf>,
@@ -173,7 +172,6 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-// ---------------------------------------------------------------------------------------
 // The key table. Adding a key is one `key!` line here plus its field in the typed structs above.
 
 /// One configuration key.
@@ -211,9 +209,8 @@ const LOCAL: bool = false;
 const LIVE: bool = true;
 const RESTART: bool = false;
 
-/// `key!(section.name = default, who, when, parse, render)`; `section.name(field)` when the
-/// field is named differently. `parse` turns a TOML value into the field's type, `render`
-/// the field back into TOML text.
+/// `key!(section.name = default, who, when, parse, render)`; `section.name(field)` when the field is named
+/// differently. `parse` turns a TOML value into the field's type, `render` the field back into TOML text.
 macro_rules! key {
     ($s:ident . $n:ident = $d:tt, $server:ident, $live:ident, $parse:expr, $render:expr) => {
         key!($s.$n($n) = $d, $server, $live, $parse, $render)
@@ -291,7 +288,6 @@ const LEVELS: &[(&str, log::LevelFilter)] = &[
     ("trace", log::LevelFilter::Trace),
 ];
 
-// ---------------------------------------------------------------------------------------
 // Value parsers (pure): a TOML value in, the typed value or a message out.
 
 fn expected(what: &str, v: &toml::Value) -> String {
@@ -345,10 +341,7 @@ fn duration(v: &toml::Value, min: Duration) -> Result<Duration, String> {
 }
 
 fn choice<T: Copy>(v: &toml::Value, options: &[(&str, T)]) -> Result<T, String> {
-    let text = match v {
-        toml::Value::Integer(n) => n.to_string(),
-        _ => string(v)?,
-    };
+    let text = if let toml::Value::Integer(n) = v { n.to_string() } else { string(v)? };
     options.iter().find(|(name, _)| *name == text).map(|(_, v)| *v).ok_or_else(|| {
         let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
         format!("{text:?} is not one of {}", names.join(" | "))
@@ -439,14 +432,13 @@ fn files(v: &toml::Value) -> Result<Vec<FileSpec>, String> {
             }
             _ => (string(item)?, None),
         };
-        if pattern.trim().is_empty() {
-            return Err(format!("{pattern:?} is an empty path"));
-        }
-        if !pattern.starts_with('/') {
-            return Err(format!("{pattern:?} is not an absolute path"));
-        }
-        if glob::Pattern::new(&pattern).is_err() {
-            return Err(format!("{pattern:?} is not a valid glob pattern"));
+        let checks = [
+            (!pattern.trim().is_empty(), "is an empty path"),
+            (pattern.starts_with('/'), "is not an absolute path"),
+            (glob::Pattern::new(&pattern).is_ok(), "is not a valid glob pattern"),
+        ];
+        if let Some((_, problem)) = checks.iter().find(|(ok, _)| !ok) {
+            return Err(format!("{pattern:?} {problem}"));
         }
         files.push(FileSpec { pattern, start });
     }
@@ -481,8 +473,7 @@ fn split_number<'a>(text: &'a str, what: &str) -> Result<(u64, &'a str), String>
 /// Duration units in milliseconds, largest first.
 const DURATION_UNITS: [(&str, u64); 5] = [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)];
 
-/// Parses `"250ms"`, `"10s"`, `"11m"`, `"1h"`, `"2d"`. A bare number is refused: a unit
-/// is required so `timeout = 30` cannot be misread as milliseconds or minutes.
+/// Parses `"250ms"`, `"10s"`, `"11m"`, `"1h"`, `"2d"`; a bare number is refused (`30`: milliseconds or minutes?).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (n, unit) = split_number(text, "a duration (examples: \"250ms\", \"10s\", \"11m\", \"1h\")")?;
     let Some((_, ms_per_unit)) = DURATION_UNITS.iter().find(|(u, _)| *u == unit) else {
@@ -492,8 +483,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     n.checked_mul(*ms_per_unit).map(Duration::from_millis).ok_or_else(|| format!("{text:?} is too large"))
 }
 
-/// Parses a size: an integer number of bytes, or a string such as `"64KiB"`, `"1MB"`.
-/// KB/MB/GB are powers of 1000, KiB/MiB/GiB powers of 1024 (as written on the tin).
+/// Parses a size: bytes, or a string such as `"64KiB"` (KiB/MiB/GiB: powers of 1024) or `"1MB"` (of 1000).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let (n, unit) = split_number(text, "a size (examples: 1048576, \"64KiB\", \"1MB\")")?;
     let mult: u64 = match unit.to_ascii_lowercase().as_str() {
@@ -504,9 +494,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "kib" => 1 << 10,
         "mib" => 1 << 20,
         "gib" => 1 << 30,
-        other => {
-            return Err(format!("{text:?} has an unknown unit {other:?} (B, KB, MB, GB, KiB, MiB, GiB)"));
-        }
+        other => return Err(format!("{text:?} has an unknown unit {other:?} (B, KB, MB, GB, KiB, MiB, GiB)")),
     };
     n.checked_mul(mult).ok_or_else(|| format!("{text:?} is too large"))
 }
@@ -534,19 +522,16 @@ pub fn validate_https_url(text: &str) -> Result<String, String> {
         return Err("must not carry credentials (user:password@); give the URL without them".into());
     }
     let uri: ureq::http::Uri = text.parse().map_err(|e| format!("{text:?} is not a URL: {e}"))?;
-    if uri.scheme_str() != Some("https") {
-        return Err(format!("{text:?} must start with https:// (the agent only speaks TLS)"));
+    let checks = [
+        (uri.scheme_str() == Some("https"), "must start with https:// (the agent only speaks TLS)"),
+        (uri.authority().is_some_and(|a| !a.host().is_empty()), "has no host"),
+        (uri.query().is_none(), "must not have a query"),
+        (uri.authority().is_some_and(port_ok), "has an invalid port; give one in 1..=65535"),
+    ];
+    match checks.iter().find(|(ok, _)| !ok) {
+        Some((_, problem)) => Err(format!("{text:?} {problem}")),
+        None => Ok(text.trim_end_matches('/').to_string()),
     }
-    if uri.authority().is_none_or(|a| a.host().is_empty()) {
-        return Err(format!("{text:?} has no host"));
-    }
-    if uri.query().is_some() {
-        return Err(format!("{text:?} must not have a query"));
-    }
-    if !uri.authority().is_some_and(port_ok) {
-        return Err(format!("{text:?} has an invalid port; give one in 1..=65535"));
-    }
-    Ok(text.trim_end_matches('/').to_string())
 }
 
 /// A port after the host, if any, is 1..=65535 in digits only (`u16` parsing also takes `+80`).
@@ -558,8 +543,7 @@ fn port_ok(a: &ureq::http::uri::Authority) -> bool {
 impl Config {
     /// The configuration with every key at its default (as if the file were empty).
     pub fn defaults() -> Config {
-        // The defaults are valid by construction; the unit test `defaults_are_valid` holds
-        // this to account.
+        // Valid by construction; the unit test `defaults_are_valid` holds this to account.
         Config::from_table(&toml::Table::new(), None)
             .unwrap_or_else(|e| unreachable!("built-in defaults are invalid: {e}"))
     }
@@ -569,9 +553,8 @@ impl Config {
         Config::from_table(&toml_table(text, path)?, Some(path))
     }
 
-    /// Loads the configuration. `explicit` is the `--config` flag; otherwise the
-    /// `WAZUH_AGENT_CONFIG` variable, otherwise [`DEFAULT_PATH`]. A file named explicitly
-    /// (flag or variable) must exist; a missing default file means all defaults.
+    /// Loads the configuration: `explicit` (`--config`), else `WAZUH_AGENT_CONFIG`, else [`DEFAULT_PATH`].
+    /// A file named explicitly (flag or variable) must exist; a missing default file means all defaults.
     pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
         let from_env = std::env::var_os(ENV_CONFIG).filter(|v| !v.is_empty()).map(PathBuf::from);
         let named = explicit.map(Path::to_path_buf).or(from_env);
@@ -584,9 +567,8 @@ impl Config {
         }
     }
 
-    /// The local file (`text`, already known to be valid) with `overlays` applied in
-    /// order: `(file name, section → key → value)`, keys as in [`KEYS`]. The result
-    /// is validated after each overlay, so an error names the group file at fault.
+    /// The local file (`text`, known valid) with `overlays` (`(file name, section → key → value)`) applied in
+    /// order, validated after each, so an error names the group file at fault.
     pub fn with_overlays(
         text: &str,
         source: Option<&Path>,
@@ -608,8 +590,7 @@ impl Config {
         Ok(config)
     }
 
-    /// The effective values, one `section.key = value` line each, in TOML syntax.
-    /// Stable and line-oriented so scripts can read a value with `sed`/`grep`
+    /// The effective values, one `section.key = value` line each in TOML syntax, stable for `sed`/`grep`
     /// (`agent.run_dir = "/run/wazuh-agent"`). The proxy password is masked.
     pub fn render(&self) -> String {
         KEYS.iter().map(|k| format!("{} = {}\n", k.id(), (k.render)(self))).collect()
@@ -638,17 +619,8 @@ impl Config {
                 return Err(unknown(format!("{section}.{name}"), message));
             }
         }
-        // A placeholder for every field: the loop below sets each one from its key.
-        let mut c = Config {
-            source: source.map(Path::to_path_buf),
-            agent: AgentConfig::default(),
-            server: ServerConfig::default(),
-            events: EventsConfig::default(),
-            retry: RetryConfig::default(),
-            logcollector: LogcollectorConfig::default(),
-            inventory: InventoryConfig::default(),
-            log: LogConfig { level: log::LevelFilter::Info, file: None, syslog: false },
-        };
+        // Placeholders (`Default`) for every field: the loop below sets each one from its key.
+        let mut c = Config { source: source.map(Path::to_path_buf), ..Config::default() };
         for k in KEYS {
             let default = || k.default.parse::<toml::Value>().map_err(|e| format!("bad default: {e}"));
             let given = table.get(k.section).and_then(|s| s.get(k.name)).cloned();
@@ -678,7 +650,6 @@ fn toml_table(text: &str, path: &Path) -> Result<toml::Table, ConfigError> {
     })
 }
 
-// ---------------------------------------------------------------------------------------
 // Renderers: a typed value back into TOML text.
 
 fn show_num(n: &impl fmt::Display) -> String {
@@ -710,14 +681,11 @@ fn show<T: PartialEq>(options: &[(&str, T)], x: &T) -> String {
 
 /// `logcollector.files` as TOML: plain strings, or inline tables where a start was given.
 fn show_files(files: &[FileSpec]) -> String {
-    let items: Vec<String> = files
-        .iter()
-        .map(|f| match f.start {
-            None => toml_string(&f.pattern),
-            Some(s) => format!("{{ path = {}, start = {} }}", toml_string(&f.pattern), show(STARTS, &s)),
-        })
-        .collect();
-    format!("[{}]", items.join(", "))
+    let item = |f: &FileSpec| match f.start {
+        None => toml_string(&f.pattern),
+        Some(s) => format!("{{ path = {}, start = {} }}", toml_string(&f.pattern), show(STARTS, &s)),
+    };
+    format!("[{}]", files.iter().map(item).collect::<Vec<_>>().join(", "))
 }
 
 /// Formats a duration in the largest unit that represents it exactly.
@@ -729,20 +697,12 @@ pub fn fmt_duration(d: Duration) -> String {
 }
 
 fn toml_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for ch in s.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => {
-                let _ = write!(out, "\\u{:04X}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    let escape = |c: char| match c {
+        '"' | '\\' => format!("\\{c}"),
+        c if c.is_control() => format!("\\u{:04X}", c as u32),
+        c => c.to_string(),
+    };
+    format!("\"{}\"", s.chars().map(escape).collect::<String>())
 }
 
 /// `http://user:pass@host:3128` → `http://user:***@host:3128`.
@@ -755,21 +715,17 @@ fn mask_userinfo(url: &str) -> String {
     }
 }
 
-/// Best-effort name of the key at byte `offset` of a TOML document: the innermost
-/// `[table]` header above it joined with the `key =` on that line. Used to name the key
-/// in serde errors, which only carry a span.
+/// Best-effort name of the key at byte `offset` of a TOML document (a syntax error only carries a span):
+/// the innermost `[table]` header above it joined with the `key =` on that line.
 fn key_at(text: &str, offset: usize) -> Option<String> {
     let offset = offset.min(text.len());
     let before = &text[..offset];
     let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
     let line_end = text[offset..].find('\n').map(|i| offset + i).unwrap_or(text.len());
     let line = text[line_start..line_end].trim();
-    let table = before[..line_start]
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('[') && !l.starts_with("[["))
-        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let header = |l: &&str| l.starts_with('[') && !l.starts_with("[[");
+    let table = before[..line_start].lines().rev().map(str::trim).find(header);
+    let table = table.map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
     let key = Some(line).filter(|l| !l.starts_with('[')).and_then(|l| l.split('=').next());
     let key = key.map(|k| k.trim().trim_matches('"').to_string()).filter(|k| !k.is_empty());
     match (table, key) {

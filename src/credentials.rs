@@ -85,12 +85,11 @@ impl Credentials {
     /// Writes the file atomically, mode 0600, in a data_dir set to 0700.
     pub fn store(&self, data_dir: &Path) -> Result<(), CredentialsError> {
         let path = Credentials::path(data_dir);
-        fsutil::ensure_private_dir(data_dir)
-            .map_err(|source| CredentialsError::Write { path: data_dir.to_path_buf(), source })?;
-        let mut json = serde_json::to_vec_pretty(self)
-            .map_err(|e| CredentialsError::Write { path: path.clone(), source: io::Error::other(e.to_string()) })?;
+        let write = |path: PathBuf| move |source| CredentialsError::Write { path, source };
+        fsutil::ensure_private_dir(data_dir).map_err(write(data_dir.to_path_buf()))?;
+        let mut json = serde_json::to_vec_pretty(self).map_err(io::Error::other).map_err(write(path.clone()))?;
         json.push(b'\n');
-        fsutil::write_atomic(&path, &json, 0o600).map_err(|source| CredentialsError::Write { path, source })
+        fsutil::write_atomic(&path, &json, 0o600).map_err(write(path))
     }
 }
 

@@ -31,11 +31,8 @@ pub enum Kind {
     Stateful,
 }
 
-/// A delivery receipt for the events of one read of the agent's own source (a followed
-/// file): it settles once the server took every one of them, or refused it for good, so the
-/// source may move its saved position past them (ARCHITECTURE.md, Delivery receipts).
-/// Events that carry one are never dropped for overflow and never spilled at shutdown:
-/// their source still has them and reads them again after a restart.
+/// A delivery receipt for the events of one read of the agent's own source (a followed file):
+/// it settles once the server took or refused for good every one of them (ARCHITECTURE.md, Delivery receipts).
 #[derive(Debug)]
 pub struct Receipt {
     /// Events not settled yet, plus one held by the source until [`Receipt::close`].
@@ -74,9 +71,8 @@ impl Receipt {
     }
 }
 
-/// One validated event. Header and data are kept as one string, `header\ndata` (or just
-/// the header for a stateful delete): exactly the lines the request body carries, in one
-/// allocation.
+/// One validated event: `header\ndata` (the header alone for a stateful delete) in one string,
+/// exactly the lines the request body carries.
 #[derive(Debug)]
 pub struct Event {
     pub kind: Kind,
@@ -92,8 +88,6 @@ impl PartialEq for Event {
         (self.kind, self.header_len, &self.text) == (other.kind, other.header_len, &other.text)
     }
 }
-
-impl Eq for Event {}
 
 /// A copy is untracked: only the event its source counted may settle the receipt.
 impl Clone for Event {
@@ -165,9 +159,8 @@ struct RawLine<'a> {
     data: Option<&'a RawValue>,
 }
 
-/// The header fields the agent checks; any other field passes through untouched. Kept as
-/// raw text and decoded only where needed: a stateless event (the hot path) then costs no
-/// allocation beyond the event itself.
+/// The header fields the agent checks (others pass through untouched), as raw text decoded only
+/// where needed: a stateless event (the hot path) costs no allocation beyond the event itself.
 #[derive(Deserialize)]
 struct Header<'a> {
     #[serde(borrow, default)]
@@ -191,14 +184,12 @@ fn string_field(raw: &RawValue) -> Result<std::borrow::Cow<'_, str>, serde_json:
     }
 }
 
-/// A header field as a JSON value (the stateful checks, errors). The header was parsed
-/// already, so the fallback to null is unreachable.
+/// A header field as a JSON value (the header parsed already: the null fallback is unreachable).
 fn value(raw: Option<&RawValue>) -> Option<serde_json::Value> {
     raw.map(|r| serde_json::from_str(r.get()).unwrap_or(serde_json::Value::Null))
 }
 
-/// A value echoed in an error (JSON, or a string as it is), cut to 40 characters: a
-/// producer's line may be megabytes.
+/// A value echoed in an error, cut to 40 characters: a producer's line may be megabytes.
 fn short(v: impl std::fmt::Display) -> String {
     let s = v.to_string();
     if let Some((i, _)) = s.char_indices().nth(40) { format!("{}…", &s[..i]) } else { s }
@@ -237,9 +228,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
     let data = match raw.data {
         Some(d) if d.get().trim_start().starts_with('{') => Some(d),
         Some(d) if d.get().trim() == "null" => None,
-        Some(d) => {
-            return err(format!("\"data\" must be an object, not {}", short(d.get())));
-        }
+        Some(d) => return err(format!("\"data\" must be an object, not {}", short(d.get()))),
         None => None,
     };
     let Some(op_value) = &value(header.operation) else {
@@ -302,10 +291,8 @@ pub fn agent_line(uuid: &str, name: &str, groups: &[String], host: &crate::host:
     .to_string()
 }
 
-/// A request body read straight from the events: the agent line, then each event's header
-/// and data lines, newline-separated, no trailing newline. Streaming it (with
-/// [`len`](Self::len) as Content-Length) saves a copy of every batch in flight (1 MB each
-/// at the default `batch_max_bytes`).
+/// A request body read straight from the events: the agent line, then each event's lines, newline-separated.
+/// Streaming it (with [`len`](Self::len) as Content-Length) saves a copy of every batch in flight.
 pub struct BodyReader<'a> {
     events: std::slice::Iter<'a, Event>,
     /// What is left of the agent line, or of the current event's newline and lines.

@@ -1,9 +1,6 @@
-//! Server group configuration: `<data_dir>/shared/<group>.yml`, replaced as a set.
-//!
-//! `shared` is a symbolic link to a generation directory `shared.<n>/` holding the group
-//! files and `.groups.json` (the ordered group list). A new set is written to a fresh
-//! generation, fsynced, and switched to with one `rename` of a new link over `shared`, so
-//! readers (and a crash) see either the old set or the new one, never a mix.
+//! Server group configuration: `<data_dir>/shared/<group>.yml`, replaced as a set (ARCHITECTURE.md,
+//! Invariants): `shared` links to a generation `shared.<n>/` holding the files and `.groups.json`
+//! (the ordered group list), switched by one `rename` of a new link.
 
 use std::collections::HashMap;
 use std::fs;
@@ -49,10 +46,8 @@ pub fn shared_dir(data_dir: &Path) -> PathBuf {
 
 /// The current group list (empty when none was ever set).
 pub fn current(data_dir: &Path) -> Vec<String> {
-    crate::fsutil::read_nofollow(&shared_dir(data_dir).join(LIST_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Vec<String>>(&b).ok())
-        .unwrap_or_default()
+    let list = crate::fsutil::read_nofollow(&shared_dir(data_dir).join(LIST_FILE)).ok();
+    list.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
 }
 
 fn yaml_to_toml(y: &Yaml) -> Option<toml::Value> {
@@ -102,9 +97,8 @@ fn check_nodes(text: &str) -> Result<(), String> {
     })
 }
 
-/// Parses one group file into an overlay of the keys a server may set. Returns the overlay
-/// and the `section.key` names it ignored: keys this agent does not have, and local-only
-/// keys (identity, paths, TLS, ...), which only the local file may set.
+/// Parses one group file into an overlay of the keys a server may set, and the `section.key` names it
+/// ignored: keys this agent does not have, and local-only keys (identity, paths, TLS, ...).
 pub fn parse_group_file(file: &str, content: &[u8]) -> Result<(toml::Table, Vec<String>), GroupError> {
     let refused = |message| GroupError::Refused { file: file.to_string(), message };
     let text = std::str::from_utf8(content).map_err(|_| refused("is not UTF-8".into()))?;
@@ -145,8 +139,7 @@ pub fn report_ignored(ignored: &[String]) -> String {
     format!("; ignored {}", ignored.join(", "))
 }
 
-/// The local file (re-read from `local.source`) with `files` (`(group, content)`, in group
-/// order) over it, and the settings they carry that this agent does not apply (file named).
+/// The local file (re-read) with `files` (`(group, content)`, in order) over it, and what they set that is not applied.
 pub fn merge(local: &Config, files: &[(String, Vec<u8>)]) -> Result<(Config, Vec<String>), GroupError> {
     let (mut overlays, mut ignored) = (Vec::with_capacity(files.len()), Vec::new());
     for (g, content) in files {
@@ -160,8 +153,7 @@ pub fn merge(local: &Config, files: &[(String, Vec<u8>)]) -> Result<(Config, Vec
     Ok((config.map_err(GroupError::Config)?, ignored))
 }
 
-/// The effective configuration: the local file plus the current group files (all of them,
-/// as a set: one unreadable file is an error). Used at start and on SIGHUP.
+/// The local file plus the current group files, as a set (one unreadable file is an error); at start and on SIGHUP.
 pub fn effective_config(local: &Config, data_dir: &Path) -> Result<Config, GroupError> {
     if !local.agent.remote_config {
         log::info!("agent.remote_config = false: the server's group files are not applied");
@@ -173,11 +165,6 @@ pub fn effective_config(local: &Config, data_dir: &Path) -> Result<Config, Group
     let (config, ignored) = merge(local, &files)?;
     report_ignored(&ignored);
     Ok(config)
-}
-
-fn next_generation(data_dir: &Path) -> u64 {
-    let entries = fs::read_dir(data_dir).into_iter().flatten().flatten();
-    entries.filter_map(|e| e.file_name().to_str()?.strip_prefix("shared.")?.parse::<u64>().ok()).max().unwrap_or(0) + 1
 }
 
 /// Replaces the whole set with `files` (`(group, content)`, in group order), atomically.
@@ -193,7 +180,9 @@ pub fn install(data_dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), Group
     {
         return Ok(());
     }
-    let generation = next_generation(data_dir);
+    let entries = fs::read_dir(data_dir).into_iter().flatten().flatten();
+    let generation = entries.filter_map(|e| e.file_name().to_str()?.strip_prefix("shared.")?.parse::<u64>().ok());
+    let generation = generation.max().unwrap_or(0) + 1;
     let gen_dir = data_dir.join(format!("shared.{generation}"));
     fs::create_dir(&gen_dir).map_err(io_err(&gen_dir))?;
     let result = (|| {

@@ -42,8 +42,7 @@ pub fn gather(root: &Path) -> HostInfo {
     HostInfo { architecture, hostname: hostname(), ip: interface_addresses(), os }
 }
 
-/// Builds `host.os` from an os-release text (pure). Without os-release (BusyBox) the
-/// kernel's name and release stand in, so the fields are never empty.
+/// `host.os` from an os-release text (pure); without one (BusyBox) the kernel's name and release stand in.
 pub fn os_info(os_release: Option<&str>, sysname: &str, kernel_release: &str) -> OsInfo {
     let fields = os_release.map(parse_os_release).unwrap_or_default();
     let get = |k: &str| fields.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).filter(|v| !v.is_empty());
@@ -54,18 +53,16 @@ pub fn os_info(os_release: Option<&str>, sysname: &str, kernel_release: &str) ->
 
 /// Parses os-release `KEY=value` lines, unquoting values (pure).
 pub fn parse_os_release(text: &str) -> Vec<(String, String)> {
-    text.lines()
-        .filter_map(|line| {
-            let (k, v) = line.trim().split_once('=').filter(|(k, _)| !k.starts_with('#'))?;
-            let v = v.trim();
-            let v = ['"', '\''].iter().find_map(|q| v.strip_prefix(*q)?.strip_suffix(*q)).unwrap_or(v);
-            Some((k.trim().to_string(), v.replace("\\\"", "\"").replace("\\\\", "\\")))
-        })
-        .collect()
+    let field = |line: &str| {
+        let (k, v) = line.trim().split_once('=').filter(|(k, _)| !k.starts_with('#'))?;
+        let v = v.trim();
+        let v = ['"', '\''].iter().find_map(|q| v.strip_prefix(*q)?.strip_suffix(*q)).unwrap_or(v);
+        Some((k.trim().to_string(), v.replace("\\\"", "\"").replace("\\\\", "\\")))
+    };
+    text.lines().filter_map(field).collect()
 }
 
-/// Addresses of interfaces that are up, loopback and IPv6 link-local excluded.
-/// Falls back to the loopback addresses when nothing else is up, so the list is never empty.
+/// Addresses of interfaces that are up; loopback ones only when nothing else is up (never empty; no IPv6 link-local).
 fn interface_addresses() -> Vec<String> {
     let (mut out, mut loopback): (Vec<IpAddr>, Vec<IpAddr>) = (Vec::new(), Vec::new());
     for addr in sys::interfaces().unwrap_or_default().into_iter().filter(|i| i.up).map(|i| i.addr) {

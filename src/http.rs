@@ -1,8 +1,5 @@
-//! The HTTPS layer: builds ureq agents from [`ServerConfig`], sends requests, and holds
-//! the one function that classifies every outcome ([`classify`]).
-//!
-//! Every agent is built here, so TLS, proxy, timeouts and User-Agent are the same everywhere. Each
-//! thread gets its own agent (connection pool): a large upload never delays a command long-poll.
+//! The HTTPS layer: builds every ureq agent from [`ServerConfig`] (the same TLS, proxy, timeouts and
+//! User-Agent everywhere; one per thread, ARCHITECTURE.md), sends requests, and classifies every outcome.
 
 use std::io::{ErrorKind, Read, Write};
 use std::path::PathBuf;
@@ -23,11 +20,9 @@ use ureq::unversioned::transport::{
 use crate::config::{ServerConfig, Verify};
 use crate::event::{BodyReader, Event};
 
-/// Largest response body the agent reads. Real answers are small (a token, a results
-/// list, a group file); this bounds memory against a broken or hostile server.
+/// Largest response body the agent reads: real answers are small; this bounds memory against a hostile server.
 pub const MAX_RESPONSE_BYTES: u64 = 8 << 20;
-/// Largest commands answer (the poll's [`Request::GetAtMost`]): room for far more than the commands taken
-/// from one answer (`commands::MAX_PER_ANSWER`), and bounds the JSON tree built from it.
+/// Largest commands answer ([`Request::GetAtMost`]): far more than `commands::MAX_PER_ANSWER` take; bounds its JSON.
 pub const MAX_COMMANDS_BYTES: u64 = 1 << 20;
 
 /// Why an HTTP agent could not be built.
@@ -83,15 +78,13 @@ pub fn tls_config(server: &ServerConfig) -> Result<Arc<ClientConfig>, HttpError>
     Ok(Arc::new(config))
 }
 
-/// Builds a ureq agent. `timeout` bounds one whole call (connect, send, receive); the
-/// long-poll passes `commands_timeout`, everything else `request_timeout`.
+/// A ureq agent whose `timeout` bounds one whole call (the long-poll's: `commands_timeout`, others' `request_timeout`).
 pub fn build_agent(server: &ServerConfig, timeout: Duration) -> Result<ureq::Agent, HttpError> {
     let [agent] = build_agents(server, [timeout])?;
     Ok(agent)
 }
 
-/// One agent (own connection pool) per timeout, all sharing one TLS configuration: the
-/// root store is the biggest part of it, and one copy is enough.
+/// One agent (own connection pool) per timeout, all sharing one TLS configuration (mostly the root store).
 pub fn build_agents<const N: usize>(
     server: &ServerConfig,
     timeouts: [Duration; N],
@@ -155,8 +148,7 @@ pub enum Request<'a> {
     Gzip(Vec<u8>),
 }
 
-/// The one request builder: sends one request and reads the reply. `timeout` bounds this
-/// call when it must end sooner than the agent's own bound (a deadline is near).
+/// The one request builder: sends one request and reads the reply; `timeout` ends it sooner (a deadline is near).
 pub fn send(
     agent: &ureq::Agent,
     url: &str,
@@ -188,10 +180,7 @@ pub fn send(
 }
 
 fn with_auth<B>(req: ureq::RequestBuilder<B>, authorization: Option<&str>) -> ureq::RequestBuilder<B> {
-    match authorization {
-        Some(a) => req.header("Authorization", a),
-        None => req,
-    }
+    authorization.into_iter().fold(req, |req, a| req.header("Authorization", a))
 }
 
 /// What a caller does next with the request it just made.
@@ -199,9 +188,8 @@ fn with_auth<B>(req: ureq::RequestBuilder<B>, authorization: Option<&str>) -> ur
 pub enum Outcome {
     /// 2xx: the server took it.
     Done,
-    /// Send the same request again later: after `after` if the server said so (already
-    /// capped; the caller raises it to its retry floor, `retry.initial`), otherwise after the
-    /// caller's backoff. `failover`: try the next server of `server.url` first (this one looks down).
+    /// Send the same request again: after `after` if the server said so (capped; the caller raises it to
+    /// `retry.initial`), else after its backoff. `failover`: try the next `server.url` first (this one looks down).
     Retry { after: Option<Duration>, failover: bool },
     /// A long-poll's hold ended (its 408, or our timeout) without a `Retry-After`: poll again at once.
     Repoll,
@@ -273,15 +261,11 @@ pub fn classify(attempt: Attempt<'_>, now: SystemTime, cap: Duration) -> Outcome
 /// `Retry-After` is either delta-seconds or an HTTP-date (RFC 9110 §10.2.3).
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let v = value.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(v).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    let date = || httpdate::parse_http_date(v).ok().map(|at| at.duration_since(now).unwrap_or(Duration::ZERO));
+    v.parse().ok().map(Duration::from_secs).or_else(date)
 }
 
-/// Extracts a short human message from an error body: the `message`/`title`/`detail`
-/// field of a JSON object, or the start of the text. Never longer than 200 characters.
+/// A short message from an error body: a JSON `message`/`title`/`detail`, or the text; at most 200 characters.
 pub fn server_message(body: &[u8]) -> String {
     let from_json = serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|v| {
         let field = |k: &str| v.get(k).and_then(|m| m.as_str()).filter(|m| !m.is_empty());
@@ -306,8 +290,7 @@ pub fn describe(result: &Result<Reply, ureq::Error>) -> String {
     }
 }
 
-/// One-line description of a transport error for logs, with the root cause and, for the
-/// TLS failures operators meet most, what to do about them.
+/// A transport error in one line for logs, with what to do about the TLS failures operators meet most.
 pub fn describe_transport(e: &ureq::Error) -> String {
     let text = match e {
         ureq::Error::Timeout(t) => format!("timed out ({t})"),
@@ -325,7 +308,6 @@ pub fn describe_transport(e: &ureq::Error) -> String {
     }
 }
 
-// ---------------------------------------------------------------------------------------
 // TLS connector: ureq's own rustls connector cannot check "chain but not name", so the
 // agent wraps connections itself with the ClientConfig built above.
 

@@ -1,10 +1,7 @@
 //! The local ingestion socket `<run_dir>/ingest.sock` (docs/protocol.md, Ingest socket) and its client, `--send`.
 //!
-//! The acceptor thread hands each connection to a short-lived thread of its own, so a
-//! slow or stuck producer (bounded by a read timeout) never holds up the others. A
-//! connection's stateless events go to the batcher in chunks; its stateful events go to
-//! the durable queue, and the one-line reply is written only after the queue has fsynced
-//! them. Malformed lines are answered with their line number and reason.
+//! Each connection has a short-lived thread of its own, so a slow or stuck producer (bounded by a
+//! read timeout) never holds up the others. Its reply is written after the queue fsynced its stateful events.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -30,8 +27,7 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// 64 connections × (a chunk in the making + a line) stays far below the ring buffer's bytes.
 const CHUNK: usize = 512;
 const CHUNK_BYTES: usize = 256 << 10;
-/// Stateful events are made durable at least every this many bytes of a long stream
-/// (bounds a connection's memory; group commit keeps the fsync count low anyway).
+/// Stateful events are made durable at least every this many bytes (bounds a connection's memory; fsyncs are shared).
 const DURABLE_CHUNK_BYTES: usize = 256 << 10;
 /// Longest wait for the fsync that makes a connection's stateful events durable.
 const DURABLE_WAIT: Duration = Duration::from_secs(120);
@@ -74,7 +70,6 @@ pub enum IngestError {
     BadReply(String),
 }
 
-/// Wraps an I/O error on `path`.
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> IngestError + '_ {
     move |source| IngestError::Io { path: path.to_path_buf(), source }
 }
@@ -83,8 +78,7 @@ pub fn socket_path(run_dir: &Path) -> PathBuf {
     run_dir.join("ingest.sock")
 }
 
-/// Binds the socket (mode 0660), replacing a stale socket file left by a crash, but never
-/// one that another agent still serves.
+/// Binds the socket (mode 0660), replacing a stale socket file left by a crash, never one another agent serves.
 pub fn bind(run_dir: &Path) -> Result<UnixListener, IngestError> {
     let path = socket_path(run_dir);
     if path.as_os_str().len() > MAX_SOCKET_PATH {
@@ -116,15 +110,8 @@ pub struct Ingest {
 
 impl Ingest {
     pub fn new(stateless: Sender<Vec<Event>>, queue: Sender<Append>, stats: Arc<Stats>) -> Ingest {
-        Ingest {
-            stateless,
-            queue,
-            stats,
-            stopping: AtomicBool::new(false),
-            active: AtomicUsize::new(0),
-            next_id: AtomicUsize::new(0),
-            open: Mutex::new(HashMap::new()),
-        }
+        let (stopping, active, next_id, open) = Default::default();
+        Ingest { stateless, queue, stats, stopping, active, next_id, open }
     }
 
     /// Shutdown, step 1: no new lines are read; connections answer for what they have
@@ -161,13 +148,9 @@ pub fn run(listener: UnixListener, ingest: Arc<Ingest>) {
         };
         if ingest.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             ingest.active.fetch_sub(1, Ordering::SeqCst);
-            let busy = Reply {
-                errors: vec![format!("too many producers at once (limit {MAX_CONNECTIONS}); retry")],
-                ..Reply::default()
-            };
-            let mut s = stream;
-            let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-            let _ = write_reply(&mut s, &busy);
+            let errors = vec![format!("too many producers at once (limit {MAX_CONNECTIONS}); retry")];
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = write_reply(&stream, &Reply { errors, ..Reply::default() });
             continue;
         }
         let id = ingest.next_id.fetch_add(1, Ordering::Relaxed);
@@ -188,14 +171,15 @@ pub fn run(listener: UnixListener, ingest: Arc<Ingest>) {
     }
 }
 
-fn write_reply(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
+fn write_reply(mut stream: &UnixStream, reply: &Reply) -> io::Result<()> {
     let mut line = serde_json::to_vec(reply).map_err(io::Error::other)?;
     line.push(b'\n');
     stream.write_all(&line)
 }
 
-struct Conn<'a> {
-    ingest: &'a Ingest,
+/// What one connection has read and not yet handed over, and its reply so far.
+#[derive(Default)]
+struct Conn {
     reply: Reply,
     stateless: Vec<Event>,
     stateless_bytes: usize,
@@ -205,10 +189,10 @@ struct Conn<'a> {
     hidden_errors: u64,
 }
 
-impl Conn<'_> {
-    fn reject(&mut self, line: u64, why: impl fmt::Display) {
+impl Conn {
+    fn reject(&mut self, ingest: &Ingest, line: u64, why: impl fmt::Display) {
         self.reply.rejected += 1;
-        Stats::add(&self.ingest.stats.rejected, 1);
+        Stats::add(&ingest.stats.rejected, 1);
         if self.reply.errors.len() < MAX_REPLY_ERRORS {
             self.reply.errors.push(format!("line {line}: {why}"));
         } else {
@@ -216,7 +200,7 @@ impl Conn<'_> {
         }
     }
 
-    fn flush_stateless(&mut self) {
+    fn flush_stateless(&mut self, ingest: &Ingest) {
         if self.stateless.is_empty() {
             return;
         }
@@ -224,16 +208,16 @@ impl Conn<'_> {
         self.stateless_bytes = 0;
         let n = chunk.len() as u64;
         // Blocks only under overflow = "block" with a full buffer: backpressure by design.
-        if self.ingest.stateless.send(chunk).is_ok() {
+        if ingest.stateless.send(chunk).is_ok() {
             self.reply.accepted += n;
-            Stats::add(&self.ingest.stats.received, n);
+            Stats::add(&ingest.stats.received, n);
         } else {
             self.reply.rejected += n;
             self.reply.errors.push(format!("{n} events not accepted: the agent is shutting down"));
         }
     }
 
-    fn flush_stateful(&mut self) {
+    fn flush_stateful(&mut self, ingest: &Ingest) {
         if self.stateful.is_empty() {
             return;
         }
@@ -241,21 +225,21 @@ impl Conn<'_> {
         self.stateful_bytes = 0;
         // Bounded: a queue stuck on a dying disk must not hold the producer for ever (it
         // is told the lines were not accepted and may send them again).
-        let result = crate::queue::append_and_wait(&self.ingest.queue, events, DURABLE_WAIT);
+        let result = crate::queue::append_and_wait(&ingest.queue, events, DURABLE_WAIT);
         let stored = result.stored.min(lines.len());
         self.reply.accepted += stored as u64;
-        Stats::add(&self.ingest.stats.received, stored as u64);
+        Stats::add(&ingest.stats.received, stored as u64);
         if let Some(e) = result.error {
             for l in &lines[stored..] {
-                self.reject(*l, &e);
+                self.reject(ingest, *l, &e);
             }
         }
     }
 
     /// One complete line (`oversized`: its bytes were not kept).
-    fn line(&mut self, number: u64, bytes: &[u8], oversized: bool) {
+    fn line(&mut self, ingest: &Ingest, number: u64, bytes: &[u8], oversized: bool) {
         if oversized {
-            self.reject(number, format!("line is longer than {} bytes", event::MAX_LINE_BYTES));
+            self.reject(ingest, number, format!("line is longer than {} bytes", event::MAX_LINE_BYTES));
             return;
         }
         match event::parse_line(bytes) {
@@ -264,36 +248,27 @@ impl Conn<'_> {
                 self.stateless_bytes += e.wire_len();
                 self.stateless.push(e);
                 if self.stateless.len() >= CHUNK || self.stateless_bytes >= CHUNK_BYTES {
-                    self.flush_stateless();
+                    self.flush_stateless(ingest);
                 }
             }
             Ok(Some(e)) => {
                 self.stateful_bytes += e.wire_len();
                 self.stateful.push((e, number));
                 if self.stateful_bytes >= DURABLE_CHUNK_BYTES {
-                    self.flush_stateful();
+                    self.flush_stateful(ingest);
                 }
             }
-            Err(e) => self.reject(number, e),
+            Err(e) => self.reject(ingest, number, e),
         }
     }
 }
 
 /// Serves one producer: lines until EOF, then the reply.
-fn handle(mut stream: UnixStream, ingest: &Ingest) {
+fn handle(stream: UnixStream, ingest: &Ingest) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
-    let Ok(read_half) = stream.try_clone() else { return };
-    let mut reader = BufReader::with_capacity(64 * 1024, read_half);
-    let mut conn = Conn {
-        ingest,
-        reply: Reply::default(),
-        stateless: Vec::new(),
-        stateless_bytes: 0,
-        stateful: Vec::new(),
-        stateful_bytes: 0,
-        hidden_errors: 0,
-    };
+    let mut reader = BufReader::with_capacity(64 * 1024, &stream);
+    let mut conn = Conn::default();
     let mut line = Vec::new();
     let mut number = 0u64;
     // A line may be one byte longer than the limit (a '\r' the parser drops), plus its newline.
@@ -327,16 +302,16 @@ fn handle(mut stream: UnixStream, ingest: &Ingest) {
             Ok(0) if line.is_empty() => break,
             Ok(_) => {
                 number += 1;
-                conn.line(number, line.strip_suffix(b"\n").unwrap_or(&line), oversized);
+                conn.line(ingest, number, line.strip_suffix(b"\n").unwrap_or(&line), oversized);
             }
         }
     }
-    conn.flush_stateless();
-    conn.flush_stateful();
+    conn.flush_stateless(ingest);
+    conn.flush_stateful(ingest);
     if conn.hidden_errors > 0 {
         conn.reply.errors.push(format!("… and {} more rejected lines", conn.hidden_errors));
     }
-    let _ = write_reply(&mut stream, &conn.reply);
+    let _ = write_reply(&stream, &conn.reply);
 }
 
 /// `--send`: stdin → the socket → the reply. Returns the reply.

@@ -1,6 +1,4 @@
-//! The settings that can change while the agent runs: the effective configuration (local
-//! file plus server group files) and the agent metadata line (it carries the groups).
-//!
+//! The settings that can change while the agent runs: the effective configuration and the agent line.
 //! One writer at a time (executor after `set-group`/`fetch-config`, supervisor on SIGHUP) replaces
 //! the value and bumps a generation; readers refresh their [`View`] when it moved (one atomic load).
 

@@ -1,19 +1,11 @@
-//! The logcollector thread: follows `logcollector.files` like `tail -F` and sends each line
-//! as a stateless event (docs/events.md, "Logcollector").
-//!
-//! Files are polled every `poll_interval` (one wakeup per interval, no busy loop). Each
-//! followed file keeps its open handle, so after a rename the rest of the old file is
-//! still read under the name it was opened with, before the new file is followed from its
-//! start. A file that shrank or whose first bytes changed was truncated (copytruncate): it is
-//! read again from 0.
-//! The events of each read carry one delivery receipt ([`Receipt`]): a file's saved offset
-//! moves only past reads whose every line the server took, so an outage, a `kill -9` or a
-//! power loss means a resend, never a loss. While the pipeline is full the file is not read
-//! (it is its own buffer), and one file has at most [`IN_FLIGHT`] bytes unacknowledged.
-//! Offsets are saved to `<data_dir>/logcollector.json` (with the inode and a fingerprint of
-//! the first bytes, so a replaced file is recognised); a restart continues there.
+//! The logcollector thread: follows `logcollector.files` like `tail -F` and sends each line as a stateless
+//! event (docs/events.md), under delivery receipts (ARCHITECTURE.md): a saved offset moves only past what
+//! the server took. After a rename the rest of the old file is read through its open handle before the new
+//! file is followed from its start; a file that shrank or whose first bytes changed (copytruncate) is read
+//! again from 0. Offsets are saved
+//! to `<data_dir>/logcollector.json` with the inode and a fingerprint of the first bytes (a replaced file).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt::Write;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -25,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::select;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, LogcollectorConfig, Start};
+use crate::config::{Config, FileSpec, LogcollectorConfig, Start};
 use crate::event::{Event, Kind, Receipt};
 use crate::module::{Context, EventSink, Module};
 use crate::status::{self, Stats};
@@ -38,21 +30,18 @@ pub const MODULE: Module = Module {
     run,
 };
 
-/// Bytes read from one file per poll, so one busy file cannot starve the others. Small
-/// enough that the read buffer and the events made from it stay a fraction of the memory
-/// budget (4 MiB reads showed as a 20 MiB RSS peak in `make bench`); a file with more to
-/// read is polled again at once.
+/// Bytes read from one file per poll, so one busy file cannot starve the others; small enough that
+/// the read and its events stay a fraction of the memory budget (4 MiB reads peaked at 20 MiB RSS in
+/// `make bench`). A file with more to read is polled again at once.
 const READ_PER_POLL: u64 = 256 << 10;
 /// Bytes at the start of a file that identify it across restarts.
 const FINGERPRINT_BYTES: usize = 256;
 /// Events per chunk handed to the batcher.
 const CHUNK: usize = 512;
-/// Bytes of one file read but not yet acknowledged by the server: eight reads, which as
-/// events (about twice the bytes) keep both uploaders busy with 1 MB batches, while a
-/// stalled server stops the reading after a bounded amount.
+/// Bytes of one file read but not yet acknowledged: eight reads, which as events (about twice the
+/// bytes) keep both uploaders busy with 1 MB batches, while a stalled server stops the reading.
 const IN_FLIGHT: u64 = 8 * READ_PER_POLL;
-/// Offsets are written at most this often (an fsync each time): a crash resends at most
-/// this much more than it has to.
+/// Offsets are written at most this often (an fsync each time): a crash resends at most this much more.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// Files followed at once. `logcollector.files` may come from the server (SPEC §2.1): a glob
 /// like `/**/*` would otherwise hold one descriptor per match and exhaust the process limit.
@@ -74,9 +63,8 @@ impl Saved {
     const GONE: Saved = Saved { dev: 0, ino: 0, offset: 0, fp_len: 0, fp_crc: 0 };
 }
 
-/// Calls `f` with each complete line of `buf`, without its `\n` and a `\r` before it,
-/// skipping empty lines (pure). Returns the bytes consumed (the rest is an unfinished
-/// line), or `None` as soon as `f` returns false.
+/// Calls `f` with each complete non-empty line of `buf`, without its `\n` and a `\r` before it (pure).
+/// Returns the bytes consumed (the rest is an unfinished line), or `None` as soon as `f` returns false.
 pub fn for_each_line(buf: &[u8], mut f: impl FnMut(&[u8]) -> bool) -> Option<usize> {
     let mut start = 0;
     while let Some(i) = buf[start..].iter().position(|b| *b == b'\n') {
@@ -95,8 +83,7 @@ fn json_string(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_default()
 }
 
-/// Builds the event for one line (pure), with the path as a JSON string and the time as
-/// RFC 3339, both rendered once per poll, not once per line.
+/// The event for one line (pure); the path (as JSON) and the time (RFC 3339) are rendered once per poll.
 fn line_event(path_json: &str, created: &str, line: &[u8], max: usize) -> Event {
     let text = String::from_utf8_lossy(line);
     let (original, tags) = if text.len() > max {
@@ -122,7 +109,6 @@ fn fingerprint(file: &mut File, len: usize) -> std::io::Result<(usize, u32)> {
     Ok((buf.len(), crc32fast::hash(&buf)))
 }
 
-/// One followed file.
 struct Followed {
     file: File,
     dev: u64,
@@ -134,8 +120,7 @@ struct Followed {
     in_flight: VecDeque<(Arc<Receipt>, u64)>,
     /// The offset up to which the server took every line: what is saved.
     acked: u64,
-    /// Set when the path now names another file (rotation) or nothing (deletion): read
-    /// this handle to its end, wait until the server took all of it, then drop it.
+    /// The path names another file (rotation) or nothing: read to the end, wait until the server took all, drop.
     draining: bool,
     /// Length and CRC-32 of the first bytes as last seen: a file truncated and written again
     /// past `offset` before a poll saw it shrink (a reader held back by an outage) starts
@@ -158,6 +143,7 @@ impl Followed {
     }
 }
 
+#[derive(Default)]
 pub struct Collector {
     config: LogcollectorConfig,
     state_path: PathBuf,
@@ -169,7 +155,8 @@ pub struct Collector {
     more: bool,
     /// More files matched than `MAX_FOLLOWED` (warned once, until they fit again).
     capped: bool,
-    first_scan: bool,
+    /// The first poll is done: a file new since is read from its start, whatever `start` says.
+    scanned: bool,
     last_save: Option<Instant>,
     stats: Arc<Stats>,
 }
@@ -177,41 +164,36 @@ pub struct Collector {
 impl Collector {
     pub fn new(config: LogcollectorConfig, state_path: PathBuf, stats: Arc<Stats>) -> Collector {
         let saved = std::fs::read(&state_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        let (followed, warned) = (HashMap::new(), HashMap::new());
-        let (more, capped, first_scan, last_save) = (false, false, true, None);
-        Collector { config, state_path, saved, followed, warned, more, capped, first_scan, last_save, stats }
+        Collector { config, state_path, saved, stats, ..Collector::default() }
     }
 
-    fn expand(&self) -> Vec<String> {
-        let mut paths = Vec::new();
+    fn expand(&self) -> BTreeSet<String> {
+        let mut paths = BTreeSet::new();
         for pattern in self.config.files.iter().map(|f| &f.pattern) {
-            if !pattern.contains(['*', '?', '[']) {
-                paths.push(pattern.clone());
-                continue;
+            if pattern.contains(['*', '?', '[']) {
+                let found = glob::glob(pattern).into_iter().flatten().flatten().filter(|p| p.is_file());
+                paths.extend(found.map(|p| p.to_string_lossy().into_owned()));
+            } else {
+                paths.insert(pattern.clone());
             }
-            let found = glob::glob(pattern).into_iter().flatten().flatten().filter(|p| p.is_file());
-            paths.extend(found.map(|p| p.to_string_lossy().into_owned()));
         }
-        paths.sort();
-        paths.dedup();
         paths
     }
 
     /// `start` of the first entry that matches `path`, else `logcollector.start`.
     fn start_for(&self, path: &str) -> Start {
-        self.config
-            .files
-            .iter()
-            .find(|f| f.pattern == path || glob::Pattern::new(&f.pattern).is_ok_and(|p| p.matches(path)))
-            .and_then(|f| f.start)
-            .unwrap_or(self.config.start)
+        let matches =
+            |f: &&FileSpec| f.pattern == path || glob::Pattern::new(&f.pattern).is_ok_and(|p| p.matches(path));
+        self.config.files.iter().find(matches).and_then(|f| f.start).unwrap_or(self.config.start)
     }
 
-    fn warn_once(&mut self, path: &str, why: String) {
+    /// Gives up on `path` until the next poll, warning once per reason.
+    fn skip<T>(&mut self, path: &str, why: String) -> Option<T> {
         if self.warned.get(path) != Some(&why) {
             log::warn!("logcollector: {path}: {why}; retrying");
             self.warned.insert(path.to_string(), why);
         }
+        None
     }
 
     /// The followed path whose file `path` names now, while that path names another file or
@@ -230,15 +212,11 @@ impl Collector {
         let mut file = match File::options().read(true).custom_flags(libc::O_NONBLOCK).open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-            Err(e) => {
-                self.warn_once(path, format!("cannot open ({e})"));
-                return None;
-            }
+            Err(e) => return self.skip(path, format!("cannot open ({e})")),
         };
         let meta = file.metadata().ok()?;
         if !meta.is_file() {
-            self.warn_once(path, "not a regular file".into());
-            return None;
+            return self.skip(path, "not a regular file".into());
         }
         self.warned.remove(path);
         // Saved offsets always win, if the file is still the same one: the same inode, long
@@ -252,7 +230,7 @@ impl Collector {
         let offset = match saved.filter(fits).filter(&mut same).or_else(|| renamed(&mut same)) {
             Some(s) => s.offset,
             // A file seen before under this path was replaced while the agent was away: all of it is new.
-            None if saved.is_none() && self.first_scan && self.start_for(path) == Start::End => meta.len(),
+            None if saved.is_none() && !self.scanned && self.start_for(path) == Start::End => meta.len(),
             None => 0,
         };
         let (dev, ino, partial, in_flight) = (meta.dev(), meta.ino(), Vec::new(), VecDeque::new());
@@ -289,40 +267,36 @@ impl Collector {
         self.capped = skipped;
         // Paths no pattern matches any more (deleted by a glob's view) drain too.
         for (path, f) in self.followed.iter_mut() {
-            f.draining |= paths.binary_search(path).is_err();
+            f.draining |= !paths.contains(path);
         }
+        // Files opened from here on were rotated in while the agent ran: all of them is new.
+        self.scanned = true;
         let keys: Vec<String> = self.followed.keys().cloned().collect();
         for path in keys {
             let Some(at_end) = self.read_file(&path, sink) else { return false };
-            if self
-                .followed
-                .get_mut(&path)
-                .is_some_and(|f| f.draining && at_end && !f.advance() && f.in_flight.is_empty())
-            {
+            let done = |f: &mut Followed| f.draining && at_end && !f.advance() && f.in_flight.is_empty();
+            if self.followed.get_mut(&path).is_some_and(done) {
                 // The old file is done and delivered: follow the new one (if any) from its start.
                 self.followed.remove(&path);
                 // Seen before: a file that appears under this name later, even while the agent
                 // is stopped, is new from its start (never `start = "end"`).
                 self.saved.insert(path.clone(), Saved::GONE);
-                let first = std::mem::replace(&mut self.first_scan, false);
                 if let Some(f) = self.open(&path) {
                     self.followed.insert(path.clone(), f);
                     if self.read_file(&path, sink).is_none() {
                         return false;
                     }
                 }
-                self.first_scan = first;
             }
         }
-        self.first_scan = false;
         if self.last_save.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
             self.save();
         }
         true
     }
 
-    /// Waits (at most `grace`) until the server took or the pipeline dropped every read in
-    /// flight, so the offsets saved at shutdown include what the pipeline's drain delivered.
+    /// Waits (at most `grace`) until every read in flight is settled or abandoned, so the offsets saved at
+    /// shutdown include what the pipeline's drain delivered.
     fn settle(&mut self, sink: &EventSink, grace: Duration) {
         let until = Instant::now() + grace;
         // An abandoned read sends no wake-up: look again every 100 ms.
@@ -349,29 +323,27 @@ impl Collector {
             return Some(false);
         }
         let receipt = sink.receipt();
-        let send = |chunk| sink.send(chunk).is_ok();
         let path_json = json_string(path);
         let created = status::rfc3339(SystemTime::now());
-        // Events go out in chunks as they are made: bounded memory, early backpressure.
-        // `emit(None)` hands over what is left. False: the pipeline is gone.
+        // Events go out in chunks as they are made: bounded memory, early backpressure. An empty
+        // line makes no event; `emit(None)` hands over what is left. `None`: the pipeline is gone.
         let mut chunk: Vec<Event> = Vec::with_capacity(CHUNK);
-        let mut emit = |line: Option<&[u8]>| -> bool {
-            chunk.extend(line.map(|l| line_event(&path_json, &created, l, max).tracked(&receipt)));
+        let event = |l: &[u8]| line_event(&path_json, &created, l, max).tracked(&receipt);
+        let mut emit = |line: Option<&[u8]>| -> Option<()> {
+            chunk.extend(line.filter(|l| !l.is_empty()).map(event));
             if chunk.is_empty() || (line.is_some() && chunk.len() < CHUNK) {
-                return true;
+                return Some(());
             }
             let n = chunk.len() as u64;
-            let taken = send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
-            Stats::add(&stats.received, if taken { n } else { 0 });
-            taken
+            sink.send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK))).ok()?;
+            Stats::add(&stats.received, n);
+            Some(())
         };
         if truncated {
             // Truncated in place (copytruncate): the unfinished line goes out as it is. What
             // is in flight was before the truncation: its acknowledgement means offset 0 now.
             log::info!("logcollector: {path} was truncated; reading it again from the start");
-            if !f.partial.is_empty() && !emit(Some(&std::mem::take(&mut f.partial))) {
-                return None;
-            }
+            emit(Some(&std::mem::take(&mut f.partial)))?;
             f.in_flight.iter_mut().for_each(|(_, offset)| *offset = 0);
             (f.offset, f.acked) = (0, 0);
         }
@@ -386,11 +358,11 @@ impl Collector {
                     f.offset += (buf.len() - before) as u64;
                 }
             }
-            let used = for_each_line(&buf, |line| emit(Some(line)))?;
+            let used = for_each_line(&buf, |line| emit(Some(line)).is_some())?;
             buf.drain(..used);
             // An unfinished line longer than the limit cannot wait for ever.
-            if buf.len() > max && !emit(Some(&std::mem::take(&mut buf))) {
-                return None;
+            if buf.len() > max {
+                emit(Some(&std::mem::take(&mut buf)))?;
             }
             // Only the unfinished line stays: a read buffer (up to 256 KiB) kept per followed
             // file would hold 64 MiB across 256 files.
@@ -398,12 +370,10 @@ impl Collector {
             f.partial = buf;
         }
         // Rotated away: the last line will not be finished any more.
-        if f.draining && !f.partial.is_empty() && !emit(Some(&std::mem::take(&mut f.partial))) {
-            return None;
+        if f.draining {
+            emit(Some(&std::mem::take(&mut f.partial)))?;
         }
-        if !emit(None) {
-            return None;
-        }
+        emit(None)?;
         receipt.close();
         f.in_flight.push_back((receipt, f.offset - f.partial.len() as u64));
         f.advance();
@@ -441,10 +411,7 @@ fn run(config: Config, ctx: Context) {
     let interval = c.config.poll_interval;
     let patterns: Vec<&str> = c.config.files.iter().map(|f| f.pattern.as_str()).collect();
     log::info!("logcollector: following {}", patterns.join(", "));
-    loop {
-        if !c.poll(&ctx.events) {
-            break;
-        }
+    while c.poll(&ctx.events) {
         if c.more {
             // A file is behind: catch up at once (the pipeline's backpressure still applies).
             continue;

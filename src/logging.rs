@@ -1,6 +1,5 @@
-//! Logging: simplelog to standard error or `log.file` (RFC 3339 UTC timestamps, thread
-//! names), optionally also to the system log. The file is reopened on SIGHUP so logrotate
-//! can move it away.
+//! Logging: simplelog to standard error or `log.file` (RFC 3339 UTC timestamps, thread names),
+//! optionally also to the system log. The file is reopened on SIGHUP (logrotate moves it away).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -100,13 +99,11 @@ pub fn escape(text: &str) -> String {
     text.chars().map(|c| if c.is_control() || format(c) { c.escape_default().to_string() } else { c.into() }).collect()
 }
 
-/// The HTTP and TLS crates never log: at trace level ureq-proto dumps raw request and
-/// response bytes, which carry the agent key and tokens. Their failures reach our own log
-/// lines as errors anyway.
+/// The HTTP and TLS crates never log: at trace level ureq-proto dumps raw request and response bytes,
+/// which carry the agent key and tokens. Their failures reach our own log lines as errors anyway.
 const NOISY: [&str; 3] = ["ureq", "ureq_proto", "rustls"];
 
-/// Sets up logging once. One-shot commands log warnings and errors only (their result is
-/// printed), unless the level asks for debug detail.
+/// Sets up logging once. One-shot commands log at `warn` where `log.level` is `info` (their result is printed).
 pub fn init(config: &Config, one_shot: bool) -> Result<(), LogError> {
     let level = if one_shot && config.log.level == LevelFilter::Info { LevelFilter::Warn } else { config.log.level };
     let mut b = ConfigBuilder::new();

@@ -2,7 +2,7 @@
 //! a second agent refuses to start, and a stale file left by a crash (unlocked) is taken over.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -32,12 +32,11 @@ impl PidFile {
         // Not truncated on open: a running agent's pid must stay readable if we lose the race.
         let mut opts = OpenOptions::new();
         opts.read(true).write(true).create(true).truncate(false).mode(0o644);
-        let mut file = crate::fsutil::open_nofollow(&mut opts, &path).map_err(io)?;
+        let file = crate::fsutil::open_nofollow(&mut opts, &path).map_err(io)?;
         if let Err(err) = crate::sys::try_lock_exclusive(&file) {
             if err.kind() == io::ErrorKind::WouldBlock {
-                let mut text = String::new();
-                let _ = file.read_to_string(&mut text);
-                return Err(PidError::Running { path, pid: text.trim().parse().ok() });
+                let pid = io::read_to_string(&file).ok().and_then(|t| t.trim().parse().ok());
+                return Err(PidError::Running { path, pid });
             }
             return Err(io(err));
         }

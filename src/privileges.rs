@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 
 use crate::sys;
 
-/// A resolved account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Account {
     pub uid: u32,

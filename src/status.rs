@@ -146,8 +146,7 @@ pub enum NotRunning {
     Stale { age_secs: i64 },
 }
 
-/// Reads state.json and decides whether the agent is running (README, Status).
-/// Returns the state document if there is a readable one, and the verdict.
+/// Reads state.json and decides whether the agent is running (README, Status): the state if readable, the verdict.
 pub fn read_status(run_dir: &Path, now: SystemTime) -> (Option<State>, Result<(), NotRunning>) {
     let read = std::fs::read_to_string(state_path(run_dir));
     let state: State = match read.as_ref().map(|text| serde_json::from_str(text)) {

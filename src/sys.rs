@@ -13,8 +13,7 @@ fn check(rc: libc::c_int) -> io::Result<()> {
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
-/// Takes an exclusive flock(2) on `file` without waiting: `WouldBlock` if another open file
-/// description holds it. Closing the last descriptor of this one releases it.
+/// An exclusive flock(2) on `file`, not waiting (`WouldBlock`: held elsewhere), held until all its descriptors close.
 pub fn try_lock_exclusive(file: &File) -> io::Result<()> {
     // SAFETY: flock on a descriptor that `file` keeps open; LOCK_NB never blocks.
     check(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) })
@@ -133,7 +132,6 @@ fn found(rc: libc::c_int, no_result: bool) -> io::Result<bool> {
     }
 }
 
-/// The effective user and group ids of the process.
 pub fn effective_ids() -> (u32, u32) {
     // SAFETY: geteuid and getegid always succeed and have no preconditions.
     unsafe { (libc::geteuid(), libc::getegid()) }
@@ -178,7 +176,6 @@ pub fn uname() -> io::Result<Uname> {
 /// One IPv4 or IPv6 address of a network interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IfAddr {
-    /// The interface's name (`eth0`).
     pub name: String,
     /// IFF_UP: the interface is administratively up.
     pub up: bool,

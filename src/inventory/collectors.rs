@@ -1,8 +1,6 @@
-//! Inventory collectors: read the host (under `inventory.root`) into documents shaped as in
-//! docs/events.md. Parsers are pure functions of file contents; the `collect_*` functions only
-//! read files under the root (and getifaddrs, for addresses on the live host). Fields a host
-//! cannot provide are `null`, never invented. A source that exists but cannot be read is an
-//! [`Unreadable`] error, not an empty result: the scan keeps that collector's previous documents.
+//! Inventory collectors: read the host (files under `inventory.root`, and getifaddrs on the live host)
+//! into documents shaped as in docs/events.md. Parsers are pure functions of file contents. Fields a
+//! host cannot provide are `null`; a source that exists but cannot be read is an [`Unreadable`] error.
 
 use std::collections::HashMap;
 use std::io;
@@ -27,8 +25,7 @@ pub struct Unreadable {
     pub source: io::Error,
 }
 
-/// A source under the root: `None` if the host does not have it, an error if it exists
-/// but cannot be read (permission denied, an I/O error, not a file).
+/// A source under the root: `None` if the host lacks it, an error if it exists but cannot be read (or is no file).
 fn source(root: &Path, rel: &str) -> Result<Option<String>, Unreadable> {
     let path = root.join(rel);
     match std::fs::read_to_string(&path) {
@@ -77,12 +74,11 @@ pub fn parse_cpuinfo(text: &str) -> (Option<String>, usize, Option<u64>) {
 }
 
 pub fn parse_meminfo(text: &str) -> HashMap<String, u64> {
-    text.lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            Some((k.trim().to_string(), v.split_whitespace().next()?.parse().ok()?))
-        })
-        .collect()
+    let entry = |l: &str| {
+        let (k, v) = l.split_once(':')?;
+        Some((k.trim().to_string(), v.split_whitespace().next()?.parse().ok()?))
+    };
+    text.lines().filter_map(entry).collect()
 }
 
 pub fn collect_hardware(root: &Path) -> Result<Vec<Doc>, Unreadable> {
@@ -110,10 +106,10 @@ fn package(f: &HashMap<&str, String>, format: &str) -> Option<Doc> {
     let (name, version, arch) = (field("Package")?, field("Version")?, field("Architecture").unwrap_or(""));
     // dpkg counts Installed-Size in KiB; opkg and apk in bytes.
     let size = field("Installed-Size").and_then(|s| s.parse::<u64>().ok());
-    let size = size.map(|s| if format == "deb" { s * 1024 } else { s });
-    let installed = field("Installed-Time").and_then(|t| t.parse::<u64>().ok());
-    let installed =
-        installed.map(|t| crate::status::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)));
+    let size = size.and_then(|s| if format == "deb" { s.checked_mul(1024) } else { Some(s) });
+    // A corrupt database can name a time past what SystemTime holds: absent, like a missing one.
+    let installed = field("Installed-Time").and_then(|t| t.parse().ok()).map(std::time::Duration::from_secs);
+    let installed = installed.and_then(|t| std::time::UNIX_EPOCH.checked_add(t)).map(crate::status::rfc3339);
     let doc = json!({"package": {
         "architecture": arch, "description": field("Description"), "installed": installed, "name": name,
         "path": null, "size": size, "type": format, "version": version,
@@ -193,22 +189,20 @@ pub fn parse_hex_addr(s: &str) -> Option<(IpAddr, u16)> {
 /// One /proc/net/{tcp,udp}{,6} table: listening TCP sockets and bound UDP sockets.
 pub fn parse_net_table(text: &str, protocol: &str) -> Vec<(IpAddr, u16, IpAddr, u16, u64, u64, u64)> {
     let tcp = protocol.starts_with("tcp");
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let (lip, lport) = parse_hex_addr(f.get(1)?)?;
-            let (rip, rport) = parse_hex_addr(f.get(2)?)?;
-            let state = f.get(3)?;
-            // TCP: LISTEN (0A) only; UDP: unconnected sockets (07, CLOSE) bound to a port.
-            if (tcp && *state != "0A") || (!tcp && (*state != "07" || lport == 0)) {
-                return None;
-            }
-            let (tx, rx) = f.get(4)?.split_once(':')?;
-            let inode = f.get(9)?.parse().ok()?;
-            Some((lip, lport, rip, rport, u64::from_str_radix(tx, 16).ok()?, u64::from_str_radix(rx, 16).ok()?, inode))
-        })
-        .collect()
+    let socket = |line: &str| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (lip, lport) = parse_hex_addr(f.get(1)?)?;
+        let (rip, rport) = parse_hex_addr(f.get(2)?)?;
+        let state = f.get(3)?;
+        // TCP: LISTEN (0A) only; UDP: unconnected sockets (07, CLOSE) bound to a port.
+        if (tcp && *state != "0A") || (!tcp && (*state != "07" || lport == 0)) {
+            return None;
+        }
+        let (tx, rx) = f.get(4)?.split_once(':')?;
+        let inode = f.get(9)?.parse().ok()?;
+        Some((lip, lport, rip, rport, u64::from_str_radix(tx, 16).ok()?, u64::from_str_radix(rx, 16).ok()?, inode))
+    };
+    text.lines().skip(1).filter_map(socket).collect()
 }
 
 /// socket inode → (pid, process name), from /proc/<pid>/fd links readable to us.
@@ -255,41 +249,27 @@ pub fn collect_ports(root: &Path) -> Result<Vec<Doc>, Unreadable> {
 
 /// `/proc/net/dev` → interface → (rx bytes, rx packets, rx errs, rx drop, tx bytes, tx packets, tx errs, tx drop).
 pub fn parse_net_dev(text: &str) -> HashMap<String, [u64; 8]> {
-    text.lines()
-        .skip(2)
-        .filter_map(|l| {
-            let (name, rest) = l.split_once(':')?;
-            let v: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-            (v.len() >= 12).then(|| (name.trim().to_string(), [v[0], v[1], v[2], v[3], v[8], v[9], v[10], v[11]]))
-        })
-        .collect()
+    let interface = |l: &str| {
+        let (name, rest) = l.split_once(':')?;
+        let v: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        (v.len() >= 12).then(|| (name.trim().to_string(), [v[0], v[1], v[2], v[3], v[8], v[9], v[10], v[11]]))
+    };
+    text.lines().skip(2).filter_map(interface).collect()
 }
 
 /// `/proc/net/route` → interface → IPv4 default gateway.
 pub fn parse_route(text: &str) -> HashMap<String, Ipv4Addr> {
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            if f.get(1)? != &"00000000" {
-                return None;
-            }
-            let gw = u32::from_str_radix(f.get(2)?, 16).ok()?.swap_bytes();
-            Some((f[0].to_string(), Ipv4Addr::from(gw)))
-        })
-        .collect()
+    let default_route = |l: &str| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let gw = u32::from_str_radix(f.get(2)?, 16).ok()?.swap_bytes();
+        (f[1] == "00000000").then(|| (f[0].to_string(), Ipv4Addr::from(gw)))
+    };
+    text.lines().skip(1).filter_map(default_route).collect()
 }
 
-fn iface_type(code: Option<&str>) -> &'static str {
-    match code.map(str::trim) {
-        Some("1") => "ethernet",
-        Some("772") => "loopback",
-        Some("801") => "wireless",
-        Some("65534") => "tunnel",
-        Some("512") => "ppp",
-        _ => "unknown",
-    }
-}
+/// `/sys/class/net/<iface>/type` (ARPHRD_*) → interface type.
+const IFACE_TYPES: [(&str, &str); 5] =
+    [("1", "ethernet"), ("772", "loopback"), ("801", "wireless"), ("65534", "tunnel"), ("512", "ppp")];
 
 pub fn collect_networks(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     let counters = source(root, "proc/net/dev")?.map(|t| parse_net_dev(&t)).unwrap_or_default();
@@ -305,9 +285,9 @@ pub fn collect_networks(root: &Path) -> Result<Vec<Doc>, Unreadable> {
         let sys = |f: &str| read(root, &format!("sys/class/net/{iface}/{f}")).map(|s| s.trim().to_string());
         let c = counters.get(&iface).copied().unwrap_or([0; 8]);
         let proto = if addr.is_ipv4() { "ipv4" } else { "ipv6" };
-        let itype = iface_type(sys("type").as_deref());
+        let itype = sys("type").and_then(|t| IFACE_TYPES.iter().find(|c| c.0 == t)).map_or("unknown", |c| c.1);
         let gateway: Vec<String> =
-            if addr.is_ipv4() { gateways.get(&iface).map(|g| vec![g.to_string()]).unwrap_or_default() } else { vec![] };
+            gateways.get(&iface).filter(|_| addr.is_ipv4()).map(|g| g.to_string()).into_iter().collect();
         let doc = json!({
             "host": {"ip": [addr.to_string()], "mac": sys("address"),
                      "network": {"egress": {"bytes": c[4], "drops": c[7], "errors": c[6], "packets": c[5]},
@@ -421,6 +401,18 @@ mod tests {
         assert_eq!(docs[0].key, "dnsmasq:2.89-4:mipsel_24kc:ipk:");
         assert_eq!(v(&docs[0])["package"]["size"], 1024);
         assert_eq!(v(&docs[0])["package"]["installed"], "2023-11-14T22:13:20.000Z");
+    }
+
+    #[test]
+    fn out_of_range_install_times_and_sizes_are_absent() {
+        let db = format!(
+            "Package: p\nVersion: 1\nStatus: install ok installed\nInstalled-Size: {}\nInstalled-Time: {}\n",
+            u64::MAX,
+            u64::MAX
+        );
+        let docs = parse_control_stanzas(&db, "deb");
+        assert_eq!(v(&docs[0])["package"]["installed"], Value::Null);
+        assert_eq!(v(&docs[0])["package"]["size"], Value::Null);
     }
 
     #[test]

@@ -1,12 +1,7 @@
-//! The inventory thread: scans the host on start and every `inventory.interval`, sends
-//! stateful `create`/`update`/`delete` events for exactly what changed since the last
-//! scan (ids per docs/events.md), plus stateless change notifications after the first scan.
-//!
-//! The previous scan is kept in `<data_dir>/inventory.json`; a new snapshot replaces it only
-//! after its events are durable in the queue, so a crash means a resend, never a loss. Counters
-//! that move on every scan (free memory, interface byte counts, socket queues) are left out when
-//! documents are compared (else every scan is updates); they are refreshed when a document changes
-//! otherwise. A collector that cannot read its source keeps its previous documents (docs/events.md).
+//! The inventory thread: scans the host on start and every `inventory.interval`, sends stateful
+//! `create`/`update`/`delete` events for exactly what changed since the last scan, plus stateless
+//! change notifications after the first scan (docs/events.md). The previous scan is kept in
+//! `<data_dir>/inventory.json`, replaced only after the new scan's events are durable in the queue.
 
 pub mod collectors;
 
@@ -59,10 +54,13 @@ impl Stored {
     }
 }
 
+/// Documents by id.
+pub type Docs = BTreeMap<String, Stored>;
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Snapshot {
     pub uuid: String,
-    pub docs: BTreeMap<String, Stored>,
+    pub docs: Docs,
 }
 
 /// One difference between two scans.
@@ -91,21 +89,15 @@ fn comparable(s: &Stored) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(d.to_string())
 }
 
-/// The next snapshot's documents (pure): those the scan found, plus the previous documents
-/// of the collectors in `failed` (their source could not be read), kept as they are.
-pub fn merge(
-    old: &BTreeMap<String, Stored>,
-    mut found: BTreeMap<String, Stored>,
-    failed: &[&str],
-) -> BTreeMap<String, Stored> {
+/// The next snapshot's documents (pure): those found, plus the previous ones of the collectors in `failed`, unchanged.
+pub fn merge(old: &Docs, mut found: Docs, failed: &[&str]) -> Docs {
     let kept = old.iter().filter(|(_, s)| failed.contains(&s.collector.as_str()));
     found.extend(kept.map(|(id, s)| (id.clone(), s.clone())));
     found
 }
 
-/// What changed (pure): every document of `new` that `old` lacks or has otherwise, and
-/// every document of `old` that `new` lacks (also those of collectors switched off).
-pub fn diff(old: &BTreeMap<String, Stored>, new: &BTreeMap<String, Stored>) -> Vec<Change> {
+/// What changed (pure): documents of `new` that `old` lacks or has otherwise, and those of `old` that `new` lacks.
+pub fn diff(old: &Docs, new: &Docs) -> Vec<Change> {
     let mut out = Vec::new();
     for (id, n) in new {
         match old.get(id) {
@@ -130,20 +122,17 @@ fn stamped(doc: &str, now: &str) -> String {
     }
 }
 
-/// The stateful events for a set of changes.
 pub fn stateful_events(changes: &[Change], now: &str) -> Vec<Event> {
-    changes
-        .iter()
-        .map(|c| {
-            let (id, collector, op, doc) = match c {
-                Change::Create { id, new } => (id, &new.collector, "create", Some(&new.doc)),
-                Change::Update { id, new, .. } => (id, &new.collector, "update", Some(&new.doc)),
-                Change::Delete { id, old } => (id, &old.collector, "delete", None),
-            };
-            let header = json!({"collector": collector, "id": id, "module": "inventory", "operation": op}).to_string();
-            Event::new(Kind::Stateful, &header, doc.map(|d| stamped(d, now)).as_deref())
-        })
-        .collect()
+    let event = |c: &Change| {
+        let (id, collector, op, doc) = match c {
+            Change::Create { id, new } => (id, &new.collector, "create", Some(&new.doc)),
+            Change::Update { id, new, .. } => (id, &new.collector, "update", Some(&new.doc)),
+            Change::Delete { id, old } => (id, &old.collector, "delete", None),
+        };
+        let header = json!({"collector": collector, "id": id, "module": "inventory", "operation": op}).to_string();
+        Event::new(Kind::Stateful, &header, doc.map(|d| stamped(d, now)).as_deref())
+    };
+    changes.iter().map(event).collect()
 }
 
 /// How notifications name a document: its collector's noun and ECS category, and the document.
@@ -153,8 +142,7 @@ fn describe(s: &Stored) -> (&'static str, &'static str, String) {
     match s.collector.as_str() {
         "packages" => ("package", "package", format!("{} ({})", text("/package/name"), text("/package/version"))),
         "ports" => {
-            let port = v["source"]["port"].as_u64().unwrap_or(0);
-            ("port", "network", format!("{}/{port}", text("/network/protocol")))
+            ("port", "network", format!("{}/{}", text("/network/protocol"), v["source"]["port"].as_u64().unwrap_or(0)))
         }
         "networks" => {
             ("network", "network", format!("{} {}", text("/observer/ingress/interface/name"), text("/host/ip/0")))
@@ -229,9 +217,8 @@ fn cut(v: &Value, limit: usize) -> Value {
     }
 }
 
-/// The document within `max` bytes (pure; docs/events.md, Documents): a longer one gets its strings
-/// and arrays cut to the largest common bound that fits, and `"tags":["truncated"]`. Collectors'
-/// objects have a few fixed keys, so bound 0 fits; else only the tag is left (marked, not vanished).
+/// The document within `max` bytes (pure; docs/events.md, Documents): a longer one gets its strings and arrays cut
+/// to the largest common bound that fits, and `"tags":["truncated"]` (bound 0 fits collectors' objects; else the tag).
 pub fn bounded(doc: String, max: usize) -> String {
     if doc.len() <= max {
         return doc;
@@ -253,7 +240,7 @@ pub fn bounded(doc: String, max: usize) -> String {
 }
 
 /// Runs the enabled collectors: the documents found, by id, and the failed collectors, with why.
-pub fn scan(root: &Path, enabled: &[String], uuid: &str) -> (BTreeMap<String, Stored>, Vec<(String, Unreadable)>) {
+pub fn scan(root: &Path, enabled: &[String], uuid: &str) -> (Docs, Vec<(String, Unreadable)>) {
     let (mut docs, mut failed) = (BTreeMap::new(), Vec::new());
     for c in enabled {
         let found: Result<Vec<Doc>, Unreadable> = match c.as_str() {

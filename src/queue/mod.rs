@@ -1,16 +1,6 @@
-//! The durable queue under `<data_dir>/queue/`: stateful events (and, at shutdown, the
-//! stateless events that could not be sent) survive `kill -9` and power loss once acked.
-//!
-//! Layout: append-only segment files `NNNNNNNNNNNNNNNNNNNN.seg` (at most [`SEGMENT_MAX`]
-//! bytes each, records never split across segments) and a `cursor` file naming the first
-//! record not yet delivered. The queue thread ([`run`]) is the only owner of these files:
-//!
-//! * appends from many producers are written, then covered by **one** fsync (group
-//!   commit), then acknowledged;
-//! * batches are read back one at a time for the uploader, reading at most one segment
-//!   into memory (bounded memory whatever the backlog);
-//! * the cursor moves only when the uploader reports a batch delivered; segments wholly
-//!   behind a durable cursor are deleted.
+//! The durable queue under `<data_dir>/queue/` (layout, recovery and read-back: ARCHITECTURE.md,
+//! The durable queue): stateful events, and at shutdown unsent stateless ones, survive `kill -9`
+//! and power loss once acked. The queue thread ([`run`]) is the only owner of its files.
 
 pub mod format;
 
@@ -49,8 +39,7 @@ pub enum QueueError {
     /// An event is longer than the one maximum record size; neither it nor the rest was written.
     #[error("an event is longer than the largest record ({} bytes)", crate::event::MAX_RECORD_BYTES)]
     TooLarge,
-    /// A read, write or fsync failed (disk full, I/O error); nothing of the request is durable.
-    /// `what` names the operation and the file; shared because one failure answers a whole round.
+    /// A read, write or fsync of `what` failed: nothing of the request is durable (shared: it answers a round).
     #[error("durable queue write failed: {what}: {source}")]
     Io { what: String, source: Arc<io::Error> },
     /// The queue thread is gone (shutdown).
@@ -59,14 +48,8 @@ pub enum QueueError {
 }
 
 /// Adds the operation and the file to an I/O error.
-trait Context<T> {
-    fn ctx(self, what: &str, path: &Path) -> Result<T, QueueError>;
-}
-
-impl<T> Context<T> for io::Result<T> {
-    fn ctx(self, what: &str, path: &Path) -> Result<T, QueueError> {
-        self.map_err(|e| QueueError::Io { what: format!("{what} {}", path.display()), source: Arc::new(e) })
-    }
+fn io_err<'a>(what: &'a str, path: &'a Path) -> impl FnOnce(io::Error) -> QueueError + 'a {
+    move |e| QueueError::Io { what: format!("{what} {}", path.display()), source: Arc::new(e) }
 }
 
 /// A request to make events durable. The reply comes after the fsync that covers them.
@@ -75,8 +58,7 @@ pub struct Append {
     pub reply: Sender<Appended>,
 }
 
-/// The answer to an [`Append`]: the first `stored` events are durable; the rest were
-/// refused for `error` (queue full, the next event too large, or an I/O error that refused them all).
+/// The answer to an [`Append`]: the first `stored` events are durable; `error` says why the rest were refused.
 #[derive(Debug, Clone)]
 pub struct Appended {
     pub stored: usize,
@@ -96,9 +78,8 @@ pub fn append_and_wait(queue: &Sender<Append>, events: Vec<Event>, timeout: std:
     answered.unwrap_or(Appended { stored: 0, error: Some(QueueError::Closed) })
 }
 
-/// Shutdown: keeps stateless events that could not be sent in the durable queue for the
-/// next start. Those it cannot keep are logged and counted as dropped, exactly. Tracked
-/// events are not kept: their sources did not move past them and read them again.
+/// Shutdown: keeps unsent stateless events in the durable queue for the next start; those it cannot
+/// keep are counted as dropped, exactly. Tracked events are not kept: their sources read them again.
 pub fn spill(queue: &Sender<Append>, mut events: Vec<Event>, stats: &Stats, what: &str) {
     let all = events.len();
     events.retain(|e| !e.is_tracked());
@@ -143,7 +124,6 @@ pub struct Ack {
     pub frame_bytes: u64,
 }
 
-/// Limits for batches read from the queue.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {
     pub max_events: usize,
@@ -208,21 +188,19 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 impl QueueStore {
     /// Opens (and recovers) the queue. Damaged data never stops it: it is skipped, counted, logged.
     pub fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<QueueStore, QueueError> {
-        fs::create_dir_all(dir).ctx("cannot create", dir)?;
+        fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
         // Root recovers the queue before dropping to agent.user, who owns data_dir: no links.
-        fsutil::open_nofollow(OpenOptions::new().read(true), dir).ctx("cannot open", dir)?;
-        let mut ids: Vec<u64> = fs::read_dir(dir)
-            .ctx("cannot list", dir)?
-            .filter_map(|e| e.ok())
-            .filter(|e| {
-                let link = e.file_type().is_ok_and(|t| t.is_symlink());
-                if link {
-                    log::error!("queue: {} is a symbolic link; refusing to follow it: removed", e.path().display());
-                }
-                !link || fs::remove_file(e.path()).is_err()
-            })
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
-            .collect();
+        fsutil::open_nofollow(OpenOptions::new().read(true), dir).map_err(io_err("cannot open", dir))?;
+        let not_link = |e: &fs::DirEntry| {
+            let link = e.file_type().is_ok_and(|t| t.is_symlink());
+            if link {
+                log::error!("queue: {} is a symbolic link; refusing to follow it: removed", e.path().display());
+            }
+            !link || fs::remove_file(e.path()).is_err()
+        };
+        let seg_id = |e: fs::DirEntry| -> Option<u64> { e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok() };
+        let entries = fs::read_dir(dir).map_err(io_err("cannot list", dir))?.filter_map(|e| e.ok());
+        let mut ids: Vec<u64> = entries.filter(not_link).filter_map(seg_id).collect();
         ids.sort_unstable();
 
         let cursor_path = dir.join("cursor");
@@ -248,7 +226,7 @@ impl QueueStore {
         let (mut backlog_bytes, mut backlog_records) = (0, 0);
         for &id in &ids {
             let path = dir.join(seg_name(id));
-            let bytes = fsutil::read_nofollow(&path).ctx("cannot read", &path)?;
+            let bytes = fsutil::read_nofollow(&path).map_err(io_err("cannot read", &path))?;
             let from = if id == cursor.seg { (cursor.off as usize).min(bytes.len()) } else { 0 };
             let scan = format::scan(&bytes, from);
             let shown = path.display();
@@ -261,9 +239,10 @@ impl QueueStore {
                 log::warn!("queue segment {shown}: dropped a torn tail of {} bytes (an interrupted write)", scan.torn);
                 if Some(&id) == ids.last() {
                     // Appends continue after the last intact record.
-                    let f = fsutil::open_nofollow(OpenOptions::new().write(true), &path).ctx("cannot open", &path)?;
-                    f.set_len(scan.valid_end as u64).ctx("cannot truncate", &path)?;
-                    f.sync_all().ctx("cannot fsync", &path)?;
+                    let f = fsutil::open_nofollow(OpenOptions::new().write(true), &path)
+                        .map_err(io_err("cannot open", &path))?;
+                    f.set_len(scan.valid_end as u64).map_err(io_err("cannot truncate", &path))?;
+                    f.sync_all().map_err(io_err("cannot fsync", &path))?;
                 }
             }
         }
@@ -277,9 +256,9 @@ impl QueueStore {
         let segments: VecDeque<u64> = if ids.is_empty() { [active_id].into() } else { ids.into() };
         let active_path = dir.join(seg_name(active_id));
         let active = fsutil::open_nofollow(OpenOptions::new().create(true).append(true), &active_path)
-            .ctx("cannot open", &active_path)?;
-        let active_len = active.metadata().ctx("cannot stat", &active_path)?.len();
-        sync_dir(dir).ctx("cannot fsync", dir)?;
+            .map_err(io_err("cannot open", &active_path))?;
+        let active_len = active.metadata().map_err(io_err("cannot stat", &active_path))?.len();
+        sync_dir(dir).map_err(io_err("cannot fsync", dir))?;
         stats.queued.store(backlog_records, Relaxed);
         stats.queued_bytes.store(backlog_bytes, Relaxed);
         Ok(QueueStore {
@@ -340,7 +319,7 @@ impl QueueStore {
     }
 
     fn write_active(&mut self, buf: &[u8]) -> Result<(), QueueError> {
-        self.active.write_all(buf).ctx("cannot write", &self.dir.join(seg_name(self.durable.seg)))?;
+        self.active.write_all(buf).map_err(io_err("cannot write", &self.dir.join(seg_name(self.durable.seg))))?;
         self.active_len += buf.len() as u64;
         Ok(())
     }
@@ -351,11 +330,10 @@ impl QueueStore {
         let id = self.durable.seg + 1;
         let path = self.dir.join(seg_name(id));
         // A new name (O_EXCL): never through a link planted there.
-        let f = OpenOptions::new().create_new(true).write(true).open(&path).ctx("cannot create", &path)?;
+        let f = OpenOptions::new().create_new(true).append(true).open(&path).map_err(io_err("cannot create", &path))?;
         // The new name must be durable before records in it are acknowledged.
-        sync_dir(&self.dir).ctx("cannot fsync", &self.dir)?;
-        self.active = fsutil::open_nofollow(OpenOptions::new().append(true), &path).ctx("cannot open", &path)?;
-        drop(f);
+        sync_dir(&self.dir).map_err(io_err("cannot fsync", &self.dir))?;
+        self.active = f;
         self.segments.push_back(id);
         self.active_len = 0;
         self.durable = Pos { seg: id, off: 0 };
@@ -369,7 +347,7 @@ impl QueueStore {
             return Ok(());
         }
         // fdatasync: the data and the file size are what recovery needs; timestamps are not.
-        self.active.sync_data().ctx("cannot fsync", &self.dir.join(seg_name(self.durable.seg)))?;
+        self.active.sync_data().map_err(io_err("cannot fsync", &self.dir.join(seg_name(self.durable.seg))))?;
         self.durable = end;
         self.publish_stats();
         Ok(())
@@ -389,13 +367,14 @@ impl QueueStore {
     fn load(&mut self) -> Result<(), QueueError> {
         let seg = self.read.seg;
         let path = self.dir.join(seg_name(seg));
-        let mut f = fsutil::open_nofollow(OpenOptions::new().read(true), &path).ctx("cannot open", &path)?;
+        let mut f =
+            fsutil::open_nofollow(OpenOptions::new().read(true), &path).map_err(io_err("cannot open", &path))?;
         let sealed = seg != self.durable.seg;
-        let end = if sealed { f.metadata().ctx("cannot stat", &path)?.len() } else { self.durable.off };
+        let end = if sealed { f.metadata().map_err(io_err("cannot stat", &path))?.len() } else { self.durable.off };
         let len = end.saturating_sub(self.read.off);
         let mut bytes = Vec::with_capacity(len as usize);
-        f.seek(SeekFrom::Start(self.read.off)).ctx("cannot seek", &path)?;
-        f.take(len).read_to_end(&mut bytes).ctx("cannot read", &path)?;
+        f.seek(SeekFrom::Start(self.read.off)).map_err(io_err("cannot seek", &path))?;
+        f.take(len).read_to_end(&mut bytes).map_err(io_err("cannot read", &path))?;
         let scan = format::scan(&bytes, 0);
         if let damaged @ 1.. = scan.skipped + scan.torn {
             log::error!("queue segment {}: {damaged} damaged bytes skipped while reading", path.display());
@@ -461,7 +440,7 @@ impl QueueStore {
             return Ok(());
         }
         let path = self.dir.join("cursor");
-        fsutil::write_atomic(&path, &encode_cursor(ack.end), 0o600).ctx("cannot write", &path)?;
+        fsutil::write_atomic(&path, &encode_cursor(ack.end), 0o600).map_err(io_err("cannot write", &path))?;
         self.cursor = ack.end;
         self.backlog_records = self.backlog_records.saturating_sub(ack.records);
         self.backlog_bytes = self.backlog_bytes.saturating_sub(ack.frame_bytes);
@@ -502,10 +481,7 @@ pub fn run(
     loop {
         // Durable records wait to be handed out.
         if !uploader_gone && !in_flight && pending.is_none() && store.read < store.durable {
-            pending = store.next_batch(limits()).unwrap_or_else(|e| {
-                store.report(&e);
-                None
-            });
+            pending = store.next_batch(limits()).inspect_err(|e| store.report(e)).ok().flatten();
         }
         let ack_in = if uploader_gone { &never_acks } else { &acks };
         // With no batch to offer, the send arm points at a channel nobody receives from (never
@@ -523,9 +499,7 @@ pub fn run(
             recv(ack_in) -> msg => match msg {
                 Ok(a) => {
                     // On failure the cursor stays: the batch is delivered again after a restart.
-                    if let Err(e) = store.ack(a) {
-                        store.report(&e);
-                    }
+                    let _ = store.ack(a).inspect_err(|e| store.report(e));
                     in_flight = false;
                 }
                 Err(_) => uploader_gone = true,
@@ -537,9 +511,7 @@ pub fn run(
     while let Ok(a) = appends.try_recv() {
         serve_appends(&mut store, a, &appends);
     }
-    if let Err(e) = store.sync() {
-        log::error!("{e}");
-    }
+    let _ = store.sync().inspect_err(|e| log::error!("{e}"));
 }
 
 /// Group commit: this request plus every one already waiting, one fsync, then replies.
