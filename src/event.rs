@@ -103,6 +103,11 @@ impl Event {
         Event { kind, text, header_len: header.len(), receipt: None }
     }
 
+    /// `text` is already `header\ndata` (single-line JSON texts; the header `header_len` bytes).
+    pub fn from_lines(kind: Kind, text: String, header_len: usize) -> Event {
+        Event { kind, text, header_len, receipt: None }
+    }
+
     /// This event, counted in `receipt` (which must still be open).
     pub fn tracked(mut self, receipt: &Arc<Receipt>) -> Event {
         receipt.left.fetch_add(1, Ordering::AcqRel);

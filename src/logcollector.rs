@@ -6,11 +6,11 @@
 //! to `<data_dir>/logcollector.json` with the inode and a fingerprint of the first bytes (a replaced file).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::fmt::Write;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -41,6 +41,9 @@ const CHUNK: usize = 512;
 /// Bytes of one file read but not yet acknowledged: eight reads, which as events (about twice the
 /// bytes) keep both uploaders busy with 1 MB batches, while a stalled server stops the reading.
 const IN_FLIGHT: u64 = 8 * READ_PER_POLL;
+/// How long a rotated-away file is still read after its end: the writer may not have reopened
+/// its log yet (Fluent Bit's `rotate_wait` is 5 s too).
+const ROTATE_WAIT: Duration = Duration::from_secs(5);
 /// Offsets are written at most this often (an fsync each time): a crash resends at most this much more.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// Files followed at once. `logcollector.files` may come from the server (SPEC §2.1): a glob
@@ -55,12 +58,9 @@ pub struct Saved {
     pub offset: u64,
     pub fp_len: usize,
     pub fp_crc: u32,
-}
-
-impl Saved {
-    /// The file under this path was followed to its end and is gone (no inode is 0): the
-    /// next file there is read from its start.
-    const GONE: Saved = Saved { dev: 0, ino: 0, offset: 0, fp_len: 0, fp_crc: 0 };
+    /// Set for a file rotated away from this configured path, saved under its name then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_from: Option<String>,
 }
 
 /// Calls `f` with each complete non-empty line of `buf`, without its `\n` and a `\r` before it (pure).
@@ -85,20 +85,19 @@ fn json_string(s: &str) -> String {
 
 /// The event for one line (pure); the path (as JSON) and the time (RFC 3339) are rendered once per poll.
 fn line_event(path_json: &str, created: &str, line: &[u8], max: usize) -> Event {
+    const HEADER: &str = r#"{"module":"logcollector","collector":"file"}"#;
     let text = String::from_utf8_lossy(line);
-    let (original, tags) = if text.len() > max {
-        let cut = (0..=max).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
-        (json_string(&text[..cut]), r#","tags":["truncated"]"#)
-    } else {
-        (json_string(&text), "")
-    };
-    let mut data = String::with_capacity(original.len() + path_json.len() + 96);
-    // Writing to a String cannot fail.
-    let _ = write!(
-        data,
-        r#"{{"event":{{"created":"{created}","original":{original}}},"log":{{"file":{{"path":{path_json}}}}}{tags}}}"#
-    );
-    Event::new(Kind::Stateless, r#"{"module":"logcollector","collector":"file"}"#, Some(&data))
+    let cut = (0..=max.min(text.len())).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    let tags = if cut < text.len() { r#","tags":["truncated"]"# } else { "" };
+    // Written once into the event's own buffer: a line of control characters is six times
+    // longer as JSON, and each copy of it would count in the peak memory.
+    let mut lines = format!(r#"{HEADER}{}{{"event":{{"created":"{created}","original":"#, '\n').into_bytes();
+    // Serialising a str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut lines, &text[..cut]);
+    lines.extend_from_slice(format!(r#"}},"log":{{"file":{{"path":{path_json}}}}}{tags}}}"#).as_bytes());
+    // Every part is UTF-8: the lossy path never runs.
+    let lines = String::from_utf8(lines).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    Event::from_lines(Kind::Stateless, lines, HEADER.len())
 }
 
 /// The length and CRC-32 of the file's first `len` bytes (fewer if it is shorter).
@@ -113,15 +112,13 @@ struct Followed {
     file: File,
     dev: u64,
     ino: u64,
-    /// Where the next read starts.
+    /// Where the next read starts: the start of an unfinished line, which is read again
+    /// rather than kept in memory (a 512 KiB line in each of 256 files would be 128 MiB).
     offset: u64,
-    partial: Vec<u8>,
     /// The reads in the pipeline, oldest first, with the offset after each.
     in_flight: VecDeque<(Arc<Receipt>, u64)>,
     /// The offset up to which the server took every line: what is saved.
     acked: u64,
-    /// The path names another file (rotation) or nothing: read to the end, wait until the server took all, drop.
-    draining: bool,
     /// Length and CRC-32 of the first bytes as last seen: a file truncated and written again
     /// past `offset` before a poll saw it shrink (a reader held back by an outage) starts
     /// with other bytes.
@@ -141,6 +138,97 @@ impl Followed {
         }
         false
     }
+
+    fn saved(&mut self, rotated_from: Option<String>) -> Saved {
+        let (fp_len, fp_crc) = fingerprint(&mut self.file, FINGERPRINT_BYTES).unwrap_or((0, 0));
+        Saved { dev: self.dev, ino: self.ino, offset: self.acked, fp_len, fp_crc, rotated_from }
+    }
+}
+
+/// A file rotated away from `path` (renamed, deleted, or no longer matched): it is read to its
+/// end and delivered before the next file under `path` is read, and read on for
+/// [`ROTATE_WAIT`] (a writer that has not reopened its log yet still appends to it).
+struct Rotated {
+    path: String,
+    file: Followed,
+    since: Instant,
+}
+
+/// What one read needs besides the file.
+struct Reader<'a> {
+    sink: &'a EventSink,
+    stats: &'a Stats,
+    max: usize,
+}
+
+impl Reader<'_> {
+    /// Reads what is new in `f` (known as `path`); `Some(at_end)`, `None` if the pipeline is gone.
+    /// `more` is set when the file has more than one read holds. A rotated file's unfinished
+    /// last line is sent as it is: nobody will finish it.
+    fn read(&self, path: &str, f: &mut Followed, rotated: bool, more: &mut bool) -> Option<bool> {
+        let Ok(len) = f.file.metadata().map(|m| m.len()) else { return Some(true) };
+        f.advance();
+        // Shrunk, or starts with other bytes: truncated (and maybe written again since). Checked
+        // before the limit below, which can hold the reader back for as long as an outage lasts.
+        let truncated = len < f.offset || fingerprint(&mut f.file, f.fp.0).is_ok_and(|fp| fp != f.fp);
+        if f.fp.0 < FINGERPRINT_BYTES || truncated {
+            f.fp = fingerprint(&mut f.file, FINGERPRINT_BYTES).unwrap_or(f.fp);
+        }
+        if truncated {
+            // What is in flight was before the truncation: its acknowledgement means offset 0 now.
+            log::info!("logcollector: {path} was truncated; reading it again from the start");
+            f.in_flight.iter_mut().for_each(|(_, offset)| *offset = 0);
+            (f.offset, f.acked) = (0, 0);
+        } else if f.offset.saturating_sub(f.acked) >= IN_FLIGHT {
+            // Enough of this file waits for the server: read on once some of it is acknowledged.
+            return Some(false);
+        }
+        if len <= f.offset {
+            return Some(true);
+        }
+        // Room for the longest line, so an unfinished one is always cut or completed.
+        let want = (len - f.offset).min(READ_PER_POLL.max(self.max as u64 + 2));
+        *more |= len - f.offset > want;
+        let mut buf = Vec::with_capacity(want as usize);
+        if f.file.seek(SeekFrom::Start(f.offset)).is_err() || (&mut f.file).take(want).read_to_end(&mut buf).is_err() {
+            return Some(false);
+        }
+        let receipt = self.sink.receipt();
+        let (path_json, created) = (json_string(path), status::rfc3339(SystemTime::now()));
+        // Events go out in chunks as they are made: bounded memory, early backpressure. An empty
+        // line makes no event; `emit(None)` hands over what is left. `None`: the pipeline is gone.
+        let mut chunk: Vec<Event> = Vec::with_capacity(CHUNK);
+        let event = |l: &[u8]| line_event(&path_json, &created, l, self.max).tracked(&receipt);
+        let mut emit = |line: Option<&[u8]>| -> Option<()> {
+            chunk.extend(line.filter(|l| !l.is_empty()).map(event));
+            if chunk.is_empty() || (line.is_some() && chunk.len() < CHUNK) {
+                return Some(());
+            }
+            let n = chunk.len() as u64;
+            self.sink.send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK))).ok()?;
+            Stats::add(&self.stats.received, n);
+            Some(())
+        };
+        let mut used = for_each_line(&buf, |line| emit(Some(line)).is_some())?;
+        // An unfinished line longer than the limit cannot wait for ever.
+        if buf.len() - used > self.max || (rotated && f.offset + buf.len() as u64 >= len) {
+            emit(Some(&buf[used..]))?;
+            used = buf.len();
+        }
+        emit(None)?;
+        receipt.close();
+        f.offset += used as u64;
+        f.in_flight.push_back((receipt, f.offset));
+        f.advance();
+        Some(f.offset >= len)
+    }
+}
+
+/// The name a file has now (it may have been renamed since it was opened); `None` once deleted.
+fn current_name(file: &File) -> Option<String> {
+    let name = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
+    let name = name.to_str()?;
+    (!name.ends_with(" (deleted)")).then(|| name.to_string())
 }
 
 #[derive(Default)]
@@ -149,6 +237,8 @@ pub struct Collector {
     state_path: PathBuf,
     saved: BTreeMap<String, Saved>,
     followed: HashMap<String, Followed>,
+    /// Oldest first.
+    rotated: Vec<Rotated>,
     /// Paths warned about (unreadable), so a warning is not repeated every poll.
     warned: HashMap<String, String>,
     /// A file had more to read than one poll takes: poll again without waiting.
@@ -164,7 +254,30 @@ pub struct Collector {
 impl Collector {
     pub fn new(config: LogcollectorConfig, state_path: PathBuf, stats: Arc<Stats>) -> Collector {
         let saved = std::fs::read(&state_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        Collector { config, state_path, saved, stats, ..Collector::default() }
+        let mut c = Collector { config, state_path, saved, stats, ..Collector::default() };
+        c.resume_rotated();
+        c
+    }
+
+    /// Files that were rotated away and not yet delivered when the agent stopped are found
+    /// under the name they had then (the same inode and first bytes, never through a link)
+    /// and finished first.
+    fn resume_rotated(&mut self) {
+        let since = Instant::now();
+        for (name, s) in &self.saved {
+            let Some(path) = s.rotated_from.clone() else { continue };
+            let Ok(mut file) = crate::fsutil::open_nofollow(File::options().read(true), Path::new(name)) else {
+                continue;
+            };
+            let same = file.metadata().is_ok_and(|m| (m.dev(), m.ino()) == (s.dev, s.ino) && s.offset <= m.len());
+            if same && fingerprint(&mut file, s.fp_len).is_ok_and(|fp| fp == (s.fp_len, s.fp_crc)) {
+                log::info!("logcollector: finishing {name}, rotated away from {path} before the agent stopped");
+                let (offset, fp) = (s.offset, (s.fp_len, s.fp_crc));
+                let file =
+                    Followed { file, dev: s.dev, ino: s.ino, offset, in_flight: VecDeque::new(), acked: offset, fp };
+                self.rotated.push(Rotated { path, file, since });
+            }
+        }
     }
 
     fn expand(&self) -> BTreeSet<String> {
@@ -196,13 +309,18 @@ impl Collector {
         None
     }
 
-    /// The followed path whose file `path` names now, while that path names another file or
-    /// none: the file was renamed to `path`.
-    fn moved_here(&self, path: &str) -> Option<String> {
+    /// A followed or rotated file that was renamed to `path`, a name the patterns match too (a
+    /// rotation under a glob): the same file, followed on under its new name, not read again.
+    fn adopt(&mut self, path: &str) -> Option<Followed> {
         let m = std::fs::metadata(path).ok()?;
         let id = (m.dev(), m.ino());
-        let gone = |k: &str, f: &Followed| std::fs::metadata(k).map_or(true, |o| (o.dev(), o.ino()) != (f.dev, f.ino));
-        self.followed.iter().find(|(k, f)| (f.dev, f.ino) == id && gone(k, f)).map(|(k, _)| k.clone())
+        let moved = |k: &str, f: &Followed| std::fs::metadata(k).map_or(true, |o| (o.dev(), o.ino()) != (f.dev, f.ino));
+        if let Some(k) = self.followed.iter().find(|(k, f)| (f.dev, f.ino) == id && moved(k, f)).map(|(k, _)| k.clone())
+        {
+            return self.followed.remove(&k);
+        }
+        let i = self.rotated.iter().position(|r| (r.file.dev, r.file.ino) == id)?;
+        Some(self.rotated.remove(i).file)
     }
 
     /// Opens `path` if it is not followed (or rotated): decides where to start.
@@ -233,29 +351,34 @@ impl Collector {
             None if saved.is_none() && !self.scanned && self.start_for(path) == Start::End => meta.len(),
             None => 0,
         };
-        let (dev, ino, partial, in_flight) = (meta.dev(), meta.ino(), Vec::new(), VecDeque::new());
         let fp = fingerprint(&mut file, FINGERPRINT_BYTES).unwrap_or((0, 0));
-        Some(Followed { file, dev, ino, offset, partial, in_flight, acked: offset, draining: false, fp })
+        let (dev, ino, in_flight) = (meta.dev(), meta.ino(), VecDeque::new());
+        Some(Followed { file, dev, ino, offset, in_flight, acked: offset, fp })
     }
 
-    /// One poll of every file. Sends events through `sink`; returns false if the
-    /// pipeline is gone (shutdown).
-    pub fn poll(&mut self, sink: &EventSink) -> bool {
+    /// One poll of every file. Sends events through `sink`; `None` once the pipeline is gone
+    /// (shutdown).
+    pub fn poll(&mut self, sink: &EventSink) -> Option<()> {
         self.more = false;
-        let paths = self.expand();
+        let (paths, now) = (self.expand(), Instant::now());
+        // A path that names another file now (rotation) or nothing (deletion), or that no
+        // pattern matches any more: its file is rotated away.
+        let named = |p: &str, f: &Followed| std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == (f.dev, f.ino));
+        let gone: Vec<String> =
+            self.followed.iter().filter(|(p, f)| !paths.contains(*p) || !named(p, f)).map(|(p, _)| p.clone()).collect();
+        for path in gone {
+            if let Some(file) = self.followed.remove(&path) {
+                self.rotated.push(Rotated { path, file, since: now });
+            }
+        }
         let mut skipped = false;
         for path in &paths {
-            if let Some(f) = self.followed.get_mut(path) {
-                // The path names another file now (rotation) or nothing (deletion).
-                f.draining |= std::fs::metadata(path).map_or(true, |m| (m.dev(), m.ino()) != (f.dev, f.ino));
-            } else if let Some(from) = self.moved_here(path) {
-                // A followed file renamed to a name the patterns match too (a rotation under a
-                // glob): the same file, followed on under its new name, not read again.
-                if let Some(mut f) = self.followed.remove(&from) {
-                    f.draining = false;
-                    self.followed.insert(path.clone(), f);
-                }
-            } else if self.followed.len() >= MAX_FOLLOWED {
+            if self.followed.contains_key(path) {
+                continue;
+            }
+            if let Some(f) = self.adopt(path) {
+                self.followed.insert(path.clone(), f);
+            } else if self.followed.len() + self.rotated.len() >= MAX_FOLLOWED {
                 skipped = true;
             } else if let Some(f) = self.open(path) {
                 self.followed.insert(path.clone(), f);
@@ -265,34 +388,27 @@ impl Collector {
             log::warn!("logcollector: {} files match; following only {MAX_FOLLOWED} at once", paths.len());
         }
         self.capped = skipped;
-        // Paths no pattern matches any more (deleted by a glob's view) drain too.
-        for (path, f) in self.followed.iter_mut() {
-            f.draining |= !paths.contains(path);
-        }
         // Files opened from here on were rotated in while the agent ran: all of them is new.
         self.scanned = true;
-        let keys: Vec<String> = self.followed.keys().cloned().collect();
-        for path in keys {
-            let Some(at_end) = self.read_file(&path, sink) else { return false };
-            let done = |f: &mut Followed| f.draining && at_end && !f.advance() && f.in_flight.is_empty();
-            if self.followed.get_mut(&path).is_some_and(done) {
-                // The old file is done and delivered: follow the new one (if any) from its start.
-                self.followed.remove(&path);
-                // Seen before: a file that appears under this name later, even while the agent
-                // is stopped, is new from its start (never `start = "end"`).
-                self.saved.insert(path.clone(), Saved::GONE);
-                if let Some(f) = self.open(&path) {
-                    self.followed.insert(path.clone(), f);
-                    if self.read_file(&path, sink).is_none() {
-                        return false;
-                    }
-                }
+        let reader = Reader { sink, stats: &self.stats, max: self.config.max_line_bytes };
+        // Rotated files first, oldest first; a path's next file waits until the one before it is
+        // read to its end and delivered, so a file's lines never overtake the rest of the last one.
+        let mut waiting = BTreeSet::new();
+        for r in &mut self.rotated {
+            let at_end = reader.read(&r.path, &mut r.file, true, &mut self.more);
+            if at_end? && !r.file.advance() && r.file.in_flight.is_empty() {
+                continue;
             }
+            waiting.insert(r.path.clone());
+        }
+        self.rotated.retain(|r| waiting.contains(&r.path) || r.since.elapsed() < ROTATE_WAIT);
+        for (path, f) in self.followed.iter_mut().filter(|(p, _)| !waiting.contains(*p)) {
+            reader.read(path, f, false, &mut self.more)?;
         }
         if self.last_save.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
             self.save();
         }
-        true
+        Some(())
     }
 
     /// Waits (at most `grace`) until every read in flight is settled or abandoned, so the offsets saved at
@@ -300,101 +416,38 @@ impl Collector {
     fn settle(&mut self, sink: &EventSink, grace: Duration) {
         let until = Instant::now() + grace;
         // An abandoned read sends no wake-up: look again every 100 ms.
-        while self.followed.values_mut().fold(false, |busy, f| f.advance() | busy) && Instant::now() < until {
+        loop {
+            let files = self.followed.values_mut().chain(self.rotated.iter_mut().map(|r| &mut r.file));
+            if !files.fold(false, |busy, f| f.advance() | busy) || Instant::now() >= until {
+                break;
+            }
             let _ = sink.settled().recv_timeout(Duration::from_millis(100));
         }
     }
 
-    /// Reads what is new in one file; `Some(at_end)`, or `None` if the pipeline is gone.
-    fn read_file(&mut self, path: &str, sink: &EventSink) -> Option<bool> {
-        let max = self.config.max_line_bytes;
-        let stats = &self.stats;
-        let Some(f) = self.followed.get_mut(path) else { return Some(true) };
-        let Ok(len) = f.file.metadata().map(|m| m.len()) else { return Some(true) };
-        f.advance();
-        // Shrunk, or starts with other bytes: truncated (and maybe written again since). Checked
-        // before the limit below, which can hold the reader back for as long as an outage lasts.
-        let truncated = len < f.offset || fingerprint(&mut f.file, f.fp.0).is_ok_and(|fp| fp != f.fp);
-        if f.fp.0 < FINGERPRINT_BYTES || truncated {
-            f.fp = fingerprint(&mut f.file, FINGERPRINT_BYTES).unwrap_or(f.fp);
-        }
-        if !truncated && f.offset.saturating_sub(f.acked) >= IN_FLIGHT {
-            // Enough of this file waits for the server: read on once some of it is acknowledged.
-            return Some(false);
-        }
-        let receipt = sink.receipt();
-        let path_json = json_string(path);
-        let created = status::rfc3339(SystemTime::now());
-        // Events go out in chunks as they are made: bounded memory, early backpressure. An empty
-        // line makes no event; `emit(None)` hands over what is left. `None`: the pipeline is gone.
-        let mut chunk: Vec<Event> = Vec::with_capacity(CHUNK);
-        let event = |l: &[u8]| line_event(&path_json, &created, l, max).tracked(&receipt);
-        let mut emit = |line: Option<&[u8]>| -> Option<()> {
-            chunk.extend(line.filter(|l| !l.is_empty()).map(event));
-            if chunk.is_empty() || (line.is_some() && chunk.len() < CHUNK) {
-                return Some(());
-            }
-            let n = chunk.len() as u64;
-            sink.send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK))).ok()?;
-            Stats::add(&stats.received, n);
-            Some(())
-        };
-        if truncated {
-            // Truncated in place (copytruncate): the unfinished line goes out as it is. What
-            // is in flight was before the truncation: its acknowledgement means offset 0 now.
-            log::info!("logcollector: {path} was truncated; reading it again from the start");
-            emit(Some(&std::mem::take(&mut f.partial)))?;
-            f.in_flight.iter_mut().for_each(|(_, offset)| *offset = 0);
-            (f.offset, f.acked) = (0, 0);
-        }
-        if len > f.offset {
-            let want = (len - f.offset).min(READ_PER_POLL);
-            self.more |= len - f.offset > READ_PER_POLL;
-            let mut buf = Vec::with_capacity(want as usize + f.partial.len());
-            buf.append(&mut f.partial);
-            if f.file.seek(SeekFrom::Start(f.offset)).is_ok() {
-                let before = buf.len();
-                if (&mut f.file).take(want).read_to_end(&mut buf).is_ok() {
-                    f.offset += (buf.len() - before) as u64;
-                }
-            }
-            let used = for_each_line(&buf, |line| emit(Some(line)).is_some())?;
-            buf.drain(..used);
-            // An unfinished line longer than the limit cannot wait for ever.
-            if buf.len() > max {
-                emit(Some(&std::mem::take(&mut buf)))?;
-            }
-            // Only the unfinished line stays: a read buffer (up to 256 KiB) kept per followed
-            // file would hold 64 MiB across 256 files.
-            buf.shrink_to_fit();
-            f.partial = buf;
-        }
-        // Rotated away: the last line will not be finished any more.
-        if f.draining {
-            emit(Some(&std::mem::take(&mut f.partial)))?;
-        }
-        emit(None)?;
-        receipt.close();
-        f.in_flight.push_back((receipt, f.offset - f.partial.len() as u64));
-        f.advance();
-        let (dev, ino, offset) = (f.dev, f.ino, f.acked);
-        // Only past what the server took (ARCHITECTURE.md, Delivery receipts).
-        let old = self.saved.get(path);
-        let unchanged =
-            old.is_some_and(|s| (s.dev, s.ino, s.offset, s.fp_len) == (dev, ino, offset, FINGERPRINT_BYTES));
-        if !unchanged && !f.draining {
-            let (fp_len, fp_crc) = fingerprint(&mut f.file, FINGERPRINT_BYTES).unwrap_or((0, 0));
-            self.saved.insert(path.to_string(), Saved { dev, ino, offset, fp_len, fp_crc });
-        }
-        Some(f.offset >= len)
-    }
-
-    /// Writes the offsets if they changed (atomically).
+    /// Writes the offsets if they changed (atomically): those of the followed files, a mark for
+    /// each configured name whose file is gone (a new file there is read from its start), and
+    /// each rotated file not yet delivered under its current name, to be finished after a restart.
     pub fn save(&mut self) {
         self.last_save = Some(Instant::now());
-        // Marks of files gone are kept for configured names only (globs would pile them up).
-        let literal = |p: &String| self.config.files.iter().any(|f| f.pattern == *p);
-        self.saved.retain(|p, s| *s != Saved::GONE || literal(p));
+        let files = &self.config.files;
+        let literal = |p: &String| files.iter().any(|f| f.pattern == *p);
+        self.saved.retain(|p, s| s.rotated_from.is_none() && (self.followed.contains_key(p) || literal(p)));
+        // Only past what the server took (ARCHITECTURE.md, Delivery receipts).
+        for (path, f) in &mut self.followed {
+            if self.saved.get(path).is_none_or(|s| (s.dev, s.ino, s.offset) != (f.dev, f.ino, f.acked)) {
+                self.saved.insert(path.clone(), f.saved(None));
+            }
+        }
+        for r in &mut self.rotated {
+            let delivered = r.file.acked >= r.file.file.metadata().map_or(0, |m| m.len());
+            match current_name(&r.file.file) {
+                Some(name) if !delivered && !self.followed.contains_key(&name) => {
+                    self.saved.insert(name, r.file.saved(Some(r.path.clone())));
+                }
+                _ => {}
+            }
+        }
         let Ok(json) = serde_json::to_vec(&self.saved) else { return };
         if std::fs::read(&self.state_path).ok().as_deref() == Some(&json[..]) {
             return;
@@ -411,7 +464,7 @@ fn run(config: Config, ctx: Context) {
     let interval = c.config.poll_interval;
     let patterns: Vec<&str> = c.config.files.iter().map(|f| f.pattern.as_str()).collect();
     log::info!("logcollector: following {}", patterns.join(", "));
-    while c.poll(&ctx.events) {
+    while c.poll(&ctx.events).is_some() {
         if c.more {
             // A file is behind: catch up at once (the pipeline's backpressure still applies).
             continue;

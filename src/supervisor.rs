@@ -299,8 +299,9 @@ fn start_pipeline(
     // Chunks of up to 512 events; 2 in flight keep the batcher busy, and under
     // overflow = "block" producers wait as soon as the ring buffer and these are full.
     let (events_tx, events_rx) = crossbeam_channel::bounded::<Vec<Event>>(2);
-    // The modules' chunks: one waits here while the batcher holds another it has no room for.
-    let (readers_tx, readers_rx) = crossbeam_channel::bounded::<Vec<Event>>(1);
+    // The modules' chunks, handed over (rendezvous): the batcher holds at most one it has no
+    // room for, and a module's read waits in its own thread.
+    let (readers_tx, readers_rx) = crossbeam_channel::bounded::<Vec<Event>>(0);
     // Rendezvous: each uploader takes one batch at a time; the rest waits in the ring buffer.
     let (batch_tx, batch_rx) = crossbeam_channel::bounded::<Vec<Event>>(0);
     // Append requests wait here while the queue fsyncs; they are then committed as one group.
