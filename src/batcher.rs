@@ -92,11 +92,15 @@ impl Ring {
         self.events.front().map(|(_, t)| *t + self.policy.interval)
     }
 
-    /// Whether a batch should be cut now.
+    /// Whether a batch should be cut now. A ring full (or half full in bytes) before a batch
+    /// is (limits set smaller than a batch) is cut at once: waiting for `interval` would make
+    /// producers wait, or drop under `drop_oldest`, while the server is idle.
     pub fn ready(&self, now: Instant) -> bool {
         !self.events.is_empty()
             && (self.events.len() >= self.policy.max_events
                 || self.policy.overhead + self.bytes >= self.policy.max_bytes
+                || self.events.len() >= self.policy.capacity
+                || self.bytes.saturating_mul(2) >= self.policy.capacity_bytes
                 || self.deadline().is_some_and(|d| now >= d))
     }
 
@@ -249,6 +253,9 @@ mod tests {
             (policy(100, 10 + 20 * 3, 100, Overflow::DropOldest), 7, ms(10), true, vec![3, 3, 1]),
             (policy(100, 10_000, 100, Overflow::DropOldest), 1, ms(999), false, vec![1]),
             (policy(100, 10_000, 100, Overflow::DropOldest), 1, ms(1000), true, vec![1]),
+            // A ring smaller than a batch: full is ready (not after the interval).
+            (policy(100, 10_000, 3, Overflow::DropOldest), 3, ms(10), true, vec![3]),
+            (policy(100, 10_000, 3, Overflow::DropOldest), 2, ms(10), false, vec![2]),
             // An event larger than max_bytes still goes out, alone.
             (policy(100, 15, 100, Overflow::DropOldest), 2, ms(0), true, vec![1, 1]),
         ];

@@ -1,7 +1,8 @@
 //! The logcollector thread: follows `logcollector.files` like `tail -F` and sends each line as a stateless
 //! event (docs/events.md), under delivery receipts (ARCHITECTURE.md): a saved offset moves only past what
 //! the server took. After a rename the rest of the old file is read through its open handle before the new
-//! file is followed from its start; a file that shrank (copytruncate) is read again from 0. Offsets are saved
+//! file is followed from its start; a file that shrank or whose first bytes changed (copytruncate) is read
+//! again from 0. Offsets are saved
 //! to `<data_dir>/logcollector.json` with the inode and a fingerprint of the first bytes (a replaced file).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -54,6 +55,12 @@ pub struct Saved {
     pub offset: u64,
     pub fp_len: usize,
     pub fp_crc: u32,
+}
+
+impl Saved {
+    /// The file under this path was followed to its end and is gone (no inode is 0): the
+    /// next file there is read from its start.
+    const GONE: Saved = Saved { dev: 0, ino: 0, offset: 0, fp_len: 0, fp_crc: 0 };
 }
 
 /// Calls `f` with each complete non-empty line of `buf`, without its `\n` and a `\r` before it (pure).
@@ -115,6 +122,10 @@ struct Followed {
     acked: u64,
     /// The path names another file (rotation) or nothing: read to the end, wait until the server took all, drop.
     draining: bool,
+    /// Length and CRC-32 of the first bytes as last seen: a file truncated and written again
+    /// past `offset` before a poll saw it shrink (a reader held back by an outage) starts
+    /// with other bytes.
+    fp: (usize, u32),
 }
 
 impl Followed {
@@ -185,6 +196,15 @@ impl Collector {
         None
     }
 
+    /// The followed path whose file `path` names now, while that path names another file or
+    /// none: the file was renamed to `path`.
+    fn moved_here(&self, path: &str) -> Option<String> {
+        let m = std::fs::metadata(path).ok()?;
+        let id = (m.dev(), m.ino());
+        let gone = |k: &str, f: &Followed| std::fs::metadata(k).map_or(true, |o| (o.dev(), o.ino()) != (f.dev, f.ino));
+        self.followed.iter().find(|(k, f)| (f.dev, f.ino) == id && gone(k, f)).map(|(k, _)| k.clone())
+    }
+
     /// Opens `path` if it is not followed (or rotated): decides where to start.
     fn open(&mut self, path: &str) -> Option<Followed> {
         // Non-blocking: opening a FIFO would otherwise wait for a writer. Only regular files
@@ -202,16 +222,20 @@ impl Collector {
         // Saved offsets always win, if the file is still the same one: the same inode, long
         // enough, and starting with the same bytes.
         let fits = |s: &&Saved| (s.dev, s.ino) == (meta.dev(), meta.ino()) && s.offset <= meta.len();
-        let same = |s: &&Saved| fingerprint(&mut file, s.fp_len).is_ok_and(|fp| fp == (s.fp_len, s.fp_crc));
+        let mut same = |s: &&Saved| fingerprint(&mut file, s.fp_len).is_ok_and(|fp| fp == (s.fp_len, s.fp_crc));
         let saved = self.saved.get(path);
-        let offset = match saved.filter(fits).filter(same) {
+        // Else the offset saved under another name, for a file renamed (rotated) while the
+        // agent was away, to a name a pattern matches.
+        let renamed = |same: &mut dyn FnMut(&&Saved) -> bool| self.saved.values().find(|s| fits(s) && same(s));
+        let offset = match saved.filter(fits).filter(&mut same).or_else(|| renamed(&mut same)) {
             Some(s) => s.offset,
             // A file seen before under this path was replaced while the agent was away: all of it is new.
             None if saved.is_none() && !self.scanned && self.start_for(path) == Start::End => meta.len(),
             None => 0,
         };
         let (dev, ino, partial, in_flight) = (meta.dev(), meta.ino(), Vec::new(), VecDeque::new());
-        Some(Followed { file, dev, ino, offset, partial, in_flight, acked: offset, draining: false })
+        let fp = fingerprint(&mut file, FINGERPRINT_BYTES).unwrap_or((0, 0));
+        Some(Followed { file, dev, ino, offset, partial, in_flight, acked: offset, draining: false, fp })
     }
 
     /// One poll of every file. Sends events through `sink`; returns false if the
@@ -224,6 +248,13 @@ impl Collector {
             if let Some(f) = self.followed.get_mut(path) {
                 // The path names another file now (rotation) or nothing (deletion).
                 f.draining |= std::fs::metadata(path).map_or(true, |m| (m.dev(), m.ino()) != (f.dev, f.ino));
+            } else if let Some(from) = self.moved_here(path) {
+                // A followed file renamed to a name the patterns match too (a rotation under a
+                // glob): the same file, followed on under its new name, not read again.
+                if let Some(mut f) = self.followed.remove(&from) {
+                    f.draining = false;
+                    self.followed.insert(path.clone(), f);
+                }
             } else if self.followed.len() >= MAX_FOLLOWED {
                 skipped = true;
             } else if let Some(f) = self.open(path) {
@@ -247,7 +278,9 @@ impl Collector {
             if self.followed.get_mut(&path).is_some_and(done) {
                 // The old file is done and delivered: follow the new one (if any) from its start.
                 self.followed.remove(&path);
-                self.saved.remove(&path);
+                // Seen before: a file that appears under this name later, even while the agent
+                // is stopped, is new from its start (never `start = "end"`).
+                self.saved.insert(path.clone(), Saved::GONE);
                 if let Some(f) = self.open(&path) {
                     self.followed.insert(path.clone(), f);
                     if self.read_file(&path, sink).is_none() {
@@ -279,7 +312,13 @@ impl Collector {
         let Some(f) = self.followed.get_mut(path) else { return Some(true) };
         let Ok(len) = f.file.metadata().map(|m| m.len()) else { return Some(true) };
         f.advance();
-        if f.offset.saturating_sub(f.acked) >= IN_FLIGHT {
+        // Shrunk, or starts with other bytes: truncated (and maybe written again since). Checked
+        // before the limit below, which can hold the reader back for as long as an outage lasts.
+        let truncated = len < f.offset || fingerprint(&mut f.file, f.fp.0).is_ok_and(|fp| fp != f.fp);
+        if f.fp.0 < FINGERPRINT_BYTES || truncated {
+            f.fp = fingerprint(&mut f.file, FINGERPRINT_BYTES).unwrap_or(f.fp);
+        }
+        if !truncated && f.offset.saturating_sub(f.acked) >= IN_FLIGHT {
             // Enough of this file waits for the server: read on once some of it is acknowledged.
             return Some(false);
         }
@@ -300,7 +339,7 @@ impl Collector {
             Stats::add(&stats.received, n);
             Some(())
         };
-        if len < f.offset {
+        if truncated {
             // Truncated in place (copytruncate): the unfinished line goes out as it is. What
             // is in flight was before the truncation: its acknowledgement means offset 0 now.
             log::info!("logcollector: {path} was truncated; reading it again from the start");
@@ -325,6 +364,9 @@ impl Collector {
             if buf.len() > max {
                 emit(Some(&std::mem::take(&mut buf)))?;
             }
+            // Only the unfinished line stays: a read buffer (up to 256 KiB) kept per followed
+            // file would hold 64 MiB across 256 files.
+            buf.shrink_to_fit();
             f.partial = buf;
         }
         // Rotated away: the last line will not be finished any more.
@@ -350,6 +392,9 @@ impl Collector {
     /// Writes the offsets if they changed (atomically).
     pub fn save(&mut self) {
         self.last_save = Some(Instant::now());
+        // Marks of files gone are kept for configured names only (globs would pile them up).
+        let literal = |p: &String| self.config.files.iter().any(|f| f.pattern == *p);
+        self.saved.retain(|p, s| *s != Saved::GONE || literal(p));
         let Ok(json) = serde_json::to_vec(&self.saved) else { return };
         if std::fs::read(&self.state_path).ok().as_deref() == Some(&json[..]) {
             return;

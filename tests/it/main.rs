@@ -10,6 +10,7 @@ mod local_account;
 mod logcollector;
 mod ops;
 mod pipeline;
+mod red_delivery;
 mod register;
 mod robustness;
 mod run;
