@@ -1,7 +1,5 @@
-//! Full-jitter exponential backoff (sans-IO: the caller supplies the random number).
-//!
-//! "Full jitter" (a uniform pick in `0..=min(max, initial * 2^attempt)`) spreads agents that lost
-//! the same server over the whole window, so a restarted server is not hit by all at once.
+//! Full-jitter exponential backoff (sans-IO: the caller supplies the random number). A uniform pick in
+//! `0..=min(max, initial * 2^attempt)` spreads agents that lost a server over the whole window.
 
 use std::time::Duration;
 

@@ -1,8 +1,6 @@
-//! The stateless ring buffer and batching policy ([`Ring`], pure) and the batcher thread ([`run`]).
-//!
-//! One batch is handed to the uploader at a time (a rendezvous channel), so while the server is
-//! slow or away, events wait here. For socket producers `overflow` decides between dropping the
-//! oldest (counted) and blocking; tracked events are never dropped (ARCHITECTURE.md, Delivery receipts).
+//! The stateless ring buffer and batching policy ([`Ring`], pure) and the batcher thread ([`run`]): one batch
+//! is handed to the uploader at a time (a rendezvous channel), so events wait here while the server is slow or
+//! away; `overflow` applies to socket producers, tracked events are never dropped (ARCHITECTURE.md).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;

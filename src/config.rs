@@ -1,5 +1,4 @@
 //! Configuration: the TOML file (docs/configuration.md) parsed once into one immutable, typed [`Config`].
-//!
 //! Every key is declared once, in [`KEYS`] (ARCHITECTURE.md, Seams): the file is read as a TOML table
 //! and walked against it, each value turned into its typed field and the key named on failure.
 

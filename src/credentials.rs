@@ -8,8 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
 
-/// A string that must never reach a log line or an error message. `Debug` prints a
-/// placeholder and there is no `Display`; the value is only reachable through [`Secret::expose`].
+/// A string never to reach a log line or an error: `Debug` prints a placeholder, no `Display`; see [`Secret::expose`].
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);

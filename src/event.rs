@@ -1,8 +1,5 @@
-//! Events and the local ingestion line format (docs/protocol.md, Ingest socket), sans-IO.
-//!
-//! A line is `{"header": {...}, "data": {...}}`. The header and data are kept as the
-//! producer's own JSON text (validated, never re-serialized), because the request body
-//! carries them verbatim: parsing once and copying bytes is the cheap path.
+//! Events and the local ingestion line format (docs/protocol.md, Ingest socket), sans-IO. Header and
+//! data are kept as the producer's own JSON text (validated, never re-serialized): the body carries them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -57,8 +54,7 @@ impl Receipt {
         self.left.load(Ordering::Acquire) == 0
     }
 
-    /// Unsettled, and no event holds it any more: its events were lost with the pipeline
-    /// (a shutdown that could not deliver them). Only the source's own handle is left.
+    /// Unsettled, and only the source's handle is left: its events were lost with the pipeline (at shutdown).
     pub fn abandoned(this: &Arc<Receipt>) -> bool {
         !this.settled() && Arc::strong_count(this) == 1
     }
@@ -71,8 +67,7 @@ impl Receipt {
     }
 }
 
-/// One validated event: `header\ndata` (the header alone for a stateful delete) in one string,
-/// exactly the lines the request body carries.
+/// One validated event: `header\ndata` (the header alone for a stateful delete), the lines the body carries.
 #[derive(Debug)]
 pub struct Event {
     pub kind: Kind,
@@ -119,8 +114,7 @@ impl Event {
         self.receipt.is_some()
     }
 
-    /// The server took this event or refused it for good: called once per event, by the
-    /// uploader, at the one place a delivery ends.
+    /// The server took this event or refused it for good: called once, by the uploader, where a delivery ends.
     pub fn settle(&self) {
         if let Some(r) = &self.receipt {
             r.settle_one();
@@ -280,8 +274,7 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
     Ok(Some(Event::new(Kind::Stateful, &compact(header_raw.get()), data.as_deref())))
 }
 
-/// The raw text is one JSON value from a single line, so it has no newline; only a
-/// carriage return could hide in insignificant whitespace, and that is dropped here.
+/// One JSON value from a single line has no newline; only a `\r` could hide in its whitespace: dropped here.
 fn compact(raw: &str) -> std::borrow::Cow<'_, str> {
     if raw.contains('\r') { raw.replace('\r', "").into() } else { raw.into() }
 }

@@ -97,8 +97,8 @@ fn check_nodes(text: &str) -> Result<(), String> {
     })
 }
 
-/// Parses one group file into an overlay of the keys a server may set, and the `section.key` names it
-/// ignored: keys this agent does not have, and local-only keys (identity, paths, TLS, ...).
+/// One group file as an overlay of the keys a server may set, and the `section.key` names it ignored (unknown here,
+/// or local-only: identity, paths, TLS, ...).
 pub fn parse_group_file(file: &str, content: &[u8]) -> Result<(toml::Table, Vec<String>), GroupError> {
     let refused = |message| GroupError::Refused { file: file.to_string(), message };
     let text = std::str::from_utf8(content).map_err(|_| refused("is not UTF-8".into()))?;
@@ -129,8 +129,7 @@ pub fn parse_group_file(file: &str, content: &[u8]) -> Result<(toml::Table, Vec<
     Ok((overlay, ignored))
 }
 
-/// One warning naming every setting the group files carry that this agent did not apply;
-/// returns `; ignored …` for a result message (empty when there is none).
+/// One warning naming every setting the group files carry that is not applied; `; ignored …` for a result, or "".
 pub fn report_ignored(ignored: &[String]) -> String {
     if ignored.is_empty() {
         return String::new();

@@ -1,5 +1,4 @@
-//! Host metadata sent at registration and in every events body (docs/protocol.md, Registration and Events).
-//! Read from uname(2), getifaddrs(3) and os-release, never from external commands.
+//! Host metadata for registration and every events body (docs/protocol.md), from uname(2), getifaddrs(3), os-release.
 
 use std::net::IpAddr;
 use std::path::Path;

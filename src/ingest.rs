@@ -1,7 +1,6 @@
 //! The local ingestion socket `<run_dir>/ingest.sock` (docs/protocol.md, Ingest socket) and its client, `--send`.
-//!
-//! Each connection has a short-lived thread of its own, so a slow or stuck producer (bounded by a
-//! read timeout) never holds up the others. Its reply is written after the queue fsynced its stateful events.
+//! Each connection has a thread of its own, so a slow or stuck producer (bounded by a read timeout) never holds
+//! up the others; its reply is written after the queue fsynced its stateful events.
 
 use std::collections::HashMap;
 use std::fmt;

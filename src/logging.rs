@@ -59,9 +59,8 @@ pub fn file_path() -> Option<&'static Path> {
     FILE.get().map(|(p, _)| p.as_path())
 }
 
-/// Every log line passes here: the HTTP and TLS crates are dropped, control characters escaped
-/// (server and producer strings cannot forge a line), then it goes to the writer and maybe to
-/// libc's syslog (the `syslog` crate does not reconnect after a syslogd restart; libc does).
+/// Every log line passes here: HTTP and TLS crates dropped, control characters escaped (no forged lines), then
+/// to the writer and maybe libc's syslog (the `syslog` crate does not reconnect after a syslogd restart; libc does).
 struct Sinks {
     writer: Box<dyn Log>,
     syslog: bool,

@@ -1,10 +1,9 @@
 //! Heap footprint on glibc: fewer arenas, large buffers in mmap'd memory, free memory handed
 //! back after a burst. No-ops on other C libraries (musl returns freed memory by itself).
 
-/// glibc gives every thread that allocates its own arena and keeps freed memory in each, which
-/// multiplies the resident size on a small host. One arena: events are allocated by ingest
-/// threads and freed by the uploaders, and with two the freed space of one was not reusable by
-/// the other (`make bench`, 400 000-event runs: peaks 14.7–18.2 MiB with two, 12.3–13.8 MiB with
+/// glibc gives every allocating thread its own arena, each keeping freed memory. One arena: events are
+/// allocated by ingest threads and freed by the uploaders, and with two the freed space of one was not
+/// reusable by the other (`make bench`, 400 000 events: peaks 14.7–18.2 MiB with two, 12.3–13.8 MiB with
 /// one, for ~10 % less stateless throughput; per-thread caches keep the lock mostly uncontended).
 /// Call before any thread exists.
 pub fn tune_allocator() {

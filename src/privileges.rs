@@ -53,9 +53,8 @@ fn lookup<T>(key: &'static str, name: &str, find: fn(&str) -> io::Result<Option<
     }
 }
 
-/// Gives `path` (recursively, for directories) to the account without following a link it
-/// may swap in meanwhile: each directory is held open, its entries are reached through the
-/// handle's /proc entry (which names the directory opened, as openat does), lchown, O_NOFOLLOW.
+/// Gives `path` (recursively) to the account without following a link swapped in meanwhile: each directory is held
+/// open, its entries reached through its handle's /proc entry (the directory opened, like openat), lchown, O_NOFOLLOW.
 pub fn hand_over(path: &Path, a: Account) -> Result<(), PrivilegesError> {
     fn walk(dir: &File, a: Account) -> io::Result<()> {
         for entry in std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))? {

@@ -93,6 +93,8 @@ impl State {
     pub fn capture(s: &Stats, uuid: &str, server: &str, now: SystemTime) -> State {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let exp = s.token_expires_at.load(Ordering::Relaxed);
+        let [received, sent, dropped, rejected, buffered, queued] =
+            [&s.received, &s.sent, &s.dropped, &s.rejected, &s.buffered, &s.queued].map(g);
         State {
             pid: std::process::id(),
             uuid: uuid.to_string(),
@@ -101,14 +103,7 @@ impl State {
             token_expires_at: (exp > 0).then(|| rfc3339(UNIX_EPOCH + Duration::from_secs(exp as u64))),
             updated_at: rfc3339(now),
             updated_at_unix: unix(now),
-            events: EventCounts {
-                received: g(&s.received),
-                sent: g(&s.sent),
-                dropped: g(&s.dropped),
-                rejected: g(&s.rejected),
-                buffered: g(&s.buffered),
-                queued: g(&s.queued),
-            },
+            events: EventCounts { received, sent, dropped, rejected, buffered, queued },
             batches: BatchCounts { sent: g(&s.batches_sent), failed: g(&s.batches_failed), retries: g(&s.retries) },
             commands: CommandCounts {
                 received: g(&s.commands_received),

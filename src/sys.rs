@@ -1,6 +1,5 @@
-//! Every call the agent makes into the C library, behind small safe functions with typed
-//! results. The only module allowed `unsafe` (the crate roots deny it everywhere else);
-//! each block says why it is sound. Policy (what to do with a result) lives in the callers.
+//! Every call the agent makes into the C library, behind small safe functions with typed results: the only
+//! module allowed `unsafe` (each block says why it is sound). Policy (what to do with a result) is the callers'.
 
 use std::ffi::{CStr, CString};
 use std::fs::File;
@@ -19,8 +18,7 @@ pub fn try_lock_exclusive(file: &File) -> io::Result<()> {
     check(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) })
 }
 
-/// Whether a process with this pid exists (kill with signal 0). 0 and pids above `i32::MAX`
-/// would name process groups to kill(2): no process has them.
+/// Whether a process with this pid exists (kill with signal 0); 0 and pids over `i32::MAX` name process groups.
 pub fn process_exists(pid: u32) -> bool {
     let Some(pid) = libc::pid_t::try_from(pid).ok().filter(|p| *p > 0) else { return false };
     // SAFETY: signal 0 sends nothing; kill only checks the pid.
@@ -41,8 +39,7 @@ pub fn clock_ticks_per_second() -> u64 {
     unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64
 }
 
-/// glibc's allocator tuning (mallopt): at most `arena_max` arenas, and blocks of
-/// `mmap_threshold` bytes or more in their own mappings. No-op on other C libraries.
+/// glibc's mallopt: at most `arena_max` arenas, blocks of `mmap_threshold` bytes or more mmap'd. No-op elsewhere.
 pub fn tune_malloc(arena_max: i32, mmap_threshold: i32) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning, under the allocator's own lock.
@@ -122,8 +119,7 @@ pub fn group_by_name(name: &str) -> io::Result<Option<u32>> {
 /// Room for one user or group entry with its strings; 16 KiB holds any sane one.
 const LOOKUP_BUF: usize = 16 * 1024;
 
-/// A reentrant lookup's outcome: found, not found (0 without a result, or a code POSIX
-/// allows for "no such entry"), or the error that kept it from reading the database.
+/// A reentrant lookup's outcome: found, not found (0 without a result, or a POSIX "no such entry" code), or the error.
 fn found(rc: libc::c_int, no_result: bool) -> io::Result<bool> {
     match rc {
         0 => Ok(!no_result),
@@ -185,8 +181,7 @@ pub struct IfAddr {
     pub broadcast: Option<IpAddr>,
 }
 
-/// Every IPv4 and IPv6 address of the host's interfaces (getifaddrs(3)), in the kernel's order.
-/// The one interface walker: host metadata and the inventory's networks collector both read it.
+/// Every IPv4 and IPv6 address of the host's interfaces (getifaddrs(3)), in the kernel's order: the one walker.
 pub fn interfaces() -> io::Result<Vec<IfAddr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs allocates a list that we walk read-only and free exactly once below.
@@ -202,13 +197,13 @@ pub fn interfaces() -> io::Result<Vec<IfAddr>> {
         let ip = |sa| unsafe { sockaddr_ip(sa) };
         let Some(addr) = ip(ifa.ifa_addr) else { continue };
         // With IFF_BROADCAST, ifa_ifu holds the broadcast address (else a point-to-point peer).
-        let broadcast_flag = ifa.ifa_flags & libc::IFF_BROADCAST as libc::c_uint != 0;
+        let broadcast = ifa.ifa_flags & libc::IFF_BROADCAST as libc::c_uint != 0 && addr.is_ipv4();
         out.push(IfAddr {
             name: unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned(),
             up: ifa.ifa_flags & libc::IFF_UP as libc::c_uint != 0,
             addr,
             netmask: ip(ifa.ifa_netmask),
-            broadcast: if addr.is_ipv4() && broadcast_flag { ip(ifa.ifa_ifu) } else { None },
+            broadcast: if broadcast { ip(ifa.ifa_ifu) } else { None },
         });
     }
     // SAFETY: head came from a successful getifaddrs and is freed once; nothing borrows it now.

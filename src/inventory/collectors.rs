@@ -86,10 +86,7 @@ pub fn collect_hardware(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     let mem = source(root, "proc/meminfo")?.map(|t| parse_meminfo(&t)).unwrap_or_default();
     let total = mem.get("MemTotal").copied();
     let free = mem.get("MemAvailable").or_else(|| mem.get("MemFree")).copied();
-    let used = match (total, free) {
-        (Some(t), Some(f)) if t > 0 => Some(t.saturating_sub(f) * 100 / t),
-        _ => None,
-    };
+    let used = total.zip(free).filter(|(t, _)| *t > 0).map(|(t, f)| t.saturating_sub(f) * 100 / t);
     // Readable by root only: without it the serial is null, as on hosts that have none.
     let serial = read(root, "sys/class/dmi/id/board_serial").map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
     let doc = json!({

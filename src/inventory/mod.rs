@@ -39,8 +39,7 @@ pub fn doc_id(uuid: &str, key: &str) -> String {
     sha1_smol::Sha1::from(format!("{uuid}:{key}")).digest().to_string()
 }
 
-/// A document as stored in the snapshot: its compact JSON text (a parsed `Value` costs
-/// several times more memory, and a host can have thousands of packages).
+/// A document as stored in the snapshot: compact JSON text (a `Value` costs several times more; think packages).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stored {
     pub collector: String,

@@ -1,6 +1,5 @@
-//! The durable queue under `<data_dir>/queue/` (layout, recovery and read-back: ARCHITECTURE.md,
-//! The durable queue): stateful events, and at shutdown unsent stateless ones, survive `kill -9`
-//! and power loss once acked. The queue thread ([`run`]) is the only owner of its files.
+//! The durable queue under `<data_dir>/queue/` (ARCHITECTURE.md, The durable queue): what it acked survives
+//! `kill -9` and power loss. The queue thread ([`run`]) is the only owner of its files.
 
 pub mod format;
 
@@ -181,10 +180,6 @@ fn decode_cursor(b: &[u8]) -> Option<Pos> {
     Some(Pos { seg: u64::from_le_bytes(b[..8].try_into().ok()?), off: u64::from_le_bytes(b[8..16].try_into().ok()?) })
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 impl QueueStore {
     /// Opens (and recovers) the queue. Damaged data never stops it: it is skipped, counted, logged.
     pub fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<QueueStore, QueueError> {
@@ -258,7 +253,8 @@ impl QueueStore {
         let active = fsutil::open_nofollow(OpenOptions::new().create(true).append(true), &active_path)
             .map_err(io_err("cannot open", &active_path))?;
         let active_len = active.metadata().map_err(io_err("cannot stat", &active_path))?.len();
-        sync_dir(dir).map_err(io_err("cannot fsync", dir))?;
+        // The active segment's name (maybe just created) is durable before anything in it is acknowledged.
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("cannot fsync", dir))?;
         stats.queued.store(backlog_records, Relaxed);
         stats.queued_bytes.store(backlog_bytes, Relaxed);
         Ok(QueueStore {
@@ -332,7 +328,7 @@ impl QueueStore {
         // A new name (O_EXCL): never through a link planted there.
         let f = OpenOptions::new().create_new(true).append(true).open(&path).map_err(io_err("cannot create", &path))?;
         // The new name must be durable before records in it are acknowledged.
-        sync_dir(&self.dir).map_err(io_err("cannot fsync", &self.dir))?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err("cannot fsync", &self.dir))?;
         self.active = f;
         self.segments.push_back(id);
         self.active_len = 0;
@@ -464,8 +460,7 @@ impl QueueStore {
 const NO_BATCH: QueueBatch =
     QueueBatch { kind: Kind::Stateful, events: Vec::new(), end: Pos { seg: 0, off: 0 }, frame_bytes: 0 };
 
-/// The queue thread: serves appends (group commit), hands one batch at a time to the uploader and
-/// applies its acks, until `stop` closes. Without an uploader (shutdown) appends are still served.
+/// The queue thread: appends (group commit), one batch at a time to the uploader, its acks, until `stop` closes.
 pub fn run(
     mut store: QueueStore,
     appends: Receiver<Append>,
