@@ -1,9 +1,6 @@
 //! The logcollector thread: follows `logcollector.files` like `tail -F` and sends each line as a stateless
-//! event (docs/events.md), under delivery receipts (ARCHITECTURE.md): a saved offset moves only past what
-//! the server took. After a rename the rest of the old file is read through its open handle before the new
-//! file is followed from its start; a file that shrank or whose first bytes changed (copytruncate) is read
-//! again from 0. Offsets are saved
-//! to `<data_dir>/logcollector.json` with the inode and a fingerprint of the first bytes (a replaced file).
+//! event (docs/events.md) under delivery receipts (ARCHITECTURE.md): a saved offset moves only past what
+//! the server took. Rotation, truncation and the saved state (`logcollector.json`): README, "Logcollector".
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
@@ -364,13 +361,8 @@ impl Collector {
         // A path that names another file now (rotation) or nothing (deletion), or that no
         // pattern matches any more: its file is rotated away.
         let named = |p: &str, f: &Followed| std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == (f.dev, f.ino));
-        let gone: Vec<String> =
-            self.followed.iter().filter(|(p, f)| !paths.contains(*p) || !named(p, f)).map(|(p, _)| p.clone()).collect();
-        for path in gone {
-            if let Some(file) = self.followed.remove(&path) {
-                self.rotated.push(Rotated { path, file, since: now });
-            }
-        }
+        let gone = self.followed.extract_if(|p, f| !paths.contains(p) || !named(p, f));
+        self.rotated.extend(gone.map(|(path, file)| Rotated { path, file, since: now }));
         let mut skipped = false;
         for path in &paths {
             if self.followed.contains_key(path) {
