@@ -361,8 +361,13 @@ impl Collector {
         // A path that names another file now (rotation) or nothing (deletion), or that no
         // pattern matches any more: its file is rotated away.
         let named = |p: &str, f: &Followed| std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == (f.dev, f.ino));
-        let gone = self.followed.extract_if(|p, f| !paths.contains(p) || !named(p, f));
-        self.rotated.extend(gone.map(|(path, file)| Rotated { path, file, since: now }));
+        let gone: Vec<String> =
+            self.followed.iter().filter(|(p, f)| !paths.contains(*p) || !named(p, f)).map(|(p, _)| p.clone()).collect();
+        for path in gone {
+            if let Some(file) = self.followed.remove(&path) {
+                self.rotated.push(Rotated { path, file, since: now });
+            }
+        }
         let mut skipped = false;
         for path in &paths {
             if self.followed.contains_key(path) {
