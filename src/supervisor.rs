@@ -1,29 +1,7 @@
 //! Run mode: the one place where every thread of the agent is started and joined. [`run`] calls
 //! one function per stage, in order: `load`, `open`, `drop_privileges`, `start_pipeline`,
 //! `start_modules` (the enabled [`module::MODULES`]), `start_commands`, `supervise`, `shut_down`.
-//!
-//! | thread     | owns                                        | fed by / feeds                              |
-//! |------------|---------------------------------------------|---------------------------------------------|
-//! | `main`     | this supervisor, `state.json`               | signals, worker exits; writes state every 5 s |
-//! | `signals`  | the signal-hook iterator                    | → main                                      |
-//! | `token`    | the auth HTTP agent, renewal schedule       | refresh requests → `TokenCell`              |
-//! | `ingest`   | `ingest.sock` (acceptor; one short thread per connection) | → batcher (stateless), → queue (stateful) |
-//! | `batcher`  | the stateless ring buffer                   | → uploaders (one batch each at a time)      |
-//! | `queue`    | `<data_dir>/queue/` segment files, cursor   | appends in, batches → uploader, acks in     |
-//! | `upload-queue` | an events session, `rejected.ndjson`    | queue batches (in order) + stateless batches → comms API; acks → queue |
-//! | `upload-stateless` | a second events session             | stateless batches → comms API               |
-//! | `poll`     | the commands session (long-poll)            | → executor                                  |
-//! | `logcollector` | followed files, `logcollector.json`     | → batcher (stateless)                       |
-//! | `inventory` | `inventory.json` snapshot, host scans      | → queue (stateful), → batcher (notifications) |
-//! | `executor` | `commands.json`, `shared/` group files      | results → queue; restart → main             |
-//!
-//! Shutdown runs in stages so nothing acknowledged is lost and nothing waits on a dead peer:
-//! (1) ingest stops reading and answers its producers, modules stop reading; (2) the batcher and
-//! uploaders get until `SHUTDOWN_GRACE` to deliver what they hold, and spill the rest of the socket
-//! producers' events into the durable queue; the modules save their state once that is over;
-//! (3) the queue fsyncs and stops; (4) the token and signal threads stop. A
-//! worker that ends before shutdown is fatal: the supervisor stops the rest and returns an error
-//! so the init system restarts the agent. (Release builds abort on panic: also a non-zero exit.)
+//! Which threads there are, the staged shutdown and why a worker's end is fatal: ARCHITECTURE.md.
 
 use std::collections::HashSet;
 use std::io;
@@ -50,12 +28,12 @@ use crate::live::Live;
 use crate::memory;
 use crate::module::{self, DurableSink, EventSink};
 use crate::pidfile::{PidError, PidFile};
-use crate::poll::{self, Poller};
+use crate::poll;
 use crate::queue::{self, Ack, Append, BatchLimits, QueueBatch, QueueError, QueueStore};
 use crate::session::{Role, Session, Stop};
 use crate::status::{self, Stats};
 use crate::token::{self, Authenticator, TokenCell};
-use crate::uploader::{self, QueueLink, RejectedLog, Uploader};
+use crate::uploader::{self, RejectedLog, Uploader};
 
 /// How long the pipeline gets to deliver what it holds after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -350,16 +328,14 @@ fn start_pipeline(
     let [queue_up, stateless_up] = [&s.agents.upload_queue, &s.agents.upload_stateless].map(|agent| {
         let drain = Stop::Drain { shutdown: pipeline_stop_rx.clone(), deadline: s.deadline.clone() };
         let (shutdown, deadline) = (pipeline_stop_rx.clone(), s.deadline.clone());
-        let rejected = RejectedLog::new(&s.config.agent.data_dir);
-        Uploader { session: s.session(agent, drain, Role::Events), rejected, shutdown, deadline }
+        let (rejected, spill) = (RejectedLog::new(&s.config.agent.data_dir), append_tx.clone());
+        Uploader { session: s.session(agent, drain, Role::Events), rejected, shutdown, deadline, spill }
     });
-    let link = QueueLink { batches: qbatch_rx, acks: ack_tx };
-    let (spill, batches) = (append_tx.clone(), batch_rx.clone());
-    s.workers.spawn("upload-queue", move || uploader::run_queue(queue_up, link, batches, spill))?;
-    let (spill, batches) = (append_tx.clone(), batch_rx.clone());
-    s.workers.spawn("upload-stateless", move || uploader::run_stateless(stateless_up, batches, spill))?;
+    let batches = batch_rx.clone();
+    s.workers.spawn("upload-queue", move || uploader::run_queue(queue_up, qbatch_rx, ack_tx, batches))?;
+    s.workers.spawn("upload-stateless", move || uploader::run_stateless(stateless_up, batch_rx))?;
     // The uploaders hold the only receivers now: the batcher's send fails once both are gone.
-    drop((pipeline_stop_rx, batch_rx));
+    drop(pipeline_stop_rx);
     Ok(Pipeline { readers_tx, append_tx, ingest, sig_rx, sig_handle, pipeline_stop_tx, queue_stop_tx, token_stop_tx })
 }
 
@@ -395,9 +371,8 @@ fn start_commands(
     let (command_tx, command_rx) = crossbeam_channel::bounded::<Command>(64);
     let (control_tx, control_rx) = crossbeam_channel::bounded::<Control>(1);
     let session = s.session(&s.agents.poll, Stop::Now(commands_stop_rx.clone()), Role::Commands);
-    let poller = Poller { session, uuid: s.credentials.uuid.clone() };
-    let stop = commands_stop_rx.clone();
-    s.workers.spawn("poll", move || poll::run(poller, command_tx, stop))?;
+    let (uuid, stop) = (s.credentials.uuid.clone(), commands_stop_rx.clone());
+    s.workers.spawn("poll", move || poll::run(session, &uuid, command_tx, stop))?;
 
     let exec = Executor {
         ctx: Arc::new(Ctx {
@@ -455,7 +430,7 @@ fn supervise(s: &mut Supervisor, p: &Pipeline, control: &Receiver<Control>) -> R
     }
 }
 
-/// Stage 8: the staged shutdown of the module comment, each stage with its own grace.
+/// Stage 8: the staged shutdown (ARCHITECTURE.md, Invariants), each stage with its own grace.
 /// Returns whether SIGTERM or SIGINT came just before it began.
 fn shut_down(
     mut s: Supervisor,

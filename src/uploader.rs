@@ -114,6 +114,8 @@ pub struct Uploader {
     /// Closed when shutdown begins; delivery then goes on until `deadline`.
     pub shutdown: Receiver<()>,
     pub deadline: Arc<OnceLock<Instant>>,
+    /// To the queue: a stateless batch not delivered by the deadline.
+    pub spill: Sender<Append>,
 }
 
 impl Uploader {
@@ -155,11 +157,8 @@ impl Uploader {
 
     /// Delivers `events` to the endpoint of `kind`, isolating what the server refuses. Each
     /// event is settled once, where its delivery ends (its source may then move past it).
-    pub fn deliver(&self, kind: Kind, events: &[Event]) -> Delivery {
-        self.deliver_healing(kind, events, true)
-    }
-
-    fn deliver_healing(&self, kind: Kind, events: &[Event], heal: bool) -> Delivery {
+    /// `heal`: stateful per-item results may send events again (not in the follow-up itself).
+    fn deliver(&self, kind: Kind, events: &[Event], heal: bool) -> Delivery {
         if events.is_empty() {
             return Delivery::Done;
         }
@@ -193,18 +192,18 @@ impl Uploader {
                 // 400/413: halve; the good half goes through, the bad one is halved again.
                 log::info!("{endpoint} batch of {} events refused ({status} {message}); splitting it", events.len());
                 let (a, b) = events.split_at(events.len() / 2);
-                if self.deliver_healing(kind, a, heal) == Delivery::Aborted {
+                if self.deliver(kind, a, heal) == Delivery::Aborted {
                     return Delivery::Aborted;
                 }
-                self.deliver_healing(kind, b, heal)
+                self.deliver(kind, b, heal)
             }
         }
     }
 
     /// A stateless batch; false: the deadline passed first (the events are spilled), stop.
-    fn stateless(&self, events: Vec<Event>, spill: &Sender<Append>) -> bool {
-        if self.deliver(Kind::Stateless, &events) == Delivery::Aborted {
-            crate::queue::spill(spill, events, &self.session.stats, "in flight");
+    fn stateless(&self, events: Vec<Event>) -> bool {
+        if self.deliver(Kind::Stateless, &events, true) == Delivery::Aborted {
+            crate::queue::spill(&self.spill, events, &self.session.stats, "in flight");
             return false;
         }
         true
@@ -238,39 +237,34 @@ impl Uploader {
         Stats::add(&self.session.stats.rejected, failed as u64);
         Stats::add(&self.session.stats.sent, (events.len() - failed - again.len()) as u64);
         events.iter().for_each(Event::settle); // (stateful events carry no receipt: only followed lines do)
-        self.deliver_healing(Kind::Stateful, &again, false)
+        self.deliver(Kind::Stateful, &again, false)
     }
-}
-
-/// The durable queue's side of an uploader: batches in, acks back to the queue thread.
-pub struct QueueLink {
-    pub batches: Receiver<QueueBatch>,
-    pub acks: Sender<Ack>,
 }
 
 /// The `upload-queue` thread: the durable queue's batches, one at a time and in order,
 /// and stateless batches in between (chosen fairly by `select!`, so neither kind starves
-/// the other). Stops once `shutdown` closed and the deadline passed or both inputs are done.
-pub fn run_queue(up: Uploader, queue: QueueLink, stateless: Receiver<Vec<Event>>, spill: Sender<Append>) {
+/// the other); acks go back to the queue thread. Stops once `shutdown` closed and the deadline
+/// passed or both inputs are done.
+pub fn run_queue(up: Uploader, batches: Receiver<QueueBatch>, acks: Sender<Ack>, stateless: Receiver<Vec<Event>>) {
     let (never_events, never_batches, never_stop) = (never(), never(), never());
     let (mut stateless_open, mut queued_open) = (true, true);
     loop {
         let s_in = if stateless_open { &stateless } else { &never_events };
-        let q_in = if queued_open { &queue.batches } else { &never_batches };
+        let q_in = if queued_open { &batches } else { &never_batches };
         let stop = if up.draining() { &never_stop } else { &up.shutdown };
         select! {
             recv(q_in) -> msg => match msg {
                 Ok(batch) => {
                     let ack = Ack { end: batch.end, records: batch.events.len() as u64, frame_bytes: batch.frame_bytes };
                     // Aborted: still in the queue (cursor not moved), delivered after the next start.
-                    if up.deliver(batch.kind, &batch.events) == Delivery::Aborted || queue.acks.send(ack).is_err() {
+                    if up.deliver(batch.kind, &batch.events, true) == Delivery::Aborted || acks.send(ack).is_err() {
                         break;
                     }
                 }
                 Err(_) => queued_open = false,
             },
             recv(s_in) -> msg => match msg {
-                Ok(events) => if !up.stateless(events, &spill) { break },
+                Ok(events) => if !up.stateless(events) { break },
                 Err(_) => stateless_open = false,
             },
             recv(stop) -> _ => up.begin_drain(),
@@ -284,13 +278,13 @@ pub fn run_queue(up: Uploader, queue: QueueLink, stateless: Receiver<Vec<Event>>
 
 /// The `upload-stateless` thread: stateless batches only (they may then arrive out of order; the
 /// durable queue's never do). Stops like [`run_queue`].
-pub fn run_stateless(up: Uploader, stateless: Receiver<Vec<Event>>, spill: Sender<Append>) {
+pub fn run_stateless(up: Uploader, stateless: Receiver<Vec<Event>>) {
     let never_stop = never();
     loop {
         let stop = if up.draining() { &never_stop } else { &up.shutdown };
         select! {
             recv(stateless) -> msg => match msg {
-                Ok(events) => if !up.stateless(events, &spill) { break },
+                Ok(events) => if !up.stateless(events) { break },
                 Err(_) => break,
             },
             recv(stop) -> _ => up.begin_drain(),
