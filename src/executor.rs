@@ -1,11 +1,6 @@
 //! The command executor thread: runs what the long-poll thread received, one command at a
-//! time, and reports each result exactly once through the durable queue.
-//!
-//! Every `document_id` is written to the command store (`<data_dir>/commands.json`) before the
-//! command runs, so a redelivered or duplicated command is skipped, even across restarts. A
-//! command running when the agent stopped is finished at the next start: `restart` as a success
-//! (that stop was the command), any other as interrupted. Commands taken after a `restart` or
-//! still queued at shutdown are stored whole (`received`) and run at the next start.
+//! time, and reports each result exactly once through the durable queue. The command store
+//! (`<data_dir>/commands.json`) makes a command run at most once (ARCHITECTURE.md, Invariants).
 
 use std::collections::VecDeque;
 use std::io;
@@ -283,8 +278,9 @@ impl Executor {
         }
     }
 
-    /// Commands that were running when the agent stopped; then the ones kept for this start, in order, until
-    /// one asks for a restart (the rest wait for the start after it) or cannot be marked running durably.
+    /// Commands that were running when the agent stopped (a `restart` succeeded: that stop was it; any other
+    /// was interrupted); then the ones kept for this start, in order, until one asks for a restart (the rest
+    /// wait for the start after it) or cannot be marked running durably.
     fn recover(&self, store: &mut Store) {
         for i in 0..store.entries.len() {
             let Entry { id, action, state: State::Running, .. } = store.entries[i].clone() else { continue };
