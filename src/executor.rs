@@ -31,13 +31,6 @@ pub const GROUPS_EVERY: Duration = Duration::from_secs(10);
 /// How often results that could not be queued (queue full, disk error) are retried.
 const REPORT_RETRY: Duration = Duration::from_secs(30);
 
-/// What the executor asks of the supervisor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Control {
-    /// Stop gracefully and start again in the same process (exec).
-    Restart,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum State {
@@ -158,7 +151,8 @@ pub struct Ctx {
 pub struct Executor {
     pub ctx: Arc<Ctx>,
     pub queue: Sender<Append>,
-    pub control: Sender<Control>,
+    /// Asks the supervisor to stop gracefully and start again in the same process (exec).
+    pub restart: Sender<()>,
     /// When the last `set-group` or `fetch-config` started ([`GROUPS_EVERY`]).
     pub last_groups: std::cell::Cell<Option<Instant>>,
 }
@@ -330,7 +324,7 @@ impl Executor {
                     return self.finish(store, &id, Code::Failure, why);
                 }
                 // Finished by the next process (see `recover`).
-                if self.control.send(Control::Restart).is_err() {
+                if self.restart.send(()).is_err() {
                     self.finish(store, &id, Code::Failure, "the agent is shutting down".into());
                 }
                 return;

@@ -32,7 +32,6 @@ pub fn run(session: Session, uuid: &str, out: Sender<Command>, shutdown: Receive
     let mut recent = VecDeque::new();
     loop {
         let sent = Instant::now();
-        // The session retries every failure and refusal itself: it ends only with a reply or a stop.
         let Ok(reply) = session.call(&call) else { break };
         match commands::parse_body(&reply.body, uuid) {
             Ok(parsed) => {

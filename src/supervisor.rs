@@ -19,7 +19,7 @@ use crate::commands::Command;
 use crate::config::{Config, Verify};
 use crate::credentials::{Credentials, CredentialsError};
 use crate::event::{self, Event};
-use crate::executor::{self, Control, Ctx, Executor};
+use crate::executor::{self, Ctx, Executor};
 use crate::groups;
 use crate::host::HostInfo;
 use crate::http::{self, HttpError};
@@ -165,9 +165,9 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     let mut s = Supervisor { local, config, credentials, stats, live, cell, deadline, workers, agents };
     let pipeline = start_pipeline(&mut s, store, listener, wake_rx)?;
     let modules = start_modules(&mut s, &pipeline)?;
-    let (control_rx, commands_stop) = start_commands(&mut s, &pipeline, host)?;
+    let (restart_rx, commands_stop) = start_commands(&mut s, &pipeline, host)?;
     crate::sys::block_signals(false); // a signal pending since the previous image's exec comes now
-    let result = supervise(&mut s, &pipeline, &control_rx);
+    let result = supervise(&mut s, &pipeline, &restart_rx);
     // From here on signals stay pending: a restart looks for one after the shutdown; one that
     // comes later stays pending across the exec, and the new image stops on it once it can.
     crate::sys::block_signals(true);
@@ -359,17 +359,13 @@ fn start_modules(s: &mut Supervisor, p: &Pipeline) -> Result<(Vec<&'static str>,
     Ok((names, stop_tx))
 }
 
-/// Stage 6: the command round trip (long-poll, executor). Returns the executor's requests
-/// to the supervisor and the sender whose drop stops both threads.
-fn start_commands(
-    s: &mut Supervisor,
-    p: &Pipeline,
-    host: HostInfo,
-) -> Result<(Receiver<Control>, Sender<()>), RunError> {
+/// Stage 6: the command round trip (long-poll, executor). Returns the executor's restart
+/// requests and the sender whose drop stops both threads.
+fn start_commands(s: &mut Supervisor, p: &Pipeline, host: HostInfo) -> Result<(Receiver<()>, Sender<()>), RunError> {
     let (commands_stop_tx, commands_stop_rx) = crossbeam_channel::bounded::<()>(0);
     // Commands are few; 64 waiting for the executor is far more than a server sends at once.
     let (command_tx, command_rx) = crossbeam_channel::bounded::<Command>(64);
-    let (control_tx, control_rx) = crossbeam_channel::bounded::<Control>(1);
+    let (restart_tx, restart_rx) = crossbeam_channel::bounded::<()>(1);
     let session = s.session(&s.agents.poll, Stop::Now(commands_stop_rx.clone()), Role::Commands);
     let (uuid, stop) = (s.credentials.uuid.clone(), commands_stop_rx.clone());
     s.workers.spawn("poll", move || poll::run(session, &uuid, command_tx, stop))?;
@@ -384,15 +380,15 @@ fn start_commands(
             host,
         }),
         queue: p.append_tx.clone(),
-        control: control_tx,
+        restart: restart_tx,
         last_groups: Default::default(),
     };
     s.workers.spawn("executor", move || executor::run(exec, command_rx, commands_stop_rx))?;
-    Ok((control_rx, commands_stop_tx))
+    Ok((restart_rx, commands_stop_tx))
 }
 
 /// Stage 7: waits for a signal, a restart command or a worker's end; writes state, frees heap.
-fn supervise(s: &mut Supervisor, p: &Pipeline, control: &Receiver<Control>) -> Result<Stopped, RunError> {
+fn supervise(s: &mut Supervisor, p: &Pipeline, restart: &Receiver<()>) -> Result<Stopped, RunError> {
     write_state(s);
     // Free heap goes back to the system once each burst is over (checked with the state).
     let mut trim = memory::Trim::default();
@@ -406,8 +402,8 @@ fn supervise(s: &mut Supervisor, p: &Pipeline, control: &Receiver<Control>) -> R
                 }
                 Err(_) => return Err(RunError::WorkerDied { thread: "signals", panicked: false }),
             },
-            recv(control) -> msg => match msg {
-                Ok(Control::Restart) => {
+            recv(restart) -> msg => match msg {
+                Ok(()) => {
                     log::info!("restart command received, restarting");
                     return Ok(Stopped::Restart);
                 }

@@ -1,9 +1,6 @@
-//! The uploader threads: the only code that talks to the events endpoints.
-//!
-//! Each takes one batch at a time: [`run_queue`] from the durable queue and the batcher,
-//! [`run_stateless`] from the batcher only (so stateful batches stay in order, one in flight).
-//! Its [`Session`] delivers a batch (docs/protocol.md, Events); this file splits what the server
-//! refuses (413: in halves; 400: down to the offending events, kept in `<data_dir>/rejected.ndjson`).
+//! The uploader threads, [`run_queue`] and [`run_stateless`] (ARCHITECTURE.md, Invariants): each
+//! delivers one batch at a time through its [`Session`] (docs/protocol.md, Events) and splits what the
+//! server refuses (413: in halves; 400: down to the offending events, kept in `rejected.ndjson`).
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
