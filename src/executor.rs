@@ -209,10 +209,8 @@ fn set_groups(
     if !ctx.session.pause(not_before.saturating_duration_since(Instant::now()), Some(deadline)) {
         return Err(SetGroupsError::Cancelled);
     }
-    let mut files = Vec::with_capacity(groups.len());
-    for g in groups {
-        files.push((g.clone(), download(ctx, g, deadline, cancel).map_err(SetGroupsError::Refused)?));
-    }
+    let download = |g: &String| download(ctx, g, deadline, cancel).map(|body| (g.clone(), body));
+    let files = groups.iter().map(download).collect::<Result<Vec<_>, _>>().map_err(SetGroupsError::Refused)?;
     // One reload at a time (SIGHUP or another command).
     let _guard = ctx.session.live.reload_guard();
     let (config, ignored) = groups::merge(&ctx.local, &files).map_err(SetGroupsError::Group)?;

@@ -33,7 +33,7 @@ use crate::queue::{self, Ack, Append, BatchLimits, QueueBatch, QueueError, Queue
 use crate::session::{Role, Session, Stop};
 use crate::status::{self, Stats};
 use crate::token::{self, Authenticator, TokenCell};
-use crate::uploader::{self, RejectedLog, Uploader};
+use crate::uploader::{self, Uploader};
 
 /// How long the pipeline gets to deliver what it holds after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -132,6 +132,17 @@ impl Workers {
             let _ = handle.join();
         }
         stuck.into_iter().map(|(name, _)| name).collect()
+    }
+
+    /// As `join`; if some are still running after `grace`, shuts `pools` down (their requests in
+    /// flight are cut) and waits 2 s more.
+    fn join_or_cut(&mut self, names: &[&'static str], grace: Duration, pools: &[&ureq::Agent]) -> Vec<&'static str> {
+        if self.join(names, grace).is_empty() {
+            return Vec::new();
+        }
+        // `Agent::shutdown` takes the agent; a clone shares its pool, so shutting one down cuts the thread's.
+        pools.iter().for_each(|&agent| agent.clone().shutdown());
+        self.join(names, Duration::from_secs(2))
     }
 }
 
@@ -328,7 +339,7 @@ fn start_pipeline(
     let [queue_up, stateless_up] = [&s.agents.upload_queue, &s.agents.upload_stateless].map(|agent| {
         let drain = Stop::Drain { shutdown: pipeline_stop_rx.clone(), deadline: s.deadline.clone() };
         let (shutdown, deadline) = (pipeline_stop_rx.clone(), s.deadline.clone());
-        let (rejected, spill) = (RejectedLog::new(&s.config.agent.data_dir), append_tx.clone());
+        let (rejected, spill) = (s.config.agent.data_dir.join("rejected.ndjson"), append_tx.clone());
         Uploader { session: s.session(agent, drain, Role::Events), rejected, shutdown, deadline, spill }
     });
     let batches = batch_rx.clone();
@@ -435,15 +446,10 @@ fn shut_down(
     commands_stop: Sender<()>,
 ) -> bool {
     let workers = &mut s.workers;
-    // `Agent::shutdown` takes the agent; a clone shares its pool, so shutting one down cuts the thread's.
     // (0) Commands first: a running command finishes or is cut, no new one starts.
     drop(commands_stop);
     s.agents.poll.clone().shutdown();
-    let mut stuck = workers.join(&["poll", "executor"], Duration::from_secs(2));
-    if !stuck.is_empty() {
-        s.agents.files.clone().shutdown();
-        stuck = workers.join(&["poll", "executor"], Duration::from_secs(2));
-    }
+    let mut stuck = workers.join_or_cut(&["poll", "executor"], Duration::from_secs(2), &[&s.agents.files]);
     // (1) No more input; producers get their answers.
     let _ = s.deadline.set(Instant::now() + SHUTDOWN_GRACE);
     p.ingest.stop(&s.config.agent.run_dir, INGEST_STOP);
@@ -457,11 +463,8 @@ fn shut_down(
     const PIPELINE: [&str; 3] = ["batcher", "upload-queue", "upload-stateless"];
     // Requests still in flight are cut only when the pipeline itself is stuck; the threads
     // stuck in earlier stages stay in the list for the final warning.
-    if !workers.join(&PIPELINE, until_deadline + Duration::from_secs(2)).is_empty() {
-        s.agents.upload_queue.clone().shutdown();
-        s.agents.upload_stateless.clone().shutdown();
-        stuck.extend(workers.join(&PIPELINE, Duration::from_secs(2)));
-    }
+    let pools = [&s.agents.upload_queue, &s.agents.upload_stateless];
+    stuck.extend(workers.join_or_cut(&PIPELINE, until_deadline + Duration::from_secs(2), &pools));
     stuck.extend(workers.join(&modules, Duration::from_secs(2)));
     // (3) The queue after everyone who writes to it.
     drop(p.queue_stop_tx);
@@ -470,11 +473,8 @@ fn shut_down(
     drop(p.token_stop_tx);
     s.cell.close();
     p.sig_handle.close();
-    if !workers.join(&["token"], Duration::from_secs(1)).is_empty() {
-        // Cut off an authentication request in flight (it holds a socket, no data).
-        s.agents.token.clone().shutdown();
-        stuck.extend(workers.join(&["token"], Duration::from_secs(2)));
-    }
+    // An authentication request in flight is cut (it holds a socket, no data).
+    stuck.extend(workers.join_or_cut(&["token"], Duration::from_secs(1), &[&s.agents.token]));
     stuck.extend(workers.join(&["signals"], Duration::from_secs(1)));
     if !stuck.is_empty() {
         log::warn!("threads still busy at exit: {}", stuck.join(", "));

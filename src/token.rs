@@ -287,9 +287,7 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
         select! {
             recv(shutdown) -> _ => break,
             recv(wake) -> msg => {
-                if msg.is_err() {
-                    break;
-                }
+                let Ok(()) = msg else { break };
                 if !backing_off {
                     let earliest = last_success.map(|t| t + MIN_RENEWAL).unwrap_or_else(Instant::now);
                     next_due = next_due.min(earliest.max(Instant::now()));

@@ -31,35 +31,6 @@ pub enum Delivery {
     Aborted,
 }
 
-/// `<data_dir>/rejected.ndjson`: events the server refused for good, with the reason.
-pub struct RejectedLog {
-    path: PathBuf,
-}
-
-impl RejectedLog {
-    pub fn new(data_dir: &std::path::Path) -> RejectedLog {
-        RejectedLog { path: data_dir.join("rejected.ndjson") }
-    }
-
-    fn record(&self, endpoint: &str, status: u16, reason: &str, e: &Event) {
-        if fs::metadata(&self.path).is_ok_and(|m| m.len() > REJECTED_MAX_BYTES) {
-            let _ = fs::rename(&self.path, self.path.with_extension("ndjson.1"));
-        }
-        // header and data are valid JSON already; the rest is escaped by serde_json.
-        let line = format!(
-            "{{\"time\":{},\"endpoint\":\"{endpoint}\",\"status\":{status},\"reason\":{},\"header\":{},\"data\":{}}}\n",
-            serde_json::Value::String(status::rfc3339(SystemTime::now())),
-            serde_json::Value::String(reason.to_string()),
-            e.header(),
-            e.data().unwrap_or("null"),
-        );
-        let file = OpenOptions::new().create(true).append(true).open(&self.path);
-        if let Err(err) = file.and_then(|mut f| f.write_all(line.as_bytes())) {
-            log::error!("cannot record a rejected event in {}: {err}", self.path.display());
-        }
-    }
-}
-
 #[derive(Deserialize)]
 struct Target {
     module: String,
@@ -107,7 +78,8 @@ fn outcomes(events: &[Event], results: &[Value], heal: bool) -> Vec<Outcome> {
 pub struct Uploader {
     /// An events session that drains until `deadline`.
     pub session: Session,
-    pub rejected: RejectedLog,
+    /// `<data_dir>/rejected.ndjson`: events the server refused for good, with the reason.
+    pub rejected: PathBuf,
     /// Closed when shutdown begins; delivery then goes on until `deadline`.
     pub shutdown: Receiver<()>,
     pub deadline: Arc<OnceLock<Instant>>,
@@ -116,6 +88,25 @@ pub struct Uploader {
 }
 
 impl Uploader {
+    /// Appends `e` to `rejected.ndjson` (rotated first past [`REJECTED_MAX_BYTES`]).
+    fn record_rejected(&self, endpoint: &str, status: u16, reason: &str, e: &Event) {
+        if fs::metadata(&self.rejected).is_ok_and(|m| m.len() > REJECTED_MAX_BYTES) {
+            let _ = fs::rename(&self.rejected, self.rejected.with_extension("ndjson.1"));
+        }
+        // header and data are valid JSON already; the rest is escaped by serde_json.
+        let line = format!(
+            "{{\"time\":{},\"endpoint\":\"{endpoint}\",\"status\":{status},\"reason\":{},\"header\":{},\"data\":{}}}\n",
+            serde_json::Value::String(status::rfc3339(SystemTime::now())),
+            serde_json::Value::String(reason.to_string()),
+            e.header(),
+            e.data().unwrap_or("null"),
+        );
+        let file = OpenOptions::new().create(true).append(true).open(&self.rejected);
+        if let Err(err) = file.and_then(|mut f| f.write_all(line.as_bytes())) {
+            log::error!("cannot record a rejected event in {}: {err}", self.rejected.display());
+        }
+    }
+
     fn draining(&self) -> bool {
         self.deadline.get().is_some()
     }
@@ -177,9 +168,9 @@ impl Uploader {
             }
             Err(Failure::Stopped) => Delivery::Aborted,
             Err(Failure::Refused { status, message, .. }) if events.len() == 1 => {
-                let path = self.rejected.path.display();
+                let path = self.rejected.display();
                 log::warn!("the server refused an event ({status} {message}); recorded in {path}");
-                self.rejected.record(endpoint, status, &message, &events[0]);
+                self.record_rejected(endpoint, status, &message, &events[0]);
                 Stats::add(&stats.rejected, 1);
                 Stats::add(&stats.batches_failed, 1);
                 events[0].settle();
@@ -219,7 +210,7 @@ impl Uploader {
                 }
             } else if *o == Outcome::Rejected {
                 let status = r.get("status").and_then(Value::as_u64).unwrap_or(0).min(999) as u16;
-                self.rejected.record("stateful", status, &r.to_string().chars().take(300).collect::<String>(), e);
+                self.record_rejected("stateful", status, &r.to_string().chars().take(300).collect::<String>(), e);
             }
         }
         let count = |o: Outcome| outcomes.iter().filter(|x| **x == o).count();
