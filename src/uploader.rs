@@ -22,15 +22,6 @@ use crate::status::{self, Stats};
 /// `rejected.ndjson` is rotated to `rejected.ndjson.1` past this size (bounded disk use).
 pub const REJECTED_MAX_BYTES: u64 = 10 << 20;
 
-/// How a delivery ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    /// Nothing more to do for these events (sent, or isolated as rejected).
-    Done,
-    /// Shutdown's deadline passed before the server took them.
-    Aborted,
-}
-
 #[derive(Deserialize)]
 struct Target {
     module: String,
@@ -145,10 +136,12 @@ impl Uploader {
 
     /// Delivers `events` to the endpoint of `kind`, isolating what the server refuses. Each
     /// event is settled once, where its delivery ends (its source may then move past it).
-    /// `heal`: stateful per-item results may send events again (not in the follow-up itself).
-    fn deliver(&self, kind: Kind, events: &[Event], heal: bool) -> Delivery {
+    /// `heal`: stateful per-item results may send events again (not in the follow-up itself). True when
+    /// nothing more is to be done for them (sent, or isolated as rejected); false when shutdown's deadline
+    /// passed before the server took them.
+    fn deliver(&self, kind: Kind, events: &[Event], heal: bool) -> bool {
         if events.is_empty() {
-            return Delivery::Done;
+            return true;
         }
         let endpoint = if kind == Kind::Stateful { "stateful" } else { "stateless" };
         let view = self.session.live.view();
@@ -164,9 +157,9 @@ impl Uploader {
                 }
                 Stats::add(&stats.sent, events.len() as u64);
                 events.iter().for_each(Event::settle);
-                Delivery::Done
+                true
             }
-            Err(Failure::Stopped) => Delivery::Aborted,
+            Err(Failure::Stopped) => false,
             Err(Failure::Refused { status, message, .. }) if events.len() == 1 => {
                 let path = self.rejected.display();
                 log::warn!("the server refused an event ({status} {message}); recorded in {path}");
@@ -174,23 +167,20 @@ impl Uploader {
                 Stats::add(&stats.rejected, 1);
                 Stats::add(&stats.batches_failed, 1);
                 events[0].settle();
-                Delivery::Done
+                true
             }
             Err(Failure::Refused { status, message, .. }) => {
                 // 400/413: halve; the good half goes through, the bad one is halved again.
                 log::info!("{endpoint} batch of {} events refused ({status} {message}); splitting it", events.len());
                 let (a, b) = events.split_at(events.len() / 2);
-                if self.deliver(kind, a, heal) == Delivery::Aborted {
-                    return Delivery::Aborted;
-                }
-                self.deliver(kind, b, heal)
+                self.deliver(kind, a, heal) && self.deliver(kind, b, heal)
             }
         }
     }
 
     /// A stateless batch; false: the deadline passed first (the events are spilled), stop.
     fn stateless(&self, events: Vec<Event>) -> bool {
-        if self.deliver(Kind::Stateless, &events, true) == Delivery::Aborted {
+        if !self.deliver(Kind::Stateless, &events, true) {
             crate::queue::spill(&self.spill, events, &self.session.stats, "in flight");
             return false;
         }
@@ -198,7 +188,7 @@ impl Uploader {
     }
 
     /// A stateful batch the server took: its per-item results acted on (docs/protocol.md, Stateful results).
-    fn stateful_results(&self, reply: &http::Reply, events: &[Event], heal: bool) -> Delivery {
+    fn stateful_results(&self, reply: &http::Reply, events: &[Event], heal: bool) -> bool {
         let body = serde_json::from_slice::<Value>(&reply.body).unwrap_or_default();
         let results = body.get("results").and_then(Value::as_array).map_or(&[][..], Vec::as_slice);
         let (outcomes, mut again) = (outcomes(events, results, heal), Vec::new());
@@ -244,8 +234,8 @@ pub fn run_queue(up: Uploader, batches: Receiver<QueueBatch>, acks: Sender<Ack>,
             recv(q_in) -> msg => match msg {
                 Ok(batch) => {
                     let ack = Ack { end: batch.end, records: batch.events.len() as u64, frame_bytes: batch.frame_bytes };
-                    // Aborted: still in the queue (cursor not moved), delivered after the next start.
-                    if up.deliver(batch.kind, &batch.events, true) == Delivery::Aborted || acks.send(ack).is_err() {
+                    // Not taken by the deadline: still in the queue (cursor not moved), delivered after the next start.
+                    if !up.deliver(batch.kind, &batch.events, true) || acks.send(ack).is_err() {
                         break;
                     }
                 }
