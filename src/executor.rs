@@ -1,11 +1,6 @@
 //! The command executor thread: runs what the long-poll thread received, one command at a
-//! time, and reports each result exactly once through the durable queue.
-//!
-//! Every `document_id` is written to the command store (`<data_dir>/commands.json`) before the
-//! command runs, so a redelivered or duplicated command is skipped, even across restarts. A
-//! command running when the agent stopped is finished at the next start: `restart` as a success
-//! (that stop was the command), any other as interrupted. Commands taken after a `restart` or
-//! still queued at shutdown are stored whole (`received`) and run at the next start.
+//! time, and reports each result exactly once through the durable queue. The command store
+//! (`<data_dir>/commands.json`) makes a command run at most once (ARCHITECTURE.md, Invariants).
 
 use std::collections::VecDeque;
 use std::io;
@@ -35,13 +30,6 @@ pub const RESTART_EVERY: Duration = Duration::from_secs(60);
 pub const GROUPS_EVERY: Duration = Duration::from_secs(10);
 /// How often results that could not be queued (queue full, disk error) are retried.
 const REPORT_RETRY: Duration = Duration::from_secs(30);
-
-/// What the executor asks of the supervisor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Control {
-    /// Stop gracefully and start again in the same process (exec).
-    Restart,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -163,7 +151,8 @@ pub struct Ctx {
 pub struct Executor {
     pub ctx: Arc<Ctx>,
     pub queue: Sender<Append>,
-    pub control: Sender<Control>,
+    /// Asks the supervisor to stop gracefully and start again in the same process (exec).
+    pub restart: Sender<()>,
     /// When the last `set-group` or `fetch-config` started ([`GROUPS_EVERY`]).
     pub last_groups: std::cell::Cell<Option<Instant>>,
 }
@@ -220,10 +209,8 @@ fn set_groups(
     if !ctx.session.pause(not_before.saturating_duration_since(Instant::now()), Some(deadline)) {
         return Err(SetGroupsError::Cancelled);
     }
-    let mut files = Vec::with_capacity(groups.len());
-    for g in groups {
-        files.push((g.clone(), download(ctx, g, deadline, cancel).map_err(SetGroupsError::Refused)?));
-    }
+    let download = |g: &String| download(ctx, g, deadline, cancel).map(|body| (g.clone(), body));
+    let files = groups.iter().map(download).collect::<Result<Vec<_>, _>>().map_err(SetGroupsError::Refused)?;
     // One reload at a time (SIGHUP or another command).
     let _guard = ctx.session.live.reload_guard();
     let (config, ignored) = groups::merge(&ctx.local, &files).map_err(SetGroupsError::Group)?;
@@ -283,8 +270,9 @@ impl Executor {
         }
     }
 
-    /// Commands that were running when the agent stopped; then the ones kept for this start, in order, until
-    /// one asks for a restart (the rest wait for the start after it) or cannot be marked running durably.
+    /// Commands that were running when the agent stopped (a `restart` succeeded: that stop was it; any other
+    /// was interrupted); then the ones kept for this start, in order, until one asks for a restart (the rest
+    /// wait for the start after it) or cannot be marked running durably.
     fn recover(&self, store: &mut Store) {
         for i in 0..store.entries.len() {
             let Entry { id, action, state: State::Running, .. } = store.entries[i].clone() else { continue };
@@ -334,7 +322,7 @@ impl Executor {
                     return self.finish(store, &id, Code::Failure, why);
                 }
                 // Finished by the next process (see `recover`).
-                if self.control.send(Control::Restart).is_err() {
+                if self.restart.send(()).is_err() {
                     self.finish(store, &id, Code::Failure, "the agent is shutting down".into());
                 }
                 return;

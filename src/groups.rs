@@ -194,17 +194,16 @@ pub fn install(data_dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), Group
         let list_path = gen_dir.join(LIST_FILE);
         crate::fsutil::write_atomic(&list_path, &list, 0o600).map_err(io_err(&list_path))?;
         // Switch: a new link renamed over the old one is atomic.
-        let link = shared_dir(data_dir);
         let tmp = data_dir.join(".shared.tmp");
         let _ = fs::remove_file(&tmp);
         symlink(format!("shared.{generation}"), &tmp).map_err(io_err(&tmp))?;
-        if fs::read_link(&link).is_err() && link.is_dir() {
+        if fs::read_link(&dir).is_err() && dir.is_dir() {
             // A real directory from elsewhere: move it aside (once) so the link can take its place.
             let aside = data_dir.join("shared.legacy");
             let _ = fs::remove_dir_all(&aside);
-            fs::rename(&link, &aside).map_err(io_err(&link))?;
+            fs::rename(&dir, &aside).map_err(io_err(&dir))?;
         }
-        fs::rename(&tmp, &link).map_err(io_err(&link))?;
+        fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
         // The switch is durable only once the directory entry is.
         fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(io_err(data_dir))
     })();

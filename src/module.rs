@@ -1,8 +1,6 @@
-//! The module seam: a collector module (logcollector, inventory) is one file or folder that
-//! declares a [`Module`]; the supervisor starts every enabled one of [`MODULES`] on its own
-//! thread with a [`Context`]. Adding a module is a new file (`pub const MODULE` and its `run`),
-//! `pub mod` in lib.rs, one line in [`MODULES`] and its configuration section. Modules hand
-//! events to the sinks, never to a raw channel, so what the pipeline answers comes back in one place.
+//! The module seam (ARCHITECTURE.md, Seams): a collector module declares a [`Module`], listed in
+//! [`MODULES`]; it hands events to the sinks, never to a raw channel, so what the pipeline answers
+//! comes back in one place.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -57,11 +55,8 @@ pub enum SinkError {
     Gone,
 }
 
-/// The stateless sink: chunks of events to the batcher. The one place where a module's
-/// stateless events leave it, and where their delivery receipts come back: a module that
-/// reads a source of its own (a file) attaches a [`Receipt`] from [`EventSink::receipt`] to
-/// the events of each read and moves its saved position only past settled receipts. The
-/// batcher never drops tracked events for overflow: a full buffer makes `send` wait.
+/// The stateless sink: chunks of events to the batcher, and their delivery receipts back
+/// (ARCHITECTURE.md, Delivery receipts).
 pub struct EventSink {
     tx: Sender<Vec<Event>>,
     stop: Receiver<()>,

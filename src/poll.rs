@@ -19,13 +19,8 @@ use crate::status::Stats;
 /// Forwarded ids remembered, so an answer repeating one brings nothing new (a scan: 100 x 1000 short ids).
 const RECENT: usize = 1000;
 
-pub struct Poller {
-    /// A commands session (its own connection, bounded by `server.commands_timeout`).
-    pub session: Session,
-    pub uuid: String,
-}
-
-pub fn run(p: Poller, out: Sender<Command>, shutdown: Receiver<()>) {
+/// The poll thread; `session` is a commands session (its own connection, bounded by `server.commands_timeout`).
+pub fn run(session: Session, uuid: &str, out: Sender<Command>, shutdown: Receiver<()>) {
     let call = Call {
         path: "/api/v1/commands",
         request: Request::GetAtMost(MAX_COMMANDS_BYTES),
@@ -37,9 +32,8 @@ pub fn run(p: Poller, out: Sender<Command>, shutdown: Receiver<()>) {
     let mut recent = VecDeque::new();
     loop {
         let sent = Instant::now();
-        // The session retries every failure and refusal itself: it ends only with a reply or a stop.
-        let Ok(reply) = p.session.call(&call) else { break };
-        match commands::parse_body(&reply.body, &p.uuid) {
+        let Ok(reply) = session.call(&call) else { break };
+        match commands::parse_body(&reply.body, uuid) {
             Ok(parsed) => {
                 unreadable.reset();
                 if parsed.left > 0 {
@@ -47,13 +41,13 @@ pub fn run(p: Poller, out: Sender<Command>, shutdown: Receiver<()>) {
                 }
                 for why in &parsed.skipped {
                     log::warn!("skipped a malformed command: {why}");
-                    Stats::add(&p.session.stats.commands_failed, 1);
+                    Stats::add(&session.stats.commands_failed, 1);
                 }
                 let new = parsed.commands.iter().any(|c| !recent.contains(&c.document_id));
                 recent.extend(parsed.commands.iter().map(|c| c.document_id.clone()));
                 recent.drain(..recent.len().saturating_sub(RECENT));
                 for c in parsed.commands {
-                    Stats::add(&p.session.stats.commands_received, 1);
+                    Stats::add(&session.stats.commands_received, 1);
                     log::debug!("command {} ({}) received", c.document_id, c.action.name());
                     // Handing over first: at shutdown the executor stores what it cannot run.
                     select_biased! {
@@ -61,18 +55,18 @@ pub fn run(p: Poller, out: Sender<Command>, shutdown: Receiver<()>) {
                         recv(shutdown) -> _ => return,
                     }
                 }
-                if !new && sent.elapsed() < MIN_HOLD && !p.session.pause(p.session.live.config().retry.initial, None) {
+                if !new && sent.elapsed() < MIN_HOLD && !session.pause(session.live.config().retry.initial, None) {
                     break;
                 }
             }
             Err(why) => {
-                Stats::add(&p.session.stats.commands_failed, 1);
-                let retry = p.session.live.config().retry.clone();
+                Stats::add(&session.stats.commands_failed, 1);
+                let retry = session.live.config().retry.clone();
                 unreadable.set_limits(retry.initial, retry.max);
                 let d = unreadable.next_delay();
                 log::warn!("unusable commands answer: {why}; polling again in {}ms", d.as_millis());
-                p.session.stats.set_error(format!("commands answer: {why}"));
-                if !p.session.pause(d, None) {
+                session.stats.set_error(format!("commands answer: {why}"));
+                if !session.pause(d, None) {
                     break;
                 }
             }

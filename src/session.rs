@@ -1,9 +1,6 @@
-//! The server session: the one call loop around [`http::classify`], for every thread that
-//! talks to the comms API with a token (the uploaders, the command poll, group downloads).
-//! A call resends until the server takes the request or refuses it for good: a new token on
-//! 401/403, the next `server.url` when the server looks down, `Retry-After` honoured within
-//! `retry.initial..=retry.max` (read live), else full-jitter backoff in waits that end at shutdown.
-//! [`next_step`] decides (pure); [`Session::call`] waits, logs and counts.
+//! The server session (ARCHITECTURE.md, Seams): the one call loop around [`http::classify`], for
+//! every thread that talks to the comms API with a token. [`next_step`] decides (pure);
+//! [`Session::call`] waits, logs and counts.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};

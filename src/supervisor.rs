@@ -1,29 +1,7 @@
 //! Run mode: the one place where every thread of the agent is started and joined. [`run`] calls
 //! one function per stage, in order: `load`, `open`, `drop_privileges`, `start_pipeline`,
 //! `start_modules` (the enabled [`module::MODULES`]), `start_commands`, `supervise`, `shut_down`.
-//!
-//! | thread     | owns                                        | fed by / feeds                              |
-//! |------------|---------------------------------------------|---------------------------------------------|
-//! | `main`     | this supervisor, `state.json`               | signals, worker exits; writes state every 5 s |
-//! | `signals`  | the signal-hook iterator                    | → main                                      |
-//! | `token`    | the auth HTTP agent, renewal schedule       | refresh requests → `TokenCell`              |
-//! | `ingest`   | `ingest.sock` (acceptor; one short thread per connection) | → batcher (stateless), → queue (stateful) |
-//! | `batcher`  | the stateless ring buffer                   | → uploaders (one batch each at a time)      |
-//! | `queue`    | `<data_dir>/queue/` segment files, cursor   | appends in, batches → uploader, acks in     |
-//! | `upload-queue` | an events session, `rejected.ndjson`    | queue batches (in order) + stateless batches → comms API; acks → queue |
-//! | `upload-stateless` | a second events session             | stateless batches → comms API               |
-//! | `poll`     | the commands session (long-poll)            | → executor                                  |
-//! | `logcollector` | followed files, `logcollector.json`     | → batcher (stateless)                       |
-//! | `inventory` | `inventory.json` snapshot, host scans      | → queue (stateful), → batcher (notifications) |
-//! | `executor` | `commands.json`, `shared/` group files      | results → queue; restart → main             |
-//!
-//! Shutdown runs in stages so nothing acknowledged is lost and nothing waits on a dead peer:
-//! (1) ingest stops reading and answers its producers, modules stop reading; (2) the batcher and
-//! uploaders get until `SHUTDOWN_GRACE` to deliver what they hold, and spill the rest of the socket
-//! producers' events into the durable queue; the modules save their state once that is over;
-//! (3) the queue fsyncs and stops; (4) the token and signal threads stop. A
-//! worker that ends before shutdown is fatal: the supervisor stops the rest and returns an error
-//! so the init system restarts the agent. (Release builds abort on panic: also a non-zero exit.)
+//! Which threads there are, the staged shutdown and why a worker's end is fatal: ARCHITECTURE.md.
 
 use std::collections::HashSet;
 use std::io;
@@ -41,7 +19,7 @@ use crate::commands::Command;
 use crate::config::{Config, Verify};
 use crate::credentials::{Credentials, CredentialsError};
 use crate::event::{self, Event};
-use crate::executor::{self, Control, Ctx, Executor};
+use crate::executor::{self, Ctx, Executor};
 use crate::groups;
 use crate::host::HostInfo;
 use crate::http::{self, HttpError};
@@ -50,12 +28,12 @@ use crate::live::Live;
 use crate::memory;
 use crate::module::{self, DurableSink, EventSink};
 use crate::pidfile::{PidError, PidFile};
-use crate::poll::{self, Poller};
+use crate::poll;
 use crate::queue::{self, Ack, Append, BatchLimits, QueueBatch, QueueError, QueueStore};
 use crate::session::{Role, Session, Stop};
 use crate::status::{self, Stats};
 use crate::token::{self, Authenticator, TokenCell};
-use crate::uploader::{self, QueueLink, RejectedLog, Uploader};
+use crate::uploader::{self, Uploader};
 
 /// How long the pipeline gets to deliver what it holds after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -155,6 +133,17 @@ impl Workers {
         }
         stuck.into_iter().map(|(name, _)| name).collect()
     }
+
+    /// As `join`; if some are still running after `grace`, shuts `pools` down (their requests in
+    /// flight are cut) and waits 2 s more.
+    fn join_or_cut(&mut self, names: &[&'static str], grace: Duration, pools: &[&ureq::Agent]) -> Vec<&'static str> {
+        if self.join(names, grace).is_empty() {
+            return Vec::new();
+        }
+        // `Agent::shutdown` takes the agent; a clone shares its pool, so shutting one down cuts the thread's.
+        pools.iter().for_each(|&agent| agent.clone().shutdown());
+        self.join(names, Duration::from_secs(2))
+    }
 }
 
 /// How run mode ended without an error.
@@ -187,9 +176,9 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     let mut s = Supervisor { local, config, credentials, stats, live, cell, deadline, workers, agents };
     let pipeline = start_pipeline(&mut s, store, listener, wake_rx)?;
     let modules = start_modules(&mut s, &pipeline)?;
-    let (control_rx, commands_stop) = start_commands(&mut s, &pipeline, host)?;
+    let (restart_rx, commands_stop) = start_commands(&mut s, &pipeline, host)?;
     crate::sys::block_signals(false); // a signal pending since the previous image's exec comes now
-    let result = supervise(&mut s, &pipeline, &control_rx);
+    let result = supervise(&mut s, &pipeline, &restart_rx);
     // From here on signals stay pending: a restart looks for one after the shutdown; one that
     // comes later stays pending across the exec, and the new image stops on it once it can.
     crate::sys::block_signals(true);
@@ -350,16 +339,14 @@ fn start_pipeline(
     let [queue_up, stateless_up] = [&s.agents.upload_queue, &s.agents.upload_stateless].map(|agent| {
         let drain = Stop::Drain { shutdown: pipeline_stop_rx.clone(), deadline: s.deadline.clone() };
         let (shutdown, deadline) = (pipeline_stop_rx.clone(), s.deadline.clone());
-        let rejected = RejectedLog::new(&s.config.agent.data_dir);
-        Uploader { session: s.session(agent, drain, Role::Events), rejected, shutdown, deadline }
+        let (rejected, spill) = (s.config.agent.data_dir.join("rejected.ndjson"), append_tx.clone());
+        Uploader { session: s.session(agent, drain, Role::Events), rejected, shutdown, deadline, spill }
     });
-    let link = QueueLink { batches: qbatch_rx, acks: ack_tx };
-    let (spill, batches) = (append_tx.clone(), batch_rx.clone());
-    s.workers.spawn("upload-queue", move || uploader::run_queue(queue_up, link, batches, spill))?;
-    let (spill, batches) = (append_tx.clone(), batch_rx.clone());
-    s.workers.spawn("upload-stateless", move || uploader::run_stateless(stateless_up, batches, spill))?;
+    let batches = batch_rx.clone();
+    s.workers.spawn("upload-queue", move || uploader::run_queue(queue_up, qbatch_rx, ack_tx, batches))?;
+    s.workers.spawn("upload-stateless", move || uploader::run_stateless(stateless_up, batch_rx))?;
     // The uploaders hold the only receivers now: the batcher's send fails once both are gone.
-    drop((pipeline_stop_rx, batch_rx));
+    drop(pipeline_stop_rx);
     Ok(Pipeline { readers_tx, append_tx, ingest, sig_rx, sig_handle, pipeline_stop_tx, queue_stop_tx, token_stop_tx })
 }
 
@@ -383,21 +370,16 @@ fn start_modules(s: &mut Supervisor, p: &Pipeline) -> Result<(Vec<&'static str>,
     Ok((names, stop_tx))
 }
 
-/// Stage 6: the command round trip (long-poll, executor). Returns the executor's requests
-/// to the supervisor and the sender whose drop stops both threads.
-fn start_commands(
-    s: &mut Supervisor,
-    p: &Pipeline,
-    host: HostInfo,
-) -> Result<(Receiver<Control>, Sender<()>), RunError> {
+/// Stage 6: the command round trip (long-poll, executor). Returns the executor's restart
+/// requests and the sender whose drop stops both threads.
+fn start_commands(s: &mut Supervisor, p: &Pipeline, host: HostInfo) -> Result<(Receiver<()>, Sender<()>), RunError> {
     let (commands_stop_tx, commands_stop_rx) = crossbeam_channel::bounded::<()>(0);
     // Commands are few; 64 waiting for the executor is far more than a server sends at once.
     let (command_tx, command_rx) = crossbeam_channel::bounded::<Command>(64);
-    let (control_tx, control_rx) = crossbeam_channel::bounded::<Control>(1);
+    let (restart_tx, restart_rx) = crossbeam_channel::bounded::<()>(1);
     let session = s.session(&s.agents.poll, Stop::Now(commands_stop_rx.clone()), Role::Commands);
-    let poller = Poller { session, uuid: s.credentials.uuid.clone() };
-    let stop = commands_stop_rx.clone();
-    s.workers.spawn("poll", move || poll::run(poller, command_tx, stop))?;
+    let (uuid, stop) = (s.credentials.uuid.clone(), commands_stop_rx.clone());
+    s.workers.spawn("poll", move || poll::run(session, &uuid, command_tx, stop))?;
 
     let exec = Executor {
         ctx: Arc::new(Ctx {
@@ -409,15 +391,15 @@ fn start_commands(
             host,
         }),
         queue: p.append_tx.clone(),
-        control: control_tx,
+        restart: restart_tx,
         last_groups: Default::default(),
     };
     s.workers.spawn("executor", move || executor::run(exec, command_rx, commands_stop_rx))?;
-    Ok((control_rx, commands_stop_tx))
+    Ok((restart_rx, commands_stop_tx))
 }
 
 /// Stage 7: waits for a signal, a restart command or a worker's end; writes state, frees heap.
-fn supervise(s: &mut Supervisor, p: &Pipeline, control: &Receiver<Control>) -> Result<Stopped, RunError> {
+fn supervise(s: &mut Supervisor, p: &Pipeline, restart: &Receiver<()>) -> Result<Stopped, RunError> {
     write_state(s);
     // Free heap goes back to the system once each burst is over (checked with the state).
     let mut trim = memory::Trim::default();
@@ -431,8 +413,8 @@ fn supervise(s: &mut Supervisor, p: &Pipeline, control: &Receiver<Control>) -> R
                 }
                 Err(_) => return Err(RunError::WorkerDied { thread: "signals", panicked: false }),
             },
-            recv(control) -> msg => match msg {
-                Ok(Control::Restart) => {
+            recv(restart) -> msg => match msg {
+                Ok(()) => {
                     log::info!("restart command received, restarting");
                     return Ok(Stopped::Restart);
                 }
@@ -455,7 +437,7 @@ fn supervise(s: &mut Supervisor, p: &Pipeline, control: &Receiver<Control>) -> R
     }
 }
 
-/// Stage 8: the staged shutdown of the module comment, each stage with its own grace.
+/// Stage 8: the staged shutdown (ARCHITECTURE.md, Invariants), each stage with its own grace.
 /// Returns whether SIGTERM or SIGINT came just before it began.
 fn shut_down(
     mut s: Supervisor,
@@ -464,15 +446,10 @@ fn shut_down(
     commands_stop: Sender<()>,
 ) -> bool {
     let workers = &mut s.workers;
-    // `Agent::shutdown` takes the agent; a clone shares its pool, so shutting one down cuts the thread's.
     // (0) Commands first: a running command finishes or is cut, no new one starts.
     drop(commands_stop);
     s.agents.poll.clone().shutdown();
-    let mut stuck = workers.join(&["poll", "executor"], Duration::from_secs(2));
-    if !stuck.is_empty() {
-        s.agents.files.clone().shutdown();
-        stuck = workers.join(&["poll", "executor"], Duration::from_secs(2));
-    }
+    let mut stuck = workers.join_or_cut(&["poll", "executor"], Duration::from_secs(2), &[&s.agents.files]);
     // (1) No more input; producers get their answers.
     let _ = s.deadline.set(Instant::now() + SHUTDOWN_GRACE);
     p.ingest.stop(&s.config.agent.run_dir, INGEST_STOP);
@@ -486,11 +463,8 @@ fn shut_down(
     const PIPELINE: [&str; 3] = ["batcher", "upload-queue", "upload-stateless"];
     // Requests still in flight are cut only when the pipeline itself is stuck; the threads
     // stuck in earlier stages stay in the list for the final warning.
-    if !workers.join(&PIPELINE, until_deadline + Duration::from_secs(2)).is_empty() {
-        s.agents.upload_queue.clone().shutdown();
-        s.agents.upload_stateless.clone().shutdown();
-        stuck.extend(workers.join(&PIPELINE, Duration::from_secs(2)));
-    }
+    let pools = [&s.agents.upload_queue, &s.agents.upload_stateless];
+    stuck.extend(workers.join_or_cut(&PIPELINE, until_deadline + Duration::from_secs(2), &pools));
     stuck.extend(workers.join(&modules, Duration::from_secs(2)));
     // (3) The queue after everyone who writes to it.
     drop(p.queue_stop_tx);
@@ -499,11 +473,8 @@ fn shut_down(
     drop(p.token_stop_tx);
     s.cell.close();
     p.sig_handle.close();
-    if !workers.join(&["token"], Duration::from_secs(1)).is_empty() {
-        // Cut off an authentication request in flight (it holds a socket, no data).
-        s.agents.token.clone().shutdown();
-        stuck.extend(workers.join(&["token"], Duration::from_secs(2)));
-    }
+    // An authentication request in flight is cut (it holds a socket, no data).
+    stuck.extend(workers.join_or_cut(&["token"], Duration::from_secs(1), &[&s.agents.token]));
     stuck.extend(workers.join(&["signals"], Duration::from_secs(1)));
     if !stuck.is_empty() {
         log::warn!("threads still busy at exit: {}", stuck.join(", "));

@@ -225,13 +225,6 @@ pub struct Authenticator {
     credentials: Credentials,
 }
 
-/// A freshly obtained token, before it is published.
-pub struct Fresh {
-    pub jwt: Secret,
-    pub server: String,
-    pub claims: Claims,
-}
-
 impl Authenticator {
     pub fn new(agent: ureq::Agent, urls: &[String], credentials: Credentials) -> Authenticator {
         Authenticator { agent, servers: urls.to_vec(), current: 0, credentials }
@@ -242,8 +235,9 @@ impl Authenticator {
     }
 
     /// One authentication round: the current server, then the next ones while they look
-    /// down, at most once each. `retry_cap` (`retry.max`) caps a `Retry-After`.
-    pub fn authenticate(&mut self, retry_cap: Duration) -> Result<Fresh, TokenError> {
+    /// down, at most once each. `retry_cap` (`retry.max`) caps a `Retry-After`. A fresh token: its
+    /// JWT, the server that issued it, its claims.
+    pub fn authenticate(&mut self, retry_cap: Duration) -> Result<(Secret, String, Claims), TokenError> {
         let (uuid, key) = (&self.credentials.uuid, self.credentials.key.expose());
         let body = serde_json::json!({"uuid": uuid, "key": key}).to_string().into_bytes();
         let mut tried = 0;
@@ -260,7 +254,7 @@ impl Authenticator {
                         return Err(TokenError::BadAnswer { server, message });
                     };
                     let claims = decode_claims(token)?;
-                    return Ok(Fresh { jwt: Secret::new(token.to_string()), server, claims });
+                    return Ok((Secret::new(token.to_string()), server, claims));
                 }
                 (Outcome::Reauth, Ok(r)) => {
                     return Err(TokenError::CredentialsRejected { server, status: r.status, message: r.message() });
@@ -293,9 +287,7 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
         select! {
             recv(shutdown) -> _ => break,
             recv(wake) -> msg => {
-                if msg.is_err() {
-                    break;
-                }
+                let Ok(()) = msg else { break };
                 if !backing_off {
                     let earliest = last_success.map(|t| t + MIN_RENEWAL).unwrap_or_else(Instant::now);
                     next_due = next_due.min(earliest.max(Instant::now()));
@@ -313,14 +305,14 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
             auth.advance();
         }
         match auth.authenticate(retry.max) {
-            Ok(fresh) => {
+            Ok((jwt, server, claims)) => {
                 let unix_now = crate::status::unix(SystemTime::now());
-                let delay = renewal_delay(&fresh.claims, unix_now);
-                let life = lifetime(&fresh.claims, unix_now).unwrap_or(delay);
-                if fresh.claims.iat.is_none() {
+                let delay = renewal_delay(&claims, unix_now);
+                let life = lifetime(&claims, unix_now).unwrap_or(delay);
+                if claims.iat.is_none() {
                     log::warn!("the server's token has no iat claim; its lifetime is measured with the local clock");
                 }
-                let token = cell.publish(fresh.jwt, fresh.server, SystemTime::now() + life);
+                let token = cell.publish(jwt, server, SystemTime::now() + life);
                 let what = if token.generation == 1 { "authenticated" } else { "token renewed" };
                 let (server, secs, ms) = (&token.server, life.as_secs(), delay.as_millis());
                 log::info!("{what} with {server} (token lifetime {secs}s, renewal in {ms}ms)");

@@ -1,9 +1,6 @@
-//! The uploader threads: the only code that talks to the events endpoints.
-//!
-//! Each takes one batch at a time: [`run_queue`] from the durable queue and the batcher,
-//! [`run_stateless`] from the batcher only (so stateful batches stay in order, one in flight).
-//! Its [`Session`] delivers a batch (docs/protocol.md, Events); this file splits what the server
-//! refuses (413: in halves; 400: down to the offending events, kept in `<data_dir>/rejected.ndjson`).
+//! The uploader threads, [`run_queue`] and [`run_stateless`] (ARCHITECTURE.md, Invariants): each
+//! delivers one batch at a time through its [`Session`] (docs/protocol.md, Events) and splits what the
+//! server refuses (413: in halves; 400: down to the offending events, kept in `rejected.ndjson`).
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -24,44 +21,6 @@ use crate::status::{self, Stats};
 
 /// `rejected.ndjson` is rotated to `rejected.ndjson.1` past this size (bounded disk use).
 pub const REJECTED_MAX_BYTES: u64 = 10 << 20;
-
-/// How a delivery ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    /// Nothing more to do for these events (sent, or isolated as rejected).
-    Done,
-    /// Shutdown's deadline passed before the server took them.
-    Aborted,
-}
-
-/// `<data_dir>/rejected.ndjson`: events the server refused for good, with the reason.
-pub struct RejectedLog {
-    path: PathBuf,
-}
-
-impl RejectedLog {
-    pub fn new(data_dir: &std::path::Path) -> RejectedLog {
-        RejectedLog { path: data_dir.join("rejected.ndjson") }
-    }
-
-    fn record(&self, endpoint: &str, status: u16, reason: &str, e: &Event) {
-        if fs::metadata(&self.path).is_ok_and(|m| m.len() > REJECTED_MAX_BYTES) {
-            let _ = fs::rename(&self.path, self.path.with_extension("ndjson.1"));
-        }
-        // header and data are valid JSON already; the rest is escaped by serde_json.
-        let line = format!(
-            "{{\"time\":{},\"endpoint\":\"{endpoint}\",\"status\":{status},\"reason\":{},\"header\":{},\"data\":{}}}\n",
-            serde_json::Value::String(status::rfc3339(SystemTime::now())),
-            serde_json::Value::String(reason.to_string()),
-            e.header(),
-            e.data().unwrap_or("null"),
-        );
-        let file = OpenOptions::new().create(true).append(true).open(&self.path);
-        if let Err(err) = file.and_then(|mut f| f.write_all(line.as_bytes())) {
-            log::error!("cannot record a rejected event in {}: {err}", self.path.display());
-        }
-    }
-}
 
 #[derive(Deserialize)]
 struct Target {
@@ -110,13 +69,35 @@ fn outcomes(events: &[Event], results: &[Value], heal: bool) -> Vec<Outcome> {
 pub struct Uploader {
     /// An events session that drains until `deadline`.
     pub session: Session,
-    pub rejected: RejectedLog,
+    /// `<data_dir>/rejected.ndjson`: events the server refused for good, with the reason.
+    pub rejected: PathBuf,
     /// Closed when shutdown begins; delivery then goes on until `deadline`.
     pub shutdown: Receiver<()>,
     pub deadline: Arc<OnceLock<Instant>>,
+    /// To the queue: a stateless batch not delivered by the deadline.
+    pub spill: Sender<Append>,
 }
 
 impl Uploader {
+    /// Appends `e` to `rejected.ndjson` (rotated first past [`REJECTED_MAX_BYTES`]).
+    fn record_rejected(&self, endpoint: &str, status: u16, reason: &str, e: &Event) {
+        if fs::metadata(&self.rejected).is_ok_and(|m| m.len() > REJECTED_MAX_BYTES) {
+            let _ = fs::rename(&self.rejected, self.rejected.with_extension("ndjson.1"));
+        }
+        // header and data are valid JSON already; the rest is escaped by serde_json.
+        let line = format!(
+            "{{\"time\":{},\"endpoint\":\"{endpoint}\",\"status\":{status},\"reason\":{},\"header\":{},\"data\":{}}}\n",
+            serde_json::Value::String(status::rfc3339(SystemTime::now())),
+            serde_json::Value::String(reason.to_string()),
+            e.header(),
+            e.data().unwrap_or("null"),
+        );
+        let file = OpenOptions::new().create(true).append(true).open(&self.rejected);
+        if let Err(err) = file.and_then(|mut f| f.write_all(line.as_bytes())) {
+            log::error!("cannot record a rejected event in {}: {err}", self.rejected.display());
+        }
+    }
+
     fn draining(&self) -> bool {
         self.deadline.get().is_some()
     }
@@ -155,13 +136,12 @@ impl Uploader {
 
     /// Delivers `events` to the endpoint of `kind`, isolating what the server refuses. Each
     /// event is settled once, where its delivery ends (its source may then move past it).
-    pub fn deliver(&self, kind: Kind, events: &[Event]) -> Delivery {
-        self.deliver_healing(kind, events, true)
-    }
-
-    fn deliver_healing(&self, kind: Kind, events: &[Event], heal: bool) -> Delivery {
+    /// `heal`: stateful per-item results may send events again (not in the follow-up itself). True when
+    /// nothing more is to be done for them (sent, or isolated as rejected); false when shutdown's deadline
+    /// passed before the server took them.
+    fn deliver(&self, kind: Kind, events: &[Event], heal: bool) -> bool {
         if events.is_empty() {
-            return Delivery::Done;
+            return true;
         }
         let endpoint = if kind == Kind::Stateful { "stateful" } else { "stateless" };
         let view = self.session.live.view();
@@ -177,41 +157,38 @@ impl Uploader {
                 }
                 Stats::add(&stats.sent, events.len() as u64);
                 events.iter().for_each(Event::settle);
-                Delivery::Done
+                true
             }
-            Err(Failure::Stopped) => Delivery::Aborted,
+            Err(Failure::Stopped) => false,
             Err(Failure::Refused { status, message, .. }) if events.len() == 1 => {
-                let path = self.rejected.path.display();
+                let path = self.rejected.display();
                 log::warn!("the server refused an event ({status} {message}); recorded in {path}");
-                self.rejected.record(endpoint, status, &message, &events[0]);
+                self.record_rejected(endpoint, status, &message, &events[0]);
                 Stats::add(&stats.rejected, 1);
                 Stats::add(&stats.batches_failed, 1);
                 events[0].settle();
-                Delivery::Done
+                true
             }
             Err(Failure::Refused { status, message, .. }) => {
                 // 400/413: halve; the good half goes through, the bad one is halved again.
                 log::info!("{endpoint} batch of {} events refused ({status} {message}); splitting it", events.len());
                 let (a, b) = events.split_at(events.len() / 2);
-                if self.deliver_healing(kind, a, heal) == Delivery::Aborted {
-                    return Delivery::Aborted;
-                }
-                self.deliver_healing(kind, b, heal)
+                self.deliver(kind, a, heal) && self.deliver(kind, b, heal)
             }
         }
     }
 
     /// A stateless batch; false: the deadline passed first (the events are spilled), stop.
-    fn stateless(&self, events: Vec<Event>, spill: &Sender<Append>) -> bool {
-        if self.deliver(Kind::Stateless, &events) == Delivery::Aborted {
-            crate::queue::spill(spill, events, &self.session.stats, "in flight");
+    fn stateless(&self, events: Vec<Event>) -> bool {
+        if !self.deliver(Kind::Stateless, &events, true) {
+            crate::queue::spill(&self.spill, events, &self.session.stats, "in flight");
             return false;
         }
         true
     }
 
     /// A stateful batch the server took: its per-item results acted on (docs/protocol.md, Stateful results).
-    fn stateful_results(&self, reply: &http::Reply, events: &[Event], heal: bool) -> Delivery {
+    fn stateful_results(&self, reply: &http::Reply, events: &[Event], heal: bool) -> bool {
         let body = serde_json::from_slice::<Value>(&reply.body).unwrap_or_default();
         let results = body.get("results").and_then(Value::as_array).map_or(&[][..], Vec::as_slice);
         let (outcomes, mut again) = (outcomes(events, results, heal), Vec::new());
@@ -223,7 +200,7 @@ impl Uploader {
                 }
             } else if *o == Outcome::Rejected {
                 let status = r.get("status").and_then(Value::as_u64).unwrap_or(0).min(999) as u16;
-                self.rejected.record("stateful", status, &r.to_string().chars().take(300).collect::<String>(), e);
+                self.record_rejected("stateful", status, &r.to_string().chars().take(300).collect::<String>(), e);
             }
         }
         let count = |o: Outcome| outcomes.iter().filter(|x| **x == o).count();
@@ -238,39 +215,34 @@ impl Uploader {
         Stats::add(&self.session.stats.rejected, failed as u64);
         Stats::add(&self.session.stats.sent, (events.len() - failed - again.len()) as u64);
         events.iter().for_each(Event::settle); // (stateful events carry no receipt: only followed lines do)
-        self.deliver_healing(Kind::Stateful, &again, false)
+        self.deliver(Kind::Stateful, &again, false)
     }
-}
-
-/// The durable queue's side of an uploader: batches in, acks back to the queue thread.
-pub struct QueueLink {
-    pub batches: Receiver<QueueBatch>,
-    pub acks: Sender<Ack>,
 }
 
 /// The `upload-queue` thread: the durable queue's batches, one at a time and in order,
 /// and stateless batches in between (chosen fairly by `select!`, so neither kind starves
-/// the other). Stops once `shutdown` closed and the deadline passed or both inputs are done.
-pub fn run_queue(up: Uploader, queue: QueueLink, stateless: Receiver<Vec<Event>>, spill: Sender<Append>) {
+/// the other); acks go back to the queue thread. Stops once `shutdown` closed and the deadline
+/// passed or both inputs are done.
+pub fn run_queue(up: Uploader, batches: Receiver<QueueBatch>, acks: Sender<Ack>, stateless: Receiver<Vec<Event>>) {
     let (never_events, never_batches, never_stop) = (never(), never(), never());
     let (mut stateless_open, mut queued_open) = (true, true);
     loop {
         let s_in = if stateless_open { &stateless } else { &never_events };
-        let q_in = if queued_open { &queue.batches } else { &never_batches };
+        let q_in = if queued_open { &batches } else { &never_batches };
         let stop = if up.draining() { &never_stop } else { &up.shutdown };
         select! {
             recv(q_in) -> msg => match msg {
                 Ok(batch) => {
                     let ack = Ack { end: batch.end, records: batch.events.len() as u64, frame_bytes: batch.frame_bytes };
-                    // Aborted: still in the queue (cursor not moved), delivered after the next start.
-                    if up.deliver(batch.kind, &batch.events) == Delivery::Aborted || queue.acks.send(ack).is_err() {
+                    // Not taken by the deadline: still in the queue (cursor not moved), delivered after the next start.
+                    if !up.deliver(batch.kind, &batch.events, true) || acks.send(ack).is_err() {
                         break;
                     }
                 }
                 Err(_) => queued_open = false,
             },
             recv(s_in) -> msg => match msg {
-                Ok(events) => if !up.stateless(events, &spill) { break },
+                Ok(events) => if !up.stateless(events) { break },
                 Err(_) => stateless_open = false,
             },
             recv(stop) -> _ => up.begin_drain(),
@@ -284,13 +256,13 @@ pub fn run_queue(up: Uploader, queue: QueueLink, stateless: Receiver<Vec<Event>>
 
 /// The `upload-stateless` thread: stateless batches only (they may then arrive out of order; the
 /// durable queue's never do). Stops like [`run_queue`].
-pub fn run_stateless(up: Uploader, stateless: Receiver<Vec<Event>>, spill: Sender<Append>) {
+pub fn run_stateless(up: Uploader, stateless: Receiver<Vec<Event>>) {
     let never_stop = never();
     loop {
         let stop = if up.draining() { &never_stop } else { &up.shutdown };
         select! {
             recv(stateless) -> msg => match msg {
-                Ok(events) => if !up.stateless(events, &spill) { break },
+                Ok(events) => if !up.stateless(events) { break },
                 Err(_) => break,
             },
             recv(stop) -> _ => up.begin_drain(),
