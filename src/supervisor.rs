@@ -131,7 +131,10 @@ impl Workers {
         for (_, handle) in done {
             let _ = handle.join();
         }
-        stuck.into_iter().map(|(name, _)| name).collect()
+        // Still running: kept, so a later join (after a cut) can name them again.
+        let names = stuck.iter().map(|(name, _)| *name).collect();
+        self.running.extend(stuck);
+        names
     }
 
     /// As `join`; if some are still running after `grace`, shuts `pools` down (their requests in
