@@ -228,6 +228,32 @@ fn current_name(file: &File) -> Option<String> {
     (!name.ends_with(" (deleted)")).then(|| name.to_string())
 }
 
+/// The file saved as `name` (`s`): under that name if it is still the same file, else under
+/// another name in the same directory (renamed again by a rotation). Never through a link. The
+/// directories scanned are kept in `dirs`, each scanned once.
+fn find_saved(
+    name: &str,
+    s: &Saved,
+    dirs: &mut HashMap<PathBuf, HashMap<(u64, u64), PathBuf>>,
+) -> Option<(File, String)> {
+    let check = |p: &Path| {
+        let mut file = crate::fsutil::open_nofollow(File::options().read(true), p).ok()?;
+        let m = file.metadata().ok()?;
+        let same = m.is_file() && (m.dev(), m.ino()) == (s.dev, s.ino) && s.offset <= m.len();
+        (same && fingerprint(&mut file, s.fp_len).is_ok_and(|fp| fp == (s.fp_len, s.fp_crc)))
+            .then(|| (file, p.to_string_lossy().into_owned()))
+    };
+    check(Path::new(name)).or_else(|| {
+        let dir = Path::new(name).parent()?;
+        let ids = dirs.entry(dir.to_path_buf()).or_insert_with(|| {
+            // lstat: a link has an inode of its own.
+            let entries = std::fs::read_dir(dir).into_iter().flatten().flatten();
+            entries.filter_map(|e| Some(((e.metadata().ok()?.dev(), e.metadata().ok()?.ino()), e.path()))).collect()
+        });
+        check(ids.get(&(s.dev, s.ino))?)
+    })
+}
+
 #[derive(Default)]
 pub struct Collector {
     config: LogcollectorConfig,
@@ -256,25 +282,38 @@ impl Collector {
         c
     }
 
-    /// Files that were rotated away and not yet delivered when the agent stopped are found
-    /// under the name they had then (the same inode and first bytes, never through a link)
-    /// and finished first.
+    /// Files rotated away and not yet delivered when the agent stopped, and followed files
+    /// rotated away while it was stopped, are found under the name saved or, renamed since, in
+    /// the same directory (the same inode and first bytes, never through a link), and finished
+    /// first, oldest (by last write) first, at most [`MAX_FOLLOWED`] of them.
     fn resume_rotated(&mut self) {
         let since = Instant::now();
+        let mut dirs = HashMap::new();
+        let mut found = Vec::new();
         for (name, s) in &self.saved {
-            let Some(path) = s.rotated_from.clone() else { continue };
-            let Ok(mut file) = crate::fsutil::open_nofollow(File::options().read(true), Path::new(name)) else {
-                continue;
+            let path = match &s.rotated_from {
+                Some(path) => path.clone(),
+                // Still under its name (open() goes on there), or empty when saved (nothing identifies it).
+                None if s.fp_len == 0
+                    || std::fs::metadata(name).is_ok_and(|m| (m.dev(), m.ino()) == (s.dev, s.ino)) =>
+                {
+                    continue;
+                }
+                None => name.clone(),
             };
-            let same = file.metadata().is_ok_and(|m| (m.dev(), m.ino()) == (s.dev, s.ino) && s.offset <= m.len());
-            if same && fingerprint(&mut file, s.fp_len).is_ok_and(|fp| fp == (s.fp_len, s.fp_crc)) {
-                log::info!("logcollector: finishing {name}, rotated away from {path} before the agent stopped");
-                let (offset, fp) = (s.offset, (s.fp_len, s.fp_crc));
-                let file =
-                    Followed { file, dev: s.dev, ino: s.ino, offset, in_flight: VecDeque::new(), acked: offset, fp };
-                self.rotated.push(Rotated { path, file, since });
+            if found.len() >= MAX_FOLLOWED {
+                log::warn!("logcollector: more than {MAX_FOLLOWED} rotated files to finish; the rest are skipped");
+                break;
             }
+            let Some((file, now)) = find_saved(name, s, &mut dirs) else { continue };
+            log::info!("logcollector: finishing {now}, rotated away from {path} before the agent stopped");
+            let written = file.metadata().and_then(|m| m.modified()).ok();
+            let (offset, fp) = (s.offset, (s.fp_len, s.fp_crc));
+            let file = Followed { file, dev: s.dev, ino: s.ino, offset, in_flight: VecDeque::new(), acked: offset, fp };
+            found.push((written, Rotated { path, file, since }));
         }
+        found.sort_by_key(|(written, _)| *written);
+        self.rotated = found.into_iter().map(|(_, r)| r).collect();
     }
 
     fn expand(&self) -> BTreeSet<String> {
@@ -392,6 +431,10 @@ impl Collector {
         // read to its end and delivered, so a file's lines never overtake the rest of the last one.
         let mut waiting = BTreeSet::new();
         for r in &mut self.rotated {
+            if waiting.contains(&r.path) {
+                // An older file of this name is not finished yet.
+                continue;
+            }
             let at_end = reader.read(&r.path, &mut r.file, true, &mut self.more);
             if at_end? && !r.file.advance() && r.file.in_flight.is_empty() {
                 continue;
