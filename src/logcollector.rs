@@ -46,6 +46,9 @@ const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// Files followed at once. `logcollector.files` may come from the server (SPEC §2.1): a glob
 /// like `/**/*` would otherwise hold one descriptor per match and exhaust the process limit.
 const MAX_FOLLOWED: usize = 256;
+/// Bytes of `logcollector.json` read at a start: what the agent writes (followed, rotated and
+/// configured names, each at most a 4 KiB path) stays far below.
+const MAX_STATE: u64 = 4 << 20;
 
 /// What is saved per followed path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -254,6 +257,25 @@ fn find_saved(
     })
 }
 
+/// The saved offsets; none (warned) if the file is damaged, not a regular file or larger than
+/// [`MAX_STATE`]: the agent's account can write it, and a huge one would be read whole.
+fn read_state(path: &Path) -> BTreeMap<String, Saved> {
+    let mut text = Vec::new();
+    let read = crate::fsutil::open_nofollow(File::options().read(true), path)
+        .and_then(|f| f.take(MAX_STATE + 1).read_to_end(&mut text));
+    let why = match read {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
+        Err(e) => e.to_string(),
+        Ok(n) if n as u64 > MAX_STATE => format!("larger than {MAX_STATE} bytes"),
+        Ok(_) => match serde_json::from_slice(&text) {
+            Ok(saved) => return saved,
+            Err(e) => e.to_string(),
+        },
+    };
+    log::warn!("logcollector: ignoring the saved offsets in {} ({why})", path.display());
+    BTreeMap::new()
+}
+
 #[derive(Default)]
 pub struct Collector {
     config: LogcollectorConfig,
@@ -276,7 +298,7 @@ pub struct Collector {
 
 impl Collector {
     pub fn new(config: LogcollectorConfig, state_path: PathBuf, stats: Arc<Stats>) -> Collector {
-        let saved = std::fs::read(&state_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let saved = read_state(&state_path);
         let mut c = Collector { config, state_path, saved, stats, ..Collector::default() };
         c.resume_rotated();
         c
@@ -489,7 +511,10 @@ impl Collector {
             }
         }
         let Ok(json) = serde_json::to_vec(&self.saved) else { return };
-        if std::fs::read(&self.state_path).ok().as_deref() == Some(&json[..]) {
+        // Compared with at most as much as is written: the file found at the start may be huge.
+        let mut old = Vec::new();
+        let read = File::open(&self.state_path).and_then(|f| f.take(json.len() as u64 + 1).read_to_end(&mut old));
+        if read.is_ok() && old == json {
             return;
         }
         if let Err(e) = crate::fsutil::write_atomic(&self.state_path, &json, 0o600) {
