@@ -460,3 +460,38 @@ fn copytruncate_during_an_outage_loses_no_unread_line() {
     let lost = missing(&env, "ct", 3000, Duration::from_secs(5));
     assert_eq!(lost, 0, "{lost} of 3000 lines written before the copytruncate never arrived");
 }
+
+/// 100 rotations during an outage (each seen by the agent, under the ring's size): descriptors
+/// and memory stay bounded, and after the outage every file arrives once, in rotation order.
+#[test]
+fn a_hundred_rotations_in_an_outage_arrive_in_order_within_bounds() {
+    let (env, logs) = setup(&["app.log"], "");
+    let log = logs.join("app.log");
+    let agent = env.running_agent();
+    env.mock.set_down(true);
+    let n = 100;
+    for i in 0..n {
+        append(&log, &lines_of(&format!("h{i}"), 0..50));
+        assert!(wait_for(Duration::from_secs(5), || follows(&agent, &log)), "file {i} not opened");
+        let to = logs.join(format!("app.log-{i:04}"));
+        std::fs::rename(&log, &to).unwrap();
+        assert!(wait_for(Duration::from_secs(5), || follows(&agent, &to)), "rotation {i} not seen");
+    }
+    append(&log, &lines_of("hn", 0..50));
+    assert!(wait_for(Duration::from_secs(5), || follows(&agent, &log)));
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", agent.child.id())).unwrap().count();
+    let peak = proc_kb(agent.child.id(), "VmHWM:");
+    eprintln!("{n} rotations waiting: {fds} descriptors, VmHWM {peak} kB");
+    assert!(fds < 256 + 64, "{fds} descriptors");
+    env.mock.set_down(false);
+    assert_eq!(missing(&env, "hn", 50, Duration::from_secs(20)), 0);
+    let got = received(&env);
+    let mut want: Vec<String> = (0..n).flat_map(|i| (0..50).map(move |j| format!("h{i}-{j}"))).collect();
+    want.extend((0..50).map(|j| format!("hn-{j}")));
+    assert_eq!(got.len(), want.len(), "lost or sent twice");
+    assert!(got == want, "files out of order or lines missing");
+    let peak = proc_kb(agent.child.id(), "VmHWM:");
+    assert!(peak <= 32 * 1024, "VmHWM {peak} kB");
+    // Every rotated file is let go once delivered and its 5 s are over.
+    assert!(wait_for(Duration::from_secs(10), || open_under(&agent, &logs) == 1), "{}", open_under(&agent, &logs));
+}
