@@ -2,6 +2,7 @@
 //! event (docs/events.md) under delivery receipts (ARCHITECTURE.md): a saved offset moves only past what
 //! the server took. Rotation, truncation and the saved state (`logcollector.json`): README, "Logcollector".
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -46,6 +47,8 @@ const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// Files followed at once. `logcollector.files` may come from the server (SPEC §2.1): a glob
 /// like `/**/*` would otherwise hold one descriptor per match and exhaust the process limit.
 const MAX_FOLLOWED: usize = 256;
+/// How long a chunk waits for the pipeline before it is held and the files are looked at again.
+const SEND_WAIT: Duration = Duration::from_millis(100);
 /// Bytes of `logcollector.json` read at a start: what the agent writes (followed, rotated and
 /// configured names, each at most a 4 KiB path) stays far below.
 const MAX_STATE: u64 = 4 << 20;
@@ -159,6 +162,14 @@ struct Reader<'a> {
     sink: &'a EventSink,
     stats: &'a Stats,
     max: usize,
+    /// A chunk the pipeline did not take (it is full): no file is read until it is handed over.
+    held: &'a RefCell<Option<Vec<Event>>>,
+}
+
+/// The end of `line` (a slice of `buf` that [`for_each_line`] gave) and of its `\r\n` or `\n`.
+fn line_end(buf: &[u8], line: &[u8]) -> usize {
+    let end = line.as_ptr() as usize - buf.as_ptr() as usize + line.len();
+    end + if buf[end] == b'\r' { 2 } else { 1 }
 }
 
 impl Reader<'_> {
@@ -183,6 +194,9 @@ impl Reader<'_> {
             // Enough of this file waits for the server: read on once some of it is acknowledged.
             return Some(false);
         }
+        if self.held.borrow().is_some() {
+            return Some(false);
+        }
         if len <= f.offset {
             return Some(true);
         }
@@ -196,22 +210,39 @@ impl Reader<'_> {
         let receipt = self.sink.receipt();
         let (path_json, created) = (json_string(path), status::rfc3339(SystemTime::now()));
         // Events go out in chunks as they are made: bounded memory, early backpressure. An empty
-        // line makes no event; `emit(None)` hands over what is left. `None`: the pipeline is gone.
+        // line makes no event; `emit(None)` hands over what is left. `None`: the pipeline is gone;
+        // `Some(false)`: it is full, the chunk is held and the read ends after its last line (the
+        // thread must not block: it would not see the file's name rotate again meanwhile).
         let mut chunk: Vec<Event> = Vec::with_capacity(CHUNK);
         let event = |l: &[u8]| line_event(&path_json, &created, l, self.max).tracked(&receipt);
-        let mut emit = |line: Option<&[u8]>| -> Option<()> {
+        let mut emit = |line: Option<&[u8]>| -> Option<bool> {
             chunk.extend(line.filter(|l| !l.is_empty()).map(event));
             if chunk.is_empty() || (line.is_some() && chunk.len() < CHUNK) {
-                return Some(());
+                return Some(true);
             }
             let n = chunk.len() as u64;
-            self.sink.send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK))).ok()?;
-            Stats::add(&self.stats.received, n);
-            Some(())
+            match self.sink.send_within(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)), SEND_WAIT).ok()? {
+                None => Stats::add(&self.stats.received, n),
+                Some(c) => {
+                    *self.held.borrow_mut() = Some(c);
+                    *more = true;
+                    return Some(false);
+                }
+            }
+            Some(true)
         };
-        let mut used = for_each_line(&buf, |line| emit(Some(line)).is_some())?;
+        let mut held_at = None;
+        let used = for_each_line(&buf, |line| match emit(Some(line)) {
+            Some(true) => true,
+            Some(false) => {
+                held_at = Some(line_end(&buf, line));
+                false
+            }
+            None => false,
+        });
+        let mut used = used.or(held_at)?;
         // An unfinished line longer than the limit cannot wait for ever.
-        if buf.len() - used > self.max || (rotated && f.offset + buf.len() as u64 >= len) {
+        if held_at.is_none() && (buf.len() - used > self.max || (rotated && f.offset + buf.len() as u64 >= len)) {
             emit(Some(&buf[used..]))?;
             used = buf.len();
         }
@@ -284,6 +315,8 @@ pub struct Collector {
     followed: HashMap<String, Followed>,
     /// Oldest first.
     rotated: Vec<Rotated>,
+    /// A chunk the full pipeline did not take; handed over first at the next poll.
+    held: RefCell<Option<Vec<Event>>>,
     /// Paths warned about (unreadable), so a warning is not repeated every poll.
     warned: HashMap<String, String>,
     /// A file had more to read than one poll takes: poll again without waiting.
@@ -448,7 +481,14 @@ impl Collector {
         self.capped = skipped;
         // Files opened from here on were rotated in while the agent ran: all of them is new.
         self.scanned = true;
-        let reader = Reader { sink, stats: &self.stats, max: self.config.max_line_bytes };
+        if let Some(chunk) = self.held.take() {
+            let n = chunk.len() as u64;
+            match sink.send_within(chunk, SEND_WAIT).ok()? {
+                None => Stats::add(&self.stats.received, n),
+                Some(chunk) => *self.held.get_mut() = Some(chunk),
+            }
+        }
+        let reader = Reader { sink, stats: &self.stats, max: self.config.max_line_bytes, held: &self.held };
         // Rotated files first, oldest first; a path's next file waits until the one before it is
         // read to its end and delivered, so a file's lines never overtake the rest of the last one.
         let mut waiting = BTreeSet::new();
@@ -542,7 +582,9 @@ fn run(config: Config, ctx: Context) {
         }
     }
     // The supervisor stops the modules before the pipeline drains (within its 5 s grace):
-    // 10 s covers the drain, after which every read is settled or abandoned.
+    // 10 s covers the drain, after which every read is settled or abandoned (a held chunk is
+    // abandoned here: its lines are read again at the next start).
+    drop(c.held.take());
     c.settle(&ctx.events, Duration::from_secs(10));
     c.save();
 }
