@@ -164,6 +164,8 @@ struct Reader<'a> {
     max: usize,
     /// A chunk the pipeline did not take (it is full): no file is read until it is handed over.
     held: &'a RefCell<Option<Vec<Event>>>,
+    /// Copies of truncated files (copytruncate) with their unread rest, to finish first.
+    copies: &'a RefCell<Vec<(String, Followed)>>,
 }
 
 /// The end of `line` (a slice of `buf` that [`for_each_line`] gave) and of its `\r\n` or `\n`.
@@ -179,11 +181,25 @@ impl Reader<'_> {
     fn read(&self, path: &str, f: &mut Followed, rotated: bool, more: &mut bool) -> Option<bool> {
         let Ok(len) = f.file.metadata().map(|m| m.len()) else { return Some(true) };
         f.advance();
+        let before = f.fp;
         // Shrunk, or starts with other bytes: truncated (and maybe written again since). Checked
         // before the limit below, which can hold the reader back for as long as an outage lasts.
         let truncated = len < f.offset || fingerprint(&mut f.file, f.fp.0).is_ok_and(|fp| fp != f.fp);
         if f.fp.0 < FINGERPRINT_BYTES || truncated {
             f.fp = fingerprint(&mut f.file, FINGERPRINT_BYTES).unwrap_or(f.fp);
+        }
+        if truncated && !rotated {
+            // copytruncate: what was not read (or not acknowledged) yet is in the copy, which
+            // takes over this file's reads in flight and is finished first, like a rotated file.
+            if let Some((file, name)) = find_copy(path, f, before) {
+                log::info!("logcollector: {path} was truncated; finishing its copy {name} first");
+                let Ok(m) = file.metadata() else { return Some(false) };
+                let (offset, acked, in_flight) = (f.offset, f.acked, std::mem::take(&mut f.in_flight));
+                let copy = Followed { file, dev: m.dev(), ino: m.ino(), offset, in_flight, acked, fp: before };
+                self.copies.borrow_mut().push((path.to_string(), copy));
+                (f.offset, f.acked) = (0, 0);
+                return Some(false);
+            }
         }
         if truncated {
             // What is in flight was before the truncation: its acknowledgement means offset 0 now.
@@ -255,6 +271,32 @@ impl Reader<'_> {
     }
 }
 
+/// The copy of `f` (known as `path`) that copytruncate left in its directory: a regular file
+/// other than `f`, at least as long as what was read of `f`, that starts with the bytes `f`
+/// started with (`fp`, not empty); the last written of them. Never through a link.
+fn find_copy(path: &str, f: &Followed, fp: (usize, u32)) -> Option<(File, String)> {
+    if fp.0 == 0 {
+        return None;
+    }
+    let entries = std::fs::read_dir(Path::new(path).parent()?).ok()?.flatten();
+    // lstat: a link is not a regular file.
+    let candidates = entries.filter_map(|e| Some((e.metadata().ok()?, e.path()))).filter(|(m, _)| {
+        m.is_file() && (m.dev(), m.ino()) != (f.dev, f.ino) && m.len() >= f.offset && m.len() >= fp.0 as u64
+    });
+    let mut found = None;
+    for (m, p) in candidates {
+        let Ok(mut file) = crate::fsutil::open_nofollow(File::options().read(true), &p) else { continue };
+        let same = file.metadata().is_ok_and(|o| (o.dev(), o.ino()) == (m.dev(), m.ino()));
+        if same && fingerprint(&mut file, fp.0).is_ok_and(|c| c == fp) {
+            let written = m.modified().ok();
+            if found.as_ref().is_none_or(|(w, _, _)| written > *w) {
+                found = Some((written, file, p.to_string_lossy().into_owned()));
+            }
+        }
+    }
+    found.map(|(_, file, name)| (file, name))
+}
+
 /// The name a file has now (it may have been renamed since it was opened); `None` once deleted.
 fn current_name(file: &File) -> Option<String> {
     let name = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
@@ -317,6 +359,8 @@ pub struct Collector {
     rotated: Vec<Rotated>,
     /// A chunk the full pipeline did not take; handed over first at the next poll.
     held: RefCell<Option<Vec<Event>>>,
+    /// Copies of truncated files found during a poll, joined to the rotated files after it.
+    copies: RefCell<Vec<(String, Followed)>>,
     /// Paths warned about (unreadable), so a warning is not repeated every poll.
     warned: HashMap<String, String>,
     /// A file had more to read than one poll takes: poll again without waiting.
@@ -488,7 +532,13 @@ impl Collector {
                 Some(chunk) => *self.held.get_mut() = Some(chunk),
             }
         }
-        let reader = Reader { sink, stats: &self.stats, max: self.config.max_line_bytes, held: &self.held };
+        let reader = Reader {
+            sink,
+            stats: &self.stats,
+            max: self.config.max_line_bytes,
+            held: &self.held,
+            copies: &self.copies,
+        };
         // Rotated files first, oldest first; a path's next file waits until the one before it is
         // read to its end and delivered, so a file's lines never overtake the rest of the last one.
         let mut waiting = BTreeSet::new();
@@ -506,6 +556,16 @@ impl Collector {
         self.rotated.retain(|r| waiting.contains(&r.path) || r.since.elapsed() < ROTATE_WAIT);
         for (path, f) in self.followed.iter_mut().filter(|(p, _)| !waiting.contains(*p)) {
             reader.read(path, f, false, &mut self.more)?;
+        }
+        for (path, copy) in self.copies.get_mut().drain(..) {
+            // A copy a pattern matches too is followed already: it goes on from the unread rest
+            // if nothing of it was read yet, else as it is (its lines are sent again).
+            let id = (copy.dev, copy.ino);
+            match self.followed.values_mut().find(|o| (o.dev, o.ino) == id) {
+                Some(o) if o.offset == 0 && o.in_flight.is_empty() => *o = copy,
+                Some(_) => {}
+                None => self.rotated.push(Rotated { path, file: copy, since: now }),
+            }
         }
         if self.last_save.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
             self.save();
