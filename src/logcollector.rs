@@ -2,6 +2,7 @@
 //! event (docs/events.md) under delivery receipts (ARCHITECTURE.md): a saved offset moves only past what
 //! the server took. Rotation, truncation and the saved state (`logcollector.json`): README, "Logcollector".
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -46,6 +47,11 @@ const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// Files followed at once. `logcollector.files` may come from the server (SPEC §2.1): a glob
 /// like `/**/*` would otherwise hold one descriptor per match and exhaust the process limit.
 const MAX_FOLLOWED: usize = 256;
+/// How long a chunk waits for the pipeline before it is held and the files are looked at again.
+const SEND_WAIT: Duration = Duration::from_millis(100);
+/// Bytes of `logcollector.json` read at a start: what the agent writes (followed, rotated and
+/// configured names, each at most a 4 KiB path) stays far below.
+const MAX_STATE: u64 = 4 << 20;
 
 /// What is saved per followed path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,6 +162,16 @@ struct Reader<'a> {
     sink: &'a EventSink,
     stats: &'a Stats,
     max: usize,
+    /// A chunk the pipeline did not take (it is full): no file is read until it is handed over.
+    held: &'a RefCell<Option<Vec<Event>>>,
+    /// Copies of truncated files (copytruncate) with their unread rest, to finish first.
+    copies: &'a RefCell<Vec<(String, Followed)>>,
+}
+
+/// The end of `line` (a slice of `buf` that [`for_each_line`] gave) and of its `\r\n` or `\n`.
+fn line_end(buf: &[u8], line: &[u8]) -> usize {
+    let end = line.as_ptr() as usize - buf.as_ptr() as usize + line.len();
+    end + if buf[end] == b'\r' { 2 } else { 1 }
 }
 
 impl Reader<'_> {
@@ -165,11 +181,25 @@ impl Reader<'_> {
     fn read(&self, path: &str, f: &mut Followed, rotated: bool, more: &mut bool) -> Option<bool> {
         let Ok(len) = f.file.metadata().map(|m| m.len()) else { return Some(true) };
         f.advance();
+        let before = f.fp;
         // Shrunk, or starts with other bytes: truncated (and maybe written again since). Checked
         // before the limit below, which can hold the reader back for as long as an outage lasts.
         let truncated = len < f.offset || fingerprint(&mut f.file, f.fp.0).is_ok_and(|fp| fp != f.fp);
         if f.fp.0 < FINGERPRINT_BYTES || truncated {
             f.fp = fingerprint(&mut f.file, FINGERPRINT_BYTES).unwrap_or(f.fp);
+        }
+        if truncated && !rotated {
+            // copytruncate: what was not read (or not acknowledged) yet is in the copy, which
+            // takes over this file's reads in flight and is finished first, like a rotated file.
+            if let Some((file, name)) = find_copy(path, f, before) {
+                log::info!("logcollector: {path} was truncated; finishing its copy {name} first");
+                let Ok(m) = file.metadata() else { return Some(false) };
+                let (offset, acked, in_flight) = (f.offset, f.acked, std::mem::take(&mut f.in_flight));
+                let copy = Followed { file, dev: m.dev(), ino: m.ino(), offset, in_flight, acked, fp: before };
+                self.copies.borrow_mut().push((path.to_string(), copy));
+                (f.offset, f.acked) = (0, 0);
+                return Some(false);
+            }
         }
         if truncated {
             // What is in flight was before the truncation: its acknowledgement means offset 0 now.
@@ -178,6 +208,9 @@ impl Reader<'_> {
             (f.offset, f.acked) = (0, 0);
         } else if f.offset.saturating_sub(f.acked) >= IN_FLIGHT {
             // Enough of this file waits for the server: read on once some of it is acknowledged.
+            return Some(false);
+        }
+        if self.held.borrow().is_some() {
             return Some(false);
         }
         if len <= f.offset {
@@ -193,22 +226,39 @@ impl Reader<'_> {
         let receipt = self.sink.receipt();
         let (path_json, created) = (json_string(path), status::rfc3339(SystemTime::now()));
         // Events go out in chunks as they are made: bounded memory, early backpressure. An empty
-        // line makes no event; `emit(None)` hands over what is left. `None`: the pipeline is gone.
+        // line makes no event; `emit(None)` hands over what is left. `None`: the pipeline is gone;
+        // `Some(false)`: it is full, the chunk is held and the read ends after its last line (the
+        // thread must not block: it would not see the file's name rotate again meanwhile).
         let mut chunk: Vec<Event> = Vec::with_capacity(CHUNK);
         let event = |l: &[u8]| line_event(&path_json, &created, l, self.max).tracked(&receipt);
-        let mut emit = |line: Option<&[u8]>| -> Option<()> {
+        let mut emit = |line: Option<&[u8]>| -> Option<bool> {
             chunk.extend(line.filter(|l| !l.is_empty()).map(event));
             if chunk.is_empty() || (line.is_some() && chunk.len() < CHUNK) {
-                return Some(());
+                return Some(true);
             }
             let n = chunk.len() as u64;
-            self.sink.send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK))).ok()?;
-            Stats::add(&self.stats.received, n);
-            Some(())
+            match self.sink.send_within(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)), SEND_WAIT).ok()? {
+                None => Stats::add(&self.stats.received, n),
+                Some(c) => {
+                    *self.held.borrow_mut() = Some(c);
+                    *more = true;
+                    return Some(false);
+                }
+            }
+            Some(true)
         };
-        let mut used = for_each_line(&buf, |line| emit(Some(line)).is_some())?;
+        let mut held_at = None;
+        let used = for_each_line(&buf, |line| match emit(Some(line)) {
+            Some(true) => true,
+            Some(false) => {
+                held_at = Some(line_end(&buf, line));
+                false
+            }
+            None => false,
+        });
+        let mut used = used.or(held_at)?;
         // An unfinished line longer than the limit cannot wait for ever.
-        if buf.len() - used > self.max || (rotated && f.offset + buf.len() as u64 >= len) {
+        if held_at.is_none() && (buf.len() - used > self.max || (rotated && f.offset + buf.len() as u64 >= len)) {
             emit(Some(&buf[used..]))?;
             used = buf.len();
         }
@@ -221,11 +271,82 @@ impl Reader<'_> {
     }
 }
 
+/// The copy of `f` (known as `path`) that copytruncate left in its directory: a regular file
+/// other than `f`, at least as long as what was read of `f`, that starts with the bytes `f`
+/// started with (`fp`, not empty); the last written of them. Never through a link.
+fn find_copy(path: &str, f: &Followed, fp: (usize, u32)) -> Option<(File, String)> {
+    if fp.0 == 0 {
+        return None;
+    }
+    let entries = std::fs::read_dir(Path::new(path).parent()?).ok()?.flatten();
+    // lstat: a link is not a regular file.
+    let candidates = entries.filter_map(|e| Some((e.metadata().ok()?, e.path()))).filter(|(m, _)| {
+        m.is_file() && (m.dev(), m.ino()) != (f.dev, f.ino) && m.len() >= f.offset && m.len() >= fp.0 as u64
+    });
+    let mut found = None;
+    for (m, p) in candidates {
+        let Ok(mut file) = crate::fsutil::open_nofollow(File::options().read(true), &p) else { continue };
+        let same = file.metadata().is_ok_and(|o| (o.dev(), o.ino()) == (m.dev(), m.ino()));
+        if same && fingerprint(&mut file, fp.0).is_ok_and(|c| c == fp) {
+            let written = m.modified().ok();
+            if found.as_ref().is_none_or(|(w, _, _)| written > *w) {
+                found = Some((written, file, p.to_string_lossy().into_owned()));
+            }
+        }
+    }
+    found.map(|(_, file, name)| (file, name))
+}
+
 /// The name a file has now (it may have been renamed since it was opened); `None` once deleted.
 fn current_name(file: &File) -> Option<String> {
     let name = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
     let name = name.to_str()?;
     (!name.ends_with(" (deleted)")).then(|| name.to_string())
+}
+
+/// The file saved as `name` (`s`): under that name if it is still the same file, else under
+/// another name in the same directory (renamed again by a rotation). Never through a link. The
+/// directories scanned are kept in `dirs`, each scanned once.
+fn find_saved(
+    name: &str,
+    s: &Saved,
+    dirs: &mut HashMap<PathBuf, HashMap<(u64, u64), PathBuf>>,
+) -> Option<(File, String)> {
+    let check = |p: &Path| {
+        let mut file = crate::fsutil::open_nofollow(File::options().read(true), p).ok()?;
+        let m = file.metadata().ok()?;
+        let same = m.is_file() && (m.dev(), m.ino()) == (s.dev, s.ino) && s.offset <= m.len();
+        (same && fingerprint(&mut file, s.fp_len).is_ok_and(|fp| fp == (s.fp_len, s.fp_crc)))
+            .then(|| (file, p.to_string_lossy().into_owned()))
+    };
+    check(Path::new(name)).or_else(|| {
+        let dir = Path::new(name).parent()?;
+        let ids = dirs.entry(dir.to_path_buf()).or_insert_with(|| {
+            // lstat: a link has an inode of its own.
+            let entries = std::fs::read_dir(dir).into_iter().flatten().flatten();
+            entries.filter_map(|e| Some(((e.metadata().ok()?.dev(), e.metadata().ok()?.ino()), e.path()))).collect()
+        });
+        check(ids.get(&(s.dev, s.ino))?)
+    })
+}
+
+/// The saved offsets; none (warned) if the file is damaged, not a regular file or larger than
+/// [`MAX_STATE`]: the agent's account can write it, and a huge one would be read whole.
+fn read_state(path: &Path) -> BTreeMap<String, Saved> {
+    let mut text = Vec::new();
+    let read = crate::fsutil::open_nofollow(File::options().read(true), path)
+        .and_then(|f| f.take(MAX_STATE + 1).read_to_end(&mut text));
+    let why = match read {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
+        Err(e) => e.to_string(),
+        Ok(n) if n as u64 > MAX_STATE => format!("larger than {MAX_STATE} bytes"),
+        Ok(_) => match serde_json::from_slice(&text) {
+            Ok(saved) => return saved,
+            Err(e) => e.to_string(),
+        },
+    };
+    log::warn!("logcollector: ignoring the saved offsets in {} ({why})", path.display());
+    BTreeMap::new()
 }
 
 #[derive(Default)]
@@ -236,6 +357,10 @@ pub struct Collector {
     followed: HashMap<String, Followed>,
     /// Oldest first.
     rotated: Vec<Rotated>,
+    /// A chunk the full pipeline did not take; handed over first at the next poll.
+    held: RefCell<Option<Vec<Event>>>,
+    /// Copies of truncated files found during a poll, joined to the rotated files after it.
+    copies: RefCell<Vec<(String, Followed)>>,
     /// Paths warned about (unreadable), so a warning is not repeated every poll.
     warned: HashMap<String, String>,
     /// A file had more to read than one poll takes: poll again without waiting.
@@ -250,31 +375,44 @@ pub struct Collector {
 
 impl Collector {
     pub fn new(config: LogcollectorConfig, state_path: PathBuf, stats: Arc<Stats>) -> Collector {
-        let saved = std::fs::read(&state_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let saved = read_state(&state_path);
         let mut c = Collector { config, state_path, saved, stats, ..Collector::default() };
         c.resume_rotated();
         c
     }
 
-    /// Files that were rotated away and not yet delivered when the agent stopped are found
-    /// under the name they had then (the same inode and first bytes, never through a link)
-    /// and finished first.
+    /// Files rotated away and not yet delivered when the agent stopped, and followed files
+    /// rotated away while it was stopped, are found under the name saved or, renamed since, in
+    /// the same directory (the same inode and first bytes, never through a link), and finished
+    /// first, oldest (by last write) first, at most [`MAX_FOLLOWED`] of them.
     fn resume_rotated(&mut self) {
         let since = Instant::now();
+        let mut dirs = HashMap::new();
+        let mut found = Vec::new();
         for (name, s) in &self.saved {
-            let Some(path) = s.rotated_from.clone() else { continue };
-            let Ok(mut file) = crate::fsutil::open_nofollow(File::options().read(true), Path::new(name)) else {
-                continue;
+            let path = match &s.rotated_from {
+                Some(path) => path.clone(),
+                // Still under its name (open() goes on there), or empty when saved (nothing identifies it).
+                None if s.fp_len == 0
+                    || std::fs::metadata(name).is_ok_and(|m| (m.dev(), m.ino()) == (s.dev, s.ino)) =>
+                {
+                    continue;
+                }
+                None => name.clone(),
             };
-            let same = file.metadata().is_ok_and(|m| (m.dev(), m.ino()) == (s.dev, s.ino) && s.offset <= m.len());
-            if same && fingerprint(&mut file, s.fp_len).is_ok_and(|fp| fp == (s.fp_len, s.fp_crc)) {
-                log::info!("logcollector: finishing {name}, rotated away from {path} before the agent stopped");
-                let (offset, fp) = (s.offset, (s.fp_len, s.fp_crc));
-                let file =
-                    Followed { file, dev: s.dev, ino: s.ino, offset, in_flight: VecDeque::new(), acked: offset, fp };
-                self.rotated.push(Rotated { path, file, since });
+            if found.len() >= MAX_FOLLOWED {
+                log::warn!("logcollector: more than {MAX_FOLLOWED} rotated files to finish; the rest are skipped");
+                break;
             }
+            let Some((file, now)) = find_saved(name, s, &mut dirs) else { continue };
+            log::info!("logcollector: finishing {now}, rotated away from {path} before the agent stopped");
+            let written = file.metadata().and_then(|m| m.modified()).ok();
+            let (offset, fp) = (s.offset, (s.fp_len, s.fp_crc));
+            let file = Followed { file, dev: s.dev, ino: s.ino, offset, in_flight: VecDeque::new(), acked: offset, fp };
+            found.push((written, Rotated { path, file, since }));
         }
+        found.sort_by_key(|(written, _)| *written);
+        self.rotated = found.into_iter().map(|(_, r)| r).collect();
     }
 
     fn expand(&self) -> BTreeSet<String> {
@@ -387,11 +525,28 @@ impl Collector {
         self.capped = skipped;
         // Files opened from here on were rotated in while the agent ran: all of them is new.
         self.scanned = true;
-        let reader = Reader { sink, stats: &self.stats, max: self.config.max_line_bytes };
+        if let Some(chunk) = self.held.take() {
+            let n = chunk.len() as u64;
+            match sink.send_within(chunk, SEND_WAIT).ok()? {
+                None => Stats::add(&self.stats.received, n),
+                Some(chunk) => *self.held.get_mut() = Some(chunk),
+            }
+        }
+        let reader = Reader {
+            sink,
+            stats: &self.stats,
+            max: self.config.max_line_bytes,
+            held: &self.held,
+            copies: &self.copies,
+        };
         // Rotated files first, oldest first; a path's next file waits until the one before it is
         // read to its end and delivered, so a file's lines never overtake the rest of the last one.
         let mut waiting = BTreeSet::new();
         for r in &mut self.rotated {
+            if waiting.contains(&r.path) {
+                // An older file of this name is not finished yet.
+                continue;
+            }
             let at_end = reader.read(&r.path, &mut r.file, true, &mut self.more);
             if at_end? && !r.file.advance() && r.file.in_flight.is_empty() {
                 continue;
@@ -401,6 +556,16 @@ impl Collector {
         self.rotated.retain(|r| waiting.contains(&r.path) || r.since.elapsed() < ROTATE_WAIT);
         for (path, f) in self.followed.iter_mut().filter(|(p, _)| !waiting.contains(*p)) {
             reader.read(path, f, false, &mut self.more)?;
+        }
+        for (path, copy) in self.copies.get_mut().drain(..) {
+            // A copy a pattern matches too is followed already: it goes on from the unread rest
+            // if nothing of it was read yet, else as it is (its lines are sent again).
+            let id = (copy.dev, copy.ino);
+            match self.followed.values_mut().find(|o| (o.dev, o.ino) == id) {
+                Some(o) if o.offset == 0 && o.in_flight.is_empty() => *o = copy,
+                Some(_) => {}
+                None => self.rotated.push(Rotated { path, file: copy, since: now }),
+            }
         }
         if self.last_save.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
             self.save();
@@ -446,7 +611,10 @@ impl Collector {
             }
         }
         let Ok(json) = serde_json::to_vec(&self.saved) else { return };
-        if std::fs::read(&self.state_path).ok().as_deref() == Some(&json[..]) {
+        // Compared with at most as much as is written: the file found at the start may be huge.
+        let mut old = Vec::new();
+        let read = File::open(&self.state_path).and_then(|f| f.take(json.len() as u64 + 1).read_to_end(&mut old));
+        if read.is_ok() && old == json {
             return;
         }
         if let Err(e) = crate::fsutil::write_atomic(&self.state_path, &json, 0o600) {
@@ -474,7 +642,9 @@ fn run(config: Config, ctx: Context) {
         }
     }
     // The supervisor stops the modules before the pipeline drains (within its 5 s grace):
-    // 10 s covers the drain, after which every read is settled or abandoned.
+    // 10 s covers the drain, after which every read is settled or abandoned (a held chunk is
+    // abandoned here: its lines are read again at the next start).
+    drop(c.held.take());
     c.settle(&ctx.events, Duration::from_secs(10));
     c.save();
 }

@@ -79,6 +79,16 @@ impl EventSink {
         &self.settled.1
     }
 
+    /// Hands `chunk` to the pipeline if it takes it within `wait`, else gives it back: a
+    /// reader that must go on watching its source (a file's name) does not block.
+    pub fn send_within(&self, chunk: Vec<Event>, wait: std::time::Duration) -> Result<Option<Vec<Event>>, SinkError> {
+        match self.tx.send_timeout(chunk, wait) {
+            Ok(()) => Ok(None),
+            Err(crossbeam_channel::SendTimeoutError::Timeout(chunk)) => Ok(Some(chunk)),
+            Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => Err(SinkError::Gone),
+        }
+    }
+
     /// Hands `chunk` to the pipeline; blocks while it is full (overflow = "block": the
     /// module's source is the buffer) until it is taken or the module is told to stop.
     pub fn send(&self, chunk: Vec<Event>) -> Result<(), SinkError> {

@@ -11,6 +11,7 @@ mod logcollector;
 mod ops;
 mod pipeline;
 mod red_delivery;
+mod red_rotation;
 mod register;
 mod robustness;
 mod run;
