@@ -2,9 +2,9 @@
 //! event (docs/events.md) under delivery receipts (ARCHITECTURE.md): a saved offset moves only past what
 //! the server took. Rotation, truncation and the saved state (`logcollector.json`): README, "Logcollector".
 
-use std::cell::RefCell;
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -66,6 +66,15 @@ pub struct Saved {
     pub rotated_from: Option<String>,
 }
 
+impl Saved {
+    /// Whether `file` (`m`) is still the saved file: the same inode, long enough, and starting with the same bytes.
+    fn is(&self, file: &File, m: &Metadata) -> bool {
+        id(m) == (self.dev, self.ino)
+            && self.offset <= m.len()
+            && fingerprint(file, self.fp_len).is_ok_and(|fp| fp == (self.fp_len, self.fp_crc))
+    }
+}
+
 /// Calls `f` with each complete non-empty line of `buf`, without its `\n` and a `\r` before it (pure).
 /// Returns the bytes consumed (the rest is an unfinished line), or `None` as soon as `f` returns false.
 pub fn for_each_line(buf: &[u8], mut f: impl FnMut(&[u8]) -> bool) -> Option<usize> {
@@ -79,11 +88,6 @@ pub fn for_each_line(buf: &[u8], mut f: impl FnMut(&[u8]) -> bool) -> Option<usi
         start += i + 1;
     }
     Some(start)
-}
-
-fn json_string(s: &str) -> String {
-    // Serialising a str cannot fail.
-    serde_json::to_string(s).unwrap_or_default()
 }
 
 /// The event for one line (pure); the path (as JSON) and the time (RFC 3339) are rendered once per poll.
@@ -104,17 +108,50 @@ fn line_event(path_json: &str, created: &str, line: &[u8], max: usize) -> Event 
 }
 
 /// The length and CRC-32 of the file's first `len` bytes (fewer if it is shorter).
-fn fingerprint(file: &mut File, len: usize) -> std::io::Result<(usize, u32)> {
+fn fingerprint(mut file: &File, len: usize) -> std::io::Result<(usize, u32)> {
     let mut buf = Vec::with_capacity(len);
     file.seek(SeekFrom::Start(0))?;
     file.take(len as u64).read_to_end(&mut buf)?;
     Ok((buf.len(), crc32fast::hash(&buf)))
 }
 
+/// What identifies a file while it exists: its device and inode.
+type Id = (u64, u64);
+
+fn id(m: &Metadata) -> Id {
+    (m.dev(), m.ino())
+}
+
+/// `path` opened without following a link, if it is still the regular file `want`.
+fn open_as(path: &Path, want: Id) -> Option<(File, Metadata)> {
+    let file = crate::fsutil::open_nofollow(File::options().read(true), path).ok()?;
+    let m = file.metadata().ok().filter(|m| m.is_file() && id(m) == want)?;
+    Some((file, m))
+}
+
+/// The entries of `dir` with their own metadata (lstat: a link is no regular file and has an inode of its own).
+fn entries(dir: &Path) -> impl Iterator<Item = (Metadata, PathBuf)> {
+    std::fs::read_dir(dir).into_iter().flatten().flatten().filter_map(|e| Some((e.metadata().ok()?, e.path())))
+}
+
+/// Hands `chunk` to the pipeline within [`SEND_WAIT`]: the chunk back if the pipeline is full, `None` once it is gone.
+fn hand_over(sink: &EventSink, stats: &Stats, chunk: Vec<Event>) -> Option<Option<Vec<Event>>> {
+    let n = chunk.len() as u64;
+    let left = sink.send_within(chunk, SEND_WAIT).ok()?;
+    if left.is_none() {
+        Stats::add(&stats.received, n);
+    }
+    Some(left)
+}
+
+/// A file read as `path`: followed under that name, or rotated away from it (renamed, deleted, or no longer
+/// matched), then finished before the next file under `path` (README, "Logcollector"; [`ROTATE_WAIT`]).
 struct Followed {
+    path: String,
+    /// When it was rotated away from `path`.
+    rotated: Option<Instant>,
     file: File,
-    dev: u64,
-    ino: u64,
+    id: Id,
     /// Where the next read starts: the start of an unfinished line, which is read again
     /// rather than kept in memory (a 512 KiB line in each of 256 files would be 128 MiB).
     offset: u64,
@@ -122,13 +159,16 @@ struct Followed {
     in_flight: VecDeque<(Arc<Receipt>, u64)>,
     /// The offset up to which the server took every line: what is saved.
     acked: u64,
-    /// Length and CRC-32 of the first bytes as last seen: a file truncated and written again
-    /// past `offset` before a poll saw it shrink (a reader held back by an outage) starts
-    /// with other bytes.
+    /// Length and CRC-32 of the first bytes as last seen: a file truncated and written again past
+    /// `offset` before a poll saw it shrink (a reader held back by an outage) starts with other bytes.
     fp: (usize, u32),
 }
 
 impl Followed {
+    fn new(path: String, file: File, id: Id, offset: u64, fp: (usize, u32)) -> Followed {
+        Followed { path, rotated: None, file, id, offset, in_flight: VecDeque::new(), acked: offset, fp }
+    }
+
     /// Moves `acked` past the settled reads; true while some read is neither settled nor
     /// abandoned (lost with the pipeline at shutdown: read again at the next start).
     fn advance(&mut self) -> bool {
@@ -142,30 +182,10 @@ impl Followed {
         false
     }
 
-    fn saved(&mut self, rotated_from: Option<String>) -> Saved {
-        let (fp_len, fp_crc) = fingerprint(&mut self.file, FINGERPRINT_BYTES).unwrap_or((0, 0));
-        Saved { dev: self.dev, ino: self.ino, offset: self.acked, fp_len, fp_crc, rotated_from }
+    fn saved(&self, rotated_from: Option<String>) -> Saved {
+        let (fp_len, fp_crc) = fingerprint(&self.file, FINGERPRINT_BYTES).unwrap_or((0, 0));
+        Saved { dev: self.id.0, ino: self.id.1, offset: self.acked, fp_len, fp_crc, rotated_from }
     }
-}
-
-/// A file rotated away from `path` (renamed, deleted, or no longer matched): it is read to its
-/// end and delivered before the next file under `path` is read, and read on for
-/// [`ROTATE_WAIT`] (a writer that has not reopened its log yet still appends to it).
-struct Rotated {
-    path: String,
-    file: Followed,
-    since: Instant,
-}
-
-/// What one read needs besides the file.
-struct Reader<'a> {
-    sink: &'a EventSink,
-    stats: &'a Stats,
-    max: usize,
-    /// A chunk the pipeline did not take (it is full): no file is read until it is handed over.
-    held: &'a RefCell<Option<Vec<Event>>>,
-    /// Copies of truncated files (copytruncate) with their unread rest, to finish first.
-    copies: &'a RefCell<Vec<(String, Followed)>>,
 }
 
 /// The end of `line` (a slice of `buf` that [`for_each_line`] gave) and of its `\r\n` or `\n`.
@@ -174,127 +194,26 @@ fn line_end(buf: &[u8], line: &[u8]) -> usize {
     end + if buf[end] == b'\r' { 2 } else { 1 }
 }
 
-impl Reader<'_> {
-    /// Reads what is new in `f` (known as `path`); `Some(at_end)`, `None` if the pipeline is gone.
-    /// `more` is set when the file has more than one read holds. A rotated file's unfinished
-    /// last line is sent as it is: nobody will finish it.
-    fn read(&self, path: &str, f: &mut Followed, rotated: bool, more: &mut bool) -> Option<bool> {
-        let Ok(len) = f.file.metadata().map(|m| m.len()) else { return Some(true) };
-        f.advance();
-        let before = f.fp;
-        // Shrunk, or starts with other bytes: truncated (and maybe written again since). Checked
-        // before the limit below, which can hold the reader back for as long as an outage lasts.
-        let truncated = len < f.offset || fingerprint(&mut f.file, f.fp.0).is_ok_and(|fp| fp != f.fp);
-        if f.fp.0 < FINGERPRINT_BYTES || truncated {
-            f.fp = fingerprint(&mut f.file, FINGERPRINT_BYTES).unwrap_or(f.fp);
-        }
-        if truncated && !rotated {
-            // copytruncate: what was not read (or not acknowledged) yet is in the copy, which
-            // takes over this file's reads in flight and is finished first, like a rotated file.
-            if let Some((file, name)) = find_copy(path, f, before) {
-                log::info!("logcollector: {path} was truncated; finishing its copy {name} first");
-                let Ok(m) = file.metadata() else { return Some(false) };
-                let (offset, acked, in_flight) = (f.offset, f.acked, std::mem::take(&mut f.in_flight));
-                let copy = Followed { file, dev: m.dev(), ino: m.ino(), offset, in_flight, acked, fp: before };
-                self.copies.borrow_mut().push((path.to_string(), copy));
-                (f.offset, f.acked) = (0, 0);
-                return Some(false);
-            }
-        }
-        if truncated {
-            // What is in flight was before the truncation: its acknowledgement means offset 0 now.
-            log::info!("logcollector: {path} was truncated; reading it again from the start");
-            f.in_flight.iter_mut().for_each(|(_, offset)| *offset = 0);
-            (f.offset, f.acked) = (0, 0);
-        } else if f.offset.saturating_sub(f.acked) >= IN_FLIGHT {
-            // Enough of this file waits for the server: read on once some of it is acknowledged.
-            return Some(false);
-        }
-        if self.held.borrow().is_some() {
-            return Some(false);
-        }
-        if len <= f.offset {
-            return Some(true);
-        }
-        // Room for the longest line, so an unfinished one is always cut or completed.
-        let want = (len - f.offset).min(READ_PER_POLL.max(self.max as u64 + 2));
-        *more |= len - f.offset > want;
-        let mut buf = Vec::with_capacity(want as usize);
-        if f.file.seek(SeekFrom::Start(f.offset)).is_err() || (&mut f.file).take(want).read_to_end(&mut buf).is_err() {
-            return Some(false);
-        }
-        let receipt = self.sink.receipt();
-        let (path_json, created) = (json_string(path), status::rfc3339(SystemTime::now()));
-        // Events go out in chunks as they are made: bounded memory, early backpressure. An empty
-        // line makes no event; `emit(None)` hands over what is left. `None`: the pipeline is gone;
-        // `Some(false)`: it is full, the chunk is held and the read ends after its last line (the
-        // thread must not block: it would not see the file's name rotate again meanwhile).
-        let mut chunk: Vec<Event> = Vec::with_capacity(CHUNK);
-        let event = |l: &[u8]| line_event(&path_json, &created, l, self.max).tracked(&receipt);
-        let mut emit = |line: Option<&[u8]>| -> Option<bool> {
-            chunk.extend(line.filter(|l| !l.is_empty()).map(event));
-            if chunk.is_empty() || (line.is_some() && chunk.len() < CHUNK) {
-                return Some(true);
-            }
-            let n = chunk.len() as u64;
-            match self.sink.send_within(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)), SEND_WAIT).ok()? {
-                None => Stats::add(&self.stats.received, n),
-                Some(c) => {
-                    *self.held.borrow_mut() = Some(c);
-                    *more = true;
-                    return Some(false);
-                }
-            }
-            Some(true)
-        };
-        let mut held_at = None;
-        let used = for_each_line(&buf, |line| match emit(Some(line)) {
-            Some(true) => true,
-            Some(false) => {
-                held_at = Some(line_end(&buf, line));
-                false
-            }
-            None => false,
-        });
-        let mut used = used.or(held_at)?;
-        // An unfinished line longer than the limit cannot wait for ever.
-        if held_at.is_none() && (buf.len() - used > self.max || (rotated && f.offset + buf.len() as u64 >= len)) {
-            emit(Some(&buf[used..]))?;
-            used = buf.len();
-        }
-        emit(None)?;
-        receipt.close();
-        f.offset += used as u64;
-        f.in_flight.push_back((receipt, f.offset));
-        f.advance();
-        Some(f.offset >= len)
-    }
-}
-
-/// The copy of `f` (known as `path`) that copytruncate left in its directory: a regular file
+/// The copy of `f` that copytruncate left in its directory: a regular file
 /// other than `f`, at least as long as what was read of `f`, that starts with the bytes `f`
 /// started with (`fp`, not empty); the last written of them. Never through a link.
-fn find_copy(path: &str, f: &Followed, fp: (usize, u32)) -> Option<(File, String)> {
+fn find_copy(f: &Followed, fp: (usize, u32)) -> Option<(File, Id, String)> {
     if fp.0 == 0 {
         return None;
     }
-    let entries = std::fs::read_dir(Path::new(path).parent()?).ok()?.flatten();
-    // lstat: a link is not a regular file.
-    let candidates = entries.filter_map(|e| Some((e.metadata().ok()?, e.path()))).filter(|(m, _)| {
-        m.is_file() && (m.dev(), m.ino()) != (f.dev, f.ino) && m.len() >= f.offset && m.len() >= fp.0 as u64
+    let long = |m: &Metadata| m.is_file() && id(m) != f.id && m.len() >= f.offset && m.len() >= fp.0 as u64;
+    let copies = entries(Path::new(&f.path).parent()?).filter(|(m, _)| long(m)).filter_map(|(m, p)| {
+        let (file, _) = open_as(&p, id(&m))?;
+        fingerprint(&file, fp.0).is_ok_and(|c| c == fp).then(|| (Reverse(m.modified().ok()), file, id(&m), p))
     });
-    let mut found = None;
-    for (m, p) in candidates {
-        let Ok(mut file) = crate::fsutil::open_nofollow(File::options().read(true), &p) else { continue };
-        let same = file.metadata().is_ok_and(|o| (o.dev(), o.ino()) == (m.dev(), m.ino()));
-        if same && fingerprint(&mut file, fp.0).is_ok_and(|c| c == fp) {
-            let written = m.modified().ok();
-            if found.as_ref().is_none_or(|(w, _, _)| written > *w) {
-                found = Some((written, file, p.to_string_lossy().into_owned()));
-            }
-        }
-    }
-    found.map(|(_, file, name)| (file, name))
+    // The first of the last written.
+    let (_, file, id, name) = copies.min_by_key(|c| c.0)?;
+    Some((file, id, name.to_string_lossy().into_owned()))
+}
+
+/// Whether a file is followed under `path`.
+fn is_followed(files: &[Followed], path: &str) -> bool {
+    files.iter().any(|f| f.rotated.is_none() && f.path == path)
 }
 
 /// The name a file has now (it may have been renamed since it was opened); `None` once deleted.
@@ -307,25 +226,14 @@ fn current_name(file: &File) -> Option<String> {
 /// The file saved as `name` (`s`): under that name if it is still the same file, else under
 /// another name in the same directory (renamed again by a rotation). Never through a link. The
 /// directories scanned are kept in `dirs`, each scanned once.
-fn find_saved(
-    name: &str,
-    s: &Saved,
-    dirs: &mut HashMap<PathBuf, HashMap<(u64, u64), PathBuf>>,
-) -> Option<(File, String)> {
+fn find_saved(name: &str, s: &Saved, dirs: &mut HashMap<PathBuf, HashMap<Id, PathBuf>>) -> Option<(File, String)> {
     let check = |p: &Path| {
-        let mut file = crate::fsutil::open_nofollow(File::options().read(true), p).ok()?;
-        let m = file.metadata().ok()?;
-        let same = m.is_file() && (m.dev(), m.ino()) == (s.dev, s.ino) && s.offset <= m.len();
-        (same && fingerprint(&mut file, s.fp_len).is_ok_and(|fp| fp == (s.fp_len, s.fp_crc)))
-            .then(|| (file, p.to_string_lossy().into_owned()))
+        let (file, m) = open_as(p, (s.dev, s.ino))?;
+        s.is(&file, &m).then(|| (file, p.to_string_lossy().into_owned()))
     };
     check(Path::new(name)).or_else(|| {
         let dir = Path::new(name).parent()?;
-        let ids = dirs.entry(dir.to_path_buf()).or_insert_with(|| {
-            // lstat: a link has an inode of its own.
-            let entries = std::fs::read_dir(dir).into_iter().flatten().flatten();
-            entries.filter_map(|e| Some(((e.metadata().ok()?.dev(), e.metadata().ok()?.ino()), e.path()))).collect()
-        });
+        let ids = dirs.entry(dir.to_path_buf()).or_insert_with(|| entries(dir).map(|(m, p)| (id(&m), p)).collect());
         check(ids.get(&(s.dev, s.ino))?)
     })
 }
@@ -354,13 +262,12 @@ pub struct Collector {
     config: LogcollectorConfig,
     state_path: PathBuf,
     saved: BTreeMap<String, Saved>,
-    followed: HashMap<String, Followed>,
-    /// Oldest first.
-    rotated: Vec<Rotated>,
+    /// The followed files, and the rotated ones in the order they were rotated away.
+    files: Vec<Followed>,
     /// A chunk the full pipeline did not take; handed over first at the next poll.
-    held: RefCell<Option<Vec<Event>>>,
+    held: Option<Vec<Event>>,
     /// Copies of truncated files found during a poll, joined to the rotated files after it.
-    copies: RefCell<Vec<(String, Followed)>>,
+    copies: Vec<Followed>,
     /// Paths warned about (unreadable), so a warning is not repeated every poll.
     warned: HashMap<String, String>,
     /// A file had more to read than one poll takes: poll again without waiting.
@@ -381,51 +288,37 @@ impl Collector {
         c
     }
 
-    /// Files rotated away and not yet delivered when the agent stopped, and followed files
-    /// rotated away while it was stopped, are found under the name saved or, renamed since, in
-    /// the same directory (the same inode and first bytes, never through a link), and finished
-    /// first, oldest (by last write) first, at most [`MAX_FOLLOWED`] of them.
+    /// Finds the files rotated away before a restart and not delivered (README, "Logcollector", [`find_saved`]),
+    /// to finish first, oldest (by last write) first, at most [`MAX_FOLLOWED`] of them.
     fn resume_rotated(&mut self) {
         let since = Instant::now();
         let mut dirs = HashMap::new();
-        let mut found = Vec::new();
         for (name, s) in &self.saved {
-            let path = match &s.rotated_from {
-                Some(path) => path.clone(),
-                // Still under its name (open() goes on there), or empty when saved (nothing identifies it).
-                None if s.fp_len == 0
-                    || std::fs::metadata(name).is_ok_and(|m| (m.dev(), m.ino()) == (s.dev, s.ino)) =>
-                {
-                    continue;
-                }
-                None => name.clone(),
-            };
-            if found.len() >= MAX_FOLLOWED {
+            // Still under its name (open() goes on there), or empty when saved (nothing identifies it).
+            let here = || s.fp_len == 0 || std::fs::metadata(name).is_ok_and(|m| id(&m) == (s.dev, s.ino));
+            if s.rotated_from.is_none() && here() {
+                continue;
+            }
+            if self.files.len() >= MAX_FOLLOWED {
                 log::warn!("logcollector: more than {MAX_FOLLOWED} rotated files to finish; the rest are skipped");
                 break;
             }
             let Some((file, now)) = find_saved(name, s, &mut dirs) else { continue };
+            let path = s.rotated_from.clone().unwrap_or_else(|| name.clone());
             log::info!("logcollector: finishing {now}, rotated away from {path} before the agent stopped");
-            let written = file.metadata().and_then(|m| m.modified()).ok();
-            let (offset, fp) = (s.offset, (s.fp_len, s.fp_crc));
-            let file = Followed { file, dev: s.dev, ino: s.ino, offset, in_flight: VecDeque::new(), acked: offset, fp };
-            found.push((written, Rotated { path, file, since }));
+            let file = Followed::new(path, file, (s.dev, s.ino), s.offset, (s.fp_len, s.fp_crc));
+            self.files.push(Followed { rotated: Some(since), ..file });
         }
-        found.sort_by_key(|(written, _)| *written);
-        self.rotated = found.into_iter().map(|(_, r)| r).collect();
+        // Stable: equal times keep the order of the names.
+        self.files.sort_by_cached_key(|f| f.file.metadata().and_then(|m| m.modified()).ok());
     }
 
+    /// The configured paths, and the regular files the globs match.
     fn expand(&self) -> BTreeSet<String> {
-        let mut paths = BTreeSet::new();
-        for pattern in self.config.files.iter().map(|f| &f.pattern) {
-            if pattern.contains(['*', '?', '[']) {
-                let found = glob::glob(pattern).into_iter().flatten().flatten().filter(|p| p.is_file());
-                paths.extend(found.map(|p| p.to_string_lossy().into_owned()));
-            } else {
-                paths.insert(pattern.clone());
-            }
-        }
-        paths
+        let found = |p: &str| glob::glob(p).into_iter().flatten().flatten().filter(|p| p.is_file()).collect();
+        let paths = self.config.files.iter().map(|f| &f.pattern);
+        let paths = paths.flat_map(|p| if p.contains(['*', '?', '[']) { found(p) } else { vec![PathBuf::from(p)] });
+        paths.map(|p| p.to_string_lossy().into_owned()).collect()
     }
 
     /// `start` of the first entry that matches `path`, else `logcollector.start`.
@@ -446,23 +339,20 @@ impl Collector {
 
     /// A followed or rotated file that was renamed to `path`, a name the patterns match too (a
     /// rotation under a glob): the same file, followed on under its new name, not read again.
-    fn adopt(&mut self, path: &str) -> Option<Followed> {
+    fn adopt(&mut self, path: &str) -> Option<()> {
         let m = std::fs::metadata(path).ok()?;
-        let id = (m.dev(), m.ino());
-        let moved = |k: &str, f: &Followed| std::fs::metadata(k).map_or(true, |o| (o.dev(), o.ino()) != (f.dev, f.ino));
-        if let Some(k) = self.followed.iter().find(|(k, f)| (f.dev, f.ino) == id && moved(k, f)).map(|(k, _)| k.clone())
-        {
-            return self.followed.remove(&k);
-        }
-        let i = self.rotated.iter().position(|r| (r.file.dev, r.file.ino) == id)?;
-        Some(self.rotated.remove(i).file)
+        let moved = |k: &str| std::fs::metadata(k).map_or(true, |o| id(&o) != id(&m));
+        let followed = self.files.iter().position(|f| f.id == id(&m) && f.rotated.is_none() && moved(&f.path));
+        let i = followed.or_else(|| self.files.iter().position(|f| f.id == id(&m) && f.rotated.is_some()))?;
+        (self.files[i].path, self.files[i].rotated) = (path.to_string(), None);
+        Some(())
     }
 
     /// Opens `path` if it is not followed (or rotated): decides where to start.
     fn open(&mut self, path: &str) -> Option<Followed> {
         // Non-blocking: opening a FIFO would otherwise wait for a writer. Only regular files
         // are read, so the flag changes nothing else.
-        let mut file = match File::options().read(true).custom_flags(libc::O_NONBLOCK).open(path) {
+        let file = match File::options().read(true).custom_flags(libc::O_NONBLOCK).open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
             Err(e) => return self.skip(path, format!("cannot open ({e})")),
@@ -472,51 +362,126 @@ impl Collector {
             return self.skip(path, "not a regular file".into());
         }
         self.warned.remove(path);
-        // Saved offsets always win, if the file is still the same one: the same inode, long
-        // enough, and starting with the same bytes.
-        let fits = |s: &&Saved| (s.dev, s.ino) == (meta.dev(), meta.ino()) && s.offset <= meta.len();
-        let mut same = |s: &&Saved| fingerprint(&mut file, s.fp_len).is_ok_and(|fp| fp == (s.fp_len, s.fp_crc));
-        let saved = self.saved.get(path);
-        // Else the offset saved under another name, for a file renamed (rotated) while the
-        // agent was away, to a name a pattern matches.
-        let renamed = |same: &mut dyn FnMut(&&Saved) -> bool| self.saved.values().find(|s| fits(s) && same(s));
-        let offset = match saved.filter(fits).filter(&mut same).or_else(|| renamed(&mut same)) {
+        // Saved offsets always win, if the file is still the same one; else the offset saved under
+        // another name, for a file renamed (rotated) while the agent was away, to a name a pattern matches.
+        let mut saved = self.saved.get(path).into_iter().chain(self.saved.values());
+        let offset = match saved.find(|s| s.is(&file, &meta)) {
             Some(s) => s.offset,
             // A file seen before under this path was replaced while the agent was away: all of it is new.
-            None if saved.is_none() && !self.scanned && self.start_for(path) == Start::End => meta.len(),
+            None if !self.saved.contains_key(path) && !self.scanned && self.start_for(path) == Start::End => meta.len(),
             None => 0,
         };
-        let fp = fingerprint(&mut file, FINGERPRINT_BYTES).unwrap_or((0, 0));
-        let (dev, ino, in_flight) = (meta.dev(), meta.ino(), VecDeque::new());
-        Some(Followed { file, dev, ino, offset, in_flight, acked: offset, fp })
+        let fp = fingerprint(&file, FINGERPRINT_BYTES).unwrap_or((0, 0));
+        Some(Followed::new(path.to_string(), file, id(&meta), offset, fp))
     }
 
-    /// One poll of every file. Sends events through `sink`; `None` once the pipeline is gone
-    /// (shutdown).
+    /// Reads what is new in file `i`; `Some(at_end)`, `None` if the pipeline is gone. Sets `more` when
+    /// the file has more than one read holds. A rotated file's unfinished last line is sent as it is.
+    fn read(&mut self, i: usize, sink: &EventSink) -> Option<bool> {
+        let Collector { files, held, copies, more, stats, .. } = self;
+        let (f, max) = (&mut files[i], self.config.max_line_bytes);
+        let rotated = f.rotated.is_some();
+        let Ok(len) = f.file.metadata().map(|m| m.len()) else { return Some(true) };
+        f.advance();
+        let before = f.fp;
+        // Shrunk, or starts with other bytes: truncated (and maybe written again since). Checked
+        // before the limit below, which can hold the reader back for as long as an outage lasts.
+        let truncated = len < f.offset || fingerprint(&f.file, f.fp.0).is_ok_and(|fp| fp != f.fp);
+        if f.fp.0 < FINGERPRINT_BYTES || truncated {
+            f.fp = fingerprint(&f.file, FINGERPRINT_BYTES).unwrap_or(f.fp);
+        }
+        // copytruncate: what was not read (or not acknowledged) yet is in the copy, which
+        // takes over this file's reads in flight and is finished first, like a rotated file.
+        if let Some((file, id, name)) = (truncated && !rotated).then(|| find_copy(f, before)).flatten() {
+            log::info!("logcollector: {} was truncated; finishing its copy {name} first", f.path);
+            let in_flight = std::mem::take(&mut f.in_flight);
+            let copy =
+                Followed { in_flight, acked: f.acked, ..Followed::new(f.path.clone(), file, id, f.offset, before) };
+            copies.push(copy);
+            (f.offset, f.acked) = (0, 0);
+            return Some(false);
+        }
+        if truncated {
+            // What is in flight was before the truncation: its acknowledgement means offset 0 now.
+            log::info!("logcollector: {} was truncated; reading it again from the start", f.path);
+            f.in_flight.iter_mut().for_each(|(_, offset)| *offset = 0);
+            (f.offset, f.acked) = (0, 0);
+        } else if f.offset.saturating_sub(f.acked) >= IN_FLIGHT {
+            // Enough of this file waits for the server: read on once some of it is acknowledged.
+            return Some(false);
+        }
+        if held.is_some() {
+            return Some(false);
+        }
+        if len <= f.offset {
+            return Some(true);
+        }
+        // Room for the longest line, so an unfinished one is always cut or completed.
+        let want = (len - f.offset).min(READ_PER_POLL.max(max as u64 + 2));
+        *more |= len - f.offset > want;
+        let mut buf = Vec::with_capacity(want as usize);
+        if f.file.seek(SeekFrom::Start(f.offset)).is_err() || (&mut f.file).take(want).read_to_end(&mut buf).is_err() {
+            return Some(false);
+        }
+        let receipt = sink.receipt();
+        // Serialising a str cannot fail.
+        let (path_json, created) =
+            (serde_json::to_string(&f.path).unwrap_or_default(), status::rfc3339(SystemTime::now()));
+        // Events go out in chunks as they are made: bounded memory, early backpressure. An empty line makes no
+        // event; `emit(None)` hands over what is left. `None`: the pipeline is gone; `Some(false)`: it is full,
+        // the chunk is held and the read ends after its last line (ARCHITECTURE.md, Delivery receipts).
+        let mut chunk: Vec<Event> = Vec::with_capacity(CHUNK);
+        let mut emit = |line: Option<&[u8]>| -> Option<bool> {
+            let event = |l: &[u8]| line_event(&path_json, &created, l, max).tracked(&receipt);
+            chunk.extend(line.filter(|l| !l.is_empty()).map(event));
+            if chunk.is_empty() || (line.is_some() && chunk.len() < CHUNK) {
+                return Some(true);
+            }
+            let left = hand_over(sink, stats, std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)))?;
+            *more |= left.is_some();
+            *held = left;
+            Some(held.is_none())
+        };
+        let mut held_at = None;
+        let used = for_each_line(&buf, |line| {
+            let sent = emit(Some(line));
+            held_at = (sent == Some(false)).then(|| line_end(&buf, line));
+            sent == Some(true)
+        });
+        let mut used = used.or(held_at)?;
+        // An unfinished line longer than the limit cannot wait for ever.
+        if held_at.is_none() && (buf.len() - used > max || (rotated && f.offset + buf.len() as u64 >= len)) {
+            emit(Some(&buf[used..]))?;
+            used = buf.len();
+        }
+        emit(None)?;
+        receipt.close();
+        f.offset += used as u64;
+        f.in_flight.push_back((receipt, f.offset));
+        f.advance();
+        Some(f.offset >= len)
+    }
+
+    /// One poll of every file, sending through `sink`; `None` once the pipeline is gone (shutdown).
     pub fn poll(&mut self, sink: &EventSink) -> Option<()> {
         self.more = false;
         let (paths, now) = (self.expand(), Instant::now());
         // A path that names another file now (rotation) or nothing (deletion), or that no
         // pattern matches any more: its file is rotated away.
-        let named = |p: &str, f: &Followed| std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == (f.dev, f.ino));
-        let gone: Vec<String> =
-            self.followed.iter().filter(|(p, f)| !paths.contains(*p) || !named(p, f)).map(|(p, _)| p.clone()).collect();
-        for path in gone {
-            if let Some(file) = self.followed.remove(&path) {
-                self.rotated.push(Rotated { path, file, since: now });
-            }
-        }
+        let named = |f: &Followed| paths.contains(&f.path) && std::fs::metadata(&f.path).is_ok_and(|m| id(&m) == f.id);
+        let (gone, kept): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.files).into_iter().partition(|f| f.rotated.is_none() && !named(f));
+        self.files = kept;
+        self.files.extend(gone.into_iter().map(|f| Followed { rotated: Some(now), ..f }));
         let mut skipped = false;
         for path in &paths {
-            if self.followed.contains_key(path) {
+            if is_followed(&self.files, path) || self.adopt(path).is_some() {
                 continue;
             }
-            if let Some(f) = self.adopt(path) {
-                self.followed.insert(path.clone(), f);
-            } else if self.followed.len() + self.rotated.len() >= MAX_FOLLOWED {
+            if self.files.len() >= MAX_FOLLOWED {
                 skipped = true;
             } else if let Some(f) = self.open(path) {
-                self.followed.insert(path.clone(), f);
+                self.files.push(f);
             }
         }
         if skipped && !self.capped {
@@ -526,45 +491,35 @@ impl Collector {
         // Files opened from here on were rotated in while the agent ran: all of them is new.
         self.scanned = true;
         if let Some(chunk) = self.held.take() {
-            let n = chunk.len() as u64;
-            match sink.send_within(chunk, SEND_WAIT).ok()? {
-                None => Stats::add(&self.stats.received, n),
-                Some(chunk) => *self.held.get_mut() = Some(chunk),
-            }
+            self.held = hand_over(sink, &self.stats, chunk)?;
         }
-        let reader = Reader {
-            sink,
-            stats: &self.stats,
-            max: self.config.max_line_bytes,
-            held: &self.held,
-            copies: &self.copies,
-        };
         // Rotated files first, oldest first; a path's next file waits until the one before it is
         // read to its end and delivered, so a file's lines never overtake the rest of the last one.
         let mut waiting = BTreeSet::new();
-        for r in &mut self.rotated {
-            if waiting.contains(&r.path) {
-                // An older file of this name is not finished yet.
+        for i in 0..self.files.len() {
+            // Followed files wait; a rotated one waits while an older file of its name is not finished.
+            if self.files[i].rotated.is_none() || waiting.contains(&self.files[i].path) {
                 continue;
             }
-            let at_end = reader.read(&r.path, &mut r.file, true, &mut self.more);
-            if at_end? && !r.file.advance() && r.file.in_flight.is_empty() {
-                continue;
+            if !(self.read(i, sink)? && !self.files[i].advance() && self.files[i].in_flight.is_empty()) {
+                waiting.insert(self.files[i].path.clone());
             }
-            waiting.insert(r.path.clone());
         }
-        self.rotated.retain(|r| waiting.contains(&r.path) || r.since.elapsed() < ROTATE_WAIT);
-        for (path, f) in self.followed.iter_mut().filter(|(p, _)| !waiting.contains(*p)) {
-            reader.read(path, f, false, &mut self.more)?;
+        self.files.retain(|f| f.rotated.is_none_or(|since| waiting.contains(&f.path) || since.elapsed() < ROTATE_WAIT));
+        for i in 0..self.files.len() {
+            if self.files[i].rotated.is_none() && !waiting.contains(&self.files[i].path) {
+                self.read(i, sink)?;
+            }
         }
-        for (path, copy) in self.copies.get_mut().drain(..) {
+        for copy in std::mem::take(&mut self.copies) {
             // A copy a pattern matches too is followed already: it goes on from the unread rest
             // if nothing of it was read yet, else as it is (its lines are sent again).
-            let id = (copy.dev, copy.ino);
-            match self.followed.values_mut().find(|o| (o.dev, o.ino) == id) {
-                Some(o) if o.offset == 0 && o.in_flight.is_empty() => *o = copy,
+            match self.files.iter_mut().find(|o| o.rotated.is_none() && o.id == copy.id) {
+                Some(o) if o.offset == 0 && o.in_flight.is_empty() => {
+                    *o = Followed { path: std::mem::take(&mut o.path), ..copy }
+                }
                 Some(_) => {}
-                None => self.rotated.push(Rotated { path, file: copy, since: now }),
+                None => self.files.push(Followed { rotated: Some(now), ..copy }),
             }
         }
         if self.last_save.is_none_or(|t| t.elapsed() >= SAVE_EVERY) {
@@ -578,36 +533,29 @@ impl Collector {
     fn settle(&mut self, sink: &EventSink, grace: Duration) {
         let until = Instant::now() + grace;
         // An abandoned read sends no wake-up: look again every 100 ms.
-        loop {
-            let files = self.followed.values_mut().chain(self.rotated.iter_mut().map(|r| &mut r.file));
-            if !files.fold(false, |busy, f| f.advance() | busy) || Instant::now() >= until {
-                break;
-            }
+        while self.files.iter_mut().fold(false, |busy, f| f.advance() | busy) && Instant::now() < until {
             let _ = sink.settled().recv_timeout(Duration::from_millis(100));
         }
     }
 
-    /// Writes the offsets if they changed (atomically): those of the followed files, a mark for
-    /// each configured name whose file is gone (a new file there is read from its start), and
-    /// each rotated file not yet delivered under its current name, to be finished after a restart.
+    /// Writes the offsets if they changed (atomically): of the followed files, a mark for each configured name
+    /// whose file is gone (a new file there is read from its start), each undelivered rotated file by its name now.
     pub fn save(&mut self) {
         self.last_save = Some(Instant::now());
         let files = &self.config.files;
         let literal = |p: &String| files.iter().any(|f| f.pattern == *p);
-        self.saved.retain(|p, s| s.rotated_from.is_none() && (self.followed.contains_key(p) || literal(p)));
+        self.saved.retain(|p, s| s.rotated_from.is_none() && (is_followed(&self.files, p) || literal(p)));
         // Only past what the server took (ARCHITECTURE.md, Delivery receipts).
-        for (path, f) in &mut self.followed {
-            if self.saved.get(path).is_none_or(|s| (s.dev, s.ino, s.offset) != (f.dev, f.ino, f.acked)) {
-                self.saved.insert(path.clone(), f.saved(None));
-            }
-        }
-        for r in &mut self.rotated {
-            let delivered = r.file.acked >= r.file.file.metadata().map_or(0, |m| m.len());
-            match current_name(&r.file.file) {
-                Some(name) if !delivered && !self.followed.contains_key(&name) => {
-                    self.saved.insert(name, r.file.saved(Some(r.path.clone())));
+        for f in &self.files {
+            if f.rotated.is_none() {
+                if self.saved.get(&f.path).is_none_or(|s| ((s.dev, s.ino), s.offset) != (f.id, f.acked)) {
+                    self.saved.insert(f.path.clone(), f.saved(None));
                 }
-                _ => {}
+                continue;
+            }
+            let delivered = f.acked >= f.file.metadata().map_or(0, |m| m.len());
+            if let Some(name) = current_name(&f.file).filter(|n| !delivered && !is_followed(&self.files, n)) {
+                self.saved.insert(name, f.saved(Some(f.path.clone())));
             }
         }
         let Ok(json) = serde_json::to_vec(&self.saved) else { return };
@@ -653,6 +601,10 @@ fn run(config: Config, ctx: Context) {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    fn json_string(s: &str) -> String {
+        serde_json::to_string(s).unwrap_or_default()
+    }
 
     fn split_lines(buf: &mut Vec<u8>) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
