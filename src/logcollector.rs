@@ -3,7 +3,7 @@
 //! the server took. Rotation, truncation and the saved state (`logcollector.json`): README, "Logcollector".
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fs::{File, Metadata};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
@@ -337,14 +337,12 @@ impl Collector {
         None
     }
 
-    /// A followed or rotated file that was renamed to `path`, a name the patterns match too (a
-    /// rotation under a glob): the same file, followed on under its new name, not read again.
+    /// A rotated file that was renamed to `path`, a name the patterns match too (a rotation under
+    /// a glob): the same file, followed on under its new name, not read again.
     fn adopt(&mut self, path: &str) -> Option<()> {
         let m = std::fs::metadata(path).ok()?;
-        let moved = |k: &str| std::fs::metadata(k).map_or(true, |o| id(&o) != id(&m));
-        let followed = self.files.iter().position(|f| f.id == id(&m) && f.rotated.is_none() && moved(&f.path));
-        let i = followed.or_else(|| self.files.iter().position(|f| f.id == id(&m) && f.rotated.is_some()))?;
-        (self.files[i].path, self.files[i].rotated) = (path.to_string(), None);
+        let f = self.files.iter_mut().find(|f| f.rotated.is_some() && f.id == id(&m))?;
+        (f.path, f.rotated) = (path.to_string(), None);
         Some(())
     }
 
@@ -474,8 +472,12 @@ impl Collector {
         self.files = kept;
         self.files.extend(gone.into_iter().map(|f| Followed { rotated: Some(now), ..f }));
         let mut skipped = false;
-        for path in &paths {
-            if is_followed(&self.files, path) || self.adopt(path).is_some() {
+        // A set: a glob may match thousands of names, each looked up every poll.
+        let followed: HashSet<String> =
+            self.files.iter().filter(|f| f.rotated.is_none()).map(|f| f.path.clone()).collect();
+        let rotated = self.files.iter().any(|f| f.rotated.is_some());
+        for path in paths.iter().filter(|p| !followed.contains(*p)) {
+            if rotated && self.adopt(path).is_some() {
                 continue;
             }
             if self.files.len() >= MAX_FOLLOWED {
