@@ -308,10 +308,7 @@ fn strings(v: &toml::Value) -> Result<Vec<String>, String> {
 
 fn count(v: &toml::Value, min: i64, max: i64) -> Result<usize, String> {
     let n = v.as_integer().ok_or_else(|| expected("an integer", v))?;
-    if n < min || n > max {
-        return Err(format!("{n} is outside {min}..={max}"));
-    }
-    Ok(n as usize)
+    (min..=max).contains(&n).then_some(n as usize).ok_or_else(|| format!("{n} is outside {min}..={max}"))
 }
 
 fn size(v: &toml::Value) -> Result<u64, String> {
@@ -324,19 +321,13 @@ fn size(v: &toml::Value) -> Result<u64, String> {
 
 fn size_in(v: &toml::Value, min: u64, max: u64, range: &str) -> Result<u64, String> {
     let n = size(v)?;
-    if n < min || n > max {
-        return Err(format!("{n} is outside {range}"));
-    }
-    Ok(n)
+    (min..=max).contains(&n).then_some(n).ok_or_else(|| format!("{n} is outside {range}"))
 }
 
 fn duration(v: &toml::Value, min: Duration) -> Result<Duration, String> {
     let text = string(v)?;
     let d = parse_duration(&text)?;
-    if d < min {
-        return Err(format!("{text:?} is below the minimum of {}", fmt_duration(min)));
-    }
-    Ok(d)
+    (d >= min).then_some(d).ok_or_else(|| format!("{text:?} is below the minimum of {}", fmt_duration(min)))
 }
 
 fn choice<T: Copy>(v: &toml::Value, options: &[(&str, T)]) -> Result<T, String> {
@@ -357,14 +348,11 @@ fn agent_name(v: &toml::Value) -> Result<String, String> {
 }
 
 fn abs_dir(v: &toml::Value) -> Result<PathBuf, String> {
-    let p = PathBuf::from(string(v)?);
-    if p.as_os_str().is_empty() {
-        return Err("must not be empty".into());
+    match PathBuf::from(string(v)?) {
+        p if p.as_os_str().is_empty() => Err("must not be empty".into()),
+        p if !p.is_absolute() => Err(format!("{} is not an absolute path", p.display())),
+        p => Ok(p),
     }
-    if !p.is_absolute() {
-        return Err(format!("{} is not an absolute path", p.display()));
-    }
-    Ok(p)
 }
 
 /// An empty string means "none".
