@@ -488,18 +488,16 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 /// Checks an agent name against the server's rule `^[\w\-.%]+$`, at most 128 characters.
 pub fn validate_agent_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("the name is empty".into());
+    match name.chars().find(|c| !(c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '%'))) {
+        _ if name.is_empty() => Err("the name is empty".into()),
+        _ if name.chars().count() > 128 => {
+            Err(format!("the name is {} characters long; at most 128 are allowed", name.chars().count()))
+        }
+        Some(bad) => {
+            Err(format!("the name {name:?} contains {bad:?}; only letters, digits, '_', '-', '.' and '%' are allowed"))
+        }
+        None => Ok(()),
     }
-    if name.chars().count() > 128 {
-        return Err(format!("the name is {} characters long; at most 128 are allowed", name.chars().count()));
-    }
-    if let Some(bad) = name.chars().find(|c| !(c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '%'))) {
-        return Err(format!(
-            "the name {name:?} contains {bad:?}; only letters, digits, '_', '-', '.' and '%' are allowed"
-        ));
-    }
-    Ok(())
 }
 
 /// Validates a base URL: `https://host[:port][/prefix]`, returned without a trailing slash.
