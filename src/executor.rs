@@ -46,9 +46,7 @@ struct Entry {
     id: String,
     action: String,
     state: State,
-    #[serde(default)]
     code: Option<Code>,
-    #[serde(default)]
     message: Option<String>,
     at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

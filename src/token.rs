@@ -28,7 +28,6 @@ pub const FALLBACK_RENEWAL: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub struct Claims {
     pub exp: i64,
-    #[serde(default)]
     pub iat: Option<i64>,
 }
 
