@@ -214,10 +214,8 @@ pub enum Code {
 impl From<u8> for Code {
     /// An unknown number reads as a failure.
     fn from(n: u8) -> Code {
-        [Code::Success, Code::Failure, Code::InProgress, Code::Timeout]
-            .get(n as usize)
-            .copied()
-            .unwrap_or(Code::Failure)
+        let codes = [Code::Success, Code::Failure, Code::InProgress, Code::Timeout];
+        codes.get(n as usize).copied().unwrap_or(Code::Failure)
     }
 }
 
