@@ -148,8 +148,7 @@ pub struct Wiring {
 /// until `deadline` and the rest spilled to the durable queue, so a clean stop loses nothing.
 pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
     let Wiring { mut input, mut readers, out, spill, shutdown, deadline } = wiring;
-    let mut ring = Ring::new(policy);
-    let mut view = live.view();
+    let (mut ring, mut view) = (Ring::new(policy), live.view());
     // Events received but not yet in the ring: from sockets (only when `block` stopped intake),
     // and from the modules (a full buffer stops their intake, whatever `overflow` says).
     let (mut carry, mut held) = (VecDeque::new(), VecDeque::new());

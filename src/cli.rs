@@ -94,7 +94,7 @@ where
 {
     use lexopt::prelude::*;
     let mut parser = lexopt::Parser::from_args(args);
-    let mut modes: Vec<&'static str> = Vec::new();
+    let mut modes: Vec<String> = Vec::new();
     let mut config = None;
     let mut reg = RegisterArgs::default();
     // The first flag that only goes with --register, to name it when --register is missing.
@@ -109,12 +109,9 @@ where
         }
         match arg {
             Long("config") | Short('c') => config = Some(PathBuf::from(value(&mut parser, "--config")?)),
-            Long("register") => modes.push("--register"),
-            Long("send") => modes.push("--send"),
-            Long("status") => modes.push("--status"),
-            Long("check-config") => modes.push("--check-config"),
-            Long("version") | Short('V') => modes.push("--version"),
-            Long("help") | Short('h') => modes.push("--help"),
+            Long(mode @ ("register" | "send" | "status" | "check-config")) => modes.push(format!("--{mode}")),
+            Long("version") | Short('V') => modes.push("--version".into()),
+            Long("help") | Short('h') => modes.push("--help".into()),
             Long("url") => reg.url = Some(value(&mut parser, "--url")?),
             Long("user") => user = Some(value(&mut parser, "--user")?),
             Long("password-file") => reg.password_file = Some(PathBuf::from(value(&mut parser, "--password-file")?)),
@@ -129,7 +126,8 @@ where
         }
     }
 
-    let early = [("--help", Mode::Help), ("--version", Mode::Version)].into_iter().find(|(f, _)| modes.contains(f));
+    let early =
+        [("--help", Mode::Help), ("--version", Mode::Version)].into_iter().find(|(f, _)| modes.iter().any(|m| m == f));
     if let Some((_, mode)) = early {
         return Ok(Cli { mode, config });
     }
@@ -137,7 +135,7 @@ where
     if modes.len() > 1 {
         return Err(CliError(format!("{} cannot be combined", modes.join(" and "))));
     }
-    let mode = match modes.first().copied() {
+    let mode = match modes.first().map(String::as_str) {
         Some("--register") => {
             reg.user = user.ok_or_else(|| CliError("--register needs --user USER".into()))?;
             Mode::Register(reg)

@@ -65,19 +65,13 @@ pub struct Parsed {
 /// Checks a group name: it becomes a file name under `<data_dir>/shared/`, so nothing
 /// that could leave that directory or hide there is allowed.
 pub fn validate_group(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("a group name is empty".into());
+    match name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        _ if name.is_empty() => Err("a group name is empty".into()),
+        _ if name.len() > 255 => Err(format!("group name of {} bytes is too long", name.len())),
+        _ if name.starts_with('.') => Err(format!("group name {name:?} starts with '.'")),
+        Some(c) => Err(format!("group name {name:?} contains {c:?}; allowed: letters, digits, '-', '_', '.'")),
+        None => Ok(()),
     }
-    if name.len() > 255 {
-        return Err(format!("group name of {} bytes is too long", name.len()));
-    }
-    if name.starts_with('.') {
-        return Err(format!("group name {name:?} starts with '.'"));
-    }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
-        return Err(format!("group name {name:?} contains {c:?}; allowed: letters, digits, '-', '_', '.'"));
-    }
-    Ok(())
 }
 
 fn groups_from(args: Option<&Value>) -> Result<Vec<String>, String> {
@@ -220,10 +214,8 @@ pub enum Code {
 impl From<u8> for Code {
     /// An unknown number reads as a failure.
     fn from(n: u8) -> Code {
-        [Code::Success, Code::Failure, Code::InProgress, Code::Timeout]
-            .get(n as usize)
-            .copied()
-            .unwrap_or(Code::Failure)
+        let codes = [Code::Success, Code::Failure, Code::InProgress, Code::Timeout];
+        codes.get(n as usize).copied().unwrap_or(Code::Failure)
     }
 }
 

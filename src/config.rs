@@ -308,10 +308,7 @@ fn strings(v: &toml::Value) -> Result<Vec<String>, String> {
 
 fn count(v: &toml::Value, min: i64, max: i64) -> Result<usize, String> {
     let n = v.as_integer().ok_or_else(|| expected("an integer", v))?;
-    if n < min || n > max {
-        return Err(format!("{n} is outside {min}..={max}"));
-    }
-    Ok(n as usize)
+    (min..=max).contains(&n).then_some(n as usize).ok_or_else(|| format!("{n} is outside {min}..={max}"))
 }
 
 fn size(v: &toml::Value) -> Result<u64, String> {
@@ -324,19 +321,13 @@ fn size(v: &toml::Value) -> Result<u64, String> {
 
 fn size_in(v: &toml::Value, min: u64, max: u64, range: &str) -> Result<u64, String> {
     let n = size(v)?;
-    if n < min || n > max {
-        return Err(format!("{n} is outside {range}"));
-    }
-    Ok(n)
+    (min..=max).contains(&n).then_some(n).ok_or_else(|| format!("{n} is outside {range}"))
 }
 
 fn duration(v: &toml::Value, min: Duration) -> Result<Duration, String> {
     let text = string(v)?;
     let d = parse_duration(&text)?;
-    if d < min {
-        return Err(format!("{text:?} is below the minimum of {}", fmt_duration(min)));
-    }
-    Ok(d)
+    (d >= min).then_some(d).ok_or_else(|| format!("{text:?} is below the minimum of {}", fmt_duration(min)))
 }
 
 fn choice<T: Copy>(v: &toml::Value, options: &[(&str, T)]) -> Result<T, String> {
@@ -357,14 +348,11 @@ fn agent_name(v: &toml::Value) -> Result<String, String> {
 }
 
 fn abs_dir(v: &toml::Value) -> Result<PathBuf, String> {
-    let p = PathBuf::from(string(v)?);
-    if p.as_os_str().is_empty() {
-        return Err("must not be empty".into());
+    match PathBuf::from(string(v)?) {
+        p if p.as_os_str().is_empty() => Err("must not be empty".into()),
+        p if !p.is_absolute() => Err(format!("{} is not an absolute path", p.display())),
+        p => Ok(p),
     }
-    if !p.is_absolute() {
-        return Err(format!("{} is not an absolute path", p.display()));
-    }
-    Ok(p)
 }
 
 /// An empty string means "none".
@@ -500,18 +488,16 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 /// Checks an agent name against the server's rule `^[\w\-.%]+$`, at most 128 characters.
 pub fn validate_agent_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("the name is empty".into());
+    match name.chars().find(|c| !(c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '%'))) {
+        _ if name.is_empty() => Err("the name is empty".into()),
+        _ if name.chars().count() > 128 => {
+            Err(format!("the name is {} characters long; at most 128 are allowed", name.chars().count()))
+        }
+        Some(bad) => {
+            Err(format!("the name {name:?} contains {bad:?}; only letters, digits, '_', '-', '.' and '%' are allowed"))
+        }
+        None => Ok(()),
     }
-    if name.chars().count() > 128 {
-        return Err(format!("the name is {} characters long; at most 128 are allowed", name.chars().count()));
-    }
-    if let Some(bad) = name.chars().find(|c| !(c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '%'))) {
-        return Err(format!(
-            "the name {name:?} contains {bad:?}; only letters, digits, '_', '-', '.' and '%' are allowed"
-        ));
-    }
-    Ok(())
 }
 
 /// Validates a base URL: `https://host[:port][/prefix]`, returned without a trailing slash.

@@ -46,9 +46,7 @@ struct Entry {
     id: String,
     action: String,
     state: State,
-    #[serde(default)]
     code: Option<Code>,
-    #[serde(default)]
     message: Option<String>,
     at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -73,10 +71,6 @@ impl Store {
             Err(_) => VecDeque::new(),
         };
         Store { path, entries, cap: STORE_MAX }
-    }
-
-    pub fn contains(&self, id: &str) -> bool {
-        self.entries.iter().any(|e| e.id == id)
     }
 
     /// Whether a `restart` other than `id` ran or runs within [`RESTART_EVERY`]: the store outlives the
@@ -249,11 +243,7 @@ impl Executor {
             Stats::add(&self.ctx.session.stats.commands_failed, 1);
             log::warn!("command {id} failed (code {}): {message}", code as u8);
         }
-        store.update(id, |e| {
-            e.state = State::Finished;
-            e.code = Some(code);
-            e.message = Some(message.clone());
-        });
+        store.update(id, |e| (e.state, e.code, e.message) = (State::Finished, Some(code), Some(message.clone())));
         if self.enqueue(id, code, &message) {
             store.update(id, |e| e.state = State::Reported);
         }
@@ -295,7 +285,7 @@ impl Executor {
     /// the next start. Without a durable record a redelivery could run it twice: then it is not run.
     fn handle(&self, store: &mut Store, cmd: Command, shutdown: bool) {
         let (id, name, keep) = (&cmd.document_id, cmd.action.name(), shutdown || store.restarting());
-        if store.contains(id) {
+        if store.entries.iter().any(|e| e.id == *id) {
             return log::info!("command {id} ({name}) was already received; skipped");
         }
         if let Err(e) = store.insert(id, name, keep.then_some(&cmd)) {
@@ -387,6 +377,12 @@ mod tests {
     use crate::session::{Role, Stop};
     use crate::token::TokenCell;
     use std::io::{Read, Write};
+
+    impl Store {
+        fn contains(&self, id: &str) -> bool {
+            self.entries.iter().any(|e| e.id == id)
+        }
+    }
 
     /// A download running in its own thread against a server that answers 503 with
     /// `Retry-After: 60`.

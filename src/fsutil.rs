@@ -53,9 +53,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         // fsync the directory: the rename itself is only durable once the directory is.
         File::open(dir)?.sync_all()
     })()
-    .inspect_err(|_| {
-        let _ = fs::remove_file(&tmp);
-    })
+    .inspect_err(|_| _ = fs::remove_file(&tmp))
 }
 
 fn temp_path(path: &Path) -> PathBuf {

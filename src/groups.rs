@@ -207,10 +207,7 @@ pub fn install(data_dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), Group
         // The switch is durable only once the directory entry is.
         fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(io_err(data_dir))
     })();
-    if result.is_err() {
-        let _ = fs::remove_dir_all(&gen_dir);
-        return result;
-    }
+    result.inspect_err(|_| _ = fs::remove_dir_all(&gen_dir))?;
     // Old generations (and `shared.legacy`) are garbage now.
     for e in fs::read_dir(data_dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();

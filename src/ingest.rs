@@ -267,9 +267,7 @@ fn handle(stream: UnixStream, ingest: &Ingest) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
     let mut reader = BufReader::with_capacity(64 * 1024, &stream);
-    let mut conn = Conn::default();
-    let mut line = Vec::new();
-    let mut number = 0u64;
+    let (mut conn, mut line, mut number) = (Conn::default(), Vec::new(), 0u64);
     // A line may be one byte longer than the limit (a '\r' the parser drops), plus its newline.
     let limit = event::MAX_LINE_BYTES as u64 + 2;
     loop {

@@ -136,9 +136,8 @@ impl Session {
             let token = self.token(refused, call.until).ok_or(Failure::Stopped)?;
             let url = format!("{}{}", token.server, call.path);
             // One request's bound (as the agent's), cut to what is left before a deadline.
-            let config = self.live.config();
-            let (server, commands) = (&config.server, self.role == Role::Commands);
-            let timeout = if commands { server.commands_timeout } else { server.request_timeout };
+            let (config, commands) = (self.live.config(), self.role == Role::Commands);
+            let timeout = if commands { config.server.commands_timeout } else { config.server.request_timeout };
             let left = self.end(call.until).map(|end| end.saturating_duration_since(Instant::now()));
             let bound = left.map_or(timeout, |left| timeout.min(left).max(Duration::from_millis(1)));
             let sent = Instant::now();

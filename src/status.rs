@@ -150,13 +150,10 @@ pub fn read_status(run_dir: &Path, now: SystemTime) -> (Option<State>, Result<()
         Err(e) => return (None, Err(NotRunning::Unreadable(e.to_string()))),
         Ok(Err(e)) => return (None, Err(NotRunning::Unreadable(e.to_string()))),
     };
-    let age = unix(now) - state.updated_at_unix;
-    let verdict = if !crate::sys::process_exists(state.pid) {
-        Err(NotRunning::Dead(state.pid))
-    } else if age > 3 * STATE_INTERVAL.as_secs() as i64 {
-        Err(NotRunning::Stale { age_secs: age })
-    } else {
-        Ok(())
+    let verdict = match unix(now) - state.updated_at_unix {
+        _ if !crate::sys::process_exists(state.pid) => Err(NotRunning::Dead(state.pid)),
+        age if age > 3 * STATE_INTERVAL.as_secs() as i64 => Err(NotRunning::Stale { age_secs: age }),
+        _ => Ok(()),
     };
     (Some(state), verdict)
 }

@@ -416,13 +416,11 @@ fn supervise(s: &mut Supervisor, p: &Pipeline, restart: &Receiver<()>) -> Result
                 }
                 Err(_) => return Err(RunError::WorkerDied { thread: "signals", panicked: false }),
             },
-            recv(restart) -> msg => match msg {
-                Ok(()) => {
-                    log::info!("restart command received, restarting");
-                    return Ok(Stopped::Restart);
-                }
-                Err(_) => return Err(RunError::WorkerDied { thread: "executor", panicked: false }),
-            },
+            recv(restart) -> msg => {
+                msg.map_err(|_| RunError::WorkerDied { thread: "executor", panicked: false })?;
+                log::info!("restart command received, restarting");
+                return Ok(Stopped::Restart);
+            }
             recv(s.workers.exit_rx) -> exit => {
                 let (thread, panicked) = exit.unwrap_or(("unknown", false));
                 s.workers.exited.insert(thread);

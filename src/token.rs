@@ -28,7 +28,6 @@ pub const FALLBACK_RENEWAL: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub struct Claims {
     pub exp: i64,
-    #[serde(default)]
     pub iat: Option<i64>,
 }
 
@@ -196,9 +195,7 @@ impl TokenCell {
         st.generation += 1;
         let token = Arc::new(Token { jwt, server, generation: st.generation, expires_at });
         st.token = Some(token.clone());
-        st.refresh_for = None;
-        st.failover = false;
-        st.last_error = None;
+        (st.refresh_for, st.failover, st.last_error) = (None, false, None);
         drop(st);
         self.changed.notify_all();
         token
@@ -317,9 +314,7 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
                 let (server, secs, ms) = (&token.server, life.as_secs(), delay.as_millis());
                 log::info!("{what} with {server} (token lifetime {secs}s, renewal in {ms}ms)");
                 backoff.reset();
-                backing_off = false;
-                last_success = Some(now);
-                next_due = now + delay;
+                (backing_off, last_success, next_due) = (false, Some(now), now + delay);
             }
             Err(e) => {
                 let delay = match &e {

@@ -107,11 +107,6 @@ impl Uploader {
         self.deadline.get().is_some_and(|d| Instant::now() >= *d)
     }
 
-    /// The supervisor sets the deadline before closing the channel; the fallback keeps one set.
-    fn begin_drain(&self) {
-        let _ = self.deadline.set(Instant::now());
-    }
-
     /// How long to wait for input: while draining, give up soon once the batcher is done.
     fn idle(&self, stateless_done: bool) -> Duration {
         match (self.draining(), stateless_done || self.past_deadline()) {
@@ -245,7 +240,8 @@ pub fn run_queue(up: Uploader, batches: Receiver<QueueBatch>, acks: Sender<Ack>,
                 Ok(events) => if !up.stateless(events) { break },
                 Err(_) => stateless_open = false,
             },
-            recv(stop) -> _ => up.begin_drain(),
+            // The supervisor sets the deadline before closing the channel; this fallback keeps one set.
+            recv(stop) -> _ => { let _ = up.deadline.set(Instant::now()); }
             default(up.idle(!stateless_open)) => if up.draining() { break },
         }
         if up.past_deadline() || (!stateless_open && !queued_open) {
@@ -265,7 +261,7 @@ pub fn run_stateless(up: Uploader, stateless: Receiver<Vec<Event>>) {
                 Ok(events) => if !up.stateless(events) { break },
                 Err(_) => break,
             },
-            recv(stop) -> _ => up.begin_drain(),
+            recv(stop) -> _ => { let _ = up.deadline.set(Instant::now()); }
             default(up.idle(false)) => if up.draining() { break },
         }
         if up.past_deadline() {

@@ -272,11 +272,8 @@ pub fn collect_networks(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     let counters = source(root, "proc/net/dev")?.map(|t| parse_net_dev(&t)).unwrap_or_default();
     let gateways = source(root, "proc/net/route")?.map(|t| parse_route(&t)).unwrap_or_default();
     // Addresses come from getifaddrs, i.e. from the live host only.
-    let addresses = if root == Path::new("/") {
-        crate::sys::interfaces().map_err(|source| Unreadable { path: "getifaddrs".into(), source })?
-    } else {
-        Vec::new()
-    };
+    let addresses = (root == Path::new("/")).then(crate::sys::interfaces).transpose();
+    let addresses = addresses.map_err(|source| Unreadable { path: "getifaddrs".into(), source })?.unwrap_or_default();
     let mut out = Vec::new();
     for crate::sys::IfAddr { name: iface, addr, netmask: mask, broadcast: brd, .. } in addresses {
         let sys = |f: &str| read(root, &format!("sys/class/net/{iface}/{f}")).map(|s| s.trim().to_string());
