@@ -8,12 +8,6 @@ use wazuh_mock_server::MockServer;
 
 use crate::support::*;
 
-/// `field` of /proc/<pid>/status in kB (0 when the process is gone).
-fn proc_kb(pid: u32, field: &str) -> u64 {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0 };
-    status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
-}
-
 /// A group file under 1 MiB whose *scalar* anchor is aliased a few thousand times: the
 /// node count stays far under 10 000 (an alias of a scalar counts 1), but the loader clones
 /// the 200 KB string for every alias.

@@ -1,22 +1,12 @@
 //! The logcollector end to end: files on disk → agent → mock, with rotation, truncation
 //! and restarts, asserting exactly-once delivery of every line.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use wazuh_mock_server::{Fault, FaultAction};
 
 use crate::support::*;
-
-fn append(path: &Path, text: &str) {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
-    f.write_all(text.as_bytes()).unwrap();
-}
-
-fn lines_of(prefix: &str, range: std::ops::Range<usize>) -> String {
-    range.map(|i| format!("{prefix}-{i}\n")).collect()
-}
 
 fn expect(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| format!("{prefix}-{i}")).collect()
@@ -199,12 +189,6 @@ fn all_delivered(env: &Env, agent: &Agent, prefix: &str, range: std::ops::Range<
 fn dropped(env: &Env) -> u64 {
     let state = std::fs::read_to_string(env.dir.path().join("run/state.json")).unwrap();
     serde_json::from_str::<serde_json::Value>(&state).unwrap()["events"]["dropped"].as_u64().unwrap()
-}
-
-/// Whether the agent holds `path` open (it follows that file now).
-fn follows(agent: &Agent, path: &Path) -> bool {
-    let fds = std::fs::read_dir(format!("/proc/{}/fd", agent.child.id())).into_iter().flatten().flatten();
-    fds.filter_map(|fd| std::fs::read_link(fd.path()).ok()).any(|p| p == path)
 }
 
 #[test]

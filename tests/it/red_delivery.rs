@@ -1,75 +1,9 @@
 //! Red-team attacks on the delivery guarantees of followed files (ARCHITECTURE.md, Delivery
 //! receipts and Invariants): outages, kills, rotations and truncations at awkward moments.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::support::*;
-
-fn append(path: &Path, text: &str) {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
-    f.write_all(text.as_bytes()).unwrap();
-}
-
-fn lines_of(prefix: &str, range: std::ops::Range<usize>) -> String {
-    range.map(|i| format!("{prefix}-{i}\n")).collect()
-}
-
-/// Lines of about `width` bytes: `prefix-i-xxxx…`.
-fn wide_lines(prefix: &str, range: std::ops::Range<usize>, width: usize) -> String {
-    range.map(|i| format!("{prefix}-{i}-{}\n", "x".repeat(width))).collect()
-}
-
-/// Logcollector originals received so far, in order.
-fn received(env: &Env) -> Vec<String> {
-    env.mock
-        .stateless_events()
-        .iter()
-        .filter(|e| e.header["module"] == "logcollector")
-        .map(|e| e.data.as_ref().unwrap()["event"]["original"].as_str().unwrap().to_string())
-        .collect()
-}
-
-/// The distinct `i` of received lines `prefix-i[-…]`.
-fn indices(env: &Env, prefix: &str) -> std::collections::BTreeSet<usize> {
-    let p = format!("{prefix}-");
-    received(env)
-        .iter()
-        .filter_map(|l| l.strip_prefix(&p))
-        .filter_map(|rest| rest.split('-').next().and_then(|n| n.parse().ok()))
-        .collect()
-}
-
-/// Waits until every `prefix-i` of `0..n` arrived (or `within` passed); returns the missing count.
-fn missing(env: &Env, prefix: &str, n: usize, within: Duration) -> usize {
-    env.mock.wait_until(within, |_| indices(env, prefix).len() >= n);
-    n - indices(env, prefix).range(0..n).count()
-}
-
-fn setup(files: &[&str], extra: &str) -> (Env, PathBuf) {
-    let env = Env::new();
-    let logs = env.dir.path().join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
-    let list: Vec<String> = files.iter().map(|f| format!("{:?}", logs.join(f).display().to_string())).collect();
-    env.write_config(&format!(
-        "events.batch_interval = \"50ms\"\nlogcollector.poll_interval = \"50ms\"\nlogcollector.start = \"beginning\"\nlogcollector.files = [{}]\n{extra}",
-        list.join(", ")
-    ));
-    (env, logs)
-}
-
-/// Whether the agent holds `path` open.
-fn follows(agent: &Agent, path: &Path) -> bool {
-    let fds = std::fs::read_dir(format!("/proc/{}/fd", agent.child.id())).into_iter().flatten().flatten();
-    fds.filter_map(|fd| std::fs::read_link(fd.path()).ok()).any(|p| p == path)
-}
-
-/// Whether the agent holds a deleted or renamed file open whose link names `name`.
-fn follows_named(agent: &Agent, name: &str) -> bool {
-    let fds = std::fs::read_dir(format!("/proc/{}/fd", agent.child.id())).into_iter().flatten().flatten();
-    fds.filter_map(|fd| std::fs::read_link(fd.path()).ok()).any(|p| p.to_string_lossy().contains(name))
-}
 
 /// Two rename rotations during one outage (logrotate with size triggers, or a long outage
 /// with daily rotation): the middle file must be delivered too.
@@ -161,18 +95,6 @@ fn a_clean_stop_after_a_rotation_during_an_outage_loses_nothing() {
     let _agent = env.running_agent();
     assert_eq!(missing(&env, "new", 2000, Duration::from_secs(20)), 0, "the new file");
     assert_eq!(missing(&env, "old", 2000, Duration::from_secs(5)), 0, "the rotated-away file");
-}
-
-/// Distinct and duplicate counts of received lines starting with `prefix-`.
-fn dup_count(env: &Env, prefix: &str) -> (usize, usize) {
-    let p = format!("{prefix}-");
-    unique(received(env).into_iter().filter(|l| l.starts_with(&p)).collect())
-}
-
-/// `field` of /proc/<pid>/status in kB.
-fn proc_kb(pid: u32, field: &str) -> u64 {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0 };
-    status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
 }
 
 fn state(env: &Env) -> serde_json::Value {

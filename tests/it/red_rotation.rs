@@ -2,70 +2,11 @@
 //! ARCHITECTURE.md, Delivery receipts): rotations during outages, restarts and stops around
 //! rotations, hostile names and a hostile state file.
 
-use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::support::*;
-
-fn append(path: &Path, text: &str) {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
-    f.write_all(text.as_bytes()).unwrap();
-}
-
-fn lines_of(prefix: &str, range: std::ops::Range<usize>) -> String {
-    range.map(|i| format!("{prefix}-{i}\n")).collect()
-}
-
-/// Lines of about `width` bytes: `prefix-i-xxxx…`.
-fn wide_lines(prefix: &str, range: std::ops::Range<usize>, width: usize) -> String {
-    range.map(|i| format!("{prefix}-{i}-{}\n", "x".repeat(width))).collect()
-}
-
-/// Logcollector originals received so far, in order.
-fn received(env: &Env) -> Vec<String> {
-    env.mock
-        .stateless_events()
-        .iter()
-        .filter(|e| e.header["module"] == "logcollector")
-        .map(|e| e.data.as_ref().unwrap()["event"]["original"].as_str().unwrap().to_string())
-        .collect()
-}
-
-/// The distinct `i` of received lines `prefix-i[-…]`.
-fn indices(env: &Env, prefix: &str) -> BTreeSet<usize> {
-    let p = format!("{prefix}-");
-    received(env)
-        .iter()
-        .filter_map(|l| l.strip_prefix(&p))
-        .filter_map(|rest| rest.split('-').next().and_then(|n| n.parse().ok()))
-        .collect()
-}
-
-/// Waits until every `prefix-i` of `0..n` arrived (or `within` passed); returns the missing count.
-fn missing(env: &Env, prefix: &str, n: usize, within: Duration) -> usize {
-    env.mock.wait_until(within, |_| indices(env, prefix).len() >= n);
-    n - indices(env, prefix).range(0..n).count()
-}
-
-/// Distinct and duplicate counts of received lines starting with `prefix-`.
-fn dup_count(env: &Env, prefix: &str) -> (usize, usize) {
-    let p = format!("{prefix}-");
-    unique(received(env).into_iter().filter(|l| l.starts_with(&p)).collect())
-}
-
-fn setup(files: &[&str], extra: &str) -> (Env, PathBuf) {
-    let env = Env::new();
-    let logs = env.dir.path().join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
-    let list: Vec<String> = files.iter().map(|f| format!("{:?}", logs.join(f).display().to_string())).collect();
-    env.write_config(&format!(
-        "events.batch_interval = \"50ms\"\nlogcollector.poll_interval = \"50ms\"\nlogcollector.start = \"beginning\"\nlogcollector.files = [{}]\n{extra}",
-        list.join(", ")
-    ));
-    (env, logs)
-}
 
 /// Whether the agent holds `path` open.
 fn follows(agent: &Agent, path: &Path) -> bool {
@@ -429,12 +370,6 @@ fn a_huge_state_file_stays_within_32_mib() {
     let peak = proc_kb(agent.child.id(), "VmHWM:");
     eprintln!("VmHWM {peak} kB with a 48 MiB state file");
     assert!(peak <= 32 * 1024, "VmHWM {peak} kB");
-}
-
-/// `field` of /proc/<pid>/status in kB.
-fn proc_kb(pid: u32, field: &str) -> u64 {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0 };
-    status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
 }
 
 /// copytruncate during an outage, with more in the file than the agent reads ahead (2 MiB): the

@@ -1,6 +1,8 @@
 //! Shared fixtures: a mock server and a temp dir per test, a config file pointing the
 //! agent at them, and helpers to run the binary.
 
+use std::collections::BTreeSet;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -400,4 +402,82 @@ pub fn running_with(config: &str) -> (Env, Agent, String) {
     let agent = env.running_agent();
     let id = uuid(&env);
     (env, agent, id)
+}
+
+// Followed files: shared by the logcollector and red-team modules.
+
+pub fn append(path: &Path, text: &str) {
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+pub fn lines_of(prefix: &str, range: std::ops::Range<usize>) -> String {
+    range.map(|i| format!("{prefix}-{i}\n")).collect()
+}
+
+/// Lines of about `width` bytes: `prefix-i-xxxx…`.
+pub fn wide_lines(prefix: &str, range: std::ops::Range<usize>, width: usize) -> String {
+    range.map(|i| format!("{prefix}-{i}-{}\n", "x".repeat(width))).collect()
+}
+
+/// Logcollector originals received so far, in order.
+pub fn received(env: &Env) -> Vec<String> {
+    env.mock
+        .stateless_events()
+        .iter()
+        .filter(|e| e.header["module"] == "logcollector")
+        .map(|e| e.data.as_ref().unwrap()["event"]["original"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The distinct `i` of received lines `prefix-i[-…]`.
+pub fn indices(env: &Env, prefix: &str) -> BTreeSet<usize> {
+    let p = format!("{prefix}-");
+    received(env)
+        .iter()
+        .filter_map(|l| l.strip_prefix(&p))
+        .filter_map(|rest| rest.split('-').next().and_then(|n| n.parse().ok()))
+        .collect()
+}
+
+/// Waits until every `prefix-i` of `0..n` arrived (or `within` passed); returns the missing count.
+pub fn missing(env: &Env, prefix: &str, n: usize, within: Duration) -> usize {
+    env.mock.wait_until(within, |_| indices(env, prefix).len() >= n);
+    n - indices(env, prefix).range(0..n).count()
+}
+
+/// Distinct and duplicate counts of received lines starting with `prefix-`.
+pub fn dup_count(env: &Env, prefix: &str) -> (usize, usize) {
+    let p = format!("{prefix}-");
+    unique(received(env).into_iter().filter(|l| l.starts_with(&p)).collect())
+}
+
+pub fn setup(files: &[&str], extra: &str) -> (Env, PathBuf) {
+    let env = Env::new();
+    let logs = env.dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let list: Vec<String> = files.iter().map(|f| format!("{:?}", logs.join(f).display().to_string())).collect();
+    env.write_config(&format!(
+        "events.batch_interval = \"50ms\"\nlogcollector.poll_interval = \"50ms\"\nlogcollector.start = \"beginning\"\nlogcollector.files = [{}]\n{extra}",
+        list.join(", ")
+    ));
+    (env, logs)
+}
+
+/// `field` of /proc/<pid>/status in kB.
+pub fn proc_kb(pid: u32, field: &str) -> u64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0 };
+    status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
+}
+
+/// Whether the agent holds `path` open.
+pub fn follows(agent: &Agent, path: &Path) -> bool {
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", agent.child.id())).into_iter().flatten().flatten();
+    fds.filter_map(|fd| std::fs::read_link(fd.path()).ok()).any(|p| p == path)
+}
+
+/// Whether the agent holds a deleted or renamed file open whose link names `name`.
+pub fn follows_named(agent: &Agent, name: &str) -> bool {
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", agent.child.id())).into_iter().flatten().flatten();
+    fds.filter_map(|fd| std::fs::read_link(fd.path()).ok()).any(|p| p.to_string_lossy().contains(name))
 }
