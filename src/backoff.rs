@@ -3,6 +3,10 @@
 
 use std::time::Duration;
 
+/// The first retry after a success is spread over this window (at most `max`): a fleet whose
+/// server just fell over would otherwise all retry within `initial` (docs/scaling.md).
+pub const FIRST_WINDOW: Duration = Duration::from_secs(10);
+
 /// Backoff state for one kind of retried work.
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -21,8 +25,11 @@ impl Backoff {
         (self.initial, self.max) = (initial, max.max(initial));
     }
 
-    /// The upper bound of the next delay: `min(max, initial * 2^attempt)`.
+    /// The upper bound of the next delay: `min(max, initial * 2^attempt)`, or [`FIRST_WINDOW`] first.
     pub fn ceiling(&self) -> Duration {
+        if self.attempt == 0 {
+            return self.max.min(FIRST_WINDOW).max(self.initial);
+        }
         let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
         self.initial.saturating_mul(factor).min(self.max)
     }
@@ -60,7 +67,8 @@ mod tests {
             ceilings.push(b.ceiling().as_secs());
             b.next_delay_with(0);
         }
-        assert_eq!(ceilings, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        // The first retry after a success is spread wide; later ones double from `initial`.
+        assert_eq!(ceilings, vec![10, 2, 4, 8, 16, 32, 60, 60, 60]);
         for _ in 0..100 {
             b.next_delay_with(0);
         }
@@ -86,6 +94,17 @@ mod tests {
         }
         assert_eq!(b.attempt, 5);
         b.reset();
-        assert_eq!(b.ceiling(), Duration::from_millis(100));
+        assert_eq!(b.ceiling(), Duration::from_secs(1), "a first retry again: the whole window");
+        b.next_delay_with(0);
+        assert_eq!(b.ceiling(), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn the_first_window_is_bounded_by_max_and_initial() {
+        let table = [(100, 1_000, 1_000), (100, 60_000, 10_000), (20_000, 60_000, 20_000), (5, 5, 5)];
+        for (initial, max, want) in table {
+            let b = Backoff::new(Duration::from_millis(initial), Duration::from_millis(max));
+            assert_eq!(b.ceiling(), Duration::from_millis(want), "initial {initial} max {max}");
+        }
     }
 }

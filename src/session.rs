@@ -266,16 +266,17 @@ mod tests {
         let retry = RetryConfig { initial: Duration::from_secs(1), max: Duration::from_secs(60) };
         let timeout = || Err(ureq::Error::Timeout(ureq::Timeout::Global));
         let refused = || Err(ureq::Error::ConnectionFailed);
-        // `random` = u64::MAX: the backoff picks its ceiling (1 s on a first failure).
+        // `random` = u64::MAX: the backoff picks its ceiling (backoff::FIRST_WINDOW on a first failure;
+        // a `Retry-After` of 0 or in the past still waits the 1 s floor).
         let table: Vec<(Role, Result<Reply, ureq::Error>, &str)> = vec![
             (Events, reply(200, None), "done 200"),
             (Events, reply(401, None), "reauth"),
-            (Events, reply(503, None), "resend 1000ms failover"),
+            (Events, reply(503, None), "resend 10000ms failover"),
             (Events, reply(503, Some("2")), "resend 2000ms"),
             (Events, reply(429, Some("3600")), "resend 60000ms"),
-            (Events, reply(408, None), "resend 1000ms"),
-            (Events, refused(), "down 1000ms failover"),
-            (Events, timeout(), "down 1000ms failover"),
+            (Events, reply(408, None), "resend 10000ms"),
+            (Events, refused(), "down 10000ms failover"),
+            (Events, timeout(), "down 10000ms failover"),
             (Events, reply(400, None), "refused 400 m"),
             (Events, reply(413, None), "refused 413 m"),
             (Events, reply(404, None), "slow 30000ms"),
@@ -289,13 +290,13 @@ mod tests {
             (Events, reply(503, Some("0")), "resend 1000ms"),
             (Files, reply(429, Some("0")), "resend 1000ms"),
             (Commands, timeout(), "repoll"),
-            (Commands, refused(), "down 1000ms failover"),
+            (Commands, refused(), "down 10000ms failover"),
             (Commands, reply(400, None), "slow 30000ms"),
             (Commands, reply(404, None), "slow 30000ms"),
             (Files, reply(404, None), "refused 404 m"),
             (Files, reply(400, None), "refused 400 m"),
-            (Files, timeout(), "down 1000ms failover"),
-            (Files, reply(408, None), "resend 1000ms"),
+            (Files, timeout(), "down 10000ms failover"),
+            (Files, reply(408, None), "resend 10000ms"),
             (Commands, reply(408, Some("2")), "resend 2000ms"),
         ];
         for (role, result, want) in table {
@@ -314,12 +315,12 @@ mod tests {
         let fast = RetryConfig { initial: Duration::from_millis(10), max: Duration::from_millis(40) };
         let mut b = Backoff::new(slow.initial, slow.max);
         let down = || Err(ureq::Error::ConnectionFailed);
-        assert_eq!(step(&mut b, &slow, down()), "down 1000ms failover");
+        assert_eq!(step(&mut b, &slow, down()), "down 10000ms failover");
         assert_eq!(step(&mut b, &slow, down()), "down 2000ms failover");
         // A live `retry.*` change applies to the very next failure.
         assert_eq!(step(&mut b, &fast, down()), "down 40ms failover");
         assert_eq!(step(&mut b, &fast, reply(408, None)), "repoll");
-        assert_eq!(step(&mut b, &slow, down()), "down 1000ms failover");
+        assert_eq!(step(&mut b, &slow, down()), "down 10000ms failover");
     }
 
     fn session(stop: Stop) -> Session {

@@ -74,13 +74,20 @@ pub fn lifetime(claims: &Claims, now_unix: i64) -> Option<Duration> {
     (secs > 0).then(|| Duration::from_secs(secs as u64).min(MAX_LIFETIME))
 }
 
-/// How long after receiving a token to renew it (docs/protocol.md, Authentication): `max(60 s, 10 %
-/// of the lifetime)` before expiry, not before half the lifetime, within `MIN_RENEWAL..=MAX_RENEWAL`.
-pub fn renewal_delay(claims: &Claims, now_unix: i64) -> Duration {
+/// How long after receiving a token to renew it (docs/protocol.md, Authentication): at the latest
+/// `max(60 s, 10 % of the lifetime)` before expiry, not before half the lifetime, within
+/// `MIN_RENEWAL..=MAX_RENEWAL`; `random` picks the point in the last fifth of that window, so
+/// agents that authenticated together (after a server restart) do not renew together forever.
+pub fn renewal_delay(claims: &Claims, now_unix: i64, random: u64) -> Duration {
     let Some(life) = lifetime(claims, now_unix) else { return FALLBACK_RENEWAL };
     let margin = Duration::from_secs(60).max(life / 10);
-    let delay = life.saturating_sub(margin).max(life / 2);
-    delay.clamp(MIN_RENEWAL, MAX_RENEWAL)
+    let unclamped = life.saturating_sub(margin).max(life / 2);
+    let latest = unclamped.clamp(MIN_RENEWAL, MAX_RENEWAL);
+    // Half the lifetime is the floor, unless the daily cap already renews far sooner than that.
+    let floor = if unclamped > MAX_RENEWAL { Duration::ZERO } else { life / 2 };
+    let spread = latest.saturating_sub((latest - latest / 5).max(floor)).as_millis() as u64;
+    let pick = ((random as u128 * (spread as u128 + 1)) >> 64) as u64;
+    latest.saturating_sub(Duration::from_millis(pick)).max(MIN_RENEWAL)
 }
 
 /// A token in use.
@@ -304,7 +311,7 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
         match auth.authenticate(retry.max) {
             Ok((jwt, server, claims)) => {
                 let unix_now = crate::status::unix(SystemTime::now());
-                let delay = renewal_delay(&claims, unix_now);
+                let delay = renewal_delay(&claims, unix_now, fastrand::u64(..));
                 let life = lifetime(&claims, unix_now).unwrap_or(delay);
                 if claims.iat.is_none() {
                     log::warn!("the server's token has no iat claim; its lifetime is measured with the local clock");
@@ -398,7 +405,31 @@ mod tests {
             (c(None, now - 5_000_000), FALLBACK_RENEWAL.as_millis() as u64),
         ];
         for (claims, want_ms) in table {
-            assert_eq!(renewal_delay(claims, now).as_millis() as u64, *want_ms, "{claims:?}");
+            assert_eq!(renewal_delay(claims, now, 0).as_millis() as u64, *want_ms, "{claims:?}");
+        }
+    }
+
+    #[test]
+    fn renewals_spread_over_the_last_fifth_of_the_window() {
+        let now = 1_784_000_000;
+        let c = |iat: Option<i64>, exp: i64| Claims { exp, iat };
+        // (claims, earliest in ms (random = u64::MAX), halfway (u64::MAX / 2))
+        let table: &[(Claims, u64, u64)] = &[
+            // 15 min token: 810 s at the latest, 648 s at the earliest.
+            (c(Some(now), now + 900), 648_000, 729_000),
+            // 6 s token: half the lifetime is both the latest and the floor: no spread.
+            (c(Some(now), now + 6), 3_000, 3_000),
+            // 100 s token: latest 50 s (half), floor 50 s.
+            (c(Some(now), now + 100), 50_000, 50_000),
+            // 130 s token: latest 70 s, floor 65 s.
+            (c(Some(now), now + 130), 65_000, 67_500),
+            // Years-long token: renewed daily, spread over the last fifth of the day.
+            (c(Some(0), 4_000_000_000), 69_120_000, 77_760_000),
+            (c(Some(now), now), FALLBACK_RENEWAL.as_millis() as u64, FALLBACK_RENEWAL.as_millis() as u64),
+        ];
+        for (claims, earliest, half) in table {
+            let ms = |random| renewal_delay(claims, now, random).as_millis() as u64;
+            assert_eq!((ms(u64::MAX), ms(u64::MAX / 2)), (*earliest, *half), "{claims:?}");
         }
     }
 
@@ -423,8 +454,9 @@ mod tests {
         for (claims, life, delay_ms) in table {
             let got = lifetime(claims, now);
             assert_eq!(got.map(|d| d.as_secs()), *life, "{claims:?}");
-            let delay = renewal_delay(claims, now);
+            let delay = renewal_delay(claims, now, 0);
             assert_eq!(delay.as_millis() as u64, *delay_ms, "{claims:?}");
+            assert!(renewal_delay(claims, now, u64::MAX) <= delay, "{claims:?}");
             // What `run` does with them: neither may overflow.
             let _ = (SystemTime::now() + got.unwrap_or(delay), Instant::now() + delay);
         }
