@@ -310,7 +310,9 @@ fn many_caught_up_files_do_not_keep_a_read_buffer_each() {
     std::thread::sleep(Duration::from_secs(2));
     let (rss, peak) = (proc_kb(pid, "VmRSS:"), proc_kb(pid, "VmHWM:"));
     eprintln!("200 files caught up: VmRSS {rss} kB, VmHWM {peak} kB");
-    assert!(rss <= 32 * 1024 && peak <= 32 * 1024, "VmRSS {rss} kB, VmHWM {peak} kB");
+    // A buffer kept per file would add 200 × 256 KiB = 50 MiB to the 27–33 MiB this debug build
+    // uses (more glibc arenas when the machine is busy): 40 MiB tells the two apart.
+    assert!(rss <= 40 * 1024 && peak <= 40 * 1024, "VmRSS {rss} kB, VmHWM {peak} kB");
 }
 
 /// 100 files, each ending in an unfinished line of 500 KiB (max_line_bytes = 512 KiB): each
