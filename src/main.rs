@@ -4,7 +4,6 @@
 #![deny(unsafe_code)]
 
 use std::io::Write;
-use std::path::Path;
 use std::process::ExitCode;
 
 use wazuh_agent::cli::{self, Mode};
@@ -80,14 +79,9 @@ fn try_main() -> Result<u8, Error> {
         }
         Mode::Register(args) => {
             logging::init(&config, true).map_err(Error::Log)?;
-            let (creds, told) = register::register(&config, &args).map_err(Error::Register)?;
+            let creds = register::register(&config, &args).map_err(Error::Register)?;
             log::info!("registered as {} ({})", creds.name, creds.uuid);
-            let code = print(&format!("{}\n", creds.uuid), 0)?;
-            // Standard output is the UUID alone (scripts read it); the summary is for the person.
-            let [systemd, init] = ["/run/systemd/system", "/etc/init.d/wazuh-agent"].map(|p| Path::new(p).exists());
-            let next = register::next_step(systemd, init, config.source.as_deref());
-            let _ = writeln!(std::io::stderr(), "{told}start the agent: {next}");
-            Ok(code)
+            print(&format!("{}\n", creds.uuid), 0)
         }
         Mode::Run => {
             logging::init(&config, false).map_err(Error::Log)?;

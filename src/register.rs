@@ -3,10 +3,12 @@
 //! Order matters: every local check (credentials, arguments, password, a writable data_dir) comes
 //! before the first request, so no half-registered agent is left; credentials are written after 201.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
+use uuid::{NoContext, Timestamp, Uuid};
 
 use crate::config::{self, Config, UuidVersion, Verify};
 use crate::credentials::{Credentials, CredentialsError, Secret};
@@ -114,8 +116,8 @@ fn secret(
 }
 
 fn new_uuid(version: UuidVersion) -> String {
-    // Display is the hyphenated lowercase form.
-    let id = if version == UuidVersion::V7 { uuid::Uuid::now_v7() } else { uuid::Uuid::new_v4() };
+    // Display is hyphenated lowercase. NoContext: one id per run needs no shared counter (~1 KB of binary).
+    let id = if version == UuidVersion::V7 { Uuid::new_v7(Timestamp::now(NoContext)) } else { Uuid::new_v4() };
     id.to_string()
 }
 
@@ -126,8 +128,8 @@ fn unreachable_or_bad(url: &str, result: &Result<http::Reply, ureq::Error>) -> R
     }
 }
 
-/// Registers the agent and stores its credentials; returns them and a summary for the person (stderr).
-pub fn register(config: &Config, args: &RegisterArgs) -> Result<(Credentials, String), RegisterError> {
+/// Registers the agent and stores its credentials; returns them (the caller prints the UUID) and tells the person.
+pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, RegisterError> {
     let data_dir = &config.agent.data_dir;
     let path = Credentials::path(data_dir);
     if path.exists() && !args.force {
@@ -228,10 +230,16 @@ pub fn register(config: &Config, args: &RegisterArgs) -> Result<(Credentials, St
     // 3. Store the credentials.
     let creds = Credentials { uuid, key, name };
     creds.store(data_dir).map_err(RegisterError::Store)?;
+    // Standard output is the UUID alone (scripts read it); this summary is for the person.
     let note = if version == config.agent.uuid_version { "" } else { V4_NOTE };
-    let told =
-        format!("{note}registered {} as {} with {url}\ncredentials: {}\n", creds.name, creds.uuid, path.display());
-    Ok((creds, told))
+    let init = |p: &str| Path::new(p).exists();
+    let next = next_step(init("/run/systemd/system"), init("/etc/init.d/wazuh-agent"), config.source.as_deref());
+    let (name, uuid, path) = (&creds.name, &creds.uuid, path.display());
+    let _ = write!(
+        std::io::stderr(),
+        "{note}registered {name} as {uuid} with {url}\ncredentials: {path}\nstart the agent: {next}\n"
+    );
+    Ok(creds)
 }
 
 /// Said once when the server refused the configured id version and took a v4.
@@ -239,16 +247,15 @@ const V4_NOTE: &str = "the server accepts only UUID v4 agent ids; registered wit
 
 /// The 400 of a server that validates v4 ids only: "'<id>' is not a 'uuid4' - 'id'" (Wazuh 6.0), "… not a valid UUIDv4".
 fn refuses_non_v4(message: &str) -> bool {
-    message.contains("'uuid4'") || message.contains("UUIDv4")
+    ["'uuid4'", "UUIDv4"].iter().any(|m| message.contains(m))
 }
 
-/// How to start the agent now, from the facts: /run/systemd/system exists, /etc/init.d/wazuh-agent
-/// exists (SysV, OpenRC, procd), the configuration file; else the plain command.
-pub fn next_step(systemd: bool, init_script: bool, config: Option<&Path>) -> String {
+/// How to start the agent, from the facts: systemd runs, an /etc/init.d script exists, the config file.
+pub fn next_step(systemd: bool, init_script: bool, config: Option<&Path>) -> std::borrow::Cow<'static, str> {
     match (systemd, init_script, config) {
         (true, ..) => "systemctl enable --now wazuh-agent".into(),
         (_, true, _) => "/etc/init.d/wazuh-agent start".into(),
-        (.., Some(path)) => format!("wazuh-agent --config {}", path.display()),
+        (.., Some(path)) => format!("wazuh-agent --config {}", path.display()).into(),
         (.., None) => "wazuh-agent".into(),
     }
 }
