@@ -147,8 +147,8 @@ fn refusal(detail: &str) -> FaultAction {
     FaultAction::Status { code: 400, retry_after: None, body: Some(body) }
 }
 
-/// The Wazuh 6.0-era server takes v4 ids only: the v7 default is refused with its words, a v4
-/// is sent at once, and the person is told once how to skip the step.
+/// The Wazuh 6.0-era server takes v4 ids only: the v7 default is refused in its words (checked
+/// in the mock's unit test), a v4 is sent at once, and the person is told once how to skip the step.
 #[test]
 fn a_v4_only_server_gets_a_v4_id_at_once_and_says_so_once() {
     let env = Env::with(|o| o.uuid_v4_only = true);
