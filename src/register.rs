@@ -3,10 +3,12 @@
 //! Order matters: every local check (credentials, arguments, password, a writable data_dir) comes
 //! before the first request, so no half-registered agent is left; credentials are written after 201.
 
-use std::path::PathBuf;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
+use uuid::{NoContext, Timestamp, Uuid};
 
 use crate::config::{self, Config, UuidVersion, Verify};
 use crate::credentials::{Credentials, CredentialsError, Secret};
@@ -114,8 +116,8 @@ fn secret(
 }
 
 fn new_uuid(version: UuidVersion) -> String {
-    // Display is the hyphenated lowercase form.
-    let id = if version == UuidVersion::V7 { uuid::Uuid::now_v7() } else { uuid::Uuid::new_v4() };
+    // Display is hyphenated lowercase. NoContext: one id per run needs no shared counter (~1 KB of binary).
+    let id = if version == UuidVersion::V7 { Uuid::new_v7(Timestamp::now(NoContext)) } else { Uuid::new_v4() };
     id.to_string()
 }
 
@@ -126,7 +128,7 @@ fn unreachable_or_bad(url: &str, result: &Result<http::Reply, ureq::Error>) -> R
     }
 }
 
-/// Registers the agent and stores its credentials; returns them (the caller prints the UUID).
+/// Registers the agent and stores its credentials; returns them (the caller prints the UUID) and tells the person.
 pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, RegisterError> {
     let data_dir = &config.agent.data_dir;
     let path = Credentials::path(data_dir);
@@ -200,29 +202,62 @@ pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, Reg
         (_, result) => return Err(unreachable_or_bad(&login_url, &result)),
     };
 
-    // 2. Create the agent.
-    let uuid = new_uuid(config.agent.uuid_version);
+    // 2. Create the agent. A server that takes only v4 ids (Wazuh 6.0) gets one more try with a v4.
     let host = host::gather(&config.inventory.root);
-    let body = serde_json::json!({
-        "id": uuid, "key": key.expose(), "name": name, "type": "Endpoint", "version": crate::VERSION, "host": host,
-    });
     let agents_url = format!("{url}/agents");
     let bearer = format!("Bearer {}", api_token.expose());
-    let result = http::send(&agent, &agents_url, Some(&bearer), &Request::Json(body.to_string().as_bytes()), None);
-    match (http::classify(Attempt::of(&result, false), SystemTime::now(), Duration::ZERO), result) {
-        // Only 201 means created (docs/protocol.md, Registration); a 200 could be a proxy or another API.
-        (Outcome::Done, Ok(r)) if r.status == 201 => {}
-        // A refusal of this agent: 401/403, 400, 413, and also 408/429 (no retry here).
-        (Outcome::Reauth | Outcome::Reject(_) | Outcome::Retry { .. }, Ok(r)) if (400..500).contains(&r.status) => {
-            return Err(RegisterError::Refused { url: agents_url, status: r.status, message: r.message() });
+    let mut version = config.agent.uuid_version;
+    let uuid = loop {
+        let uuid = new_uuid(version);
+        let body = serde_json::json!({
+            "id": uuid, "key": key.expose(), "name": name, "type": "Endpoint", "version": crate::VERSION, "host": host,
+        });
+        let result = http::send(&agent, &agents_url, Some(&bearer), &Request::Json(body.to_string().as_bytes()), None);
+        match (http::classify(Attempt::of(&result, false), SystemTime::now(), Duration::ZERO), result) {
+            // Only 201 means created (docs/protocol.md, Registration); a 200 could be a proxy or another API.
+            (Outcome::Done, Ok(r)) if r.status == 201 => break uuid,
+            (_, Ok(r)) if version != UuidVersion::V4 && r.status == 400 && refuses_non_v4(&r.message()) => {
+                version = UuidVersion::V4;
+            }
+            // A refusal of this agent: 401/403, 400, 413, and also 408/429 (no retry here).
+            (Outcome::Reauth | Outcome::Reject(_) | Outcome::Retry { .. }, Ok(r)) if (400..500).contains(&r.status) => {
+                return Err(RegisterError::Refused { url: agents_url, status: r.status, message: r.message() });
+            }
+            (_, result) => return Err(unreachable_or_bad(&agents_url, &result)),
         }
-        (_, result) => return Err(unreachable_or_bad(&agents_url, &result)),
-    }
+    };
 
     // 3. Store the credentials.
     let creds = Credentials { uuid, key, name };
     creds.store(data_dir).map_err(RegisterError::Store)?;
+    // Standard output is the UUID alone (scripts read it); this summary is for the person.
+    let note = if version == config.agent.uuid_version { "" } else { V4_NOTE };
+    let init = |p: &str| Path::new(p).exists();
+    let next = next_step(init("/run/systemd/system"), init("/etc/init.d/wazuh-agent"), config.source.as_deref());
+    let (name, uuid, path) = (&creds.name, &creds.uuid, path.display());
+    let _ = write!(
+        std::io::stderr(),
+        "{note}registered {name} as {uuid} with {url}\ncredentials: {path}\nstart the agent: {next}\n"
+    );
     Ok(creds)
+}
+
+/// Said once when the server refused the configured id version and took a v4.
+const V4_NOTE: &str = "the server accepts only UUID v4 agent ids; registered with a v4 id. Set agent.uuid_version = 4 to skip this step.\n";
+
+/// The 400 of a server that validates v4 ids only: "'<id>' is not a 'uuid4' - 'id'" (Wazuh 6.0), "… not a valid UUIDv4".
+fn refuses_non_v4(message: &str) -> bool {
+    ["'uuid4'", "UUIDv4"].iter().any(|m| message.contains(m))
+}
+
+/// How to start the agent, from the facts: systemd runs, an /etc/init.d script exists, the config file.
+pub fn next_step(systemd: bool, init_script: bool, config: Option<&Path>) -> std::borrow::Cow<'static, str> {
+    match (systemd, init_script, config) {
+        (true, ..) => "systemctl enable --now wazuh-agent".into(),
+        (_, true, _) => "/etc/init.d/wazuh-agent start".into(),
+        (.., Some(path)) => format!("wazuh-agent --config {}", path.display()).into(),
+        (.., None) => "wazuh-agent".into(),
+    }
 }
 
 #[cfg(test)]
@@ -249,5 +284,23 @@ mod tests {
     fn uuid_versions() {
         assert_eq!(uuid::Uuid::parse_str(&new_uuid(UuidVersion::V7)).unwrap().get_version_num(), 7);
         assert_eq!(uuid::Uuid::parse_str(&new_uuid(UuidVersion::V4)).unwrap().get_version_num(), 4);
+    }
+
+    #[test]
+    fn only_the_v4_refusal_is_recognised() {
+        assert!(refuses_non_v4("Bad Request: '01a22bde-0000-7000-8000-000000000000' is not a 'uuid4' - 'id'"));
+        assert!(refuses_non_v4("Bad Request: 'x' is not a valid UUIDv4"));
+        for other in ["Bad Request: Agent name already in use", "Bad Request: 'x' is not a valid UUID", "uuid4"] {
+            assert!(!refuses_non_v4(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn next_step_follows_the_init_system() {
+        let config = Some(Path::new("/etc/wazuh-agent/wazuh-agent.toml"));
+        assert_eq!(next_step(true, true, config), "systemctl enable --now wazuh-agent");
+        assert_eq!(next_step(false, true, config), "/etc/init.d/wazuh-agent start");
+        assert_eq!(next_step(false, false, config), "wazuh-agent --config /etc/wazuh-agent/wazuh-agent.toml");
+        assert_eq!(next_step(false, false, None), "wazuh-agent");
     }
 }

@@ -37,6 +37,24 @@ fn registers_and_stores_credentials_privately() {
     assert!(host["os"]["name"].is_string() && host["architecture"].is_string() && host["ip"].is_array(), "{host}");
     assert_eq!(agents[0].registration["type"], "Endpoint");
 
+    // Standard output is the UUID alone; standard error tells the person what happened and what next.
+    assert_eq!(String::from_utf8(out.stdout.clone()).unwrap(), format!("{uuid}\n"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains("] ")).collect();
+    let next = if std::path::Path::new("/run/systemd/system").exists() {
+        "systemctl enable --now wazuh-agent".to_string()
+    } else if std::path::Path::new("/etc/init.d/wazuh-agent").exists() {
+        "/etc/init.d/wazuh-agent start".to_string()
+    } else {
+        format!("wazuh-agent --config {}", env.config.display())
+    };
+    let want = [
+        format!("registered web-01 as {uuid} with {}", env.mock.mgmt_url()),
+        format!("credentials: {}", env.data_dir().join("credentials.json").display()),
+        format!("start the agent: {next}"),
+    ];
+    assert_eq!(lines, want, "{stderr}");
+
     // No secret in anything the command printed.
     let printed = text(&out);
     assert!(!printed.contains(&key) && !printed.contains(PASSWORD), "{printed}");
@@ -94,6 +112,7 @@ fn server_400_is_reported_with_its_message() {
     let t = text(&out);
     assert!(t.contains("400") && t.contains("Bad Request"), "{t}");
     assert!(!env.data_dir().join("credentials.json").exists());
+    assert_eq!(agent_posts(&env), 1, "only the v4 refusal is retried");
 }
 
 /// A server's reason is printed on the terminal: its control characters (here a
@@ -116,15 +135,54 @@ fn control_characters_in_a_refusal_are_escaped_on_the_terminal() {
     assert!(text(&out).contains(r"evil\u{1b}[2J\u{7}"), "{}", text(&out));
 }
 
+const V4_NOTE: &str =
+    "the server accepts only UUID v4 agent ids; registered with a v4 id. Set agent.uuid_version = 4 to skip this step.";
+
+fn agent_posts(env: &Env) -> usize {
+    env.mock.requests().iter().filter(|r| r.method == "POST" && r.path == "/agents").count()
+}
+
+fn refusal(detail: &str) -> FaultAction {
+    let body = serde_json::json!({"title": "Bad Request", "detail": detail}).to_string();
+    FaultAction::Status { code: 400, retry_after: None, body: Some(body) }
+}
+
+/// The Wazuh 6.0-era server takes v4 ids only: the v7 default is refused in its words (checked
+/// in the mock's unit test), a v4 is sent at once, and the person is told once how to skip the step.
 #[test]
-fn v7_is_refused_by_a_v4_only_server_and_v4_config_works() {
+fn a_v4_only_server_gets_a_v4_id_at_once_and_says_so_once() {
     let env = Env::with(|o| o.uuid_v4_only = true);
     let out = env.register(&[]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out).contains("UUIDv4"), "{}", text(&out));
-    env.write_config("agent.uuid_version = 4");
-    let uuid = env.registered();
+    assert!(out.status.success(), "{}", text(&out));
+    let uuid = credentials(&env)["uuid"].as_str().unwrap().to_string();
     assert_eq!(uuid::Uuid::parse_str(&uuid).unwrap().get_version_num(), 4);
+    assert_eq!(String::from_utf8(out.stdout.clone()).unwrap(), format!("{uuid}\n"), "stdout is the UUID alone");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().filter(|l| *l == V4_NOTE).count(), 1, "{stderr}");
+    assert_eq!(agent_posts(&env), 2, "the refused v7, then the v4");
+    assert_eq!(env.mock.agents().len(), 1);
+
+    // With agent.uuid_version = 4 there is nothing to retry and nothing to say.
+    env.write_config("agent.uuid_version = 4");
+    let out = env.register(&["--force"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("UUID v4"), "{}", text(&out));
+    assert_eq!(agent_posts(&env), 3);
+}
+
+/// One retry only, and only after that refusal: a v4 refused again is reported as usual and
+/// nothing is stored.
+#[test]
+fn a_refused_retry_is_reported_and_stores_nothing() {
+    let env = Env::new();
+    env.mock.inject(Fault { path: "/agents".into(), times: 2, action: refusal("'x' is not a 'uuid4' - 'id'") });
+    let out = env.register(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("refused to register the agent: 400 Bad Request: 'x' is not a 'uuid4' - 'id'"), "{t}");
+    assert!(!t.contains(V4_NOTE), "{t}");
+    assert_eq!(agent_posts(&env), 2);
+    assert!(!env.data_dir().join("credentials.json").exists());
 }
 
 #[test]

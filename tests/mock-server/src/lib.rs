@@ -964,14 +964,20 @@ fn valid_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '%'))
 }
 
+/// An agent id must be a UUID, and a v4 one when `v4_only`: refused in the Wazuh 6.0-era server's words.
+fn check_id(id: &str, v4_only: bool) -> Result<(), String> {
+    let parsed = uuid::Uuid::parse_str(id).map_err(|_| format!("'{id}' is not a valid UUID"))?;
+    if v4_only && parsed.get_version_num() != 4 {
+        return Err(format!("'{id}' is not a 'uuid4' - 'id'"));
+    }
+    Ok(())
+}
+
 fn validate_registration(state: &State, body: &[u8]) -> Result<AgentRecord, String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
     let s = |k: &str| v.get(k).and_then(Value::as_str).ok_or(format!("'{k}' is required and must be a string"));
     let id = s("id")?;
-    let parsed = uuid::Uuid::parse_str(id).map_err(|_| format!("'{id}' is not a valid UUID"))?;
-    if state.opts.uuid_v4_only && parsed.get_version_num() != 4 {
-        return Err(format!("'{id}' is not a valid UUIDv4"));
-    }
+    check_id(id, state.opts.uuid_v4_only)?;
     let key = s("key")?;
     if key.len() != 32 || !key.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err("'key' must be 32 alphanumeric characters".into());
@@ -1431,6 +1437,15 @@ mod tests {
         assert!(kept[0].data.is_none(), "data only kept when asked");
         let upsert = format!("{AGENT}\n{{\"module\":\"inventory\",\"operation\":\"upsert\",\"id\":\"x\"}}\n{{}}");
         assert!(parse_events(&upsert, true, true).is_err());
+    }
+
+    #[test]
+    fn a_v4_only_server_refuses_other_ids_in_the_real_servers_words() {
+        let v7 = "01a22bde-0000-7000-8000-000000000000";
+        assert_eq!(check_id(v7, true), Err(format!("'{v7}' is not a 'uuid4' - 'id'")));
+        assert_eq!(check_id(v7, false), Ok(()));
+        assert_eq!(check_id("0ac1fa4b-0000-4000-8000-000000000000", true), Ok(()));
+        assert_eq!(check_id("x", false), Err("'x' is not a valid UUID".into()));
     }
 
     #[test]
