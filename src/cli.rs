@@ -39,7 +39,8 @@ USAGE
     wazuh-agent --register --url URL --user USER [--password-file FILE] [--name NAME]
                 [--key-file FILE] [--force] [--config FILE]
         Register with the server management API once, store the credentials in
-        <data_dir>/credentials.json and print the new agent UUID.
+        <data_dir>/credentials.json and print the new agent UUID (standard error says
+        where the credentials went and how to start the agent).
     wazuh-agent --send [--config FILE]
         Read NDJSON events from standard input and hand them to the running agent.
     wazuh-agent --status [--config FILE]
