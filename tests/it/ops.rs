@@ -140,6 +140,11 @@ fn sysv_lifecycle(shell: Shell) {
 
     let out = sysv(&env, shell, "reload");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let log = env.dir.path().join("agent.log");
+    assert!(
+        wait_for(Duration::from_secs(10), || std::fs::read_to_string(&log).unwrap_or_default().contains("SIGHUP")),
+        "the respawn loop passed HUP on to the agent"
+    );
     let out = sysv(&env, shell, "stop");
     assert_eq!(out.status.code(), Some(0), "stop: {}", text(&out));
     assert_eq!(sysv(&env, shell, "status").status.code(), Some(3));
