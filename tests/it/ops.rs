@@ -406,3 +406,23 @@ fn drops_privileges_to_agent_user() {
     env.send_ok(&lines([stateless(1)]));
     assert!(env.mock.wait_until(Duration::from_secs(10), |m| !m.stateless_events().is_empty()));
 }
+
+#[test]
+fn the_sysv_script_keeps_no_pid_where_another_account_could_replace_it() {
+    let env = Env::new();
+    env.registered();
+    // run_dir in a directory any account may write (not sticky): its `.init` sibling could be
+    // swapped for another account's directory, so the script refuses before running anything.
+    let open = env.dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    env.write_config(&format!("agent.run_dir = {:?}", open.join("run").display().to_string()));
+    for shell in [Shell::Debian, Shell::Busybox] {
+        let out = sysv(&env, shell, "start");
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let says =
+            format!("{} (or a directory above it) can be replaced by an account other than root", open.display());
+        assert!(text(&out).contains(&says), "{}", text(&out));
+        assert!(!open.join("run.init").exists() && !open.join("run").exists(), "nothing created or started");
+    }
+}
