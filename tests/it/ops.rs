@@ -25,32 +25,40 @@ fn every_shell_script_passes_shellcheck() {
 }
 
 /// How the SysV script is run: the shell, and whether start-stop-daemon may be used.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Shell {
     /// `sh` (dash on Debian), with start-stop-daemon.
     Debian,
-    /// `busybox sh` with BusyBox's own tools first in PATH (`sh`, `tail`, `mktemp`, `setsid`,
-    /// …), as on a small host, and no start-stop-daemon.
+    /// `busybox sh` with nothing but BusyBox's own tools in PATH (`sh`, `tail`, `mktemp`,
+    /// `setsid`, …), as on a small host: no start-stop-daemon.
     Busybox,
+    /// As `Busybox`, without `setsid` either.
+    BusyboxNoSetsid,
 }
 
-/// A directory of links to busybox for every tool the SysV script runs.
-fn busybox_tools() -> &'static Path {
-    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
+/// A directory of links to busybox for every tool the SysV script runs (and `setsid` if asked):
+/// the only directory in PATH for the `Busybox` shells.
+fn busybox_tools(setsid: bool) -> &'static Path {
+    static DIRS: [std::sync::OnceLock<PathBuf>; 2] = [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+    DIRS[usize::from(setsid)].get_or_init(|| {
+        let name = if setsid { "busybox-tools" } else { "busybox-tools-without-setsid" };
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+        std::fs::create_dir_all(&dir).unwrap();
         let busybox = Command::new("sh").args(["-c", "command -v busybox"]).output().unwrap();
         assert!(busybox.status.success(), "busybox is installed (scripts/deps.sh)");
         let busybox = String::from_utf8(busybox.stdout).unwrap().trim().to_string();
-        for tool in [
+        let tools = [
             "sh", "cat", "chmod", "cut", "date", "dirname", "basename", "id", "ln", "logger", "ls", "mkdir", "mkfifo",
-            "mktemp", "mv", "rm", "sed", "setsid", "sleep", "tail", "tr",
-        ] {
-            std::os::unix::fs::symlink(&busybox, dir.path().join(tool)).unwrap();
+            "mktemp", "mv", "rm", "sed", "sleep", "tail", "tr",
+        ];
+        for tool in tools.iter().chain(if setsid { &["setsid"][..] } else { &[] }) {
+            match std::os::unix::fs::symlink(&busybox, dir.join(tool)) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => panic!("{tool}: {e}"),
+                _ => {}
+            }
         }
         dir
     })
-    .path()
 }
 
 /// The SysV script run with `shell`, `WAZUH_AGENT_BIN` and `WAZUH_AGENT_CONFIG` set; no
@@ -59,11 +67,10 @@ fn sysv_cmd(env: &Env, shell: Shell, action: &str) -> Command {
     let script = repo().join("scripts/init.d/wazuh-agent");
     let mut c = match shell {
         Shell::Debian => Command::new("sh"),
-        Shell::Busybox => {
-            let mut c = Command::new("busybox");
-            c.arg("sh")
-                .env("WAZUH_AGENT_PLAIN_SHELL", "1")
-                .env("PATH", format!("{}:{}", busybox_tools().display(), std::env::var("PATH").unwrap_or_default()));
+        Shell::Busybox | Shell::BusyboxNoSetsid => {
+            let tools = busybox_tools(shell == Shell::Busybox);
+            let mut c = Command::new(tools.join("sh"));
+            c.env("WAZUH_AGENT_PLAIN_SHELL", "1").env("PATH", tools);
             c
         }
     };
@@ -164,6 +171,11 @@ fn sysv_script_with_start_stop_daemon() {
 #[test]
 fn sysv_script_with_a_plain_busybox_shell() {
     sysv_lifecycle(Shell::Busybox);
+}
+
+#[test]
+fn sysv_script_with_a_plain_busybox_shell_without_setsid() {
+    sysv_lifecycle(Shell::BusyboxNoSetsid);
 }
 
 /// Issue 13: only the binary, the config and the script, side by side in one directory, run
