@@ -152,6 +152,22 @@ fn sysv_lifecycle(shell: Shell) {
         wait_for(Duration::from_secs(10), || std::fs::read_to_string(&log).unwrap_or_default().contains("SIGHUP")),
         "the respawn loop passed HUP on to the agent"
     );
+
+    // A restart with a broken configuration stops nothing.
+    let good = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, format!("{good}\n[nonsense]\n")).unwrap();
+    let running = agent_pid(&env).unwrap();
+    let out = sysv(&env, shell, "restart");
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    assert!(text(&out).contains("nonsense"), "the agent's own message: {}", text(&out));
+    assert!(alive(running) && agent_pid(&env) == Some(running), "still running");
+    std::fs::write(&env.config, good).unwrap();
+    let out = sysv(&env, shell, "restart");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(!alive(running) && !alive(respawn), "the old agent and loop ended");
+    assert!(agent_pid(&env).is_some_and(|p| p != running) && sysv(&env, shell, "status").status.success());
+    let respawn = loop_pid(&env).expect("a new respawn loop");
+
     let out = sysv(&env, shell, "stop");
     assert_eq!(out.status.code(), Some(0), "stop: {}", text(&out));
     assert_eq!(sysv(&env, shell, "status").status.code(), Some(3));
