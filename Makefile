@@ -28,7 +28,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@sh scripts/deps.sh
-	shellcheck -s sh scripts/loc.sh scripts/wazuh-agent-respawn scripts/init.d/wazuh-agent scripts/openrc/wazuh-agent scripts/procd/wazuh-agent scripts/deps.sh
+	shellcheck -s sh scripts/loc.sh scripts/init.d/wazuh-agent scripts/openrc/wazuh-agent scripts/procd/wazuh-agent scripts/deps.sh
 	shellcheck scripts/demo.sh
 
 demo:
@@ -67,10 +67,8 @@ loc:
 # install: PREFIX (default /usr/local) for the binary; /etc and /var/lib whatever the
 # PREFIX; DESTDIR for staging; INIT=sysv|openrc|systemd|procd picks the service file.
 INIT ?=
-LIBEXEC := $(PREFIX)/libexec/wazuh-agent
 # Paths written into the installed scripts.
 SUBST := sed -e 's|/usr/local/bin/wazuh-agent|$(PREFIX)/bin/wazuh-agent|g' \
-             -e 's|/usr/local/libexec/wazuh-agent|$(LIBEXEC)|g' \
              -e 's|/usr/bin/wazuh-agent|$(PREFIX)/bin/wazuh-agent|g'
 
 install: release install-files
@@ -87,10 +85,9 @@ install-files:
 	install -d -m 0700 $(DESTDIR)/var/lib/wazuh-agent
 	@case "$(INIT)" in \
 	sysv) \
-		install -d -m 0755 $(DESTDIR)/etc/init.d $(DESTDIR)$(LIBEXEC); \
+		install -d -m 0755 $(DESTDIR)/etc/init.d; \
 		$(SUBST) scripts/init.d/wazuh-agent > $(DESTDIR)/etc/init.d/wazuh-agent; \
-		chmod 0755 $(DESTDIR)/etc/init.d/wazuh-agent; \
-		install -m 0755 scripts/wazuh-agent-respawn $(DESTDIR)$(LIBEXEC)/wazuh-agent-respawn ;; \
+		chmod 0755 $(DESTDIR)/etc/init.d/wazuh-agent ;; \
 	openrc) \
 		install -d -m 0755 $(DESTDIR)/etc/init.d; \
 		$(SUBST) scripts/openrc/wazuh-agent > $(DESTDIR)/etc/init.d/wazuh-agent; \
@@ -111,9 +108,11 @@ install-files:
 		[ -e $(DESTDIR)/etc/default/wazuh-agent ] || install -m 0644 scripts/default.wazuh-agent $(DESTDIR)/etc/default/wazuh-agent ;; \
 	esac
 
+# The SysV script is self-contained; the respawn wrapper earlier versions installed in
+# libexec goes too.
 uninstall:
-	rm -f $(DESTDIR)$(PREFIX)/bin/wazuh-agent $(DESTDIR)$(LIBEXEC)/wazuh-agent-respawn
-	-rmdir $(DESTDIR)$(LIBEXEC) 2>/dev/null
+	rm -f $(DESTDIR)$(PREFIX)/bin/wazuh-agent $(DESTDIR)$(PREFIX)/libexec/wazuh-agent/wazuh-agent-respawn
+	-rmdir $(DESTDIR)$(PREFIX)/libexec/wazuh-agent 2>/dev/null
 	@case "$(INIT)" in \
 	sysv|openrc|procd) rm -f $(DESTDIR)/etc/init.d/wazuh-agent ;; \
 	systemd) rm -f $(DESTDIR)/lib/systemd/system/wazuh-agent.service ;; \

@@ -137,15 +137,20 @@ fn links_at_state_json_and_its_temp_file_are_not_followed_by_a_root_agent() {
     assert!(std::fs::read_to_string(&state).unwrap().contains("\"pid\""));
 }
 
-/// Runs the SysV script's `stop` in a pid namespace of its own (so that today's `kill -TERM
-/// -1` could only reach that namespace), with `pid` in the wrapper's pid file. Returns what
-/// was signalled: "init" (pid 1 of the namespace) and/or "victim" (a process the test started).
+/// Runs the SysV script's `stop` in a pid namespace of its own (so that a `kill -TERM -1`
+/// could only reach that namespace), with `pid` in every pid file it may read: the agent's and
+/// the old respawn wrapper's in the run directory (the account's) and the respawn loop's in
+/// `run.init` (root's). Returns what was signalled: "init" (pid 1 of the namespace) and/or
+/// "victim" (a process the test started).
 fn sysv_stop_with_pid_file(env: &Env, pid: &str) -> String {
     let script = r#"
         trap 'echo init-signalled' TERM
         sleep 600 & victim=$!
         [ "$PID" = victim ] && PID=$victim
-        mkdir -p "$RUN" && echo "$PID" >"$RUN/wazuh-agent-respawn.pid"
+        mkdir -p "$RUN" "$RUN.init" && chmod 0700 "$RUN.init"
+        for f in "$RUN/wazuh-agent.pid" "$RUN/wazuh-agent-respawn.pid" "$RUN.init/respawn.pid"; do
+            echo "$PID" >"$f"
+        done
         sh "$SCRIPT" stop
         state=$(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' "/proc/$victim/status" 2>/dev/null)
         case $state in '' | Z) echo victim-signalled ;; *) kill -KILL "$victim" ;; esac
@@ -157,7 +162,6 @@ fn sysv_stop_with_pid_file(env: &Env, pid: &str) -> String {
         .env("SCRIPT", concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/init.d/wazuh-agent"))
         .env("WAZUH_AGENT_BIN", bin())
         .env("WAZUH_AGENT_CONFIG", &env.config)
-        .env("WAZUH_AGENT_RESPAWN", concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/wazuh-agent-respawn"))
         .env("WAZUH_AGENT_DEFAULTS", env.dir.path().join("no-defaults"))
         .output()
         .expect("unshare (util-linux) runs");
@@ -170,26 +174,43 @@ fn the_sysv_script_signals_no_process_but_the_agent_named_in_a_pid_file() {
     for pid in ["-1", "1", "victim", "0", "12abc"] {
         let out = sysv_stop_with_pid_file(&env, pid);
         assert!(!out.contains("signalled"), "pid file {pid:?}: {out}");
-        assert!(out.contains("does not name the agent or its wrapper; not signalling it"), "pid file {pid:?}: {out}");
+        for file in ["run/wazuh-agent.pid", "run.init/respawn.pid"] {
+            let refused = format!(
+                "{} does not name the agent or its respawn loop; not signalling it",
+                env.dir.path().join(file).display()
+            );
+            assert!(out.contains(&refused), "pid file {pid:?}: {out}");
+        }
+    }
+}
+
+/// Stops the agent the SysV script started, even when the test fails half-way.
+struct SysvStop<'a>(&'a Env);
+
+impl Drop for SysvStop<'_> {
+    fn drop(&mut self) {
+        let _ = sysv_script(self.0, "stop").output();
     }
 }
 
 #[test]
-fn the_respawn_wrapper_does_not_write_its_pid_through_a_link() {
+fn the_respawn_loop_does_not_write_its_pid_through_a_link() {
     let env = Env::new();
-    let target = victim(&env, "victim-wrapper");
-    let pid_file = env.dir.path().join("wazuh-agent-respawn.pid");
-    plant(&pid_file, &target);
-    let out = std::process::Command::new("sh")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/wazuh-agent-respawn"))
-        .arg(&pid_file)
-        .args(["sh", "-c", "cat \"$0\"", pid_file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(unchanged(&target), "the wrapper wrote its pid through the link");
-    // The agent's turn saw the wrapper's own file, with its pid.
-    assert!(text(&out).trim().parse::<u32>().is_ok(), "{}", text(&out));
+    env.registered();
+    let target = victim(&env, "victim-loop");
+    let init_dir = env.dir.path().join("run.init");
+    std::fs::create_dir(&init_dir).unwrap();
+    std::fs::set_permissions(&init_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let pid_file = init_dir.join("respawn.pid");
+    std::os::unix::fs::symlink(&target, &pid_file).unwrap();
+    let _stop = SysvStop(&env);
+    let out = sysv_script(&env, "start").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(unchanged(&target), "the respawn loop wrote its pid through the link");
+    assert!(std::fs::symlink_metadata(&pid_file).unwrap().is_file(), "the loop's own file");
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap();
+    assert!(String::from_utf8_lossy(&cmdline).contains("\0respawn\0"), "{cmdline:?}");
 }
 
 /// A root-owned file in a directory of root's, mode `mode`, holding [`PRECIOUS`].
@@ -315,14 +336,19 @@ fn a_fifo_at_the_queue_cursor_does_not_hang_root_at_start() {
     assert!(up, "root neither started nor stopped in 15 s (blocked in {stack:?}): {}", agent.log());
 }
 
+/// Issue 12: under SysV the account could race a link into the run directory (its own) at
+/// the respawn pid file root writes at every start, after the old wrapper's `rm` and before its
+/// `set -C` write, which refuses only regular files: a link to a FIFO or a device was written
+/// through. The respawn loop's files now live in `<run_dir>.init`, which only root can write.
 #[test]
-#[ignore = "reproduces: the wrapper's `rm -f; set -C; echo >` leaves a window in which a link to a FIFO or device is written through (noclobber only refuses existing regular files)"]
-fn the_respawn_wrapper_writes_no_pid_through_a_link_raced_in_after_its_rm() {
+fn the_sysv_script_writes_nothing_through_a_link_raced_in_where_the_account_can_write() {
+    use std::ffi::CString;
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
-    use std::os::unix::process::CommandExt;
     let env = Env::new();
     std::fs::set_permissions(env.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    env.write_config("agent.user = \"nobody\"");
+    env.registered();
     let (run, a) = (env.dir.path().join("run"), nobody());
     std::fs::create_dir(&run).unwrap();
     std::os::unix::fs::chown(&run, Some(a.uid), Some(a.gid)).unwrap();
@@ -332,31 +358,83 @@ fn the_respawn_wrapper_writes_no_pid_through_a_link_raced_in_after_its_rm() {
     assert!(std::process::Command::new("mkfifo").arg("-m600").arg(&fifo).status().unwrap().success());
     let mut reader =
         std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(&fifo).unwrap();
-    let pid_file = run.join("wazuh-agent-respawn.pid");
-    // The account re-plants its link in a bounded loop (killed below: sh itself, no wrapper).
-    let plant = "i=0; while [ $i -lt 200000 ]; do ln -s \"$0\" \"$1\" 2>/dev/null; i=$((i+1)); done";
-    let mut racer = std::process::Command::new("sh")
-        .args(["-c", plant])
-        .arg(&fifo)
-        .arg(&pid_file)
-        .uid(a.uid)
-        .gid(a.gid)
-        .spawn()
-        .unwrap();
-    let mut written = String::new();
-    for _ in 0..300 {
-        let _ = std::process::Command::new("sh")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/wazuh-agent-respawn"))
-            .arg(&pid_file)
-            .arg("true")
-            .output();
-        let mut buf = [0u8; 256];
-        if let Ok(n) = reader.read(&mut buf) {
-            written.push_str(&String::from_utf8_lossy(&buf[..n]));
-            break;
+    // Where the account plants its link: the old wrapper's pid file in the run directory, and
+    // every file of the respawn loop's (in a directory the account cannot enter).
+    let init = env.dir.path().join("run.init");
+    let at: Vec<PathBuf> = vec![
+        run.join("wazuh-agent-respawn.pid"),
+        init.join("respawn.pid"),
+        init.join("stderr"),
+        init.join("output"),
+        init.join("exited"),
+    ];
+    let c = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let (target, links) = (c(&fifo), at.iter().map(|p| c(p)).collect::<Vec<_>>());
+    // The account re-plants its links in a tight loop (a forked child as nobody that makes
+    // only system calls until it is killed), so the link is back within microseconds of a `rm`.
+    // SAFETY: the child calls only async-signal-safe functions (setgid, setuid, symlink, _exit).
+    let racer = unsafe { libc::fork() };
+    assert!(racer >= 0, "fork");
+    if racer == 0 {
+        // SAFETY: as above; every pointer is a CString made before the fork.
+        unsafe {
+            if libc::setgid(a.gid) != 0 || libc::setuid(a.uid) != 0 {
+                libc::_exit(1);
+            }
+            loop {
+                for l in &links {
+                    libc::symlink(target.as_ptr(), l.as_ptr());
+                }
+            }
         }
     }
-    let _ = racer.kill();
-    let _ = racer.wait();
+    let mut written = String::new();
+    let mut outputs = Vec::new();
+    let mut hung = None;
+    {
+        let _stop = SysvStop(&env);
+        // start-stop-daemon, then a plain shell, then start-stop-daemon again.
+        for (i, action) in ["start", "stop"].repeat(3).into_iter().enumerate() {
+            let mut cmd = sysv_script(&env, action);
+            if i / 2 == 1 {
+                cmd.env("WAZUH_AGENT_PLAIN_SHELL", "1");
+            }
+            let Some(out) = output_within(cmd, Duration::from_secs(60)) else {
+                hung = Some(action);
+                break;
+            };
+            let mut buf = [0u8; 256];
+            if let Ok(n) = reader.read(&mut buf) {
+                written.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+            outputs.push(text(&out));
+            if !written.is_empty() || !out.status.success() {
+                break;
+            }
+        }
+        // SAFETY: kill(2) and waitpid(2) on the child forked above.
+        unsafe {
+            libc::kill(racer, libc::SIGKILL);
+            libc::waitpid(racer, std::ptr::null_mut(), 0);
+        }
+        // Nothing may read the FIFO through a link while the guard stops the agent.
+        let _ = std::fs::remove_file(&at[0]);
+    }
     assert!(written.is_empty(), "root wrote {written:?} into its FIFO through the account's link");
+    assert_eq!(hung, None, "the script hung (reading a pid through the account's link to the FIFO?): {outputs:#?}");
+    assert_eq!(outputs.len(), 6, "three starts and stops, each successful: {outputs:#?}");
+}
+
+/// `cmd`'s output, or None if it did not end within `limit` (its process group is then killed).
+fn output_within(mut cmd: std::process::Command, limit: Duration) -> Option<std::process::Output> {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    let mut child = cmd.process_group(0).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    if wait_for(limit, || child.try_wait().unwrap().is_some()) {
+        return Some(child.wait_with_output().unwrap());
+    }
+    // SAFETY: kill(2) on the process group of the child spawned above.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let _ = child.wait();
+    None
 }

@@ -12,13 +12,8 @@ fn repo() -> PathBuf {
 
 #[test]
 fn every_shell_script_passes_shellcheck() {
-    let scripts = [
-        "scripts/wazuh-agent-respawn",
-        "scripts/init.d/wazuh-agent",
-        "scripts/openrc/wazuh-agent",
-        "scripts/procd/wazuh-agent",
-        "scripts/deps.sh",
-    ];
+    let scripts =
+        ["scripts/init.d/wazuh-agent", "scripts/openrc/wazuh-agent", "scripts/procd/wazuh-agent", "scripts/deps.sh"];
     let out = Command::new("shellcheck")
         .args(["-s", "sh"])
         .args(scripts.iter().map(|s| repo().join(s)))
@@ -29,39 +24,113 @@ fn every_shell_script_passes_shellcheck() {
     assert!(out.status.success(), "{}", text(&out));
 }
 
-/// Runs the SysV script with `shell` (e.g. `sh` or `busybox sh`).
-fn sysv(env: &Env, shell: &[&str], action: &str, plain: bool) -> Output {
-    let mut c = Command::new(shell[0]);
-    c.args(&shell[1..])
-        .arg(repo().join("scripts/init.d/wazuh-agent"))
+/// How the SysV script is run: the shell, and whether start-stop-daemon may be used.
+#[derive(Clone, Copy, PartialEq)]
+enum Shell {
+    /// `sh` (dash on Debian), with start-stop-daemon.
+    Debian,
+    /// `busybox sh` with nothing but BusyBox's own tools in PATH (`sh`, `tail`, `mktemp`,
+    /// `setsid`, …), as on a small host: no start-stop-daemon.
+    Busybox,
+    /// As `Busybox`, without `setsid` either.
+    BusyboxNoSetsid,
+}
+
+/// A directory of links to busybox for every tool the SysV script runs (and `setsid` if asked):
+/// the only directory in PATH for the `Busybox` shells.
+fn busybox_tools(setsid: bool) -> &'static Path {
+    static DIRS: [std::sync::OnceLock<PathBuf>; 2] = [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+    DIRS[usize::from(setsid)].get_or_init(|| {
+        let name = if setsid { "busybox-tools" } else { "busybox-tools-without-setsid" };
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let busybox = Command::new("sh").args(["-c", "command -v busybox"]).output().unwrap();
+        assert!(busybox.status.success(), "busybox is installed (scripts/deps.sh)");
+        let busybox = String::from_utf8(busybox.stdout).unwrap().trim().to_string();
+        let tools = [
+            "sh", "cat", "chmod", "cut", "date", "dirname", "basename", "id", "ln", "logger", "ls", "mkdir", "mkfifo",
+            "mktemp", "mv", "rm", "sed", "sleep", "tail", "tr",
+        ];
+        for tool in tools.iter().chain(if setsid { &["setsid"][..] } else { &[] }) {
+            match std::os::unix::fs::symlink(&busybox, dir.join(tool)) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => panic!("{tool}: {e}"),
+                _ => {}
+            }
+        }
+        dir
+    })
+}
+
+/// The SysV script run with `shell`, `WAZUH_AGENT_BIN` and `WAZUH_AGENT_CONFIG` set; no
+/// other file of the project is used.
+fn sysv_cmd(env: &Env, shell: Shell, action: &str) -> Command {
+    let script = repo().join("scripts/init.d/wazuh-agent");
+    let mut c = match shell {
+        Shell::Debian => Command::new("sh"),
+        Shell::Busybox | Shell::BusyboxNoSetsid => {
+            let tools = busybox_tools(shell == Shell::Busybox);
+            let mut c = Command::new(tools.join("sh"));
+            c.env("WAZUH_AGENT_PLAIN_SHELL", "1").env("PATH", tools);
+            c
+        }
+    };
+    c.arg(script)
         .arg(action)
         .env("WAZUH_AGENT_BIN", bin())
         .env("WAZUH_AGENT_CONFIG", &env.config)
-        .env("WAZUH_AGENT_RESPAWN", repo().join("scripts/wazuh-agent-respawn"))
         .env("WAZUH_AGENT_DEFAULTS", env.dir.path().join("no-defaults"));
-    if plain {
-        c.env("WAZUH_AGENT_PLAIN_SHELL", "1");
-    }
-    c.output().unwrap()
+    c
+}
+
+fn sysv(env: &Env, shell: Shell, action: &str) -> Output {
+    sysv_cmd(env, shell, action).output().unwrap()
 }
 
 fn agent_pid(env: &Env) -> Option<u32> {
     std::fs::read_to_string(env.dir.path().join("run/wazuh-agent.pid")).ok()?.trim().parse().ok()
 }
 
-fn sysv_lifecycle(shell: &[&str], plain: bool) {
+/// The respawn loop's pid file, in the root-only directory next to run_dir.
+fn loop_pid_file(env: &Env) -> PathBuf {
+    env.dir.path().join("run.init/respawn.pid")
+}
+
+fn loop_pid(env: &Env) -> Option<u32> {
+    std::fs::read_to_string(loop_pid_file(env)).ok()?.trim().parse().ok()
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie has no cmdline: it is gone as far as these tests care.
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+}
+
+/// Stops whatever a test started through the script, even when it fails half-way.
+struct Stopper<'a>(&'a Env, Shell);
+
+impl Drop for Stopper<'_> {
+    fn drop(&mut self) {
+        if loop_pid(self.0).is_some() || agent_pid(self.0).is_some_and(alive) {
+            let _ = sysv(self.0, self.1, "stop");
+        }
+    }
+}
+
+fn sysv_lifecycle(shell: Shell) {
     let env = Env::new();
     env.write_config(&format!("log.file = {:?}", env.dir.path().join("agent.log").display().to_string()));
     env.registered();
-    let out = sysv(&env, shell, "status", plain);
+    let out = sysv(&env, shell, "status");
     assert_eq!(out.status.code(), Some(3), "not running yet: {}", text(&out));
-    let out = sysv(&env, shell, "start", plain);
+    let _stop = Stopper(&env, shell);
+    let out = sysv(&env, shell, "start");
     assert_eq!(out.status.code(), Some(0), "start: {}", text(&out));
-    assert_eq!(sysv(&env, shell, "status", plain).status.code(), Some(0));
+    assert_eq!(sysv(&env, shell, "status").status.code(), Some(0));
     let first = agent_pid(&env).expect("pid file");
+    let respawn = loop_pid(&env).expect("the respawn loop's pid file");
+    assert!(alive(respawn));
 
     // A second start is fine and starts nothing.
-    let out = sysv(&env, shell, "start", plain);
+    let out = sysv(&env, shell, "start");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("already running"));
     assert_eq!(agent_pid(&env), Some(first));
@@ -71,18 +140,40 @@ fn sysv_lifecycle(shell: &[&str], plain: bool) {
     unsafe { libc::kill(first as i32, libc::SIGKILL) };
     assert!(
         wait_for(Duration::from_secs(20), || agent_pid(&env).is_some_and(|p| p != first)
-            && sysv(&env, shell, "status", plain).status.success()),
+            && sysv(&env, shell, "status").status.success()),
         "respawned after a crash"
     );
+    assert_eq!(loop_pid(&env), Some(respawn), "the same loop");
 
-    let out = sysv(&env, shell, "reload", plain);
+    let out = sysv(&env, shell, "reload");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let out = sysv(&env, shell, "stop", plain);
+    let log = env.dir.path().join("agent.log");
+    assert!(
+        wait_for(Duration::from_secs(10), || std::fs::read_to_string(&log).unwrap_or_default().contains("SIGHUP")),
+        "the respawn loop passed HUP on to the agent"
+    );
+
+    // A restart with a broken configuration stops nothing.
+    let good = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(&env.config, format!("{good}\n[nonsense]\n")).unwrap();
+    let running = agent_pid(&env).unwrap();
+    let out = sysv(&env, shell, "restart");
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    assert!(text(&out).contains("nonsense"), "the agent's own message: {}", text(&out));
+    assert!(alive(running) && agent_pid(&env) == Some(running), "still running");
+    std::fs::write(&env.config, good).unwrap();
+    let out = sysv(&env, shell, "restart");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(!alive(running) && !alive(respawn), "the old agent and loop ended");
+    assert!(agent_pid(&env).is_some_and(|p| p != running) && sysv(&env, shell, "status").status.success());
+    let respawn = loop_pid(&env).expect("a new respawn loop");
+
+    let out = sysv(&env, shell, "stop");
     assert_eq!(out.status.code(), Some(0), "stop: {}", text(&out));
-    assert_eq!(sysv(&env, shell, "status", plain).status.code(), Some(3));
-    assert!(!env.dir.path().join("run/wazuh-agent-respawn.pid").exists(), "the wrapper is gone too");
+    assert_eq!(sysv(&env, shell, "status").status.code(), Some(3));
+    assert!(!loop_pid_file(&env).exists() && !alive(respawn), "the respawn loop is gone too");
     // Stopping a stopped agent is not an error (LSB).
-    assert_eq!(sysv(&env, shell, "stop", plain).status.code(), Some(0));
+    assert_eq!(sysv(&env, shell, "stop").status.code(), Some(0));
 }
 
 #[test]
@@ -90,12 +181,152 @@ fn sysv_script_with_start_stop_daemon() {
     let found =
         Command::new("sh").args(["-c", "command -v start-stop-daemon"]).output().is_ok_and(|o| o.status.success());
     assert!(found, "start-stop-daemon is part of Debian's dpkg and must be present");
-    sysv_lifecycle(&["sh"], false);
+    sysv_lifecycle(Shell::Debian);
 }
 
 #[test]
 fn sysv_script_with_a_plain_busybox_shell() {
-    sysv_lifecycle(&["busybox", "sh"], true);
+    sysv_lifecycle(Shell::Busybox);
+}
+
+#[test]
+fn sysv_script_with_a_plain_busybox_shell_without_setsid() {
+    sysv_lifecycle(Shell::BusyboxNoSetsid);
+}
+
+/// Issue 13: only the binary, the config and the script, side by side in one directory, run
+/// as `WAZUH_AGENT_BIN=… WAZUH_AGENT_CONFIG=… sh wazuh-agent ACTION` from there.
+#[test]
+fn the_sysv_script_alone_next_to_a_binary_and_a_config_starts_stops_and_respawns_the_agent() {
+    let env = Env::new();
+    env.registered();
+    let alone = tempfile::tempdir().unwrap();
+    let d = alone.path();
+    std::fs::copy(repo().join("scripts/init.d/wazuh-agent"), d.join("wazuh-agent")).unwrap();
+    std::fs::create_dir(d.join("bin")).unwrap();
+    std::fs::copy(bin(), d.join("bin/wazuh-agent")).unwrap();
+    std::fs::copy(&env.config, d.join("wazuh-agent.toml")).unwrap();
+    assert_eq!(std::fs::read_dir(d).unwrap().count(), 3);
+    let run = |action: &str| {
+        Command::new("sh")
+            .args(["wazuh-agent", action])
+            .current_dir(d)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("WAZUH_AGENT_BIN", "bin/wazuh-agent")
+            .env("WAZUH_AGENT_CONFIG", "wazuh-agent.toml")
+            .output()
+            .unwrap()
+    };
+    struct Stop<'a>(&'a dyn Fn(&str) -> Output);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = (self.0)("stop");
+        }
+    }
+    let _stop = Stop(&run);
+    let out = run("status");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let out = run("start");
+    assert_eq!(out.status.code(), Some(0), "start: {}", text(&out));
+    assert!(text(&out).contains("wazuh-agent started"), "{}", text(&out));
+    assert_eq!(run("status").status.code(), Some(0));
+    let first = agent_pid(&env).expect("pid file");
+    let cmdline = std::fs::read(format!("/proc/{first}/cmdline")).unwrap();
+    assert!(cmdline.starts_with(d.join("bin/wazuh-agent").as_os_str().as_encoded_bytes()), "{cmdline:?}");
+
+    // SAFETY: kill(2) on the agent this test started.
+    unsafe { libc::kill(first as i32, libc::SIGKILL) };
+    assert!(
+        wait_for(Duration::from_secs(20), || agent_pid(&env).is_some_and(|p| p != first && alive(p))
+            && run("status").status.success()),
+        "respawned after kill -9"
+    );
+    let respawn = loop_pid(&env).expect("the respawn loop's pid file");
+    let out = run("stop");
+    assert_eq!(out.status.code(), Some(0), "stop: {}", text(&out));
+    assert!(text(&out).contains("wazuh-agent stopped"));
+    assert_eq!(run("status").status.code(), Some(3));
+    assert!(!alive(respawn) && !loop_pid_file(&env).exists(), "the respawn loop ended");
+    assert_eq!(run("stop").status.code(), Some(0), "stopping a stopped agent");
+}
+
+#[test]
+fn the_sysv_script_names_a_missing_or_unusable_binary() {
+    let env = Env::new();
+    let missing = env.dir.path().join("no/such/wazuh-agent");
+    for action in ["start", "stop"] {
+        let out = sysv_cmd(&env, Shell::Debian, action).env("WAZUH_AGENT_BIN", &missing).output().unwrap();
+        assert_eq!(out.status.code(), Some(5), "LSB: not installed: {}", text(&out));
+        let says = format!("the agent binary {} does not exist", missing.display());
+        assert!(text(&out).contains(&says), "{action}: {}", text(&out));
+    }
+    let plain = env.dir.path().join("wazuh-agent");
+    std::fs::write(&plain, "not a program").unwrap();
+    let out = sysv_cmd(&env, Shell::Busybox, "start").env("WAZUH_AGENT_BIN", &plain).output().unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    assert!(text(&out).contains("is not an executable file"), "{}", text(&out));
+    let out = sysv_cmd(&env, Shell::Debian, "status").env("WAZUH_AGENT_BIN", &missing).output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "LSB status: unknown: {}", text(&out));
+}
+
+#[test]
+fn the_sysv_script_prints_the_agents_own_message_for_an_invalid_config() {
+    let env = Env::new();
+    std::fs::write(&env.config, "[agent]\nrun_dir = 5\n").unwrap();
+    let own = env.cmd().arg("--check-config").output().unwrap();
+    assert_eq!(own.status.code(), Some(1));
+    let own = String::from_utf8(own.stderr).unwrap();
+    assert!(own.contains("agent.run_dir"), "{own}");
+    for shell in [Shell::Debian, Shell::Busybox] {
+        let out = sysv(&env, shell, "start");
+        assert_eq!(out.status.code(), Some(6), "LSB: not configured: {}", text(&out));
+        let t = text(&out);
+        assert!(t.contains(&format!("invalid configuration {}", env.config.display())), "{t}");
+        assert!(t.contains(own.trim()), "the agent's own message {own:?} in {t}");
+    }
+    assert!(!env.dir.path().join("run.init").exists(), "nothing was started");
+}
+
+#[test]
+fn the_sysv_script_prints_the_agents_last_lines_when_it_exits_at_start() {
+    // Not registered: the agent exits 1 at start, saying so on standard error.
+    let env = Env::new();
+    let mut direct = env.spawn_agent();
+    assert_eq!(direct.wait_exit(Duration::from_secs(15)), Some(1));
+    let own = direct.log();
+    assert!(own.contains("not registered"), "{own}");
+    for shell in [Shell::Debian, Shell::Busybox] {
+        let _stop = Stopper(&env, shell);
+        let out = sysv(&env, shell, "start");
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let t = text(&out);
+        assert!(t.contains("the agent exited at start with status 1"), "{t}");
+        assert!(t.contains(own.lines().last().unwrap().trim()), "the agent's own message {own:?} in {t}");
+        // A failed start leaves nothing behind to retry in the background.
+        assert!(!loop_pid_file(&env).exists(), "{t}");
+        assert_eq!(sysv(&env, shell, "status").status.code(), Some(3));
+    }
+}
+
+#[test]
+fn the_sysv_script_says_when_it_needs_root() {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root (CI runs as root)");
+    let env = Env::new();
+    std::fs::set_permissions(env.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    env.write_config("agent.user = \"nobody\"");
+    let nobody = wazuh_agent::privileges::resolve("nobody", None).unwrap();
+    let out = sysv_cmd(&env, Shell::Debian, "start").uid(nobody.uid).gid(nobody.gid).output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "LSB: insufficient privilege: {}", text(&out));
+    assert!(text(&out).contains("needs root; run this script as root"), "{}", text(&out));
+    // Without agent.user, the script still cannot make its directory next to a root-owned run_dir.
+    env.write_config("");
+    std::fs::set_permissions(env.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = sysv_cmd(&env, Shell::Busybox, "start").uid(nobody.uid).gid(nobody.gid).output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("permission denied; run this script as root"), "{}", text(&out));
 }
 
 fn mode(path: &Path) -> u32 {
@@ -130,7 +361,7 @@ fn make_install_into_destdir_for_every_init_system() {
             "{init}: paths rewritten"
         );
         if init == "sysv" {
-            assert_eq!(mode(&d.join("usr/libexec/wazuh-agent/wazuh-agent-respawn")), 0o755);
+            assert!(!d.join("usr/libexec").exists(), "the SysV script needs no other file");
         }
         // An existing configuration is never overwritten.
         std::fs::write(d.join("etc/wazuh-agent/wazuh-agent.toml"), "# mine\n").unwrap();
@@ -202,4 +433,24 @@ fn drops_privileges_to_agent_user() {
     // It still works: events flow and state.json is written by the user.
     env.send_ok(&lines([stateless(1)]));
     assert!(env.mock.wait_until(Duration::from_secs(10), |m| !m.stateless_events().is_empty()));
+}
+
+#[test]
+fn the_sysv_script_keeps_no_pid_where_another_account_could_replace_it() {
+    let env = Env::new();
+    env.registered();
+    // run_dir in a directory any account may write (not sticky): its `.init` sibling could be
+    // swapped for another account's directory, so the script refuses before running anything.
+    let open = env.dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    env.write_config(&format!("agent.run_dir = {:?}", open.join("run").display().to_string()));
+    for shell in [Shell::Debian, Shell::Busybox] {
+        let out = sysv(&env, shell, "start");
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let says =
+            format!("{} (or a directory above it) can be replaced by an account other than root", open.display());
+        assert!(text(&out).contains(&says), "{}", text(&out));
+        assert!(!open.join("run.init").exists() && !open.join("run").exists(), "nothing created or started");
+    }
 }

@@ -481,3 +481,15 @@ pub fn follows_named(agent: &Agent, name: &str) -> bool {
     let fds = std::fs::read_dir(format!("/proc/{}/fd", agent.child.id())).into_iter().flatten().flatten();
     fds.filter_map(|fd| std::fs::read_link(fd.path()).ok()).any(|p| p.to_string_lossy().contains(name))
 }
+
+/// The SysV script (`scripts/init.d/wazuh-agent`) run by `sh` with `action` for `env`'s agent;
+/// no defaults file is read.
+pub fn sysv_script(env: &Env, action: &str) -> Command {
+    let mut c = Command::new("sh");
+    c.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/init.d/wazuh-agent"))
+        .arg(action)
+        .env("WAZUH_AGENT_BIN", bin())
+        .env("WAZUH_AGENT_CONFIG", &env.config)
+        .env("WAZUH_AGENT_DEFAULTS", env.dir.path().join("no-defaults"));
+    c
+}
