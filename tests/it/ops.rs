@@ -161,7 +161,14 @@ fn sysv_lifecycle(shell: Shell) {
     assert_eq!(out.status.code(), Some(6), "{}", text(&out));
     assert!(text(&out).contains("nonsense"), "the agent's own message: {}", text(&out));
     assert!(alive(running) && agent_pid(&env) == Some(running), "still running");
+    // A stop with a broken configuration stops all the same: the loop is found by process.
+    let out = sysv(&env, shell, "stop");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("nonsense") && !alive(running) && !alive(respawn), "stopped: {}", text(&out));
     std::fs::write(&env.config, good).unwrap();
+    let out = sysv(&env, shell, "start");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let (running, respawn) = (agent_pid(&env).unwrap(), loop_pid(&env).expect("a new respawn loop"));
     let out = sysv(&env, shell, "restart");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(!alive(running) && !alive(respawn), "the old agent and loop ended");
