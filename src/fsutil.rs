@@ -3,7 +3,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Creates `dir` (and parents) if needed and sets it to mode 0700: it holds secrets.
@@ -16,17 +16,65 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
 /// in directories agent.user can write, where a planted link would make root write through it.
 /// O_NONBLOCK: a FIFO planted there must not hang root in `open` (no effect on files).
 pub fn open_nofollow(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
-    opts.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(|e| match e.raw_os_error() {
+    open_at(opts, path, path)
+}
+
+fn open_at(opts: &mut OpenOptions, at: &Path, path: &Path) -> io::Result<File> {
+    opts.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(at).map_err(|e| match e.raw_os_error() {
         Some(libc::ELOOP) => io::Error::other(format!("{} is a symbolic link; refusing to follow it", path.display())),
         _ => e,
     })
 }
 
+/// As [`open_nofollow`], its directory reached as [`open_path`] does; then refuses what root must not write or hand
+/// over: all but a regular file with one link (another may be root's file elsewhere) of root's, ours or `owner`'s.
+pub fn open_owned(opts: &mut OpenOptions, path: &Path, owner: Option<u32>) -> io::Result<File> {
+    let dir = open_path(path.parent().unwrap_or(path), false)?;
+    let file = open_at(opts, &fd_path(&dir).join(path.file_name().unwrap_or_default()), path)?;
+    let (m, euid) = (file.metadata()?, crate::sys::effective_ids().0);
+    let ok = m.is_file() && m.nlink() == 1 && [Some(0), Some(euid), owner].contains(&Some(m.uid()));
+    let why = "is not a regular file with one link of root's or agent.user's; refusing it";
+    ok.then_some(file).ok_or_else(|| io::Error::other(format!("{} {why}", path.display())))
+}
+
+/// A handle (O_PATH) on `path`, reached one component at a time, each beneath the last (openat): root follows a
+/// symbolic link only where root alone could have put it, in a directory of root's (or ours) no other account can
+/// write, and walks its target alike; elsewhere (where agent.user can write) it is refused. `create`: mkdir if missing.
+pub fn open_path(path: &Path, create: bool) -> io::Result<File> {
+    let parts = |p: &Path| p.components().rev().map(|c| c.as_os_str().to_owned()).collect::<Vec<_>>();
+    let (mut todo, mut node, mut links) = (parts(path), handle(Path::new("."))?, 0);
+    while let Some(name) = todo.pop() {
+        let at = fd_path(&node).join(name);
+        // mkdir follows no link in the last component: a link there fails it, and is judged below.
+        let _ = create && fs::create_dir(&at).is_ok();
+        let (next, dir) = (handle(&at)?, node.metadata()?);
+        if !next.metadata()?.is_symlink() {
+            node = next;
+        } else if links < 40 && [0, crate::sys::effective_ids().0].contains(&dir.uid()) && dir.mode() & 0o022 == 0 {
+            links += 1;
+            todo.extend(parts(&fs::read_link(&at)?));
+        } else {
+            let why = "passes through a symbolic link in a directory another account can write; refusing to follow it";
+            return Err(io::Error::other(format!("{} {why}", path.display())));
+        }
+    }
+    Ok(node)
+}
+
+/// A handle (O_PATH) on the node at `at` itself, a link included, never what a link points to.
+pub fn handle(at: &Path) -> io::Result<File> {
+    OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_NOFOLLOW).open(at)
+}
+
+/// `/proc/self/fd/<fd>`: names exactly what `file` is a handle on; what lies beneath is reached from it, as by openat.
+pub fn fd_path(file: &File) -> PathBuf {
+    format!("/proc/self/fd/{}", file.as_raw_fd()).into()
+}
+
 /// chmod of the node at `path` itself, never of what a link there points to: through an
 /// O_PATH handle on the node, whose /proc entry names exactly it (a link's own mode is unused).
 pub fn chmod_nofollow(path: &Path, mode: u32) -> io::Result<()> {
-    let node = OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_NOFOLLOW).open(path)?;
-    fs::set_permissions(format!("/proc/self/fd/{}", node.as_raw_fd()), fs::Permissions::from_mode(mode))
+    fs::set_permissions(fd_path(&handle(path)?), fs::Permissions::from_mode(mode))
 }
 
 /// Reads `path` as [`open_nofollow`] opens it.
