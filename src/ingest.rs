@@ -83,7 +83,6 @@ pub fn bind(run_dir: &Path) -> Result<UnixListener, IngestError> {
     if path.as_os_str().len() > MAX_SOCKET_PATH {
         return Err(IngestError::PathTooLong { path });
     }
-    std::fs::create_dir_all(run_dir).map_err(io_err(run_dir))?;
     if path.exists() {
         if UnixStream::connect(&path).is_ok() {
             return Err(IngestError::InUse { path });

@@ -27,8 +27,8 @@ pub fn to_file() -> bool {
     FILE.get().is_some()
 }
 
-fn open(path: &Path, owner: Option<crate::privileges::Account>) -> io::Result<File> {
-    crate::fsutil::open_owned(OpenOptions::new().create(true).append(true), path, owner.map(|a| a.uid))
+fn open(path: &Path, user: Option<&str>) -> io::Result<File> {
+    crate::fsutil::open_owned(OpenOptions::new().create(true).append(true), path, user)
 }
 
 /// A file that can be swapped for a newly opened one under the same path.
@@ -114,8 +114,8 @@ pub fn init(config: &Config, one_shot: bool) -> Result<(), LogError> {
         .set_target_level(LevelFilter::Off);
     let writer: Box<dyn Log> = match &config.log.file {
         Some(path) => {
-            let owner = config.agent.user.as_deref().and_then(|u| crate::privileges::resolve(u, None).ok());
-            let file = open(path, owner).map_err(|source| LogError::Open { path: path.clone(), source })?;
+            let file = open(path, config.agent.user.as_deref())
+                .map_err(|source| LogError::Open { path: path.clone(), source })?;
             let shared = Arc::new(Mutex::new(file));
             let _ = FILE.set((path.clone(), shared.clone()));
             WriteLogger::new(LevelFilter::Trace, b.build(), Reopenable(shared))

@@ -25,14 +25,14 @@ pub struct PidFile {
 }
 
 impl PidFile {
-    pub fn acquire(run_dir: &Path, owner: Option<u32>) -> Result<PidFile, PidError> {
+    pub fn acquire(run_dir: &Path, user: Option<&str>) -> Result<PidFile, PidError> {
         let path = run_dir.join("wazuh-agent.pid");
         let io = |source| PidError::Io { path: path.clone(), source };
         crate::fsutil::open_path(run_dir, true).map_err(io)?;
         // Not truncated on open: a running agent's pid must stay readable if we lose the race (or the file is refused).
         let mut opts = OpenOptions::new();
         opts.read(true).write(true).create(true).truncate(false).mode(0o644);
-        let file = crate::fsutil::open_owned(&mut opts, &path, owner).map_err(io)?;
+        let file = crate::fsutil::open_owned(&mut opts, &path, user).map_err(io)?;
         if let Err(err) = crate::sys::try_lock_exclusive(&file) {
             if err.kind() == io::ErrorKind::WouldBlock {
                 let pid = io::read_to_string(&file).ok().and_then(|t| t.trim().parse().ok());

@@ -64,11 +64,9 @@ pub fn hand_over(path: &Path, a: Account) -> Result<(), PrivilegesError> {
             return Ok(());
         }
         std::os::unix::fs::chown(fsutil::fd_path(node), Some(a.uid), Some(a.gid))?;
-        if m.is_dir() {
-            for entry in std::fs::read_dir(fsutil::fd_path(node))? {
-                let name = entry?.file_name();
-                give(&fsutil::handle(&fsutil::fd_path(node).join(&name))?, &path.join(name), a)?;
-            }
+        for entry in m.is_dir().then(|| std::fs::read_dir(fsutil::fd_path(node))).transpose()?.into_iter().flatten() {
+            let name = entry?.file_name();
+            give(&fsutil::handle(&fsutil::fd_path(node).join(&name))?, &path.join(name), a)?;
         }
         Ok(())
     }

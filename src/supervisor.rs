@@ -268,9 +268,7 @@ fn open(config: &Config) -> Result<(Agents, PidFile, Arc<Stats>, QueueStore, Uni
     let [token, upload_queue, upload_stateless, poll, files] =
         http::build_agents(&config.server, [request, request, request, commands, request]).map_err(RunError::Http)?;
     // Before anything else that a second agent would fight over.
-    // The run directory may be agent.user's, and the file in it too, from an earlier run.
-    let user = config.agent.user.as_deref().and_then(|u| crate::privileges::resolve(u, None).ok());
-    let pid_file = PidFile::acquire(&config.agent.run_dir, user.map(|a| a.uid)).map_err(RunError::Pid)?;
+    let pid_file = PidFile::acquire(&config.agent.run_dir, config.agent.user.as_deref()).map_err(RunError::Pid)?;
     let stats = Arc::new(Stats::default());
     let store = QueueStore::open(&config.agent.data_dir.join("queue"), config.events.queue_max_bytes, stats.clone())
         .map_err(RunError::Queue)?;
