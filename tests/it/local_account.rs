@@ -307,6 +307,33 @@ fn a_run_dir_inside_data_dir_swapped_for_a_link_does_not_make_root_touch_a_file_
     assert!(code == Some(1) && agent.log().contains(&refused), "exit {code:?}: {}", agent.log());
 }
 
+#[test]
+#[ignore = "reproduces: the queue opens its last segment (torn-tail cut, then appends) with O_NOFOLLOW only, so root truncates and appends to a file hard-linked at a segment's name"]
+fn a_hard_link_at_a_queue_segment_is_not_truncated_or_appended_to() {
+    let env = after_a_run_as_nobody(|_| String::new());
+    let queue = env.data_dir().join("queue");
+    let segments = std::fs::read_dir(&queue).unwrap().filter_map(|e| e.unwrap().file_name().into_string().ok());
+    let last = segments.filter(|n| n.ends_with(".seg")).max().expect("a segment");
+    let target = victim_in(&env.dir.path().join("root-owned"), "precious", 0o644);
+    // As at the pid file: where fs.protected_hardlinks = 0 the account can link any root file there.
+    std::fs::remove_file(queue.join(&last)).unwrap();
+    std::fs::hard_link(&target, queue.join(&last)).unwrap();
+    let mut agent = env.spawn_agent();
+    let up = wait_for(Duration::from_secs(15), || env.socket().exists() || agent.child.try_wait().unwrap().is_some());
+    if up && env.socket().exists() {
+        // An event for the active segment, which the agent opened as root.
+        let _ = env.send(&lines([stateful(2)]));
+    }
+    let (content, meta) = (std::fs::read(&target).unwrap(), std::fs::metadata(&target).unwrap());
+    assert!(
+        content == PRECIOUS.as_bytes() && meta.uid() == 0,
+        "root left {} bytes in the linked file, owned by uid {}: {}",
+        content.len(),
+        meta.uid(),
+        agent.log()
+    );
+}
+
 /// `mkfifo at`, as the account (its own directory).
 fn fifo_as_nobody(at: &Path) {
     use std::os::unix::process::CommandExt;
