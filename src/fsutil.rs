@@ -31,7 +31,7 @@ pub fn open_owned(opts: &mut OpenOptions, path: &Path, user: Option<&str>) -> io
     let dir = open_path(path.parent().unwrap_or(path), false)?;
     let file = open_at(opts, &fd_path(&dir).join(path.file_name().unwrap_or_default()), path)?;
     let (m, euid) = (file.metadata()?, crate::sys::effective_ids().0);
-    let user = user.and_then(|u| crate::privileges::resolve(u, None).ok()).map(|a| a.uid);
+    let user = user.and_then(|u| crate::sys::user_by_name(u).ok().flatten()).map(|(uid, _)| uid);
     let ok = m.is_file() && m.nlink() == 1 && [Some(0), Some(euid), user].contains(&Some(m.uid()));
     let why = "is not a regular file with one link of root's or agent.user's; refusing it";
     ok.then_some(file).ok_or_else(|| io::Error::other(format!("{} {why}", path.display())))

@@ -65,8 +65,8 @@ pub fn hand_over(path: &Path, a: Account) -> Result<(), PrivilegesError> {
         }
         std::os::unix::fs::chown(fsutil::fd_path(node), Some(a.uid), Some(a.gid))?;
         for entry in m.is_dir().then(|| std::fs::read_dir(fsutil::fd_path(node))).transpose()?.into_iter().flatten() {
-            let name = entry?.file_name();
-            give(&fsutil::handle(&fsutil::fd_path(node).join(&name))?, &path.join(name), a)?;
+            let entry = entry?;
+            give(&fsutil::handle(&entry.path())?, &path.join(entry.file_name()), a)?;
         }
         Ok(())
     }
