@@ -3,7 +3,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Creates `dir` (and parents) if needed and sets it to mode 0700: it holds secrets.
@@ -12,21 +12,66 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
 }
 
-/// Opens `path` without following a symbolic link in its last component: root opens files
-/// in directories agent.user can write, where a planted link would make root write through it.
-/// O_NONBLOCK: a FIFO planted there must not hang root in `open` (no effect on files).
+/// Opens `path` without following a symbolic link in its last component (root opens files in directories agent.user
+/// can write, where it may plant one); O_NONBLOCK: a FIFO planted there must not hang root in `open`.
 pub fn open_nofollow(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
-    opts.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(|e| match e.raw_os_error() {
+    open_at(opts, path, path)
+}
+
+fn open_at(opts: &mut OpenOptions, at: &Path, path: &Path) -> io::Result<File> {
+    opts.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(at).map_err(|e| match e.raw_os_error() {
         Some(libc::ELOOP) => io::Error::other(format!("{} is a symbolic link; refusing to follow it", path.display())),
         _ => e,
     })
 }
 
-/// chmod of the node at `path` itself, never of what a link there points to: through an
-/// O_PATH handle on the node, whose /proc entry names exactly it (a link's own mode is unused).
+/// As [`open_nofollow`], its directory reached as [`open_path`] does; then refuses what root must not write or hand
+/// over: all but a regular file with one link (another may be root's file elsewhere) of root's, ours or `user`'s.
+pub fn open_owned(opts: &mut OpenOptions, path: &Path, user: Option<&str>) -> io::Result<File> {
+    let dir = open_path(path.parent().unwrap_or(path), false)?;
+    let file = open_at(opts, &fd_path(&dir).join(path.file_name().unwrap_or_default()), path)?;
+    let (m, euid) = (file.metadata()?, crate::sys::effective_ids().0);
+    let user = user.and_then(|u| crate::sys::user_by_name(u).ok().flatten()).map(|(uid, _)| uid);
+    let ok = m.is_file() && m.nlink() == 1 && [Some(0), Some(euid), user].contains(&Some(m.uid()));
+    let why = "is not a regular file with one link of root's or agent.user's; refusing it";
+    ok.then_some(file).ok_or_else(|| io::Error::other(format!("{} {why}", path.display())))
+}
+
+/// A handle (O_PATH) on `path` walked one component at a time, each beneath the last: a symbolic link is followed, its
+/// target walked alike, only in a directory no account but root (or ours) can write. `create`: missing ones are made.
+pub fn open_path(path: &Path, create: bool) -> io::Result<File> {
+    let parts = |p: &Path| p.components().rev().map(|c| c.as_os_str().to_owned()).collect::<Vec<_>>();
+    let (mut todo, mut node, mut links) = (parts(path), handle(Path::new("."))?, 0);
+    while let Some(name) = todo.pop() {
+        let at = fd_path(&node).join(name);
+        let _ = create && fs::create_dir(&at).is_ok();
+        let (next, dir) = (handle(&at)?, node.metadata()?);
+        if !next.metadata()?.is_symlink() {
+            node = next;
+        } else if links < 40 && [0, crate::sys::effective_ids().0].contains(&dir.uid()) && dir.mode() & 0o022 == 0 {
+            links += 1;
+            todo.extend(parts(&fs::read_link(&at)?));
+        } else {
+            let why = "passes through a symbolic link in a directory another account can write; refusing to follow it";
+            return Err(io::Error::other(format!("{} {why}", path.display())));
+        }
+    }
+    Ok(node)
+}
+
+/// A handle (O_PATH) on the node at `at` itself, a link included, never what a link points to.
+pub fn handle(at: &Path) -> io::Result<File> {
+    OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_NOFOLLOW).open(at)
+}
+
+/// `/proc/self/fd/<fd>`: names exactly what `file` is a handle on; what lies beneath is reached from it, as by openat.
+pub fn fd_path(file: &File) -> PathBuf {
+    format!("/proc/self/fd/{}", file.as_raw_fd()).into()
+}
+
+/// chmod of the node at `path` itself (a link's own mode is unused), never of what a link there points to.
 pub fn chmod_nofollow(path: &Path, mode: u32) -> io::Result<()> {
-    let node = OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_NOFOLLOW).open(path)?;
-    fs::set_permissions(format!("/proc/self/fd/{}", node.as_raw_fd()), fs::Permissions::from_mode(mode))
+    fs::set_permissions(fd_path(&handle(path)?), fs::Permissions::from_mode(mode))
 }
 
 /// Reads `path` as [`open_nofollow`] opens it.
@@ -109,6 +154,55 @@ mod tests {
         fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
         ensure_private_dir(&d).unwrap();
         assert_eq!(fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn open_path_follows_links_only_where_root_alone_can_write_and_open_owned_takes_only_single_link_files() {
+        use std::os::unix::fs::{MetadataExt, symlink};
+        let nobody = crate::privileges::resolve("nobody", None).unwrap();
+        let (root, theirs, elsewhere) =
+            (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        fs::write(elsewhere.path().join("f"), b"root's").unwrap();
+        // A link in root's own directory is root's: followed.
+        symlink(elsewhere.path(), root.path().join("link")).unwrap();
+        assert!(open_path(&root.path().join("link"), false).unwrap().metadata().unwrap().is_dir());
+        // The same link in a directory another account owns (or anyone can write) is refused, wherever it is.
+        symlink(elsewhere.path(), theirs.path().join("link")).unwrap();
+        std::os::unix::fs::chown(theirs.path(), Some(nobody.uid), None).unwrap();
+        // A followed link's target is walked alike: root's link to their directory, then their link.
+        symlink(theirs.path(), root.path().join("to-theirs")).unwrap();
+        for path in [theirs.path().join("link"), theirs.path().join("link/f"), root.path().join("to-theirs/link/f")] {
+            let err = open_path(&path, false).unwrap_err().to_string();
+            assert!(
+                err.ends_with(
+                    "passes through a symbolic link in a directory another account can write; refusing to follow it"
+                ),
+                "{err}"
+            );
+        }
+        // A loop of links, even root's, ends.
+        symlink("loop", root.path().join("loop")).unwrap();
+        assert!(open_path(&root.path().join("loop"), false).is_err());
+        let opts = || OpenOptions::new().append(true).create(true).clone();
+        assert!(open_owned(&mut opts(), &theirs.path().join("link/f"), None).is_err());
+        // Made when missing, through what may be followed.
+        open_path(&root.path().join("link/a/b"), true).unwrap();
+        assert!(elsewhere.path().join("a/b").is_dir());
+        // Files: regular, one link, root's, ours or agent.user's.
+        let file = theirs.path().join("file");
+        open_owned(&mut opts(), &file, None).unwrap();
+        std::os::unix::fs::chown(&file, Some(nobody.uid), None).unwrap();
+        assert!(open_owned(&mut opts(), &file, None).is_err(), "another account's");
+        open_owned(&mut opts(), &file, Some("nobody")).unwrap();
+        fs::hard_link(elsewhere.path().join("f"), theirs.path().join("hard")).unwrap();
+        let err = open_owned(&mut opts(), &theirs.path().join("hard"), Some("nobody")).unwrap_err().to_string();
+        assert!(
+            err.ends_with("hard is not a regular file with one link of root's or agent.user's; refusing it"),
+            "{err}"
+        );
+        assert!(open_owned(&mut opts(), theirs.path(), None).is_err(), "a directory");
+        assert_eq!(fs::read(elsewhere.path().join("f")).unwrap(), b"root's");
+        assert_eq!(fs::metadata(elsewhere.path().join("f")).unwrap().uid(), 0);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
@@ -83,7 +83,6 @@ pub fn bind(run_dir: &Path) -> Result<UnixListener, IngestError> {
     if path.as_os_str().len() > MAX_SOCKET_PATH {
         return Err(IngestError::PathTooLong { path });
     }
-    std::fs::create_dir_all(run_dir).map_err(io_err(run_dir))?;
     if path.exists() {
         if UnixStream::connect(&path).is_ok() {
             return Err(IngestError::InUse { path });
@@ -103,14 +102,28 @@ pub struct Ingest {
     stopping: AtomicBool,
     active: AtomicUsize,
     next_id: AtomicUsize,
-    /// A handle on each open connection, so shutdown can end blocked reads.
-    open: Mutex<HashMap<usize, UnixStream>>,
+    /// A handle on each open connection and when it last completed a line: shutdown ends blocked reads, and a new
+    /// producer finding every slot taken ends the connection idle longest.
+    open: Mutex<HashMap<usize, (UnixStream, Instant)>>,
+    evicted: AtomicBool,
 }
 
 impl Ingest {
     pub fn new(stateless: Sender<Vec<Event>>, queue: Sender<Append>, stats: Arc<Stats>) -> Ingest {
-        let (stopping, active, next_id, open) = Default::default();
-        Ingest { stateless, queue, stats, stopping, active, next_id, open }
+        let (stopping, active, next_id, open, evicted) = Default::default();
+        Ingest { stateless, queue, stats, stopping, active, next_id, open, evicted }
+    }
+
+    /// Every slot taken: ends the connection that completed no line for longest, a second at least, so that producers
+    /// trickling a byte now and then cannot keep the others out (its thread answers and frees the slot). Logged once.
+    fn evict_idle(&self) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = open.iter().map(|(id, (_, t))| (*t, *id)).min().filter(|(t, _)| t.elapsed().as_secs() >= 1);
+        let Some((stream, _)) = idle.and_then(|(_, id)| open.remove(&id)) else { return false };
+        if !self.evicted.swap(true, Ordering::Relaxed) {
+            log::warn!("ingest socket: every slot taken; the connection idle longest is ended for a new one");
+        }
+        stream.shutdown(std::net::Shutdown::Read).is_ok()
     }
 
     /// Shutdown, step 1: no new lines are read; connections answer for what they have
@@ -119,7 +132,7 @@ impl Ingest {
         self.stopping.store(true, Ordering::SeqCst);
         // Wake the acceptor's blocking accept().
         let _ = UnixStream::connect(socket_path(run_dir));
-        for s in self.open.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        for (s, _) in self.open.lock().unwrap_or_else(|p| p.into_inner()).values() {
             let _ = s.shutdown(std::net::Shutdown::Read);
         }
         let until = std::time::Instant::now() + limit;
@@ -145,7 +158,7 @@ pub fn run(listener: UnixListener, ingest: Arc<Ingest>) {
                 continue;
             }
         };
-        if ingest.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+        if ingest.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS && !ingest.evict_idle() {
             ingest.active.fetch_sub(1, Ordering::SeqCst);
             let errors = vec![format!("too many producers at once (limit {MAX_CONNECTIONS}); retry")];
             let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
@@ -154,11 +167,11 @@ pub fn run(listener: UnixListener, ingest: Arc<Ingest>) {
         }
         let id = ingest.next_id.fetch_add(1, Ordering::Relaxed);
         if let Ok(clone) = stream.try_clone() {
-            ingest.open.lock().unwrap_or_else(|p| p.into_inner()).insert(id, clone);
+            ingest.open.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (clone, Instant::now()));
         }
         let ingest2 = ingest.clone();
         let spawned = std::thread::Builder::new().name("ingest-conn".into()).stack_size(256 * 1024).spawn(move || {
-            handle(stream, &ingest2);
+            handle(stream, &ingest2, id);
             ingest2.open.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             ingest2.active.fetch_sub(1, Ordering::SeqCst);
         });
@@ -263,7 +276,7 @@ impl Conn {
 }
 
 /// Serves one producer: lines until EOF, then the reply.
-fn handle(stream: UnixStream, ingest: &Ingest) {
+fn handle(stream: UnixStream, ingest: &Ingest, id: usize) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
     let mut reader = BufReader::with_capacity(64 * 1024, &stream);
@@ -299,6 +312,7 @@ fn handle(stream: UnixStream, ingest: &Ingest) {
             Ok(0) if line.is_empty() => break,
             Ok(_) => {
                 number += 1;
+                ingest.open.lock().unwrap_or_else(|p| p.into_inner()).entry(id).and_modify(|c| c.1 = Instant::now());
                 conn.line(ingest, number, line.strip_suffix(b"\n").unwrap_or(&line), oversized);
             }
         }
@@ -358,7 +372,7 @@ mod tests {
         let (queue, _queue_rx) = crossbeam_channel::bounded(1);
         let ingest = Ingest::new(tx, queue, Arc::new(Stats::default()));
         let (mut client, server) = UnixStream::pair().unwrap();
-        let t = std::thread::spawn(move || handle(server, &ingest));
+        let t = std::thread::spawn(move || handle(server, &ingest, 0));
         client.write_all(input).unwrap();
         client.shutdown(std::net::Shutdown::Write).unwrap();
         let mut reply = String::new();
@@ -406,9 +420,9 @@ mod tests {
         let (queue, _queue_rx) = crossbeam_channel::bounded(1);
         let ingest = Arc::new(Ingest::new(tx, queue, Arc::new(Stats::default())));
         let (mut client, server) = UnixStream::pair().unwrap();
-        ingest.open.lock().unwrap().insert(0, server.try_clone().unwrap());
+        ingest.open.lock().unwrap().insert(0, (server.try_clone().unwrap(), Instant::now()));
         let conn = ingest.clone();
-        let t = std::thread::spawn(move || handle(server, &conn));
+        let t = std::thread::spawn(move || handle(server, &conn, 0));
         let full: String = (0..CHUNK).map(|i| line(i) + "\n").collect();
         client.write_all(format!("{full}{{\"header\":").as_bytes()).unwrap();
         // The first chunk reached the batcher: every complete line was read.

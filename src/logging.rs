@@ -27,8 +27,8 @@ pub fn to_file() -> bool {
     FILE.get().is_some()
 }
 
-fn open(path: &Path) -> io::Result<File> {
-    crate::fsutil::open_nofollow(OpenOptions::new().create(true).append(true), path)
+fn open(path: &Path, user: Option<&str>) -> io::Result<File> {
+    crate::fsutil::open_owned(OpenOptions::new().create(true).append(true), path, user)
 }
 
 /// A file that can be swapped for a newly opened one under the same path.
@@ -48,7 +48,7 @@ impl Write for Reopenable {
 /// SIGHUP: reopen `log.file` (after logrotate renamed it). No-op when logging to stderr.
 pub fn reopen() -> io::Result<()> {
     if let Some((path, file)) = FILE.get() {
-        let fresh = open(path)?;
+        let fresh = open(path, None)?;
         *file.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
     }
     Ok(())
@@ -114,7 +114,8 @@ pub fn init(config: &Config, one_shot: bool) -> Result<(), LogError> {
         .set_target_level(LevelFilter::Off);
     let writer: Box<dyn Log> = match &config.log.file {
         Some(path) => {
-            let file = open(path).map_err(|source| LogError::Open { path: path.clone(), source })?;
+            let file = open(path, config.agent.user.as_deref())
+                .map_err(|source| LogError::Open { path: path.clone(), source })?;
             let shared = Arc::new(Mutex::new(file));
             let _ = FILE.set((path.clone(), shared.clone()));
             WriteLogger::new(LevelFilter::Trace, b.build(), Reopenable(shared))

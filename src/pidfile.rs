@@ -25,14 +25,14 @@ pub struct PidFile {
 }
 
 impl PidFile {
-    pub fn acquire(run_dir: &Path) -> Result<PidFile, PidError> {
+    pub fn acquire(run_dir: &Path, user: Option<&str>) -> Result<PidFile, PidError> {
         let path = run_dir.join("wazuh-agent.pid");
         let io = |source| PidError::Io { path: path.clone(), source };
-        std::fs::create_dir_all(run_dir).map_err(io)?;
-        // Not truncated on open: a running agent's pid must stay readable if we lose the race.
+        crate::fsutil::open_path(run_dir, true).map_err(io)?;
+        // Not truncated on open: a running agent's pid must stay readable if we lose the race (or the file is refused).
         let mut opts = OpenOptions::new();
         opts.read(true).write(true).create(true).truncate(false).mode(0o644);
-        let file = crate::fsutil::open_nofollow(&mut opts, &path).map_err(io)?;
+        let file = crate::fsutil::open_owned(&mut opts, &path, user).map_err(io)?;
         if let Err(err) = crate::sys::try_lock_exclusive(&file) {
             if err.kind() == io::ErrorKind::WouldBlock {
                 let pid = io::read_to_string(&file).ok().and_then(|t| t.trim().parse().ok());
@@ -61,15 +61,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wazuh-agent.pid");
         std::fs::write(&path, "999999\n").unwrap();
-        let first = PidFile::acquire(dir.path()).unwrap();
+        let first = PidFile::acquire(dir.path(), None).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{}\n", std::process::id()));
-        match PidFile::acquire(dir.path()) {
+        match PidFile::acquire(dir.path(), None) {
             Err(PidError::Running { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
             Err(e) => panic!("{e}"),
             Ok(_) => panic!("acquired twice"),
         }
         drop(first);
         assert!(!path.exists(), "removed on a clean stop");
-        PidFile::acquire(dir.path()).unwrap();
+        PidFile::acquire(dir.path(), None).unwrap();
     }
 }

@@ -1,12 +1,12 @@
 //! `agent.user` / `agent.group`: start as root, open what needs root, hand the agent's own
 //! files to the user, then drop to it for good (before any worker thread exists).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::sys;
+use crate::{fsutil, sys};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Account {
@@ -53,25 +53,25 @@ fn lookup<T>(key: &'static str, name: &str, find: fn(&str) -> io::Result<Option<
     }
 }
 
-/// Gives `path` (recursively) to the account without following a link swapped in meanwhile: each directory is held
-/// open, its entries reached through its handle's /proc entry (the directory opened, like openat), lchown, O_NOFOLLOW.
+/// Gives `path` (recursively) to the account, reached as [`fsutil::open_path`] does, each entry through its directory's
+/// handle and chowned through its own (O_NOFOLLOW: never a link's target). Left, with a warning: other accounts' files,
+/// and root's with another link (the agent makes none: the account may have linked a root file from elsewhere).
 pub fn hand_over(path: &Path, a: Account) -> Result<(), PrivilegesError> {
-    fn walk(dir: &File, a: Account) -> io::Result<()> {
-        for entry in std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))? {
+    fn give(node: &File, path: &Path, a: Account) -> io::Result<()> {
+        let m = node.metadata()?;
+        if m.uid() != a.uid && (m.uid() != 0 || !m.is_dir() && m.nlink() > 1) {
+            log::warn!("{} is not handed to agent.user: owner uid {}, {} links", path.display(), m.uid(), m.nlink());
+            return Ok(());
+        }
+        std::os::unix::fs::chown(fsutil::fd_path(node), Some(a.uid), Some(a.gid))?;
+        for entry in m.is_dir().then(|| std::fs::read_dir(fsutil::fd_path(node))).transpose()?.into_iter().flatten() {
             let entry = entry?;
-            std::os::unix::fs::lchown(entry.path(), Some(a.uid), Some(a.gid))?;
-            if entry.file_type()?.is_dir() {
-                walk(&crate::fsutil::open_nofollow(OpenOptions::new().read(true), &entry.path())?, a)?;
-            }
+            give(&fsutil::handle(&entry.path())?, &path.join(entry.file_name()), a)?;
         }
         Ok(())
     }
-    let top = crate::fsutil::open_nofollow(OpenOptions::new().read(true), path);
-    top.and_then(|f| {
-        std::os::unix::fs::fchown(&f, Some(a.uid), Some(a.gid))?;
-        if f.metadata()?.is_dir() { walk(&f, a) } else { Ok(()) }
-    })
-    .map_err(|source| PrivilegesError::HandOver { path: path.to_path_buf(), uid: a.uid, source })
+    let given = fsutil::open_path(path, false).and_then(|top| give(&top, path, a));
+    given.map_err(|source| PrivilegesError::HandOver { path: path.to_path_buf(), uid: a.uid, source })
 }
 
 /// Drops to the account for good. Already running as it: nothing to do.
@@ -126,8 +126,17 @@ mod tests {
         assert_eq!(uid(&dir.path().join("sub/file")), nobody.uid);
         assert_eq!(uid(&dir.path().join("sub/link")), nobody.uid, "the link itself");
         assert_eq!((uid(&victim), uid(&victim_dir)), (0, 0), "root's files stay root's");
+        // dir now belongs to nobody: a link there, even as the top path, is refused.
         let err = hand_over(&dir.path().join("dir-link"), nobody).unwrap_err().to_string();
-        assert!(err.contains("dir-link is a symbolic link; refusing to follow it"), "{err}");
+        assert!(
+            err.contains("dir-link passes through a symbolic link in a directory another account can write"),
+            "{err}"
+        );
         assert_eq!(uid(&victim_dir), 0);
+        // A hard link to a file of root's elsewhere is left to root; the account's own and root's single ones are given.
+        std::fs::hard_link(&victim, dir.path().join("sub/hard")).unwrap();
+        std::fs::write(dir.path().join("sub/new"), "").unwrap();
+        hand_over(dir.path(), nobody).unwrap();
+        assert_eq!((uid(&victim), uid(&dir.path().join("sub/new"))), (0, nobody.uid));
     }
 }

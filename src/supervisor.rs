@@ -268,7 +268,7 @@ fn open(config: &Config) -> Result<(Agents, PidFile, Arc<Stats>, QueueStore, Uni
     let [token, upload_queue, upload_stateless, poll, files] =
         http::build_agents(&config.server, [request, request, request, commands, request]).map_err(RunError::Http)?;
     // Before anything else that a second agent would fight over.
-    let pid_file = PidFile::acquire(&config.agent.run_dir).map_err(RunError::Pid)?;
+    let pid_file = PidFile::acquire(&config.agent.run_dir, config.agent.user.as_deref()).map_err(RunError::Pid)?;
     let stats = Arc::new(Stats::default());
     let store = QueueStore::open(&config.agent.data_dir.join("queue"), config.events.queue_max_bytes, stats.clone())
         .map_err(RunError::Queue)?;

@@ -465,3 +465,29 @@ fn set_group_floods_are_rate_limited() {
     eprintln!("{done} of 50 set-group commands done in {elapsed:?}; {} MB written; CPU {cpu:.0}%", written >> 20);
     assert!(written < 100 << 20, "{} MB written in {elapsed:?}", written >> 20);
 }
+
+/// Issue 12, "Not covered yet": producers that each trickle a byte hold every connection slot (64), within the
+/// 30 s read timeout; a producer that then comes with a whole event must still get it through.
+#[test]
+fn producers_trickling_bytes_into_every_slot_do_not_keep_a_new_producer_out() {
+    let env = Env::new();
+    env.write_config("events.batch_interval = \"50ms\"");
+    let agent = env.running_agent();
+    // One byte of a line each, write side kept open: all 64 slots are held.
+    let slow: Vec<_> = (0..64).map(|_| producer(&env, b"{".to_vec(), false)).collect();
+    // The slots are taken once the 65th connection is turned away (told to retry, or its write cut: broken pipe).
+    let full = wait_for(Duration::from_secs(10), || !env.send(&lines([stateless(0)])).status.success());
+    assert!(full, "the 64 trickling connections did not take every slot: {}", agent.log());
+    // A second without a complete line makes the trickling connections idle (well within their read timeout).
+    let mut out = None;
+    let through = wait_for(Duration::from_secs(5), || {
+        let sent = env.send(&lines([stateless(1)]));
+        let through = sent.status.success();
+        out = Some(sent);
+        through
+    });
+    let out = out.expect("sent at least once");
+    assert!(through, "still turned away after 5 s: {}", text(&out));
+    assert!(env.mock.wait_until(Duration::from_secs(10), |m| originals(m).contains(&"msg-1".to_string())));
+    drop(slow);
+}

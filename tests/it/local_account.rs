@@ -232,20 +232,22 @@ fn hard_link_as_nobody(target: &Path, at: &Path) {
 }
 
 #[test]
-#[ignore = "reproduces: the hand-over walk lchowns a hard link the account made in data_dir, so root gives the account a root-owned file outside its directories"]
 fn a_hard_link_the_account_makes_in_data_dir_does_not_give_it_a_root_file() {
     let env = after_a_run_as_nobody(|_| String::new());
     // A root file the account may link under fs.protected_hardlinks = 1 (it can read and
     // write it, but must never own it: an owner can chmod it and keep it from root).
     let target = victim_in(&env.dir.path().join("root-owned"), "shared-scratch", 0o666);
     hard_link_as_nobody(&target, &env.data_dir().join("notes"));
-    let _agent = env.running_agent();
+    let agent = env.running_agent();
     let meta = std::fs::metadata(&target).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (0, 0), "root chowned the linked file to the account during the hand-over");
+    // Skipped, not refused (a hard link may be an admin's backup too), and said so.
+    let skipped =
+        format!("{} is not handed to agent.user: owner uid 0, 2 links", env.data_dir().join("notes").display());
+    assert!(agent.log().contains(&skipped), "{}", agent.log());
 }
 
 #[test]
-#[ignore = "reproduces: the pid file is opened O_NOFOLLOW but not checked for st_nlink/ownership, so root truncates, writes and chowns a file hard-linked there"]
 fn a_hard_link_at_the_pid_file_is_not_truncated_written_or_chowned_by_root() {
     let env = after_a_run_as_nobody(|_| String::new());
     let target = victim_in(&env.dir.path().join("root-owned"), "precious", 0o644);
@@ -255,7 +257,8 @@ fn a_hard_link_at_the_pid_file_is_not_truncated_written_or_chowned_by_root() {
     let pid_file = env.dir.path().join("run/wazuh-agent.pid");
     let _ = std::fs::remove_file(&pid_file);
     std::fs::hard_link(&target, &pid_file).unwrap();
-    let agent = env.running_agent();
+    let mut agent = env.spawn_agent();
+    let code = agent.wait_exit(Duration::from_secs(15));
     let content = std::fs::read_to_string(&target).unwrap();
     let meta = std::fs::metadata(&target).unwrap();
     assert!(
@@ -264,10 +267,12 @@ fn a_hard_link_at_the_pid_file_is_not_truncated_written_or_chowned_by_root() {
         meta.uid(),
         agent.log()
     );
+    // Refused, as a symbolic link there is: the agent never links its pid file, so someone else did.
+    let refused = format!("{} is not a regular file with one link of root's or agent.user's", pid_file.display());
+    assert!(code == Some(1) && agent.log().contains(&refused), "exit {code:?}: {}", agent.log());
 }
 
 #[test]
-#[ignore = "reproduces: O_NOFOLLOW guards only the last component: a directory above log.file swapped for a link makes root append to and chown a file elsewhere"]
 fn a_link_above_the_log_file_does_not_make_root_append_to_or_chown_a_file_elsewhere() {
     let logs = |env: &Env| env.data_dir().join("logs");
     let env = after_a_run_as_nobody(|env| {
@@ -290,10 +295,13 @@ fn a_link_above_the_log_file_does_not_make_root_append_to_or_chown_a_file_elsewh
         content.len(),
         meta.uid()
     );
+    let refused =
+        format!("{} passes through a symbolic link in a directory another account can write", logs(&env).display());
+    assert_eq!(agent.wait_exit(Duration::from_secs(15)), Some(1), "{}", agent.log());
+    assert!(agent.log().contains(&refused), "{}", agent.log());
 }
 
 #[test]
-#[ignore = "reproduces: PidFile::acquire runs before the hand-over refuses a linked run_dir, so with run_dir inside data_dir root truncates, writes and then deletes a file elsewhere"]
 fn a_run_dir_inside_data_dir_swapped_for_a_link_does_not_make_root_touch_a_file_elsewhere() {
     let run = |env: &Env| env.data_dir().join("run");
     // One run as nobody with run_dir inside data_dir (after_a_run_as_nobody waits on the default socket).
@@ -315,6 +323,36 @@ fn a_run_dir_inside_data_dir_swapped_for_a_link_does_not_make_root_touch_a_file_
     let code = agent.wait_exit(Duration::from_secs(15));
     assert!(target.exists(), "root deleted {} (exit {code:?}): {}", target.display(), agent.log());
     assert!(unchanged(&target), "root wrote through the linked run_dir: {}", agent.log());
+    let refused =
+        format!("{} passes through a symbolic link in a directory another account can write", run(&env).display());
+    assert!(code == Some(1) && agent.log().contains(&refused), "exit {code:?}: {}", agent.log());
+}
+
+#[test]
+#[ignore = "reproduces: the queue opens its last segment (torn-tail cut, then appends) with O_NOFOLLOW only, so root truncates and appends to a file hard-linked at a segment's name"]
+fn a_hard_link_at_a_queue_segment_is_not_truncated_or_appended_to() {
+    let env = after_a_run_as_nobody(|_| String::new());
+    let queue = env.data_dir().join("queue");
+    let segments = std::fs::read_dir(&queue).unwrap().filter_map(|e| e.unwrap().file_name().into_string().ok());
+    let last = segments.filter(|n| n.ends_with(".seg")).max().expect("a segment");
+    let target = victim_in(&env.dir.path().join("root-owned"), "precious", 0o644);
+    // As at the pid file: where fs.protected_hardlinks = 0 the account can link any root file there.
+    std::fs::remove_file(queue.join(&last)).unwrap();
+    std::fs::hard_link(&target, queue.join(&last)).unwrap();
+    let mut agent = env.spawn_agent();
+    let up = wait_for(Duration::from_secs(15), || env.socket().exists() || agent.child.try_wait().unwrap().is_some());
+    if up && env.socket().exists() {
+        // An event for the active segment, which the agent opened as root.
+        let _ = env.send(&lines([stateful(2)]));
+    }
+    let (content, meta) = (std::fs::read(&target).unwrap(), std::fs::metadata(&target).unwrap());
+    assert!(
+        content == PRECIOUS.as_bytes() && meta.uid() == 0,
+        "root left {} bytes in the linked file, owned by uid {}: {}",
+        content.len(),
+        meta.uid(),
+        agent.log()
+    );
 }
 
 /// `mkfifo at`, as the account (its own directory).
