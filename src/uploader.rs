@@ -175,11 +175,10 @@ impl Uploader {
 
     /// A stateless batch; false: the deadline passed first (the events are spilled), stop.
     fn stateless(&self, events: Vec<Event>) -> bool {
-        if !self.deliver(Kind::Stateless, &events, true) {
+        self.deliver(Kind::Stateless, &events, true) || {
             crate::queue::spill(&self.spill, events, &self.session.stats, "in flight");
-            return false;
+            false
         }
-        true
     }
 
     /// A stateful batch the server took: its per-item results acted on (docs/protocol.md, Stateful results).
@@ -251,23 +250,10 @@ pub fn run_queue(up: Uploader, batches: Receiver<QueueBatch>, acks: Sender<Ack>,
 }
 
 /// The `upload-stateless` thread: stateless batches only (they may then arrive out of order; the
-/// durable queue's never do). Stops like [`run_queue`].
+/// durable queue's never do). Stops like [`run_queue`], whose queue input is closed here from the start.
 pub fn run_stateless(up: Uploader, stateless: Receiver<Vec<Event>>) {
-    let never_stop = never();
-    loop {
-        let stop = if up.draining() { &never_stop } else { &up.shutdown };
-        select! {
-            recv(stateless) -> msg => match msg {
-                Ok(events) => if !up.stateless(events) { break },
-                Err(_) => break,
-            },
-            recv(stop) -> _ => { let _ = up.deadline.set(Instant::now()); }
-            default(up.idle(false)) => if up.draining() { break },
-        }
-        if up.past_deadline() {
-            break;
-        }
-    }
+    let ((_, batches), (acks, _)) = (crossbeam_channel::bounded(0), crossbeam_channel::bounded(0));
+    run_queue(up, batches, acks, stateless)
 }
 
 #[cfg(test)]
