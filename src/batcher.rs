@@ -194,14 +194,8 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
         }
     }
 
-    // Shutdown: take what producers already handed over, then flush.
-    ring.policy = Policy {
-        capacity: usize::MAX,
-        capacity_bytes: usize::MAX,
-        overflow: Overflow::Block,
-        interval: Duration::ZERO,
-        ..ring.policy
-    };
+    // Shutdown: take what producers already handed over (unbounded: nothing is dropped), then flush.
+    ring.policy = Policy { capacity: usize::MAX, capacity_bytes: usize::MAX, ..ring.policy };
     let now = Instant::now();
     let mut late: VecDeque<Event> = held.into_iter().chain(carry).collect();
     late.extend(readers.try_iter().chain(input.try_iter()).flatten());

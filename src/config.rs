@@ -488,13 +488,12 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 /// Checks an agent name against the server's rule `^[\w\-.%]+$`, at most 128 characters.
 pub fn validate_agent_name(name: &str) -> Result<(), String> {
+    let n = name.chars().count();
     match name.chars().find(|c| !(c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '%'))) {
         _ if name.is_empty() => Err("the name is empty".into()),
-        _ if name.chars().count() > 128 => {
-            Err(format!("the name is {} characters long; at most 128 are allowed", name.chars().count()))
-        }
-        Some(bad) => {
-            Err(format!("the name {name:?} contains {bad:?}; only letters, digits, '_', '-', '.' and '%' are allowed"))
+        _ if n > 128 => Err(format!("the name is {n} characters long; at most 128 are allowed")),
+        Some(c) => {
+            Err(format!("the name {name:?} contains {c:?}; only letters, digits, '_', '-', '.' and '%' are allowed"))
         }
         None => Ok(()),
     }
@@ -584,11 +583,8 @@ impl Config {
     /// Walks `table` against [`KEYS`]: unknown keys are refused, missing keys take their
     /// default, then the checks that involve more than one key.
     fn from_table(table: &toml::Table, source: Option<&Path>) -> Result<Config, ConfigError> {
-        let unknown = |key: String, message: String| ConfigError::Syntax {
-            path: source.map(Path::to_path_buf).unwrap_or_default(),
-            key: Some(key),
-            message,
-        };
+        let path = source.map(Path::to_path_buf).unwrap_or_default();
+        let unknown = |key, message| ConfigError::Syntax { path: path.clone(), key: Some(key), message };
         for (section, values) in table {
             if !KEYS.iter().any(|k| k.section == section) {
                 return Err(unknown(section.clone(), "is not a configuration section".into()));
@@ -693,9 +689,7 @@ fn toml_string(s: &str) -> String {
 /// `http://user:pass@host:3128` → `http://user:***@host:3128`.
 fn mask_userinfo(url: &str) -> String {
     match url.split_once("://").and_then(|(scheme, rest)| Some((scheme, rest.split_once('@')?))) {
-        Some((scheme, (userinfo, host))) => {
-            format!("{scheme}://{}:***@{host}", userinfo.split(':').next().unwrap_or(""))
-        }
+        Some((scheme, (user, host))) => format!("{scheme}://{}:***@{host}", user.split(':').next().unwrap_or("")),
         None => url.to_string(),
     }
 }

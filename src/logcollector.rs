@@ -408,11 +408,9 @@ impl Collector {
             // Enough of this file waits for the server: read on once some of it is acknowledged.
             return Some(false);
         }
-        if held.is_some() {
-            return Some(false);
-        }
-        if len <= f.offset {
-            return Some(true);
+        // A held chunk waits first; else nothing new is at the end.
+        if held.is_some() || len <= f.offset {
+            return Some(held.is_none());
         }
         // Room for the longest line, so an unfinished one is always cut or completed.
         let want = (len - f.offset).min(READ_PER_POLL.max(max as u64 + 2));

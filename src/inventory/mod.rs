@@ -97,18 +97,12 @@ pub fn merge(old: &Docs, mut found: Docs, failed: &[&str]) -> Docs {
 
 /// What changed (pure): documents of `new` that `old` lacks or has otherwise, and those of `old` that `new` lacks.
 pub fn diff(old: &Docs, new: &Docs) -> Vec<Change> {
-    let mut out = Vec::new();
-    for (id, n) in new {
-        match old.get(id) {
-            None => out.push(Change::Create { id: id.clone(), new: n.clone() }),
-            Some(o) if comparable(o) != comparable(n) => out.push(Change::Update { id: id.clone(), new: n.clone() }),
-            Some(_) => {}
-        }
-    }
-    for (id, o) in old.iter().filter(|(id, _)| !new.contains_key(*id)) {
-        out.push(Change::Delete { id: id.clone(), old: o.clone() });
-    }
-    out
+    let changed = new.iter().filter_map(|(id, n)| match old.get(id) {
+        None => Some(Change::Create { id: id.clone(), new: n.clone() }),
+        Some(o) => (comparable(o) != comparable(n)).then(|| Change::Update { id: id.clone(), new: n.clone() }),
+    });
+    let gone = old.iter().filter(|(id, _)| !new.contains_key(*id));
+    changed.chain(gone.map(|(id, o)| Change::Delete { id: id.clone(), old: o.clone() })).collect()
 }
 
 /// The document with `@timestamp` first (text surgery: the document is an object).
