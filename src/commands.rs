@@ -85,9 +85,7 @@ fn groups_from(args: Option<&Value>) -> Result<Vec<String>, String> {
     let items = list.as_array().ok_or("args.groups must be a list")?;
     let (mut out, mut seen) = (Vec::new(), HashSet::new());
     for item in items {
-        let Some(g) = item.as_str() else {
-            return Err(format!("args.groups holds {item}, not a string"));
-        };
+        let g = item.as_str().ok_or_else(|| format!("args.groups holds {item}, not a string"))?;
         validate_group(g)?;
         if seen.insert(g) {
             out.push(g.to_string());
@@ -97,12 +95,9 @@ fn groups_from(args: Option<&Value>) -> Result<Vec<String>, String> {
 }
 
 fn parse_entry(entry: &Value, my_uuid: &str) -> Result<Option<Command>, String> {
-    let Value::Object(obj) = entry else {
-        return Err(format!("entry is {}, not an object", kind_of(entry)));
-    };
-    let Some(document_id) = obj.get("document_id").and_then(Value::as_str).filter(|s| !s.is_empty()) else {
-        return Err("document_id is missing or empty".into());
-    };
+    let obj = entry.as_object().ok_or_else(|| format!("entry is {}, not an object", kind_of(entry)))?;
+    let document_id = obj.get("document_id").and_then(Value::as_str).filter(|s| !s.is_empty());
+    let document_id = document_id.ok_or("document_id is missing or empty")?;
     if document_id.len() > MAX_ID_BYTES {
         let (short, n) = (document_id.chars().take(32).collect::<String>(), document_id.len());
         return Err(format!("document_id {short}... of {n} bytes is over the limit of {MAX_ID_BYTES}"));
@@ -117,10 +112,8 @@ fn parse_entry(entry: &Value, my_uuid: &str) -> Result<Option<Command>, String> 
         return Err(format!("command {document_id} targets {target}, not this agent"));
     }
     let action_obj = obj.get("action").ok_or(format!("command {document_id} has no action"))?;
-    let Some(name) = action_obj.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()) else {
-        return Err(format!("command {document_id} has no action.name"));
-    };
-    let name = name.to_string();
+    let name = action_obj.get("name").and_then(Value::as_str).filter(|n| !n.is_empty());
+    let name = name.ok_or_else(|| format!("command {document_id} has no action.name"))?.to_string();
     let action = match name.as_str() {
         "set-group" => match groups_from(action_obj.get("args")) {
             Ok(groups) => Action::SetGroup { groups },

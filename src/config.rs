@@ -405,9 +405,7 @@ fn proxy(v: &toml::Value) -> Result<Option<String>, String> {
 }
 
 fn files(v: &toml::Value) -> Result<Vec<FileSpec>, String> {
-    let items = v.as_array().ok_or_else(|| expected("a list", v))?;
-    let mut files = Vec::with_capacity(items.len());
-    for item in items {
+    let file = |item: &toml::Value| {
         let (pattern, start) = match item {
             toml::Value::Table(t) => {
                 if let Some(other) = t.keys().find(|k| !matches!(k.as_str(), "path" | "start")) {
@@ -424,25 +422,22 @@ fn files(v: &toml::Value) -> Result<Vec<FileSpec>, String> {
             (pattern.starts_with('/'), "is not an absolute path"),
             (glob::Pattern::new(&pattern).is_ok(), "is not a valid glob pattern"),
         ];
-        if let Some((_, problem)) = checks.iter().find(|(ok, _)| !ok) {
-            return Err(format!("{pattern:?} {problem}"));
+        match checks.iter().find(|(ok, _)| !ok) {
+            Some((_, problem)) => Err(format!("{pattern:?} {problem}")),
+            None => Ok(FileSpec { pattern, start }),
         }
-        files.push(FileSpec { pattern, start });
-    }
-    Ok(files)
+    };
+    v.as_array().ok_or_else(|| expected("a list", v))?.iter().map(file).collect()
 }
 
 fn collectors(v: &toml::Value) -> Result<Vec<String>, String> {
     let collectors = strings(v)?;
-    for (i, c) in collectors.iter().enumerate() {
-        if !COLLECTORS.contains(&c.as_str()) {
-            return Err(format!("{c:?} is not one of {}", COLLECTORS.join(", ")));
-        }
-        if collectors[..i].contains(c) {
-            return Err(format!("{c:?} is listed twice"));
-        }
-    }
-    Ok(collectors)
+    let problem = collectors.iter().enumerate().find_map(|(i, c)| match c {
+        _ if !COLLECTORS.contains(&c.as_str()) => Some(format!("{c:?} is not one of {}", COLLECTORS.join(", "))),
+        _ if collectors[..i].contains(c) => Some(format!("{c:?} is listed twice")),
+        _ => None,
+    });
+    problem.map_or(Ok(collectors), Err)
 }
 
 /// Splits `" 10 KiB "` into `(10, "KiB")`; `what` completes "… is not <what>".

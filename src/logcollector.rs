@@ -75,14 +75,14 @@ impl Saved {
     }
 }
 
-/// Calls `f` with each complete non-empty line of `buf`, without its `\n` and a `\r` before it (pure).
+/// Calls `f` with each complete non-empty line of `buf` (no `\n`, nor a `\r` before it) and the offset past it (pure).
 /// Returns the bytes consumed (the rest is an unfinished line), or `None` as soon as `f` returns false.
-pub fn for_each_line(buf: &[u8], mut f: impl FnMut(&[u8]) -> bool) -> Option<usize> {
+pub fn for_each_line(buf: &[u8], mut f: impl FnMut(&[u8], usize) -> bool) -> Option<usize> {
     let mut start = 0;
     while let Some(i) = buf[start..].iter().position(|b| *b == b'\n') {
         let line = &buf[start..start + i];
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if !line.is_empty() && !f(line) {
+        if !line.is_empty() && !f(line, start + i + 1) {
             return None;
         }
         start += i + 1;
@@ -186,12 +186,6 @@ impl Followed {
         let (fp_len, fp_crc) = fingerprint(&self.file, FINGERPRINT_BYTES).unwrap_or((0, 0));
         Saved { dev: self.id.0, ino: self.id.1, offset: self.acked, fp_len, fp_crc, rotated_from }
     }
-}
-
-/// The end of `line` (a slice of `buf` that [`for_each_line`] gave) and of its `\r\n` or `\n`.
-fn line_end(buf: &[u8], line: &[u8]) -> usize {
-    let end = line.as_ptr() as usize - buf.as_ptr() as usize + line.len();
-    end + if buf[end] == b'\r' { 2 } else { 1 }
 }
 
 /// The copy of `f` that copytruncate left in its directory: a regular file
@@ -439,9 +433,9 @@ impl Collector {
             Some(held.is_none())
         };
         let mut held_at = None;
-        let used = for_each_line(&buf, |line| {
+        let used = for_each_line(&buf, |line, end| {
             let sent = emit(Some(line));
-            held_at = (sent == Some(false)).then(|| line_end(&buf, line));
+            held_at = (sent == Some(false)).then_some(end);
             sent == Some(true)
         });
         let mut used = used.or(held_at)?;
@@ -608,7 +602,7 @@ mod tests {
 
     fn split_lines(buf: &mut Vec<u8>) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
-        let used = for_each_line(buf, |l| {
+        let used = for_each_line(buf, |l, _| {
             out.push(l.to_vec());
             true
         })
