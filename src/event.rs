@@ -150,25 +150,22 @@ fn err<T>(m: impl Into<String>) -> Result<T, LineError> {
     Err(LineError(m.into()))
 }
 
+/// Borrowed from the line (`'de: 'a`); a missing field is `None`.
 #[derive(Deserialize)]
+#[serde(bound = "'de: 'a")]
 struct RawLine<'a> {
-    #[serde(borrow)]
     header: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     data: Option<&'a RawValue>,
 }
 
 /// The header fields the agent checks (others pass through untouched), as raw text decoded only
 /// where needed: a stateless event (the hot path) costs no allocation beyond the event itself.
 #[derive(Deserialize)]
+#[serde(bound = "'de: 'a")]
 struct Header<'a> {
-    #[serde(borrow, default)]
     module: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     collector: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     operation: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     id: Option<&'a RawValue>,
 }
 
