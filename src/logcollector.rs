@@ -402,7 +402,6 @@ impl Collector {
             // Enough of this file waits for the server: read on once some of it is acknowledged.
             return Some(false);
         }
-        // A held chunk waits first; else nothing new is at the end.
         if held.is_some() || len <= f.offset {
             return Some(held.is_none());
         }
@@ -461,8 +460,7 @@ impl Collector {
         let named = |f: &Followed| paths.contains(&f.path) && std::fs::metadata(&f.path).is_ok_and(|m| id(&m) == f.id);
         let (gone, kept): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.files).into_iter().partition(|f| f.rotated.is_none() && !named(f));
-        self.files = kept;
-        self.files.extend(gone.into_iter().map(|f| Followed { rotated: Some(now), ..f }));
+        self.files = kept.into_iter().chain(gone.into_iter().map(|f| Followed { rotated: Some(now), ..f })).collect();
         let mut skipped = false;
         // A set: a glob may match thousands of names, each looked up every poll.
         let followed: HashSet<String> =
@@ -472,11 +470,9 @@ impl Collector {
             if rotated && self.adopt(path).is_some() {
                 continue;
             }
-            if self.files.len() >= MAX_FOLLOWED {
-                skipped = true;
-            } else if let Some(f) = self.open(path) {
-                self.files.push(f);
-            }
+            let opened = (self.files.len() < MAX_FOLLOWED).then(|| self.open(path));
+            skipped |= opened.is_none();
+            self.files.extend(opened.flatten());
         }
         if skipped && !self.capped {
             log::warn!("logcollector: {} files match; following only {MAX_FOLLOWED} at once", paths.len());
@@ -509,9 +505,7 @@ impl Collector {
             // A copy a pattern matches too is followed already: it goes on from the unread rest
             // if nothing of it was read yet, else as it is (its lines are sent again).
             match self.files.iter_mut().find(|o| o.rotated.is_none() && o.id == copy.id) {
-                Some(o) if o.offset == 0 && o.in_flight.is_empty() => {
-                    *o = Followed { path: std::mem::take(&mut o.path), ..copy }
-                }
+                Some(o) if o.offset == 0 && o.in_flight.is_empty() => *o = Followed { path: o.path.clone(), ..copy },
                 Some(_) => {}
                 None => self.files.push(Followed { rotated: Some(now), ..copy }),
             }

@@ -401,24 +401,22 @@ impl QueueStore {
                 break;
             }
             let r = l.frames[l.next].clone();
-            let Some(event) = format::decode(&l.bytes[r.clone()]) else {
-                log::error!("queue: skipped an intact frame with an undecodable payload in segment {}", l.seg);
-                l.next += 1;
-                self.read.off = l.base + r.end as u64;
-                continue;
-            };
-            if kind.is_some_and(|k| k != event.kind)
-                || (!events.is_empty()
-                    && (events.len() >= limits.max_events || body + event.wire_len() > limits.max_bytes))
-            {
+            let event = format::decode(&l.bytes[r.clone()]);
+            let full = |e: &Event| events.len() >= limits.max_events || body + e.wire_len() > limits.max_bytes;
+            // `kind` is set once `events` holds one.
+            if event.as_ref().is_some_and(|e| kind.is_some_and(|k| k != e.kind || full(e))) {
                 break;
             }
-            kind = Some(event.kind);
-            body += event.wire_len();
-            frame_bytes += r.len() as u64;
-            events.push(event);
             l.next += 1;
             self.read.off = l.base + r.end as u64;
+            match event {
+                Some(event) => {
+                    (kind, body, frame_bytes) =
+                        (Some(event.kind), body + event.wire_len(), frame_bytes + r.len() as u64);
+                    events.push(event);
+                }
+                None => log::error!("queue: skipped an intact frame with an undecodable payload in segment {}", l.seg),
+            }
             // A finished segment sealed when loaded: move on at once so `end` names the next one.
             // (Sealed since the load: it may have grown after `bytes`; the next pass reloads it.)
             if l.sealed && l.next >= l.frames.len() && self.read.off >= l.base + l.bytes.len() as u64 {
