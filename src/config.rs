@@ -602,19 +602,17 @@ impl Config {
             let given = table.get(k.section).and_then(|s| s.get(k.name)).cloned();
             given.map_or_else(default, Ok).and_then(|v| (k.parse)(&mut c, &v)).map_err(|m| invalid(&k.id(), m))?;
         }
-        if c.agent.group.is_some() && c.agent.user.is_none() {
-            return Err(invalid("agent.group", "needs agent.user"));
+        let (b, q) = (c.events.batch_max_bytes, c.events.queue_max_bytes);
+        let (max, initial) = (fmt_duration(c.retry.max), fmt_duration(c.retry.initial));
+        let checks = [
+            (c.agent.group.is_none() || c.agent.user.is_some(), "agent.group", "needs agent.user".to_string()),
+            (q >= b, "events.queue_max_bytes", format!("{q} is smaller than events.batch_max_bytes ({b})")),
+            (c.retry.max >= c.retry.initial, "retry.max", format!("{max} is smaller than retry.initial ({initial})")),
+        ];
+        match checks.into_iter().find(|(ok, ..)| !ok) {
+            Some((_, key, message)) => Err(invalid(key, message)),
+            None => Ok(c),
         }
-        let (batch, queue) = (c.events.batch_max_bytes, c.events.queue_max_bytes);
-        if queue < batch {
-            let message = format!("{queue} is smaller than events.batch_max_bytes ({batch})");
-            return Err(invalid("events.queue_max_bytes", message));
-        }
-        if c.retry.max < c.retry.initial {
-            let (max, initial) = (fmt_duration(c.retry.max), fmt_duration(c.retry.initial));
-            return Err(invalid("retry.max", format!("{max} is smaller than retry.initial ({initial})")));
-        }
-        Ok(c)
     }
 }
 
