@@ -205,11 +205,6 @@ fn find_copy(f: &Followed, fp: (usize, u32)) -> Option<(File, Id, String)> {
     Some((file, id, name.to_string_lossy().into_owned()))
 }
 
-/// Whether a file is followed under `path`.
-fn is_followed(files: &[Followed], path: &str) -> bool {
-    files.iter().any(|f| f.rotated.is_none() && f.path == path)
-}
-
 /// The name a file has now (it may have been renamed since it was opened); `None` once deleted.
 fn current_name(file: &File) -> Option<String> {
     let name = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
@@ -307,21 +302,6 @@ impl Collector {
         self.files.sort_by_cached_key(|f| f.file.metadata().and_then(|m| m.modified()).ok());
     }
 
-    /// The configured paths, and the regular files the globs match.
-    fn expand(&self) -> BTreeSet<String> {
-        let found = |p: &str| glob::glob(p).into_iter().flatten().flatten().filter(|p| p.is_file()).collect();
-        let paths = self.config.files.iter().map(|f| &f.pattern);
-        let paths = paths.flat_map(|p| if p.contains(['*', '?', '[']) { found(p) } else { vec![PathBuf::from(p)] });
-        paths.map(|p| p.to_string_lossy().into_owned()).collect()
-    }
-
-    /// `start` of the first entry that matches `path`, else `logcollector.start`.
-    fn start_for(&self, path: &str) -> Start {
-        let matches =
-            |f: &&FileSpec| f.pattern == path || glob::Pattern::new(&f.pattern).is_ok_and(|p| p.matches(path));
-        self.config.files.iter().find(matches).and_then(|f| f.start).unwrap_or(self.config.start)
-    }
-
     /// Gives up on `path` until the next poll, warning once per reason.
     fn skip<T>(&mut self, path: &str, why: String) -> Option<T> {
         if self.warned.get(path) != Some(&why) {
@@ -329,15 +309,6 @@ impl Collector {
             self.warned.insert(path.to_string(), why);
         }
         None
-    }
-
-    /// A rotated file that was renamed to `path`, a name the patterns match too (a rotation under
-    /// a glob): the same file, followed on under its new name, not read again.
-    fn adopt(&mut self, path: &str) -> Option<()> {
-        let m = std::fs::metadata(path).ok()?;
-        let f = self.files.iter_mut().find(|f| f.rotated.is_some() && f.id == id(&m))?;
-        (f.path, f.rotated) = (path.to_string(), None);
-        Some(())
     }
 
     /// Opens `path` if it is not followed (or rotated): decides where to start.
@@ -357,10 +328,14 @@ impl Collector {
         // Saved offsets always win, if the file is still the same one; else the offset saved under
         // another name, for a file renamed (rotated) while the agent was away, to a name a pattern matches.
         let mut saved = self.saved.get(path).into_iter().chain(self.saved.values());
+        // `start` of the first entry that matches `path`, else `logcollector.start`.
+        let matches =
+            |f: &&FileSpec| f.pattern == path || glob::Pattern::new(&f.pattern).is_ok_and(|p| p.matches(path));
+        let start = || self.config.files.iter().find(matches).and_then(|f| f.start).unwrap_or(self.config.start);
         let offset = match saved.find(|s| s.is(&file, &meta)) {
             Some(s) => s.offset,
             // A file seen before under this path was replaced while the agent was away: all of it is new.
-            None if !self.saved.contains_key(path) && !self.scanned && self.start_for(path) == Start::End => meta.len(),
+            None if !self.saved.contains_key(path) && !self.scanned && start() == Start::End => meta.len(),
             None => 0,
         };
         let fp = fingerprint(&file, FINGERPRINT_BYTES).unwrap_or((0, 0));
@@ -454,7 +429,12 @@ impl Collector {
     /// One poll of every file, sending through `sink`; `None` once the pipeline is gone (shutdown).
     pub fn poll(&mut self, sink: &EventSink) -> Option<()> {
         self.more = false;
-        let (paths, now) = (self.expand(), Instant::now());
+        // The configured paths, and the regular files the globs match.
+        let found = |p: &str| glob::glob(p).into_iter().flatten().flatten().filter(|p| p.is_file()).collect();
+        let paths = self.config.files.iter().map(|f| &f.pattern);
+        let paths = paths.flat_map(|p| if p.contains(['*', '?', '[']) { found(p) } else { vec![PathBuf::from(p)] });
+        let paths: BTreeSet<String> = paths.map(|p| p.to_string_lossy().into_owned()).collect();
+        let now = Instant::now();
         // A path that names another file now (rotation) or nothing (deletion), or that no
         // pattern matches any more: its file is rotated away.
         let named = |f: &Followed| paths.contains(&f.path) && std::fs::metadata(&f.path).is_ok_and(|m| id(&m) == f.id);
@@ -467,7 +447,13 @@ impl Collector {
             self.files.iter().filter(|f| f.rotated.is_none()).map(|f| f.path.clone()).collect();
         let rotated = self.files.iter().any(|f| f.rotated.is_some());
         for path in paths.iter().filter(|p| !followed.contains(*p)) {
-            if rotated && self.adopt(path).is_some() {
+            // A rotated file renamed to a name the patterns match too (a rotation under a glob): the
+            // same file, followed on under its new name, not read again.
+            if rotated
+                && let Ok(m) = std::fs::metadata(path)
+                && let Some(f) = self.files.iter_mut().find(|f| f.rotated.is_some() && f.id == id(&m))
+            {
+                (f.path, f.rotated) = (path.to_string(), None);
                 continue;
             }
             let opened = (self.files.len() < MAX_FOLLOWED).then(|| self.open(path));
@@ -516,23 +502,14 @@ impl Collector {
         Some(())
     }
 
-    /// Waits (at most `grace`) until every read in flight is settled or abandoned, so the offsets saved at
-    /// shutdown include what the pipeline's drain delivered.
-    fn settle(&mut self, sink: &EventSink, grace: Duration) {
-        let until = Instant::now() + grace;
-        // An abandoned read sends no wake-up: look again every 100 ms.
-        while self.files.iter_mut().fold(false, |busy, f| f.advance() | busy) && Instant::now() < until {
-            let _ = sink.settled().recv_timeout(Duration::from_millis(100));
-        }
-    }
-
     /// Writes the offsets if they changed (atomically): of the followed files, a mark for each configured name
     /// whose file is gone (a new file there is read from its start), each undelivered rotated file by its name now.
     pub fn save(&mut self) {
         self.last_save = Some(Instant::now());
         let files = &self.config.files;
         let literal = |p: &String| files.iter().any(|f| f.pattern == *p);
-        self.saved.retain(|p, s| s.rotated_from.is_none() && (is_followed(&self.files, p) || literal(p)));
+        let followed = |p: &str| self.files.iter().any(|f| f.rotated.is_none() && f.path == p);
+        self.saved.retain(|p, s| s.rotated_from.is_none() && (followed(p) || literal(p)));
         // Only past what the server took (ARCHITECTURE.md, Delivery receipts).
         for f in &self.files {
             if f.rotated.is_none() {
@@ -542,7 +519,7 @@ impl Collector {
                 continue;
             }
             let delivered = f.acked >= f.file.metadata().map_or(0, |m| m.len());
-            if let Some(name) = current_name(&f.file).filter(|n| !delivered && !is_followed(&self.files, n)) {
+            if let Some(name) = current_name(&f.file).filter(|n| !delivered && !followed(n)) {
                 self.saved.insert(name, f.saved(Some(f.path.clone())));
             }
         }
@@ -577,11 +554,15 @@ fn run(config: Config, ctx: Context) {
             default(interval) => {}
         }
     }
-    // The supervisor stops the modules before the pipeline drains (within its 5 s grace):
-    // 10 s covers the drain, after which every read is settled or abandoned (a held chunk is
-    // abandoned here: its lines are read again at the next start).
+    // The supervisor stops the modules before the pipeline drains (within its 5 s grace): waiting 10 s covers
+    // the drain, after which every read is settled or abandoned (a held chunk is abandoned here: its lines are
+    // read again at the next start), so the offsets saved include what the drain delivered.
     drop(c.held.take());
-    c.settle(&ctx.events, Duration::from_secs(10));
+    let until = Instant::now() + Duration::from_secs(10);
+    // An abandoned read sends no wake-up: look again every 100 ms.
+    while c.files.iter_mut().fold(false, |busy, f| f.advance() | busy) && Instant::now() < until {
+        let _ = ctx.events.settled().recv_timeout(Duration::from_millis(100));
+    }
     c.save();
 }
 
