@@ -58,13 +58,6 @@ impl Receipt {
     pub fn abandoned(this: &Arc<Receipt>) -> bool {
         !this.settled() && Arc::strong_count(this) == 1
     }
-
-    fn settle_one(&self) {
-        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // Full: the source has a wake-up pending already.
-            let _ = self.wake.try_send(());
-        }
-    }
 }
 
 /// One validated event: `header\ndata` (the header alone for a stateful delete), the lines the body carries.
@@ -116,8 +109,11 @@ impl Event {
 
     /// The server took this event or refused it for good: called once, by the uploader, where a delivery ends.
     pub fn settle(&self) {
-        if let Some(r) = &self.receipt {
-            r.settle_one();
+        if let Some(r) = &self.receipt
+            && r.left.fetch_sub(1, Ordering::AcqRel) == 1
+        {
+            // Full: the source has a wake-up pending already.
+            let _ = r.wake.try_send(());
         }
     }
 

@@ -205,13 +205,6 @@ fn find_copy(f: &Followed, fp: (usize, u32)) -> Option<(File, Id, String)> {
     Some((file, id, name.to_string_lossy().into_owned()))
 }
 
-/// The name a file has now (it may have been renamed since it was opened); `None` once deleted.
-fn current_name(file: &File) -> Option<String> {
-    let name = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
-    let name = name.to_str()?;
-    (!name.ends_with(" (deleted)")).then(|| name.to_string())
-}
-
 /// The file saved as `name` (`s`): under that name if it is still the same file, else under
 /// another name in the same directory (renamed again by a rotation). Never through a link. The
 /// directories scanned are kept in `dirs`, each scanned once.
@@ -519,7 +512,10 @@ impl Collector {
                 continue;
             }
             let delivered = f.acked >= f.file.metadata().map_or(0, |m| m.len());
-            if let Some(name) = current_name(&f.file).filter(|n| !delivered && !followed(n)) {
+            // Saved under the name it has now (it may have been renamed since it was opened); none once deleted.
+            let name = std::fs::read_link(format!("/proc/self/fd/{}", f.file.as_raw_fd())).ok();
+            let name = name.and_then(|n| n.to_str().filter(|n| !n.ends_with(" (deleted)")).map(str::to_string));
+            if let Some(name) = name.filter(|n| !delivered && !followed(n)) {
                 self.saved.insert(name, f.saved(Some(f.path.clone())));
             }
         }

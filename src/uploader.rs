@@ -107,15 +107,6 @@ impl Uploader {
         self.deadline.get().is_some_and(|d| Instant::now() >= *d)
     }
 
-    /// How long to wait for input: while draining, give up soon once the batcher is done.
-    fn idle(&self, stateless_done: bool) -> Duration {
-        match (self.draining(), stateless_done || self.past_deadline()) {
-            (false, _) => Duration::from_secs(3600),
-            (true, true) => Duration::from_millis(50),
-            (true, false) => Duration::from_millis(200),
-        }
-    }
-
     /// The body: streamed from the events, or compressed with gzip (once per batch).
     fn body<'a>(compression: Compression, agent_line: &'a str, events: &'a [Event]) -> Request<'a> {
         if compression == Compression::None {
@@ -224,6 +215,12 @@ pub fn run_queue(up: Uploader, batches: Receiver<QueueBatch>, acks: Sender<Ack>,
         let s_in = if stateless_open { &stateless } else { &never_events };
         let q_in = if queued_open { &batches } else { &never_batches };
         let stop = if up.draining() { &never_stop } else { &up.shutdown };
+        // How long to wait for input: while draining, give up soon once the batcher is done.
+        let idle = match (up.draining(), !stateless_open || up.past_deadline()) {
+            (false, _) => Duration::from_secs(3600),
+            (true, true) => Duration::from_millis(50),
+            (true, false) => Duration::from_millis(200),
+        };
         select! {
             recv(q_in) -> msg => match msg {
                 Ok(batch) => {
@@ -241,7 +238,7 @@ pub fn run_queue(up: Uploader, batches: Receiver<QueueBatch>, acks: Sender<Ack>,
             },
             // The supervisor sets the deadline before closing the channel; this fallback keeps one set.
             recv(stop) -> _ => { let _ = up.deadline.set(Instant::now()); }
-            default(up.idle(!stateless_open)) => if up.draining() { break },
+            default(idle) => if up.draining() { break },
         }
         if up.past_deadline() || (!stateless_open && !queued_open) {
             break;
