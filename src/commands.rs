@@ -15,16 +15,14 @@ use crate::event::{Event, Kind};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 /// No command may hold the executor longer than this, whatever it asks.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Entries read from one answer. The executor runs commands one at a time, each for up to
-/// its timeout, so more than this is a backlog no server sends an agent on purpose; the
-/// rest come on a next poll if the server still holds them.
+/// Entries read from one answer. The executor runs commands one at a time, each for up to its timeout, so more than
+/// this is a backlog no server sends an agent on purpose; the rest come on a next poll if the server still holds them.
 pub const MAX_PER_ANSWER: usize = 100;
 /// Longest `document_id` taken (kept in the command store); the server's are about 20 characters.
 pub const MAX_ID_BYTES: usize = 512;
 
-/// What a command asks for (kept in the command store when it runs at the next start).
-/// `Unknown`: any other name, answered with "Command is not valid"; `Invalid`: a known name
-/// with unusable arguments, answered with the reason.
+/// What a command asks for (kept in the command store when it runs at the next start). `Unknown`: any other name,
+/// answered with "Command is not valid"; `Invalid`: a known name with unusable arguments, answered with the reason.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Action {
     SetGroup { groups: Vec<String> },

@@ -120,11 +120,10 @@ impl Uploader {
         enc.finish().map_or(Request::Events(agent_line, events), Request::Gzip)
     }
 
-    /// Delivers `events` to the endpoint of `kind`, isolating what the server refuses. Each
-    /// event is settled once, where its delivery ends (its source may then move past it).
-    /// `heal`: stateful per-item results may send events again (not in the follow-up itself). True when
-    /// nothing more is to be done for them (sent, or isolated as rejected); false when shutdown's deadline
-    /// passed before the server took them.
+    /// Delivers `events` to the endpoint of `kind`, isolating what the server refuses. Each event is settled once,
+    /// where its delivery ends (its source may then move past it). `heal`: stateful per-item results may send events
+    /// again (not in the follow-up itself). True when nothing more is to be done for them (sent, or isolated as
+    /// rejected); false when shutdown's deadline passed before the server took them.
     fn deliver(&self, kind: Kind, events: &[Event], heal: bool) -> bool {
         if events.is_empty() {
             return true;
@@ -204,10 +203,9 @@ impl Uploader {
     }
 }
 
-/// The `upload-queue` thread: the durable queue's batches, one at a time and in order,
-/// and stateless batches in between (chosen fairly by `select!`, so neither kind starves
-/// the other); acks go back to the queue thread. Stops once `shutdown` closed and the deadline
-/// passed or both inputs are done.
+/// The `upload-queue` thread: the durable queue's batches, one at a time and in order, and stateless batches in between
+/// (chosen fairly by `select!`, so neither kind starves the other); acks go back to the queue thread. Stops once
+/// `shutdown` closed and the deadline passed or both inputs are done.
 pub fn run_queue(up: Uploader, batches: Receiver<QueueBatch>, acks: Sender<Ack>, stateless: Receiver<Vec<Event>>) {
     let (never_events, never_batches, never_stop) = (never(), never(), never());
     let (mut stateless_open, mut queued_open) = (true, true);
