@@ -219,7 +219,6 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
     };
     let data = match raw.data {
         Some(d) if d.get().trim_start().starts_with('{') => Some(d),
-        Some(d) if d.get().trim() == "null" => None,
         Some(d) => return err(format!("\"data\" must be an object, not {}", short(d.get()))),
         None => None,
     };
@@ -320,6 +319,14 @@ impl std::io::Read for BodyReader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_null_data_is_no_data() {
+        let delete = parse_line(br#"{"header":{"module":"fim","operation":"delete","id":"x"},"data": null}"#);
+        assert_eq!(delete.unwrap().unwrap().data(), None);
+        let stateless = parse_line(br#"{"header":{"module":"x"},"data":null}"#);
+        assert_eq!(stateless.unwrap_err().to_string(), "\"data\" is missing");
+    }
 
     #[test]
     fn agent_line_is_the_documented_one() {
