@@ -110,8 +110,10 @@ fn parse_entry(entry: &Value, my_uuid: &str) -> Result<Option<Command>, String> 
         return Err(format!("command {document_id} targets {target}, not this agent"));
     }
     let action_obj = obj.get("action").ok_or(format!("command {document_id} has no action"))?;
-    let name = action_obj.get("name").and_then(Value::as_str).filter(|n| !n.is_empty());
-    let name = name.ok_or_else(|| format!("command {document_id} has no action.name"))?.to_string();
+    let Some(name) = action_obj.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()) else {
+        return Err(format!("command {document_id} has no action.name"));
+    };
+    let name = name.to_string();
     let action = match name.as_str() {
         "set-group" => match groups_from(action_obj.get("args")) {
             Ok(groups) => Action::SetGroup { groups },

@@ -405,7 +405,9 @@ fn proxy(v: &toml::Value) -> Result<Option<String>, String> {
 }
 
 fn files(v: &toml::Value) -> Result<Vec<FileSpec>, String> {
-    let file = |item: &toml::Value| {
+    let items = v.as_array().ok_or_else(|| expected("a list", v))?;
+    let mut files = Vec::with_capacity(items.len());
+    for item in items {
         let (pattern, start) = match item {
             toml::Value::Table(t) => {
                 if let Some(other) = t.keys().find(|k| !matches!(k.as_str(), "path" | "start")) {
@@ -422,12 +424,12 @@ fn files(v: &toml::Value) -> Result<Vec<FileSpec>, String> {
             (pattern.starts_with('/'), "is not an absolute path"),
             (glob::Pattern::new(&pattern).is_ok(), "is not a valid glob pattern"),
         ];
-        match checks.iter().find(|(ok, _)| !ok) {
-            Some((_, problem)) => Err(format!("{pattern:?} {problem}")),
-            None => Ok(FileSpec { pattern, start }),
+        if let Some((_, problem)) = checks.iter().find(|(ok, _)| !ok) {
+            return Err(format!("{pattern:?} {problem}"));
         }
-    };
-    v.as_array().ok_or_else(|| expected("a list", v))?.iter().map(file).collect()
+        files.push(FileSpec { pattern, start });
+    }
+    Ok(files)
 }
 
 fn collectors(v: &toml::Value) -> Result<Vec<String>, String> {

@@ -167,12 +167,6 @@ fn seg_name(id: u64) -> String {
     format!("{id:020}.seg")
 }
 
-fn encode_cursor(p: Pos) -> Vec<u8> {
-    let mut b = [p.seg.to_le_bytes(), p.off.to_le_bytes()].concat();
-    b.extend_from_slice(&crc32fast::hash(&b).to_le_bytes());
-    b
-}
-
 fn decode_cursor(b: &[u8]) -> Option<Pos> {
     if b.len() != 20 || crc32fast::hash(&b[..16]).to_le_bytes() != b[16..20] {
         return None;
@@ -434,7 +428,9 @@ impl QueueStore {
             return Ok(());
         }
         let path = self.dir.join("cursor");
-        fsutil::write_atomic(&path, &encode_cursor(ack.end), 0o600).map_err(io_err("cannot write", &path))?;
+        let mut cursor = [ack.end.seg.to_le_bytes(), ack.end.off.to_le_bytes()].concat();
+        cursor.extend_from_slice(&crc32fast::hash(&cursor).to_le_bytes());
+        fsutil::write_atomic(&path, &cursor, 0o600).map_err(io_err("cannot write", &path))?;
         self.cursor = ack.end;
         self.backlog_records = self.backlog_records.saturating_sub(ack.records);
         self.backlog_bytes = self.backlog_bytes.saturating_sub(ack.frame_bytes);
