@@ -152,13 +152,10 @@ pub enum BodyError {
     /// Nothing but whitespace.
     #[error("the body is empty")]
     Empty,
-    /// Not JSON at all.
     #[error("the body is not JSON ({0})")]
     NotJson(#[source] serde_json::Error),
-    /// `commands` is there but holds this kind of value.
     #[error("\"commands\" is {0}, not a list")]
     CommandsNotAList(&'static str),
-    /// An object without `commands`.
     #[error("the body has no \"commands\" list")]
     NoCommands,
     /// Neither an object nor a list: this kind of value.

@@ -28,10 +28,8 @@ pub const MAX_COMMANDS_BYTES: u64 = 1 << 20;
 /// Why an HTTP agent could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    /// `server.ca_file` could not be read.
     #[error("cannot read server.ca_file {}: {source}", path.display())]
     CaFile { path: PathBuf, source: std::io::Error },
-    /// `server.ca_file` holds no usable PEM certificate.
     #[error("server.ca_file {} holds no PEM certificate", path.display())]
     CaFileEmpty { path: PathBuf },
     /// The TLS configuration could not be assembled (no usable roots, provider failure).
