@@ -155,9 +155,6 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
     let never = crossbeam_channel::never::<Vec<Event>>();
     // Kept alive, never received from: a send to it is never ready.
     let (nobody, _nobody_rx) = crossbeam_channel::bounded::<Vec<Event>>(0);
-    let publish = |ring: &Ring, waiting: usize| {
-        stats.buffered.store((ring.events.len() + waiting) as u64, Ordering::Relaxed);
-    };
 
     loop {
         if live.refresh(&mut view) {
@@ -169,7 +166,7 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
         // Modules first: what a cut freed goes to the reader that has been waiting for it.
         ring.take_from(&mut held, now, &stats);
         ring.take_from(&mut carry, now, &stats);
-        publish(&ring, carry.len() + held.len());
+        stats.buffered.store((ring.events.len() + carry.len() + held.len()) as u64, Ordering::Relaxed);
         let intake = if carry.is_empty() { &input } else { &never };
         let from_readers = if held.is_empty() { &readers } else { &never };
         // No batch due: the send arm points at a channel nobody receives from (`select!` builds the
@@ -194,18 +191,11 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
         }
     }
 
-    // Shutdown: take what producers already handed over, then flush.
-    ring.policy = Policy {
-        capacity: usize::MAX,
-        capacity_bytes: usize::MAX,
-        overflow: Overflow::Block,
-        interval: Duration::ZERO,
-        ..ring.policy
-    };
-    let now = Instant::now();
+    // Shutdown: take what producers already handed over (unbounded: nothing is dropped), then flush.
+    ring.policy = Policy { capacity: usize::MAX, capacity_bytes: usize::MAX, ..ring.policy };
     let mut late: VecDeque<Event> = held.into_iter().chain(carry).collect();
     late.extend(readers.try_iter().chain(input.try_iter()).flatten());
-    ring.take_from(&mut late, now, &stats);
+    ring.take_from(&mut late, Instant::now(), &stats);
     let end = deadline.get().copied().unwrap_or_else(Instant::now);
     let mut rest = Vec::new();
     while !ring.events.is_empty() && Instant::now() < end {
@@ -214,7 +204,7 @@ pub fn run(wiring: Wiring, policy: Policy, live: Arc<Live>, stats: Arc<Stats>) {
             rest = e.into_inner();
             break;
         }
-        publish(&ring, 0);
+        stats.buffered.store(ring.events.len() as u64, Ordering::Relaxed);
     }
     rest.extend(ring.events.drain(..).map(|(e, _)| e));
     stats.buffered.store(0, Ordering::Relaxed);

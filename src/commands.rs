@@ -15,16 +15,14 @@ use crate::event::{Event, Kind};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 /// No command may hold the executor longer than this, whatever it asks.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Entries read from one answer. The executor runs commands one at a time, each for up to
-/// its timeout, so more than this is a backlog no server sends an agent on purpose; the
-/// rest come on a next poll if the server still holds them.
+/// Entries read from one answer. The executor runs commands one at a time, each for up to its timeout, so more than
+/// this is a backlog no server sends an agent on purpose; the rest come on a next poll if the server still holds them.
 pub const MAX_PER_ANSWER: usize = 100;
 /// Longest `document_id` taken (kept in the command store); the server's are about 20 characters.
 pub const MAX_ID_BYTES: usize = 512;
 
-/// What a command asks for (kept in the command store when it runs at the next start).
-/// `Unknown`: any other name, answered with "Command is not valid"; `Invalid`: a known name
-/// with unusable arguments, answered with the reason.
+/// What a command asks for (kept in the command store when it runs at the next start). `Unknown`: any other name,
+/// answered with "Command is not valid"; `Invalid`: a known name with unusable arguments, answered with the reason.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Action {
     SetGroup { groups: Vec<String> },
@@ -85,9 +83,7 @@ fn groups_from(args: Option<&Value>) -> Result<Vec<String>, String> {
     let items = list.as_array().ok_or("args.groups must be a list")?;
     let (mut out, mut seen) = (Vec::new(), HashSet::new());
     for item in items {
-        let Some(g) = item.as_str() else {
-            return Err(format!("args.groups holds {item}, not a string"));
-        };
+        let g = item.as_str().ok_or_else(|| format!("args.groups holds {item}, not a string"))?;
         validate_group(g)?;
         if seen.insert(g) {
             out.push(g.to_string());
@@ -97,12 +93,9 @@ fn groups_from(args: Option<&Value>) -> Result<Vec<String>, String> {
 }
 
 fn parse_entry(entry: &Value, my_uuid: &str) -> Result<Option<Command>, String> {
-    let Value::Object(obj) = entry else {
-        return Err(format!("entry is {}, not an object", kind_of(entry)));
-    };
-    let Some(document_id) = obj.get("document_id").and_then(Value::as_str).filter(|s| !s.is_empty()) else {
-        return Err("document_id is missing or empty".into());
-    };
+    let obj = entry.as_object().ok_or_else(|| format!("entry is {}, not an object", kind_of(entry)))?;
+    let document_id = obj.get("document_id").and_then(Value::as_str).filter(|s| !s.is_empty());
+    let document_id = document_id.ok_or("document_id is missing or empty")?;
     if document_id.len() > MAX_ID_BYTES {
         let (short, n) = (document_id.chars().take(32).collect::<String>(), document_id.len());
         return Err(format!("document_id {short}... of {n} bytes is over the limit of {MAX_ID_BYTES}"));
@@ -159,13 +152,10 @@ pub enum BodyError {
     /// Nothing but whitespace.
     #[error("the body is empty")]
     Empty,
-    /// Not JSON at all.
     #[error("the body is not JSON ({0})")]
     NotJson(#[source] serde_json::Error),
-    /// `commands` is there but holds this kind of value.
     #[error("\"commands\" is {0}, not a list")]
     CommandsNotAList(&'static str),
-    /// An object without `commands`.
     #[error("the body has no \"commands\" list")]
     NoCommands,
     /// Neither an object nor a list: this kind of value.

@@ -434,15 +434,12 @@ fn files(v: &toml::Value) -> Result<Vec<FileSpec>, String> {
 
 fn collectors(v: &toml::Value) -> Result<Vec<String>, String> {
     let collectors = strings(v)?;
-    for (i, c) in collectors.iter().enumerate() {
-        if !COLLECTORS.contains(&c.as_str()) {
-            return Err(format!("{c:?} is not one of {}", COLLECTORS.join(", ")));
-        }
-        if collectors[..i].contains(c) {
-            return Err(format!("{c:?} is listed twice"));
-        }
-    }
-    Ok(collectors)
+    let problem = collectors.iter().enumerate().find_map(|(i, c)| match c {
+        _ if !COLLECTORS.contains(&c.as_str()) => Some(format!("{c:?} is not one of {}", COLLECTORS.join(", "))),
+        _ if collectors[..i].contains(c) => Some(format!("{c:?} is listed twice")),
+        _ => None,
+    });
+    problem.map_or(Ok(collectors), Err)
 }
 
 /// Splits `" 10 KiB "` into `(10, "KiB")`; `what` completes "… is not <what>".
@@ -488,13 +485,12 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 /// Checks an agent name against the server's rule `^[\w\-.%]+$`, at most 128 characters.
 pub fn validate_agent_name(name: &str) -> Result<(), String> {
+    let n = name.chars().count();
     match name.chars().find(|c| !(c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '%'))) {
         _ if name.is_empty() => Err("the name is empty".into()),
-        _ if name.chars().count() > 128 => {
-            Err(format!("the name is {} characters long; at most 128 are allowed", name.chars().count()))
-        }
-        Some(bad) => {
-            Err(format!("the name {name:?} contains {bad:?}; only letters, digits, '_', '-', '.' and '%' are allowed"))
+        _ if n > 128 => Err(format!("the name is {n} characters long; at most 128 are allowed")),
+        Some(c) => {
+            Err(format!("the name {name:?} contains {c:?}; only letters, digits, '_', '-', '.' and '%' are allowed"))
         }
         None => Ok(()),
     }
@@ -584,11 +580,8 @@ impl Config {
     /// Walks `table` against [`KEYS`]: unknown keys are refused, missing keys take their
     /// default, then the checks that involve more than one key.
     fn from_table(table: &toml::Table, source: Option<&Path>) -> Result<Config, ConfigError> {
-        let unknown = |key: String, message: String| ConfigError::Syntax {
-            path: source.map(Path::to_path_buf).unwrap_or_default(),
-            key: Some(key),
-            message,
-        };
+        let path = source.map(Path::to_path_buf).unwrap_or_default();
+        let unknown = |key, message| ConfigError::Syntax { path: path.clone(), key: Some(key), message };
         for (section, values) in table {
             if !KEYS.iter().any(|k| k.section == section) {
                 return Err(unknown(section.clone(), "is not a configuration section".into()));
@@ -611,19 +604,17 @@ impl Config {
             let given = table.get(k.section).and_then(|s| s.get(k.name)).cloned();
             given.map_or_else(default, Ok).and_then(|v| (k.parse)(&mut c, &v)).map_err(|m| invalid(&k.id(), m))?;
         }
-        if c.agent.group.is_some() && c.agent.user.is_none() {
-            return Err(invalid("agent.group", "needs agent.user"));
+        let (b, q) = (c.events.batch_max_bytes, c.events.queue_max_bytes);
+        let (max, initial) = (fmt_duration(c.retry.max), fmt_duration(c.retry.initial));
+        let checks = [
+            (c.agent.group.is_none() || c.agent.user.is_some(), "agent.group", "needs agent.user".to_string()),
+            (q >= b, "events.queue_max_bytes", format!("{q} is smaller than events.batch_max_bytes ({b})")),
+            (c.retry.max >= c.retry.initial, "retry.max", format!("{max} is smaller than retry.initial ({initial})")),
+        ];
+        match checks.into_iter().find(|(ok, ..)| !ok) {
+            Some((_, key, message)) => Err(invalid(key, message)),
+            None => Ok(c),
         }
-        let (batch, queue) = (c.events.batch_max_bytes, c.events.queue_max_bytes);
-        if queue < batch {
-            let message = format!("{queue} is smaller than events.batch_max_bytes ({batch})");
-            return Err(invalid("events.queue_max_bytes", message));
-        }
-        if c.retry.max < c.retry.initial {
-            let (max, initial) = (fmt_duration(c.retry.max), fmt_duration(c.retry.initial));
-            return Err(invalid("retry.max", format!("{max} is smaller than retry.initial ({initial})")));
-        }
-        Ok(c)
     }
 }
 
@@ -693,9 +684,7 @@ fn toml_string(s: &str) -> String {
 /// `http://user:pass@host:3128` → `http://user:***@host:3128`.
 fn mask_userinfo(url: &str) -> String {
     match url.split_once("://").and_then(|(scheme, rest)| Some((scheme, rest.split_once('@')?))) {
-        Some((scheme, (userinfo, host))) => {
-            format!("{scheme}://{}:***@{host}", userinfo.split(':').next().unwrap_or(""))
-        }
+        Some((scheme, (user, host))) => format!("{scheme}://{}:***@{host}", user.split(':').next().unwrap_or("")),
         None => url.to_string(),
     }
 }

@@ -58,13 +58,6 @@ impl Receipt {
     pub fn abandoned(this: &Arc<Receipt>) -> bool {
         !this.settled() && Arc::strong_count(this) == 1
     }
-
-    fn settle_one(&self) {
-        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // Full: the source has a wake-up pending already.
-            let _ = self.wake.try_send(());
-        }
-    }
 }
 
 /// One validated event: `header\ndata` (the header alone for a stateful delete), the lines the body carries.
@@ -116,8 +109,11 @@ impl Event {
 
     /// The server took this event or refused it for good: called once, by the uploader, where a delivery ends.
     pub fn settle(&self) {
-        if let Some(r) = &self.receipt {
-            r.settle_one();
+        if let Some(r) = &self.receipt
+            && r.left.fetch_sub(1, Ordering::AcqRel) == 1
+        {
+            // Full: the source has a wake-up pending already.
+            let _ = r.wake.try_send(());
         }
     }
 
@@ -150,25 +146,22 @@ fn err<T>(m: impl Into<String>) -> Result<T, LineError> {
     Err(LineError(m.into()))
 }
 
+/// Borrowed from the line (`'de: 'a`); a missing field is `None`.
 #[derive(Deserialize)]
+#[serde(bound = "'de: 'a")]
 struct RawLine<'a> {
-    #[serde(borrow)]
     header: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     data: Option<&'a RawValue>,
 }
 
 /// The header fields the agent checks (others pass through untouched), as raw text decoded only
 /// where needed: a stateless event (the hot path) costs no allocation beyond the event itself.
 #[derive(Deserialize)]
+#[serde(bound = "'de: 'a")]
 struct Header<'a> {
-    #[serde(borrow, default)]
     module: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     collector: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     operation: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     id: Option<&'a RawValue>,
 }
 
@@ -226,7 +219,6 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Event>, LineError> {
     };
     let data = match raw.data {
         Some(d) if d.get().trim_start().starts_with('{') => Some(d),
-        Some(d) if d.get().trim() == "null" => None,
         Some(d) => return err(format!("\"data\" must be an object, not {}", short(d.get()))),
         None => None,
     };
@@ -327,6 +319,14 @@ impl std::io::Read for BodyReader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_null_data_is_no_data() {
+        let delete = parse_line(br#"{"header":{"module":"fim","operation":"delete","id":"x"},"data": null}"#);
+        assert_eq!(delete.unwrap().unwrap().data(), None);
+        let stateless = parse_line(br#"{"header":{"module":"x"},"data":null}"#);
+        assert_eq!(stateless.unwrap_err().to_string(), "\"data\" is missing");
+    }
 
     #[test]
     fn agent_line_is_the_documented_one() {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::commands::{self, Action, Code, Command};
 use crate::config::Config;
-use crate::groups::{self, GroupError, MAX_FILE_BYTES, MAX_GROUPS};
+use crate::groups::{self, MAX_FILE_BYTES, MAX_GROUPS};
 use crate::host::HostInfo;
 use crate::http::{Rejection, Request};
 use crate::queue::Append;
@@ -63,21 +63,11 @@ pub struct Store {
 impl Store {
     pub fn open(data_dir: &Path) -> Store {
         let path = data_dir.join("commands.json");
-        let entries = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
-                log::error!("command store {} is damaged ({e}); starting a new one", path.display());
-                VecDeque::new()
-            }),
-            Err(_) => VecDeque::new(),
-        };
-        Store { path, entries, cap: STORE_MAX }
-    }
-
-    /// Whether a `restart` other than `id` ran or runs within [`RESTART_EVERY`]: the store outlives the
-    /// exec restart. `at` is fixed-width RFC 3339 UTC, so text order is time order; a time
-    /// after `now` (the clock went back) does not count, lest it block restarts for long.
-    fn restarted_recently(&self, id: &str, now: SystemTime) -> bool {
-        self.entries.iter().any(|e| e.id != id && recent_restart(e, now))
+        let read = std::fs::read(&path).ok().map(|b| serde_json::from_slice(&b));
+        if let Some(Err(e)) = &read {
+            log::error!("command store {} is damaged ({e}); starting a new one", path.display());
+        }
+        Store { path, entries: read.and_then(Result::ok).unwrap_or_default(), cap: STORE_MAX }
     }
 
     fn save(&self) -> io::Result<()> {
@@ -123,7 +113,9 @@ impl Store {
     }
 }
 
-/// A `restart` that ran (or runs) within [`RESTART_EVERY`] before `now`.
+/// A `restart` that ran (or runs) within [`RESTART_EVERY`] before `now` (the store outlives the exec restart).
+/// `at` is fixed-width RFC 3339 UTC, so text order is time order; a time after `now` (the clock went back)
+/// does not count, lest it block restarts for long.
 fn recent_restart(e: &Entry, now: SystemTime) -> bool {
     let window = rfc3339(now.checked_sub(RESTART_EVERY).unwrap_or(now))..=rfc3339(now);
     e.action == Action::Restart.name() && e.code.is_none_or(|c| c == Code::Success) && window.contains(&e.at)
@@ -170,48 +162,29 @@ fn download(ctx: &Ctx, group: &str, deadline: Instant, cancel: &AtomicBool) -> R
     }
 }
 
-/// Why a `set-group` or `fetch-config` command failed (its result message).
-#[derive(Debug, thiserror::Error)]
-enum SetGroupsError {
-    /// A group file could not be downloaded, or the set goes past a limit (the reason).
-    #[error("{0}")]
-    Refused(String),
-    /// A group file is refused, the local file is unreadable, or the two together are not
-    /// a valid configuration (the file and key are named).
-    #[error("{0}")]
-    Group(#[source] GroupError),
-    /// The command timed out before anything was changed.
-    #[error("cancelled")]
-    Cancelled,
-    /// The group files could not be stored under `<data_dir>/shared/`.
-    #[error("cannot store the group files: {0}")]
-    Install(#[source] GroupError),
-}
-
-/// `set-group` and `fetch-config`: download every file, validate, swap the set, apply.
+/// `set-group` and `fetch-config`: download every file, validate, swap the set, apply; the result message.
 fn set_groups(
     ctx: &Ctx,
     groups: &[String],
     not_before: Instant,
     deadline: Instant,
     cancel: &AtomicBool,
-) -> Result<String, SetGroupsError> {
+) -> Result<String, String> {
     if groups.len() > MAX_GROUPS {
-        let why = format!("refused: {} groups, more than the limit of {MAX_GROUPS}", groups.len());
-        return Err(SetGroupsError::Refused(why));
+        return Err(format!("refused: {} groups, more than the limit of {MAX_GROUPS}", groups.len()));
     }
     if !ctx.session.pause(not_before.saturating_duration_since(Instant::now()), Some(deadline)) {
-        return Err(SetGroupsError::Cancelled);
+        return Err("cancelled".into());
     }
     let download = |g: &String| download(ctx, g, deadline, cancel).map(|body| (g.clone(), body));
-    let files = groups.iter().map(download).collect::<Result<Vec<_>, _>>().map_err(SetGroupsError::Refused)?;
+    let files = groups.iter().map(download).collect::<Result<Vec<_>, _>>()?;
     // One reload at a time (SIGHUP or another command).
     let _guard = ctx.session.live.reload_guard();
-    let (config, ignored) = groups::merge(&ctx.local, &files).map_err(SetGroupsError::Group)?;
+    let (config, ignored) = groups::merge(&ctx.local, &files).map_err(|e| e.to_string())?;
     if cancel.load(Ordering::Relaxed) {
-        return Err(SetGroupsError::Cancelled);
+        return Err("cancelled".into());
     }
-    groups::install(&ctx.data_dir, &files).map_err(SetGroupsError::Install)?;
+    groups::install(&ctx.data_dir, &files).map_err(|e| format!("cannot store the group files: {e}"))?;
     ctx.session.live.set_agent_line(crate::event::agent_line(&ctx.uuid, &ctx.name, groups, &ctx.host));
     let note = match config.agent.remote_config {
         true => groups::report_ignored(&ignored),
@@ -307,7 +280,7 @@ impl Executor {
                 return self.finish(store, &id, Code::Failure, format!("Command is not valid: {reason}"));
             }
             Action::Restart => {
-                if store.restarted_recently(&id, SystemTime::now()) {
+                if store.entries.iter().any(|e| e.id != id && recent_restart(e, SystemTime::now())) {
                     let why = format!("restart refused: at most one restart every {}s", RESTART_EVERY.as_secs());
                     return self.finish(store, &id, Code::Failure, why);
                 }
@@ -334,7 +307,7 @@ impl Executor {
         }
         match rx.recv_deadline(deadline) {
             Ok(Ok(message)) => self.finish(store, &id, Code::Success, message),
-            Ok(Err(e)) if Instant::now() < deadline => self.finish(store, &id, Code::Failure, e.to_string()),
+            Ok(Err(e)) if Instant::now() < deadline => self.finish(store, &id, Code::Failure, e),
             // The helper's own wait ends at the deadline too, and may answer first: a timeout.
             Ok(Err(_)) | Err(_) => {
                 // The helper sees the flag before it changes anything.
@@ -529,7 +502,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path());
         let now = SystemTime::now();
-        let recent = |s: &Store, id| s.restarted_recently(id, now + Duration::from_secs(1));
+        let recent =
+            |s: &Store, id| s.entries.iter().any(|e| e.id != id && recent_restart(e, now + Duration::from_secs(1)));
         assert!(!recent(&s, "r1"), "an empty store");
         s.insert("r1", "restart", None).unwrap();
         assert!(!recent(&s, "r1"), "the command itself does not count");
@@ -557,7 +531,10 @@ mod tests {
             s.insert(&id, "set-group", None).unwrap();
             s.update(&id, |e| e.state = State::Reported);
         }
-        assert!(s.restarted_recently("r2", SystemTime::now()), "the restart was not pruned");
+        assert!(
+            s.entries.iter().any(|e| e.id != "r2" && recent_restart(e, SystemTime::now())),
+            "the restart was not pruned"
+        );
         assert_eq!(s.entries.len(), 3);
     }
 

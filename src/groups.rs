@@ -31,7 +31,6 @@ pub enum GroupError {
     /// The merged configuration is invalid.
     #[error("{0}")]
     Config(#[source] ConfigError),
-    /// A file or directory operation failed.
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
 }

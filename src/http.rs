@@ -28,10 +28,8 @@ pub const MAX_COMMANDS_BYTES: u64 = 1 << 20;
 /// Why an HTTP agent could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    /// `server.ca_file` could not be read.
     #[error("cannot read server.ca_file {}: {source}", path.display())]
     CaFile { path: PathBuf, source: std::io::Error },
-    /// `server.ca_file` holds no usable PEM certificate.
     #[error("server.ca_file {} holds no PEM certificate", path.display())]
     CaFileEmpty { path: PathBuf },
     /// The TLS configuration could not be assembled (no usable roots, provider failure).
@@ -50,9 +48,8 @@ pub fn user_agent() -> String {
 /// Builds the rustls client configuration for `verify`/`ca_file`.
 pub fn tls_config(server: &ServerConfig) -> Result<Arc<ClientConfig>, HttpError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| HttpError::Tls(e.to_string()))?;
+    let builder = ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions();
+    let builder = builder.map_err(|e| HttpError::Tls(e.to_string()))?;
 
     let mut roots = RootCertStore::empty();
     match &server.ca_file {
@@ -70,18 +67,15 @@ pub fn tls_config(server: &ServerConfig) -> Result<Arc<ClientConfig>, HttpError>
     if server.verify == Verify::Full {
         return Ok(Arc::new(builder.with_root_certificates(roots).with_no_client_auth()));
     }
-    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-        .build()
-        .map_err(|e| HttpError::Tls(e.to_string()))?;
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider).build();
+    let inner = inner.map_err(|e| HttpError::Tls(e.to_string()))?;
     let verifier = Lenient { inner, any: server.verify == Verify::None };
-    let config = builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth();
-    Ok(Arc::new(config))
+    Ok(Arc::new(builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()))
 }
 
 /// A ureq agent whose `timeout` bounds one whole call (the long-poll's: `commands_timeout`, others' `request_timeout`).
 pub fn build_agent(server: &ServerConfig, timeout: Duration) -> Result<ureq::Agent, HttpError> {
-    let [agent] = build_agents(server, [timeout])?;
-    Ok(agent)
+    build_agents(server, [timeout]).map(|[agent]| agent)
 }
 
 /// One agent (own connection pool) per timeout, all sharing one TLS configuration (mostly the root store).
@@ -383,6 +377,8 @@ struct Lenient {
     any: bool,
 }
 
+type Signed = Result<HandshakeSignatureValid, rustls::Error>;
+
 impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
@@ -401,21 +397,11 @@ impl ServerCertVerifier for Lenient {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Signed {
         self.inner.verify_tls12_signature(message, cert, dss)
     }
 
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Signed {
         self.inner.verify_tls13_signature(message, cert, dss)
     }
 

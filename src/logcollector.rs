@@ -75,14 +75,14 @@ impl Saved {
     }
 }
 
-/// Calls `f` with each complete non-empty line of `buf`, without its `\n` and a `\r` before it (pure).
+/// Calls `f` with each complete non-empty line of `buf` (no `\n`, nor a `\r` before it) and the offset past it (pure).
 /// Returns the bytes consumed (the rest is an unfinished line), or `None` as soon as `f` returns false.
-pub fn for_each_line(buf: &[u8], mut f: impl FnMut(&[u8]) -> bool) -> Option<usize> {
+pub fn for_each_line(buf: &[u8], mut f: impl FnMut(&[u8], usize) -> bool) -> Option<usize> {
     let mut start = 0;
     while let Some(i) = buf[start..].iter().position(|b| *b == b'\n') {
         let line = &buf[start..start + i];
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if !line.is_empty() && !f(line) {
+        if !line.is_empty() && !f(line, start + i + 1) {
             return None;
         }
         start += i + 1;
@@ -188,12 +188,6 @@ impl Followed {
     }
 }
 
-/// The end of `line` (a slice of `buf` that [`for_each_line`] gave) and of its `\r\n` or `\n`.
-fn line_end(buf: &[u8], line: &[u8]) -> usize {
-    let end = line.as_ptr() as usize - buf.as_ptr() as usize + line.len();
-    end + if buf[end] == b'\r' { 2 } else { 1 }
-}
-
 /// The copy of `f` that copytruncate left in its directory: a regular file
 /// other than `f`, at least as long as what was read of `f`, that starts with the bytes `f`
 /// started with (`fp`, not empty); the last written of them. Never through a link.
@@ -209,18 +203,6 @@ fn find_copy(f: &Followed, fp: (usize, u32)) -> Option<(File, Id, String)> {
     // The first of the last written.
     let (_, file, id, name) = copies.min_by_key(|c| c.0)?;
     Some((file, id, name.to_string_lossy().into_owned()))
-}
-
-/// Whether a file is followed under `path`.
-fn is_followed(files: &[Followed], path: &str) -> bool {
-    files.iter().any(|f| f.rotated.is_none() && f.path == path)
-}
-
-/// The name a file has now (it may have been renamed since it was opened); `None` once deleted.
-fn current_name(file: &File) -> Option<String> {
-    let name = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
-    let name = name.to_str()?;
-    (!name.ends_with(" (deleted)")).then(|| name.to_string())
 }
 
 /// The file saved as `name` (`s`): under that name if it is still the same file, else under
@@ -313,21 +295,6 @@ impl Collector {
         self.files.sort_by_cached_key(|f| f.file.metadata().and_then(|m| m.modified()).ok());
     }
 
-    /// The configured paths, and the regular files the globs match.
-    fn expand(&self) -> BTreeSet<String> {
-        let found = |p: &str| glob::glob(p).into_iter().flatten().flatten().filter(|p| p.is_file()).collect();
-        let paths = self.config.files.iter().map(|f| &f.pattern);
-        let paths = paths.flat_map(|p| if p.contains(['*', '?', '[']) { found(p) } else { vec![PathBuf::from(p)] });
-        paths.map(|p| p.to_string_lossy().into_owned()).collect()
-    }
-
-    /// `start` of the first entry that matches `path`, else `logcollector.start`.
-    fn start_for(&self, path: &str) -> Start {
-        let matches =
-            |f: &&FileSpec| f.pattern == path || glob::Pattern::new(&f.pattern).is_ok_and(|p| p.matches(path));
-        self.config.files.iter().find(matches).and_then(|f| f.start).unwrap_or(self.config.start)
-    }
-
     /// Gives up on `path` until the next poll, warning once per reason.
     fn skip<T>(&mut self, path: &str, why: String) -> Option<T> {
         if self.warned.get(path) != Some(&why) {
@@ -335,15 +302,6 @@ impl Collector {
             self.warned.insert(path.to_string(), why);
         }
         None
-    }
-
-    /// A rotated file that was renamed to `path`, a name the patterns match too (a rotation under
-    /// a glob): the same file, followed on under its new name, not read again.
-    fn adopt(&mut self, path: &str) -> Option<()> {
-        let m = std::fs::metadata(path).ok()?;
-        let f = self.files.iter_mut().find(|f| f.rotated.is_some() && f.id == id(&m))?;
-        (f.path, f.rotated) = (path.to_string(), None);
-        Some(())
     }
 
     /// Opens `path` if it is not followed (or rotated): decides where to start.
@@ -363,10 +321,14 @@ impl Collector {
         // Saved offsets always win, if the file is still the same one; else the offset saved under
         // another name, for a file renamed (rotated) while the agent was away, to a name a pattern matches.
         let mut saved = self.saved.get(path).into_iter().chain(self.saved.values());
+        // `start` of the first entry that matches `path`, else `logcollector.start`.
+        let matches =
+            |f: &&FileSpec| f.pattern == path || glob::Pattern::new(&f.pattern).is_ok_and(|p| p.matches(path));
+        let start = || self.config.files.iter().find(matches).and_then(|f| f.start).unwrap_or(self.config.start);
         let offset = match saved.find(|s| s.is(&file, &meta)) {
             Some(s) => s.offset,
             // A file seen before under this path was replaced while the agent was away: all of it is new.
-            None if !self.saved.contains_key(path) && !self.scanned && self.start_for(path) == Start::End => meta.len(),
+            None if !self.saved.contains_key(path) && !self.scanned && start() == Start::End => meta.len(),
             None => 0,
         };
         let fp = fingerprint(&file, FINGERPRINT_BYTES).unwrap_or((0, 0));
@@ -408,11 +370,8 @@ impl Collector {
             // Enough of this file waits for the server: read on once some of it is acknowledged.
             return Some(false);
         }
-        if held.is_some() {
-            return Some(false);
-        }
-        if len <= f.offset {
-            return Some(true);
+        if held.is_some() || len <= f.offset {
+            return Some(held.is_none());
         }
         // Room for the longest line, so an unfinished one is always cut or completed.
         let want = (len - f.offset).min(READ_PER_POLL.max(max as u64 + 2));
@@ -441,9 +400,9 @@ impl Collector {
             Some(held.is_none())
         };
         let mut held_at = None;
-        let used = for_each_line(&buf, |line| {
+        let used = for_each_line(&buf, |line, end| {
             let sent = emit(Some(line));
-            held_at = (sent == Some(false)).then(|| line_end(&buf, line));
+            held_at = (sent == Some(false)).then_some(end);
             sent == Some(true)
         });
         let mut used = used.or(held_at)?;
@@ -463,28 +422,36 @@ impl Collector {
     /// One poll of every file, sending through `sink`; `None` once the pipeline is gone (shutdown).
     pub fn poll(&mut self, sink: &EventSink) -> Option<()> {
         self.more = false;
-        let (paths, now) = (self.expand(), Instant::now());
+        // The configured paths, and the regular files the globs match.
+        let found = |p: &str| glob::glob(p).into_iter().flatten().flatten().filter(|p| p.is_file()).collect();
+        let paths = self.config.files.iter().map(|f| &f.pattern);
+        let paths = paths.flat_map(|p| if p.contains(['*', '?', '[']) { found(p) } else { vec![PathBuf::from(p)] });
+        let paths: BTreeSet<String> = paths.map(|p| p.to_string_lossy().into_owned()).collect();
+        let now = Instant::now();
         // A path that names another file now (rotation) or nothing (deletion), or that no
         // pattern matches any more: its file is rotated away.
         let named = |f: &Followed| paths.contains(&f.path) && std::fs::metadata(&f.path).is_ok_and(|m| id(&m) == f.id);
         let (gone, kept): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.files).into_iter().partition(|f| f.rotated.is_none() && !named(f));
-        self.files = kept;
-        self.files.extend(gone.into_iter().map(|f| Followed { rotated: Some(now), ..f }));
+        self.files = kept.into_iter().chain(gone.into_iter().map(|f| Followed { rotated: Some(now), ..f })).collect();
         let mut skipped = false;
         // A set: a glob may match thousands of names, each looked up every poll.
         let followed: HashSet<String> =
             self.files.iter().filter(|f| f.rotated.is_none()).map(|f| f.path.clone()).collect();
         let rotated = self.files.iter().any(|f| f.rotated.is_some());
         for path in paths.iter().filter(|p| !followed.contains(*p)) {
-            if rotated && self.adopt(path).is_some() {
+            // A rotated file renamed to a name the patterns match too (a rotation under a glob): the
+            // same file, followed on under its new name, not read again.
+            if rotated
+                && let Ok(m) = std::fs::metadata(path)
+                && let Some(f) = self.files.iter_mut().find(|f| f.rotated.is_some() && f.id == id(&m))
+            {
+                (f.path, f.rotated) = (path.to_string(), None);
                 continue;
             }
-            if self.files.len() >= MAX_FOLLOWED {
-                skipped = true;
-            } else if let Some(f) = self.open(path) {
-                self.files.push(f);
-            }
+            let opened = (self.files.len() < MAX_FOLLOWED).then(|| self.open(path));
+            skipped |= opened.is_none();
+            self.files.extend(opened.flatten());
         }
         if skipped && !self.capped {
             log::warn!("logcollector: {} files match; following only {MAX_FOLLOWED} at once", paths.len());
@@ -517,9 +484,7 @@ impl Collector {
             // A copy a pattern matches too is followed already: it goes on from the unread rest
             // if nothing of it was read yet, else as it is (its lines are sent again).
             match self.files.iter_mut().find(|o| o.rotated.is_none() && o.id == copy.id) {
-                Some(o) if o.offset == 0 && o.in_flight.is_empty() => {
-                    *o = Followed { path: std::mem::take(&mut o.path), ..copy }
-                }
+                Some(o) if o.offset == 0 && o.in_flight.is_empty() => *o = Followed { path: o.path.clone(), ..copy },
                 Some(_) => {}
                 None => self.files.push(Followed { rotated: Some(now), ..copy }),
             }
@@ -530,23 +495,14 @@ impl Collector {
         Some(())
     }
 
-    /// Waits (at most `grace`) until every read in flight is settled or abandoned, so the offsets saved at
-    /// shutdown include what the pipeline's drain delivered.
-    fn settle(&mut self, sink: &EventSink, grace: Duration) {
-        let until = Instant::now() + grace;
-        // An abandoned read sends no wake-up: look again every 100 ms.
-        while self.files.iter_mut().fold(false, |busy, f| f.advance() | busy) && Instant::now() < until {
-            let _ = sink.settled().recv_timeout(Duration::from_millis(100));
-        }
-    }
-
     /// Writes the offsets if they changed (atomically): of the followed files, a mark for each configured name
     /// whose file is gone (a new file there is read from its start), each undelivered rotated file by its name now.
     pub fn save(&mut self) {
         self.last_save = Some(Instant::now());
         let files = &self.config.files;
         let literal = |p: &String| files.iter().any(|f| f.pattern == *p);
-        self.saved.retain(|p, s| s.rotated_from.is_none() && (is_followed(&self.files, p) || literal(p)));
+        let followed = |p: &str| self.files.iter().any(|f| f.rotated.is_none() && f.path == p);
+        self.saved.retain(|p, s| s.rotated_from.is_none() && (followed(p) || literal(p)));
         // Only past what the server took (ARCHITECTURE.md, Delivery receipts).
         for f in &self.files {
             if f.rotated.is_none() {
@@ -556,7 +512,10 @@ impl Collector {
                 continue;
             }
             let delivered = f.acked >= f.file.metadata().map_or(0, |m| m.len());
-            if let Some(name) = current_name(&f.file).filter(|n| !delivered && !is_followed(&self.files, n)) {
+            // Saved under the name it has now (it may have been renamed since it was opened); none once deleted.
+            let name = std::fs::read_link(format!("/proc/self/fd/{}", f.file.as_raw_fd())).ok();
+            let name = name.and_then(|n| n.to_str().filter(|n| !n.ends_with(" (deleted)")).map(str::to_string));
+            if let Some(name) = name.filter(|n| !delivered && !followed(n)) {
                 self.saved.insert(name, f.saved(Some(f.path.clone())));
             }
         }
@@ -591,11 +550,15 @@ fn run(config: Config, ctx: Context) {
             default(interval) => {}
         }
     }
-    // The supervisor stops the modules before the pipeline drains (within its 5 s grace):
-    // 10 s covers the drain, after which every read is settled or abandoned (a held chunk is
-    // abandoned here: its lines are read again at the next start).
+    // The supervisor stops the modules before the pipeline drains (within its 5 s grace): waiting 10 s covers
+    // the drain, after which every read is settled or abandoned (a held chunk is abandoned here: its lines are
+    // read again at the next start), so the offsets saved include what the drain delivered.
     drop(c.held.take());
-    c.settle(&ctx.events, Duration::from_secs(10));
+    let until = Instant::now() + Duration::from_secs(10);
+    // An abandoned read sends no wake-up: look again every 100 ms.
+    while c.files.iter_mut().fold(false, |busy, f| f.advance() | busy) && Instant::now() < until {
+        let _ = ctx.events.settled().recv_timeout(Duration::from_millis(100));
+    }
     c.save();
 }
 
@@ -610,7 +573,7 @@ mod tests {
 
     fn split_lines(buf: &mut Vec<u8>) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
-        let used = for_each_line(buf, |l| {
+        let used = for_each_line(buf, |l, _| {
             out.push(l.to_vec());
             true
         })

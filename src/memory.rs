@@ -1,11 +1,10 @@
 //! Heap footprint on glibc: fewer arenas, large buffers in mmap'd memory, free memory handed
 //! back after a burst. No-ops on other C libraries (musl returns freed memory by itself).
 
-/// glibc gives every allocating thread its own arena, each keeping freed memory. One arena: events are
-/// allocated by ingest threads and freed by the uploaders, and with two the freed space of one was not
-/// reusable by the other (`make bench`, 400 000 events: peaks 14.7–18.2 MiB with two, 12.3–13.8 MiB with
-/// one, for ~10 % less stateless throughput; per-thread caches keep the lock mostly uncontended).
-/// Call before any thread exists.
+/// glibc gives every allocating thread its own arena, each keeping freed memory. One arena: events are allocated by
+/// ingest threads and freed by the uploaders, and with two the freed space of one was not reusable by the other
+/// (`make bench`, 400 000 events: peaks 14.7–18.2 MiB with two, 12.3–13.8 MiB with one, for ~10 % less stateless
+/// throughput; per-thread caches keep the lock mostly uncontended). Call before any thread exists.
 pub fn tune_allocator() {
     // A fixed mmap threshold (glibc's dynamic one climbs to 32 MiB after the first large free)
     // keeps request bodies and queue segments in mmap'd memory, returned as soon as it is freed.

@@ -95,6 +95,7 @@ impl State {
         let exp = s.token_expires_at.load(Ordering::Relaxed);
         let [received, sent, dropped, rejected, buffered, queued] =
             [&s.received, &s.sent, &s.dropped, &s.rejected, &s.buffered, &s.queued].map(g);
+        let [succeeded, failed] = [&s.commands_succeeded, &s.commands_failed].map(g);
         State {
             pid: std::process::id(),
             uuid: uuid.to_string(),
@@ -105,11 +106,7 @@ impl State {
             updated_at_unix: unix(now),
             events: EventCounts { received, sent, dropped, rejected, buffered, queued },
             batches: BatchCounts { sent: g(&s.batches_sent), failed: g(&s.batches_failed), retries: g(&s.retries) },
-            commands: CommandCounts {
-                received: g(&s.commands_received),
-                succeeded: g(&s.commands_succeeded),
-                failed: g(&s.commands_failed),
-            },
+            commands: CommandCounts { received: g(&s.commands_received), succeeded, failed },
             queued_bytes: g(&s.queued_bytes),
             last_error: s.last_error(),
             version: crate::VERSION.to_string(),

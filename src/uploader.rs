@@ -107,15 +107,6 @@ impl Uploader {
         self.deadline.get().is_some_and(|d| Instant::now() >= *d)
     }
 
-    /// How long to wait for input: while draining, give up soon once the batcher is done.
-    fn idle(&self, stateless_done: bool) -> Duration {
-        match (self.draining(), stateless_done || self.past_deadline()) {
-            (false, _) => Duration::from_secs(3600),
-            (true, true) => Duration::from_millis(50),
-            (true, false) => Duration::from_millis(200),
-        }
-    }
-
     /// The body: streamed from the events, or compressed with gzip (once per batch).
     fn body<'a>(compression: Compression, agent_line: &'a str, events: &'a [Event]) -> Request<'a> {
         if compression == Compression::None {
@@ -129,11 +120,10 @@ impl Uploader {
         enc.finish().map_or(Request::Events(agent_line, events), Request::Gzip)
     }
 
-    /// Delivers `events` to the endpoint of `kind`, isolating what the server refuses. Each
-    /// event is settled once, where its delivery ends (its source may then move past it).
-    /// `heal`: stateful per-item results may send events again (not in the follow-up itself). True when
-    /// nothing more is to be done for them (sent, or isolated as rejected); false when shutdown's deadline
-    /// passed before the server took them.
+    /// Delivers `events` to the endpoint of `kind`, isolating what the server refuses. Each event is settled once,
+    /// where its delivery ends (its source may then move past it). `heal`: stateful per-item results may send events
+    /// again (not in the follow-up itself). True when nothing more is to be done for them (sent, or isolated as
+    /// rejected); false when shutdown's deadline passed before the server took them.
     fn deliver(&self, kind: Kind, events: &[Event], heal: bool) -> bool {
         if events.is_empty() {
             return true;
@@ -175,11 +165,10 @@ impl Uploader {
 
     /// A stateless batch; false: the deadline passed first (the events are spilled), stop.
     fn stateless(&self, events: Vec<Event>) -> bool {
-        if !self.deliver(Kind::Stateless, &events, true) {
+        self.deliver(Kind::Stateless, &events, true) || {
             crate::queue::spill(&self.spill, events, &self.session.stats, "in flight");
-            return false;
+            false
         }
-        true
     }
 
     /// A stateful batch the server took: its per-item results acted on (docs/protocol.md, Stateful results).
@@ -214,10 +203,9 @@ impl Uploader {
     }
 }
 
-/// The `upload-queue` thread: the durable queue's batches, one at a time and in order,
-/// and stateless batches in between (chosen fairly by `select!`, so neither kind starves
-/// the other); acks go back to the queue thread. Stops once `shutdown` closed and the deadline
-/// passed or both inputs are done.
+/// The `upload-queue` thread: the durable queue's batches, one at a time and in order, and stateless batches in between
+/// (chosen fairly by `select!`, so neither kind starves the other); acks go back to the queue thread. Stops once
+/// `shutdown` closed and the deadline passed or both inputs are done.
 pub fn run_queue(up: Uploader, batches: Receiver<QueueBatch>, acks: Sender<Ack>, stateless: Receiver<Vec<Event>>) {
     let (never_events, never_batches, never_stop) = (never(), never(), never());
     let (mut stateless_open, mut queued_open) = (true, true);
@@ -225,6 +213,12 @@ pub fn run_queue(up: Uploader, batches: Receiver<QueueBatch>, acks: Sender<Ack>,
         let s_in = if stateless_open { &stateless } else { &never_events };
         let q_in = if queued_open { &batches } else { &never_batches };
         let stop = if up.draining() { &never_stop } else { &up.shutdown };
+        // How long to wait for input: while draining, give up soon once the batcher is done.
+        let idle = match (up.draining(), !stateless_open || up.past_deadline()) {
+            (false, _) => Duration::from_secs(3600),
+            (true, true) => Duration::from_millis(50),
+            (true, false) => Duration::from_millis(200),
+        };
         select! {
             recv(q_in) -> msg => match msg {
                 Ok(batch) => {
@@ -242,7 +236,7 @@ pub fn run_queue(up: Uploader, batches: Receiver<QueueBatch>, acks: Sender<Ack>,
             },
             // The supervisor sets the deadline before closing the channel; this fallback keeps one set.
             recv(stop) -> _ => { let _ = up.deadline.set(Instant::now()); }
-            default(up.idle(!stateless_open)) => if up.draining() { break },
+            default(idle) => if up.draining() { break },
         }
         if up.past_deadline() || (!stateless_open && !queued_open) {
             break;
@@ -251,23 +245,10 @@ pub fn run_queue(up: Uploader, batches: Receiver<QueueBatch>, acks: Sender<Ack>,
 }
 
 /// The `upload-stateless` thread: stateless batches only (they may then arrive out of order; the
-/// durable queue's never do). Stops like [`run_queue`].
+/// durable queue's never do). Stops like [`run_queue`], whose queue input is closed here from the start.
 pub fn run_stateless(up: Uploader, stateless: Receiver<Vec<Event>>) {
-    let never_stop = never();
-    loop {
-        let stop = if up.draining() { &never_stop } else { &up.shutdown };
-        select! {
-            recv(stateless) -> msg => match msg {
-                Ok(events) => if !up.stateless(events) { break },
-                Err(_) => break,
-            },
-            recv(stop) -> _ => { let _ = up.deadline.set(Instant::now()); }
-            default(up.idle(false)) => if up.draining() { break },
-        }
-        if up.past_deadline() {
-            break;
-        }
-    }
+    let ((_, batches), (acks, _)) = (crossbeam_channel::bounded(0), crossbeam_channel::bounded(0));
+    run_queue(up, batches, acks, stateless)
 }
 
 #[cfg(test)]

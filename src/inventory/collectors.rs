@@ -151,9 +151,8 @@ pub fn parse_apk(text: &str) -> Vec<Doc> {
 pub fn collect_packages(root: &Path) -> Result<Vec<Doc>, Unreadable> {
     let mut out = Vec::new();
     let opkg = if root.join("usr/lib/opkg").exists() { "usr/lib/opkg" } else { "var/lib/opkg" };
-    for (dir, db, format) in
-        [("var/lib/dpkg", "status", "deb"), ("lib/apk/db", "installed", "apk"), (opkg, "status", "ipk")]
-    {
+    let databases = [("var/lib/dpkg", "status", "deb"), ("lib/apk/db", "installed", "apk"), (opkg, "status", "ipk")];
+    for (dir, db, format) in databases {
         let (dir, path) = (root.join(dir), root.join(dir).join(db));
         if !dir.try_exists().map_err(|source| Unreadable { path: dir, source })? {
             continue;
@@ -171,12 +170,8 @@ pub fn parse_hex_addr(s: &str) -> Option<(IpAddr, u16)> {
     let ip = match ip.len() {
         8 => IpAddr::V4(Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.swap_bytes())),
         32 => {
-            let mut bytes = [0u8; 16];
-            for i in 0..4 {
-                let word = u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok()?.swap_bytes();
-                bytes[i * 4..i * 4 + 4].copy_from_slice(&word.to_be_bytes());
-            }
-            IpAddr::V6(Ipv6Addr::from(bytes))
+            let word = |i: usize| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok().map(|w| w.swap_bytes() as u128);
+            IpAddr::V6(Ipv6Addr::from(word(0)? << 96 | word(1)? << 64 | word(2)? << 32 | word(3)?))
         }
         _ => return None,
     };
@@ -318,9 +313,8 @@ pub fn collect_processes(root: &Path) -> Result<Vec<Doc>, Unreadable> {
         let cmdline =
             String::from_utf8_lossy(&std::fs::read(p.path().join("cmdline")).unwrap_or_default()).into_owned();
         let args: Vec<&str> = cmdline.split('\0').filter(|a| !a.is_empty()).collect();
-        let uid = std::fs::read_to_string(p.path().join("status")).ok().and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Uid:").and_then(|v| v.split_whitespace().next().map(str::to_string)))
-        });
+        let status = std::fs::read_to_string(p.path().join("status")).unwrap_or_default();
+        let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")?.split_whitespace().next());
         let doc = json!({"process": {
             "args": args, "command_line": (!args.is_empty()).then(|| args.join(" ")), "name": name,
             "parent": {"pid": ppid}, "pid": pid.to_string(), "start": start, "user": {"id": uid},

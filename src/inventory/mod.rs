@@ -7,7 +7,7 @@ pub mod collectors;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::SystemTime;
 
 use crossbeam_channel::select;
@@ -17,7 +17,6 @@ use serde_json::{Value, json};
 use crate::config::{Config, InventoryConfig};
 use crate::event::{Event, Kind};
 use crate::module::{Context, Module, SinkError};
-use crate::queue::QueueError;
 use crate::status::{self, Stats};
 use collectors::{Doc, Unreadable};
 
@@ -97,18 +96,12 @@ pub fn merge(old: &Docs, mut found: Docs, failed: &[&str]) -> Docs {
 
 /// What changed (pure): documents of `new` that `old` lacks or has otherwise, and those of `old` that `new` lacks.
 pub fn diff(old: &Docs, new: &Docs) -> Vec<Change> {
-    let mut out = Vec::new();
-    for (id, n) in new {
-        match old.get(id) {
-            None => out.push(Change::Create { id: id.clone(), new: n.clone() }),
-            Some(o) if comparable(o) != comparable(n) => out.push(Change::Update { id: id.clone(), new: n.clone() }),
-            Some(_) => {}
-        }
-    }
-    for (id, o) in old.iter().filter(|(id, _)| !new.contains_key(*id)) {
-        out.push(Change::Delete { id: id.clone(), old: o.clone() });
-    }
-    out
+    let changed = new.iter().filter_map(|(id, n)| match old.get(id) {
+        None => Some(Change::Create { id: id.clone(), new: n.clone() }),
+        Some(o) => (comparable(o) != comparable(n)).then(|| Change::Update { id: id.clone(), new: n.clone() }),
+    });
+    let gone = old.iter().filter(|(id, _)| !new.contains_key(*id));
+    changed.chain(gone.map(|(id, o)| Change::Delete { id: id.clone(), old: o.clone() })).collect()
 }
 
 /// The document with `@timestamp` first (text surgery: the document is an object).
@@ -267,12 +260,9 @@ pub enum ScanError {
     /// A sink did not take the events: the thread is told to stop, or the pipeline is gone.
     #[error("{0}; the scan is repeated next time")]
     Sink(SinkError),
-    /// The queue refused the stateful events (full, or a disk error).
-    #[error("inventory changes not queued ({}); the scan is repeated next time", .0.as_ref().map(|e| e.to_string()).unwrap_or_default())]
-    NotQueued(#[source] Option<QueueError>),
-    /// The new snapshot could not be written (`inventory.json`).
-    #[error("cannot save {}: {}; the scan is repeated next time", .0.display(), .1)]
-    Save(PathBuf, #[source] io::Error),
+    /// The queue refused the stateful events (full, or a disk error), or `inventory.json` could not be written.
+    #[error("{0}; the scan is repeated next time")]
+    Failed(String),
 }
 
 /// One scan and its delivery. Returns a line for the log.
@@ -297,7 +287,8 @@ fn scan_once(config: &InventoryConfig, ctx: &Context) -> Result<String, ScanErro
     for chunk in events.chunks(APPEND_CHUNK) {
         let r = ctx.durable.append(chunk.to_vec()).map_err(ScanError::Sink)?;
         if !r.all_stored(chunk.len()) {
-            return Err(ScanError::NotQueued(r.error));
+            let why = r.error.map(|e| e.to_string()).unwrap_or_default();
+            return Err(ScanError::Failed(format!("inventory changes not queued ({why})")));
         }
         Stats::add(&ctx.stats.received, chunk.len() as u64);
     }
@@ -310,7 +301,7 @@ fn scan_once(config: &InventoryConfig, ctx: &Context) -> Result<String, ScanErro
     }
     // Durable events first, snapshot second: a crash in between means a resend.
     let snapshot = Snapshot { uuid: ctx.uuid.clone(), docs: new };
-    let save = |e| ScanError::Save(ctx.state.clone(), e);
+    let save = |e: io::Error| ScanError::Failed(format!("cannot save {}: {e}", ctx.state.display()));
     let json = serde_json::to_vec(&snapshot).map_err(|e| save(e.into()))?;
     crate::fsutil::write_atomic(&ctx.state, &json, 0o600).map_err(save)?;
     let count = |k: fn(&Change) -> bool| changes.iter().filter(|c| k(c)).count();

@@ -167,12 +167,6 @@ fn seg_name(id: u64) -> String {
     format!("{id:020}.seg")
 }
 
-fn encode_cursor(p: Pos) -> Vec<u8> {
-    let mut b = [p.seg.to_le_bytes(), p.off.to_le_bytes()].concat();
-    b.extend_from_slice(&crc32fast::hash(&b).to_le_bytes());
-    b
-}
-
 fn decode_cursor(b: &[u8]) -> Option<Pos> {
     if b.len() != 20 || crc32fast::hash(&b[..16]).to_le_bytes() != b[16..20] {
         return None;
@@ -401,24 +395,22 @@ impl QueueStore {
                 break;
             }
             let r = l.frames[l.next].clone();
-            let Some(event) = format::decode(&l.bytes[r.clone()]) else {
-                log::error!("queue: skipped an intact frame with an undecodable payload in segment {}", l.seg);
-                l.next += 1;
-                self.read.off = l.base + r.end as u64;
-                continue;
-            };
-            if kind.is_some_and(|k| k != event.kind)
-                || (!events.is_empty()
-                    && (events.len() >= limits.max_events || body + event.wire_len() > limits.max_bytes))
-            {
+            let event = format::decode(&l.bytes[r.clone()]);
+            let full = |e: &Event| events.len() >= limits.max_events || body + e.wire_len() > limits.max_bytes;
+            // `kind` is set once `events` holds one.
+            if event.as_ref().is_some_and(|e| kind.is_some_and(|k| k != e.kind || full(e))) {
                 break;
             }
-            kind = Some(event.kind);
-            body += event.wire_len();
-            frame_bytes += r.len() as u64;
-            events.push(event);
             l.next += 1;
             self.read.off = l.base + r.end as u64;
+            match event {
+                Some(event) => {
+                    (kind, body, frame_bytes) =
+                        (Some(event.kind), body + event.wire_len(), frame_bytes + r.len() as u64);
+                    events.push(event);
+                }
+                None => log::error!("queue: skipped an intact frame with an undecodable payload in segment {}", l.seg),
+            }
             // A finished segment sealed when loaded: move on at once so `end` names the next one.
             // (Sealed since the load: it may have grown after `bytes`; the next pass reloads it.)
             if l.sealed && l.next >= l.frames.len() && self.read.off >= l.base + l.bytes.len() as u64 {
@@ -436,7 +428,9 @@ impl QueueStore {
             return Ok(());
         }
         let path = self.dir.join("cursor");
-        fsutil::write_atomic(&path, &encode_cursor(ack.end), 0o600).map_err(io_err("cannot write", &path))?;
+        let mut cursor = [ack.end.seg.to_le_bytes(), ack.end.off.to_le_bytes()].concat();
+        cursor.extend_from_slice(&crc32fast::hash(&cursor).to_le_bytes());
+        fsutil::write_atomic(&path, &cursor, 0o600).map_err(io_err("cannot write", &path))?;
         self.cursor = ack.end;
         self.backlog_records = self.backlog_records.saturating_sub(ack.records);
         self.backlog_bytes = self.backlog_bytes.saturating_sub(ack.frame_bytes);
