@@ -234,7 +234,7 @@ impl QueueStore {
                 log::warn!("queue segment {shown}: dropped a torn tail of {} bytes (an interrupted write)", scan.torn);
                 if Some(&id) == ids.last() {
                     // Appends continue after the last intact record.
-                    let f = fsutil::open_nofollow(OpenOptions::new().write(true), &path)
+                    let f = fsutil::open_single(OpenOptions::new().write(true), &path)
                         .map_err(io_err("cannot open", &path))?;
                     f.set_len(scan.valid_end as u64).map_err(io_err("cannot truncate", &path))?;
                     f.sync_all().map_err(io_err("cannot fsync", &path))?;
@@ -250,7 +250,7 @@ impl QueueStore {
         let active_id = ids.last().copied().unwrap_or(cursor.seg);
         let segments: VecDeque<u64> = if ids.is_empty() { [active_id].into() } else { ids.into() };
         let active_path = dir.join(seg_name(active_id));
-        let active = fsutil::open_nofollow(OpenOptions::new().create(true).append(true), &active_path)
+        let active = fsutil::open_single(OpenOptions::new().create(true).append(true), &active_path)
             .map_err(io_err("cannot open", &active_path))?;
         let active_len = active.metadata().map_err(io_err("cannot stat", &active_path))?.len();
         // The active segment's name (maybe just created) is durable before anything in it is acknowledged.

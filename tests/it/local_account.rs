@@ -329,7 +329,6 @@ fn a_run_dir_inside_data_dir_swapped_for_a_link_does_not_make_root_touch_a_file_
 }
 
 #[test]
-#[ignore = "reproduces: the queue opens its last segment (torn-tail cut, then appends) with O_NOFOLLOW only, so root truncates and appends to a file hard-linked at a segment's name"]
 fn a_hard_link_at_a_queue_segment_is_not_truncated_or_appended_to() {
     let env = after_a_run_as_nobody(|_| String::new());
     let queue = env.data_dir().join("queue");
@@ -353,6 +352,33 @@ fn a_hard_link_at_a_queue_segment_is_not_truncated_or_appended_to() {
         meta.uid(),
         agent.log()
     );
+    let refused = format!("{} is not a regular file with one link; refusing it", queue.join(&last).display());
+    assert!(agent.log().contains(&refused), "{refused}: {}", agent.log());
+}
+
+#[test]
+fn a_huge_sparse_file_planted_as_a_queue_segment_does_not_exhaust_roots_memory() {
+    let env = after_a_run_as_nobody(|_| String::new());
+    let seg = env.data_dir().join("queue/00000000000000000099.seg");
+    // 512 MiB that cost the account no disk: root read every segment whole at start.
+    std::fs::File::create(&seg).unwrap().set_len(512 << 20).unwrap();
+    std::os::unix::fs::chown(&seg, Some(nobody().uid), Some(nobody().gid)).unwrap();
+    let mut agent = env.spawn_agent();
+    let status = format!("/proc/{}/status", agent.child.id());
+    let hwm = || -> u64 {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        let line = text.lines().find(|l| l.starts_with("VmHWM:")).unwrap_or_default().to_string();
+        line.split_whitespace().nth(1).and_then(|kb| kb.parse().ok()).unwrap_or(0)
+    };
+    let mut peak = 0;
+    wait_for(Duration::from_secs(15), || {
+        peak = peak.max(hwm());
+        peak > 256 << 10 || env.socket().exists() || agent.child.try_wait().unwrap().is_some()
+    });
+    agent.signal(libc::SIGKILL);
+    assert!(peak <= 256 << 10, "root's agent grew to {peak} KiB reading the planted segment");
+    let refused = format!("{} is over 16777216 bytes; refusing it", seg.display());
+    assert!(agent.log().contains(&refused), "{refused}: {}", agent.log());
 }
 
 /// `mkfifo at`, as the account (its own directory).
