@@ -25,9 +25,10 @@ fn open_at(opts: &mut OpenOptions, at: &Path, path: &Path) -> io::Result<File> {
     })
 }
 
-/// As [`open_nofollow`]; then refuses all but a regular file with one link (another may be root's file elsewhere).
-pub fn open_single(opts: &mut OpenOptions, path: &Path) -> io::Result<File> {
-    let (file, why) = (open_nofollow(opts, path)?, "is not a regular file with one link; refusing it");
+/// As [`open_nofollow`] (of `at`, a name beneath a handle, shown as `path`); then refuses all but a regular file with
+/// one link (another may be root's file elsewhere).
+pub fn open_single(opts: &mut OpenOptions, at: &Path, path: &Path) -> io::Result<File> {
+    let (file, why) = (open_at(opts, at, path)?, "is not a regular file with one link; refusing it");
     let m = file.metadata()?;
     (m.is_file() && m.nlink() == 1).then_some(file).ok_or_else(|| io::Error::other(format!("{} {why}", path.display())))
 }
@@ -84,8 +85,13 @@ pub fn chmod_nofollow(path: &Path, mode: u32) -> io::Result<()> {
 /// Reads `path` as [`open_nofollow`] opens it; over 16 MiB (more than any file of ours; a huge sparse file, or a FIFO
 /// fed without end, planted by agent.user must not exhaust root's memory) is refused.
 pub fn read_nofollow(path: &Path) -> io::Result<Vec<u8>> {
+    read_at(path, path)
+}
+
+/// As [`read_nofollow`], of `at` (a name beneath a handle) shown as `path`.
+pub fn read_at(at: &Path, path: &Path) -> io::Result<Vec<u8>> {
     let (mut bytes, max) = (Vec::new(), 16 << 20);
-    open_nofollow(OpenOptions::new().read(true), path)?.take(max + 1).read_to_end(&mut bytes)?;
+    open_at(OpenOptions::new().read(true), at, path)?.take(max + 1).read_to_end(&mut bytes)?;
     let why = format!("{} is over {max} bytes; refusing it", path.display());
     (bytes.len() as u64 <= max).then_some(bytes).ok_or_else(|| io::Error::other(why))
 }

@@ -381,6 +381,61 @@ fn a_huge_sparse_file_planted_as_a_queue_segment_does_not_exhaust_roots_memory()
     assert!(agent.log().contains(&refused), "{refused}: {}", agent.log());
 }
 
+#[test]
+fn a_queue_directory_swapped_for_a_link_during_recovery_does_not_make_root_touch_another_directory() {
+    use std::ffi::CString;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let env = after_a_run_as_nobody(|_| String::new());
+    // A directory of root's with links in it (as /etc/ssl/certs or *.target.wants are).
+    let victims = env.dir.path().join("root-links");
+    std::fs::create_dir(&victims).unwrap();
+    for i in 0..20 {
+        std::os::unix::fs::symlink("/etc/hostname", victims.join(format!("link-{i}"))).unwrap();
+    }
+    let listing = || {
+        let mut names: Vec<_> = std::fs::read_dir(&victims).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        names
+    };
+    let before = listing();
+    // The account swaps its queue directory with a link to them, again and again (renameat2 RENAME_EXCHANGE),
+    // and kills its agent so that root starts it again (as a respawn loop or systemd does).
+    let (queue, swap) = (env.data_dir().join("queue"), env.data_dir().join("queue.swap"));
+    plant(&swap, &victims);
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let swapper = {
+        let (a, b, stop) = (
+            CString::new(queue.to_str().unwrap()).unwrap(),
+            CString::new(swap.to_str().unwrap()).unwrap(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                // SAFETY: two NUL-terminated paths that outlive the call.
+                unsafe {
+                    libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE)
+                };
+            }
+        })
+    };
+    let mut damaged = None;
+    for start in 0..30 {
+        let mut agent = env.spawn_agent();
+        wait_for(Duration::from_secs(10), || env.socket().exists() || agent.child.try_wait().unwrap().is_some());
+        agent.signal(libc::SIGKILL);
+        let _ = agent.wait_exit(Duration::from_secs(5));
+        let _ = std::fs::remove_file(env.socket());
+        if listing() != before {
+            damaged = Some((start, agent.log()));
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    swapper.join().unwrap();
+    let (start, log) = damaged.map(|(s, l)| (s.to_string(), l)).unwrap_or_default();
+    assert!(listing() == before, "start {start}: root changed {} to {:?}: {log}", victims.display(), listing());
+}
+
 /// `mkfifo at`, as the account (its own directory).
 fn fifo_as_nobody(at: &Path) {
     use std::os::unix::process::CommandExt;
