@@ -446,6 +446,18 @@ fn fifo_as_nobody(at: &Path) {
 }
 
 #[test]
+fn a_fifo_at_state_json_does_not_hang_roots_status_check() {
+    // `--status` is what the SysV script's start, stop and status run as root.
+    let env = after_a_run_as_nobody(|_| String::new());
+    fifo_as_nobody(&env.dir.path().join("run/state.json"));
+    let mut status = env.cmd().arg("--status").stdout(std::process::Stdio::null()).spawn().unwrap();
+    let ended = wait_for(Duration::from_secs(10), || status.try_wait().unwrap().is_some());
+    let _ = status.kill();
+    let _ = status.wait();
+    assert!(ended, "wazuh-agent --status run as root still waits on the FIFO after 10 s");
+}
+
+#[test]
 fn a_fifo_at_the_queue_cursor_does_not_hang_root_at_start() {
     let env = after_a_run_as_nobody(|_| String::new());
     fifo_as_nobody(&env.data_dir().join("queue/cursor"));
