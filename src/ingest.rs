@@ -335,7 +335,8 @@ pub fn send(run_dir: &Path, input: &mut dyn Read) -> Result<Reply, IngestError> 
     io::copy(input, &mut stream).map_err(io_err(&path))?;
     stream.shutdown(std::net::Shutdown::Write).map_err(io_err(&path))?;
     let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).map_err(io_err(&path))?;
+    // Bounded: whoever listens there (run_dir may be agent.user's) must not grow a root producer's memory.
+    BufReader::new(stream.take(8 << 20)).read_line(&mut reply).map_err(io_err(&path))?;
     serde_json::from_str(reply.trim_end())
         .map_err(|_| IngestError::BadReply(reply.trim_end().chars().take(200).collect()))
 }

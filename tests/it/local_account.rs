@@ -458,6 +458,35 @@ fn a_fifo_at_state_json_does_not_hang_roots_status_check() {
 }
 
 #[test]
+fn a_socket_the_account_binds_in_run_dir_cannot_make_roots_send_use_unbounded_memory() {
+    use std::io::{Read, Write};
+    // The account owns run_dir: it can stop its agent and listen at ingest.sock itself, answering without end.
+    let env = after_a_run_as_nobody(|_| String::new());
+    let _ = std::fs::remove_file(env.socket());
+    let listener = std::os::unix::net::UnixListener::bind(env.socket()).unwrap();
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = listener.accept() else { return };
+        let _ = conn.read(&mut [0; 4096]);
+        let chunk = vec![b'x'; 1 << 20];
+        while conn.write_all(&chunk).is_ok() {}
+    });
+    let (mut cmd, null) = (env.cmd(), std::process::Stdio::null);
+    let mut send = cmd.arg("--send").stdin(std::process::Stdio::piped()).stdout(null()).stderr(null()).spawn().unwrap();
+    drop(send.stdin.take());
+    let status = format!("/proc/{}/status", send.id());
+    let mut peak = 0u64;
+    wait_for(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        let kb = text.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok());
+        peak = peak.max(kb.unwrap_or(0));
+        peak > 256 << 10 || send.try_wait().unwrap().is_some()
+    });
+    let _ = send.kill();
+    let _ = send.wait();
+    assert!(peak <= 256 << 10, "root's --send grew to {peak} KiB reading the reply");
+}
+
+#[test]
 fn a_fifo_at_the_queue_cursor_does_not_hang_root_at_start() {
     let env = after_a_run_as_nobody(|_| String::new());
     fifo_as_nobody(&env.data_dir().join("queue/cursor"));
