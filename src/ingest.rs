@@ -83,14 +83,17 @@ pub fn bind(run_dir: &Path) -> Result<UnixListener, IngestError> {
     if path.as_os_str().len() > MAX_SOCKET_PATH {
         return Err(IngestError::PathTooLong { path });
     }
-    if path.exists() {
-        if UnixStream::connect(&path).is_ok() {
+    // Beneath a handle on run_dir, reached as the pid file is: a run_dir swapped for a link since is not followed.
+    let dir = crate::fsutil::open_path(run_dir, false).map_err(io_err(&path))?;
+    let at = crate::fsutil::fd_path(&dir).join("ingest.sock");
+    if std::fs::symlink_metadata(&at).is_ok() {
+        if UnixStream::connect(&at).is_ok() {
             return Err(IngestError::InUse { path });
         }
-        std::fs::remove_file(&path).map_err(io_err(&path))?;
+        std::fs::remove_file(&at).map_err(io_err(&path))?;
     }
-    let listener = UnixListener::bind(&path).map_err(io_err(&path))?;
-    crate::fsutil::chmod_nofollow(&path, 0o660).map_err(io_err(&path))?;
+    let listener = UnixListener::bind(&at).map_err(io_err(&path))?;
+    crate::fsutil::chmod_nofollow(&at, 0o660).map_err(io_err(&path))?;
     Ok(listener)
 }
 

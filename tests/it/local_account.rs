@@ -328,6 +328,56 @@ fn a_run_dir_inside_data_dir_swapped_for_a_link_does_not_make_root_touch_a_file_
     assert!(code == Some(1) && agent.log().contains(&refused), "exit {code:?}: {}", agent.log());
 }
 
+/// The account swaps `a` and `b` (renameat2 RENAME_EXCHANGE) without pause until the returned flag is set.
+fn swapping(a: &Path, b: &Path) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let cs = |p: &Path| std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    let (a, b, flag) = (cs(a), cs(b), stop.clone());
+    let thread = std::thread::spawn(move || {
+        while !flag.load(Ordering::Relaxed) {
+            // SAFETY: two NUL-terminated paths that outlive the call.
+            unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+        }
+    });
+    (stop, thread)
+}
+
+#[test]
+fn a_run_dir_inside_data_dir_swapped_for_a_link_at_every_start_does_not_make_root_remove_or_bind_elsewhere() {
+    let run = |env: &Env| env.data_dir().join("run");
+    let env = Env::new();
+    std::fs::set_permissions(env.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    env.write_config(&format!("agent.user = \"nobody\"\nagent.run_dir = {:?}", run(&env).display().to_string()));
+    env.registered();
+    let mut first = env.spawn_agent();
+    assert!(wait_for(Duration::from_secs(15), || run(&env).join("ingest.sock").exists()), "{}", first.log());
+    first.signal(libc::SIGTERM);
+    assert_eq!(first.wait_exit(Duration::from_secs(15)), Some(0), "{}", first.log());
+    let elsewhere = env.dir.path().join("root-run");
+    let target = victim_in(&elsewhere, "ingest.sock", 0o644);
+    let swap = env.data_dir().join("run.swap");
+    plant(&swap, &elsewhere);
+    // The account swaps its run directory with the link again and again, and kills its agent for root to restart.
+    let (stop, swapper) = swapping(&run(&env), &swap);
+    let mut broke = None;
+    for start in 0..30 {
+        let mut agent = env.spawn_agent();
+        wait_for(Duration::from_secs(10), || {
+            run(&env).join("ingest.sock").exists() || agent.child.try_wait().unwrap().is_some()
+        });
+        agent.signal(libc::SIGKILL);
+        let _ = agent.wait_exit(Duration::from_secs(5));
+        if !target.exists() || !unchanged(&target) {
+            broke = Some(format!("start {start}: {}", agent.log()));
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    swapper.join().unwrap();
+    assert!(broke.is_none(), "root removed or replaced {}: {}", target.display(), broke.unwrap_or_default());
+}
+
 #[test]
 fn a_hard_link_at_a_queue_segment_is_not_truncated_or_appended_to() {
     let env = after_a_run_as_nobody(|_| String::new());
