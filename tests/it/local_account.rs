@@ -433,8 +433,6 @@ fn a_huge_sparse_file_planted_as_a_queue_segment_does_not_exhaust_roots_memory()
 
 #[test]
 fn a_queue_directory_swapped_for_a_link_during_recovery_does_not_make_root_touch_another_directory() {
-    use std::ffi::CString;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let env = after_a_run_as_nobody(|_| String::new());
     // A directory of root's with links in it (as /etc/ssl/certs or *.target.wants are).
     let victims = env.dir.path().join("root-links");
@@ -452,22 +450,7 @@ fn a_queue_directory_swapped_for_a_link_during_recovery_does_not_make_root_touch
     // and kills its agent so that root starts it again (as a respawn loop or systemd does).
     let (queue, swap) = (env.data_dir().join("queue"), env.data_dir().join("queue.swap"));
     plant(&swap, &victims);
-    let stop = std::sync::Arc::new(AtomicBool::new(false));
-    let swapper = {
-        let (a, b, stop) = (
-            CString::new(queue.to_str().unwrap()).unwrap(),
-            CString::new(swap.to_str().unwrap()).unwrap(),
-            stop.clone(),
-        );
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                // SAFETY: two NUL-terminated paths that outlive the call.
-                unsafe {
-                    libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE)
-                };
-            }
-        })
-    };
+    let (stop, swapper) = swapping(&queue, &swap);
     let mut damaged = None;
     for start in 0..30 {
         let mut agent = env.spawn_agent();
@@ -480,7 +463,7 @@ fn a_queue_directory_swapped_for_a_link_during_recovery_does_not_make_root_touch
             break;
         }
     }
-    stop.store(true, Ordering::Relaxed);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     swapper.join().unwrap();
     let (start, log) = damaged.map(|(s, l)| (s.to_string(), l)).unwrap_or_default();
     assert!(listing() == before, "start {start}: root changed {} to {:?}: {log}", victims.display(), listing());
