@@ -191,10 +191,8 @@ impl QueueStore {
         let not_link = |e: &fs::DirEntry| {
             let link = e.file_type().is_ok_and(|t| t.is_symlink());
             if link {
-                log::error!(
-                    "queue: {} is a symbolic link; refusing to follow it: removed",
-                    dir.join(e.file_name()).display()
-                );
+                let shown = dir.join(e.file_name());
+                log::error!("queue: {} is a symbolic link; refusing to follow it: removed", shown.display());
             }
             !link || fs::remove_file(e.path()).is_err()
         };
@@ -255,12 +253,9 @@ impl QueueStore {
         let active_id = ids.last().copied().unwrap_or(cursor.seg);
         let segments: VecDeque<u64> = if ids.is_empty() { [active_id].into() } else { ids.into() };
         let active_path = dir.join(seg_name(active_id));
-        let active = fsutil::open_single(
-            OpenOptions::new().create(true).append(true),
-            &fd.join(seg_name(active_id)),
-            &active_path,
-        )
-        .map_err(io_err("cannot open", &active_path))?;
+        let mut opts = OpenOptions::new();
+        let active = fsutil::open_single(opts.create(true).append(true), &fd.join(seg_name(active_id)), &active_path)
+            .map_err(io_err("cannot open", &active_path))?;
         let active_len = active.metadata().map_err(io_err("cannot stat", &active_path))?.len();
         // The active segment's name (maybe just created) is durable before anything in it is acknowledged.
         handle.sync_all().map_err(io_err("cannot fsync", dir))?;
