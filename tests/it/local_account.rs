@@ -469,6 +469,30 @@ fn a_queue_directory_swapped_for_a_link_during_recovery_does_not_make_root_touch
     assert!(listing() == before, "start {start}: root changed {} to {:?}: {log}", victims.display(), listing());
 }
 
+#[test]
+fn a_group_list_the_account_writes_cannot_make_root_read_a_file_thousands_of_times() {
+    // The group set is the account's after a run: it names one file of its own, just over 1 MiB, 400 times.
+    let env = after_a_run_as_nobody(|_| String::new());
+    let shared = env.data_dir().join("shared.1");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("big.yml"), format!("# {}\n", "x".repeat(1 << 20))).unwrap();
+    std::fs::write(shared.join(".groups.json"), serde_json::to_vec(&vec!["big"; 400]).unwrap()).unwrap();
+    let _ = std::fs::remove_file(env.data_dir().join("shared"));
+    std::os::unix::fs::symlink("shared.1", env.data_dir().join("shared")).unwrap();
+    let mut agent = env.spawn_agent();
+    let status = format!("/proc/{}/status", agent.child.id());
+    let mut peak = 0u64;
+    wait_for(Duration::from_secs(15), || {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        let kb = text.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok());
+        peak = peak.max(kb.unwrap_or(0));
+        peak > 256 << 10 || env.socket().exists() || agent.child.try_wait().unwrap().is_some()
+    });
+    agent.signal(libc::SIGKILL);
+    assert!(peak <= 256 << 10, "root's agent grew to {peak} KiB reading the group set: {}", agent.log());
+    assert!(agent.log().contains("big.yml is over 1048576 bytes; refusing it"), "{}", agent.log());
+}
+
 /// `mkfifo at`, as the account (its own directory).
 fn fifo_as_nobody(at: &Path) {
     use std::os::unix::process::CommandExt;
