@@ -25,6 +25,14 @@ fn open_at(opts: &mut OpenOptions, at: &Path, path: &Path) -> io::Result<File> {
     })
 }
 
+/// As [`open_nofollow`] (of `at`, a name beneath a handle, shown as `path`); then refuses all but a regular file with
+/// one link (another may be root's file elsewhere).
+pub fn open_single(opts: &mut OpenOptions, at: &Path, path: &Path) -> io::Result<File> {
+    let (file, why) = (open_at(opts, at, path)?, "is not a regular file with one link; refusing it");
+    let m = file.metadata()?;
+    (m.is_file() && m.nlink() == 1).then_some(file).ok_or_else(|| io::Error::other(format!("{} {why}", path.display())))
+}
+
 /// As [`open_nofollow`], its directory reached as [`open_path`] does; then refuses what root must not write or hand
 /// over: all but a regular file with one link (another may be root's file elsewhere) of root's, ours or `user`'s.
 pub fn open_owned(opts: &mut OpenOptions, path: &Path, user: Option<&str>) -> io::Result<File> {
@@ -74,10 +82,18 @@ pub fn chmod_nofollow(path: &Path, mode: u32) -> io::Result<()> {
     fs::set_permissions(fd_path(&handle(path)?), fs::Permissions::from_mode(mode))
 }
 
-/// Reads `path` as [`open_nofollow`] opens it.
+/// Reads `path` as [`open_nofollow`] opens it; over 16 MiB (more than any file of ours; a huge sparse file, or a FIFO
+/// fed without end, planted by agent.user must not exhaust root's memory) is refused.
 pub fn read_nofollow(path: &Path) -> io::Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    open_nofollow(OpenOptions::new().read(true), path)?.read_to_end(&mut bytes).map(|_| bytes)
+    read_at(path, path)
+}
+
+/// As [`read_nofollow`], of `at` (a name beneath a handle) shown as `path`.
+pub fn read_at(at: &Path, path: &Path) -> io::Result<Vec<u8>> {
+    let (mut bytes, max) = (Vec::new(), 16 << 20);
+    open_at(OpenOptions::new().read(true), at, path)?.take(max + 1).read_to_end(&mut bytes)?;
+    let why = format!("{} is over {max} bytes; refusing it", path.display());
+    (bytes.len() as u64 <= max).then_some(bytes).ok_or_else(|| io::Error::other(why))
 }
 
 /// Replaces `path` with `bytes` atomically: a reader (or a crash) sees either the old

@@ -158,8 +158,14 @@ pub fn effective_config(local: &Config, data_dir: &Path) -> Result<Config, Group
         return Ok(local.clone());
     }
     let dir = shared_dir(data_dir);
-    let read = |g: String| crate::fsutil::read_nofollow(&dir.join(format!("{g}.yml"))).map(|content| (g, content));
-    let files = current(data_dir).into_iter().map(read).collect::<io::Result<Vec<_>>>().map_err(io_err(&dir))?;
+    // As the server's are (the list and files may be agent.user's since a run): at most MAX_GROUPS of MAX_FILE_BYTES.
+    let read = |g: String| {
+        let content = crate::fsutil::read_nofollow(&dir.join(format!("{g}.yml")))?;
+        let big = io::Error::other(format!("{g}.yml is over {MAX_FILE_BYTES} bytes; refusing it"));
+        (content.len() as u64 <= MAX_FILE_BYTES).then_some((g, content)).ok_or(big)
+    };
+    let files = current(data_dir).into_iter().take(MAX_GROUPS).map(read).collect::<io::Result<Vec<_>>>();
+    let files = files.map_err(io_err(&dir))?;
     let (config, ignored) = merge(local, &files)?;
     report_ignored(&ignored);
     Ok(config)

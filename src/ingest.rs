@@ -83,14 +83,17 @@ pub fn bind(run_dir: &Path) -> Result<UnixListener, IngestError> {
     if path.as_os_str().len() > MAX_SOCKET_PATH {
         return Err(IngestError::PathTooLong { path });
     }
-    if path.exists() {
-        if UnixStream::connect(&path).is_ok() {
+    // Beneath a handle on run_dir, reached as the pid file is: a run_dir swapped for a link since is not followed.
+    let dir = crate::fsutil::open_path(run_dir, false).map_err(io_err(&path))?;
+    let at = crate::fsutil::fd_path(&dir).join("ingest.sock");
+    if std::fs::symlink_metadata(&at).is_ok() {
+        if UnixStream::connect(&at).is_ok() {
             return Err(IngestError::InUse { path });
         }
-        std::fs::remove_file(&path).map_err(io_err(&path))?;
+        std::fs::remove_file(&at).map_err(io_err(&path))?;
     }
-    let listener = UnixListener::bind(&path).map_err(io_err(&path))?;
-    crate::fsutil::chmod_nofollow(&path, 0o660).map_err(io_err(&path))?;
+    let listener = UnixListener::bind(&at).map_err(io_err(&path))?;
+    crate::fsutil::chmod_nofollow(&at, 0o660).map_err(io_err(&path))?;
     Ok(listener)
 }
 
@@ -335,7 +338,8 @@ pub fn send(run_dir: &Path, input: &mut dyn Read) -> Result<Reply, IngestError> 
     io::copy(input, &mut stream).map_err(io_err(&path))?;
     stream.shutdown(std::net::Shutdown::Write).map_err(io_err(&path))?;
     let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).map_err(io_err(&path))?;
+    // Bounded: whoever listens there (run_dir may be agent.user's) must not grow a root producer's memory.
+    BufReader::new(stream.take(8 << 20)).read_line(&mut reply).map_err(io_err(&path))?;
     serde_json::from_str(reply.trim_end())
         .map_err(|_| IngestError::BadReply(reply.trim_end().chars().take(200).collect()))
 }

@@ -140,8 +140,8 @@ pub enum NotRunning {
 
 /// Reads state.json and decides whether the agent is running (README, Status): the state if readable, the verdict.
 pub fn read_status(run_dir: &Path, now: SystemTime) -> (Option<State>, Result<(), NotRunning>) {
-    let read = std::fs::read_to_string(state_path(run_dir));
-    let state: State = match read.as_ref().map(|text| serde_json::from_str(text)) {
+    let read = crate::fsutil::read_nofollow(&state_path(run_dir)); // root runs it: no link, no FIFO to wait on
+    let state: State = match read.as_ref().map(|bytes| serde_json::from_slice(bytes)) {
         Ok(Ok(s)) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (None, Err(NotRunning::NoState)),
         Err(e) => return (None, Err(NotRunning::Unreadable(e.to_string()))),

@@ -178,22 +178,25 @@ impl QueueStore {
     /// Opens (and recovers) the queue. Damaged data never stops it: it is skipped, counted, logged.
     pub fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<QueueStore, QueueError> {
         fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
-        // Root recovers the queue before dropping to agent.user, who owns data_dir: no links.
-        fsutil::open_nofollow(OpenOptions::new().read(true), dir).map_err(io_err("cannot open", dir))?;
+        // Root recovers the queue before dropping to agent.user, who owns data_dir: no links. Every name below is reached
+        // beneath this handle (`fd`), so a directory swapped for a link after this check is not followed.
+        let handle = fsutil::open_nofollow(OpenOptions::new().read(true), dir).map_err(io_err("cannot open", dir))?;
+        let fd = fsutil::fd_path(&handle);
         let not_link = |e: &fs::DirEntry| {
             let link = e.file_type().is_ok_and(|t| t.is_symlink());
             if link {
-                log::error!("queue: {} is a symbolic link; refusing to follow it: removed", e.path().display());
+                let shown = dir.join(e.file_name());
+                log::error!("queue: {} is a symbolic link; refusing to follow it: removed", shown.display());
             }
             !link || fs::remove_file(e.path()).is_err()
         };
         let seg_id = |e: fs::DirEntry| -> Option<u64> { e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok() };
-        let entries = fs::read_dir(dir).map_err(io_err("cannot list", dir))?.filter_map(|e| e.ok());
+        let entries = fs::read_dir(&fd).map_err(io_err("cannot list", dir))?.filter_map(|e| e.ok());
         let mut ids: Vec<u64> = entries.filter(not_link).filter_map(seg_id).collect();
         ids.sort_unstable();
 
         let cursor_path = dir.join("cursor");
-        let saved = fsutil::read_nofollow(&cursor_path).ok();
+        let saved = fsutil::read_at(&fd.join("cursor"), &cursor_path).ok();
         let decoded = saved.as_deref().and_then(decode_cursor);
         if saved.is_some() && decoded.is_none() {
             let shown = cursor_path.display();
@@ -204,7 +207,7 @@ impl QueueStore {
         let mut cursor = decoded.unwrap_or(Pos { seg: ids.first().copied().unwrap_or(0), off: 0 });
         // Segments wholly behind the cursor were delivered; a crash before their deletion leaves them.
         for id in ids.iter().filter(|id| **id < cursor.seg) {
-            let _ = fs::remove_file(dir.join(seg_name(*id)));
+            let _ = fs::remove_file(fd.join(seg_name(*id)));
         }
         ids.retain(|id| *id >= cursor.seg);
         if ids.first() != Some(&cursor.seg) {
@@ -215,7 +218,7 @@ impl QueueStore {
         let (mut backlog_bytes, mut backlog_records) = (0, 0);
         for &id in &ids {
             let path = dir.join(seg_name(id));
-            let bytes = fsutil::read_nofollow(&path).map_err(io_err("cannot read", &path))?;
+            let bytes = fsutil::read_at(&fd.join(seg_name(id)), &path).map_err(io_err("cannot read", &path))?;
             let from = if id == cursor.seg { (cursor.off as usize).min(bytes.len()) } else { 0 };
             let scan = format::scan(&bytes, from);
             let shown = path.display();
@@ -228,7 +231,7 @@ impl QueueStore {
                 log::warn!("queue segment {shown}: dropped a torn tail of {} bytes (an interrupted write)", scan.torn);
                 if Some(&id) == ids.last() {
                     // Appends continue after the last intact record.
-                    let f = fsutil::open_nofollow(OpenOptions::new().write(true), &path)
+                    let f = fsutil::open_single(OpenOptions::new().write(true), &fd.join(seg_name(id)), &path)
                         .map_err(io_err("cannot open", &path))?;
                     f.set_len(scan.valid_end as u64).map_err(io_err("cannot truncate", &path))?;
                     f.sync_all().map_err(io_err("cannot fsync", &path))?;
@@ -244,11 +247,12 @@ impl QueueStore {
         let active_id = ids.last().copied().unwrap_or(cursor.seg);
         let segments: VecDeque<u64> = if ids.is_empty() { [active_id].into() } else { ids.into() };
         let active_path = dir.join(seg_name(active_id));
-        let active = fsutil::open_nofollow(OpenOptions::new().create(true).append(true), &active_path)
+        let mut opts = OpenOptions::new();
+        let active = fsutil::open_single(opts.create(true).append(true), &fd.join(seg_name(active_id)), &active_path)
             .map_err(io_err("cannot open", &active_path))?;
         let active_len = active.metadata().map_err(io_err("cannot stat", &active_path))?.len();
         // The active segment's name (maybe just created) is durable before anything in it is acknowledged.
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("cannot fsync", dir))?;
+        handle.sync_all().map_err(io_err("cannot fsync", dir))?;
         stats.queued.store(backlog_records, Relaxed);
         stats.queued_bytes.store(backlog_bytes, Relaxed);
         Ok(QueueStore {

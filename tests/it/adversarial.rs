@@ -491,3 +491,33 @@ fn producers_trickling_bytes_into_every_slot_do_not_keep_a_new_producer_out() {
     assert!(env.mock.wait_until(Duration::from_secs(10), |m| originals(m).contains(&"msg-1".to_string())));
     drop(slow);
 }
+
+/// As above, but each of the 64 connections completes a short line every 300 ms, so none is ever idle for a second:
+/// one local producer keeps every other producer out for as long as it likes.
+#[test]
+#[ignore = "reproduces: eviction ends only a connection idle for a second; 64 connections that each complete a line every 300 ms hold every slot for ever"]
+fn producers_completing_a_line_every_300_ms_in_every_slot_do_not_keep_a_new_producer_out() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let env = Env::new();
+    env.write_config("events.batch_interval = \"50ms\"");
+    let agent = env.running_agent();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let chatty: Vec<_> = (0..64)
+        .map(|i| {
+            let mut s = std::os::unix::net::UnixStream::connect(env.socket()).expect("connect ingest.sock");
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) && s.write_all(lines([stateless(1000 + i)]).as_bytes()).is_ok() {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            })
+        })
+        .collect();
+    let full = wait_for(Duration::from_secs(10), || !env.send(&lines([stateless(0)])).status.success());
+    assert!(full, "the 64 chatty connections did not take every slot: {}", agent.log());
+    let through = wait_for(Duration::from_secs(10), || env.send(&lines([stateless(1)])).status.success());
+    stop.store(true, Ordering::Relaxed);
+    chatty.into_iter().for_each(|t| t.join().unwrap());
+    assert!(through, "a new producer was still turned away after 10 s: {}", agent.log());
+}

@@ -328,8 +328,57 @@ fn a_run_dir_inside_data_dir_swapped_for_a_link_does_not_make_root_touch_a_file_
     assert!(code == Some(1) && agent.log().contains(&refused), "exit {code:?}: {}", agent.log());
 }
 
+/// The account swaps `a` and `b` (renameat2 RENAME_EXCHANGE) without pause until the returned flag is set.
+fn swapping(a: &Path, b: &Path) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let cs = |p: &Path| std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    let (a, b, flag) = (cs(a), cs(b), stop.clone());
+    let thread = std::thread::spawn(move || {
+        while !flag.load(Ordering::Relaxed) {
+            // SAFETY: two NUL-terminated paths that outlive the call.
+            unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+        }
+    });
+    (stop, thread)
+}
+
 #[test]
-#[ignore = "reproduces: the queue opens its last segment (torn-tail cut, then appends) with O_NOFOLLOW only, so root truncates and appends to a file hard-linked at a segment's name"]
+fn a_run_dir_inside_data_dir_swapped_for_a_link_at_every_start_does_not_make_root_remove_or_bind_elsewhere() {
+    let run = |env: &Env| env.data_dir().join("run");
+    let env = Env::new();
+    std::fs::set_permissions(env.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    env.write_config(&format!("agent.user = \"nobody\"\nagent.run_dir = {:?}", run(&env).display().to_string()));
+    env.registered();
+    let mut first = env.spawn_agent();
+    assert!(wait_for(Duration::from_secs(15), || run(&env).join("ingest.sock").exists()), "{}", first.log());
+    first.signal(libc::SIGTERM);
+    assert_eq!(first.wait_exit(Duration::from_secs(15)), Some(0), "{}", first.log());
+    let elsewhere = env.dir.path().join("root-run");
+    let target = victim_in(&elsewhere, "ingest.sock", 0o644);
+    let swap = env.data_dir().join("run.swap");
+    plant(&swap, &elsewhere);
+    // The account swaps its run directory with the link again and again, and kills its agent for root to restart.
+    let (stop, swapper) = swapping(&run(&env), &swap);
+    let mut broke = None;
+    for start in 0..30 {
+        let mut agent = env.spawn_agent();
+        wait_for(Duration::from_secs(10), || {
+            run(&env).join("ingest.sock").exists() || agent.child.try_wait().unwrap().is_some()
+        });
+        agent.signal(libc::SIGKILL);
+        let _ = agent.wait_exit(Duration::from_secs(5));
+        if !target.exists() || !unchanged(&target) {
+            broke = Some(format!("start {start}: {}", agent.log()));
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    swapper.join().unwrap();
+    assert!(broke.is_none(), "root removed or replaced {}: {}", target.display(), broke.unwrap_or_default());
+}
+
+#[test]
 fn a_hard_link_at_a_queue_segment_is_not_truncated_or_appended_to() {
     let env = after_a_run_as_nobody(|_| String::new());
     let queue = env.data_dir().join("queue");
@@ -353,6 +402,95 @@ fn a_hard_link_at_a_queue_segment_is_not_truncated_or_appended_to() {
         meta.uid(),
         agent.log()
     );
+    let refused = format!("{} is not a regular file with one link; refusing it", queue.join(&last).display());
+    assert!(agent.log().contains(&refused), "{refused}: {}", agent.log());
+}
+
+#[test]
+fn a_huge_sparse_file_planted_as_a_queue_segment_does_not_exhaust_roots_memory() {
+    let env = after_a_run_as_nobody(|_| String::new());
+    let seg = env.data_dir().join("queue/00000000000000000099.seg");
+    // 512 MiB that cost the account no disk: root read every segment whole at start.
+    std::fs::File::create(&seg).unwrap().set_len(512 << 20).unwrap();
+    std::os::unix::fs::chown(&seg, Some(nobody().uid), Some(nobody().gid)).unwrap();
+    let mut agent = env.spawn_agent();
+    let status = format!("/proc/{}/status", agent.child.id());
+    let hwm = || -> u64 {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        let line = text.lines().find(|l| l.starts_with("VmHWM:")).unwrap_or_default().to_string();
+        line.split_whitespace().nth(1).and_then(|kb| kb.parse().ok()).unwrap_or(0)
+    };
+    let mut peak = 0;
+    wait_for(Duration::from_secs(15), || {
+        peak = peak.max(hwm());
+        peak > 256 << 10 || env.socket().exists() || agent.child.try_wait().unwrap().is_some()
+    });
+    agent.signal(libc::SIGKILL);
+    assert!(peak <= 256 << 10, "root's agent grew to {peak} KiB reading the planted segment");
+    let refused = format!("{} is over 16777216 bytes; refusing it", seg.display());
+    assert!(agent.log().contains(&refused), "{refused}: {}", agent.log());
+}
+
+#[test]
+fn a_queue_directory_swapped_for_a_link_during_recovery_does_not_make_root_touch_another_directory() {
+    let env = after_a_run_as_nobody(|_| String::new());
+    // A directory of root's with links in it (as /etc/ssl/certs or *.target.wants are).
+    let victims = env.dir.path().join("root-links");
+    std::fs::create_dir(&victims).unwrap();
+    for i in 0..20 {
+        std::os::unix::fs::symlink("/etc/hostname", victims.join(format!("link-{i}"))).unwrap();
+    }
+    let listing = || {
+        let mut names: Vec<_> = std::fs::read_dir(&victims).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        names
+    };
+    let before = listing();
+    // The account swaps its queue directory with a link to them, again and again (renameat2 RENAME_EXCHANGE),
+    // and kills its agent so that root starts it again (as a respawn loop or systemd does).
+    let (queue, swap) = (env.data_dir().join("queue"), env.data_dir().join("queue.swap"));
+    plant(&swap, &victims);
+    let (stop, swapper) = swapping(&queue, &swap);
+    let mut damaged = None;
+    for start in 0..30 {
+        let mut agent = env.spawn_agent();
+        wait_for(Duration::from_secs(10), || env.socket().exists() || agent.child.try_wait().unwrap().is_some());
+        agent.signal(libc::SIGKILL);
+        let _ = agent.wait_exit(Duration::from_secs(5));
+        let _ = std::fs::remove_file(env.socket());
+        if listing() != before {
+            damaged = Some((start, agent.log()));
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    swapper.join().unwrap();
+    let (start, log) = damaged.map(|(s, l)| (s.to_string(), l)).unwrap_or_default();
+    assert!(listing() == before, "start {start}: root changed {} to {:?}: {log}", victims.display(), listing());
+}
+
+#[test]
+fn a_group_list_the_account_writes_cannot_make_root_read_a_file_thousands_of_times() {
+    // The group set is the account's after a run: it names one file of its own, just over 1 MiB, 400 times.
+    let env = after_a_run_as_nobody(|_| String::new());
+    let shared = env.data_dir().join("shared.1");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("big.yml"), format!("# {}\n", "x".repeat(1 << 20))).unwrap();
+    std::fs::write(shared.join(".groups.json"), serde_json::to_vec(&vec!["big"; 400]).unwrap()).unwrap();
+    let _ = std::fs::remove_file(env.data_dir().join("shared"));
+    std::os::unix::fs::symlink("shared.1", env.data_dir().join("shared")).unwrap();
+    let mut agent = env.spawn_agent();
+    let status = format!("/proc/{}/status", agent.child.id());
+    let mut peak = 0u64;
+    wait_for(Duration::from_secs(15), || {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        let kb = text.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok());
+        peak = peak.max(kb.unwrap_or(0));
+        peak > 256 << 10 || env.socket().exists() || agent.child.try_wait().unwrap().is_some()
+    });
+    agent.signal(libc::SIGKILL);
+    assert!(peak <= 256 << 10, "root's agent grew to {peak} KiB reading the group set: {}", agent.log());
+    assert!(agent.log().contains("big.yml is over 1048576 bytes; refusing it"), "{}", agent.log());
 }
 
 /// `mkfifo at`, as the account (its own directory).
@@ -362,6 +500,47 @@ fn fifo_as_nobody(at: &Path) {
     let a = nobody();
     let out = std::process::Command::new("mkfifo").arg(at).uid(a.uid).gid(a.gid).output().unwrap();
     assert!(out.status.success(), "nobody could not mkfifo: {}", text(&out));
+}
+
+#[test]
+fn a_fifo_at_state_json_does_not_hang_roots_status_check() {
+    // `--status` is what the SysV script's start, stop and status run as root.
+    let env = after_a_run_as_nobody(|_| String::new());
+    fifo_as_nobody(&env.dir.path().join("run/state.json"));
+    let mut status = env.cmd().arg("--status").stdout(std::process::Stdio::null()).spawn().unwrap();
+    let ended = wait_for(Duration::from_secs(10), || status.try_wait().unwrap().is_some());
+    let _ = status.kill();
+    let _ = status.wait();
+    assert!(ended, "wazuh-agent --status run as root still waits on the FIFO after 10 s");
+}
+
+#[test]
+fn a_socket_the_account_binds_in_run_dir_cannot_make_roots_send_use_unbounded_memory() {
+    use std::io::{Read, Write};
+    // The account owns run_dir: it can stop its agent and listen at ingest.sock itself, answering without end.
+    let env = after_a_run_as_nobody(|_| String::new());
+    let _ = std::fs::remove_file(env.socket());
+    let listener = std::os::unix::net::UnixListener::bind(env.socket()).unwrap();
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = listener.accept() else { return };
+        let _ = conn.read(&mut [0; 4096]);
+        let chunk = vec![b'x'; 1 << 20];
+        while conn.write_all(&chunk).is_ok() {}
+    });
+    let (mut cmd, null) = (env.cmd(), std::process::Stdio::null);
+    let mut send = cmd.arg("--send").stdin(std::process::Stdio::piped()).stdout(null()).stderr(null()).spawn().unwrap();
+    drop(send.stdin.take());
+    let status = format!("/proc/{}/status", send.id());
+    let mut peak = 0u64;
+    wait_for(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        let kb = text.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok());
+        peak = peak.max(kb.unwrap_or(0));
+        peak > 256 << 10 || send.try_wait().unwrap().is_some()
+    });
+    let _ = send.kill();
+    let _ = send.wait();
+    assert!(peak <= 256 << 10, "root's --send grew to {peak} KiB reading the reply");
 }
 
 #[test]
