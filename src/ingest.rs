@@ -22,6 +22,9 @@ use crate::status::Stats;
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Concurrent producer connections; more are told to retry (bounds threads and memory).
 pub const MAX_CONNECTIONS: usize = 64;
+/// With every slot busy, a connection open this long gives way to a new one: long enough for a burst, short enough
+/// that a producer turned away gets in on its next tries.
+const OLDEST: Duration = Duration::from_secs(10);
 /// Stateless events are handed to the batcher in chunks of this many, or of this many bytes:
 /// 64 connections × (a chunk in the making + a line) stays far below the ring buffer's bytes.
 const CHUNK: usize = 512;
@@ -105,9 +108,9 @@ pub struct Ingest {
     stopping: AtomicBool,
     active: AtomicUsize,
     next_id: AtomicUsize,
-    /// A handle on each open connection and when it last completed a line: shutdown ends blocked reads, and a new
-    /// producer finding every slot taken ends the connection idle longest.
-    open: Mutex<HashMap<usize, (UnixStream, Instant)>>,
+    /// A handle on each open connection, when it last completed a line and when it opened: shutdown ends blocked
+    /// reads, and a new producer finding every slot taken ends one (`evict`).
+    open: Mutex<HashMap<usize, (UnixStream, Instant, Instant)>>,
     evicted: AtomicBool,
 }
 
@@ -117,14 +120,20 @@ impl Ingest {
         Ingest { stateless, queue, stats, stopping, active, next_id, open, evicted }
     }
 
-    /// Every slot taken: ends the connection that completed no line for longest, a second at least, so that producers
-    /// trickling a byte now and then cannot keep the others out (its thread answers and frees the slot). Logged once.
-    fn evict_idle(&self) -> bool {
+    /// Every slot taken: ends the connection that completed no line for longest, a second at least, else the oldest,
+    /// open for `OLDEST` at least, so that neither trickling nor chatty producers can keep the others out for long
+    /// (the ended one's thread answers for what it read and frees the slot). Logged once.
+    fn evict(&self) -> bool {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let idle = open.iter().map(|(id, (_, t))| (*t, *id)).min().filter(|(t, _)| t.elapsed().as_secs() >= 1);
-        let Some((stream, _)) = idle.and_then(|(_, id)| open.remove(&id)) else { return false };
+        let pick = |at: fn(&(UnixStream, Instant, Instant)) -> Instant, after| {
+            open.iter().map(|(id, c)| (at(c), *id)).min().filter(|(t, _)| t.elapsed() >= after).map(|(_, id)| id)
+        };
+        let victim = pick(|c| c.1, Duration::from_secs(1)).or_else(|| pick(|c| c.2, OLDEST));
+        let Some((stream, ..)) = victim.and_then(|id| open.remove(&id)) else { return false };
         if !self.evicted.swap(true, Ordering::Relaxed) {
-            log::warn!("ingest socket: every slot taken; the connection idle longest is ended for a new one");
+            log::warn!(
+                "ingest socket: every slot taken; the connection idle (else open) longest is ended for a new one"
+            );
         }
         stream.shutdown(std::net::Shutdown::Read).is_ok()
     }
@@ -135,7 +144,7 @@ impl Ingest {
         self.stopping.store(true, Ordering::SeqCst);
         // Wake the acceptor's blocking accept().
         let _ = UnixStream::connect(socket_path(run_dir));
-        for (s, _) in self.open.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        for (s, ..) in self.open.lock().unwrap_or_else(|p| p.into_inner()).values() {
             let _ = s.shutdown(std::net::Shutdown::Read);
         }
         let until = std::time::Instant::now() + limit;
@@ -161,7 +170,7 @@ pub fn run(listener: UnixListener, ingest: Arc<Ingest>) {
                 continue;
             }
         };
-        if ingest.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS && !ingest.evict_idle() {
+        if ingest.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS && !ingest.evict() {
             ingest.active.fetch_sub(1, Ordering::SeqCst);
             let errors = vec![format!("too many producers at once (limit {MAX_CONNECTIONS}); retry")];
             let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
@@ -170,7 +179,7 @@ pub fn run(listener: UnixListener, ingest: Arc<Ingest>) {
         }
         let id = ingest.next_id.fetch_add(1, Ordering::Relaxed);
         if let Ok(clone) = stream.try_clone() {
-            ingest.open.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (clone, Instant::now()));
+            ingest.open.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (clone, Instant::now(), Instant::now()));
         }
         let ingest2 = ingest.clone();
         let spawned = std::thread::Builder::new().name("ingest-conn".into()).stack_size(256 * 1024).spawn(move || {
@@ -424,7 +433,7 @@ mod tests {
         let (queue, _queue_rx) = crossbeam_channel::bounded(1);
         let ingest = Arc::new(Ingest::new(tx, queue, Arc::new(Stats::default())));
         let (mut client, server) = UnixStream::pair().unwrap();
-        ingest.open.lock().unwrap().insert(0, (server.try_clone().unwrap(), Instant::now()));
+        ingest.open.lock().unwrap().insert(0, (server.try_clone().unwrap(), Instant::now(), Instant::now()));
         let conn = ingest.clone();
         let t = std::thread::spawn(move || handle(server, &conn, 0));
         let full: String = (0..CHUNK).map(|i| line(i) + "\n").collect();
