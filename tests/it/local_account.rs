@@ -145,7 +145,9 @@ fn links_at_state_json_and_its_temp_file_are_not_followed_by_a_root_agent() {
 fn sysv_stop_with_pid_file(env: &Env, pid: &str) -> String {
     let script = r#"
         trap 'echo init-signalled' TERM
-        sleep 600 & victim=$!
+        # The victim looks like the agent at first sight (argv[0] is its binary), as a root
+        # `wazuh-agent --send` would: only `BIN --config CONFIG` itself may be signalled.
+        perl -e 'exec { "/bin/sleep" } @ARGV' "$WAZUH_AGENT_BIN" 600 & victim=$!
         [ "$PID" = victim ] && PID=$victim
         mkdir -p "$RUN" "$RUN.init" && chmod 0700 "$RUN.init"
         for f in "$RUN/wazuh-agent.pid" "$RUN/wazuh-agent-respawn.pid" "$RUN.init/respawn.pid"; do
