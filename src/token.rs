@@ -46,7 +46,6 @@ pub enum TokenError {
     /// No server could be reached, or one answered with a retryable error.
     #[error("cannot authenticate with {server}: {message}")]
     Unavailable { server: String, message: String, retry_after: Option<Duration> },
-    /// A server answered something the agent cannot use (unexpected status or body).
     #[error("unexpected authentication answer from {server}: {message}")]
     BadAnswer { server: String, message: String },
 }
@@ -208,11 +207,6 @@ impl TokenCell {
         token
     }
 
-    /// Whether the next authentication is to start with the next server (asked once).
-    fn take_failover(&self) -> bool {
-        std::mem::take(&mut self.lock().failover)
-    }
-
     /// Wakes every waiter for shutdown; no token is handed out afterwards by `wait_newer`.
     pub fn close(&self) {
         self.lock().closed = true;
@@ -265,10 +259,8 @@ impl Authenticator {
                 }
                 (Outcome::Retry { after, failover }, result) => {
                     let err = TokenError::Unavailable { server, message: http::describe(&result), retry_after: after };
-                    if !failover {
-                        return Err(err);
-                    }
-                    err // This server looks down: try the next one.
+                    // Looks down (`failover`): try the next server.
+                    if failover { err } else { return Err(err) }
                 }
                 (_, result) => return Err(TokenError::BadAnswer { server, message: http::describe(&result) }),
             };
@@ -304,7 +296,8 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
         let now = Instant::now();
         let retry = live.config().retry.clone();
         backoff.set_limits(retry.initial, retry.max);
-        if cell.take_failover() {
+        // Asked once: the next authentication starts with the next server.
+        if std::mem::take(&mut cell.lock().failover) {
             log::warn!("requests to {} fail; trying the next server", auth.servers[auth.current]);
             auth.advance();
         }
@@ -352,6 +345,10 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     impl TokenCell {
+        fn take_failover(&self) -> bool {
+            std::mem::take(&mut self.lock().failover)
+        }
+
         /// True while a refresh has been requested and not yet satisfied.
         fn refresh_pending(&self) -> bool {
             let st = self.lock();
