@@ -41,19 +41,16 @@ pub struct Credentials {
 /// Why credentials could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
-    /// There is no credentials file: the agent has not been registered.
     #[error(
         "the agent is not registered ({} does not exist): run `wazuh-agent --register --url URL --user USER` first",
         .path.display()
     )]
     NotRegistered { path: PathBuf },
-    /// The file exists but could not be read.
     #[error("cannot read {}: {source}", .path.display())]
     Read { path: PathBuf, source: io::Error },
     /// The file is not the JSON object `{"uuid", "key", "name"}`.
     #[error("{} is damaged ({message}); register again with `wazuh-agent --register --force`", .path.display())]
     Corrupt { path: PathBuf, message: String },
-    /// The file or its directory could not be written.
     #[error("cannot write {}: {source}", .path.display())]
     Write { path: PathBuf, source: io::Error },
 }

@@ -50,7 +50,6 @@ pub enum SinkError {
     /// The module was told to stop while it waited.
     #[error("stopped")]
     Stopped,
-    /// The pipeline thread behind the sink is gone.
     #[error("the pipeline is gone")]
     Gone,
 }

@@ -46,7 +46,6 @@ pub enum RegisterError {
     /// A flag's value is unusable (the flag is named).
     #[error("{flag}: {message}")]
     InvalidArgument { flag: &'static str, message: String },
-    /// No password from `--password-file`, `--password` or the environment.
     #[error("no registration password: give --password-file FILE or set {}", ENV_PASSWORD)]
     NoPassword,
     /// `--password-file` or `--key-file` could not be read or its first line is empty.
@@ -61,16 +60,12 @@ pub enum RegisterError {
     /// The management API could not be reached (connect, TLS, timeout).
     #[error("cannot connect to the management API at {url}: {message}")]
     Unreachable { url: String, message: String },
-    /// The management API refused the login (bad user or password).
     #[error("login to {url} refused: {status} {message} (check --user and the password)")]
     LoginRefused { url: String, status: u16, message: String },
-    /// The management API refused to create the agent.
     #[error("{url} refused to register the agent: {status} {message}")]
     Refused { url: String, status: u16, message: String },
-    /// The management API answered something unusable.
     #[error("unexpected answer from {url}: {message}")]
     BadAnswer { url: String, message: String },
-    /// The agent was created on the server but its credentials could not be stored.
     #[error("the server registered the agent, but {0}")]
     Store(#[source] CredentialsError),
 }

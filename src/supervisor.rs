@@ -51,7 +51,6 @@ pub enum RunError {
     /// The HTTPS client could not be set up.
     #[error("{0}")]
     Http(#[source] HttpError),
-    /// The durable queue could not be opened.
     #[error("cannot open the durable queue: {0}")]
     Queue(#[source] QueueError),
     /// The ingest socket could not be set up (or another agent serves it).
@@ -63,13 +62,10 @@ pub enum RunError {
     /// `agent.user`/`agent.group` could not be applied.
     #[error("{0}")]
     Privileges(#[source] crate::privileges::PrivilegesError),
-    /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] io::Error),
-    /// A thread could not be started.
     #[error("cannot start the {thread} thread: {source}")]
     Spawn { thread: &'static str, source: io::Error },
-    /// A worker thread ended while the agent was running.
     #[error("the {thread} thread {}", if *.panicked { "panicked" } else { "stopped unexpectedly" })]
     WorkerDied { thread: &'static str, panicked: bool },
 }
