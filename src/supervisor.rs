@@ -73,16 +73,14 @@ pub enum RunError {
 /// Sent by every worker as it ends, whatever the reason: its name, and whether it panicked.
 type Exit = (&'static str, bool);
 
-struct ExitGuard {
-    thread: &'static str,
-    tx: Sender<Exit>,
-}
+/// The thread's name, and where its [`Exit`] goes.
+struct ExitGuard(&'static str, Sender<Exit>);
 
 impl Drop for ExitGuard {
     fn drop(&mut self) {
         // The supervisor outlives its workers (it joins them), so this only fails if the
         // supervisor itself is gone, and then nobody needs the message.
-        let _ = self.tx.send((self.thread, thread::panicking()));
+        let _ = self.1.send((self.0, thread::panicking()));
     }
 }
 
@@ -101,16 +99,12 @@ impl Workers {
     }
 
     fn spawn(&mut self, thread: &'static str, f: impl FnOnce() + Send + 'static) -> Result<(), RunError> {
-        let guard = ExitGuard { thread, tx: self.exit_tx.clone() };
-        let handle = thread::Builder::new()
-            .name(thread.to_string())
-            .stack_size(STACK_SIZE)
-            .spawn(move || {
-                let _guard = guard;
-                f()
-            })
-            .map_err(|source| RunError::Spawn { thread, source })?;
-        self.running.push((thread, handle));
+        let guard = ExitGuard(thread, self.exit_tx.clone());
+        let spawned = thread::Builder::new().name(thread.to_string()).stack_size(STACK_SIZE).spawn(move || {
+            let _guard = guard;
+            f()
+        });
+        self.running.push((thread, spawned.map_err(|source| RunError::Spawn { thread, source })?));
         Ok(())
     }
 
@@ -121,16 +115,14 @@ impl Workers {
             let Ok((thread, _)) = self.exit_rx.recv_deadline(deadline) else { break };
             self.exited.insert(thread);
         }
-        let (named, others): (Vec<_>, _) = self.running.drain(..).partition(|(name, _)| names.contains(name));
-        self.running = others;
-        let (done, stuck): (Vec<_>, Vec<_>) = named.into_iter().partition(|(name, _)| self.exited.contains(name));
+        let (done, running): (Vec<_>, _) =
+            self.running.drain(..).partition(|(name, _)| names.contains(name) && self.exited.contains(name));
+        self.running = running;
         for (_, handle) in done {
             let _ = handle.join();
         }
         // Still running: kept, so a later join (after a cut) can name them again.
-        let names = stuck.iter().map(|(name, _)| *name).collect();
-        self.running.extend(stuck);
-        names
+        self.running.iter().map(|(name, _)| *name).filter(|name| names.contains(name)).collect()
     }
 
     /// As `join`; if some are still running after `grace`, shuts `pools` down (their requests in
@@ -354,14 +346,10 @@ fn start_modules(s: &mut Supervisor, p: &Pipeline) -> Result<(Vec<&'static str>,
     let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
     let mut names = Vec::new();
     for m in module::MODULES.iter().filter(|m| (m.enabled)(&s.config)) {
-        let ctx = module::Context {
-            events: EventSink::new(p.readers_tx.clone(), stop.clone()),
-            durable: DurableSink::new(p.append_tx.clone(), stop.clone()),
-            state: s.config.agent.data_dir.join(m.state),
-            uuid: s.credentials.uuid.clone(),
-            stats: s.stats.clone(),
-            stop: stop.clone(),
-        };
+        let events = EventSink::new(p.readers_tx.clone(), stop.clone());
+        let durable = DurableSink::new(p.append_tx.clone(), stop.clone());
+        let (state, uuid, stats) = (s.config.agent.data_dir.join(m.state), s.credentials.uuid.clone(), s.stats.clone());
+        let ctx = module::Context { events, durable, state, uuid, stats, stop: stop.clone() };
         let (run, config) = (m.run, s.config.clone());
         s.workers.spawn(m.name, move || run(config, ctx))?;
         names.push(m.name);
@@ -380,19 +368,11 @@ fn start_commands(s: &mut Supervisor, p: &Pipeline, host: HostInfo) -> Result<(R
     let (uuid, stop) = (s.credentials.uuid.clone(), commands_stop_rx.clone());
     s.workers.spawn("poll", move || poll::run(session, &uuid, command_tx, stop))?;
 
-    let exec = Executor {
-        ctx: Arc::new(Ctx {
-            session: s.session(&s.agents.files, Stop::Now(commands_stop_rx.clone()), Role::Files),
-            local: s.local.clone(),
-            data_dir: s.config.agent.data_dir.clone(),
-            uuid: s.credentials.uuid.clone(),
-            name: s.credentials.name.clone(),
-            host,
-        }),
-        queue: p.append_tx.clone(),
-        restart: restart_tx,
-        last_groups: Default::default(),
-    };
+    let session = s.session(&s.agents.files, Stop::Now(commands_stop_rx.clone()), Role::Files);
+    let (local, data_dir) = (s.local.clone(), s.config.agent.data_dir.clone());
+    let (uuid, name) = (s.credentials.uuid.clone(), s.credentials.name.clone());
+    let ctx = Arc::new(Ctx { session, local, data_dir, uuid, name, host });
+    let exec = Executor { ctx, queue: p.append_tx.clone(), restart: restart_tx, last_groups: Default::default() };
     s.workers.spawn("executor", move || executor::run(exec, command_rx, commands_stop_rx))?;
     Ok((restart_rx, commands_stop_tx))
 }
