@@ -139,11 +139,8 @@ pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, Reg
         let message = "is required and must not contain ':'".into();
         return Err(RegisterError::InvalidArgument { flag: "--user", message });
     }
-    let name = match args.name.as_deref().filter(|n| !n.is_empty()) {
-        Some(n) => n.to_string(),
-        None if !config.agent.name.is_empty() => config.agent.name.clone(),
-        None => host::hostname(),
-    };
+    let name = [args.name.as_deref().unwrap_or_default(), &config.agent.name].into_iter().find(|n| !n.is_empty());
+    let name = name.map_or_else(host::hostname, str::to_string);
     // agent.name was checked at load; --name and the host name are checked here.
     config::validate_agent_name(&name).map_err(|m| RegisterError::InvalidArgument {
         flag: "--name",
