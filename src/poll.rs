@@ -21,12 +21,8 @@ const RECENT: usize = 1000;
 
 /// The poll thread; `session` is a commands session (its own connection, bounded by `server.commands_timeout`).
 pub fn run(session: Session, uuid: &str, out: Sender<Command>, shutdown: Receiver<()>) {
-    let call = Call {
-        path: "/api/v1/commands",
-        request: Request::GetAtMost(MAX_COMMANDS_BYTES),
-        what: "command poll",
-        until: None,
-    };
+    let request = Request::GetAtMost(MAX_COMMANDS_BYTES);
+    let call = Call { path: "/api/v1/commands", request, what: "command poll", until: None };
     // Only for answers the server took but the agent cannot read; failures back off in the session.
     let mut unreadable = Backoff::new(Duration::ZERO, Duration::ZERO);
     let mut recent = VecDeque::new();
