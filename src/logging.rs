@@ -121,9 +121,8 @@ pub fn init(config: &Config, one_shot: bool) -> Result<(), LogError> {
     if syslog {
         crate::sys::open_syslog();
     }
-    // Every sink passes everything; the global max level filters, so a reload can raise
-    // or lower it (log.level is applied live). Only fails if a logger is already set,
-    // which cannot happen: this runs once.
+    // Every sink passes everything; the global max level filters, so a reload can raise or lower it (log.level is
+    // applied live). Only fails if a logger is already set, which cannot happen: this runs once.
     let _ = log::set_boxed_logger(Box::new(Sinks { writer, syslog }));
     log::set_max_level(level);
     Ok(())

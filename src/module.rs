@@ -1,6 +1,5 @@
-//! The module seam (ARCHITECTURE.md, Seams): a collector module declares a [`Module`], listed in
-//! [`MODULES`]; it hands events to the sinks, never to a raw channel, so what the pipeline answers
-//! comes back in one place.
+//! The module seam (ARCHITECTURE.md, Seams): a collector module declares a [`Module`], listed in [`MODULES`]; it hands
+//! events to the sinks, never to a raw channel, so what the pipeline answers comes back in one place.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -54,8 +53,7 @@ pub enum SinkError {
     Gone,
 }
 
-/// The stateless sink: chunks of events to the batcher, and their delivery receipts back
-/// (ARCHITECTURE.md, Delivery receipts).
+/// The stateless sink: event chunks to the batcher, their delivery receipts back (ARCHITECTURE.md, Delivery receipts).
 pub struct EventSink {
     tx: Sender<Vec<Event>>,
     stop: Receiver<()>,

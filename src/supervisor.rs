@@ -1,7 +1,6 @@
-//! Run mode: the one place where every thread of the agent is started and joined. [`run`] calls
-//! one function per stage, in order: `load`, `open`, `drop_privileges`, `start_pipeline`,
-//! `start_modules` (the enabled [`module::MODULES`]), `start_commands`, `supervise`, `shut_down`.
-//! Which threads there are, the staged shutdown and why a worker's end is fatal: ARCHITECTURE.md.
+//! Run mode: the one place where every thread is started and joined. [`run`] calls one function per stage, in
+//! order: `load`, `open`, `drop_privileges`, `start_pipeline`, `start_modules` (the enabled [`module::MODULES`]),
+//! `start_commands`, `supervise`, `shut_down`. Threads, staged shutdown, why a worker's end is fatal: ARCHITECTURE.md.
 
 use std::collections::HashSet;
 use std::io;
@@ -125,8 +124,7 @@ impl Workers {
         self.running.iter().map(|(name, _)| *name).filter(|name| names.contains(name)).collect()
     }
 
-    /// As `join`; if some are still running after `grace`, shuts `pools` down (their requests in
-    /// flight are cut) and waits 2 s more.
+    /// As `join`; if some still run after `grace`, shuts `pools` down (cutting requests in flight), waits 2 s more.
     fn join_or_cut(&mut self, names: &[&'static str], grace: Duration, pools: &[&ureq::Agent]) -> Vec<&'static str> {
         if self.join(names, grace).is_empty() {
             return Vec::new();
@@ -326,7 +324,7 @@ fn start_pipeline(
 
     // Two uploaders: `upload-queue` takes queue batches (one at a time, in order) and
     // stateless ones, `upload-stateless` stateless ones only. With two requests in flight,
-    // one body is sent while the server works on the other (with one, that was dead time).
+    // one body is sent while the server works on the other (one alone wasted that time).
     let [queue_up, stateless_up] = [&s.agents.upload_queue, &s.agents.upload_stateless].map(|agent| {
         let drain = Stop::Drain { shutdown: pipeline_stop_rx.clone(), deadline: s.deadline.clone() };
         let (shutdown, deadline) = (pipeline_stop_rx.clone(), s.deadline.clone());
@@ -357,8 +355,7 @@ fn start_modules(s: &mut Supervisor, p: &Pipeline) -> Result<(Vec<&'static str>,
     Ok((names, stop_tx))
 }
 
-/// Stage 6: the command round trip (long-poll, executor). Returns the executor's restart
-/// requests and the sender whose drop stops both threads.
+/// Stage 6: the command round trip (long-poll, executor): the restart requests, and the sender whose drop stops both.
 fn start_commands(s: &mut Supervisor, p: &Pipeline, host: HostInfo) -> Result<(Receiver<()>, Sender<()>), RunError> {
     let (commands_stop_tx, commands_stop_rx) = crossbeam_channel::bounded::<()>(0);
     // Commands are few; 64 waiting for the executor is far more than a server sends at once.

@@ -73,7 +73,7 @@ pub fn lifetime(claims: &Claims, now_unix: i64) -> Option<Duration> {
     (secs > 0).then(|| Duration::from_secs(secs as u64).min(MAX_LIFETIME))
 }
 
-/// How long after receiving a token to renew it (docs/protocol.md, Authentication): at the latest
+/// How long after receipt to renew a token (docs/protocol.md, Authentication): at the latest
 /// `max(60 s, 10 % of the lifetime)` before expiry, not before half the lifetime, within
 /// `MIN_RENEWAL..=MAX_RENEWAL`; `random` picks the point in the last fifth of that window, so
 /// agents that authenticated together (after a server restart) do not renew together forever.
@@ -191,8 +191,7 @@ impl TokenCell {
         }
         st.refresh_for = Some(st.generation);
         drop(st);
-        // Full: a wake-up is pending already. Disconnected: the token thread is gone (shutdown
-        // is under way); waiters time out or see close().
+        // Full: a wake-up is pending. Disconnected: the token thread ended (shutdown); waiters time out or see close().
         let _ = self.wake.try_send(());
     }
 
@@ -232,9 +231,8 @@ impl Authenticator {
         self.current = (self.current + 1) % self.servers.len();
     }
 
-    /// One authentication round: the current server, then the next ones while they look
-    /// down, at most once each. `retry_cap` (`retry.max`) caps a `Retry-After`. A fresh token: its
-    /// JWT, the server that issued it, its claims.
+    /// One authentication round: the current server, then the next ones while they look down, at most once each.
+    /// `retry_cap` (`retry.max`) caps a `Retry-After`. A fresh token: its JWT, the server that issued it, its claims.
     pub fn authenticate(&mut self, retry_cap: Duration) -> Result<(Secret, String, Claims), TokenError> {
         let (uuid, key) = (&self.credentials.uuid, self.credentials.key.expose());
         let body = serde_json::json!({"uuid": uuid, "key": key}).to_string().into_bytes();
