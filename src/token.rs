@@ -142,7 +142,6 @@ impl TokenCell {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The current token, if one was obtained.
     pub fn current(&self) -> Option<Arc<Token>> {
         self.lock().token.clone()
     }
@@ -154,18 +153,10 @@ impl TokenCell {
 
     /// Waits for a token with a generation above `after` (0: any), the cell's close, or `timeout`.
     pub fn wait_newer(&self, after: u64, timeout: Duration) -> Option<Arc<Token>> {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.lock();
-        loop {
-            if let Some(t) = st.token.as_ref().filter(|t| t.generation > after) {
-                return Some(t.clone());
-            }
-            let now = Instant::now();
-            if st.closed || now >= deadline {
-                return None;
-            }
-            st = self.changed.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
-        }
+        let newer = |st: &CellState| st.token.clone().filter(|t| t.generation > after);
+        let waiting = |st: &mut CellState| !st.closed && newer(st).is_none();
+        let (st, _) = self.changed.wait_timeout_while(self.lock(), timeout, waiting).unwrap_or_else(|p| p.into_inner());
+        newer(&st)
     }
 
     /// Reports that a request made with token `generation` was refused (401/403): one refresh,
