@@ -99,11 +99,8 @@ fn restart() -> std::io::Error {
     let mut args = std::env::args_os();
     let arg0 = args.next().unwrap_or_default();
     // /proc/self/exe is the binary that runs, even if its path was replaced meanwhile.
-    let exe = std::fs::read_link("/proc/self/exe")
-        .ok()
-        .filter(|p| p.exists())
-        .or_else(|| std::env::current_exe().ok())
-        .unwrap_or_else(|| arg0.clone().into());
+    let exe = std::fs::read_link("/proc/self/exe").ok().filter(|p| p.exists());
+    let exe = exe.or_else(|| std::env::current_exe().ok()).unwrap_or_else(|| arg0.clone().into());
     std::process::Command::new(exe).arg0(arg0).args(args).exec()
 }
 
