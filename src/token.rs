@@ -73,10 +73,9 @@ pub fn lifetime(claims: &Claims, now_unix: i64) -> Option<Duration> {
     (secs > 0).then(|| Duration::from_secs(secs as u64).min(MAX_LIFETIME))
 }
 
-/// How long after receipt to renew a token (docs/protocol.md, Authentication): at the latest
-/// `max(60 s, 10 % of the lifetime)` before expiry, not before half the lifetime, within
-/// `MIN_RENEWAL..=MAX_RENEWAL`; `random` picks the point in the last fifth of that window, so
-/// agents that authenticated together (after a server restart) do not renew together forever.
+/// How long after receipt to renew a token (docs/protocol.md, Authentication): at the latest `max(60 s, 10 % of the
+/// lifetime)` before expiry, not before half the lifetime, within `MIN_RENEWAL..=MAX_RENEWAL`; `random` picks the point
+/// in the last fifth of that window, so agents that authenticated together (after a server restart) renew apart.
 pub fn renewal_delay(claims: &Claims, now_unix: i64, random: u64) -> Duration {
     let Some(life) = lifetime(claims, now_unix) else { return FALLBACK_RENEWAL };
     let margin = Duration::from_secs(60).max(life / 10);
