@@ -51,7 +51,7 @@ pub enum RunError {
     #[error("{0}")]
     Http(#[source] HttpError),
     #[error("cannot open the durable queue: {0}")]
-    Queue(#[source] QueueError),
+    Queue(#[from] QueueError),
     /// The ingest socket could not be set up (or another agent serves it).
     #[error("{0}")]
     Ingest(#[source] IngestError),
@@ -176,11 +176,7 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     if signalled && matches!(result, Ok(Stopped::Restart)) {
         log::info!("a stop signal came during the restart; stopping instead");
     }
-    let result = result.map(|stopped| if signalled { Stopped::Signal } else { stopped });
-    if result.is_ok() {
-        log::info!("stopped");
-    }
-    result
+    result.map(|stopped| if signalled { Stopped::Signal } else { stopped }).inspect(|_| log::info!("stopped"))
 }
 
 /// What every stage wires its threads from, and the threads.
@@ -256,8 +252,7 @@ fn open(config: &Config) -> Result<(Agents, PidFile, Arc<Stats>, QueueStore, Uni
     // Before anything else that a second agent would fight over.
     let pid_file = PidFile::acquire(&config.agent.run_dir, config.agent.user.as_deref()).map_err(RunError::Pid)?;
     let stats = Arc::new(Stats::default());
-    let store = QueueStore::open(&config.agent.data_dir.join("queue"), config.events.queue_max_bytes, stats.clone())
-        .map_err(RunError::Queue)?;
+    let store = QueueStore::open(&config.agent.data_dir.join("queue"), config.events.queue_max_bytes, stats.clone())?;
     let listener = ingest::bind(&config.agent.run_dir).map_err(RunError::Ingest)?;
     let agents = Agents { token, upload_queue, upload_stateless, poll, files };
     Ok((agents, pid_file, stats, store, listener))
@@ -324,7 +319,7 @@ fn start_pipeline(
 
     // Two uploaders: `upload-queue` takes queue batches (one at a time, in order) and
     // stateless ones, `upload-stateless` stateless ones only. With two requests in flight,
-    // one body is sent while the server works on the other (one alone wasted that time).
+    // one body is sent while the server works on the other (with one, that was dead time).
     let [queue_up, stateless_up] = [&s.agents.upload_queue, &s.agents.upload_stateless].map(|agent| {
         let drain = Stop::Drain { shutdown: pipeline_stop_rx.clone(), deadline: s.deadline.clone() };
         let (shutdown, deadline) = (pipeline_stop_rx.clone(), s.deadline.clone());
@@ -490,11 +485,9 @@ fn reload(local: &Config, live: &Live) {
         log::error!("SIGHUP: cannot reopen the log file: {e}");
     }
     let _guard = live.reload_guard();
-    let fresh_local = match local.source.as_deref().map_or_else(|| Ok(Config::defaults()), |p| Config::load(Some(p))) {
-        Ok(c) => c,
-        Err(e) => return log::error!("SIGHUP: {e}; keeping the running configuration"),
-    };
-    match groups::effective_config(&fresh_local, &fresh_local.agent.data_dir) {
+    let fresh = local.source.as_deref().map_or_else(|| Ok(Config::defaults()), |p| Config::load(Some(p)));
+    let fresh = fresh.map_err(|e| e.to_string());
+    match fresh.and_then(|l| groups::effective_config(&l, &l.agent.data_dir).map_err(|e| e.to_string())) {
         Ok(c) => log::info!("SIGHUP: configuration reloaded; {}", live.apply(c).describe()),
         Err(e) => log::error!("SIGHUP: {e}; keeping the running configuration"),
     }
