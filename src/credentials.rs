@@ -67,13 +67,12 @@ impl Credentials {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(CredentialsError::NotRegistered { path }),
             Err(source) => return Err(CredentialsError::Read { path, source }),
         };
+        let corrupt = |message| CredentialsError::Corrupt { path: path.clone(), message };
         // serde_json's message may quote the offending value: keep only its position.
-        let creds: Credentials = serde_json::from_slice(&text).map_err(|e| CredentialsError::Corrupt {
-            path: path.clone(),
-            message: format!("invalid JSON at line {} column {}", e.line(), e.column()),
-        })?;
+        let creds: Credentials = serde_json::from_slice(&text)
+            .map_err(|e| corrupt(format!("invalid JSON at line {} column {}", e.line(), e.column())))?;
         if creds.uuid.is_empty() || creds.key.expose().is_empty() {
-            return Err(CredentialsError::Corrupt { path, message: "uuid or key is empty".into() });
+            return Err(corrupt("uuid or key is empty".into()));
         }
         Ok(creds)
     }
