@@ -19,7 +19,6 @@ pub struct Module {
     pub section: &'static str,
     /// Its state file under `agent.data_dir`, handed over as [`Context::state`].
     pub state: &'static str,
-    /// Whether the configuration asks for this module.
     pub enabled: fn(&Config) -> bool,
     /// The thread's body: runs until [`Context::stop`] closes, then saves its state.
     pub run: fn(Config, Context),
@@ -30,9 +29,7 @@ pub const MODULES: &[Module] = &[crate::logcollector::MODULE, crate::inventory::
 
 /// What a module's thread gets.
 pub struct Context {
-    /// Stateless events, to the batcher.
     pub events: EventSink,
-    /// Stateful events, to the durable queue.
     pub durable: DurableSink,
     /// The module's own state file (`<data_dir>/<Module::state>`).
     pub state: PathBuf,

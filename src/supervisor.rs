@@ -44,21 +44,16 @@ const STACK_SIZE: usize = 512 * 1024;
 /// Why run mode stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// Credentials are missing or unreadable.
     #[error("{0}")]
     Credentials(#[source] CredentialsError),
-    /// The HTTPS client could not be set up.
     #[error("{0}")]
     Http(#[source] HttpError),
     #[error("cannot open the durable queue: {0}")]
     Queue(#[from] QueueError),
-    /// The ingest socket could not be set up (or another agent serves it).
     #[error("{0}")]
     Ingest(#[source] IngestError),
-    /// The pid file is held by another agent, or cannot be written.
     #[error("{0}")]
     Pid(#[source] PidError),
-    /// `agent.user`/`agent.group` could not be applied.
     #[error("{0}")]
     Privileges(#[source] crate::privileges::PrivilegesError),
     #[error("cannot install signal handlers: {0}")]
