@@ -319,8 +319,7 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
                 };
                 log::error!("{e}; retrying in {}ms", delay.as_millis());
                 cell.lock().last_error = Some(e.to_string());
-                backing_off = true;
-                next_due = now + delay;
+                (backing_off, next_due) = (true, now + delay);
             }
         }
     }
