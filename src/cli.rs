@@ -136,18 +136,16 @@ where
     if modes.len() > 1 {
         return Err(CliError(format!("{} cannot be combined", modes.join(" and "))));
     }
-    let mode = match modes.first().map(String::as_str) {
-        Some("--register") => {
+    let mode = match (modes.first().map(String::as_str), register_only) {
+        (Some("--register"), _) => {
             reg.user = user.ok_or_else(|| CliError("--register needs --user USER".into()))?;
             Mode::Register(reg)
         }
-        other => match (register_only, other) {
-            (Some(flag), _) => return Err(CliError(format!("{flag} only goes with --register"))),
-            (None, Some("--send")) => Mode::Send,
-            (None, Some("--status")) => Mode::Status,
-            (None, Some("--check-config")) => Mode::CheckConfig,
-            (None, _) => Mode::Run,
-        },
+        (_, Some(flag)) => return Err(CliError(format!("{flag} only goes with --register"))),
+        (Some("--send"), None) => Mode::Send,
+        (Some("--status"), None) => Mode::Status,
+        (Some("--check-config"), None) => Mode::CheckConfig,
+        (_, None) => Mode::Run,
     };
     Ok(Cli { mode, config })
 }

@@ -41,19 +41,16 @@ pub struct Credentials {
 /// Why credentials could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
-    /// There is no credentials file: the agent has not been registered.
     #[error(
         "the agent is not registered ({} does not exist): run `wazuh-agent --register --url URL --user USER` first",
         .path.display()
     )]
     NotRegistered { path: PathBuf },
-    /// The file exists but could not be read.
     #[error("cannot read {}: {source}", .path.display())]
     Read { path: PathBuf, source: io::Error },
     /// The file is not the JSON object `{"uuid", "key", "name"}`.
     #[error("{} is damaged ({message}); register again with `wazuh-agent --register --force`", .path.display())]
     Corrupt { path: PathBuf, message: String },
-    /// The file or its directory could not be written.
     #[error("cannot write {}: {source}", .path.display())]
     Write { path: PathBuf, source: io::Error },
 }
@@ -70,13 +67,12 @@ impl Credentials {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(CredentialsError::NotRegistered { path }),
             Err(source) => return Err(CredentialsError::Read { path, source }),
         };
+        let corrupt = |message| CredentialsError::Corrupt { path: path.clone(), message };
         // serde_json's message may quote the offending value: keep only its position.
-        let creds: Credentials = serde_json::from_slice(&text).map_err(|e| CredentialsError::Corrupt {
-            path: path.clone(),
-            message: format!("invalid JSON at line {} column {}", e.line(), e.column()),
-        })?;
+        let creds: Credentials = serde_json::from_slice(&text)
+            .map_err(|e| corrupt(format!("invalid JSON at line {} column {}", e.line(), e.column())))?;
         if creds.uuid.is_empty() || creds.key.expose().is_empty() {
-            return Err(CredentialsError::Corrupt { path, message: "uuid or key is empty".into() });
+            return Err(corrupt("uuid or key is empty".into()));
         }
         Ok(creds)
     }

@@ -49,7 +49,6 @@ pub struct Reply {
 /// Why the socket could not be set up or used.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    /// The socket path is longer than a Unix socket address can hold.
     #[error(
         "ingest socket path {} is longer than {MAX_SOCKET_PATH} bytes; choose a shorter agent.run_dir",
         path.display()
@@ -67,7 +66,6 @@ pub enum IngestError {
     /// `--send`: the socket exists but this account may not use it.
     #[error("permission denied on {}: {source} (run as root or a member of the socket's group)", path.display())]
     Denied { path: PathBuf, source: io::Error },
-    /// `--send`: the agent answered something that is not a reply line.
     #[error("unexpected reply from the agent: {0}")]
     BadReply(String),
 }

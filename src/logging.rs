@@ -11,21 +11,16 @@ use simplelog::{ConfigBuilder, WriteLogger};
 
 use crate::config::Config;
 
-/// Why logging could not be set up.
+/// `log.file` could not be opened for appending.
 #[derive(Debug, thiserror::Error)]
-pub enum LogError {
-    /// `log.file` could not be opened for appending.
-    #[error("cannot open log.file {}: {source}", path.display())]
-    Open { path: PathBuf, source: io::Error },
+#[error("cannot open log.file {}: {source}", path.display())]
+pub struct LogError {
+    path: PathBuf,
+    source: io::Error,
 }
 
 /// Set once logging goes to `log.file`, so fatal errors are recorded there too.
 static FILE: OnceLock<(PathBuf, Arc<Mutex<File>>)> = OnceLock::new();
-
-/// Whether log lines go to a file (then `main` also logs its fatal error there).
-pub fn to_file() -> bool {
-    FILE.get().is_some()
-}
 
 fn open(path: &Path, user: Option<&str>) -> io::Result<File> {
     crate::fsutil::open_owned(OpenOptions::new().create(true).append(true), path, user)
@@ -54,7 +49,7 @@ pub fn reopen() -> io::Result<()> {
     Ok(())
 }
 
-/// The log file, for handing it to `agent.user` before privileges are dropped.
+/// The log file, if any: handed to `agent.user` before privileges are dropped; `main` logs its fatal error there too.
 pub fn file_path() -> Option<&'static Path> {
     FILE.get().map(|(p, _)| p.as_path())
 }
@@ -114,8 +109,8 @@ pub fn init(config: &Config, one_shot: bool) -> Result<(), LogError> {
         .set_target_level(LevelFilter::Off);
     let writer: Box<dyn Log> = match &config.log.file {
         Some(path) => {
-            let file = open(path, config.agent.user.as_deref())
-                .map_err(|source| LogError::Open { path: path.clone(), source })?;
+            let file =
+                open(path, config.agent.user.as_deref()).map_err(|source| LogError { path: path.clone(), source })?;
             let shared = Arc::new(Mutex::new(file));
             let _ = FILE.set((path.clone(), shared.clone()));
             WriteLogger::new(LevelFilter::Trace, b.build(), Reopenable(shared))
@@ -126,9 +121,8 @@ pub fn init(config: &Config, one_shot: bool) -> Result<(), LogError> {
     if syslog {
         crate::sys::open_syslog();
     }
-    // Every sink passes everything; the global max level filters, so a reload can raise
-    // or lower it (log.level is applied live). Only fails if a logger is already set,
-    // which cannot happen: this runs once.
+    // Every sink passes everything; the global max level filters, so a reload can raise or lower it (log.level is
+    // applied live). Only fails if a logger is already set, which cannot happen: this runs once.
     let _ = log::set_boxed_logger(Box::new(Sinks { writer, syslog }));
     log::set_max_level(level);
     Ok(())
@@ -160,6 +154,6 @@ mod tests {
         assert!(err.to_string().starts_with(&format!("cannot open log.file {}: ", log.display())), "{err}");
         let source = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<io::Error>());
         assert_eq!(source.map(io::Error::kind), Some(io::ErrorKind::NotFound));
-        assert!(!to_file(), "nothing set up on failure");
+        assert!(file_path().is_none(), "nothing set up on failure");
     }
 }

@@ -17,28 +17,20 @@ use wazuh_agent::supervisor::{self, RunError};
 /// Everything that can end the process with a failure.
 #[derive(Debug, thiserror::Error)]
 enum Error {
-    /// The command line is unusable.
     #[error(transparent)]
     Cli(cli::CliError),
-    /// The configuration is unusable.
     #[error(transparent)]
     Config(ConfigError),
-    /// Registration was refused or failed.
     #[error(transparent)]
     Register(RegisterError),
-    /// Run mode stopped with an error.
     #[error(transparent)]
     Run(RunError),
-    /// `--send` could not hand the events to the agent.
     #[error(transparent)]
     Send(IngestError),
-    /// The log file could not be opened.
     #[error(transparent)]
     Log(logging::LogError),
-    /// Standard output failed (other than a reader that went away).
     #[error("cannot write to standard output: {0}")]
     Stdout(#[source] std::io::Error),
-    /// A `restart` command could not start the new process image.
     #[error("restart failed: cannot execute the agent again: {0}")]
     Restart(#[source] std::io::Error),
 }
@@ -54,7 +46,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // Printed for the person at the terminal, and logged too when the log goes to a file.
-            if logging::to_file() {
+            if logging::file_path().is_some() {
                 log::error!("{e}");
             }
             // Errors can carry server text (a refusal's reason): escaped like every log line.
@@ -107,11 +99,8 @@ fn restart() -> std::io::Error {
     let mut args = std::env::args_os();
     let arg0 = args.next().unwrap_or_default();
     // /proc/self/exe is the binary that runs, even if its path was replaced meanwhile.
-    let exe = std::fs::read_link("/proc/self/exe")
-        .ok()
-        .filter(|p| p.exists())
-        .or_else(|| std::env::current_exe().ok())
-        .unwrap_or_else(|| arg0.clone().into());
+    let exe = std::fs::read_link("/proc/self/exe").ok().filter(|p| p.exists());
+    let exe = exe.or_else(|| std::env::current_exe().ok()).unwrap_or_else(|| arg0.clone().into());
     std::process::Command::new(exe).arg0(arg0).args(args).exec()
 }
 

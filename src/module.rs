@@ -1,6 +1,5 @@
-//! The module seam (ARCHITECTURE.md, Seams): a collector module declares a [`Module`], listed in
-//! [`MODULES`]; it hands events to the sinks, never to a raw channel, so what the pipeline answers
-//! comes back in one place.
+//! The module seam (ARCHITECTURE.md, Seams): a collector module declares a [`Module`], listed in [`MODULES`]; it hands
+//! events to the sinks, never to a raw channel, so what the pipeline answers comes back in one place.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,7 +19,6 @@ pub struct Module {
     pub section: &'static str,
     /// Its state file under `agent.data_dir`, handed over as [`Context::state`].
     pub state: &'static str,
-    /// Whether the configuration asks for this module.
     pub enabled: fn(&Config) -> bool,
     /// The thread's body: runs until [`Context::stop`] closes, then saves its state.
     pub run: fn(Config, Context),
@@ -31,9 +29,7 @@ pub const MODULES: &[Module] = &[crate::logcollector::MODULE, crate::inventory::
 
 /// What a module's thread gets.
 pub struct Context {
-    /// Stateless events, to the batcher.
     pub events: EventSink,
-    /// Stateful events, to the durable queue.
     pub durable: DurableSink,
     /// The module's own state file (`<data_dir>/<Module::state>`).
     pub state: PathBuf,
@@ -50,13 +46,11 @@ pub enum SinkError {
     /// The module was told to stop while it waited.
     #[error("stopped")]
     Stopped,
-    /// The pipeline thread behind the sink is gone.
     #[error("the pipeline is gone")]
     Gone,
 }
 
-/// The stateless sink: chunks of events to the batcher, and their delivery receipts back
-/// (ARCHITECTURE.md, Delivery receipts).
+/// The stateless sink: event chunks to the batcher, their delivery receipts back (ARCHITECTURE.md, Delivery receipts).
 pub struct EventSink {
     tx: Sender<Vec<Event>>,
     stop: Receiver<()>,

@@ -1,9 +1,7 @@
-//! The command long-poll thread: keeps one `GET /api/v1/commands` open at all times
-//! (docs/protocol.md, Commands) on its own connection, and hands what arrives to the executor.
-//! Its session retries failures and refusals. A 200 with a broken body is logged and counted;
-//! polling goes on. A 200 in under [`MIN_HOLD`] with no command it has not forwarded before waits
-//! `retry.initial`, as a quick 408 does (session.rs): no tight loop on a server that answers at
-//! once; after a new command, poll at once.
+//! The command long-poll thread: keeps one `GET /api/v1/commands` open (docs/protocol.md, Commands) on its own
+//! connection, and hands what arrives to the executor. Its session retries failures and refusals. A 200 with a broken
+//! body is logged and counted; polling goes on. A 200 in under [`MIN_HOLD`] without a new command waits
+//! `retry.initial`, as a quick 408 does in the session: no tight loop on a server answering at once; else poll at once.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -21,12 +19,8 @@ const RECENT: usize = 1000;
 
 /// The poll thread; `session` is a commands session (its own connection, bounded by `server.commands_timeout`).
 pub fn run(session: Session, uuid: &str, out: Sender<Command>, shutdown: Receiver<()>) {
-    let call = Call {
-        path: "/api/v1/commands",
-        request: Request::GetAtMost(MAX_COMMANDS_BYTES),
-        what: "command poll",
-        until: None,
-    };
+    let request = Request::GetAtMost(MAX_COMMANDS_BYTES);
+    let call = Call { path: "/api/v1/commands", request, what: "command poll", until: None };
     // Only for answers the server took but the agent cannot read; failures back off in the session.
     let mut unreadable = Backoff::new(Duration::ZERO, Duration::ZERO);
     let mut recent = VecDeque::new();

@@ -20,10 +20,8 @@ pub enum PrivilegesError {
     /// No such account on this host (`key`: `agent.user` or `agent.group`).
     #[error("{key} {name:?} does not exist on this host")]
     Unknown { key: &'static str, name: String },
-    /// The user or group database could not be read.
     #[error("cannot look up {key} {name:?}: {source}")]
     Lookup { key: &'static str, name: String, source: io::Error },
-    /// One of the agent's paths could not be given to agent.user.
     #[error("cannot hand {} to agent.user (uid {uid}): {source}", path.display())]
     HandOver { path: PathBuf, uid: u32, source: io::Error },
     /// Switching accounts needs root, and the agent runs as another user.
@@ -32,7 +30,6 @@ pub enum PrivilegesError {
     /// setgroups, setgid or setuid failed.
     #[error("cannot switch to uid {} gid {}: {source}", account.uid, account.gid)]
     Switch { account: Account, source: io::Error },
-    /// setuid(0) still succeeds after the switch.
     #[error("privileges were not dropped (setuid(0) still succeeds)")]
     NotDropped,
 }

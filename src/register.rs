@@ -46,7 +46,6 @@ pub enum RegisterError {
     /// A flag's value is unusable (the flag is named).
     #[error("{flag}: {message}")]
     InvalidArgument { flag: &'static str, message: String },
-    /// No password from `--password-file`, `--password` or the environment.
     #[error("no registration password: give --password-file FILE or set {}", ENV_PASSWORD)]
     NoPassword,
     /// `--password-file` or `--key-file` could not be read or its first line is empty.
@@ -61,16 +60,12 @@ pub enum RegisterError {
     /// The management API could not be reached (connect, TLS, timeout).
     #[error("cannot connect to the management API at {url}: {message}")]
     Unreachable { url: String, message: String },
-    /// The management API refused the login (bad user or password).
     #[error("login to {url} refused: {status} {message} (check --user and the password)")]
     LoginRefused { url: String, status: u16, message: String },
-    /// The management API refused to create the agent.
     #[error("{url} refused to register the agent: {status} {message}")]
     Refused { url: String, status: u16, message: String },
-    /// The management API answered something unusable.
     #[error("unexpected answer from {url}: {message}")]
     BadAnswer { url: String, message: String },
-    /// The agent was created on the server but its credentials could not be stored.
     #[error("the server registered the agent, but {0}")]
     Store(#[source] CredentialsError),
 }
@@ -135,34 +130,26 @@ pub fn register(config: &Config, args: &RegisterArgs) -> Result<Credentials, Reg
     if path.exists() && !args.force {
         return Err(RegisterError::AlreadyRegistered { path });
     }
+    let invalid = |flag| move |message| RegisterError::InvalidArgument { flag, message };
     let url = match &args.url {
-        Some(u) => config::validate_https_url(u)
-            .map_err(|message| RegisterError::InvalidArgument { flag: "--url", message })?,
+        Some(u) => config::validate_https_url(u).map_err(invalid("--url"))?,
         None => config.server.registration_url.clone(),
     };
     if args.user.is_empty() || args.user.contains(':') {
-        let message = "is required and must not contain ':'".into();
-        return Err(RegisterError::InvalidArgument { flag: "--user", message });
+        return Err(invalid("--user")("is required and must not contain ':'".into()));
     }
-    let name = match args.name.as_deref().filter(|n| !n.is_empty()) {
-        Some(n) => n.to_string(),
-        None if !config.agent.name.is_empty() => config.agent.name.clone(),
-        None => host::hostname(),
-    };
+    let name = [args.name.as_deref().unwrap_or_default(), &config.agent.name].into_iter().find(|n| !n.is_empty());
+    let name = name.map_or_else(host::hostname, str::to_string);
     // agent.name was checked at load; --name and the host name are checked here.
-    config::validate_agent_name(&name).map_err(|m| RegisterError::InvalidArgument {
-        flag: "--name",
-        message: format!("{m}; give a valid --name (without it: agent.name, else the host name)"),
-    })?;
+    let hint = "give a valid --name (without it: agent.name, else the host name)";
+    config::validate_agent_name(&name).map_err(|m| invalid("--name")(format!("{m}; {hint}")))?;
     let key = match secret((&args.key_file, "--key-file", &args.key, ENV_KEY))? {
         Some((k, flag)) => {
-            validate_key(k.expose()).map_err(|message| RegisterError::InvalidArgument { flag, message })?;
+            validate_key(k.expose()).map_err(invalid(flag))?;
             k
         }
-        None => generate_key().map_err(|e| RegisterError::InvalidArgument {
-            flag: "--key-file",
-            message: format!("the OS random source failed ({e}); give a key"),
-        })?,
+        None => generate_key()
+            .map_err(|e| invalid("--key-file")(format!("the OS random source failed ({e}); give a key")))?,
     };
     let password = secret((&args.password_file, "--password-file", &args.password, ENV_PASSWORD))?;
     let password = password.ok_or(RegisterError::NoPassword)?.0;

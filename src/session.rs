@@ -1,6 +1,5 @@
-//! The server session (ARCHITECTURE.md, Seams): the one call loop around [`http::classify`], for
-//! every thread that talks to the comms API with a token. [`next_step`] decides (pure);
-//! [`Session::call`] waits, logs and counts.
+//! The server session (ARCHITECTURE.md, Seams): the one call loop around [`http::classify`], for every thread that
+//! talks to the comms API with a token. [`next_step`] decides (pure); [`Session::call`] waits, logs and counts.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};

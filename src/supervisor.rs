@@ -1,7 +1,6 @@
-//! Run mode: the one place where every thread of the agent is started and joined. [`run`] calls
-//! one function per stage, in order: `load`, `open`, `drop_privileges`, `start_pipeline`,
-//! `start_modules` (the enabled [`module::MODULES`]), `start_commands`, `supervise`, `shut_down`.
-//! Which threads there are, the staged shutdown and why a worker's end is fatal: ARCHITECTURE.md.
+//! Run mode: the one place where every thread is started and joined. [`run`] calls one function per stage, in
+//! order: `load`, `open`, `drop_privileges`, `start_pipeline`, `start_modules` (the enabled [`module::MODULES`]),
+//! `start_commands`, `supervise`, `shut_down`. Threads, staged shutdown, why a worker's end is fatal: ARCHITECTURE.md.
 
 use std::collections::HashSet;
 use std::io;
@@ -45,31 +44,22 @@ const STACK_SIZE: usize = 512 * 1024;
 /// Why run mode stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// Credentials are missing or unreadable.
     #[error("{0}")]
     Credentials(#[source] CredentialsError),
-    /// The HTTPS client could not be set up.
     #[error("{0}")]
     Http(#[source] HttpError),
-    /// The durable queue could not be opened.
     #[error("cannot open the durable queue: {0}")]
-    Queue(#[source] QueueError),
-    /// The ingest socket could not be set up (or another agent serves it).
+    Queue(#[from] QueueError),
     #[error("{0}")]
     Ingest(#[source] IngestError),
-    /// The pid file is held by another agent, or cannot be written.
     #[error("{0}")]
     Pid(#[source] PidError),
-    /// `agent.user`/`agent.group` could not be applied.
     #[error("{0}")]
     Privileges(#[source] crate::privileges::PrivilegesError),
-    /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] io::Error),
-    /// A thread could not be started.
     #[error("cannot start the {thread} thread: {source}")]
     Spawn { thread: &'static str, source: io::Error },
-    /// A worker thread ended while the agent was running.
     #[error("the {thread} thread {}", if *.panicked { "panicked" } else { "stopped unexpectedly" })]
     WorkerDied { thread: &'static str, panicked: bool },
 }
@@ -77,16 +67,14 @@ pub enum RunError {
 /// Sent by every worker as it ends, whatever the reason: its name, and whether it panicked.
 type Exit = (&'static str, bool);
 
-struct ExitGuard {
-    thread: &'static str,
-    tx: Sender<Exit>,
-}
+/// The thread's name, and where its [`Exit`] goes.
+struct ExitGuard(&'static str, Sender<Exit>);
 
 impl Drop for ExitGuard {
     fn drop(&mut self) {
         // The supervisor outlives its workers (it joins them), so this only fails if the
         // supervisor itself is gone, and then nobody needs the message.
-        let _ = self.tx.send((self.thread, thread::panicking()));
+        let _ = self.1.send((self.0, thread::panicking()));
     }
 }
 
@@ -105,16 +93,12 @@ impl Workers {
     }
 
     fn spawn(&mut self, thread: &'static str, f: impl FnOnce() + Send + 'static) -> Result<(), RunError> {
-        let guard = ExitGuard { thread, tx: self.exit_tx.clone() };
-        let handle = thread::Builder::new()
-            .name(thread.to_string())
-            .stack_size(STACK_SIZE)
-            .spawn(move || {
-                let _guard = guard;
-                f()
-            })
-            .map_err(|source| RunError::Spawn { thread, source })?;
-        self.running.push((thread, handle));
+        let guard = ExitGuard(thread, self.exit_tx.clone());
+        let spawned = thread::Builder::new().name(thread.to_string()).stack_size(STACK_SIZE).spawn(move || {
+            let _guard = guard;
+            f()
+        });
+        self.running.push((thread, spawned.map_err(|source| RunError::Spawn { thread, source })?));
         Ok(())
     }
 
@@ -125,20 +109,17 @@ impl Workers {
             let Ok((thread, _)) = self.exit_rx.recv_deadline(deadline) else { break };
             self.exited.insert(thread);
         }
-        let (named, others): (Vec<_>, _) = self.running.drain(..).partition(|(name, _)| names.contains(name));
-        self.running = others;
-        let (done, stuck): (Vec<_>, Vec<_>) = named.into_iter().partition(|(name, _)| self.exited.contains(name));
+        let (done, running): (Vec<_>, _) =
+            self.running.drain(..).partition(|(name, _)| names.contains(name) && self.exited.contains(name));
+        self.running = running;
         for (_, handle) in done {
             let _ = handle.join();
         }
         // Still running: kept, so a later join (after a cut) can name them again.
-        let names = stuck.iter().map(|(name, _)| *name).collect();
-        self.running.extend(stuck);
-        names
+        self.running.iter().map(|(name, _)| *name).filter(|name| names.contains(name)).collect()
     }
 
-    /// As `join`; if some are still running after `grace`, shuts `pools` down (their requests in
-    /// flight are cut) and waits 2 s more.
+    /// As `join`; if some still run after `grace`, shuts `pools` down (cutting requests in flight), waits 2 s more.
     fn join_or_cut(&mut self, names: &[&'static str], grace: Duration, pools: &[&ureq::Agent]) -> Vec<&'static str> {
         if self.join(names, grace).is_empty() {
             return Vec::new();
@@ -190,11 +171,7 @@ pub fn run(local: &Config) -> Result<Stopped, RunError> {
     if signalled && matches!(result, Ok(Stopped::Restart)) {
         log::info!("a stop signal came during the restart; stopping instead");
     }
-    let result = result.map(|stopped| if signalled { Stopped::Signal } else { stopped });
-    if result.is_ok() {
-        log::info!("stopped");
-    }
-    result
+    result.map(|stopped| if signalled { Stopped::Signal } else { stopped }).inspect(|_| log::info!("stopped"))
 }
 
 /// What every stage wires its threads from, and the threads.
@@ -270,8 +247,7 @@ fn open(config: &Config) -> Result<(Agents, PidFile, Arc<Stats>, QueueStore, Uni
     // Before anything else that a second agent would fight over.
     let pid_file = PidFile::acquire(&config.agent.run_dir, config.agent.user.as_deref()).map_err(RunError::Pid)?;
     let stats = Arc::new(Stats::default());
-    let store = QueueStore::open(&config.agent.data_dir.join("queue"), config.events.queue_max_bytes, stats.clone())
-        .map_err(RunError::Queue)?;
+    let store = QueueStore::open(&config.agent.data_dir.join("queue"), config.events.queue_max_bytes, stats.clone())?;
     let listener = ingest::bind(&config.agent.run_dir).map_err(RunError::Ingest)?;
     let agents = Agents { token, upload_queue, upload_stateless, poll, files };
     Ok((agents, pid_file, stats, store, listener))
@@ -358,14 +334,10 @@ fn start_modules(s: &mut Supervisor, p: &Pipeline) -> Result<(Vec<&'static str>,
     let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
     let mut names = Vec::new();
     for m in module::MODULES.iter().filter(|m| (m.enabled)(&s.config)) {
-        let ctx = module::Context {
-            events: EventSink::new(p.readers_tx.clone(), stop.clone()),
-            durable: DurableSink::new(p.append_tx.clone(), stop.clone()),
-            state: s.config.agent.data_dir.join(m.state),
-            uuid: s.credentials.uuid.clone(),
-            stats: s.stats.clone(),
-            stop: stop.clone(),
-        };
+        let events = EventSink::new(p.readers_tx.clone(), stop.clone());
+        let durable = DurableSink::new(p.append_tx.clone(), stop.clone());
+        let (state, uuid, stats) = (s.config.agent.data_dir.join(m.state), s.credentials.uuid.clone(), s.stats.clone());
+        let ctx = module::Context { events, durable, state, uuid, stats, stop: stop.clone() };
         let (run, config) = (m.run, s.config.clone());
         s.workers.spawn(m.name, move || run(config, ctx))?;
         names.push(m.name);
@@ -373,8 +345,7 @@ fn start_modules(s: &mut Supervisor, p: &Pipeline) -> Result<(Vec<&'static str>,
     Ok((names, stop_tx))
 }
 
-/// Stage 6: the command round trip (long-poll, executor). Returns the executor's restart
-/// requests and the sender whose drop stops both threads.
+/// Stage 6: the command round trip (long-poll, executor): the restart requests, and the sender whose drop stops both.
 fn start_commands(s: &mut Supervisor, p: &Pipeline, host: HostInfo) -> Result<(Receiver<()>, Sender<()>), RunError> {
     let (commands_stop_tx, commands_stop_rx) = crossbeam_channel::bounded::<()>(0);
     // Commands are few; 64 waiting for the executor is far more than a server sends at once.
@@ -384,19 +355,11 @@ fn start_commands(s: &mut Supervisor, p: &Pipeline, host: HostInfo) -> Result<(R
     let (uuid, stop) = (s.credentials.uuid.clone(), commands_stop_rx.clone());
     s.workers.spawn("poll", move || poll::run(session, &uuid, command_tx, stop))?;
 
-    let exec = Executor {
-        ctx: Arc::new(Ctx {
-            session: s.session(&s.agents.files, Stop::Now(commands_stop_rx.clone()), Role::Files),
-            local: s.local.clone(),
-            data_dir: s.config.agent.data_dir.clone(),
-            uuid: s.credentials.uuid.clone(),
-            name: s.credentials.name.clone(),
-            host,
-        }),
-        queue: p.append_tx.clone(),
-        restart: restart_tx,
-        last_groups: Default::default(),
-    };
+    let session = s.session(&s.agents.files, Stop::Now(commands_stop_rx.clone()), Role::Files);
+    let (local, data_dir) = (s.local.clone(), s.config.agent.data_dir.clone());
+    let (uuid, name) = (s.credentials.uuid.clone(), s.credentials.name.clone());
+    let ctx = Arc::new(Ctx { session, local, data_dir, uuid, name, host });
+    let exec = Executor { ctx, queue: p.append_tx.clone(), restart: restart_tx, last_groups: Default::default() };
     s.workers.spawn("executor", move || executor::run(exec, command_rx, commands_stop_rx))?;
     Ok((restart_rx, commands_stop_tx))
 }
@@ -517,11 +480,9 @@ fn reload(local: &Config, live: &Live) {
         log::error!("SIGHUP: cannot reopen the log file: {e}");
     }
     let _guard = live.reload_guard();
-    let fresh_local = match local.source.as_deref().map_or_else(|| Ok(Config::defaults()), |p| Config::load(Some(p))) {
-        Ok(c) => c,
-        Err(e) => return log::error!("SIGHUP: {e}; keeping the running configuration"),
-    };
-    match groups::effective_config(&fresh_local, &fresh_local.agent.data_dir) {
+    let fresh = local.source.as_deref().map_or_else(|| Ok(Config::defaults()), |p| Config::load(Some(p)));
+    let fresh = fresh.map_err(|e| e.to_string());
+    match fresh.and_then(|l| groups::effective_config(&l, &l.agent.data_dir).map_err(|e| e.to_string())) {
         Ok(c) => log::info!("SIGHUP: configuration reloaded; {}", live.apply(c).describe()),
         Err(e) => log::error!("SIGHUP: {e}; keeping the running configuration"),
     }

@@ -189,9 +189,8 @@ pub fn interfaces() -> io::Result<Vec<IfAddr>> {
     let mut out = Vec::new();
     let mut cur = head;
     while !cur.is_null() {
-        // SAFETY: cur is a node of the list returned by getifaddrs, not yet freed. The blocks
-        // below read its name, a NUL-terminated string, and its sockaddrs, each null or of
-        // the family it claims.
+        // SAFETY: cur is a node of the list returned by getifaddrs, not yet freed. The blocks below read its name, a
+        // NUL-terminated string, and its sockaddrs, each null or of the family it claims.
         let ifa = unsafe { &*cur };
         cur = ifa.ifa_next;
         let ip = |sa| unsafe { sockaddr_ip(sa) };

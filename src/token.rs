@@ -46,7 +46,6 @@ pub enum TokenError {
     /// No server could be reached, or one answered with a retryable error.
     #[error("cannot authenticate with {server}: {message}")]
     Unavailable { server: String, message: String, retry_after: Option<Duration> },
-    /// A server answered something the agent cannot use (unexpected status or body).
     #[error("unexpected authentication answer from {server}: {message}")]
     BadAnswer { server: String, message: String },
 }
@@ -74,10 +73,9 @@ pub fn lifetime(claims: &Claims, now_unix: i64) -> Option<Duration> {
     (secs > 0).then(|| Duration::from_secs(secs as u64).min(MAX_LIFETIME))
 }
 
-/// How long after receiving a token to renew it (docs/protocol.md, Authentication): at the latest
-/// `max(60 s, 10 % of the lifetime)` before expiry, not before half the lifetime, within
-/// `MIN_RENEWAL..=MAX_RENEWAL`; `random` picks the point in the last fifth of that window, so
-/// agents that authenticated together (after a server restart) do not renew together forever.
+/// How long after receipt to renew a token (docs/protocol.md, Authentication): at the latest `max(60 s, 10 % of the
+/// lifetime)` before expiry, not before half the lifetime, within `MIN_RENEWAL..=MAX_RENEWAL`; `random` picks the point
+/// in the last fifth of that window, so agents that authenticated together (after a server restart) renew apart.
 pub fn renewal_delay(claims: &Claims, now_unix: i64, random: u64) -> Duration {
     let Some(life) = lifetime(claims, now_unix) else { return FALLBACK_RENEWAL };
     let margin = Duration::from_secs(60).max(life / 10);
@@ -143,7 +141,6 @@ impl TokenCell {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The current token, if one was obtained.
     pub fn current(&self) -> Option<Arc<Token>> {
         self.lock().token.clone()
     }
@@ -155,18 +152,10 @@ impl TokenCell {
 
     /// Waits for a token with a generation above `after` (0: any), the cell's close, or `timeout`.
     pub fn wait_newer(&self, after: u64, timeout: Duration) -> Option<Arc<Token>> {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.lock();
-        loop {
-            if let Some(t) = st.token.as_ref().filter(|t| t.generation > after) {
-                return Some(t.clone());
-            }
-            let now = Instant::now();
-            if st.closed || now >= deadline {
-                return None;
-            }
-            st = self.changed.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
-        }
+        let newer = |st: &CellState| st.token.clone().filter(|t| t.generation > after);
+        let waiting = |st: &mut CellState| !st.closed && newer(st).is_none();
+        let (st, _) = self.changed.wait_timeout_while(self.lock(), timeout, waiting).unwrap_or_else(|p| p.into_inner());
+        newer(&st)
     }
 
     /// Reports that a request made with token `generation` was refused (401/403): one refresh,
@@ -192,8 +181,7 @@ impl TokenCell {
         }
         st.refresh_for = Some(st.generation);
         drop(st);
-        // Full: a wake-up is pending already. Disconnected: the token thread is gone (shutdown
-        // is under way); waiters time out or see close().
+        // Full: a wake-up is pending. Disconnected: the token thread ended (shutdown); waiters time out or see close().
         let _ = self.wake.try_send(());
     }
 
@@ -206,11 +194,6 @@ impl TokenCell {
         drop(st);
         self.changed.notify_all();
         token
-    }
-
-    /// Whether the next authentication is to start with the next server (asked once).
-    fn take_failover(&self) -> bool {
-        std::mem::take(&mut self.lock().failover)
     }
 
     /// Wakes every waiter for shutdown; no token is handed out afterwards by `wait_newer`.
@@ -238,9 +221,8 @@ impl Authenticator {
         self.current = (self.current + 1) % self.servers.len();
     }
 
-    /// One authentication round: the current server, then the next ones while they look
-    /// down, at most once each. `retry_cap` (`retry.max`) caps a `Retry-After`. A fresh token: its
-    /// JWT, the server that issued it, its claims.
+    /// One authentication round: the current server, then the next ones while they look down, at most once each.
+    /// `retry_cap` (`retry.max`) caps a `Retry-After`. A fresh token: its JWT, the server that issued it, its claims.
     pub fn authenticate(&mut self, retry_cap: Duration) -> Result<(Secret, String, Claims), TokenError> {
         let (uuid, key) = (&self.credentials.uuid, self.credentials.key.expose());
         let body = serde_json::json!({"uuid": uuid, "key": key}).to_string().into_bytes();
@@ -265,10 +247,8 @@ impl Authenticator {
                 }
                 (Outcome::Retry { after, failover }, result) => {
                     let err = TokenError::Unavailable { server, message: http::describe(&result), retry_after: after };
-                    if !failover {
-                        return Err(err);
-                    }
-                    err // This server looks down: try the next one.
+                    // Looks down (`failover`): try the next server.
+                    if failover { err } else { return Err(err) }
                 }
                 (_, result) => return Err(TokenError::BadAnswer { server, message: http::describe(&result) }),
             };
@@ -304,7 +284,8 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
         let now = Instant::now();
         let retry = live.config().retry.clone();
         backoff.set_limits(retry.initial, retry.max);
-        if cell.take_failover() {
+        // Asked once: the next authentication starts with the next server.
+        if std::mem::take(&mut cell.lock().failover) {
             log::warn!("requests to {} fail; trying the next server", auth.servers[auth.current]);
             auth.advance();
         }
@@ -338,8 +319,7 @@ pub fn run(cell: Arc<TokenCell>, wake: Receiver<()>, shutdown: Receiver<()>, mut
                 };
                 log::error!("{e}; retrying in {}ms", delay.as_millis());
                 cell.lock().last_error = Some(e.to_string());
-                backing_off = true;
-                next_due = now + delay;
+                (backing_off, next_due) = (true, now + delay);
             }
         }
     }
@@ -352,6 +332,10 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     impl TokenCell {
+        fn take_failover(&self) -> bool {
+            std::mem::take(&mut self.lock().failover)
+        }
+
         /// True while a refresh has been requested and not yet satisfied.
         fn refresh_pending(&self) -> bool {
             let st = self.lock();
