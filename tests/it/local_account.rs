@@ -126,12 +126,20 @@ fn links_at_state_json_and_its_temp_file_are_not_followed_by_a_root_agent() {
     for pid in &candidates {
         plant(&run.join(format!(".state.json.tmp.{pid}")), &temp_victim);
     }
+    let mut planted = std::time::SystemTime::now();
     let agent = env.running_agent();
-    assert!(candidates.contains(&agent.child.id()), "the agent's pid was not foreseen; run the test again");
+    let pid = agent.child.id();
+    if !candidates.contains(&pid) {
+        // Other processes took the foreseen pids: plant at the agent's own now; state.json is
+        // rewritten every 5 s, through that temp file again.
+        planted = std::time::SystemTime::now();
+        plant(&run.join(format!(".state.json.tmp.{pid}")), &temp_victim);
+    }
     let state = run.join("state.json");
+    let rewritten = |m: std::fs::Metadata| m.is_file() && m.modified().is_ok_and(|t| t > planted);
     assert!(
-        wait_for(Duration::from_secs(10), || std::fs::symlink_metadata(&state).is_ok_and(|m| m.is_file())),
-        "state.json is the agent's own file"
+        wait_for(Duration::from_secs(20), || std::fs::symlink_metadata(&state).is_ok_and(rewritten)),
+        "state.json is the agent's own file, written after the links were planted"
     );
     assert!(unchanged(&state_victim) && unchanged(&temp_victim), "a victim was written through a link");
     assert!(std::fs::read_to_string(&state).unwrap().contains("\"pid\""));
