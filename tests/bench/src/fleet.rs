@@ -205,6 +205,19 @@ fn proc_field(path: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// An interrupted run (Ctrl-C, kill) leaves its temporary directory: removed by the next run
+/// once the process that made it is gone.
+fn remove_stale_dirs() {
+    for e in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix("wazuh-fleet-").and_then(|p| p.parse::<u32>().ok()) {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
 /// Per process, the memory no other process shares: Private_Clean + Private_Dirty, in MiB.
 fn private_mib(pids: &[u32]) -> Vec<f64> {
     pids.iter()
@@ -366,6 +379,7 @@ fn main() {
         .unwrap_or_else(|_| panic!("{} not found: run `make bench-fleet`", a.agent.display()));
     let n = a.agents;
     let nofile = raise_fd_limit();
+    remove_stale_dirs();
     let dir = std::env::temp_dir().join(format!("wazuh-fleet-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
