@@ -23,7 +23,7 @@
 //! panic; Ctrl-C or a kill of the bench).
 //!
 //! Usage: wazuh-fleet-bench [--agent PATH] [--agents N] [--hold S] [--idle S] [--outage S]
-//!                          [--token-lifetime S] [--events N] [--out FILE]
+//!                          [--token-lifetime S] [--events N] [--out FILE] [--extra TOML]
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
@@ -48,6 +48,8 @@ struct Args {
     token_lifetime: u64,
     events: usize,
     out: PathBuf,
+    /// TOML appended to every agent's configuration (`--extra`), e.g. "[inventory]\nenabled = false".
+    extra: String,
 }
 
 fn args() -> Args {
@@ -60,9 +62,10 @@ fn args() -> Args {
         token_lifetime: 150,
         events: 1000,
         out: PathBuf::from("target/bench/fleet.json"),
+        extra: String::new(),
     };
     let usage = "usage: wazuh-fleet-bench [--agent PATH] [--agents N] [--hold S] [--idle S] [--outage S] \
-                 [--token-lifetime S] [--events N] [--out FILE]";
+                 [--token-lifetime S] [--events N] [--out FILE] [--extra TOML]";
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         let mut num = || it.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or_else(|| panic!("{x} N; {usage}"));
@@ -75,6 +78,7 @@ fn args() -> Args {
             "--events" => a.events = num() as usize,
             "--agent" => a.agent = PathBuf::from(it.next().expect("--agent PATH")),
             "--out" => a.out = PathBuf::from(it.next().expect("--out FILE")),
+            "--extra" => a.extra = it.next().expect("--extra TOML").replace("\\n", "\n"),
             other => panic!("unknown argument {other}; {usage}"),
         }
     }
@@ -141,7 +145,7 @@ fn spawn_fleet(a: &Args, bin: &Path, dir: &Path, mock: &MockServer) -> Fleet {
                 mock.comms_url(),
                 mock.ca_file().display().to_string(),
                 home.join("agent.log").display().to_string(),
-            ),
+            ) + &a.extra,
         )
         .unwrap();
         let mut cmd = Command::new(bin);
