@@ -7,7 +7,7 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 BIN     := target/release/wazuh-agent
 
-.PHONY: all build release test lint demo bench fuzz size loc install install-files uninstall cross clean
+.PHONY: all build release test lint demo bench bench-fleet fuzz size loc install install-files uninstall cross clean
 
 all: build
 
@@ -41,6 +41,15 @@ bench:
 	# Built on its own so its ureq features do not unify into the agent binary measured.
 	$(CARGO) build --release -p wazuh-bench
 	target/release/wazuh-bench --agent $(BIN) $(BENCH_ARGS)
+
+# FLEET agents (default 200) against one mock: idle cost per agent, reconnection after an
+# outage, the first second of a fleet-wide 503, renewal spread, an event burst, shutdown
+# (docs/scaling.md). About 7 minutes; not in CI. FLEET_ARGS e.g. --agent PATH --idle 60.
+FLEET ?= 200
+bench-fleet:
+	$(CARGO) build --release -p wazuh-agent
+	$(CARGO) build --release -p wazuh-bench
+	target/release/wazuh-fleet-bench --agent $(BIN) --agents $(FLEET) $(FLEET_ARGS)
 
 # libFuzzer via cargo-fuzz on the parsers (ingest lines, queue recovery, JWT claims,
 # config, commands, group files). cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP enables

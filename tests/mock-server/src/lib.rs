@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -140,6 +140,34 @@ pub struct RequestRecord {
     pub at: Instant,
 }
 
+/// One request as it arrived (before it was handled): what the fleet bench bins per second.
+/// `RequestRecord` is written when the answer leaves, which for a held poll is the end of
+/// its hold; this one is written when the request has been read.
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    pub api: &'static str,
+    pub method: String,
+    pub path: String,
+    /// The agent's UUID: from the bearer token's payload (not verified) or, for
+    /// `POST /api/v1/authentication`, the body. `None` when neither names one.
+    pub agent: Option<String>,
+    pub at: Instant,
+}
+
+/// Connection-level counters of the comms and management listeners (`MockServer::traffic`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Connections served (each one TLS handshake); refused-while-down ones are not counted.
+    pub connections: u64,
+    /// Connections open now.
+    pub open: i64,
+    /// Connections closed at once because the server was down (`set_down`): reconnect attempts.
+    pub refused: u64,
+    /// Bytes read from and written to the TCP sockets, TLS records and handshakes included.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
 /// A received event: its header line and data line (absent for a stateful delete).
 #[derive(Debug, Clone)]
 pub struct ReceivedEvent {
@@ -185,6 +213,14 @@ struct Inner {
     /// Command results, whether or not events are kept: (document_id, code, message).
     command_results: Vec<(String, i64, String)>,
     command_result_at: HashMap<String, Instant>,
+    /// Every comms/management request as it arrived (see [`Arrival`]).
+    arrivals: Vec<Arrival>,
+    /// While set, every comms/management request is answered 503 (see `set_unavailable`).
+    unavailable: bool,
+    /// Bumped by `end_holds`: a held poll that saw an older value ends.
+    hold_epoch: u64,
+    /// How `end_holds` ends them: answered 408 (false) or the connection dropped (true).
+    hold_drop: bool,
 }
 
 /// Shared state of the mock.
@@ -196,6 +232,12 @@ pub struct State {
     opts: Options,
     /// Set at shutdown: held long-polls end at once.
     stopping: AtomicBool,
+    /// `Traffic` counters, kept outside the lock: every read and write adds to them.
+    connections: AtomicU64,
+    open: AtomicI64,
+    refused: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
 }
 
 impl State {
@@ -282,6 +324,11 @@ impl MockServer {
             mgmt_key: HS256Key::generate(),
             opts: opts.clone(),
             stopping: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
+            open: AtomicI64::new(0),
+            refused: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let comms = TcpListener::bind(("127.0.0.1", opts.comms_port))?;
@@ -389,6 +436,42 @@ impl MockServer {
     /// one at its next request (without an answer), as when the server process is gone.
     pub fn set_down(&self, down: bool) {
         self.state.lock().down = down;
+    }
+
+    /// While on, every comms and management request is answered 503 without `Retry-After`
+    /// (a server or load balancer that is up but failing), and held polls end at once with
+    /// that 503. The admin listener still answers.
+    pub fn set_unavailable(&self, on: bool) {
+        self.state.lock().unavailable = on;
+        self.state.changed.notify_all();
+    }
+
+    /// Ends every poll held now: answered 408 as if its hold had elapsed (`close` false), or
+    /// its connection closed without an answer (`close` true; with `set_down`, a server
+    /// process that died). Polls that arrive afterwards are held as usual.
+    pub fn end_holds(&self, close: bool) {
+        let mut st = self.state.lock();
+        st.hold_epoch += 1;
+        st.hold_drop = close;
+        drop(st);
+        self.state.changed.notify_all();
+    }
+
+    /// Every comms and management request so far, as it arrived.
+    pub fn arrivals(&self) -> Vec<Arrival> {
+        self.state.lock().arrivals.clone()
+    }
+
+    /// Connections and bytes of the comms and management listeners so far.
+    pub fn traffic(&self) -> Traffic {
+        let s = &self.state;
+        Traffic {
+            connections: s.connections.load(Ordering::Relaxed),
+            open: s.open.load(Ordering::Relaxed),
+            refused: s.refused.load(Ordering::Relaxed),
+            bytes_in: s.bytes_in.load(Ordering::Relaxed),
+            bytes_out: s.bytes_out.load(Ordering::Relaxed),
+        }
     }
 
     /// Refuses (400) every events body that contains `marker`, like a server refusing
@@ -556,6 +639,7 @@ fn accept_loop(
         }
         let Ok(tcp) = conn else { continue };
         if api != Api::Admin && state.lock().down {
+            state.refused.fetch_add(1, Ordering::Relaxed);
             let _ = tcp.shutdown(Shutdown::Both);
             continue;
         }
@@ -571,10 +655,14 @@ fn accept_loop(
                     let Ok(conn) = rustls::ServerConnection::new(cfg) else {
                         return;
                     };
-                    let mut stream = rustls::StreamOwned::new(conn, tcp);
+                    state.connections.fetch_add(1, Ordering::Relaxed);
+                    state.open.fetch_add(1, Ordering::Relaxed);
+                    let counted = Counted { tcp, state: state.clone() };
+                    let mut stream = rustls::StreamOwned::new(conn, counted);
                     serve(&mut stream, &state, &stop, api);
                     stream.conn.send_close_notify();
                     let _ = stream.flush();
+                    state.open.fetch_sub(1, Ordering::Relaxed);
                 }
                 None => {
                     let mut tcp = tcp;
@@ -582,6 +670,46 @@ fn accept_loop(
                 }
             }
         });
+    }
+}
+
+/// A TLS listener's socket, counting the bytes that cross it for [`Traffic`].
+struct Counted {
+    tcp: TcpStream,
+    state: Arc<State>,
+}
+
+impl Read for Counted {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.tcp.read(buf)?;
+        self.state.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+impl Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.tcp.write(buf)?;
+        self.state.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+/// The agent a request is from: the `uuid` claim of its bearer token (read, not verified:
+/// this only labels the arrival) or the `uuid` of an authentication body.
+fn arrival_agent(req: &Request) -> Option<String> {
+    let uuid = |v: Value| v.get("uuid").and_then(Value::as_str).map(str::to_string);
+    match req.header("authorization").and_then(|v| v.strip_prefix("Bearer ")) {
+        Some(token) => {
+            let payload = token.trim().split('.').nth(1)?;
+            let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+            uuid(serde_json::from_slice(&bytes).ok()?)
+        }
+        None if req.path == "/api/v1/authentication" => uuid(serde_json::from_slice(&req.body).ok()?),
+        None => None,
     }
 }
 
@@ -810,8 +938,19 @@ fn serve(stream: &mut (impl Read + Write), state: &Arc<State>, stop: &AtomicBool
                 return;
             }
         };
-        if api != Api::Admin && state.lock().down {
-            return;
+        if api != Api::Admin {
+            let mut st = state.lock();
+            if st.down {
+                return;
+            }
+            let arrival = Arrival {
+                api: api.name(),
+                method: req.method.clone(),
+                path: req.path.clone(),
+                agent: arrival_agent(&req),
+                at: Instant::now(),
+            };
+            st.arrivals.push(arrival);
         }
         let close = req.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
         let resp = if api == Api::Admin { Some(admin(state, &req)) } else { handle_with_faults(state, api, &req) };
@@ -851,6 +990,9 @@ fn record_locked(st: &mut Inner, api: Api, req: &Request, status: u16) {
 }
 
 fn handle_with_faults(state: &Arc<State>, api: Api, req: &Request) -> Option<Response> {
+    if state.lock().unavailable {
+        return Some(Response::error(503, "Service unavailable"));
+    }
     let fault = {
         let mut st = state.lock();
         let pos = st.faults.iter().position(|f| req.path.starts_with(&f.path));
@@ -893,10 +1035,12 @@ fn handle_with_faults(state: &Arc<State>, api: Api, req: &Request) -> Option<Res
         Some(FaultAction::Delay { ms }) => std::thread::sleep(Duration::from_millis(ms)),
         None => {}
     }
-    Some(match api {
+    let resp = match api {
         Api::Mgmt => mgmt(state, req),
         _ => comms(state, req),
-    })
+    };
+    // Status 0: a held poll whose connection `end_holds` closes without an answer.
+    (resp.status != 0).then_some(resp)
 }
 
 // ------------------------------------------------------------------------------------
@@ -1302,6 +1446,7 @@ fn commands(state: &State, req: &Request) -> Response {
     };
     let mut st = state.lock();
     let deadline = Instant::now() + st.command_hold;
+    let epoch = st.hold_epoch;
     loop {
         if let Some(q) = st.commands.get_mut(&uuid) {
             if !q.is_empty() {
@@ -1318,6 +1463,16 @@ fn commands(state: &State, req: &Request) -> Response {
         let now = Instant::now();
         if state.stopping.load(Ordering::SeqCst) {
             return Response::error(503, "Server shutting down");
+        }
+        if st.unavailable {
+            return Response::error(503, "Service unavailable");
+        }
+        if st.hold_epoch != epoch {
+            return if st.hold_drop {
+                Response::empty(0)
+            } else {
+                Response::json(408, json!({"message": "Request exceeded the processing time limit", "code": 408}))
+            };
         }
         if now >= deadline {
             return Response::json(408, json!({"message": "Request exceeded the processing time limit", "code": 408}));
