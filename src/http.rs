@@ -139,7 +139,7 @@ pub enum Request<'a> {
     Json(&'a [u8]),
     /// The plain events body, streamed with an explicit Content-Length (else ureq sends it chunked).
     Events(&'a str, &'a [Event]),
-    Gzip(Vec<u8>),
+    Gzip(Vec<u8>, &'a str, &'a [Event]), // and the plain body's parts, for the gzip fallback (session.rs)
 }
 
 /// The one request builder: sends one request and reads the reply; `timeout` ends it sooner (a deadline is near).
@@ -158,7 +158,7 @@ pub fn send(
         Request::Get | Request::GetAtMost(_) => get().call()?,
         Request::Post => post().send_empty()?,
         Request::Json(b) => json().send(*b)?,
-        Request::Gzip(z) => json().header("Content-Encoding", "gzip").send(z)?,
+        Request::Gzip(z, ..) => json().header("Content-Encoding", "gzip").send(z)?,
         Request::Events(agent_line, events) => {
             let mut reader = BodyReader::new(agent_line, events);
             let len = BodyReader::len(agent_line, events).to_string();

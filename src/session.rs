@@ -20,6 +20,8 @@ const REAUTH_WAIT: Duration = Duration::from_secs(30);
 pub const MIN_HOLD: Duration = Duration::from_secs(1);
 /// Waits for a token are cut into slices this long, so that a stop is noticed.
 const TOKEN_SLICE: Duration = Duration::from_millis(500);
+/// 5xx answers in a row to a gzip body before the same body is sent once uncompressed (the probe).
+pub const GZIP_TRIES: u32 = 3;
 
 /// What a session is for: which refusals reach the caller, and what a timeout means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +118,14 @@ pub fn next_step(
     Step::Resend { delay, why: http::describe(&result), down: result.is_err(), failover, wrong_url }
 }
 
+/// The gzip fallback (docs/protocol.md, Compression) after an attempt answered `status` (None: no answer), `count`
+/// 5xx in a row to gzip before it (at [`GZIP_TRIES`] it was the probe): the new count, and whether to fall back
+/// (the probe was taken). Anything but a 5xx starts over: only a server that takes plain bodies loses gzip.
+pub fn gzip_fallback(count: u32, status: Option<u16>) -> (u32, bool) {
+    let again = count < GZIP_TRIES && matches!(status, Some(500..=599));
+    (if again { count + 1 } else { 0 }, count == GZIP_TRIES && matches!(status, Some(200..=299)))
+}
+
 /// One thread's way to the comms API; `agent` is this thread's own connection pool.
 pub struct Session {
     pub agent: ureq::Agent,
@@ -130,7 +140,8 @@ impl Session {
     /// Sends `call` to the token's server until it is taken (the reply), refused for good, or stopped.
     pub fn call(&self, call: &Call<'_>) -> Result<Reply, Failure> {
         let mut backoff = Backoff::new(Duration::ZERO, Duration::ZERO);
-        let mut refused = 0;
+        let (mut refused, mut gzip_5xx) = (0, 0);
+        let plain = if let Request::Gzip(_, l, e) = &call.request { Some(Request::Events(l, e)) } else { None };
         loop {
             let token = self.token(refused, call.until).ok_or(Failure::Stopped)?;
             let url = format!("{}{}", token.server, call.path);
@@ -140,7 +151,17 @@ impl Session {
             let left = self.end(call.until).map(|end| end.saturating_duration_since(Instant::now()));
             let bound = left.map_or(timeout, |left| timeout.min(left).max(Duration::from_millis(1)));
             let sent = Instant::now();
-            let result = http::send(&self.agent, &url, Some(&token.bearer()), &call.request, Some(bound));
+            // The gzip fallback's probe, and every body once it fell back, go uncompressed.
+            let probe = gzip_5xx == GZIP_TRIES || self.stats.gzip_refused.get().is_some();
+            let request = plain.as_ref().filter(|_| probe).unwrap_or(&call.request);
+            let result = http::send(&self.agent, &url, Some(&token.bearer()), request, Some(bound));
+            let (count, fall_back) = gzip_fallback(gzip_5xx, result.as_ref().ok().map(|r| r.status));
+            gzip_5xx = if plain.is_some() { count } else { 0 };
+            if fall_back && self.stats.gzip_refused.set(token.server.clone()).is_ok() {
+                log::warn!(
+                    "{url} answers 5xx to gzip bodies but took the same body plain: sending plain until restart; set server.compression = \"none\""
+                );
+            }
             if result.is_err() && self.stopped(call.until) {
                 // Shutdown cut the request (or its deadline passed): not a failure to report.
                 return Err(Failure::Stopped);
@@ -320,6 +341,35 @@ mod tests {
         assert_eq!(step(&mut b, &fast, down()), "down 40ms failover");
         assert_eq!(step(&mut b, &fast, reply(408, None)), "repoll");
         assert_eq!(step(&mut b, &slow, down()), "down 10000ms failover");
+    }
+
+    #[test]
+    fn gzip_falls_back_only_when_the_probe_is_taken_after_5xx_in_a_row() {
+        // (count before, answer) → (count after, fall back); at GZIP_TRIES the attempt was the uncompressed probe.
+        let table: &[(u32, Option<u16>, (u32, bool))] = &[
+            (0, Some(500), (1, false)),
+            (1, Some(503), (2, false)),
+            (2, Some(502), (GZIP_TRIES, false)),
+            // The probe taken: the same body uncompressed is fine, gzip is not.
+            (GZIP_TRIES, Some(200), (0, true)),
+            (GZIP_TRIES, Some(204), (0, true)),
+            // The probe refused too (an outage, not gzip) or not answered: start over, keep gzip.
+            (GZIP_TRIES, Some(500), (0, false)),
+            (GZIP_TRIES, Some(503), (0, false)),
+            (GZIP_TRIES, None, (0, false)),
+            (GZIP_TRIES, Some(400), (0, false)),
+            (GZIP_TRIES, Some(401), (0, false)),
+            // Anything but a 5xx breaks the run: no answer, a success, a refusal, a 429.
+            (2, None, (0, false)),
+            (2, Some(200), (0, false)),
+            (2, Some(429), (0, false)),
+            (1, Some(401), (0, false)),
+            (0, Some(200), (0, false)),
+            (0, Some(413), (0, false)),
+        ];
+        for &(count, status, want) in table {
+            assert_eq!(gzip_fallback(count, status), want, "{count} {status:?}");
+        }
     }
 
     fn session(stop: Stop) -> Session {

@@ -1,8 +1,8 @@
 //! Counters shared by the threads (atomics only) and `<run_dir>/state.json` (README, Status).
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -29,6 +29,8 @@ pub struct Stats {
     pub connected: AtomicBool,
     /// Unix seconds; 0 = no token.
     pub token_expires_at: AtomicI64,
+    /// The server whose 5xx to gzip bodies turned compression off until restart (session.rs).
+    pub gzip_refused: OnceLock<String>,
     last_error: Mutex<Option<String>>,
 }
 
@@ -86,6 +88,8 @@ pub struct State {
     pub commands: CommandCounts,
     pub queued_bytes: u64,
     pub last_error: Option<String>,
+    /// `none (gzip refused by <server>)` after the gzip fallback; null: `server.compression` as set.
+    pub compression: Option<String>,
     pub version: String,
 }
 
@@ -109,6 +113,7 @@ impl State {
             commands: CommandCounts { received: g(&s.commands_received), succeeded, failed },
             queued_bytes: g(&s.queued_bytes),
             last_error: s.last_error(),
+            compression: s.gzip_refused.get().map(|server| format!("none (gzip refused by {server})")),
             version: crate::VERSION.to_string(),
         }
     }

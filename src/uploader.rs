@@ -108,8 +108,8 @@ impl Uploader {
     }
 
     /// The body: streamed from the events, or compressed with gzip (once per batch).
-    fn body<'a>(compression: Compression, agent_line: &'a str, events: &'a [Event]) -> Request<'a> {
-        if compression == Compression::None {
+    fn body<'a>(gzip: bool, agent_line: &'a str, events: &'a [Event]) -> Request<'a> {
+        if !gzip {
             return Request::Events(agent_line, events);
         }
         let raw = BodyReader::len(agent_line, events) as usize;
@@ -117,7 +117,7 @@ impl Uploader {
         let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(raw / 4), flate2::Compression::fast());
         // Compressing from memory into memory cannot fail.
         let _ = std::io::copy(&mut BodyReader::new(agent_line, events), &mut enc);
-        enc.finish().map_or(Request::Events(agent_line, events), Request::Gzip)
+        enc.finish().map_or(Request::Events(agent_line, events), |z| Request::Gzip(z, agent_line, events))
     }
 
     /// Delivers `events` to the endpoint of `kind`, isolating what the server refuses. Each event is settled once,
@@ -129,11 +129,12 @@ impl Uploader {
             return true;
         }
         let endpoint = if kind == Kind::Stateful { "stateful" } else { "stateless" };
-        let view = self.session.live.view();
-        let request = Self::body(view.config.server.compression, &view.agent_line, events);
+        let (view, stats) = (self.session.live.view(), &self.session.stats);
+        // Once gzip fell back (session.rs) a body would be sent uncompressed anyway: spare the CPU.
+        let gzip = view.config.server.compression == Compression::Gzip && stats.gzip_refused.get().is_none();
+        let request = Self::body(gzip, &view.agent_line, events);
         let (path, what) =
             (format!("/api/v1/events/{endpoint}"), format!("{endpoint} batch of {} events", events.len()));
-        let stats = &self.session.stats;
         match self.session.call(&Call { path: &path, request, what: &what, until: None }) {
             Ok(reply) => {
                 Stats::add(&stats.batches_sent, 1);

@@ -316,6 +316,88 @@ fn gzip_bodies_are_accepted() {
     assert_eq!(unique(originals(&env.mock)), (100, 0));
 }
 
+const FALLBACK_WARNING: &str = "set server.compression = \"none\"";
+
+/// `(status, Content-Encoding)` of every events request so far.
+fn event_posts(mock: &wazuh_mock_server::MockServer) -> Vec<(u16, String)> {
+    let posts = mock.requests().into_iter().filter(|r| r.path.starts_with("/api/v1/events/"));
+    posts.map(|r| (r.status, r.content_encoding)).collect()
+}
+
+/// The Wazuh 6.0 comms API answers 500 to every gzip body (docs/protocol.md): the agent
+/// finds out, sends the same bodies uncompressed, says so once, and tries gzip again after a restart.
+#[test]
+fn gzip_refused_by_the_server_falls_back_to_uncompressed_once_until_restart() {
+    let env = Env::with(|o| o.refuse_gzip = true);
+    env.write_config(&format!("{FAST}\nserver.compression = \"gzip\""));
+    let mut agent = env.running_agent();
+    env.send_ok(&lines((0..100).map(stateless)));
+    env.send_ok(&lines((0..20).map(stateful)));
+    let delivered =
+        |m: &wazuh_mock_server::MockServer, n, k| m.stateless_events().len() >= n && m.stateful_events().len() >= k;
+    assert!(env.mock.wait_until(Duration::from_secs(30), |m| delivered(m, 100, 20)), "{}", agent.log());
+    // Both uploaders may have probed; the warning comes once, after the first probe was taken.
+    assert!(wait_for(Duration::from_secs(5), || agent.log().contains(FALLBACK_WARNING)), "{}", agent.log());
+    // More events after the fallback: sent uncompressed from the first attempt.
+    let refused_before = event_posts(&env.mock).iter().filter(|(s, _)| *s == 500).count();
+    env.send_ok(&lines((100..200).map(stateless)));
+    env.send_ok(&lines((20..40).map(stateful)));
+    assert!(env.mock.wait_until(Duration::from_secs(30), |m| delivered(m, 200, 40)), "{}", agent.log());
+    assert_eq!(unique(originals(&env.mock)), (200, 0), "every stateless event exactly once");
+    assert_eq!(unique(stateful_ids(&env.mock)), (40, 0), "every stateful event exactly once");
+    let posts = event_posts(&env.mock);
+    let refused = posts.iter().filter(|(s, _)| *s == 500).count();
+    assert!(refused >= wazuh_agent::session::GZIP_TRIES as usize, "{posts:?}");
+    assert_eq!(refused, refused_before, "no gzip body after the fallback: {posts:?}");
+    assert!(posts.iter().all(|(s, enc)| (*s == 500) == (enc == "gzip")), "gzip refused, plain taken: {posts:?}");
+    assert_eq!(agent.log().matches(FALLBACK_WARNING).count(), 1, "{}", agent.log());
+    let want = format!("none (gzip refused by {})", env.mock.comms_url());
+    assert!(wait_for(Duration::from_secs(10), || status_json(&env)["compression"] == want.as_str()));
+
+    // Not remembered: after a restart the agent sends gzip again (which this server now takes).
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(15)), Some(0));
+    env.mock.set_refuse_gzip(false);
+    let agent = env.running_agent();
+    env.send_ok(&lines((200..300).map(stateless)));
+    assert!(env.mock.wait_until(Duration::from_secs(30), |m| m.stateless_events().len() >= 300), "{}", agent.log());
+    assert_eq!(unique(originals(&env.mock)), (300, 0));
+    assert!(event_posts(&env.mock).iter().any(|(s, enc)| *s < 300 && enc == "gzip"), "{:?}", event_posts(&env.mock));
+    assert!(!agent.log().contains(FALLBACK_WARNING));
+    assert_eq!(status_json(&env)["compression"], serde_json::Value::Null);
+}
+
+/// An outage answers 503 to the uncompressed probe too: gzip stays on.
+#[test]
+fn an_outage_does_not_turn_gzip_off() {
+    let env = Env::new();
+    env.write_config(&format!("{FAST}\nserver.compression = \"gzip\""));
+    let agent = env.running_agent();
+    // Stateful events only: one uploader sends them, one batch at a time, so the refusals run
+    // in its order: twice the 5xx in a row that lead to a probe, and the probe, all refused.
+    let times = 2 * (wazuh_agent::session::GZIP_TRIES + 1);
+    env.mock.inject(Fault {
+        path: "/api/v1/events/".into(),
+        times,
+        action: FaultAction::Status { code: 503, retry_after: None, body: None },
+    });
+    env.send_ok(&lines((0..10).map(stateful)));
+    assert!(env.mock.wait_until(Duration::from_secs(30), |m| m.stateful_events().len() >= 10), "{}", agent.log());
+    let posts = event_posts(&env.mock);
+    let probes = posts.iter().filter(|(s, enc)| *s == 503 && enc.is_empty()).count();
+    assert_eq!(probes, 2, "the uncompressed probes were sent and refused: {posts:?}");
+    assert_eq!(posts.iter().filter(|(s, _)| *s == 503).count(), times as usize, "{posts:?}");
+    assert!(posts.iter().all(|(s, enc)| *s == 503 || enc == "gzip"), "accepted bodies are gzip: {posts:?}");
+    // After the outage, new events go gzip as before.
+    env.send_ok(&lines((10..20).map(stateful)));
+    assert!(env.mock.wait_until(Duration::from_secs(30), |m| m.stateful_events().len() >= 20), "{}", agent.log());
+    assert_eq!(unique(stateful_ids(&env.mock)), (20, 0));
+    let posts = event_posts(&env.mock);
+    assert!(posts.iter().all(|(s, enc)| *s == 503 || enc == "gzip"), "{posts:?}");
+    assert!(!agent.log().contains(FALLBACK_WARNING), "{}", agent.log());
+    assert_eq!(status_json(&env)["compression"], serde_json::Value::Null);
+}
+
 #[test]
 fn status_reports_a_running_agent_and_exit_3_after_it_stops() {
     let env = Env::new();
@@ -334,6 +416,7 @@ fn status_reports_a_running_agent_and_exit_3_after_it_stops() {
         "batches",
         "commands",
         "last_error",
+        "compression",
     ] {
         assert!(s.get(key).is_some(), "status lacks {key}: {s}");
     }

@@ -55,6 +55,9 @@ pub struct Options {
     /// of a missing id is 404 "document missing", a delete 404 "not_found", a create of an
     /// existing id 409. Off: every item succeeds.
     pub documents: bool,
+    /// Answer 500 to every events body sent with `Content-Encoding: gzip` and take plain ones,
+    /// like the Wazuh 6.0 comms API (its logging middleware decodes every body as UTF-8 JSON).
+    pub refuse_gzip: bool,
 }
 
 impl Options {
@@ -73,6 +76,7 @@ impl Options {
             max_body: 10 << 20,
             keep_events: true,
             documents: false,
+            refuse_gzip: false,
         }
     }
 }
@@ -137,6 +141,8 @@ pub struct RequestRecord {
     pub status: u16,
     pub user_agent: String,
     pub content_type: String,
+    /// The `Content-Encoding` header (`gzip`), empty without one.
+    pub content_encoding: String,
     pub at: Instant,
 }
 
@@ -204,6 +210,8 @@ struct Inner {
     raw_tokens: HashMap<String, String>,
     /// An events body containing this text is refused with 400 (a "poison" event).
     poison: Option<String>,
+    /// See [`Options::refuse_gzip`].
+    refuse_gzip: bool,
     /// Events accepted so far, kept or not.
     stateless_count: u64,
     stateful_count: u64,
@@ -314,6 +322,7 @@ impl MockServer {
         let inner = Inner {
             token_lifetime: opts.token_lifetime,
             command_hold: opts.command_hold,
+            refuse_gzip: opts.refuse_gzip,
             next_seq: 1,
             ..Inner::default()
         };
@@ -478,6 +487,11 @@ impl MockServer {
     /// one malformed event spoils its whole batch.
     pub fn set_poison(&self, marker: Option<&str>) {
         self.state.lock().poison = marker.map(str::to_string);
+    }
+
+    /// Turns [`Options::refuse_gzip`] on or off.
+    pub fn set_refuse_gzip(&self, refuse: bool) {
+        self.state.lock().refuse_gzip = refuse;
     }
 
     /// Shifts the server's clock (token `iat`/`exp` and their check) by `secs`.
@@ -925,6 +939,7 @@ fn serve(stream: &mut (impl Read + Write), state: &Arc<State>, stop: &AtomicBool
                     status: 413,
                     user_agent: String::new(),
                     content_type: String::new(),
+                    content_encoding: String::new(),
                     at: Instant::now(),
                 });
                 drop(st);
@@ -985,6 +1000,7 @@ fn record_locked(st: &mut Inner, api: Api, req: &Request, status: u16) {
         status,
         user_agent: req.header("user-agent").unwrap_or("").to_string(),
         content_type: req.header("content-type").unwrap_or("").to_string(),
+        content_encoding: req.header("content-encoding").unwrap_or("").to_string(),
         at: Instant::now(),
     });
 }
@@ -1278,6 +1294,9 @@ fn events(state: &State, req: &Request, stateful: bool) -> Response {
     }
     let inflated;
     let body: &[u8] = match req.header("content-encoding") {
+        Some(enc) if enc.eq_ignore_ascii_case("gzip") && state.lock().refuse_gzip => {
+            return Response::error(500, "Internal Server Error");
+        }
         Some(enc) if enc.eq_ignore_ascii_case("gzip") => {
             let mut out = Vec::new();
             if flate2::read::GzDecoder::new(&req.body[..]).read_to_end(&mut out).is_err() {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use wazuh_mock_server::{MockServer, Options};
 
 const USAGE: &str = "usage: wazuh-mock-server --dir DIR [--comms-port N] [--mgmt-port N] [--admin-port N] \
-[--token-lifetime SECS] [--command-hold SECS] [--user U] [--password P] [--uuid-v4-only] [--documents] \
+[--token-lifetime SECS] [--command-hold SECS] [--user U] [--password P] [--uuid-v4-only] [--documents] [--refuse-gzip] \
 [--cert-name NAME]... (default names: localhost, 127.0.0.1)";
 
 fn main() {
@@ -46,6 +46,7 @@ fn main() {
             "--password" => opts.password = val("--password"),
             "--uuid-v4-only" => opts.uuid_v4_only = true,
             "--documents" => opts.documents = true,
+            "--refuse-gzip" => opts.refuse_gzip = true,
             "--cert-name" => {
                 let name = val("--cert-name");
                 if !cert_names_given {
