@@ -43,9 +43,23 @@ pub fn shared_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("shared")
 }
 
-/// The current group list (empty when none was ever set).
+/// Reads `name` in the current generation. agent.user owns data_dir and may replace the `shared` link: it is read,
+/// never followed, and must name a `shared.<n>` beside it (a real directory, from before generations, is read as is).
+fn read_current(data_dir: &Path, name: &str) -> io::Result<Vec<u8>> {
+    let shared = shared_dir(data_dir);
+    let dir = match fs::read_link(&shared).map(|t| t.to_str().map(str::to_owned)) {
+        Err(_) => crate::fsutil::handle(&shared)?,
+        Ok(Some(t)) if t.strip_prefix("shared.").is_some_and(|n| n.parse::<u64>().is_ok()) => {
+            crate::fsutil::handle(&data_dir.join(t))?
+        }
+        Ok(_) => return Err(io::Error::other(format!("{} links outside its generations", shared.display()))),
+    };
+    crate::fsutil::read_at(&crate::fsutil::fd_path(&dir).join(name), &shared.join(name))
+}
+
+/// The current group list (empty when none was ever set, or when `shared` links elsewhere).
 pub fn current(data_dir: &Path) -> Vec<String> {
-    let list = crate::fsutil::read_nofollow(&shared_dir(data_dir).join(LIST_FILE)).ok();
+    let list = read_current(data_dir, LIST_FILE).ok();
     list.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
 }
 
@@ -160,7 +174,7 @@ pub fn effective_config(local: &Config, data_dir: &Path) -> Result<Config, Group
     let dir = shared_dir(data_dir);
     // As the server's are (the list and files may be agent.user's since a run): at most MAX_GROUPS of MAX_FILE_BYTES.
     let read = |g: String| {
-        let content = crate::fsutil::read_nofollow(&dir.join(format!("{g}.yml")))?;
+        let content = read_current(data_dir, &format!("{g}.yml"))?;
         let big = io::Error::other(format!("{g}.yml is over {MAX_FILE_BYTES} bytes; refusing it"));
         (content.len() as u64 <= MAX_FILE_BYTES).then_some((g, content)).ok_or(big)
     };
@@ -175,9 +189,8 @@ pub fn effective_config(local: &Config, data_dir: &Path) -> Result<Config, Group
 pub fn install(data_dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), GroupError> {
     // The same set again (a repeated command): nothing to write, the flash is spared.
     let dir = shared_dir(data_dir);
-    let same = |(g, content): &(String, Vec<u8>)| {
-        crate::fsutil::read_nofollow(&dir.join(format!("{g}.yml"))).is_ok_and(|c| c == *content)
-    };
+    let same =
+        |(g, content): &(String, Vec<u8>)| read_current(data_dir, &format!("{g}.yml")).is_ok_and(|c| c == *content);
     if current(data_dir).iter().eq(files.iter().map(|(g, _)| g))
         && files.iter().all(same)
         && fs::read_link(&dir).is_ok()
@@ -365,6 +378,34 @@ i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
         assert_eq!(link(), before, "an identical set is not written again");
         install(d, &[("g3".into(), b"c: 4\n".to_vec())]).unwrap();
         assert_ne!(link(), before);
+    }
+
+    #[test]
+    fn a_shared_link_pointing_outside_its_generations_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        install(d, &[("g1".into(), b"a: 1\n".to_vec())]).unwrap();
+        assert_eq!(current(d), vec!["g1"]);
+        // agent.user (data_dir is its) points `shared` at a set of its own elsewhere.
+        let elsewhere = tempfile::tempdir().unwrap();
+        fs::write(elsewhere.path().join(LIST_FILE), r#"["evil"]"#).unwrap();
+        fs::write(elsewhere.path().join("evil.yml"), "a: 2\n").unwrap();
+        for target in [elsewhere.path().to_path_buf(), PathBuf::from("../elsewhere"), PathBuf::from("shared.1/../x")] {
+            fs::remove_file(shared_dir(d)).unwrap();
+            symlink(&target, shared_dir(d)).unwrap();
+            assert!(current(d).is_empty(), "{target:?}");
+            let err = read_current(d, "evil.yml").unwrap_err().to_string();
+            assert!(err.ends_with("shared links outside its generations"), "{err}");
+        }
+        // A generation swapped for a link is not followed either.
+        let is_generation = |p: &PathBuf| p.file_name().unwrap().to_string_lossy().starts_with("shared.");
+        let generation = fs::read_dir(d).unwrap().map(|e| e.unwrap().path()).find(is_generation).unwrap();
+        fs::remove_file(shared_dir(d)).unwrap();
+        symlink(generation.file_name().unwrap(), shared_dir(d)).unwrap();
+        assert_eq!(current(d), vec!["g1"]);
+        fs::rename(&generation, d.join("moved")).unwrap();
+        symlink(elsewhere.path(), &generation).unwrap();
+        assert!(current(d).is_empty(), "a linked generation is not followed");
     }
 
     #[test]
