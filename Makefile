@@ -7,7 +7,7 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 BIN     := target/release/wazuh-agent
 
-.PHONY: all build release test lint demo bench bench-fleet fuzz size loc install install-files uninstall cross clean
+.PHONY: all build release test lint demo bench bench-fleet fuzz size loc install install-files uninstall deb cross clean
 
 all: build
 
@@ -28,7 +28,8 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@sh scripts/deps.sh
-	shellcheck -s sh scripts/loc.sh scripts/init.d/wazuh-agent scripts/openrc/wazuh-agent scripts/procd/wazuh-agent scripts/deps.sh
+	shellcheck -s sh scripts/loc.sh scripts/init.d/wazuh-agent scripts/openrc/wazuh-agent scripts/procd/wazuh-agent scripts/deps.sh \
+		scripts/deb/postinst scripts/deb/prerm scripts/deb/postrm
 	shellcheck scripts/demo.sh
 
 demo:
@@ -127,6 +128,47 @@ uninstall:
 	systemd) rm -f $(DESTDIR)/lib/systemd/system/wazuh-agent.service ;; \
 	esac
 	@echo "kept /etc/wazuh-agent, /etc/default/wazuh-agent and /var/lib/wazuh-agent (configuration and credentials)"
+
+# Debian package with dpkg-deb: the release binary in /usr/bin, the config (agent.user =
+# wazuh-agent) and /etc/default/wazuh-agent as conffiles, the systemd unit and the SysV
+# script, maintainer scripts from scripts/deb/. DEB_BIN: a binary already built (CI reuses
+# the one `make size` built); otherwise the release build. Writes wazuh-agent_<ver>_<arch>.deb.
+DEB_BIN     ?=
+DEB_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+DEB_ARCH    := $(shell dpkg --print-architecture 2>/dev/null)
+DEB_OUT     ?= target/deb
+DEB_STAGE   := $(DEB_OUT)/stage
+DEB_FILE    := $(DEB_OUT)/wazuh-agent_$(DEB_VERSION)_$(DEB_ARCH).deb
+DEB_SUBST   := sed -e 's|/usr/local/bin/wazuh-agent|/usr/bin/wazuh-agent|g'
+
+deb: $(if $(DEB_BIN),,release)
+	@test -n "$(DEB_ARCH)" || { echo "make deb needs dpkg (dpkg --print-architecture)" >&2; exit 1; }
+	rm -rf $(DEB_STAGE) && mkdir -p $(DEB_STAGE)/DEBIAN
+	install -d -m 0755 $(DEB_STAGE)/usr/bin $(DEB_STAGE)/etc/wazuh-agent $(DEB_STAGE)/etc/default \
+		$(DEB_STAGE)/etc/init.d $(DEB_STAGE)/lib/systemd/system $(DEB_STAGE)/usr/share/doc/wazuh-agent
+	install -d -m 0700 $(DEB_STAGE)/var/lib/wazuh-agent
+	install -m 0755 $(or $(DEB_BIN),$(BIN)) $(DEB_STAGE)/usr/bin/wazuh-agent
+	sed -e 's|^user = ""|user = "wazuh-agent"|' -e 's|^group = ""|group = "wazuh-agent"|' \
+		etc/wazuh-agent.toml > $(DEB_STAGE)/etc/wazuh-agent/wazuh-agent.toml
+	chmod 0644 $(DEB_STAGE)/etc/wazuh-agent/wazuh-agent.toml
+	grep -q '^user = "wazuh-agent"$$' $(DEB_STAGE)/etc/wazuh-agent/wazuh-agent.toml
+	$(DEB_SUBST) scripts/default.wazuh-agent > $(DEB_STAGE)/etc/default/wazuh-agent
+	$(DEB_SUBST) scripts/init.d/wazuh-agent > $(DEB_STAGE)/etc/init.d/wazuh-agent
+	$(DEB_SUBST) scripts/systemd/wazuh-agent.service > $(DEB_STAGE)/lib/systemd/system/wazuh-agent.service
+	chmod 0644 $(DEB_STAGE)/etc/default/wazuh-agent $(DEB_STAGE)/lib/systemd/system/wazuh-agent.service
+	chmod 0755 $(DEB_STAGE)/etc/init.d/wazuh-agent
+	install -m 0644 README.md $(DEB_STAGE)/usr/share/doc/wazuh-agent/README.md
+	printf '%s\n' /etc/default/wazuh-agent /etc/init.d/wazuh-agent /etc/wazuh-agent/wazuh-agent.toml \
+		> $(DEB_STAGE)/DEBIAN/conffiles
+	install -m 0755 scripts/deb/postinst scripts/deb/prerm scripts/deb/postrm $(DEB_STAGE)/DEBIAN/
+	@glibc=$$(objdump -T $(DEB_STAGE)/usr/bin/wazuh-agent 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n 1); \
+	depends="libc6$${glibc:+ (>= $$glibc)}"; \
+	if objdump -p $(DEB_STAGE)/usr/bin/wazuh-agent 2>/dev/null | grep -q 'NEEDED.*libgcc_s'; then depends="$$depends, libgcc-s1"; fi; \
+	size=$$(du -sk --exclude=DEBIAN $(DEB_STAGE) | cut -f1); \
+	sed -e 's|@VERSION@|$(DEB_VERSION)|' -e 's|@ARCH@|$(DEB_ARCH)|' -e "s|@SIZE@|$$size|" -e "s|@DEPENDS@|$$depends|" \
+		scripts/deb/control > $(DEB_STAGE)/DEBIAN/control
+	dpkg-deb --root-owner-group --build $(DEB_STAGE) $(DEB_FILE)
+	@echo "$(DEB_FILE)"
 
 # Cross build, e.g. make cross TARGET=aarch64-unknown-linux-musl (needs the target installed
 # with rustup and its C compiler for ring: CC_<target> and a linker; see README).

@@ -12,8 +12,15 @@ fn repo() -> PathBuf {
 
 #[test]
 fn every_shell_script_passes_shellcheck() {
-    let scripts =
-        ["scripts/init.d/wazuh-agent", "scripts/openrc/wazuh-agent", "scripts/procd/wazuh-agent", "scripts/deps.sh"];
+    let scripts = [
+        "scripts/init.d/wazuh-agent",
+        "scripts/openrc/wazuh-agent",
+        "scripts/procd/wazuh-agent",
+        "scripts/deps.sh",
+        "scripts/deb/postinst",
+        "scripts/deb/prerm",
+        "scripts/deb/postrm",
+    ];
     let out = Command::new("shellcheck")
         .args(["-s", "sh"])
         .args(scripts.iter().map(|s| repo().join(s)))
@@ -460,4 +467,142 @@ fn the_sysv_script_keeps_no_pid_where_another_account_could_replace_it() {
         assert!(text(&out).contains(&says), "{}", text(&out));
         assert!(!open.join("run.init").exists() && !open.join("run").exists(), "nothing created or started");
     }
+}
+
+/// A stub command for the maintainer scripts: records its arguments in `<dir>/calls`;
+/// useradd/userdel also edit `<root>/etc/passwd` (given with `--root`).
+fn stub(dir: &Path, name: &str, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    let calls = dir.join("calls");
+    std::fs::write(&path, format!("#!/bin/sh\necho \"{name} $*\" >> '{}'\n{body}\n", calls.display())).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn make_deb_installs_upgrades_and_purges_in_a_throwaway_root() {
+    for tool in ["dpkg", "dpkg-deb", "objdump"] {
+        if Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map_or(true, |o| !o.status.success())
+        {
+            eprintln!("skipped: {tool} is missing (Debian hosts have it)");
+            return;
+        }
+    }
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = Command::new("make")
+        .current_dir(repo())
+        .args(["--no-print-directory", "deb"])
+        .arg(format!("DEB_BIN={}", bin()))
+        .arg(format!("DEB_OUT={}", out_dir.path().display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "make deb: {}", text(&out));
+    let deb = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("a .deb");
+    let field = |f: &str| {
+        let o = Command::new("dpkg-deb").arg("-f").arg(&deb).arg(f).output().unwrap();
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    };
+    let version = std::fs::read_to_string(repo().join("Cargo.toml"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("version = \"").map(|v| v.trim_end_matches('"').to_string()))
+        .unwrap();
+    assert_eq!(field("Package"), "wazuh-agent");
+    assert_eq!(field("Version"), version);
+    let arch = Command::new("dpkg").arg("--print-architecture").output().unwrap();
+    assert_eq!(field("Architecture"), String::from_utf8(arch.stdout).unwrap().trim());
+    assert!(field("Depends").starts_with("libc6"), "{}", field("Depends"));
+    let conffiles = Command::new("dpkg-deb").arg("-I").arg(&deb).arg("conffiles").output().unwrap();
+    let conffiles = String::from_utf8(conffiles.stdout).unwrap();
+    assert!(conffiles.lines().any(|l| l == "/etc/wazuh-agent/wazuh-agent.toml"), "{conffiles}");
+
+    // dpkg --root without a container: the maintainer scripts run outside the root with
+    // DPKG_ROOT set; the tools they call are stubs that record their calls.
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    for d in ["var/lib/dpkg/updates", "var/lib/dpkg/info", "etc"] {
+        std::fs::create_dir_all(r.join(d)).unwrap();
+    }
+    std::fs::write(r.join("var/lib/dpkg/status"), "").unwrap();
+    std::fs::write(r.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    let stubs = tempfile::tempdir().unwrap();
+    let s = stubs.path();
+    stub(s, "useradd", r#"echo "wazuh-agent:x:999:999::/var/lib/wazuh-agent:/usr/sbin/nologin" >> "$2/etc/passwd""#);
+    stub(s, "userdel", r#"sed -i '/^wazuh-agent:/d' "$2/etc/passwd""#);
+    for name in ["deb-systemd-helper", "update-rc.d", "invoke-rc.d", "systemctl"] {
+        stub(s, name, "");
+    }
+    let dpkg = |args: &[&str]| {
+        let out = Command::new("dpkg")
+            .arg(format!("--root={}", r.display()))
+            .args(["--force-not-root", "--force-script-chrootless", "--force-depends", "--force-confold"])
+            .args(args)
+            .env("PATH", format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", s.display()))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "dpkg {args:?}: {}", text(&out));
+    };
+    let calls = || std::fs::read_to_string(s.join("calls")).unwrap_or_default();
+    dpkg(&["-i", deb.to_str().unwrap()]);
+    assert_eq!(mode(&r.join("usr/bin/wazuh-agent")), 0o755);
+    assert_eq!(mode(&r.join("etc/wazuh-agent/wazuh-agent.toml")), 0o644);
+    assert_eq!(mode(&r.join("var/lib/wazuh-agent")), 0o700);
+    assert_eq!(mode(&r.join("etc/init.d/wazuh-agent")), 0o755);
+    assert_eq!(mode(&r.join("lib/systemd/system/wazuh-agent.service")), 0o644);
+    let unit = std::fs::read_to_string(r.join("lib/systemd/system/wazuh-agent.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/bin/wazuh-agent") && !unit.contains("/usr/local"), "{unit}");
+    let config = std::fs::read_to_string(r.join("etc/wazuh-agent/wazuh-agent.toml")).unwrap();
+    assert!(config.lines().any(|l| l == "user = \"wazuh-agent\""), "agent.user set");
+    let check = Command::new(bin())
+        .args(["--check-config", "--config"])
+        .arg(r.join("etc/wazuh-agent/wazuh-agent.toml"))
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "the packaged config is valid: {}", text(&check));
+    assert!(std::fs::read_to_string(r.join("etc/passwd")).unwrap().contains("wazuh-agent:"), "user created");
+    let c = calls();
+    assert!(c.contains("useradd --root") && c.contains("--system"), "{c}");
+    assert!(c.contains("deb-systemd-helper enable wazuh-agent.service"), "{c}");
+    assert!(c.contains("update-rc.d wazuh-agent defaults"), "{c}");
+    assert!(!c.contains("invoke-rc.d") && !c.contains("systemctl"), "nothing started: {c}");
+
+    // An upgrade (the same package again) keeps a changed conffile and the data dir, and
+    // does not create the user twice.
+    std::fs::write(r.join("etc/wazuh-agent/wazuh-agent.toml"), format!("{config}# mine\n")).unwrap();
+    std::fs::write(r.join("var/lib/wazuh-agent/credentials.json"), "{}").unwrap();
+    dpkg(&["-i", deb.to_str().unwrap()]);
+    assert!(std::fs::read_to_string(r.join("etc/wazuh-agent/wazuh-agent.toml")).unwrap().ends_with("# mine\n"));
+    assert!(r.join("var/lib/wazuh-agent/credentials.json").exists());
+    assert_eq!(calls().matches("useradd").count(), 1, "{}", calls());
+
+    // Purge: only what existed before (the dpkg database, /etc/passwd without the user).
+    std::fs::create_dir_all(r.join("run/wazuh-agent")).unwrap();
+    dpkg(&["--purge", "wazuh-agent"]);
+    let mut left: Vec<String> = walk(r)
+        .into_iter()
+        .map(|p| p.strip_prefix(r).unwrap().display().to_string())
+        .filter(|p| !p.starts_with("var/lib/dpkg"))
+        .collect();
+    left.sort();
+    assert_eq!(left, ["etc", "etc/passwd", "run", "var", "var/lib"], "{}", calls());
+    assert_eq!(std::fs::read_to_string(r.join("etc/passwd")).unwrap(), "root:x:0:0:root:/root:/bin/sh\n");
+    let c = calls();
+    assert!(c.contains("userdel --root") && c.contains("update-rc.d wazuh-agent remove"), "{c}");
+    assert!(c.contains("deb-systemd-helper purge wazuh-agent.service"), "{c}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        all.push(path.clone());
+        if path.is_dir() && !path.is_symlink() {
+            all.extend(walk(&path));
+        }
+    }
+    all
 }
