@@ -290,7 +290,7 @@ fn handle(stream: UnixStream, ingest: &Ingest, id: usize) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
     let mut reader = BufReader::with_capacity(64 * 1024, &stream);
-    let (mut conn, mut line, mut number) = (Conn::default(), Vec::new(), 0u64);
+    let (mut conn, mut line, mut number, mut marked) = (Conn::default(), Vec::new(), 0u64, Instant::now());
     // A line may be one byte longer than the limit (a '\r' the parser drops), plus its newline.
     let limit = event::MAX_LINE_BYTES as u64 + 2;
     loop {
@@ -322,7 +322,11 @@ fn handle(stream: UnixStream, ingest: &Ingest, id: usize) {
             Ok(0) if line.is_empty() => break,
             Ok(_) => {
                 number += 1;
-                ingest.open.lock().unwrap_or_else(|p| p.into_inner()).entry(id).and_modify(|c| c.1 = Instant::now());
+                // The shared list is touched at most every 250 ms, not per line: eviction looks for a second idle.
+                if marked.elapsed() >= Duration::from_millis(250) {
+                    marked = Instant::now();
+                    ingest.open.lock().unwrap_or_else(|p| p.into_inner()).entry(id).and_modify(|c| c.1 = marked);
+                }
                 conn.line(ingest, number, line.strip_suffix(b"\n").unwrap_or(&line), oversized);
             }
         }
