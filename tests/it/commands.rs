@@ -188,6 +188,35 @@ fn a_command_arrives_while_a_large_upload_is_in_progress() {
     result_of(&env.mock, "c-10", Duration::from_secs(20));
 }
 
+/// The window the SysV `reload` test fell into under load: HUP sent the moment the pid file
+/// exists must reload the agent, not kill it with HUP's default action.
+#[test]
+fn a_sighup_as_soon_as_the_pid_file_exists_reloads_and_does_not_kill() {
+    let env = Env::new();
+    env.registered();
+    let pid_file = env.dir.path().join("run/wazuh-agent.pid");
+    for round in 0..3 {
+        let _ = std::fs::remove_file(&pid_file);
+        let mut agent = env.spawn_agent();
+        // Spin (no sleep): the point is to signal as early as the pid file can be seen.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::fs::read_to_string(&pid_file).map_or(true, |p| p.trim().is_empty()) {
+            assert!(Instant::now() < deadline, "no pid file: {}", agent.log());
+            std::thread::yield_now();
+        }
+        agent.signal(libc::SIGHUP);
+        assert!(
+            wait_for(Duration::from_secs(20), || agent.log().contains("SIGHUP: configuration reloaded")
+                || agent.child.try_wait().unwrap().is_some()),
+            "round {round}: {}",
+            agent.log()
+        );
+        assert!(agent.child.try_wait().unwrap().is_none(), "round {round}: HUP killed the agent: {}", agent.log());
+        agent.signal(libc::SIGTERM);
+        assert_eq!(agent.wait_exit(Duration::from_secs(20)), Some(0), "{}", agent.log());
+    }
+}
+
 #[test]
 fn sighup_reloads_the_local_file() {
     let (env, agent, _me) = setup(Duration::from_millis(300));
