@@ -142,13 +142,15 @@ pub enum Stopped {
 /// Runs the agent until SIGTERM/SIGINT or a restart command. `local` is the configuration
 /// from the local file; the server's group files are applied over it here.
 pub fn run(local: &Config) -> Result<Stopped, RunError> {
+    // Blocked before the pid file exists, until the handlers do, and in every worker (masks are
+    // inherited): a `reload` that finds the pid file must not kill the agent (HUP's default
+    // action), and only `main` takes signals.
+    crate::sys::block_signals(true);
     let (config, credentials) = load(local)?;
     let (agents, pid_file, stats, store, listener) = open(&config)?;
     if let Some(user) = &config.agent.user {
         drop_privileges(&config, user)?;
     }
-    // Blocked until the handlers exist, and in every worker (masks are inherited): only `main` takes signals.
-    crate::sys::block_signals(true);
     let host = crate::host::gather(&config.inventory.root);
     let agent_line =
         event::agent_line(&credentials.uuid, &credentials.name, &groups::current(&config.agent.data_dir), &host);

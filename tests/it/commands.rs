@@ -93,10 +93,13 @@ fn set_group_is_all_or_nothing() {
     let (env, _agent, me) = setup(Duration::from_millis(300));
     env.mock.set_file("g1.yml", b"log:\n  level: info\n");
     env.mock.enqueue_command(&me, command("c-5", "set-group", json!({"groups": ["g1"]}), None));
-    assert_eq!(result_of(&env.mock, "c-5", Duration::from_secs(10)).0, 0);
+    // set-group starts at most every GROUPS_EVERY (10 s): c-6 and c-7 each wait that long
+    // after the previous one started, so each wait below is 10 s plus a loaded machine's share.
+    let within = Duration::from_secs(30);
+    assert_eq!(result_of(&env.mock, "c-5", within).0, 0);
     env.mock.set_file("g2.yml", b"log:\n  level: debug\n");
     env.mock.enqueue_command(&me, command("c-6", "set-group", json!({"groups": ["g2", "missing"]}), None));
-    let (code, message) = result_of(&env.mock, "c-6", Duration::from_secs(10));
+    let (code, message) = result_of(&env.mock, "c-6", within);
     assert_eq!(code, 1);
     assert!(message.contains("missing.yml not found"), "{message}");
     let shared = env.data_dir().join("shared");
@@ -105,7 +108,7 @@ fn set_group_is_all_or_nothing() {
     // An invalid file also changes nothing, and says which file and key.
     env.mock.set_file("bad.yml", b"events:\n  overflow: explode\n");
     env.mock.enqueue_command(&me, command("c-7", "set-group", json!({"groups": ["bad"]}), None));
-    let (code, message) = result_of(&env.mock, "c-7", Duration::from_secs(10));
+    let (code, message) = result_of(&env.mock, "c-7", within);
     assert_eq!(code, 1);
     assert!(message.contains("bad.yml") && message.contains("events.overflow"), "{message}");
     assert!(shared.join("g1.yml").exists());
@@ -128,16 +131,17 @@ fn group_names_that_escape_the_directory_are_refused() {
 fn a_slow_command_times_out_with_code_3_and_does_not_hold_up_polling() {
     let (env, _agent, me) = setup(Duration::from_millis(300));
     env.mock.set_file("g1.yml", b"{}\n");
-    env.mock.inject(Fault { path: "/api/v1/files".into(), times: 1, action: FaultAction::Delay { ms: 4000 } });
-    env.mock.enqueue_command(&me, command("slow", "set-group", json!({"groups": ["g1"]}), Some(2)));
+    // A 5 s timeout: the next command must be delivered before it ends, even on a loaded machine.
+    env.mock.inject(Fault { path: "/api/v1/files".into(), times: 1, action: FaultAction::Delay { ms: 8000 } });
+    env.mock.enqueue_command(&me, command("slow", "set-group", json!({"groups": ["g1"]}), Some(5)));
     assert!(env.mock.wait_until(Duration::from_secs(10), |m| m.requests().iter().any(|r| r.path == "/api/v1/files")
         || m.command_deliveries().iter().any(|d| d.0 == "slow")));
     env.mock.enqueue_command(&me, command("next", "no-such-action", json!({}), None));
     // The next command is taken by a poll while the slow one still runs.
     assert!(env.mock.wait_until(Duration::from_secs(10), |m| m.command_deliveries().iter().any(|d| d.0 == "next")));
     assert!(env.mock.command_results().iter().all(|r| r.0 != "slow"), "delivered before the slow one finished");
-    let (code, message) = result_of(&env.mock, "slow", Duration::from_secs(15));
-    assert_eq!((code, message.as_str()), (3, "timed out after 2s"));
+    let (code, message) = result_of(&env.mock, "slow", Duration::from_secs(20));
+    assert_eq!((code, message.as_str()), (3, "timed out after 5s"));
     assert_eq!(result_of(&env.mock, "next", Duration::from_secs(10)).0, 1);
     assert!(!env.data_dir().join("shared").join("g1.yml").exists(), "a timed-out set-group changes nothing");
 }
@@ -186,6 +190,35 @@ fn a_command_arrives_while_a_large_upload_is_in_progress() {
     assert!(delivered_at < 100_000, "delivered while the upload was still going ({delivered_at} of 100000 in)");
     assert!(sender.join().unwrap().success());
     result_of(&env.mock, "c-10", Duration::from_secs(20));
+}
+
+/// The window the SysV `reload` test fell into under load: HUP sent the moment the pid file
+/// exists must reload the agent, not kill it with HUP's default action.
+#[test]
+fn a_sighup_as_soon_as_the_pid_file_exists_reloads_and_does_not_kill() {
+    let env = Env::new();
+    env.registered();
+    let pid_file = env.dir.path().join("run/wazuh-agent.pid");
+    for round in 0..3 {
+        let _ = std::fs::remove_file(&pid_file);
+        let mut agent = env.spawn_agent();
+        // Spin (no sleep): the point is to signal as early as the pid file can be seen.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::fs::read_to_string(&pid_file).map_or(true, |p| p.trim().is_empty()) {
+            assert!(Instant::now() < deadline, "no pid file: {}", agent.log());
+            std::thread::yield_now();
+        }
+        agent.signal(libc::SIGHUP);
+        assert!(
+            wait_for(Duration::from_secs(20), || agent.log().contains("SIGHUP: configuration reloaded")
+                || agent.child.try_wait().unwrap().is_some()),
+            "round {round}: {}",
+            agent.log()
+        );
+        assert!(agent.child.try_wait().unwrap().is_none(), "round {round}: HUP killed the agent: {}", agent.log());
+        agent.signal(libc::SIGTERM);
+        assert_eq!(agent.wait_exit(Duration::from_secs(20)), Some(0), "{}", agent.log());
+    }
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Operations: the init scripts, install, single instance, log reopen, privilege drop.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -81,6 +82,17 @@ fn sysv_cmd(env: &Env, shell: Shell, action: &str) -> Command {
             c
         }
     };
+    if action == "start" {
+        // Started from a context that ignores HUP (nohup, some init systems): the respawn loop
+        // inherits it, cannot trap it, and `reload` must still reach the agent.
+        // SAFETY: signal(2) between fork and exec, async-signal-safe.
+        unsafe {
+            c.pre_exec(|| {
+                libc::signal(libc::SIGHUP, libc::SIG_IGN);
+                Ok(())
+            })
+        };
+    }
     c.arg(script)
         .arg(action)
         .env("WAZUH_AGENT_BIN", bin())
@@ -157,7 +169,9 @@ fn sysv_lifecycle(shell: Shell) {
     let log = env.dir.path().join("agent.log");
     assert!(
         wait_for(Duration::from_secs(10), || std::fs::read_to_string(&log).unwrap_or_default().contains("SIGHUP")),
-        "the respawn loop passed HUP on to the agent"
+        "reload reached the agent: {}\nagent log:\n{}",
+        text(&out),
+        std::fs::read_to_string(&log).unwrap_or_default()
     );
 
     // A restart with a broken configuration stops nothing.
