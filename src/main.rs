@@ -65,6 +65,7 @@ fn try_main() -> Result<u8, Error> {
     };
     match cli.mode {
         Mode::CheckConfig => {
+            config.check_build().map_err(Error::Config)?;
             let head = config.source.as_ref().map(|p| format!("# configuration {} is valid", p.display()));
             let head = head.unwrap_or_else(|| "# no configuration file; built-in defaults".into());
             print(&format!("{head}\n{}", config.render()), 0)
@@ -76,6 +77,7 @@ fn try_main() -> Result<u8, Error> {
             print(&format!("{}\n", creds.uuid), 0)
         }
         Mode::Run => {
+            config.check_build().map_err(Error::Config)?;
             logging::init(&config, false).map_err(Error::Log)?;
             match supervisor::run(&config).map_err(Error::Run)? {
                 supervisor::Stopped::Signal => Ok(0),
