@@ -279,17 +279,15 @@ pub static KEYS: &[Key] = &[
     key!(log.syslog = false, LOCAL, RESTART, boolean, show_num),
 ];
 
-/// What `server.ca_file = ""` needs without the feature "webpki-roots".
-pub const NO_ROOTS: &str = "this build has no built-in roots (cargo feature \"webpki-roots\"); give the CA's PEM file";
-
-/// Values that need a part the build may leave out (Cargo.toml, [features]): the key, what the value needs, the
-/// cargo feature, whether it is built in. Every build parses every key, so one file serves them all.
+/// Values that need a part the build may leave out (Cargo.toml, [features]): the key, whether the value needs it,
+/// the part, its cargo feature, whether it is built in. Every build parses every key: one file serves them all.
 #[allow(clippy::type_complexity)] // a table: one line per entry reads better than a struct
-const NEEDS: [(&str, fn(&Config) -> bool, &str, bool); 4] = [
-    ("logcollector.files", |c| !c.logcollector.files.is_empty(), "logcollector", cfg!(feature = "logcollector")),
-    ("inventory.enabled", |c| c.inventory.enabled, "inventory", cfg!(feature = "inventory")),
-    ("server.compression", |c| c.server.compression == Compression::Gzip, "gzip", cfg!(feature = "gzip")),
-    ("server.ca_file", |c| c.server.ca_file.is_none(), "webpki-roots", cfg!(feature = "webpki-roots")),
+#[rustfmt::skip]
+const NEEDS: [(&str, fn(&Config) -> bool, &str, &str, bool); 4] = [
+    ("logcollector.files", |c| !c.logcollector.files.is_empty(), "logcollector", "logcollector", cfg!(feature = "logcollector")),
+    ("inventory.enabled", |c| c.inventory.enabled, "inventory", "inventory", cfg!(feature = "inventory")),
+    ("server.compression", |c| c.server.compression == Compression::Gzip, "gzip", "gzip", cfg!(feature = "gzip")),
+    ("server.ca_file", |c| c.server.ca_file.is_none(), "built-in roots", "webpki-roots", cfg!(feature = "webpki-roots")),
 ];
 
 const LEVELS: &[(&str, log::LevelFilter)] = &[
@@ -588,9 +586,10 @@ impl Config {
     /// Refuses a value that needs a part this build leaves out ([`NEEDS`]), naming the key and the cargo feature;
     /// `--check-config`, the start and every group overlay ask. Not part of parsing: the defaults stay constructible.
     pub fn check_build(&self) -> Result<(), ConfigError> {
-        match NEEDS.iter().find(|(_, needs, _, built)| !built && needs(self)) {
-            Some(("server.ca_file", ..)) => Err(invalid("server.ca_file", NO_ROOTS)),
-            Some((key, _, f, _)) => Err(invalid(key, format!("this build has no {f} (cargo feature \"{f}\")"))),
+        match NEEDS.iter().find(|(_, needs, .., built)| !built && needs(self)) {
+            Some((key, _, part, f, _)) => {
+                Err(invalid(key, format!("this build has no {part} (cargo feature \"{f}\")")))
+            }
             None => Ok(()),
         }
     }
@@ -952,7 +951,7 @@ mod tests {
             (format!("{ca_line}compression = \"gzip\"\n"), off.into(), cfg!(feature = "gzip")),
             ("ca_file = \"\"\n".into(), off.into(), cfg!(feature = "webpki-roots")),
         ];
-        for ((key, _, feature, _), (server, rest, built)) in NEEDS.iter().zip(cases) {
+        for ((key, .., feature, _), (server, rest, built)) in NEEDS.iter().zip(cases) {
             let got = parse(&format!("[server]\n{server}{rest}")).unwrap().check_build().map_err(|e| e.to_string());
             match (built, got) {
                 (true, got) => assert!(got.is_ok(), "{key}: {got:?}"),

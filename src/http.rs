@@ -65,7 +65,7 @@ pub fn tls_config(server: &ServerConfig) -> Result<Arc<ClientConfig>, HttpError>
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
         // --check-config refuses this too (config::NEEDS); registration gets here first.
         #[cfg(not(feature = "webpki-roots"))]
-        None => return Err(HttpError::Tls(format!("server.ca_file: {}", crate::config::NO_ROOTS))),
+        None => return Err(HttpError::Tls("server.ca_file is empty and this build has no built-in roots".into())),
     }
 
     if server.verify == Verify::Full {

@@ -31,13 +31,12 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> GroupError + '_ {
     move |source| GroupError::Io { path: path.to_path_buf(), source }
 }
 
-// The YAML reader is the cargo feature "groups" (README, Footprint); without it every group file is refused, so
-// set-group and fetch-config fail with a result that says why.
 #[cfg(feature = "groups")]
 mod yaml;
 #[cfg(feature = "groups")]
 pub use yaml::parse_group_file;
 
+/// Without the YAML reader (cargo feature "groups") every group file is refused: set-group and fetch-config say why.
 #[cfg(not(feature = "groups"))]
 pub fn parse_group_file(file: &str, _content: &[u8]) -> Result<(toml::Table, Vec<String>), GroupError> {
     let message = "cannot be applied: this build has no group configuration (cargo feature \"groups\")".into();

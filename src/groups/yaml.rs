@@ -2,8 +2,7 @@
 
 use std::collections::HashMap;
 
-use yaml_rust2::parser::{Event, Parser};
-use yaml_rust2::{Yaml, YamlLoader};
+use yaml_rust2::{Yaml, YamlLoader, parser::Event, parser::Parser};
 
 use super::GroupError;
 use crate::config;
