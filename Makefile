@@ -70,7 +70,7 @@ fuzz:
 # its own target dir so neither build overwrites the other. Each fails above its budget: the measured size plus a
 # small margin (README, Footprint). The minimal binary must also refuse a module it lacks, naming the feature.
 SIZE_BUDGET     ?= 3000000
-SIZE_BUDGET_MIN ?= 3000000
+SIZE_BUDGET_MIN ?= 2530000
 MIN_DIR         := target/minimal
 MIN_BIN         := $(MIN_DIR)/release/wazuh-agent
 size: release
