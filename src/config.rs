@@ -279,8 +279,7 @@ pub static KEYS: &[Key] = &[
     key!(log.syslog = false, LOCAL, RESTART, boolean, show_num),
 ];
 
-/// Values that need a part the build may leave out (Cargo.toml, [features]): the key, whether the value needs it,
-/// the part, its cargo feature, whether it is built in. Every build parses every key: one file serves them all.
+/// Values that need a part a build may leave out: key, whether the value needs it, part, cargo feature, built in.
 #[allow(clippy::type_complexity)] // a table: one line per entry reads better than a struct
 #[rustfmt::skip]
 const NEEDS: [(&str, fn(&Config) -> bool, &str, &str, bool); 4] = [
@@ -583,8 +582,7 @@ impl Config {
         Ok(config)
     }
 
-    /// Refuses a value that needs a part this build leaves out ([`NEEDS`]), naming the key and the cargo feature;
-    /// `--check-config`, the start and every group overlay ask. Not part of parsing: the defaults stay constructible.
+    /// Refuses a value that needs a part this build lacks ([`NEEDS`]); not in parsing, so every build reads every file.
     pub fn check_build(&self) -> Result<(), ConfigError> {
         match NEEDS.iter().find(|(_, needs, .., built)| !built && needs(self)) {
             Some((key, _, part, f, _)) => {

@@ -4,8 +4,7 @@ use std::collections::HashMap;
 
 use yaml_rust2::{Yaml, YamlLoader, parser::Event, parser::Parser};
 
-use super::GroupError;
-use crate::config;
+use crate::{config, groups::GroupError};
 
 /// Nodes, aliases expanded (SPEC §2.1), and a nesting bound: loading recurses per level.
 const MAX_NODES: usize = 10_000;
