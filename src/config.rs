@@ -279,6 +279,16 @@ pub static KEYS: &[Key] = &[
     key!(log.syslog = false, LOCAL, RESTART, boolean, show_num),
 ];
 
+/// Values that need a part a build may leave out: key, whether the value needs it, part, cargo feature, built in.
+#[allow(clippy::type_complexity)] // a table: one line per entry reads better than a struct
+#[rustfmt::skip]
+const NEEDS: [(&str, fn(&Config) -> bool, &str, &str, bool); 4] = [
+    ("logcollector.files", |c| !c.logcollector.files.is_empty(), "logcollector", "logcollector", cfg!(feature = "logcollector")),
+    ("inventory.enabled", |c| c.inventory.enabled, "inventory", "inventory", cfg!(feature = "inventory")),
+    ("server.compression", |c| c.server.compression == Compression::Gzip, "gzip", "gzip", cfg!(feature = "gzip")),
+    ("server.ca_file", |c| c.server.ca_file.is_none(), "built-in roots", "webpki-roots", cfg!(feature = "webpki-roots")),
+];
+
 const LEVELS: &[(&str, log::LevelFilter)] = &[
     ("error", log::LevelFilter::Error),
     ("warn", log::LevelFilter::Warn),
@@ -566,9 +576,20 @@ impl Config {
                 }
             }
             config = Config::from_table(&table, source)
+                .and_then(|c| c.check_build().map(|()| c))
                 .map_err(|e| ConfigError::Group { file: file.clone(), message: e.to_string() })?;
         }
         Ok(config)
+    }
+
+    /// Refuses a value that needs a part this build lacks ([`NEEDS`]); not in parsing, so every build reads every file.
+    pub fn check_build(&self) -> Result<(), ConfigError> {
+        match NEEDS.iter().find(|(_, needs, .., built)| !built && needs(self)) {
+            Some((key, _, part, f, _)) => {
+                Err(invalid(key, format!("this build has no {part} (cargo feature \"{f}\")")))
+            }
+            None => Ok(()),
+        }
     }
 
     /// The effective values, one `section.key = value` line each in TOML syntax, stable for `sed`/`grep`
@@ -912,6 +933,36 @@ mod tests {
     }
 
     #[test]
+    fn a_value_that_needs_a_part_left_out_of_the_build_is_refused_naming_key_and_feature() {
+        let ca = tempfile::NamedTempFile::new().unwrap();
+        let ca_line = format!("ca_file = {:?}\n", ca.path());
+        let off = "[inventory]\nenabled = false\n";
+        assert!(parse(&format!("[server]\n{ca_line}{off}")).unwrap().check_build().is_ok(), "every build runs this");
+        // Per entry of NEEDS, in order: the [server] lines, the other sections, whether the feature is built in.
+        let cases = [
+            (
+                ca_line.clone(),
+                format!("{off}[logcollector]\nfiles = [\"/var/log/syslog\"]\n"),
+                cfg!(feature = "logcollector"),
+            ),
+            (ca_line.clone(), "[inventory]\nenabled = true\n".into(), cfg!(feature = "inventory")),
+            (format!("{ca_line}compression = \"gzip\"\n"), off.into(), cfg!(feature = "gzip")),
+            ("ca_file = \"\"\n".into(), off.into(), cfg!(feature = "webpki-roots")),
+        ];
+        for ((key, .., feature, _), (server, rest, built)) in NEEDS.iter().zip(cases) {
+            let got = parse(&format!("[server]\n{server}{rest}")).unwrap().check_build().map_err(|e| e.to_string());
+            match (built, got) {
+                (true, got) => assert!(got.is_ok(), "{key}: {got:?}"),
+                (false, Ok(())) => panic!("{key} is accepted without the feature {feature}"),
+                (false, Err(e)) => {
+                    assert!(e.contains(&format!("`{key}`: this build has no ")), "{e}");
+                    assert!(e.contains(&format!("(cargo feature \"{feature}\")")), "{e}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn url_list_and_trailing_slash() {
         let c = parse("[server]\nurl = [\"https://a:1/\", \"https://b:2\"]\n").unwrap();
         assert_eq!(c.server.urls, vec!["https://a:1", "https://b:2"]);
@@ -951,6 +1002,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "default"), ignore = "its local file is the default build's (inventory, built-in roots)")]
     fn overlays_apply_in_order_and_name_the_bad_file() {
         let local = "[events]\nbatch_interval = \"1s\"\n[log]\nlevel = \"warn\"\n";
         let overlay = |text: &str| -> toml::Table { toml::from_str(text).unwrap() };

@@ -414,6 +414,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "webpki-roots"), ignore = "its HTTP agent needs the built-in roots")]
     fn a_group_file_over_1_mib_is_refused_at_once() {
         assert_eq!(file_of(1 << 20).map(|b| b.len()), Ok(1 << 20));
         let e = file_of((1 << 20) + 1).unwrap_err();
@@ -421,6 +422,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "webpki-roots"), ignore = "its HTTP agent needs the built-in roots")]
     fn more_than_64_groups_are_refused_before_any_download() {
         let (ctx, _stop, asked) = serving(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec());
         let groups: Vec<String> = (0..65).map(|i| format!("g{i}")).collect();
@@ -431,6 +433,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "webpki-roots"), ignore = "its HTTP agent needs the built-in roots")]
     fn a_download_waiting_to_retry_ends_at_shutdown() {
         let Waiting { stop, done, asked } = download_waiting_a_minute(Instant::now() + Duration::from_secs(300));
         asked.recv_timeout(Duration::from_secs(10)).expect("the server was asked");
@@ -441,6 +444,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(feature = "webpki-roots"), ignore = "its HTTP agent needs the built-in roots")]
     fn a_download_waiting_to_retry_ends_at_the_command_deadline() {
         // The executor sets `cancel` when the command's deadline passes; the wait ends then.
         let Waiting { stop: _stop, done, asked } = download_waiting_a_minute(Instant::now() + Duration::from_secs(2));

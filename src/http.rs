@@ -61,7 +61,11 @@ pub fn tls_config(server: &ServerConfig) -> Result<Arc<ClientConfig>, HttpError>
                 return Err(HttpError::CaFileEmpty { path: path.clone() });
             }
         }
+        #[cfg(feature = "webpki-roots")]
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        // --check-config refuses this too (config::NEEDS); registration gets here first.
+        #[cfg(not(feature = "webpki-roots"))]
+        None => return Err(HttpError::Tls("server.ca_file is empty and this build has no built-in roots".into())),
     }
 
     if server.verify == Verify::Full {

@@ -19,8 +19,10 @@ pub mod groups;
 pub mod host;
 pub mod http;
 pub mod ingest;
+#[cfg(feature = "inventory")]
 pub mod inventory;
 pub mod live;
+#[cfg(feature = "logcollector")]
 pub mod logcollector;
 pub mod logging;
 pub mod memory;

@@ -11,7 +11,7 @@ use wazuh_agent::config::{Config, ConfigError};
 use wazuh_agent::ingest::{self, IngestError};
 use wazuh_agent::logging;
 use wazuh_agent::register::{self, RegisterError};
-use wazuh_agent::status::{self, NotRunning};
+use wazuh_agent::status;
 use wazuh_agent::supervisor::{self, RunError};
 
 /// Everything that can end the process with a failure.
@@ -65,6 +65,7 @@ fn try_main() -> Result<u8, Error> {
     };
     match cli.mode {
         Mode::CheckConfig => {
+            config.check_build().map_err(Error::Config)?;
             let head = config.source.as_ref().map(|p| format!("# configuration {} is valid", p.display()));
             let head = head.unwrap_or_else(|| "# no configuration file; built-in defaults".into());
             print(&format!("{head}\n{}", config.render()), 0)
@@ -76,6 +77,7 @@ fn try_main() -> Result<u8, Error> {
             print(&format!("{}\n", creds.uuid), 0)
         }
         Mode::Run => {
+            config.check_build().map_err(Error::Config)?;
             logging::init(&config, false).map_err(Error::Log)?;
             match supervisor::run(&config).map_err(Error::Run)? {
                 supervisor::Stopped::Signal => Ok(0),
@@ -120,13 +122,7 @@ fn print_status(config: &Config) -> Result<u8, Error> {
     if let serde_json::Value::Object(map) = &mut doc {
         map.insert("running".into(), verdict.is_ok().into());
         if let Err(why) = &verdict {
-            let reason = match why {
-                NotRunning::NoState => format!("no {}", status::state_path(&config.agent.run_dir).display()),
-                NotRunning::Unreadable(e) => format!("unreadable state file: {e}"),
-                NotRunning::Dead(pid) => format!("process {pid} is not running"),
-                NotRunning::Stale { age_secs } => format!("state not updated for {age_secs}s"),
-            };
-            map.insert("reason".into(), reason.into());
+            map.insert("reason".into(), why.to_string().into());
         }
     }
     print(&format!("{doc}\n"), if verdict.is_ok() { 0 } else { 3 })

@@ -130,25 +130,28 @@ pub fn write_state(run_dir: &Path, state: &State) -> std::io::Result<()> {
     crate::fsutil::write_atomic(&state_path(run_dir), &json, 0o644)
 }
 
-/// Why `--status` says "not running".
-#[derive(Debug, PartialEq, Eq)]
+/// Why `--status` says "not running" (its `reason`).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NotRunning {
-    /// There is no state.json (never started, or stopped cleanly and removed it).
-    NoState,
-    /// state.json exists but cannot be read as a state document.
+    /// Never started, or stopped cleanly and removed it.
+    #[error("no {}", .0.display())]
+    NoState(PathBuf),
+    #[error("unreadable state file: {0}")]
     Unreadable(String),
-    /// The pid in state.json is not alive.
+    #[error("process {0} is not running")]
     Dead(u32),
-    /// state.json was not updated for more than 3 intervals.
+    /// Not updated for more than 3 intervals.
+    #[error("state not updated for {age_secs}s")]
     Stale { age_secs: i64 },
 }
 
 /// Reads state.json and decides whether the agent is running (README, Status): the state if readable, the verdict.
 pub fn read_status(run_dir: &Path, now: SystemTime) -> (Option<State>, Result<(), NotRunning>) {
-    let read = crate::fsutil::read_nofollow(&state_path(run_dir)); // root runs it: no link, no FIFO to wait on
+    let path = state_path(run_dir);
+    let read = crate::fsutil::read_nofollow(&path); // root runs it: no link, no FIFO to wait on
     let state: State = match read.as_ref().map(|bytes| serde_json::from_slice(bytes)) {
         Ok(Ok(s)) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (None, Err(NotRunning::NoState)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (None, Err(NotRunning::NoState(path))),
         Err(e) => return (None, Err(NotRunning::Unreadable(e.to_string()))),
         Ok(Err(e)) => return (None, Err(NotRunning::Unreadable(e.to_string()))),
     };
@@ -198,7 +201,7 @@ mod tests {
     fn status_of_missing_dead_stale_and_live_agents() {
         let dir = tempfile::tempdir().unwrap();
         let now = SystemTime::now();
-        assert_eq!(read_status(dir.path(), now).1, Err(NotRunning::NoState));
+        assert_eq!(read_status(dir.path(), now).1, Err(NotRunning::NoState(state_path(dir.path()))));
         let stats = Stats::default();
         let mut s = State::capture(&stats, "u", "https://s", now);
         write_state(dir.path(), &s).unwrap();

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::Compression;
-use crate::event::{BodyReader, Event, Kind};
+use crate::event::{Event, Kind};
 use crate::http::{self, Request};
 use crate::queue::{Ack, Append, QueueBatch};
 use crate::session::{Call, Failure, Session};
@@ -109,15 +109,20 @@ impl Uploader {
 
     /// The body: streamed from the events, or compressed with gzip (once per batch).
     fn body<'a>(gzip: bool, agent_line: &'a str, events: &'a [Event]) -> Request<'a> {
-        if !gzip {
-            return Request::Events(agent_line, events);
+        match gzip {
+            // Without the feature the configuration check refuses server.compression = "gzip".
+            #[cfg(feature = "gzip")]
+            true => {
+                use crate::event::BodyReader;
+                let raw = BodyReader::len(agent_line, events) as usize;
+                // Level 1: most of the size win for a fraction of the CPU on a small host.
+                let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(raw / 4), flate2::Compression::fast());
+                // Compressing from memory into memory cannot fail.
+                let _ = std::io::copy(&mut BodyReader::new(agent_line, events), &mut enc);
+                enc.finish().map_or(Request::Events(agent_line, events), |z| Request::Gzip(z, agent_line, events))
+            }
+            _ => Request::Events(agent_line, events),
         }
-        let raw = BodyReader::len(agent_line, events) as usize;
-        // Level 1: most of the size win for a fraction of the CPU on a small host.
-        let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(raw / 4), flate2::Compression::fast());
-        // Compressing from memory into memory cannot fail.
-        let _ = std::io::copy(&mut BodyReader::new(agent_line, events), &mut enc);
-        enc.finish().map_or(Request::Events(agent_line, events), |z| Request::Gzip(z, agent_line, events))
     }
 
     /// Delivers `events` to the endpoint of `kind`, isolating what the server refuses. Each event is settled once,
