@@ -1,5 +1,5 @@
 //! Full-jitter exponential backoff (sans-IO: the caller supplies the random number). A uniform pick in
-//! `0..=min(max, initial * 2^attempt)` spreads agents that lost a server over the whole window.
+//! `0..=ceiling` spreads agents that lost a server over the whole window; see [`Backoff::ceiling`].
 
 use std::time::Duration;
 
@@ -25,13 +25,16 @@ impl Backoff {
         (self.initial, self.max) = (initial, max.max(initial));
     }
 
-    /// The upper bound of the next delay: `min(max, initial * 2^attempt)`, or [`FIRST_WINDOW`] first.
+    /// The upper bound of the next delay: the window `min(max, FIRST_WINDOW)` (at least `initial`), doubled per
+    /// failure since the last success, up to two thirds of `max` (10, 20, 40, 40 … s with the defaults). Doubling
+    /// from the window, not from `initial`: agents still failing when a server returns then wait on wide windows
+    /// and come back spread out, not many at once off 2 – 8 s ones. Two thirds: the last ceiling bounds how long
+    /// after the return every agent is back, whatever the failure's length, so "within `max`" keeps a third as
+    /// margin (docs/scaling.md, What the whole fleet does at once).
     pub fn ceiling(&self) -> Duration {
-        if self.attempt == 0 {
-            return self.max.min(FIRST_WINDOW).max(self.initial);
-        }
+        let window = self.max.min(FIRST_WINDOW).max(self.initial);
         let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
-        self.initial.saturating_mul(factor).min(self.max)
+        window.saturating_mul(factor).min((self.max - self.max / 3).max(window))
     }
 
     /// Records a failure and returns how long to wait, given `random` uniform in `0..=u64::MAX`.
@@ -49,7 +52,7 @@ impl Backoff {
         self.next_delay_with(fastrand::u64(..))
     }
 
-    /// Records a success: the next failure starts from `initial` again.
+    /// Records a success: the next failure starts from the window again.
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
@@ -59,25 +62,46 @@ impl Backoff {
 mod tests {
     use super::*;
 
+    /// The ceilings of the first failures after a success, for (initial, max) in ms.
     #[test]
-    fn ceiling_doubles_then_caps() {
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
-        let mut ceilings = Vec::new();
-        for _ in 0..9 {
-            ceilings.push(b.ceiling().as_secs());
-            b.next_delay_with(0);
+    fn ceilings_double_from_the_window_up_to_two_thirds_of_max() {
+        let table: &[(u64, u64, &[u64])] = &[
+            // The defaults: every agent is back within 40 s of a server's return.
+            (1_000, 60_000, &[10_000, 20_000, 40_000, 40_000, 40_000]),
+            // The tests' short settings: the window is `max`, and stays so.
+            (100, 1_000, &[1_000, 1_000, 1_000]),
+            (500, 2_000, &[2_000, 2_000, 2_000]),
+            // A long `max` lets the ceilings grow further.
+            (1_000, 300_000, &[10_000, 20_000, 40_000, 80_000, 160_000, 200_000, 200_000]),
+            // `max` between the window and 1.5 × the window: the window.
+            (1_000, 12_000, &[10_000, 10_000]),
+            (1_000, 16_000, &[10_000, 10_666, 10_666]),
+            (1_000, 5_000, &[5_000, 5_000]),
+            // `initial` stays the floor, above the window too.
+            (20_000, 60_000, &[20_000, 40_000, 40_000]),
+            (30_000, 30_000, &[30_000, 30_000]),
+            (5, 5, &[5, 5]),
+            (0, 0, &[0, 0]),
+        ];
+        for &(initial, max, want) in table {
+            let mut b = Backoff::new(Duration::from_millis(initial), Duration::from_millis(max));
+            let mut ceilings = Vec::new();
+            for _ in want {
+                ceilings.push(b.ceiling().as_millis() as u64);
+                b.next_delay_with(0);
+            }
+            assert_eq!(ceilings, want, "initial {initial} max {max}");
         }
-        // The first retry after a success is spread wide; later ones double from `initial`.
-        assert_eq!(ceilings, vec![10, 2, 4, 8, 16, 32, 60, 60, 60]);
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         for _ in 0..100 {
             b.next_delay_with(0);
         }
-        assert_eq!(b.ceiling(), Duration::from_secs(60), "no overflow after many attempts");
+        assert_eq!(b.ceiling(), Duration::from_secs(40), "no overflow after many attempts");
     }
 
     #[test]
     fn jitter_spans_zero_to_ceiling() {
-        let table: &[(u64, u64)] = &[(0, 0), (u64::MAX, 4_000), (u64::MAX / 2, 2_000)];
+        let table: &[(u64, u64)] = &[(0, 0), (u64::MAX, 40_000), (u64::MAX / 2, 20_000)];
         for (random, want_ms) in table {
             let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
             b.next_delay_with(0);
@@ -88,23 +112,14 @@ mod tests {
 
     #[test]
     fn reset_starts_over() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         for _ in 0..5 {
             b.next_delay_with(1);
         }
         assert_eq!(b.attempt, 5);
         b.reset();
-        assert_eq!(b.ceiling(), Duration::from_secs(1), "a first retry again: the whole window");
+        assert_eq!(b.ceiling(), Duration::from_secs(10), "a first retry again: the window");
         b.next_delay_with(0);
-        assert_eq!(b.ceiling(), Duration::from_millis(200));
-    }
-
-    #[test]
-    fn the_first_window_is_bounded_by_max_and_initial() {
-        let table = [(100, 1_000, 1_000), (100, 60_000, 10_000), (20_000, 60_000, 20_000), (5, 5, 5)];
-        for (initial, max, want) in table {
-            let b = Backoff::new(Duration::from_millis(initial), Duration::from_millis(max));
-            assert_eq!(b.ceiling(), Duration::from_millis(want), "initial {initial} max {max}");
-        }
+        assert_eq!(b.ceiling(), Duration::from_secs(20));
     }
 }

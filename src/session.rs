@@ -336,7 +336,10 @@ mod tests {
         let mut b = Backoff::new(slow.initial, slow.max);
         let down = || Err(ureq::Error::ConnectionFailed);
         assert_eq!(step(&mut b, &slow, down()), "down 10000ms failover");
-        assert_eq!(step(&mut b, &slow, down()), "down 2000ms failover");
+        // Later failures double from the window (not from `initial`), up to two thirds of `max`.
+        assert_eq!(step(&mut b, &slow, down()), "down 20000ms failover");
+        assert_eq!(step(&mut b, &slow, down()), "down 40000ms failover");
+        assert_eq!(step(&mut b, &slow, down()), "down 40000ms failover");
         // A live `retry.*` change applies to the very next failure.
         assert_eq!(step(&mut b, &fast, down()), "down 40ms failover");
         assert_eq!(step(&mut b, &fast, reply(408, None)), "repoll");

@@ -74,16 +74,14 @@ pub fn lifetime(claims: &Claims, now_unix: i64) -> Option<Duration> {
 }
 
 /// How long after receipt to renew a token (docs/protocol.md, Authentication): at the latest `max(60 s, 10 % of the
-/// lifetime)` before expiry, not before half the lifetime, within `MIN_RENEWAL..=MAX_RENEWAL`; `random` picks the point
-/// in the last fifth of that window, so agents that authenticated together (after a server restart) renew apart.
+/// lifetime)` before expiry but not before half the lifetime, within `MIN_RENEWAL..=MAX_RENEWAL`; `random` picks the
+/// point in the last fifth of that window, so agents that authenticated together (after a server restart) renew apart,
+/// with short tokens too (a 120 s one between 48 and 60 s), never later than the window's end.
 pub fn renewal_delay(claims: &Claims, now_unix: i64, random: u64) -> Duration {
     let Some(life) = lifetime(claims, now_unix) else { return FALLBACK_RENEWAL };
     let margin = Duration::from_secs(60).max(life / 10);
-    let unclamped = life.saturating_sub(margin).max(life / 2);
-    let latest = unclamped.clamp(MIN_RENEWAL, MAX_RENEWAL);
-    // Half the lifetime is the floor, unless the daily cap already renews far sooner than that.
-    let floor = if unclamped > MAX_RENEWAL { Duration::ZERO } else { life / 2 };
-    let spread = latest.saturating_sub((latest - latest / 5).max(floor)).as_millis() as u64;
+    let latest = life.saturating_sub(margin).max(life / 2).clamp(MIN_RENEWAL, MAX_RENEWAL);
+    let spread = (latest / 5).as_millis() as u64;
     let pick = ((random as u128 * (spread as u128 + 1)) >> 64) as u64;
     latest.saturating_sub(Duration::from_millis(pick)).max(MIN_RENEWAL)
 }
@@ -397,23 +395,30 @@ mod tests {
     fn renewals_spread_over_the_last_fifth_of_the_window() {
         let now = 1_784_000_000;
         let c = |iat: Option<i64>, exp: i64| Claims { exp, iat };
-        // (claims, earliest in ms (random = u64::MAX), halfway (u64::MAX / 2))
-        let table: &[(Claims, u64, u64)] = &[
+        // (claims, in ms: latest (random = 0), halfway (u64::MAX / 2), earliest (u64::MAX))
+        let table: &[(Claims, [u64; 3])] = &[
+            // 1 day token: 77 760 s at the latest (10 % margin), 62 208 s at the earliest.
+            (c(Some(now), now + 86_400), [77_760_000, 69_984_000, 62_208_000]),
             // 15 min token: 810 s at the latest, 648 s at the earliest.
-            (c(Some(now), now + 900), 648_000, 729_000),
-            // 6 s token: half the lifetime is both the latest and the floor: no spread.
-            (c(Some(now), now + 6), 3_000, 3_000),
-            // 100 s token: latest 50 s (half), floor 50 s.
-            (c(Some(now), now + 100), 50_000, 50_000),
-            // 130 s token: latest 70 s, floor 65 s.
-            (c(Some(now), now + 130), 65_000, 67_500),
+            (c(Some(now), now + 900), [810_000, 729_000, 648_000]),
+            // 130 s token: latest 70 s, earliest 56 s.
+            (c(Some(now), now + 130), [70_000, 63_000, 56_000]),
+            // 120 s token: latest 60 s (half: the 60 s margin reaches it), earliest 48 s.
+            (c(Some(now), now + 120), [60_000, 54_000, 48_000]),
+            // 100 s and 60 s tokens: latest at half the lifetime, spread below it.
+            (c(Some(now), now + 100), [50_000, 45_000, 40_000]),
+            (c(Some(now), now + 60), [30_000, 27_000, 24_000]),
+            // 6 s token: 3 s at the latest, 2.4 s at the earliest.
+            (c(Some(now), now + 6), [3_000, 2_700, 2_400]),
+            // 1 s token: never below MIN_RENEWAL.
+            (c(Some(now), now + 1), [1_000, 1_000, 1_000]),
             // Years-long token: renewed daily, spread over the last fifth of the day.
-            (c(Some(0), 4_000_000_000), 69_120_000, 77_760_000),
-            (c(Some(now), now), FALLBACK_RENEWAL.as_millis() as u64, FALLBACK_RENEWAL.as_millis() as u64),
+            (c(Some(0), 4_000_000_000), [86_400_000, 77_760_000, 69_120_000]),
+            (c(Some(now), now), [FALLBACK_RENEWAL.as_millis() as u64; 3]),
         ];
-        for (claims, earliest, half) in table {
+        for (claims, want) in table {
             let ms = |random| renewal_delay(claims, now, random).as_millis() as u64;
-            assert_eq!((ms(u64::MAX), ms(u64::MAX / 2)), (*earliest, *half), "{claims:?}");
+            assert_eq!([ms(0), ms(u64::MAX / 2), ms(u64::MAX)], *want, "{claims:?}");
         }
     }
 
