@@ -26,11 +26,9 @@ impl Backoff {
     }
 
     /// The upper bound of the next delay: the window `min(max, FIRST_WINDOW)` (at least `initial`), doubled per
-    /// failure since the last success, up to two thirds of `max` (10, 20, 40, 40 … s with the defaults). Doubling
-    /// from the window, not from `initial`: agents still failing when a server returns then wait on wide windows
-    /// and come back spread out, not many at once off 2 – 8 s ones. Two thirds: the last ceiling bounds how long
-    /// after the return every agent is back, whatever the failure's length, so "within `max`" keeps a third as
-    /// margin (docs/scaling.md, What the whole fleet does at once).
+    /// failure since the last success, up to ⅔ `max` (10, 20, 40, 40 … s by default). From the window, so that a
+    /// returning server meets a spread-out fleet; ⅔, so that all are back within `max` with a third as margin
+    /// (docs/scaling.md, What the whole fleet does at once).
     pub fn ceiling(&self) -> Duration {
         let window = self.max.min(FIRST_WINDOW).max(self.initial);
         let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);

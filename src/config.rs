@@ -434,9 +434,7 @@ fn files(v: &toml::Value) -> Result<Vec<FileSpec>, String> {
             (pattern.starts_with('/'), "is not an absolute path"),
             (glob::Pattern::new(&pattern).is_ok(), "is not a valid glob pattern"),
         ];
-        if let Some((_, problem)) = checks.iter().find(|(ok, _)| !ok) {
-            return Err(format!("{pattern:?} {problem}"));
-        }
+        checks.iter().find(|(ok, _)| !ok).map_or(Ok(()), |(_, problem)| Err(format!("{pattern:?} {problem}")))?;
         files.push(FileSpec { pattern, start });
     }
     Ok(files)
@@ -519,10 +517,10 @@ pub fn validate_https_url(text: &str) -> Result<String, String> {
         (uri.query().is_none(), "must not have a query"),
         (uri.authority().is_some_and(port_ok), "has an invalid port; give one in 1..=65535"),
     ];
-    match checks.iter().find(|(ok, _)| !ok) {
-        Some((_, problem)) => Err(format!("{text:?} {problem}")),
-        None => Ok(text.trim_end_matches('/').to_string()),
-    }
+    checks
+        .iter()
+        .find(|(ok, _)| !ok)
+        .map_or(Ok(text.trim_end_matches('/').to_string()), |(_, p)| Err(format!("{text:?} {p}")))
 }
 
 /// A port after the host, if any, is 1..=65535 in digits only (`u16` parsing also takes `+80`).
@@ -584,12 +582,10 @@ impl Config {
 
     /// Refuses a value that needs a part this build lacks ([`NEEDS`]); not in parsing, so every build reads every file.
     pub fn check_build(&self) -> Result<(), ConfigError> {
-        match NEEDS.iter().find(|(_, needs, .., built)| !built && needs(self)) {
-            Some((key, _, part, f, _)) => {
-                Err(invalid(key, format!("this build has no {part} (cargo feature \"{f}\")")))
-            }
-            None => Ok(()),
-        }
+        let lacking = NEEDS.iter().find(|(_, needs, .., built)| !built && needs(self));
+        lacking.map_or(Ok(()), |(key, _, part, f, _)| {
+            Err(invalid(key, format!("this build has no {part} (cargo feature \"{f}\")")))
+        })
     }
 
     /// The effective values, one `section.key = value` line each in TOML syntax, stable for `sed`/`grep`
@@ -632,10 +628,7 @@ impl Config {
             (q >= b, "events.queue_max_bytes", format!("{q} is smaller than events.batch_max_bytes ({b})")),
             (c.retry.max >= c.retry.initial, "retry.max", format!("{max} is smaller than retry.initial ({initial})")),
         ];
-        match checks.into_iter().find(|(ok, ..)| !ok) {
-            Some((_, key, message)) => Err(invalid(key, message)),
-            None => Ok(c),
-        }
+        checks.into_iter().find(|(ok, ..)| !ok).map_or(Ok(c), |(_, key, message)| Err(invalid(key, message)))
     }
 }
 

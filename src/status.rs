@@ -149,11 +149,10 @@ pub enum NotRunning {
 pub fn read_status(run_dir: &Path, now: SystemTime) -> (Option<State>, Result<(), NotRunning>) {
     let path = state_path(run_dir);
     let read = crate::fsutil::read_nofollow(&path); // root runs it: no link, no FIFO to wait on
-    let state: State = match read.as_ref().map(|bytes| serde_json::from_slice(bytes)) {
-        Ok(Ok(s)) => s,
+    let state: State = match read.and_then(|bytes| Ok(serde_json::from_slice(&bytes)?)) {
+        Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (None, Err(NotRunning::NoState(path))),
         Err(e) => return (None, Err(NotRunning::Unreadable(e.to_string()))),
-        Ok(Err(e)) => return (None, Err(NotRunning::Unreadable(e.to_string()))),
     };
     let verdict = match unix(now) - state.updated_at_unix {
         _ if !crate::sys::process_exists(state.pid) => Err(NotRunning::Dead(state.pid)),
