@@ -25,9 +25,9 @@
 //! Usage: wazuh-fleet-bench [--agent PATH] [--agents N] [--hold S] [--idle S] [--outage S]
 //!                          [--token-lifetime S] [--events N] [--out FILE] [--extra TOML]
 
+mod ingest;
+
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -359,19 +359,7 @@ fn burst(fleet: &Fleet, per: usize) -> u64 {
     let threads: Vec<_> = shares
         .into_iter()
         .map(|share| {
-            std::thread::spawn(move || {
-                let mut accepted = 0;
-                for (socket, buf) in share {
-                    let mut s = UnixStream::connect(&socket).expect("connect to an ingest socket");
-                    s.write_all(&buf).expect("write events");
-                    s.shutdown(std::net::Shutdown::Write).unwrap();
-                    let mut reply = String::new();
-                    BufReader::new(s).read_line(&mut reply).unwrap();
-                    let v: Value = serde_json::from_str(&reply).expect("ingest reply");
-                    accepted += v["accepted"].as_u64().unwrap_or(0);
-                }
-                accepted
-            })
+            std::thread::spawn(move || share.iter().map(|(socket, buf)| ingest::send_one(socket, buf)).sum::<u64>())
         })
         .collect();
     threads.into_iter().map(|t| t.join().unwrap()).sum()

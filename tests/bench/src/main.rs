@@ -4,8 +4,8 @@
 //!
 //! Usage: wazuh-bench [--agent PATH] [--events N] [--quick]
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+mod ingest;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -133,19 +133,7 @@ fn send(socket: &Path, load: Load) -> u64 {
         .into_iter()
         .map(|conns| {
             let socket = socket.to_path_buf();
-            std::thread::spawn(move || {
-                let mut accepted = 0u64;
-                for buf in conns {
-                    let mut s = UnixStream::connect(&socket).expect("connect to the ingest socket");
-                    s.write_all(&buf).expect("write events");
-                    s.shutdown(std::net::Shutdown::Write).unwrap();
-                    let mut reply = String::new();
-                    BufReader::new(s).read_line(&mut reply).unwrap();
-                    let v: Value = serde_json::from_str(&reply).expect("reply");
-                    accepted += v["accepted"].as_u64().unwrap_or(0);
-                }
-                accepted
-            })
+            std::thread::spawn(move || conns.iter().map(|buf| ingest::send_one(&socket, buf)).sum::<u64>())
         })
         .collect();
     threads.into_iter().map(|t| t.join().unwrap()).sum()
