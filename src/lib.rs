@@ -14,6 +14,7 @@ pub mod config;
 pub mod credentials;
 pub mod event;
 pub mod executor;
+pub mod fim;
 pub mod fsutil;
 pub mod groups;
 pub mod host;

@@ -25,7 +25,7 @@ pub struct Module {
 }
 
 /// Every module the agent has, in start order.
-pub const MODULES: &[Module] = &[crate::logcollector::MODULE, crate::inventory::MODULE];
+pub const MODULES: &[Module] = &[crate::logcollector::MODULE, crate::inventory::MODULE, crate::fim::MODULE];
 
 /// What a module's thread gets.
 pub struct Context {
