@@ -1,8 +1,6 @@
-//! File integrity monitoring (docs/events.md): a stateful document per monitored file, from a merge-join of a sorted
-//! walk with the sorted snapshot `fim.snapshot`, and notifications after the first scan. Full scans run every
-//! `fim.interval`; under `realtime` paths inotify marks paths dirty, and their ranges alone are walked again, once
-//! per path per `COALESCE`. Memory does not grow with the files: the snapshot streams, the walk holds one listing
-//! per level.
+//! File integrity monitoring (docs/events.md): documents from a merge-join of a sorted walk with the sorted snapshot
+//! `fim.snapshot`, which streams (memory does not grow with the files). Full scans every `fim.interval`; inotify marks
+//! paths dirty under `realtime` paths, and their ranges alone are walked again, once per path per `COALESCE`.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -50,11 +48,8 @@ fn parse_events(buf: &[u8]) -> Vec<(i32, u32, OsString)> {
         let word = |i: usize| u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
         let Some(name) = buf.get(at + 16..at + 16 + word(12) as usize) else { break };
         // NUL-padded to an alignment.
-        out.push((
-            word(0) as i32,
-            word(4),
-            OsString::from_vec(name.split(|b| *b == 0).next().unwrap_or_default().into()),
-        ));
+        let text = OsString::from_vec(name.split(|b| *b == 0).next().unwrap_or_default().into());
+        out.push((word(0) as i32, word(4), text));
         at += 16 + name.len();
     }
     out
@@ -133,17 +128,8 @@ fn notification(c: &Change, now: &str) -> Event {
     Event::new(Kind::Stateless, r#"{"collector":"file","module":"fim"}"#, Some(&data.to_string()))
 }
 
-/// A snapshot line is its document; its key, the path, read back (a path is not UTF-8 is never monitored).
-#[derive(serde::Deserialize)]
-struct Keyed {
-    file: KeyedFile,
-}
-#[derive(serde::Deserialize)]
-struct KeyedFile {
-    path: PathBuf,
-}
-
-/// The documents of a snapshot in order; a line that is not one, or out of order, ends them, named in `bad`.
+/// The documents of a snapshot in order, a line each: `<path as a JSON string>\t<document>` (only the path is parsed).
+/// A line that is not one, or out of order, ends them, named in `bad`.
 struct Snapshot {
     lines: io::Split<BufReader<File>>,
     last: Option<PathBuf>,
@@ -157,8 +143,11 @@ impl Iterator for Snapshot {
     fn next(&mut self) -> Option<(PathBuf, Stored)> {
         let line = self.lines.next()?.ok().and_then(|l| String::from_utf8(l).ok());
         self.at.1 += 1;
-        let key = line.as_deref().and_then(|l| serde_json::from_str::<Keyed>(l).ok()).map(|k| k.file.path);
-        let found = key.zip(line).filter(|(k, _)| self.last.as_ref().is_none_or(|last| last < k));
+        let split = line.as_deref().and_then(|l| l.split_once('\t'));
+        // The document is checked to be JSON (not parsed): garbage is never sent as an old value.
+        let doc = |d: &str| serde_json::from_str::<&serde_json::value::RawValue>(d).ok().map(|d| d.get().to_string());
+        let key = split.and_then(|(k, d)| Some((serde_json::from_str::<PathBuf>(k).ok()?, doc(d)?)));
+        let found = key.filter(|(k, _)| self.last.as_ref().is_none_or(|last| last < k));
         if found.is_none() {
             *self.bad.borrow_mut() = Some(format!("{} line {} is not a document in order", self.at.0, self.at.1));
         }
@@ -225,9 +214,8 @@ impl Iterator for Walk<'_> {
                     // The parent is walked as open_path walks (a link only where root alone can write).
                     let Ok(parent) = open_path(real.parent().unwrap_or(&real), false) else { continue };
                     // A file's own watch is lost when an editor renames a new one over it: its directory is watched.
-                    if let (Some(w), Some((_, true))) =
-                        (self.watches.as_deref_mut(), settings(self.cfg, &path).map(|(s, _)| (s, s.realtime)))
-                    {
+                    let realtime = settings(self.cfg, &path).is_some_and(|(s, _)| s.realtime);
+                    if let Some(w) = self.watches.as_deref_mut().filter(|_| realtime) {
                         w.add(&parent, path.parent().unwrap_or(&path));
                     }
                     (path.clone(), fd_path(&parent).join(real.file_name().unwrap_or_default()), Some(parent))
@@ -355,12 +343,12 @@ const GLOB: glob::MatchOptions =
 
 /// Reconciles the snapshot with the disk beneath `scope` (sorted, none beneath another; `None`: a full scan). The
 /// changes go out in chunks paced to `fim.max_eps`; the new snapshot replaces the old once all are durable. Returns a
-/// line for the log; `None` when a partial scan has no baseline to amend.
+/// line for the log; `None` when a partial scan has no baseline to amend. `warned`: max_files, watch limit, said once.
 fn reconcile(
     cfg: &FimConfig,
     ctx: &Context,
     w: Option<&mut Watches>,
-    next: &mut Option<Instant>,
+    (next, warned): (&mut Option<Instant>, &mut [bool; 3]),
     scope: Option<Vec<PathBuf>>,
 ) -> Result<Option<String>, ScanError> {
     let (started, snapshot, bad) = (Instant::now(), &ctx.state, Rc::new(RefCell::new(None)));
@@ -427,7 +415,7 @@ fn reconcile(
         // Outside a partial scan's scope, or beneath a directory that could not be listed: kept as it was.
         let kept = n.is_none() && (!full && !under(&scope, &path) || under(&unreadable.borrow(), &path));
         if let Some(s) = if kept { o.as_ref() } else { n.as_ref() } {
-            writeln!(out, "{}", s.doc).map_err(save)?;
+            writeln!(out, "{}\t{}", json!(path.to_string_lossy()), s.doc).map_err(save)?;
         }
         let id = doc_id(&ctx.uuid, &path.to_string_lossy());
         let Some(c) = Change::of(id, o.filter(|_| !kept), n, |a, b| a.doc == b.doc) else { return Ok(()) };
@@ -451,6 +439,13 @@ fn reconcile(
         let _ = fs::remove_file(&tmp);
     }
     let ([files, over, denied, skipped], failed) = (walk.counts, walk.watches.map_or(0, |w| w.failed));
+    if full && over > 0 && !std::mem::replace(&mut warned[0], true) {
+        log::warn!("fim: fim.max_files ({}) is reached; {over} files are not monitored", cfg.max_files);
+    }
+    if full && failed > 0 && !std::mem::replace(&mut warned[1], true) {
+        let why = "the inotify watch limit is reached (fs.inotify.max_user_watches)";
+        log::warn!("fim: {why}; {failed} directories are checked by the scheduled scan only");
+    }
     Ok(Some(format!(
         "fim: {} {files} files (scan {} ms); {} created, {} updated, {} deleted; {over} over fim.max_files, {denied} not \
          hashed (unreadable), {} directories unreadable (documents kept), {skipped} skipped (not UTF-8, too long, too \
@@ -473,7 +468,7 @@ fn run(config: Config, ctx: Context) {
         r.inspect_err(|e| log::warn!("fim: cannot open inotify ({e}); realtime paths get the scheduled scan only")).ok()
     });
     let mut watches = inotify.map(|fd| Watches { fd, dirs: HashMap::new(), failed: 0 });
-    let (mut dirty, mut buf, mut pacing, mut overflowed) = (BTreeMap::new(), vec![0; 16 << 10], None, false);
+    let (mut dirty, mut buf, mut pacing, mut warned) = (BTreeMap::new(), vec![0; 16 << 10], None, [false; 3]);
     // `scan_on_start = false`: the first scan (and with it realtime) comes after one interval.
     let mut next_scan = Instant::now() + if cfg.scan_on_start { Duration::ZERO } else { cfg.interval };
     let (mut earliest, mut last_partial, mut rescan) = (Instant::now(), Instant::now(), None);
@@ -482,7 +477,7 @@ fn run(config: Config, ctx: Context) {
         if now >= next_scan || rescan.is_some_and(|t| now >= t) {
             dirty.clear();
             watches.iter_mut().for_each(|w| w.failed = 0);
-            let result = reconcile(cfg, &ctx, watches.as_mut(), &mut pacing, None);
+            let result = reconcile(cfg, &ctx, watches.as_mut(), (&mut pacing, &mut warned), None);
             // A write storm that overflows the queue must not become a scan loop: 10 times a scan's length apart.
             earliest = Instant::now() + (now.elapsed() * 10).max(COALESCE);
             let retry = if result.is_ok() { cfg.interval } else { cfg.interval.min(Duration::from_secs(60)) };
@@ -500,7 +495,7 @@ fn run(config: Config, ctx: Context) {
         } else if now >= last_partial + COALESCE && dirty.values().any(|t| now >= *t + COALESCE) {
             // At most one partial scan per window: each streams the whole snapshot.
             last_partial = now;
-            match reconcile(cfg, &ctx, watches.as_mut(), &mut pacing, Some(due(&mut dirty, now))) {
+            match reconcile(cfg, &ctx, watches.as_mut(), (&mut pacing, &mut warned), Some(due(&mut dirty, now))) {
                 Ok(line) => log::debug!(
                     "{}",
                     line.unwrap_or_else(|| "fim: no baseline yet; changes wait for the full scan".into())
@@ -528,7 +523,7 @@ fn run(config: Config, ctx: Context) {
                     w.dirs.remove(&wd);
                 } else if mask & libc::IN_Q_OVERFLOW != 0 || path.is_some_and(|p| !touch(&mut dirty, p, Instant::now()))
                 {
-                    if !std::mem::replace(&mut overflowed, true) {
+                    if !std::mem::replace(&mut warned[2], true) {
                         log::warn!(
                             "fim: the inotify queue overflowed (fs.inotify.max_queued_events), or over {DIRTY_MAX} paths changed at once; a full scan follows"
                         );
@@ -536,6 +531,326 @@ fn run(config: Config, ctx: Context) {
                     (dirty.clear(), rescan = Some(earliest.max(Instant::now()))).1
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(wd: i32, mask: u32, name: &str, pad: usize) -> Vec<u8> {
+        let mut name = name.as_bytes().to_vec();
+        name.resize(name.len() + pad, 0);
+        let mut out =
+            [wd.to_ne_bytes(), mask.to_ne_bytes(), 0u32.to_ne_bytes(), (name.len() as u32).to_ne_bytes()].concat();
+        out.extend(name);
+        out
+    }
+
+    #[test]
+    fn inotify_events_are_parsed_and_a_truncated_tail_dropped() {
+        let name = |s: &str| OsString::from(s);
+        type Events = Vec<(i32, u32, OsString)>;
+        let table: Vec<(&str, Vec<u8>, Events)> = vec![
+            ("empty", vec![], vec![]),
+            ("one, padded", event(1, libc::IN_CREATE, "a.conf", 10), vec![(1, libc::IN_CREATE, name("a.conf"))]),
+            ("no name (overflow)", event(-1, libc::IN_Q_OVERFLOW, "", 0), vec![(-1, libc::IN_Q_OVERFLOW, name(""))]),
+            (
+                "two",
+                [event(1, libc::IN_MODIFY, "x", 3), event(2, libc::IN_DELETE, "yy", 14)].concat(),
+                vec![(1, libc::IN_MODIFY, name("x")), (2, libc::IN_DELETE, name("yy"))],
+            ),
+            ("a header cut short", event(1, libc::IN_MODIFY, "x", 3)[..10].to_vec(), vec![]),
+            (
+                "a name cut short",
+                [event(1, libc::IN_MODIFY, "x", 3), event(2, libc::IN_DELETE, "yy", 14)[..20].to_vec()].concat(),
+                vec![(1, libc::IN_MODIFY, name("x"))],
+            ),
+        ];
+        for (what, buf, want) in table {
+            assert_eq!(parse_events(&buf), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_burst_is_one_change_per_path_and_a_directory_covers_what_is_beneath() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut dirty = BTreeMap::new();
+        for (path, ms) in [("/etc/a", 0), ("/etc/a", 500), ("/etc/d/x", 100), ("/etc/d", 200), ("/etc/z", 900)] {
+            assert!(touch(&mut dirty, path.into(), at(ms)));
+        }
+        assert_eq!(due(&mut dirty, at(999)), Vec::<PathBuf>::new(), "no window has ended");
+        // /etc/a's window started at its first report; /etc/d covers /etc/d/x.
+        assert_eq!(due(&mut dirty, at(1200)), [PathBuf::from("/etc/a"), "/etc/d".into()]);
+        assert_eq!(dirty.keys().collect::<Vec<_>>(), ["/etc/z"]);
+        assert!(touch(&mut dirty, "/etc/a".into(), at(1300)), "a new window");
+        assert_eq!(due(&mut dirty, at(2300)), [PathBuf::from("/etc/a"), "/etc/z".into()]);
+        let mut full: BTreeMap<PathBuf, Instant> = (0..DIRTY_MAX).map(|i| (format!("/{i}").into(), t0)).collect();
+        assert!(touch(&mut full, "/0".into(), t0), "a path already in costs nothing");
+        assert!(!touch(&mut full, "/new".into(), t0), "full: the caller scans everything instead");
+    }
+
+    #[test]
+    fn changes_are_paced_to_max_eps() {
+        let t0 = Instant::now();
+        let s = |x: f64| t0 + Duration::from_secs_f64(x);
+        let mut next = None;
+        // (now, chunk, eps) → when it may go
+        for (now, n, eps, at) in [(0.0, 200, 200, 0.0), (0.1, 200, 200, 1.0), (0.2, 50, 200, 2.0), (5.0, 10, 10, 5.0)] {
+            assert_eq!(pace(&mut next, s(now), n, eps), s(at), "{now} {n} {eps}");
+        }
+        assert_eq!(next, Some(s(6.0)));
+    }
+
+    #[test]
+    fn paths_beneath_a_set_and_the_settings_of_the_most_specific_path() {
+        let set: Vec<PathBuf> = ["/a/b", "/a/c", "/e"].map(PathBuf::from).to_vec();
+        for (path, want) in [
+            ("/a/b", true),
+            ("/a/b/x/y", true),
+            ("/a/b.txt", false),
+            ("/a", false),
+            ("/d", false),
+            ("/e/f", true),
+            ("/f", false),
+        ] {
+            assert_eq!(under(&set, Path::new(path)), want, "{path}");
+        }
+        let p = |path: &str, depth, realtime| FimPath { path: path.into(), depth, realtime };
+        let cfg = FimConfig { paths: vec![p("/etc", 256, false), p("/etc/ssh", 0, true)], ..FimConfig::default() };
+        let of = |path: &str| settings(&cfg, Path::new(path)).map(|(s, level)| (s.path.clone(), level, s.realtime));
+        assert_eq!(of("/etc/passwd"), Some(("/etc".into(), 1, false)));
+        assert_eq!(of("/etc/ssh/sshd_config"), Some(("/etc/ssh".into(), 1, true)));
+        assert_eq!(of("/etc"), Some(("/etc".into(), 0, false)));
+        assert_eq!(of("/usr/bin"), None);
+    }
+
+    #[test]
+    fn notifications_name_the_fields_that_changed_with_their_old_values() {
+        let doc = |f: Value| Stored { collector: "file".into(), doc: json!({ "file": f }).to_string() };
+        let a = json!({"path": "/etc/x", "mode": "0644", "size": 1, "hash": {"sha256": "aa", "md5": "m"}});
+        let table = [
+            (
+                "mode",
+                json!({"path": "/etc/x", "mode": "0600", "size": 1, "hash": {"sha256": "aa", "md5": "m"}}),
+                json!(["file.mode"]),
+                json!({"mode": "0644"}),
+            ),
+            (
+                "content",
+                json!({"path": "/etc/x", "mode": "0644", "size": 2, "hash": {"sha256": "bb", "md5": "n"}}),
+                json!(["file.hash.md5", "file.hash.sha256", "file.size"]),
+                json!({"hash": {"md5": "m", "sha256": "aa"}, "size": 1}),
+            ),
+            (
+                "now too large to hash",
+                json!({"path": "/etc/x", "mode": "0644", "size": 1, "attributes": ["unhashed"]}),
+                json!(["file.attributes", "file.hash.md5", "file.hash.sha256"]),
+                json!({"attributes": null, "hash": {"md5": "m", "sha256": "aa"}}),
+            ),
+        ];
+        for (what, b, fields, previous) in table {
+            let c = Change::Update { id: "i".into(), old: doc(a.clone()), new: doc(b.clone()) };
+            let e = notification(&c, "T");
+            assert_eq!(e.header(), r#"{"collector":"file","module":"fim"}"#);
+            let d: Value = serde_json::from_str(e.data().unwrap()).unwrap();
+            assert_eq!(d["event"]["type"], "modified", "{what}");
+            assert_eq!(d["event"]["changed_fields"], fields, "{what}");
+            assert_eq!(d["file"]["previous"], previous, "{what}");
+            assert_eq!(d["file"]["size"], b["size"], "{what}: the new document");
+            assert_eq!(d["event"]["reason"], "File /etc/x was modified");
+        }
+        let d: Value = serde_json::from_str(
+            notification(&Change::Delete { id: "i".into(), old: doc(a.clone()) }, "T").data().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (d["event"]["type"].as_str(), &d["file"]["hash"]["sha256"]),
+            (Some("deleted"), &json!("aa")),
+            "the old document"
+        );
+    }
+
+    fn walk(root: &Path, cfg: FimConfig) -> (Vec<String>, [usize; 4]) {
+        let cfg =
+            FimConfig { root: root.into(), hashes: vec!["sha256".into()], max_file_bytes: 100, max_files: 1000, ..cfg };
+        let ignore = cfg.ignore.iter().map(|g| (glob::Pattern::new(g).unwrap(), g.contains('/'))).collect();
+        let mut roots: Vec<PathBuf> = cfg.paths.iter().map(|p| p.path.clone()).collect();
+        roots.sort();
+        roots.dedup_by(|p, kept| p.starts_with(kept));
+        let unreadable = Rc::new(RefCell::new(Vec::new()));
+        let mut w = Walk {
+            cfg: &cfg,
+            ignore,
+            watches: None,
+            roots: roots.into_iter(),
+            stack: Vec::new(),
+            buf: vec![0; 16],
+            counts: [0; 4],
+            unreadable,
+        };
+        let found: Vec<String> = w.by_ref().map(|(p, _)| p.display().to_string()).collect();
+        (found, w.counts)
+    }
+
+    fn tree(files: &[&str]) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        for f in files {
+            let p = root.path().join(f);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, f).unwrap();
+        }
+        root
+    }
+
+    #[test]
+    fn the_walk_is_in_path_order_within_depth_and_ignores_what_it_is_told() {
+        let root = tree(&[
+            "d/a/x",
+            "d/a.txt",
+            "d/b",
+            "d/deep/1/2/f",
+            "d/x.swp",
+            "d/cache/c",
+            "d/sub/cache/c",
+            "d/keep/cache.txt",
+            "etc/ssh/k",
+            "etc/ssh/deeper/k",
+            "etc/top",
+        ]);
+        let p = |path: &str, depth| FimPath { path: path.into(), depth, realtime: false };
+        // Path order, not string order: "/d/a/x" < "/d/a.txt" (component "a" < "a.txt").
+        let cfg = FimConfig {
+            paths: vec![p("/d", 256)],
+            ignore: vec!["*.swp".into(), "**/cache/**".into(), "/d/cache".into()],
+            ..FimConfig::default()
+        };
+        let (found, _) = walk(root.path(), cfg);
+        assert_eq!(found, ["/d/a/x", "/d/a.txt", "/d/b", "/d/deep/1/2/f", "/d/keep/cache.txt"]);
+        // Depth 1: /d's entries and one level of directories below; a path inside another takes its own settings.
+        let cfg = FimConfig { paths: vec![p("/d", 1), p("/etc/ssh", 0)], ..FimConfig::default() };
+        let (found, _) = walk(root.path(), cfg);
+        assert_eq!(found, ["/d/a/x", "/d/a.txt", "/d/b", "/d/cache/c", "/d/keep/cache.txt", "/d/x.swp", "/etc/ssh/k"]);
+        // A single file; a path that does not exist.
+        let cfg = FimConfig { paths: vec![p("/etc/top", 256), p("/nowhere", 256)], ..FimConfig::default() };
+        assert_eq!(walk(root.path(), cfg).0, ["/etc/top"]);
+        // max_files: the first ones in path order, the rest counted.
+        let cfg = FimConfig { paths: vec![p("/d", 256)], max_files: 2, ..FimConfig::default() };
+        let cfg = FimConfig { root: root.path().into(), ..cfg };
+        let ignore = Vec::new();
+        let mut w = Walk {
+            cfg: &cfg,
+            ignore,
+            watches: None,
+            roots: vec![PathBuf::from("/d")].into_iter(),
+            stack: Vec::new(),
+            buf: vec![0; 16],
+            counts: [0; 4],
+            unreadable: Rc::default(),
+        };
+        assert_eq!(w.by_ref().count(), 2);
+        assert_eq!(w.counts[..2], [2, 6]);
+    }
+
+    #[test]
+    fn links_fifos_and_large_files_are_recorded_never_followed_or_read() {
+        let root = tree(&["d/f", "outside/secret"]);
+        let d = root.path().join("d");
+        std::os::unix::fs::symlink(root.path().join("outside"), d.join("to-dir")).unwrap();
+        std::os::unix::fs::symlink("../outside/secret", d.join("to-file")).unwrap();
+        std::os::unix::fs::symlink("..", d.join("up")).unwrap();
+        fs::write(d.join("large"), vec![b'x'; 101]).unwrap();
+        assert!(std::process::Command::new("mkfifo").arg(d.join("fifo")).status().unwrap().success());
+        let cfg = FimConfig {
+            paths: vec![FimPath { path: "/d".into(), depth: 256, realtime: false }],
+            ..FimConfig::default()
+        };
+        let full = FimConfig {
+            root: root.path().into(),
+            hashes: vec!["sha256".into()],
+            max_file_bytes: 100,
+            max_files: 1000,
+            ..cfg.clone()
+        };
+        let mut w = Walk {
+            cfg: &full,
+            ignore: Vec::new(),
+            watches: None,
+            roots: vec![PathBuf::from("/d")].into_iter(),
+            stack: Vec::new(),
+            buf: vec![0; 16],
+            counts: [0; 4],
+            unreadable: Rc::default(),
+        };
+        let docs: BTreeMap<String, Value> = w
+            .by_ref()
+            .map(|(p, s)| (p.display().to_string(), serde_json::from_str::<Value>(&s.doc).unwrap()["file"].take()))
+            .collect();
+        assert_eq!(
+            docs.keys().collect::<Vec<_>>(),
+            ["/d/f", "/d/fifo", "/d/large", "/d/to-dir", "/d/to-file", "/d/up"]
+        );
+        assert_eq!(docs["/d/fifo"]["type"], "other");
+        assert_eq!((&docs["/d/large"]["attributes"], docs["/d/large"]["hash"].is_null()), (&json!(["unhashed"]), true));
+        assert_eq!(
+            (&docs["/d/to-file"]["type"], &docs["/d/to-file"]["target_path"]),
+            (&json!("symlink"), &json!("../outside/secret"))
+        );
+        assert!(docs["/d/to-file"]["hash"].is_null() && docs["/d/f"]["hash"]["sha256"].is_string());
+        // Followed: the targets are read; a directory already on the way down (here /d, through "up") is not entered.
+        let (found, _) = walk(root.path(), FimConfig { follow_symlinks: true, ..cfg });
+        let want = ["/d/f", "/d/fifo", "/d/large", "/d/to-dir/secret", "/d/to-file", "/d/up/outside/secret"];
+        assert_eq!(found, want);
+    }
+
+    #[test]
+    fn a_watch_through_proc_self_fd_reports_the_directory_it_pins() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Watches { fd: crate::sys::inotify().unwrap(), dirs: HashMap::new(), failed: 0 };
+        w.add(&handle(dir.path()).unwrap(), Path::new("/watched"));
+        fs::write(dir.path().join("new"), "x").unwrap();
+        let mut buf = vec![0; 4096];
+        assert!(crate::sys::wait_readable(&w.fd, Duration::from_secs(5)));
+        let n = (&w.fd).read(&mut buf).unwrap();
+        let events = parse_events(&buf[..n]);
+        assert!(
+            events
+                .iter()
+                .any(|(wd, m, name)| w.dirs[wd] == Path::new("/watched") && m & libc::IN_CREATE != 0 && name == "new"),
+            "{events:?}"
+        );
+        // Past the watch limit no watch is tried until the next full scan resets the count.
+        w.failed = 1;
+        w.add(&handle(dir.path()).unwrap(), Path::new("/other"));
+        assert_eq!((w.failed, w.dirs.len()), (2, 1));
+    }
+
+    #[test]
+    fn a_snapshot_line_out_of_order_or_not_a_document_ends_it_and_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = [
+            ("in order", "\"/a\"\t{}\n\"/a/b\"\t{}\n\"/a.txt\"\t{}\n", 3, None),
+            ("out of order", "\"/b\"\t{}\n\"/a\"\t{}\n", 1, Some("line 3")),
+            ("a repeated path", "\"/a\"\t{}\n\"/a\"\t{}\n", 1, Some("line 3")),
+            ("no tab", "\"/a\" {}\n", 0, Some("line 2")),
+            ("not a JSON string", "/a\t{}\n", 0, Some("line 2")),
+            ("not a JSON document", "\"/a\"\t{}\n\"/b\"\t{\"file\"\n", 1, Some("line 3")),
+        ];
+        for (what, text, n, bad) in table {
+            let path = dir.path().join("s");
+            fs::write(&path, text).unwrap();
+            let cell = Rc::new(RefCell::new(None));
+            let s = Snapshot {
+                lines: BufReader::new(File::open(&path).unwrap()).split(b'\n'),
+                last: None,
+                at: ("s".into(), 1),
+                bad: cell.clone(),
+            };
+            assert_eq!(s.count(), n, "{what}");
+            let got = cell.borrow().clone();
+            assert_eq!(got.as_deref().map(|b| &b[2..8]), bad, "{what}: {got:?}");
         }
     }
 }

@@ -76,7 +76,7 @@ impl Change {
         id: String,
         old: Option<Stored>,
         new: Option<Stored>,
-        same: impl Fn(&Stored, &Stored) -> bool,
+        same: fn(&Stored, &Stored) -> bool,
     ) -> Option<Self> {
         match (old, new) {
             (None, Some(new)) => Some(Change::Create { id, new }),
@@ -133,13 +133,7 @@ pub fn merge_join<K: Ord, E>(
     loop {
         let order = match (old.peek(), new.peek()) {
             (Some(o), Some(n)) => o.0.cmp(&n.0),
-            (o, _) => {
-                if o.is_some() {
-                    Ordering::Less
-                } else {
-                    Ordering::Greater
-                }
-            }
+            (o, _) => o.map_or(Ordering::Greater, |_| Ordering::Less),
         };
         let (o, n) = (order.is_le().then(|| old.next()).flatten(), order.is_ge().then(|| new.next()).flatten());
         match (o, n) {

@@ -258,9 +258,9 @@ fn fim_an_inotify_overflow_is_said_once_and_a_full_scan_finds_everything() {
     }
     agent.signal(libc::SIGCONT);
     assert!(
-        env.mock.wait_until(Duration::from_secs(120), |_| stateful(&env).len() > n),
+        env.mock.wait_until(Duration::from_secs(120), |m| m.stateful_events().len() > n),
         "{} of {n}",
-        stateful(&env).len()
+        env.mock.stateful_events().len()
     );
     let log = agent.log();
     assert_eq!(log.matches("the inotify queue overflowed").count(), 1, "{log}");
