@@ -293,3 +293,28 @@ fn fim_keys_set_by_the_server_apply_at_restart_but_never_fim_root() {
     write(&root, "opt/new.conf", "y");
     assert_eq!(ops(&next_events(&env, 1, 1)), [("create", "/opt/new.conf")], "realtime, as the server set it");
 }
+
+#[test]
+fn fim_as_an_account_that_cannot_read_records_no_hash_and_keeps_what_it_cannot_list() {
+    let env = Env::new();
+    // The agent runs as nobody: let it traverse the test's directory.
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let root = env.dir.path().join("host");
+    write(&root, "etc/open", "o");
+    let secret = write(&root, "etc/secret", "s");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    write(&root, "etc/private/x", "x");
+    env.write_config(&config(&root, "agent.user = \"nobody\"\nfim.paths = [\"/etc\"]\nfim.interval = \"1s\""));
+    let agent = env.running_agent();
+    let base = next_events(&env, 0, 3);
+    assert_eq!(ops(&base), [("create", "/etc/open"), ("create", "/etc/private/x"), ("create", "/etc/secret")]);
+    let secret = &base[2].2["file"];
+    assert_eq!((&secret["attributes"], secret["hash"].is_null()), (&json!(["unreadable"]), true), "permission denied");
+    assert!(base[0].2["file"]["hash"]["sha256"].is_string());
+
+    // A directory it can no longer list keeps its documents: two scans later nothing was deleted.
+    std::fs::set_permissions(root.join("etc/private"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let kept = "1 directories unreadable (documents kept)";
+    assert!(wait_for(Duration::from_secs(15), || agent.log().matches(kept).count() >= 2), "{}", agent.log());
+    assert_eq!(stateful(&env).len(), 3, "{:?}", ops(&stateful(&env)));
+}
