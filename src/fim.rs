@@ -213,12 +213,14 @@ impl Iterator for Walk<'_> {
                     let real = self.cfg.root.join(path.strip_prefix("/").unwrap_or(&path));
                     // The parent is walked as open_path walks (a link only where root alone can write).
                     let Ok(parent) = open_path(real.parent().unwrap_or(&real), false) else { continue };
+                    let at = fd_path(&parent).join(real.file_name().unwrap_or_default());
                     // A file's own watch is lost when an editor renames a new one over it: its directory is watched.
-                    let realtime = settings(self.cfg, &path).is_some_and(|(s, _)| s.realtime);
+                    let file = fs::symlink_metadata(&at).is_ok_and(|m| !m.is_dir());
+                    let realtime = file && settings(self.cfg, &path).is_some_and(|(s, _)| s.realtime);
                     if let Some(w) = self.watches.as_deref_mut().filter(|_| realtime) {
                         w.add(&parent, path.parent().unwrap_or(&path));
                     }
-                    (path.clone(), fd_path(&parent).join(real.file_name().unwrap_or_default()), Some(parent))
+                    (path, at, Some(parent))
                 }
             };
             if let Some(found) = self.visit(path, &at) {
@@ -446,17 +448,13 @@ fn reconcile(
         let why = "the inotify watch limit is reached (fs.inotify.max_user_watches)";
         log::warn!("fim: {why}; {failed} directories are checked by the scheduled scan only");
     }
+    let ([created, updated, deleted], ms, dirs) = (counts, started.elapsed().as_millis(), unreadable.borrow().len());
+    let (kind, first) =
+        (if full { "full scan" } else { "changes" }, if first { " (first scan: no notifications)" } else { "" });
     Ok(Some(format!(
-        "fim: {} {files} files (scan {} ms); {} created, {} updated, {} deleted; {over} over fim.max_files, {denied} not \
-         hashed (unreadable), {} directories unreadable (documents kept), {skipped} skipped (not UTF-8, too long, too \
-         many in a directory), {failed} directories not watched (fs.inotify.max_user_watches){}",
-        if full { "full scan:" } else { "changes:" },
-        started.elapsed().as_millis(),
-        counts[0],
-        counts[1],
-        counts[2],
-        unreadable.borrow().len(),
-        if first { " (first scan: no notifications)" } else { "" }
+        "fim: {kind}: {files} files (scan {ms} ms); {created} created, {updated} updated, {deleted} deleted; {over} over \
+         fim.max_files, {denied} not hashed (unreadable), {dirs} directories unreadable (documents kept), {skipped} \
+         skipped (not UTF-8, too long, too many in a directory), {failed} directories not watched{first}"
     )))
 }
 
@@ -495,14 +493,22 @@ fn run(config: Config, ctx: Context) {
         } else if now >= last_partial + COALESCE && dirty.values().any(|t| now >= *t + COALESCE) {
             // At most one partial scan per window: each streams the whole snapshot.
             last_partial = now;
-            match reconcile(cfg, &ctx, watches.as_mut(), (&mut pacing, &mut warned), Some(due(&mut dirty, now))) {
-                Ok(line) => log::debug!(
+            // Names beside a configured file (its directory is watched) are no one's.
+            let scope: Vec<PathBuf> = due(&mut dirty, now).into_iter().filter(|p| settings(cfg, p).is_some()).collect();
+            match (!scope.is_empty())
+                .then(|| reconcile(cfg, &ctx, watches.as_mut(), (&mut pacing, &mut warned), Some(scope)))
+            {
+                Some(Ok(line)) => log::debug!(
                     "{}",
                     line.unwrap_or_else(|| "fim: no baseline yet; changes wait for the full scan".into())
                 ),
-                Err(ScanError::Sink(SinkError::Stopped)) => break,
+                Some(Err(ScanError::Sink(SinkError::Stopped))) => break,
                 // What was not delivered is found by a full scan (a corrupt snapshot is replaced by one).
-                Err(e) => (log::warn!("fim: {e}"), rescan = Some(earliest.max(now))).1,
+                Some(Err(e)) => {
+                    log::warn!("fim: {e}");
+                    rescan = Some(earliest.max(now));
+                }
+                None => {}
             }
         }
         let first_due = dirty.values().min().map(|t| (*t + COALESCE).max(last_partial + COALESCE));

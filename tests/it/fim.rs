@@ -318,3 +318,26 @@ fn fim_as_an_account_that_cannot_read_records_no_hash_and_keeps_what_it_cannot_l
     assert!(wait_for(Duration::from_secs(15), || agent.log().matches(kept).count() >= 2), "{}", agent.log());
     assert_eq!(stateful(&env).len(), 3, "{:?}", ops(&stateful(&env)));
 }
+
+#[test]
+fn fim_a_single_file_in_realtime_survives_an_editor_replacing_it() {
+    let env = Env::new();
+    let root = env.dir.path().join("host");
+    write(&root, "etc/passwd", "root:x:0:0\n");
+    write(&root, "etc/other", "not monitored");
+    env.write_config(&config(
+        &root,
+        "fim.paths = [{ path = \"/etc/passwd\", realtime = true }]\nfim.interval = \"1h\"",
+    ));
+    let _agent = env.running_agent();
+    assert_eq!(ops(&next_events(&env, 0, 1)), [("create", "/etc/passwd")]);
+    // An editor writes a new file beside it and renames it over: the directory's watch sees the name come back.
+    for i in 0..2 {
+        write(&root, "etc/.passwd.tmp", &format!("root:x:0:0\nuser{i}:x:1000:1000\n"));
+        std::fs::rename(root.join("etc/.passwd.tmp"), root.join("etc/passwd")).unwrap();
+        write(&root, "etc/other", &format!("changed {i}"));
+        assert_eq!(ops(&next_events(&env, 1 + i, 1)), [("update", "/etc/passwd")], "replacement {i}");
+    }
+    assert!(env.mock.wait_until(Duration::from_secs(10), |_| notes(&env).len() >= 2));
+    assert!(stateful(&env).iter().all(|(_, p, _)| p == "/etc/passwd"), "siblings are not monitored");
+}
