@@ -341,3 +341,37 @@ fn fim_a_single_file_in_realtime_survives_an_editor_replacing_it() {
     assert!(env.mock.wait_until(Duration::from_secs(10), |_| notes(&env).len() >= 2));
     assert!(stateful(&env).iter().all(|(_, p, _)| p == "/etc/passwd"), "siblings are not monitored");
 }
+
+/// The bound: 100 000 files with a peak resident size of at most 16 MiB (memory does not grow with the
+/// files: the snapshot streams). Slow in a debug build: `WAZUH_AGENT_TEST_BIN=target/release/wazuh-agent cargo
+/// test --test it fim_100000 -- --ignored`.
+#[test]
+#[ignore]
+fn fim_100000_files_peak_memory() {
+    let env = Env::new();
+    let root = env.dir.path().join("host");
+    for d in 0..1000 {
+        let dir = root.join(format!("data/d{d:03}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..100 {
+            std::fs::write(dir.join(format!("f{f:02}")), format!("{d}/{f}: {}", "x".repeat(64))).unwrap();
+        }
+    }
+    let extra = "fim.paths = [{ path = \"/data\", realtime = true }]\nfim.interval = \"20s\"\nfim.max_files = 200000";
+    env.write_config(&config(&root, extra));
+    let agent = env.running_agent();
+    let pid = agent.child.id();
+    let scanned = |n: usize| {
+        wait_for(Duration::from_secs(600), || agent.log().matches("fim: full scan: 100000 files").count() >= n)
+    };
+    assert!(scanned(1), "{}", agent.log());
+    let first = proc_kb(pid, "VmHWM:");
+    assert!(env.mock.wait_until(Duration::from_secs(600), |m| m.stateful_events().len() >= 100_000));
+    // A rescan with nothing changed, then one file changed (a partial scan streams the whole snapshot).
+    assert!(scanned(2), "{}", agent.log());
+    write(&root, "data/d500/f50", "changed");
+    assert!(env.mock.wait_until(Duration::from_secs(60), |m| m.stateful_events().len() > 100_000));
+    let peak = proc_kb(pid, "VmHWM:");
+    eprintln!("fim 100000 files: VmHWM {first} KiB after the first scan, {peak} KiB after a rescan and a change");
+    assert!(peak <= 16 * 1024, "{peak} KiB");
+}
