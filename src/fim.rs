@@ -32,7 +32,8 @@ pub const MODULE: Module = Module {
 
 /// A burst of writes to a path is one change: it is walked again this long after it was first reported.
 const COALESCE: Duration = Duration::from_secs(1);
-/// Bounds: dirty paths (past it: a full scan, as after an overflow), entries read of one directory, path bytes.
+/// Bounds: dirty paths (past it: a full scan, as after an overflow), names a walk holds at once (the rest of a
+/// directory is counted, not monitored), path bytes.
 const DIRTY_MAX: usize = 4096;
 const NAMES_MAX: usize = 65_536;
 const PATH_MAX: usize = 4096;
@@ -266,18 +267,19 @@ impl Walk<'_> {
             true => OpenOptions::new().read(true).custom_flags(libc::O_PATH).open(at),
             false => handle(at),
         };
+        let room = NAMES_MAX.saturating_sub(self.stack.iter().map(|d| d.2.len()).sum());
         let listed = opened.and_then(|dir| {
             // Watched before it is listed: what is created meanwhile is reported, not missed (inotify(7)).
             if let (true, Some(w)) = (realtime, self.watches.as_deref_mut()) {
                 w.add(&dir, &path);
             }
-            let names = fs::read_dir(fd_path(&dir))?.take(NAMES_MAX + 1).map(|e| e.map(|e| e.file_name()));
-            Ok((dir, names.collect::<io::Result<Vec<_>>>()?))
+            let mut entries = fs::read_dir(fd_path(&dir))?;
+            let names = entries.by_ref().take(room).map(|e| e.map(|e| e.file_name())).collect::<io::Result<Vec<_>>>();
+            Ok((dir, names?, entries.count()))
         });
         match listed {
-            Ok((dir, mut names)) => {
-                self.counts[3] += names.len().saturating_sub(NAMES_MAX);
-                names.truncate(NAMES_MAX);
+            Ok((dir, mut names, over)) => {
+                self.counts[3] += over;
                 names.sort_by(|a, b| b.cmp(a));
                 self.stack.push((dir, path, names, id));
             }
@@ -454,7 +456,7 @@ fn reconcile(
     Ok(Some(format!(
         "fim: {kind}: {files} files (scan {ms} ms); {created} created, {updated} updated, {deleted} deleted; {over} over \
          fim.max_files, {denied} not hashed (unreadable), {dirs} directories unreadable (documents kept), {skipped} \
-         skipped (not UTF-8, too long, too many in a directory), {failed} directories not watched{first}"
+         skipped (not UTF-8, over 4096 bytes, or past 65536 names held at once), {failed} directories not watched{first}"
     )))
 }
 
@@ -680,8 +682,13 @@ mod tests {
     }
 
     fn walk(root: &Path, cfg: FimConfig) -> (Vec<String>, [usize; 4]) {
-        let cfg =
-            FimConfig { root: root.into(), hashes: vec!["sha256".into()], max_file_bytes: 100, max_files: 1000, ..cfg };
+        let cfg = FimConfig {
+            root: root.into(),
+            hashes: vec!["sha256".into()],
+            max_file_bytes: 100,
+            max_files: cfg.max_files.max(1000),
+            ..cfg
+        };
         let ignore = cfg.ignore.iter().map(|g| (glob::Pattern::new(g).unwrap(), g.contains('/'))).collect();
         let mut roots: Vec<PathBuf> = cfg.paths.iter().map(|p| p.path.clone()).collect();
         roots.sort();
@@ -809,6 +816,25 @@ mod tests {
         let (found, _) = walk(root.path(), FimConfig { follow_symlinks: true, ..cfg });
         let want = ["/d/f", "/d/fifo", "/d/large", "/d/to-dir/secret", "/d/to-file", "/d/up/outside/secret"];
         assert_eq!(found, want);
+    }
+
+    #[test]
+    fn a_walk_holds_a_bounded_number_of_names_and_counts_the_rest() {
+        let root = tempfile::tempdir().unwrap();
+        let d = root.path().join("d");
+        fs::create_dir(&d).unwrap();
+        for i in 0..NAMES_MAX + 10 {
+            File::create(d.join(i.to_string())).unwrap();
+        }
+        let (found, counts) = walk(
+            root.path(),
+            FimConfig {
+                paths: vec![FimPath { path: "/d".into(), depth: 0, realtime: false }],
+                max_files: 1 << 20,
+                ..FimConfig::default()
+            },
+        );
+        assert_eq!((found.len(), counts[3]), (NAMES_MAX, 10));
     }
 
     #[test]
