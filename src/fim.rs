@@ -166,14 +166,10 @@ struct Watches {
 impl Watches {
     fn add(&mut self, dir: &File, path: &Path) {
         // Through /proc/self/fd: the directory the handle pins, whatever its path is now.
-        let added = match self.failed {
-            0 => crate::sys::add_watch(&self.fd, &fd_path(dir), MASK).map_err(|e| e.raw_os_error()),
-            _ => Err(Some(libc::ENOSPC)),
-        };
-        match added {
-            Ok(wd) => _ = self.dirs.insert(wd, path.to_path_buf()),
-            Err(Some(libc::ENOSPC)) => self.failed += 1,
-            Err(_) => {} // gone meanwhile: its parent reports that
+        match (self.failed == 0).then(|| crate::sys::add_watch(&self.fd, &fd_path(dir), MASK)) {
+            Some(Ok(wd)) => _ = self.dirs.insert(wd, path.to_path_buf()),
+            Some(Err(e)) if e.raw_os_error() != Some(libc::ENOSPC) => {} // gone meanwhile: its parent reports that
+            _ => self.failed += 1,
         }
     }
 }
