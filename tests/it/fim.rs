@@ -373,5 +373,6 @@ fn fim_100000_files_peak_memory() {
     assert!(env.mock.wait_until(Duration::from_secs(60), |m| m.stateful_events().len() > 100_000));
     let peak = proc_kb(pid, "VmHWM:");
     eprintln!("fim 100000 files: VmHWM {first} KiB after the first scan, {peak} KiB after a rescan and a change");
+    agent.log().lines().filter(|l| l.contains("fim: ")).for_each(|l| eprintln!("{l}"));
     assert!(peak <= 16 * 1024, "{peak} KiB");
 }
