@@ -294,7 +294,7 @@ impl Walk<'_> {
         };
         let mtime = crate::status::rfc3339(m.modified().unwrap_or(SystemTime::UNIX_EPOCH));
         let mut f = json!({"gid": m.gid().to_string(), "inode": m.ino().to_string(), "mode": format!("{:04o}", m.mode() & 0o7777),
-            "mtime": mtime, "name": path.file_name().unwrap_or_default().to_string_lossy(), "path": path,
+            "mtime": mtime, "name": path.file_name().unwrap_or_default().to_string_lossy(), "path": path.to_string_lossy(),
             "size": m.size(), "type": kind, "uid": m.uid().to_string()});
         if m.is_symlink() {
             f["target_path"] = fs::read_link(at).map(|t| t.to_string_lossy().into_owned()).unwrap_or_default().into();
