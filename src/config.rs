@@ -143,6 +143,30 @@ pub struct InventoryConfig {
     pub collectors: Vec<String>,
 }
 
+#[derive(Debug, Clone, Default)]
+pub struct FimConfig {
+    pub enabled: bool,
+    pub paths: Vec<FimPath>,
+    /// Glob patterns: one without `/` is matched against a name, one with `/` against the whole path.
+    pub ignore: Vec<String>,
+    pub interval: Duration,
+    pub scan_on_start: bool,
+    pub hashes: Vec<String>,
+    pub max_file_bytes: u64,
+    pub max_files: usize,
+    pub follow_symlinks: bool,
+    pub max_eps: usize,
+    pub root: PathBuf,
+}
+
+/// One entry of `fim.paths`: the levels of directories below it that are walked (0: its own entries only).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FimPath {
+    pub path: PathBuf,
+    pub depth: usize,
+    pub realtime: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct LogConfig {
     pub level: log::LevelFilter,
@@ -168,6 +192,7 @@ pub struct Config {
     pub retry: RetryConfig,
     pub logcollector: LogcollectorConfig,
     pub inventory: InventoryConfig,
+    pub fim: FimConfig,
     pub log: LogConfig,
 }
 
@@ -274,6 +299,17 @@ pub static KEYS: &[Key] = &[
     key!(inventory.root = "/", LOCAL, RESTART, abs_dir, show_path),
     key!(inventory.collectors = ["system", "hardware", "packages", "networks", "ports"], SERVER, RESTART,
         collectors, show_list),
+    key!(fim.enabled = false, SERVER, RESTART, boolean, show_num),
+    key!(fim.paths = [], SERVER, RESTART, fim_paths, show_fim_paths),
+    key!(fim.ignore = [], SERVER, RESTART, globs, show_list),
+    key!(fim.interval = "12h", SERVER, RESTART, |v| duration(v, SECOND), show_duration),
+    key!(fim.scan_on_start = true, SERVER, RESTART, boolean, show_num),
+    key!(fim.hashes = ["sha256"], SERVER, RESTART, |v| subset(v, &["md5", "sha1", "sha256"]), show_list),
+    key!(fim.max_file_bytes = "64MiB", SERVER, RESTART, size, show_num),
+    key!(fim.max_files = 100000, SERVER, RESTART, |v| count(v, 1, 10_000_000), show_num),
+    key!(fim.follow_symlinks = false, SERVER, RESTART, boolean, show_num),
+    key!(fim.max_eps = 200, SERVER, RESTART, |v| count(v, 1, 1_000_000), show_num),
+    key!(fim.root = "/", LOCAL, RESTART, abs_dir, show_path),
     key!(log.level = "info", SERVER, LIVE, |v| choice(v, LEVELS), |x: &log::LevelFilter| show(LEVELS, x)),
     key!(log.file = "", LOCAL, RESTART, maybe_path, show_maybe),
     key!(log.syslog = false, LOCAL, RESTART, boolean, show_num),
@@ -282,9 +318,10 @@ pub static KEYS: &[Key] = &[
 /// Values that need a part a build may leave out: key, whether the value needs it, part, cargo feature, built in.
 #[allow(clippy::type_complexity)] // a table: one line per entry reads better than a struct
 #[rustfmt::skip]
-const NEEDS: [(&str, fn(&Config) -> bool, &str, &str, bool); 4] = [
+const NEEDS: [(&str, fn(&Config) -> bool, &str, &str, bool); 5] = [
     ("logcollector.files", |c| !c.logcollector.files.is_empty(), "logcollector", "logcollector", cfg!(feature = "logcollector")),
     ("inventory.enabled", |c| c.inventory.enabled, "inventory", "inventory", cfg!(feature = "inventory")),
+    ("fim.enabled", |c| c.fim.enabled, "file integrity monitoring", "fim", cfg!(feature = "fim")),
     ("server.compression", |c| c.server.compression == Compression::Gzip, "gzip", "gzip", cfg!(feature = "gzip")),
     ("server.ca_file", |c| c.server.ca_file.is_none(), "built-in roots", "webpki-roots", cfg!(feature = "webpki-roots")),
 ];
@@ -441,13 +478,49 @@ fn files(v: &toml::Value) -> Result<Vec<FileSpec>, String> {
 }
 
 fn collectors(v: &toml::Value) -> Result<Vec<String>, String> {
+    subset(v, COLLECTORS)
+}
+
+/// Names out of `options`, each at most once.
+fn subset(v: &toml::Value, options: &[&str]) -> Result<Vec<String>, String> {
     let collectors = strings(v)?;
     let problem = collectors.iter().enumerate().find_map(|(i, c)| match c {
-        _ if !COLLECTORS.contains(&c.as_str()) => Some(format!("{c:?} is not one of {}", COLLECTORS.join(", "))),
+        _ if !options.contains(&c.as_str()) => Some(format!("{c:?} is not one of {}", options.join(", "))),
         _ if collectors[..i].contains(c) => Some(format!("{c:?} is listed twice")),
         _ => None,
     });
     problem.map_or(Ok(collectors), Err)
+}
+
+fn globs(v: &toml::Value) -> Result<Vec<String>, String> {
+    let bad = |p: &&String| glob::Pattern::new(p).is_err();
+    strings(v)
+        .and_then(|g| g.iter().find(bad).map_or(Ok(g.clone()), |p| Err(format!("{p:?} is not a valid glob pattern"))))
+}
+
+/// `fim.paths`: absolute paths, or tables `{ path, recursive = true | false | 0..=256, realtime = false }`.
+fn fim_paths(v: &toml::Value) -> Result<Vec<FimPath>, String> {
+    let entry = |item: &toml::Value| {
+        let Some(t) = item.as_table() else {
+            return Ok(FimPath { path: string(item)?.into(), depth: 256, realtime: false });
+        };
+        if let Some(other) = t.keys().find(|k| !matches!(k.as_str(), "path" | "recursive" | "realtime")) {
+            return Err(format!("an entry has an unknown field {other:?} (path, recursive, realtime)"));
+        }
+        let depth = match t.get("recursive") {
+            None | Some(toml::Value::Boolean(true)) => Ok(256),
+            Some(toml::Value::Boolean(false)) => Ok(0),
+            Some(d) => count(d, 0, 256).map_err(|m| format!("recursive: {m}")),
+        };
+        let realtime = t.get("realtime").map_or(Ok(false), boolean).map_err(|m| format!("realtime: {m}"))?;
+        Ok(FimPath { path: string(t.get("path").ok_or("an entry has no path")?)?.into(), depth: depth?, realtime })
+    };
+    let paths = v.as_array().ok_or_else(|| expected("a list", v))?.iter().map(entry).collect::<Result<Vec<_>, _>>()?;
+    let bad = |p: &&FimPath| !p.path.is_absolute() || p.path.components().any(|c| c == std::path::Component::ParentDir);
+    paths
+        .iter()
+        .find(bad)
+        .map_or(Ok(paths.clone()), |p| Err(format!("{:?} is not an absolute path without ..", p.path)))
 }
 
 /// Splits `" 10 KiB "` into `(10, "KiB")`; `what` completes "… is not <what>".
@@ -678,6 +751,14 @@ fn show_files(files: &[FileSpec]) -> String {
     format!("[{}]", files.iter().map(item).collect::<Vec<_>>().join(", "))
 }
 
+fn show_fim_paths(paths: &[FimPath]) -> String {
+    let item = |p: &FimPath| match (p.depth, p.realtime) {
+        (256, false) => show_path(&p.path),
+        (d, r) => format!("{{ path = {}, recursive = {d}, realtime = {r} }}", show_path(&p.path)),
+    };
+    format!("[{}]", paths.iter().map(item).collect::<Vec<_>>().join(", "))
+}
+
 /// Formats a duration in the largest unit that represents it exactly.
 pub fn fmt_duration(d: Duration) -> String {
     let ms = d.as_millis();
@@ -781,7 +862,8 @@ mod tests {
             "events.batch_max_bytes events.batch_max_events events.batch_interval events.buffer_events \
              events.buffer_bytes events.overflow retry.initial retry.max logcollector.files logcollector.start \
              logcollector.max_line_bytes logcollector.poll_interval inventory.enabled inventory.interval \
-             inventory.collectors log.level"
+             inventory.collectors fim.enabled fim.paths fim.ignore fim.interval fim.scan_on_start fim.hashes \
+             fim.max_file_bytes fim.max_files fim.follow_symlinks fim.max_eps log.level"
         );
         assert_eq!(
             ids(|k| k.live),

@@ -14,6 +14,8 @@ pub mod config;
 pub mod credentials;
 pub mod event;
 pub mod executor;
+#[cfg(feature = "fim")]
+pub mod fim;
 pub mod fsutil;
 pub mod groups;
 pub mod host;

@@ -30,6 +30,8 @@ pub const MODULES: &[Module] = &[
     crate::logcollector::MODULE,
     #[cfg(feature = "inventory")]
     crate::inventory::MODULE,
+    #[cfg(feature = "fim")]
+    crate::fim::MODULE,
 ];
 
 /// What a module's thread gets.

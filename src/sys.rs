@@ -150,6 +150,28 @@ pub fn can_regain_root() -> bool {
     unsafe { libc::setuid(0) == 0 }
 }
 
+/// A new inotify(7) instance, non-blocking (reads end with `WouldBlock`) and closed on exec.
+pub fn inotify() -> io::Result<File> {
+    // SAFETY: no pointers; the descriptor returned is new and ours alone, so File may own it.
+    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    if fd < 0 { Err(io::Error::last_os_error()) } else { Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }) }
+}
+
+/// Adds (or updates) the inotify watch of `path` for `mask` on instance `fd`: the watch descriptor.
+pub fn add_watch(fd: &File, path: &std::path::Path, mask: u32) -> io::Result<i32> {
+    let path = CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))?;
+    // SAFETY: a NUL-terminated path that outlives the call.
+    let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), mask) };
+    if wd < 0 { Err(io::Error::last_os_error()) } else { Ok(wd) }
+}
+
+/// Waits until `fd` is readable or `timeout` passes (EINTR ends the wait early): whether it is.
+pub fn wait_readable(fd: &File, timeout: std::time::Duration) -> bool {
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one pollfd that outlives the call.
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis().min(i32::MAX as u128) as i32) > 0 }
+}
+
 /// uname(2)'s fields (empty ones by default).
 #[derive(Debug, Default)]
 pub struct Uname {

@@ -5,6 +5,7 @@
 
 pub mod collectors;
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::Path;
@@ -65,8 +66,25 @@ pub struct Snapshot {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     Create { id: String, new: Stored },
-    Update { id: String, new: Stored },
+    Update { id: String, old: Stored, new: Stored },
     Delete { id: String, old: Stored },
+}
+
+impl Change {
+    /// The change from `old` to `new` of one key, if any (`same`: whether two documents count as equal).
+    pub fn of(
+        id: String,
+        old: Option<Stored>,
+        new: Option<Stored>,
+        same: fn(&Stored, &Stored) -> bool,
+    ) -> Option<Self> {
+        match (old, new) {
+            (None, Some(new)) => Some(Change::Create { id, new }),
+            (Some(old), None) => Some(Change::Delete { id, old }),
+            (Some(old), Some(new)) => (!same(&old, &new)).then_some(Change::Update { id, old, new }),
+            (None, None) => None,
+        }
+    }
 }
 
 /// The document without the fields that move on every scan.
@@ -96,12 +114,34 @@ pub fn merge(old: &Docs, mut found: Docs, failed: &[&str]) -> Docs {
 
 /// What changed (pure): documents of `new` that `old` lacks or has otherwise, and those of `old` that `new` lacks.
 pub fn diff(old: &Docs, new: &Docs) -> Vec<Change> {
-    let changed = new.iter().filter_map(|(id, n)| match old.get(id) {
-        None => Some(Change::Create { id: id.clone(), new: n.clone() }),
-        Some(o) => (comparable(o) != comparable(n)).then(|| Change::Update { id: id.clone(), new: n.clone() }),
+    let (mut out, owned) = (Vec::new(), |(k, v): (&String, &Stored)| (k.clone(), v.clone()));
+    let _ = merge_join::<_, ()>(old.iter().map(owned), new.iter().map(owned), |id, o, n| {
+        out.extend(Change::of(id, o, n, |a, b| comparable(a) == comparable(b)));
+        Ok(())
     });
-    let gone = old.iter().filter(|(id, _)| !new.contains_key(*id));
-    changed.chain(gone.map(|(id, o)| Change::Delete { id: id.clone(), old: o.clone() })).collect()
+    out
+}
+
+/// A merge-join (pure) of two sequences sorted by key, each key once: `each` gets every key with its old and new
+/// value (either may be absent), in order; memory does not grow with the length (FIM streams its snapshot).
+pub fn merge_join<K: Ord, E>(
+    old: impl Iterator<Item = (K, Stored)>,
+    new: impl Iterator<Item = (K, Stored)>,
+    mut each: impl FnMut(K, Option<Stored>, Option<Stored>) -> Result<(), E>,
+) -> Result<(), E> {
+    let (mut old, mut new) = (old.peekable(), new.peekable());
+    loop {
+        let order = match (old.peek(), new.peek()) {
+            (Some(o), Some(n)) => o.0.cmp(&n.0),
+            (o, _) => o.map_or(Ordering::Greater, |_| Ordering::Less),
+        };
+        let (o, n) = (order.is_le().then(|| old.next()).flatten(), order.is_ge().then(|| new.next()).flatten());
+        match (o, n) {
+            (Some((k, o)), n) => each(k, Some(o), n.map(|(_, n)| n))?,
+            (None, Some((k, n))) => each(k, None, Some(n))?,
+            (None, None) => return Ok(()),
+        }
+    }
 }
 
 /// The document with `@timestamp` first (text surgery: the document is an object).
@@ -114,14 +154,14 @@ fn stamped(doc: &str, now: &str) -> String {
     }
 }
 
-pub fn stateful_events(changes: &[Change], now: &str) -> Vec<Event> {
+pub fn stateful_events(changes: &[Change], now: &str, module: &str) -> Vec<Event> {
     let event = |c: &Change| {
         let (id, collector, op, doc) = match c {
             Change::Create { id, new } => (id, &new.collector, "create", Some(&new.doc)),
             Change::Update { id, new, .. } => (id, &new.collector, "update", Some(&new.doc)),
             Change::Delete { id, old } => (id, &old.collector, "delete", None),
         };
-        let header = json!({"collector": collector, "id": id, "module": "inventory", "operation": op}).to_string();
+        let header = json!({"collector": collector, "id": id, "module": module, "operation": op}).to_string();
         Event::new(Kind::Stateful, &header, doc.map(|d| stamped(d, now)).as_deref())
     };
     changes.iter().map(event).collect()
@@ -260,9 +300,27 @@ pub enum ScanError {
     /// A sink did not take the events: the thread is told to stop, or the pipeline is gone.
     #[error("{0}; the scan is repeated next time")]
     Sink(SinkError),
-    /// The queue refused the stateful events (full, or a disk error), or `inventory.json` could not be written.
+    /// The queue refused the stateful events (full, or a disk error), or the snapshot could not be written.
     #[error("{0}; the scan is repeated next time")]
     Failed(String),
+    /// The saved snapshot is not what the module writes (named in the message): a fresh full scan replaces it.
+    #[error("{0}; it is replaced by a fresh full scan")]
+    Corrupt(String),
+}
+
+/// Hands `changes` to the queue (durable) and then `notes` to the pipeline, as every scanning module does before its
+/// snapshot moves: a failure leaves the snapshot where it was, so the same changes are found and sent again.
+pub fn deliver(ctx: &Context, module: &str, changes: &[Change], notes: Vec<Event>, now: &str) -> Result<(), ScanError> {
+    for chunk in stateful_events(changes, now, module).chunks(APPEND_CHUNK) {
+        let r = ctx.durable.append(chunk.to_vec()).map_err(ScanError::Sink)?;
+        if !r.all_stored(chunk.len()) {
+            let why = r.error.map(|e| e.to_string()).unwrap_or_default();
+            return Err(ScanError::Failed(format!("{module} changes not queued ({why})")));
+        }
+        Stats::add(&ctx.stats.received, chunk.len() as u64);
+    }
+    Stats::add(&ctx.stats.received, notes.len() as u64);
+    notes.chunks(512).try_for_each(|chunk| ctx.events.send(chunk.to_vec()).map_err(ScanError::Sink))
 }
 
 /// One scan and its delivery. Returns a line for the log.
@@ -283,22 +341,7 @@ fn scan_once(config: &InventoryConfig, ctx: &Context) -> Result<String, ScanErro
     let new = merge(&old, found, &failed.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>());
     let changes = diff(&old, &new);
     let now = status::rfc3339(SystemTime::now());
-    let events = stateful_events(&changes, &now);
-    for chunk in events.chunks(APPEND_CHUNK) {
-        let r = ctx.durable.append(chunk.to_vec()).map_err(ScanError::Sink)?;
-        if !r.all_stored(chunk.len()) {
-            let why = r.error.map(|e| e.to_string()).unwrap_or_default();
-            return Err(ScanError::Failed(format!("inventory changes not queued ({why})")));
-        }
-        Stats::add(&ctx.stats.received, chunk.len() as u64);
-    }
-    if !first {
-        let notes = notifications(&changes, &now);
-        for chunk in notes.chunks(512) {
-            ctx.events.send(chunk.to_vec()).map_err(ScanError::Sink)?;
-        }
-        Stats::add(&ctx.stats.received, notes.len() as u64);
-    }
+    deliver(ctx, "inventory", &changes, if first { Vec::new() } else { notifications(&changes, &now) }, &now)?;
     // Durable events first, snapshot second: a crash in between means a resend.
     let snapshot = Snapshot { uuid: ctx.uuid.clone(), docs: new };
     let save = |e: io::Error| ScanError::Failed(format!("cannot save {}: {e}", ctx.state.display()));
@@ -391,7 +434,7 @@ mod tests {
         let hw2 = Stored { collector: "hardware".into(), doc: r#"{"host":{"cpu":{}}}"#.into() };
         let new = merge(&old, map(vec![("h".into(), hw2.clone())]), &["packages"]);
         assert_eq!(new, map(vec![pkg("a", "1"), pkg("b", "1"), ("h".into(), hw2.clone())]));
-        assert_eq!(diff(&old, &new), vec![Change::Update { id: "h".into(), new: hw2 }]);
+        assert_eq!(diff(&old, &new), vec![Change::Update { id: "h".into(), old: old["h"].clone(), new: hw2 }]);
         assert!(notifications(&diff(&old, &merge(&old, BTreeMap::new(), &["packages", "hardware"])), "T").is_empty());
     }
 
@@ -435,7 +478,7 @@ mod tests {
         let old = map(vec![pkg("openssl", "3.0.13-1"), pkg("gone", "1")]);
         let new = map(vec![pkg("openssl", "3.0.14-1"), pkg("fresh", "2")]);
         let changes = diff(&old, &new);
-        let stateful = stateful_events(&changes, "T");
+        let stateful = stateful_events(&changes, "T", "inventory");
         assert_eq!(stateful.len(), 4, "two deletes and two creates on the stateful side");
         let notes = notifications(&changes, "T");
         let mut actions: Vec<(String, String)> = notes
@@ -512,10 +555,10 @@ mod tests {
         let (a, b) = (Stored { doc: s.doc.replace("\"sh\"", "\"bash\""), ..s.clone() }, s.clone());
         let changes = [
             Change::Create { id: "1".into(), new: s },
-            Change::Update { id: "2".into(), new: a },
+            Change::Update { id: "2".into(), old: a.clone(), new: a },
             Change::Delete { id: "3".into(), old: b },
         ];
-        let events = [stateful_events(&changes, "T"), notifications(&changes, "T")].concat();
+        let events = [stateful_events(&changes, "T", "inventory"), notifications(&changes, "T")].concat();
         assert_eq!(events.len(), 6);
         assert!(events.iter().all(|e| e.lines().len() <= crate::event::MAX_RECORD_BYTES));
     }
@@ -524,7 +567,7 @@ mod tests {
     fn stateful_event_shapes_pass_the_ingest_rules() {
         let (id, s) = pkg("a", "1");
         let changes = vec![Change::Create { id: id.clone(), new: s.clone() }, Change::Delete { id, old: s }];
-        for e in stateful_events(&changes, "2026-11-26T15:00:00.000Z") {
+        for e in stateful_events(&changes, "2026-11-26T15:00:00.000Z", "inventory") {
             let line = match e.data() {
                 Some(d) => format!(r#"{{"header":{},"data":{}}}"#, e.header(), d),
                 None => format!(r#"{{"header":{}}}"#, e.header()),

@@ -4,6 +4,7 @@
 mod adversarial;
 mod cli;
 mod commands;
+mod fim;
 mod groups;
 mod inventory;
 mod local_account;
