@@ -1021,6 +1021,7 @@ mod tests {
                 cfg!(feature = "logcollector"),
             ),
             (ca_line.clone(), "[inventory]\nenabled = true\n".into(), cfg!(feature = "inventory")),
+            (ca_line.clone(), format!("{off}[fim]\nenabled = true\n"), cfg!(feature = "fim")),
             (format!("{ca_line}compression = \"gzip\"\n"), off.into(), cfg!(feature = "gzip")),
             ("ca_file = \"\"\n".into(), off.into(), cfg!(feature = "webpki-roots")),
         ];
