@@ -190,6 +190,8 @@ struct Walk<'a> {
     counts: [usize; 4],
     /// Directories that could not be listed: their old documents are kept.
     unreadable: Rc<RefCell<Vec<PathBuf>>>,
+    /// Owner and group names by (is a group, id), looked up once a scan; bounded, as NSS may hold many.
+    names: HashMap<(bool, u32), Option<String>>,
 }
 
 impl Iterator for Walk<'_> {
@@ -296,6 +298,11 @@ impl Walk<'_> {
         let mut f = json!({"gid": m.gid().to_string(), "inode": m.ino().to_string(), "mode": format!("{:04o}", m.mode() & 0o7777),
             "mtime": mtime, "name": path.file_name().unwrap_or_default().to_string_lossy(), "path": path.to_string_lossy(),
             "size": m.size(), "type": kind, "uid": m.uid().to_string()});
+        for (key, id, group) in [("owner", m.uid(), false), ("group", m.gid(), true)] {
+            let _ = (self.names.len() >= 4096).then(|| self.names.clear());
+            let name = self.names.entry((group, id)).or_insert_with(|| crate::sys::name_of(id, group));
+            let _ = name.as_ref().map(|n| f[key] = n.as_str().into());
+        }
         if m.is_symlink() {
             f["target_path"] = fs::read_link(at).map(|t| t.to_string_lossy().into_owned()).unwrap_or_default().into();
         } else if m.is_file() && m.size() > self.cfg.max_file_bytes {
@@ -382,7 +389,11 @@ fn reconcile(
         roots.sort();
         (roots.dedup_by(|p, kept| p.starts_with(kept)), roots).1
     });
-    let ignore = cfg.ignore.iter().filter_map(|g| Some((glob::Pattern::new(g).ok()?, g.contains('/')))).collect();
+    let mut ignore: Vec<_> =
+        cfg.ignore.iter().filter_map(|g| Some((glob::Pattern::new(g).ok()?, g.contains('/')))).collect();
+    // The agent's own data_dir: its snapshot rewrites would report themselves, a change per change, for ever.
+    let own = snapshot.parent().and_then(|d| d.strip_prefix(&cfg.root).ok()).map(|d| Path::new("/").join(d));
+    ignore.extend(own.and_then(|d| glob::Pattern::new(&glob::Pattern::escape(d.to_str()?)).ok()).map(|g| (g, true)));
     let (watches, unreadable) = (w, Rc::new(RefCell::new(Vec::new())));
     let mut walk = Walk {
         cfg,
@@ -393,6 +404,7 @@ fn reconcile(
         buf: vec![0; 64 << 10],
         counts: [0; 4],
         unreadable: unreadable.clone(),
+        names: HashMap::new(),
     };
     let (mut chunk, mut notes, mut counts, mut items) = (Vec::new(), Vec::new(), [0; 3], 0usize);
     let now = crate::status::rfc3339(SystemTime::now());
@@ -699,6 +711,7 @@ mod tests {
             buf: vec![0; 16],
             counts: [0; 4],
             unreadable,
+            names: HashMap::new(),
         };
         let found: Vec<String> = w.by_ref().map(|(p, _)| p.display().to_string()).collect();
         (found, w.counts)
@@ -758,6 +771,7 @@ mod tests {
             buf: vec![0; 16],
             counts: [0; 4],
             unreadable: Rc::default(),
+            names: HashMap::new(),
         };
         assert_eq!(w.by_ref().count(), 2);
         assert_eq!(w.counts[..2], [2, 6]);
@@ -792,6 +806,7 @@ mod tests {
             buf: vec![0; 16],
             counts: [0; 4],
             unreadable: Rc::default(),
+            names: HashMap::new(),
         };
         let docs: BTreeMap<String, Value> = w
             .by_ref()

@@ -116,6 +116,23 @@ pub fn group_by_name(name: &str) -> io::Result<Option<u32>> {
     Ok(found(rc, out.is_null())?.then_some(gr.gr_gid))
 }
 
+/// The name of user `id`, or of group `id` when `group`, as NSS knows it; `None` if there is none or it is not UTF-8.
+pub fn name_of(id: u32, group: bool) -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; LOOKUP_BUF];
+    // SAFETY: passwd and group are plain C data, for which all zeros is valid; getpwuid_r/getgrgid_r fill them with
+    // pointers into `buf`, and the name is copied out while `buf` lives.
+    unsafe {
+        let (mut pw, mut gr): (libc::passwd, libc::group) = (std::mem::zeroed(), std::mem::zeroed());
+        let (mut pw_out, mut gr_out) = (std::ptr::null_mut(), std::ptr::null_mut());
+        let name = match group {
+            false => libc::getpwuid_r(id, &mut pw, buf.as_mut_ptr(), buf.len(), &mut pw_out) == 0 && !pw_out.is_null(),
+            true => libc::getgrgid_r(id, &mut gr, buf.as_mut_ptr(), buf.len(), &mut gr_out) == 0 && !gr_out.is_null(),
+        }
+        .then_some(if group { gr.gr_name } else { pw.pw_name })?;
+        std::ffi::CStr::from_ptr(name).to_str().ok().map(str::to_string)
+    }
+}
+
 /// Room for one user or group entry with its strings; 16 KiB holds any sane one.
 const LOOKUP_BUF: usize = 16 * 1024;
 

@@ -110,6 +110,7 @@ fn fim_realtime_reports_every_kind_of_change_once() {
     assert_eq!(a["hash"]["md5"], format!("{:x}", md5::compute("alpha\n")));
     assert_eq!(a["hash"]["sha1"], sha1_smol::Sha1::from("alpha\n").digest().to_string());
     assert_eq!(a["mode"], "0644");
+    assert_eq!((a["owner"].as_str(), a["group"].as_str()), (Some("root"), Some("root")), "names by NSS (run as root)");
     let big = &base[2].2["file"];
     assert_eq!((big["attributes"].clone(), big["hash"].is_null()), (json!(["unhashed"]), true), "over max_file_bytes");
     let link = &base[3].2["file"];
@@ -149,7 +150,8 @@ fn fim_realtime_reports_every_kind_of_change_once() {
     let got = next_events(&env, seen, 1);
     assert_eq!(got[0].2["file"]["uid"], nobody.uid.to_string());
     assert!(env.mock.wait_until(Duration::from_secs(10), |_| notes(&env).len() >= 3));
-    assert_eq!(notes(&env)[2].2["event"]["changed_fields"], json!(["file.uid"]));
+    assert_eq!(got[0].2["file"]["owner"], "nobody");
+    assert_eq!(notes(&env)[2].2["event"]["changed_fields"], json!(["file.owner", "file.uid"]));
 
     // Delete, rename (a delete and a create), and a new directory filled at once: every file of it.
     seen = stateful(&env).len();
@@ -375,4 +377,23 @@ fn fim_100000_files_peak_memory() {
     eprintln!("fim 100000 files: VmHWM {first} KiB after the first scan, {peak} KiB after a rescan and a change");
     agent.log().lines().filter(|l| l.contains("fim: ")).for_each(|l| eprintln!("{l}"));
     assert!(peak <= 16 * 1024, "{peak} KiB");
+}
+
+#[test]
+fn fim_never_reports_the_agents_own_data_dir() {
+    let env = Env::new();
+    write(env.dir.path(), "host/watched", "one");
+    // fim.root is the test's directory, so data_dir is `/data` to FIM: beneath a realtime path, as `/var` holds it.
+    let paths = "fim.paths = [{ path = \"/data\", realtime = true }, { path = \"/host\", realtime = true }]";
+    env.write_config(&config(env.dir.path(), paths));
+    let _agent = env.running_agent();
+    assert_eq!(ops(&next_events(&env, 0, 1)), [("create", "/host/watched")]);
+    // Each change rewrites fim.snapshot in data_dir; were it monitored, each rewrite would be another change.
+    for round in 0..3 {
+        write(env.dir.path(), "host/watched", &format!("change {round}"));
+        assert_eq!(ops(&next_events(&env, 1 + round, 1)), [("update", "/host/watched")]);
+    }
+    assert!(env.mock.wait_until(Duration::from_secs(10), |_| notes(&env).len() >= 3));
+    let all = stateful(&env).into_iter().chain(notes(&env)).map(|(_, p, _)| p).collect::<Vec<_>>();
+    assert!(all.iter().all(|p| p == "/host/watched"), "{all:?}");
 }
