@@ -397,3 +397,41 @@ fn fim_never_reports_the_agents_own_data_dir() {
     let all = stateful(&env).into_iter().chain(notes(&env)).map(|(_, p, _)| p).collect::<Vec<_>>();
     assert!(all.iter().all(|p| p == "/host/watched"), "{all:?}");
 }
+
+#[test]
+fn fim_scan_on_start_false_waits_one_interval_for_the_first_scan() {
+    let env = Env::new();
+    let root = env.dir.path().join("host");
+    write(&root, "srv/a", "a");
+    env.write_config(&config(&root, "fim.paths = [\"/srv\"]\nfim.interval = \"3s\"\nfim.scan_on_start = false"));
+    let started = std::time::Instant::now();
+    let _agent = env.running_agent();
+    assert_eq!(ops(&next_events(&env, 0, 1)), [("create", "/srv/a")]);
+    // A lower bound only: a loaded machine makes the scan later, never earlier.
+    assert!(started.elapsed() >= Duration::from_secs(3), "first scan after {:?}", started.elapsed());
+}
+
+#[test]
+fn fim_max_files_is_said_once_and_max_eps_paces_the_changes() {
+    let env = Env::new();
+    let root = env.dir.path().join("host");
+    for i in 0..40 {
+        write(&root, &format!("srv/f{i:02}"), "x");
+    }
+    let keys = "fim.paths = [\"/srv\"]\nfim.interval = \"1s\"\nfim.max_files = 30\nfim.max_eps = 10";
+    env.write_config(&config(&root, keys).replace("fim.max_eps = 100000\n", ""));
+    let agent = env.running_agent();
+    let got = next_events(&env, 0, 30);
+    assert_eq!(got.len(), 30, "max_files: the first 30 in path order");
+    assert_eq!((got[0].1.as_str(), got[29].1.as_str()), ("/srv/f00", "/srv/f29"));
+    // 30 changes at 10 a second: chunks of 10, the second one 1 s after the first, the third 2 s after.
+    let arrivals = env.mock.arrivals();
+    let times: Vec<_> = arrivals.iter().filter(|a| a.path.ends_with("/stateful")).map(|a| a.at).collect();
+    let span = times.iter().max().unwrap().duration_since(*times.iter().min().unwrap());
+    assert!(span >= Duration::from_millis(1900), "30 events at max_eps 10 arrived within {span:?}");
+    let scans = || agent.log().matches("fim: full scan: 30 files").count();
+    assert!(wait_for(Duration::from_secs(20), || scans() >= 3), "{}", agent.log());
+    let warned = "fim: fim.max_files (30) is reached; 10 files are not monitored";
+    assert_eq!(agent.log().matches(warned).count(), 1, "{}", agent.log());
+    assert_eq!(stateful(&env).len(), 30, "nothing more: the files past the bound are counted, not sent");
+}
