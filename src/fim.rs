@@ -436,7 +436,8 @@ fn reconcile(
             1;
         notes.extend((!first).then(|| notification(&c, &now)));
         chunk.push(c);
-        if chunk.len() >= cfg.max_eps.min(1000) { flush(&mut chunk, &mut notes) } else { Ok(()) }
+        // Tenths of a second's worth: no second holds much more than max_eps (a whole second's chunk at once did).
+        if chunk.len() >= (cfg.max_eps / 10).clamp(1, 1000) { flush(&mut chunk, &mut notes) } else { Ok(()) }
     })
     .and_then(|()| if chunk.is_empty() { Ok(()) } else { flush(&mut chunk, &mut notes) })
     .and_then(|()| bad.take().map_or(Ok(()), |why| Err(ScanError::Corrupt(why))))
@@ -483,11 +484,13 @@ fn run(config: Config, ctx: Context) {
     loop {
         let now = Instant::now();
         if now >= next_scan || rescan.is_some_and(|t| now >= t) {
+            let cpu = crate::sys::thread_cpu_time();
             dirty.clear();
             watches.iter_mut().for_each(|w| w.failed = 0);
             let result = reconcile(cfg, &ctx, watches.as_mut(), (&mut pacing, &mut warned), None);
-            // A write storm that overflows the queue must not become a scan loop: 10 times a scan's length apart.
-            earliest = Instant::now() + (now.elapsed() * 10).max(COALESCE);
+            // A write storm that overflows the queue must not become a scan loop: 10 times a scan's CPU time apart
+            // (not its length, which max_eps pacing, a slow server or a busy host at nice 10 stretch for minutes).
+            earliest = Instant::now() + (crate::sys::thread_cpu_time().saturating_sub(cpu) * 10).max(COALESCE);
             let retry = if result.is_ok() { cfg.interval } else { cfg.interval.min(Duration::from_secs(60)) };
             (next_scan, rescan) = (Instant::now() + retry, None);
             match result {

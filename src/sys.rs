@@ -33,6 +33,14 @@ pub fn set_thread_nice(nice: i32) -> io::Result<()> {
     check(unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::syscall(libc::SYS_gettid) as libc::id_t, nice) })
 }
 
+/// The CPU time the calling thread has used (zero if the clock cannot be read).
+pub fn thread_cpu_time() -> std::time::Duration {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: one timespec that outlives the call.
+    let _ = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    std::time::Duration::new(t.tv_sec.max(0) as u64, t.tv_nsec.clamp(0, 999_999_999) as u32)
+}
+
 /// Clock ticks per second, the unit of the times in `/proc/<pid>/stat`; at least 1.
 pub fn clock_ticks_per_second() -> u64 {
     // SAFETY: sysconf has no preconditions.
