@@ -159,7 +159,8 @@ fn put_latencies(out: &mut Map<String, Value>, what: &str, ms: &[f64], home: &Pa
 }
 
 /// Starts an agent (registered first) monitoring `/<top>` and waits for its baseline: `n`
-/// creates acknowledged and the first scan's log line. Returns it with when it was started.
+/// creates acknowledged (the scan's log line may come a little later: `await_scan`). Returns
+/// it with when it was started.
 fn baseline(mock: &MockServer, bin: &Path, home: &Path, host: &Path, top: &str, n: usize) -> (Agent, Instant) {
     let config = config(home, mock, host, top, 1_000_000);
     register(bin, &config, home);
