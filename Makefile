@@ -39,7 +39,8 @@ demo:
 	$(CARGO) build --workspace
 	bash scripts/demo.sh target/debug
 
-# Numbers, not pass/fail: throughput, RSS, idle cost (release builds). BENCH_ARGS=--quick for a short run.
+# Numbers, not pass/fail: throughput, RSS, idle cost, FIM (release builds). BENCH_ARGS=--quick for a short run,
+# BENCH_ARGS="--only core" or "--only fim" for one phase.
 bench:
 	$(CARGO) build --release -p wazuh-agent
 	# Built on its own so its ureq features do not unify into the agent binary measured.

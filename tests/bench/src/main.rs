@@ -2,32 +2,43 @@
 //! load through the agent's ingest socket and prints one table plus
 //! `target/bench/latest.json`. Numbers, not pass/fail: read them, compare them.
 //!
-//! Usage: wazuh-bench [--agent PATH] [--events N] [--quick]
+//! Phases: `core` (idle, command latency, stateless, logcollector, stateful, backlog; one
+//! agent), then `fim` (file integrity monitoring: first scan and rescan of 100 000 files,
+//! realtime latency, a write storm under `fim.max_eps`; fim.rs). `--only PHASE` runs one.
+//!
+//! Usage: wazuh-bench [--agent PATH] [--events N] [--quick] [--only core|fim]
 
+mod fim;
 mod ingest;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use wazuh_mock_server::{MockServer, Options};
 
+const USAGE: &str = "usage: wazuh-bench [--agent PATH] [--events N] [--quick] [--only core|fim]";
+
 struct Args {
     agent: PathBuf,
     events: usize,
     quick: bool,
+    /// `--only`: one phase, `core` or `fim`; `None`: both.
+    only: Option<String>,
 }
 
 fn args() -> Args {
-    let mut a = Args { agent: PathBuf::from("target/release/wazuh-agent"), events: 200_000, quick: false };
+    let mut a = Args { agent: PathBuf::from("target/release/wazuh-agent"), events: 200_000, quick: false, only: None };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
             "--agent" => a.agent = PathBuf::from(it.next().expect("--agent PATH")),
             "--events" => a.events = it.next().and_then(|v| v.parse().ok()).expect("--events N"),
             "--quick" => a.quick = true,
-            other => panic!("unknown argument {other}; usage: wazuh-bench [--agent PATH] [--events N] [--quick]"),
+            "--only" => a.only = Some(it.next().filter(|p| p == "core" || p == "fim").expect(USAGE)),
+            other => panic!("unknown argument {other}; {USAGE}"),
         }
     }
     a
@@ -234,15 +245,74 @@ fn await_delivery(mock: &MockServer, stateful: bool, target: u64, what: &str, ru
     }
 }
 
+/// The pids of the agents running now. Release builds abort on panic, so `Agent`'s Drop would
+/// not run: the panic hook set in `main` kills these, and a failed run leaves none behind.
+static RUNNING: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
 struct Agent {
     child: Child,
+}
+
+impl Agent {
+    fn spawn(bin: &Path, config: &Path) -> Agent {
+        let child = Command::new(bin).arg("--config").arg(config).stdout(Stdio::null()).stderr(Stdio::null()).spawn();
+        let child = child.expect("spawn wazuh-agent");
+        RUNNING.lock().unwrap().push(child.id());
+        Agent { child }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then waits for the exit (SIGKILL after 30 s).
+    fn stop(mut self) {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGTERM) };
+        wait_for(Duration::from_secs(30), || self.child.try_wait().is_ok_and(|s| s.is_some()));
+    }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        RUNNING.lock().unwrap().retain(|p| *p != self.child.id());
     }
+}
+
+/// `<home>/agent.toml`: data and run dirs and the log file in `home`, the mock's URLs, quick
+/// retries, events batched every 100 ms, inventory off, logging at `level`, then `extra` (tables).
+fn agent_config(home: &Path, mock: &MockServer, level: &str, extra: &str) -> PathBuf {
+    std::fs::create_dir_all(home).unwrap();
+    let config = home.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\ndata_dir = {:?}\nrun_dir = {:?}\n[server]\nurl = {:?}\nregistration_url = {:?}\nca_file = {:?}\n[events]\noverflow = \"block\"\nbatch_interval = \"100ms\"\n[retry]\ninitial = \"100ms\"\nmax = \"500ms\"\n[inventory]\nenabled = false\n[log]\nlevel = {level:?}\nfile = {:?}\n{extra}",
+            home.join("data").display().to_string(),
+            home.join("run").display().to_string(),
+            mock.comms_url(),
+            mock.mgmt_url(),
+            mock.ca_file().display().to_string(),
+            home.join("agent.log").display().to_string(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// `--register` with `config`; returns the credentials it wrote.
+fn register(bin: &Path, config: &Path, home: &Path) -> Value {
+    let reg = Command::new(bin)
+        .args(["--config"])
+        .arg(config)
+        .args(["--register", "--user", "wazuh"])
+        .env("WAZUH_REGISTRATION_PASSWORD", "wazuh")
+        .output()
+        .unwrap();
+    assert!(reg.status.success(), "registration: {}", String::from_utf8_lossy(&reg.stderr));
+    serde_json::from_str(&std::fs::read_to_string(home.join("data/credentials.json")).unwrap()).unwrap()
 }
 
 fn main() {
@@ -252,6 +322,43 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("wazuh-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        for pid in RUNNING.try_lock().map(|r| r.clone()).unwrap_or_default() {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        default_hook(info);
+    }));
+    let mut out = serde_json::Map::new();
+    if a.only.as_deref() != Some("fim") {
+        core(&a, &agent_bin, &dir, &mut out);
+    }
+    if a.only.as_deref() != Some("core") {
+        eprintln!("bench: FIM …");
+        fim::run(&agent_bin, &dir.join("fim"), a.quick, &mut out);
+    }
+
+    let report = Value::Object(out);
+    println!("{:<34} {:>14}", "metric", "value");
+    if let Value::Object(m) = &report {
+        for (k, v) in m {
+            let shown = match v.as_f64() {
+                Some(f) if f.fract() != 0.0 => format!("{f:.2}"),
+                _ => v.to_string(),
+            };
+            println!("{k:<34} {shown:>14}");
+        }
+    }
+    let _ = std::fs::create_dir_all("target/bench");
+    std::fs::write("target/bench/latest.json", serde_json::to_string_pretty(&report).unwrap() + "\n").unwrap();
+    println!("\nwritten to target/bench/latest.json");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The core phases, one agent with five followed files: idle cost, command latency, stateless
+/// burst, logcollector (also during an outage), the mock's ceiling, stateful, a backlog.
+fn core(a: &Args, agent_bin: &Path, dir: &Path, out: &mut serde_json::Map<String, Value>) {
     let mut opts = Options::new(&dir.join("mock"));
     opts.keep_events = false;
     opts.command_hold = Duration::from_secs(30);
@@ -262,52 +369,14 @@ fn main() {
     for i in 0..5 {
         std::fs::write(logs.join(format!("f{i}.log")), "").unwrap();
     }
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\ndata_dir = {:?}\nrun_dir = {:?}\n[server]\nurl = {:?}\nregistration_url = {:?}\nca_file = {:?}\n[events]\noverflow = \"block\"\nbatch_interval = \"100ms\"\n[retry]\ninitial = \"100ms\"\nmax = \"500ms\"\n[inventory]\nenabled = false\n[logcollector]\nfiles = [{:?}]\n[log]\nlevel = \"warn\"\nfile = {:?}\n",
-            dir.join("data").display().to_string(),
-            dir.join("run").display().to_string(),
-            mock.comms_url(),
-            mock.mgmt_url(),
-            mock.ca_file().display().to_string(),
-            logs.join("*.log").display().to_string(),
-            dir.join("agent.log").display().to_string(),
-        ),
-    )
-    .unwrap();
-    let reg = Command::new(&agent_bin)
-        .args(["--config"])
-        .arg(&config)
-        .args(["--register", "--user", "wazuh"])
-        .env("WAZUH_REGISTRATION_PASSWORD", "wazuh")
-        .output()
-        .unwrap();
-    assert!(reg.status.success(), "registration: {}", String::from_utf8_lossy(&reg.stderr));
-    let creds: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("data/credentials.json")).unwrap()).unwrap();
-    let child = Command::new(&agent_bin)
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    // Release builds abort on panic, so `Agent`'s Drop would not run: a failed run must
-    // not leave the agent behind.
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        // SAFETY: kill(2) has no memory-safety preconditions.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        default_hook(info);
-    }));
-    let _agent = Agent { child };
+    let extra = format!("[logcollector]\nfiles = [{:?}]\n", logs.join("*.log").display().to_string());
+    let config = agent_config(dir, &mock, "warn", &extra);
+    let creds = register(agent_bin, &config, dir);
+    let agent = Agent::spawn(agent_bin, &config);
+    let pid = agent.pid();
     let run_dir = dir.join("run");
     let socket = run_dir.join("ingest.sock");
     assert!(wait_for(Duration::from_secs(10), || socket.exists() && !mock.auth_calls().is_empty()), "agent up");
-    let mut out = serde_json::Map::new();
 
     // Idle: RSS after registration and start, threads, fds, CPU and wakeups.
     let idle_secs = if a.quick { 3.0 } else { 30.0 };
@@ -466,24 +535,8 @@ fn main() {
     out.insert("backlog_drain_events_per_s".into(), json!(backlog as f64 / start.elapsed().as_secs_f64()));
     out.insert("backlog_drain_peak_rss_kib".into(), json!(proc_status(pid, "VmHWM:")));
 
-    let size = std::fs::metadata(&agent_bin).map(|m| m.len()).unwrap_or(0);
+    let size = std::fs::metadata(agent_bin).map(|m| m.len()).unwrap_or(0);
     out.insert("binary_bytes".into(), json!(size));
     out.insert("fds_end".into(), json!(fds(pid)));
-
-    let report = Value::Object(out);
-    println!("{:<34} {:>14}", "metric", "value");
-    if let Value::Object(m) = &report {
-        for (k, v) in m {
-            let shown = match v.as_f64() {
-                Some(f) if f.fract() != 0.0 => format!("{f:.2}"),
-                _ => v.to_string(),
-            };
-            println!("{k:<34} {shown:>14}");
-        }
-    }
-    let _ = std::fs::create_dir_all("target/bench");
-    std::fs::write("target/bench/latest.json", serde_json::to_string_pretty(&report).unwrap() + "\n").unwrap();
-    println!("\nwritten to target/bench/latest.json");
-    drop(mock);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(agent);
 }

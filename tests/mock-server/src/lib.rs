@@ -58,6 +58,10 @@ pub struct Options {
     /// Answer 500 to every events body sent with `Content-Encoding: gzip` and take plain ones,
     /// like the Wazuh 6.0 comms API (its logging middleware decodes every body as UTF-8 JSON).
     pub refuse_gzip: bool,
+    /// Also with `keep_events` off, keep the stateless events of this module (`header.module`)
+    /// with their data, each with when its body was handled ([`MockServer::timed_events`]):
+    /// what `make bench` times FIM notifications with.
+    pub timed_module: Option<String>,
 }
 
 impl Options {
@@ -77,6 +81,7 @@ impl Options {
             keep_events: true,
             documents: false,
             refuse_gzip: false,
+            timed_module: None,
         }
     }
 }
@@ -194,6 +199,8 @@ struct Inner {
     next_seq: u64,
     commands: HashMap<String, VecDeque<Value>>,
     stateless: Vec<ReceivedEvent>,
+    /// See [`Options::timed_module`].
+    timed: Vec<(Instant, ReceivedEvent)>,
     stateful: Vec<ReceivedEvent>,
     /// With `Options::documents`: the stateful documents by id (data line, or null).
     documents: HashMap<String, Value>,
@@ -554,6 +561,12 @@ impl MockServer {
 
     pub fn stateless_events(&self) -> Vec<ReceivedEvent> {
         self.state.lock().stateless.clone()
+    }
+
+    /// The stateless events of `Options::timed_module` from the `from`-th on, each with when
+    /// its body was handled.
+    pub fn timed_events(&self, from: usize) -> Vec<(Instant, ReceivedEvent)> {
+        self.state.lock().timed.get(from..).unwrap_or_default().to_vec()
     }
 
     pub fn stateful_events(&self) -> Vec<ReceivedEvent> {
@@ -1319,7 +1332,8 @@ fn events(state: &State, req: &Request, stateful: bool) -> Response {
             return Response::error(400, &format!("Invalid event: contains {p}"));
         }
     }
-    let parsed = match parse_events(text, stateful, state.opts.keep_events) {
+    let timed = state.opts.timed_module.as_deref().filter(|_| !stateful);
+    let parsed = match parse_events(text, stateful, state.opts.keep_events || timed.is_some()) {
         Ok(p) => p,
         Err(m) => return Response::error(400, &m),
     };
@@ -1356,6 +1370,10 @@ fn events(state: &State, req: &Request, stateful: bool) -> Response {
         }
     } else {
         st.stateless_count += parsed.len() as u64;
+        let now = Instant::now();
+        let mine =
+            parsed.iter().filter(|e| timed.is_some_and(|m| e.header.get("module").and_then(Value::as_str) == Some(m)));
+        st.timed.extend(mine.map(|e| (now, e.clone())));
         if state.opts.keep_events {
             st.stateless.extend(parsed);
         }
