@@ -609,6 +609,117 @@ fn make_deb_installs_upgrades_and_purges_in_a_throwaway_root() {
     assert!(c.contains("deb-systemd-helper purge wazuh-agent.service"), "{c}");
 }
 
+/// Runs `scripts/deb/<script> <args>` as on a real install (DPKG_ROOT empty), as root in a
+/// private mount namespace (it dies with the script, so nothing is left mounted on the
+/// host): tmpfs over /var/lib and /run, the stub dir bound over /etc/init.d (so
+/// /etc/init.d/wazuh-agent is the `wazuh-agent` stub) and PATH the stubs alone. `setup`
+/// runs in the namespace first; every stub succeeds but the calls that `$FAIL` (a pattern
+/// it may set) matches, which exit 3. None (skipped) without root, unshare, mount or
+/// /etc/init.d. The calls and stderr.
+fn real_install(script: &str, args: &[&str], setup: &str) -> Option<(String, String)> {
+    let stubs = tempfile::tempdir().unwrap();
+    let s = stubs.path();
+    let tools = ["getent", "useradd", "userdel", "mkdir", "chmod", "rm", "deb-systemd-helper", "update-rc.d"];
+    for name in tools.into_iter().chain(["systemctl", "invoke-rc.d", "wazuh-agent"]) {
+        stub(s, name, &format!(r#"case "{name} $*" in $FAIL) exit 3 ;; esac"#));
+    }
+    let sh = format!(
+        "set -e; mount --make-rprivate /; mount -t tmpfs tmpfs /var/lib; mount -t tmpfs tmpfs /run
+        mount --bind \"$S\" /etc/init.d; echo ready\n{setup}\nexport PATH=\"$S\"; exec /bin/sh \"$@\""
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", &sh, "sh"])
+        .arg(repo().join("scripts/deb").join(script))
+        .args(args)
+        .env("S", s)
+        .env("DPKG_ROOT", "")
+        .output();
+    match out {
+        Ok(out) if out.stdout.starts_with(b"ready\n") => {
+            assert!(out.status.success(), "{script} {args:?}: {}", text(&out));
+            let calls = std::fs::read_to_string(s.join("calls")).unwrap_or_default();
+            Some((calls, String::from_utf8(out.stderr).unwrap()))
+        }
+        out => {
+            let why = out.map_or_else(|e| format!("unshare: {e}"), |o| text(&o));
+            eprintln!("skipped: no private mount namespace (root, unshare and mount, /etc/init.d): {why}");
+            None
+        }
+    }
+}
+
+#[test]
+fn the_maintainer_scripts_start_restart_and_stop_the_agent_on_a_real_install() {
+    let setup = |word| match word {
+        "registered" => "mkdir /var/lib/wazuh-agent; : > /var/lib/wazuh-agent/credentials.json",
+        "systemd" => "mkdir -p /run/systemd/system",
+        "stopped" => "export FAIL='* status'",
+        "no-user" => "export FAIL='getent *'",
+        "disabled" => "export FAIL='*was-enabled*'",
+        "no-invoke-rc.d" => "rm \"$S/invoke-rc.d\"",
+        "no-deb-systemd-helper" => "rm \"$S/deb-systemd-helper\"",
+        _ => unreachable!("{word}"),
+    };
+    let useradd = "useradd --system --user-group --no-create-home --home-dir /var/lib/wazuh-agent \
+        --shell /usr/sbin/nologin --comment Wazuh agent wazuh-agent\n";
+    let purge = "deb-systemd-helper purge wazuh-agent.service\ndeb-systemd-helper unmask wazuh-agent.service\n\
+        update-rc.d wazuh-agent remove\nrm -rf /var/lib/wazuh-agent /run/wazuh-agent /run/wazuh-agent.init\n\
+        getent passwd wazuh-agent\nuserdel wazuh-agent\n";
+    let says = "wazuh-agent: not registered yet; run 'wazuh-agent --register --url ... --user ... \
+        --password-file ...', then start the service\n";
+    // The script and its arguments ('' is dpkg's empty $2 on a fresh install), the setup,
+    // the calls (for postinst: after the user and the enabling).
+    let cases = [
+        ("postinst configure ''", "", ""),
+        ("postinst configure 0.0.9", "", ""),
+        ("postinst configure ''", "no-user", ""),
+        ("postinst configure 0.0.9", "disabled", ""),
+        ("postinst configure ''", "no-deb-systemd-helper", ""),
+        ("postinst configure 0.0.9", "no-deb-systemd-helper", ""),
+        (
+            "postinst configure ''",
+            "registered systemd",
+            "systemctl --system daemon-reload\ninvoke-rc.d wazuh-agent start\n",
+        ),
+        ("postinst configure ''", "registered no-invoke-rc.d", "wazuh-agent start\n"),
+        ("postinst configure 0.0.9", "registered", "invoke-rc.d wazuh-agent status\ninvoke-rc.d wazuh-agent restart\n"),
+        ("postinst configure 0.0.9", "registered stopped", "invoke-rc.d wazuh-agent status\n"),
+        ("postinst configure 0.0.9", "registered no-invoke-rc.d", "wazuh-agent status\nwazuh-agent restart\n"),
+        ("prerm remove", "", "invoke-rc.d wazuh-agent stop\n"),
+        ("prerm remove", "no-invoke-rc.d", "wazuh-agent stop\n"),
+        ("prerm upgrade 0.2.0", "", ""),
+        ("postrm remove", "systemd", "systemctl --system daemon-reload\ndeb-systemd-helper mask wazuh-agent.service\n"),
+        ("postrm purge", "", purge),
+    ];
+    for (command, words, calls) in cases {
+        let args: Vec<&str> = command.split(' ').map(|a| a.trim_matches('\'')).collect();
+        let shell: Vec<&str> = words.split_whitespace().map(setup).collect();
+        let Some((c, e)) = real_install(args[0], &args[1..], &shell.join("\n")) else { return };
+        let postinst = args[0] == "postinst";
+        let pre = if postinst {
+            let user = if words.contains("no-user") { useradd } else { "" };
+            let then = if words.contains("disabled") { "update-state" } else { "enable" };
+            let unit = match words.contains("no-deb-systemd-helper") {
+                false => format!(
+                    "deb-systemd-helper unmask wazuh-agent.service\n\
+                    deb-systemd-helper --quiet was-enabled wazuh-agent.service\ndeb-systemd-helper {then} wazuh-agent.service\n"
+                ),
+                true if args[2].is_empty() => "systemctl enable wazuh-agent.service\n".into(),
+                true => String::new(),
+            };
+            format!(
+                "getent passwd wazuh-agent\n{user}mkdir -p /var/lib/wazuh-agent\nchmod 0700 /var/lib/wazuh-agent\n\
+                {unit}update-rc.d wazuh-agent defaults\n"
+            )
+        } else {
+            String::new()
+        };
+        assert_eq!(c, pre + calls, "{command} ({words})");
+        let registered = !postinst || words.contains("registered");
+        assert_eq!(e, if registered { "" } else { says }, "{command} ({words})");
+    }
+}
+
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut all = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
