@@ -153,6 +153,8 @@ pub struct FimConfig {
     pub scan_on_start: bool,
     pub hashes: Vec<String>,
     pub max_file_bytes: u64,
+    /// Bytes read for hashing per second at most; 0: no limit.
+    pub max_read_rate: u64,
     pub max_files: usize,
     pub follow_symlinks: bool,
     pub max_eps: usize,
@@ -306,6 +308,7 @@ pub static KEYS: &[Key] = &[
     key!(fim.scan_on_start = true, SERVER, RESTART, boolean, show_num),
     key!(fim.hashes = ["sha256"], SERVER, RESTART, |v| subset(v, &["md5", "sha1", "sha256"]), show_list),
     key!(fim.max_file_bytes = "64MiB", SERVER, RESTART, size, show_num),
+    key!(fim.max_read_rate = "50MiB", SERVER, RESTART, read_rate, show_num),
     key!(fim.max_files = 100000, SERVER, RESTART, |v| count(v, 1, 10_000_000), show_num),
     key!(fim.follow_symlinks = false, SERVER, RESTART, boolean, show_num),
     key!(fim.max_eps = 200, SERVER, RESTART, |v| count(v, 1, 1_000_000), show_num),
@@ -364,6 +367,13 @@ fn size(v: &toml::Value) -> Result<u64, String> {
         toml::Value::String(t) => parse_size(t),
         _ => Err(expected("a size", v)),
     }
+}
+
+/// `fim.max_read_rate`: 0 (no limit) or at least 64 KiB a second, so a throttled read of one 64 KiB buffer waits
+/// at most a second.
+fn read_rate(v: &toml::Value) -> Result<u64, String> {
+    let n = size(v)?;
+    (n == 0 || n >= 64 << 10).then_some(n).ok_or_else(|| format!("{n} is below 64KiB a second (0: no limit)"))
 }
 
 fn size_in(v: &toml::Value, min: u64, max: u64, range: &str) -> Result<u64, String> {
@@ -863,7 +873,7 @@ mod tests {
              events.buffer_bytes events.overflow retry.initial retry.max logcollector.files logcollector.start \
              logcollector.max_line_bytes logcollector.poll_interval inventory.enabled inventory.interval \
              inventory.collectors fim.enabled fim.paths fim.ignore fim.interval fim.scan_on_start fim.hashes \
-             fim.max_file_bytes fim.max_files fim.follow_symlinks fim.max_eps log.level"
+             fim.max_file_bytes fim.max_read_rate fim.max_files fim.follow_symlinks fim.max_eps log.level"
         );
         assert_eq!(
             ids(|k| k.live),

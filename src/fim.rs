@@ -192,6 +192,9 @@ struct Walk<'a> {
     unreadable: Rc<RefCell<Vec<PathBuf>>>,
     /// Owner and group names by (is a group, id), looked up once a scan; bounded, as NSS may hold many.
     names: HashMap<(bool, u32), Option<String>>,
+    /// `fim.max_read_rate`: when the next read may start; a throttled read waits on `stop`, which ends it.
+    io: Option<Instant>,
+    stop: crossbeam_channel::Receiver<()>,
 }
 
 impl Iterator for Walk<'_> {
@@ -330,6 +333,7 @@ impl Walk<'_> {
             (md5::Context::new(), sha1_smol::Sha1::new(), ring::digest::Context::new(&ring::digest::SHA256));
         // A file that grows while it is read is hashed as far as lstat saw it.
         let mut file = file.take(m.size());
+        let rate = usize::try_from(self.cfg.max_read_rate).unwrap_or(usize::MAX);
         while let n @ 1.. = file.read(&mut self.buf)? {
             let chunk = &self.buf[..n];
             let _ = (
@@ -337,6 +341,16 @@ impl Walk<'_> {
                 on[1].then(|| sha1.update(chunk)),
                 on[2].then(|| sha256.update(chunk)),
             );
+            if rate > 0 {
+                let now = Instant::now();
+                pace(&mut self.io, now, n, rate);
+                // Debts under a millisecond add up in `io` instead: no park per small file.
+                let wait = self.io.map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
+                let stopped = crossbeam_channel::RecvTimeoutError::Disconnected;
+                if wait >= Duration::from_millis(1) && self.stop.recv_timeout(wait) == Err(stopped) {
+                    return Err(io::Error::other("the agent is stopping"));
+                }
+            }
         }
         let sha256 = sha256.finish().as_ref().iter().map(|x| format!("{x:02x}")).collect::<String>();
         let all = [("md5", format!("{:x}", md5.finalize())), ("sha1", sha1.digest().to_string()), ("sha256", sha256)];
@@ -405,6 +419,8 @@ fn reconcile(
         counts: [0; 4],
         unreadable: unreadable.clone(),
         names: HashMap::new(),
+        io: None,
+        stop: ctx.stop.clone(),
     };
     let (mut chunk, mut notes, mut counts, mut items) = (Vec::new(), Vec::new(), [0; 3], 0usize);
     let now = crate::status::rfc3339(SystemTime::now());
@@ -715,6 +731,8 @@ mod tests {
             counts: [0; 4],
             unreadable,
             names: HashMap::new(),
+            io: None,
+            stop: crossbeam_channel::never(),
         };
         let found: Vec<String> = w.by_ref().map(|(p, _)| p.display().to_string()).collect();
         (found, w.counts)
@@ -775,6 +793,8 @@ mod tests {
             counts: [0; 4],
             unreadable: Rc::default(),
             names: HashMap::new(),
+            io: None,
+            stop: crossbeam_channel::never(),
         };
         assert_eq!(w.by_ref().count(), 2);
         assert_eq!(w.counts[..2], [2, 6]);
@@ -810,6 +830,8 @@ mod tests {
             counts: [0; 4],
             unreadable: Rc::default(),
             names: HashMap::new(),
+            io: None,
+            stop: crossbeam_channel::never(),
         };
         let docs: BTreeMap<String, Value> = w
             .by_ref()
