@@ -85,6 +85,10 @@ poll_interval = "200ms"
 [inventory]
 root = "$work/host"
 collectors = ["system", "packages"]
+[fim]
+enabled = true
+root = "$work/host"
+paths = [{ path = "/etc", realtime = true }]
 [log]
 level = "info"
 file = "$work/agent.log"
@@ -125,6 +129,9 @@ admin_post /admin/commands "{\"agent\": \"$uuid\", \"command\": {\"document_id\"
 echo "restart result: $(wait_result demo-restart) (the agent's pid is $agent_pid)"
 kill -0 "$agent_pid" && echo "the agent process $agent_pid is still the running agent"
 
+say "changing a file FIM monitors in realtime (/etc/os-release of the demo host tree)"
+printf 'PRETTY_NAME="changed by the demo"\n' >>"$work/host/etc/os-release"
+
 sleep "$run_for"
 "$agent" --config "$work/agent.toml" --status >"$work/status.json" || true
 echo "status while running: $(cat "$work/status.json")"
@@ -152,10 +159,15 @@ echo "stateful events received from --send: $stateful"
 grep -o '"id":"\(6641e6\|0a1b2c\)","module":"inventory","operation":"[a-z]*"' "$work/state.json" | sed 's/^/  /'
 echo "inventory documents created by the scan of the demo host tree: $inventory"
 grep -o '"collector":"[a-z]*","id":"[0-9a-f]\{40\}","module":"inventory","operation":"create"' "$work/state.json" | sed 's/^/  /'
+fim=$(grep -o '"collector":"file","id":"[0-9a-f]\{40\}","module":"fim","operation":"[a-z]*"' "$work/state.json" | wc -l)
+modified=$(grep -o '"reason":"File /etc/os-release was modified"' "$work/state.json" | wc -l)
+echo "FIM documents (create, then update): $fim; notifications of the change: $modified"
+grep -o '"collector":"file","id":"[0-9a-f]\{40\}","module":"fim","operation":"[a-z]*"' "$work/state.json" | sed 's/^/  /'
 echo "requests: $(grep -o '"path":"/api/v1/events/[a-z]*","status":[0-9]*' "$work/state.json" | sort | uniq -c | tr -s ' ' | paste -sd ';' -)"
 results=$(grep -o '"code":0,"id":"demo-[a-z-]*"' "$work/state.json" | wc -l)
 if ! { [ "$status" -eq 0 ] && [ "$auths" -ge 2 ] && [ "$stateless" -eq 3 ] && [ "$followed" -eq 1 ] \
-  && [ "$stateful" -eq 2 ] && [ "$results" -eq 2 ] && [ "$inventory" -eq 3 ]; }; then
+  && [ "$stateful" -eq 2 ] && [ "$results" -eq 2 ] && [ "$inventory" -eq 3 ] && [ "$fim" -eq 2 ] \
+  && [ "$modified" -eq 1 ]; }; then
   echo "demo: FAILED" >&2
   exit 1
 fi
