@@ -33,7 +33,7 @@ fn every_shell_script_passes_shellcheck() {
 }
 
 /// How the SysV script is run: the shell, and whether start-stop-daemon may be used.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Debug)]
 enum Shell {
     /// `sh` (dash on Debian), with start-stop-daemon.
     Debian,
@@ -57,7 +57,7 @@ fn busybox_tools(setsid: bool) -> &'static Path {
         let busybox = String::from_utf8(busybox.stdout).unwrap().trim().to_string();
         let tools = [
             "sh", "cat", "chmod", "cut", "date", "dirname", "basename", "id", "ln", "logger", "ls", "mkdir", "mkfifo",
-            "mktemp", "mv", "rm", "sed", "sleep", "tail", "tr",
+            "mktemp", "mv", "rm", "sed", "sleep", "tail", "tr", "fold",
         ];
         for tool in tools.iter().chain(if setsid { &["setsid"][..] } else { &[] }) {
             match std::os::unix::fs::symlink(&busybox, dir.join(tool)) {
@@ -202,6 +202,32 @@ fn sysv_lifecycle(shell: Shell) {
     assert!(!loop_pid_file(&env).exists() && !alive(respawn), "the respawn loop is gone too");
     // Stopping a stopped agent is not an error (LSB).
     assert_eq!(sysv(&env, shell, "stop").status.code(), Some(0));
+}
+
+/// What the agent writes to standard error reaches root's terminal when it exits at start: the agent running as
+/// agent.user is that account's process, so the line may be endless (bounded by `fold`) and hold control characters
+/// (escaped), in both shells.
+#[test]
+fn sysv_start_prints_the_last_lines_bounded_and_escaped() {
+    let env = Env::new();
+    env.registered();
+    let fake = env.dir.path().join("fake-agent");
+    let script = format!(
+        "#!/bin/sh\ncase \"$3\" in --check-config|--status) exec {:?} \"$@\" ;; esac\n\
+         /usr/bin/head -c 8000000 /dev/zero | /usr/bin/tr '\\0' A >&2\nprintf '\\n\\033]0;pwned\\007 evil\\n' >&2\nexit 1\n",
+        bin()
+    );
+    std::fs::write(&fake, script).unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    for shell in [Shell::Debian, Shell::Busybox] {
+        let _stop = Stopper(&env, shell);
+        let out = sysv_cmd(&env, shell, "start").env("WAZUH_AGENT_BIN", &fake).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("the agent exited at start with status 1"), "{said}");
+        assert!(said.contains("?]0;pwned? evil") && !said.contains('\x1b') && !said.contains('\x07'), "{said}");
+        assert!(said.len() < 32 << 10, "{shell:?}: {} bytes: one endless line is cut at 1024 bytes a line", said.len());
+    }
 }
 
 #[test]
