@@ -525,8 +525,18 @@ fn run(config: Config, ctx: Context) {
                 let path = w.dirs.get(&wd).map(|d| if name.is_empty() { d.clone() } else { d.join(&name) });
                 if mask & libc::IN_IGNORED != 0 {
                     w.dirs.remove(&wd);
-                } else if mask & libc::IN_Q_OVERFLOW != 0 || path.is_some_and(|p| !touch(&mut dirty, p, Instant::now()))
+                    continue;
+                }
+                // A directory moved away keeps its watches, which would report under its old path: they go (one
+                // moved within the tree is walked, and watched, again at its new name).
+                if let Some(p) = path.as_ref().filter(|_| mask & libc::IN_MOVED_FROM != 0 && mask & libc::IN_ISDIR != 0)
                 {
+                    let gone: Vec<i32> = w.dirs.iter().filter(|(_, d)| d.starts_with(p)).map(|(wd, _)| *wd).collect();
+                    for wd in gone {
+                        (crate::sys::rm_watch(&w.fd, wd), w.dirs.remove(&wd));
+                    }
+                }
+                if mask & libc::IN_Q_OVERFLOW != 0 || path.is_some_and(|p| !touch(&mut dirty, p, Instant::now())) {
                     if !std::mem::replace(&mut warned[2], true) {
                         log::warn!(
                             "fim: the inotify queue overflowed (fs.inotify.max_queued_events), or over {DIRTY_MAX} paths changed at once; a full scan follows"

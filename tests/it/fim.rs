@@ -376,3 +376,46 @@ fn fim_100000_files_peak_memory() {
     agent.log().lines().filter(|l| l.contains("fim: ")).for_each(|l| eprintln!("{l}"));
     assert!(peak <= 16 * 1024, "{peak} KiB");
 }
+
+/// The inotify watches (`inotify wd:` lines of its fdinfo) the agent holds.
+fn watches(pid: u32) -> usize {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten();
+    let inotify = fds.filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("inotify")));
+    let info =
+        |e: std::fs::DirEntry| std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", e.file_name().display()));
+    inotify.map(|e| info(e).unwrap_or_default().matches("inotify wd:").count()).sum()
+}
+
+#[test]
+fn fim_directories_moved_out_of_the_tree_are_no_longer_watched() {
+    // An account that can write in a realtime tree makes directories there (each gets a watch) and moves them out:
+    // before, every one kept its watch (root's, from fs.inotify.max_user_watches) and its entry in the agent's memory.
+    let env = Env::new();
+    let root = env.dir.path().join("host");
+    write(&root, "d/first", "1");
+    std::fs::create_dir_all(root.join("away")).unwrap();
+    env.write_config(&config(&root, "fim.paths = [{ path = \"/d\", realtime = true }]\nfim.interval = \"1h\""));
+    let agent = env.running_agent();
+    assert_eq!(next_events(&env, 0, 1).len(), 1);
+    let pid = agent.child.id();
+    assert!(wait_for(Duration::from_secs(10), || watches(pid) == 1), "{}", watches(pid));
+    let n = 20;
+    for i in 0..n {
+        write(&root, &format!("d/sub{i:02}/f"), "x");
+    }
+    assert_eq!(next_events(&env, 1, n).len(), n);
+    assert!(wait_for(Duration::from_secs(10), || watches(pid) == 1 + n), "{}", watches(pid));
+    for i in 0..n {
+        std::fs::rename(root.join(format!("d/sub{i:02}")), root.join(format!("away/sub{i:02}"))).unwrap();
+    }
+    assert!(next_events(&env, 1 + n, n).iter().all(|(o, _, _)| o == "delete"));
+    assert!(wait_for(Duration::from_secs(10), || watches(pid) == 1), "{} watches for 1 directory", watches(pid));
+    // A directory moved within the tree is watched at its new name.
+    write(&root, "d/a/f", "x");
+    assert_eq!(ops(&next_events(&env, 1 + 2 * n, 1)), [("create", "/d/a/f")]);
+    std::fs::rename(root.join("d/a"), root.join("d/b")).unwrap();
+    assert_eq!(ops(&next_events(&env, 2 + 2 * n, 2)), [("delete", ""), ("create", "/d/b/f")]);
+    write(&root, "d/b/g", "y");
+    assert_eq!(ops(&next_events(&env, 4 + 2 * n, 1)), [("create", "/d/b/g")]);
+    assert_eq!(watches(pid), 2);
+}
