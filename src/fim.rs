@@ -190,6 +190,8 @@ struct Walk<'a> {
     counts: [usize; 4],
     /// Directories that could not be listed: their old documents are kept.
     unreadable: Rc<RefCell<Vec<PathBuf>>>,
+    /// Closed at stop: the walk ends at the next name, a hash at the next buffer (a 1 TB file takes hours).
+    stop: &'a crossbeam_channel::Receiver<()>,
 }
 
 impl Iterator for Walk<'_> {
@@ -197,6 +199,9 @@ impl Iterator for Walk<'_> {
 
     fn next(&mut self) -> Option<(PathBuf, Stored)> {
         loop {
+            if self.stop.try_recv() == Err(Disconnected) {
+                return None;
+            }
             let (path, at, _parent) = match self.stack.last_mut() {
                 Some((dir, rel, names, _)) => match names.pop() {
                     Some(name) => (rel.join(&name), fd_path(dir).join(name), None),
@@ -324,6 +329,9 @@ impl Walk<'_> {
         // A file that grows while it is read is hashed as far as lstat saw it.
         let mut file = file.take(m.size());
         while let n @ 1.. = file.read(&mut self.buf)? {
+            if self.stop.try_recv() == Err(Disconnected) {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
             let chunk = &self.buf[..n];
             let _ = (
                 on[0].then(|| md5.consume(chunk)),
@@ -393,8 +401,9 @@ fn reconcile(
         buf: vec![0; 64 << 10],
         counts: [0; 4],
         unreadable: unreadable.clone(),
+        stop: &ctx.stop,
     };
-    let (mut chunk, mut notes, mut counts, mut items) = (Vec::new(), Vec::new(), [0; 3], 0usize);
+    let (mut chunk, mut notes, mut counts) = (Vec::new(), Vec::new(), [0; 3]);
     let now = crate::status::rfc3339(SystemTime::now());
     let mut flush = |chunk: &mut Vec<Change>, notes: &mut Vec<Event>| {
         let at = pace(next, Instant::now(), chunk.len(), cfg.max_eps);
@@ -405,11 +414,7 @@ fn reconcile(
         deliver(ctx, "fim", &std::mem::take(chunk), std::mem::take(notes), &now)
     };
     merge_join(old.into_iter().flatten(), &mut walk, |path, o, n| {
-        items += 1;
-        // A long scan with nothing to send still ends soon at stop.
-        if items % 4096 == 0 && ctx.stop.try_recv() == Err(Disconnected) {
-            return Err(ScanError::Sink(SinkError::Stopped));
-        } else if let Some(why) = bad.borrow().clone() {
+        if let Some(why) = bad.borrow().clone() {
             return Err(ScanError::Corrupt(why));
         }
         // Outside a partial scan's scope, or beneath a directory that could not be listed: kept as it was.
@@ -428,6 +433,10 @@ fn reconcile(
     })
     .and_then(|()| if chunk.is_empty() { Ok(()) } else { flush(&mut chunk, &mut notes) })
     .and_then(|()| bad.take().map_or(Ok(()), |why| Err(ScanError::Corrupt(why))))
+    // A walk ended by a stop is no baseline.
+    .and_then(
+        |()| if ctx.stop.try_recv() == Err(Disconnected) { Err(ScanError::Sink(SinkError::Stopped)) } else { Ok(()) },
+    )
     .inspect_err(|_| _ = fs::remove_file(&tmp))?;
     // Durable events first, snapshot second: a crash in between means a resend. A partial scan that changed nothing
     // leaves the old one (the copy is never synced: it may never reach the disk).
@@ -709,6 +718,7 @@ mod tests {
             buf: vec![0; 16],
             counts: [0; 4],
             unreadable,
+            stop: &crossbeam_channel::never(),
         };
         let found: Vec<String> = w.by_ref().map(|(p, _)| p.display().to_string()).collect();
         (found, w.counts)
@@ -768,6 +778,7 @@ mod tests {
             buf: vec![0; 16],
             counts: [0; 4],
             unreadable: Rc::default(),
+            stop: &crossbeam_channel::never(),
         };
         assert_eq!(w.by_ref().count(), 2);
         assert_eq!(w.counts[..2], [2, 6]);
@@ -802,6 +813,7 @@ mod tests {
             buf: vec![0; 16],
             counts: [0; 4],
             unreadable: Rc::default(),
+            stop: &crossbeam_channel::never(),
         };
         let docs: BTreeMap<String, Value> = w
             .by_ref()

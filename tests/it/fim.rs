@@ -419,3 +419,27 @@ fn fim_directories_moved_out_of_the_tree_are_no_longer_watched() {
     assert_eq!(ops(&next_events(&env, 4 + 2 * n, 1)), [("create", "/d/b/g")]);
     assert_eq!(watches(pid), 2);
 }
+
+#[test]
+fn fim_a_stop_ends_a_scan_hashing_a_huge_sparse_file_at_once() {
+    // Any account can make a 1 TB sparse file for free; with max_file_bytes raised (the server may set it) hashing it
+    // takes hours, and before, a stop waited for that: the agent left the thread busy at exit.
+    let env = Env::new();
+    let root = env.dir.path().join("host");
+    write(&root, "tmp/small", "s");
+    let huge = std::fs::File::create(root.join("tmp/huge")).unwrap();
+    huge.set_len(1 << 40).unwrap();
+    env.write_config(&config(&root, "fim.paths = [\"/tmp\"]\nfim.max_file_bytes = 4611686018427387904"));
+    let mut agent = env.running_agent();
+    let read = |pid: u32| {
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+        io.lines().find_map(|l| l.strip_prefix("rchar: ")).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0)
+    };
+    let pid = agent.child.id();
+    assert!(wait_for(Duration::from_secs(20), || read(pid) > 256 << 20), "the hash is under way");
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(!agent.log().contains("threads still busy at exit"), "{}", agent.log());
+    // Stopped mid-scan: nothing was sent and no baseline was saved.
+    assert!(stateful(&env).is_empty() && !env.data_dir().join("fim.snapshot").exists());
+}
