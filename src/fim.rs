@@ -3,7 +3,7 @@
 //! paths dirty under `realtime` paths, and their ranges alone are walked again, once per path per `COALESCE`.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
@@ -192,6 +192,8 @@ struct Walk<'a> {
     unreadable: Rc<RefCell<Vec<PathBuf>>>,
     /// Closed at stop: the walk ends at the next name, a hash at the next buffer (a 1 TB file takes hours).
     stop: &'a crossbeam_channel::Receiver<()>,
+    /// Directories entered through a followed link.
+    linked: HashSet<(u64, u64)>,
 }
 
 impl Iterator for Walk<'_> {
@@ -260,8 +262,12 @@ impl Walk<'_> {
 
     fn enter(&mut self, path: PathBuf, at: &Path, m: &Metadata, realtime: bool) {
         let id = (m.dev(), m.ino());
-        // A followed link up the tree would loop: a directory already on the way down is not entered again.
-        if self.stack.iter().any(|d| d.3 == id) {
+        // A followed link up the tree would loop: a directory already on the way down is not entered again. One
+        // reached through a link is entered once per scan (a lattice of links, 2^depth paths, would never end), and
+        // past NAMES_MAX of them none is.
+        let linked = self.cfg.follow_symlinks && fs::symlink_metadata(at).is_ok_and(|l| l.is_symlink());
+        if self.stack.iter().any(|d| d.3 == id) || linked && (self.linked.len() >= NAMES_MAX || !self.linked.insert(id))
+        {
             return;
         }
         let opened = match self.cfg.follow_symlinks {
@@ -402,6 +408,7 @@ fn reconcile(
         counts: [0; 4],
         unreadable: unreadable.clone(),
         stop: &ctx.stop,
+        linked: HashSet::new(),
     };
     let (mut chunk, mut notes, mut counts) = (Vec::new(), Vec::new(), [0; 3]);
     let now = crate::status::rfc3339(SystemTime::now());
@@ -719,6 +726,7 @@ mod tests {
             counts: [0; 4],
             unreadable,
             stop: &crossbeam_channel::never(),
+            linked: HashSet::new(),
         };
         let found: Vec<String> = w.by_ref().map(|(p, _)| p.display().to_string()).collect();
         (found, w.counts)
@@ -779,6 +787,7 @@ mod tests {
             counts: [0; 4],
             unreadable: Rc::default(),
             stop: &crossbeam_channel::never(),
+            linked: HashSet::new(),
         };
         assert_eq!(w.by_ref().count(), 2);
         assert_eq!(w.counts[..2], [2, 6]);
@@ -814,6 +823,7 @@ mod tests {
             counts: [0; 4],
             unreadable: Rc::default(),
             stop: &crossbeam_channel::never(),
+            linked: HashSet::new(),
         };
         let docs: BTreeMap<String, Value> = w
             .by_ref()
@@ -834,6 +844,44 @@ mod tests {
         let (found, _) = walk(root.path(), FimConfig { follow_symlinks: true, ..cfg });
         let want = ["/d/f", "/d/fifo", "/d/large", "/d/to-dir/secret", "/d/to-file", "/d/up/outside/secret"];
         assert_eq!(found, want);
+    }
+
+    #[test]
+    fn followed_links_enter_each_directory_once_however_many_lead_there() {
+        // An account that can write in the tree makes a lattice: each level's two links lead to the next level, so
+        // 40 levels are 2^40 paths. Before, with follow_symlinks, the walk took them all (no cycle: none repeats on
+        // the way down).
+        let root = tree(&[]);
+        for i in 0..40 {
+            let level = root.path().join(format!("d/l{i:02}"));
+            fs::create_dir_all(&level).unwrap();
+            fs::write(level.join("f"), "x").unwrap();
+            for link in ["a", "b"] {
+                std::os::unix::fs::symlink(format!("../l{:02}", i + 1), level.join(link)).unwrap();
+            }
+        }
+        let cfg = FimConfig {
+            root: root.path().into(),
+            paths: vec![FimPath { path: "/d".into(), depth: 256, realtime: false }],
+            follow_symlinks: true,
+            max_files: 1 << 20,
+            ..FimConfig::default()
+        };
+        let mut w = Walk {
+            cfg: &cfg,
+            ignore: Vec::new(),
+            watches: None,
+            roots: vec![PathBuf::from("/d")].into_iter(),
+            stack: Vec::new(),
+            buf: vec![0; 16],
+            counts: [0; 4],
+            unreadable: Rc::default(),
+            stop: &crossbeam_channel::never(),
+            linked: HashSet::new(),
+        };
+        let found: Vec<PathBuf> = w.by_ref().take(100_000).map(|(p, _)| p).collect();
+        assert!(found.len() < 200, "{} paths, and more", found.len());
+        assert!(found.contains(&"/d/l00/a/f".into()) && found.contains(&"/d/l39/f".into()), "{found:?}");
     }
 
     #[test]
