@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::{self, File, Metadata, OpenOptions};
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, Write};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -132,7 +132,7 @@ fn notification(c: &Change, now: &str) -> Event {
 /// The documents of a snapshot in order, a line each: `<path as a JSON string>\t<document>` (only the path is parsed).
 /// A line that is not one, or out of order, ends them, named in `bad`.
 struct Snapshot {
-    lines: io::Split<BufReader<File>>,
+    lines: std::iter::Take<io::Split<BufReader<File>>>,
     last: Option<PathBuf>,
     at: (String, usize),
     bad: Rc<RefCell<Option<String>>>,
@@ -154,6 +154,33 @@ impl Iterator for Snapshot {
         }
         found.map(|(k, doc)| (self.last.insert(k).clone(), Stored { collector: "file".into(), doc }))
     }
+}
+
+/// The snapshot being written: each line is counted and summed, and the last, `{"crc32":…,"lines":…}`, seals them.
+struct Sealing(BufWriter<File>, crc32fast::Hasher, usize);
+
+impl Sealing {
+    fn line(&mut self, text: std::fmt::Arguments) -> io::Result<()> {
+        let line = format!("{text}\n");
+        (self.1.update(line.as_bytes()), self.2 += 1);
+        self.0.write_all(line.as_bytes())
+    }
+
+    fn seal(mut self) -> io::Result<File> {
+        writeln!(self.0, "{}", json!({"crc32": self.1.clone().finalize(), "lines": self.2}))?;
+        self.0.into_inner().map_err(|e| e.into_error())
+    }
+}
+
+/// How many lines precede the last, if it seals them: a snapshot cut short or altered is found before it is used.
+fn sealed(file: &File) -> Option<usize> {
+    let (mut crc, mut n, mut last) = (crc32fast::Hasher::new(), 0, None::<Vec<u8>>);
+    for line in BufReader::with_capacity(64 << 10, file).split(b'\n') {
+        if let Some(before) = last.replace(line.ok()?) {
+            (crc.update(&before), crc.update(b"\n"), n += 1);
+        }
+    }
+    (serde_json::from_slice::<Value>(&last?).ok()? == json!({"crc32": crc.finalize(), "lines": n})).then_some(n)
 }
 
 /// The inotify instance, and the directory each watch is on; past the watch limit, no more until a full scan.
@@ -371,8 +398,11 @@ fn reconcile(
         match File::open(snapshot) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             opened => {
-                let mut lines =
-                    BufReader::with_capacity(64 << 10, opened.map_err(|e| corrupt(e.to_string()))?).split(b'\n');
+                let file = opened.map_err(|e| corrupt(e.to_string()))?;
+                let why = "is cut short or altered (its last line does not seal the rest)";
+                let n = sealed(&file).ok_or_else(|| ScanError::Corrupt(format!("{} {why}", snapshot.display())))?;
+                (&file).seek(io::SeekFrom::Start(0)).map_err(|e| corrupt(e.to_string()))?;
+                let mut lines = BufReader::with_capacity(64 << 10, file).split(b'\n').take(n);
                 let header = lines.next().and_then(Result::ok).and_then(|l| serde_json::from_slice::<Value>(&l).ok());
                 // Another agent's snapshot (a new registration) is no baseline: everything is sent again.
                 (header.ok_or_else(|| corrupt("no header line".into()))?["uuid"] == ctx.uuid.as_str())
@@ -386,11 +416,9 @@ fn reconcile(
     let tmp = snapshot.with_extension("tmp");
     let save = |e: io::Error| ScanError::Failed(format!("cannot write {}: {e}", tmp.display()));
     let _ = fs::remove_file(&tmp);
-    let mut out = BufWriter::with_capacity(
-        64 << 10,
-        OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(save)?,
-    );
-    writeln!(out, "{}", json!({ "uuid": ctx.uuid })).map_err(save)?;
+    let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(save)?;
+    let mut out = Sealing(BufWriter::with_capacity(64 << 10, file), crc32fast::Hasher::new(), 0);
+    out.line(format_args!("{}", json!({ "uuid": ctx.uuid }))).map_err(save)?;
     let scope = scope.unwrap_or_else(|| {
         let mut roots: Vec<PathBuf> = cfg.paths.iter().map(|p| p.path.clone()).collect();
         roots.sort();
@@ -427,7 +455,7 @@ fn reconcile(
         // Outside a partial scan's scope, or beneath a directory that could not be listed: kept as it was.
         let kept = n.is_none() && (!full && !under(&scope, &path) || under(&unreadable.borrow(), &path));
         if let Some(s) = if kept { o.as_ref() } else { n.as_ref() } {
-            writeln!(out, "{}\t{}", json!(path.to_string_lossy()), s.doc).map_err(save)?;
+            out.line(format_args!("{}\t{}", json!(path.to_string_lossy()), s.doc)).map_err(save)?;
         }
         let id = doc_id(&ctx.uuid, &path.to_string_lossy());
         let Some(c) = Change::of(id, o.filter(|_| !kept), n, |a, b| a.doc == b.doc) else { return Ok(()) };
@@ -448,7 +476,7 @@ fn reconcile(
     // Durable events first, snapshot second: a crash in between means a resend. A partial scan that changed nothing
     // leaves the old one (the copy is never synced: it may never reach the disk).
     if counts.iter().sum::<usize>() > 0 || full {
-        let file = out.into_inner().map_err(|e| save(e.into_error()))?;
+        let file = out.seal().map_err(save)?;
         file.sync_all().and_then(|()| fs::rename(&tmp, snapshot)).map_err(save)?;
         File::open(snapshot.parent().unwrap_or(Path::new("/"))).and_then(|d| d.sync_all()).map_err(save)?;
     } else {
@@ -926,6 +954,27 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_cut_anywhere_or_with_any_byte_changed_is_not_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let mut out = Sealing(BufWriter::new(File::create(&path).unwrap()), crc32fast::Hasher::new(), 0);
+        for line in [r#"{"uuid":"u"}"#, "\"/a\"\t{\"file\":{\"size\":1}}", "\"/b\"\t{\"file\":{\"size\":2}}"] {
+            out.line(format_args!("{line}")).unwrap();
+        }
+        out.seal().unwrap();
+        let whole = fs::read(&path).unwrap();
+        let sealed_as = |bytes: &[u8]| (fs::write(&path, bytes).unwrap(), sealed(&File::open(&path).unwrap())).1;
+        assert_eq!(sealed_as(&whole), Some(3));
+        // Cut anywhere but the final newline; every byte changed in turn.
+        for at in 0..whole.len() - 1 {
+            assert_eq!(sealed_as(&whole[..at]), None, "cut at {at}");
+            let mut flipped = whole.clone();
+            flipped[at] ^= 0x01;
+            assert_eq!(sealed_as(&flipped), None, "byte {at} changed");
+        }
+    }
+
+    #[test]
     fn a_snapshot_line_out_of_order_or_not_a_document_ends_it_and_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let table = [
@@ -941,7 +990,7 @@ mod tests {
             fs::write(&path, text).unwrap();
             let cell = Rc::new(RefCell::new(None));
             let s = Snapshot {
-                lines: BufReader::new(File::open(&path).unwrap()).split(b'\n'),
+                lines: BufReader::new(File::open(&path).unwrap()).split(b'\n').take(usize::MAX),
                 last: None,
                 at: ("s".into(), 1),
                 bad: cell.clone(),

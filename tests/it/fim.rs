@@ -230,8 +230,10 @@ fn fim_changes_made_while_stopped_are_found_at_the_next_start() {
     std::fs::write(&snapshot, text.replacen("{\"file\"", "garbage{", 1)).unwrap();
     let agent = env.running_agent();
     assert_eq!(next_events(&env, 6, 3).iter().filter(|(o, _, _)| o == "create").count(), 3);
-    let named =
-        format!("fim: {} line 2 is not a document in order; it is replaced by a fresh full scan", snapshot.display());
+    let named = format!(
+        "fim: {} is cut short or altered (its last line does not seal the rest); it is replaced by a fresh full scan",
+        snapshot.display()
+    );
     assert!(agent.log().contains(&named), "{}", agent.log());
     assert_eq!(notes(&env).len(), 3);
 }
@@ -442,4 +444,42 @@ fn fim_a_stop_ends_a_scan_hashing_a_huge_sparse_file_at_once() {
     assert!(!agent.log().contains("threads still busy at exit"), "{}", agent.log());
     // Stopped mid-scan: nothing was sent and no baseline was saved.
     assert!(stateful(&env).is_empty() && !env.data_dir().join("fim.snapshot").exists());
+}
+
+#[test]
+fn fim_a_snapshot_cut_at_a_line_or_with_a_byte_changed_is_no_baseline() {
+    // Before, a snapshot that lost its last lines, or had a byte of a hash changed, was a baseline: the files it no
+    // longer named were reported "added", the changed one "modified", though nothing had changed on disk.
+    let env = Env::new();
+    let root = env.dir.path().join("host");
+    for name in ["a", "b", "c"] {
+        write(&root, &format!("srv/{name}"), name);
+    }
+    env.write_config(&config(&root, "fim.paths = [\"/srv\"]\nfim.interval = \"1h\""));
+    let snapshot = env.data_dir().join("fim.snapshot");
+    let mut seen = 0;
+    let cut_last_line = |t: &str| t[..t.trim_end().rfind('\n').unwrap() + 1].to_string();
+    let flip_a_hash = |t: &str| t.replacen(&sha256("b"), &sha256("B"), 1);
+    let drop_a_line = |t: &str| t.lines().filter(|l| !l.starts_with("\"/srv/a\"")).map(|l| format!("{l}\n")).collect();
+    let edits: [(&str, &dyn Fn(&str) -> String); 3] =
+        [("cut", &cut_last_line), ("flipped", &flip_a_hash), ("a line dropped", &drop_a_line)];
+    let mut agent = env.running_agent();
+    assert_eq!(next_events(&env, seen, 3).len(), 3);
+    seen += 3;
+    for (what, edit) in edits {
+        assert!(wait_for(Duration::from_secs(10), || agent.log().contains("fim: full scan")), "{what}");
+        agent.signal(libc::SIGTERM);
+        assert_eq!(agent.wait_exit(Duration::from_secs(10)), Some(0));
+        let text = std::fs::read_to_string(&snapshot).unwrap();
+        let edited = edit(&text);
+        assert_ne!(edited, text, "{what}");
+        std::fs::write(&snapshot, edited).unwrap();
+        agent = env.running_agent();
+        let got = next_events(&env, seen, 3);
+        assert!(got.iter().all(|(o, _, _)| o == "create"), "{what}: a fresh full scan: {:?}", ops(&got));
+        seen += 3;
+        let named = format!("fim: {} is cut short or altered", snapshot.display());
+        assert!(wait_for(Duration::from_secs(10), || agent.log().contains(&named)), "{what}: {}", agent.log());
+        assert!(notes(&env).is_empty(), "{what}: no notification: {:?}", notes(&env));
+    }
 }
