@@ -142,8 +142,11 @@ impl Iterator for Snapshot {
     type Item = (PathBuf, Stored);
 
     fn next(&mut self) -> Option<(PathBuf, Stored)> {
-        let line = self.lines.next()?.ok().and_then(|l| String::from_utf8(l).ok());
-        self.at.1 += 1;
+        let mut line = MARK.as_bytes().to_vec();
+        while line == MARK.as_bytes() {
+            (line, self.at.1) = (self.lines.next()?.unwrap_or_default(), self.at.1 + 1);
+        }
+        let line = String::from_utf8(line).ok();
         let split = line.as_deref().and_then(|l| l.split_once('\t'));
         // The document is checked to be JSON (not parsed): garbage is never sent as an old value.
         let doc = |d: &str| serde_json::from_str::<&serde_json::value::RawValue>(d).ok().map(|d| d.get().to_string());
@@ -156,13 +159,69 @@ impl Iterator for Snapshot {
     }
 }
 
+/// A line of the snapshot being written once the changes up to it are durable: a scan cut short resumes from there.
+const MARK: &str = r#"{"delivered":true}"#;
+
+/// A scan cut short (a crash, a stop, a full queue) after some changes were durable left them in `tmp` up to its last
+/// MARK: they, then the old snapshot's documents past them, become the snapshot. Else the next scan would compare with
+/// a baseline that lacks them, and miss a change made meanwhile (a file created, delivered, then deleted).
+fn resume(tmp: &Path, snapshot: &Path) -> io::Result<()> {
+    let lines = |f: File, n: usize| BufReader::with_capacity(64 << 10, f).split(b'\n').take(n);
+    let key = |l: &[u8]| serde_json::from_slice::<PathBuf>(l.split(|b| *b == b'\t').next().unwrap_or_default()).ok();
+    let Ok(file) = File::open(tmp) else { return Ok(()) };
+    // The lines up to the last mark, and the last path among them.
+    let (mut n, mut upto, mut at) = (0, None, None);
+    for (i, l) in lines(file, usize::MAX).enumerate().skip(1) {
+        let l = l?;
+        (n, upto, at) = if l == MARK.as_bytes() { (i + 1, at.clone(), at) } else { (n, upto, key(&l)) };
+    }
+    if n == 0 {
+        return fs::remove_file(tmp);
+    }
+    let head = |l: Option<io::Result<Vec<u8>>>| {
+        l.and_then(Result::ok).and_then(|l| serde_json::from_slice::<Value>(&l).ok()).unwrap_or_default()
+    };
+    let mut part = lines(File::open(tmp)?, n);
+    let mut header = head(part.next());
+    // Past the cut scan's documents, the old snapshot's, if it is sealed and this agent's; else that scan was a first
+    // one, and the next is one past `upto` (no notifications there).
+    let old =
+        File::open(snapshot).ok().and_then(|f| sealed(&f)).and_then(|n| Some(lines(File::open(snapshot).ok()?, n)));
+    let old = old.and_then(|mut o| (head(o.next())["uuid"] == header["uuid"]).then_some(o));
+    if old.is_none() {
+        header["upto"] = json!(upto);
+    }
+    let new = snapshot.with_extension("new");
+    let _ = fs::remove_file(&new);
+    let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&new)?;
+    let mut out = Sealing(BufWriter::with_capacity(64 << 10, file), crc32fast::Hasher::new(), 0);
+    out.line(format_args!("{header}"))?;
+    for l in part {
+        let l = l?;
+        if l != MARK.as_bytes() {
+            out.line(format_args!("{}", String::from_utf8_lossy(&l)))?;
+        }
+    }
+    for l in old.into_iter().flatten() {
+        let l = l?;
+        if l != MARK.as_bytes() && key(&l) > upto {
+            out.line(format_args!("{}", String::from_utf8_lossy(&l)))?;
+        }
+    }
+    out.seal()?.sync_all()?;
+    fs::rename(&new, snapshot)?;
+    File::open(snapshot.parent().unwrap_or(Path::new("/")))?.sync_all()?;
+    fs::remove_file(tmp)
+}
+
 /// The snapshot being written: each line is counted and summed, and the last, `{"crc32":…,"lines":…}`, seals them.
 struct Sealing(BufWriter<File>, crc32fast::Hasher, usize);
 
 impl Sealing {
     fn line(&mut self, text: std::fmt::Arguments) -> io::Result<()> {
         let line = format!("{text}\n");
-        (self.1.update(line.as_bytes()), self.2 += 1);
+        self.1.update(line.as_bytes());
+        self.2 += 1;
         self.0.write_all(line.as_bytes())
     }
 
@@ -177,7 +236,9 @@ fn sealed(file: &File) -> Option<usize> {
     let (mut crc, mut n, mut last) = (crc32fast::Hasher::new(), 0, None::<Vec<u8>>);
     for line in BufReader::with_capacity(64 << 10, file).split(b'\n') {
         if let Some(before) = last.replace(line.ok()?) {
-            (crc.update(&before), crc.update(b"\n"), n += 1);
+            crc.update(&before);
+            crc.update(b"\n");
+            n += 1;
         }
     }
     (serde_json::from_slice::<Value>(&last?).ok()? == json!({"crc32": crc.finalize(), "lines": n})).then_some(n)
@@ -394,31 +455,38 @@ fn reconcile(
 ) -> Result<Option<String>, ScanError> {
     let (started, snapshot, bad) = (Instant::now(), &ctx.state, Rc::new(RefCell::new(None)));
     let corrupt = |why: String| ScanError::Corrupt(format!("{}: {why}", snapshot.display()));
-    let old =
-        match File::open(snapshot) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            opened => {
-                let file = opened.map_err(|e| corrupt(e.to_string()))?;
-                let why = "is cut short or altered (its last line does not seal the rest)";
-                let n = sealed(&file).ok_or_else(|| ScanError::Corrupt(format!("{} {why}", snapshot.display())))?;
-                (&file).seek(io::SeekFrom::Start(0)).map_err(|e| corrupt(e.to_string()))?;
-                let mut lines = BufReader::with_capacity(64 << 10, file).split(b'\n').take(n);
-                let header = lines.next().and_then(Result::ok).and_then(|l| serde_json::from_slice::<Value>(&l).ok());
-                // Another agent's snapshot (a new registration) is no baseline: everything is sent again.
-                (header.ok_or_else(|| corrupt("no header line".into()))?["uuid"] == ctx.uuid.as_str())
-                    .then(|| Snapshot { lines, last: None, at: (snapshot.display().to_string(), 1), bad: bad.clone() })
-            }
-        };
-    let (first, full) = (old.is_none(), scope.is_none());
+    let tmp = snapshot.with_extension("tmp");
+    resume(&tmp, snapshot).map_err(|e| ScanError::Failed(format!("cannot resume from {}: {e}", tmp.display())))?;
+    let old = match File::open(snapshot) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        opened => {
+            let file = opened.map_err(|e| corrupt(e.to_string()))?;
+            let why = "is cut short or altered (its last line does not seal the rest)";
+            let n = sealed(&file).ok_or_else(|| ScanError::Corrupt(format!("{} {why}", snapshot.display())))?;
+            (&file).seek(io::SeekFrom::Start(0)).map_err(|e| corrupt(e.to_string()))?;
+            let mut lines = BufReader::with_capacity(64 << 10, file).split(b'\n').take(n);
+            let header = lines.next().and_then(Result::ok).and_then(|l| serde_json::from_slice::<Value>(&l).ok());
+            let header = header.ok_or_else(|| corrupt("no header line".into()))?;
+            // Another agent's snapshot (a new registration) is no baseline: everything is sent again.
+            (header["uuid"] == ctx.uuid.as_str()).then(|| {
+                let at = (snapshot.display().to_string(), 1);
+                let upto = serde_json::from_value::<PathBuf>(header["upto"].clone()).ok();
+                (Snapshot { lines, last: None, at, bad: bad.clone() }, upto)
+            })
+        }
+    };
+    // A first scan resumed (see `resume`) is still a first one past `upto`.
+    let (first, full, upto) = (old.is_none(), scope.is_none(), old.as_ref().and_then(|o| o.1.clone()));
+    let old = old.map(|o| o.0);
     if first && !full {
         return Ok(None);
     }
-    let tmp = snapshot.with_extension("tmp");
     let save = |e: io::Error| ScanError::Failed(format!("cannot write {}: {e}", tmp.display()));
     let _ = fs::remove_file(&tmp);
     let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(save)?;
     let mut out = Sealing(BufWriter::with_capacity(64 << 10, file), crc32fast::Hasher::new(), 0);
-    out.line(format_args!("{}", json!({ "uuid": ctx.uuid }))).map_err(save)?;
+    // A partial scan keeps `upto`: only a full one sees the files past it.
+    out.line(format_args!("{}", json!({"uuid": ctx.uuid, "upto": upto.as_ref().filter(|_| !full)}))).map_err(save)?;
     let scope = scope.unwrap_or_else(|| {
         let mut roots: Vec<PathBuf> = cfg.paths.iter().map(|p| p.path.clone()).collect();
         roots.sort();
@@ -440,13 +508,17 @@ fn reconcile(
     };
     let (mut chunk, mut notes, mut counts) = (Vec::new(), Vec::new(), [0; 3]);
     let now = crate::status::rfc3339(SystemTime::now());
-    let mut flush = |chunk: &mut Vec<Change>, notes: &mut Vec<Event>| {
+    let mut flush = |chunk: &mut Vec<Change>, notes: &mut Vec<Event>, out: &mut Sealing| {
         let at = pace(next, Instant::now(), chunk.len(), cfg.max_eps);
         select! {
             recv(ctx.stop) -> _ => return Err(ScanError::Sink(SinkError::Stopped)),
             default(at.saturating_duration_since(Instant::now())) => {}
         }
-        deliver(ctx, "fim", &std::mem::take(chunk), std::mem::take(notes), &now)
+        deliver(ctx, "fim", &std::mem::take(chunk), std::mem::take(notes), &now)?;
+        out.line(format_args!("{MARK}"))
+            .and_then(|()| out.0.flush())
+            .and_then(|()| out.0.get_ref().sync_data())
+            .map_err(save)
     };
     merge_join(old.into_iter().flatten(), &mut walk, |path, o, n| {
         if let Some(why) = bad.borrow().clone() {
@@ -462,17 +534,18 @@ fn reconcile(
         counts
             [usize::from(matches!(c, Change::Update { .. })) + 2 * usize::from(matches!(c, Change::Delete { .. }))] +=
             1;
-        notes.extend((!first).then(|| notification(&c, &now)));
+        notes.extend((!first && upto.as_ref().is_none_or(|u| path <= *u)).then(|| notification(&c, &now)));
         chunk.push(c);
-        if chunk.len() >= cfg.max_eps.min(1000) { flush(&mut chunk, &mut notes) } else { Ok(()) }
+        if chunk.len() >= cfg.max_eps.min(1000) { flush(&mut chunk, &mut notes, &mut out) } else { Ok(()) }
     })
-    .and_then(|()| if chunk.is_empty() { Ok(()) } else { flush(&mut chunk, &mut notes) })
+    .and_then(|()| if chunk.is_empty() { Ok(()) } else { flush(&mut chunk, &mut notes, &mut out) })
     .and_then(|()| bad.take().map_or(Ok(()), |why| Err(ScanError::Corrupt(why))))
-    // A walk ended by a stop is no baseline.
-    .and_then(
-        |()| if ctx.stop.try_recv() == Err(Disconnected) { Err(ScanError::Sink(SinkError::Stopped)) } else { Ok(()) },
-    )
-    .inspect_err(|_| _ = fs::remove_file(&tmp))?;
+    // A walk cut by a stop is no baseline.
+    .and_then(|()| match walk.stack.is_empty() && walk.roots.len() == 0 {
+        true => Ok(()),
+        false => Err(ScanError::Sink(SinkError::Stopped)),
+    })
+    .inspect_err(|e| _ = matches!(e, ScanError::Corrupt(_)).then(|| fs::remove_file(&tmp)))?;
     // Durable events first, snapshot second: a crash in between means a resend. A partial scan that changed nothing
     // leaves the old one (the copy is never synced: it may never reach the disk).
     if counts.iter().sum::<usize>() > 0 || full {
@@ -577,7 +650,8 @@ fn run(config: Config, ctx: Context) {
                 {
                     let gone: Vec<i32> = w.dirs.iter().filter(|(_, d)| d.starts_with(p)).map(|(wd, _)| *wd).collect();
                     for wd in gone {
-                        (crate::sys::rm_watch(&w.fd, wd), w.dirs.remove(&wd));
+                        crate::sys::rm_watch(&w.fd, wd);
+                        w.dirs.remove(&wd);
                     }
                 }
                 if mask & libc::IN_Q_OVERFLOW != 0 || path.is_some_and(|p| !touch(&mut dirty, p, Instant::now())) {
@@ -972,6 +1046,38 @@ mod tests {
             flipped[at] ^= 0x01;
             assert_eq!(sealed_as(&flipped), None, "byte {at} changed");
         }
+    }
+
+    #[test]
+    fn a_scan_cut_short_resumes_from_its_last_durable_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (snapshot, tmp) = (dir.path().join("fim.snapshot"), dir.path().join("fim.tmp"));
+        let write = |path: &Path, lines: &[&str], seal: bool| {
+            let mut out = Sealing(BufWriter::new(File::create(path).unwrap()), crc32fast::Hasher::new(), 0);
+            lines.iter().for_each(|l| out.line(format_args!("{l}")).unwrap());
+            if seal { out.seal().unwrap() } else { out.0.into_inner().unwrap() }
+        };
+        let docs =
+            |path: &Path| fs::read_to_string(path).unwrap().lines().skip(1).map(String::from).collect::<Vec<_>>();
+        let old = [r#"{"uuid":"u"}"#, "\"/a\"\t1", "\"/b\"\t1", "\"/c\"\t1", "\"/d\"\t1"];
+        write(&snapshot, &old, true);
+        // Nothing delivered (no mark): the old snapshot stays.
+        write(&tmp, &[r#"{"uuid":"u"}"#, "\"/a\"\t2"], false);
+        resume(&tmp, &snapshot).unwrap();
+        assert!(!tmp.exists() && sealed(&File::open(&snapshot).unwrap()) == Some(5));
+        // Delivered up to /b (a created, b updated); /c past the last mark, and a torn line, are not.
+        write(&tmp, &[r#"{"uuid":"u"}"#, "\"/a.new\"\t2", "\"/b\"\t2", MARK, "\"/c\"\t2", "\"/d"], false);
+        resume(&tmp, &snapshot).unwrap();
+        assert!(!tmp.exists() && sealed(&File::open(&snapshot).unwrap()).is_some());
+        assert_eq!(docs(&snapshot)[..4], ["\"/a.new\"\t2", "\"/b\"\t2", "\"/c\"\t1", "\"/d\"\t1"]);
+        // A first scan cut short: notifications start only past the last path delivered.
+        fs::remove_file(&snapshot).unwrap();
+        write(&tmp, &[r#"{"uuid":"u"}"#, "\"/a\"\t2", MARK, "\"/b\"\t2"], false);
+        resume(&tmp, &snapshot).unwrap();
+        let header: Value =
+            serde_json::from_str(fs::read_to_string(&snapshot).unwrap().lines().next().unwrap()).unwrap();
+        assert_eq!(header, json!({"uuid": "u", "upto": "/a"}));
+        assert_eq!(docs(&snapshot)[..1], ["\"/a\"\t2"]);
     }
 
     #[test]
