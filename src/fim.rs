@@ -594,6 +594,9 @@ fn run(config: Config, ctx: Context) {
             // A write storm that overflows the queue must not become a scan loop: 10 times a scan's length apart.
             earliest = Instant::now() + (now.elapsed() * 10).max(COALESCE);
             let retry = if result.is_ok() { cfg.interval } else { cfg.interval.min(Duration::from_secs(60)) };
+            // A scan longer than that (fim.interval may be 1s over a large tree) is followed by as long a pause: the
+            // thread scans at most half the time.
+            let retry = retry.max(now.elapsed());
             (next_scan, rescan) = (Instant::now() + retry, None);
             match result {
                 Ok(line) => log::info!("{}", line.unwrap_or_default()),
@@ -606,8 +609,6 @@ fn run(config: Config, ctx: Context) {
             }
             crate::memory::release_free();
         } else if now >= last_partial + COALESCE && dirty.values().any(|t| now >= *t + COALESCE) {
-            // At most one partial scan per window: each streams the whole snapshot.
-            last_partial = now;
             // Names beside a configured file (its directory is watched) are no one's.
             let scope: Vec<PathBuf> = due(&mut dirty, now).into_iter().filter(|p| settings(cfg, p).is_some()).collect();
             match (!scope.is_empty())
@@ -625,6 +626,9 @@ fn run(config: Config, ctx: Context) {
                 }
                 None => {}
             }
+            // At most one partial scan per window, each streams the whole snapshot: a longer one is followed by as
+            // long a pause.
+            last_partial = Instant::now() + now.elapsed().saturating_sub(COALESCE);
         }
         let first_due = dirty.values().min().map(|t| (*t + COALESCE).max(last_partial + COALESCE));
         // Woken at least twice a second to see a stop: the inotify descriptor cannot be in a select.

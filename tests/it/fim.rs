@@ -540,3 +540,37 @@ fn fim_kill_9_mid_delivery_and_mid_outage_loses_no_change() {
     // (The mock files notifications, which have no id, under "".)
     assert_eq!(env.mock.documents().keys().filter(|k| !k.is_empty()).count(), n - 1);
 }
+
+#[test]
+fn fim_a_scan_longer_than_the_interval_is_followed_by_as_long_a_pause() {
+    // The server may set fim.interval = "1s" over a tree that takes longer than that to scan: before, the thread then
+    // scanned (and hashed) without a pause, for ever.
+    let env = Env::new();
+    let root = env.dir.path().join("host");
+    let big = std::fs::File::create(root.join("srv/big")).or_else(|_| {
+        std::fs::create_dir_all(root.join("srv"))?;
+        std::fs::File::create(root.join("srv/big"))
+    });
+    big.unwrap().set_len(3 << 30).unwrap();
+    env.write_config(&config(&root, "fim.paths = [\"/srv\"]\nfim.interval = \"1s\"\nfim.max_file_bytes = \"4GiB\""));
+    let agent = env.running_agent();
+    let scans = || {
+        let seconds = |l: &str| -> f64 {
+            let t = &l[11..l.find('Z').unwrap()];
+            t[0..2].parse::<f64>().unwrap() * 3600.0
+                + t[3..5].parse::<f64>().unwrap() * 60.0
+                + t[6..].parse::<f64>().unwrap()
+        };
+        let ms =
+            |l: &str| l.split("(scan ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse::<f64>().unwrap() / 1e3;
+        let log = agent.log();
+        log.lines().filter(|l| l.contains("fim: full scan")).map(|l| (seconds(l), ms(l))).collect::<Vec<_>>()
+    };
+    assert!(wait_for(Duration::from_secs(120), || scans().len() >= 3), "{}", agent.log());
+    let s = scans();
+    for w in s.windows(2) {
+        let ((end1, took1), (end2, took2)) = (w[0], w[1]);
+        let pause = end2 - took2 - end1;
+        assert!(took1 < 1.0 || pause >= 0.9 * took1, "a {took1:.1} s scan, then a pause of {pause:.1} s: {s:?}");
+    }
+}
