@@ -37,6 +37,8 @@ const COALESCE: Duration = Duration::from_secs(1);
 const DIRTY_MAX: usize = 4096;
 const NAMES_MAX: usize = 65_536;
 const PATH_MAX: usize = 4096;
+/// Bytes of watched directories' paths held (an account can make 100 000 directories of 4 KiB paths in a realtime tree).
+const WATCHED_BYTES: usize = 4 << 20;
 /// What a watched directory reports: changes of its entries and of itself; ONLYDIR: never a link's target.
 const MASK: u32 = libc::IN_ALL_EVENTS & !(libc::IN_ACCESS | libc::IN_OPEN | libc::IN_CLOSE_NOWRITE)
     | libc::IN_ONLYDIR
@@ -249,16 +251,27 @@ struct Watches {
     fd: File,
     dirs: HashMap<i32, PathBuf>,
     failed: usize,
+    /// Of the paths in `dirs`.
+    bytes: usize,
 }
 
 impl Watches {
     fn add(&mut self, dir: &File, path: &Path) {
         // Through /proc/self/fd: the directory the handle pins, whatever its path is now.
-        match (self.failed == 0).then(|| crate::sys::add_watch(&self.fd, &fd_path(dir), MASK)) {
-            Some(Ok(wd)) => _ = self.dirs.insert(wd, path.to_path_buf()),
+        let room = self.failed == 0 && self.bytes + path.as_os_str().len() <= WATCHED_BYTES;
+        match room.then(|| crate::sys::add_watch(&self.fd, &fd_path(dir), MASK)) {
+            Some(Ok(wd)) => {
+                self.forget(wd);
+                self.bytes += path.as_os_str().len();
+                self.dirs.insert(wd, path.to_path_buf());
+            }
             Some(Err(e)) if e.raw_os_error() != Some(libc::ENOSPC) => {} // gone meanwhile: its parent reports that
             _ => self.failed += 1,
         }
+    }
+
+    fn forget(&mut self, wd: i32) {
+        self.bytes -= self.dirs.remove(&wd).map_or(0, |p| p.as_os_str().len());
     }
 }
 
@@ -560,7 +573,7 @@ fn reconcile(
         log::warn!("fim: fim.max_files ({}) is reached; {over} files are not monitored", cfg.max_files);
     }
     if full && failed > 0 && !std::mem::replace(&mut warned[1], true) {
-        let why = "the inotify watch limit is reached (fs.inotify.max_user_watches)";
+        let why = "the inotify watch limit (fs.inotify.max_user_watches, or 4 MiB of watched paths) is reached";
         log::warn!("fim: {why}; {failed} directories are checked by the scheduled scan only");
     }
     let ([created, updated, deleted], ms, dirs) = (counts, started.elapsed().as_millis(), unreadable.borrow().len());
@@ -580,7 +593,7 @@ fn run(config: Config, ctx: Context) {
     let inotify = cfg.paths.iter().any(|p| p.realtime).then(crate::sys::inotify).and_then(|r| {
         r.inspect_err(|e| log::warn!("fim: cannot open inotify ({e}); realtime paths get the scheduled scan only")).ok()
     });
-    let mut watches = inotify.map(|fd| Watches { fd, dirs: HashMap::new(), failed: 0 });
+    let mut watches = inotify.map(|fd| Watches { fd, dirs: HashMap::new(), failed: 0, bytes: 0 });
     let (mut dirty, mut buf, mut pacing, mut warned) = (BTreeMap::new(), vec![0; 16 << 10], None, [false; 3]);
     // `scan_on_start = false`: the first scan (and with it realtime) comes after one interval.
     let mut next_scan = Instant::now() + if cfg.scan_on_start { Duration::ZERO } else { cfg.interval };
@@ -645,7 +658,7 @@ fn run(config: Config, ctx: Context) {
             for (wd, mask, name) in parse_events(&buf[..n]) {
                 let path = w.dirs.get(&wd).map(|d| if name.is_empty() { d.clone() } else { d.join(&name) });
                 if mask & libc::IN_IGNORED != 0 {
-                    w.dirs.remove(&wd);
+                    w.forget(wd);
                     continue;
                 }
                 // A directory moved away keeps its watches, which would report under its old path: they go (one
@@ -655,7 +668,7 @@ fn run(config: Config, ctx: Context) {
                     let gone: Vec<i32> = w.dirs.iter().filter(|(_, d)| d.starts_with(p)).map(|(wd, _)| *wd).collect();
                     for wd in gone {
                         crate::sys::rm_watch(&w.fd, wd);
-                        w.dirs.remove(&wd);
+                        w.forget(wd);
                     }
                 }
                 if mask & libc::IN_Q_OVERFLOW != 0 || path.is_some_and(|p| !touch(&mut dirty, p, Instant::now())) {
@@ -1012,7 +1025,7 @@ mod tests {
     #[test]
     fn a_watch_through_proc_self_fd_reports_the_directory_it_pins() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = Watches { fd: crate::sys::inotify().unwrap(), dirs: HashMap::new(), failed: 0 };
+        let mut w = Watches { fd: crate::sys::inotify().unwrap(), dirs: HashMap::new(), failed: 0, bytes: 0 };
         w.add(&handle(dir.path()).unwrap(), Path::new("/watched"));
         fs::write(dir.path().join("new"), "x").unwrap();
         let mut buf = vec![0; 4096];
@@ -1029,6 +1042,14 @@ mod tests {
         w.failed = 1;
         w.add(&handle(dir.path()).unwrap(), Path::new("/other"));
         assert_eq!((w.failed, w.dirs.len()), (2, 1));
+        // The paths held are bounded in bytes; a watch added again (same wd) is counted once.
+        w.failed = 0;
+        w.add(&handle(dir.path()).unwrap(), Path::new("/watched"));
+        assert_eq!((w.failed, w.dirs.len(), w.bytes), (0, 1, 8));
+        w.bytes = WATCHED_BYTES - 3;
+        let other = tempfile::tempdir().unwrap();
+        w.add(&handle(other.path()).unwrap(), Path::new("/other"));
+        assert_eq!((w.failed, w.dirs.len()), (1, 1));
     }
 
     #[test]
