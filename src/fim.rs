@@ -1106,6 +1106,33 @@ mod tests {
     }
 
     #[test]
+    fn names_with_newlines_tabs_quotes_and_backslashes_cannot_forge_a_snapshot_line() {
+        let names = ["a\nb", "q\"\t{\"file\":1}", "t\tab", "back\\slash", "\"/d/z\"\tx", "z"];
+        let root = tree(&names.map(|n| format!("d/{n}")).iter().map(String::as_str).collect::<Vec<_>>());
+        std::fs::write(root.path().join(OsString::from_vec(b"d/not-utf8-\xff".to_vec())), "x").unwrap();
+        let cfg = FimConfig {
+            paths: vec![FimPath { path: "/d".into(), depth: 256, realtime: false }],
+            ..FimConfig::default()
+        };
+        let (found, counts) = walk(root.path(), cfg);
+        assert_eq!((found.len(), counts[3]), (names.len(), 1), "the name that is not UTF-8 is skipped");
+        // Written as reconcile writes them, read back as one document per line, in order, the same paths.
+        let path = root.path().join("s");
+        let mut out = Sealing(BufWriter::new(File::create(&path).unwrap()), crc32fast::Hasher::new(), 0);
+        out.line(format_args!("{{}}")).unwrap();
+        for p in &found {
+            out.line(format_args!("{}\t{}", json!(p), json!({"file": {"path": p}}))).unwrap();
+        }
+        let n = out.seal().and_then(|_| Ok(sealed(&File::open(&path)?))).unwrap().unwrap();
+        let mut lines = BufReader::new(File::open(&path).unwrap()).split(b'\n').take(n);
+        lines.next();
+        let bad = Rc::new(RefCell::new(None));
+        let s = Snapshot { lines, last: None, at: ("s".into(), 1), bad: bad.clone() };
+        let back: Vec<String> = s.map(|(p, _)| p.display().to_string()).collect();
+        assert_eq!((back, bad.borrow().clone()), (found, None));
+    }
+
+    #[test]
     fn a_snapshot_line_out_of_order_or_not_a_document_ends_it_and_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let table = [
