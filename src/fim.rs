@@ -505,7 +505,12 @@ fn reconcile(
         roots.sort();
         (roots.dedup_by(|p, kept| p.starts_with(kept)), roots).1
     });
-    let ignore = cfg.ignore.iter().filter_map(|g| Some((glob::Pattern::new(g).ok()?, g.contains('/')))).collect();
+    // The agent's own data directory changes with every scan (the snapshot, the queue): watching it would feed itself.
+    let own = ctx.state.parent().and_then(|d| d.strip_prefix(&cfg.root).ok()).map(|d| Path::new("/").join(d));
+    let own = own.and_then(|d| Some(glob::Pattern::escape(d.to_str()?)));
+    let ignore =
+        cfg.ignore.iter().chain(own.as_slice()).filter_map(|g| Some((glob::Pattern::new(g).ok()?, g.contains('/'))));
+    let ignore = ignore.collect();
     let (watches, unreadable) = (w, Rc::new(RefCell::new(Vec::new())));
     let mut walk = Walk {
         cfg,

@@ -574,3 +574,24 @@ fn fim_a_scan_longer_than_the_interval_is_followed_by_as_long_a_pause() {
         assert!(took1 < 1.0 || pause >= 0.9 * took1, "a {took1:.1} s scan, then a pause of {pause:.1} s: {s:?}");
     }
 }
+
+#[test]
+fn fim_the_agents_own_data_directory_in_a_realtime_tree_does_not_feed_it_changes() {
+    // A tree such as /var holds agent.data_dir: before, each scan rewrote fim.snapshot and the queue there, which
+    // inotify reported, which made another scan with updates to send, for ever (about 4 events a second).
+    let env = Env::new();
+    let root = env.dir.path();
+    let extra = "fim.paths = [{ path = \"/\", realtime = true }]\nfim.interval = \"1h\"\n\
+                 fim.ignore = [\"/run\", \"/mock\", \"/agent.log\"]";
+    env.write_config(&config(root, extra));
+    let agent = env.running_agent();
+    assert!(wait_for(Duration::from_secs(20), || agent.log().contains("fim: full scan")), "{}", agent.log());
+    std::thread::sleep(Duration::from_secs(3)); // (lets what the first scan set off settle)
+    let before = stateful(&env).len();
+    std::thread::sleep(Duration::from_secs(5)); // (a window in which nothing changes but the agent's own files)
+    let after = stateful(&env);
+    assert_eq!(after.len(), before, "{:?}", ops(&after[before..]));
+    assert!(after.iter().all(|(_, p, _)| !p.starts_with("/data")), "{:?}", ops(&after));
+    write(root, "host/x", "a change beside it is still seen");
+    assert_eq!(ops(&next_events(&env, before, 1)), [("create", "/host/x")]);
+}
