@@ -1009,6 +1009,40 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_or_file_swapped_for_a_link_or_fifo_after_the_listing_is_not_followed_or_read() {
+        let root = tree(&["d/x", "outside/secret"]);
+        let (d, outside) = (root.path().join("d"), root.path().join("outside"));
+        let cfg = FimConfig {
+            root: root.path().into(),
+            paths: vec![FimPath { path: "/d".into(), depth: 256, realtime: false }],
+            hashes: vec!["sha256".into()],
+            max_file_bytes: 100,
+            ..FimConfig::default()
+        };
+        let mut w = Walk {
+            cfg: &cfg,
+            ignore: Vec::new(),
+            watches: None,
+            roots: Vec::new().into_iter(),
+            stack: Vec::new(),
+            buf: vec![0; 16],
+            counts: [0; 4],
+            unreadable: Rc::default(),
+            stop: &crossbeam_channel::never(),
+            linked: HashSet::new(),
+        };
+        // lstat saw a directory (or a file); by the descent (or the open) an account put a link there.
+        std::os::unix::fs::symlink(&outside, d.join("swapped")).unwrap();
+        w.enter("/d/swapped".into(), &d.join("swapped"), &fs::metadata(&outside).unwrap(), false);
+        assert!(w.stack.is_empty() && w.unreadable.borrow().as_slice() == [PathBuf::from("/d/swapped")]);
+        std::os::unix::fs::symlink(outside.join("secret"), d.join("link")).unwrap();
+        assert!(w.digest(&d.join("link"), &fs::metadata(outside.join("secret")).unwrap()).is_err());
+        // Or a FIFO with the file's size: not opened for reading (it would block), not read.
+        assert!(std::process::Command::new("mkfifo").arg(d.join("fifo")).status().unwrap().success());
+        assert!(w.digest(&d.join("fifo"), &fs::metadata(d.join("x")).unwrap()).is_err());
+    }
+
+    #[test]
     fn a_walk_holds_a_bounded_number_of_names_and_counts_the_rest() {
         let root = tempfile::tempdir().unwrap();
         let d = root.path().join("d");
