@@ -3,10 +3,10 @@
 //! paths dirty under `realtime` paths, and their ranges alone are walked again, once per path per `COALESCE`.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::{self, File, Metadata, OpenOptions};
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, Write};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -37,6 +37,8 @@ const COALESCE: Duration = Duration::from_secs(1);
 const DIRTY_MAX: usize = 4096;
 const NAMES_MAX: usize = 65_536;
 const PATH_MAX: usize = 4096;
+/// Bytes of watched directories' paths held (an account can make 100 000 directories of 4 KiB paths in a realtime tree).
+const WATCHED_BYTES: usize = 4 << 20;
 /// What a watched directory reports: changes of its entries and of itself; ONLYDIR: never a link's target.
 const MASK: u32 = libc::IN_ALL_EVENTS & !(libc::IN_ACCESS | libc::IN_OPEN | libc::IN_CLOSE_NOWRITE)
     | libc::IN_ONLYDIR
@@ -132,7 +134,7 @@ fn notification(c: &Change, now: &str) -> Event {
 /// The documents of a snapshot in order, a line each: `<path as a JSON string>\t<document>` (only the path is parsed).
 /// A line that is not one, or out of order, ends them, named in `bad`.
 struct Snapshot {
-    lines: io::Split<BufReader<File>>,
+    lines: std::iter::Take<io::Split<BufReader<File>>>,
     last: Option<PathBuf>,
     at: (String, usize),
     bad: Rc<RefCell<Option<String>>>,
@@ -142,8 +144,11 @@ impl Iterator for Snapshot {
     type Item = (PathBuf, Stored);
 
     fn next(&mut self) -> Option<(PathBuf, Stored)> {
-        let line = self.lines.next()?.ok().and_then(|l| String::from_utf8(l).ok());
-        self.at.1 += 1;
+        let mut line = MARK.as_bytes().to_vec();
+        while line == MARK.as_bytes() {
+            (line, self.at.1) = (self.lines.next()?.unwrap_or_default(), self.at.1 + 1);
+        }
+        let line = String::from_utf8(line).ok();
         let split = line.as_deref().and_then(|l| l.split_once('\t'));
         // The document is checked to be JSON (not parsed): garbage is never sent as an old value.
         let doc = |d: &str| serde_json::from_str::<&serde_json::value::RawValue>(d).ok().map(|d| d.get().to_string());
@@ -156,21 +161,117 @@ impl Iterator for Snapshot {
     }
 }
 
+/// A line of the snapshot being written once the changes up to it are durable: a scan cut short resumes from there.
+const MARK: &str = r#"{"delivered":true}"#;
+
+/// A scan cut short (a crash, a stop, a full queue) after some changes were durable left them in `tmp` up to its last
+/// MARK: they, then the old snapshot's documents past them, become the snapshot. Else the next scan would compare with
+/// a baseline that lacks them, and miss a change made meanwhile (a file created, delivered, then deleted).
+fn resume(tmp: &Path, snapshot: &Path) -> io::Result<()> {
+    let lines = |f: File, n: usize| BufReader::with_capacity(64 << 10, f).split(b'\n').take(n);
+    let key = |l: &[u8]| serde_json::from_slice::<PathBuf>(l.split(|b| *b == b'\t').next().unwrap_or_default()).ok();
+    let Ok(file) = File::open(tmp) else { return Ok(()) };
+    // The lines up to the last mark, and the last path among them.
+    let (mut n, mut upto, mut at) = (0, None, None);
+    for (i, l) in lines(file, usize::MAX).enumerate().skip(1) {
+        let l = l?;
+        (n, upto, at) = if l == MARK.as_bytes() { (i + 1, at.clone(), at) } else { (n, upto, key(&l)) };
+    }
+    if n == 0 {
+        return fs::remove_file(tmp);
+    }
+    let head = |l: Option<io::Result<Vec<u8>>>| {
+        l.and_then(Result::ok).and_then(|l| serde_json::from_slice::<Value>(&l).ok()).unwrap_or_default()
+    };
+    let mut part = lines(File::open(tmp)?, n);
+    let mut header = head(part.next());
+    // Past the cut scan's documents, the old snapshot's, if it is sealed and this agent's; else that scan was a first
+    // one, and the next is one past `upto` (no notifications there).
+    let old =
+        File::open(snapshot).ok().and_then(|f| sealed(&f)).and_then(|n| Some(lines(File::open(snapshot).ok()?, n)));
+    let old = old.and_then(|mut o| (head(o.next())["uuid"] == header["uuid"]).then_some(o));
+    if old.is_none() {
+        header["upto"] = json!(upto);
+    }
+    let new = snapshot.with_extension("new");
+    let _ = fs::remove_file(&new);
+    let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&new)?;
+    let mut out = Sealing(BufWriter::with_capacity(64 << 10, file), crc32fast::Hasher::new(), 0);
+    out.line(format_args!("{header}"))?;
+    for l in part {
+        let l = l?;
+        if l != MARK.as_bytes() {
+            out.line(format_args!("{}", String::from_utf8_lossy(&l)))?;
+        }
+    }
+    for l in old.into_iter().flatten() {
+        let l = l?;
+        if l != MARK.as_bytes() && key(&l) > upto {
+            out.line(format_args!("{}", String::from_utf8_lossy(&l)))?;
+        }
+    }
+    out.seal()?.sync_all()?;
+    fs::rename(&new, snapshot)?;
+    File::open(snapshot.parent().unwrap_or(Path::new("/")))?.sync_all()?;
+    fs::remove_file(tmp)
+}
+
+/// The snapshot being written: each line is counted and summed, and the last, `{"crc32":…,"lines":…}`, seals them.
+struct Sealing(BufWriter<File>, crc32fast::Hasher, usize);
+
+impl Sealing {
+    fn line(&mut self, text: std::fmt::Arguments) -> io::Result<()> {
+        let line = format!("{text}\n");
+        self.1.update(line.as_bytes());
+        self.2 += 1;
+        self.0.write_all(line.as_bytes())
+    }
+
+    fn seal(mut self) -> io::Result<File> {
+        writeln!(self.0, "{}", json!({"crc32": self.1.clone().finalize(), "lines": self.2}))?;
+        self.0.into_inner().map_err(|e| e.into_error())
+    }
+}
+
+/// How many lines precede the last, if it seals them: a snapshot cut short or altered is found before it is used.
+fn sealed(file: &File) -> Option<usize> {
+    let (mut crc, mut n, mut last) = (crc32fast::Hasher::new(), 0, None::<Vec<u8>>);
+    for line in BufReader::with_capacity(64 << 10, file).split(b'\n') {
+        if let Some(before) = last.replace(line.ok()?) {
+            crc.update(&before);
+            crc.update(b"\n");
+            n += 1;
+        }
+    }
+    (serde_json::from_slice::<Value>(&last?).ok()? == json!({"crc32": crc.finalize(), "lines": n})).then_some(n)
+}
+
 /// The inotify instance, and the directory each watch is on; past the watch limit, no more until a full scan.
 struct Watches {
     fd: File,
     dirs: HashMap<i32, PathBuf>,
     failed: usize,
+    /// Of the paths in `dirs`.
+    bytes: usize,
 }
 
 impl Watches {
     fn add(&mut self, dir: &File, path: &Path) {
         // Through /proc/self/fd: the directory the handle pins, whatever its path is now.
-        match (self.failed == 0).then(|| crate::sys::add_watch(&self.fd, &fd_path(dir), MASK)) {
-            Some(Ok(wd)) => _ = self.dirs.insert(wd, path.to_path_buf()),
+        let room = self.failed == 0 && self.bytes + path.as_os_str().len() <= WATCHED_BYTES;
+        match room.then(|| crate::sys::add_watch(&self.fd, &fd_path(dir), MASK)) {
+            Some(Ok(wd)) => {
+                self.forget(wd);
+                self.bytes += path.as_os_str().len();
+                self.dirs.insert(wd, path.to_path_buf());
+            }
             Some(Err(e)) if e.raw_os_error() != Some(libc::ENOSPC) => {} // gone meanwhile: its parent reports that
             _ => self.failed += 1,
         }
+    }
+
+    fn forget(&mut self, wd: i32) {
+        self.bytes -= self.dirs.remove(&wd).map_or(0, |p| p.as_os_str().len());
     }
 }
 
@@ -192,9 +293,12 @@ struct Walk<'a> {
     unreadable: Rc<RefCell<Vec<PathBuf>>>,
     /// Owner and group names by (is a group, id), looked up once a scan; bounded, as NSS may hold many.
     names: HashMap<(bool, u32), Option<String>>,
-    /// `fim.max_read_rate`: when the next read may start; a throttled read waits on `stop`, which ends it.
+    /// `fim.max_read_rate`: when the next read may start (a throttled read waits on `stop`, which ends it).
     io: Option<Instant>,
-    stop: crossbeam_channel::Receiver<()>,
+    /// Closed at stop: the walk ends at the next name, a hash at the next buffer (a 1 TB file takes hours).
+    stop: &'a crossbeam_channel::Receiver<()>,
+    /// Directories entered through a followed link.
+    linked: HashSet<(u64, u64)>,
 }
 
 impl Iterator for Walk<'_> {
@@ -202,6 +306,9 @@ impl Iterator for Walk<'_> {
 
     fn next(&mut self) -> Option<(PathBuf, Stored)> {
         loop {
+            if self.stop.try_recv() == Err(Disconnected) {
+                return None;
+            }
             let (path, at, _parent) = match self.stack.last_mut() {
                 Some((dir, rel, names, _)) => match names.pop() {
                     Some(name) => (rel.join(&name), fd_path(dir).join(name), None),
@@ -232,6 +339,41 @@ impl Iterator for Walk<'_> {
     }
 }
 
+impl<'a> Walk<'a> {
+    /// A walk beneath `roots` (sorted, none beneath another) that leaves out `fim.ignore` and the path `own`.
+    fn new(
+        cfg: &'a FimConfig,
+        roots: Vec<PathBuf>,
+        own: Option<&Path>,
+        watches: Option<&'a mut Watches>,
+        stop: &'a crossbeam_channel::Receiver<()>,
+    ) -> Walk<'a> {
+        let own = own.and_then(|d| Some(glob::Pattern::escape(d.to_str()?)));
+        let ignore = cfg.ignore.iter().chain(own.as_slice());
+        Walk {
+            cfg,
+            ignore: ignore.filter_map(|g| Some((glob::Pattern::new(g).ok()?, g.contains('/')))).collect(),
+            watches,
+            roots: roots.into_iter(),
+            stack: Vec::new(),
+            buf: vec![0; 64 << 10],
+            counts: [0; 4],
+            unreadable: Rc::default(),
+            names: HashMap::new(),
+            io: None,
+            stop,
+            linked: HashSet::new(),
+        }
+    }
+}
+
+/// The configured paths, sorted, none beneath another: what a full scan walks.
+fn roots(cfg: &FimConfig) -> Vec<PathBuf> {
+    let mut roots: Vec<PathBuf> = cfg.paths.iter().map(|p| p.path.clone()).collect();
+    roots.sort();
+    (roots.dedup_by(|p, kept| p.starts_with(kept)), roots).1
+}
+
 impl Walk<'_> {
     fn visit(&mut self, path: PathBuf, at: &Path) -> Option<(PathBuf, Stored)> {
         let (cfg, set) = (self.cfg, settings(self.cfg, &path));
@@ -260,8 +402,12 @@ impl Walk<'_> {
 
     fn enter(&mut self, path: PathBuf, at: &Path, m: &Metadata, realtime: bool) {
         let id = (m.dev(), m.ino());
-        // A followed link up the tree would loop: a directory already on the way down is not entered again.
-        if self.stack.iter().any(|d| d.3 == id) {
+        // A followed link up the tree would loop: a directory already on the way down is not entered again. One
+        // reached through a link is entered once per scan (a lattice of links, 2^depth paths, would never end), and
+        // past NAMES_MAX of them none is.
+        let linked = self.cfg.follow_symlinks && fs::symlink_metadata(at).is_ok_and(|l| l.is_symlink());
+        if self.stack.iter().any(|d| d.3 == id) || linked && (self.linked.len() >= NAMES_MAX || !self.linked.insert(id))
+        {
             return;
         }
         let opened = match self.cfg.follow_symlinks {
@@ -335,6 +481,9 @@ impl Walk<'_> {
         let mut file = file.take(m.size());
         let rate = usize::try_from(self.cfg.max_read_rate).unwrap_or(usize::MAX);
         while let n @ 1.. = file.read(&mut self.buf)? {
+            if self.stop.try_recv() == Err(Disconnected) {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
             let chunk = &self.buf[..n];
             let _ = (
                 on[0].then(|| md5.consume(chunk)),
@@ -348,7 +497,7 @@ impl Walk<'_> {
                 let wait = self.io.map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
                 let stopped = crossbeam_channel::RecvTimeoutError::Disconnected;
                 if wait >= Duration::from_millis(1) && self.stop.recv_timeout(wait) == Err(stopped) {
-                    return Err(io::Error::other("the agent is stopping"));
+                    return Err(io::ErrorKind::Interrupted.into());
                 }
             }
         }
@@ -374,94 +523,88 @@ fn reconcile(
 ) -> Result<Option<String>, ScanError> {
     let (started, snapshot, bad) = (Instant::now(), &ctx.state, Rc::new(RefCell::new(None)));
     let corrupt = |why: String| ScanError::Corrupt(format!("{}: {why}", snapshot.display()));
-    let old =
-        match File::open(snapshot) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            opened => {
-                let mut lines =
-                    BufReader::with_capacity(64 << 10, opened.map_err(|e| corrupt(e.to_string()))?).split(b'\n');
-                let header = lines.next().and_then(Result::ok).and_then(|l| serde_json::from_slice::<Value>(&l).ok());
-                // Another agent's snapshot (a new registration) is no baseline: everything is sent again.
-                (header.ok_or_else(|| corrupt("no header line".into()))?["uuid"] == ctx.uuid.as_str())
-                    .then(|| Snapshot { lines, last: None, at: (snapshot.display().to_string(), 1), bad: bad.clone() })
-            }
-        };
-    let (first, full) = (old.is_none(), scope.is_none());
+    let tmp = snapshot.with_extension("tmp");
+    resume(&tmp, snapshot).map_err(|e| ScanError::Failed(format!("cannot resume from {}: {e}", tmp.display())))?;
+    let old = match File::open(snapshot) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        opened => {
+            let file = opened.map_err(|e| corrupt(e.to_string()))?;
+            let why = "is cut short or altered (its last line does not seal the rest)";
+            let n = sealed(&file).ok_or_else(|| ScanError::Corrupt(format!("{} {why}", snapshot.display())))?;
+            (&file).seek(io::SeekFrom::Start(0)).map_err(|e| corrupt(e.to_string()))?;
+            let mut lines = BufReader::with_capacity(64 << 10, file).split(b'\n').take(n);
+            let header = lines.next().and_then(Result::ok).and_then(|l| serde_json::from_slice::<Value>(&l).ok());
+            let header = header.ok_or_else(|| corrupt("no header line".into()))?;
+            // Another agent's snapshot (a new registration) is no baseline: everything is sent again.
+            (header["uuid"] == ctx.uuid.as_str()).then(|| {
+                let at = (snapshot.display().to_string(), 1);
+                let upto = serde_json::from_value::<PathBuf>(header["upto"].clone()).ok();
+                (Snapshot { lines, last: None, at, bad: bad.clone() }, upto)
+            })
+        }
+    };
+    // A first scan resumed (see `resume`) is still a first one past `upto`.
+    let (first, full, upto) = (old.is_none(), scope.is_none(), old.as_ref().and_then(|o| o.1.clone()));
+    let old = old.map(|o| o.0);
     if first && !full {
         return Ok(None);
     }
-    let tmp = snapshot.with_extension("tmp");
     let save = |e: io::Error| ScanError::Failed(format!("cannot write {}: {e}", tmp.display()));
     let _ = fs::remove_file(&tmp);
-    let mut out = BufWriter::with_capacity(
-        64 << 10,
-        OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(save)?,
-    );
-    writeln!(out, "{}", json!({ "uuid": ctx.uuid })).map_err(save)?;
-    let scope = scope.unwrap_or_else(|| {
-        let mut roots: Vec<PathBuf> = cfg.paths.iter().map(|p| p.path.clone()).collect();
-        roots.sort();
-        (roots.dedup_by(|p, kept| p.starts_with(kept)), roots).1
-    });
-    let mut ignore: Vec<_> =
-        cfg.ignore.iter().filter_map(|g| Some((glob::Pattern::new(g).ok()?, g.contains('/')))).collect();
-    // The agent's own data_dir: its snapshot rewrites would report themselves, a change per change, for ever.
-    let own = snapshot.parent().and_then(|d| d.strip_prefix(&cfg.root).ok()).map(|d| Path::new("/").join(d));
-    ignore.extend(own.and_then(|d| glob::Pattern::new(&glob::Pattern::escape(d.to_str()?)).ok()).map(|g| (g, true)));
-    let (watches, unreadable) = (w, Rc::new(RefCell::new(Vec::new())));
-    let mut walk = Walk {
-        cfg,
-        ignore,
-        watches,
-        roots: scope.clone().into_iter(),
-        stack: Vec::new(),
-        buf: vec![0; 64 << 10],
-        counts: [0; 4],
-        unreadable: unreadable.clone(),
-        names: HashMap::new(),
-        io: None,
-        stop: ctx.stop.clone(),
-    };
-    let (mut chunk, mut notes, mut counts, mut items) = (Vec::new(), Vec::new(), [0; 3], 0usize);
+    let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(save)?;
+    let mut out = Sealing(BufWriter::with_capacity(64 << 10, file), crc32fast::Hasher::new(), 0);
+    // A partial scan keeps `upto`: only a full one sees the files past it.
+    out.line(format_args!("{}", json!({"uuid": ctx.uuid, "upto": upto.as_ref().filter(|_| !full)}))).map_err(save)?;
+    let scope = scope.unwrap_or_else(|| roots(cfg));
+    // The agent's own data directory changes with every scan (the snapshot, the queue): watching it would feed itself.
+    let own = ctx.state.parent().and_then(|d| d.strip_prefix(&cfg.root).ok()).map(|d| Path::new("/").join(d));
+    let mut walk = Walk::new(cfg, scope.clone(), own.as_deref(), w, &ctx.stop);
+    let unreadable = walk.unreadable.clone();
+    let (mut chunk, mut notes, mut counts) = (Vec::new(), Vec::new(), [0; 3]);
     let now = crate::status::rfc3339(SystemTime::now());
-    let mut flush = |chunk: &mut Vec<Change>, notes: &mut Vec<Event>| {
+    let mut flush = |chunk: &mut Vec<Change>, notes: &mut Vec<Event>, out: &mut Sealing| {
         let at = pace(next, Instant::now(), chunk.len(), cfg.max_eps);
         select! {
             recv(ctx.stop) -> _ => return Err(ScanError::Sink(SinkError::Stopped)),
             default(at.saturating_duration_since(Instant::now())) => {}
         }
-        deliver(ctx, "fim", &std::mem::take(chunk), std::mem::take(notes), &now)
+        deliver(ctx, "fim", &std::mem::take(chunk), std::mem::take(notes), &now)?;
+        out.line(format_args!("{MARK}"))
+            .and_then(|()| out.0.flush())
+            .and_then(|()| out.0.get_ref().sync_data())
+            .map_err(save)
     };
     merge_join(old.into_iter().flatten(), &mut walk, |path, o, n| {
-        items += 1;
-        // A long scan with nothing to send still ends soon at stop.
-        if items % 4096 == 0 && ctx.stop.try_recv() == Err(Disconnected) {
-            return Err(ScanError::Sink(SinkError::Stopped));
-        } else if let Some(why) = bad.borrow().clone() {
+        if let Some(why) = bad.borrow().clone() {
             return Err(ScanError::Corrupt(why));
         }
         // Outside a partial scan's scope, or beneath a directory that could not be listed: kept as it was.
         let kept = n.is_none() && (!full && !under(&scope, &path) || under(&unreadable.borrow(), &path));
         if let Some(s) = if kept { o.as_ref() } else { n.as_ref() } {
-            writeln!(out, "{}\t{}", json!(path.to_string_lossy()), s.doc).map_err(save)?;
+            out.line(format_args!("{}\t{}", json!(path.to_string_lossy()), s.doc)).map_err(save)?;
         }
         let id = doc_id(&ctx.uuid, &path.to_string_lossy());
         let Some(c) = Change::of(id, o.filter(|_| !kept), n, |a, b| a.doc == b.doc) else { return Ok(()) };
         counts
             [usize::from(matches!(c, Change::Update { .. })) + 2 * usize::from(matches!(c, Change::Delete { .. }))] +=
             1;
-        notes.extend((!first).then(|| notification(&c, &now)));
+        notes.extend((!first && upto.as_ref().is_none_or(|u| path <= *u)).then(|| notification(&c, &now)));
         chunk.push(c);
         // Tenths of a second's worth: no second holds much more than max_eps (a whole second's chunk at once did).
-        if chunk.len() >= (cfg.max_eps / 10).clamp(1, 1000) { flush(&mut chunk, &mut notes) } else { Ok(()) }
+        if chunk.len() >= (cfg.max_eps / 10).clamp(1, 1000) { flush(&mut chunk, &mut notes, &mut out) } else { Ok(()) }
     })
-    .and_then(|()| if chunk.is_empty() { Ok(()) } else { flush(&mut chunk, &mut notes) })
+    .and_then(|()| if chunk.is_empty() { Ok(()) } else { flush(&mut chunk, &mut notes, &mut out) })
     .and_then(|()| bad.take().map_or(Ok(()), |why| Err(ScanError::Corrupt(why))))
-    .inspect_err(|_| _ = fs::remove_file(&tmp))?;
+    // A walk cut by a stop is no baseline.
+    .and_then(|()| match walk.stack.is_empty() && walk.roots.len() == 0 {
+        true => Ok(()),
+        false => Err(ScanError::Sink(SinkError::Stopped)),
+    })
+    .inspect_err(|e| _ = matches!(e, ScanError::Corrupt(_)).then(|| fs::remove_file(&tmp)))?;
     // Durable events first, snapshot second: a crash in between means a resend. A partial scan that changed nothing
     // leaves the old one (the copy is never synced: it may never reach the disk).
     if counts.iter().sum::<usize>() > 0 || full {
-        let file = out.into_inner().map_err(|e| save(e.into_error()))?;
+        let file = out.seal().map_err(save)?;
         file.sync_all().and_then(|()| fs::rename(&tmp, snapshot)).map_err(save)?;
         File::open(snapshot.parent().unwrap_or(Path::new("/"))).and_then(|d| d.sync_all()).map_err(save)?;
     } else {
@@ -472,7 +615,7 @@ fn reconcile(
         log::warn!("fim: fim.max_files ({}) is reached; {over} files are not monitored", cfg.max_files);
     }
     if full && failed > 0 && !std::mem::replace(&mut warned[1], true) {
-        let why = "the inotify watch limit is reached (fs.inotify.max_user_watches)";
+        let why = "the inotify watch limit (fs.inotify.max_user_watches, or 4 MiB of watched paths) is reached";
         log::warn!("fim: {why}; {failed} directories are checked by the scheduled scan only");
     }
     let ([created, updated, deleted], ms, dirs) = (counts, started.elapsed().as_millis(), unreadable.borrow().len());
@@ -492,7 +635,7 @@ fn run(config: Config, ctx: Context) {
     let inotify = cfg.paths.iter().any(|p| p.realtime).then(crate::sys::inotify).and_then(|r| {
         r.inspect_err(|e| log::warn!("fim: cannot open inotify ({e}); realtime paths get the scheduled scan only")).ok()
     });
-    let mut watches = inotify.map(|fd| Watches { fd, dirs: HashMap::new(), failed: 0 });
+    let mut watches = inotify.map(|fd| Watches { fd, dirs: HashMap::new(), failed: 0, bytes: 0 });
     let (mut dirty, mut buf, mut pacing, mut warned) = (BTreeMap::new(), vec![0; 16 << 10], None, [false; 3]);
     // `scan_on_start = false`: the first scan (and with it realtime) comes after one interval.
     let mut next_scan = Instant::now() + if cfg.scan_on_start { Duration::ZERO } else { cfg.interval };
@@ -508,6 +651,9 @@ fn run(config: Config, ctx: Context) {
             // (not its length, which max_eps pacing, a slow server or a busy host at nice 10 stretch for minutes).
             earliest = Instant::now() + (crate::sys::thread_cpu_time().saturating_sub(cpu) * 10).max(COALESCE);
             let retry = if result.is_ok() { cfg.interval } else { cfg.interval.min(Duration::from_secs(60)) };
+            // A scan longer than that (fim.interval may be 1s over a large tree) is followed by as long a pause: the
+            // thread scans at most half the time.
+            let retry = retry.max(now.elapsed());
             (next_scan, rescan) = (Instant::now() + retry, None);
             match result {
                 Ok(line) => log::info!("{}", line.unwrap_or_default()),
@@ -520,8 +666,6 @@ fn run(config: Config, ctx: Context) {
             }
             crate::memory::release_free();
         } else if now >= last_partial + COALESCE && dirty.values().any(|t| now >= *t + COALESCE) {
-            // At most one partial scan per window: each streams the whole snapshot.
-            last_partial = now;
             // Names beside a configured file (its directory is watched) are no one's.
             let scope: Vec<PathBuf> = due(&mut dirty, now).into_iter().filter(|p| settings(cfg, p).is_some()).collect();
             match (!scope.is_empty())
@@ -539,6 +683,9 @@ fn run(config: Config, ctx: Context) {
                 }
                 None => {}
             }
+            // At most one partial scan per window, each streams the whole snapshot: a longer one is followed by as
+            // long a pause.
+            last_partial = Instant::now() + now.elapsed().saturating_sub(COALESCE);
         }
         let first_due = dirty.values().min().map(|t| (*t + COALESCE).max(last_partial + COALESCE));
         // Woken at least twice a second to see a stop: the inotify descriptor cannot be in a select.
@@ -555,9 +702,20 @@ fn run(config: Config, ctx: Context) {
             for (wd, mask, name) in parse_events(&buf[..n]) {
                 let path = w.dirs.get(&wd).map(|d| if name.is_empty() { d.clone() } else { d.join(&name) });
                 if mask & libc::IN_IGNORED != 0 {
-                    w.dirs.remove(&wd);
-                } else if mask & libc::IN_Q_OVERFLOW != 0 || path.is_some_and(|p| !touch(&mut dirty, p, Instant::now()))
+                    w.forget(wd);
+                    continue;
+                }
+                // A directory moved away keeps its watches, which would report under its old path: they go (one
+                // moved within the tree is walked, and watched, again at its new name).
+                if let Some(p) = path.as_ref().filter(|_| mask & libc::IN_MOVED_FROM != 0 && mask & libc::IN_ISDIR != 0)
                 {
+                    let gone: Vec<i32> = w.dirs.iter().filter(|(_, d)| d.starts_with(p)).map(|(wd, _)| *wd).collect();
+                    for wd in gone {
+                        crate::sys::rm_watch(&w.fd, wd);
+                        w.forget(wd);
+                    }
+                }
+                if mask & libc::IN_Q_OVERFLOW != 0 || path.is_some_and(|p| !touch(&mut dirty, p, Instant::now())) {
                     if !std::mem::replace(&mut warned[2], true) {
                         log::warn!(
                             "fim: the inotify queue overflowed (fs.inotify.max_queued_events), or over {DIRTY_MAX} paths changed at once; a full scan follows"
@@ -708,6 +866,11 @@ mod tests {
         );
     }
 
+    /// A stop that never comes, for walks in tests.
+    fn never() -> &'static crossbeam_channel::Receiver<()> {
+        Box::leak(Box::new(crossbeam_channel::never()))
+    }
+
     fn walk(root: &Path, cfg: FimConfig) -> (Vec<String>, [usize; 4]) {
         let cfg = FimConfig {
             root: root.into(),
@@ -716,24 +879,7 @@ mod tests {
             max_files: cfg.max_files.max(1000),
             ..cfg
         };
-        let ignore = cfg.ignore.iter().map(|g| (glob::Pattern::new(g).unwrap(), g.contains('/'))).collect();
-        let mut roots: Vec<PathBuf> = cfg.paths.iter().map(|p| p.path.clone()).collect();
-        roots.sort();
-        roots.dedup_by(|p, kept| p.starts_with(kept));
-        let unreadable = Rc::new(RefCell::new(Vec::new()));
-        let mut w = Walk {
-            cfg: &cfg,
-            ignore,
-            watches: None,
-            roots: roots.into_iter(),
-            stack: Vec::new(),
-            buf: vec![0; 16],
-            counts: [0; 4],
-            unreadable,
-            names: HashMap::new(),
-            io: None,
-            stop: crossbeam_channel::never(),
-        };
+        let mut w = Walk::new(&cfg, roots(&cfg), None, None, never());
         let found: Vec<String> = w.by_ref().map(|(p, _)| p.display().to_string()).collect();
         (found, w.counts)
     }
@@ -782,20 +928,7 @@ mod tests {
         // max_files: the first ones in path order, the rest counted.
         let cfg = FimConfig { paths: vec![p("/d", 256)], max_files: 2, ..FimConfig::default() };
         let cfg = FimConfig { root: root.path().into(), ..cfg };
-        let ignore = Vec::new();
-        let mut w = Walk {
-            cfg: &cfg,
-            ignore,
-            watches: None,
-            roots: vec![PathBuf::from("/d")].into_iter(),
-            stack: Vec::new(),
-            buf: vec![0; 16],
-            counts: [0; 4],
-            unreadable: Rc::default(),
-            names: HashMap::new(),
-            io: None,
-            stop: crossbeam_channel::never(),
-        };
+        let mut w = Walk::new(&cfg, vec![PathBuf::from("/d")], None, None, never());
         assert_eq!(w.by_ref().count(), 2);
         assert_eq!(w.counts[..2], [2, 6]);
     }
@@ -820,19 +953,7 @@ mod tests {
             max_files: 1000,
             ..cfg.clone()
         };
-        let mut w = Walk {
-            cfg: &full,
-            ignore: Vec::new(),
-            watches: None,
-            roots: vec![PathBuf::from("/d")].into_iter(),
-            stack: Vec::new(),
-            buf: vec![0; 16],
-            counts: [0; 4],
-            unreadable: Rc::default(),
-            names: HashMap::new(),
-            io: None,
-            stop: crossbeam_channel::never(),
-        };
+        let mut w = Walk::new(&full, vec![PathBuf::from("/d")], None, None, never());
         let docs: BTreeMap<String, Value> = w
             .by_ref()
             .map(|(p, s)| (p.display().to_string(), serde_json::from_str::<Value>(&s.doc).unwrap()["file"].take()))
@@ -852,6 +973,56 @@ mod tests {
         let (found, _) = walk(root.path(), FimConfig { follow_symlinks: true, ..cfg });
         let want = ["/d/f", "/d/fifo", "/d/large", "/d/to-dir/secret", "/d/to-file", "/d/up/outside/secret"];
         assert_eq!(found, want);
+    }
+
+    #[test]
+    fn followed_links_enter_each_directory_once_however_many_lead_there() {
+        // An account that can write in the tree makes a lattice: each level's two links lead to the next level, so
+        // 40 levels are 2^40 paths. Before, with follow_symlinks, the walk took them all (no cycle: none repeats on
+        // the way down).
+        let root = tree(&[]);
+        for i in 0..40 {
+            let level = root.path().join(format!("d/l{i:02}"));
+            fs::create_dir_all(&level).unwrap();
+            fs::write(level.join("f"), "x").unwrap();
+            for link in ["a", "b"] {
+                std::os::unix::fs::symlink(format!("../l{:02}", i + 1), level.join(link)).unwrap();
+            }
+        }
+        let cfg = FimConfig {
+            root: root.path().into(),
+            paths: vec![FimPath { path: "/d".into(), depth: 256, realtime: false }],
+            follow_symlinks: true,
+            max_files: 1 << 20,
+            ..FimConfig::default()
+        };
+        let mut w = Walk::new(&cfg, vec![PathBuf::from("/d")], None, None, never());
+        let found: Vec<PathBuf> = w.by_ref().take(100_000).map(|(p, _)| p).collect();
+        assert!(found.len() < 200, "{} paths, and more", found.len());
+        assert!(found.contains(&"/d/l00/a/f".into()) && found.contains(&"/d/l39/f".into()), "{found:?}");
+    }
+
+    #[test]
+    fn a_directory_or_file_swapped_for_a_link_or_fifo_after_the_listing_is_not_followed_or_read() {
+        let root = tree(&["d/x", "outside/secret"]);
+        let (d, outside) = (root.path().join("d"), root.path().join("outside"));
+        let cfg = FimConfig {
+            root: root.path().into(),
+            paths: vec![FimPath { path: "/d".into(), depth: 256, realtime: false }],
+            hashes: vec!["sha256".into()],
+            max_file_bytes: 100,
+            ..FimConfig::default()
+        };
+        let mut w = Walk::new(&cfg, Vec::new(), None, None, never());
+        // lstat saw a directory (or a file); by the descent (or the open) an account put a link there.
+        std::os::unix::fs::symlink(&outside, d.join("swapped")).unwrap();
+        w.enter("/d/swapped".into(), &d.join("swapped"), &fs::metadata(&outside).unwrap(), false);
+        assert!(w.stack.is_empty() && w.unreadable.borrow().as_slice() == [PathBuf::from("/d/swapped")]);
+        std::os::unix::fs::symlink(outside.join("secret"), d.join("link")).unwrap();
+        assert!(w.digest(&d.join("link"), &fs::metadata(outside.join("secret")).unwrap()).is_err());
+        // Or a FIFO with the file's size: not opened for reading (it would block), not read.
+        assert!(std::process::Command::new("mkfifo").arg(d.join("fifo")).status().unwrap().success());
+        assert!(w.digest(&d.join("fifo"), &fs::metadata(d.join("x")).unwrap()).is_err());
     }
 
     #[test]
@@ -876,7 +1047,7 @@ mod tests {
     #[test]
     fn a_watch_through_proc_self_fd_reports_the_directory_it_pins() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = Watches { fd: crate::sys::inotify().unwrap(), dirs: HashMap::new(), failed: 0 };
+        let mut w = Watches { fd: crate::sys::inotify().unwrap(), dirs: HashMap::new(), failed: 0, bytes: 0 };
         w.add(&handle(dir.path()).unwrap(), Path::new("/watched"));
         fs::write(dir.path().join("new"), "x").unwrap();
         let mut buf = vec![0; 4096];
@@ -893,6 +1064,94 @@ mod tests {
         w.failed = 1;
         w.add(&handle(dir.path()).unwrap(), Path::new("/other"));
         assert_eq!((w.failed, w.dirs.len()), (2, 1));
+        // The paths held are bounded in bytes; a watch added again (same wd) is counted once.
+        w.failed = 0;
+        w.add(&handle(dir.path()).unwrap(), Path::new("/watched"));
+        assert_eq!((w.failed, w.dirs.len(), w.bytes), (0, 1, 8));
+        w.bytes = WATCHED_BYTES - 3;
+        let other = tempfile::tempdir().unwrap();
+        w.add(&handle(other.path()).unwrap(), Path::new("/other"));
+        assert_eq!((w.failed, w.dirs.len()), (1, 1));
+    }
+
+    #[test]
+    fn a_snapshot_cut_anywhere_or_with_any_byte_changed_is_not_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let mut out = Sealing(BufWriter::new(File::create(&path).unwrap()), crc32fast::Hasher::new(), 0);
+        for line in [r#"{"uuid":"u"}"#, "\"/a\"\t{\"file\":{\"size\":1}}", "\"/b\"\t{\"file\":{\"size\":2}}"] {
+            out.line(format_args!("{line}")).unwrap();
+        }
+        out.seal().unwrap();
+        let whole = fs::read(&path).unwrap();
+        let sealed_as = |bytes: &[u8]| (fs::write(&path, bytes).unwrap(), sealed(&File::open(&path).unwrap())).1;
+        assert_eq!(sealed_as(&whole), Some(3));
+        // Cut anywhere but the final newline; every byte changed in turn.
+        for at in 0..whole.len() - 1 {
+            assert_eq!(sealed_as(&whole[..at]), None, "cut at {at}");
+            let mut flipped = whole.clone();
+            flipped[at] ^= 0x01;
+            assert_eq!(sealed_as(&flipped), None, "byte {at} changed");
+        }
+    }
+
+    #[test]
+    fn a_scan_cut_short_resumes_from_its_last_durable_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (snapshot, tmp) = (dir.path().join("fim.snapshot"), dir.path().join("fim.tmp"));
+        let write = |path: &Path, lines: &[&str], seal: bool| {
+            let mut out = Sealing(BufWriter::new(File::create(path).unwrap()), crc32fast::Hasher::new(), 0);
+            lines.iter().for_each(|l| out.line(format_args!("{l}")).unwrap());
+            if seal { out.seal().unwrap() } else { out.0.into_inner().unwrap() }
+        };
+        let docs =
+            |path: &Path| fs::read_to_string(path).unwrap().lines().skip(1).map(String::from).collect::<Vec<_>>();
+        let old = [r#"{"uuid":"u"}"#, "\"/a\"\t1", "\"/b\"\t1", "\"/c\"\t1", "\"/d\"\t1"];
+        write(&snapshot, &old, true);
+        // Nothing delivered (no mark): the old snapshot stays.
+        write(&tmp, &[r#"{"uuid":"u"}"#, "\"/a\"\t2"], false);
+        resume(&tmp, &snapshot).unwrap();
+        assert!(!tmp.exists() && sealed(&File::open(&snapshot).unwrap()) == Some(5));
+        // Delivered up to /b (a created, b updated); /c past the last mark, and a torn line, are not.
+        write(&tmp, &[r#"{"uuid":"u"}"#, "\"/a.new\"\t2", "\"/b\"\t2", MARK, "\"/c\"\t2", "\"/d"], false);
+        resume(&tmp, &snapshot).unwrap();
+        assert!(!tmp.exists() && sealed(&File::open(&snapshot).unwrap()).is_some());
+        assert_eq!(docs(&snapshot)[..4], ["\"/a.new\"\t2", "\"/b\"\t2", "\"/c\"\t1", "\"/d\"\t1"]);
+        // A first scan cut short: notifications start only past the last path delivered.
+        fs::remove_file(&snapshot).unwrap();
+        write(&tmp, &[r#"{"uuid":"u"}"#, "\"/a\"\t2", MARK, "\"/b\"\t2"], false);
+        resume(&tmp, &snapshot).unwrap();
+        let header: Value =
+            serde_json::from_str(fs::read_to_string(&snapshot).unwrap().lines().next().unwrap()).unwrap();
+        assert_eq!(header, json!({"uuid": "u", "upto": "/a"}));
+        assert_eq!(docs(&snapshot)[..1], ["\"/a\"\t2"]);
+    }
+
+    #[test]
+    fn names_with_newlines_tabs_quotes_and_backslashes_cannot_forge_a_snapshot_line() {
+        let names = ["a\nb", "q\"\t{\"file\":1}", "t\tab", "back\\slash", "\"/d/z\"\tx", "z"];
+        let root = tree(&names.map(|n| format!("d/{n}")).iter().map(String::as_str).collect::<Vec<_>>());
+        std::fs::write(root.path().join(OsString::from_vec(b"d/not-utf8-\xff".to_vec())), "x").unwrap();
+        let cfg = FimConfig {
+            paths: vec![FimPath { path: "/d".into(), depth: 256, realtime: false }],
+            ..FimConfig::default()
+        };
+        let (found, counts) = walk(root.path(), cfg);
+        assert_eq!((found.len(), counts[3]), (names.len(), 1), "the name that is not UTF-8 is skipped");
+        // Written as reconcile writes them, read back as one document per line, in order, the same paths.
+        let path = root.path().join("s");
+        let mut out = Sealing(BufWriter::new(File::create(&path).unwrap()), crc32fast::Hasher::new(), 0);
+        out.line(format_args!("{{}}")).unwrap();
+        for p in &found {
+            out.line(format_args!("{}\t{}", json!(p), json!({"file": {"path": p}}))).unwrap();
+        }
+        let n = out.seal().and_then(|_| Ok(sealed(&File::open(&path)?))).unwrap().unwrap();
+        let mut lines = BufReader::new(File::open(&path).unwrap()).split(b'\n').take(n);
+        lines.next();
+        let bad = Rc::new(RefCell::new(None));
+        let s = Snapshot { lines, last: None, at: ("s".into(), 1), bad: bad.clone() };
+        let back: Vec<String> = s.map(|(p, _)| p.display().to_string()).collect();
+        assert_eq!((back, bad.borrow().clone()), (found, None));
     }
 
     #[test]
@@ -911,7 +1170,7 @@ mod tests {
             fs::write(&path, text).unwrap();
             let cell = Rc::new(RefCell::new(None));
             let s = Snapshot {
-                lines: BufReader::new(File::open(&path).unwrap()).split(b'\n'),
+                lines: BufReader::new(File::open(&path).unwrap()).split(b'\n').take(usize::MAX),
                 last: None,
                 at: ("s".into(), 1),
                 bad: cell.clone(),

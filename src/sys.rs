@@ -190,6 +190,12 @@ pub fn add_watch(fd: &File, path: &std::path::Path, mask: u32) -> io::Result<i32
     if wd < 0 { Err(io::Error::last_os_error()) } else { Ok(wd) }
 }
 
+/// Removes watch `wd` from instance `fd` (the kernel then reports IN_IGNORED for it).
+pub fn rm_watch(fd: &File, wd: i32) {
+    // SAFETY: plain integers; a stale wd only fails with EINVAL.
+    unsafe { libc::inotify_rm_watch(fd.as_raw_fd(), wd) };
+}
+
 /// Waits until `fd` is readable or `timeout` passes (EINTR ends the wait early): whether it is.
 pub fn wait_readable(fd: &File, timeout: std::time::Duration) -> bool {
     let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
