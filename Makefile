@@ -70,7 +70,7 @@ fuzz:
 # minimal one (--no-default-features: no logcollector, inventory, gzip, group files, built-in roots), the latter in
 # its own target dir so neither build overwrites the other. Each fails above its budget: the measured size plus a
 # small margin (README, Footprint). The minimal binary must also refuse a module it lacks, naming the feature.
-SIZE_BUDGET     ?= 3120000
+SIZE_BUDGET     ?= 3150000
 SIZE_BUDGET_MIN ?= 2530000
 MIN_DIR         := target/minimal
 MIN_BIN         := $(MIN_DIR)/release/wazuh-agent
